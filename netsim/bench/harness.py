@@ -1,0 +1,314 @@
+"""What every client runner shares: the network under test, the start gate, the stop rule, verification, counters.
+
+The rules are the same for every client so that the numbers compare:
+- start: every process of the swarm is started and ready first (seed serving, leechers warmed up at their gate);
+  then all leechers are released within microseconds of each other (`release_and_wait`), and the clock starts;
+- stop: the last leecher reports completion through the client's own verified-completion signal (p2pd fetch exit
+  0, libtorrent's torrent_finished, aria2's on-bt-download-complete, curl exit 0); then every copy is compared to
+  the payload with `cmp` (an independent program, not our code) — a run with any mismatch fails;
+- seed upload: bytes sent by the seed's veth (interface counters, headers included) during the timed window.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from netsim.emu import Host, Topology
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "no_proxy",
+              "NO_PROXY")
+
+
+class BenchError(RuntimeError):
+    """A run could not be completed or verified; the message says what was seen."""
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for every process we start: no proxies (nothing may try to leave the namespace), the repo on
+    PYTHONPATH (so `python -m netsim...` and an uninstalled p2pd import inside the namespaces)."""
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Node:
+    """One swarm member: the namespace it runs in and the address it listens on."""
+
+    name: str
+    host: Host
+    ip: str
+
+
+@dataclass
+class Net:
+    """The network of one benchmark invocation. kind 'emu': one namespace per node on a shaped bridge;
+    kind 'loopback': every node in one fresh namespace on its own 127.0.0.x address (no shaping: CPU cost)."""
+
+    kind: str
+    topo: Topology
+    seed: Node
+    leechers: list[Node]
+    up_bps: int | None = None
+    seed_up_bps: int | None = None
+
+    def nodes(self) -> list[Node]:
+        """Seed first, then leechers."""
+        return [self.seed, *self.leechers]
+
+    def seed_tx_bytes(self) -> int | None:
+        """Bytes the seed's link has sent so far (None on loopback, where there is no per-node interface)."""
+        return self.seed.host.counters()["tx_bytes"] if self.kind == "emu" else None
+
+
+def build_net(topo: Topology, kind: str, peers: int, rate_bps: int | None, seed_rate_bps: int | None,
+              loss: float = 0.0) -> Net:
+    """Create the namespaces for 1 seed + `peers` leechers."""
+    if kind == "loopback":
+        h = topo.add_host("lo")
+        return Net(kind, topo, Node("seed", h, "127.0.0.1"),
+                   [Node(f"p{i}", h, f"127.0.0.{10 + i}") for i in range(1, peers + 1)])
+    if kind != "emu":
+        raise ValueError(f"unknown topology {kind!r}")
+    lan = topo.add_switch("lan")
+    srate = seed_rate_bps or rate_bps
+    seed = topo.add_host("seed", lan, rate=srate, loss=loss)
+    ls = [topo.add_host(f"p{i}", lan, rate=rate_bps, loss=loss) for i in range(1, peers + 1)]
+    return Net(kind, topo, Node("seed", seed, seed.ip or ""), [Node(h.name, h, h.ip or "") for h in ls],
+               up_bps=rate_bps, seed_up_bps=srate)
+
+
+@dataclass
+class Ctx:
+    """Everything a client runner needs for one invocation: network, payload, scratch space, limits."""
+
+    net: Net
+    payload: str
+    size: int
+    work: str
+    timeout_s: float
+    log: IO[str] = sys.stderr
+    keep_logs: bool = False
+    rss_pids: list[int] = field(default_factory=list)
+
+    def run_dir(self, client: str, run: int) -> str:
+        """A fresh scratch folder for one client's run (on tmpfs, like the payload)."""
+        d = os.path.join(self.work, f"{client}-r{run}")
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        os.chmod(d, 0o755)
+        return d
+
+    def say(self, msg: str) -> None:
+        """Progress line on stderr (stdout carries only the JSON and the headline)."""
+        print(f"[netsim {time.strftime('%H:%M:%S')}] {msg}", file=self.log, flush=True)
+
+
+class Leecher:
+    """One leecher under measurement: how to release it, and how to see that it finished (monotonic time)."""
+
+    def __init__(self, node: Node, output: str) -> None:
+        self.node = node
+        self.output = output  # file (or folder holding the payload's file name) to compare with the payload
+        self.done_at: float | None = None
+        self.error: str | None = None
+
+    def go(self) -> None:
+        """Release it (called for all leechers back to back)."""
+        raise NotImplementedError
+
+    def poll(self, t0_mono: float, t0_wall: float) -> None:
+        """Set `done_at` (monotonic) or `error` when the client reports completion or failure."""
+        raise NotImplementedError
+
+
+class GatedProcess(Leecher):
+    """A command started behind `netsim.bench.gate`: done when it exits 0 (p2pd fetch, curl)."""
+
+    def __init__(self, node: Node, output: str, argv: Sequence[str], logdir: str, tag: str,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__(node, output)
+        self.stdout_path = os.path.join(logdir, f"{tag}.out")
+        self.stderr_path = os.path.join(logdir, f"{tag}.err")
+        gate = [sys.executable, "-m", "netsim.bench.gate", "--stdout", self.stdout_path,
+                "--stderr", self.stderr_path, "--", *argv]
+        self.proc = node.host.popen(gate, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                    env=child_env(env), cwd=REPO_ROOT)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Block until the gate printed READY (the command is warmed up)."""
+        line = _readline_timeout(self.proc, timeout)
+        if line.strip() != "READY":
+            raise BenchError(f"{self.node.name}: gate not ready (got {line!r}, exit {self.proc.poll()})")
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("GO\n")
+        self.proc.stdin.flush()
+
+    def poll(self, t0_mono: float, t0_wall: float) -> None:
+        rc = self.proc.poll()
+        if rc is None or self.done_at is not None or self.error is not None:
+            return
+        if rc == 0:
+            self.done_at = time.monotonic()
+        else:
+            self.error = f"{self.node.name}: exit {rc}: {tail(self.stderr_path)}"
+
+    def last_stdout_line(self) -> str:
+        """The command's last line of output (p2pd fetch prints the final path there)."""
+        with open(self.stdout_path) as f:
+            lines = [x for x in f.read().splitlines() if x.strip()]
+        return lines[-1].strip() if lines else ""
+
+
+def _readline_timeout(p: subprocess.Popen, timeout: float) -> str:
+    """readline() from a child's stdout with a deadline (a thread, so a hung child cannot hang the benchmark)."""
+    box: list[str] = []
+    assert p.stdout is not None
+    th = threading.Thread(target=lambda: box.append(p.stdout.readline()), daemon=True)
+    th.start()
+    th.join(timeout)
+    if th.is_alive():
+        raise BenchError(f"no output from pid {p.pid} within {timeout:.0f} s")
+    return box[0]
+
+
+def tail(path: str, n: int = 600) -> str:
+    """Last `n` characters of a log file, for error messages."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-n:].strip()
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size of a process in MB (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+@dataclass
+class RunResult:
+    """One client's run: completion time of each leecher (s after release), seed upload, peak RSS."""
+
+    client: str
+    run: int
+    per_leecher_s: list[float]
+    t_s: float
+    seed_tx_bytes: int | None
+    rss_max_mb: float | None
+    error: str | None = None
+
+
+def release_and_wait(ctx: Ctx, client: str, run: int, leechers: Sequence[Leecher],
+                     extra_check: Callable[[], str | None] | None = None) -> RunResult:
+    """Apply the start and stop rules: release all leechers at once, wait for the last, verify every copy.
+
+    `extra_check` is polled too (e.g. "a daemon died") and fails the run with its message."""
+    tx0 = ctx.net.seed_tx_bytes()
+    t0_wall = time.time()
+    t0 = time.monotonic()
+    for lc in leechers:
+        lc.go()
+    deadline = t0 + ctx.timeout_s
+    rss_peak: float | None = None
+    next_rss = 0.0
+    while True:
+        now = time.monotonic()
+        for lc in leechers:
+            lc.poll(t0, t0_wall)
+        errs = [lc.error for lc in leechers if lc.error]
+        if not errs and extra_check is not None:
+            e = extra_check()
+            errs = [e] if e else []
+        if errs:
+            raise BenchError("; ".join(errs))
+        if all(lc.done_at is not None for lc in leechers):
+            break
+        if now > deadline:
+            left = [lc.node.name for lc in leechers if lc.done_at is None]
+            raise BenchError(f"timeout after {ctx.timeout_s:.0f} s; unfinished: {left}")
+        if now >= next_rss:
+            next_rss = now + 0.25
+            for pid in ctx.rss_pids:
+                r = rss_mb(pid)
+                if r is not None:
+                    rss_peak = r if rss_peak is None else max(rss_peak, r)
+        time.sleep(0.005)
+    tx1 = ctx.net.seed_tx_bytes()
+    times = [round((lc.done_at or 0.0) - t0, 3) for lc in leechers]
+    for lc in leechers:
+        verify_copy(ctx.payload, lc.output, lc.node.name)
+    return RunResult(client, run, times, max(times), None if tx0 is None or tx1 is None else tx1 - tx0,
+                     None if rss_peak is None else round(rss_peak, 1))
+
+
+def verify_copy(payload: str, output: str, who: str) -> None:
+    """`cmp` the leecher's copy with the payload (a folder output must hold a file of the payload's name)."""
+    path = output
+    if os.path.isdir(path):
+        path = os.path.join(path, os.path.basename(payload))
+    if not os.path.isfile(path):
+        raise BenchError(f"{who}: no output file at {path}")
+    cp = subprocess.run(["cmp", "-s", payload, path], check=False)
+    if cp.returncode != 0:
+        raise BenchError(f"{who}: {path} differs from the payload (cmp exit {cp.returncode})")
+
+
+def wait_tcp(host: Host, ip: str, port: int, timeout: float = 30) -> None:
+    """Block until something accepts TCP connections on ip:port inside `host`'s namespace."""
+    code = ("import socket,sys,time\nend=time.time()+float(sys.argv[3])\nwhile True:\n"
+            " try:\n  socket.create_connection((sys.argv[1],int(sys.argv[2])),1).close();break\n"
+            " except OSError:\n  time.sleep(0.05)\n  if time.time()>end: sys.exit(1)\n")
+    cp = host.run([sys.executable, "-c", code, ip, str(port), str(timeout)], check=False, timeout=timeout + 10)
+    if cp.returncode != 0:
+        raise BenchError(f"nothing listening on {ip}:{port} in {host.name} after {timeout:.0f} s")
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll `pred` until true or raise BenchError naming `what`."""
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise BenchError(f"timeout waiting for {what}")
+        time.sleep(interval)
+
+
+def make_payload(path: str, size: int) -> None:
+    """`size` random bytes at `path` (os.urandom: incompressible, so no client gains from compression)."""
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 8 << 20)
+            f.write(os.urandom(n))
+            left -= n
+    os.chmod(path, 0o644)
+
+
+def stop_all(topo: Topology, procs: Sequence[subprocess.Popen | None], timeout: float = 5.0) -> None:
+    """Stop our processes (SIGTERM, then SIGKILL after `timeout`), last started first."""
+    for p in reversed([p for p in procs if p is not None]):
+        topo.stop(p, timeout=timeout)
+
+
+def logfile(d: str, name: str) -> IO[Any]:
+    """A log file for one process of a run (kept on tmpfs with the run, shown in error messages)."""
+    return open(os.path.join(d, name), "w")

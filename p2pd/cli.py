@@ -1,0 +1,297 @@
+"""`p2pd` command line: run the daemon, and talk to a running one over its control socket.
+
+How a command finds its daemon: `--socket PATH`, else $P2PD_SOCKET, else `--data-dir DIR` or
+$P2PD_DATA_DIR + `/p2pd.sock`, else the default data dir (/var/lib/p2pd as root, else
+~/.local/share/p2pd). Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+import typer
+
+from p2pd.rpc import RpcError, connect_unix, parse_hostport
+from p2pd.trio_util import leaf_exceptions
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="p2pd: peer-to-peer distribution of models and packed environments.")
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("P2PD_DATA_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/p2pd")
+    return Path.home() / ".local/share/p2pd"
+
+
+def socket_path(socket_opt: Path | None, data_dir: Path | None) -> Path:
+    if socket_opt:
+        return socket_opt
+    if os.environ.get("P2PD_SOCKET") and data_dir is None:
+        return Path(os.environ["P2PD_SOCKET"])
+    return (data_dir or default_data_dir()) / "p2pd.sock"
+
+
+def fail(msg: str, code: int = 1) -> None:
+    typer.echo(f"p2pd: error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+DataDirOpt = typer.Option(None, "--data-dir", help="data dir of the daemon to talk to")
+SocketOpt = typer.Option(None, "--socket", help="control socket of the daemon (overrides --data-dir)")
+
+
+async def call(sock: Path, method: str, params: dict[str, Any], *, timeout: float = 30.0,
+               on_event: Any = None) -> Any:
+    try:
+        async with connect_unix(str(sock)) as client:
+            return await client.call(method, params, timeout=timeout, on_event=on_event)
+    except (OSError, trio.TooSlowError) as e:
+        raise RpcError("daemon_unreachable", f"cannot reach the p2pd daemon at {sock} ({e.__class__.__name__}): "
+                       "is `p2pd run` (or the p2pd service) running with this data dir?") from None
+
+
+def run_client(fn: Any, *args: Any) -> Any:
+    try:
+        return trio.run(fn, *args)
+    except RpcError as e:
+        fail(e.message)
+    except BaseExceptionGroup as eg:
+        for leaf in leaf_exceptions(eg):
+            if isinstance(leaf, RpcError):
+                fail(leaf.message)
+        raise
+    except KeyboardInterrupt:
+        fail("interrupted (the daemon keeps downloading)", 130)
+
+
+# ----------------------------------------------------------------------------------------- run
+@app.command()
+def run(
+    tracker: str = typer.Option(..., "--tracker", help="tracker HOST:PORT; several separated by commas (failover)"),
+    listen: str = typer.Option("0.0.0.0:7700", "--listen", help="HOST:PORT to serve peers on"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="where artifacts, journals and the control socket live"),
+    egress_limit: str = typer.Option(None, "--egress-limit", help="upload cap, e.g. 50MB/s or 400Mbit/s"),
+    ingress_limit: str = typer.Option(None, "--ingress-limit", help="download cap, e.g. 50MB/s or 400Mbit/s"),
+    advertise: str = typer.Option(None, "--advertise", help="address peers should dial (default: listen host)"),
+    label: list[str] = typer.Option([], "--label", help="KEY=VALUE node label, e.g. zone=eu-1a (repeatable)"),
+    stall_timeout: float = typer.Option(1.0, "--stall-timeout", help="drop a peer silent this long (s) with requests pending"),
+    pipeline: int = typer.Option(4, "--pipeline", help="piece requests in flight per peer"),
+    max_peers: int = typer.Option(24, "--max-peers", help="connections per artifact"),
+    compress: bool = typer.Option(True, "--compress/--no-compress", help="zstd for pieces that compress"),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
+) -> None:
+    """Run the node daemon (what the systemd unit starts)."""
+    from p2pd.daemon import Daemon, DaemonConfig
+    from p2pd.protocol.ratelimit import parse_rate
+    from p2pd.storage import StorageError
+    from p2pd.swarm import SwarmConfig
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        trackers = [parse_hostport(t.strip()) for t in tracker.split(",") if t.strip()]
+        listen_hp = parse_hostport(listen, default_host="0.0.0.0")
+        egress = parse_rate(egress_limit) if egress_limit else None
+        ingress = parse_rate(ingress_limit) if ingress_limit else None
+        labels = dict(kv.split("=", 1) for kv in label)
+    except ValueError as e:
+        fail(str(e))
+        return
+    data = (data_dir or default_data_dir()).expanduser().resolve()
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create data dir {data}: {e.strerror}")
+    cfg = DaemonConfig(trackers=trackers, listen=listen_hp, data_dir=data, egress_limit=egress, ingress_limit=ingress,
+                       advertise=advertise, labels=labels,
+                       swarm=SwarmConfig(max_peers=max_peers, pipeline_depth=pipeline, stall_timeout=stall_timeout,
+                                         compress=compress))
+
+    async def main() -> None:
+        daemon = Daemon(cfg)
+
+        async def signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async for _ in sigs:
+                    daemon.request_stop()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(signals)
+            await daemon.run()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except BaseException as e:  # report the root cause in one line; a traceback only at debug level
+        leaves = leaf_exceptions(e)
+        for leaf in leaves:
+            if isinstance(leaf, (RpcError, StorageError)):
+                fail(str(leaf))
+        if isinstance(e, KeyboardInterrupt | SystemExit):
+            raise
+        logging.getLogger("p2pd").exception("daemon failed")
+        fail(f"daemon failed: {leaves[0]!r}")
+
+
+# ----------------------------------------------------------------------------------------- publish
+@app.command()
+def publish(
+    path: Path = typer.Argument(..., help="file or directory to publish (seeded in place: do not modify it)"),
+    name: str = typer.Option(..., "--name", help="NAME:TAG, e.g. llama-3-8b:v2"),
+    data_dir: Path = DataDirOpt,
+    socket: Path = SocketOpt,
+) -> None:
+    """Hash PATH, register it on the tracker as NAME:TAG and seed it."""
+    if not path.exists():
+        fail(f"{path} does not exist")
+    sock = socket_path(socket, data_dir)
+    progress = Progress("hashing")
+    res = run_client(lambda: call(sock, "publish", {"path": str(path.resolve()), "name": name},
+                                  timeout=120, on_event=progress.update))
+    progress.finish()
+    typer.echo(f"published {res['name']} = {res['artifact_id']} ({human_bytes(res['size'])}, {res['pieces']} pieces)",
+               err=True)
+    typer.echo(res["artifact_id"])
+
+
+# ----------------------------------------------------------------------------------------- fetch
+@app.command()
+def fetch(
+    name: str = typer.Argument(..., help="NAME:TAG (or an artifact id)"),
+    dest: Path = typer.Option(None, "--dest", help="directory to place the artifact in (default: the daemon's cache)"),
+    data_dir: Path = DataDirOpt,
+    socket: Path = SocketOpt,
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Download NAME:TAG through the swarm; exit 0 only when every byte is verified; print the path."""
+    sock = socket_path(socket, data_dir)
+    params: dict[str, Any] = {"name": name, "dest": str(dest.expanduser().resolve()) if dest else None}
+    progress = Progress("fetching")
+    res = run_client(lambda: call(sock, "fetch", params, timeout=900, on_event=progress.update))
+    progress.finish()
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(f"{name}: {human_bytes(res['size'])} verified ({res['artifact_id'][:12]})", err=True)
+    typer.echo(res.get("env_dir") or res["path"])
+
+
+# ----------------------------------------------------------------------------------------- status / stop
+@app.command()
+def status(data_dir: Path = DataDirOpt, socket: Path = SocketOpt,
+           as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Artifacts, progress, peers and current rates of the running daemon."""
+    sock = socket_path(socket, data_dir)
+    res = run_client(lambda: call(sock, "status", {}, timeout=10))
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"p2pd node {res['node_id'][:12]} on {res['listen']}")
+    for col in ("name", "id", "state", "progress", "size", "peers", "down", "up", "path"):
+        t.add_column(col)
+    for a in res["artifacts"]:
+        pct = 100.0 * a["bytes_done"] / a["size"] if a["size"] else 100.0
+        t.add_row(a["name"], a["artifact_id"][:12], a["state"], f"{pct:.1f}%", human_bytes(a["size"]), str(a["peers"]),
+                  human_rate(a["down_rate"]), human_rate(a["up_rate"]), a["path"])
+    Console().print(t)
+
+
+@app.command()
+def stop(data_dir: Path = DataDirOpt, socket: Path = SocketOpt) -> None:
+    """Stop the daemon gracefully (as SIGTERM does)."""
+    sock = socket_path(socket, data_dir)
+    run_client(lambda: call(sock, "shutdown", {}, timeout=10))
+
+
+@app.command()
+def demo(
+    nodes: int = typer.Option(4, "--nodes", help="daemons besides the seed"),
+    size: str = typer.Option("2GiB", "--size", help="size of the generated artifact"),
+    workdir: Path = typer.Option(None, "--workdir", help="where to put everything (default: a temp dir, removed)"),
+    egress_limit: str = typer.Option(None, "--egress-limit", help="per-node upload cap, e.g. 100MB/s"),
+) -> None:
+    """Local demo: a tracker and several daemons on this machine share a generated multi-GB artifact."""
+    from p2pd.demo import run_demo
+    from p2pd.protocol.ratelimit import parse_size
+
+    try:
+        nbytes = parse_size(size)
+    except ValueError as e:
+        fail(str(e))
+        return
+    if nodes < 1:
+        fail("--nodes must be at least 1")
+    code = run_demo(nodes=nodes, size=nbytes, workdir=workdir, egress_limit=egress_limit)
+    raise typer.Exit(code)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_rate(r: float) -> str:
+    return f"{r / 1e6:.1f} MB/s"
+
+
+class Progress:
+    """A rich bar on a terminal; otherwise a plain line every few seconds (logs, CI, pipes)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.tty = sys.stderr.isatty()
+        self.bar: Any = None
+        self.task: Any = None
+        self.last_line = 0.0
+
+    def update(self, ev: dict[str, Any]) -> None:
+        done, total = int(ev.get("bytes_done", 0)), int(ev.get("size", 0))
+        phase = str(ev.get("phase", self.what))
+        if self.tty:
+            if self.bar is None:
+                from rich.progress import (BarColumn, DownloadColumn, Progress as RichProgress, TextColumn,
+                                           TimeRemainingColumn, TransferSpeedColumn)
+
+                self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                        TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+                self.bar.start()
+                self.task = self.bar.add_task(phase, total=total or None)
+            desc = phase + (f" · {ev['peers']} peers" if "peers" in ev else "")
+            self.bar.update(self.task, completed=done, total=total or None, description=desc)
+        elif time.monotonic() - self.last_line >= 2.0:
+            self.last_line = time.monotonic()
+            pct = 100.0 * done / total if total else 0.0
+            rate = f", {human_rate(ev['down_rate'])}" if "down_rate" in ev else ""
+            peers = f", {ev['peers']} peers" if "peers" in ev else ""
+            print(f"{phase}: {pct:5.1f}% of {human_bytes(total)}{rate}{peers}", file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

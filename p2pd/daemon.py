@@ -1,0 +1,433 @@
+"""The node daemon: wires catalog, swarms, peer listener, tracker heartbeats and the control API.
+
+Everything runs under one nursery owned by `Daemon.run`; `request_stop()` (SIGTERM, `p2pd stop`)
+leads to a graceful exit: goodbye to the tracker and to every peer, journals already on disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pd import __version__
+from p2pd.peer import SockIO, read_handshake, tune_socket
+from p2pd.protocol import bitfield as bits
+from p2pd.protocol import manifest as mf
+from p2pd.protocol import wire
+from p2pd.protocol.ratelimit import Hierarchy, TokenBucket
+from p2pd.rpc import Emit, RpcError, serve_listeners
+from p2pd.storage import Catalog, PieceStore, Record, StorageError, build_manifest, materialize
+from p2pd.swarm import Swarm, SwarmConfig
+from p2pd.tracker_client import TrackerClient
+from p2pd.trio_util import collapse_single
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY = 0.5
+
+
+@dataclass
+class DaemonConfig:
+    trackers: list[tuple[str, int]]
+    listen: tuple[str, int]
+    data_dir: Path
+    egress_limit: float | None = None
+    ingress_limit: float | None = None
+    advertise: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    socket_path: Path | None = None
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.catalog = Catalog(config.data_dir)
+        self.node_id = self.catalog.node_id()
+        self.socket_path = config.socket_path or config.data_dir / "p2pd.sock"
+        self.swarms: dict[str, Swarm] = {}
+        self._starting: dict[str, trio.Event] = {}
+        self._stop = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.tracker: TrackerClient | None = None
+        self.listen_port = 0
+        self.egress: Hierarchy | None = None
+        self.ingress: Hierarchy | None = None
+        self._lock_fd = -1
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._take_lock()
+        now = trio.current_time()
+        if self.config.egress_limit:
+            self.egress = Hierarchy(TokenBucket(self.config.egress_limit, now=now))
+        if self.config.ingress_limit:
+            self.ingress = Hierarchy(TokenBucket(self.config.ingress_limit, now=now))
+        peer_sock = await self._bind_peer_listener()
+        host = self.config.advertise or self.config.listen[0]
+        if host in ("", "0.0.0.0", "::"):
+            host = "0.0.0.0"  # the tracker fills in the address it sees us at
+        async with TrackerClient(self.config.trackers, self.node_id, (host, self.listen_port),
+                                 self.config.labels, __version__) as tc:
+            self.tracker = tc
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._load_catalog(nursery)
+                nursery.start_soon(self._accept_loop, peer_sock)
+                await nursery.start(self._heartbeats)
+                api_listener = self._bind_api()
+                await nursery.start(serve_listeners, [api_listener], self._handlers())
+                log.info("p2pd %s node %s serving peers on %s:%d, control socket %s", __version__, self.node_id[:8],
+                         self.config.listen[0], self.listen_port, self.socket_path)
+                task_status.started()
+                await self._stop.wait()
+                log.info("stopping: saying goodbye to tracker and peers")
+                self.socket_path.unlink(missing_ok=True)
+                with trio.move_on_after(2):
+                    try:
+                        await tc.leave()
+                    except RpcError as e:
+                        log.warning("could not tell the tracker we leave: %s", e)
+                with trio.move_on_after(2):
+                    async with trio.open_nursery() as n2:
+                        for sw in list(self.swarms.values()):
+                            n2.start_soon(sw.leave, "node shutting down")
+                nursery.cancel_scope.cancel()
+        peer_sock.close()
+
+    def _take_lock(self) -> None:
+        self._lock_fd = os.open(self.config.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise StorageError(f"another p2pd is already running with data dir {self.config.data_dir}") from e
+
+    async def _bind_peer_listener(self) -> trio.socket.SocketType:
+        host, port = self.config.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            await sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise StorageError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --listen") from e
+        sock.listen(512)
+        self.listen_port = sock.getsockname()[1]
+        return sock
+
+    def _bind_api(self) -> trio.SocketListener:
+        path = self.socket_path
+        path.unlink(missing_ok=True)  # we hold the data-dir lock, so no live daemon owns it
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.bind(str(path))
+        raw.listen(128)
+        return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+
+    async def _heartbeats(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        assert self.tracker is not None
+        await self.tracker.run_heartbeats(self.holdings, on_policy=self._apply_policy, task_status=task_status)
+
+    def holdings(self) -> dict[str, float]:
+        return {aid: sw.progress for aid, sw in self.swarms.items() if sw.error is None}
+
+    def _apply_policy(self, policy: dict[str, Any]) -> None:
+        log.info("tracker policy: %s", policy)
+
+    async def _announce(self) -> None:
+        """Tell the tracker about a change at once instead of at the next interval."""
+        assert self.tracker is not None
+        try:
+            await self.tracker.beat(self.holdings())
+        except RpcError as e:
+            log.warning("could not announce to the tracker now (will at the next heartbeat): %s", e)
+
+    # -- swarms ---------------------------------------------------------------------------------------
+    def _new_swarm(self, aid: str, name: str, m: mf.Manifest, store: PieceStore, have: int, **kw: Any) -> Swarm:
+        return Swarm(node_id=self.node_id, artifact_id=aid, name=name, manifest=m, store=store, have=have,
+                     catalog=self.catalog, config=self.config.swarm, egress=self.egress, ingress=self.ingress,
+                     find_peers=self._find_peers, on_complete=self._on_complete, **kw)
+
+    async def _find_peers(self, aid: str) -> list[dict[str, Any]]:
+        assert self.tracker is not None
+        return await self.tracker.peers(aid, max=50)
+
+    def _on_complete(self, sw: Swarm) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._announce)
+
+    async def _load_catalog(self, nursery: trio.Nursery) -> None:
+        for rec in self.catalog.complete_records():
+            if not rec.root.exists():
+                log.warning("%s: %s is gone; no longer seeding it", rec.name, rec.root)
+                continue
+            store = PieceStore(rec.manifest, rec.root, writable=False)
+            sw = self._new_swarm(rec.artifact_id, rec.name, rec.manifest, store, bits.full(rec.manifest.num_pieces))
+            self.swarms[rec.artifact_id] = sw
+            await nursery.start(sw.run)
+        for aid in self.catalog.staged_ids():
+            if aid in self.swarms:
+                continue
+            m = self.catalog.load_manifest(aid)
+            if m is None:
+                continue
+            name = self._staged_name(aid)
+            try:
+                await self._start_download(aid, name, m)
+            except RpcError as e:
+                log.error("cannot resume %s: %s", name or aid[:12], e)
+
+    def _staged_name(self, aid: str) -> str:
+        try:
+            return str(json.loads((self.catalog.staging / f"{aid}.name.json").read_text())["name"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return aid[:12]
+
+    async def _start_download(self, aid: str, name: str, m: mf.Manifest) -> Swarm:
+        assert self._nursery is not None
+        self.catalog.save_manifest(aid, m)
+        (self.catalog.staging / f"{aid}.name.json").write_text(json.dumps({"name": name}))
+        root = self.catalog.staging_root(aid)
+        store = PieceStore(m, root, writable=True)
+        journal = self.catalog.journal(aid, m)
+
+        def prepare() -> int:
+            recorded = journal.load()
+            store.preallocate()
+            have = store.verify_existing(recorded) if recorded else 0
+            journal.open(have)
+            return have
+
+        try:
+            have = await trio.to_thread.run_sync(prepare)
+        except StorageError as e:
+            store.close()
+            raise RpcError("disk_full" if "disk" in str(e) else "storage", str(e)) from e
+        if have:
+            log.info("%s: resuming with %d of %d pieces already verified", name, have.bit_count(), m.num_pieces)
+        sw = self._new_swarm(aid, name, m, store, have, journal=journal, resumed_pieces=have.bit_count())
+        self.swarms[aid] = sw
+        await self._nursery.start(sw.run)
+        if sw.complete:  # every piece was already there (crash right before finalizing)
+            await sw._finish()
+        return sw
+
+    async def _get_or_start(self, aid: str, name: str, m: mf.Manifest) -> Swarm:
+        while True:
+            if aid in self.swarms:
+                return self.swarms[aid]
+            ev = self._starting.get(aid)
+            if ev is None:
+                break
+            await ev.wait()
+        ev = self._starting[aid] = trio.Event()
+        try:
+            return await self._start_download(aid, name, m)
+        finally:
+            del self._starting[aid]
+            ev.set()
+
+    async def _accept_loop(self, sock: trio.socket.SocketType) -> None:
+        assert self._nursery is not None
+        while True:
+            try:
+                conn, addr = await sock.accept()
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed (%s): backing off", e)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            self._nursery.start_soon(self._serve_incoming, conn, f"{addr[0]}:{addr[1]}")
+
+    async def _serve_incoming(self, sock: trio.socket.SocketType, addr: str) -> None:
+        try:
+            tune_socket(sock)
+            io = SockIO(sock)
+            hs = await read_handshake(io)
+            if not mf.ID_RE.match(hs.artifact_id) or len(hs.node_id) != 32:
+                raise wire.ProtocolError("malformed ids in handshake")
+            sw = self.swarms.get(hs.artifact_id)
+            if sw is None:
+                await io.send_all(wire.encode(wire.Goodbye("unknown artifact")))
+                sock.close()
+                return
+        except (OSError, trio.TooSlowError, wire.ProtocolError) as e:
+            log.info("incoming connection from %s dropped: %s", addr, e)
+            sock.close()
+            return
+        except BaseException:
+            sock.close()
+            raise
+        await sw.accept(io, hs, addr)
+
+    # -- control API ----------------------------------------------------------------------------------
+    def _handlers(self) -> dict[str, Any]:
+        return {"status": self.api_status, "publish": self.api_publish, "fetch": self.api_fetch,
+                "shutdown": self.api_shutdown}
+
+    async def api_status(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        arts = [sw.status() for sw in self.swarms.values()]
+        for a in arts:
+            sw = self.swarms[a["artifact_id"]]
+            if sw.complete:
+                a["path"] = str(Record(sw.artifact_id, sw.name, sw.store.root, False, sw.manifest).path)
+        return {"node_id": self.node_id, "listen": f"{self.config.listen[0]}:{self.listen_port}",
+                "version": __version__, "artifacts": arts,
+                "egress_limit": self.config.egress_limit, "ingress_limit": self.config.ingress_limit}
+
+    async def api_shutdown(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        self.request_stop()
+        return {}
+
+    async def api_publish(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        assert self.tracker is not None and self._nursery is not None
+        path = Path(str(params["path"]))
+        name = str(params["name"])
+        kind = str(params.get("kind", "files"))
+        meta = {str(k): str(v) for k, v in (params.get("meta") or {}).items()}
+        if not path.is_absolute():
+            raise RpcError("bad_request", f"path must be absolute, got {path}")
+        try:
+            mf.validate_name(name)
+        except mf.ManifestError as e:
+            raise RpcError("bad_request", str(e)) from None
+        done = [0, 0]
+
+        def on_progress(d: int, t: int) -> None:
+            done[0], done[1] = d, t
+
+        async def build() -> tuple[mf.Manifest, Path]:
+            return await trio.to_thread.run_sync(lambda: build_manifest(path, kind=kind, meta=meta, progress=on_progress))
+
+        try:
+            m, root = await _with_progress(build(), lambda: emit({"phase": "hashing", "bytes_done": done[0],
+                                                                   "size": done[1]}))
+        except (StorageError, mf.ManifestError) as e:
+            raise RpcError("bad_request", str(e)) from None
+        except PermissionError as e:
+            raise RpcError("bad_request", f"cannot read {e.filename}: permission denied") from None
+        aid = mf.artifact_id(m)
+        self.catalog.save_manifest(aid, m)
+        if aid not in self.swarms:
+            self.catalog.mark_complete(aid, name, root, published=True)
+            sw = self._new_swarm(aid, name, m, PieceStore(m, root, writable=False), bits.full(m.num_pieces))
+            self.swarms[aid] = sw
+            await self._nursery.start(sw.run)
+        try:
+            await self.tracker.publish(name, mf.encode(m))
+        except RpcError as e:
+            raise RpcError(e.code, f"hashed {path} but the tracker refused to publish it: {e.message}") from None
+        await self._announce()
+        return {"artifact_id": aid, "name": name, "size": m.total_size, "pieces": m.num_pieces}
+
+    async def api_fetch(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        assert self.tracker is not None
+        name = str(params["name"])
+        dest = params.get("dest")
+        aid, m = await self._resolve(name)
+        sw = await self._get_or_start(aid, name, m)
+
+        def progress() -> Any:
+            st = sw.status()
+            return emit({"phase": "downloading", "bytes_done": st["bytes_done"], "size": st["size"],
+                         "peers": st["peers"], "down_rate": st["down_rate"], "pieces_done": st["pieces_done"],
+                         "pieces_total": st["pieces_total"], "resumed_pieces": st["resumed_pieces"]})
+
+        while not sw.done.is_set():
+            if sw.error:
+                raise RpcError("storage", sw.error)
+            await progress()
+            with trio.move_on_after(PROGRESS_EVERY):
+                await sw.done.wait()
+        await progress()
+        rec = Record(aid, sw.name, sw.store.root, False, sw.manifest)
+        result: dict[str, Any] = {"artifact_id": aid, "name": name, "kind": m.kind, "path": str(rec.path),
+                                  "meta": dict(m.meta), "size": m.total_size}
+        if m.kind == "env":
+            result["env_dir"] = await self._unpack_env(rec, emit)
+        if dest:
+            dest_path = Path(str(dest))
+            if not dest_path.is_absolute():
+                raise RpcError("bad_request", f"dest must be absolute, got {dest_path}")
+            try:
+                result["path"] = str(await trio.to_thread.run_sync(materialize, rec, dest_path))
+            except OSError as e:
+                raise RpcError("storage", f"cannot place the artifact at {dest_path}: {e}") from None
+        return result
+
+    async def _unpack_env(self, rec: Record, emit: Emit) -> str:
+        from p2pd import envpack  # optional dependency (conda-pack) only needed for envs
+
+        await emit({"phase": "unpacking", "bytes_done": 0, "size": rec.manifest.total_size})
+        try:
+            env_dir = await trio.to_thread.run_sync(
+                envpack.materialize, rec.path, self.config.data_dir / "envs", rec.artifact_id, dict(rec.manifest.meta))
+        except envpack.EnvPackError as e:
+            raise RpcError("env", str(e)) from None
+        return str(env_dir)
+
+    async def _resolve(self, name: str) -> tuple[str, mf.Manifest]:
+        assert self.tracker is not None
+        if mf.ID_RE.match(name):
+            local = self.catalog.load_manifest(name)
+            if local is not None:
+                return name, local
+            try:
+                data = await self.tracker.manifest(name)
+            except RpcError as e:
+                raise _explain(e, name) from None
+            return name, mf.decode_checked(data, name)
+        try:
+            mf.validate_name(name)
+        except mf.ManifestError as e:
+            raise RpcError("bad_request", str(e)) from None
+        try:
+            aid, data = await self.tracker.resolve(name)
+        except RpcError as e:
+            if e.code in ("tracker_unreachable", "unreachable", "timeout"):
+                for rec in self.catalog.complete_records():
+                    if rec.name == name:
+                        log.warning("tracker unreachable; using the local copy of %s", name)
+                        return rec.artifact_id, rec.manifest
+            raise _explain(e, name) from None
+        try:
+            return aid, mf.decode_checked(data, aid)
+        except mf.ManifestError as e:
+            raise RpcError("integrity", f"the tracker's manifest for {name} is invalid: {e}") from None
+
+
+def _explain(e: RpcError, name: str) -> RpcError:
+    if e.code == "not_found":
+        return RpcError("not_found", f"{name} is not published on the tracker: check the name "
+                                     "(`p2p-tracker admin artifacts` lists them) or publish it first")
+    return e
+
+
+async def _with_progress(coro: Any, tick: Any) -> Any:
+    """Await `coro` while calling async `tick()` every PROGRESS_EVERY seconds."""
+    result: list[Any] = []
+
+    async def runner(cancel: trio.CancelScope) -> None:
+        result.append(await coro)
+        cancel.cancel()
+
+    with collapse_single():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner, nursery.cancel_scope)
+            while True:
+                await tick()
+                await trio.sleep(PROGRESS_EVERY)
+    return result[0]
+

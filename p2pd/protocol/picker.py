@@ -1,0 +1,185 @@
+"""Which piece to ask which peer for (sans-IO).
+
+Policy, in order:
+1. Never ask a peer for a piece it has not announced, and never for one we have.
+2. Rarest first: among the pieces this peer can give us, those held by the fewest connected peers.
+   Pieces another peer already has are left for that peer to serve, which keeps the seed's upload
+   close to one copy of the artifact (duplicate seed uploads are what keep BitTorrent from the bound).
+3. Ties are broken by this node's own random permutation of the pieces, so different nodes start on
+   different pieces and the first wave of requests spreads across the seed.
+4. Endgame: once every missing piece is requested somewhere, an idle peer may duplicate an in-flight
+   request (at most `max_dup` copies); the first copy to arrive wins and the others are cancelled.
+
+Sets are ints in *permuted* bit space (bit k = the k-th piece of this node's permutation), so "lowest
+set bit" is "first in my random order" and each decision is a handful of C-speed big-int operations.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable, Iterable
+
+Peer = Hashable
+
+
+class Picker:
+    def __init__(self, num_pieces: int, have: Iterable[int] = (), *, seed: int | None = None, max_dup: int = 2) -> None:
+        self.n = num_pieces
+        rng = random.Random(seed)
+        self.perm = list(range(num_pieces))  # position -> piece
+        rng.shuffle(self.perm)
+        self.pos = [0] * num_pieces  # piece -> position
+        for k, p in enumerate(self.perm):
+            self.pos[p] = k
+        self.full = (1 << num_pieces) - 1
+        self.missing = self.full
+        for p in have:
+            self.missing &= ~(1 << self.pos[p])
+        self.avail = [0] * num_pieces
+        self.levels: list[int] = [self.full]  # levels[a] = positions held by exactly a peers
+        self.peer_mask: dict[Peer, int] = {}
+        self.inflight: dict[int, set[Peer]] = {}  # piece -> peers asked
+        self.inflight_mask = 0
+        self.max_dup = max_dup
+
+    # -- knowledge about peers -------------------------------------------------------------------
+    def to_mask(self, pieces: Iterable[int]) -> int:
+        m = 0
+        for p in pieces:
+            m |= 1 << self.pos[p]
+        return m
+
+    def add_peer(self, peer: Peer, pieces: Iterable[int]) -> None:
+        if peer in self.peer_mask:
+            raise ValueError(f"peer {peer!r} already known")
+        mask = self.to_mask(pieces)
+        self.peer_mask[peer] = 0
+        if mask == self.full:
+            self.peer_mask[peer] = mask
+            self.levels.insert(0, 0)
+            self.avail = [a + 1 for a in self.avail]
+            return
+        for k in _positions(mask):
+            self._inc(peer, k)
+
+    def peer_have(self, peer: Peer, piece: int) -> bool:
+        """Record a HAVE; return True when it makes this peer newly interesting to us."""
+        k = self.pos[piece]
+        bit = 1 << k
+        if self.peer_mask[peer] & bit:
+            return False
+        self._inc(peer, k)
+        return bool(self.missing & bit)
+
+    def remove_peer(self, peer: Peer) -> list[int]:
+        """Forget a peer; return the pieces whose requests to it are now void."""
+        mask = self.peer_mask.pop(peer)
+        if mask == self.full and self.levels[0] == 0:
+            self.levels.pop(0)
+            self.avail = [a - 1 for a in self.avail]
+        else:
+            for k in _positions(mask):
+                p = self.perm[k]
+                a = self.avail[p]
+                bit = 1 << k
+                self.levels[a] &= ~bit
+                self.levels[a - 1] |= bit
+                self.avail[p] = a - 1
+        released = [p for p, peers in self.inflight.items() if peer in peers]
+        for p in released:
+            self._release(peer, p)
+        return released
+
+    def _inc(self, peer: Peer, k: int) -> None:
+        bit = 1 << k
+        self.peer_mask[peer] |= bit
+        p = self.perm[k]
+        a = self.avail[p]
+        if a + 1 == len(self.levels):
+            self.levels.append(0)
+        self.levels[a] &= ~bit
+        self.levels[a + 1] |= bit
+        self.avail[p] = a + 1
+
+    # -- decisions ---------------------------------------------------------------------------------
+    def interesting(self, peer: Peer) -> bool:
+        return bool(self.peer_mask.get(peer, 0) & self.missing)
+
+    def next_request(self, peer: Peer) -> int | None:
+        """Pick a piece to request from `peer` and mark it in flight, or None if nothing fits."""
+        has = self.peer_mask[peer]
+        cand = has & self.missing & ~self.inflight_mask
+        if cand:
+            for level in self.levels[1:]:
+                c = cand & level
+                if c:
+                    return self._take(peer, (c & -c).bit_length() - 1)
+        if self.missing & ~self.inflight_mask:
+            return None  # not endgame yet: other peers will supply the rest
+        dup = has & self.missing & self.inflight_mask
+        while dup:
+            low = dup & -dup
+            dup ^= low
+            p = self.perm[low.bit_length() - 1]
+            asked = self.inflight[p]
+            if peer not in asked and len(asked) < self.max_dup:
+                return self._take(peer, low.bit_length() - 1)
+        return None
+
+    def _take(self, peer: Peer, k: int) -> int:
+        p = self.perm[k]
+        self.inflight.setdefault(p, set()).add(peer)
+        self.inflight_mask |= 1 << k
+        return p
+
+    def _release(self, peer: Peer, piece: int) -> None:
+        asked = self.inflight.get(piece)
+        if asked is None:
+            return
+        asked.discard(peer)
+        if not asked:
+            del self.inflight[piece]
+            self.inflight_mask &= ~(1 << self.pos[piece])
+
+    def request_failed(self, peer: Peer, piece: int, *, peer_lacks: bool = False) -> None:
+        """A request was rejected or timed out; the piece becomes available to ask elsewhere."""
+        self._release(peer, piece)
+        if peer_lacks and peer in self.peer_mask:
+            k = self.pos[piece]
+            bit = 1 << k
+            if self.peer_mask[peer] & bit:
+                self.peer_mask[peer] &= ~bit
+                a = self.avail[piece]
+                self.levels[a] &= ~bit
+                self.levels[a - 1] |= bit
+                self.avail[piece] = a - 1
+
+    def piece_verified(self, piece: int) -> set[Peer]:
+        """Mark a piece as ours; return the other peers still asked for it (to cancel)."""
+        self.missing &= ~(1 << self.pos[piece])
+        asked = self.inflight.pop(piece, set())
+        self.inflight_mask &= ~(1 << self.pos[piece])
+        return asked
+
+    def in_flight_to(self, peer: Peer) -> list[int]:
+        return [p for p, peers in self.inflight.items() if peer in peers]
+
+    @property
+    def done(self) -> bool:
+        return self.missing == 0
+
+    @property
+    def missing_count(self) -> int:
+        return self.missing.bit_count()
+
+    def have_pieces(self) -> list[int]:
+        return [self.perm[k] for k in _positions(self.full & ~self.missing)]
+
+
+def _positions(mask: int) -> list[int]:
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out

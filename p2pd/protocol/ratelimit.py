@@ -1,0 +1,114 @@
+"""Token buckets for bandwidth limits (sans-IO: the caller passes `now` and does the sleeping).
+
+A transfer reserves its bytes up front and may drive a bucket into debt; the returned delay is how
+long to wait before sending. Reserving first (instead of polling until tokens exist) keeps many
+concurrent senders fair and the long-run rate exact, with bursts bounded by `burst` bytes.
+
+`Hierarchy` chains buckets (cluster policy > node > peer): a transfer waits for the slowest level, so
+per-peer shares and a global cap pushed by the tracker compose without special cases.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float | None = None, now: float = 0.0) -> None:
+        self._rate = 0.0
+        self.burst = 0.0
+        self.tokens = 0.0
+        self.stamp = now
+        self.set_rate(rate, burst, now)
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    def set_rate(self, rate: float, burst: float | None = None, now: float | None = None) -> None:
+        """Change the rate (math.inf = unlimited); takes effect for the next reservation."""
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate}")
+        if now is not None:
+            self._refill(now)
+        self._rate = rate
+        # Default burst: 50 ms of traffic, at least 64 KiB, so short-run rate stays close to the limit.
+        self.burst = burst if burst is not None else (math.inf if math.isinf(rate) else max(65536.0, rate * 0.05))
+        self.tokens = min(self.tokens, self.burst) if not math.isinf(self.burst) else 0.0
+
+    def _refill(self, now: float) -> None:
+        if math.isinf(self._rate):
+            self.tokens = 0.0
+        elif now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self._rate)
+        self.stamp = max(self.stamp, now)
+
+    def reserve(self, n: int, now: float) -> float:
+        """Take `n` bytes' worth of tokens; return seconds to wait before using them."""
+        if math.isinf(self._rate):
+            return 0.0
+        self._refill(now)
+        self.tokens -= n
+        if self.tokens >= 0:
+            return 0.0
+        return -self.tokens / self._rate
+
+    def refund(self, n: int) -> None:
+        """Give back tokens for bytes reserved but not transferred (connection died mid-send)."""
+        if not math.isinf(self._rate):
+            self.tokens = min(self.burst, self.tokens + n)
+
+
+class Hierarchy:
+    """A chain of buckets charged together; the wait is the longest of them."""
+
+    def __init__(self, *buckets: TokenBucket) -> None:
+        self.buckets = list(buckets)
+
+    def reserve(self, n: int, now: float) -> float:
+        return max((b.reserve(n, now) for b in self.buckets), default=0.0)
+
+    def refund(self, n: int) -> None:
+        for b in self.buckets:
+            b.refund(n)
+
+
+def unlimited(now: float = 0.0) -> TokenBucket:
+    return TokenBucket(math.inf, now=now)
+
+
+_UNITS = {
+    "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+    "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,
+}
+
+
+def parse_rate(text: str) -> float:
+    """`50MB/s`, `40MiB/s`, `400Mbit/s`, `1Gbit/s`, `1000000` -> bytes per second."""
+    s = text.strip().lower().replace(" ", "")
+    if s.endswith("/s"):
+        s = s[:-2]
+    elif s.endswith("ps"):
+        s = s[:-2]
+    return _parse_with_units(s, text, "rate", "50MB/s, 40MiB/s or 400Mbit/s")
+
+
+def parse_size(text: str) -> int:
+    """`512MiB`, `2GiB`, `100MB`, `4096` -> bytes."""
+    return int(_parse_with_units(text.strip().lower().replace(" ", ""), text, "size", "512MiB, 2GiB or 100MB"))
+
+
+def _parse_with_units(s: str, orig: str, what: str, example: str) -> float:
+    i = len(s)
+    while i > 0 and not (s[i - 1].isdigit() or s[i - 1] == "."):
+        i -= 1
+    num, unit = s[:i], s[i:] or "b"
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"invalid {what} {orig!r}: expected e.g. {example}") from None
+    if unit not in _UNITS:
+        raise ValueError(f"invalid {what} unit in {orig!r}: expected e.g. {example}")
+    if value <= 0 or math.isnan(value) or math.isinf(value):
+        raise ValueError(f"invalid {what} {orig!r}: must be positive")
+    return value * _UNITS[unit]

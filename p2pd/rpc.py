@@ -1,0 +1,213 @@
+"""Request/reply RPC over length-prefixed msgpack frames (trio), for the local API and the tracker.
+
+One connection carries many concurrent requests; a long request may send progress events before its
+final reply. Handlers raise `RpcError` for failures the caller should see; any other exception is
+logged and reported as `internal` so a bad request never takes the server down.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from p2pd.protocol.framing import FrameError, FrameReader, encode_frame
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
+READ_SIZE = 65536
+
+
+class RpcError(Exception):
+    """A failure reported to the caller with a machine-readable code and a human message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+async def serve_connection(stream: trio.abc.Stream, handlers: dict[str, Handler], peer: str = "") -> None:
+    """Serve one client connection until it closes; each request runs in its own task."""
+    send_lock = trio.Lock()
+
+    async def send(obj: dict[str, Any]) -> None:
+        async with send_lock:
+            await stream.send_all(encode_frame(obj))
+
+    async def run_one(req_id: Any, method: str, params: dict[str, Any]) -> None:
+        async def emit(event: dict[str, Any]) -> None:
+            await send({"id": req_id, "event": event})
+
+        handler = handlers.get(method)
+        try:
+            if handler is None:
+                raise RpcError("bad_request", f"unknown method {method!r}")
+            if not isinstance(params, dict):
+                raise RpcError("bad_request", "params must be a map")
+            result = await handler(params, emit)
+            reply: dict[str, Any] = {"id": req_id, "result": result}
+        except RpcError as e:
+            reply = {"id": req_id, "error": {"code": e.code, "message": e.message}}
+        except (KeyError, TypeError, ValueError) as e:
+            reply = {"id": req_id, "error": {"code": "bad_request", "message": f"bad request for {method}: {e!r}"}}
+        except Exception:  # a handler bug must not kill the server: report it, log the traceback
+            log.exception("handler %s failed", method)
+            reply = {"id": req_id, "error": {"code": "internal", "message": f"internal error in {method}; see daemon log"}}
+        try:
+            await send(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.debug("client %s went away before reply to %s", peer, method)
+
+    reader = FrameReader()
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    data = await stream.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not data:
+                    break
+                try:
+                    frames = reader.feed(data)
+                except FrameError as e:
+                    log.warning("closing RPC connection %s: %s", peer, e)
+                    break
+                for f in frames:
+                    if not isinstance(f, dict) or "method" not in f or "id" not in f:
+                        log.warning("closing RPC connection %s: frame is not a request", peer)
+                        nursery.cancel_scope.cancel()
+                        return
+                    nursery.start_soon(run_one, f["id"], str(f["method"]), f.get("params", {}))
+            # Client closed its side: let in-flight requests finish only if it still reads replies.
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.move_on_after(1) as cs:
+            cs.shield = True
+            await stream.aclose()
+
+
+async def serve_listeners(listeners: list[Any], handlers: dict[str, Handler], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def on_conn(stream: trio.abc.Stream) -> None:
+        await serve_connection(stream, handlers)
+
+    await trio.serve_listeners(on_conn, listeners, task_status=task_status)
+
+
+class RpcClient:
+    """Concurrent calls over one connection. Use `open_client` to get one."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._next_id = 1
+        self._waiters: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._send_lock = trio.Lock()
+        self._closed: str | None = None
+
+    async def _reader(self) -> None:
+        reader = FrameReader()
+        try:
+            while True:
+                data = await self._stream.receive_some(READ_SIZE)
+                if not data:
+                    self._closed = "connection closed by the server"
+                    break
+                for f in reader.feed(data):
+                    ch = self._waiters.get(f.get("id")) if isinstance(f, dict) else None
+                    if ch is not None:
+                        ch.send_nowait(f)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as e:
+            self._closed = f"connection lost: {e}"
+        finally:
+            for ch in list(self._waiters.values()):
+                ch.close()
+
+    async def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        timeout: float = 30.0,
+        on_event: Callable[[dict[str, Any]], Awaitable[None] | None] | None = None,
+    ) -> Any:
+        """Call `method`; `timeout` bounds the time between messages (events reset it)."""
+        if self._closed:
+            raise RpcError("unreachable", self._closed)
+        req_id = self._next_id
+        self._next_id += 1
+        send_ch, recv_ch = trio.open_memory_channel[dict[str, Any]](math.inf)
+        self._waiters[req_id] = send_ch
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(encode_frame({"id": req_id, "method": method, "params": params or {}}))
+            while True:
+                with trio.move_on_after(timeout) as cs:
+                    try:
+                        msg = await recv_ch.receive()
+                    except trio.EndOfChannel:
+                        raise RpcError("unreachable", self._closed or "connection lost") from None
+                if cs.cancelled_caught:
+                    raise RpcError("timeout", f"{method}: no answer within {timeout:g} s")
+                if "event" in msg:
+                    if on_event is not None:
+                        r = on_event(msg["event"])
+                        if r is not None:
+                            await r
+                    continue
+                if "error" in msg:
+                    err = msg["error"]
+                    raise RpcError(str(err.get("code", "internal")), str(err.get("message", "")))
+                return msg.get("result")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise RpcError("unreachable", f"connection lost: {e}") from e
+        finally:
+            del self._waiters[req_id]
+
+
+@asynccontextmanager
+async def open_client(stream: trio.abc.Stream) -> AsyncIterator[RpcClient]:
+    client = RpcClient(stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client._reader)
+        try:
+            yield client
+        finally:
+            nursery.cancel_scope.cancel()
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                await stream.aclose()
+
+
+@asynccontextmanager
+async def connect_tcp(host: str, port: int, timeout: float = 5.0) -> AsyncIterator[RpcClient]:
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host, port)
+    async with open_client(stream) as c:
+        yield c
+
+
+@asynccontextmanager
+async def connect_unix(path: str, timeout: float = 5.0) -> AsyncIterator[RpcClient]:
+    with trio.fail_after(timeout):
+        stream = await trio.open_unix_socket(path)
+    async with open_client(stream) as c:
+        yield c
+
+
+def parse_hostport(s: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Parse `HOST:PORT`, `[v6]:PORT` or `:PORT`; raise ValueError with a usable message."""
+    host, sep, port = s.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {s!r}")
+    host = host.strip("[]") or default_host
+    return host, int(port)

@@ -1,0 +1,391 @@
+"""Piece storage on disk: hashing for publish, staging with preallocated files, resume journal, cache.
+
+Data dir layout (one daemon per data dir):
+    node_id                      this node's id (random, persistent)
+    artifacts/<id>.manifest      canonical manifest bytes
+    artifacts/<id>.json          record {name, root, published}; written LAST, atomically: its
+                                 existence is what "complete and verified" means
+    staging/<id>/...             files of a download in progress, preallocated at final size
+    staging/<id>.journal         bitfield of verified pieces (resume after a crash or restart)
+    cache/<id>/...               completed downloads (files read-only)
+    envs/<id>/                   unpacked environments (p2pd/envpack.py)
+
+Pieces are written with pwrite at their offsets and never buffered beyond one piece. A piece is
+marked in the journal only after its bytes were written and its digest matched; on resume the
+marked pieces are verified again, so a torn write can cost a re-fetch but never a wrong byte.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from p2pd.protocol import bitfield as bits
+from p2pd.protocol import manifest as mf
+from p2pd.protocol.wire import bitfield_bytes as bitfield_len
+
+Progress = Callable[[int, int], None]
+READ_CHUNK = 8 << 20
+JOURNAL_MAGIC = b"P2PDJRN1"
+
+
+class StorageError(Exception):
+    """A storage failure the user must act on (disk full, unreadable source, ...)."""
+
+
+def piece_digest(data: bytes | bytearray | memoryview) -> bytes:
+    return xxhash.xxh3_128_digest(data)
+
+
+# --------------------------------------------------------------------------- publishing (hashing)
+def scan_source(path: Path) -> tuple[list[mf.FileEntry], Path, bool]:
+    """List an artifact's files: (entries, root dir, single_file). Symlinks to files are followed."""
+    if not path.exists():
+        raise StorageError(f"{path} does not exist")
+    if path.is_file():
+        st = path.stat()
+        return [mf.FileEntry(path.name, st.st_size, bool(st.st_mode & 0o111))], path.parent, True
+    if not path.is_dir():
+        raise StorageError(f"{path} is neither a regular file nor a directory")
+    entries: list[mf.FileEntry] = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            st = full.stat()  # follows symlinks (HF caches link snapshots to blobs)
+            rel = full.relative_to(path).as_posix()
+            if not stat.S_ISREG(st.st_mode):
+                raise StorageError(f"{full} is not a regular file (device, socket or fifo): remove it from the artifact")
+            mf.validate_path(rel)
+            entries.append(mf.FileEntry(rel, st.st_size, bool(st.st_mode & 0o111)))
+    if not entries:
+        raise StorageError(f"{path} contains no files")
+    return entries, path, False
+
+
+def hash_pieces(root: Path, files: list[mf.FileEntry], piece_size: int, progress: Progress | None = None) -> bytes:
+    """Stream every file once in large reads; digest each piece across file boundaries."""
+    total = sum(f.size for f in sorted(files, key=lambda f: f.path))
+    out = bytearray()
+    buf = bytearray(piece_size)
+    view = memoryview(buf)
+    fill = 0
+    done = 0
+    for f in sorted(files, key=lambda f: f.path):
+        with open(root / f.path, "rb", buffering=0) as fh:
+            remaining = f.size
+            while remaining:
+                n = fh.readinto(view[fill : fill + min(piece_size - fill, remaining)])
+                if not n:
+                    raise StorageError(f"{root / f.path} shrank while hashing: is something writing to it?")
+                fill += n
+                remaining -= n
+                done += n
+                if fill == piece_size:
+                    out += piece_digest(view)
+                    fill = 0
+                    if progress:
+                        progress(done, total)
+    if fill:
+        out += piece_digest(view[:fill])
+    if progress:
+        progress(done, total)
+    return bytes(out)
+
+
+def build_manifest(path: Path, *, kind: str = "files", meta: dict[str, str] | None = None,
+                   progress: Progress | None = None) -> tuple[mf.Manifest, Path]:
+    files, root, single = scan_source(path)
+    size = sum(f.size for f in files)
+    piece_size = mf.choose_piece_size(size)
+    digests = hash_pieces(root, files, piece_size, progress)
+    return mf.build(files, piece_size, digests, kind=kind, single_file=single, meta=meta), root
+
+
+# --------------------------------------------------------------------------- journal
+class Journal:
+    """Bitfield of verified pieces, rewritten in place (one small pwrite per verified piece)."""
+
+    def __init__(self, path: Path, artifact_id: str, num_pieces: int) -> None:
+        self.path = path
+        self.num_pieces = num_pieces
+        self._header = JOURNAL_MAGIC + bytes.fromhex(artifact_id)
+        self._fd = -1
+
+    def load(self) -> int:
+        """Return the recorded piece mask (piece space), or 0 if absent or not ours."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        if not data.startswith(self._header) or len(data) != len(self._header) + bitfield_len(self.num_pieces):
+            return 0
+        return bits.from_bytes(data[len(self._header) :], self.num_pieces)
+
+    def open(self, mask: int) -> None:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.pwrite(self._fd, self._header + bits.to_bytes(mask, self.num_pieces), 0)
+
+    def record(self, mask: int) -> None:
+        os.pwrite(self._fd, bits.to_bytes(mask, self.num_pieces), len(self._header))
+
+    def close(self, delete: bool = False) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if delete:
+            self.path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- piece store
+class PieceStore:
+    """Random-access piece I/O over an artifact's files (staging for downloads, any root for seeding)."""
+
+    def __init__(self, manifest: mf.Manifest, root: Path, *, writable: bool) -> None:
+        self.manifest = manifest
+        self.layout = mf.Layout(manifest)
+        self.root = root
+        self.writable = writable
+        self._fds: list[int] = [-1] * len(manifest.files)
+
+    def preallocate(self) -> None:
+        """Create every file at its final size; raise StorageError early when the disk is too small."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        need = 0
+        for f in self.manifest.files:
+            p = self.root / f.path
+            have = p.stat().st_size if p.exists() else 0
+            need += max(0, f.size - have)
+        free = shutil.disk_usage(self.root).free
+        if need > free:
+            raise StorageError(
+                f"not enough disk space in {self.root}: need {need / 1e9:.2f} GB more, {free / 1e9:.2f} GB free; "
+                "free space or point --data-dir at a larger disk"
+            )
+        for i, f in enumerate(self.manifest.files):
+            p = self.root / f.path
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fds[i] = fd
+            try:
+                if f.size:
+                    os.posix_fallocate(fd, 0, f.size)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise StorageError(f"disk full while preallocating {p}: free space and fetch again") from e
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.ftruncate(fd, f.size)
+
+    def fd(self, i: int) -> int:
+        if self._fds[i] < 0:
+            flags = os.O_RDWR if self.writable else os.O_RDONLY
+            self._fds[i] = os.open(self.root / self.manifest.files[i].path, flags)
+        return self._fds[i]
+
+    def spans(self, index: int) -> list[tuple[int, int, int]]:
+        """(fd, file offset, length) per file segment of a piece: what sendfile needs."""
+        return [(self.fd(i), off, n) for i, off, n in self.layout.piece_spans(index)]
+
+    def read_piece(self, index: int) -> bytearray:
+        buf = bytearray(self.manifest.piece_length(index))
+        view = memoryview(buf)
+        pos = 0
+        for fd, off, n in self.spans(index):
+            got = os.preadv(fd, [view[pos : pos + n]], off)
+            if got != n:
+                raise StorageError(f"short read of piece {index}: file truncated under {self.root}?")
+            pos += n
+        return buf
+
+    def verify(self, index: int, data: bytes | bytearray | memoryview) -> bool:
+        return piece_digest(data) == self.manifest.digest(index)
+
+    def write_piece(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        pos = 0
+        for fd, off, n in self.spans(index):
+            while n:
+                try:
+                    w = os.pwrite(fd, view[pos : pos + n], off)
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        raise StorageError(f"disk full writing under {self.root}: free space; the download resumes") from e
+                    raise
+                pos += w
+                off += w
+                n -= w
+
+    def verify_existing(self, mask: int) -> int:
+        """Re-verify the pieces in `mask` from disk (resume); return the mask of those that match."""
+        ok = 0
+        for i in bits.indices(mask):
+            if i < self.manifest.num_pieces and self.verify(i, self.read_piece(i)):
+                ok |= 1 << i
+        return ok
+
+    def sync(self) -> None:
+        for fd in self._fds:
+            if fd >= 0:
+                os.fsync(fd)
+
+    def close(self) -> None:
+        for i, fd in enumerate(self._fds):
+            if fd >= 0:
+                os.close(fd)
+                self._fds[i] = -1
+
+
+# --------------------------------------------------------------------------- catalog
+@dataclass
+class Record:
+    artifact_id: str
+    name: str
+    root: Path
+    published: bool
+    manifest: mf.Manifest
+
+    @property
+    def path(self) -> Path:
+        """What a user gets: the file of a single-file artifact, else the directory."""
+        return self.root / self.manifest.files[0].path if self.manifest.single_file else self.root
+
+
+class Catalog:
+    """The data dir's artifacts: complete ones (records), downloads in progress (staging)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.artifacts = data_dir / "artifacts"
+        self.staging = data_dir / "staging"
+        self.cache = data_dir / "cache"
+        for d in (self.artifacts, self.staging, self.cache):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def node_id(self) -> str:
+        p = self.data_dir / "node_id"
+        try:
+            nid = p.read_text().strip()
+            if len(nid) == 32 and all(c in "0123456789abcdef" for c in nid):
+                return nid
+        except FileNotFoundError:
+            pass
+        nid = os.urandom(16).hex()
+        atomic_write(p, nid.encode())
+        return nid
+
+    def save_manifest(self, artifact_id: str, m: mf.Manifest) -> None:
+        p = self.artifacts / f"{artifact_id}.manifest"
+        if not p.exists():
+            atomic_write(p, mf.encode(m))
+
+    def load_manifest(self, artifact_id: str) -> mf.Manifest | None:
+        try:
+            return mf.decode_checked((self.artifacts / f"{artifact_id}.manifest").read_bytes(), artifact_id)
+        except FileNotFoundError:
+            return None
+
+    def mark_complete(self, artifact_id: str, name: str, root: Path, published: bool) -> None:
+        rec = {"name": name, "root": str(root), "published": published}
+        atomic_write(self.artifacts / f"{artifact_id}.json", json.dumps(rec).encode())
+
+    def forget(self, artifact_id: str) -> None:
+        (self.artifacts / f"{artifact_id}.json").unlink(missing_ok=True)
+
+    def complete_records(self) -> list[Record]:
+        out = []
+        for p in sorted(self.artifacts.glob("*.json")):
+            aid = p.stem
+            m = self.load_manifest(aid)
+            if m is None:
+                continue
+            rec = json.loads(p.read_text())
+            out.append(Record(aid, rec.get("name", ""), Path(rec["root"]), bool(rec.get("published")), m))
+        return out
+
+    def staged_ids(self) -> list[str]:
+        return sorted(p.name[: -len(".journal")] for p in self.staging.glob("*.journal"))
+
+    def staging_root(self, artifact_id: str) -> Path:
+        return self.staging / artifact_id
+
+    def journal(self, artifact_id: str, m: mf.Manifest) -> Journal:
+        return Journal(self.staging / f"{artifact_id}.journal", artifact_id, m.num_pieces)
+
+    def finalize(self, artifact_id: str, name: str) -> Path:
+        """Move a fully verified download into the cache, read-only, then record it complete."""
+        src = self.staging_root(artifact_id)
+        dst = self.cache / artifact_id
+        if dst.exists():
+            shutil.rmtree(dst)
+        for dirpath, _dirs, files in os.walk(src):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                os.chmod(p, os.stat(p).st_mode & ~0o222)
+        os.rename(src, dst)
+        fsync_dir(self.cache)
+        self.mark_complete(artifact_id, name, dst, published=False)
+        (self.staging / f"{artifact_id}.journal").unlink(missing_ok=True)
+        return dst
+
+
+def apply_modes(root: Path, m: mf.Manifest) -> None:
+    for f in m.files:
+        p = root / f.path
+        mode = 0o555 if f.executable else 0o444
+        os.chmod(p, mode)
+
+
+def materialize(rec: Record, dest: Path) -> Path:
+    """Place a complete artifact at `dest` (hard links when on the same filesystem, else copies).
+
+    Each file appears atomically (link/copy to a temp name, then rename), so an interrupted call
+    leaves either the old file or the new one, never a partial file under the final name.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in rec.manifest.files:
+        src = rec.root / f.path
+        dst = dest / f.path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.p2pd-tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+                os.chmod(tmp, 0o555 if f.executable else 0o444)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return dest / rec.manifest.files[0].path if rec.manifest.single_file else dest
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

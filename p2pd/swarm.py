@@ -1,0 +1,362 @@
+"""One artifact's swarm on this node: its peer connections, the download loop and seeding.
+
+The swarm owns the picker (what to ask whom), the piece store and the journal. Connections report
+events (bitfield, have, piece, reject, close) and the swarm answers by queueing requests, so all
+scheduling decisions live in one place and connections stay dumb pipes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+import zstandard
+
+from p2pd.peer import PeerClosed, PeerConn, SockIO, read_handshake, tune_socket
+from p2pd.protocol import bitfield as bits
+from p2pd.protocol import manifest as mf
+from p2pd.protocol import wire
+from p2pd.protocol.picker import Picker
+from p2pd.protocol.ratelimit import Hierarchy
+from p2pd.storage import Catalog, Journal, PieceStore, StorageError
+
+log = logging.getLogger(__name__)
+
+
+class RateMeter:
+    """Bytes per second over a sliding window (for status and progress, not for limiting)."""
+
+    def __init__(self, window: float = 2.0) -> None:
+        self.window = window
+        self.samples: collections.deque[tuple[float, int]] = collections.deque()
+        self.total = 0
+
+    def add(self, n: int) -> None:
+        now = time.monotonic()
+        self.total += n
+        self.samples.append((now, n))
+        while self.samples and self.samples[0][0] < now - self.window:
+            self.samples.popleft()
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        while self.samples and self.samples[0][0] < now - self.window:
+            self.samples.popleft()
+        return sum(n for _, n in self.samples) / self.window
+
+
+class SwarmConfig:
+    def __init__(self, *, max_peers: int = 24, pipeline_depth: int = 4, stall_timeout: float = 1.0,
+                 compress: bool = True) -> None:
+        self.max_peers = max_peers
+        self.pipeline_depth = pipeline_depth
+        self.stall_timeout = stall_timeout
+        self.compress = compress
+
+
+class Swarm:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        artifact_id: str,
+        name: str,
+        manifest: mf.Manifest,
+        store: PieceStore,
+        have: int,
+        catalog: Catalog,
+        config: SwarmConfig,
+        egress: Hierarchy | None,
+        ingress: Hierarchy | None,
+        journal: Journal | None = None,
+        find_peers: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None,
+        on_complete: Callable[[Swarm], None] | None = None,
+        resumed_pieces: int = 0,
+    ) -> None:
+        self.node_id = node_id
+        self.artifact_id = artifact_id
+        self.name = name
+        self.manifest = manifest
+        self.store = store
+        self.catalog = catalog
+        self.config = config
+        self.stall_timeout = config.stall_timeout
+        self.egress = egress
+        self.ingress = ingress
+        self.journal = journal
+        self.find_peers = find_peers
+        self.on_complete = on_complete
+        self.n = manifest.num_pieces
+        self.have_mask = have
+        self.complete = have == bits.full(self.n)
+        self.picker: Picker | None = None if self.complete else Picker(self.n, bits.indices(have))
+        self.done = trio.Event()
+        if self.complete:
+            self.done.set()
+        self.conns: dict[str, PeerConn] = {}
+        self.connecting: set[str] = set()
+        self.banned: dict[str, str] = {}
+        self.retry_after: dict[str, float] = {}
+        self.down = RateMeter()
+        self.up = RateMeter()
+        self.resumed_pieces = resumed_pieces
+        self.error: str | None = None
+        self._compressible: dict[int, bool] = {}
+        self._nursery: trio.Nursery | None = None
+        self._peer_wakeup = trio.Event()
+
+    # -- queries -------------------------------------------------------------------------------------
+    def has_piece(self, i: int) -> bool:
+        return bool(self.have_mask >> i & 1)
+
+    @property
+    def pieces_done(self) -> int:
+        return self.have_mask.bit_count()
+
+    @property
+    def bytes_done(self) -> int:
+        n = self.pieces_done * self.manifest.piece_size
+        if self.has_piece(self.n - 1):
+            n -= self.manifest.piece_size - self.manifest.piece_length(self.n - 1)
+        return n
+
+    @property
+    def progress(self) -> float:
+        return 1.0 if self.complete else self.pieces_done / max(1, self.n)
+
+    def should_compress(self, i: int) -> bool:
+        """Compress pieces of files that compress (configs, tokenizers, tarballs), not weights."""
+        if not self.config.compress:
+            return False
+        spans = self.store.layout.piece_spans(i)
+        if not spans:
+            return False
+        fi = spans[0][0]
+        if fi not in self._compressible:
+            data = self.store.read_piece(i)[:65536]
+            self._compressible[fi] = len(zstandard.ZstdCompressor(level=1).compress(bytes(data))) < 0.8 * len(data)
+        return self._compressible[fi]
+
+    def note_upload(self, n: int) -> None:
+        self.up.add(n)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "artifact_id": self.artifact_id, "name": self.name, "kind": self.manifest.kind,
+            "state": "complete" if self.complete else ("failed" if self.error else "downloading"),
+            "size": self.manifest.total_size, "bytes_done": self.bytes_done, "pieces_done": self.pieces_done,
+            "pieces_total": self.n, "peers": len(self.conns), "down_rate": self.down.rate(), "up_rate": self.up.rate(),
+            "uploaded": self.up.total, "downloaded": self.down.total,
+            "path": str(self.store.root), "resumed_pieces": self.resumed_pieces, "banned_peers": len(self.banned),
+            "error": self.error,
+        }
+
+    # -- connection events ---------------------------------------------------------------------------
+    def register(self, conn: PeerConn) -> bool:
+        """Adopt a handshaken connection; of two between the same nodes, the lower id's outgoing one wins."""
+        if conn.remote_id in self.banned:
+            return False
+        existing = self.conns.get(conn.remote_id)
+        if existing is not None:
+            winner = min(self.node_id, conn.remote_id)
+            if conn.initiator != winner or existing.initiator == winner:
+                return False
+            existing.close("duplicate connection")
+            self.on_close(existing)
+        self.conns[conn.remote_id] = conn
+        conn.queue(wire.Bitfield(bits.to_bytes(self.have_mask, self.n)))
+        return True
+
+    def on_bitfield(self, conn: PeerConn, raw: bytes) -> None:
+        mask = bits.from_bytes(raw, self.n)
+        conn.peer_pieces = mask.bit_count()
+        if self.picker is not None and conn.closed_reason is None:
+            self.picker.add_peer(conn, range(self.n) if mask == bits.full(self.n) else bits.indices(mask))
+            self.fill(conn)
+
+    def on_have(self, conn: PeerConn, i: int) -> None:
+        if not 0 <= i < self.n:
+            raise wire.ProtocolError(f"HAVE for piece {i} out of range")
+        conn.peer_pieces += 1
+        if self.picker is not None and conn in self.picker.peer_mask and self.picker.peer_have(conn, i):
+            self.fill(conn)
+
+    def on_reject(self, conn: PeerConn, i: int) -> None:
+        if self.picker is not None and conn in self.picker.peer_mask:
+            self.picker.request_failed(conn, i, peer_lacks=True)
+            self.fill_all()
+
+    def on_close(self, conn: PeerConn) -> None:
+        if self.conns.get(conn.remote_id) is conn:
+            del self.conns[conn.remote_id]
+        if self.picker is not None and conn in self.picker.peer_mask:
+            self.picker.remove_peer(conn)
+            conn.outstanding.clear()
+            self.fill_all()
+        self._peer_wakeup.set()
+
+    def fill(self, conn: PeerConn) -> None:
+        picker = self.picker
+        if picker is None or conn.closed_reason is not None or conn not in picker.peer_mask:
+            return
+        depth = self.config.pipeline_depth
+        while len(conn.outstanding) < depth:
+            i = picker.next_request(conn)
+            if i is None:
+                break
+            conn.request(i)
+
+    def fill_all(self) -> None:
+        for c in list(self.conns.values()):
+            self.fill(c)
+
+    async def on_piece(self, conn: PeerConn, i: int, buf: bytearray, wire_len: int) -> None:
+        self.down.add(wire_len)
+        if self.has_piece(i) or self.picker is None:
+            self.fill(conn)
+            return
+        ok = await trio.to_thread.run_sync(self._verify_and_write, i, buf)
+        if self.has_piece(i) or self.picker is None:
+            self.fill(conn)
+            return
+        if not ok:
+            self.picker.request_failed(conn, i)
+            self.banned[conn.remote_id] = f"sent corrupt piece {i}"
+            log.warning("peer %s (%s) sent piece %d that fails verification: banned", conn.remote_id[:8], conn.addr, i)
+            conn.close(f"banned: corrupt piece {i}")
+            return
+        self.have_mask |= 1 << i
+        for other in self.picker.piece_verified(i):
+            if other is not conn:
+                other.cancel(i)
+        if self.journal is not None:
+            self.journal.record(self.have_mask)
+        have = wire.Have(i)
+        for c in list(self.conns.values()):
+            c.queue(have)
+        if self.picker.done:
+            await self._finish()
+        else:
+            self.fill_all()
+
+    def _verify_and_write(self, i: int, buf: bytearray) -> bool:
+        if not self.store.verify(i, buf):
+            return False
+        self.store.write_piece(i, buf)
+        return True
+
+    async def _finish(self) -> None:
+        """Every piece verified: sync, move into the cache, record complete — in that order."""
+        self.picker = None
+        for c in self.conns.values():
+            c.outstanding.clear()
+
+        def finalize() -> None:
+            self.store.sync()
+            if self.journal is not None:
+                self.journal.close()
+            self.store.root = self.catalog.finalize(self.artifact_id, self.name)
+
+        try:
+            await trio.to_thread.run_sync(finalize)
+        except (OSError, StorageError) as e:
+            self.error = f"could not finalize download: {e}"
+            log.error("%s: %s", self.name, self.error)
+            return
+        self.complete = True
+        self.journal = None
+        self.done.set()
+        log.info("%s (%s) complete: %d bytes verified", self.name, self.artifact_id[:12], self.manifest.total_size)
+        if self.on_complete is not None:
+            self.on_complete(self)
+
+    # -- lifetime --------------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Owns the outgoing connections; while downloading, keeps finding and dialling peers."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            if not self.complete:
+                await self._find_peers_loop(nursery)
+            await trio.sleep_forever()
+
+    async def _find_peers_loop(self, nursery: trio.Nursery) -> None:
+        backoff = 0.25
+        while not self.done.is_set():
+            if len(self.conns) + len(self.connecting) < self.config.max_peers and self.find_peers is not None:
+                try:
+                    peers = await self.find_peers(self.artifact_id)
+                    backoff = 0.25
+                except Exception as e:  # tracker trouble must not kill the download: keep current peers
+                    log.warning("%s: peer lookup failed: %s", self.name, e)
+                    peers = []
+                    backoff = min(5.0, backoff * 2)
+                now = trio.current_time()
+                random.shuffle(peers)
+                for p in peers:
+                    nid = p["node_id"]
+                    if len(self.conns) + len(self.connecting) >= self.config.max_peers:
+                        break
+                    if nid == self.node_id or nid in self.conns or nid in self.connecting or nid in self.banned:
+                        continue
+                    if self.retry_after.get(nid, 0) > now:
+                        continue
+                    self.connecting.add(nid)
+                    nursery.start_soon(self.connect, nid, str(p["addr"][0]), int(p["addr"][1]))
+            wait = backoff if not self.conns else 2.0
+            self._peer_wakeup = trio.Event()
+            with trio.move_on_after(wait):
+                await self._peer_wakeup.wait()
+                await trio.sleep(0.05)  # a burst of closes is one wakeup
+
+    async def connect(self, nid: str, host: str, port: int) -> None:
+        addr = f"{host}:{port}"
+        try:
+            sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET)
+            try:
+                tune_socket(sock)
+                with trio.fail_after(3):
+                    await sock.connect((host, port))
+                io = SockIO(sock)
+                await io.send_all(wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, self.node_id, self.artifact_id)))
+                hs = await read_handshake(io)
+                if hs.artifact_id != self.artifact_id or hs.node_id != nid:
+                    raise wire.ProtocolError(f"{addr} answered as {hs.node_id[:8]} for {hs.artifact_id[:12]}")
+            except BaseException:
+                sock.close()
+                raise
+        except (OSError, trio.TooSlowError, PeerClosed, wire.ProtocolError) as e:
+            log.debug("connect to %s failed: %s", addr, e)
+            self.retry_after[nid] = trio.current_time() + 2.0
+            self.connecting.discard(nid)
+            return
+        self.connecting.discard(nid)
+        conn = PeerConn(self, io, nid, addr, initiator=self.node_id)
+        if not self.register(conn):
+            sock.close()
+            return
+        await conn.run()
+        if conn.closed_reason and "stalled" in conn.closed_reason:
+            self.retry_after[nid] = trio.current_time() + 5.0
+
+    async def accept(self, io: SockIO, hs: wire.Handshake, addr: str) -> None:
+        """Serve an incoming connection whose handshake named this artifact."""
+        await io.send_all(wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, self.node_id, self.artifact_id)))
+        conn = PeerConn(self, io, hs.node_id, addr, initiator=hs.node_id)
+        if not self.register(conn):
+            io.sock.close()
+            return
+        await conn.run()
+
+    async def leave(self, reason: str) -> None:
+        async with trio.open_nursery() as nursery:
+            for c in list(self.conns.values()):
+                nursery.start_soon(c.goodbye, reason)
+        if self.journal is not None:
+            self.journal.close()
+        self.store.close()

@@ -1,0 +1,359 @@
+"""The node's side of the tracker protocol: register, heartbeat, leave, names, manifests, peer lists.
+
+A node is given a list of tracker addresses (replicas sharing a Redis store, or a single tracker) and
+must keep heartbeating through a replica's death or a tracker restart without the daemon noticing:
+- One TCP connection (p2pd.rpc) is owned by the client's nursery (`async with TrackerClient(...)`).
+  A call that finds it broken reconnects once to the same address (the tracker may have restarted),
+  then fails over to the next address; when no address answers it raises
+  `RpcError("tracker_unreachable", ...)` naming every address and why it failed.
+- Every tracker call is idempotent, so retrying it on another replica is always safe.
+- `heartbeat` re-registers by itself when the tracker answers `known: false` (it restarted or expired
+  us), so a restarted in-memory tracker knows every node again within one interval.
+- `run_heartbeats` sends heartbeats over UDP when the tracker offers it (see docs/tracker.md: that is
+  what lets one tracker serve 100k nodes); an unchanged holdings map is sent as `nil` (delta), and a
+  heartbeat without a UDP answer in time is retried over TCP at once, which also detects a dead
+  tracker and fails over. Holdings too large for one datagram go over TCP.
+- Every wait has a timeout: calls (`call_timeout`), connects (`connect_timeout`) and heartbeats
+  (bounded by the interval, so a hung replica is abandoned within about one interval).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from p2pd.rpc import RpcClient, RpcError, open_client
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = frozenset({"unreachable", "timeout"})
+UDP_VERSION = 1
+UDP_MAX_PAYLOAD = 1200  # stay under a typical path MTU: fragments are lost together
+
+
+class _UdpRequest(msgspec.Struct, array_like=True):
+    version: int
+    node_id: str
+    session: int
+    seq: int
+    holdings: dict[str, float] | None = None
+
+
+class _UdpReply(msgspec.Struct, array_like=True):
+    version: int
+    seq: int
+    known: bool
+    interval: float
+    policy: dict[str, Any]
+
+
+_udp_enc = msgspec.msgpack.Encoder()
+_udp_dec = msgspec.msgpack.Decoder(_UdpReply)
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+class TrackerClient:
+    """Talks to a list of tracker replicas for one node. Use as `async with TrackerClient(...) as tc:`.
+
+    `addr` is where this node serves peers ([host, port]; host "0.0.0.0" lets the tracker fill in the
+    address it sees). `labels` such as {"zone": "eu-1a"} steer peer selection.
+    """
+
+    def __init__(
+        self,
+        addresses: list[tuple[str, int]],
+        node_id: str,
+        addr: tuple[str, int],
+        labels: dict[str, str] | None = None,
+        version: str = "",
+        *,
+        call_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        udp: bool = True,
+    ) -> None:
+        if not addresses:
+            raise ValueError("TrackerClient needs at least one tracker address")
+        self.addresses = [(str(h), int(p)) for h, p in addresses]
+        self.node_id = node_id
+        self.addr = (str(addr[0]), int(addr[1]))
+        self.labels = dict(labels or {})
+        self.version = version
+        self.call_timeout = call_timeout
+        self.connect_timeout = connect_timeout
+        self.use_udp = udp
+        self.interval: float = 1.0  # updated from every tracker reply
+        self.policy: dict[str, Any] = {}
+        self.session: int | None = None
+        self.registered = False
+        self.heartbeats_sent = 0
+        self.udp_heartbeats = 0
+        self._idx = 0
+        self._client: RpcClient | None = None
+        self._client_scope: trio.CancelScope | None = None
+        self._conn_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: Any = None
+        self._udp_ports: dict[tuple[str, int], int | None] = {}
+        self._udp_sock: trio.socket.SocketType | None = None
+        self._udp_target: tuple[str, int] | None = None
+        self._acked: dict[str, float] | None = None  # holdings the tracker acknowledged last
+        self._seq = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> TrackerClient:
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, etype: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool | None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        self._close_udp()
+        self._client = None
+        nursery_cm, self._nursery, self._nursery_cm = self._nursery_cm, None, None
+        context = exc.__context__ if exc is not None else None
+        try:
+            return await nursery_cm.__aexit__(etype, exc, tb)  # type: ignore[no-any-return]
+        except BaseExceptionGroup as eg:
+            # The nursery only holds the connection's reader, which never fails; an exception from the
+            # body of `async with` comes back wrapped in a group: give the caller the exception itself.
+            if exc is None or len(eg.exceptions) != 1 or eg.exceptions[0] is not exc:
+                raise
+            saved = (exc.__cause__, context, exc.__suppress_context__)
+            try:
+                raise exc  # noqa: B904 (the group is only a wrapper of exc)
+            finally:
+                exc.__cause__, exc.__context__, exc.__suppress_context__ = saved
+
+    @property
+    def current(self) -> tuple[str, int]:
+        """The tracker address in use (or to be tried next)."""
+        return self.addresses[self._idx]
+
+    # ---- connection and failover -------------------------------------------------------------------
+
+    async def _hold(
+        self, addr: tuple[str, int], timeout: float, *,
+        task_status: trio.TaskStatus[tuple[RpcClient, trio.CancelScope]],
+    ) -> None:
+        with trio.CancelScope() as scope:
+            with trio.fail_after(timeout):
+                stream = await trio.open_tcp_stream(*addr)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            async with open_client(stream) as client:
+                task_status.started((client, scope))
+                await trio.sleep_forever()
+
+    async def _connection(self, timeout: float) -> tuple[RpcClient, bool]:
+        """The current connection, opened if needed; the bool says whether it is new."""
+        if self._nursery is None:
+            raise RuntimeError("use TrackerClient as `async with TrackerClient(...) as tc:`")
+        async with self._conn_lock:
+            if self._client is not None:
+                return self._client, False
+            client, scope = await self._nursery.start(self._hold, self.current, timeout)
+            self._client, self._client_scope = client, scope
+            log.debug("connected to tracker %s", _fmt(self.current))
+            return client, True
+
+    def _drop(self, client: RpcClient | None) -> None:
+        if client is not None and client is self._client:
+            if self._client_scope is not None:
+                self._client_scope.cancel()
+            self._client = None
+            self._client_scope = None
+
+    def _advance(self, failed_idx: int) -> None:
+        if self._idx == failed_idx:
+            self._idx = (failed_idx + 1) % len(self.addresses)
+            self._close_udp()
+
+    async def _call(self, method: str, params: dict[str, Any], timeout: float | None = None) -> Any:
+        """Call on the current tracker; on a transport failure reconnect once, then fail over."""
+        t = timeout if timeout is not None else self.call_timeout
+        errors: list[str] = []
+        for _ in range(len(self.addresses)):
+            idx = self._idx
+            addr = self.addresses[idx]
+            for _attempt in range(2):
+                client: RpcClient | None = None
+                try:
+                    client, fresh = await self._connection(min(t, self.connect_timeout))
+                    return await client.call(method, params, timeout=t)
+                except (OSError, trio.TooSlowError) as e:
+                    errors.append(f"{_fmt(addr)}: {'connect timed out' if isinstance(e, trio.TooSlowError) else e}")
+                    break
+                except RpcError as e:
+                    if e.code not in TRANSIENT:
+                        raise
+                    self._drop(client)
+                    if fresh or e.code == "timeout":
+                        errors.append(f"{_fmt(addr)}: {e.message}")
+                        break
+                    log.debug("tracker connection to %s was stale (%s); reconnecting", _fmt(addr), e.message)
+            self._drop(self._client if self._idx == idx else None)
+            self._advance(idx)
+        names = ", ".join(_fmt(a) for a in self.addresses)
+        raise RpcError("tracker_unreachable", f"no tracker answered at {names} ({'; '.join(errors)})")
+
+    # ---- the RPCs ----------------------------------------------------------------------------------
+
+    async def register(self) -> dict[str, Any]:
+        """Announce this node; returns the tracker's reply ({"interval", "session", "udp_port", ...})."""
+        r = await self._call("register", {
+            "node_id": self.node_id, "addr": list(self.addr), "labels": self.labels, "version": self.version,
+        })
+        self.interval = float(r["interval"])
+        self.session = r.get("session")
+        self._udp_ports[self.current] = r.get("udp_port")
+        self.registered = True
+        self._acked = None
+        log.info("registered with tracker %s (interval %gs)", _fmt(self.current), self.interval)
+        return dict(r)
+
+    async def heartbeat(self, holdings: dict[str, float]) -> dict[str, Any]:
+        """Heartbeat over TCP with the full holdings; re-registers when the tracker forgot this node."""
+        r = await self._tcp_heartbeat(holdings)
+        if not r.get("known"):
+            log.info("tracker %s does not know this node (restart or expiry): registering again", _fmt(self.current))
+            await self.register()
+            r = await self._tcp_heartbeat(holdings)
+        return r
+
+    async def _tcp_heartbeat(self, holdings: dict[str, float]) -> dict[str, Any]:
+        r = await self._call("heartbeat", {"node_id": self.node_id, "holdings": holdings},
+                             timeout=self._beat_timeout())
+        self.heartbeats_sent += 1
+        self.interval = float(r["interval"])
+        self.policy = dict(r.get("policy") or {})
+        self._acked = dict(holdings) if r.get("known") else None
+        return dict(r)
+
+    async def leave(self) -> None:
+        """Say goodbye: the tracker drops this node from every peer list at once."""
+        await self._call("leave", {"node_id": self.node_id}, timeout=min(self.call_timeout, 2.0))
+        self.registered = False
+        self._acked = None
+
+    async def publish(self, name: str, manifest_bytes: bytes) -> str:
+        """Point NAME:TAG at this manifest; returns the artifact id the tracker computed."""
+        r = await self._call("publish", {"name": name, "manifest": manifest_bytes})
+        return str(r["artifact_id"])
+
+    async def resolve(self, name: str) -> tuple[str, bytes]:
+        """NAME:TAG -> (artifact id, manifest bytes); RpcError `not_found` for an unknown name."""
+        r = await self._call("resolve", {"name": name})
+        return str(r["artifact_id"]), bytes(r["manifest"])
+
+    async def manifest(self, artifact_id: str) -> bytes:
+        r = await self._call("manifest", {"artifact_id": artifact_id})
+        return bytes(r["manifest"])
+
+    async def peers(self, artifact_id: str, max: int = 50) -> list[dict[str, Any]]:  # noqa: A002 (protocol name)
+        """Peers holding the artifact: [{"node_id", "addr": [host, port], "progress"}], complete first."""
+        r = await self._call("peers", {"artifact_id": artifact_id, "node_id": self.node_id, "max": max})
+        return list(r["peers"])
+
+    # ---- heartbeat loop ----------------------------------------------------------------------------
+
+    def _beat_timeout(self) -> float:
+        return max(0.5, min(self.call_timeout, self.interval))
+
+    async def run_heartbeats(
+        self,
+        get_holdings: Callable[[], dict[str, float]],
+        *,
+        on_policy: Callable[[dict[str, Any]], None] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Register, signal started, then heartbeat every interval until cancelled.
+
+        The first registration raises `RpcError("tracker_unreachable")` when no tracker answers, so a
+        misconfigured node fails at start. After that a tracker outage is logged and retried every
+        interval (the node keeps serving its peers meanwhile); it never ends this loop.
+        """
+        await self.register()
+        task_status.started()
+        warned = False
+        policy_seen: dict[str, Any] | None = None
+        while True:
+            started = trio.current_time()
+            try:
+                await self.beat(get_holdings())
+                if warned:
+                    log.info("tracker %s answers again", _fmt(self.current))
+                    warned = False
+            except RpcError as e:
+                if e.code in TRANSIENT or e.code in ("tracker_unreachable", "internal"):
+                    if not warned:
+                        log.warning("heartbeat failed: %s; retrying every %gs", e.message, self.interval)
+                        warned = True
+                else:
+                    raise
+            if on_policy is not None and self.policy != policy_seen:
+                policy_seen = dict(self.policy)
+                on_policy(policy_seen)
+            await trio.sleep_until(started + self.interval)
+
+    async def beat(self, holdings: dict[str, float]) -> None:
+        """One heartbeat: UDP when offered and the datagram fits, else (or if unanswered) TCP."""
+        udp_port = self._udp_ports.get(self.current) if self.use_udp else None
+        if udp_port and self.session is not None:
+            delta = None if holdings == self._acked else holdings
+            self._seq += 1
+            payload = _udp_enc.encode(_UdpRequest(UDP_VERSION, self.node_id, self.session, self._seq, delta))
+            if len(payload) <= UDP_MAX_PAYLOAD:
+                reply = await self._udp_exchange((self.current[0], udp_port), payload, self._seq)
+                if reply is not None:
+                    self.heartbeats_sent += 1
+                    self.udp_heartbeats += 1
+                    self.interval = reply.interval
+                    self.policy = reply.policy
+                    if reply.known:
+                        self._acked = dict(holdings)
+                        return
+                    log.info("tracker %s does not know this node: registering again", _fmt(self.current))
+                    await self.register()
+        await self.heartbeat(holdings)
+
+    async def _udp_exchange(self, target: tuple[str, int], payload: bytes, seq: int) -> _UdpReply | None:
+        """Send one datagram and wait (bounded) for its reply; None if none came."""
+        try:
+            if self._udp_sock is None or self._udp_target != target:
+                self._close_udp()
+                infos = await trio.socket.getaddrinfo(target[0], target[1], type=socket.SOCK_DGRAM)
+                family, _, _, _, sockaddr = infos[0]
+                sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+                await sock.connect(sockaddr)
+                self._udp_sock, self._udp_target = sock, target
+            sock = self._udp_sock
+            await sock.send(payload)
+            with trio.move_on_after(min(self._beat_timeout(), 1.0)):
+                while True:
+                    data = await sock.recv(65536)
+                    try:
+                        reply = _udp_dec.decode(data)
+                    except msgspec.DecodeError:
+                        log.debug("undecodable udp reply from tracker %s", _fmt(target))
+                        continue
+                    if reply.seq == seq:
+                        return reply
+        except OSError as e:  # e.g. ECONNREFUSED from an ICMP port unreachable: the TCP path decides
+            log.debug("udp heartbeat to %s failed: %s", _fmt(target), e)
+            self._close_udp()
+        return None
+
+    def _close_udp(self) -> None:
+        if self._udp_sock is not None:
+            self._udp_sock.close()
+        self._udp_sock = None
+        self._udp_target = None

@@ -1,0 +1,135 @@
+"""A real `p2p-tracker serve` process on loopback, driven through TrackerClient (what the daemon uses)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import trio
+
+from p2pd.rpc import RpcError, connect_tcp
+from p2pd.tracker_client import TrackerClient
+from tracker.testing import Procs, free_port, make_manifest, nid
+
+ADDR = ("127.0.0.1", 9000)
+
+
+async def test_register_publish_resolve_peers_leave(procs: Procs) -> None:
+    _, ports = procs.tracker(interval=0.5)
+    trackers = [("127.0.0.1", ports["tcp_port"])]
+    m = make_manifest(1)
+    async with (
+        TrackerClient(trackers, nid(1), ("127.0.0.1", 9001), {"zone": "a"}, "0.1.0") as seed,
+        TrackerClient(trackers, nid(2), ("0.0.0.0", 9002), {"zone": "a"}, "0.1.0") as leech,
+    ):
+        r = await seed.register()
+        assert r["interval"] == 0.5 and seed.interval == 0.5 and r["udp_port"] == ports["tcp_port"]
+        await leech.register()
+        aid = await seed.publish("model:v1", m)
+        assert await leech.resolve("model:v1") == (aid, m)
+        assert await leech.manifest(aid) == m
+        hb = await seed.heartbeat({aid: 1.0})
+        assert hb["known"] is True and hb["policy"] == {}
+        await leech.heartbeat({aid: 0.0})
+        peers = await leech.peers(aid)
+        assert peers == [{"node_id": nid(1), "addr": ["127.0.0.1", 9001], "progress": 1.0}]
+        # the unspecified host 0.0.0.0 is replaced by the address the tracker saw
+        assert (await seed.peers(aid))[0]["addr"] == ["127.0.0.1", 9002]
+        with pytest.raises(RpcError) as e:
+            await leech.resolve("missing:v1")
+        assert e.value.code == "not_found"
+        with pytest.raises(RpcError) as e:
+            await leech.publish("bad:v1", b"not a manifest")
+        assert e.value.code == "bad_request"
+        await seed.leave()
+        assert await leech.peers(aid) == []
+        # after leave, a heartbeat re-registers by itself
+        hb = await seed.heartbeat({aid: 1.0})
+        assert hb["known"] is True
+        assert [p["node_id"] for p in await leech.peers(aid)] == [nid(1)]
+
+
+async def test_run_heartbeats_over_udp_with_delta_holdings(procs: Procs) -> None:
+    _, ports = procs.tracker(interval=0.2)
+    trackers = [("127.0.0.1", ports["tcp_port"])]
+    holdings = {"c" * 64: 0.5}
+    async with TrackerClient(trackers, nid(1), ADDR) as tc, TrackerClient(trackers, nid(2), ADDR) as other:
+        await other.register()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tc.run_heartbeats, lambda: holdings)
+            with trio.fail_after(5):
+                while tc.udp_heartbeats < 3:
+                    await trio.sleep(0.05)
+            assert (await other.peers("c" * 64))[0]["progress"] == 0.5
+            holdings = {"c" * 64: 1.0}  # a change travels in the next datagram
+            with trio.fail_after(5):
+                while (await other.peers("c" * 64))[0]["progress"] != 1.0:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert tc.udp_heartbeats == tc.heartbeats_sent  # register told the UDP port: no TCP heartbeat needed
+
+
+async def test_restarted_tracker_relearns_nodes_and_failover(procs: Procs) -> None:
+    port_a, port_b = free_port(), free_port()
+    a, _ = procs.tracker(port=port_a, interval=0.2, name="a")
+    trackers = [("127.0.0.1", port_a), ("127.0.0.1", port_b)]
+    async with TrackerClient(trackers, nid(1), ADDR) as tc, TrackerClient(trackers, nid(2), ADDR) as other:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tc.run_heartbeats, lambda: {"d" * 64: 1.0})
+            a.kill()  # crash: the in-memory state is gone
+            procs.tracker(port=port_b, interval=0.2, name="b")
+            t0 = trio.current_time()
+            with trio.fail_after(5):
+                while not await other.peers("d" * 64):
+                    await trio.sleep(0.02)
+            # re-registered with the second address within 2 intervals (+ connect time)
+            assert trio.current_time() - t0 < 2 * 0.2 + 0.5
+            assert tc.current == ("127.0.0.1", port_b)
+            nursery.cancel_scope.cancel()
+
+
+async def test_unreachable_trackers_raise_a_clear_error() -> None:
+    ports = [free_port(), free_port()]
+    async with TrackerClient([("127.0.0.1", p) for p in ports], nid(1), ADDR, connect_timeout=1) as tc:
+        with pytest.raises(RpcError) as e:
+            await tc.register()
+    assert e.value.code == "tracker_unreachable"
+    assert all(f"127.0.0.1:{p}" in e.value.message for p in ports)
+
+
+async def test_malformed_requests_get_bad_request(procs: Procs) -> None:
+    _, ports = procs.tracker()
+    async with connect_tcp("127.0.0.1", ports["tcp_port"]) as c:
+        for method, params in [
+            ("register", {"node_id": "xyz", "addr": ["h", 1]}),
+            ("register", {"node_id": nid(1), "addr": ["h", 70000]}),
+            ("register", {"node_id": nid(1), "addr": ["h", 1], "labels": {"k": 1}}),
+            ("heartbeat", {"node_id": nid(1), "holdings": {"short": 1.0}}),
+            ("heartbeat", {"node_id": nid(1), "holdings": {"e" * 64: 2.0}}),
+            ("peers", {"artifact_id": "e" * 64, "max": -1}),
+            ("publish", {"name": "no-tag", "manifest": b""}),
+            ("nosuch", {}),
+        ]:
+            with pytest.raises(RpcError) as e:
+                await c.call(method, params)
+            assert e.value.code == "bad_request", (method, params, e.value)
+        assert (await c.call("heartbeat", {"node_id": nid(1), "holdings": {}}))["known"] is False
+
+
+async def test_oversized_frame_closes_only_that_connection(procs: Procs) -> None:
+    _, ports = procs.tracker()
+    port = ports["tcp_port"]
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all((64 << 20).to_bytes(4, "big") + b"\x00" * 16)
+        assert await stream.receive_some(100) == b""  # the tracker hung up
+        await stream.aclose()
+    async with connect_tcp("127.0.0.1", port) as c:  # and still serves others
+        assert (await c.call("peers", {"artifact_id": "e" * 64}))["peers"] == []
+
+
+def test_sigterm_exits_cleanly(procs: Procs) -> None:
+    p, _ = procs.tracker()
+    p.signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+    assert "shutting down" in p.log() and "Traceback" not in p.log()

@@ -1,0 +1,147 @@
+"""`p2p-tracker`: run a tracker (`serve`) or administer one (`admin ...`).
+
+`serve` runs every front end in one trio nursery: TCP RPC and UDP heartbeats on `--listen`, the HTTP
+admin API on `--admin-listen`. SIGTERM and SIGINT cancel that nursery, so the process exits 0 after
+closing its sockets (a supervisor stopping the tracker is not an error). Logs go to stderr.
+
+`admin` commands talk to the HTTP admin API with a bearer token and print rich tables (or `--json`
+for scripts). Errors a person can act on (tracker unreachable, bad token, unknown node) are printed
+as one line and exit 1, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import trio
+import typer
+
+from p2pd.rpc import parse_hostport
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+    help="p2pd tracker: node registry, peer lists, names.",
+)
+log = logging.getLogger("tracker")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def serve(
+    listen: Annotated[str, typer.Option(help="TCP RPC and UDP heartbeats on HOST:PORT (port 0: any free port).")]
+    = "0.0.0.0:7070",
+    interval: Annotated[float, typer.Option(help="Heartbeat interval told to nodes, seconds; 3 missed = dropped.")]
+    = 1.0,
+    store: Annotated[str, typer.Option(help="'memory' or redis://HOST:PORT/DB (replicas share a Redis).")]
+    = "memory",
+    admin_listen: Annotated[str | None, typer.Option(help="HTTP admin API on HOST:PORT (off when not given).")]
+    = None,
+    admin_token: Annotated[
+        str | None, typer.Option(envvar="P2P_TRACKER_ADMIN_TOKEN", help="Bearer token for the admin API.")
+    ] = None,
+    udp: Annotated[bool, typer.Option(help="Accept UDP heartbeats on the listen port.")] = True,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="Write {tcp_port, udp_port, admin_port, pid} as JSON here once listening.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Run a tracker until SIGTERM or SIGINT."""
+    setup_logging(log_level)
+    try:
+        host, port = parse_hostport(listen, default_host="0.0.0.0")
+        admin_addr = parse_hostport(admin_listen) if admin_listen else None
+    except ValueError as e:
+        fail(str(e))
+    if interval <= 0:
+        fail("--interval must be positive")
+    if admin_addr is not None and not admin_token:
+        fail("--admin-listen needs --admin-token (or $P2P_TRACKER_ADMIN_TOKEN): the admin API never runs open")
+    try:
+        trio.run(_serve, host, port, interval, store, admin_addr, admin_token, udp, ready_file)
+    except OSError as e:
+        fail(f"cannot listen: {e}")
+    except StoreError as e:
+        fail(str(e))
+
+
+class StoreError(Exception):
+    pass
+
+
+async def open_store(spec: str, interval: float) -> Any:
+    from tracker.store import MemoryStore
+
+    if spec == "memory":
+        return MemoryStore(interval)
+    if spec.startswith("redis://"):
+        from tracker.redis_store import RedisStore, RedisUnavailable
+
+        try:
+            return await RedisStore.connect(spec, interval)
+        except RedisUnavailable as e:
+            raise StoreError(str(e)) from e
+    raise StoreError(f"unknown --store {spec!r}: expected 'memory' or redis://HOST:PORT/DB")
+
+
+async def _serve(
+    host: str, port: int, interval: float, store_spec: str, admin_addr: tuple[str, int] | None,
+    admin_token: str | None, udp: bool, ready_file: Path | None,
+) -> None:
+    from tracker.server import TrackerServer, fmt_hostport
+
+    store = await open_store(store_spec, interval)
+    server = TrackerServer(store)
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                tcp_port, udp_port = await nursery.start(server.serve, host, port, udp)
+                admin_port = None
+                if admin_addr is not None:
+                    from tracker.admin import serve_admin
+
+                    admin_port = await nursery.start(serve_admin, server, admin_addr[0], admin_addr[1], admin_token)
+                log.info(
+                    "tracker listening on %s (tcp rpc%s), store %s, interval %gs%s", fmt_hostport(host, tcp_port),
+                    f", udp heartbeats :{udp_port}" if udp_port else "", store.kind, interval,
+                    f", admin http on {fmt_hostport(admin_addr[0], admin_port)}" if admin_addr else "",
+                )
+                if ready_file is not None:
+                    tmp = ready_file.with_name(ready_file.name + ".tmp")
+                    tmp.write_text(json.dumps({"tcp_port": tcp_port, "udp_port": udp_port, "admin_port": admin_port,
+                                               "pid": os.getpid()}))
+                    tmp.replace(ready_file)
+                async for sig in signals:
+                    log.info("received %s: shutting down", signal.Signals(sig).name)
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await store.aclose()
+
+
+def fail(msg: str) -> Any:
+    typer.echo(f"p2p-tracker: error: {msg}", err=True)
+    raise typer.Exit(1)
+
+
+def main() -> None:
+    from tracker.admin_cli import admin_app
+
+    app.add_typer(admin_app, name="admin")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Trio front ends of the tracker: the TCP RPC of docs/interfaces.md and the UDP heartbeat fast path.
+
+TCP RPC (`p2pd.rpc` framing) carries everything: register, heartbeat, leave, publish, resolve,
+manifest, peers. It is the contract every node speaks and is all a small cluster needs.
+
+UDP heartbeats exist for the rate: a heartbeat is the one message every node sends every interval,
+so at 100,000 nodes and a 1 s interval it is 100,000 messages/s. Over TCP RPC each one costs a trio
+task, a frame parse and a send: about 10-20k/s per core in Python. Over UDP the server drains every
+datagram that is ready without a task switch, hands the batch to the store at once (one Redis round
+trip for the whole batch) and answers each; an unchanged heartbeat is ~40 bytes because holdings are
+sent only when they changed (delta: `nil` means "same as last acknowledged"). Lost datagrams are
+harmless: the next one, an interval later, carries the same information, and the TTL tolerates
+three misses. The wire format is in docs/interfaces.md ("Tracker UDP heartbeats").
+
+A UDP heartbeat must carry the `session` number handed out by `register`: a stray datagram, or a
+node that the tracker forgot (restart, expiry, eviction), gets `known: false` and re-registers over
+TCP, which is where identity, address and labels are checked.
+
+Expiry runs in a sweeper task every interval/10, so a silent node is gone at most 10% of an interval
+after its TTL; a graceful leave is applied when it arrives.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from p2pd.rpc import Emit, Handler, RpcError, serve_connection
+from tracker import validate as V
+from tracker.metrics import Metrics
+from tracker.store import Heartbeat, MemoryStore, Store
+from tracker.validate import TrackerError
+
+log = logging.getLogger("tracker")
+
+UDP_VERSION = 1
+UDP_MAX_DATAGRAM = 8192
+UDP_MAX_BATCH = 512
+UNSPECIFIED_HOSTS = ("", "0.0.0.0", "::")
+
+
+class UdpRequest(msgspec.Struct, array_like=True):
+    version: int
+    node_id: str
+    session: int
+    seq: int
+    holdings: dict[str, float] | None = None
+
+
+class UdpReply(msgspec.Struct, array_like=True):
+    version: int
+    seq: int
+    known: bool
+    interval: float
+    policy: dict[str, Any]
+
+
+_udp_req_decoder = msgspec.msgpack.Decoder(UdpRequest)
+_udp_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_udp_request(node_id: str, session: int, seq: int, holdings: dict[str, float] | None) -> bytes:
+    return _udp_encoder.encode(UdpRequest(UDP_VERSION, node_id, session, seq, holdings))
+
+
+_udp_reply_decoder = msgspec.msgpack.Decoder(UdpReply)
+
+
+def decode_udp_reply(data: bytes) -> UdpReply:
+    return _udp_reply_decoder.decode(data)
+
+
+class TrackerServer:
+    def __init__(self, store: Store, metrics: Metrics | None = None) -> None:
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.udp_port: int | None = None
+        self.tcp_port: int | None = None
+        self._policy: dict[str, Any] = {}
+
+    # ---- TCP RPC -----------------------------------------------------------------------------------
+
+    def handlers(self, peer_ip: str) -> dict[str, Handler]:
+        """Handlers for one connection (the peer's IP fills in an unspecified listen host)."""
+        store = self.store
+
+        async def register(p: dict[str, Any], emit: Emit) -> Any:
+            nid = V.node_id(p.get("node_id"))
+            host, port = V.addr(p.get("addr"))
+            if host in UNSPECIFIED_HOSTS:
+                host = peer_ip
+            reg = await store.register(nid, host, port, V.labels(p.get("labels")), V.version(p.get("version")))
+            return {"interval": reg.interval, "session": reg.session, "udp_port": self.udp_port,
+                    "observed_ip": peer_ip}
+
+        async def heartbeat(p: dict[str, Any], emit: Emit) -> Any:
+            nid = V.node_id(p.get("node_id"))
+            holdings = V.holdings(p.get("holdings"))
+            (known,) = await store.heartbeat_many([Heartbeat(nid, holdings)])
+            return {"interval": store.interval, "known": known, "policy": await store.policy()}
+
+        async def leave(p: dict[str, Any], emit: Emit) -> Any:
+            nid = V.node_id(p.get("node_id"))
+            if await store.leave(nid):
+                log.info("node %s left", nid)
+            return {}
+
+        async def publish(p: dict[str, Any], emit: Emit) -> Any:
+            name = V.name(p.get("name"))
+            data = p.get("manifest")
+            if not isinstance(data, bytes):
+                raise V.bad("manifest must be bytes")
+            aid = await store.publish(name, data)
+            log.info("published %s -> %s", name, aid)
+            return {"artifact_id": aid}
+
+        async def resolve(p: dict[str, Any], emit: Emit) -> Any:
+            aid, data = await store.resolve(V.name(p.get("name")))
+            return {"artifact_id": aid, "manifest": data}
+
+        async def manifest(p: dict[str, Any], emit: Emit) -> Any:
+            return {"manifest": await store.manifest(V.artifact_id(p.get("artifact_id")))}
+
+        async def peers(p: dict[str, Any], emit: Emit) -> Any:
+            aid = V.artifact_id(p.get("artifact_id"))
+            req = p.get("node_id")
+            requester = V.node_id(req) if req is not None else None
+            return {"peers": await store.peers(aid, requester, V.max_peers(p.get("max")))}
+
+        raw: dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]] = {
+            "register": register, "heartbeat": heartbeat, "leave": leave, "publish": publish,
+            "resolve": resolve, "manifest": manifest, "peers": peers,
+        }
+        return {name: self._instrument(name, fn) for name, fn in raw.items()}
+
+    def _instrument(self, method: str, fn: Handler) -> Handler:
+        m = self.metrics
+
+        async def wrapped(params: dict[str, Any], emit: Emit) -> Any:
+            t0 = time.perf_counter()
+            outcome = "ok"
+            try:
+                return await fn(params, emit)
+            except TrackerError as e:
+                outcome = e.code
+                raise RpcError(e.code, e.message) from None
+            except Exception:
+                outcome = "error"
+                raise
+            finally:
+                m.rpc_requests[(method, outcome)] += 1
+                m.rpc_seconds[method].observe(time.perf_counter() - t0)
+
+        return wrapped
+
+    async def _on_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()
+            peer_ip = str(peer[0])
+        except OSError:
+            peer_ip = ""
+        await serve_connection(stream, self.handlers(peer_ip), peer=peer_ip)
+
+    # ---- UDP heartbeats ----------------------------------------------------------------------------
+
+    async def serve_udp(self, sock: socket.socket) -> None:
+        """Drain ready datagrams, apply them as one batch, answer each; never blocks on a send."""
+        m = self.metrics
+        store = self.store
+        memory = store if isinstance(store, MemoryStore) else None
+        interval = store.interval
+        decode = _udp_req_decoder.decode
+        encode = _udp_encoder.encode
+        recvfrom = sock.recvfrom
+        sendto = sock.sendto
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            beats: list[Heartbeat] = []
+            meta: list[tuple[Any, int]] = []
+            t0 = time.perf_counter()
+            for _ in range(UDP_MAX_BATCH):
+                try:
+                    data, addr = recvfrom(UDP_MAX_DATAGRAM)
+                except BlockingIOError:
+                    break
+                except OSError as e:  # e.g. ECONNREFUSED reported for an earlier reply: not fatal
+                    log.debug("udp recv: %s", e)
+                    continue
+                m.udp_datagrams += 1
+                try:
+                    req = decode(data)
+                    if req.version != UDP_VERSION:
+                        raise V.bad(f"unsupported udp heartbeat version {req.version}")
+                    V.node_id(req.node_id)
+                    holdings = V.holdings(req.holdings) if req.holdings is not None else None
+                except (msgspec.DecodeError, TrackerError) as e:
+                    m.udp_rejected += 1
+                    log.debug("udp datagram from %s rejected: %s", addr, e)
+                    continue
+                beats.append(Heartbeat(req.node_id, holdings, req.session))
+                meta.append((addr, req.seq))
+            if not beats:
+                continue
+            if memory is not None:  # no await: the whole batch is applied without a task switch
+                known = memory.heartbeat_now(beats)
+                policy = memory.reg.policy
+            else:
+                known = await store.heartbeat_many(beats)
+                policy = await store.policy()
+            for (addr, seq), k in zip(meta, known, strict=True):
+                try:
+                    sendto(encode(UdpReply(UDP_VERSION, seq, k, interval, policy)), addr)
+                except (BlockingIOError, InterruptedError):
+                    pass  # send buffer full: the node retries; UDP replies are best effort by design
+                except OSError as e:
+                    if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                        raise
+            m.udp_batches += 1
+            m.udp_batch_seconds.observe(time.perf_counter() - t0)
+
+    # ---- expiry ------------------------------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        period = min(1.0, max(0.01, self.store.interval / 10))
+        while True:
+            await trio.sleep(period)
+            gone = await self.store.expire()
+            if gone:
+                self.metrics.expired += len(gone)
+                if len(gone) <= 5:
+                    log.info("expired %d node(s): %s", len(gone), " ".join(gone))
+                else:
+                    log.info("expired %d nodes", len(gone))
+
+    # ---- wiring ------------------------------------------------------------------------------------
+
+    async def serve(
+        self, host: str, port: int, udp: bool = True, *,
+        task_status: trio.TaskStatus[tuple[int, int | None]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on TCP host:port (and UDP on the same port); started with (tcp_port, udp_port)."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.tcp_port = listeners[0].socket.getsockname()[1]
+        udp_sock: socket.socket | None = None
+        try:
+            if udp:
+                udp_sock = open_udp_socket(host, self.tcp_port)
+                self.udp_port = udp_sock.getsockname()[1]
+            async with trio.open_nursery() as nursery:
+                await nursery.start(trio.serve_listeners, self._on_connection, listeners)
+                nursery.start_soon(self.sweep)
+                if udp_sock is not None:
+                    nursery.start_soon(self.serve_udp, udp_sock)
+                task_status.started((self.tcp_port, self.udp_port))
+        finally:
+            if udp_sock is not None:
+                udp_sock.close()
+            for lst in listeners:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await lst.aclose()
+
+
+def open_udp_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket with large buffers (bursts of heartbeats must not be dropped)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+        s.bind(sockaddr)
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def fmt_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+__all__ = ["TrackerServer", "encode_udp_request", "decode_udp_reply", "UdpReply", "UdpRequest"]

@@ -1,0 +1,131 @@
+"""Where tracker state lives: the interface every front end uses, and the in-memory store.
+
+The front ends (TCP RPC, UDP heartbeats, HTTP admin) only talk to a `Store`, so the same server runs
+embedded with `MemoryStore` (one process, the default: state is rebuilt from heartbeats within two
+intervals of a restart) or with `tracker.redis_store.RedisStore` (several replicas share one Redis, so
+killing a replica loses nothing). Methods are async because the Redis store does network I/O; the
+memory store never awaits, so its calls are as cheap as the registry's.
+
+Heartbeats arrive in batches (`heartbeat_many`): the UDP front end drains every datagram that is
+ready before it answers, and a batch costs one Redis round trip instead of one per node.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tracker.registry import Registry
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    node_id: str
+    holdings: dict[str, float] | None  # None: unchanged since the last acknowledged heartbeat
+    session: int | None = None
+
+
+@dataclass(slots=True)
+class Registration:
+    interval: float
+    session: int
+
+
+class Store(Protocol):
+    interval: float
+    kind: str
+
+    async def register(
+        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str
+    ) -> Registration: ...
+    async def heartbeat_many(self, beats: list[Heartbeat]) -> list[bool]: ...
+    async def leave(self, node_id: str) -> bool: ...
+    async def evict(self, node_id: str) -> bool: ...
+    async def expire(self) -> list[str]: ...
+    async def publish(self, name: str, manifest_bytes: bytes) -> str: ...
+    async def tag(self, name: str, artifact_id: str) -> bool: ...
+    async def resolve(self, name: str) -> tuple[str, bytes]: ...
+    async def manifest(self, artifact_id: str) -> bytes: ...
+    async def history(self, name: str) -> list[dict[str, Any]]: ...
+    async def peers(self, artifact_id: str, requester: str | None, max_peers: int) -> list[dict[str, Any]]: ...
+    async def policy(self) -> dict[str, Any]: ...
+    async def node_list(self, limit: int) -> list[dict[str, Any]]: ...
+    async def artifact_list(self) -> list[dict[str, Any]]: ...
+    async def swarm(self, artifact_id: str) -> dict[str, Any]: ...
+    async def stats(self) -> dict[str, Any]: ...
+    async def aclose(self) -> None: ...
+
+
+class MemoryStore:
+    """The registry of this process, read with a monotonic clock (injectable for tests)."""
+
+    kind = "memory"
+
+    def __init__(
+        self, interval: float = 1.0, misses: int = 3, *, clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time, registry: Registry | None = None,
+    ) -> None:
+        self.reg = registry or Registry(interval, misses)
+        self.interval = self.reg.interval
+        self.clock = clock
+        self.wall = wall
+
+    async def register(self, node_id: str, host: str, port: int, labels: dict[str, str], version: str) -> Registration:
+        node = self.reg.register(node_id, host, port, labels, version, self.clock())
+        return Registration(self.reg.interval, node.session)
+
+    def heartbeat_now(self, beats: list[Heartbeat]) -> list[bool]:
+        """Synchronous batch heartbeat: the UDP fast path calls this without a task switch."""
+        now = self.clock()
+        hb = self.reg.heartbeat
+        return [hb(b.node_id, b.holdings, now, b.session) for b in beats]
+
+    async def heartbeat_many(self, beats: list[Heartbeat]) -> list[bool]:
+        return self.heartbeat_now(beats)
+
+    async def leave(self, node_id: str) -> bool:
+        return self.reg.leave(node_id)
+
+    async def evict(self, node_id: str) -> bool:
+        return self.reg.evict(node_id)
+
+    async def expire(self) -> list[str]:
+        return self.reg.expire(self.clock())
+
+    async def publish(self, name: str, manifest_bytes: bytes) -> str:
+        return self.reg.publish(name, manifest_bytes, self.wall())
+
+    async def tag(self, name: str, artifact_id: str) -> bool:
+        return self.reg.tag(name, artifact_id, self.wall())
+
+    async def resolve(self, name: str) -> tuple[str, bytes]:
+        return self.reg.resolve(name)
+
+    async def manifest(self, artifact_id: str) -> bytes:
+        return self.reg.manifest(artifact_id)
+
+    async def history(self, name: str) -> list[dict[str, Any]]:
+        return self.reg.history(name)
+
+    async def peers(self, artifact_id: str, requester: str | None, max_peers: int) -> list[dict[str, Any]]:
+        return self.reg.peers(artifact_id, requester, max_peers)
+
+    async def policy(self) -> dict[str, Any]:
+        return self.reg.policy
+
+    async def node_list(self, limit: int) -> list[dict[str, Any]]:
+        return self.reg.node_list(self.clock(), limit)
+
+    async def artifact_list(self) -> list[dict[str, Any]]:
+        return self.reg.artifact_list()
+
+    async def swarm(self, artifact_id: str) -> dict[str, Any]:
+        return self.reg.swarm(artifact_id)
+
+    async def stats(self) -> dict[str, Any]:
+        return {"store": self.kind, **self.reg.stats()}
+
+    async def aclose(self) -> None:
+        return None

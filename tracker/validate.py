@@ -1,0 +1,113 @@
+"""Validation of everything a node or an admin sends to the tracker.
+
+The tracker is shared by every node of a cluster, so one buggy or hostile node must not be able to
+crash it or make it hold unbounded memory: every field is type-checked and bounded here, once, and
+the front ends (TCP RPC, UDP heartbeats, HTTP admin) all go through these functions. Errors carry a
+machine-readable code (`bad_request`, `not_found`) that the front ends report as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+ARTIFACT_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+MAX_LABELS = 32
+MAX_LABEL_LEN = 128
+MAX_VERSION_LEN = 64
+MAX_HOST_LEN = 255
+MAX_HOLDINGS = 4096
+MAX_PEERS = 1000
+
+
+class TrackerError(Exception):
+    """A request the tracker refuses; `code` is one of the error codes of docs/interfaces.md."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def bad(message: str) -> TrackerError:
+    return TrackerError("bad_request", message)
+
+
+def node_id(v: Any) -> str:
+    if not isinstance(v, str) or not NODE_ID_RE.match(v):
+        raise bad(f"node_id must be 32 lowercase hex chars, got {str(v)[:40]!r}")
+    return v
+
+
+def artifact_id(v: Any) -> str:
+    if not isinstance(v, str) or not ARTIFACT_ID_RE.match(v):
+        raise bad(f"artifact_id must be 64 lowercase hex chars, got {str(v)[:70]!r}")
+    return v
+
+
+def name(v: Any) -> str:
+    if not isinstance(v, str) or not NAME_RE.match(v):
+        raise bad(f"invalid name {str(v)[:80]!r}: expected NAME:TAG, e.g. llama-3-8b:v2")
+    return v
+
+
+def addr(v: Any) -> tuple[str, int]:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise bad("addr must be [host, port]")
+    host, port = v
+    if not isinstance(host, str) or len(host) > MAX_HOST_LEN:
+        raise bad("addr host must be a string of at most 255 chars")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise bad(f"addr port must be an integer in 1..65535, got {port!r}")
+    return host, port
+
+
+def labels(v: Any) -> dict[str, str]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or len(v) > MAX_LABELS:
+        raise bad(f"labels must be a map of at most {MAX_LABELS} entries")
+    for k, x in v.items():
+        if not isinstance(k, str) or not isinstance(x, str) or len(k) > MAX_LABEL_LEN or len(x) > MAX_LABEL_LEN:
+            raise bad(f"labels must map strings to strings of at most {MAX_LABEL_LEN} chars")
+    return v
+
+
+def version(v: Any) -> str:
+    if v is None:
+        return ""
+    if not isinstance(v, str) or len(v) > MAX_VERSION_LEN:
+        raise bad(f"version must be a string of at most {MAX_VERSION_LEN} chars")
+    return v
+
+
+def holdings(v: Any) -> dict[str, float]:
+    """{artifact_id: progress in [0, 1]}; ints are accepted (msgpack may send 1 for 1.0)."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad("holdings must be a map of artifact_id to progress")
+    if len(v) > MAX_HOLDINGS:
+        raise bad(f"holdings has {len(v)} entries; at most {MAX_HOLDINGS} allowed")
+    out: dict[str, float] = {}
+    for k, p in v.items():
+        artifact_id(k)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p <= 1.0) or math.isnan(p):
+            raise bad(f"progress of {k[:12]} must be a number in 0..1, got {p!r}")
+        out[k] = float(p)
+    return out
+
+
+def max_peers(v: Any) -> int:
+    if v is None:
+        return 50
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise bad(f"max must be a non-negative integer, got {v!r}")
+    return min(v, MAX_PEERS)
