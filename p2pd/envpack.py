@@ -31,7 +31,7 @@ Decisions (the why):
   has no notion of venv interpreter links, so we validate every member ourselves and write with
   ``O_NOFOLLOW``/``O_EXCL``. Rules: no absolute names, no ``..``, no member below a symlink, symlinks
   and hardlinks must resolve inside the env (checked lexically per member and with realpath after the
-  whole archive, which catches chains), no devices/fifos, no setuid/setgid, no duplicate members. The
+  whole archive, which catches chains), no devices/fifos, no setuid/setgid, no member over a directory. The
   one exception: in a venv, ``bin/python*`` may be an absolute symlink (a venv's interpreter *is* its
   base interpreter; see docs/envs.md for this venv-pack limit).
 - **Locking.** One ``flock`` per artifact id (``ENVS_ROOT/.<id>.lock``, removed by its holder, with an
@@ -209,7 +209,7 @@ def _pack_conda(
             env.files = _ProgressFiles(env.files, [_lsize(f.source) for f in env.files], progress)
         env.pack(output=str(output), format=fmt, compress_level=level, n_threads=n_threads, force=True)
     except conda_pack.CondaPackException as e:
-        msg = str(e)
+        msg = str(e).strip()
         hint = ""
         if "cache" in msg.lower():
             hint = (" (re-install the env's packages so the cache is back, or pass allow_missing_cache=True /"
@@ -611,8 +611,9 @@ class _Extractor:
         self.dirs: dict[str, int] = {}  # rel -> mode, applied at the end (a 0555 dir must stay writable until then)
         self.ok_dirs: set[str] = {""}
         self.regular: set[str] = set()
-        self.links: list[str] = []
-        self.abs_links: set[str] = set()
+        self.links: list[str] = []  # relative symlinks, re-checked with realpath at the end
+        self.abs_links: set[str] = set()  # venv interpreter links allowed to point outside
+        self.link_targets: dict[str, str] = {}
 
     def add(self, m: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         rel = _clean_name(m.name, m.name)
@@ -638,8 +639,14 @@ class _Extractor:
                 self.ok_dirs.add(rel)
             self.dirs[rel] = m.mode
             return
-        if exists:
-            raise UnsafeArchiveError(f"refusing {m.name!r}: duplicate member (would replace {rel})")
+        if exists:  # a later member replaces an earlier one (tar semantics; venv-pack adds pyvenv.cfg twice)
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                raise UnsafeArchiveError(f"refusing {m.name!r}: would replace the directory {rel!r}")
+            os.unlink(path)  # never followed: if it was a symlink, the link itself goes
+            self.regular.discard(rel)
+            self.abs_links.discard(rel)
+            if rel in self.links:
+                self.links.remove(rel)
         if m.isreg():
             src = tar.extractfile(m)
             assert src is not None  # isreg() members always have a file object
@@ -652,8 +659,11 @@ class _Extractor:
         elif m.issym():
             self._check_symlink(rel, m)
             os.symlink(m.linkname, path)
+            self.link_targets[rel] = m.linkname
             os.utime(path, (m.mtime, m.mtime), follow_symlinks=False)
         else:  # hardlink: linkname is another member's name
+            if m.linkname.startswith("/") or ".." in m.linkname.split("/"):
+                raise UnsafeArchiveError(f"refusing {m.name!r}: hardlink to {m.linkname!r} points outside the env")
             target = _clean_name(m.linkname, m.name)
             if target not in self.regular:
                 raise UnsafeArchiveError(
@@ -703,12 +713,23 @@ class _Extractor:
         root = os.path.realpath(self.root)
         for rel in self.links:
             real = os.path.realpath(os.path.join(self.root, rel))
-            if real != root and not real.startswith(root + os.sep):
+            if real != root and not real.startswith(root + os.sep) and not self._to_interpreter(rel):
                 raise UnsafeArchiveError(
                     f"refusing {rel!r}: symlink resolves to {real!r}, outside the env (through other symlinks)"
                 )
         for rel in sorted(self.dirs, key=lambda r: -r.count("/")):
             os.chmod(os.path.join(self.root, rel), (self.dirs[rel] & 0o777) | 0o700)
+
+    def _to_interpreter(self, rel: str) -> bool:
+        """venv ``bin/python -> python3 -> /base/python3``: bare-name links in bin/ ending at the interpreter."""
+        for _ in range(40):
+            if rel in self.abs_links:
+                return True
+            target = self.link_targets.get(rel)
+            if rel not in self.links or not _VENV_INTERP_RE.match(rel) or target is None or "/" in target:
+                return False
+            rel = "bin/" + target
+        return False
 
 
 def _clean_name(name: str, member: str) -> str:

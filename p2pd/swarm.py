@@ -26,6 +26,8 @@ from p2pd.protocol.ratelimit import Hierarchy
 from p2pd.storage import Catalog, Journal, PieceStore, StorageError
 
 log = logging.getLogger(__name__)
+VERIFIERS = 2  # pieces hashed and written in parallel (xxhash and pwrite release the GIL)
+VERIFY_QUEUE = 8  # received pieces waiting for a verifier, bounding memory to this many pieces
 
 
 class RateMeter:
@@ -109,6 +111,7 @@ class Swarm:
         self._compressible: dict[int, bool] = {}
         self._nursery: trio.Nursery | None = None
         self._peer_wakeup = trio.Event()
+        self._verify_in, self._verify_out = trio.open_memory_channel[tuple[PeerConn, int, bytearray]](VERIFY_QUEUE)
 
     # -- queries -------------------------------------------------------------------------------------
     def has_piece(self, i: int) -> bool:
@@ -216,33 +219,44 @@ class Swarm:
             self.fill(c)
 
     async def on_piece(self, conn: PeerConn, i: int, buf: bytearray, wire_len: int) -> None:
+        """Hand a received piece to the verifiers and free the request slot at once.
+
+        Receiving the next piece overlaps with hashing and writing this one; the bounded channel
+        pushes back on the reader when the disk falls behind.
+        """
         self.down.add(wire_len)
-        if self.has_piece(i) or self.picker is None:
-            self.fill(conn)
-            return
-        ok = await trio.to_thread.run_sync(self._verify_and_write, i, buf)
-        if self.has_piece(i) or self.picker is None:
-            self.fill(conn)
-            return
-        if not ok:
-            self.picker.request_failed(conn, i)
-            self.banned[conn.remote_id] = f"sent corrupt piece {i}"
-            log.warning("peer %s (%s) sent piece %d that fails verification: banned", conn.remote_id[:8], conn.addr, i)
-            conn.close(f"banned: corrupt piece {i}")
-            return
-        self.have_mask |= 1 << i
-        for other in self.picker.piece_verified(i):
-            if other is not conn:
-                other.cancel(i)
-        if self.journal is not None:
-            self.journal.record(self.have_mask)
-        have = wire.Have(i)
-        for c in list(self.conns.values()):
-            c.queue(have)
-        if self.picker.done:
-            await self._finish()
-        else:
-            self.fill_all()
+        if not (self.has_piece(i) or self.picker is None):
+            await self._verify_in.send((conn, i, buf))
+        self.fill(conn)
+
+    async def _verifier(self) -> None:
+        async for conn, i, buf in self._verify_out:
+            if self.has_piece(i) or self.picker is None:
+                continue
+            ok = await trio.to_thread.run_sync(self._verify_and_write, i, buf)
+            if self.has_piece(i) or self.picker is None:
+                continue
+            if not ok:
+                self.picker.request_failed(conn, i)
+                self.banned[conn.remote_id] = f"sent corrupt piece {i}"
+                log.warning("peer %s (%s) sent piece %d that fails verification: banned",
+                            conn.remote_id[:8], conn.addr, i)
+                conn.close(f"banned: corrupt piece {i}")
+                self.fill_all()
+                continue
+            self.have_mask |= 1 << i
+            for other in self.picker.piece_verified(i):
+                if other is not conn:
+                    other.cancel(i)
+            if self.journal is not None:
+                self.journal.record(self.have_mask)
+            have = wire.Have(i)
+            for c in list(self.conns.values()):
+                c.queue(have)
+            if self.picker.done:
+                await self._finish()
+            else:
+                self.fill_all()
 
     def _verify_and_write(self, i: int, buf: bytearray) -> bool:
         if not self.store.verify(i, buf):
@@ -282,6 +296,8 @@ class Swarm:
             self._nursery = nursery
             task_status.started()
             if not self.complete:
+                for _ in range(VERIFIERS):
+                    nursery.start_soon(self._verifier)
                 await self._find_peers_loop(nursery)
             await trio.sleep_forever()
 

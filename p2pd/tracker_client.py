@@ -31,7 +31,7 @@ from p2pd.rpc import RpcClient, RpcError, open_client
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = frozenset({"unreachable", "timeout"})
+TRANSIENT = frozenset({"unreachable", "timeout", "unavailable"})  # worth trying another replica
 UDP_VERSION = 1
 UDP_MAX_PAYLOAD = 1200  # stay under a typical path MTU: fragments are lost together
 
@@ -94,6 +94,7 @@ class TrackerClient:
         self.session: int | None = None
         self.registered = False
         self.heartbeats_sent = 0
+        self.registrations = 0
         self.udp_heartbeats = 0
         self._idx = 0
         self._client: RpcClient | None = None
@@ -216,6 +217,7 @@ class TrackerClient:
         self.session = r.get("session")
         self._udp_ports[self.current] = r.get("udp_port")
         self.registered = True
+        self.registrations += 1
         self._acked = None
         log.info("registered with tracker %s (interval %gs)", _fmt(self.current), self.interval)
         return dict(r)
@@ -236,6 +238,8 @@ class TrackerClient:
         self.interval = float(r["interval"])
         self.policy = dict(r.get("policy") or {})
         self._acked = dict(holdings) if r.get("known") else None
+        if "udp_port" in r:  # after a failover, this is how we learn the new replica's UDP port
+            self._udp_ports[self.current] = r["udp_port"]
         return dict(r)
 
     async def leave(self) -> None:

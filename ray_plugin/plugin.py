@@ -124,6 +124,16 @@ def explain(ref: ArtifactRef, err: DaemonError) -> str:
             f"p2p: not enough disk space on this node for {what} in the p2pd data dir: free space there or move "
             f"the daemon's --data-dir to a larger disk. Daemon said: {err.message}"
         )
+    if code == "env":
+        return (
+            f"p2p: the p2pd daemon could not unpack env {ref.name} on this node: {err.message}. Repack the env "
+            f"(`p2pd pack-env`) and publish it under a new tag"
+        )
+    if code == "storage":
+        return (
+            f"p2p: the p2pd daemon could not store {what} on this node: {err.message}. Check free space and "
+            "permissions of the daemon's --data-dir"
+        )
     return (
         f"p2p: the p2pd daemon failed to fetch {what} ({code}): {err.message}. If this persists, check the daemon's "
         "log on this node and that the plugin and daemon come from the same p2pd version"
@@ -180,18 +190,20 @@ class P2PPlugin(RuntimeEnvPlugin):
         model_dirs: list[str] = []
         for ref in spec.refs:
             inst = self._installed.get(ref.uri)
-            if inst is None:
-                raise P2PSetupError(
-                    f"p2p: {ref.kind} {ref.name} was not set up by this node's runtime_env agent (it may have "
-                    "restarted): retry the task"
-                )
-            target = inst.env_dir if ref.kind == "env" else inst.path
-            if target is None or not os.path.exists(target):
+            target = None if inst is None else (inst.env_dir if ref.kind == "env" else inst.path)
+            if inst is None or target is None or not os.path.exists(target):
+                # Ray believes the URI is installed (it never calls `create` again for it) but the files are
+                # gone. Fetch again in the background, so that one of Ray's retries finds them back.
                 self._installed.pop(ref.uri, None)
+                self._refetch(ref, logger)
+                where = (
+                    f"no longer at {target} (the p2pd daemon removed it after Ray had cached it)"
+                    if inst
+                    else ("not known to this node's runtime_env agent (it may have restarted)")
+                )
                 raise P2PSetupError(
-                    f"p2p: {ref.kind} {ref.name} is no longer at {target} (the p2pd daemon removed it from its cache "
-                    "after Ray had cached it): run `p2pd fetch " + ref.name + "` on this node, or restart Ray on it, "
-                    "and keep artifacts in use out of the daemon's garbage collection"
+                    f"p2p: {ref.kind} {ref.name} is {where}; fetching it again in the background: Ray's retry or the "
+                    "next task will find it. Keep artifacts in use out of the daemon's garbage collection (docs/ray.md)"
                 )
             if ref.kind == "model":
                 model_dirs.append(target)
@@ -225,6 +237,13 @@ class P2PPlugin(RuntimeEnvPlugin):
         fetch.task.add_done_callback(lambda t, f=fetch: self._finished(f, t))
         self._inflight[ref.uri] = fetch
         logger.info("p2p: asking this node's p2pd daemon for %s %s", ref.kind, ref.name)
+
+    def _refetch(self, ref: ArtifactRef, logger: logging.Logger) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not called from the agent's loop (never the case in Ray): nothing to schedule on
+            return
+        self._ensure_started(ref, logger)
 
     def _finished(self, fetch: _Fetch, task: asyncio.Task[Installed]) -> None:
         """Record the outcome for everyone, waiting or not (and retrieve a failure nobody awaited)."""

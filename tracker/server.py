@@ -104,7 +104,8 @@ class TrackerServer:
             nid = V.node_id(p.get("node_id"))
             holdings = V.holdings(p.get("holdings"))
             (known,) = await store.heartbeat_many([Heartbeat(nid, holdings)])
-            return {"interval": store.interval, "known": known, "policy": await store.policy()}
+            return {"interval": store.interval, "known": known, "policy": await store.policy(),
+                    "udp_port": self.udp_port}
 
         async def leave(p: dict[str, Any], emit: Emit) -> Any:
             nid = V.node_id(p.get("node_id"))
@@ -170,60 +171,93 @@ class TrackerServer:
 
     # ---- UDP heartbeats ----------------------------------------------------------------------------
 
-    async def serve_udp(self, sock: socket.socket) -> None:
-        """Drain ready datagrams, apply them as one batch, answer each; never blocks on a send."""
+    def _drain(self, sock: socket.socket) -> tuple[list[Heartbeat], list[tuple[Any, int]]]:
+        """Read every datagram that is ready (up to a batch), without blocking or switching tasks."""
+        m = self.metrics
+        decode = _udp_req_decoder.decode
+        recvfrom = sock.recvfrom
+        beats: list[Heartbeat] = []
+        meta: list[tuple[Any, int]] = []
+        for _ in range(UDP_MAX_BATCH):
+            try:
+                data, addr = recvfrom(UDP_MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            except OSError as e:  # e.g. ECONNREFUSED reported for an earlier reply: not fatal
+                log.debug("udp recv: %s", e)
+                continue
+            m.udp_datagrams += 1
+            try:
+                req = decode(data)
+                if req.version != UDP_VERSION:
+                    raise V.bad(f"unsupported udp heartbeat version {req.version}")
+                V.node_id(req.node_id)
+                holdings = V.holdings(req.holdings) if req.holdings is not None else None
+            except (msgspec.DecodeError, TrackerError) as e:
+                m.udp_rejected += 1
+                log.debug("udp datagram from %s rejected: %s", addr, e)
+                continue
+            beats.append(Heartbeat(req.node_id, holdings, req.session))
+            meta.append((addr, req.seq))
+        return beats, meta
+
+    def _reply(self, sock: socket.socket, meta: list[tuple[Any, int]], known: list[bool],
+               policy: dict[str, Any]) -> None:
+        encode = _udp_encoder.encode
+        interval = self.store.interval
+        for (addr, seq), k in zip(meta, known, strict=True):
+            try:
+                sock.sendto(encode(UdpReply(UDP_VERSION, seq, k, interval, policy)), addr)
+            except (BlockingIOError, InterruptedError):
+                pass  # send buffer full: the node retries over TCP; UDP replies are best effort by design
+            except OSError as e:
+                if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    raise
+
+    async def serve_udp(self, sock: socket.socket, workers: int = 4) -> None:
+        """Drain ready datagrams, apply them as one batch, answer each; never blocks on a send.
+
+        With the memory store a batch is applied synchronously (no task switch at all). With a remote
+        store, `workers` batches are in flight at once (one store round trip each) while the next
+        batch accumulates in the socket buffer.
+        """
         m = self.metrics
         store = self.store
-        memory = store if isinstance(store, MemoryStore) else None
-        interval = store.interval
-        decode = _udp_req_decoder.decode
-        encode = _udp_encoder.encode
-        recvfrom = sock.recvfrom
-        sendto = sock.sendto
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            beats: list[Heartbeat] = []
-            meta: list[tuple[Any, int]] = []
-            t0 = time.perf_counter()
-            for _ in range(UDP_MAX_BATCH):
+        if isinstance(store, MemoryStore):
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                t0 = time.perf_counter()
+                beats, meta = self._drain(sock)
+                if beats:
+                    self._reply(sock, meta, store.heartbeat_now(beats), store.reg.policy)
+                    m.udp_batches += 1
+                    m.udp_batch_seconds.observe(time.perf_counter() - t0)
+        send, recv = trio.open_memory_channel[tuple[float, list[Heartbeat], list[tuple[Any, int]]]](0)
+
+        async def worker() -> None:
+            warned = 0.0
+            async for t0, beats, meta in recv:
                 try:
-                    data, addr = recvfrom(UDP_MAX_DATAGRAM)
-                except BlockingIOError:
-                    break
-                except OSError as e:  # e.g. ECONNREFUSED reported for an earlier reply: not fatal
-                    log.debug("udp recv: %s", e)
+                    known = await store.heartbeat_many(beats)
+                    policy = await store.policy()
+                except TrackerError as e:  # store down: no reply, nodes fall back to TCP and see the error
+                    if time.monotonic() - warned > 10:
+                        log.warning("udp heartbeats not applied: %s", e)
+                        warned = time.monotonic()
                     continue
-                m.udp_datagrams += 1
-                try:
-                    req = decode(data)
-                    if req.version != UDP_VERSION:
-                        raise V.bad(f"unsupported udp heartbeat version {req.version}")
-                    V.node_id(req.node_id)
-                    holdings = V.holdings(req.holdings) if req.holdings is not None else None
-                except (msgspec.DecodeError, TrackerError) as e:
-                    m.udp_rejected += 1
-                    log.debug("udp datagram from %s rejected: %s", addr, e)
-                    continue
-                beats.append(Heartbeat(req.node_id, holdings, req.session))
-                meta.append((addr, req.seq))
-            if not beats:
-                continue
-            if memory is not None:  # no await: the whole batch is applied without a task switch
-                known = memory.heartbeat_now(beats)
-                policy = memory.reg.policy
-            else:
-                known = await store.heartbeat_many(beats)
-                policy = await store.policy()
-            for (addr, seq), k in zip(meta, known, strict=True):
-                try:
-                    sendto(encode(UdpReply(UDP_VERSION, seq, k, interval, policy)), addr)
-                except (BlockingIOError, InterruptedError):
-                    pass  # send buffer full: the node retries; UDP replies are best effort by design
-                except OSError as e:
-                    if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                        raise
-            m.udp_batches += 1
-            m.udp_batch_seconds.observe(time.perf_counter() - t0)
+                self._reply(sock, meta, known, policy)
+                m.udp_batches += 1
+                m.udp_batch_seconds.observe(time.perf_counter() - t0)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(worker)
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                t0 = time.perf_counter()
+                beats, meta = self._drain(sock)
+                if beats:
+                    await send.send((t0, beats, meta))
 
     # ---- expiry ------------------------------------------------------------------------------------
 
@@ -231,7 +265,11 @@ class TrackerServer:
         period = min(1.0, max(0.01, self.store.interval / 10))
         while True:
             await trio.sleep(period)
-            gone = await self.store.expire()
+            try:
+                gone = await self.store.expire()
+            except TrackerError as e:
+                log.warning("expiry sweep failed: %s", e)
+                continue
             if gone:
                 self.metrics.expired += len(gone)
                 if len(gone) <= 5:

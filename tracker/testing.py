@@ -120,3 +120,87 @@ def make_manifest(seed: int = 0, size: int = 3 << 20) -> bytes:
 
 def nid(i: int) -> str:
     return f"{i:032x}"
+
+
+def require(binary: str, package: str) -> str:
+    """Path of `binary`, or skip the test naming the Debian package that provides it."""
+    import pytest
+
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} not found: install the Debian package {package} (apt-get install {package})")
+    return path
+
+
+def start_redis(procs: Procs, port: int | None = None, timeout: float = 10.0) -> tuple[Proc, str]:
+    """A private redis-server on 127.0.0.1 (temp dir, no persistence); returns (proc, redis:// URL)."""
+    exe = require("redis-server", "redis-server")
+    port = free_port() if port is None else port
+    d = procs.tmp / f"redis-{port}"
+    d.mkdir(exist_ok=True)
+    p = procs.start([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
+                     "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"], "redis")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(100).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if p.popen.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server did not start:\n{p.log()}")
+        time.sleep(0.02)
+    return p, f"redis://127.0.0.1:{port}/0"
+
+
+def node_cmd(trackers: list[tuple[str, int]], node_id: str, holdings: dict[str, float], *,
+             port: int = 9000, zone: str = "", udp: bool = True) -> list[str]:
+    """Command line of a minimal node process (`python -m tracker.testing`): heartbeats until SIGTERM,
+    then says goodbye to the tracker; SIGKILL is a crash."""
+    args = [sys.executable, "-m", "tracker.testing", "--node-id", node_id, "--port", str(port),
+            "--holdings", json.dumps(holdings), "--zone", zone]
+    for h, p in trackers:
+        args += ["--tracker", f"{h}:{p}"]
+    if not udp:
+        args.append("--no-udp")
+    return args
+
+
+async def _node_main(argv: list[str]) -> None:
+    import argparse
+
+    import trio
+
+    from p2pd.rpc import parse_hostport
+    from p2pd.tracker_client import TrackerClient
+
+    ap = argparse.ArgumentParser(prog="python -m tracker.testing")
+    ap.add_argument("--tracker", action="append", required=True)
+    ap.add_argument("--node-id", required=True)
+    ap.add_argument("--port", type=int, default=9000)
+    ap.add_argument("--holdings", default="{}")
+    ap.add_argument("--zone", default="")
+    ap.add_argument("--no-udp", action="store_true")
+    a = ap.parse_args(argv)
+    holdings = json.loads(a.holdings)
+    labels = {"zone": a.zone} if a.zone else {}
+    trackers = [parse_hostport(t) for t in a.tracker]
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with TrackerClient(trackers, a.node_id, ("127.0.0.1", a.port), labels, "test",
+                                 udp=not a.no_udp) as tc:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(tc.run_heartbeats, lambda: holdings)
+                print("node running", flush=True)
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
+            await tc.leave()
+            print("node left", flush=True)
+
+
+if __name__ == "__main__":
+    import trio
+
+    trio.run(_node_main, sys.argv[1:])

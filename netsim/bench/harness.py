@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO
 
 from netsim.emu import Host, Topology
 
@@ -126,6 +126,10 @@ class Leecher:
     def go(self) -> None:
         """Release it (called for all leechers back to back)."""
         raise NotImplementedError
+
+    def final_output(self) -> str:
+        """Where the finished copy is (file, or folder holding a file of the payload's name)."""
+        return self.output
 
     def poll(self, t0_mono: float, t0_wall: float) -> None:
         """Set `done_at` (monotonic) or `error` when the client reports completion or failure."""
@@ -256,7 +260,7 @@ def release_and_wait(ctx: Ctx, client: str, run: int, leechers: Sequence[Leecher
     tx1 = ctx.net.seed_tx_bytes()
     times = [round((lc.done_at or 0.0) - t0, 3) for lc in leechers]
     for lc in leechers:
-        verify_copy(ctx.payload, lc.output, lc.node.name)
+        verify_copy(ctx.payload, lc.final_output(), lc.node.name)
     return RunResult(client, run, times, max(times), None if tx0 is None or tx1 is None else tx1 - tx0,
                      None if rss_peak is None else round(rss_peak, 1))
 
@@ -307,8 +311,3 @@ def stop_all(topo: Topology, procs: Sequence[subprocess.Popen | None], timeout: 
     """Stop our processes (SIGTERM, then SIGKILL after `timeout`), last started first."""
     for p in reversed([p for p in procs if p is not None]):
         topo.stop(p, timeout=timeout)
-
-
-def logfile(d: str, name: str) -> IO[Any]:
-    """A log file for one process of a run (kept on tmpfs with the run, shown in error messages)."""
-    return open(os.path.join(d, name), "w")

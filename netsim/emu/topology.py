@@ -136,7 +136,7 @@ class Switch:
 
 @dataclass
 class Link:
-    """One host's attachment to a switch: host-side `eth<k>`, switch-side `v<port>`; rates in bit/s (None = unshaped)."""
+    """One host's attachment to a switch: host-side `eth<k>`, switch-side `v<port>`; bit/s (None = unshaped)."""
 
     host: Host
     switch: Switch
@@ -169,7 +169,8 @@ class Host:
         """`argv` wrapped to run inside this namespace; `ip netns exec` execs it, so the PID is the program's."""
         return ["ip", "netns", "exec", self.ns, *argv]
 
-    def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess:
+    def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 60,
+            **kw: Any) -> subprocess.CompletedProcess:
         """Run a command to completion inside the namespace (output captured as text unless overridden)."""
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
@@ -179,9 +180,11 @@ class Host:
             raise EmuError(f"[{self.name}] {' '.join(argv)}: exit {cp.returncode}: {err.strip()[-2000:]}")
         return cp
 
-    def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
-        """Start a process inside the namespace; the topology stops it (by PID) when it closes."""
-        return self.topo.popen(self, argv, **kw)
+    def popen(self, argv: Sequence[str], *, log: str | None = None, **kw: Any) -> subprocess.Popen:
+        """Start a process inside the namespace; the topology stops it (by PID) when it closes.
+
+        `log`: a file that gets the process's stderr (and stdout, unless redirected otherwise)."""
+        return self.topo.popen(self, argv, log=log, **kw)
 
     def counters(self, ifname: str | None = None) -> dict[str, int]:
         """Interface byte/packet counters (`tx_bytes`, `rx_bytes`, ...) of `ifname` (default: first link)."""
@@ -433,7 +436,7 @@ class Topology:
         return r
 
     # ----------------------------------------------------------------- processes
-    def popen(self, host: Host, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+    def popen(self, host: Host, argv: Sequence[str], *, log: str | None = None, **kw: Any) -> subprocess.Popen:
         """Start `argv` in `host`'s namespace, in its own session (our Ctrl-C reaches only the driver, which then
         stops children in order), dying with the driver (PR_SET_PDEATHSIG via setpriv)."""
         if self._closed:
@@ -442,7 +445,13 @@ class Topology:
         if self._setpriv:
             full = [self._setpriv, "--pdeathsig", "KILL", "--", *full]
         kw.setdefault("start_new_session", True)
-        p = subprocess.Popen(full, **kw)
+        if log is not None:
+            with open(log, "ab") as f:
+                kw.setdefault("stdout", f)
+                kw.setdefault("stderr", f)
+                p = subprocess.Popen(full, **kw)
+        else:
+            p = subprocess.Popen(full, **kw)
         self._procs.append(p)
         return p
 

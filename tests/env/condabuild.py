@@ -34,6 +34,7 @@ import sysconfig
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PLACEHOLDER = "/opt/placeholder_env_" + "placehold_" * 20  # 221 chars: caps the env path for binaries
@@ -52,6 +53,30 @@ HELLO_C = f"""#include <stdio.h>
 static const char prefix[] = "{PLACEHOLDER}";
 int main(void) {{ printf("binary prefix: %s\\n", prefix); return 0; }}
 """
+
+
+@dataclass
+class CondaEnvs:
+    channel: Path
+    cache: Path  # rattler's package cache: must outlive packing (conda-pack reads placeholders from it)
+    hello: Path  # text + binary placeholders, no python
+    py: Path  # python + hellopy (conda) + hellopip (pip-installed)
+    scratch: Path  # another hello env, for tests that copy and damage it
+    wheel: Path
+
+
+@dataclass
+class Packed:
+    """Archives packed once per session; the source envs are moved away afterwards (see packed)."""
+
+    archives: dict[str, tuple[Path, dict[str, str]]] = field(default_factory=dict)
+    old_prefix: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Venv:
+    prefix: Path  # the build venv, renamed away after packing
+    archives: dict[str, tuple[Path, dict[str, str]]]
 
 
 def _sha256(p: Path) -> str:
@@ -205,8 +230,8 @@ def build_wheel(out_dir: Path, name: str = "hellopip", version: str = "1.0") -> 
     """A pure-Python wheel with a console script, written by hand (a wheel is a zip with dist-info)."""
     files = {
         f"{name}/__init__.py": (
-            "import sys\n\ndef main():\n    print('hellopip', sys.executable, sys.prefix)\n"
-        ).encode(),
+            b"import sys\n\ndef main():\n    print('hellopip', sys.executable, sys.prefix)\n"
+        ),
         f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
         f"{name}-{version}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\n"
                                              b"Tag: py3-none-any\n",

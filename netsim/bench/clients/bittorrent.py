@@ -21,9 +21,9 @@ from netsim.bench.harness import (
     Ctx,
     GatedProcess,
     Leecher,
+    Node,
     RunResult,
     child_env,
-    logfile,
     release_and_wait,
     stop_all,
 )
@@ -48,7 +48,7 @@ class _TorrentClient(Client):
         """Start the BitTorrent tracker in the seed's namespace and wait until it listens."""
         seed = ctx.net.seed
         p = seed.host.popen([sys.executable, "-m", "netsim.bench.bt", "tracker", "--listen",
-                             f"{seed.ip}:{TRACKER_PORT}"], stdout=subprocess.PIPE, stderr=logfile(d, "tracker.log"),
+                             f"{seed.ip}:{TRACKER_PORT}"], stdout=subprocess.PIPE, log=os.path.join(d, "tracker.log"),
                             text=True, env=child_env(), cwd=REPO_ROOT)
         assert p.stdout is not None
         if p.stdout.readline().strip() != "READY":
@@ -83,12 +83,12 @@ class Libtorrent(_TorrentClient):
         try:
             procs.append(self.start_tracker(ctx, d))
             seed_node = ctx.net.seed
-            log = logfile(d, "nodes.log")
+            log = os.path.join(d, "nodes.log")
 
-            def node(role: str, n, save: str) -> LineLeecher:  # noqa: ANN001 - Node
+            def node(role: str, n: Node, save: str) -> LineLeecher:
                 argv = [sys.executable, "-m", "netsim.bench.clients.lt_node", "--role", role, "--torrent",
                         self.torrent, "--save", save, "--listen", f"{n.ip}:{port}"]
-                p = n.host.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                p = n.host.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, log=log, text=True,
                                  bufsize=1, env=child_env(), cwd=REPO_ROOT)
                 procs.append(p)
                 return LineLeecher(n, save, p)
@@ -166,7 +166,7 @@ class Aria2(_TorrentClient):
             argv = self.argv(seed.ip, port, os.path.dirname(ctx.payload), os.path.join(d, "seed.log"))
             procs.append(seed.host.popen([*argv, "--bt-seed-unverified=true", "--check-integrity=false",
                                           self.torrent], stdout=subprocess.DEVNULL,
-                                         stderr=logfile(d, "seed.err"), env=child_env()))
+                                         log=os.path.join(d, "seed.err"), env=child_env()))
             self.wait_announced(ctx, 1)
             leechers: list[Leecher] = []
             for n in ctx.net.leechers:

@@ -11,8 +11,17 @@ import shutil
 import subprocess
 
 from netsim.bench.clients.base import Client
-from netsim.bench.harness import BenchError, Ctx, GatedProcess, Leecher, RunResult, release_and_wait, stop_all
-from netsim.bench.harness import wait_until
+from netsim.bench.harness import (
+    BenchError,
+    Ctx,
+    GatedProcess,
+    Leecher,
+    RunResult,
+    release_and_wait,
+    stop_all,
+    tail,
+    wait_until,
+)
 
 HTTP_PORT = 8089
 
@@ -41,12 +50,11 @@ def start_nginx(ctx: Ctx, d: str, ip: str, port: int) -> subprocess.Popen:
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
         f.write(nginx_conf(d, f"{ip}:{port}", os.path.dirname(ctx.payload)))
-    p = ctx.net.seed.host.popen(["nginx", "-p", d, "-c", conf], stdout=subprocess.DEVNULL,
-                                stderr=open(os.path.join(d, "nginx.err"), "w"))
+    p = ctx.net.seed.host.popen(["nginx", "-p", d, "-c", conf], log=os.path.join(d, "nginx.err"))
     pidfile = os.path.join(d, "nginx.pid")  # written after the listening sockets are open
     wait_until(lambda: os.path.exists(pidfile) or p.poll() is not None, 15, "nginx pid file")
     if p.poll() is not None:
-        raise BenchError(f"nginx exited {p.returncode}: {open(os.path.join(d, 'nginx-error.log')).read()[-500:]}")
+        raise BenchError(f"nginx exited {p.returncode}: {tail(os.path.join(d, 'nginx-error.log'))}")
     return p
 
 

@@ -1,0 +1,108 @@
+"""`python -m netsim.bench swarm|pair ...` -- prints the JSON result, then a one-line headline.
+
+    python -m netsim.bench swarm --peers 4 --size 512MiB --rate 200Mbit/s --clients p2pd,libtorrent,aria2,http \\
+        --runs 3 --json swarm.json
+    python -m netsim.bench swarm --topology loopback --peers 4 --size 2GiB --clients p2pd,libtorrent --runs 3
+    python -m netsim.bench pair --size 2GiB
+
+Exit status: 0 when every run of every client completed and verified, 1 when some failed (the JSON says which),
+2 when it could not run at all (not root, a tool missing: the message names the package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from netsim.bench.clients import CLIENT_NAMES
+from netsim.bench.harness import BenchError
+from netsim.emu import EmuError, Terminated
+from netsim.units import parse_rate, parse_size
+
+
+def _clients(text: str) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in names if c not in CLIENT_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown client(s) {bad}; choose from {','.join(CLIENT_NAMES)}")
+    return names
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _rate(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (spellings are stable: BENCHMARKS.md and CI script them)."""
+    ap = argparse.ArgumentParser(prog="python -m netsim.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("swarm", help="1 seed + N peers, all clients side by side")
+    s.add_argument("--peers", type=int, default=4)
+    s.add_argument("--size", type=_size, default=parse_size("512MiB"), help="payload SIZE (512MiB, 2GiB, ...)")
+    s.add_argument("--rate", type=_rate, default=parse_rate("200Mbit/s"), help="every link, both ways (RATE)")
+    s.add_argument("--seed-rate", type=_rate, default=None, help="the seed's link (default: --rate)")
+    s.add_argument("--clients", type=_clients, default=list(CLIENT_NAMES))
+    s.add_argument("--runs", type=int, default=3)
+    s.add_argument("--topology", choices=["emu", "loopback"], default="emu")
+    s.add_argument("--loss", type=float, default=0.0, help="random loss on every link's receive side (0..1)")
+    s.add_argument("--timeout", type=float, default=None, help="per run, seconds (default: max(120, 10 T_min))")
+    s.add_argument("--no-iperf", action="store_true", help="skip the iperf3 link measurement")
+    s.add_argument("--p2pd-egress-limit", default=None, help="pass --egress-limit RATE to every p2pd daemon")
+    s.add_argument("--keep", action="store_true", help="keep the work dir (logs, copies) in /dev/shm")
+    s.add_argument("--json", default=None, help="also write the JSON result to this file")
+    p = sub.add_parser("pair", help="one p2pd pair vs curl from nginx, loopback")
+    p.add_argument("--size", type=_size, default=parse_size("2GiB"))
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--json", default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    a = parser().parse_args(argv)
+    command = "python -m netsim.bench " + shlex.join(argv)
+    try:
+        if a.cmd == "swarm":
+            from netsim.bench.swarm import SwarmOptions, run_swarm
+
+            res = run_swarm(SwarmOptions(peers=a.peers, size=a.size, rate_bps=a.rate, seed_rate_bps=a.seed_rate,
+                                         clients=a.clients, runs=a.runs, topology=a.topology, loss=a.loss,
+                                         timeout_s=a.timeout, keep=a.keep, iperf=not a.no_iperf,
+                                         p2pd_egress_limit=a.p2pd_egress_limit, command=command))
+        else:
+            from netsim.bench.pair import PairOptions, run_pair
+
+            res = run_pair(PairOptions(size=a.size, runs=a.runs, timeout_s=a.timeout, keep=a.keep, command=command))
+    except (BenchError, EmuError) as e:
+        print(f"netsim.bench: {e}", file=sys.stderr)
+        return 2
+    except Terminated as e:
+        print(f"netsim.bench: {e}; cleaned up", file=sys.stderr)
+        return 128 + e.signum
+    text = json.dumps(res, indent=2)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    print(res["headline"])
+    return 1 if any(c["failures"] for c in res["clients"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

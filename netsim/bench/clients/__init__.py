@@ -1,0 +1,30 @@
+"""Client runners: the systems the benchmarks compare (names are the `--clients` spellings)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from netsim.bench.clients.base import Client
+
+CLIENT_NAMES = ("p2pd", "libtorrent", "aria2", "http")
+
+
+def make_client(name: str, opts: Any = None) -> Client:
+    """A runner by its `--clients` name (imports lazily so a missing wheel only matters when it is asked for)."""
+    if name == "p2pd":
+        from netsim.bench.clients.p2pd import P2pd
+
+        return P2pd(egress_limit=getattr(opts, "p2pd_egress_limit", None))
+    if name == "libtorrent":
+        from netsim.bench.clients.bittorrent import Libtorrent
+
+        return Libtorrent()
+    if name == "aria2":
+        from netsim.bench.clients.bittorrent import Aria2
+
+        return Aria2()
+    if name == "http":
+        from netsim.bench.clients.http import Http
+
+        return Http()
+    raise ValueError(f"unknown client {name!r}; choose from {', '.join(CLIENT_NAMES)}")

@@ -1,0 +1,210 @@
+"""`python -m netsim.bench swarm`: 1 seed + N leechers, every client on the same network, payload and rules.
+
+Emulated topology (default): one namespace per node on a bridge, every link tbf-shaped to RATE both ways; the
+result is compared with the Kumar-Ross bound, nominal (`t_min_s`) and with the rate iperf3 measured over one link
+(`t_min_measured_s`: TCP/IP headers take ~4.5% of a shaped link, so no client can reach the nominal bound).
+Loopback topology: all nodes in one fresh namespace on 127.0.0.x, unshaped: the CPU cost of each client, reported
+as aggregate delivered MB/s (N·F / T).
+
+Clients are interleaved run by run (rotating the order, so no client always runs first on a cold cache); medians
+and ranges are over the runs that completed and verified. The payload lives on tmpfs (/dev/shm) and so do all
+copies, so disks are out of the measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from netsim.bench.clients import make_client
+from netsim.bench.clients.base import Client
+from netsim.bench.harness import BenchError, Ctx, Net, build_net, make_payload
+from netsim.bench.model import kumar_ross, summarize
+from netsim.emu import Topology, new_prefix
+from netsim.units import fmt_rate, fmt_size
+
+SHM = "/dev/shm"
+
+
+@dataclass
+class SwarmOptions:
+    """What `python -m netsim.bench swarm` was asked for (rates in bit/s, size in bytes)."""
+
+    peers: int = 4
+    size: int = 512 << 20
+    rate_bps: int = 200_000_000
+    seed_rate_bps: int | None = None
+    clients: list[str] = field(default_factory=lambda: ["p2pd", "libtorrent", "aria2", "http"])
+    runs: int = 3
+    topology: str = "emu"
+    loss: float = 0.0
+    timeout_s: float | None = None
+    keep: bool = False
+    iperf: bool = True
+    p2pd_egress_limit: str | None = None
+    command: str = ""
+
+
+def preflight(tools: list[tuple[str, str]]) -> None:
+    """Raise BenchError naming exactly what is missing (root, a binary and its Debian package)."""
+    if os.geteuid() != 0:
+        raise BenchError("needs root: it creates network namespaces (run as root or with CAP_NET_ADMIN+SYS_ADMIN)")
+    for tool, pkg in tools:
+        if not shutil.which(tool):
+            raise BenchError(f"{tool} not found (apt-get install {pkg})")
+
+
+def measure_iperf(net: Net, seconds: int = 4) -> float:
+    """TCP goodput seed -> p1 in bit/s (iperf3, 1 s of slow start omitted): what a shaped link really carries."""
+    seed, p1 = net.seed, net.leechers[0]
+    srv = seed.host.popen(["iperf3", "-s", "-1", "-B", seed.ip, "-p", "5201"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            cp = p1.host.run(["iperf3", "-c", seed.ip, "-p", "5201", "-R", "-t", str(seconds), "-O", "1", "-J"],
+                             check=False, timeout=seconds + 30)
+            j = json.loads(cp.stdout) if cp.stdout.strip().startswith("{") else {}
+            if cp.returncode == 0 and "sum_received" in j.get("end", {}):
+                return float(j["end"]["sum_received"]["bits_per_second"])
+            time.sleep(0.1)  # server not listening yet (iperf3 -J reports that as {"error": ...})
+        raise BenchError(f"iperf3 failed: {cp.stdout[-300:]} {cp.stderr[-300:]}")
+    finally:
+        net.topo.stop(srv, timeout=3)
+
+
+def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON-able result (clients that failed a run are reported, not raised)."""
+    preflight([("ip", "iproute2"), ("tc", "iproute2"), ("cmp", "diffutils")]
+              + ([("iperf3", "iperf3")] if o.iperf and o.topology == "emu" else [])
+              + ([("iptables", "iptables")] if o.loss else []))
+    if o.peers < 1 or o.runs < 1 or o.size < 1:
+        raise BenchError("--peers, --runs and --size must be positive")
+    clients = clients if clients is not None else [make_client(c, o) for c in o.clients]
+    missing = [f"{c.name}: {m}" for c in clients if (m := c.missing())]
+    if missing:
+        raise BenchError("cannot run: " + "; ".join(missing))
+    need = o.size * (o.peers + 2) + (256 << 20)
+    free = shutil.disk_usage(SHM).free
+    if free < need:
+        raise BenchError(f"{SHM} has {free >> 20} MiB free, this run needs ~{need >> 20} MiB")
+
+    prefix = new_prefix()
+    work = os.path.join(SHM, f"netsim-{prefix}")
+    os.makedirs(os.path.join(work, "payload"))
+    os.chmod(work, 0o755)
+    os.chmod(os.path.join(work, "payload"), 0o755)
+    results: dict[str, list] = {c.name: [] for c in clients}
+    failures: dict[str, list[str]] = {c.name: [] for c in clients}
+    measured_bps: float | None = None
+    try:
+        payload = os.path.join(work, "payload", "payload.bin")
+        make_payload(payload, o.size)
+        with Topology(prefix) as topo:
+            net = build_net(topo, o.topology, o.peers, o.rate_bps if o.topology == "emu" else None,
+                            o.seed_rate_bps, o.loss)
+            t_min = t_min_nominal(o)
+            timeout = o.timeout_s or (max(120.0, 10 * t_min) if t_min else 600.0)
+            ctx = Ctx(net=net, payload=payload, size=o.size, work=work, timeout_s=timeout, log=log, keep_logs=o.keep)
+            ctx.say(f"{o.topology}: 1 seed + {o.peers} peers, {fmt_size(o.size)}"
+                    + (f" at {fmt_rate(o.rate_bps)}, T_min {t_min:.2f} s" if t_min else "") + f" ({prefix})")
+            if o.topology == "emu" and o.iperf:
+                measured_bps = measure_iperf(net)
+                ctx.say(f"iperf3 seed->p1: {measured_bps / 1e6:.1f} Mbit/s")
+            for c in clients:
+                c.prepare(ctx)
+            for r in range(o.runs):
+                k = r % len(clients)
+                for c in clients[k:] + clients[:k]:
+                    try:
+                        res = c.run(ctx, r)
+                    except BenchError as e:
+                        failures[c.name].append(f"run {r + 1}: {e}")
+                        ctx.say(f"run {r + 1}/{o.runs} {c.name}: FAILED: {e}")
+                        continue
+                    results[c.name].append(res)
+                    up = f", seed sent {res.seed_tx_bytes / o.size:.2f} F" if res.seed_tx_bytes is not None else ""
+                    ctx.say(f"run {r + 1}/{o.runs} {c.name}: {res.t_s:.2f} s"
+                            + (f" ({res.t_s / t_min:.2f}x T_min)" if t_min else "")
+                            + f" {o.peers * o.size / res.t_s / 1e6:.0f} MB/s delivered{up}")
+    finally:
+        if not o.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return report(o, results, failures, measured_bps)
+
+
+def t_min_nominal(o: SwarmOptions) -> float | None:
+    """Kumar-Ross bound with the nominal link rates (None on loopback: no rates)."""
+    if o.topology != "emu":
+        return None
+    s = o.seed_rate_bps or o.rate_bps
+    return kumar_ross(o.size, s, [o.rate_bps] * o.peers, [o.rate_bps] * o.peers)
+
+
+def report(o: SwarmOptions, results: dict[str, list], failures: dict[str, list[str]],
+           measured_bps: float | None) -> dict[str, Any]:
+    """The JSON object: parameters, bounds, and per client times, medians, ranges, ratios, seed upload."""
+    t_min = t_min_nominal(o)
+    t_min_meas = None
+    if t_min and measured_bps:
+        s = o.seed_rate_bps or o.rate_bps
+        scale = measured_bps / min(s, o.rate_bps)  # the measured path is seed-up -> peer-down
+        t_min_meas = kumar_ross(o.size, s * scale, [o.rate_bps * scale] * o.peers, [o.rate_bps * scale] * o.peers)
+    out: dict[str, Any] = {
+        "benchmark": "swarm", "topology": o.topology, "command": o.command,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "peers": o.peers, "size_bytes": o.size, "rate_bps": o.rate_bps if o.topology == "emu" else None,
+        "seed_rate_bps": (o.seed_rate_bps or o.rate_bps) if o.topology == "emu" else None, "loss": o.loss,
+        "runs": o.runs,
+        "t_min_s": None if t_min is None else round(t_min, 3),
+        "t_min_measured_s": None if t_min_meas is None else round(t_min_meas, 3),
+        "iperf3_bps": None if measured_bps is None else round(measured_bps),
+        "clients": {},
+    }
+    for name, rs in results.items():
+        times = [r.t_s for r in rs]
+        st = summarize(times)
+        ups = [r.seed_tx_bytes / o.size for r in rs if r.seed_tx_bytes is not None]
+        agg = [o.peers * o.size / t / 1e6 for t in times]
+        rss = [r.rss_max_mb for r in rs if r.rss_max_mb is not None]
+        med = st["median"]
+        out["clients"][name] = {
+            "times_s": times, "median_s": med, "min_s": st["min"], "max_s": st["max"],
+            "ratio": None if med is None or not t_min else round(med / t_min, 3),
+            "ratio_range": None if med is None or not t_min else [round(st["min"] / t_min, 3),
+                                                                   round(st["max"] / t_min, 3)],
+            "ratio_measured": None if med is None or not t_min_meas else round(med / t_min_meas, 3),
+            "seed_upload_F": None if not ups else round(summarize(ups)["median"], 3),
+            "seed_upload_F_runs": [round(u, 3) for u in ups],
+            "agg_MBps": None if not agg else round(summarize(agg)["median"], 1),
+            "agg_MBps_runs": [round(a, 1) for a in agg],
+            "per_leecher_s": [r.per_leecher_s for r in rs],
+            "rss_max_mb": max(rss) if rss else None,
+            "failures": failures[name],
+        }
+    out["headline"] = headline(out)
+    return out
+
+
+def headline(res: dict[str, Any]) -> str:
+    """One line: each client's ratio to T_min (emu) or delivered MB/s (loopback), best first."""
+    cl = res["clients"]
+    size = fmt_size(res["size_bytes"])
+    if res["topology"] == "emu":
+        ok = sorted(((v["ratio"], k) for k, v in cl.items() if v["ratio"] is not None))
+        parts = [f"{k} {r:.2f}x" for r, k in ok] + [f"{k} FAILED" for k, v in cl.items() if v["ratio"] is None]
+        return (f"swarm 1+{res['peers']} {size} @ {fmt_rate(res['rate_bps'])}: T/T_min (T_min {res['t_min_s']:.2f} s): "
+                + ", ".join(parts))
+    ok = sorted(((v["agg_MBps"], k) for k, v in cl.items() if v["agg_MBps"] is not None), reverse=True)
+    parts = [f"{k} {m:.0f} MB/s" for m, k in ok] + [f"{k} FAILED" for k, v in cl.items() if v["agg_MBps"] is None]
+    line = f"swarm loopback 1+{res['peers']} {size}: delivered " + ", ".join(parts)
+    if cl.get("p2pd", {}).get("agg_MBps") and cl.get("libtorrent", {}).get("agg_MBps"):
+        line += f" (p2pd/libtorrent {cl['p2pd']['agg_MBps'] / cl['libtorrent']['agg_MBps']:.2f})"
+    return line

@@ -1,0 +1,52 @@
+"""Emulation tests run real processes in network namespaces: they need root and iproute2 (`ip`, `tc`).
+
+They skip, saying exactly what is missing, where that is not available; .ci/run installs everything and runs as
+root, so in CI nothing here skips. Every test checks that no namespace of this process is left afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from netsim.emu import list_namespaces
+from netsim.emu.topology import PREFIX_ROOT
+
+
+def emu_unavailable() -> str | None:
+    """Why namespaces cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "needs root: creates network namespaces (run the emu tests as root)"
+    for tool in ("ip", "tc"):
+        if not shutil.which(tool):
+            return f"`{tool}` not found: apt-get install iproute2"
+    probe = f"{PREFIX_ROOT}{os.getpid():x}xprobe-x"
+    cp = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
+    if cp.returncode != 0:
+        return f"`ip netns add` failed (needs CAP_SYS_ADMIN and CAP_NET_ADMIN): {cp.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], check=True)
+    return None
+
+
+_REASON = emu_unavailable()
+
+
+def ours() -> list[str]:
+    """Namespaces created by this test process (netsim prefixes carry the creator's PID)."""
+    mine = f"{PREFIX_ROOT}{os.getpid():x}x"
+    return [n for n in list_namespaces() if n.startswith(mine)]
+
+
+@pytest.fixture
+def emu() -> Iterator[None]:
+    """Skip unless namespaces can be made; afterwards assert that none of ours is left."""
+    if _REASON:
+        pytest.skip(_REASON)
+    assert ours() == [], f"namespaces left by an earlier test: {ours()}"
+    yield
+    left = ours()
+    assert left == [], f"namespaces left behind: {left}"

@@ -1,0 +1,134 @@
+"""The same behaviour from both stores: MemoryStore and RedisStore (a real redis-server per test)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from tracker.store import Heartbeat, MemoryStore, Store
+from tracker.testing import Procs, make_manifest, nid, start_redis
+from tracker.validate import TrackerError
+
+A1, A2 = "a" * 64, "b" * 64
+INTERVAL = 0.1
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, procs: Procs) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore(INTERVAL)
+        return
+    from tracker.redis_store import RedisStore
+
+    _, url = start_redis(procs)
+    s = await RedisStore.connect(url, INTERVAL)
+    try:
+        yield s
+    finally:
+        await s.aclose()
+
+
+async def add(store: Store, i: int, zone: str = "z1") -> tuple[str, int]:
+    r = await store.register(nid(i), "10.0.0.1", 7000 + i, {"zone": zone}, "0.1.0")
+    return nid(i), r.session
+
+
+async def beat(store: Store, node: str, holdings: dict[str, float] | None, session: int | None = None) -> bool:
+    (k,) = await store.heartbeat_many([Heartbeat(node, holdings, session)])
+    return k
+
+
+async def test_peer_order_zone_exclusion_and_bounds(store: Store) -> None:
+    me, _ = await add(store, 0, "z1")
+    same = [(await add(store, i, "z1"))[0] for i in range(1, 4)]
+    other = [(await add(store, i, "z2"))[0] for i in range(4, 7)]
+    partial = [(await add(store, i, "z1"))[0] for i in range(7, 9)]
+    known = await store.heartbeat_many(
+        [Heartbeat(n, {A1: 1.0}) for n in same + other] + [Heartbeat(n, {A1: 0.5}) for n in partial]
+        + [Heartbeat(me, {A1: 0.0}), Heartbeat(nid(99), None)]
+    )
+    assert known == [True] * 9 + [False]
+    got = await store.peers(A1, me, 50)
+    ids = [p["node_id"] for p in got]
+    assert set(ids[:3]) == set(same) and set(ids[3:6]) == set(other) and set(ids[6:]) == set(partial)
+    assert me not in ids
+    assert got[0]["addr"][0] == "10.0.0.1" and got[0]["progress"] == 1.0 and got[-1]["progress"] == 0.5
+    assert len(await store.peers(A1, me, 2)) == 2
+    assert await store.peers(A2, me, 10) == []
+    assert len(await store.peers(A1, None, 50)) == 9  # requester unknown: everyone, incl. node 0 (progress 0)
+
+
+async def test_holdings_delta_session_and_leave(store: Store) -> None:
+    a, sa = await add(store, 1)
+    b, _ = await add(store, 2)
+    assert await beat(store, a, {A1: 0.5, A2: 1.0})
+    assert await beat(store, a, None, sa)  # unchanged: holdings kept
+    assert not await beat(store, a, None, sa + 1)  # wrong session: unknown
+    assert [p["progress"] for p in await store.peers(A1, b, 5)] == [0.5]
+    assert await beat(store, a, {A1: 1.0, A2: 1.0})
+    assert [p["progress"] for p in await store.peers(A1, b, 5)] == [1.0]
+    assert [p["node_id"] for p in await store.peers(A2, b, 5)] == [a]
+    assert await beat(store, a, {A1: 1.0})
+    assert await store.peers(A2, b, 5) == []
+    assert await store.leave(a)
+    assert not await store.leave(a)
+    assert await store.peers(A1, b, 5) == []
+    assert not await beat(store, a, None, sa)
+    c, _ = await add(store, 3)
+    await beat(store, c, {A1: 1.0})
+    assert await store.evict(c)
+    assert await store.peers(A1, b, 5) == []
+    st = await store.stats()
+    assert st["nodes"] == 1 and st["leaves"] == 1 and st["evictions"] == 1
+
+
+async def test_expiry_after_three_intervals(store: Store) -> None:
+    a, _ = await add(store, 1)
+    b, _ = await add(store, 2)
+    await beat(store, a, {A1: 1.0})
+    for _ in range(5):  # b heartbeats, a falls silent
+        await trio.sleep(INTERVAL)
+        assert await beat(store, b, None)
+        gone = await store.expire()
+        if a in gone:
+            break
+    assert a in gone and b not in gone
+    assert await store.peers(A1, b, 5) == []
+    assert [n["node_id"] for n in await store.node_list(100)] == [b]
+
+
+async def test_names_tags_history(store: Store) -> None:
+    m1, m2 = make_manifest(1), make_manifest(2)
+    id1 = await store.publish("llama:v1", m1)
+    id2 = await store.publish("llama:v1", m2)  # moving a tag by publishing again
+    assert await store.resolve("llama:v1") == (id2, m2)
+    assert await store.manifest(id1) == m1  # ids never change or vanish
+    assert await store.tag("llama:v1", id1)
+    assert not await store.tag("llama:v1", id1)
+    assert [h["artifact_id"] for h in await store.history("llama:v1")] == [id1, id2, id1]
+    for coro in (store.resolve("x:y"), store.manifest("c" * 64), store.tag("x:y", "c" * 64)):
+        with pytest.raises(TrackerError) as e:
+            await coro
+        assert e.value.code == "not_found"
+    with pytest.raises(TrackerError) as e:
+        await store.publish("x:y", b"junk")
+    assert e.value.code == "bad_request"
+
+
+async def test_admin_views(store: Store) -> None:
+    a, _ = await add(store, 1, "z7")
+    aid = await store.publish("m:v1", make_manifest(3))
+    await beat(store, a, {aid: 0.25, A2: 1.0})
+    (node,) = await store.node_list(10)
+    assert node["node_id"] == a and node["labels"] == {"zone": "z7"} and node["holdings"] == 2
+    arts = {x["artifact_id"]: x for x in await store.artifact_list()}
+    assert arts[aid]["names"] == ["m:v1"] and arts[aid]["partial"] == 1 and arts[aid]["size"] == 3 << 20
+    assert arts[A2]["complete"] == 1 and not arts[A2]["has_manifest"]
+    sw = await store.swarm(aid)
+    assert sw["holders"] == [{"node_id": a, "addr": ["10.0.0.1", 7001], "zone": "z7", "progress": 0.25}]
+    st = await store.stats()
+    assert st["nodes"] == 1 and st["publishes"] == 1 and st["heartbeats"] >= 1
+    with pytest.raises(TrackerError):
+        await store.swarm("c" * 64)

@@ -1,0 +1,508 @@
+"""Tracker state in Redis, so several tracker replicas share it and killing one loses nothing.
+
+Every state change is one Lua script (atomic, one round trip), and all replicas use Redis's own clock
+(`TIME` inside the scripts), so replicas never disagree about who expired because of clock skew.
+
+Keys (prefix `p2p:`, in the database of the URL):
+- `alive`           ZSET node id -> last heartbeat (ms, Redis clock): expiry = ZRANGEBYSCORE
+- `n:{id}`          HASH host, port, zone, labels (JSON), version, s (session), reg
+- `h:{id}`          HASH artifact id -> progress (what the node holds)
+- `ac:{aid}:{zone}` SET complete holders in a zone;  `ap:{aid}:{zone}` HASH partial holder -> progress
+- `az:{aid}`        SET zones with holders of the artifact
+- `m:{aid}`         manifest bytes;  `mi:{aid}` HASH size, pieces, kind;  `arts` SET of artifact ids
+- `t:{name}`        LIST "aid wall-time" (tag history, last 100; the last entry is current);  `names` SET
+- `c`               HASH counters;  `interval` the interval the first replica was started with
+
+Cost per heartbeat (measured in BENCHMARKS.md): an unchanged heartbeat is HMGET + ZADD inside the
+batch script — 2 Redis operations, and one EVALSHA round trip per *batch* of heartbeats (the UDP front
+end batches whatever arrived together). A holdings change adds O(changed artifacts) operations.
+Peer lists are sampled inside Redis (SRANDMEMBER/HRANDFIELD) so their cost does not grow with the
+swarm. Every replica runs the expiry script; it is idempotent, so no leader election is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from typing import Any
+
+from p2pd.protocol import manifest as mf
+from tracker.resp import Redis, RedisError, RedisUnavailable
+from tracker.store import Heartbeat, Registration
+from tracker.validate import TrackerError
+
+log = logging.getLogger("tracker.redis")
+
+__all__ = ["RedisStore", "RedisUnavailable"]
+
+EXPIRE_BATCH = 10_000
+
+_COMMON = r"""
+local P = ARGV[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function unhold(aid, zone, id)
+  local ck, pk = P..'ac:'..aid..':'..zone, P..'ap:'..aid..':'..zone
+  redis.call('SREM', ck, id)
+  redis.call('HDEL', pk, id)
+  if redis.call('EXISTS', ck, pk) == 0 then redis.call('SREM', P..'az:'..aid, zone) end
+end
+local function hold(aid, zone, id, p)
+  local ck, pk = P..'ac:'..aid..':'..zone, P..'ap:'..aid..':'..zone
+  if tonumber(p) >= 1 then
+    redis.call('HDEL', pk, id)
+    redis.call('SADD', ck, id)
+  else
+    redis.call('SREM', ck, id)
+    redis.call('HSET', pk, id, p)
+  end
+  redis.call('SADD', P..'az:'..aid, zone)
+  redis.call('SADD', P..'arts', aid)
+end
+local function set_holdings(id, zone, start, n)
+  local hk = P..'h:'..id
+  local old = redis.call('HGETALL', hk)
+  local oldm, newm = {}, {}
+  for i = 1, #old, 2 do oldm[old[i]] = old[i + 1] end
+  redis.call('DEL', hk)
+  local args = {}
+  for i = start, start + 2 * n - 1, 2 do
+    local aid, p = ARGV[i], ARGV[i + 1]
+    newm[aid] = p
+    if oldm[aid] ~= p then hold(aid, zone, id, p) end
+    args[#args + 1] = aid
+    args[#args + 1] = p
+    if #args >= 200 then redis.call('HSET', hk, unpack(args)); args = {} end
+  end
+  if #args > 0 then redis.call('HSET', hk, unpack(args)) end
+  for aid, _ in pairs(oldm) do
+    if newm[aid] == nil then unhold(aid, zone, id) end
+  end
+end
+local function drop(id)
+  local nk = P..'n:'..id
+  redis.call('ZREM', P..'alive', id)
+  local zone = redis.call('HGET', nk, 'zone')
+  if not zone then return 0 end
+  for _, aid in ipairs(redis.call('HKEYS', P..'h:'..id)) do unhold(aid, zone, id) end
+  redis.call('DEL', P..'h:'..id, nk)
+  return 1
+end
+local function tag(name, aid, wall)
+  if redis.call('EXISTS', P..'m:'..aid) == 0 then return -1 end
+  local tk = P..'t:'..name
+  local last = redis.call('LINDEX', tk, -1)
+  if last and string.sub(last, 1, 64) == aid then return 0 end
+  redis.call('RPUSH', tk, aid..' '..wall)
+  redis.call('LTRIM', tk, -100, -1)
+  redis.call('SADD', P..'names', name)
+  return 1
+end
+"""
+
+SCRIPTS = {
+    # ARGV: P, id, host, port, zone, labels, version, session
+    "register": r"""
+local id, zone = ARGV[2], ARGV[5]
+local nk = P..'n:'..id
+local now = now_ms()
+local oldzone = redis.call('HGET', nk, 'zone')
+if oldzone and oldzone ~= zone then
+  local h = redis.call('HGETALL', P..'h:'..id)
+  for i = 1, #h, 2 do
+    unhold(h[i], oldzone, id)
+    hold(h[i], zone, id, h[i + 1])
+  end
+end
+if not oldzone then redis.call('HSET', nk, 'reg', now) end
+redis.call('HSET', nk, 'host', ARGV[3], 'port', ARGV[4], 'zone', zone, 'labels', ARGV[6], 'version', ARGV[7],
+           's', ARGV[8])
+redis.call('ZADD', P..'alive', now, id)
+redis.call('HINCRBY', P..'c', 'registrations', 1)
+return now
+""",
+    # ARGV: P, count, then per heartbeat: id, session ('' = not checked), n (-1 = unchanged), n pairs
+    "heartbeat": r"""
+local now = now_ms()
+local known = {}
+local i = 3
+local ok_n, unknown_n = 0, 0
+for b = 1, tonumber(ARGV[2]) do
+  local id, sess, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  i = i + 3
+  local f = redis.call('HMGET', P..'n:'..id, 's', 'zone')
+  if f[1] and (sess == '' or f[1] == sess) then
+    redis.call('ZADD', P..'alive', 'XX', now, id)
+    if n >= 0 then set_holdings(id, f[2], i, n) end
+    known[b] = 1
+    ok_n = ok_n + 1
+  else
+    known[b] = 0
+    unknown_n = unknown_n + 1
+  end
+  if n > 0 then i = i + 2 * n end
+end
+if ok_n > 0 then redis.call('HINCRBY', P..'c', 'heartbeats', ok_n) end
+if unknown_n > 0 then redis.call('HINCRBY', P..'c', 'unknown_heartbeats', unknown_n) end
+return known
+""",
+    # ARGV: P, id, counter
+    "drop": r"""
+local gone = drop(ARGV[2])
+if gone == 1 then redis.call('HINCRBY', P..'c', ARGV[3], 1) end
+return gone
+""",
+    # ARGV: P, ttl_ms, limit
+    "expire": r"""
+local cutoff = now_ms() - tonumber(ARGV[2])
+local ids = redis.call('ZRANGEBYSCORE', P..'alive', '-inf', '('..cutoff, 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do drop(id) end
+if #ids > 0 then redis.call('HINCRBY', P..'c', 'expirations', #ids) end
+return ids
+""",
+    # ARGV: P, aid, manifest, size, pieces, kind, name, wall
+    "publish": r"""
+local aid = ARGV[2]
+redis.call('SET', P..'m:'..aid, ARGV[3], 'NX')
+redis.call('HSET', P..'mi:'..aid, 'size', ARGV[4], 'pieces', ARGV[5], 'kind', ARGV[6])
+redis.call('SADD', P..'arts', aid)
+redis.call('HINCRBY', P..'c', 'publishes', 1)
+return tag(ARGV[7], aid, ARGV[8])
+""",
+    # ARGV: P, name, aid, wall
+    "tag": r"""
+return tag(ARGV[2], ARGV[3], ARGV[4])
+""",
+    # ARGV: P, name
+    "resolve": r"""
+local last = redis.call('LINDEX', P..'t:'..ARGV[2], -1)
+if not last then return false end
+local aid = string.sub(last, 1, 64)
+return {aid, redis.call('GET', P..'m:'..aid)}
+""",
+    # ARGV: P, aid, requester, max. Returns groups {complete, same_zone, size, {id, host, port, progress}*}
+    "peers": r"""
+local aid, req, max = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local rzone = false
+if req ~= '' then rzone = redis.call('HGET', P..'n:'..req, 'zone') end
+redis.call('HINCRBY', P..'c', 'peer_queries', 1)
+local out = {}
+for _, z in ipairs(redis.call('SRANDMEMBER', P..'az:'..aid, 64)) do
+  local same = (z == rzone) and 1 or 0
+  local ck, pk = P..'ac:'..aid..':'..z, P..'ap:'..aid..':'..z
+  local n = redis.call('SCARD', ck)
+  if n > 0 then
+    local g = {}
+    for _, id in ipairs(redis.call('SRANDMEMBER', ck, max + 1)) do
+      local a = redis.call('HMGET', P..'n:'..id, 'host', 'port')
+      if a[1] then g[#g + 1] = id; g[#g + 1] = a[1]; g[#g + 1] = a[2]; g[#g + 1] = '1.0' end
+    end
+    out[#out + 1] = {1, same, n, g}
+  end
+  n = redis.call('HLEN', pk)
+  if n > 0 then
+    local g = {}
+    local r = redis.call('HRANDFIELD', pk, max + 1, 'WITHVALUES')
+    for i = 1, #r, 2 do
+      local a = redis.call('HMGET', P..'n:'..r[i], 'host', 'port')
+      if a[1] then g[#g + 1] = r[i]; g[#g + 1] = a[1]; g[#g + 1] = a[2]; g[#g + 1] = r[i + 1] end
+    end
+    out[#out + 1] = {0, same, n, g}
+  end
+end
+return out
+""",
+}
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _progress(p: float) -> str:
+    return "1.0" if p >= 1.0 else repr(float(p))
+
+
+class RedisStore:
+    kind = "redis"
+
+    def __init__(self, redis: Redis, interval: float = 1.0, misses: int = 3, *, prefix: str = "p2p:",
+                 rng: random.Random | None = None) -> None:
+        self.redis = redis
+        self.interval = interval
+        self.misses = misses
+        self.prefix = prefix
+        self.rng = rng or random.Random()
+        self._sha: dict[str, str] = {}
+        self._policy: dict[str, Any] = {}
+
+    @classmethod
+    async def connect(cls, url: str, interval: float = 1.0, misses: int = 3, **kw: Any) -> RedisStore:
+        """Connect, check Redis answers, load the scripts; RedisUnavailable with a clear message if not."""
+        try:
+            redis = Redis(url)
+        except ValueError as e:
+            raise RedisUnavailable(str(e)) from e
+        store = cls(redis, interval, misses, **kw)
+        try:
+            info = _s(await redis.execute("INFO", "server"))
+            ver = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                        if line.startswith("redis_version:")), "0")
+            if tuple(int(x) for x in ver.split(".")[:2]) < (6, 2):
+                raise RedisUnavailable(f"{redis.where} runs Redis {ver}; the tracker needs 6.2 or newer (HRANDFIELD)")
+            await store._load_scripts()
+            prev = await redis.execute("SET", store.prefix + "interval", repr(interval), "NX", "GET")
+            if prev is not None and float(_s(prev)) != interval:
+                log.warning("other replicas on %s use --interval %s, this one %s: use the same everywhere",
+                            redis.where, _s(prev), interval)
+        except RedisError as e:
+            await redis.aclose()
+            raise RedisUnavailable(f"{redis.where}: {e}") from e
+        except RedisUnavailable:
+            await redis.aclose()
+            raise
+        log.info("store: %s", redis.where)
+        return store
+
+    async def _load_scripts(self) -> None:
+        for name, body in SCRIPTS.items():
+            self._sha[name] = _s(await self.redis.execute("SCRIPT", "LOAD", _COMMON + body))
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        try:
+            try:
+                return await self.redis.execute("EVALSHA", self._sha[name], 0, self.prefix, *args)
+            except RedisError as e:
+                if not str(e).startswith("NOSCRIPT"):
+                    raise
+                await self._load_scripts()  # Redis restarted or SCRIPT FLUSH
+                return await self.redis.execute("EVALSHA", self._sha[name], 0, self.prefix, *args)
+        except RedisUnavailable as e:
+            raise TrackerError("unavailable", f"tracker store unavailable: {e}") from e
+        except RedisError as e:
+            raise TrackerError("internal", f"tracker store error in {name}: {e}") from e
+
+    async def _cmds(self, cmds: list[list[Any]]) -> list[Any]:
+        try:
+            out = await self.redis.pipeline(cmds)
+        except RedisUnavailable as e:
+            raise TrackerError("unavailable", f"tracker store unavailable: {e}") from e
+        for r in out:
+            if isinstance(r, RedisError):
+                raise TrackerError("internal", f"tracker store error: {r}")
+        return out
+
+    # ---- nodes -------------------------------------------------------------------------------------
+
+    async def register(self, node_id: str, host: str, port: int, labels: dict[str, str], version: str) -> Registration:
+        session = self.rng.getrandbits(31)
+        await self._run("register", node_id, host, port, labels.get("zone", ""),
+                        json.dumps(labels, sort_keys=True, separators=(",", ":")), version, session)
+        return Registration(self.interval, session)
+
+    async def heartbeat_many(self, beats: list[Heartbeat]) -> list[bool]:
+        args: list[Any] = [len(beats)]
+        for b in beats:
+            args += [b.node_id, "" if b.session is None else b.session, -1 if b.holdings is None else len(b.holdings)]
+            if b.holdings:
+                for aid, p in b.holdings.items():
+                    args += [aid, _progress(p)]
+        known = await self._run("heartbeat", *args)
+        return [bool(k) for k in known]
+
+    async def leave(self, node_id: str) -> bool:
+        return bool(await self._run("drop", node_id, "leaves"))
+
+    async def evict(self, node_id: str) -> bool:
+        return bool(await self._run("drop", node_id, "evictions"))
+
+    async def expire(self) -> list[str]:
+        ttl_ms = int(self.misses * self.interval * 1000)
+        return [_s(x) for x in await self._run("expire", ttl_ms, EXPIRE_BATCH)]
+
+    # ---- names -------------------------------------------------------------------------------------
+
+    async def publish(self, name: str, manifest_bytes: bytes) -> str:
+        try:
+            m = mf.decode(manifest_bytes)
+        except mf.ManifestError as e:
+            raise TrackerError("bad_request", f"invalid manifest: {e}") from e
+        aid = hashlib.sha256(manifest_bytes).hexdigest()
+        await self._run("publish", aid, manifest_bytes, m.total_size, m.num_pieces, m.kind, name, _wall())
+        return aid
+
+    async def tag(self, name: str, artifact_id: str) -> bool:
+        r = await self._run("tag", name, artifact_id, _wall())
+        if r == -1:
+            raise TrackerError("not_found", f"no manifest for artifact {artifact_id}: publish it first")
+        return r == 1
+
+    async def resolve(self, name: str) -> tuple[str, bytes]:
+        r = await self._run("resolve", name)
+        if not r:
+            raise TrackerError("not_found", f"unknown name {name!r}")
+        return _s(r[0]), bytes(r[1])
+
+    async def manifest(self, artifact_id: str) -> bytes:
+        (r,) = await self._cmds([["GET", self.prefix + "m:" + artifact_id]])
+        if r is None:
+            raise TrackerError("not_found", f"unknown artifact {artifact_id}")
+        return bytes(r)
+
+    async def history(self, name: str) -> list[dict[str, Any]]:
+        (r,) = await self._cmds([["LRANGE", self.prefix + "t:" + name, 0, -1]])
+        out = []
+        for e in r:
+            aid, _, at = _s(e).partition(" ")
+            out.append({"artifact_id": aid, "at": float(at)})
+        return out
+
+    # ---- peers -------------------------------------------------------------------------------------
+
+    async def peers(self, artifact_id: str, requester: str | None, max_peers: int) -> list[dict[str, Any]]:
+        if max_peers <= 0:
+            return []
+        groups = await self._run("peers", artifact_id, requester or "", max_peers)
+        # (complete, same zone) -> list of (zone size, candidates)
+        buckets: dict[tuple[bool, bool], list[tuple[int, list[dict[str, Any]]]]] = {}
+        for complete, same, size, flat in groups:
+            cands = []
+            for i in range(0, len(flat), 4):
+                nid = _s(flat[i])
+                if nid == requester:
+                    continue
+                cands.append({"node_id": nid, "addr": [_s(flat[i + 1]), int(flat[i + 2])],
+                              "progress": float(_s(flat[i + 3]))})
+            self.rng.shuffle(cands)
+            buckets.setdefault((bool(complete), bool(same)), []).append((int(size), cands))
+        out: list[dict[str, Any]] = []
+        for key in ((True, True), (True, False), (False, True), (False, False)):
+            zones = buckets.get(key, [])
+            # draw zones in proportion to their size, so the union is sampled about uniformly
+            while len(out) < max_peers and zones:
+                total = sum(size for size, c in zones if c)
+                if total == 0:
+                    break
+                r = self.rng.randrange(total)
+                for j, (size, c) in enumerate(zones):
+                    if not c:
+                        continue
+                    if r < size:
+                        out.append(c.pop())
+                        zones[j] = (size - 1, c)
+                        break
+                    r -= size
+        return out
+
+    async def policy(self) -> dict[str, Any]:
+        return self._policy
+
+    # ---- admin views -------------------------------------------------------------------------------
+
+    async def node_list(self, limit: int) -> list[dict[str, Any]]:
+        p = self.prefix
+        (ids, (now_s, now_us)) = await self._cmds([["ZRANGE", p + "alive", 0, max(0, limit - 1), "WITHSCORES"],
+                                                   ["TIME"]])
+        now_ms = int(now_s) * 1000 + int(now_us) // 1000
+        pairs = [(_s(ids[i]), float(ids[i + 1])) for i in range(0, len(ids), 2)]
+        if not pairs:
+            return []
+        cmds: list[list[Any]] = []
+        for nid, _ in pairs:
+            cmds.append(["HMGET", p + "n:" + nid, "host", "port", "labels", "version", "reg"])
+            cmds.append(["HGETALL", p + "h:" + nid])
+        res = await self._cmds(cmds)
+        out = []
+        for k, (nid, seen) in enumerate(pairs):
+            host, port, labels, version, reg = res[2 * k]
+            if host is None:
+                continue
+            h = res[2 * k + 1]
+            progress = [float(_s(h[i + 1])) for i in range(0, len(h), 2)]
+            out.append({
+                "node_id": nid, "addr": [_s(host), int(port)], "labels": json.loads(_s(labels or b"{}")),
+                "version": _s(version or b""), "age_s": round((now_ms - int(reg or now_ms)) / 1000, 3),
+                "last_seen_s": round((now_ms - seen) / 1000, 3), "heartbeats": None,
+                "holdings": len(progress), "complete": sum(1 for x in progress if x >= 1.0),
+            })
+        return out
+
+    async def _holders(self, aid: str) -> tuple[list[tuple[str, str, float]], Any]:
+        p = self.prefix
+        (zones, info) = await self._cmds([["SMEMBERS", p + "az:" + aid], ["HGETALL", p + "mi:" + aid]])
+        zs = [_s(z) for z in zones]
+        cmds: list[list[Any]] = []
+        for z in zs:
+            cmds += [["SMEMBERS", f"{p}ac:{aid}:{z}"], ["HGETALL", f"{p}ap:{aid}:{z}"]]
+        res = await self._cmds(cmds) if cmds else []
+        holders: list[tuple[str, str, float]] = []
+        for k, z in enumerate(zs):
+            holders += [(_s(n), z, 1.0) for n in res[2 * k]]
+            part = res[2 * k + 1]
+            holders += [(_s(part[i]), z, float(_s(part[i + 1]))) for i in range(0, len(part), 2)]
+        return holders, info
+
+    async def artifact_list(self) -> list[dict[str, Any]]:
+        p = self.prefix
+        (arts, names) = await self._cmds([["SMEMBERS", p + "arts"], ["SMEMBERS", p + "names"]])
+        name_list = [_s(n) for n in names]
+        lasts = await self._cmds([["LINDEX", p + "t:" + n, -1] for n in name_list]) if name_list else []
+        by_aid: dict[str, list[str]] = {}
+        for n, last in zip(name_list, lasts, strict=True):
+            if last is not None:
+                by_aid.setdefault(_s(last)[:64], []).append(n)
+        out = []
+        for a in sorted(_s(x) for x in arts):
+            holders, info = await self._holders(a)
+            d = {_s(info[i]): _s(info[i + 1]) for i in range(0, len(info), 2)}
+            if not holders and not d:
+                await self._cmds([["SREM", p + "arts", a]])  # held once, by nobody now, never published
+                continue
+            out.append({
+                "artifact_id": a, "names": sorted(by_aid.get(a, [])), "kind": d.get("kind", ""),
+                "size": int(d.get("size", 0)), "pieces": int(d.get("pieces", 0)),
+                "complete": sum(1 for h in holders if h[2] >= 1.0), "partial": sum(1 for h in holders if h[2] < 1.0),
+                "has_manifest": bool(d),
+            })
+        return out
+
+    async def swarm(self, artifact_id: str) -> dict[str, Any]:
+        holders, info = await self._holders(artifact_id)
+        d = {_s(info[i]): _s(info[i + 1]) for i in range(0, len(info), 2)}
+        if not holders and not d:
+            raise TrackerError("not_found", f"unknown artifact {artifact_id}")
+        holders = holders[:1000]
+        addrs = await self._cmds([["HMGET", self.prefix + "n:" + n, "host", "port"] for n, _, _ in holders]) \
+            if holders else []
+        rows = []
+        for (n, z, prog), (host, port) in zip(holders, addrs, strict=True):
+            if host is not None:
+                rows.append({"node_id": n, "addr": [_s(host), int(port)], "zone": z, "progress": prog})
+        rows.sort(key=lambda h: (-h["progress"], h["node_id"]))
+        return {"artifact_id": artifact_id, "kind": d.get("kind", ""), "size": int(d.get("size", 0)),
+                "pieces": int(d.get("pieces", 0)), "complete": sum(1 for r in rows if r["progress"] >= 1.0),
+                "partial": sum(1 for r in rows if r["progress"] < 1.0), "holders": rows}
+
+    async def stats(self) -> dict[str, Any]:
+        p = self.prefix
+        c, nodes, arts, names = await self._cmds([["HGETALL", p + "c"], ["ZCARD", p + "alive"],
+                                                  ["SCARD", p + "arts"], ["SCARD", p + "names"]])
+        counters = {_s(c[i]): int(c[i + 1]) for i in range(0, len(c), 2)}
+        out: dict[str, Any] = {"store": self.kind, "redis": self.redis.where, "nodes": nodes, "artifacts": arts,
+                               "names": names, "interval": self.interval, "ttl": self.misses * self.interval}
+        for k in ("registrations", "heartbeats", "unknown_heartbeats", "leaves", "expirations", "evictions",
+                  "publishes", "peer_queries"):
+            out[k] = counters.get(k, 0)
+        return out
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+
+def _wall() -> float:
+    return round(time.time(), 3)
