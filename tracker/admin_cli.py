@@ -1,16 +1,177 @@
-"""`p2p-tracker admin ...` (being written)."""
+"""`p2p-tracker admin ...`: the admin API from a terminal (rich tables) or a script (`--json`).
+
+Plain blocking HTTP (urllib) on purpose: a CLI call is one request, and keeping it synchronous keeps
+errors simple. Every failure a person can act on is one line on stderr and exit code 1:
+unreachable tracker, refused token (401), unknown node or name (404), malformed input (400/422).
+`--tracker` and `--token` default to $P2P_TRACKER_ADMIN_URL and $P2P_TRACKER_ADMIN_TOKEN.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
 admin_app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Administer a running tracker over its HTTP admin API."
+    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+    help="Administer a running tracker over its HTTP admin API.",
 )
+
+Url = Annotated[str, typer.Option("--tracker", envvar="P2P_TRACKER_ADMIN_URL",
+                                  help="Admin API base URL, e.g. http://127.0.0.1:7071")]
+Token = Annotated[str, typer.Option("--token", envvar="P2P_TRACKER_ADMIN_TOKEN", help="Admin bearer token.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table.")]
+TIMEOUT = 10.0
+
+
+class AdminError(Exception):
+    pass
+
+
+def request(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
+    if not base.startswith(("http://", "https://")):
+        base = "http://" + base
+    url = base.rstrip("/") + path
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={
+        "Authorization": f"Bearer {token}", "Accept": "application/json",
+        **({"Content-Type": "application/json"} if data is not None else {}),
+    })
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:  # noqa: S310 (operator-given URL)
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            msg = e.reason
+        if e.code == 401:
+            raise AdminError(f"the tracker at {base} refused the admin token (401): check --token") from None
+        raise AdminError(f"{msg} (HTTP {e.code})") from None
+    except urllib.error.URLError as e:
+        raise AdminError(f"cannot reach the tracker admin API at {base}: {e.reason}") from None
+    except (TimeoutError, ConnectionError) as e:
+        raise AdminError(f"cannot reach the tracker admin API at {base}: {e}") from None
+    except ValueError as e:
+        raise AdminError(f"{base} did not answer with JSON ({e}): is it the tracker's admin address?") from None
+
+
+def call(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
+    try:
+        return request(base, token, method, path, body)
+    except AdminError as e:
+        typer.echo(f"p2p-tracker: error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def out_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def size(n: int) -> str:
+    f = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if f < 1024 or unit == "TiB":
+            return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
+        f /= 1024
+    return str(n)
+
+
+def console() -> Console:
+    # piped output gets a wide fixed width so ids are never cut; a terminal uses its own width
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 @admin_app.command()
-def stats() -> None:
-    """Counters of a tracker."""
-    typer.echo("not implemented yet", err=True)
-    raise typer.Exit(1)
+def nodes(tracker: Url, token: Token, json_: Json = False,
+          limit: Annotated[int, typer.Option(help="At most this many nodes.")] = 1000) -> None:
+    """Registered nodes: address, labels, version, holdings, last heartbeat."""
+    r = call(tracker, token, "GET", f"/v1/nodes?limit={limit}")
+    if json_:
+        return out_json(r)
+    t = Table(title=f"{len(r['nodes'])} node(s)")
+    for col in ("node", "address", "zone", "version", "holds", "complete", "last seen", "age"):
+        t.add_column(col, justify="right" if col in ("holds", "complete", "last seen", "age") else "left",
+                     no_wrap=col == "node")
+    for n in r["nodes"]:
+        host, port = n["addr"]
+        t.add_row(n["node_id"], f"{host}:{port}", n["labels"].get("zone", ""), n["version"], str(n["holdings"]),
+                  str(n["complete"]), f"{n['last_seen_s']:.1f}s", f"{n['age_s']:.0f}s")
+    console().print(t)
+
+
+@admin_app.command()
+def artifacts(tracker: Url, token: Token, json_: Json = False) -> None:
+    """Artifacts known to the tracker: names, size, complete and partial holders."""
+    r = call(tracker, token, "GET", "/v1/artifacts")
+    if json_:
+        return out_json(r)
+    t = Table(title=f"{len(r['artifacts'])} artifact(s)")
+    for col in ("artifact", "names", "kind", "size", "pieces", "complete", "partial"):
+        t.add_column(col, justify="right" if col in ("size", "pieces", "complete", "partial") else "left")
+    for a in sorted(r["artifacts"], key=lambda a: (a["names"] == [], a["names"], a["artifact_id"])):
+        t.add_row(a["artifact_id"][:16], ", ".join(a["names"]) or "-", a["kind"] or "-",
+                  size(a["size"]) if a["has_manifest"] else "-", str(a["pieces"] or "-"), str(a["complete"]),
+                  str(a["partial"]))
+    console().print(t)
+
+
+@admin_app.command()
+def swarm(name: Annotated[str, typer.Argument(help="NAME:TAG or a 64-hex artifact id.")],
+          tracker: Url, token: Token, json_: Json = False) -> None:
+    """Holders of an artifact and their progress."""
+    key = "artifact_id" if ":" not in name else "name"
+    r = call(tracker, token, "GET", "/v1/swarm?" + urllib.parse.urlencode({key: name}))
+    if json_:
+        return out_json(r)
+    t = Table(title=f"{name}  {r['artifact_id'][:16]}  {size(r['size'])}  "
+                    f"{r['complete']} complete, {r['partial']} partial")
+    for col in ("node", "address", "zone", "progress"):
+        t.add_column(col, justify="right" if col == "progress" else "left")
+    for h in r["holders"]:
+        host, port = h["addr"]
+        t.add_row(h["node_id"], f"{host}:{port}", h["zone"], f"{h['progress'] * 100:.1f}%")
+    console().print(t)
+
+
+@admin_app.command()
+def evict(node: Annotated[str, typer.Argument(help="Node id (32 hex).")], tracker: Url, token: Token,
+          json_: Json = False) -> None:
+    """Drop a node from the registry and every peer list now (a live node registers again)."""
+    r = call(tracker, token, "POST", f"/v1/nodes/{urllib.parse.quote(node)}/evict")
+    if json_:
+        return out_json(r)
+    typer.echo(f"evicted {r['evicted']}")
+
+
+@admin_app.command()
+def tag(name: Annotated[str, typer.Argument(help="NAME:TAG to point.")],
+        artifact_id: Annotated[str, typer.Argument(metavar="ID", help="Published artifact id (64 hex).")],
+        tracker: Url, token: Token, json_: Json = False) -> None:
+    """Point NAME:TAG at a published artifact (the previous target stays in the tag's history)."""
+    r = call(tracker, token, "PUT", f"/v1/tags/{urllib.parse.quote(name)}", {"artifact_id": artifact_id})
+    if json_:
+        return out_json(r)
+    typer.echo(f"{r['name']} -> {r['artifact_id']} ({'moved' if r['moved'] else 'unchanged'})")
+
+
+@admin_app.command()
+def stats(tracker: Url, token: Token, json_: Json = False) -> None:
+    """Counters of the tracker: nodes, artifacts, heartbeats, expirations, evictions..."""
+    r = call(tracker, token, "GET", "/v1/stats")
+    if json_:
+        return out_json(r)
+    t = Table(title=f"tracker stats ({time.strftime('%H:%M:%S')})", show_header=False)
+    t.add_column("key")
+    t.add_column("value", justify="right")
+    for k, v in r.items():
+        t.add_row(k, str(v))
+    console().print(t)

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import trio
 import typer
 
 from p2pd.rpc import parse_hostport
@@ -68,6 +67,8 @@ def serve(
         fail("--interval must be positive")
     if admin_addr is not None and not admin_token:
         fail("--admin-listen needs --admin-token (or $P2P_TRACKER_ADMIN_TOKEN): the admin API never runs open")
+    import trio
+
     try:
         trio.run(_serve, host, port, interval, store, admin_addr, admin_token, udp, ready_file)
     except OSError as e:
@@ -99,6 +100,8 @@ async def _serve(
     host: str, port: int, interval: float, store_spec: str, admin_addr: tuple[str, int] | None,
     admin_token: str | None, udp: bool, ready_file: Path | None,
 ) -> None:
+    import trio
+
     from tracker.server import TrackerServer, fmt_hostport
 
     store = await open_store(store_spec, interval)

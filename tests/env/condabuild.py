@@ -226,6 +226,53 @@ def build_hellopy(chan: Path) -> None:
                         "package_metadata_version": 1})
 
 
+def dist_closure(names: list[str]) -> dict[str, object]:
+    """Installed distributions ``names`` and everything they require (markers evaluated, no extras)."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    seen: dict[str, object] = {}
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        key = name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        dist = md.distribution(name)  # PackageNotFoundError names what is missing on this machine
+        seen[key] = dist
+        for r in dist.requires or []:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def build_bundle(chan: Path, dists: list[str], name: str = "pybundle") -> None:
+    """Copy installed distributions (e.g. ray and its requirements) into one conda package.
+
+    Why: a realistic, large env (hundreds of MB of .py, .so and data files; ``import ray`` works in it)
+    for the env benchmark and the Ray plugin, built offline from what this machine already has.
+    """
+    import importlib.metadata as md
+
+    with tempfile.TemporaryDirectory() as td:
+        root = Path(td)
+        sp = root / "lib" / f"python{PY_VER}" / "site-packages"
+        for dist in dist_closure(dists).values():
+            assert isinstance(dist, md.PathDistribution)
+            for f in dist.files or []:
+                if ".." in f.parts:  # console scripts outside site-packages: not needed here
+                    continue
+                src = Path(str(dist.locate_file(f)))
+                if src.is_file():
+                    dst = sp / f
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, dst)
+        _write_package(root, chan, "linux-64",
+                       _index(name, "1.0", "h0_0", "linux-64", [f"python {PY_VER}.*"]), _paths_of(root))
+
+
 def build_wheel(out_dir: Path, name: str = "hellopip", version: str = "1.0") -> Path:
     """A pure-Python wheel with a console script, written by hand (a wheel is a zip with dist-info)."""
     files = {
@@ -280,7 +327,11 @@ def _rattler_env(chan: Path, prefix: Path, cache: Path, specs: list[str]) -> Non
 
 
 def main(argv: list[str]) -> None:
-    """``channel CHAN`` | ``env CHAN PREFIX CACHE SPEC...``; exits with os._exit (see module doc)."""
+    """``channel CHAN [DIST,DIST...]`` | ``env CHAN PREFIX CACHE SPEC...``; exits with os._exit (see module doc).
+
+    With DISTs (installed distributions, e.g. ``ray,numpy``) the channel also gets ``pybundle``:
+    ``SPEC`` ``pybundle`` then makes an env of a few hundred MB in which ``import ray`` works.
+    """
     code = 0
     try:
         if argv[0] == "channel":
@@ -289,9 +340,12 @@ def main(argv: list[str]) -> None:
             build_hello(chan)
             build_python(chan)
             build_hellopy(chan)
+            if len(argv) > 2:  # e.g. "ray,numpy": a large realistic env, `pybundle`
+                build_bundle(chan, argv[2].split(","))
             _rattler_index(chan)
         elif argv[0] == "env":
-            _rattler_env(Path(argv[1]), Path(argv[2]), Path(argv[3]), argv[4:])
+            # absolute: conda-meta records the cache path, and conda-pack reads it from there later
+            _rattler_env(Path(argv[1]).resolve(), Path(argv[2]).resolve(), Path(argv[3]).resolve(), argv[4:])
         else:
             raise SystemExit(f"unknown command {argv[0]!r}")
     except BaseException as e:  # report, then leave without running rattler's exit-time destructors

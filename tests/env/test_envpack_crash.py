@@ -91,6 +91,6 @@ def test_cleanup_stale_skips_ids_in_progress(packed: Packed, envs_root: Path) ->
         assert held
         removed = cleanup_stale(envs_root)
         assert [p.name.startswith(f".tmp-{crashed}-") for p in removed] == [True]
-        assert sorted(os.listdir(envs_root)) == [f".tmp-{busy}-0123456789ab", f".{busy}.lock"]
+        assert sorted(os.listdir(envs_root)) == sorted([f".tmp-{busy}-0123456789ab", f".{busy}.lock"])
     assert cleanup_stale(envs_root) == [envs_root / f".tmp-{busy}-0123456789ab"]
     assert os.listdir(envs_root) == []

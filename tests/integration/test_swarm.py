@@ -1,0 +1,256 @@
+"""Loopback swarms with real daemons: correctness, resume, failures, throttling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pd.demo import generate_model
+from tests.integration.harness import Cluster, fast_dir, sha256_tree, wait_until
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def make_file(path: Path, size: int, seed: int = 1) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(MiB)
+    with open(path, "wb") as fh:
+        i = 0
+        while size > 0:
+            n = min(MiB, size)
+            fh.write(i.to_bytes(8, "little") + bytes([seed]) + block[9:n] if n > 9 else block[:n])
+            size -= n
+            i += 1
+    return path
+
+
+@pytest.fixture
+def bigdir() -> Iterator[Path]:
+    yield from fast_dir(11 * GiB)
+
+
+@pytest.mark.slow
+async def test_one_seed_four_peers_2gib_identical(bigdir: Path) -> None:
+    """1 seed + 4 peers, several files totalling > 2 GiB: every copy identical (hashlib sha256)."""
+    c = Cluster(bigdir)
+    try:
+        c.start_tracker()
+        src = bigdir / "src" / "model"
+        generate_model(src, 2 * GiB + 3 * MiB + 12345)
+        (src / "empty.txt").write_bytes(b"")
+        seed = await c.start_node("seed")
+        peers = [await c.start_node(f"peer{i}") for i in range(4)]
+        await c.publish(seed, src, "model:v1")
+        paths: dict[str, Path] = {}
+
+        async def one(p: object) -> None:
+            paths[p.name] = await c.fetch(p, "model:v1", timeout=600)  # type: ignore[attr-defined]
+
+        t0 = time.monotonic()
+        async with trio.open_nursery() as n:
+            for p in peers:
+                n.start_soon(one, p)
+        elapsed = time.monotonic() - t0
+        expected = sha256_tree(src)
+        assert len(expected) >= 4
+        for name, path in paths.items():
+            assert sha256_tree(path) == expected, f"{name} differs"
+        seed_up = (await seed.artifact(next(iter([a for a in (await seed.call('status'))['artifacts']]))["artifact_id"]))
+        print(f"4 peers x {2 * GiB / 1e9:.2f} GB in {elapsed:.1f} s; seed uploaded {seed_up['uploaded'] / 2 / GiB:.2f} F")
+    finally:
+        c.close()
+
+
+async def test_kill9_resume_refetches_only_in_flight(cluster: Cluster, workdir: Path) -> None:
+    src = make_file(workdir / "src" / "weights.bin", 256 * MiB)
+    seed = await cluster.start_node("seed", "--egress-limit", "40MB/s")
+    leech = await cluster.start_node("leech", "--pipeline", "4")
+    aid = await cluster.publish(seed, src, "weights:v1")
+    total = 256
+
+    async with trio.open_nursery() as n:
+        n.start_soon(cluster.cli, leech, "fetch", "weights:v1")
+
+        async def progressed() -> int:
+            a = await leech.artifact(aid)
+            return a["pieces_done"] if a and a["pieces_done"] >= total * 0.4 else 0
+
+        seen = await wait_until(progressed, 60, 0.05, "40% downloaded")
+        cluster.kill(leech, signal.SIGKILL)
+        n.cancel_scope.cancel()
+    await cluster.restart(leech)
+    a = await leech.artifact(aid)
+    assert a is not None
+    resumed = a["resumed_pieces"]
+    in_flight_max = 4 + 8  # pipeline depth + verify queue: pieces received but not yet on disk
+    assert resumed >= seen, f"journal lost verified pieces: resumed {resumed} < seen {seen}"
+    path = await cluster.fetch(leech, "weights:v1")
+    a = await leech.artifact(aid)
+    fetched_after = a["downloaded"] / MiB
+    assert fetched_after <= total - resumed + in_flight_max, (fetched_after, resumed)
+    assert sha256_tree(path) == sha256_tree(src)
+    print(f"killed at >= {seen} pieces, resumed with {resumed}, fetched {fetched_after:.0f} more of {total}")
+
+
+async def test_non_seed_source_killed_others_complete(cluster: Cluster, workdir: Path) -> None:
+    """The seed is slow (egress cap) so peers feed each other; killing one of them must not stall the rest."""
+    src = make_file(workdir / "src" / "blob.bin", 192 * MiB)
+    seed = await cluster.start_node("seed", "--egress-limit", "60MB/s")
+    peers = [await cluster.start_node(f"p{i}") for i in range(3)]
+    aid = await cluster.publish(seed, src, "blob:v1")
+    paths: dict[str, Path] = {}
+
+    async def one(node: object) -> None:
+        paths[node.name] = await cluster.fetch(node, "blob:v1")  # type: ignore[attr-defined]
+
+    async with trio.open_nursery() as n:
+        n.start_soon(one, peers[1])
+        n.start_soon(one, peers[2])
+        n.start_soon(cluster.cli, peers[0], "fetch", "blob:v1")
+
+        async def uploading() -> bool:
+            a = await peers[0].artifact(aid)
+            return bool(a and a["uploaded"] > 8 * MiB and a["pieces_done"] < a["pieces_total"] * 0.8)
+
+        await wait_until(uploading, 60, 0.05, "peer 0 serving others")
+        cluster.kill(peers[0], signal.SIGKILL)
+    want = sha256_tree(src)
+    for name, p in paths.items():
+        assert sha256_tree(p) == want, name
+
+
+async def test_corrupt_source_is_banned_and_result_identical(cluster: Cluster, workdir: Path) -> None:
+    good_src = make_file(workdir / "good" / "w.bin", 96 * MiB)
+    bad_src = workdir / "bad" / "w.bin"
+    bad_src.parent.mkdir()
+    bad_src.write_bytes(good_src.read_bytes())
+    good = await cluster.start_node("good", "--egress-limit", "30MB/s")
+    bad = await cluster.start_node("bad")
+    leech = await cluster.start_node("leech")
+    aid = await cluster.publish(good, good_src, "w:v1")
+    assert await cluster.publish(bad, bad_src, "w:v1") == aid
+    with open(bad_src, "r+b") as fh:  # bit rot on the bad node after it published: every piece is wrong
+        for off in range(0, 96 * MiB, MiB):
+            fh.seek(off + 1000)
+            fh.write(b"\xff\x00\xff")
+    path = await cluster.fetch(leech, "w:v1")
+    assert sha256_tree(path) == sha256_tree(good_src)
+    a = await leech.artifact(aid)
+    assert a is not None and a["banned_peers"] == 1
+    assert "fails verification" in leech.log_text()
+
+
+async def test_stalled_peer_dropped_within_about_a_second(cluster: Cluster, workdir: Path) -> None:
+    src = make_file(workdir / "src" / "s.bin", 128 * MiB)
+    a_seed = await cluster.start_node("a", "--egress-limit", "40MB/s")
+    b_seed = await cluster.start_node("b", "--egress-limit", "40MB/s")
+    leech = await cluster.start_node("leech")
+    aid = await cluster.publish(a_seed, src, "s:v1")
+    await cluster.publish(b_seed, src, "s:v1")
+    async with trio.open_nursery() as n:
+        n.start_soon(cluster.fetch, leech, "s:v1")
+
+        async def two_peers() -> bool:
+            a = await leech.artifact(aid)
+            return bool(a and a["peers"] == 2 and a["pieces_done"] > 10)
+
+        await wait_until(two_peers, 30, 0.05, "two peers")
+        os.kill(b_seed.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+
+        async def one_peer() -> bool:
+            a = await leech.artifact(aid)
+            return bool(a and (a["peers"] == 1 or a["state"] == "complete"))
+
+        await wait_until(one_peer, 10, 0.05, "stalled peer dropped")
+        dropped_after = time.monotonic() - t0
+    os.kill(b_seed.proc.pid, signal.SIGCONT)
+    assert "stalled" in leech.log_text()
+    assert dropped_after < 2.5, dropped_after
+    path = (await leech.artifact(aid))["path"]
+    assert sha256_tree(Path(path)) == sha256_tree(src)
+
+
+async def test_egress_limit_50MBps_within_10_percent(cluster: Cluster, workdir: Path) -> None:
+    src = make_file(workdir / "src" / "r.bin", 400 * MiB)
+    seed = await cluster.start_node("seed", "--egress-limit", "50MB/s")
+    leech = await cluster.start_node("leech")
+    aid = await cluster.publish(seed, src, "r:v1")
+    samples: list[tuple[float, int]] = []
+    async with trio.open_nursery() as n:
+        n.start_soon(cluster.fetch, leech, "r:v1")
+        while True:
+            a = await leech.artifact(aid)
+            if a is not None:
+                samples.append((time.monotonic(), a["bytes_done"]))
+                if a["state"] == "complete":
+                    break
+            await trio.sleep(0.05)
+    size = 400 * MiB
+    lo = next(s for s in samples if s[1] >= 0.1 * size)
+    hi = next(s for s in samples if s[1] >= 0.9 * size)
+    rate = (hi[1] - lo[1]) / (hi[0] - lo[0])
+    print(f"measured {rate / 1e6:.1f} MB/s with --egress-limit 50MB/s")
+    assert 45e6 <= rate <= 55e6, rate
+
+
+async def test_sigterm_says_goodbye_and_journal_survives(cluster: Cluster, workdir: Path) -> None:
+    src = make_file(workdir / "src" / "g.bin", 128 * MiB)
+    seed = await cluster.start_node("seed", "--egress-limit", "30MB/s")
+    leech = await cluster.start_node("leech")
+    aid = await cluster.publish(seed, src, "g:v1")
+    async with trio.open_nursery() as n:
+        n.start_soon(cluster.cli, leech, "fetch", "g:v1")
+
+        async def some() -> int:
+            a = await leech.artifact(aid)
+            return a["pieces_done"] if a and a["pieces_done"] > 20 else 0
+
+        seen = await wait_until(some, 30, 0.05, "some progress")
+        t0 = time.monotonic()
+        cluster.kill(leech, signal.SIGTERM)
+        stop_s = time.monotonic() - t0
+        n.cancel_scope.cancel()
+    assert leech.proc.returncode == 0, leech.log_text()[-2000:]
+    assert stop_s < 5
+    assert "goodbye" in leech.log_text()
+    await cluster.restart(leech)
+    a = await leech.artifact(aid)
+    assert a is not None and a["resumed_pieces"] >= seen
+
+
+async def test_bad_requests_get_clear_errors(cluster: Cluster, workdir: Path) -> None:
+    node = await cluster.start_node("n")
+    r = await cluster.cli(node, "fetch", "no-such-model:v9")
+    assert r.returncode != 0 and b"not published" in r.stderr and b"Traceback" not in r.stderr
+    r = await cluster.cli(node, "fetch", "bad name")
+    assert r.returncode != 0 and b"invalid name" in r.stderr
+    r = await cluster.cli(node, "publish", str(workdir / "missing"), "--name", "x:1")
+    assert r.returncode != 0 and b"does not exist" in r.stderr
+    r = await cluster.cli(node, "status", "--socket", str(workdir / "nope.sock"))
+    assert r.returncode != 0 and b"cannot reach the p2pd daemon" in r.stderr
+
+
+async def test_garbage_on_peer_port_closes_only_that_connection(cluster: Cluster, workdir: Path) -> None:
+    src = make_file(workdir / "src" / "x.bin", 32 * MiB)
+    seed = await cluster.start_node("seed")
+    leech = await cluster.start_node("leech")
+    await cluster.publish(seed, src, "x:v1")
+    for payload in (b"\x00\x00\x00\x05\x63hello", b"\xff" * 64, b"\x00\x10\x00\x00\x01" + b"x" * 100):
+        s = trio.socket.socket()
+        await s.connect(("127.0.0.1", seed.port))
+        await s.send(payload)
+        with trio.fail_after(10):
+            while await s.recv(4096):
+                pass
+        s.close()
+    path = await cluster.fetch(leech, "x:v1")
+    assert sha256_tree(path) == sha256_tree(src)
+    assert seed.proc.poll() is None

@@ -1,0 +1,294 @@
+"""End to end on a real local multi-node Ray cluster, each Ray node with its own real p2pd daemon.
+
+One tracker and three daemons (`p2p-tracker serve`, `p2pd run`) run as subprocesses on 127.0.0.1; a
+three-node `ray.cluster_utils.Cluster` is started with the plugin registered (RAY_RUNTIME_ENV_PLUGINS
+in the environment of the process that starts the cluster) and each Ray node pointed at its own daemon
+through `P2PD_SOCKET` in that node's environment (RayParams.env_vars, which the raylet, its
+runtime_env agent and its workers inherit). The first daemon is the publisher (it seeds in place).
+
+Everything is module-scoped (one cluster, ~15 s to start on 2 cores) and torn down by PID at the end,
+pass or fail. The last test stops a daemon, so the order of the tests in this file matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'ray[default]==2.60.0'")
+pytest.importorskip("safetensors", reason="safetensors is not installed: pip install safetensors")
+
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.exceptions import RuntimeEnvSetupError  # noqa: E402
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
+from ray_testutil import Daemon, P2PNet, tree_digests  # noqa: E402
+
+from ray_plugin import daemon_client, models  # noqa: E402
+from ray_plugin.inference import InferencePool, preheat  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+NODES = 3
+PLUGINS = '[{"class": "ray_plugin.plugin.P2PPlugin"}]'
+MLP_SIZES = [16, 64, 64, 4]
+
+
+@dataclass
+class Env:
+    net: P2PNet
+    cluster: Cluster
+    node_ids: list[str]  # node_ids[i] runs against daemons[i]
+    daemons: list[Daemon]
+    root: Path
+
+    def on(self, i: int) -> NodeAffinitySchedulingStrategy:
+        return NodeAffinitySchedulingStrategy(self.node_ids[i], soft=False)
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    root = Path(tempfile.mkdtemp(prefix="p2pray-", dir="/tmp"))  # short: Unix socket paths are limited
+    net = P2PNet(root)
+    cluster: Cluster | None = None
+    try:
+        net.start_tracker()
+        daemons = [net.start_daemon(f"n{i}") for i in range(NODES)]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RAY_RUNTIME_ENV_PLUGINS", PLUGINS)  # read by every node's runtime_env agent
+            mp.setenv("RUNTIME_ENV_RETRY_INTERVAL_MS", "200")  # Ray retries a failed setup 3 times; faster here
+            mp.delenv("P2PD_SOCKET", raising=False)
+            mp.delenv("P2PD_DATA_DIR", raising=False)
+            common = {"num_cpus": 2, "node_ip_address": "127.0.0.1", "object_store_memory": 80 * 1024 * 1024}
+            cluster = Cluster(
+                initialize_head=True,
+                head_node_args={
+                    **common,
+                    "include_dashboard": False,
+                    "env_vars": {"P2PD_SOCKET": str(daemons[0].socket)},
+                },
+            )
+            nodes = [cluster.head_node]
+            for d in daemons[1:]:
+                nodes.append(cluster.add_node(**common, env_vars={"P2PD_SOCKET": str(d.socket)}))
+            ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+        yield Env(net, cluster, [n.node_id for n in nodes], daemons, root)
+    finally:
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
+        finally:
+            net.close()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _digests_task(model_env: str = "P2P_MODEL_DIR") -> Any:
+    @ray.remote(num_cpus=0, max_retries=0)
+    def read_model() -> dict[str, Any]:
+        import hashlib
+        import os
+        from pathlib import Path
+
+        base = Path(os.environ[model_env])
+        files = sorted(p for p in base.rglob("*") if p.is_file())
+        return {
+            "socket": os.environ.get("P2PD_SOCKET"),
+            "dir": str(base),
+            "dirs": os.environ.get("P2P_MODEL_DIRS"),
+            "digests": {str(p.relative_to(base)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files},
+        }
+
+    return read_model
+
+
+def _make_files(root: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    (root / "weights.bin").write_bytes(rng.bytes(3 * 1024 * 1024 + 123))  # several pieces, a ragged tail
+    (root / "sub").mkdir()
+    (root / "sub" / "tokenizer.json").write_text('{"vocab": ["a", "b"]}')
+    (root / "config.json").write_text('{"seed": %d}' % seed)
+    return root
+
+
+def test_task_reads_the_published_files_on_every_node(env: Env) -> None:
+    src = _make_files(env.root / "src-files", seed=1)
+    env.net.publish(src, "files:v1", via=env.daemons[0])
+    want = tree_digests(src)
+    t0 = time.monotonic()
+    task = _digests_task().options(runtime_env={"p2p": {"model": "files:v1"}})
+    got = ray.get([task.options(scheduling_strategy=env.on(i)).remote() for i in range(NODES)], timeout=120)
+    print(f"3 nodes: submit -> files read everywhere in {time.monotonic() - t0:.2f} s")
+    for i, g in enumerate(got):
+        assert g["digests"] == want, f"node {i}"
+        assert g["socket"] == str(env.daemons[i].socket)  # each Ray node used its own daemon
+        assert g["dirs"] == g["dir"]
+        if i > 0:  # fetched into that node's daemon cache, not read from the publisher's copy
+            assert g["dir"].startswith(str(env.daemons[i].data_dir)), g["dir"]
+
+
+def test_several_models_and_preheat(env: Env) -> None:
+    a = _make_files(env.root / "src-a", seed=2)
+    b = _make_files(env.root / "src-b", seed=3)
+    env.net.publish(a, "multi-a:v1", via=env.daemons[0])
+    env.net.publish(b, "multi-b:v1", via=env.daemons[0])
+    results = preheat("multi-b:v1", timeout=120)  # every node fetches ahead of the job
+    assert set(results) == set(env.node_ids)
+    for i, nid in enumerate(env.node_ids):
+        assert results[nid]["socket"] == str(env.daemons[i].socket)
+        assert tree_digests(results[nid]["path"]) == tree_digests(b)
+    task = _digests_task().options(
+        runtime_env={"p2p": {"model": ["multi-a:v1", "multi-b:v1"]}}, scheduling_strategy=env.on(2)
+    )
+    got = ray.get(task.remote(), timeout=120)
+    dirs = got["dirs"].split(os.pathsep)
+    assert len(dirs) == 2 and got["dir"] == dirs[0]
+    assert tree_digests(dirs[0]) == tree_digests(a) and tree_digests(dirs[1]) == tree_digests(b)
+    assert dirs[1] == results[env.node_ids[2]]["path"]  # the preheated copy
+
+
+def test_inference_workers_serve_the_model_and_route_around_a_killed_one(env: Env) -> None:
+    layers = models.make_mlp(MLP_SIZES, seed=7)
+    models.save_mlp(layers, env.root / "src-mlp", activation="relu")
+    env.net.publish(env.root / "src-mlp", "mlp:v1", via=env.daemons[0])
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((5, MLP_SIZES[0])).astype(np.float32) for _ in range(30)]
+
+    t0 = time.monotonic()
+    pool = InferencePool("mlp:v1", num_workers=NODES, num_cpus=0.5)
+    try:
+        first = pool.infer(batches[0], timeout=120)
+        print(f"submit -> first inference result: {time.monotonic() - t0:.2f} s")
+        np.testing.assert_allclose(first, models.forward_numpy(layers, batches[0]), rtol=1e-4, atol=1e-5)
+        assert pool.wait_ready(timeout=120) == NODES
+        assert {info["node_id"] for info in pool.info.values()} == set(env.node_ids)  # SPREAD: one per node
+        for info in pool.info.values():
+            assert (
+                info["model_dir"].endswith(tuple(str(d.data_dir) for d in env.daemons))
+                or "cache" in info["model_dir"]
+                or info["model_dir"] == str(env.root / "src-mlp")
+            )
+
+        outs = pool.map(batches)
+        for x, y in zip(batches, outs, strict=True):
+            np.testing.assert_allclose(y, models.forward_numpy(layers, x), rtol=1e-4, atol=1e-5)
+
+        victim = 1
+        served_before = pool.router.workers[victim].successes
+        ray.kill(pool.workers[victim])
+        outs = pool.map(batches)  # every request still answered, correctly
+        for x, y in zip(batches, outs, strict=True):
+            np.testing.assert_allclose(y, models.forward_numpy(layers, x), rtol=1e-4, atol=1e-5)
+        st = pool.stats()
+        assert st[victim]["failures"] >= 1 and st[victim]["weight"] == 0.0
+        assert pool.router.workers[victim].successes == served_before
+        assert st[victim]["picks"] - served_before <= 2  # at most the failed request and one probe
+        others = [i for i in range(NODES) if i != victim]
+        assert sum(pool.router.workers[i].successes for i in others) >= 2 * len(batches)
+        np.testing.assert_allclose(
+            pool.infer(batches[3], timeout=60), models.forward_numpy(layers, batches[3]), rtol=1e-4, atol=1e-5
+        )
+    finally:
+        pool.shutdown()
+
+
+def _make_venv(path: Path, system_site: bool) -> Path:
+    argv = [sys.executable, "-m", "venv", "--without-pip", str(path)]
+    if system_site:
+        argv.insert(-1, "--system-site-packages")  # Ray comes from the cluster's own site-packages
+    subprocess.run(argv, check=True, timeout=120)
+    site = path / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (site / "p2p_env_marker.py").write_text(f"WHERE = {path.name!r}\n")
+    return path
+
+
+def _publish_env(env: Env, venv: Path, name: str) -> None:
+    from p2pd import envpack
+
+    archive, meta = envpack.pack(venv=venv, out_dir=env.root / "packed", fmt="tar", name=venv.name)
+    params = {"path": str(archive), "name": name, "kind": "env", "meta": meta}
+    asyncio.run(daemon_client.call("publish", params, path=env.daemons[0].socket))
+
+
+def test_actor_runs_in_the_packed_env(env: Env) -> None:
+    pytest.importorskip("venv_pack", reason="venv-pack is not installed: pip install venv-pack")
+    _publish_env(env, _make_venv(env.root / "venv-good", system_site=True), "pyenv:v1")
+
+    @ray.remote(num_cpus=0)
+    class InEnv:
+        def where(self) -> dict[str, Any]:
+            import os
+            import sys
+
+            import p2p_env_marker  # only the packed env has it
+
+            return {
+                "executable": sys.executable,
+                "prefix": sys.prefix,
+                "marker": p2p_env_marker.WHERE,
+                "env_dir": os.environ.get("P2P_ENV_DIR"),
+                "path0": os.environ["PATH"].split(os.pathsep)[0],
+            }
+
+    actor = InEnv.options(runtime_env={"p2p": {"env": "pyenv:v1"}}, scheduling_strategy=env.on(1)).remote()
+    try:
+        got = ray.get(actor.where.remote(), timeout=120)
+    finally:
+        ray.kill(actor)
+    env_dir = got["env_dir"]
+    assert env_dir and env_dir.startswith(str(env.daemons[1].data_dir))  # unpacked by node 1's daemon
+    assert got["executable"] == os.path.join(env_dir, "bin", "python")
+    assert got["prefix"] == env_dir and got["marker"] == "venv-good"
+    assert got["path0"] == os.path.join(env_dir, "bin")
+
+
+def test_env_without_ray_is_refused_with_our_message(env: Env) -> None:
+    pytest.importorskip("venv_pack", reason="venv-pack is not installed: pip install venv-pack")
+    _publish_env(env, _make_venv(env.root / "venv-noray", system_site=False), "noray:v1")
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def never() -> None:
+        raise AssertionError("must not start: Ray would hang in an env without ray")
+
+    with pytest.raises(RuntimeEnvSetupError) as ei:
+        ray.get(never.options(runtime_env={"p2p": {"env": "noray:v1"}}).remote(), timeout=120)
+    assert "does not contain Ray" in str(ei.value) and "install ray==" in str(ei.value)
+
+
+def test_unknown_name_surfaces_our_message(env: Env) -> None:
+    task = _digests_task().options(runtime_env={"p2p": {"model": "nope:404"}})
+    with pytest.raises(RuntimeEnvSetupError) as ei:
+        ray.get(task.remote(), timeout=120)
+    msg = str(ei.value)
+    assert "no artifact named nope:404" in msg and "p2pd publish PATH --name nope:404" in msg
+
+
+def test_invalid_spec_is_rejected_at_submit() -> None:
+    @ray.remote
+    def f() -> None: ...
+
+    with pytest.raises(ValueError, match="unknown key"):
+        ray.get(f.options(runtime_env={"p2p": {"modle": "x:1"}}).remote(), timeout=60)
+
+
+def test_daemon_down_surfaces_our_message(env: Env) -> None:
+    """Last: it stops node 2's daemon."""
+    env.net.stop_daemon(env.daemons[2])
+    task = _digests_task().options(runtime_env={"p2p": {"model": "files:v2"}}, scheduling_strategy=env.on(2))
+    with pytest.raises(RuntimeEnvSetupError) as ei:
+        ray.get(task.remote(), timeout=120)
+    msg = str(ei.value)
+    assert str(env.daemons[2].socket) in msg and "p2pd run" in msg

@@ -1,0 +1,190 @@
+"""HTTP admin API of the tracker: FastAPI (OpenAPI at /openapi.json, docs at /docs) on hypercorn's trio
+worker, so it runs in the tracker's own nursery next to the RPC and UDP front ends.
+
+Why FastAPI + hypercorn: the OpenAPI description comes from the code (it cannot drift from it), the
+request validation is declarative, hypercorn serves ASGI on trio natively, and both are widely used
+and maintained. The app only calls the `Store` interface, so it works the same on memory and Redis.
+
+Security: every route except `/healthz`, `/openapi.json` and `/docs` needs `Authorization: Bearer
+TOKEN` (compared in constant time); without it the answer is 401. `/metrics` is behind the token too
+(Prometheus sends it with `authorization: {credentials: TOKEN}` in the scrape config). Request bodies
+are capped at 64 KiB (413), malformed ones get 422 with the reason, and errors are JSON
+`{"error": {"code", "message"}}` like the RPC's.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+import trio
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from tracker import validate as V
+from tracker.validate import TrackerError
+
+log = logging.getLogger("tracker.admin")
+MAX_BODY = 64 * 1024
+STATUS = {"bad_request": 400, "not_found": 404, "unauthorized": 401, "unavailable": 503, "internal": 500}
+
+
+class Unauthorized(Exception):
+    pass
+
+
+class TagBody(BaseModel):
+    artifact_id: str = Field(pattern=r"^[0-9a-f]{64}$", description="64 hex chars")
+
+
+def error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers or None)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over MAX_BODY bytes (413) before the app reads them."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            await error(413, "bad_request", f"request body over {MAX_BODY // 1024} KiB")(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > MAX_BODY:
+                raise TrackerError("bad_request", f"request body over {MAX_BODY // 1024} KiB")
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+def make_app(server: Any, token: str) -> Any:
+    """The admin ASGI app for a `tracker.server.TrackerServer` (its store and metrics)."""
+    store = server.store
+    metrics = server.metrics
+    bearer = HTTPBearer(auto_error=False, description="The tracker's admin token (--admin-token).")
+    expected = token.encode()
+
+    async def auth(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if cred is None or cred.scheme.lower() != "bearer" or not hmac.compare_digest(cred.credentials.encode(),
+                                                                                     expected):
+            raise Unauthorized()
+
+    app = FastAPI(
+        title="p2pd tracker admin API", version="1",
+        description="Nodes, artifacts, swarms, tags and counters of a p2pd tracker. Bearer token required.",
+    )
+    guarded = [Depends(auth)]
+
+    @app.exception_handler(Unauthorized)
+    async def _unauth(request: Request, exc: Unauthorized) -> JSONResponse:
+        return error(401, "unauthorized", "missing or wrong admin token", **{"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(TrackerError)
+    async def _terr(request: Request, exc: TrackerError) -> JSONResponse:
+        return error(STATUS.get(exc.code, 500), exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return error(422, "bad_request", f"invalid request: {msgs}")
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.admin_requests[(getattr(route, "path", "other"), response.status_code)] += 1
+        return response
+
+    @app.get("/healthz", summary="Liveness (no token needed)")
+    async def healthz() -> dict[str, Any]:
+        return {"ok": True, "store": store.kind}
+
+    @app.get("/v1/stats", dependencies=guarded, summary="Counters and sizes")
+    async def stats() -> dict[str, Any]:
+        return await store.stats()
+
+    @app.get("/v1/nodes", dependencies=guarded, summary="Registered nodes (oldest heartbeat first)")
+    async def nodes(limit: int = Query(1000, ge=1, le=100_000)) -> dict[str, Any]:
+        return {"nodes": await store.node_list(limit)}
+
+    @app.post("/v1/nodes/{node_id}/evict", dependencies=guarded, summary="Drop a node now")
+    async def evict(node_id: str) -> dict[str, Any]:
+        V.node_id(node_id)
+        if not await store.evict(node_id):
+            raise TrackerError("not_found", f"no node {node_id}")
+        log.info("node %s evicted by admin", node_id)
+        return {"evicted": node_id}
+
+    @app.get("/v1/artifacts", dependencies=guarded, summary="Artifacts: names, size, holders")
+    async def artifacts() -> dict[str, Any]:
+        return {"artifacts": await store.artifact_list()}
+
+    @app.get("/v1/swarm", dependencies=guarded, summary="Holders of an artifact and their progress")
+    async def swarm(name: str | None = None, artifact_id: str | None = None) -> dict[str, Any]:
+        if (name is None) == (artifact_id is None):
+            raise TrackerError("bad_request", "give exactly one of name=NAME:TAG or artifact_id=ID")
+        if name is not None:
+            aid, _ = await store.resolve(V.name(name))
+        else:
+            aid = V.artifact_id(artifact_id)
+        out = await store.swarm(aid)
+        out["name"] = name
+        return out
+
+    @app.get("/v1/tags/{name:path}", dependencies=guarded, summary="Where NAME:TAG points, with its history")
+    async def get_tag(name: str) -> dict[str, Any]:
+        V.name(name)
+        hist = await store.history(name)
+        if not hist:
+            raise TrackerError("not_found", f"unknown name {name!r}")
+        return {"name": name, "artifact_id": hist[-1]["artifact_id"], "history": hist}
+
+    @app.put("/v1/tags/{name:path}", dependencies=guarded, summary="Point NAME:TAG at a published artifact")
+    async def put_tag(name: str, body: TagBody) -> dict[str, Any]:
+        V.name(name)
+        moved = await store.tag(name, body.artifact_id)
+        if moved:
+            log.info("tag %s moved to %s by admin", name, body.artifact_id)
+        return {"name": name, "artifact_id": body.artifact_id, "moved": moved}
+
+    @app.get("/metrics", dependencies=guarded, summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def prom() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(await store.stats()), media_type="text/plain; version=0.0.4")
+
+    return BodyLimit(app)
+
+
+async def serve_admin(
+    server: Any, host: str, port: int, token: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin API on host:port until cancelled; started with the bound port."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("tracker.admin.http")
+    config.graceful_timeout = 1.0
+
+    async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(make_app(server, token), config, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(run)
+        task_status.started(int(binds[0].rsplit(":", 1)[1]))
