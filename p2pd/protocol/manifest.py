@@ -125,7 +125,7 @@ def validate(m: Manifest) -> None:
         raise ManifestError(f"expected {m.num_pieces} piece digests, got {len(m.digests) / DIGEST_SIZE:g}")
 
 
-_enc = msgspec.msgpack.Encoder()
+_enc = msgspec.msgpack.Encoder(order="deterministic")  # meta keys sorted, so decode() can insist on canonical bytes
 _dec = msgspec.msgpack.Decoder(Manifest)
 
 

@@ -77,7 +77,7 @@ async def test_restarted_tracker_relearns_nodes_and_failover(procs: Procs) -> No
         async with trio.open_nursery() as nursery:
             await nursery.start(tc.run_heartbeats, lambda: {"d" * 64: 1.0})
             a.kill()  # crash: the in-memory state is gone
-            procs.tracker(port=port_b, interval=0.2, name="b")
+            await trio.to_thread.run_sync(lambda: procs.tracker(port=port_b, interval=0.2, name="b"))
             t0 = trio.current_time()
             with trio.fail_after(5):
                 while not await other.peers("d" * 64):

@@ -48,7 +48,8 @@ async def test_kill_a_replica_mid_transfer_loses_nothing(procs: Procs) -> None:
             assert seed.udp_heartbeats >= udp_before + 2  # back on UDP, at the new replica
             assert seed.registrations == 1 and leech.registrations == 1
             # a replica started now serves the same state at once (it holds none of its own)
-            _, pc = procs.tracker("--store", url, interval=interval, port=free_port(), name="c")
+            _, pc = await trio.to_thread.run_sync(  # in a thread: the heartbeat tasks must keep running
+                lambda: procs.tracker("--store", url, interval=interval, port=free_port(), name="c"))
             async with TrackerClient([("127.0.0.1", pc["tcp_port"])], nid(4), ("127.0.0.1", 9004)) as late:
                 assert (await late.resolve("model:v1"))[0] == aid
                 assert {p["node_id"] for p in await late.peers(aid)} == {nid(1), nid(2)}

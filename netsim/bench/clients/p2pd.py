@@ -38,6 +38,7 @@ from netsim.bench.harness import (
     release_and_wait,
     stop_all,
     tail,
+    wait_tcp,
 )
 
 TRACKER_PORT = 7400
@@ -101,6 +102,7 @@ class P2pd(Client):
         try:
             procs.append(seed.host.popen([*tracker_cmd(), "serve", "--listen", tracker],
                                          log=os.path.join(d, "tracker.log"), env=env, cwd=REPO_ROOT))
+            wait_tcp(seed.host, seed.ip, TRACKER_PORT)  # `p2pd run` exits at once if no tracker answers
             for n in ctx.net.nodes():
                 dd = os.path.join(d, f"data-{n.name}")
                 os.makedirs(dd)
