@@ -86,7 +86,8 @@ def run(
     ingress_limit: str = typer.Option(None, "--ingress-limit", help="download cap, e.g. 50MB/s or 400Mbit/s"),
     advertise: str = typer.Option(None, "--advertise", help="address peers should dial (default: listen host)"),
     label: list[str] = typer.Option([], "--label", help="KEY=VALUE node label, e.g. zone=eu-1a (repeatable)"),
-    stall_timeout: float = typer.Option(1.0, "--stall-timeout", help="drop a peer silent this long (s) with requests pending"),
+    stall_timeout: float = typer.Option(1.0, "--stall-timeout", 
+                                       help="drop a peer silent this long (s) with requests pending"),
     pipeline: int = typer.Option(4, "--pipeline", help="piece requests in flight per peer"),
     max_peers: int = typer.Option(24, "--max-peers", help="connections per artifact"),
     compress: bool = typer.Option(True, "--compress/--no-compress", help="zstd for pieces that compress"),
@@ -188,6 +189,52 @@ def fetch(
     typer.echo(res.get("env_dir") or res["path"])
 
 
+# ----------------------------------------------------------------------------------------- pack-env
+@app.command("pack-env")
+def pack_env(
+    conda: Path = typer.Option(None, "--conda", help="prefix of a conda env to pack (conda-pack)"),
+    venv: Path = typer.Option(None, "--venv", help="a virtualenv to pack (venv-pack)"),
+    name: str = typer.Option(..., "--name", help="NAME:TAG to publish it as, e.g. infer-env:7"),
+    fmt: str = typer.Option("tar.zst", "--format", help="tar.zst, tar.gz or tar"),
+    out_dir: Path = typer.Option(None, "--out-dir", help="where the archive is kept and seeded from "
+                                 "(default: DATA_DIR/packed)"),
+    data_dir: Path = DataDirOpt,
+    socket: Path = SocketOpt,
+) -> None:
+    """Pack a conda env or venv and publish it as an env artifact (unpacked on arrival by fetchers)."""
+    from p2pd import envpack
+    from p2pd.protocol import manifest as mf
+
+    if (conda is None) == (venv is None):
+        fail("give exactly one of --conda PREFIX or --venv PATH")
+    try:
+        mf.validate_name(name)
+    except mf.ManifestError as e:
+        fail(str(e))
+    out = (out_dir or (data_dir or default_data_dir()) / "packed").expanduser().resolve()
+    progress = Progress("packing")
+    t0 = time.monotonic()
+    try:
+        archive, meta = envpack.pack(conda=conda, venv=venv, out_dir=out, fmt=fmt,
+                                     name=name.replace(":", "-").replace("/", "-"),
+                                     progress=lambda d, t: progress.update({"phase": "packing", "bytes_done": d,
+                                                                            "size": t}))
+    except envpack.EnvPackError as e:
+        fail(str(e))
+        return
+    progress.finish()
+    typer.echo(f"packed {conda or venv} into {archive} ({human_bytes(archive.stat().st_size)}) "
+               f"in {time.monotonic() - t0:.1f} s", err=True)
+    sock = socket_path(socket, data_dir)
+    hashing = Progress("hashing")
+    res = run_client(lambda: call(sock, "publish", {"path": str(archive), "name": name, "kind": "env", "meta": meta},
+                                  timeout=120, on_event=hashing.update))
+    hashing.finish()
+    described = ", ".join(f"{k}={v}" for k, v in meta.items())
+    typer.echo(f"published {res['name']} = {res['artifact_id']} (env: {described})", err=True)
+    typer.echo(res["artifact_id"])
+
+
 # ----------------------------------------------------------------------------------------- status / stop
 @app.command()
 def status(data_dir: Path = DataDirOpt, socket: Path = SocketOpt,
@@ -268,8 +315,14 @@ class Progress:
         phase = str(ev.get("phase", self.what))
         if self.tty:
             if self.bar is None:
-                from rich.progress import (BarColumn, DownloadColumn, Progress as RichProgress, TextColumn,
-                                           TimeRemainingColumn, TransferSpeedColumn)
+                from rich.progress import (
+                    BarColumn,
+                    DownloadColumn,
+                    TextColumn,
+                    TimeRemainingColumn,
+                    TransferSpeedColumn,
+                )
+                from rich.progress import Progress as RichProgress
 
                 self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                         TransferSpeedColumn(), TimeRemainingColumn(), transient=False)

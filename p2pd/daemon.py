@@ -309,7 +309,8 @@ class Daemon:
             done[0], done[1] = d, t
 
         async def build() -> tuple[mf.Manifest, Path]:
-            return await trio.to_thread.run_sync(lambda: build_manifest(path, kind=kind, meta=meta, progress=on_progress))
+            return await trio.to_thread.run_sync(
+                lambda: build_manifest(path, kind=kind, meta=meta, progress=on_progress))
 
         try:
             m, root = await _with_progress(build(), lambda: emit({"phase": "hashing", "bytes_done": done[0],

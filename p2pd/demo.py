@@ -106,8 +106,8 @@ def run_demo(*, nodes: int, size: int, workdir: Path | None, egress_limit: str |
         generate_model(src, size)
         console.print(f"generated a {size / 2**30:.2f} GiB model snapshot in {time.monotonic() - t0:.1f} s: {src}")
         tport = free_port()
-        procs.append(subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--listen", f"127.0.0.1:{tport}"],
-                                      stdout=subprocess.DEVNULL, stderr=open(work / "tracker.log", "wb")))
+        procs.append(spawn([sys.executable, "-m", "tracker.cli", "serve", "--listen", f"127.0.0.1:{tport}"],
+                           work / "tracker.log"))
         wait_port(tport, procs[0], work)
         socks = []
         for i in range(nodes + 1):
@@ -117,7 +117,7 @@ def run_demo(*, nodes: int, size: int, workdir: Path | None, egress_limit: str |
                    "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(d)]
             if egress_limit:
                 cmd += ["--egress-limit", egress_limit]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(work / f"node{i}.log", "wb")))
+            procs.append(spawn(cmd, work / f"node{i}.log"))
             socks.append(d / "p2pd.sock")
         code = trio.run(_drive, src, socks, size, work, procs)
         if code != 0:
@@ -137,6 +137,11 @@ def run_demo(*, nodes: int, size: int, workdir: Path | None, egress_limit: str |
                 p.kill()
         if own:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as fh:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fh)
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], work: Path) -> None:

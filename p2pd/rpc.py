@@ -62,7 +62,8 @@ async def serve_connection(stream: trio.abc.Stream, handlers: dict[str, Handler]
             reply = {"id": req_id, "error": {"code": "bad_request", "message": f"bad request for {method}: {e!r}"}}
         except Exception:  # a handler bug must not kill the server: report it, log the traceback
             log.exception("handler %s failed", method)
-            reply = {"id": req_id, "error": {"code": "internal", "message": f"internal error in {method}; see daemon log"}}
+            msg = f"internal error in {method}; see the server log"
+            reply = {"id": req_id, "error": {"code": "internal", "message": msg}}
         try:
             await send(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -97,7 +98,9 @@ async def serve_connection(stream: trio.abc.Stream, handlers: dict[str, Handler]
             await stream.aclose()
 
 
-async def serve_listeners(listeners: list[Any], handlers: dict[str, Handler], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_listeners(
+    listeners: list[Any], handlers: dict[str, Handler], *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
     async def on_conn(stream: trio.abc.Stream) -> None:
         await serve_connection(stream, handlers)
 

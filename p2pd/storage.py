@@ -64,7 +64,8 @@ def scan_source(path: Path) -> tuple[list[mf.FileEntry], Path, bool]:
             st = full.stat()  # follows symlinks (HF caches link snapshots to blobs)
             rel = full.relative_to(path).as_posix()
             if not stat.S_ISREG(st.st_mode):
-                raise StorageError(f"{full} is not a regular file (device, socket or fifo): remove it from the artifact")
+                raise StorageError(f"{full} is not a regular file (device, socket or fifo): "
+                                   "remove it from the artifact")
             mf.validate_path(rel)
             entries.append(mf.FileEntry(rel, st.st_size, bool(st.st_mode & 0o111)))
     if not entries:
@@ -219,7 +220,8 @@ class PieceStore:
                     w = os.pwrite(fd, view[pos : pos + n], off)
                 except OSError as e:
                     if e.errno == errno.ENOSPC:
-                        raise StorageError(f"disk full writing under {self.root}: free space; the download resumes") from e
+                        raise StorageError(
+                            f"disk full writing under {self.root}: free space; the download resumes") from e
                     raise
                 pos += w
                 off += w

@@ -86,9 +86,7 @@ _UNITS = {
 def parse_rate(text: str) -> float:
     """`50MB/s`, `40MiB/s`, `400Mbit/s`, `1Gbit/s`, `1000000` -> bytes per second."""
     s = text.strip().lower().replace(" ", "")
-    if s.endswith("/s"):
-        s = s[:-2]
-    elif s.endswith("ps"):
+    if s.endswith("/s") or s.endswith("ps"):
         s = s[:-2]
     return _parse_with_units(s, text, "rate", "50MB/s, 40MiB/s or 400Mbit/s")
 

@@ -87,7 +87,8 @@ class Cluster:
         self.nodes: dict[str, Node] = {}
 
     def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "ab"), start_new_session=True)
+        with open(log, "ab") as fh:
+            p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=fh, start_new_session=True)
         self.procs.append(p)
         return p
 

@@ -62,8 +62,9 @@ async def test_one_seed_four_peers_2gib_identical(bigdir: Path) -> None:
         assert len(expected) >= 4
         for name, path in paths.items():
             assert sha256_tree(path) == expected, f"{name} differs"
-        seed_up = (await seed.artifact(next(iter([a for a in (await seed.call('status'))['artifacts']]))["artifact_id"]))
-        print(f"4 peers x {2 * GiB / 1e9:.2f} GB in {elapsed:.1f} s; seed uploaded {seed_up['uploaded'] / 2 / GiB:.2f} F")
+        seed_art = (await seed.call("status"))["artifacts"][0]
+        size = seed_art["size"]
+        print(f"4 peers x {size / 1e9:.2f} GB in {elapsed:.1f} s; seed uploaded {seed_art['uploaded'] / size:.2f} F")
     finally:
         c.close()
 
