@@ -86,7 +86,7 @@ def run(
     ingress_limit: str = typer.Option(None, "--ingress-limit", help="download cap, e.g. 50MB/s or 400Mbit/s"),
     advertise: str = typer.Option(None, "--advertise", help="address peers should dial (default: listen host)"),
     label: list[str] = typer.Option([], "--label", help="KEY=VALUE node label, e.g. zone=eu-1a (repeatable)"),
-    stall_timeout: float = typer.Option(1.0, "--stall-timeout", 
+    stall_timeout: float = typer.Option(1.0, "--stall-timeout",
                                        help="drop a peer silent this long (s) with requests pending"),
     pipeline: int = typer.Option(4, "--pipeline", help="piece requests in flight per peer"),
     max_peers: int = typer.Option(24, "--max-peers", help="connections per artifact"),
