@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import logging
 import os
 import socket
@@ -70,10 +71,12 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._take_lock()
         now = trio.current_time()
-        if self.config.egress_limit:
-            self.egress = Hierarchy(TokenBucket(self.config.egress_limit, now=now))
-        if self.config.ingress_limit:
-            self.ingress = Hierarchy(TokenBucket(self.config.ingress_limit, now=now))
+        # Two levels per direction: this node's configured cap, and the cap the tracker's cluster
+        # policy gives this node (pushed with heartbeat replies, applied at once).
+        self.policy_egress = TokenBucket(math.inf, now=now)
+        self.policy_ingress = TokenBucket(math.inf, now=now)
+        self.egress = Hierarchy(TokenBucket(self.config.egress_limit or math.inf, now=now), self.policy_egress)
+        self.ingress = Hierarchy(TokenBucket(self.config.ingress_limit or math.inf, now=now), self.policy_ingress)
         peer_sock = await self._bind_peer_listener()
         host = self.config.advertise or self.config.listen[0]
         if host in ("", "0.0.0.0", "::"):
@@ -143,7 +146,14 @@ class Daemon:
         return {aid: sw.progress for aid, sw in self.swarms.items() if sw.error is None}
 
     def _apply_policy(self, policy: dict[str, Any]) -> None:
-        log.info("tracker policy: %s", policy)
+        """Apply the tracker's per-node caps (bytes/s; absent or null = no cluster cap)."""
+        now = trio.current_time()
+        for key, bucket in (("egress_limit", self.policy_egress), ("ingress_limit", self.policy_ingress)):
+            value = policy.get(key)
+            rate = float(value) if isinstance(value, int | float) and value > 0 else math.inf
+            if rate != bucket.rate:
+                bucket.set_rate(rate, now=now)
+                log.info("cluster policy: %s %s", key, "none" if math.isinf(rate) else f"{rate / 1e6:.1f} MB/s")
 
     async def _announce(self) -> None:
         """Tell the tracker about a change at once instead of at the next interval."""
@@ -168,6 +178,10 @@ class Daemon:
         self._nursery.start_soon(self._announce)
 
     async def _load_catalog(self, nursery: trio.Nursery) -> None:
+        from p2pd import envpack
+
+        for leftover in await trio.to_thread.run_sync(envpack.cleanup_stale, self.config.data_dir / "envs"):
+            log.info("removed an env unpack interrupted by a crash: %s", leftover)
         for rec in self.catalog.complete_records():
             if not rec.root.exists():
                 log.warning("%s: %s is gone; no longer seeding it", rec.name, rec.root)
@@ -285,7 +299,9 @@ class Daemon:
                 a["path"] = str(Record(sw.artifact_id, sw.name, sw.store.root, False, sw.manifest).path)
         return {"node_id": self.node_id, "listen": f"{self.config.listen[0]}:{self.listen_port}",
                 "version": __version__, "artifacts": arts,
-                "egress_limit": self.config.egress_limit, "ingress_limit": self.config.ingress_limit}
+                "egress_limit": self.config.egress_limit, "ingress_limit": self.config.ingress_limit,
+                "policy_egress_limit": _finite(self.policy_egress.rate),
+                "policy_ingress_limit": _finite(self.policy_ingress.rate)}
 
     async def api_shutdown(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         self.request_stop()
@@ -407,6 +423,10 @@ class Daemon:
             return aid, mf.decode_checked(data, aid)
         except mf.ManifestError as e:
             raise RpcError("integrity", f"the tracker's manifest for {name} is invalid: {e}") from None
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isinf(x) else x
 
 
 def _explain(e: RpcError, name: str) -> RpcError:

@@ -66,8 +66,9 @@ class SockIO:
             view[:pos] = self.rbuf[:pos]
             del self.rbuf[:pos]
         while pos < len(view):
-            want = min(RECV_CHUNK, len(view) - pos)
+            want = len(view) - pos
             if limiter is not None:
+                want = min(RECV_CHUNK, want)
                 delay = limiter.reserve(want, trio.current_time())
                 if delay > 0:
                     await trio.sleep(delay)
@@ -163,6 +164,7 @@ class PeerConn:
         if not sw.has_piece(index):
             self.queue(wire.Reject(index))
             return
+        sw.note_piece_sent(index)
         length = sw.manifest.piece_length(index)
         payload: bytes | None = None
         if sw.should_compress(index):
@@ -226,8 +228,11 @@ class PeerConn:
                     raise wire.ProtocolError(f"request for piece {msg.index} out of range")
                 if len(self.uploads) >= 64:
                     raise wire.ProtocolError("more than 64 requests queued")
-                self.uploads.append(msg.index)
-                self.wake.set()
+                if sw.should_defer(msg.index):
+                    self.queue(wire.Defer(msg.index))
+                else:
+                    self.uploads.append(msg.index)
+                    self.wake.set()
             elif isinstance(msg, wire.Cancel):
                 try:
                     self.uploads.remove(msg.index)
@@ -237,6 +242,10 @@ class PeerConn:
                 if msg.index in self.outstanding:
                     self.outstanding.discard(msg.index)
                     sw.on_reject(self, msg.index)
+            elif isinstance(msg, wire.Defer):
+                if msg.index in self.outstanding:
+                    self.outstanding.discard(msg.index)
+                    sw.on_defer(self, msg.index)
             elif isinstance(msg, wire.Goodbye):
                 raise PeerClosed(f"peer said goodbye ({msg.reason or 'no reason'})")
             elif isinstance(msg, wire.KeepAlive):

@@ -333,6 +333,12 @@ class Catalog:
             for f in files:
                 p = os.path.join(dirpath, f)
                 os.chmod(p, os.stat(p).st_mode & ~0o222)
+        try:
+            m = self.load_manifest(artifact_id)
+        except mf.ManifestError:
+            m = None
+        if m is not None:  # staging files are created 0o644: give executables back their x bits
+            apply_modes(src, m)
         os.rename(src, dst)
         fsync_dir(self.cache)
         self.mark_complete(artifact_id, name, dst, published=False)

@@ -27,6 +27,7 @@ from p2pd.storage import Catalog, Journal, PieceStore, StorageError
 
 log = logging.getLogger(__name__)
 VERIFIERS = 2  # pieces hashed and written in parallel (xxhash and pwrite release the GIL)
+DEFER_RETRY = 0.5  # seconds before asking a peer again for pieces it deferred
 VERIFY_QUEUE = 8  # received pieces waiting for a verifier, bounding memory to this many pieces
 
 
@@ -54,11 +55,12 @@ class RateMeter:
 
 class SwarmConfig:
     def __init__(self, *, max_peers: int = 24, pipeline_depth: int = 4, stall_timeout: float = 1.0,
-                 compress: bool = True) -> None:
+                 compress: bool = True, seed_distinct: bool = True) -> None:
         self.max_peers = max_peers
         self.pipeline_depth = pipeline_depth
         self.stall_timeout = stall_timeout
         self.compress = compress
+        self.seed_distinct = seed_distinct
 
 
 class Swarm:
@@ -88,8 +90,8 @@ class Swarm:
         self.catalog = catalog
         self.config = config
         self.stall_timeout = config.stall_timeout
-        self.egress = egress
-        self.ingress = ingress
+        self._egress = egress
+        self._ingress = ingress
         self.journal = journal
         self.find_peers = find_peers
         self.on_complete = on_complete
@@ -109,11 +111,22 @@ class Swarm:
         self.resumed_pieces = resumed_pieces
         self.error: str | None = None
         self._compressible: dict[int, bool] = {}
+        self._sent = bytearray(self.n)  # uploads per piece (saturating), for the seed's distinct-first policy
+        self._unsent = self.n
         self._nursery: trio.Nursery | None = None
         self._peer_wakeup = trio.Event()
         self._verify_in, self._verify_out = trio.open_memory_channel[tuple[PeerConn, int, bytearray]](VERIFY_QUEUE)
 
     # -- queries -------------------------------------------------------------------------------------
+    @property
+    def egress(self) -> Hierarchy | None:
+        """The upload limiter, or None while every level is unlimited (then sendfile runs unchunked)."""
+        return None if self._egress is None or self._egress.unlimited else self._egress
+
+    @property
+    def ingress(self) -> Hierarchy | None:
+        return None if self._ingress is None or self._ingress.unlimited else self._ingress
+
     def has_piece(self, i: int) -> bool:
         return bool(self.have_mask >> i & 1)
 
@@ -144,6 +157,21 @@ class Swarm:
             data = self.store.read_piece(i)[:65536]
             self._compressible[fi] = len(zstandard.ZstdCompressor(level=1).compress(bytes(data))) < 0.8 * len(data)
         return self._compressible[fi]
+
+    def should_defer(self, i: int) -> bool:
+        """Seed policy: while some piece has never been uploaded, do not upload any piece twice.
+
+        Duplicate uploads from the seed are what keeps BitTorrent above the Kumar–Ross bound; a piece
+        already sent will soon be announced (HAVE) by its receiver, who can serve it instead.
+        """
+        return (self.config.seed_distinct and self.complete and self._unsent > 0 and self._sent[i] > 0
+                and len(self.conns) > 1)
+
+    def note_piece_sent(self, i: int) -> None:
+        if self._sent[i] == 0:
+            self._unsent -= 1
+        if self._sent[i] < 255:
+            self._sent[i] += 1
 
     def note_upload(self, n: int) -> None:
         self.up.add(n)
@@ -193,6 +221,11 @@ class Swarm:
         if self.picker is not None and conn in self.picker.peer_mask:
             self.picker.request_failed(conn, i, peer_lacks=True)
             self.fill_all()
+
+    def on_defer(self, conn: PeerConn, i: int) -> None:
+        if self.picker is not None and conn in self.picker.peer_mask:
+            self.picker.defer(conn, i)
+            self.fill(conn)
 
     def on_close(self, conn: PeerConn) -> None:
         if self.conns.get(conn.remote_id) is conn:
@@ -298,8 +331,15 @@ class Swarm:
             if not self.complete:
                 for _ in range(VERIFIERS):
                     nursery.start_soon(self._verifier)
+                nursery.start_soon(self._undefer_loop)
                 await self._find_peers_loop(nursery)
             await trio.sleep_forever()
+
+    async def _undefer_loop(self) -> None:
+        while self.picker is not None:
+            await trio.sleep(DEFER_RETRY)
+            if self.picker is not None and self.picker.undefer_all():
+                self.fill_all()
 
     async def _find_peers_loop(self, nursery: trio.Nursery) -> None:
         backoff = 0.25

@@ -162,6 +162,18 @@ def make_app(server: Any, token: str) -> Any:
             log.info("tag %s moved to %s by admin", name, body.artifact_id)
         return {"name": name, "artifact_id": body.artifact_id, "moved": moved}
 
+    @app.get("/v1/policy", dependencies=guarded, summary="Cluster policy pushed to nodes with heartbeats")
+    async def get_policy() -> dict[str, Any]:
+        return {"policy": await store.policy()}
+
+    @app.put("/v1/policy", dependencies=guarded,
+             summary="Replace the cluster policy: {egress_limit, ingress_limit} in bytes/s per node, null = none")
+    async def put_policy(body: dict[str, Any]) -> dict[str, Any]:
+        policy = V.policy(body.get("policy", body))
+        await store.set_policy(policy)
+        log.info("policy set by admin: %s", policy)
+        return {"policy": policy}
+
     @app.get("/metrics", dependencies=guarded, summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prom() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(await store.stats()), media_type="text/plain; version=0.0.4")

@@ -175,3 +175,35 @@ def stats(tracker: Url, token: Token, json_: Json = False) -> None:
     for k, v in r.items():
         t.add_row(k, str(v))
     console().print(t)
+
+
+@admin_app.command()
+def policy(
+    tracker: Url, token: Token, json_: Json = False,
+    egress_limit: Annotated[str | None, typer.Option(help="Per-node upload cap (50MB/s, 400Mbit/s); 'none' clears.")]
+    = None,
+    ingress_limit: Annotated[str | None, typer.Option(help="Per-node download cap; 'none' clears.")] = None,
+) -> None:
+    """Show the cluster policy pushed to every node with heartbeat replies, or change it."""
+    current = call(tracker, token, "GET", "/v1/policy")["policy"]
+    if egress_limit is not None or ingress_limit is not None:
+        from p2pd.protocol.ratelimit import parse_rate
+
+        for key, value in (("egress_limit", egress_limit), ("ingress_limit", ingress_limit)):
+            if value is None:
+                continue
+            if value.strip().lower() in ("none", "off", "0"):
+                current.pop(key, None)
+                continue
+            try:
+                current[key] = parse_rate(value)
+            except ValueError as e:
+                typer.echo(f"p2p-tracker: error: --{key.replace('_', '-')}: {e}", err=True)
+                raise typer.Exit(1) from None
+        current = call(tracker, token, "PUT", "/v1/policy", {"policy": current})["policy"]
+    if json_:
+        return out_json({"policy": current})
+    if not current:
+        typer.echo("no cluster policy (nodes use their own limits)")
+    for k, v in sorted(current.items()):
+        typer.echo(f"{k}: {v / 1e6:g} MB/s")

@@ -12,6 +12,7 @@ Keys (prefix `p2p:`, in the database of the URL):
 - `m:{aid}`         manifest bytes;  `mi:{aid}` HASH size, pieces, kind;  `arts` SET of artifact ids
 - `t:{name}`        LIST "aid wall-time" (tag history, last 100; the last entry is current);  `names` SET
 - `c`               HASH counters;  `interval` the interval the first replica was started with
+- `policy`          JSON cluster policy (read by every replica once per interval)
 
 Cost per heartbeat (measured in BENCHMARKS.md): an unchanged heartbeat is HMGET + ZADD inside the
 batch script — 2 Redis operations, and one EVALSHA round trip per *batch* of heartbeats (the UDP front
@@ -256,6 +257,7 @@ class RedisStore:
             if tuple(int(x) for x in ver.split(".")[:2]) < (6, 2):
                 raise RedisUnavailable(f"{redis.where} runs Redis {ver}; the tracker needs 6.2 or newer (HRANDFIELD)")
             await store._load_scripts()
+            await store.refresh()
             prev = await redis.execute("SET", store.prefix + "interval", repr(interval), "NX", "GET")
             if prev is not None and float(_s(prev)) != interval:
                 log.warning("other replicas on %s use --interval %s, this one %s: use the same everywhere",
@@ -400,7 +402,17 @@ class RedisStore:
         return out
 
     async def policy(self) -> dict[str, Any]:
+        """The cluster policy as of the last `refresh` (the server refreshes every interval): reading
+        Redis for every heartbeat batch would double the round trips for a value that rarely changes."""
         return self._policy
+
+    async def set_policy(self, policy: dict[str, Any]) -> None:
+        await self._cmds([["SET", self.prefix + "policy", json.dumps(policy, sort_keys=True)]])
+        self._policy = dict(policy)
+
+    async def refresh(self) -> None:
+        (raw,) = await self._cmds([["GET", self.prefix + "policy"]])
+        self._policy = json.loads(_s(raw)) if raw else {}
 
     # ---- admin views -------------------------------------------------------------------------------
 

@@ -315,7 +315,8 @@ class Registry:
             elif (was >= 1.0) != done:
                 self._unbag(aid, was >= 1.0, node.zone, node.node_id)
                 self._bag(aid, done, node.zone).add(node.node_id)
-        node.holdings = dict(new) if new else None
+        # artifact ids are shared by many nodes: one string object each (saves ~110 bytes per holding)
+        node.holdings = {sys.intern(k): v for k, v in new.items()} if new else None
 
     def _drop_holdings(self, node: Node) -> None:
         if node.holdings:

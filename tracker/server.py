@@ -191,7 +191,8 @@ class TrackerServer:
                 req = decode(data)
                 if req.version != UDP_VERSION:
                     raise V.bad(f"unsupported udp heartbeat version {req.version}")
-                V.node_id(req.node_id)
+                if len(req.node_id) > 64:
+                    raise V.bad("node_id too long")
                 holdings = V.holdings(req.holdings) if req.holdings is not None else None
             except (msgspec.DecodeError, TrackerError) as e:
                 m.udp_rejected += 1
@@ -200,6 +201,51 @@ class TrackerServer:
             beats.append(Heartbeat(req.node_id, holdings, req.session))
             meta.append((addr, req.seq))
         return beats, meta
+
+    def _memory_batch(self, sock: socket.socket, store: MemoryStore) -> int:
+        """The memory store's hot loop: datagram -> registry -> reply, no intermediate objects.
+
+        A node id is not validated here: an id that is not registered (malformed or not) is simply
+        unknown, and registration (TCP) is where ids are checked. Holdings are validated when present.
+        """
+        m = self.metrics
+        decode = _udp_req_decoder.decode
+        encode = _udp_encoder.encode
+        recvfrom = sock.recvfrom
+        sendto = sock.sendto
+        heartbeat = store.reg.heartbeat
+        now = store.clock()
+        policy = store.reg.policy
+        interval = store.interval
+        n = 0
+        for _ in range(UDP_MAX_BATCH):
+            try:
+                data, addr = recvfrom(UDP_MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            except OSError as e:  # e.g. ECONNREFUSED reported for an earlier reply: not fatal
+                log.debug("udp recv: %s", e)
+                continue
+            n += 1
+            try:
+                req = decode(data)
+                if req.version != UDP_VERSION:
+                    raise V.bad(f"unsupported udp heartbeat version {req.version}")
+                holdings = V.holdings(req.holdings) if req.holdings is not None else None
+            except (msgspec.DecodeError, TrackerError) as e:
+                m.udp_rejected += 1
+                log.debug("udp datagram from %s rejected: %s", addr, e)
+                continue
+            known = heartbeat(req.node_id, holdings, now, req.session)
+            try:
+                sendto(encode(UdpReply(UDP_VERSION, req.seq, known, interval, policy)), addr)
+            except (BlockingIOError, InterruptedError):
+                pass  # send buffer full: the node retries over TCP; UDP replies are best effort by design
+            except OSError as e:
+                if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    raise
+        m.udp_datagrams += n
+        return n
 
     def _reply(self, sock: socket.socket, meta: list[tuple[Any, int]], known: list[bool],
                policy: dict[str, Any]) -> None:
@@ -227,9 +273,7 @@ class TrackerServer:
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 t0 = time.perf_counter()
-                beats, meta = self._drain(sock)
-                if beats:
-                    self._reply(sock, meta, store.heartbeat_now(beats), store.reg.policy)
+                if self._memory_batch(sock, store):
                     m.udp_batches += 1
                     m.udp_batch_seconds.observe(time.perf_counter() - t0)
         send, recv = trio.open_memory_channel[tuple[float, list[Heartbeat], list[tuple[Any, int]]]](0)
@@ -262,9 +306,17 @@ class TrackerServer:
     # ---- expiry ------------------------------------------------------------------------------------
 
     async def sweep(self) -> None:
+        """Expire silent nodes every interval/10; refresh shared state (policy) every interval."""
         period = min(1.0, max(0.01, self.store.interval / 10))
+        next_refresh = trio.current_time() + self.store.interval
         while True:
             await trio.sleep(period)
+            if trio.current_time() >= next_refresh:
+                next_refresh = trio.current_time() + self.store.interval
+                try:
+                    await self.store.refresh()
+                except TrackerError as e:
+                    log.warning("store refresh failed: %s", e)
             try:
                 gone = await self.store.expire()
             except TrackerError as e:

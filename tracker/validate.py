@@ -105,6 +105,25 @@ def holdings(v: Any) -> dict[str, float]:
     return out
 
 
+POLICY_KEYS = ("egress_limit", "ingress_limit")
+
+
+def policy(v: Any) -> dict[str, Any]:
+    """Cluster policy pushed with heartbeat replies: per-node caps in bytes/s (null = no cap)."""
+    if not isinstance(v, dict):
+        raise bad("policy must be a map")
+    out: dict[str, Any] = {}
+    for k, x in v.items():
+        if k not in POLICY_KEYS:
+            raise bad(f"unknown policy key {str(k)[:40]!r}; known: {', '.join(POLICY_KEYS)}")
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0
+                              or math.isinf(x)):
+            raise bad(f"policy {k} must be a positive number of bytes/s or null, got {x!r}")
+        if x is not None:
+            out[k] = float(x)
+    return out
+
+
 def max_peers(v: Any) -> int:
     if v is None:
         return 50

@@ -41,6 +41,7 @@ class Picker:
         self.inflight: dict[int, set[Peer]] = {}  # piece -> peers asked
         self.inflight_mask = 0
         self.max_dup = max_dup
+        self.deferred: dict[Peer, int] = {}  # per peer: positions it asked us to fetch elsewhere for now
 
     # -- knowledge about peers -------------------------------------------------------------------
     def to_mask(self, pieces: Iterable[int]) -> int:
@@ -74,6 +75,7 @@ class Picker:
     def remove_peer(self, peer: Peer) -> list[int]:
         """Forget a peer; return the pieces whose requests to it are now void."""
         mask = self.peer_mask.pop(peer)
+        self.deferred.pop(peer, None)
         if mask == self.full and self.levels[0] == 0:
             self.levels.pop(0)
             self.avail = [a - 1 for a in self.avail]
@@ -107,7 +109,7 @@ class Picker:
 
     def next_request(self, peer: Peer) -> int | None:
         """Pick a piece to request from `peer` and mark it in flight, or None if nothing fits."""
-        has = self.peer_mask[peer]
+        has = self.peer_mask[peer] & ~self.deferred.get(peer, 0)
         cand = has & self.missing & ~self.inflight_mask
         if cand:
             for level in self.levels[1:]:
@@ -153,6 +155,17 @@ class Picker:
                 self.levels[a] &= ~bit
                 self.levels[a - 1] |= bit
                 self.avail[piece] = a - 1
+
+    def defer(self, peer: Peer, piece: int) -> None:
+        """The peer has `piece` but asked us to get it elsewhere: release it, skip it there until `undefer`."""
+        self._release(peer, piece)
+        self.deferred[peer] = self.deferred.get(peer, 0) | 1 << self.pos[piece]
+
+    def undefer_all(self) -> bool:
+        """Forget all deferrals (called periodically); return True if there were any."""
+        had = any(self.deferred.values())
+        self.deferred.clear()
+        return had
 
     def piece_verified(self, piece: int) -> set[Peer]:
         """Mark a piece as ours; return the other peers still asked for it (to cancel)."""

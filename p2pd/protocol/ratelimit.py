@@ -65,6 +65,10 @@ class Hierarchy:
     def __init__(self, *buckets: TokenBucket) -> None:
         self.buckets = list(buckets)
 
+    @property
+    def unlimited(self) -> bool:
+        return all(math.isinf(b.rate) for b in self.buckets)
+
     def reserve(self, n: int, now: float) -> float:
         return max((b.reserve(n, now) for b in self.buckets), default=0.0)
 

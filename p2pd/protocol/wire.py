@@ -38,6 +38,7 @@ class MsgType(enum.IntEnum):
     REJECT = 7
     GOODBYE = 8
     KEEPALIVE = 9
+    DEFER = 10  # "I have it, but ask someone else for now" (a seed spreading distinct pieces first)
 
 
 class Handshake(msgspec.Struct, frozen=True):
@@ -66,6 +67,10 @@ class Reject(msgspec.Struct, frozen=True):
     index: int
 
 
+class Defer(msgspec.Struct, frozen=True):
+    index: int
+
+
 class Goodbye(msgspec.Struct, frozen=True):
     reason: str = ""
 
@@ -82,7 +87,7 @@ class PieceHeader(msgspec.Struct, frozen=True):
     length: int
 
 
-Message = Handshake | Bitfield | Have | Request | Cancel | Reject | Goodbye | KeepAlive
+Message = Handshake | Bitfield | Have | Request | Cancel | Reject | Defer | Goodbye | KeepAlive
 _hs_enc = msgspec.msgpack.Encoder()
 _hs_dec = msgspec.msgpack.Decoder(Handshake)
 
@@ -104,6 +109,8 @@ def encode(msg: Message) -> bytes:
         return _frame(MsgType.CANCEL, U32.pack(msg.index))
     if isinstance(msg, Reject):
         return _frame(MsgType.REJECT, U32.pack(msg.index))
+    if isinstance(msg, Defer):
+        return _frame(MsgType.DEFER, U32.pack(msg.index))
     if isinstance(msg, Goodbye):
         return _frame(MsgType.GOODBYE, msg.reason.encode()[:1024])
     if isinstance(msg, KeepAlive):
@@ -141,6 +148,11 @@ def parse_piece_sub(buf: bytes | bytearray | memoryview, body_len: int) -> Piece
     return PieceHeader(index, codec, body_len - PIECE_SUB_SIZE)
 
 
+_INDEX_MSGS: dict[MsgType, type[Have | Request | Cancel | Reject | Defer]] = {
+    MsgType.HAVE: Have, MsgType.REQUEST: Request, MsgType.CANCEL: Cancel, MsgType.REJECT: Reject, MsgType.DEFER: Defer,
+}
+
+
 def decode_body(t: MsgType, body: bytes) -> Message:
     """Decode a non-PIECE body."""
     if t is MsgType.HANDSHAKE:
@@ -150,11 +162,11 @@ def decode_body(t: MsgType, body: bytes) -> Message:
             raise ProtocolError(f"bad handshake: {e}") from None
     if t is MsgType.BITFIELD:
         return Bitfield(bytes(body))
-    if t in (MsgType.HAVE, MsgType.REQUEST, MsgType.CANCEL, MsgType.REJECT):
+    if t in _INDEX_MSGS:
         if len(body) != 4:
             raise ProtocolError(f"{t.name} body must be 4 bytes, got {len(body)}")
         (i,) = U32.unpack(body)
-        return {MsgType.HAVE: Have, MsgType.REQUEST: Request, MsgType.CANCEL: Cancel, MsgType.REJECT: Reject}[t](i)
+        return _INDEX_MSGS[t](i)
     if t is MsgType.GOODBYE:
         return Goodbye(bytes(body).decode("utf-8", "replace"))
     if t is MsgType.KEEPALIVE:

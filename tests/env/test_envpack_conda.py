@@ -154,6 +154,8 @@ def test_materialize_refuses_other_platform_and_bad_input(packed: Packed, envs_r
         materialize(archive, envs_root, "e" * 64, {**meta, "env_format": "tar.zst"})
     with pytest.raises(EnvPackError, match="unsupported env format 'zip'"):
         materialize(archive, envs_root, "e" * 64, {**meta, "env_format": "zip"})
+    with pytest.raises(EnvPackError, match="unknown env_type 'docker'"):
+        materialize(archive, envs_root, "e" * 64, {**meta, "env_type": "docker"})
     with pytest.raises(EnvPackError, match="bad artifact id"):
         materialize(archive, envs_root, "../e", meta)
     truncated = workdir / "truncated.tar.gz"

@@ -13,6 +13,7 @@ pass or fail. The last test stops a daemon, so the order of the tests in this fi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -68,6 +69,10 @@ def env() -> Iterator[Env]:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("RAY_RUNTIME_ENV_PLUGINS", PLUGINS)  # read by every node's runtime_env agent
             mp.setenv("RUNTIME_ENV_RETRY_INTERVAL_MS", "200")  # Ray retries a failed setup 3 times; faster here
+            # Keep Ray on loopback: otherwise it resolves 127.0.0.1 to the host's outward address.
+            # The flag is read when ray is imported: the driver (imported already) gets it patched in.
+            mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            mp.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
             mp.delenv("P2PD_SOCKET", raising=False)
             mp.delenv("P2PD_DATA_DIR", raising=False)
             common = {"num_cpus": 2, "node_ip_address": "127.0.0.1", "object_store_memory": 80 * 1024 * 1024}
@@ -82,7 +87,7 @@ def env() -> Iterator[Env]:
             nodes = [cluster.head_node]
             for d in daemons[1:]:
                 nodes.append(cluster.add_node(**common, env_vars={"P2PD_SOCKET": str(d.socket)}))
-            ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
+            ray.init(address=cluster.address, log_to_driver=False)
         yield Env(net, cluster, [n.node_id for n in nodes], daemons, root)
     finally:
         try:
@@ -120,7 +125,7 @@ def _make_files(root: Path, seed: int) -> Path:
     (root / "weights.bin").write_bytes(rng.bytes(3 * 1024 * 1024 + 123))  # several pieces, a ragged tail
     (root / "sub").mkdir()
     (root / "sub" / "tokenizer.json").write_text('{"vocab": ["a", "b"]}')
-    (root / "config.json").write_text('{"seed": %d}' % seed)
+    (root / "config.json").write_text(json.dumps({"seed": seed}))
     return root
 
 
@@ -129,8 +134,11 @@ def test_task_reads_the_published_files_on_every_node(env: Env) -> None:
     env.net.publish(src, "files:v1", via=env.daemons[0])
     want = tree_digests(src)
     t0 = time.monotonic()
-    task = _digests_task().options(runtime_env={"p2p": {"model": "files:v1"}})
-    got = ray.get([task.options(scheduling_strategy=env.on(i)).remote() for i in range(NODES)], timeout=120)
+    task = _digests_task()
+    renv = {"p2p": {"model": "files:v1"}}
+    got = ray.get(
+        [task.options(runtime_env=renv, scheduling_strategy=env.on(i)).remote() for i in range(NODES)], timeout=120
+    )
     print(f"3 nodes: submit -> files read everywhere in {time.monotonic() - t0:.2f} s")
     for i, g in enumerate(got):
         assert g["digests"] == want, f"node {i}"

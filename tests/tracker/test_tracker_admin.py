@@ -44,7 +44,7 @@ def admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 return aid
 
         aid = trio.run(populate)
-        yield {"url": url, "aid": aid, "procs": procs}
+        yield {"url": url, "aid": aid, "procs": procs, "tcp_port": ports["tcp_port"]}
     finally:
         procs.kill_all()
 
@@ -156,3 +156,31 @@ def test_cli_process_errors_are_one_line(admin: dict[str, Any]) -> None:
                            env=subprocess_env())
         assert r.returncode == 1 and r.stdout == ""
         assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_policy_is_set_by_admin_and_pushed_with_heartbeats(admin: dict[str, Any]) -> None:
+    url = admin["url"]
+    r = cli(admin, "policy", "--egress-limit", "50MB/s")
+    assert r.exit_code == 0 and "egress_limit: 50 MB/s" in r.stdout
+    assert http(url, "/v1/policy")[1] == {"policy": {"egress_limit": 50e6}}
+    status, body = http(url, "/v1/policy", method="PUT", body=b'{"policy": {"egress": 5}}')
+    assert status == 400 and "unknown policy key" in body["error"]["message"]
+    status, body = http(url, "/v1/policy", method="PUT", body=b'{"policy": {"ingress_limit": -1}}')
+    assert status == 400
+    seen: list[dict[str, Any]] = []
+
+    async def node() -> None:
+        port = int(admin["tcp_port"])
+        async with TrackerClient([("127.0.0.1", port)], nid(7), ("127.0.0.1", 9007)) as tc:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lambda task_status: tc.run_heartbeats(dict, on_policy=seen.append,
+                                                                          task_status=task_status))
+                with trio.fail_after(5):
+                    while not seen:
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+
+    trio.run(node)
+    assert seen[-1] == {"egress_limit": 50e6}
+    r = cli(admin, "policy", "--egress-limit", "none", "--json")
+    assert json.loads(r.stdout) == {"policy": {}}

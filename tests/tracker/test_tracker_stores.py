@@ -132,3 +132,10 @@ async def test_admin_views(store: Store) -> None:
     assert st["nodes"] == 1 and st["publishes"] == 1 and st["heartbeats"] >= 1
     with pytest.raises(TrackerError):
         await store.swarm("c" * 64)
+
+
+async def test_policy_is_shared_and_survives_refresh(store: Store) -> None:
+    assert await store.policy() == {}
+    await store.set_policy({"egress_limit": 5e7})
+    await store.refresh()  # a Redis replica re-reads it every interval
+    assert await store.policy() == {"egress_limit": 5e7}

@@ -356,7 +356,7 @@ def test_layout_piece_spans_match_naive(sl: tuple[list[int], int]) -> None:
     for p in range(m.num_pieces):
         spans = layout.piece_spans(p)
         assert spans == _naive_spans(sizes, p * ps, m.piece_length(p))
-        assert all(n > 0 and 0 <= off and off + n <= sizes[fi] for fi, off, n in spans)
+        assert all(n > 0 and off >= 0 and off + n <= sizes[fi] for fi, off, n in spans)
         piece = b"".join(bytes([fi]) * n for fi, _off, n in spans)
         assert piece == blob[p * ps : p * ps + m.piece_length(p)]
         covered += piece

@@ -17,6 +17,7 @@ from p2pd.protocol.wire import (
     PIECE_SUB_SIZE,
     Bitfield,
     Cancel,
+    Defer,
     FrameDecoder,
     Goodbye,
     Handshake,
@@ -51,6 +52,7 @@ messages = st.one_of(
     st.builds(Request, u32),
     st.builds(Cancel, u32),
     st.builds(Reject, u32),
+    st.builds(Defer, u32),
     st.builds(Goodbye, _short_text(1024)),
     st.just(KeepAlive()),
 )
@@ -124,6 +126,7 @@ def test_piece_header_as_the_daemon_reads_it(index: int, codec: int, n: int) -> 
 def test_fixed_layouts() -> None:
     assert wire.encode(Have(0x01020304)) == b"\x00\x00\x00\x05\x03\x01\x02\x03\x04"
     assert wire.encode(Request(7)) == b"\x00\x00\x00\x05\x04\x00\x00\x00\x07"
+    assert wire.encode(Defer(7)) == b"\x00\x00\x00\x05\x0a\x00\x00\x00\x07"
     assert wire.encode(KeepAlive()) == b"\x00\x00\x00\x01\x09"
     assert wire.encode(Bitfield(b"\x80")) == b"\x00\x00\x00\x02\x02\x80"
     assert wire.encode_piece_header(1, CODEC_RAW, 3) == b"\x00\x00\x00\x09\x05\x00\x00\x00\x01\x00"
@@ -164,7 +167,19 @@ def test_partial_frame_is_kept_until_complete() -> None:
 
 
 # ------------------------------------------------------------------------------------------ malformed
-@pytest.mark.parametrize("t", [0, 10, 42, 255])
+UNKNOWN_TYPES = [0, max(MsgType) + 1, 200, 255]
+INDEX_TYPES = [MsgType.HAVE, MsgType.REQUEST, MsgType.CANCEL, MsgType.REJECT, MsgType.DEFER]
+
+
+def test_message_type_numbers_are_stable() -> None:
+    # These numbers are the protocol: changing one breaks every deployed node.
+    assert {m.name: m.value for m in MsgType} == {
+        "HANDSHAKE": 1, "BITFIELD": 2, "HAVE": 3, "REQUEST": 4, "PIECE": 5, "CANCEL": 6, "REJECT": 7, "GOODBYE": 8,
+        "KEEPALIVE": 9, "DEFER": 10,
+    }
+
+
+@pytest.mark.parametrize("t", UNKNOWN_TYPES)
 def test_unknown_type(t: int) -> None:
     with pytest.raises(ProtocolError, match=f"unknown message type {t}"):
         FrameDecoder(MAX_PIECE).feed(HEADER.pack(1, t))
@@ -201,7 +216,7 @@ def test_oversized_piece_frame() -> None:
     assert wire.parse_header(bad, MAX_PIECE + 1)[0] is MsgType.PIECE
 
 
-@pytest.mark.parametrize("t", [MsgType.HAVE, MsgType.REQUEST, MsgType.CANCEL, MsgType.REJECT])
+@pytest.mark.parametrize("t", INDEX_TYPES)
 @pytest.mark.parametrize("size", [0, 1, 3, 5, 8])
 def test_fixed_size_body_of_wrong_length(t: MsgType, size: int) -> None:
     with pytest.raises(ProtocolError, match="must be 4 bytes"):

@@ -1,0 +1,423 @@
+"""Piece picker (p2pd/protocol/picker.py): random first order, rarest-first, endgame, safety invariants."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from p2pd.protocol.picker import Picker
+from tests.unit._util import FAST
+
+
+# ------------------------------------------------------------------------------------------ random order
+def test_first_requests_of_different_nodes_differ() -> None:
+    firsts = []
+    for seed in range(20):
+        p = Picker(256, seed=seed)
+        p.add_peer("seed", range(256))
+        firsts.append(p.next_request("seed"))
+    assert len(set(firsts)) >= 17  # 20 draws from 256: ~0.7 collisions expected
+
+
+def test_first_wave_spreads_over_the_seed() -> None:
+    asked: list[int] = []
+    for seed in range(20):
+        p = Picker(256, seed=1000 + seed)
+        p.add_peer("seed", range(256))
+        asked += [p.next_request("seed") for _ in range(8)]  # type: ignore[misc]
+    # 160 uniformly random requests cover ~1-e^(-160/256) = 46% of 256 pieces (~119); a shared order would give 8.
+    assert len(set(asked)) >= 95
+
+
+def test_unseeded_pickers_use_different_orders() -> None:
+    orders = {tuple(Picker(64).perm) for _ in range(5)}
+    assert len(orders) == 5
+
+
+def test_same_seed_same_order_and_perm_is_a_permutation() -> None:
+    a, b = Picker(100, seed=7), Picker(100, seed=7)
+    assert a.perm == b.perm
+    assert sorted(a.perm) == list(range(100))
+    assert all(a.perm[a.pos[p]] == p for p in range(100))
+
+
+def test_full_seed_is_drained_in_permutation_order() -> None:
+    p = Picker(50, seed=3)
+    p.add_peer("s", range(50))
+    got = [p.next_request("s") for _ in range(50)]
+    assert got == p.perm
+    assert p.next_request("s") is None  # endgame duplicates go to other peers, never to the one already asked
+
+
+def test_single_peer_is_never_asked_twice_for_a_piece() -> None:
+    p = Picker(10, seed=3)
+    p.add_peer("s", range(10))
+    got = [p.next_request("s") for _ in range(10)]
+    assert sorted(got) == list(range(10))  # type: ignore[type-var]
+    assert p.next_request("s") is None
+
+
+# ------------------------------------------------------------------------------------------ rarest first
+@pytest.mark.parametrize("seed", range(10))
+def test_rarest_first(seed: int) -> None:
+    p = Picker(16, seed=seed)
+    rare = 11
+    p.add_peer("a", range(16))
+    p.add_peer("b", [i for i in range(16) if i != rare])
+    p.add_peer("c", [i for i in range(16) if i != rare])
+    assert p.next_request("a") == rare
+    # The next ones from "a" are all held by 3 peers; none held by fewer exists any more.
+    assert p.next_request("a") != rare
+
+
+def test_rarest_first_follows_haves() -> None:
+    p = Picker(8, seed=1)
+    for peer in "abc":
+        p.add_peer(peer, [])
+    for peer in "abc":
+        for i in range(8):
+            if i != 5 or peer == "a":
+                p.peer_have(peer, i)
+    assert p.next_request("a") == 5
+
+
+def test_levels_prefer_two_over_three() -> None:
+    rng = random.Random(0)
+    for seed in range(10):
+        p = Picker(30, seed=seed)
+        holders = {i: rng.randint(1, 4) for i in range(30)}
+        for k in range(4):
+            p.add_peer(k, [i for i, h in holders.items() if h > k])
+        got = [p.next_request(0) for _ in range(30)]
+        counts = [holders[i] for i in got]  # type: ignore[index]
+        assert counts == sorted(counts)  # non-decreasing availability
+
+
+def test_never_asks_for_a_piece_we_have() -> None:
+    p = Picker(10, have=[0, 1, 2, 3, 4], seed=0)
+    p.add_peer("s", range(10))
+    got = {p.next_request("s") for _ in range(5)}
+    assert got == {5, 6, 7, 8, 9}
+    assert p.next_request("s") is None
+    assert p.missing_count == 5
+    assert sorted(p.have_pieces()) == [0, 1, 2, 3, 4]
+
+
+def test_never_asks_a_peer_without_the_piece() -> None:
+    p = Picker(10, seed=0)
+    p.add_peer("odd", range(1, 10, 2))
+    got = [p.next_request("odd") for _ in range(5)]
+    assert sorted(got) == [1, 3, 5, 7, 9]  # type: ignore[type-var]
+    assert p.next_request("odd") is None
+    assert not p.interesting("unknown")
+
+
+def test_peer_have_reports_new_interest() -> None:
+    p = Picker(4, have=[0], seed=0)
+    p.add_peer("x", [])
+    assert not p.interesting("x")
+    assert p.peer_have("x", 0) is False  # we have it already
+    assert not p.interesting("x")
+    assert p.peer_have("x", 2) is True
+    assert p.peer_have("x", 2) is False  # repeated HAVE
+    assert p.interesting("x")
+    assert p.next_request("x") == 2
+
+
+def test_add_peer_twice_is_an_error() -> None:
+    p = Picker(4)
+    p.add_peer("x", [1])
+    with pytest.raises(ValueError, match="already known"):
+        p.add_peer("x", [2])
+
+
+# ------------------------------------------------------------------------------------------ endgame
+def test_endgame_duplicates_at_most_max_dup() -> None:
+    p = Picker(2, seed=0, max_dup=2)
+    for peer in "abcde":
+        p.add_peer(peer, [0, 1])
+    first = {p.next_request("a"), p.next_request("b")}
+    assert first == {0, 1}
+    dups = [p.next_request(peer) for peer in "cde"]
+    # Two pieces x max_dup 2 = 4 requests in all: c and d duplicate, e gets nothing.
+    assert sorted(d for d in dups if d is not None) == [0, 1]
+    assert dups[2] is None
+    assert all(len(asked) == 2 for asked in p.inflight.values())
+    # A peer already asked for a piece is not asked for it again.
+    assert p.next_request("a") is None
+
+
+def test_endgame_only_when_everything_missing_is_in_flight() -> None:
+    p = Picker(3, seed=0)
+    p.add_peer("x", [0, 1])
+    p.add_peer("y", [0, 1, 2])
+    p.add_peer("z", [0, 1])
+    assert p.next_request("y") == 2  # the rarest
+    a, b = p.next_request("x"), p.next_request("x")
+    assert {a, b} == {0, 1}
+    dup = p.next_request("z")  # all three in flight: endgame
+    assert dup in (0, 1)
+    q = Picker(3, seed=0)
+    q.add_peer("x", [0, 1])
+    q.add_peer("z", [0, 1])
+    assert {q.next_request("x"), q.next_request("x")} == {0, 1}
+    assert q.next_request("z") is None  # piece 2 missing and not requested (no one has it): no endgame
+
+
+@pytest.mark.parametrize("max_dup", [1, 2, 3])
+def test_max_dup(max_dup: int) -> None:
+    p = Picker(1, max_dup=max_dup)
+    peers = list(range(6))
+    for peer in peers:
+        p.add_peer(peer, [0])
+    got = [p.next_request(peer) for peer in peers]
+    assert got.count(0) == max_dup
+
+
+def test_piece_verified_returns_other_askers_and_ends_requests() -> None:
+    p = Picker(1, max_dup=3)
+    for peer in "abc":
+        p.add_peer(peer, [0])
+        assert p.next_request(peer) == 0
+    assert p.piece_verified(0) == {"a", "b", "c"}
+    assert p.done and p.missing_count == 0 and p.inflight == {} and p.inflight_mask == 0
+    assert p.next_request("a") is None
+    p.request_failed("b", 0)  # late failure of a cancelled duplicate: harmless
+    assert p.inflight == {}
+
+
+# ------------------------------------------------------------------------------------------ failures
+def test_remove_peer_releases_its_in_flight_pieces() -> None:
+    p = Picker(6, seed=4)
+    p.add_peer("a", range(6))
+    p.add_peer("b", range(6))
+    asked = [p.next_request("a") for _ in range(3)]
+    assert sorted(p.remove_peer("a")) == sorted(asked)  # type: ignore[type-var]
+    assert p.in_flight_to("a") == []
+    got = {p.next_request("b") for _ in range(6)}
+    assert got == set(range(6))
+    assert p.avail == [1] * 6
+
+
+def test_remove_full_peer_restores_levels() -> None:
+    p = Picker(5, seed=0)
+    p.add_peer("seed", range(5))
+    p.add_peer("half", [0, 1])
+    p.remove_peer("seed")
+    assert p.avail == [1, 1, 0, 0, 0]
+    assert p.next_request("half") in (0, 1)
+
+
+def test_request_failed_makes_piece_available_elsewhere() -> None:
+    p = Picker(1)
+    p.add_peer("a", [0])
+    p.add_peer("b", [0])
+    assert p.next_request("a") == 0
+    p.request_failed("a", 0)
+    assert p.next_request("b") == 0
+
+
+def test_request_failed_peer_lacks_stops_asking_that_peer() -> None:
+    p = Picker(3, seed=0)
+    p.add_peer("a", range(3))
+    p.add_peer("b", [0])
+    first = p.next_request("a")
+    assert first is not None
+    p.request_failed("a", first, peer_lacks=True)
+    rest = [p.next_request("a") for _ in range(3)]
+    assert first not in rest
+    assert sorted(r for r in rest if r is not None) == sorted(set(range(3)) - {first})
+    assert p.avail[first] == (1 if first == 0 else 0)
+    # A later HAVE makes it askable again.
+    assert p.peer_have("a", first) is True
+
+
+def test_request_failed_for_full_peer_then_remove() -> None:
+    p = Picker(4, seed=0)
+    p.add_peer("seed", range(4))
+    p.add_peer("other", [1])
+    p.request_failed("seed", 2, peer_lacks=True)
+    p.remove_peer("seed")
+    assert p.avail == [0, 1, 0, 0]
+
+
+# ------------------------------------------------------------------------------------------ random operation sequences
+class PickerMachine(RuleBasedStateMachine):
+    """Drives a Picker with random operations and checks it against a plain-set model."""
+
+    @initialize(
+        n=st.integers(min_value=1, max_value=20),
+        seed=st.integers(min_value=0, max_value=1000),
+        max_dup=st.integers(min_value=1, max_value=3),
+        have_frac=st.sampled_from([0.0, 0.0, 0.0, 0.5]),
+    )
+    def setup(self, n: int, seed: int, max_dup: int, have_frac: float) -> None:
+        rng = random.Random(seed)
+        self.n = n
+        self.have = {i for i in range(n) if rng.random() < have_frac}
+        self.picker = Picker(n, self.have, seed=seed, max_dup=max_dup)
+        self.max_dup = max_dup
+        self.peers: dict[int, set[int]] = {}
+        self.inflight: dict[int, set[int]] = {}
+        self.next_peer = 0
+
+    # -- helpers
+    def _missing(self) -> set[int]:
+        return set(range(self.n)) - self.have
+
+    def _avail(self, piece: int) -> int:
+        return sum(piece in s for s in self.peers.values())
+
+    # -- rules
+    @rule(data=st.data())
+    def add_peer(self, data: st.DataObject) -> None:
+        if data.draw(st.integers(min_value=0, max_value=3)) == 0:
+            pieces = set(range(self.n))
+        else:
+            pieces = data.draw(st.sets(st.integers(min_value=0, max_value=self.n - 1)))
+        peer = self.next_peer
+        self.next_peer += 1
+        self.picker.add_peer(peer, pieces)
+        self.peers[peer] = set(pieces)
+
+    @precondition(lambda self: self.peers)
+    @rule(data=st.data())
+    def peer_have(self, data: st.DataObject) -> None:
+        peer = data.draw(st.sampled_from(sorted(self.peers)))
+        piece = data.draw(st.integers(min_value=0, max_value=self.n - 1))
+        newly = piece not in self.peers[peer]
+        assert self.picker.peer_have(peer, piece) == (newly and piece not in self.have)
+        self.peers[peer].add(piece)
+
+    @precondition(lambda self: self.peers)
+    @rule(data=st.data(), times=st.integers(min_value=1, max_value=4))
+    def next_request(self, data: st.DataObject, times: int) -> None:
+        peer = data.draw(st.sampled_from(sorted(self.peers)))
+        for _ in range(times):
+            self._one_request(peer)
+
+    def _one_request(self, peer: int) -> None:
+        has = self.peers[peer]
+        missing = self._missing()
+        fresh = has & missing - set(self.inflight)
+        endgame = not (missing - set(self.inflight))
+        dup_ok = {i for i in has & missing & set(self.inflight)
+                  if peer not in self.inflight[i] and len(self.inflight[i]) < self.max_dup}
+        got = self.picker.next_request(peer)
+        if got is None:
+            assert not fresh
+            assert not (endgame and dup_ok)
+            return
+        assert got in has, "asked a peer for a piece it does not have"
+        assert got not in self.have, "asked for a piece we have"
+        if fresh:
+            assert got in fresh, "duplicated a request outside endgame"
+            best = min(self._avail(i) for i in fresh)
+            assert self._avail(got) == best, "not rarest-first"
+            tied = [i for i in fresh if self._avail(i) == best]
+            assert self.picker.pos[got] == min(self.picker.pos[i] for i in tied), "ties not in own random order"
+        else:
+            assert endgame, "duplicated a request outside endgame"
+            assert got in dup_ok, "endgame duplicate beyond max_dup or to a peer already asked"
+        self.inflight.setdefault(got, set()).add(peer)
+
+    @precondition(lambda self: any(self.inflight.values()))
+    @rule(data=st.data(), lacks=st.booleans())
+    def request_failed(self, data: st.DataObject, lacks: bool) -> None:
+        pairs = sorted((p, i) for i, ps in self.inflight.items() for p in ps)
+        peer, piece = data.draw(st.sampled_from(pairs))
+        self.picker.request_failed(peer, piece, peer_lacks=lacks)
+        self.inflight[piece].discard(peer)
+        if not self.inflight[piece]:
+            del self.inflight[piece]
+        if lacks:
+            self.peers[peer].discard(piece)
+
+    @precondition(lambda self: self.inflight)
+    @rule(data=st.data())
+    def piece_verified(self, data: st.DataObject) -> None:
+        piece = data.draw(st.sampled_from(sorted(self.inflight)))
+        assert self.picker.piece_verified(piece) == self.inflight.pop(piece)
+        self.have.add(piece)
+
+    @precondition(lambda self: self._missing() - set(self.inflight))
+    @rule(data=st.data())
+    def piece_arrived_unasked(self, data: st.DataObject) -> None:
+        """E.g. a duplicate whose cancel crossed it on the wire."""
+        piece = data.draw(st.sampled_from(sorted(self._missing() - set(self.inflight))))
+        assert self.picker.piece_verified(piece) == set()
+        self.have.add(piece)
+
+    @precondition(lambda self: self.peers)
+    @rule(data=st.data())
+    def remove_peer(self, data: st.DataObject) -> None:
+        peer = data.draw(st.sampled_from(sorted(self.peers)))
+        expected = sorted(i for i, ps in self.inflight.items() if peer in ps)
+        assert sorted(self.picker.remove_peer(peer)) == expected
+        del self.peers[peer]
+        for i in expected:
+            self.inflight[i].discard(peer)
+            if not self.inflight[i]:
+                del self.inflight[i]
+
+    # -- invariants
+    @invariant()
+    def state_matches_model(self) -> None:
+        p = self.picker
+        assert {i: set(ps) for i, ps in p.inflight.items()} == self.inflight
+        assert all(0 < len(ps) <= self.max_dup for ps in p.inflight.values())
+        assert p.inflight_mask == p.to_mask(self.inflight)
+        assert p.missing_count == len(self._missing())
+        assert p.done == (not self._missing())
+        assert sorted(p.have_pieces()) == sorted(self.have)
+        assert not set(p.inflight) & self.have
+        for peer in self.peers:
+            assert p.interesting(peer) == bool(self.peers[peer] & self._missing())
+            assert sorted(p.in_flight_to(peer)) == sorted(i for i, ps in self.inflight.items() if peer in ps)
+
+    @invariant()
+    def availability_matches_model(self) -> None:
+        p = self.picker
+        for i in range(self.n):
+            a = self._avail(i)
+            assert p.avail[i] == a
+            bit = 1 << p.pos[i]
+            assert [lvl for lvl, m in enumerate(p.levels) if m & bit] == [a]
+
+
+TestPickerMachine = PickerMachine.TestCase
+TestPickerMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None, database=None)
+
+
+@FAST
+@given(st.integers(min_value=1, max_value=40), st.integers(min_value=2, max_value=6), st.randoms(use_true_random=False))
+def test_swarm_simulation_completes_without_duplicates_outside_endgame(n: int, npeers: int, rng: random.Random) -> None:
+    """Random peers with random bitfields; serve requests in random order until done."""
+    p = Picker(n, seed=rng.randrange(1 << 30), max_dup=2)
+    holdings = {k: {i for i in range(n) if rng.random() < 0.5} for k in range(npeers)}
+    holdings[0] = set(range(n))  # one seed so the download can complete
+    for k, s in holdings.items():
+        p.add_peer(k, s)
+    outstanding: list[tuple[int, int]] = []
+    received = 0
+    for _ in range(20 * n):
+        for k in holdings:
+            while len([1 for peer, _ in outstanding if peer == k]) < 2:
+                piece = p.next_request(k)
+                if piece is None:
+                    break
+                assert piece in holdings[k]
+                outstanding.append((k, piece))
+        if not outstanding:
+            break
+        peer, piece = outstanding.pop(rng.randrange(len(outstanding)))
+        if piece in p.inflight and peer in p.inflight[piece]:
+            p.piece_verified(piece)
+            received += 1
+            outstanding = [(q, i) for q, i in outstanding if i != piece]  # cancelled duplicates
+    assert p.done
+    assert received == n
