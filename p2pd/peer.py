@@ -118,7 +118,7 @@ class PeerConn:
         self.cancel_scope = trio.CancelScope()
         self.bytes_up = 0
         self.last_send = trio.current_time()
-        self.peer_pieces = 0  # how many pieces the remote has (status only)
+        self.have_mask = 0  # pieces the remote has announced (bit i = piece i)
         self._zc = zstandard.ZstdCompressor(level=1)
         self._zd = zstandard.ZstdDecompressor()
 
@@ -228,7 +228,7 @@ class PeerConn:
                     raise wire.ProtocolError(f"request for piece {msg.index} out of range")
                 if len(self.uploads) >= 64:
                     raise wire.ProtocolError("more than 64 requests queued")
-                if sw.should_defer(msg.index):
+                if sw.should_defer(self, msg.index):
                     self.queue(wire.Defer(msg.index))
                 else:
                     self.uploads.append(msg.index)

@@ -27,6 +27,7 @@ from p2pd.storage import Catalog, Journal, PieceStore, StorageError
 
 log = logging.getLogger(__name__)
 VERIFIERS = 2  # pieces hashed and written in parallel (xxhash and pwrite release the GIL)
+SERVE_TAIL = 16  # a complete node always serves a peer missing at most this many pieces
 DEFER_RETRY = 0.5  # seconds before asking a peer again for pieces it deferred
 VERIFY_QUEUE = 8  # received pieces waiting for a verifier, bounding memory to this many pieces
 
@@ -158,14 +159,23 @@ class Swarm:
             self._compressible[fi] = len(zstandard.ZstdCompressor(level=1).compress(bytes(data))) < 0.8 * len(data)
         return self._compressible[fi]
 
-    def should_defer(self, i: int) -> bool:
-        """Seed policy: while some piece has never been uploaded, do not upload any piece twice.
+    def should_defer(self, requester: PeerConn, i: int) -> bool:
+        """Seed policy: upload what nobody else can, send everything else to the peers that have it.
 
-        Duplicate uploads from the seed are what keeps BitTorrent above the Kumar–Ross bound; a piece
-        already sent will soon be announced (HAVE) by its receiver, who can serve it instead.
+        Duplicate uploads from the seed are what keeps BitTorrent above the Kumar–Ross bound. A
+        complete node defers (DEFER: "ask someone else") a request for a piece that another connected
+        peer has announced, or that it already sent while some piece was never sent (its receiver will
+        announce it soon). A requester missing only a few pieces is always served, so deferral can
+        never stretch the tail.
         """
-        return (self.config.seed_distinct and self.complete and self._unsent > 0 and self._sent[i] > 0
-                and len(self.conns) > 1)
+        if not (self.config.seed_distinct and self.complete) or len(self.conns) < 2:
+            return False
+        if self.n - requester.have_mask.bit_count() <= SERVE_TAIL:
+            return False
+        if self._unsent > 0 and self._sent[i] > 0:
+            return True
+        bit = 1 << i
+        return any(c is not requester and c.have_mask & bit for c in self.conns.values())
 
     def note_piece_sent(self, i: int) -> None:
         if self._sent[i] == 0:
@@ -205,7 +215,7 @@ class Swarm:
 
     def on_bitfield(self, conn: PeerConn, raw: bytes) -> None:
         mask = bits.from_bytes(raw, self.n)
-        conn.peer_pieces = mask.bit_count()
+        conn.have_mask = mask
         if self.picker is not None and conn.closed_reason is None:
             self.picker.add_peer(conn, range(self.n) if mask == bits.full(self.n) else bits.indices(mask))
             self.fill(conn)
@@ -213,7 +223,7 @@ class Swarm:
     def on_have(self, conn: PeerConn, i: int) -> None:
         if not 0 <= i < self.n:
             raise wire.ProtocolError(f"HAVE for piece {i} out of range")
-        conn.peer_pieces += 1
+        conn.have_mask |= 1 << i
         if self.picker is not None and conn in self.picker.peer_mask and self.picker.peer_have(conn, i):
             self.fill(conn)
 

@@ -15,6 +15,8 @@ must keep heartbeating through a replica's death or a tracker restart without th
   tracker and fails over. Holdings too large for one datagram go over TCP.
 - Every wait has a timeout: calls (`call_timeout`), connects (`connect_timeout`) and heartbeats
   (bounded by the interval, so a hung replica is abandoned within about one interval).
+- While heartbeats go over UDP, the TCP connection is closed after `idle_close` seconds without a
+  call, so a tracker with 100,000 nodes does not hold 100,000 idle sockets.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class TrackerClient:
         call_timeout: float = 5.0,
         connect_timeout: float = 2.0,
         udp: bool = True,
+        idle_close: float = 30.0,
     ) -> None:
         if not addresses:
             raise ValueError("TrackerClient needs at least one tracker address")
@@ -89,6 +92,8 @@ class TrackerClient:
         self.call_timeout = call_timeout
         self.connect_timeout = connect_timeout
         self.use_udp = udp
+        self.idle_close = idle_close
+        self._last_tcp = 0.0
         self.interval: float = 1.0  # updated from every tracker reply
         self.policy: dict[str, Any] = {}
         self.session: int | None = None
@@ -189,6 +194,7 @@ class TrackerClient:
                 client: RpcClient | None = None
                 try:
                     client, fresh = await self._connection(min(t, self.connect_timeout))
+                    self._last_tcp = trio.current_time()
                     return await client.call(method, params, timeout=t)
                 except (OSError, trio.TooSlowError) as e:
                     errors.append(f"{_fmt(addr)}: {'connect timed out' if isinstance(e, trio.TooSlowError) else e}")
@@ -324,13 +330,24 @@ class TrackerClient:
                     self.policy = reply.policy
                     if reply.known:
                         self._acked = dict(holdings)
+                        if self._client is not None and trio.current_time() - self._last_tcp > self.idle_close:
+                            # heartbeats go over UDP: do not hold one of the tracker's sockets for nothing
+                            log.debug("closing idle tracker connection to %s", _fmt(self.current))
+                            self._drop(self._client)
                         return
                     log.info("tracker %s does not know this node: registering again", _fmt(self.current))
                     await self.register()
         await self.heartbeat(holdings)
 
     async def _udp_exchange(self, target: tuple[str, int], payload: bytes, seq: int) -> _UdpReply | None:
-        """Send one datagram and wait (bounded) for its reply; None if none came."""
+        """Send one datagram and wait (bounded, name lookup included) for its reply; None if none came."""
+        with trio.move_on_after(min(self._beat_timeout(), 1.0) + self.connect_timeout):
+            return await self._udp_exchange_unbounded(target, payload, seq)
+        log.debug("udp heartbeat to %s: name lookup or send timed out", _fmt(target))
+        self._close_udp()
+        return None
+
+    async def _udp_exchange_unbounded(self, target: tuple[str, int], payload: bytes, seq: int) -> _UdpReply | None:
         try:
             if self._udp_sock is None or self._udp_target != target:
                 self._close_udp()

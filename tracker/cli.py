@@ -69,6 +69,7 @@ def serve(
         fail("--admin-listen needs --admin-token (or $P2P_TRACKER_ADMIN_TOKEN): the admin API never runs open")
     import trio
 
+    raise_fd_limit()
     try:
         trio.run(_serve, host, port, interval, store, admin_addr, admin_token, udp, ready_file)
     except OSError as e:
@@ -132,6 +133,18 @@ async def _serve(
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await store.aclose()
+
+
+def raise_fd_limit() -> None:
+    """One TCP connection per node that talks to us now: lift the soft fd limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-file limit from %s: %s", soft, e)
 
 
 def fail(msg: str) -> Any:

@@ -126,12 +126,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+def tracker_server(host: str, port: int) -> ThreadingHTTPServer:
+    """A bound (not yet serving) tracker; port 0 picks a free one (see `server_address`)."""
+    handler = type("Handler", (_Handler,), {"swarms": _Swarms()})
+    srv = ThreadingHTTPServer((host, port), handler)
+    srv.daemon_threads = True
+    return srv
+
+
 def serve_tracker(listen: str) -> None:
     """Serve announces on `listen` (IP:PORT) until killed; prints READY when the socket is bound."""
     host, port = listen.rsplit(":", 1)
-    _Handler.swarms = _Swarms()
-    srv = ThreadingHTTPServer((host, int(port)), _Handler)
-    srv.daemon_threads = True
+    srv = tracker_server(host, int(port))
     print("READY", flush=True)
     srv.serve_forever()
 
@@ -139,9 +145,10 @@ def serve_tracker(listen: str) -> None:
 def wait_peers(url: str, n: int, timeout: float) -> bool:
     """Poll the tracker's /stats until it knows at least `n` peers (run inside the tracker's namespace)."""
     end = time.monotonic() + timeout
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
     while time.monotonic() < end:
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with opener.open(url, timeout=2) as r:
                 if int(r.read()) >= n:
                     return True
         except OSError:

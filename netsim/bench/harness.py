@@ -11,6 +11,7 @@ The rules are the same for every client so that the numbers compare:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -36,7 +37,8 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for every process we start: no proxies (nothing may try to leave the namespace), the repo on
     PYTHONPATH (so `python -m netsim...` and an uninstalled p2pd import inside the namespaces)."""
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+    # the repo last: a PYTHONPATH set by the caller (e.g. a snapshot of p2pd/ to benchmark) takes precedence
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), REPO_ROOT) if p)
     env.update(extra or {})
     return env
 
@@ -65,6 +67,21 @@ class Net:
     def nodes(self) -> list[Node]:
         """Seed first, then leechers."""
         return [self.seed, *self.leechers]
+
+    def port_bytes(self) -> dict[str, tuple[int, int]] | None:
+        """Per node: (bytes delivered to it, bytes it sent), read off the switch side of every link in one call
+        (None on loopback). Client-agnostic progress, for --trace."""
+        if self.kind != "emu":
+            return None
+        sw = self.seed.host.links[0].switch
+        cp = subprocess.run(["ip", "-n", sw.ns, "-s", "-j", "link", "show"], capture_output=True, text=True,
+                            check=True)
+        by_if = {d["ifname"]: d["stats64"] for d in json.loads(cp.stdout) if "stats64" in d}
+        out = {}
+        for n in self.nodes():
+            st = by_if[n.host.links[0].switch_if]
+            out[n.name] = (st["tx"]["bytes"], st["rx"]["bytes"])
+        return out
 
     def seed_tx_bytes(self) -> int | None:
         """Bytes the seed's link has sent so far (None on loopback, where there is no per-node interface)."""
@@ -99,6 +116,7 @@ class Ctx:
     timeout_s: float
     log: IO[str] = sys.stderr
     keep_logs: bool = False
+    trace: bool = False
     rss_pids: list[int] = field(default_factory=list)
 
     def run_dir(self, client: str, run: int) -> str:
@@ -219,7 +237,7 @@ class RunResult:
     t_s: float
     seed_tx_bytes: int | None
     rss_max_mb: float | None
-    error: str | None = None
+    trace: dict[str, list] | None = None
 
 
 def release_and_wait(ctx: Ctx, client: str, run: int, leechers: Sequence[Leecher],
@@ -235,6 +253,12 @@ def release_and_wait(ctx: Ctx, client: str, run: int, leechers: Sequence[Leecher
     deadline = t0 + ctx.timeout_s
     rss_peak: float | None = None
     next_rss = 0.0
+    trace: dict[str, list] | None = None
+    if ctx.trace and ctx.net.kind == "emu":
+        names = [lc.node.name for lc in leechers]
+        base = ctx.net.port_bytes() or {}
+        trace = {"t_s": [], "down_MB": [], "seed_up_MB": [], "leechers": names}
+    next_trace = t0
     while True:
         now = time.monotonic()
         for lc in leechers:
@@ -250,6 +274,12 @@ def release_and_wait(ctx: Ctx, client: str, run: int, leechers: Sequence[Leecher
         if now > deadline:
             left = [lc.node.name for lc in leechers if lc.done_at is None]
             raise BenchError(f"timeout after {ctx.timeout_s:.0f} s; unfinished: {left}")
+        if trace is not None and now >= next_trace:
+            next_trace += 0.5
+            pb = ctx.net.port_bytes() or {}
+            trace["t_s"].append(round(now - t0, 2))
+            trace["down_MB"].append([round((pb[n][0] - base[n][0]) / 1e6, 1) for n in names])
+            trace["seed_up_MB"].append(round((pb["seed"][1] - base["seed"][1]) / 1e6, 1))
         if now >= next_rss:
             next_rss = now + 0.25
             for pid in ctx.rss_pids:
@@ -262,7 +292,7 @@ def release_and_wait(ctx: Ctx, client: str, run: int, leechers: Sequence[Leecher
     for lc in leechers:
         verify_copy(ctx.payload, lc.final_output(), lc.node.name)
     return RunResult(client, run, times, max(times), None if tx0 is None or tx1 is None else tx1 - tx0,
-                     None if rss_peak is None else round(rss_peak, 1))
+                     None if rss_peak is None else round(rss_peak, 1), trace)
 
 
 def verify_copy(payload: str, output: str, who: str) -> None:

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from netsim.bench.clients import make_client
 from netsim.bench.clients.base import Client
-from netsim.bench.harness import BenchError, Ctx, Net, build_net, make_payload
+from netsim.bench.harness import REPO_ROOT, BenchError, Ctx, Net, build_net, make_payload
 from netsim.bench.model import kumar_ross, summarize
 from netsim.emu import Topology, new_prefix
 from netsim.units import fmt_rate, fmt_size
@@ -49,6 +49,7 @@ class SwarmOptions:
     keep: bool = False
     iperf: bool = True
     p2pd_egress_limit: str | None = None
+    trace: bool = False
     command: str = ""
 
 
@@ -111,7 +112,8 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
                             o.seed_rate_bps, o.loss)
             t_min = t_min_nominal(o)
             timeout = o.timeout_s or (max(120.0, 10 * t_min) if t_min else 600.0)
-            ctx = Ctx(net=net, payload=payload, size=o.size, work=work, timeout_s=timeout, log=log, keep_logs=o.keep)
+            ctx = Ctx(net=net, payload=payload, size=o.size, work=work, timeout_s=timeout, log=log, keep_logs=o.keep,
+                      trace=o.trace)
             ctx.say(f"{o.topology}: 1 seed + {o.peers} peers, {fmt_size(o.size)}"
                     + (f" at {fmt_rate(o.rate_bps)}, T_min {t_min:.2f} s" if t_min else "") + f" ({prefix})")
             if o.topology == "emu" and o.iperf:
@@ -139,6 +141,18 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
     return report(o, results, failures, measured_bps)
 
 
+def revision() -> str | None:
+    """The repo's commit (+ "-dirty" when p2pd/, tracker/ or netsim/ have uncommitted changes), for BENCHMARKS.md."""
+    try:
+        head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "p2pd", "tracker", "netsim"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None  # not a git checkout (an installed copy): the JSON says so with null
+    return head + ("-dirty" if dirty else "")
+
+
 def t_min_nominal(o: SwarmOptions) -> float | None:
     """Kumar-Ross bound with the nominal link rates (None on loopback: no rates)."""
     if o.topology != "emu":
@@ -160,6 +174,7 @@ def report(o: SwarmOptions, results: dict[str, list], failures: dict[str, list[s
         "benchmark": "swarm", "topology": o.topology, "command": o.command,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "revision": revision(),
         "peers": o.peers, "size_bytes": o.size, "rate_bps": o.rate_bps if o.topology == "emu" else None,
         "seed_rate_bps": (o.seed_rate_bps or o.rate_bps) if o.topology == "emu" else None, "loss": o.loss,
         "runs": o.runs,
@@ -189,6 +204,8 @@ def report(o: SwarmOptions, results: dict[str, list], failures: dict[str, list[s
             "rss_max_mb": max(rss) if rss else None,
             "failures": failures[name],
         }
+        if o.trace:
+            out["clients"][name]["traces"] = [r.trace for r in rs]
     out["headline"] = headline(out)
     return out
 

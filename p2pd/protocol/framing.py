@@ -48,6 +48,6 @@ class FrameReader:
             del self._buf[: 4 + n]
             try:
                 out.append(_decoder.decode(body))
-            except msgspec.DecodeError as e:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:  # bad UTF-8, deep nesting
                 raise FrameError(f"undecodable frame: {e}") from e
         return out

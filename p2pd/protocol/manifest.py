@@ -137,7 +137,7 @@ def encode(m: Manifest) -> bytes:
 def decode(data: bytes) -> Manifest:
     try:
         m = _dec.decode(data)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:  # bad UTF-8, deep nesting
         raise ManifestError(f"undecodable manifest: {e}") from e
     validate(m)
     if encode(m) != data:

@@ -158,7 +158,7 @@ def decode_body(t: MsgType, body: bytes) -> Message:
     if t is MsgType.HANDSHAKE:
         try:
             return _hs_dec.decode(body)
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:  # bad UTF-8, deep nesting
             raise ProtocolError(f"bad handshake: {e}") from None
     if t is MsgType.BITFIELD:
         return Bitfield(bytes(body))

@@ -121,20 +121,16 @@ def ready_envs(node: Node) -> list[str]:
 
 async def test_conda_envs_pack_publish_fetch_on_two_daemons_and_run(build_envs: BuildEnvs, base: Path) -> None:
     async with cluster_of(base, "seed", "peerA", "peerB") as (c, (seed, a, b)):
-        T0 = time.monotonic()
-        print("start", time.monotonic() - T0)
         hello_aid = await pack_env(c, seed, "--conda", build_envs.hello, "e2e-hello:v1", "--format", "tar.gz")
         py_aid = await pack_env(c, seed, "--conda", build_envs.py, "e2e-py:v1")  # default: tar.zst
         assert (c.base / "packed" / "e2e-hello-v1.tar.gz").is_file()
         assert (c.base / "packed" / "e2e-py-v1.tar.zst").is_file()
-        print("packed", time.monotonic() - T0)
         old_hello, old_py = build_envs.hello, build_envs.py
         move_away(old_hello)
         move_away(old_py)
 
         envs = await fetch_all(c, [(a, "e2e-hello:v1"), (a, "e2e-py:v1"), (b, "e2e-hello:v1"), (b, "e2e-py:v1")])
 
-        print("fetched", time.monotonic() - T0)
         for node in (a, b):
             hello = envs[node.name, "e2e-hello:v1"]
             py = envs[node.name, "e2e-py:v1"]
@@ -155,7 +151,6 @@ async def test_conda_envs_pack_publish_fetch_on_two_daemons_and_run(build_envs: 
             assert_relocated(hello, old_hello)  # every placeholder points at the new prefix
             assert_relocated(py, old_py)
 
-        print("checked", time.monotonic() - T0)
         # a second fetch reuses the ready env: same dir, not re-extracted, quick
         py_a = envs[a.name, "e2e-py:v1"]
         marker = (py_a / READY_MARKER).read_text()

@@ -101,6 +101,10 @@ def test_encode_refuses_oversized_frame() -> None:
         b"\xa5abc",  # str of 5 with 3 bytes
         b"\x01\x02",  # trailing bytes after a complete object
         b"",  # empty body
+        b"\xa1\x80",  # a str that is not UTF-8
+        b"\x81\xa1\xff\x01",  # a map key that is not UTF-8
+        b"\x81\xa2id\xa2\xc3\x28",  # a value that is not UTF-8
+        b"\x91" * 200_000 + b"\xc0",  # nested deeper than the decoder's recursion limit
     ],
 )
 def test_garbage_body_raises_frame_error(body: bytes) -> None:
@@ -114,6 +118,18 @@ def test_random_bytes_never_raise_anything_but_frame_error(data: bytes) -> None:
     reader = FrameReader(max_frame=1 << 16)
     try:
         reader.feed(data)
+    except FrameError:
+        pass
+
+
+@QUICK
+@given(st.lists(msgpack_values, min_size=1, max_size=3), st.integers(min_value=0),
+       st.integers(min_value=1, max_value=255))
+def test_corrupted_byte_raises_only_frame_error(objs: list[Any], pos: int, xor: int) -> None:
+    stream = bytearray(b"".join(encode_frame(o) for o in objs))
+    stream[4 + pos % (len(stream) - 4)] ^= xor  # corrupt a body byte (lengths are covered above)
+    try:
+        FrameReader().feed(bytes(stream))
     except FrameError:
         pass
 

@@ -257,7 +257,17 @@ def test_decode_checked_with_valid_id_of_invalid_manifest() -> None:
 
 
 def test_decode_rejects_garbage() -> None:
-    for data in [b"", b"\xc1", b"\x90", msgspec.msgpack.encode({"version": 1}), b"\x97" + b"\x01" * 7]:
+    good = mf.encode(make([FileEntry("abc", 5)]))
+    assert b"\xa3abc" in good
+    for data in [
+        b"",
+        b"\xc1",
+        b"\x90",
+        msgspec.msgpack.encode({"version": 1}),
+        b"\x97" + b"\x01" * 7,
+        good.replace(b"\xa3abc", b"\xa3a\xffc"),  # a path that is not UTF-8
+        b"\x98" + b"\x01" * 7 + b"\x91" * 200_000 + b"\xc0",  # nesting past the recursion limit
+    ]:
         with pytest.raises(ManifestError):
             mf.decode(data)
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from p2pd.protocol.picker import Picker
-from tests.unit._util import FAST
+from tests.unit._util import QUICK
 
 
 # ------------------------------------------------------------------------------------------ random order
@@ -245,6 +245,35 @@ def test_request_failed_for_full_peer_then_remove() -> None:
     assert p.avail == [0, 1, 0, 0]
 
 
+# ------------------------------------------------------------------------------------------ defer
+def test_defer_skips_the_piece_at_that_peer_until_undefer() -> None:
+    p = Picker(3, seed=0)
+    p.add_peer("seed", range(3))
+    p.add_peer("other", [0, 1, 2])
+    first = p.next_request("seed")
+    assert first is not None
+    p.defer("seed", first)
+    assert p.in_flight_to("seed") == []
+    rest = {p.next_request("seed"), p.next_request("seed")}
+    assert rest == set(range(3)) - {first}
+    assert p.next_request("seed") is None  # the deferred piece is not asked of "seed" again, even in endgame
+    assert p.next_request("other") == first  # but it is free for everyone else
+    assert p.undefer_all() is True
+    assert p.undefer_all() is False
+    p.request_failed("other", first)
+    assert p.next_request("seed") == first
+
+
+def test_defer_is_forgotten_with_the_peer() -> None:
+    p = Picker(2, seed=0)
+    p.add_peer("a", [0, 1])
+    p.defer("a", 0)
+    p.remove_peer("a")
+    assert p.undefer_all() is False
+    p.add_peer("a", [0, 1])
+    assert {p.next_request("a"), p.next_request("a")} == {0, 1}
+
+
 # ------------------------------------------------------------------------------------------ random operation sequences
 class PickerMachine(RuleBasedStateMachine):
     """Drives a Picker with random operations and checks it against a plain-set model."""
@@ -263,6 +292,7 @@ class PickerMachine(RuleBasedStateMachine):
         self.max_dup = max_dup
         self.peers: dict[int, set[int]] = {}
         self.inflight: dict[int, set[int]] = {}
+        self.deferred: dict[int, set[int]] = {}
         self.next_peer = 0
 
     # -- helpers
@@ -301,7 +331,7 @@ class PickerMachine(RuleBasedStateMachine):
             self._one_request(peer)
 
     def _one_request(self, peer: int) -> None:
-        has = self.peers[peer]
+        has = self.peers[peer] - self.deferred.get(peer, set())
         missing = self._missing()
         fresh = has & missing - set(self.inflight)
         endgame = not (missing - set(self.inflight))
@@ -312,7 +342,8 @@ class PickerMachine(RuleBasedStateMachine):
             assert not fresh
             assert not (endgame and dup_ok)
             return
-        assert got in has, "asked a peer for a piece it does not have"
+        assert got in self.peers[peer], "asked a peer for a piece it does not have"
+        assert got in has, "asked a peer for a piece it deferred"
         assert got not in self.have, "asked for a piece we have"
         if fresh:
             assert got in fresh, "duplicated a request outside endgame"
@@ -337,6 +368,22 @@ class PickerMachine(RuleBasedStateMachine):
         if lacks:
             self.peers[peer].discard(piece)
 
+    @precondition(lambda self: any(self.inflight.values()))
+    @rule(data=st.data())
+    def defer(self, data: st.DataObject) -> None:
+        pairs = sorted((p, i) for i, ps in self.inflight.items() for p in ps)
+        peer, piece = data.draw(st.sampled_from(pairs))
+        self.picker.defer(peer, piece)
+        self.inflight[piece].discard(peer)
+        if not self.inflight[piece]:
+            del self.inflight[piece]
+        self.deferred.setdefault(peer, set()).add(piece)
+
+    @rule()
+    def undefer_all(self) -> None:
+        assert self.picker.undefer_all() == any(self.deferred.values())
+        self.deferred.clear()
+
     @precondition(lambda self: self.inflight)
     @rule(data=st.data())
     def piece_verified(self, data: st.DataObject) -> None:
@@ -359,6 +406,7 @@ class PickerMachine(RuleBasedStateMachine):
         expected = sorted(i for i, ps in self.inflight.items() if peer in ps)
         assert sorted(self.picker.remove_peer(peer)) == expected
         del self.peers[peer]
+        self.deferred.pop(peer, None)
         for i in expected:
             self.inflight[i].discard(peer)
             if not self.inflight[i]:
@@ -390,10 +438,10 @@ class PickerMachine(RuleBasedStateMachine):
 
 
 TestPickerMachine = PickerMachine.TestCase
-TestPickerMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None, database=None)
+TestPickerMachine.settings = settings(max_examples=50, stateful_step_count=40, deadline=None, database=None)
 
 
-@FAST
+@QUICK
 @given(st.integers(min_value=1, max_value=40), st.integers(min_value=2, max_value=6), st.randoms(use_true_random=False))
 def test_swarm_simulation_completes_without_duplicates_outside_endgame(n: int, npeers: int, rng: random.Random) -> None:
     """Random peers with random bitfields; serve requests in random order until done."""

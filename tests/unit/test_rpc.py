@@ -187,6 +187,8 @@ async def _expect_eof(stream: trio.abc.ReceiveStream) -> None:
         struct.pack(">I", 2) + b"\xc1\xc1",  # undecodable body
         encode_frame([1, 2, 3]),  # a frame that is not a request
         encode_frame({"method": "echo"}),  # a request without an id
+        struct.pack(">I", 2) + b"\xa1\x80",  # a str that is not UTF-8
+        struct.pack(">I", 200_001) + b"\x91" * 200_000 + b"\xc0",  # nested past the recursion limit
     ],
 )
 async def test_garbage_closes_the_connection_without_crashing(garbage: bytes) -> None:

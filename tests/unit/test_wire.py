@@ -247,6 +247,9 @@ def test_bad_codec(codec: int) -> None:
         msgspec.msgpack.encode({"version": 1, "node_id": 5, "artifact_id": "a"}),
         msgspec.msgpack.encode({"version": 1, "node_id": "n", "artifact_id": "a"}) + b"\x00",  # trailing
         b"\xcf",  # truncated uint64
+        msgspec.msgpack.encode({"version": 1, "node_id": "n", "artifact_id": "a"}).replace(b"\xa1n", b"\xa1\x80"),
+        b"\x84" + msgspec.msgpack.encode({"version": 1, "node_id": "n", "artifact_id": "a"})[1:]
+        + b"\xa1x" + b"\x91" * 200_000 + b"\xc0",  # an unknown field nested past the recursion limit
     ],
 )
 def test_bad_handshake(body: bytes) -> None:
