@@ -215,18 +215,28 @@ def evil_tar(path: Path, hostile: tuple[tarfile.TarInfo, bytes | None]) -> Path:
 
 async def test_malicious_env_archive_is_refused_and_leaves_nothing(base: Path) -> None:
     async with cluster_of(base, "seed", "peer") as (c, (seed, peer)):
-        for key, (hostile, why) in EVIL.items():
+        meta = {"env_type": "conda", "env_format": "tar", "platform": host_platform()}
+        aids = {}
+        for key, (hostile, _why) in EVIL.items():
             archive = evil_tar(base / f"evil-{key}.tar", hostile)
-            name = f"evil-{key}:v1"
-            meta = {"env_type": "conda", "env_format": "tar", "platform": host_platform()}
-            res = await seed.call("publish", {"path": str(archive), "name": name, "kind": "env", "meta": meta})
-            r = await c.cli(peer, "fetch", name, timeout=60)
-            err = r.stderr.decode()
+            res = await seed.call("publish", {"path": str(archive), "name": f"evil-{key}:v1", "kind": "env",
+                                              "meta": meta})
+            aids[key] = res["artifact_id"]
+        results: dict[str, subprocess.CompletedProcess[bytes]] = {}
+
+        async def fetch(key: str) -> None:
+            results[key] = await c.cli(peer, "fetch", f"evil-{key}:v1", timeout=60)
+
+        async with trio.open_nursery() as n:
+            for key in EVIL:
+                n.start_soon(fetch, key)
+        for key, (hostile, why) in EVIL.items():
+            r, err = results[key], results[key].stderr.decode()
             assert r.returncode != 0, f"{key}: fetch succeeded:\n{r.stdout.decode()}"
             assert f"p2pd: error: refusing '{hostile[0].name}': {why}" in err, f"{key}: unclear error:\n{err}"
             assert r.stdout.decode().strip() == "", f"{key}: fetch printed a path: {r.stdout.decode()}"
-            envs = peer.data_dir / "envs"
-            assert not envs.exists() or os.listdir(envs) == [], f"{key}: left {os.listdir(envs)}"
-            assert not (peer.data_dir / "escape.txt").exists() and not (base / "escape.txt").exists()
-            assert await peer.artifact(res["artifact_id"]) is not None  # the daemon is still up and answering
+            assert await peer.artifact(aids[key]) is not None  # the daemon is still up and answering
+        envs = peer.data_dir / "envs"
+        assert not envs.exists() or os.listdir(envs) == [], f"left under DATA_DIR/envs: {os.listdir(envs)}"
+        assert not (peer.data_dir / "escape.txt").exists() and not (base / "escape.txt").exists()
         assert peer.proc.poll() is None

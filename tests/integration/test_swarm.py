@@ -255,3 +255,37 @@ async def test_garbage_on_peer_port_closes_only_that_connection(cluster: Cluster
     path = await cluster.fetch(leech, "x:v1")
     assert sha256_tree(path) == sha256_tree(src)
     assert seed.proc.poll() is None
+
+
+async def test_disk_full_is_a_clear_error_and_nothing_marked_complete(cluster: Cluster, workdir: Path) -> None:
+    import subprocess
+
+    mnt = workdir / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"needs root to mount a small tmpfs: {r.stderr.decode().strip()}")
+    try:
+        src = make_file(workdir / "src" / "big.bin", 96 * MiB)
+        seed = await cluster.start_node("seed")
+        await cluster.publish(seed, src, "big:v1")
+        filler = mnt / "filler"
+        make_file(filler, 100 * MiB)
+        small = mnt / "node"
+        node = await cluster.start_node("small")
+        # move the node's data dir onto the small filesystem: restart it there
+        cluster.kill(node, signal.SIGTERM)
+        node.args[node.args.index("--data-dir") + 1] = str(small)
+        node.data_dir = small
+        small.mkdir()
+        await cluster.restart(node)
+        res = await cluster.cli(node, "fetch", "big:v1")
+        assert res.returncode != 0
+        assert b"not enough disk space" in res.stderr and b"Traceback" not in res.stderr, res.stderr
+        assert not list((small / "artifacts").glob("*.json"))  # nothing marked complete
+        filler.unlink()
+        path = await cluster.fetch(node, "big:v1")
+        assert sha256_tree(path) == sha256_tree(src)
+    finally:
+        cluster.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

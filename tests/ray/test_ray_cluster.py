@@ -206,7 +206,9 @@ def test_inference_workers_serve_the_model_and_route_around_a_killed_one(env: En
         st = pool.stats()
         assert st[victim]["failures"] >= 1 and st[victim]["weight"] == 0.0
         assert pool.router.workers[victim].successes == served_before
-        assert st[victim]["picks"] - served_before <= 2  # at most the failed request and one probe
+        # The victim's attempts: what was already in flight when it died (its SWRR share of the 2-per-worker
+        # window, 2) plus at most one probe; all of them were retried on the others.
+        assert st[victim]["picks"] - served_before <= 3
         assert sum(pool.router.workers[i].successes for i in others) - others_before == len(batches)
         np.testing.assert_allclose(
             pool.infer(batches[3], timeout=60), models.forward_numpy(layers, batches[3]), rtol=1e-4, atol=1e-5
