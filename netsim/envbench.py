@@ -34,6 +34,7 @@ import datetime
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import stat
@@ -148,6 +149,31 @@ def proc_cpu_s(pid: int) -> float | None:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu_s() -> float:
+    """CPU seconds of this process's waited-for children (and theirs), user + system."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def unpack_alone(archive: Path, base: Path, aid: str, meta: dict[str, str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one materialize() of the archive in this process, nothing else unpacking."""
+    from p2pd.envpack import materialize
+
+    envs = base / "alone" / "envs"
+    t0, ru0 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = children_cpu_s()
+    try:
+        env = materialize(archive, envs, aid, meta)
+        wall = time.monotonic() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime + children_cpu_s() - cpu0
+        if not (env / "bin" / "python").exists():
+            raise BenchError(f"materialize() alone produced no bin/python in {env}")
+    finally:
+        shutil.rmtree(envs.parent, ignore_errors=True)
+    return wall, cpu
+
+
 def fs_type(path: Path) -> str:
     r = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False)
     return r.stdout.strip() or "unknown"
@@ -181,10 +207,10 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path) -> dict[str
         log(f"tracker + seed + {args.peers} peers up; packing {env} as {args.format}")
 
         # -- pack (+ publish)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), children_cpu_s()
         r = await c.cli(seed, "pack-env", "--conda", str(env), "--name", name, "--format", args.format,
                         "--out-dir", str(base / "packed"), timeout=3600)
-        pack_cmd_s = time.monotonic() - t0
+        pack_cmd_s, pack_cpu_s = time.monotonic() - t0, children_cpu_s() - cpu0
         err = r.stderr.decode(errors="replace")
         if r.returncode != 0:
             raise BenchError(f"pack-env failed ({r.returncode}): {err[-3000:]}")
@@ -237,6 +263,10 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path) -> dict[str
         meta_r = await c.cli(peers[0], "fetch", name, "--json", timeout=120)
         meta = json.loads(meta_r.stdout)["meta"] if meta_r.returncode == 0 else {}
         unpacked_bytes, unpacked_files = tree_size(Path(per_peer[peers[0].name]["env_dir"]))
+        # the same unpack once more with no other peer unpacking: how much the 4-way run was CPU-contended
+        archive = Path(str((await seed.artifact(aid) or {})["path"]))
+        unpack_alone_s, unpack_alone_cpu_s = await trio.to_thread.run_sync(unpack_alone, archive, base, aid, meta)
+        log(f"one unpack alone: {unpack_alone_s:.1f} s ({unpack_alone_cpu_s:.1f} s CPU)")
     finally:
         c.close()
     downloads = [p["download_s"] for p in per_peer.values()]
@@ -255,9 +285,11 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path) -> dict[str
             "unpack_mean": round(sum(unpacks) / len(unpacks), 2),
             "all_ready": round(all_ready_s, 2),
             "reuse": round(reuse_s, 2),
+            "unpack_alone": round(unpack_alone_s, 2),
         },
+        "cpu_s": {"pack_env_command": round(pack_cpu_s, 1), "unpack_alone": round(unpack_alone_cpu_s, 1),
+                  "daemons": {k: round(v, 1) if v is not None else None for k, v in cpu.items()}},
         "peers": per_peer,
-        "daemon_cpu_s": {k: round(v, 1) if v is not None else None for k, v in cpu.items()},
         "uploaded_bytes": uploaded,
     }
 
@@ -287,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
                  "python": sys.version.split()[0]},
-        "peers": args.peers,
+        "n_peers": args.peers,
+        "format": args.format,
         "ok": False,
     }
     code = 0

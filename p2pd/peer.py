@@ -266,7 +266,7 @@ class PeerConn:
         if ph.codec == wire.CODEC_RAW:
             if ph.length != expected:
                 raise wire.ProtocolError(f"piece {ph.index} has {ph.length} bytes, expected {expected}")
-            buf = bytearray(expected)
+            buf = sw.take_buffer(expected)
             await self.io.read_into(memoryview(buf), sw.ingress)
         else:
             if ph.length > expected + 1024:
@@ -280,6 +280,7 @@ class PeerConn:
             if len(buf) != expected:
                 raise wire.ProtocolError(f"piece {ph.index} decompressed to {len(buf)} bytes, expected {expected}")
         if ph.index not in self.outstanding:
+            sw.give_buffer(buf)
             return  # we cancelled it (endgame duplicate); bytes read and dropped
         self.outstanding.discard(ph.index)
         await sw.on_piece(self, ph.index, buf, ph.length)

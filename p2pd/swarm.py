@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 VERIFIERS = 2  # pieces hashed and written in parallel (xxhash and pwrite release the GIL)
 SERVE_TAIL = 16  # a complete node always serves a peer missing at most this many pieces
 DEFER_RETRY = 0.5  # seconds before asking a peer again for pieces it deferred
-VERIFY_QUEUE = 8  # received pieces waiting for a verifier, bounding memory to this many pieces
+VERIFY_QUEUE = 8
+BUFFER_POOL = 16  # idle piece buffers kept for reuse (a verifier queue's worth plus in-flight reads)  # received pieces waiting for a verifier, bounding memory to this many pieces
 
 
 class RateMeter:
@@ -114,6 +115,7 @@ class Swarm:
         self._compressible: dict[int, bool] = {}
         self._sent = bytearray(self.n)  # uploads per piece (saturating), for the seed's distinct-first policy
         self._unsent = self.n
+        self._buffers: list[bytearray] = []
         self._nursery: trio.Nursery | None = None
         self._peer_wakeup = trio.Event()
         self._verify_in, self._verify_out = trio.open_memory_channel[tuple[PeerConn, int, bytearray]](VERIFY_QUEUE)
@@ -182,6 +184,17 @@ class Swarm:
             self._unsent -= 1
         if self._sent[i] < 255:
             self._sent[i] += 1
+
+    def take_buffer(self, length: int) -> bytearray:
+        """A piece buffer, reused when possible: allocating (and zeroing) a fresh MiB-sized buffer per
+        piece costs as much CPU as hashing it."""
+        if length == self.manifest.piece_size and self._buffers:
+            return self._buffers.pop()
+        return bytearray(length)
+
+    def give_buffer(self, buf: bytearray) -> None:
+        if len(buf) == self.manifest.piece_size and len(self._buffers) < BUFFER_POOL:
+            self._buffers.append(buf)
 
     def note_upload(self, n: int) -> None:
         self.up.add(n)
@@ -268,15 +281,19 @@ class Swarm:
         pushes back on the reader when the disk falls behind.
         """
         self.down.add(wire_len)
-        if not (self.has_piece(i) or self.picker is None):
+        if self.has_piece(i) or self.picker is None:
+            self.give_buffer(buf)
+        else:
             await self._verify_in.send((conn, i, buf))
         self.fill(conn)
 
     async def _verifier(self) -> None:
         async for conn, i, buf in self._verify_out:
             if self.has_piece(i) or self.picker is None:
+                self.give_buffer(buf)
                 continue
             ok = await trio.to_thread.run_sync(self._verify_and_write, i, buf)
+            self.give_buffer(buf)
             if self.has_piece(i) or self.picker is None:
                 continue
             if not ok:

@@ -7,6 +7,7 @@ test fails; temporary directories come from pytest's tmp_path.
 from __future__ import annotations
 
 import inspect
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +27,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    ps = Procs(tmp_path)
-    try:
-        yield ps
-    finally:
-        ps.kill_all()
+def procs() -> Iterator[Procs]:
+    """Processes of one test, in a temp dir removed afterwards (their logs are printed first, so a
+    failing test shows them in its captured output)."""
+    with tempfile.TemporaryDirectory(prefix="p2p-tracker-test-") as tmp:
+        ps = Procs(Path(tmp))
+        try:
+            yield ps
+        finally:
+            ps.kill_all()
+            for p in ps.all:
+                print(f"--- {' '.join(p.args)[:200]} (pid {p.pid}, exit {p.popen.returncode})")
+                print(p.log()[-4000:])

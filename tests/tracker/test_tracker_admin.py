@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +25,9 @@ TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
-def admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    procs = Procs(tmp_path_factory.mktemp("admin"))
+def admin() -> Iterator[dict[str, Any]]:
+    tmp = tempfile.TemporaryDirectory(prefix="p2p-tracker-admin-")
+    procs = Procs(Path(tmp.name))
     try:
         _, ports = procs.tracker("--admin-listen", "127.0.0.1:0", "--admin-token", TOKEN, interval=5)
         url = f"http://127.0.0.1:{ports['admin_port']}"
@@ -47,6 +50,7 @@ def admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {"url": url, "aid": aid, "procs": procs, "tcp_port": ports["tcp_port"]}
     finally:
         procs.kill_all()
+        tmp.cleanup()
 
 
 def http(url: str, path: str, token: str | None = TOKEN, method: str = "GET", body: bytes | None = None,

@@ -151,3 +151,37 @@ def test_sigterm_exits_cleanly(procs: Procs) -> None:
     p.signal(signal.SIGTERM)
     assert p.wait(10) == 0
     assert "shutting down" in p.log() and "Traceback" not in p.log()
+
+
+async def test_idle_tcp_connection_is_closed_while_heartbeats_go_over_udp(procs: Procs) -> None:
+    _, ports = procs.tracker(interval=0.1)
+    trackers = [("127.0.0.1", ports["tcp_port"])]
+    async with TrackerClient(trackers, nid(1), ADDR, idle_close=0.3) as tc:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tc.run_heartbeats, lambda: {"e" * 64: 1.0})
+            with trio.fail_after(5):
+                while tc._client is not None:  # closed once idle for 0.3 s
+                    await trio.sleep(0.05)
+            sent = tc.udp_heartbeats
+            await trio.sleep(0.3)
+            assert tc.udp_heartbeats >= sent + 2 and tc.registrations == 1
+            assert [p["node_id"] for p in await tc.peers("e" * 64)] == []  # reconnects for a call
+            assert tc._client is not None
+            nursery.cancel_scope.cancel()
+
+
+async def test_malformed_udp_datagrams_are_dropped(procs: Procs) -> None:
+    _, ports = procs.tracker()
+    port = ports["tcp_port"]
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        await sock.connect(("127.0.0.1", port))
+        for junk in (b"", b"\xff\xff", b"\x95\x02\xa1x\x01\x01\xc0", b"\x93\x01\x02\x03", b"x" * 9000):
+            await sock.send(junk)
+        # a well-formed heartbeat from an unknown node is answered known=false
+        await sock.send(b"\x95\x01\xa2ab\x05\x07\xc0")
+        with trio.fail_after(5):
+            reply = await sock.recv(100)
+    assert reply == b"\x95\x01\x07\xc2" + reply[4:]  # [1, seq=7, false, interval, policy]
+    async with connect_tcp("127.0.0.1", port) as c:  # and the tracker still serves
+        assert (await c.call("peers", {"artifact_id": "e" * 64}))["peers"] == []

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 # No example database: the suite must not leave a .hypothesis/ directory in the checkout. Example counts are
 # modest: the whole unit suite must stay well under a minute on a loaded 2-core machine.
-FAST = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-QUICK = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=75, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+QUICK = settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def split(data: bytes, cuts: list[int]) -> Iterator[bytes]:

@@ -1,0 +1,151 @@
+"""Benchmark: submit -> first inference result on a local multi-node Ray cluster, against its bound.
+
+    python -m ray_plugin.bench --size 2GiB --nodes 3
+
+What is measured (one JSON object on stdout; progress on stderr):
+- A seed daemon (not a Ray node) publishes a safetensors MLP of `--size`; each of the `--nodes` Ray nodes
+  has its own, empty daemon.
+- bound: the same download done directly through the daemons (all nodes at once, as the pool does),
+  `t_download_first` = when the first node has every byte verified; plus `t_load` = loading the
+  model from that copy in one process. bound = t_download_first + t_load.
+- pool: the daemons are restarted on wiped data dirs, then `InferencePool(model, num_workers=nodes)`
+  and one `infer`: `t_first_result` from the constructor call to the result.
+- `overhead_s` = t_first_result - bound: what the plugin, Ray's worker start and the router add to the
+  time the bytes and the load need anyway. The goal is <= 2 s.
+
+It runs everything on this machine (loopback); absolute times depend on the machine's load, which is
+why the bound is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from p2pd.protocol.ratelimit import parse_size
+from ray_plugin import daemon_client, models
+from ray_plugin.local import P2PNet, ray_cluster
+
+WIDTH = 4096
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def make_model(path: Path, size: int) -> tuple[Any, int]:
+    """An MLP of WIDTH-wide layers adding up to about `size` bytes (float32), in 1 GiB shards."""
+    per_layer = WIDTH * WIDTH * 4 + WIDTH * 4
+    n = max(1, round(size / per_layer))
+    layers = models.make_mlp([WIDTH] * (n + 1), seed=0)
+    models.save_mlp(layers, path, activation="tanh")
+    return layers, sum(w.nbytes + b.nbytes for w, b in layers)
+
+
+async def _fetch_all(sockets: list[Path], name: str) -> list[float]:
+    async def one(sock: Path) -> float:
+        t0 = time.monotonic()
+        await daemon_client.fetch(name, path=sock)
+        return time.monotonic() - t0
+
+    return list(await asyncio.gather(*(one(s) for s in sockets)))
+
+
+def run(size: int, nodes: int, workdir: Path) -> dict[str, Any]:
+    import numpy as np
+    import ray
+
+    from ray_plugin.inference import InferencePool
+
+    net = P2PNet(workdir)
+    try:
+        t0 = time.monotonic()
+        layers, nbytes = make_model(workdir / "model", size)
+        _say(f"model: {len(layers)} layers, {nbytes / 2**30:.2f} GiB, written in {time.monotonic() - t0:.1f} s")
+        x = np.random.default_rng(1).standard_normal((1, WIDTH)).astype(np.float32)
+        want = models.forward_numpy(layers, x, "tanh")
+        del layers
+        net.start_tracker()
+        seed = net.start_daemon("seed")
+        daemons = [net.start_daemon(f"n{i}") for i in range(nodes)]
+        t0 = time.monotonic()
+        net.publish(workdir / "model", "bench-mlp:v1", via=seed)
+        _say(f"published in {time.monotonic() - t0:.1f} s")
+        with ray_cluster([d.socket for d in daemons], num_cpus=2) as (_cluster, _node_ids):
+            # bound: the download itself, then the load
+            times = asyncio.run(_fetch_all([d.socket for d in daemons], "bench-mlp:v1"))
+            _say(f"direct download on {nodes} nodes: {', '.join(f'{t:.2f}' for t in times)} s")
+            first_copy = asyncio.run(daemon_client.fetch("bench-mlp:v1", path=daemons[0].socket))["path"]
+            t0 = time.monotonic()
+            pred = models.load_mlp(first_copy)
+            t_load = time.monotonic() - t0
+            del pred
+            _say(f"load: {t_load:.2f} s")
+            # fresh caches for the real thing
+            for d in daemons:
+                net.stop_daemon(d)
+                shutil.rmtree(d.data_dir)
+            daemons = [net.start_daemon(f"n{i}") for i in range(nodes)]
+            t0 = time.monotonic()
+            pool = InferencePool("bench-mlp:v1", num_workers=nodes, num_cpus=0.5)
+            try:
+                y = pool.infer(x, timeout=1800)
+                t_first = time.monotonic() - t0
+                np.testing.assert_allclose(y, want, rtol=1e-3, atol=1e-4)
+                pool.wait_ready(timeout=1800)
+                ready = sorted(info["ready_s"] for info in pool.info.values())
+                devices = sorted({f"{i['backend']}:{i['device']}" for i in pool.info.values()})
+            finally:
+                pool.shutdown()
+            ray.shutdown()
+        bound = min(times) + t_load
+        return {
+            "benchmark": "ray submit -> first inference result",
+            "size_bytes": nbytes,
+            "nodes": nodes,
+            "t_first_result_s": round(t_first, 3),
+            "t_download_first_s": round(min(times), 3),
+            "t_download_all_s": round(max(times), 3),
+            "t_load_s": round(t_load, 3),
+            "bound_s": round(bound, 3),
+            "overhead_s": round(t_first - bound, 3),
+            "ratio": round(t_first / bound, 3),
+            "workers_ready_s": [round(r, 3) for r in ready],
+            "devices": devices,
+            "goal_overhead_s": 2.0,
+        }
+    finally:
+        net.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="2GiB", help="model size (SIZE, e.g. 2GiB, 256MiB)")
+    ap.add_argument("--nodes", type=int, default=3, help="Ray nodes, each with its own daemon")
+    ap.add_argument("--workdir", default=None, help="where the model and data dirs go (default: a temp dir, removed)")
+    args = ap.parse_args(argv)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="p2pbench-", dir="/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run(parse_size(args.size), args.nodes, workdir)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(result))
+    print(
+        f"overhead {result['overhead_s']:.2f} s over the bound {result['bound_s']:.2f} s "
+        f"(first result {result['t_first_result_s']:.2f} s; goal <= 2 s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
