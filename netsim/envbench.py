@@ -226,10 +226,13 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path) -> dict[str
         # -- distribute + unpack, on every peer at once
         per_peer: dict[str, dict[str, Any]] = {}
 
+        last_event: dict[str, dict[str, Any]] = {}
+
         async def fetch(node: Node, start: float) -> None:
             t_unpack: list[float] = []
 
             def on_event(ev: dict[str, Any]) -> None:
+                last_event[node.name] = ev
                 if ev.get("phase") == "unpacking" and not t_unpack:
                     t_unpack.append(time.monotonic())
 
@@ -241,9 +244,14 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path) -> dict[str
                                    "ready_s": round(end - start, 2), "env_dir": res["env_dir"]}
 
         t0 = time.monotonic()
-        async with trio.open_nursery() as n:
-            for p in peers:
-                n.start_soon(fetch, p, t0)
+        with trio.move_on_after(args.timeout) as cs:
+            async with trio.open_nursery() as n:
+                for p in peers:
+                    n.start_soon(fetch, p, t0)
+        if cs.cancelled_caught:
+            where = {k: f"{v.get('phase')} {v.get('bytes_done', 0) / max(1, v.get('size') or 1):.0%} "
+                        f"({v.get('peers', '?')} peers)" for k, v in sorted(last_event.items())}
+            raise BenchError(f"the peers did not all have the env within {args.timeout:g} s: {where}")
         all_ready_s = time.monotonic() - t0
         cpu = {node.name: proc_cpu_s(node.proc.pid) for node in (seed, *peers)}
         uploaded = {node.name: (await node.artifact(aid) or {}).get("uploaded") for node in (seed, *peers)}
@@ -304,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="installed distributions to bundle into the env (with their requirements)")
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "p2pd" / "envbench",
                     help="where the built env (and rattler's package cache) is kept between runs")
+    ap.add_argument("--timeout", type=float, default=600,
+                    help="seconds the distribute + unpack step may take before the run fails")
     ap.add_argument("--workdir", type=Path, help="parent of the daemons' data dirs (default: tmpfs when it has "
                     "room, else the temp dir); removed afterwards")
     args = ap.parse_args(argv)
@@ -313,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     if Path.cwd().resolve() != REPO:
         os.chdir(REPO)  # the harness and condabuild are imported/run from the checkout
     sys.path.insert(0, str(REPO))
+    from p2pd.rpc import RpcError
+    from p2pd.trio_util import leaf_exceptions
+
     result: dict[str, Any] = {
         "bench": "envbench",
         "command": shlex.join(["python", "-m", "netsim.envbench", *(sys.argv[1:] if argv is None else argv)]),
@@ -344,6 +357,20 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, OSError, subprocess.SubprocessError, trio.TooSlowError) as e:
         result["error"] = f"{type(e).__name__}: {e}"
         code = 1
+    except RpcError as e:
+        result["error"] = f"daemon: {e.code}: {e.message}"
+        code = 1
+    except KeyboardInterrupt:  # the daemons and the work dir are already gone (finally clauses)
+        result["error"] = "interrupted"
+        code = 130
+    except BaseExceptionGroup as eg:  # from the per-peer fetch tasks
+        leaves = leaf_exceptions(eg)
+        if any(isinstance(x, KeyboardInterrupt) for x in leaves):
+            result["error"], code = "interrupted", 130
+        elif all(isinstance(x, Exception) for x in leaves):
+            result["error"], code = "; ".join(f"{type(x).__name__}: {x}" for x in leaves), 1
+        else:
+            raise
     result["host"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=2)
     if args.json:

@@ -31,7 +31,7 @@ from typing import Any
 
 from p2pd.protocol.ratelimit import parse_size
 from ray_plugin import daemon_client, models
-from ray_plugin.local import P2PNet, ray_cluster
+from ray_plugin.local import P2PNet, exit_on_sigterm, ray_cluster
 
 WIDTH = 4096
 
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=3, help="Ray nodes, each with its own daemon")
     ap.add_argument("--workdir", default=None, help="where the model and data dirs go (default: a temp dir, removed)")
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="p2pbench-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:

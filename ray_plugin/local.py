@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The children get SIGTERM when this process dies (a killed test run or benchmark leaves no daemon behind).
+# util-linux's setpriv sets it and execs, which is safe with threads (a preexec_fn is not).
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
 PLUGINS = '[{"class": "ray_plugin.plugin.P2PPlugin"}]'
 
 
@@ -58,7 +62,9 @@ class P2PNet:
 
     def _spawn(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
         with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [*_DIE_WITH_PARENT, *argv], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         self.procs.append(proc)
         return proc
 
@@ -104,6 +110,11 @@ class P2PNet:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.root.glob("*.log"))
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so `finally` blocks (stopping daemons and Ray) run; for CLIs."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def _wait(cond: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -144,6 +155,28 @@ def _environ(**changes: str | None) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _retry_start(start: Callable[[], Any], attempts: int = 3) -> Any:
+    """Start a Ray node, again if it times out: Ray gives a raylet a fixed 30 s to register, which an
+    overloaded machine can miss. The processes of a failed attempt (our new children) are stopped by PID."""
+    import psutil  # a dependency of ray
+
+    me = psutil.Process()
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            return start()
+        except Exception as e:  # Ray raises a bare Exception for this timeout
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            new = [p for p in me.children(recursive=True) if p.pid not in before]
+            for p in new:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.terminate()
+            psutil.wait_procs(new, timeout=10)
+            print(f"ray node start timed out (attempt {attempt}); retrying", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def ray_cluster(
     sockets: list[Path], num_cpus: int = 2, num_gpus: int = 0, extra_env: dict[str, str] | None = None
@@ -167,22 +200,24 @@ def ray_cluster(
         "P2PD_DATA_DIR": None,
         **(extra_env or {}),
     }
+    common = {
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+        "node_ip_address": "127.0.0.1",
+        "object_store_memory": 80 * 1024 * 1024,
+    }
     try:
         with _environ(**env):
             ray_constants.ENABLE_RAY_CLUSTER = False
-            common = {
-                "num_cpus": num_cpus,
-                "num_gpus": num_gpus,
-                "node_ip_address": "127.0.0.1",
-                "object_store_memory": 80 * 1024 * 1024,
-            }
-            cluster = Cluster(
-                initialize_head=True,
-                head_node_args={**common, "include_dashboard": False, "env_vars": {"P2PD_SOCKET": str(sockets[0])}},
+            cluster = _retry_start(
+                lambda: Cluster(
+                    initialize_head=True,
+                    head_node_args={**common, "include_dashboard": False, "env_vars": {"P2PD_SOCKET": str(sockets[0])}},
+                )
             )
             nodes = [cluster.head_node]
             for sock in sockets[1:]:
-                nodes.append(cluster.add_node(**common, env_vars={"P2PD_SOCKET": str(sock)}))
+                nodes.append(_retry_start(lambda s=sock: cluster.add_node(**common, env_vars={"P2PD_SOCKET": str(s)})))
             ray.init(address=cluster.address, log_to_driver=False)
         yield cluster, [n.node_id for n in nodes]
     finally:

@@ -378,15 +378,16 @@ class Target:
 class P2PTracker(Target):
     name = "p2pd"
 
-    def __init__(self, tmp: Path, interval: float, store: str) -> None:
+    def __init__(self, tmp: Path, interval: float, store: str, metrics: bool = True) -> None:
         ready = tmp / "ready.json"
         cmd = [sys.executable, "-m", "tracker", "serve", "--listen", "127.0.0.1:0", "--interval", str(interval),
                "--store", store, "--ready-file", str(ready), "--log-level", "warning"]
         self.token = os.urandom(8).hex()
         try:
-            import fastapi  # noqa: F401  (admin API available: /metrics tells where the time went)
+            if metrics:
+                import fastapi  # noqa: F401  (admin API available: /metrics tells where the time went)
 
-            cmd += ["--admin-listen", "127.0.0.1:0", "--admin-token", self.token]
+                cmd += ["--admin-listen", "127.0.0.1:0", "--admin-token", self.token]
         except ImportError:
             pass
         self.log = open(tmp / "tracker.log", "wb")  # noqa: SIM115 (closed in stop)
@@ -606,6 +607,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--target", choices=["p2pd", "opentracker"], default="p2pd")
     ap.add_argument("--compare-opentracker", action="store_true", help="run p2pd, then opentracker, same load")
     ap.add_argument("--memory-only", action="store_true", help="registry bytes per node, in this process")
+    ap.add_argument("--no-metrics", action="store_true", help="run the tracker without its admin API")
     ap.add_argument("--loader", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.loader:
@@ -634,7 +636,8 @@ def main(argv: list[str] | None = None) -> None:
                     time.sleep(0.5)
                 targets = ["p2pd", "opentracker"] if a.compare_opentracker else [a.target]
                 for name in targets:
-                    t: Target = P2PTracker(tmp, a.interval, store) if name == "p2pd" else OpenTracker(tmp)
+                    t: Target = (P2PTracker(tmp, a.interval, store, not a.no_metrics) if name == "p2pd"
+                                 else OpenTracker(tmp))
                     try:
                         a.redis_url = store if name == "p2pd" and store.startswith("redis") else None
                         r = run_target(t, name, a, tmp)

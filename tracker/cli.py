@@ -50,6 +50,8 @@ def serve(
     admin_token: Annotated[
         str | None, typer.Option(envvar="P2P_TRACKER_ADMIN_TOKEN", help="Bearer token for the admin API.")
     ] = None,
+    store_prefix: Annotated[str, typer.Option(help="Key prefix in Redis (one per tracker group sharing a Redis).")]
+    = "p2p:",
     udp: Annotated[bool, typer.Option(help="Accept UDP heartbeats on the listen port.")] = True,
     ready_file: Annotated[
         Path | None, typer.Option(help="Write {tcp_port, udp_port, admin_port, pid} as JSON here once listening.")
@@ -70,19 +72,23 @@ def serve(
     import trio
 
     raise_fd_limit()
+    error = ""
     try:
-        trio.run(_serve, host, port, interval, store, admin_addr, admin_token, udp, ready_file)
-    except OSError as e:
-        fail(f"cannot listen: {e}")
-    except StoreError as e:
-        fail(str(e))
+        trio.run(_serve, host, port, interval, store, admin_addr, admin_token, udp, ready_file, store_prefix)
+    except* OSError as eg:  # raised inside the nursery, so it may come wrapped in a group
+        where = listen + (f" (admin {admin_listen})" if admin_listen else "")
+        error = f"cannot listen on {where}: {_leaf(eg)}"
+    except* StoreError as eg:
+        error = str(_leaf(eg))
+    if error:
+        fail(error)
 
 
 class StoreError(Exception):
     pass
 
 
-async def open_store(spec: str, interval: float) -> Any:
+async def open_store(spec: str, interval: float, prefix: str = "p2p:") -> Any:
     from tracker.store import MemoryStore
 
     if spec == "memory":
@@ -91,7 +97,7 @@ async def open_store(spec: str, interval: float) -> Any:
         from tracker.redis_store import RedisStore, RedisUnavailable
 
         try:
-            return await RedisStore.connect(spec, interval)
+            return await RedisStore.connect(spec, interval, prefix=prefix)
         except RedisUnavailable as e:
             raise StoreError(str(e)) from e
     raise StoreError(f"unknown --store {spec!r}: expected 'memory' or redis://HOST:PORT/DB")
@@ -99,13 +105,13 @@ async def open_store(spec: str, interval: float) -> Any:
 
 async def _serve(
     host: str, port: int, interval: float, store_spec: str, admin_addr: tuple[str, int] | None,
-    admin_token: str | None, udp: bool, ready_file: Path | None,
+    admin_token: str | None, udp: bool, ready_file: Path | None, store_prefix: str = "p2p:",
 ) -> None:
     import trio
 
     from tracker.server import TrackerServer, fmt_hostport
 
-    store = await open_store(store_spec, interval)
+    store = await open_store(store_spec, interval, store_prefix)
     server = TrackerServer(store)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -133,6 +139,12 @@ async def _serve(
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await store.aclose()
+
+
+def _leaf(e: BaseException) -> BaseException:
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
 
 
 def raise_fd_limit() -> None:

@@ -59,7 +59,8 @@ class Proc:
         self.pid = self.popen.pid
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:
@@ -105,8 +106,15 @@ class Procs:
         return p, json.loads(ready.read_text())
 
     def kill_all(self) -> None:
+        """Kill and reap every process by PID; all are tried even if one fails."""
+        errors = []
         for p in self.all:
-            p.kill()
+            try:
+                p.kill()
+            except (OSError, subprocess.TimeoutExpired) as e:
+                errors.append(f"pid {p.pid}: {e!r}")
+        if errors:
+            raise RuntimeError("could not stop: " + "; ".join(errors))
 
 
 def make_manifest(seed: int = 0, size: int = 3 << 20) -> bytes:

@@ -61,6 +61,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=None, help="per run, seconds (default: max(120, 10 T_min))")
     s.add_argument("--no-iperf", action="store_true", help="skip the iperf3 link measurement")
     s.add_argument("--p2pd-egress-limit", default=None, help="pass --egress-limit RATE to every p2pd daemon")
+    s.add_argument("--p2pd-run-args", type=shlex.split, default=[],
+                   help="extra options for every `p2pd run`, one quoted string (e.g. '--pipeline 8')")
     s.add_argument("--keep", action="store_true", help="keep the work dir (logs, copies) in /dev/shm")
     s.add_argument("--trace", action="store_true",
                    help="record every node's bytes (switch-side counters) each 0.5 s: ramp-up and tail per client")
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             res = run_swarm(SwarmOptions(peers=a.peers, size=a.size, rate_bps=a.rate, seed_rate_bps=a.seed_rate,
                                          clients=a.clients, runs=a.runs, topology=a.topology, loss=a.loss,
                                          timeout_s=a.timeout, keep=a.keep, iperf=not a.no_iperf,
-                                         p2pd_egress_limit=a.p2pd_egress_limit, trace=a.trace,
+                                         p2pd_egress_limit=a.p2pd_egress_limit,
+                                         p2pd_run_args=a.p2pd_run_args, trace=a.trace,
                                          command=command))
         else:
             from netsim.bench.pair import PairOptions, run_pair

@@ -25,6 +25,7 @@ from typing import IO
 from netsim.emu import Host, Topology
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAILED_LOGS = "/tmp/netsim-failed"  # logs of failed runs (the run folders themselves live on tmpfs and are deleted)
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "no_proxy",
               "NO_PROXY")
 
@@ -126,6 +127,19 @@ class Ctx:
         os.makedirs(d)
         os.chmod(d, 0o755)
         return d
+
+    def finish_run_dir(self, d: str) -> None:
+        """After a run (called from the runner's `finally`, so also after a failure): keep the logs of a failed run
+        outside tmpfs, then delete the folder (copies of the payload are GBs of RAM) unless --keep."""
+        failed = sys.exc_info()[0] is not None
+        if failed:
+            dest = os.path.join(FAILED_LOGS, os.path.basename(self.work), os.path.basename(d))
+            shutil.copytree(d, dest, dirs_exist_ok=True,
+                            ignore=lambda base, names: [n for n in names if os.path.isfile(os.path.join(base, n))
+                                                        and os.path.getsize(os.path.join(base, n)) > 16 << 20])
+            self.say(f"logs of the failed run kept in {dest}")
+        if not self.keep_logs:
+            shutil.rmtree(d, ignore_errors=True)
 
     def say(self, msg: str) -> None:
         """Progress line on stderr (stdout carries only the JSON and the headline)."""

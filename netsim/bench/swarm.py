@@ -49,6 +49,7 @@ class SwarmOptions:
     keep: bool = False
     iperf: bool = True
     p2pd_egress_limit: str | None = None
+    p2pd_run_args: list[str] = field(default_factory=list)
     trace: bool = False
     command: str = ""
 

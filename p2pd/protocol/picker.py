@@ -124,7 +124,7 @@ class Picker:
             dup ^= low
             p = self.perm[low.bit_length() - 1]
             asked = self.inflight[p]
-            if len(asked) < self.max_dup:
+            if peer not in asked and len(asked) < self.max_dup:
                 return self._take(peer, low.bit_length() - 1)
         return None
 

@@ -263,7 +263,7 @@ def test_unknown_name_surfaces_our_message(env: Env) -> None:
     assert "no artifact named nope:404" in msg and "p2pd publish PATH --name nope:404" in msg
 
 
-def test_invalid_spec_is_rejected_with_the_key_at_fault() -> None:
+def test_invalid_spec_is_rejected_with_the_key_at_fault(env: Env) -> None:
     @ray.remote(num_cpus=0, max_retries=0)
     def f() -> None: ...
 

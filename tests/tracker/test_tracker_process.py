@@ -71,7 +71,7 @@ async def test_run_heartbeats_over_udp_with_delta_holdings(procs: Procs) -> None
 
 async def test_restarted_in_memory_tracker_relearns_nodes_within_two_intervals(procs: Procs) -> None:
     port = free_port()
-    interval = 0.3
+    interval = 0.5
     a, _ = procs.tracker(port=port, interval=interval, name="a")
     trackers = [("127.0.0.1", port)]
     async with TrackerClient(trackers, nid(1), ADDR) as tc, TrackerClient(trackers, nid(2), ADDR) as other:
@@ -185,3 +185,24 @@ async def test_malformed_udp_datagrams_are_dropped(procs: Procs) -> None:
     assert reply == b"\x95\x01\x07\xc2" + reply[4:]  # [1, seq=7, false, interval, policy]
     async with connect_tcp("127.0.0.1", port) as c:  # and the tracker still serves
         assert (await c.call("peers", {"artifact_id": "e" * 64}))["peers"] == []
+
+
+def test_serve_errors_are_one_line() -> None:
+    import socket
+    import subprocess
+
+    from tracker.testing import subprocess_env, tracker_cmd
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for args, needle in [
+            (["--listen", f"127.0.0.1:{port}"], "Address already in use"),
+            (["--listen", "127.0.0.1:0", "--store", f"redis://127.0.0.1:{free_port()}/0"], "cannot reach redis://"),
+            (["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], "needs --admin-token"),
+        ]:
+            r = subprocess.run([*tracker_cmd(), "serve", *args], capture_output=True, text=True, timeout=60,
+                               env={**subprocess_env(), "P2P_TRACKER_ADMIN_TOKEN": ""})
+            assert r.returncode == 1 and needle in r.stderr, (args, r.stderr)
+            assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +13,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from p2pd.protocol.picker import Picker
 from tests.unit._util import QUICK
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------ random order
@@ -275,8 +279,21 @@ def test_defer_is_forgotten_with_the_peer() -> None:
 
 
 # ------------------------------------------------------------------------------------------ random operation sequences
+K = st.integers(min_value=0, max_value=1 << 16)  # an arbitrary choice among whatever exists at that step
+
+
+def _pick(options: Iterable[T], k: int) -> T:
+    seq = sorted(options)  # type: ignore[type-var]
+    return seq[k % len(seq)]
+
+
 class PickerMachine(RuleBasedStateMachine):
-    """Drives a Picker with random operations and checks it against a plain-set model."""
+    """Drives a Picker with random operations and checks it against a plain-set model.
+
+    Rules take integer choices rather than drawing from hypothesis directly, so the same machine is also
+    driven by a plain seeded loop (`test_random_operation_sequences`), which covers many more sequences
+    per second than hypothesis' stateful engine.
+    """
 
     @initialize(
         n=st.integers(min_value=1, max_value=20),
@@ -302,31 +319,36 @@ class PickerMachine(RuleBasedStateMachine):
     def _avail(self, piece: int) -> int:
         return sum(piece in s for s in self.peers.values())
 
+    def _asked_pairs(self) -> list[tuple[int, int]]:
+        return [(p, i) for i, ps in self.inflight.items() for p in ps]
+
+    def _drop_inflight(self, peer: int, piece: int) -> None:
+        self.inflight[piece].discard(peer)
+        if not self.inflight[piece]:
+            del self.inflight[piece]
+
     # -- rules
-    @rule(data=st.data())
-    def add_peer(self, data: st.DataObject) -> None:
-        if data.draw(st.integers(min_value=0, max_value=3)) == 0:
-            pieces = set(range(self.n))
-        else:
-            pieces = data.draw(st.sets(st.integers(min_value=0, max_value=self.n - 1)))
+    @rule(kind=st.integers(min_value=0, max_value=3), bits=st.integers(min_value=0, max_value=(1 << 20) - 1))
+    def add_peer(self, kind: int, bits: int) -> None:
+        pieces = set(range(self.n)) if kind == 0 else {i for i in range(self.n) if bits >> i & 1}
         peer = self.next_peer
         self.next_peer += 1
         self.picker.add_peer(peer, pieces)
         self.peers[peer] = set(pieces)
 
     @precondition(lambda self: self.peers)
-    @rule(data=st.data())
-    def peer_have(self, data: st.DataObject) -> None:
-        peer = data.draw(st.sampled_from(sorted(self.peers)))
-        piece = data.draw(st.integers(min_value=0, max_value=self.n - 1))
+    @rule(k=K, piece=K)
+    def peer_have(self, k: int, piece: int) -> None:
+        peer = _pick(self.peers, k)
+        piece %= self.n
         newly = piece not in self.peers[peer]
         assert self.picker.peer_have(peer, piece) == (newly and piece not in self.have)
         self.peers[peer].add(piece)
 
     @precondition(lambda self: self.peers)
-    @rule(data=st.data(), times=st.integers(min_value=1, max_value=4))
-    def next_request(self, data: st.DataObject, times: int) -> None:
-        peer = data.draw(st.sampled_from(sorted(self.peers)))
+    @rule(k=K, times=st.integers(min_value=1, max_value=4))
+    def next_request(self, k: int, times: int) -> None:
+        peer = _pick(self.peers, k)
         for _ in range(times):
             self._one_request(peer)
 
@@ -356,62 +378,54 @@ class PickerMachine(RuleBasedStateMachine):
             assert got in dup_ok, "endgame duplicate beyond max_dup or to a peer already asked"
         self.inflight.setdefault(got, set()).add(peer)
 
-    @precondition(lambda self: any(self.inflight.values()))
-    @rule(data=st.data(), lacks=st.booleans())
-    def request_failed(self, data: st.DataObject, lacks: bool) -> None:
-        pairs = sorted((p, i) for i, ps in self.inflight.items() for p in ps)
-        peer, piece = data.draw(st.sampled_from(pairs))
+    @precondition(lambda self: self.inflight)
+    @rule(k=K, lacks=st.booleans())
+    def request_failed(self, k: int, lacks: bool) -> None:
+        peer, piece = _pick(self._asked_pairs(), k)
         self.picker.request_failed(peer, piece, peer_lacks=lacks)
-        self.inflight[piece].discard(peer)
-        if not self.inflight[piece]:
-            del self.inflight[piece]
+        self._drop_inflight(peer, piece)
         if lacks:
             self.peers[peer].discard(piece)
 
-    @precondition(lambda self: any(self.inflight.values()))
-    @rule(data=st.data())
-    def defer(self, data: st.DataObject) -> None:
-        pairs = sorted((p, i) for i, ps in self.inflight.items() for p in ps)
-        peer, piece = data.draw(st.sampled_from(pairs))
+    @precondition(lambda self: self.inflight)
+    @rule(k=K)
+    def defer(self, k: int) -> None:
+        peer, piece = _pick(self._asked_pairs(), k)
         self.picker.defer(peer, piece)
-        self.inflight[piece].discard(peer)
-        if not self.inflight[piece]:
-            del self.inflight[piece]
+        self._drop_inflight(peer, piece)
         self.deferred.setdefault(peer, set()).add(piece)
 
     @precondition(lambda self: any(self.deferred.values()))
     @rule()
     def undefer_all(self) -> None:
-        assert self.picker.undefer_all() == any(self.deferred.values())
+        assert self.picker.undefer_all() is True
         self.deferred.clear()
 
     @precondition(lambda self: self.inflight)
-    @rule(data=st.data())
-    def piece_verified(self, data: st.DataObject) -> None:
-        piece = data.draw(st.sampled_from(sorted(self.inflight)))
+    @rule(k=K)
+    def piece_verified(self, k: int) -> None:
+        piece = _pick(self.inflight, k)
         assert self.picker.piece_verified(piece) == self.inflight.pop(piece)
         self.have.add(piece)
 
     @precondition(lambda self: self._missing() - set(self.inflight))
-    @rule(data=st.data())
-    def piece_arrived_unasked(self, data: st.DataObject) -> None:
+    @rule(k=K)
+    def piece_arrived_unasked(self, k: int) -> None:
         """E.g. a duplicate whose cancel crossed it on the wire."""
-        piece = data.draw(st.sampled_from(sorted(self._missing() - set(self.inflight))))
+        piece = _pick(self._missing() - set(self.inflight), k)
         assert self.picker.piece_verified(piece) == set()
         self.have.add(piece)
 
     @precondition(lambda self: self.peers)
-    @rule(data=st.data())
-    def remove_peer(self, data: st.DataObject) -> None:
-        peer = data.draw(st.sampled_from(sorted(self.peers)))
+    @rule(k=K)
+    def remove_peer(self, k: int) -> None:
+        peer = _pick(self.peers, k)
         expected = sorted(i for i, ps in self.inflight.items() if peer in ps)
         assert sorted(self.picker.remove_peer(peer)) == expected
         del self.peers[peer]
         self.deferred.pop(peer, None)
         for i in expected:
-            self.inflight[i].discard(peer)
-            if not self.inflight[i]:
-                del self.inflight[i]
+            self._drop_inflight(peer, i)
 
     # -- invariants
     @invariant()
@@ -439,7 +453,36 @@ class PickerMachine(RuleBasedStateMachine):
 
 
 TestPickerMachine = PickerMachine.TestCase
-TestPickerMachine.settings = settings(max_examples=40, stateful_step_count=35, deadline=None, database=None)
+TestPickerMachine.settings = settings(max_examples=30, stateful_step_count=35, deadline=None, database=None)
+
+_RULES: list[tuple[str, Callable[[PickerMachine], bool], Callable[[random.Random], dict[str, int | bool]]]] = [
+    ("add_peer", lambda m: len(m.peers) < 6,
+     lambda r: {"kind": r.randrange(4), "bits": r.getrandbits(20)}),
+    ("peer_have", lambda m: bool(m.peers), lambda r: {"k": r.getrandbits(16), "piece": r.getrandbits(16)}),
+    ("next_request", lambda m: bool(m.peers), lambda r: {"k": r.getrandbits(16), "times": r.randint(1, 4)}),
+    ("next_request", lambda m: bool(m.peers), lambda r: {"k": r.getrandbits(16), "times": r.randint(1, 4)}),
+    ("request_failed", lambda m: bool(m.inflight), lambda r: {"k": r.getrandbits(16), "lacks": r.random() < 0.3}),
+    ("defer", lambda m: bool(m.inflight), lambda r: {"k": r.getrandbits(16)}),
+    ("undefer_all", lambda m: any(m.deferred.values()), lambda r: {}),
+    ("piece_verified", lambda m: bool(m.inflight), lambda r: {"k": r.getrandbits(16)}),
+    ("piece_verified", lambda m: bool(m.inflight), lambda r: {"k": r.getrandbits(16)}),
+    ("piece_arrived_unasked", lambda m: bool(m._missing() - set(m.inflight)), lambda r: {"k": r.getrandbits(16)}),
+    ("remove_peer", lambda m: bool(m.peers), lambda r: {"k": r.getrandbits(16)}),
+]
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_random_operation_sequences(block: int) -> None:
+    """The machine's rules and invariants over many seeded random sequences (cheap, so many of them)."""
+    for seed in range(block * 100, block * 100 + 100):
+        rng = random.Random(seed)
+        m = PickerMachine()
+        m.setup(n=rng.randint(1, 16), seed=seed, max_dup=rng.randint(1, 3), have_frac=rng.choice([0.0, 0.0, 0.5]))
+        for _ in range(60):
+            name, enabled, args = rng.choice([r for r in _RULES if r[1](m)])
+            getattr(m, name)(**args(rng))
+            m.state_matches_model()
+            m.availability_matches_model()
 
 
 @QUICK

@@ -110,8 +110,7 @@ class Libtorrent(_TorrentClient):
             return res
         finally:
             stop_all(ctx.net.topo, procs)
-            if not ctx.keep_logs:
-                shutil.rmtree(d, ignore_errors=True)
+            ctx.finish_run_dir(d)
 
 
 class _FileLeecher(GatedProcess):
@@ -185,5 +184,4 @@ class Aria2(_TorrentClient):
             return release_and_wait(ctx, self.name, run, leechers)
         finally:
             stop_all(ctx.net.topo, procs)
-            if not ctx.keep_logs:
-                shutil.rmtree(d, ignore_errors=True)
+            ctx.finish_run_dir(d)

@@ -94,5 +94,4 @@ class Http(Client):
             return release_and_wait(ctx, self.name, run, leechers)
         finally:
             stop_all(ctx.net.topo, procs)
-            if not ctx.keep_logs:
-                shutil.rmtree(d, ignore_errors=True)
+            ctx.finish_run_dir(d)

@@ -85,8 +85,9 @@ class P2pd(Client):
 
     name = "p2pd"
 
-    def __init__(self, egress_limit: str | None = None) -> None:
+    def __init__(self, egress_limit: str | None = None, run_args: list[str] | None = None) -> None:
         self.egress_limit = egress_limit
+        self.run_args = list(run_args or [])  # extra `p2pd run` options, for tuning experiments
 
     def missing(self) -> str | None:
         return _works(p2pd_cmd()) or _works(tracker_cmd())
@@ -109,6 +110,7 @@ class P2pd(Client):
                 argv = [*p2pd, "run", "--tracker", tracker, "--listen", f"{n.ip}:{NODE_PORT}", "--data-dir", dd]
                 if self.egress_limit:
                     argv += ["--egress-limit", self.egress_limit]
+                argv += self.run_args
                 p = n.host.popen(argv, log=os.path.join(d, f"daemon-{n.name}.log"),
                                  env=env, cwd=REPO_ROOT)
                 procs.append(p)
@@ -144,8 +146,7 @@ class P2pd(Client):
             return release_and_wait(ctx, self.name, run, leechers, extra_check=daemons_alive)
         finally:
             stop_all(ctx.net.topo, procs, timeout=10)
-            if not ctx.keep_logs:
-                shutil.rmtree(d, ignore_errors=True)
+            ctx.finish_run_dir(d)
 
     def _wait_status(self, ctx: Ctx, n: Any, data_dir: str, proc: subprocess.Popen, d: str) -> None:
         """Poll `p2pd status --data-dir` until it exits 0 (the daemon answers)."""
