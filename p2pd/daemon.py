@@ -89,6 +89,7 @@ class Daemon:
                 await self._load_catalog(nursery)
                 nursery.start_soon(self._accept_loop, peer_sock)
                 await nursery.start(self._heartbeats)
+                nursery.start_soon(self._restore_names_after_tracker_restart)
                 api_listener = self._bind_api()
                 await nursery.start(serve_listeners, [api_listener], self._handlers())
                 log.info("p2pd %s node %s serving peers on %s:%d, control socket %s", __version__, self.node_id[:8],
@@ -141,6 +142,33 @@ class Daemon:
     async def _heartbeats(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.tracker is not None
         await self.tracker.run_heartbeats(self.holdings, on_policy=self._apply_policy, task_status=task_status)
+
+    async def _restore_names_after_tracker_restart(self) -> None:
+        """An in-memory tracker that restarted has forgotten names: give back the ones we hold.
+
+        Only names the tracker does not know are published again, so a tag moved meanwhile (on a
+        Redis-backed tracker, say) is never moved back.
+        """
+        assert self.tracker is not None
+        seen = self.tracker.registrations
+        while True:
+            await trio.sleep(0.5)
+            if self.tracker.registrations == seen:
+                continue
+            seen = self.tracker.registrations
+            for rec in self.catalog.complete_records():
+                if not mf.NAME_RE.match(rec.name):
+                    continue
+                try:
+                    await self.tracker.resolve(rec.name)
+                except RpcError as e:
+                    if e.code != "not_found":
+                        break  # tracker unreachable again: retry at the next registration
+                    try:
+                        await self.tracker.publish(rec.name, mf.encode(rec.manifest))
+                        log.info("tracker had forgotten %s: published it again", rec.name)
+                    except RpcError as e2:
+                        log.warning("could not publish %s again: %s", rec.name, e2)
 
     def holdings(self) -> dict[str, float]:
         return {aid: sw.progress for aid, sw in self.swarms.items() if sw.error is None}

@@ -92,8 +92,8 @@ class Cluster:
         self.procs.append(p)
         return p
 
-    def start_tracker(self, *extra: str) -> int:
-        self.tracker_port = free_port()
+    def start_tracker(self, *extra: str, port: int | None = None) -> int:
+        self.tracker_port = port or free_port()
         self.tracker_proc = self._spawn([sys.executable, "-m", "tracker.cli", "serve", "--listen",
                                          f"127.0.0.1:{self.tracker_port}", *extra], self.base / "tracker.log")
         deadline = time.monotonic() + 20

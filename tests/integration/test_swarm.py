@@ -289,3 +289,47 @@ async def test_disk_full_is_a_clear_error_and_nothing_marked_complete(cluster: C
     finally:
         cluster.close()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_tracker_restart_transfers_continue_and_nodes_reregister(cluster: Cluster, workdir: Path) -> None:
+    from p2pd.tracker_client import TrackerClient
+
+    src = make_file(workdir / "src" / "t.bin", 128 * MiB)
+    seed = await cluster.start_node("seed", "--egress-limit", "40MB/s")
+    leech = await cluster.start_node("leech")
+    aid = await cluster.publish(seed, src, "t:v1")
+    port = cluster.tracker_port
+    async with trio.open_nursery() as n:
+        n.start_soon(cluster.fetch, leech, "t:v1")
+
+        async def started() -> bool:
+            a = await leech.artifact(aid)
+            return bool(a and a["pieces_done"] > 5)
+
+        await wait_until(started, 30, 0.05, "transfer started")
+        assert cluster.tracker_proc is not None
+        cluster.tracker_proc.kill()
+        cluster.tracker_proc.wait(timeout=10)
+        before = (await leech.artifact(aid))["pieces_done"]  # type: ignore[index]
+        await trio.sleep(1.5)
+        during = (await leech.artifact(aid))["pieces_done"]  # type: ignore[index]
+        assert during > before, "transfer stalled while the tracker was down"
+        cluster.start_tracker(port=port)
+        t0 = time.monotonic()
+        async with TrackerClient([("127.0.0.1", port)], "f" * 32, ("127.0.0.1", 1)) as tc:
+
+            async def both_known() -> bool:
+                return len(await tc.peers(aid)) == 2
+
+            await wait_until(both_known, 10, 0.1, "nodes re-registered")
+            print(f"re-registered {time.monotonic() - t0:.2f} s after the tracker restart")
+            assert time.monotonic() - t0 < 2 * 1.0 + 1.0
+
+            async def name_back() -> bool:
+                try:
+                    return (await tc.resolve("t:v1"))[0] == aid
+                except Exception:  # not_found until the seed gives the name back
+                    return False
+
+            await wait_until(name_back, 5, 0.1, "the seed to give the name back")
+    assert sha256_tree(Path((await leech.artifact(aid))["path"])) == sha256_tree(src)  # type: ignore[index]
