@@ -9,8 +9,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import math
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass, field

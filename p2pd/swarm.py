@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 VERIFIERS = 2  # pieces hashed and written in parallel (xxhash and pwrite release the GIL)
 SERVE_TAIL = 16  # a complete node always serves a peer missing at most this many pieces
 DEFER_RETRY = 0.5  # seconds before asking a peer again for pieces it deferred
-VERIFY_QUEUE = 8
-BUFFER_POOL = 16  # idle piece buffers kept for reuse (a verifier queue's worth plus in-flight reads)  # received pieces waiting for a verifier, bounding memory to this many pieces
+VERIFY_QUEUE = 8  # received pieces waiting for a verifier, bounding memory to this many pieces
+BUFFER_POOL = 16  # idle piece buffers kept for reuse (a verifier queue's worth plus in-flight reads)
 
 
 class RateMeter:
