@@ -299,6 +299,13 @@ def test_decode_rejects_non_canonical_bytes() -> None:
         mf.decode(str8)
 
 
+def test_meta_order_does_not_change_the_id() -> None:
+    built = make([FileEntry("a", 5)], meta={"b": "2", "a": "1"})
+    direct = Manifest(mf.MANIFEST_VERSION, "files", False, 4, built.files, built.digests, {"b": "2", "a": "1"})
+    assert mf.encode(direct) == mf.encode(built)
+    assert mf.artifact_id(direct) == mf.artifact_id(built)
+
+
 def test_decode_rejects_trailing_bytes() -> None:
     data = mf.encode(make([FileEntry("a", 5)]))
     with pytest.raises(ManifestError):

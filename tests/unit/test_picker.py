@@ -453,7 +453,7 @@ class PickerMachine(RuleBasedStateMachine):
 
 
 TestPickerMachine = PickerMachine.TestCase
-TestPickerMachine.settings = settings(max_examples=30, stateful_step_count=35, deadline=None, database=None)
+TestPickerMachine.settings = settings(max_examples=20, stateful_step_count=30, deadline=None, database=None)
 
 _RULES: list[tuple[str, Callable[[PickerMachine], bool], Callable[[random.Random], dict[str, int | bool]]]] = [
     ("add_peer", lambda m: len(m.peers) < 6,

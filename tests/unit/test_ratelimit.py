@@ -214,6 +214,7 @@ def test_unlimited() -> None:
 
 
 # ------------------------------------------------------------------------------------------ with trio's mock clock
+# pytest-trio's `autojump_clock` fixture is trio.testing.MockClock(autojump_threshold=0): sleeps take no real time.
 async def test_throttled_senders_under_mock_clock(autojump_clock: trio.testing.MockClock) -> None:
     """The daemon's pattern (PeerConn._throttle: reserve, then sleep) measured on simulated time."""
     node = TokenBucket(50 * MB, now=trio.current_time())

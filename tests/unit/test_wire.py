@@ -56,7 +56,7 @@ messages = st.one_of(
     st.builds(Goodbye, _short_text(1024)),
     st.just(KeepAlive()),
 )
-pieces = st.tuples(u32, st.sampled_from([CODEC_RAW, CODEC_ZSTD]), st.binary(max_size=MAX_PIECE))
+pieces = st.tuples(u32, st.sampled_from([CODEC_RAW, CODEC_ZSTD]), st.binary(max_size=300))  # MAX_PIECE: below
 items = st.lists(st.one_of(messages, pieces), max_size=10)
 
 
