@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import stat
@@ -33,6 +34,7 @@ from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.wire import bitfield_bytes as bitfield_len
 
+log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 READ_CHUNK = 8 << 20
 JOURNAL_MAGIC = b"P2PDJRN1"
@@ -307,10 +309,14 @@ class Catalog:
         out = []
         for p in sorted(self.artifacts.glob("*.json")):
             aid = p.stem
-            m = self.load_manifest(aid)
+            try:
+                m = self.load_manifest(aid)
+                rec = json.loads(p.read_text())
+            except (mf.ManifestError, ValueError, OSError) as e:
+                log.error("ignoring damaged record %s: %s (delete it to silence this)", p, e)
+                continue
             if m is None:
                 continue
-            rec = json.loads(p.read_text())
             out.append(Record(aid, rec.get("name", ""), Path(rec["root"]), bool(rec.get("published")), m))
         return out
 

@@ -194,7 +194,7 @@ class TrackerServer:
                 if len(req.node_id) > 64:
                     raise V.bad("node_id too long")
                 holdings = V.holdings(req.holdings) if req.holdings is not None else None
-            except (msgspec.DecodeError, TrackerError) as e:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TrackerError) as e:
                 m.udp_rejected += 1
                 log.debug("udp datagram from %s rejected: %s", addr, e)
                 continue
@@ -237,7 +237,7 @@ class TrackerServer:
                 if req.version != UDP_VERSION:
                     raise V.bad(f"unsupported udp heartbeat version {req.version}")
                 holdings = V.holdings(req.holdings) if req.holdings is not None else None
-            except (msgspec.DecodeError, TrackerError) as e:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TrackerError) as e:
                 m.udp_rejected += 1
                 log.debug("udp datagram from %s rejected: %s", addr, e)
                 continue

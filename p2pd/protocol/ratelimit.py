@@ -88,9 +88,17 @@ _UNITS = {
 
 
 def parse_rate(text: str) -> float:
-    """`50MB/s`, `40MiB/s`, `400Mbit/s`, `1Gbit/s`, `1000000` -> bytes per second."""
-    s = text.strip().lower().replace(" ", "")
-    if s.endswith("/s") or s.endswith("ps"):
+    """`50MB/s`, `40MiB/s`, `400Mbit/s`, `1Gbit/s`, `1000000` -> bytes per second.
+
+    `400Mbps` is megabits (the network convention: lower-case b), `50MBps` megabytes.
+    """
+    s = text.strip().replace(" ", "")
+    if s.endswith("bps"):
+        s = s[:-3] + "bit"
+    elif s.endswith("Bps"):
+        s = s[:-3] + "B"
+    s = s.lower()
+    if s.endswith("/s"):
         s = s[:-2]
     return _parse_with_units(s, text, "rate", "50MB/s, 40MiB/s or 400Mbit/s")
 

@@ -294,7 +294,9 @@ async def test_throttle_without_limiter_does_not_sleep(autojump_clock: trio.test
         ("10KiB/s", 10240),
         ("100B/s", 100),
         ("100/s", 100),
-        ("5MBps", 5e6),  # tc's convention: "mbps" is megabytes per second, "mbit" megabits
+        ("5MBps", 5e6),  # capital B: bytes
+        ("400Mbps", 50e6),  # lower-case b: bits, as network people write it
+        ("1Gbps", 125e6),
     ],
 )
 def test_parse_rate(text: str, expected: float) -> None:
