@@ -194,7 +194,12 @@ def work_dir(given: Path | None, need_bytes: int) -> Iterator[Path]:
     yield from fast_dir(need_bytes)
 
 
-async def run_bench(args: argparse.Namespace, env: Path, base: Path) -> dict[str, Any]:
+def log_tails(base: Path, lines: int = 15) -> dict[str, list[str]]:
+    """The last lines of every process log in the work dir (for the JSON of a failed run)."""
+    return {p.stem: p.read_text(errors="replace").splitlines()[-lines:] for p in sorted(base.glob("*.log"))}
+
+
+async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[str, Any]) -> dict[str, Any]:
     from p2pd.rpc import connect_unix
     from tests.integration.harness import Cluster, Node
 
@@ -275,6 +280,10 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path) -> dict[str
         archive = Path(str((await seed.artifact(aid) or {})["path"]))
         unpack_alone_s, unpack_alone_cpu_s = await trio.to_thread.run_sync(unpack_alone, archive, base, aid, meta)
         log(f"one unpack alone: {unpack_alone_s:.1f} s ({unpack_alone_cpu_s:.1f} s CPU)")
+    except BaseException:
+        c.close()
+        diag["log_tails"] = log_tails(base)
+        raise
     finally:
         c.close()
     downloads = [p["download_s"] for p in per_peer.values()]
@@ -349,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         need = int(env_bytes * 2.5 * (args.peers + 1))
         with work_dir(args.workdir, need) as base:
             result["host"]["workdir_fs"] = fs_type(base)
-            result.update(trio.run(run_bench, args, env, base))
+            diag: dict[str, Any] = {}
+            try:
+                result.update(trio.run(run_bench, args, env, base, diag))
+            finally:
+                result.update(diag)
         result["ok"] = True
     except CannotRun as e:
         result["error"] = str(e)

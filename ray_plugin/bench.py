@@ -58,7 +58,23 @@ async def _fetch_all(sockets: list[Path], name: str) -> list[float]:
     return list(await asyncio.gather(*(one(s) for s in sockets)))
 
 
-def run(size: int, nodes: int, workdir: Path) -> dict[str, Any]:
+def _setup_times(session: Path, wall0: float) -> dict[str, list[float]]:
+    """When each node's plugin asked its daemon and had the artifact, from Ray's runtime_env setup logs."""
+    from datetime import datetime
+
+    out: dict[str, list[float]] = {"asked": [], "ready": []}
+    for log in session.glob("logs/runtime_env_setup-*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            key = "asked" if "asking this node's p2pd daemon" in line else "ready" if " ready at " in line else None
+            if key is None or "bench-mlp" not in line:
+                continue
+            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if stamp >= wall0:
+                out[key].append(round(stamp - wall0, 3))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def run(size: int, nodes: int, workdir: Path, early: bool = True) -> dict[str, Any]:
     import numpy as np
     import ray
 
@@ -93,15 +109,29 @@ def run(size: int, nodes: int, workdir: Path) -> dict[str, Any]:
                 net.stop_daemon(d)
                 shutil.rmtree(d.data_dir)
             daemons = [net.start_daemon(f"n{i}") for i in range(nodes)]
-            t0 = time.monotonic()
-            pool = InferencePool("bench-mlp:v1", num_workers=nodes, num_cpus=0.5)
+            t0, wall0 = time.monotonic(), time.time()
+            pool = InferencePool("bench-mlp:v1", num_workers=nodes, num_cpus=0.5, early_start=early)
             try:
-                y = pool.infer(x, timeout=1800)
+                y = pool.infer(x, timeout=600)
                 t_first = time.monotonic() - t0
                 np.testing.assert_allclose(y, want, rtol=1e-3, atol=1e-4)
-                pool.wait_ready(timeout=1800)
+                pool.wait_ready(timeout=600)
                 ready = sorted(info["ready_s"] for info in pool.info.values())
                 devices = sorted({f"{i['backend']}:{i['device']}" for i in pool.info.values()})
+                workers = sorted(
+                    (
+                        {
+                            "constructor_s": round(i["constructed"] - wall0, 3),
+                            "fetch_s": round(i["fetch_s"], 3),
+                            "load_s": round(i["load_s"], 3),
+                            "ready_s": round(i["ready_s"], 3),
+                        }
+                        for i in pool.info.values()
+                    ),
+                    key=lambda w: w["ready_s"],
+                )
+                errors = [str(e)[-300:] for e in pool.errors.values()]
+                setup = _setup_times(Path(ray._private.worker._global_node.get_session_dir_path()), wall0)
             finally:
                 pool.shutdown()
             ray.shutdown()
@@ -117,8 +147,13 @@ def run(size: int, nodes: int, workdir: Path) -> dict[str, Any]:
             "bound_s": round(bound, 3),
             "overhead_s": round(t_first - bound, 3),
             "ratio": round(t_first / bound, 3),
+            "mode": "early start" if early else "on arrival (runtime_env)",
             "workers_ready_s": [round(r, 3) for r in ready],
+            "workers": workers,
+            "plugin_asked_daemon_s": setup["asked"],
+            "plugin_artifact_ready_s": setup["ready"],
             "devices": devices,
+            "worker_errors": errors,
             "goal_overhead_s": 2.0,
         }
     finally:
@@ -129,13 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="2GiB", help="model size (SIZE, e.g. 2GiB, 256MiB)")
     ap.add_argument("--nodes", type=int, default=3, help="Ray nodes, each with its own daemon")
+    ap.add_argument(
+        "--mode",
+        choices=("early", "arrival"),
+        default="early",
+        help="early: workers start while the model downloads (default); arrival: via the runtime_env plugin",
+    )
     ap.add_argument("--workdir", default=None, help="where the model and data dirs go (default: a temp dir, removed)")
     args = ap.parse_args(argv)
     exit_on_sigterm()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="p2pbench-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(parse_size(args.size), args.nodes, workdir)
+        result = run(parse_size(args.size), args.nodes, workdir, early=args.mode == "early")
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

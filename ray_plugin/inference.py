@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -41,17 +42,58 @@ class NoWorkersError(RuntimeError):
 
 
 class InferenceWorker:
-    """One model replica: loads the model from P2P_MODEL_DIR in its constructor, then serves requests.
+    """One model replica: gets the model onto its node, loads it, then serves requests.
 
-    Ray only runs the constructor once the runtime_env is set up, i.e. once the model is on this node.
+    Two ways to start, chosen by the pool:
+    - `models=None` (on arrival): the actor's runtime_env carries the `p2p` model, so Ray runs this
+      constructor only once the plugin has the model on the node, and P2P_MODEL_DIR points at it.
+    - `models=[...]` (early start): the runtime_env is `{"p2p": {"model": ..., "wait": False}}`: the
+      plugin starts the download when Ray places the actor but does not hold the worker back; the
+      worker asks its node's daemon for the same models, which joins that download, so the worker
+      process start-up, the imports and CUDA initialisation (`models.warmup`) happen under the
+      download instead of after it. Same daemon, same cache, same verified bytes.
     """
 
-    def __init__(self, loader: Loader, device: str = "auto") -> None:
+    def __init__(self, loader: Loader, device: str = "auto", models: Sequence[str] | None = None) -> None:
         t0 = time.monotonic()
+        self.constructed = time.time()
+        self.fetch_s = 0.0
+        if models:
+            dirs = self._fetch_early(list(models), loader, device)
+            os.environ["P2P_MODEL_DIR"] = dirs[0]
+            os.environ["P2P_MODEL_DIRS"] = os.pathsep.join(dirs)
+            self.fetch_s = time.monotonic() - t0
         self.model_dir = os.environ["P2P_MODEL_DIR"]
+        t1 = time.monotonic()
         self.predict = loader(self.model_dir, device)
-        self.load_s = time.monotonic() - t0
+        self.load_s = time.monotonic() - t1
         self.started = time.time()
+
+    def _fetch_early(self, names: list[str], loader: Loader, device: str) -> list[str]:
+        """Fetch through this node's daemon in a thread while this thread warms the loader up."""
+        from ray_plugin import daemon_client
+
+        result: dict[str, Any] = {}
+
+        def fetch() -> None:
+            async def all_of() -> list[dict[str, Any]]:
+                return list(await asyncio.gather(*(daemon_client.fetch(n) for n in names)))
+
+            try:
+                result["ok"] = asyncio.run(all_of())
+            except BaseException as e:  # handed to the constructor's thread, which raises it
+                result["error"] = e
+
+        thread = threading.Thread(target=fetch, name="p2p-fetch", daemon=True)
+        thread.start()
+        warmup = getattr(loader, "warmup", None)
+        if callable(warmup):
+            warmup(device)
+        thread.join()
+        if "error" in result:
+            err = result["error"]
+            raise RuntimeError(f"p2p: fetching {', '.join(names)} on this node failed: {err}") from err
+        return [str(r["path"]) for r in result["ok"]]
 
     def ready(self) -> dict[str, Any]:
         """Where and how this worker runs (the pool adds it to the router when this returns)."""
@@ -62,7 +104,9 @@ class InferenceWorker:
             "model_dir": self.model_dir,
             "device": getattr(self.predict, "device", "cpu"),
             "backend": getattr(self.predict, "backend", ""),
+            "fetch_s": self.fetch_s,
             "load_s": self.load_s,
+            "constructed": self.constructed,
             "started": self.started,
         }
 
@@ -87,13 +131,21 @@ class InferencePool:
         extra_runtime_env: dict[str, Any] | None = None,
         router: LatencyRouter[int] | None = None,
         max_attempts: int = 3,
+        early_start: bool | None = None,
     ) -> None:
         spec = {"model": model if isinstance(model, str) else list(model)}
         if env is not None:
             spec["env"] = env
-        parse_spec(spec)  # fail here, on the driver, rather than in every worker
+        names = list(parse_spec(spec).models)  # fail here, on the driver, rather than in every worker
+        # Early start (default without an env): the worker process starts while the model downloads.
+        # In an env the worker may lack p2pd's client, so the model comes through the plugin there.
+        self.early_start = env is None if early_start is None else early_start
+        if self.early_start and env is not None:
+            raise ValueError("early_start needs p2pd importable in the worker: not supported with env=")
         runtime_env = dict(extra_runtime_env or {})
-        runtime_env[FIELD] = spec
+        # Early start: the node's plugin starts the download as soon as Ray places the actor ("wait": False
+        # lets the worker process start meanwhile); the worker's own fetch then joins that download.
+        runtime_env[FIELD] = {**spec, "wait": False} if self.early_start else spec
         if num_gpus is None:  # a GPU each where the cluster has them, the CPU otherwise
             num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         if env is not None:
@@ -112,7 +164,7 @@ class InferencePool:
                 num_cpus=num_cpus,
                 scheduling_strategy=scheduling_strategy,
                 max_restarts=0,
-            ).remote(loader, device)
+            ).remote(loader, device, names if self.early_start else None)
             for _ in range(num_workers)
         ]
         self.router: LatencyRouter[int] = router if router is not None else LatencyRouter()

@@ -148,3 +148,22 @@ class MLPPredictor:
 def load_mlp(model_dir: str, device: str = "auto") -> MLPPredictor:
     """The default loader of InferencePool."""
     return MLPPredictor(model_dir, device)
+
+
+def warmup(device: str = "auto") -> None:
+    """Pay the one-time costs (imports, CUDA context) while the model is still downloading."""
+    import numpy  # noqa: F401
+    import safetensors.numpy  # noqa: F401
+
+    try:
+        import torch
+    except ImportError:
+        return
+    import safetensors.torch  # noqa: F401
+
+    if device not in ("cpu", "numpy") and torch.cuda.is_available():
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")
+
+
+load_mlp.warmup = warmup  # type: ignore[attr-defined]  # InferenceWorker calls it during an early start

@@ -160,7 +160,7 @@ class P2PPlugin(RuntimeEnvPlugin):
     def get_uris(self, runtime_env: Any) -> list[str]:
         """Ray calls this in many places (also when a worker exits), so it must never raise."""
         try:
-            return [ref.uri for ref in parse_spec(runtime_env[FIELD]).refs]
+            return [ref.uri for ref in parse_spec(runtime_env[FIELD]).gating_refs]
         except (ValueError, KeyError, TypeError) as e:
             default_logger.warning("p2p: ignoring invalid runtime_env['p2p'] in get_uris: %s", e)
             return []
@@ -188,7 +188,9 @@ class P2PPlugin(RuntimeEnvPlugin):
         """Point the worker at its artifacts: P2P_MODEL_DIR(S), and the env's interpreter and PATH."""
         spec: P2PSpec = parse_spec(runtime_env[FIELD])
         model_dirs: list[str] = []
-        for ref in spec.refs:
+        if spec.models:
+            context.env_vars["P2P_MODEL_NAMES"] = ",".join(spec.models)
+        for ref in spec.gating_refs:
             inst = self._installed.get(ref.uri)
             target = None if inst is None else (inst.env_dir if ref.kind == "env" else inst.path)
             if inst is None or target is None or not os.path.exists(target):

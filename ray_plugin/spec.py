@@ -3,8 +3,12 @@
 Kept apart from the plugin class so that it can be tested and reused (the inference pool builds its
 runtime_env with it) without loading Ray's private modules.
 
-Spec: `{"model": "NAME:TAG" | ["NAME:TAG", ...], "env": "NAME:TAG"}`; either key may be left out but
-not both. A name may also be an artifact id (64 hex digits), which never moves: tags are resolved once
+Spec: `{"model": "NAME:TAG" | ["NAME:TAG", ...], "env": "NAME:TAG", "wait": bool}`; model or env may
+be left out but not both. `wait` (default True) gates the worker's start on the models; False only
+starts their downloads and lets the worker start at once (it then fetches them itself, joining the
+download: what InferencePool's early start uses to hide the worker start-up under the download).
+
+A name may also be an artifact id (64 hex digits), which never moves: tags are resolved once
 per node and Ray caches the result by URI (see docs/ray.md), so immutable tags or ids are the safe choice.
 """
 
@@ -17,7 +21,7 @@ from typing import Any
 from p2pd.protocol.manifest import ID_RE, NAME_RE
 
 FIELD = "p2p"
-KEYS = ("model", "env")
+KEYS = ("model", "env", "wait")
 URI_SCHEME = "p2p://"
 
 
@@ -40,6 +44,7 @@ class P2PSpec:
 
     models: tuple[str, ...]
     env: str | None
+    wait: bool = True  # False: start the model downloads but let the worker start at once (it fetches itself)
 
     @property
     def refs(self) -> list[ArtifactRef]:
@@ -49,12 +54,19 @@ class P2PSpec:
             refs.append(ArtifactRef("env", self.env))
         return refs
 
+    @property
+    def gating_refs(self) -> list[ArtifactRef]:
+        """What the worker's start waits for: everything, or only the env when `wait` is False."""
+        return self.refs if self.wait else [r for r in self.refs if r.kind == "env"]
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.models:
             out["model"] = self.models[0] if len(self.models) == 1 else list(self.models)
         if self.env is not None:
             out["env"] = self.env
+        if not self.wait:
+            out["wait"] = False
         return out
 
 
@@ -83,7 +95,7 @@ def parse_spec(spec: Any) -> P2PSpec:
         )
     unknown = sorted(str(k) for k in spec if k not in KEYS)
     if unknown:
-        raise ValueError(f"runtime_env['p2p'] has unknown key(s) {unknown}; allowed keys: 'model', 'env'")
+        raise ValueError(f"runtime_env['p2p'] has unknown key(s) {unknown}; allowed keys: 'model', 'env', 'wait'")
     if spec.get("model") is None and spec.get("env") is None:
         raise ValueError("runtime_env['p2p'] needs 'model' (NAME:TAG or a list of them) and/or 'env' (NAME:TAG)")
     raw_models = spec.get("model")
@@ -104,7 +116,10 @@ def parse_spec(spec: Any) -> P2PSpec:
     env = spec.get("env")
     if env is not None:
         env = _check_name(env, "env")
-    return P2PSpec(tuple(models), env)
+    wait = spec.get("wait", True)
+    if not isinstance(wait, bool):
+        raise ValueError(f"runtime_env['p2p']['wait'] must be True or False, got {wait!r}")
+    return P2PSpec(tuple(models), env, wait)
 
 
 def python_mismatch(env_python: str, cluster_python: str, level: str) -> bool:

@@ -4,6 +4,7 @@
         --runs 3 --json swarm.json
     python -m netsim.bench swarm --topology loopback --peers 4 --size 2GiB --clients p2pd,libtorrent --runs 3
     python -m netsim.bench pair --size 2GiB
+    python -m netsim.bench render swarm.json      # the Markdown table for BENCHMARKS.md
 
 Exit status: 0 when every run of every client completed and verified, 1 when some failed (the JSON says which),
 2 when it could not run at all (not root, a tool missing: the message names the package).
@@ -73,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--keep", action="store_true")
     p.add_argument("--json", default=None)
+    r = sub.add_parser("render", help="a result JSON as the Markdown block kept in BENCHMARKS.md")
+    r.add_argument("file")
     return ap
 
 
@@ -81,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parser().parse_args(argv)
     command = "python -m netsim.bench " + shlex.join(argv)
+    if a.cmd == "render":
+        from netsim.bench.render import render
+
+        with open(a.file) as f:
+            print(render(json.load(f)))
+        return 0
     try:
         if a.cmd == "swarm":
             from netsim.bench.swarm import SwarmOptions, run_swarm

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -25,6 +26,9 @@ from typing import IO
 from netsim.emu import Host, Topology
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Children run from here, not from the repo: `python -m` puts the working directory first on sys.path, which would
+# shadow a PYTHONPATH that points at a snapshot of p2pd/ being benchmarked. The repo is on PYTHONPATH (last).
+NEUTRAL_CWD = "/"
 FAILED_LOGS = "/tmp/netsim-failed"  # logs of failed runs (the run folders themselves live on tmpfs and are deleted)
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "no_proxy",
               "NO_PROXY")
@@ -134,16 +138,29 @@ class Ctx:
         failed = sys.exc_info()[0] is not None
         if failed:
             dest = os.path.join(FAILED_LOGS, os.path.basename(self.work), os.path.basename(d))
-            shutil.copytree(d, dest, dirs_exist_ok=True,
-                            ignore=lambda base, names: [n for n in names if os.path.isfile(os.path.join(base, n))
-                                                        and os.path.getsize(os.path.join(base, n)) > 16 << 20])
-            self.say(f"logs of the failed run kept in {dest}")
+            try:
+                shutil.copytree(d, dest, dirs_exist_ok=True, ignore=_not_a_log)
+                self.say(f"logs of the failed run kept in {dest}")
+            except (OSError, shutil.Error) as e:  # the run's own error is what matters: report, don't replace it
+                self.say(f"could not keep the logs of the failed run in {dest}: {e}")
         if not self.keep_logs:
             shutil.rmtree(d, ignore_errors=True)
 
     def say(self, msg: str) -> None:
         """Progress line on stderr (stdout carries only the JSON and the headline)."""
         print(f"[netsim {time.strftime('%H:%M:%S')}] {msg}", file=self.log, flush=True)
+
+
+def _not_a_log(base: str, names: list[str]) -> list[str]:
+    """copytree filter for salvaging logs: skip sockets/FIFOs and files over 16 MiB (payload copies)."""
+    skip = []
+    for n in names:
+        st = os.lstat(os.path.join(base, n))
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 16 << 20:
+            skip.append(n)
+    return skip
 
 
 class Leecher:
@@ -179,7 +196,7 @@ class GatedProcess(Leecher):
         gate = [sys.executable, "-m", "netsim.bench.gate", "--stdout", self.stdout_path,
                 "--stderr", self.stderr_path, "--", *argv]
         self.proc = node.host.popen(gate, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                    env=child_env(env), cwd=REPO_ROOT)
+                                    env=child_env(env), cwd=NEUTRAL_CWD)
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Block until the gate printed READY (the command is warmed up)."""

@@ -35,6 +35,10 @@ def run_pair(o: PairOptions, log: IO[str] = sys.stderr) -> dict[str, Any]:
     cl = res["clients"]
     p, h = cl.get("p2pd", {}).get("agg_MBps"), cl.get("http", {}).get("agg_MBps")
     res["p2pd_vs_curl"] = round(p / h, 3) if p and h else None
+    pr, hr = cl.get("p2pd", {}).get("agg_MBps_runs", []), cl.get("http", {}).get("agg_MBps_runs", [])
+    # run by run (same run index = back to back, same machine load); only meaningful when no run failed
+    same = len(pr) == len(hr) == o.runs
+    res["p2pd_vs_curl_runs"] = [round(a / b, 3) for a, b in zip(pr, hr, strict=True)] if same else None
     parts = [f"{k} {v['agg_MBps']:.0f} MB/s" if v["agg_MBps"] else f"{k} FAILED" for k, v in cl.items()]
     res["headline"] = (f"pair loopback {fmt_size(o.size)}: " + ", ".join(parts).replace("http", "curl<-nginx")
                        + (f"; p2pd/curl {res['p2pd_vs_curl']:.2f}" if res["p2pd_vs_curl"] else ""))

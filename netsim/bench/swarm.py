@@ -176,6 +176,7 @@ def report(o: SwarmOptions, results: dict[str, list], failures: dict[str, list[s
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
         "revision": revision(),
+        "pythonpath": os.environ.get("PYTHONPATH"),  # set when a snapshot of p2pd/ was benchmarked
         "peers": o.peers, "size_bytes": o.size, "rate_bps": o.rate_bps if o.topology == "emu" else None,
         "seed_rate_bps": (o.seed_rate_bps or o.rate_bps) if o.topology == "emu" else None, "loss": o.loss,
         "runs": o.runs,

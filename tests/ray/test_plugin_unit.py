@@ -324,3 +324,41 @@ def test_modify_context_notices_an_artifact_the_daemon_removed_and_fetches_it_ag
 
     asyncio.run(main())
     assert plugin.delete_uri(uris[0], ListLogger()) == 0
+
+
+def test_wait_false_starts_the_download_but_does_not_gate_the_worker(daemon_env: Path, tmp_path: Path) -> None:
+    """What InferencePool's early start relies on: create(None) returns at once, the fetch goes on."""
+
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def handler(method: str, params: dict[str, Any], emit: Emit) -> Any:
+            await release.wait()
+            return _model_result(params["name"], str(tmp_path))
+
+        plugin = P2PPlugin()
+        renv = {"p2p": {"model": ["m:1", "n:1"], "wait": False}}
+        assert plugin.get_uris(renv) == []  # nothing for Ray to wait for: it calls create(None, ...)
+        async with FakeDaemon(daemon_env, handler) as fake:
+            assert await asyncio.wait_for(plugin.create(None, renv, RuntimeEnvContext(), ListLogger()), 1) == 0
+            ctx = RuntimeEnvContext()
+            plugin.modify_context([], renv, ctx, ListLogger())
+            assert ctx.env_vars == {"P2P_MODEL_NAMES": "m:1,n:1"}
+            for _ in range(100):
+                if len(fake.requests) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert sorted(p["name"] for _, p in fake.requests) == ["m:1", "n:1"]  # both downloads started
+            release.set()
+            for _ in range(100):
+                if len(plugin._installed) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert set(plugin._installed) == {"p2p://model/m:1", "p2p://model/n:1"}
+
+    asyncio.run(main())
+
+
+def test_wait_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="'wait'] must be True or False"):
+        P2PPlugin.validate({"p2p": {"model": "m:1", "wait": "no"}})

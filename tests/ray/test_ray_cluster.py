@@ -38,6 +38,7 @@ from ray_testutil import tree_digests  # noqa: E402
 from ray_plugin import daemon_client, models  # noqa: E402
 from ray_plugin.inference import InferencePool, preheat  # noqa: E402
 from ray_plugin.local import Daemon, P2PNet, ray_cluster  # noqa: E402
+from ray_plugin.spec import FIELD  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -151,7 +152,8 @@ def test_inference_workers_serve_the_model_and_route_around_a_killed_one(env: En
     batches = [rng.standard_normal((5, MLP_SIZES[0])).astype(np.float32) for _ in range(30)]
 
     t0 = time.monotonic()
-    pool = InferencePool("mlp:v1", num_workers=NODES, num_cpus=0.5)
+    pool = InferencePool("mlp:v1", num_workers=NODES, num_cpus=0.5)  # early start: workers fetch themselves
+    assert pool.early_start and pool.runtime_env == {FIELD: {"model": "mlp:v1", "wait": False}}
     try:
         first = pool.infer(batches[0], timeout=120)
         print(f"submit -> first inference result: {time.monotonic() - t0:.2f} s")
@@ -190,6 +192,21 @@ def test_inference_workers_serve_the_model_and_route_around_a_killed_one(env: En
         )
     finally:
         pool.shutdown()
+
+
+def test_pool_started_on_arrival_through_the_runtime_env(env: Env) -> None:
+    """The other start mode: the `p2p` runtime_env gates the actor, P2P_MODEL_DIR comes from the plugin."""
+    layers = models.make_mlp(MLP_SIZES, seed=8)
+    models.save_mlp(layers, env.root / "src-mlp2", activation="tanh")
+    env.net.publish(env.root / "src-mlp2", "mlp:v2", via=env.daemons[0])
+    x = np.random.default_rng(1).standard_normal((3, MLP_SIZES[0])).astype(np.float32)
+    with InferencePool("mlp:v2", num_workers=2, num_cpus=0.5, early_start=False) as pool:
+        assert pool.runtime_env == {"p2p": {"model": "mlp:v2"}}
+        np.testing.assert_allclose(
+            pool.infer(x, timeout=120), models.forward_numpy(layers, x, "tanh"), rtol=1e-4, atol=1e-5
+        )
+        assert pool.wait_ready(timeout=120) == 2
+        assert all(info["fetch_s"] == 0.0 for info in pool.info.values())  # the plugin fetched, not the worker
 
 
 def _make_venv(path: Path, system_site: bool) -> Path:

@@ -16,7 +16,7 @@ import sys
 from netsim.bench.bt import make_torrent
 from netsim.bench.clients.base import Client, LineLeecher
 from netsim.bench.harness import (
-    REPO_ROOT,
+    NEUTRAL_CWD,
     BenchError,
     Ctx,
     GatedProcess,
@@ -49,7 +49,7 @@ class _TorrentClient(Client):
         seed = ctx.net.seed
         p = seed.host.popen([sys.executable, "-m", "netsim.bench.bt", "tracker", "--listen",
                              f"{seed.ip}:{TRACKER_PORT}"], stdout=subprocess.PIPE, log=os.path.join(d, "tracker.log"),
-                            text=True, env=child_env(), cwd=REPO_ROOT)
+                            text=True, env=child_env(), cwd=NEUTRAL_CWD)
         assert p.stdout is not None
         if p.stdout.readline().strip() != "READY":
             raise BenchError(f"BitTorrent tracker did not start (exit {p.poll()})")
@@ -60,7 +60,7 @@ class _TorrentClient(Client):
         seed = ctx.net.seed
         cp = seed.host.run([sys.executable, "-m", "netsim.bench.bt", "wait-peers",
                             f"http://{seed.ip}:{TRACKER_PORT}/stats", str(n), "--timeout", "30"],
-                           check=False, env=child_env(), cwd=REPO_ROOT, timeout=60)
+                           check=False, env=child_env(), cwd=NEUTRAL_CWD, timeout=60)
         if cp.returncode != 0:
             raise BenchError(f"{self.name}: seed did not announce within 30 s")
 
@@ -89,7 +89,7 @@ class Libtorrent(_TorrentClient):
                 argv = [sys.executable, "-m", "netsim.bench.clients.lt_node", "--role", role, "--torrent",
                         self.torrent, "--save", save, "--listen", f"{n.ip}:{port}"]
                 p = n.host.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, log=log, text=True,
-                                 bufsize=1, env=child_env(), cwd=REPO_ROOT)
+                                 bufsize=1, env=child_env(), cwd=NEUTRAL_CWD)
                 procs.append(p)
                 return LineLeecher(n, save, p)
 
