@@ -244,6 +244,7 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[
             async with connect_unix(str(node.sock)) as client:
                 res = await client.call("fetch", {"name": name, "dest": None}, timeout=1800, on_event=on_event)
             end = time.monotonic()
+            last_event[node.name] = {"phase": "ready"}
             split = t_unpack[0] if t_unpack else end
             per_peer[node.name] = {"download_s": round(split - start, 2), "unpack_s": round(end - split, 2),
                                    "ready_s": round(end - start, 2), "env_dir": res["env_dir"]}
@@ -254,8 +255,9 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[
                 for p in peers:
                     n.start_soon(fetch, p, t0)
         if cs.cancelled_caught:
-            where = {k: f"{v.get('phase')} {v.get('bytes_done', 0) / max(1, v.get('size') or 1):.0%} "
-                        f"({v.get('peers', '?')} peers)" for k, v in sorted(last_event.items())}
+            where = {k: "ready" if v.get("phase") == "ready" else
+                     f"{v.get('phase')} {v.get('bytes_done', 0) / max(1, v.get('size') or 1):.0%} "
+                     f"({v.get('peers', '?')} peers)" for k, v in sorted(last_event.items())}
             raise BenchError(f"the peers did not all have the env within {args.timeout:g} s: {where}")
         all_ready_s = time.monotonic() - t0
         cpu = {node.name: proc_cpu_s(node.proc.pid) for node in (seed, *peers)}

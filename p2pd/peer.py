@@ -119,6 +119,7 @@ class PeerConn:
         self.bytes_up = 0
         self.last_send = trio.current_time()
         self.have_mask = 0  # pieces the remote has announced (bit i = piece i)
+        self.deferred: set[int] = set()  # pieces we told the remote to get elsewhere (once each)
         self._zc = zstandard.ZstdCompressor(level=1)
         self._zd = zstandard.ZstdDecompressor()
 

@@ -99,7 +99,8 @@ class Swarm:
         self.on_complete = on_complete
         self.n = manifest.num_pieces
         self.have_mask = have
-        self.complete = have == bits.full(self.n)
+        self._full = bits.full(self.n)
+        self.complete = have == self._full
         self.picker: Picker | None = None if self.complete else Picker(self.n, bits.indices(have))
         self.done = trio.Event()
         if self.complete:
@@ -172,12 +173,15 @@ class Swarm:
         """
         if not (self.config.seed_distinct and self.complete) or len(self.conns) < 2:
             return False
-        if self.n - requester.have_mask.bit_count() <= SERVE_TAIL:
-            return False
-        if self._unsent > 0 and self._sent[i] > 0:
-            return True
+        if self.n - requester.have_mask.bit_count() <= SERVE_TAIL or i in requester.deferred:
+            return False  # the tail, or asked again after a deferral: the requester found no one else
         bit = 1 << i
-        return any(c is not requester and c.have_mask & bit for c in self.conns.values())
+        if (self._unsent > 0 and self._sent[i] > 0) or any(
+            c is not requester and c.have_mask & bit and c.have_mask != self._full for c in self.conns.values()
+        ):  # never defer to another complete node: two seeds would send everyone back and forth
+            requester.deferred.add(i)
+            return True
+        return False
 
     def note_piece_sent(self, i: int) -> None:
         if self._sent[i] == 0:
@@ -230,7 +234,7 @@ class Swarm:
         mask = bits.from_bytes(raw, self.n)
         conn.have_mask = mask
         if self.picker is not None and conn.closed_reason is None:
-            self.picker.add_peer(conn, range(self.n) if mask == bits.full(self.n) else bits.indices(mask))
+            self.picker.add_peer(conn, range(self.n) if mask == self._full else bits.indices(mask))
             self.fill(conn)
 
     def on_have(self, conn: PeerConn, i: int) -> None:

@@ -89,7 +89,7 @@ async def cluster_of(base: Path, *names: str) -> AsyncIterator[tuple[Cluster, li
 
 async def pack_env(c: Cluster, seed: Node, flag: str, env: Path, name: str, *extra: str) -> str:
     r = await c.cli(seed, "pack-env", flag, str(env), "--name", name, "--out-dir", str(c.base / "packed"), *extra)
-    assert r.returncode == 0, f"pack-env {env} failed ({r.returncode}): {r.stderr.decode()}"
+    assert r.returncode == 0, f"pack-env {env} failed ({r.returncode}): {r.stderr.decode()}\n{seed.log_text()[-3000:]}"
     aid = r.stdout.decode().strip().splitlines()[-1]
     assert len(aid) == 64, r.stdout.decode()
     return aid
@@ -102,16 +102,21 @@ def move_away(env: Path) -> Path:
     return moved
 
 
-async def fetch_all(c: Cluster, jobs: list[tuple[Node, str]]) -> dict[tuple[str, str], Path]:
+async def fetch_all(c: Cluster, jobs: list[tuple[Node, str]], timeout: float = 120) -> dict[tuple[str, str], Path]:
     """Fetch every (node, NAME:TAG) at the same time; return the env dirs printed by ``p2pd fetch``."""
     out: dict[tuple[str, str], Path] = {}
 
     async def one(node: Node, name: str) -> None:
-        out[node.name, name] = await c.fetch(node, name, timeout=120)
+        out[node.name, name] = await c.fetch(node, name, timeout=timeout + 60)
 
-    async with trio.open_nursery() as n:
-        for node, name in jobs:
-            n.start_soon(one, node, name)
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as n:
+            for node, name in jobs:
+                n.start_soon(one, node, name)
+    missing = [f"{node.name} {name}" for node, name in jobs if (node.name, name) not in out]
+    if missing:
+        logs = "\n".join(f"--- {n.name}.log\n{n.log_text()[-2000:]}" for n in c.nodes.values())
+        raise AssertionError(f"not fetched within {timeout:g} s: {missing}\n{logs}")
     return out
 
 

@@ -333,3 +333,23 @@ async def test_tracker_restart_transfers_continue_and_nodes_reregister(cluster: 
 
             await wait_until(name_back, 5, 0.1, "the seed to give the name back")
     assert sha256_tree(Path((await leech.artifact(aid))["path"])) == sha256_tree(src)  # type: ignore[index]
+
+
+async def test_several_complete_nodes_never_send_requesters_back_and_forth(cluster: Cluster, workdir: Path) -> None:
+    """Two seeds plus a node that completed earlier: newcomers must still be served promptly."""
+    src = make_file(workdir / "src" / "m.bin", 64 * MiB)
+    a = await cluster.start_node("a")
+    b = await cluster.start_node("b")
+    aid = await cluster.publish(a, src, "m:v1")
+    await cluster.publish(b, src, "m:v1")
+    first = await cluster.start_node("first")
+    await cluster.fetch(first, "m:v1", timeout=60)
+    late = [await cluster.start_node(f"late{i}") for i in range(2)]
+    t0 = time.monotonic()
+    async with trio.open_nursery() as n:
+        for node in late:
+            n.start_soon(lambda node=node: cluster.fetch(node, "m:v1", timeout=60))
+    assert time.monotonic() - t0 < 30
+    for node in late:
+        art = await node.artifact(aid)
+        assert art is not None and art["state"] == "complete"
