@@ -188,7 +188,7 @@ class Daemon:
         assert self.tracker is not None
         try:
             await self.tracker.beat(self.holdings())
-        except RpcError as e:
+        except (RpcError, OSError) as e:
             log.warning("could not announce to the tracker now (will at the next heartbeat): %s", e)
 
     # -- swarms ---------------------------------------------------------------------------------------

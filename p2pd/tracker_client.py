@@ -105,6 +105,7 @@ class TrackerClient:
         self._client: RpcClient | None = None
         self._client_scope: trio.CancelScope | None = None
         self._conn_lock = trio.Lock()
+        self._beat_lock = trio.Lock()  # the periodic beat and an immediate announce share one UDP socket
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: Any = None
         self._udp_ports: dict[tuple[str, int], int | None] = {}
@@ -316,6 +317,10 @@ class TrackerClient:
 
     async def beat(self, holdings: dict[str, float]) -> None:
         """One heartbeat: UDP when offered and the datagram fits, else (or if unanswered) TCP."""
+        async with self._beat_lock:
+            await self._beat(holdings)
+
+    async def _beat(self, holdings: dict[str, float]) -> None:
         udp_port = self._udp_ports.get(self.current) if self.use_udp else None
         if udp_port and self.session is not None:
             delta = None if holdings == self._acked else holdings

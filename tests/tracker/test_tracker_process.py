@@ -206,3 +206,19 @@ def test_serve_errors_are_one_line() -> None:
                                env={**subprocess_env(), "P2P_TRACKER_ADMIN_TOKEN": ""})
             assert r.returncode == 1 and needle in r.stderr, (args, r.stderr)
             assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+async def test_concurrent_beats_share_the_udp_socket(procs: Procs) -> None:
+    """An immediate announce while the periodic heartbeat waits on the UDP socket must not crash."""
+    import trio
+
+    from p2pd.tracker_client import TrackerClient
+
+    _, ports = procs.tracker()
+    async with TrackerClient([("127.0.0.1", ports["tcp_port"])], "c" * 32, ("127.0.0.1", 9)) as tc:
+        await tc.register()
+        await tc.beat({})  # opens the UDP socket that the concurrent beats below share
+        async with trio.open_nursery() as n:
+            for i in range(20):
+                n.start_soon(tc.beat, {"a" * 64: i / 20})
+        assert tc.udp_heartbeats >= 20
