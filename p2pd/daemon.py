@@ -415,10 +415,19 @@ class Daemon:
     async def _unpack_env(self, rec: Record, emit: Emit) -> str:
         from p2pd import envpack  # optional dependency (conda-pack) only needed for envs
 
-        await emit({"phase": "unpacking", "bytes_done": 0, "size": rec.manifest.total_size})
+        done = [0, rec.manifest.total_size]
+
+        def on_progress(d: int, t: int) -> None:
+            done[0], done[1] = d, t
+
+        async def unpack() -> Path:
+            return await trio.to_thread.run_sync(  # type: ignore[no-any-return]
+                envpack.materialize, rec.path, self.config.data_dir / "envs", rec.artifact_id,
+                dict(rec.manifest.meta), on_progress)
+
         try:
-            env_dir = await trio.to_thread.run_sync(
-                envpack.materialize, rec.path, self.config.data_dir / "envs", rec.artifact_id, dict(rec.manifest.meta))
+            env_dir = await _with_progress(unpack(), lambda: emit({"phase": "unpacking", "bytes_done": done[0],
+                                                                    "size": done[1]}))
         except envpack.EnvPackError as e:
             raise RpcError("env", str(e)) from None
         return str(env_dir)

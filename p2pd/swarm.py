@@ -196,8 +196,9 @@ class Swarm:
             return self._buffers.pop()
         return bytearray(length)
 
-    def give_buffer(self, buf: bytearray) -> None:
-        if len(buf) == self.manifest.piece_size and len(self._buffers) < BUFFER_POOL:
+    def give_buffer(self, buf: bytearray | bytes) -> None:
+        # only our own bytearrays: a decompressed piece is immutable bytes and must never be refilled
+        if isinstance(buf, bytearray) and len(buf) == self.manifest.piece_size and len(self._buffers) < BUFFER_POOL:
             self._buffers.append(buf)
 
     def note_upload(self, n: int) -> None:
@@ -270,7 +271,7 @@ class Swarm:
         depth = self.config.pipeline_depth
         while len(conn.outstanding) < depth:
             i = picker.next_request(conn)
-            if i is None:
+            if i is None or i in conn.outstanding:
                 break
             conn.request(i)
 

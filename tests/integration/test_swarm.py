@@ -353,3 +353,23 @@ async def test_several_complete_nodes_never_send_requesters_back_and_forth(clust
     for node in late:
         art = await node.artifact(aid)
         assert art is not None and art["state"] == "complete"
+
+
+async def test_compressible_pieces_travel_zstd_and_arrive_identical(cluster: Cluster, workdir: Path) -> None:
+    """Text-like data goes compressed on the wire; mixed with raw pieces, buffers must never be mixed up."""
+    src = workdir / "src" / "snap"
+    src.mkdir(parents=True)
+    words = b" ".join(b"token%d" % i for i in range(200_000))
+    (src / "tokenizer.json").write_bytes(words * 20)  # ~26 MB, compresses ~10x
+    make_file(src / "weights.bin", 24 * MiB)
+    seed = await cluster.start_node("seed")
+    peers = [await cluster.start_node(f"p{i}") for i in range(2)]
+    aid = await cluster.publish(seed, src, "snap:v1")
+    async with trio.open_nursery() as n:
+        for p in peers:
+            n.start_soon(lambda p=p: cluster.fetch(p, "snap:v1"))
+    want = sha256_tree(src)
+    for p in peers:
+        a = await p.artifact(aid)
+        assert a is not None and sha256_tree(Path(a["path"])) == want
+        assert a["downloaded"] < a["size"] * 0.75, "compressible pieces should have travelled compressed"
