@@ -373,3 +373,4 @@ async def test_compressible_pieces_travel_zstd_and_arrive_identical(cluster: Clu
         a = await p.artifact(aid)
         assert a is not None and sha256_tree(Path(a["path"])) == want
         assert a["downloaded"] < a["size"] * 0.75, "compressible pieces should have travelled compressed"
+        assert "internal error" not in p.log_text()
