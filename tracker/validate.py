@@ -12,9 +12,12 @@ import math
 import re
 from typing import Any
 
+from p2pd.protocol import manifest
+from p2pd.rpc import RpcError
+
 NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 ARTIFACT_ID_RE = re.compile(r"^[0-9a-f]{64}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = manifest.NAME_RE
 
 MAX_LABELS = 32
 MAX_LABEL_LEN = 128
@@ -24,16 +27,8 @@ MAX_HOLDINGS = 4096
 MAX_PEERS = 1000
 
 
-class TrackerError(Exception):
+class TrackerError(RpcError):
     """A request the tracker refuses; `code` is one of the error codes of docs/interfaces.md."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def bad(message: str) -> TrackerError:

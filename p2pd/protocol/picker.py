@@ -19,6 +19,8 @@ from __future__ import annotations
 import random
 from collections.abc import Hashable, Iterable
 
+from p2pd.protocol.bitfield import indices
+
 Peer = Hashable
 
 
@@ -60,7 +62,7 @@ class Picker:
             self.levels.insert(0, 0)
             self.avail = [a + 1 for a in self.avail]
             return
-        for k in _positions(mask):
+        for k in indices(mask):
             self._inc(peer, k)
 
     def peer_have(self, peer: Peer, piece: int) -> bool:
@@ -80,7 +82,7 @@ class Picker:
             self.levels.pop(0)
             self.avail = [a - 1 for a in self.avail]
         else:
-            for k in _positions(mask):
+            for k in indices(mask):
                 p = self.perm[k]
                 a = self.avail[p]
                 bit = 1 << k
@@ -186,13 +188,5 @@ class Picker:
         return self.missing.bit_count()
 
     def have_pieces(self) -> list[int]:
-        return [self.perm[k] for k in _positions(self.full & ~self.missing)]
+        return [self.perm[k] for k in indices(self.full & ~self.missing)]
 
-
-def _positions(mask: int) -> list[int]:
-    out = []
-    while mask:
-        low = mask & -mask
-        out.append(low.bit_length() - 1)
-        mask ^= low
-    return out
