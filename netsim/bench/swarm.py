@@ -92,7 +92,7 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
     missing = [f"{c.name}: {m}" for c in clients if (m := c.missing())]
     if missing:
         raise BenchError("cannot run: " + "; ".join(missing))
-    need = o.size * (o.peers + 2) + (256 << 20)
+    need = o.size * (o.peers + 1) + (512 << 20)  # payload + a copy per leecher (deleted after each run)
     free = shutil.disk_usage(SHM).free
     if free < need:
         raise BenchError(f"{SHM} has {free >> 20} MiB free, this run needs ~{need >> 20} MiB")
