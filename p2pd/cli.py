@@ -92,6 +92,7 @@ def run(
     max_peers: int = typer.Option(24, "--max-peers", help="connections per artifact"),
     compress: bool = typer.Option(True, "--compress/--no-compress", help="zstd for pieces that compress"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
+    tracker_wait: float = typer.Option(30.0, "--tracker-wait", help="seconds to wait for a tracker at start"),
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon, DaemonConfig
@@ -116,7 +117,7 @@ def run(
     except OSError as e:
         fail(f"cannot create data dir {data}: {e.strerror}")
     cfg = DaemonConfig(trackers=trackers, listen=listen_hp, data_dir=data, egress_limit=egress, ingress_limit=ingress,
-                       advertise=advertise, labels=labels,
+                       advertise=advertise, labels=labels, tracker_wait=tracker_wait,
                        swarm=SwarmConfig(max_peers=max_peers, pipeline_depth=pipeline, stall_timeout=stall_timeout,
                                          compress=compress))
 

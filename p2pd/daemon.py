@@ -46,6 +46,7 @@ class DaemonConfig:
     labels: dict[str, str] = field(default_factory=dict)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     socket_path: Path | None = None
+    tracker_wait: float = 30.0
 
 
 class Daemon:
@@ -141,6 +142,18 @@ class Daemon:
 
     async def _heartbeats(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.tracker is not None
+        # A node booting before its tracker (or during a tracker restart) waits for it a while
+        # instead of exiting; a wrong address still fails clearly once the wait is over.
+        deadline = trio.current_time() + self.config.tracker_wait
+        while True:
+            try:
+                await self.tracker.register()
+                break
+            except RpcError as e:
+                if trio.current_time() >= deadline:
+                    raise
+                log.warning("%s; retrying for up to %.0f s more", e, deadline - trio.current_time())
+                await trio.sleep(1.0)
         await self.tracker.run_heartbeats(self.holdings, on_policy=self._apply_policy, task_status=task_status)
 
     async def _restore_names_after_tracker_restart(self) -> None:
