@@ -137,6 +137,8 @@ class Daemon:
         path.unlink(missing_ok=True)  # we hold the data-dir lock, so no live daemon owns it
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         raw.bind(str(path))
+        # owner and group only: the API can publish any file the daemon can read
+        os.chmod(path, 0o660)
         raw.listen(128)
         return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
 
