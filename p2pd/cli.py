@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -19,28 +18,12 @@ from typing import Any
 import trio
 import typer
 
+from p2pd.paths import default_data_dir, socket_path
 from p2pd.rpc import RpcError, connect_unix, parse_hostport
 from p2pd.trio_util import leaf_exceptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="p2pd: peer-to-peer distribution of models and packed environments.")
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("P2PD_DATA_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/p2pd")
-    return Path.home() / ".local/share/p2pd"
-
-
-def socket_path(socket_opt: Path | None, data_dir: Path | None) -> Path:
-    if socket_opt:
-        return socket_opt
-    if os.environ.get("P2PD_SOCKET") and data_dir is None:
-        return Path(os.environ["P2PD_SOCKET"])
-    return (data_dir or default_data_dir()) / "p2pd.sock"
 
 
 def fail(msg: str, code: int = 1) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from p2pd import __version__
+from p2pd import __version__, paths
 from p2pd.peer import SockIO, read_handshake, tune_socket
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
@@ -54,7 +54,7 @@ class Daemon:
         self.config = config
         self.catalog = Catalog(config.data_dir)
         self.node_id = self.catalog.node_id()
-        self.socket_path = config.socket_path or config.data_dir / "p2pd.sock"
+        self.socket_path = paths.socket_path(config.socket_path, config.data_dir)
         self.swarms: dict[str, Swarm] = {}
         self._starting: dict[str, trio.Event] = {}
         self._stop = trio.Event()
@@ -336,10 +336,6 @@ class Daemon:
 
     async def api_status(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         arts = [sw.status() for sw in self.swarms.values()]
-        for a in arts:
-            sw = self.swarms[a["artifact_id"]]
-            if sw.complete:
-                a["path"] = str(Record(sw.artifact_id, sw.name, sw.store.root, False, sw.manifest).path)
         return {"node_id": self.node_id, "listen": f"{self.config.listen[0]}:{self.listen_port}",
                 "version": __version__, "artifacts": arts,
                 "egress_limit": self.config.egress_limit, "ingress_limit": self.config.ingress_limit,
@@ -412,7 +408,7 @@ class Daemon:
             with trio.move_on_after(PROGRESS_EVERY):
                 await sw.done.wait()
         await progress()
-        rec = Record(aid, sw.name, sw.store.root, False, sw.manifest)
+        rec = sw.record()
         result: dict[str, Any] = {"artifact_id": aid, "name": name, "kind": m.kind, "path": str(rec.path),
                                   "meta": dict(m.meta), "size": m.total_size}
         if m.kind == "env":

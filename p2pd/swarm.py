@@ -23,7 +23,7 @@ from p2pd.protocol import manifest as mf
 from p2pd.protocol import wire
 from p2pd.protocol.picker import Picker
 from p2pd.protocol.ratelimit import Hierarchy
-from p2pd.storage import Catalog, Journal, PieceStore, StorageError
+from p2pd.storage import Catalog, Journal, PieceStore, Record, StorageError
 
 log = logging.getLogger(__name__)
 VERIFIERS = 2  # pieces hashed and written in parallel (xxhash and pwrite release the GIL)
@@ -204,6 +204,9 @@ class Swarm:
     def note_upload(self, n: int) -> None:
         self.up.add(n)
 
+    def record(self) -> Record:
+        return Record(self.artifact_id, self.name, self.store.root, False, self.manifest)
+
     def status(self) -> dict[str, Any]:
         return {
             "artifact_id": self.artifact_id, "name": self.name, "kind": self.manifest.kind,
@@ -211,7 +214,8 @@ class Swarm:
             "size": self.manifest.total_size, "bytes_done": self.bytes_done, "pieces_done": self.pieces_done,
             "pieces_total": self.n, "peers": len(self.conns), "down_rate": self.down.rate(), "up_rate": self.up.rate(),
             "uploaded": self.up.total, "downloaded": self.down.total,
-            "path": str(self.store.root), "resumed_pieces": self.resumed_pieces, "banned_peers": len(self.banned),
+            "path": str(self.record().path if self.complete else self.store.root),
+            "resumed_pieces": self.resumed_pieces, "banned_peers": len(self.banned),
             "error": self.error,
         }
 

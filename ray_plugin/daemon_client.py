@@ -21,10 +21,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from p2pd import paths
 from p2pd.protocol.framing import FrameError, FrameReader, encode_frame
 
-SOCKET_NAME = "p2pd.sock"
-ROOT_DATA_DIR = Path("/var/lib/p2pd")
 READ_SIZE = 65536
 
 EventCallback = Callable[[dict[str, Any]], None]
@@ -35,21 +34,9 @@ START_HINT = (
 )
 
 
-def default_data_dir() -> Path:
-    """The daemon's data dir when none is configured: system-wide as root, per user otherwise."""
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        return ROOT_DATA_DIR
-    return Path.home() / ".local" / "share" / "p2pd"
-
-
 def socket_path(environ: Mapping[str, str] | None = None) -> Path:
-    """Where this node's daemon listens, by the CLI's rule (see the module docstring)."""
-    env = os.environ if environ is None else environ
-    if env.get("P2PD_SOCKET"):
-        return Path(env["P2PD_SOCKET"])
-    if env.get("P2PD_DATA_DIR"):
-        return Path(env["P2PD_DATA_DIR"]) / SOCKET_NAME
-    return default_data_dir() / SOCKET_NAME
+    """Where this node's daemon listens, by the CLI's rule (p2pd.paths)."""
+    return paths.socket_path(environ=environ)
 
 
 class DaemonError(Exception):
