@@ -23,17 +23,11 @@ import trio
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from p2pd.rpc import RpcError, connect_unix
+from p2pd.rpc import RpcError, connect_unix, free_port
 from p2pd.trio_util import collapse_single
 
 console = Console(stderr=True)
 POOL = 16 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def generate_model(root: Path, size: int, seed: int = 7) -> None:

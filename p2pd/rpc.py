@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -214,3 +215,18 @@ def parse_hostport(s: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
         raise ValueError(f"expected HOST:PORT, got {s!r}")
     host = host.strip("[]") or default_host
     return host, int(port)
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 (a tracker binds both on one port)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind(("127.0.0.1", 0))
+            port = int(t.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port on 127.0.0.1")

@@ -41,6 +41,8 @@ from typing import Any
 
 import msgspec
 
+from p2pd.rpc import free_port
+
 RING = 1 << 20
 ARTIFACTS = 100
 
@@ -358,12 +360,6 @@ def pct(xs: list[float], p: float) -> float:
         return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Target:

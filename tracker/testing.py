@@ -17,23 +17,9 @@ import time
 from pathlib import Path
 
 from p2pd.protocol import manifest as mf
+from p2pd.rpc import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1 (the tracker binds both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def tracker_cmd() -> list[str]:

@@ -18,13 +18,7 @@ from typing import Any
 
 import trio
 
-from p2pd.rpc import connect_unix
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from p2pd.rpc import connect_unix, free_port
 
 
 def sha256_tree(root: Path) -> dict[str, str]:
