@@ -29,33 +29,17 @@ from typing import Any
 import msgspec
 import trio
 
+from p2pd.protocol.heartbeat import UDP_VERSION, UdpReply, UdpRequest
 from p2pd.rpc import RpcClient, RpcError, open_client
 
 log = logging.getLogger(__name__)
 
 TRANSIENT = frozenset({"unreachable", "timeout", "unavailable"})  # worth trying another replica
-UDP_VERSION = 1
 UDP_MAX_PAYLOAD = 1200  # stay under a typical path MTU: fragments are lost together
 
 
-class _UdpRequest(msgspec.Struct, array_like=True):
-    version: int
-    node_id: str
-    session: int
-    seq: int
-    holdings: dict[str, float] | None = None
-
-
-class _UdpReply(msgspec.Struct, array_like=True):
-    version: int
-    seq: int
-    known: bool
-    interval: float
-    policy: dict[str, Any]
-
-
 _udp_enc = msgspec.msgpack.Encoder()
-_udp_dec = msgspec.msgpack.Decoder(_UdpReply)
+_udp_dec = msgspec.msgpack.Decoder(UdpReply)
 
 
 def _fmt(addr: tuple[str, int]) -> str:
@@ -325,7 +309,7 @@ class TrackerClient:
         if udp_port and self.session is not None:
             delta = None if holdings == self._acked else holdings
             self._seq += 1
-            payload = _udp_enc.encode(_UdpRequest(UDP_VERSION, self.node_id, self.session, self._seq, delta))
+            payload = _udp_enc.encode(UdpRequest(UDP_VERSION, self.node_id, self.session, self._seq, delta))
             if len(payload) <= UDP_MAX_PAYLOAD:
                 reply = await self._udp_exchange((self.current[0], udp_port), payload, self._seq)
                 if reply is not None:
@@ -344,7 +328,7 @@ class TrackerClient:
                     await self.register()
         await self.heartbeat(holdings)
 
-    async def _udp_exchange(self, target: tuple[str, int], payload: bytes, seq: int) -> _UdpReply | None:
+    async def _udp_exchange(self, target: tuple[str, int], payload: bytes, seq: int) -> UdpReply | None:
         """Send one datagram and wait (bounded, name lookup included) for its reply; None if none came."""
         with trio.move_on_after(min(self._beat_timeout(), 1.0) + self.connect_timeout):
             return await self._udp_exchange_unbounded(target, payload, seq)
@@ -352,7 +336,7 @@ class TrackerClient:
         self._close_udp()
         return None
 
-    async def _udp_exchange_unbounded(self, target: tuple[str, int], payload: bytes, seq: int) -> _UdpReply | None:
+    async def _udp_exchange_unbounded(self, target: tuple[str, int], payload: bytes, seq: int) -> UdpReply | None:
         try:
             if self._udp_sock is None or self._udp_target != target:
                 self._close_udp()

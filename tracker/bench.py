@@ -41,6 +41,7 @@ from typing import Any
 
 import msgspec
 
+from p2pd.protocol.heartbeat import UDP_VERSION, UdpReply, UdpRequest
 from p2pd.rpc import free_port
 
 RING = 1 << 20
@@ -84,22 +85,6 @@ def cpu_seconds(pid: int) -> float:
 # ---- load generator (runs in its own process) --------------------------------------------------------
 
 
-class _Req(msgspec.Struct, array_like=True):
-    version: int
-    node_id: str
-    session: int
-    seq: int
-    holdings: dict[str, float] | None = None
-
-
-class _Rep(msgspec.Struct, array_like=True):
-    version: int
-    seq: int
-    known: bool
-    interval: float
-    policy: dict[str, Any]
-
-
 class Loader:
     """Sends heartbeats for nodes [first, first+count) and measures round trips."""
 
@@ -123,7 +108,7 @@ class Loader:
         self.rng = random.Random(spec["first"])
         enc = msgspec.msgpack.Encoder()
         self._enc = enc.encode
-        self._dec = msgspec.msgpack.Decoder(_Rep).decode
+        self._dec = msgspec.msgpack.Decoder(UdpReply).decode
         self.ids = [node_id(self.first + k) for k in range(self.count)]
         self.infohashes = [bytes.fromhex(artifact(k)[:40]) for k in range(ARTIFACTS)]
 
@@ -185,7 +170,7 @@ class Loader:
                 h = holdings_of(i)
                 if not self.with_holdings:  # a progress update
                     h = {a: self.rng.random() for a in h}
-            pkt = self._enc(_Req(1, self.ids[k], self.sessions[k], seq, h))
+            pkt = self._enc(UdpRequest(UDP_VERSION, self.ids[k], self.sessions[k], seq, h))
         self.ring[seq & (RING - 1)] = time.perf_counter()
         try:
             self.sock.send(pkt)

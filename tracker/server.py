@@ -32,6 +32,7 @@ from typing import Any
 import msgspec
 import trio
 
+from p2pd.protocol.heartbeat import UDP_VERSION, UdpReply, UdpRequest
 from p2pd.rpc import Emit, Handler, RpcError, serve_connection
 from tracker import validate as V
 from tracker.metrics import Metrics
@@ -40,26 +41,9 @@ from tracker.validate import TrackerError
 
 log = logging.getLogger("tracker")
 
-UDP_VERSION = 1
 UDP_MAX_DATAGRAM = 8192
 UDP_MAX_BATCH = 512
 UNSPECIFIED_HOSTS = ("", "0.0.0.0", "::")
-
-
-class UdpRequest(msgspec.Struct, array_like=True):
-    version: int
-    node_id: str
-    session: int
-    seq: int
-    holdings: dict[str, float] | None = None
-
-
-class UdpReply(msgspec.Struct, array_like=True):
-    version: int
-    seq: int
-    known: bool
-    interval: float
-    policy: dict[str, Any]
 
 
 _udp_req_decoder = msgspec.msgpack.Decoder(UdpRequest)
