@@ -16,25 +16,13 @@ from typing import Any
 
 import trio
 
-from p2pd.protocol.framing import FrameError, FrameReader, encode_frame
+from p2pd.protocol.framing import FrameError, FrameReader, RpcError, encode_frame
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
 READ_SIZE = 65536
-
-
-class RpcError(Exception):
-    """A failure reported to the caller with a machine-readable code and a human message."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 async def serve_connection(stream: trio.abc.Stream, handlers: dict[str, Handler], peer: str = "") -> None:

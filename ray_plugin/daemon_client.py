@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pd import paths
-from p2pd.protocol.framing import FrameError, FrameReader, encode_frame
+from p2pd.protocol.framing import FrameError, FrameReader, RpcError, encode_frame
 
 READ_SIZE = 65536
 
@@ -39,16 +39,8 @@ def socket_path(environ: Mapping[str, str] | None = None) -> Path:
     return paths.socket_path(environ=environ)
 
 
-class DaemonError(Exception):
+class DaemonError(RpcError):
     """The daemon answered a request with an error (`code` is one of the API's error codes)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class DaemonUnavailable(DaemonError):

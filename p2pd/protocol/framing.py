@@ -51,3 +51,15 @@ class FrameReader:
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:  # bad UTF-8, deep nesting
                 raise FrameError(f"undecodable frame: {e}") from e
         return out
+
+
+class RpcError(Exception):
+    """A failure reported to the caller with a machine-readable code and a human message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
