@@ -24,7 +24,7 @@ from p2pd.peer import SockIO, read_handshake, tune_socket
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import wire
-from p2pd.protocol.ratelimit import Hierarchy, TokenBucket
+from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, unlimited
 from p2pd.rpc import Emit, RpcError, serve_listeners
 from p2pd.storage import Catalog, PieceStore, Record, StorageError, build_manifest, materialize
 from p2pd.swarm import Swarm, SwarmConfig
@@ -74,8 +74,8 @@ class Daemon:
         now = trio.current_time()
         # Two levels per direction: this node's configured cap, and the cap the tracker's cluster
         # policy gives this node (pushed with heartbeat replies, applied at once).
-        self.policy_egress = TokenBucket(math.inf, now=now)
-        self.policy_ingress = TokenBucket(math.inf, now=now)
+        self.policy_egress = unlimited(now)
+        self.policy_ingress = unlimited(now)
         self.egress = Hierarchy(TokenBucket(self.config.egress_limit or math.inf, now=now), self.policy_egress)
         self.ingress = Hierarchy(TokenBucket(self.config.ingress_limit or math.inf, now=now), self.policy_ingress)
         peer_sock = await self._bind_peer_listener()
