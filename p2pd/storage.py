@@ -40,6 +40,26 @@ READ_CHUNK = 8 << 20
 JOURNAL_MAGIC = b"P2PDJRN1"
 
 
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path` (longest mount point in /proc/self/mounts), or ""."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return ""
+    target = os.path.realpath(path)
+    best, fstype = "", ""
+    for mnt, typ in mounts:
+        mnt = mnt.replace("\\040", " ")
+        inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, fstype = mnt, typ
+    return fstype
+
+
 class StorageError(Exception):
     """A storage failure the user must act on (disk full, unreadable source, ...)."""
 
@@ -161,7 +181,14 @@ class PieceStore:
         self._fds: list[int] = [-1] * len(manifest.files)
 
     def preallocate(self) -> None:
-        """Create every file at its final size; raise StorageError early when the disk is too small."""
+        """Create every file at its final size; raise StorageError early when the disk is too small.
+
+        On a disk, blocks are reserved (fallocate) so a full disk shows up now and files do not
+        fragment. On a memory-backed filesystem (tmpfs) reserving means zero-filling every page
+        before the download overwrites it: 0.2 s per GiB on the fetch's critical path for nothing,
+        so there the files are only sized; the free-space check above and the ENOSPC handling in
+        write_piece still turn a full filesystem into a clear error.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         need = 0
         for f in self.manifest.files:
@@ -174,20 +201,22 @@ class PieceStore:
                 f"not enough disk space in {self.root}: need {need / 1e9:.2f} GB more, {free / 1e9:.2f} GB free; "
                 "free space or point --data-dir at a larger disk"
             )
+        reserve = filesystem_type(self.root) not in MEMORY_FILESYSTEMS
         for i, f in enumerate(self.manifest.files):
             p = self.root / f.path
             p.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
             self._fds[i] = fd
             try:
-                if f.size:
+                if f.size and reserve:
                     os.posix_fallocate(fd, 0, f.size)
+                    continue
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     raise StorageError(f"disk full while preallocating {p}: free space and fetch again") from e
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
-                os.ftruncate(fd, f.size)
+            os.ftruncate(fd, f.size)
 
     def fd(self, i: int) -> int:
         if self._fds[i] < 0:

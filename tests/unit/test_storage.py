@@ -507,3 +507,41 @@ def test_materialize_copies_across_filesystems(record: Record) -> None:
             assert p.read_bytes() == TREE[f.path]
             assert _mode(p) == (0o555 if f.executable else 0o444)
         assert _tmp_leftovers(dest) == []
+
+
+def test_filesystem_type_finds_the_longest_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mounts = "/dev/sda1 / ext4 rw 0 0\ntmpfs /dev/shm tmpfs rw 0 0\nmy\\040disk /mnt/my\\040disk xfs rw 0 0\n"
+    real_open = open
+
+    def fake_open(path: object, *a: object, **kw: object) -> object:
+        if path == "/proc/self/mounts":
+            import io
+
+            return io.StringIO(mounts)
+        return real_open(path, *a, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    assert storage.filesystem_type(Path("/dev/shm/p2pd/staging")) == "tmpfs"
+    assert storage.filesystem_type(Path("/dev/shmem")) == "ext4"  # a prefix of a name is not a parent
+    assert storage.filesystem_type(Path("/mnt/my disk/x")) == "xfs"
+    assert storage.filesystem_type(Path("/")) == "ext4"
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "tmpfs"])
+def test_preallocate_reserves_blocks_on_disks_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   fstype: str) -> None:
+    """On tmpfs, reserving would zero-fill every page before the download overwrites it."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "w.bin").write_bytes(os.urandom(1 << 20))
+    m = small_manifest(tmp_path / "src", 1 << 16)
+    real_fs = storage.filesystem_type(tmp_path)
+    monkeypatch.setattr(storage, "filesystem_type", lambda p: fstype)
+    store = PieceStore(m, tmp_path / "staging", writable=True)
+    store.preallocate()
+    st = (tmp_path / "staging" / "w.bin").stat()
+    store.close()
+    assert st.st_size == 1 << 20
+    if real_fs in ("ext4", "xfs") and fstype == "ext4":
+        assert st.st_blocks * 512 >= 1 << 20  # reserved
+    if fstype == "tmpfs":
+        assert st.st_blocks == 0  # only sized: sparse until pieces arrive
