@@ -275,6 +275,7 @@ class Daemon:
             log.info("%s: resuming with %d of %d pieces already verified", name, have.bit_count(), m.num_pieces)
         sw = self._new_swarm(aid, name, m, store, have, journal=journal, resumed_pieces=have.bit_count())
         self.swarms[aid] = sw
+        self._nursery.start_soon(self._announce)  # others fetching it now find us at their next lookup
         await self._nursery.start(sw.run)
         if sw.complete:  # every piece was already there (crash right before finalizing)
             await sw._finish()
@@ -392,8 +393,11 @@ class Daemon:
         assert self.tracker is not None
         name = str(params["name"])
         dest = params.get("dest")
+        log.debug("fetch %s: resolving", name)
         aid, m = await self._resolve(name)
+        log.debug("fetch %s: resolved to %s", name, aid[:12])
         sw = await self._get_or_start(aid, name, m)
+        log.debug("fetch %s: swarm running", name)
 
         def progress() -> Any:
             st = sw.status()

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RECV_CHUNK = 256 * 1024
+SMALL_READ = 16 * 1024  # frame headers and control messages: never pull much piece payload through rbuf
 SEND_CHUNK = 256 * 1024
 HANDSHAKE_TIMEOUT = 5.0
 KEEPALIVE_EVERY = 10.0
@@ -46,7 +47,7 @@ class SockIO:
 
     async def _fill(self, n: int) -> None:
         while len(self.rbuf) < n:
-            data = await self.sock.recv(max(RECV_CHUNK, n - len(self.rbuf)))
+            data = await self.sock.recv(max(SMALL_READ, n - len(self.rbuf)))
             if not data:
                 raise PeerClosed("connection closed by peer")
             self.last_recv = trio.current_time()
@@ -164,6 +165,9 @@ class PeerConn:
         sw = self.swarm
         if not sw.has_piece(index):
             self.queue(wire.Reject(index))
+            return
+        if sw.sent_while_unsent_remain(index):
+            self.queue(wire.Defer(index))
             return
         sw.note_piece_sent(index)
         length = sw.manifest.piece_length(index)

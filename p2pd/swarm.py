@@ -28,7 +28,13 @@ from p2pd.storage import Catalog, Journal, PieceStore, Record, StorageError
 
 log = logging.getLogger(__name__)
 VERIFIERS = 2  # pieces hashed and written in parallel (xxhash and pwrite release the GIL)
+INLINE_VERIFY_MAX_PIECE = 4 << 20  # pieces up to this size are hashed and written on the event loop...
+INLINE_VERIFY_SLOW = 0.004  # ...unless that took longer than this (a disk under writeback pressure)
+INLINE_VERIFY_BACKOFF = 2.0  # seconds spent verifying in threads after a slow inline write
 SERVE_TAIL = 16  # a complete node always serves a peer missing at most this many pieces
+PEER_LOOKUP_FIRST = 0.25  # seconds between the first two tracker lookups of a download (then doubling)...
+PEER_LOOKUP_EVERY = 2.0  # ...up to this while connected to someone
+PEER_LOOKUP_ALONE = 0.5  # ...or this while connected to no one
 DEFER_RETRY = 0.5  # seconds before asking a peer again for pieces it deferred
 VERIFY_QUEUE = 8  # received pieces waiting for a verifier, bounding memory to this many pieces
 BUFFER_POOL = 16  # idle piece buffers kept for reuse (a verifier queue's worth plus in-flight reads)
@@ -117,7 +123,10 @@ class Swarm:
         self._compressible: dict[int, bool] = {}
         self._sent = bytearray(self.n)  # uploads per piece (saturating), for the seed's distinct-first policy
         self._unsent = self.n
+        self.pieces_sent = 0  # uploads of pieces, counting repeats
+        self.pieces_deferred = 0  # requests answered with DEFER (seed policy)
         self._buffers: list[bytearray] = []
+        self._threaded_verify_until = 0.0
         self._nursery: trio.Nursery | None = None
         self._peer_wakeup = trio.Event()
         self._verify_in, self._verify_out = trio.open_memory_channel[tuple[PeerConn, int, bytearray]](VERIFY_QUEUE)
@@ -166,27 +175,43 @@ class Swarm:
     def should_defer(self, requester: PeerConn, i: int) -> bool:
         """Seed policy: upload what nobody else can, send everything else to the peers that have it.
 
-        Duplicate uploads from the seed are what keeps BitTorrent above the Kumar–Ross bound. A
-        complete node defers (DEFER: "ask someone else") a request for a piece that another connected
-        peer has announced, or that it already sent while some piece was never sent (its receiver will
-        announce it soon). A requester missing only a few pieces is always served, so deferral can
-        never stretch the tail.
+        Duplicate uploads from the seed are what keeps BitTorrent above the Kumar–Ross bound: while
+        some piece was never sent, the seed's upload is the swarm's bottleneck, and every copy it
+        sends of a piece already out costs the whole swarm that much time. So a complete node
+        defers (DEFER: "ask someone else") any piece it already sent while some piece was never
+        sent; the requester is not left idle, because it still needs every unsent piece, which
+        only we can give. Once everything was sent, it defers a piece that another connected,
+        incomplete peer has announced, but only once per requester and piece, and never to a
+        requester missing only a few pieces, so that deferral cannot stretch the tail; and never
+        to another complete node, or two seeds would send everyone back and forth.
         """
         if not (self.config.seed_distinct and self.complete) or len(self.conns) < 2:
             return False
+        if self.sent_while_unsent_remain(i):
+            return True
         if self.n - requester.have_mask.bit_count() <= SERVE_TAIL or i in requester.deferred:
             return False  # the tail, or asked again after a deferral: the requester found no one else
         bit = 1 << i
-        if (self._unsent > 0 and self._sent[i] > 0) or any(
-            c is not requester and c.have_mask & bit and c.have_mask != self._full for c in self.conns.values()
-        ):  # never defer to another complete node: two seeds would send everyone back and forth
+        if any(c is not requester and c.have_mask & bit and c.have_mask != self._full for c in self.conns.values()):
             requester.deferred.add(i)
+            self.pieces_deferred += 1
+            return True
+        return False
+
+    def sent_while_unsent_remain(self, i: int) -> bool:
+        """Distinct-first, checked when a request arrives and again when its turn to be sent comes
+        (two peers may have asked for the same piece before either copy went out)."""
+        if self.config.seed_distinct and self.complete and self._unsent > 0 and self._sent[i] > 0:
+            self.pieces_deferred += 1
             return True
         return False
 
     def note_piece_sent(self, i: int) -> None:
+        self.pieces_sent += 1
         if self._sent[i] == 0:
             self._unsent -= 1
+            if self._unsent == 0 and self.complete:
+                log.debug("%s: every piece uploaded at least once", self.name)
         if self._sent[i] < 255:
             self._sent[i] += 1
 
@@ -217,6 +242,8 @@ class Swarm:
             "uploaded": self.up.total, "downloaded": self.down.total,
             "path": str(self.record().path if self.complete else self.store.root),
             "resumed_pieces": self.resumed_pieces, "banned_peers": len(self.banned),
+            "pieces_sent": self.pieces_sent, "pieces_sent_again": self.pieces_sent - (self.n - self._unsent),
+            "pieces_deferred": self.pieces_deferred,
             "error": self.error,
         }
 
@@ -233,6 +260,7 @@ class Swarm:
             existing.close("duplicate connection")
             self.on_close(existing)
         self.conns[conn.remote_id] = conn
+        log.debug("%s: connected to %s (%s)", self.name, conn.remote_id[:8], conn.addr)
         conn.queue(wire.Bitfield(bits.to_bytes(self.have_mask, self.n)))
         return True
 
@@ -302,7 +330,7 @@ class Swarm:
             if self.has_piece(i) or self.picker is None:
                 self.give_buffer(buf)
                 continue
-            ok = await trio.to_thread.run_sync(self._verify_and_write, i, buf)
+            ok = await self._verify_and_write_soon(i, buf)
             self.give_buffer(buf)
             if self.has_piece(i) or self.picker is None:
                 continue
@@ -314,6 +342,8 @@ class Swarm:
                 conn.close(f"banned: corrupt piece {i}")
                 self.fill_all()
                 continue
+            if not self.have_mask:
+                log.debug("%s: first piece verified", self.name)
             self.have_mask |= 1 << i
             for other in self.picker.piece_verified(i):
                 if other is not conn:
@@ -327,6 +357,27 @@ class Swarm:
                 await self._finish()
             else:
                 self.fill_all()
+
+    async def _verify_and_write_soon(self, i: int, buf: bytearray) -> bool:
+        """Hash and write a piece, on the event loop while that is fast, else in a worker thread.
+
+        A worker thread per piece costs more than the work itself at MiB-sized pieces: the hand-offs
+        and the GIL ping-pong between the receiving loop and the thread took a quarter of the
+        receiver's CPU on loopback. Writes into the page cache take a fraction of a millisecond, so
+        they run inline; when one takes longer (dirty-page throttling on a slow disk) the next ones
+        go to threads for a while so that uploads and heartbeats are not held up.
+        """
+        now = time.monotonic()
+        if len(buf) > INLINE_VERIFY_MAX_PIECE or now < self._threaded_verify_until:
+            return await trio.to_thread.run_sync(self._verify_and_write, i, buf)
+        ok = self._verify_and_write(i, buf)
+        took = time.monotonic() - now
+        if took > INLINE_VERIFY_SLOW:
+            self._threaded_verify_until = time.monotonic() + INLINE_VERIFY_BACKOFF
+            log.debug("%s: writing piece %d took %.1f ms: verifying in threads for %.0f s",
+                      self.name, i, took * 1e3, INLINE_VERIFY_BACKOFF)
+        await trio.lowlevel.checkpoint()
+        return ok
 
     def _verify_and_write(self, i: int, buf: bytearray) -> bool:
         if not self.store.verify(i, buf):
@@ -379,16 +430,25 @@ class Swarm:
                 self.fill_all()
 
     async def _find_peers_loop(self, nursery: trio.Nursery) -> None:
-        backoff = 0.25
+        """Ask the tracker for peers: quickly at first, then every PEER_LOOKUP_EVERY seconds.
+
+        Peers released together (a job starting on many nodes) announce themselves at about the
+        same time as their first lookup, which therefore finds only the seeds; the quick second
+        and third lookups find each other within a fraction of a second, and every second without
+        the mesh costs each of them its share of the seed's upload being all they receive.
+        """
+        backoff = PEER_LOOKUP_FIRST
+        failed = False
         while not self.done.is_set():
             if len(self.conns) + len(self.connecting) < self.config.max_peers and self.find_peers is not None:
                 try:
                     peers = await self.find_peers(self.artifact_id)
-                    backoff = 0.25
+                    log.debug("%s: tracker listed %d peers", self.name, len(peers))
+                    failed = False
                 except Exception as e:  # tracker trouble must not kill the download: keep current peers
                     log.warning("%s: peer lookup failed: %s", self.name, e)
                     peers = []
-                    backoff = min(5.0, backoff * 2)
+                    failed = True
                 now = trio.current_time()
                 random.shuffle(peers)
                 for p in peers:
@@ -401,7 +461,8 @@ class Swarm:
                         continue
                     self.connecting.add(nid)
                     nursery.start_soon(self.connect, nid, str(p["addr"][0]), int(p["addr"][1]))
-            wait = backoff if not self.conns else 2.0
+            wait = backoff
+            backoff = min(5.0 if failed else PEER_LOOKUP_EVERY if self.conns else PEER_LOOKUP_ALONE, backoff * 2)
             self._peer_wakeup = trio.Event()
             with trio.move_on_after(wait):
                 await self._peer_wakeup.wait()
@@ -447,6 +508,9 @@ class Swarm:
         await conn.run()
 
     async def leave(self, reason: str) -> None:
+        if self.pieces_sent:
+            log.info("%s: uploaded %d pieces (%d of them again), deferred %d requests", self.name,
+                     self.pieces_sent, self.pieces_sent - (self.n - self._unsent), self.pieces_deferred)
         async with trio.open_nursery() as nursery:
             for c in list(self.conns.values()):
                 nursery.start_soon(c.goodbye, reason)
