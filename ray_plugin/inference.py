@@ -4,9 +4,10 @@
         y = pool.infer(x)                  # one request, routed to the best ready worker
         ys = pool.map([x1, x2, x3, ...])   # many, kept in flight across the workers
 
-Each worker is a Ray actor whose runtime_env is `{"p2p": {"model": ..., "env": ...}}`: Ray starts it
-only when the p2p plugin has the artifacts on the worker's node, so the actor's constructor, which
-loads the model from P2P_MODEL_DIR, runs exactly on arrival. Workers are spread over nodes and take a
+Each worker is a Ray actor that loads its model the moment the model is on its node: either its
+runtime_env is `{"p2p": {"model": ..., "env": ...}}` and Ray starts it only when the p2p plugin has the
+artifacts there (on arrival), or it starts at once in a warm worker process and asks its node's daemon
+itself (early start, the default without an env; see InferenceWorker). Workers are spread over nodes and take a
 GPU each when the cluster has GPUs. Requests go to the ready workers through `LatencyRouter` (dynamic
 weighted SWRR): a slow worker gets proportionally fewer requests, a dead one none (its requests are
 retried elsewhere) except an occasional probe.
@@ -47,11 +48,12 @@ class InferenceWorker:
     Two ways to start, chosen by the pool:
     - `models=None` (on arrival): the actor's runtime_env carries the `p2p` model, so Ray runs this
       constructor only once the plugin has the model on the node, and P2P_MODEL_DIR points at it.
-    - `models=[...]` (early start): the runtime_env is `{"p2p": {"model": ..., "wait": False}}`: the
-      plugin starts the download when Ray places the actor but does not hold the worker back; the
-      worker asks its node's daemon for the same models, which joins that download, so the worker
-      process start-up, the imports and CUDA initialisation (`models.warmup`) happen under the
-      download instead of after it. Same daemon, same cache, same verified bytes.
+    - `models=[...]` (early start): the actor has no runtime_env (so Ray can hand it a warm worker
+      process), or, inside a runtime_env of the user's, `{"p2p": {"model": ..., "wait": False}}` so that
+      the plugin starts the download at placement without holding the worker back. The worker asks its
+      node's daemon for the models (joining a download already running), so the imports and CUDA
+      initialisation (`models.warmup`) happen under the download instead of after it. Same daemon,
+      same cache, same verified bytes.
     """
 
     def __init__(self, loader: Loader, device: str = "auto", models: Sequence[str] | None = None) -> None:
@@ -143,9 +145,16 @@ class InferencePool:
         if self.early_start and env is not None:
             raise ValueError("early_start needs p2pd importable in the worker: not supported with env=")
         runtime_env = dict(extra_runtime_env or {})
-        # Early start: the node's plugin starts the download as soon as Ray places the actor ("wait": False
-        # lets the worker process start meanwhile); the worker's own fetch then joins that download.
-        runtime_env[FIELD] = {**spec, "wait": False} if self.early_start else spec
+        if not self.early_start:
+            runtime_env[FIELD] = spec
+        elif runtime_env:
+            # Early start in a runtime_env of the user's: the node's plugin starts the download as soon
+            # as Ray places the actor ("wait": False lets the worker process start meanwhile); the
+            # worker's own fetch then joins that download.
+            runtime_env[FIELD] = {**spec, "wait": False}
+        # Early start without one: no runtime_env at all. Ray keeps warm worker processes only for the
+        # job's default environment; any runtime_env means a fresh process (8-10 s measured here under
+        # a download, 1 s for a warm one), and the worker's constructor starts the download itself.
         if num_gpus is None:  # a GPU each where the cluster has them, the CPU otherwise
             num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         if env is not None:
@@ -159,7 +168,7 @@ class InferencePool:
         self.runtime_env = runtime_env
         self.workers = [
             actor_cls.options(
-                runtime_env=runtime_env,
+                runtime_env=runtime_env or None,
                 num_gpus=num_gpus,
                 num_cpus=num_cpus,
                 scheduling_strategy=scheduling_strategy,

@@ -153,7 +153,7 @@ def test_inference_workers_serve_the_model_and_route_around_a_killed_one(env: En
 
     t0 = time.monotonic()
     pool = InferencePool("mlp:v1", num_workers=NODES, num_cpus=0.5)  # early start: workers fetch themselves
-    assert pool.early_start and pool.runtime_env == {FIELD: {"model": "mlp:v1", "wait": False}}
+    assert pool.early_start and pool.runtime_env == {}  # no runtime_env: a warm worker process, which fetches
     try:
         first = pool.infer(batches[0], timeout=120)
         print(f"submit -> first inference result: {time.monotonic() - t0:.2f} s")
@@ -207,6 +207,19 @@ def test_pool_started_on_arrival_through_the_runtime_env(env: Env) -> None:
         )
         assert pool.wait_ready(timeout=120) == 2
         assert all(info["fetch_s"] == 0.0 for info in pool.info.values())  # the plugin fetched, not the worker
+
+
+def test_pool_early_start_in_a_users_runtime_env_starts_the_download_through_the_plugin(env: Env) -> None:
+    """With a runtime_env of the user's (a fresh worker process anyway), the plugin starts the fetch at placement."""
+    layers = models.make_mlp(MLP_SIZES, seed=9)
+    models.save_mlp(layers, env.root / "src-mlp3")
+    env.net.publish(env.root / "src-mlp3", "mlp:v3", via=env.daemons[0])
+    x = np.random.default_rng(2).standard_normal((2, MLP_SIZES[0])).astype(np.float32)
+    extra = {"env_vars": {"P2P_TEST_MARKER": "1"}}
+    with InferencePool("mlp:v3", num_workers=1, num_cpus=0.5, extra_runtime_env=extra) as pool:
+        assert pool.early_start
+        assert pool.runtime_env == {**extra, FIELD: {"model": "mlp:v3", "wait": False}}
+        np.testing.assert_allclose(pool.infer(x, timeout=120), models.forward_numpy(layers, x), rtol=1e-4, atol=1e-5)
 
 
 def _make_venv(path: Path, system_site: bool) -> Path:
