@@ -37,7 +37,7 @@ PEER_LOOKUP_EVERY = 2.0  # ...up to this while connected to someone
 PEER_LOOKUP_ALONE = 0.5  # ...or this while connected to no one
 DEFER_RETRY = 0.5  # seconds before asking a peer again for pieces it deferred
 VERIFY_QUEUE = 8  # received pieces waiting for a verifier, bounding memory to this many pieces
-BUFFER_POOL = 16  # idle piece buffers kept for reuse (a verifier queue's worth plus in-flight reads)
+BUFFER_POOL_BYTES = 32 << 20  # idle piece buffers kept for reuse (a verifier queue's worth plus in-flight reads)
 
 
 class RateMeter:
@@ -224,7 +224,8 @@ class Swarm:
 
     def give_buffer(self, buf: bytearray | bytes) -> None:
         # only our own bytearrays: a decompressed piece is immutable bytes and must never be refilled
-        if isinstance(buf, bytearray) and len(buf) == self.manifest.piece_size and len(self._buffers) < BUFFER_POOL:
+        size = self.manifest.piece_size
+        if isinstance(buf, bytearray) and len(buf) == size and (len(self._buffers) + 1) * size <= BUFFER_POOL_BYTES:
             self._buffers.append(buf)
 
     def note_upload(self, n: int) -> None:
