@@ -283,8 +283,12 @@ class Daemon:
 
     async def _get_or_start(self, aid: str, name: str, m: mf.Manifest) -> Swarm:
         while True:
-            if aid in self.swarms:
-                return self.swarms[aid]
+            sw = self.swarms.get(aid)
+            if sw is not None and sw.error is not None and not sw.complete:
+                await self._forget_failed(sw)  # start again: resumes from the pieces it verified
+                continue
+            if sw is not None:
+                return sw
             ev = self._starting.get(aid)
             if ev is None:
                 break
@@ -295,6 +299,16 @@ class Daemon:
         finally:
             del self._starting[aid]
             ev.set()
+
+    async def _forget_failed(self, sw: Swarm) -> None:
+        with trio.move_on_after(10):
+            await sw.stopped.wait()  # a write in a worker thread finishes before its files are closed
+        if self.swarms.get(sw.artifact_id) is sw:
+            del self.swarms[sw.artifact_id]
+        if sw.journal is not None:
+            sw.journal.close()
+        sw.store.close()
+        log.info("%s: retrying the download that stopped (%s)", sw.name, sw.error)
 
     async def _accept_loop(self, sock: trio.socket.SocketType) -> None:
         assert self._nursery is not None

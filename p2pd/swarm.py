@@ -128,6 +128,8 @@ class Swarm:
         self._buffers: list[bytearray] = []
         self._threaded_verify_until = 0.0
         self._nursery: trio.Nursery | None = None
+        self._scope = trio.CancelScope()
+        self.stopped = trio.Event()  # run() has returned: no task of this swarm touches its files any more
         self._peer_wakeup = trio.Event()
         self._verify_in, self._verify_out = trio.open_memory_channel[tuple[PeerConn, int, bytearray]](VERIFY_QUEUE)
 
@@ -251,7 +253,7 @@ class Swarm:
     # -- connection events ---------------------------------------------------------------------------
     def register(self, conn: PeerConn) -> bool:
         """Adopt a handshaken connection; of two between the same nodes, the lower id's outgoing one wins."""
-        if conn.remote_id in self.banned:
+        if conn.remote_id in self.banned or self.error is not None:
             return False
         existing = self.conns.get(conn.remote_id)
         if existing is not None:
@@ -331,7 +333,11 @@ class Swarm:
             if self.has_piece(i) or self.picker is None:
                 self.give_buffer(buf)
                 continue
-            ok = await self._verify_and_write_soon(i, buf)
+            try:
+                ok = await self._verify_and_write_soon(i, buf)
+            except StorageError as e:  # disk full: this download stops, the daemon and its other work go on
+                self.fail(str(e))
+                return
             self.give_buffer(buf)
             if self.has_piece(i) or self.picker is None:
                 continue
@@ -414,15 +420,34 @@ class Swarm:
     # -- lifetime --------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Owns the outgoing connections; while downloading, keeps finding and dialling peers."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            if not self.complete:
-                for _ in range(VERIFIERS):
-                    nursery.start_soon(self._verifier)
-                nursery.start_soon(self._undefer_loop)
-                await self._find_peers_loop(nursery)
-            await trio.sleep_forever()
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    if not self.complete:
+                        for _ in range(VERIFIERS):
+                            nursery.start_soon(self._verifier)
+                        nursery.start_soon(self._undefer_loop)
+                        await self._find_peers_loop(nursery)
+                    await trio.sleep_forever()
+        finally:
+            self.stopped.set()
+
+    def fail(self, reason: str) -> None:
+        """Stop this download for good (the disk is full, ...): no more peers, the reason is `error`.
+
+        The staging files and the journal stay as they are, so a later fetch resumes from every piece
+        verified so far once the cause is fixed.
+        """
+        if self.error is not None:
+            return
+        self.error = reason
+        log.error("%s: download stopped: %s", self.name, reason)
+        self.picker = None
+        for c in list(self.conns.values()):
+            c.close(f"download stopped: {reason}")
+        self._scope.cancel()
 
     async def _undefer_loop(self) -> None:
         while self.picker is not None:

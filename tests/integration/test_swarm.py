@@ -291,6 +291,64 @@ async def test_disk_full_is_a_clear_error_and_nothing_marked_complete(cluster: C
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+async def test_disk_full_mid_transfer_stops_cleanly_and_a_later_fetch_resumes(cluster: Cluster, workdir: Path) -> None:
+    """The space check passed, then something else filled the disk: a clear error, the daemon lives on,
+    nothing is marked complete, and once space is freed the next fetch resumes from the verified pieces."""
+    import subprocess
+
+    mnt = workdir / "small2"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"needs root to mount a small tmpfs: {r.stderr.decode().strip()}")
+    try:
+        src = make_file(workdir / "src" / "mid.bin", 96 * MiB)
+        seed = await cluster.start_node("seed", "--egress-limit", "16MB/s")
+        aid = await cluster.publish(seed, src, "mid:v1")
+        node = await cluster.start_node("small")
+        cluster.kill(node, signal.SIGTERM)  # move its data dir onto the small filesystem
+        small = mnt / "node"
+        small.mkdir()
+        node.args[node.args.index("--data-dir") + 1] = str(small)
+        node.data_dir = small
+        await cluster.restart(node)
+        results: list[subprocess.CompletedProcess[bytes]] = []
+        async with trio.open_nursery() as n:
+
+            async def fetch() -> None:
+                results.append(await cluster.cli(node, "fetch", "mid:v1"))
+
+            n.start_soon(fetch)
+
+            async def started() -> bool:
+                a = await node.artifact(aid)
+                return bool(a and a["pieces_done"] >= 2)
+
+            await wait_until(started, 30, 0.05, "transfer started")
+            filler = mnt / "filler"
+            with open(filler, "wb") as f:  # take every byte left: the next piece write hits ENOSPC
+                try:
+                    while True:
+                        f.write(b"\0" * MiB)
+                        f.flush()
+                except OSError:
+                    pass
+        res = results[0]
+        assert res.returncode != 0
+        assert b"disk full" in res.stderr and b"Traceback" not in res.stderr, res.stderr
+        assert node.proc.poll() is None, "the daemon must survive a full disk"
+        assert not list((small / "artifacts").glob("*.json"))  # nothing marked complete
+        filler.unlink()
+        path = await cluster.fetch(node, "mid:v1")
+        assert sha256_tree(path) == sha256_tree(src)
+        log = node.log_text()
+        assert "retrying the download that stopped" in log
+        assert "resuming with" in log  # the pieces verified before the disk filled were kept
+    finally:
+        cluster.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 async def test_tracker_restart_transfers_continue_and_nodes_reregister(cluster: Cluster, workdir: Path) -> None:
     from p2pd.tracker_client import TrackerClient
 
