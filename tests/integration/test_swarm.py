@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import trio
 
 from p2pd.demo import generate_model
-from tests.integration.harness import Cluster, fast_dir, sha256_tree, wait_until
+from tests.integration.harness import Cluster, Node, fast_dir, sha256_tree, wait_until
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -257,61 +259,56 @@ async def test_garbage_on_peer_port_closes_only_that_connection(cluster: Cluster
     assert seed.proc.poll() is None
 
 
-async def test_disk_full_is_a_clear_error_and_nothing_marked_complete(cluster: Cluster, workdir: Path) -> None:
-    import subprocess
-
+@contextlib.contextmanager
+def small_tmpfs(workdir: Path, cluster: Cluster) -> Iterator[Path]:
+    """A 160 MiB tmpfs (a disk that fills up), unmounted afterwards; skips the test without root."""
     mnt = workdir / "small"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"needs root to mount a small tmpfs: {r.stderr.decode().strip()}")
     try:
-        src = make_file(workdir / "src" / "big.bin", 96 * MiB)
-        seed = await cluster.start_node("seed")
-        await cluster.publish(seed, src, "big:v1")
-        filler = mnt / "filler"
-        make_file(filler, 100 * MiB)
-        small = mnt / "node"
-        node = await cluster.start_node("small")
-        # move the node's data dir onto the small filesystem: restart it there
-        cluster.kill(node, signal.SIGTERM)
-        node.args[node.args.index("--data-dir") + 1] = str(small)
-        node.data_dir = small
-        small.mkdir()
-        await cluster.restart(node)
-        res = await cluster.cli(node, "fetch", "big:v1")
-        assert res.returncode != 0
-        assert b"not enough disk space" in res.stderr and b"Traceback" not in res.stderr, res.stderr
-        assert not list((small / "artifacts").glob("*.json"))  # nothing marked complete
-        filler.unlink()
-        path = await cluster.fetch(node, "big:v1")
-        assert sha256_tree(path) == sha256_tree(src)
+        yield mnt
     finally:
         cluster.close()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+async def start_node_on(cluster: Cluster, name: str, data_dir: Path) -> Node:
+    """A node whose data dir is `data_dir` (started where the cluster puts it, then moved)."""
+    node = await cluster.start_node(name)
+    cluster.kill(node, signal.SIGTERM)
+    data_dir.mkdir()
+    node.args[node.args.index("--data-dir") + 1] = str(data_dir)
+    node.data_dir = data_dir
+    return await cluster.restart(node)
+
+
+async def test_disk_full_is_a_clear_error_and_nothing_marked_complete(cluster: Cluster, workdir: Path) -> None:
+    with small_tmpfs(workdir, cluster) as mnt:
+        src = make_file(workdir / "src" / "big.bin", 96 * MiB)
+        seed = await cluster.start_node("seed")
+        await cluster.publish(seed, src, "big:v1")
+        filler = mnt / "filler"
+        make_file(filler, 100 * MiB)
+        node = await start_node_on(cluster, "small", mnt / "node")
+        res = await cluster.cli(node, "fetch", "big:v1")
+        assert res.returncode != 0
+        assert b"not enough disk space" in res.stderr and b"Traceback" not in res.stderr, res.stderr
+        assert not list((node.data_dir / "artifacts").glob("*.json"))  # nothing marked complete
+        filler.unlink()
+        path = await cluster.fetch(node, "big:v1")
+        assert sha256_tree(path) == sha256_tree(src)
+
+
 async def test_disk_full_mid_transfer_stops_cleanly_and_a_later_fetch_resumes(cluster: Cluster, workdir: Path) -> None:
     """The space check passed, then something else filled the disk: a clear error, the daemon lives on,
     nothing is marked complete, and once space is freed the next fetch resumes from the verified pieces."""
-    import subprocess
-
-    mnt = workdir / "small2"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"needs root to mount a small tmpfs: {r.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(workdir, cluster) as mnt:
         src = make_file(workdir / "src" / "mid.bin", 96 * MiB)
         seed = await cluster.start_node("seed", "--egress-limit", "16MB/s")
         aid = await cluster.publish(seed, src, "mid:v1")
-        node = await cluster.start_node("small")
-        cluster.kill(node, signal.SIGTERM)  # move its data dir onto the small filesystem
-        small = mnt / "node"
-        small.mkdir()
-        node.args[node.args.index("--data-dir") + 1] = str(small)
-        node.data_dir = small
-        await cluster.restart(node)
+        node = await start_node_on(cluster, "small", mnt / "node")
         results: list[subprocess.CompletedProcess[bytes]] = []
         async with trio.open_nursery() as n:
 
@@ -337,16 +334,13 @@ async def test_disk_full_mid_transfer_stops_cleanly_and_a_later_fetch_resumes(cl
         assert res.returncode != 0
         assert b"disk full" in res.stderr and b"Traceback" not in res.stderr, res.stderr
         assert node.proc.poll() is None, "the daemon must survive a full disk"
-        assert not list((small / "artifacts").glob("*.json"))  # nothing marked complete
+        assert not list((node.data_dir / "artifacts").glob("*.json"))  # nothing marked complete
         filler.unlink()
         path = await cluster.fetch(node, "mid:v1")
         assert sha256_tree(path) == sha256_tree(src)
         log = node.log_text()
         assert "retrying the download that stopped" in log
         assert "resuming with" in log  # the pieces verified before the disk filled were kept
-    finally:
-        cluster.close()
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_tracker_restart_transfers_continue_and_nodes_reregister(cluster: Cluster, workdir: Path) -> None:
