@@ -27,7 +27,7 @@ from p2pd.protocol.ratelimit import Hierarchy
 from p2pd.storage import Catalog, Journal, PieceStore, Record, StorageError
 
 log = logging.getLogger(__name__)
-VERIFIERS = 2  # pieces hashed and written in parallel (xxhash and pwrite release the GIL)
+VERIFIERS = 2  # pieces verified at once (in parallel when written from threads: pwrite releases the GIL)
 INLINE_VERIFY_MAX_PIECE = 4 << 20  # pieces up to this size are hashed and written on the event loop...
 INLINE_VERIFY_SLOW = 0.004  # ...unless that took longer than this (a disk under writeback pressure)
 INLINE_VERIFY_BACKOFF = 2.0  # seconds spent verifying in threads after a slow inline write
@@ -161,6 +161,11 @@ class Swarm:
     def progress(self) -> float:
         return 1.0 if self.complete else self.pieces_done / max(1, self.n)
 
+    @property
+    def pieces_sent_again(self) -> int:
+        """Uploads of pieces this node had uploaded before (a seed's copies cost the whole swarm)."""
+        return self.pieces_sent - (self.n - self._unsent)
+
     def should_compress(self, i: int) -> bool:
         """Compress pieces of files that compress (configs, tokenizers, tarballs), not weights."""
         if not self.config.compress:
@@ -245,7 +250,7 @@ class Swarm:
             "uploaded": self.up.total, "downloaded": self.down.total,
             "path": str(self.record().path if self.complete else self.store.root),
             "resumed_pieces": self.resumed_pieces, "banned_peers": len(self.banned),
-            "pieces_sent": self.pieces_sent, "pieces_sent_again": self.pieces_sent - (self.n - self._unsent),
+            "pieces_sent": self.pieces_sent, "pieces_sent_again": self.pieces_sent_again,
             "pieces_deferred": self.pieces_deferred,
             "error": self.error,
         }
@@ -488,7 +493,8 @@ class Swarm:
                     self.connecting.add(nid)
                     nursery.start_soon(self.connect, nid, str(p["addr"][0]), int(p["addr"][1]))
             wait = backoff
-            backoff = min(5.0 if failed else PEER_LOOKUP_EVERY if self.conns else PEER_LOOKUP_ALONE, backoff * 2)
+            idle_cap = PEER_LOOKUP_EVERY if self.conns else PEER_LOOKUP_ALONE
+            backoff = min(5.0 if failed else idle_cap, backoff * 2)
             self._peer_wakeup = trio.Event()
             with trio.move_on_after(wait):
                 await self._peer_wakeup.wait()
@@ -536,7 +542,7 @@ class Swarm:
     async def leave(self, reason: str) -> None:
         if self.pieces_sent:
             log.info("%s: uploaded %d pieces (%d of them again), deferred %d requests", self.name,
-                     self.pieces_sent, self.pieces_sent - (self.n - self._unsent), self.pieces_deferred)
+                     self.pieces_sent, self.pieces_sent_again, self.pieces_deferred)
         async with trio.open_nursery() as nursery:
             for c in list(self.conns.values()):
                 nursery.start_soon(c.goodbye, reason)
