@@ -71,7 +71,7 @@ def run(
     label: list[str] = typer.Option([], "--label", help="KEY=VALUE node label, e.g. zone=eu-1a (repeatable)"),
     stall_timeout: float = typer.Option(1.0, "--stall-timeout",
                                        help="drop a peer silent this long (s) with requests pending"),
-    pipeline: int = typer.Option(4, "--pipeline", help="piece requests in flight per peer"),
+    pipeline: int = typer.Option(2, "--pipeline", help="piece requests in flight per peer"),
     max_peers: int = typer.Option(24, "--max-peers", help="connections per artifact"),
     compress: bool = typer.Option(True, "--compress/--no-compress", help="zstd for pieces that compress"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),

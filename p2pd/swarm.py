@@ -63,7 +63,7 @@ class RateMeter:
 
 
 class SwarmConfig:
-    def __init__(self, *, max_peers: int = 24, pipeline_depth: int = 4, stall_timeout: float = 1.0,
+    def __init__(self, *, max_peers: int = 24, pipeline_depth: int = 2, stall_timeout: float = 1.0,
                  compress: bool = True, seed_distinct: bool = True) -> None:
         self.max_peers = max_peers
         self.pipeline_depth = pipeline_depth
