@@ -305,9 +305,7 @@ class Daemon:
             await sw.stopped.wait()  # a write in a worker thread finishes before its files are closed
         if self.swarms.get(sw.artifact_id) is sw:
             del self.swarms[sw.artifact_id]
-        if sw.journal is not None:
-            sw.journal.close()
-        sw.store.close()
+        await sw.leave("download stopped")
         log.info("%s: retrying the download that stopped (%s)", sw.name, sw.error)
 
     async def _accept_loop(self, sock: trio.socket.SocketType) -> None:

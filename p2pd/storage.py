@@ -47,7 +47,7 @@ def filesystem_type(path: Path) -> str:
     """The type of the filesystem holding `path` (longest mount point in /proc/self/mounts), or ""."""
     try:
         with open("/proc/self/mounts") as f:
-            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+            mounts = [fields[1:3] for fields in map(str.split, f) if len(fields) >= 3]
     except OSError:
         return ""
     target = os.path.realpath(path)
@@ -207,15 +207,15 @@ class PieceStore:
             p.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
             self._fds[i] = fd
-            try:
-                if f.size and reserve:
+            if f.size and reserve:
+                try:
                     os.posix_fallocate(fd, 0, f.size)
                     continue
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise StorageError(f"disk full while preallocating {p}: free space and fetch again") from e
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        raise StorageError(f"disk full while preallocating {p}: free space and fetch again") from e
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
             os.ftruncate(fd, f.size)
 
     def fd(self, i: int) -> int:

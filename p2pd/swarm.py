@@ -412,8 +412,7 @@ class Swarm:
         try:
             await trio.to_thread.run_sync(finalize)
         except (OSError, StorageError) as e:
-            self.error = f"could not finalize download: {e}"
-            log.error("%s: %s", self.name, self.error)
+            self.fail(f"could not finalize download: {e}")  # stopped like any failed download, so a retry can start
             return
         self.complete = True
         self.journal = None

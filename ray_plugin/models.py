@@ -191,8 +191,7 @@ def load_mlp(model_dir: str, device: str = "auto") -> MLPPredictor:
 
 def warmup(device: str = "auto") -> None:
     """Pay the one-time costs (imports, CUDA context) while the model is still downloading."""
-    import numpy  # noqa: F401
-    import safetensors.numpy  # noqa: F401
+    import numpy  # noqa: F401  (the numpy path maps shards itself: no safetensors import needed)
 
     try:
         import torch

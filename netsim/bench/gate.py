@@ -43,11 +43,11 @@ def _exit_now(command: Callable[[], object]) -> None:
     """
     try:
         result = command()
-        rc = result if isinstance(result, int) else (0 if result is None else 1)
     except SystemExit as e:
-        if e.code is not None and not isinstance(e.code, int):
-            print(e.code, file=sys.stderr)
-        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        result = e.code
+        if result is not None and not isinstance(result, int):
+            print(result, file=sys.stderr)
+    rc = result if isinstance(result, int) else (0 if result is None else 1)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
