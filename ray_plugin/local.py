@@ -141,18 +141,19 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
 def _environ(**changes: str | None) -> Iterator[None]:
     old = {k: os.environ.get(k) for k in changes}
     try:
-        for k, v in changes.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _apply_environ(changes)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _apply_environ(old)
+
+
+def _apply_environ(values: dict[str, str | None]) -> None:
+    """Set each variable; None removes it."""
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _retry_start(start: Callable[[], Any], attempts: int = 3) -> Any:
