@@ -8,10 +8,13 @@ never overtake the handshake. Any protocol violation closes this connection only
 
 from __future__ import annotations
 
+import array
 import collections
+import fcntl
 import logging
 import os
 import socket
+import termios
 from typing import TYPE_CHECKING
 
 import trio
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 RECV_CHUNK = 256 * 1024
 SMALL_READ = 16 * 1024  # frame headers and control messages: never pull much piece payload through rbuf
 SEND_CHUNK = 256 * 1024
+PAYLOAD_LOWAT = 256 * 1024  # wake the reader of a piece once this much of it is queued (SO_RCVLOWAT)
 HANDSHAKE_TIMEOUT = 5.0
 KEEPALIVE_EVERY = 10.0
 IDLE_TIMEOUT = 45.0
@@ -44,6 +48,7 @@ class SockIO:
         self.rbuf = bytearray()
         self.last_recv = trio.current_time()
         self.bytes_in = 0
+        self._queued = 0  # bytes the kernel held unread at the watchdog's last look
 
     async def _fill(self, n: int) -> None:
         while len(self.rbuf) < n:
@@ -61,29 +66,66 @@ class SockIO:
         return out
 
     async def read_into(self, view: memoryview, limiter: Hierarchy | None) -> None:
-        """Fill `view` completely: buffered bytes first, then recv_into directly."""
+        """Fill `view` completely: buffered bytes first, then recv_into directly.
+
+        Without a receive low-water mark the kernel wakes the reader for every few packets of a
+        piece, and each wakeup (epoll, scheduler, a short recv) costs the CPU that a node serving
+        many peers on few cores runs out of. With SO_RCVLOWAT at the rest of the piece (at most
+        PAYLOAD_LOWAT) the reader wakes once per PAYLOAD_LOWAT bytes instead. The mark is lowered
+        as the piece completes (the kernel must never wait for bytes that are not coming) and reset
+        to 1 for the frame headers that follow; `queued_grew` keeps the stall watchdog from
+        mistaking a slow piece that is queueing up below the mark for a stalled peer.
+        """
         pos = min(len(self.rbuf), len(view))
         if pos:
             view[:pos] = self.rbuf[:pos]
             del self.rbuf[:pos]
-        while pos < len(view):
-            want = len(view) - pos
-            if limiter is not None:
-                want = min(RECV_CHUNK, want)
-                delay = limiter.reserve(want, trio.current_time())
-                if delay > 0:
-                    await trio.sleep(delay)
-            n = await self.sock.recv_into(view[pos : pos + want])
-            if not n:
-                raise PeerClosed("connection closed by peer mid-piece")
-            self.last_recv = trio.current_time()
-            self.bytes_in += n
-            pos += n
+        lowat = 1
+        try:
+            while pos < len(view):
+                want = len(view) - pos
+                if limiter is not None:
+                    want = min(limiter.chunk(RECV_CHUNK), want)
+                    delay = limiter.reserve(want, trio.current_time())
+                    if delay > 0:
+                        await trio.sleep(delay)
+                mark = min(want, PAYLOAD_LOWAT)
+                if mark != lowat:
+                    self.set_lowat(mark)
+                    lowat = mark
+                await trio.lowlevel.wait_readable(self.sock)  # not recv_into first: it would take a few packets
+                n = await self.sock.recv_into(view[pos : pos + want])
+                if not n:
+                    raise PeerClosed("connection closed by peer mid-piece")
+                self.last_recv = trio.current_time()
+                self.bytes_in += n
+                pos += n
+        finally:
+            if lowat != 1:
+                self.set_lowat(1)
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    def set_lowat(self, n: int) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+        self._queued = 0
+
+    def queued_grew(self) -> bool:
+        """True (and the receive clock reset) if bytes not yet read have arrived since the last call."""
+        buf = array.array("i", [0])
+        fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, buf)
+        if buf[0] > self._queued:
+            self._queued = buf[0]
+            self.last_recv = trio.current_time()
+            return True
+        return False
+
+    async def send_all(self, data: bytes | bytearray | memoryview, *, more: bool = False) -> None:
+        """Send everything; `more`: the caller sends the rest of this message next (MSG_MORE), so a
+        small header leaves in the same segment as the data behind it instead of costing the
+        receiver a wakeup of its own (TCP_NODELAY is on for the small control messages)."""
         view = memoryview(data)
+        flags = socket.MSG_MORE if more else 0
         while view:
-            n = await self.sock.send(view)
+            n = await self.sock.send(view, flags)
             view = view[n:]
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
@@ -183,11 +225,11 @@ class PeerConn:
             await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_ZSTD, len(payload)) + payload)
             sent = len(payload)
         else:
-            await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_RAW, length))
+            await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_RAW, length), more=True)
             sent = 0
             for fd, off, n in sw.store.spans(index):
                 while n:
-                    chunk = n if limiter is None else min(n, SEND_CHUNK)
+                    chunk = n if limiter is None else min(n, limiter.chunk(SEND_CHUNK))
                     await self._throttle(limiter, chunk)
                     await self.io.sendfile(fd, off, chunk)
                     off += chunk
@@ -299,6 +341,8 @@ class PeerConn:
         while True:
             await trio.sleep(0.2)
             idle = trio.current_time() - self.io.last_recv
+            if idle > sw.stall_timeout and self.io.queued_grew():
+                continue
             if self.outstanding and idle > sw.stall_timeout:
                 raise PeerClosed(f"stalled: no data for {idle:.1f} s with {len(self.outstanding)} requests pending")
             if idle > IDLE_TIMEOUT:

@@ -21,11 +21,9 @@ import msgspec
 
 MANIFEST_VERSION = 1
 DIGEST_SIZE = 16
-MIN_PIECE = 1 << 20
+MIN_PIECE = 256 << 10
 MAX_PIECE = 16 << 20
-TARGET_PIECES = 512  # pieces per artifact while pieces are at most PREFERRED_MAX_PIECE...
-PREFERRED_MAX_PIECE = 4 << 20
-MAX_PIECES = 2048  # ...then pieces grow (to MAX_PIECE) to keep the count at most this
+TARGET_PIECES = 2048  # pieces per artifact, until pieces reach MAX_PIECE
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -71,18 +69,19 @@ def num_pieces(total_size: int, piece_size: int) -> int:
 
 
 def choose_piece_size(total_size: int) -> int:
-    """Power of two in [1 MiB, 16 MiB]: about TARGET_PIECES pieces up to 4 MiB, at most MAX_PIECES beyond.
+    """Power of two in [256 KiB, 16 MiB]: about TARGET_PIECES pieces (at most that many below 16 MiB).
 
-    Per-piece work in Python (frame, request, verify call, journal, HAVE) is what large pieces save:
-    a 2 GiB artifact cut in 4 MiB instead of 1 MiB pieces costs the receiver half the user CPU and
-    arrives 10-15 % sooner on loopback. 512 pieces still spread a swarm well (rarest-first, endgame)
-    and keep bitfields small; 4 MiB bounds the memory of buffered pieces until an artifact is large
-    enough (> 8 GiB) that the count, not the size, has to give.
+    A piece is what a node can pass on, so piece size sets how fast new data fans out: a node
+    forwards a piece only once all of it arrived and verified, and in a swarm whose links are the
+    limit every hop of that delay ends up in the total. With 8 peers on 200 Mbit/s links, 512 MiB
+    cut in 2048 pieces of 256 KiB instead of 512 of 1 MiB ends 5 % sooner (1.08 against 1.14 times
+    the bound) and costs the seed fewer copies. Per-piece work in Python (frame, request, verify call,
+    journal, HAVE to every peer) is what large pieces save, so pieces grow with the artifact rather
+    than their count: 2048 is plenty to spread a swarm (rarest-first, endgame) and keeps bitfields
+    small (256 bytes).
     """
     size = MIN_PIECE
-    while size < PREFERRED_MAX_PIECE and size * TARGET_PIECES < total_size:
-        size *= 2
-    while size < MAX_PIECE and size * MAX_PIECES < total_size:
+    while size < MAX_PIECE and size * TARGET_PIECES < total_size:
         size *= 2
     return size
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import math
 
+PACE_SECONDS = 0.02  # a limited transfer reserves at most this much of its rate at once...
+MIN_CHUNK = 16 * 1024  # ...but never less than this (per-chunk overhead)
+
 
 class TokenBucket:
     def __init__(self, rate: float, burst: float | None = None, now: float = 0.0) -> None:
@@ -68,6 +71,22 @@ class Hierarchy:
     @property
     def unlimited(self) -> bool:
         return all(math.isinf(b.rate) for b in self.buckets)
+
+    @property
+    def rate(self) -> float:
+        """The slowest level's rate (math.inf when unlimited)."""
+        return min((b.rate for b in self.buckets), default=math.inf)
+
+    def chunk(self, largest: int) -> int:
+        """How many bytes to reserve and move at once: at most PACE_SECONDS of the slowest rate.
+
+        A transfer under a limit moves in bursts of one reservation with a wait in between, and the
+        other side takes a silence of more than a second for a stalled peer. Reserving a
+        large chunk under a slow limit (256 KiB at 200 kB/s: 1.3 s) would open such silences on
+        every connection; a few tens of milliseconds of the rate keep each connection's gaps short
+        even when a few dozen of them share one node limit.
+        """
+        return int(min(largest, max(MIN_CHUNK, self.rate * PACE_SECONDS)))
 
     def reserve(self, n: int, now: float) -> float:
         return max((b.reserve(n, now) for b in self.buckets), default=0.0)

@@ -76,14 +76,13 @@ async def test_kill9_resume_refetches_only_in_flight(cluster: Cluster, workdir: 
     seed = await cluster.start_node("seed", "--egress-limit", "40MB/s")
     leech = await cluster.start_node("leech", "--pipeline", "4")
     aid = await cluster.publish(seed, src, "weights:v1")
-    total = 256
 
     async with trio.open_nursery() as n:
         n.start_soon(cluster.cli, leech, "fetch", "weights:v1")
 
         async def progressed() -> int:
             a = await leech.artifact(aid)
-            return a["pieces_done"] if a and a["pieces_done"] >= total * 0.4 else 0
+            return a["pieces_done"] if a and a["pieces_done"] >= a["pieces_total"] * 0.4 else 0
 
         seen = await wait_until(progressed, 60, 0.05, "40% downloaded")
         cluster.kill(leech, signal.SIGKILL)
@@ -91,12 +90,13 @@ async def test_kill9_resume_refetches_only_in_flight(cluster: Cluster, workdir: 
     await cluster.restart(leech)
     a = await leech.artifact(aid)
     assert a is not None
+    total, piece = a["pieces_total"], a["size"] / a["pieces_total"]
     resumed = a["resumed_pieces"]
     in_flight_max = 4 + 8  # pipeline depth + verify queue: pieces received but not yet on disk
     assert resumed >= seen, f"journal lost verified pieces: resumed {resumed} < seen {seen}"
     path = await cluster.fetch(leech, "weights:v1")
     a = await leech.artifact(aid)
-    fetched_after = a["downloaded"] / MiB
+    fetched_after = a["downloaded"] / piece  # in pieces
     assert fetched_after <= total - resumed + in_flight_max, (fetched_after, resumed)
     assert sha256_tree(path) == sha256_tree(src)
     print(f"killed at >= {seen} pieces, resumed with {resumed}, fetched {fetched_after:.0f} more of {total}")
@@ -426,3 +426,22 @@ async def test_compressible_pieces_travel_zstd_and_arrive_identical(cluster: Clu
         assert a is not None and sha256_tree(Path(a["path"])) == want
         assert a["downloaded"] < a["size"] * 0.75, "compressible pieces should have travelled compressed"
         assert "internal error" not in p.log_text()
+
+
+@pytest.mark.parametrize("limited", ["--egress-limit on the seed", "--ingress-limit on the leecher"])
+async def test_slow_limit_is_not_taken_for_a_stall(cluster: Cluster, workdir: Path, limited: str) -> None:
+    """At 200 kB/s one 256 KiB piece takes longer than the stall timeout (1 s): the limited side must
+    move it in small paced chunks and the leecher must count bytes queued below its receive mark as
+    progress, so that the seed is not dropped as stalled again and again."""
+    src = make_file(workdir / "src" / "slow.bin", 1536 * 1024)
+    option = limited.split()[0]
+    seed = await cluster.start_node("seed", *([option, "200kB/s"] if "seed" in limited else []))
+    leech = await cluster.start_node("leech", *([option, "200kB/s"] if "leecher" in limited else []))
+    await cluster.publish(seed, src, "slow:v1")
+    start = time.monotonic()
+    path = await cluster.fetch(leech, "slow:v1", timeout=60)
+    took = time.monotonic() - start
+    assert sha256_tree(path) == sha256_tree(src)
+    assert "stalled" not in leech.log_text(), leech.log_text()[-2000:]
+    assert took < 1536 * 1024 / 200e3 * 1.5 + 3, took
+    print(f"1.5 MiB at 200 kB/s ({limited}) in {took:.1f} s")

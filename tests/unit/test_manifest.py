@@ -320,9 +320,9 @@ def test_decode_rejects_trailing_bytes() -> None:
         (1, mf.MIN_PIECE),
         (mf.MIN_PIECE * mf.TARGET_PIECES, mf.MIN_PIECE),
         (mf.MIN_PIECE * mf.TARGET_PIECES + 1, 2 * mf.MIN_PIECE),
-        (512 << 20, 1 << 20),  # the emulated benchmarks' payload: 512 pieces of 1 MiB
-        (2 << 30, 4 << 20),
-        (8 << 30, 4 << 20),  # 2048 pieces of the preferred maximum
+        (512 << 20, 256 << 10),  # the emulated benchmarks' payload: 2048 pieces of 256 KiB
+        (2 << 30, 1 << 20),
+        (8 << 30, 4 << 20),
         ((8 << 30) + 1, 8 << 20),
         (32 << 30, mf.MAX_PIECE),
         (1 << 50, mf.MAX_PIECE),
@@ -338,14 +338,10 @@ def test_choose_piece_size_bounds(total: int) -> None:
     ps = mf.choose_piece_size(total)
     assert mf.MIN_PIECE <= ps <= mf.MAX_PIECE
     assert ps & (ps - 1) == 0
-    if ps < mf.PREFERRED_MAX_PIECE:
-        assert mf.num_pieces(total, ps) <= mf.TARGET_PIECES
     if ps < mf.MAX_PIECE:
-        assert mf.num_pieces(total, ps) <= mf.MAX_PIECES
-    if ps > mf.PREFERRED_MAX_PIECE:
-        assert mf.num_pieces(total, ps // 2) > mf.MAX_PIECES
-    elif ps > mf.MIN_PIECE:
-        assert mf.num_pieces(total, ps // 2) > mf.TARGET_PIECES
+        assert mf.num_pieces(total, ps) <= mf.TARGET_PIECES
+    if ps > mf.MIN_PIECE:
+        assert mf.num_pieces(total, ps // 2) > mf.TARGET_PIECES  # the smallest size that fits the target
 
 
 # ------------------------------------------------------------------------------------------ layout

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pd.peer import SEND_CHUNK, PeerConn
+from p2pd.protocol import ratelimit
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, parse_rate, parse_size, unlimited
 from tests.unit._util import FAST
 
@@ -155,6 +156,23 @@ def test_hierarchy_unlimited() -> None:
     assert not h.unlimited
     cap.set_rate(math.inf)
     assert h.unlimited
+
+
+@given(st.floats(min_value=1e3, max_value=1e11), st.floats(min_value=1e3, max_value=1e11))
+def test_chunk_is_a_short_slice_of_the_slowest_rate(a: float, b: float) -> None:
+    """Under a limit a connection moves at most PACE_SECONDS of the rate at once: short, steady gaps
+    instead of silences the other side would take for a stall (256 KiB at 200 kB/s: 1.3 s)."""
+    h = Hierarchy(TokenBucket(a), TokenBucket(b), unlimited())
+    c = h.chunk(SEND_CHUNK)
+    assert h.rate == min(a, b)
+    assert ratelimit.MIN_CHUNK <= c <= SEND_CHUNK
+    assert c == SEND_CHUNK or c == ratelimit.MIN_CHUNK or abs(c - min(a, b) * ratelimit.PACE_SECONDS) < 1
+    assert Hierarchy(TokenBucket(200e3)).chunk(SEND_CHUNK) / 200e3 <= 0.1
+
+
+def test_chunk_unlimited_is_the_largest() -> None:
+    assert Hierarchy(unlimited()).chunk(SEND_CHUNK) == SEND_CHUNK
+    assert Hierarchy().chunk(SEND_CHUNK) == SEND_CHUNK
 
 
 def test_hierarchy_empty_and_refund() -> None:

@@ -163,3 +163,32 @@ async def test_pieces_are_verified_inline_until_a_write_is_slow(tmp_path: Path,
     assert sw.store.read_piece(1) == src.read_piece(1)
     src.close()
     sw.store.close()
+
+
+async def test_a_write_slow_only_for_want_of_cpu_stays_inline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preemption (many daemons on few cores) must not move verification to threads, which cost more CPU."""
+    sw = make_swarm(tmp_path, complete=False)
+    src = PieceStore(sw.manifest, tmp_path / "src", writable=False)
+    thread_calls: list[int] = []
+    real_run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(fn: Any, *args: Any, **kw: Any) -> Any:
+        thread_calls.append(args[0])
+        return await real_run_sync(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    real_write = sw.store.write_piece
+
+    def busy_write(i: int, data: Any) -> None:
+        end = time.monotonic() + swarm.INLINE_VERIFY_SLOW * 3
+        while time.monotonic() < end:  # slow, but never sleeping in the kernel
+            pass
+        real_write(i, data)
+
+    monkeypatch.setattr(sw.store, "write_piece", busy_write)
+    for i in range(3):
+        assert await sw._verify_and_write_soon(i, src.read_piece(i))
+    assert thread_calls == []
+    assert sw.store.read_piece(2) == src.read_piece(2)
+    src.close()
+    sw.store.close()

@@ -1,0 +1,82 @@
+"""SockIO's piece reads with a receive low-water mark, over real TCP on loopback.
+
+The mark (SO_RCVLOWAT) makes the kernel hold back readiness until enough of a piece is queued; the
+ways that goes wrong are hangs: a mark left above the bytes still coming, or a slow piece taken
+for a stalled peer. Each test bounds its waits so such a bug fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from p2pd.peer import PAYLOAD_LOWAT, SockIO
+
+
+@pytest.fixture
+async def tcp_pair() -> AsyncIterator[tuple[SockIO, trio.socket.SocketType]]:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = trio.socket.socket()
+    await client.connect(listener.getsockname())
+    server, _ = await listener.accept()
+    listener.close()
+    try:
+        yield SockIO(server), client
+    finally:
+        server.close()
+        client.close()
+
+
+async def send_slowly(sock: trio.socket.SocketType, data: bytes, chunk: int, pause: float) -> None:
+    for off in range(0, len(data), chunk):
+        await sock.send(data[off : off + chunk])
+        await trio.sleep(pause)
+
+
+async def test_a_piece_trickling_in_below_the_mark_is_read_whole(
+        tcp_pair: tuple[SockIO, trio.socket.SocketType]) -> None:
+    io, peer = tcp_pair
+    piece = os.urandom(PAYLOAD_LOWAT + 100_000)  # the last part is smaller than the mark
+    buf = bytearray(len(piece))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(send_slowly, peer, piece, 30_000, 0.01)
+            await io.read_into(memoryview(buf), None)
+    assert buf == piece
+    assert io.bytes_in == len(piece)
+
+
+async def test_after_a_piece_small_frames_are_read_at_once(tcp_pair: tuple[SockIO, trio.socket.SocketType]) -> None:
+    """The mark is back at 1 byte: a 5-byte frame header must not wait for more data behind it."""
+    io, peer = tcp_pair
+    piece = os.urandom(3 * PAYLOAD_LOWAT)
+    await peer.send(piece)
+    buf = bytearray(len(piece))
+    with trio.fail_after(5):
+        await io.read_into(memoryview(buf), None)
+    assert io.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    await peer.send(b"hello")
+    with trio.fail_after(2):
+        assert await io.read_exactly(5) == b"hello"
+
+
+async def test_bytes_queued_below_the_mark_count_as_progress(tcp_pair: tuple[SockIO, trio.socket.SocketType]) -> None:
+    io, peer = tcp_pair
+    io.set_lowat(PAYLOAD_LOWAT)
+    assert not io.queued_grew()
+    await peer.send(b"x" * 1000)
+    with trio.fail_after(2):
+        while not io.queued_grew():
+            await trio.sleep(0.01)
+    assert not io.queued_grew()  # nothing new since
+    await peer.send(b"y" * 1000)
+    with trio.fail_after(2):
+        while not io.queued_grew():
+            await trio.sleep(0.01)
+    io.set_lowat(1)
