@@ -133,18 +133,24 @@ async def test_first_lookups_come_quickly_then_back_off(tmp_path: Path, autojump
 
 
 # --------------------------------------------------------------------------------------------- verification
-async def test_pieces_are_verified_inline_until_a_write_is_slow(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    sw = make_swarm(tmp_path, complete=False)
-    src = PieceStore(sw.manifest, tmp_path / "src", writable=False)
-    thread_calls: list[int] = []
+@pytest.fixture
+def thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pieces handed to a worker thread (trio.to_thread.run_sync's first argument after the function)."""
+    calls: list[int] = []
     real_run_sync = trio.to_thread.run_sync
 
     async def counting_run_sync(fn: Any, *args: Any, **kw: Any) -> Any:
-        thread_calls.append(args[0])
+        calls.append(args[0])
         return await real_run_sync(fn, *args, **kw)
 
     monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    return calls
+
+
+async def test_pieces_are_verified_inline_until_a_write_is_slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               thread_calls: list[int]) -> None:
+    sw = make_swarm(tmp_path, complete=False)
+    src = PieceStore(sw.manifest, tmp_path / "src", writable=False)
     assert await sw._verify_and_write_soon(0, src.read_piece(0))
     assert thread_calls == []  # fast page-cache write: done on the event loop
     real_write = sw.store.write_piece
@@ -165,18 +171,11 @@ async def test_pieces_are_verified_inline_until_a_write_is_slow(tmp_path: Path,
     sw.store.close()
 
 
-async def test_a_write_slow_only_for_want_of_cpu_stays_inline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_write_slow_only_for_want_of_cpu_stays_inline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              thread_calls: list[int]) -> None:
     """Preemption (many daemons on few cores) must not move verification to threads, which cost more CPU."""
     sw = make_swarm(tmp_path, complete=False)
     src = PieceStore(sw.manifest, tmp_path / "src", writable=False)
-    thread_calls: list[int] = []
-    real_run_sync = trio.to_thread.run_sync
-
-    async def counting_run_sync(fn: Any, *args: Any, **kw: Any) -> Any:
-        thread_calls.append(args[0])
-        return await real_run_sync(fn, *args, **kw)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
     real_write = sw.store.write_piece
 
     def busy_write(i: int, data: Any) -> None:
