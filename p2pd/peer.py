@@ -36,6 +36,14 @@ KEEPALIVE_EVERY = 10.0
 IDLE_TIMEOUT = 45.0
 
 
+async def throttle(limiter: Hierarchy | None, n: int) -> None:
+    """Reserve `n` bytes of the limit, then wait out the debt (both directions, every limited transfer)."""
+    if limiter is not None:
+        delay = limiter.reserve(n, trio.current_time())
+        if delay > 0:
+            await trio.sleep(delay)
+
+
 class PeerClosed(Exception):
     """The connection ended (remote closed, stalled, protocol error, banned): the reason is the text."""
 
@@ -86,9 +94,7 @@ class SockIO:
                 want = len(view) - pos
                 if limiter is not None:
                     want = min(limiter.chunk(RECV_CHUNK), want)
-                    delay = limiter.reserve(want, trio.current_time())
-                    if delay > 0:
-                        await trio.sleep(delay)
+                    await throttle(limiter, want)
                 mark = min(want, PAYLOAD_LOWAT)
                 if mark != lowat:
                     self.set_lowat(mark)
@@ -221,7 +227,7 @@ class PeerConn:
                 payload = packed
         limiter = sw.egress
         if payload is not None:
-            await self._throttle(limiter, len(payload))
+            await throttle(limiter, len(payload))
             await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_ZSTD, len(payload)) + payload)
             sent = len(payload)
         else:
@@ -230,7 +236,7 @@ class PeerConn:
             for fd, off, n in sw.store.spans(index):
                 while n:
                     chunk = n if limiter is None else min(n, limiter.chunk(SEND_CHUNK))
-                    await self._throttle(limiter, chunk)
+                    await throttle(limiter, chunk)
                     await self.io.sendfile(fd, off, chunk)
                     off += chunk
                     n -= chunk
@@ -240,13 +246,6 @@ class PeerConn:
             sw.note_upload(sent)
         self.bytes_up += sent
         self.last_send = trio.current_time()
-
-    @staticmethod
-    async def _throttle(limiter: Hierarchy | None, n: int) -> None:
-        if limiter is not None:
-            delay = limiter.reserve(n, trio.current_time())
-            if delay > 0:
-                await trio.sleep(delay)
 
     # -- incoming ----------------------------------------------------------------------------------
     async def _reader(self) -> None:

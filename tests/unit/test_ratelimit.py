@@ -11,7 +11,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pd.peer import SEND_CHUNK, PeerConn
+from p2pd.peer import SEND_CHUNK, throttle
 from p2pd.protocol import ratelimit
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, parse_rate, parse_size, unlimited
 from tests.unit._util import FAST
@@ -234,7 +234,7 @@ def test_unlimited() -> None:
 # ------------------------------------------------------------------------------------------ with trio's mock clock
 # pytest-trio's `autojump_clock` fixture is trio.testing.MockClock(autojump_threshold=0): sleeps take no real time.
 async def test_throttled_senders_under_mock_clock(autojump_clock: trio.testing.MockClock) -> None:
-    """The daemon's pattern (PeerConn._throttle: reserve, then sleep) measured on simulated time."""
+    """The daemon's pattern (throttle: reserve, then sleep) measured on simulated time."""
     node = TokenBucket(50 * MB, now=trio.current_time())
     slow_peer = TokenBucket(5 * MB, now=trio.current_time())
     sent = {"fast": 0, "slow": 0}
@@ -242,7 +242,7 @@ async def test_throttled_senders_under_mock_clock(autojump_clock: trio.testing.M
 
     async def sender(name: str, limiter: Hierarchy) -> None:
         while trio.current_time() < duration:
-            await PeerConn._throttle(limiter, SEND_CHUNK)
+            await throttle(limiter, SEND_CHUNK)
             await trio.sleep(0)  # the send itself takes no simulated time
             sent[name] += SEND_CHUNK
 
@@ -266,7 +266,7 @@ async def test_rate_change_under_mock_clock(autojump_clock: trio.testing.MockClo
     async def sender() -> None:
         nonlocal sent
         while trio.current_time() < 20.0:
-            await PeerConn._throttle(limiter, SEND_CHUNK)
+            await throttle(limiter, SEND_CHUNK)
             sent += SEND_CHUNK
             marks.append((trio.current_time(), sent))
 
@@ -285,8 +285,8 @@ async def test_rate_change_under_mock_clock(autojump_clock: trio.testing.MockClo
 
 async def test_throttle_without_limiter_does_not_sleep(autojump_clock: trio.testing.MockClock) -> None:
     t = trio.current_time()
-    await PeerConn._throttle(None, 1 << 30)
-    await PeerConn._throttle(Hierarchy(unlimited(t)), 1 << 30)
+    await throttle(None, 1 << 30)
+    await throttle(Hierarchy(unlimited(t)), 1 << 30)
     assert trio.current_time() == t
 
 
