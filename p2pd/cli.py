@@ -18,6 +18,7 @@ from typing import Any
 import trio
 import typer
 
+from p2pd.config import DaemonConfig, SwarmConfig
 from p2pd.paths import default_data_dir, socket_path
 from p2pd.rpc import RpcError, connect_unix, parse_hostport
 from p2pd.trio_util import leaf_exceptions
@@ -63,25 +64,26 @@ def run_client(fn: Any, *args: Any) -> Any:
 @app.command()
 def run(
     tracker: str = typer.Option(..., "--tracker", help="tracker HOST:PORT; several separated by commas (failover)"),
-    listen: str = typer.Option("0.0.0.0:7700", "--listen", help="HOST:PORT to serve peers on"),
+    listen: str = typer.Option("{}:{}".format(*DaemonConfig.listen), "--listen", help="HOST:PORT to serve peers on"),
     data_dir: Path = typer.Option(None, "--data-dir", help="where artifacts, journals and the control socket live"),
     egress_limit: str = typer.Option(None, "--egress-limit", help="upload cap, e.g. 50MB/s or 400Mbit/s"),
     ingress_limit: str = typer.Option(None, "--ingress-limit", help="download cap, e.g. 50MB/s or 400Mbit/s"),
     advertise: str = typer.Option(None, "--advertise", help="address peers should dial (default: listen host)"),
     label: list[str] = typer.Option([], "--label", help="KEY=VALUE node label, e.g. zone=eu-1a (repeatable)"),
-    stall_timeout: float = typer.Option(1.0, "--stall-timeout",
+    stall_timeout: float = typer.Option(SwarmConfig.stall_timeout, "--stall-timeout",
                                        help="drop a peer silent this long (s) with requests pending"),
-    pipeline: int = typer.Option(2, "--pipeline", help="piece requests in flight per peer"),
-    max_peers: int = typer.Option(24, "--max-peers", help="connections per artifact"),
-    compress: bool = typer.Option(True, "--compress/--no-compress", help="zstd for pieces that compress"),
+    pipeline: int = typer.Option(SwarmConfig.pipeline_depth, "--pipeline", help="piece requests in flight per peer"),
+    max_peers: int = typer.Option(SwarmConfig.max_peers, "--max-peers", help="connections per artifact"),
+    compress: bool = typer.Option(SwarmConfig.compress, "--compress/--no-compress",
+                                  help="zstd for pieces that compress"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
-    tracker_wait: float = typer.Option(30.0, "--tracker-wait", help="seconds to wait for a tracker at start"),
+    tracker_wait: float = typer.Option(DaemonConfig.tracker_wait, "--tracker-wait",
+                                       help="seconds to wait for a tracker at start"),
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
-    from p2pd.daemon import Daemon, DaemonConfig
+    from p2pd.daemon import Daemon
     from p2pd.protocol.ratelimit import parse_rate
     from p2pd.storage import StorageError
-    from p2pd.swarm import SwarmConfig
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

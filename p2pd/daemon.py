@@ -6,47 +6,33 @@ leads to a graceful exit: goodbye to the tracker and to every peer, journals alr
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import math
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from p2pd import __version__, paths
-from p2pd.peer import SockIO, read_handshake, tune_socket
+from p2pd import __version__, connections, paths
+from p2pd.config import DaemonConfig
+from p2pd.connections import TcpConnector
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import wire
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, unlimited
+from p2pd.protocol.session import PeerClosed
 from p2pd.rpc import Emit, RpcError, serve_listeners
 from p2pd.storage import Catalog, PieceStore, Record, StorageError, build_manifest, materialize
-from p2pd.swarm import Swarm, SwarmConfig
+from p2pd.swarm import Swarm
 from p2pd.tracker_client import TrackerClient
 from p2pd.trio_util import collapse_single
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 0.5
-
-
-@dataclass
-class DaemonConfig:
-    trackers: list[tuple[str, int]]
-    listen: tuple[str, int]
-    data_dir: Path
-    egress_limit: float | None = None
-    ingress_limit: float | None = None
-    advertise: str | None = None
-    labels: dict[str, str] = field(default_factory=dict)
-    swarm: SwarmConfig = field(default_factory=SwarmConfig)
-    socket_path: Path | None = None
-    tracker_wait: float = 30.0
 
 
 class Daemon:
@@ -64,6 +50,9 @@ class Daemon:
         self.egress: Hierarchy | None = None
         self.ingress: Hierarchy | None = None
         self._lock_fd = -1
+        swarm_cfg = config.swarm
+        self.connector = TcpConnector(self.node_id, connect_timeout=swarm_cfg.connect_timeout,
+                                      handshake_timeout=swarm_cfg.handshake_timeout)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -78,7 +67,7 @@ class Daemon:
         self.policy_ingress = unlimited(now)
         self.egress = Hierarchy(TokenBucket(self.config.egress_limit or math.inf, now=now), self.policy_egress)
         self.ingress = Hierarchy(TokenBucket(self.config.ingress_limit or math.inf, now=now), self.policy_ingress)
-        peer_sock = await self._bind_peer_listener()
+        peer_listeners = await self._bind_peer_listener()
         host = self.config.advertise or self.config.listen[0]
         if host in ("", "0.0.0.0", "::"):
             host = "0.0.0.0"  # the tracker fills in the address it sees us at
@@ -88,7 +77,8 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await self._load_catalog(nursery)
-                nursery.start_soon(self._accept_loop, peer_sock)
+                # trio.serve_listeners backs off on EMFILE and friends instead of failing
+                nursery.start_soon(trio.serve_listeners, self._serve_incoming, peer_listeners)
                 await nursery.start(self._heartbeats)
                 nursery.start_soon(self._restore_names_after_tracker_restart)
                 api_listener = self._bind_api()
@@ -109,7 +99,8 @@ class Daemon:
                         for sw in list(self.swarms.values()):
                             n2.start_soon(sw.leave, "node shutting down")
                 nursery.cancel_scope.cancel()
-        peer_sock.close()
+        for listener in peer_listeners:
+            await listener.aclose()
 
     def _take_lock(self) -> None:
         self._lock_fd = os.open(self.config.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -118,7 +109,7 @@ class Daemon:
         except OSError as e:
             raise StorageError(f"another p2pd is already running with data dir {self.config.data_dir}") from e
 
-    async def _bind_peer_listener(self) -> trio.socket.SocketType:
+    async def _bind_peer_listener(self) -> list[trio.SocketListener]:
         host, port = self.config.listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = trio.socket.socket(family, socket.SOCK_STREAM)
@@ -128,9 +119,9 @@ class Daemon:
         except OSError as e:
             sock.close()
             raise StorageError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --listen") from e
-        sock.listen(512)
+        sock.listen(self.config.listen_backlog)
         self.listen_port = sock.getsockname()[1]
-        return sock
+        return [trio.SocketListener(sock)]
 
     def _bind_api(self) -> trio.SocketListener:
         path = self.socket_path
@@ -210,11 +201,11 @@ class Daemon:
     def _new_swarm(self, aid: str, name: str, m: mf.Manifest, store: PieceStore, have: int, **kw: Any) -> Swarm:
         return Swarm(node_id=self.node_id, artifact_id=aid, name=name, manifest=m, store=store, have=have,
                      catalog=self.catalog, config=self.config.swarm, egress=self.egress, ingress=self.ingress,
-                     find_peers=self._find_peers, on_complete=self._on_complete, **kw)
+                     connector=self.connector, find_peers=self._find_peers, on_complete=self._on_complete, **kw)
 
     async def _find_peers(self, aid: str) -> list[dict[str, Any]]:
         assert self.tracker is not None
-        return await self.tracker.peers(aid, max=50)
+        return await self.tracker.peers(aid, max=self.config.swarm.peers_per_lookup)
 
     def _on_complete(self, sw: Swarm) -> None:
         assert self._nursery is not None
@@ -277,8 +268,6 @@ class Daemon:
         self.swarms[aid] = sw
         self._nursery.start_soon(self._announce)  # others fetching it now find us at their next lookup
         await self._nursery.start(sw.run)
-        if sw.complete:  # every piece was already there (crash right before finalizing)
-            await sw._finish()
         return sw
 
     async def _get_or_start(self, aid: str, name: str, m: mf.Manifest) -> Swarm:
@@ -308,39 +297,27 @@ class Daemon:
         await sw.leave("download stopped")
         log.info("%s: retrying the download that stopped (%s)", sw.name, sw.error)
 
-    async def _accept_loop(self, sock: trio.socket.SocketType) -> None:
-        assert self._nursery is not None
-        while True:
-            try:
-                conn, addr = await sock.accept()
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed (%s): backing off", e)
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            self._nursery.start_soon(self._serve_incoming, conn, f"{addr[0]}:{addr[1]}")
-
-    async def _serve_incoming(self, sock: trio.socket.SocketType, addr: str) -> None:
+    async def _serve_incoming(self, stream: trio.SocketStream) -> None:
+        """One accepted connection: handshake, then the swarm of the artifact it names runs it."""
         try:
-            tune_socket(sock)
-            io = SockIO(sock)
-            hs = await read_handshake(io)
-            if not mf.ID_RE.match(hs.artifact_id) or len(hs.node_id) != 32:
-                raise wire.ProtocolError("malformed ids in handshake")
-            sw = self.swarms.get(hs.artifact_id)
-            if sw is None:
-                await io.send_all(wire.encode(wire.Goodbye("unknown artifact")))
-                sock.close()
+            peer = stream.socket.getpeername()
+            addr = f"{peer[0]}:{peer[1]}"
+        except OSError:
+            addr = "unknown"
+        async with stream:
+            try:
+                conn = await connections.accept(stream, addr, self.node_id,
+                                                handshake_timeout=self.config.swarm.handshake_timeout,
+                                                serves=self.swarms.__contains__)
+            except PeerClosed as e:  # it named an artifact we do not serve (it was told so)
+                log.debug("incoming connection from %s closed: %s", addr, e)
                 return
-        except (OSError, trio.TooSlowError, wire.ProtocolError) as e:
-            log.info("incoming connection from %s dropped: %s", addr, e)
-            sock.close()
-            return
-        except BaseException:
-            sock.close()
-            raise
-        await sw.accept(io, hs, addr)
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError, wire.ProtocolError) as e:
+                log.info("incoming connection from %s dropped: %s", addr, e)
+                return
+            sw = self.swarms.get(conn.artifact_id)
+            if sw is not None:
+                await sw.serve(conn)
 
     # -- control API ----------------------------------------------------------------------------------
     def _handlers(self) -> dict[str, Any]:

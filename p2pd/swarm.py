@@ -1,8 +1,10 @@
 """One artifact's swarm on this node: its peer connections, the download loop and seeding.
 
-The swarm owns the picker (what to ask whom), the piece store and the journal. Connections report
-events (bitfield, have, piece, reject, close) and the swarm answers by queueing requests, so all
-scheduling decisions live in one place and connections stay dumb pipes.
+The swarm owns the picker (what to ask whom, and the record of requests in flight), the seed policy,
+the piece store and the journal. Each connection's session reports events (bitfield, have, request,
+reject, defer, piece, close) and the swarm answers through the sessions, so every scheduling
+decision lives in one place. Connections come from a `Connector` (dialled) or from the daemon's
+listener (accepted) as handshaken streams; the swarm never sees a socket.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from typing import Any
 import trio
 import zstandard
 
-from p2pd.peer import PeerClosed, PeerConn, SockIO, read_handshake, tune_socket
+from p2pd.config import SwarmConfig
+from p2pd.connections import ConnectError, Connection, Connector, TcpConnector
+from p2pd.errors import CloseReason
+from p2pd.peer import PeerConn
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
-from p2pd.protocol import wire
+from p2pd.protocol import session as ps
 from p2pd.protocol.picker import Picker
 from p2pd.protocol.ratelimit import Hierarchy
+from p2pd.protocol.seeding import DistinctFirstSeeding
 from p2pd.storage import Catalog, Journal, PieceStore, Record, StorageError
 
 log = logging.getLogger(__name__)
@@ -32,11 +38,6 @@ VERIFIERS = 2  # pieces verified at once (in parallel when written from threads:
 INLINE_VERIFY_MAX_PIECE = 4 << 20  # pieces up to this size are hashed and written on the event loop...
 INLINE_VERIFY_SLOW = 0.004  # ...unless that took longer than this (a disk under writeback pressure)
 INLINE_VERIFY_BACKOFF = 2.0  # seconds spent verifying in threads after a slow inline write
-SERVE_TAIL = 16  # a complete node always serves a peer missing at most this many pieces
-PEER_LOOKUP_FIRST = 0.25  # seconds between the first two tracker lookups of a download (then doubling)...
-PEER_LOOKUP_EVERY = 2.0  # ...up to this while connected to someone
-PEER_LOOKUP_ALONE = 0.5  # ...or this while connected to no one
-DEFER_RETRY = 0.5  # seconds before asking a peer again for pieces it deferred
 VERIFY_QUEUE = 8  # received pieces waiting for a verifier, bounding memory to this many pieces
 BUFFER_POOL_BYTES = 32 << 20  # idle piece buffers kept for reuse (a verifier queue's worth plus in-flight reads)
 
@@ -68,16 +69,6 @@ class RateMeter:
         return sum(n for _, n in self.samples) / self.window
 
 
-class SwarmConfig:
-    def __init__(self, *, max_peers: int = 24, pipeline_depth: int = 2, stall_timeout: float = 1.0,
-                 compress: bool = True, seed_distinct: bool = True) -> None:
-        self.max_peers = max_peers
-        self.pipeline_depth = pipeline_depth
-        self.stall_timeout = stall_timeout
-        self.compress = compress
-        self.seed_distinct = seed_distinct
-
-
 class Swarm:
     def __init__(
         self,
@@ -92,6 +83,7 @@ class Swarm:
         config: SwarmConfig,
         egress: Hierarchy | None,
         ingress: Hierarchy | None,
+        connector: Connector | None = None,
         journal: Journal | None = None,
         find_peers: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None,
         on_complete: Callable[[Swarm], None] | None = None,
@@ -104,17 +96,22 @@ class Swarm:
         self.store = store
         self.catalog = catalog
         self.config = config
-        self.stall_timeout = config.stall_timeout
         self._egress = egress
         self._ingress = ingress
+        self.connector: Connector = connector or TcpConnector(
+            node_id, connect_timeout=config.connect_timeout, handshake_timeout=config.handshake_timeout)
         self.journal = journal
         self.find_peers = find_peers
         self.on_complete = on_complete
         self.n = manifest.num_pieces
         self.have_mask = have
         self._full = bits.full(self.n)
-        self.complete = have == self._full
-        self.picker: Picker | None = None if self.complete else Picker(self.n, bits.indices(have))
+        # complete = in the cache; a staged download whose pieces are all verified still has to be finalized
+        self.complete = have == self._full and journal is None
+        self.downloading = not self.complete  # until finalized or failed
+        # The picker stays after completion: it remembers the requests we cancelled, whose pieces may still arrive.
+        self.picker = Picker(self.n, bits.indices(have))
+        self.seeding = DistinctFirstSeeding(self.n, enabled=config.seed_distinct, serve_tail=config.serve_tail)
         self.done = trio.Event()
         if self.complete:
             self.done.set()
@@ -127,17 +124,13 @@ class Swarm:
         self.resumed_pieces = resumed_pieces
         self.error: str | None = None
         self._compressible: dict[int, bool] = {}
-        self._sent = bytearray(self.n)  # uploads per piece (saturating), for the seed's distinct-first policy
-        self._unsent = self.n
-        self.pieces_sent = 0  # uploads of pieces, counting repeats
-        self.pieces_deferred = 0  # requests answered with DEFER (seed policy)
         self._buffers: list[bytearray] = []
         self._threaded_verify_until = 0.0
-        self._nursery: trio.Nursery | None = None
         self._scope = trio.CancelScope()
         self.stopped = trio.Event()  # run() has returned: no task of this swarm touches its files any more
         self._peer_wakeup = trio.Event()
-        self._verify_in, self._verify_out = trio.open_memory_channel[tuple[PeerConn, int, bytearray]](VERIFY_QUEUE)
+        self._verify_in, self._verify_out = trio.open_memory_channel[tuple[PeerConn, int, bytearray | bytes]](
+            VERIFY_QUEUE)
 
     # -- queries -------------------------------------------------------------------------------------
     @property
@@ -167,11 +160,6 @@ class Swarm:
     def progress(self) -> float:
         return 1.0 if self.complete else self.pieces_done / max(1, self.n)
 
-    @property
-    def pieces_sent_again(self) -> int:
-        """Uploads of pieces this node had uploaded before (a seed's copies cost the whole swarm)."""
-        return self.pieces_sent - (self.n - self._unsent)
-
     def should_compress(self, i: int) -> bool:
         """Compress pieces of files that compress (configs, tokenizers, tarballs), not weights."""
         if not self.config.compress:
@@ -182,51 +170,20 @@ class Swarm:
         fi, off, n = spans[0]
         if fi not in self._compressible:
             sample = os.pread(self.store.fd(fi), min(n, 65536), off)  # a sample, not the whole piece
-            self._compressible[fi] = len(zstandard.ZstdCompressor(level=1).compress(sample)) < 0.8 * len(sample)
+            packed = zstandard.ZstdCompressor(level=1).compress(sample)
+            self._compressible[fi] = len(packed) < self.config.compressible_ratio * len(sample)
         return self._compressible[fi]
 
-    def should_defer(self, requester: PeerConn, i: int) -> bool:
-        """Seed policy: upload what nobody else can, send everything else to the peers that have it.
-
-        Duplicate uploads from the seed are what keeps BitTorrent above the Kumar–Ross bound: while
-        some piece was never sent, the seed's upload is the swarm's bottleneck, and every copy it
-        sends of a piece already out costs the whole swarm that much time. So a complete node
-        defers (DEFER: "ask someone else") any piece it already sent while some piece was never
-        sent; the requester is not left idle, because it still needs every unsent piece, which
-        only we can give. Once everything was sent, it defers a piece that another connected,
-        incomplete peer has announced, but only once per requester and piece, and never to a
-        requester missing only a few pieces, so that deferral cannot stretch the tail; and never
-        to another complete node, or two seeds would send everyone back and forth.
-        """
-        if not (self.config.seed_distinct and self.complete) or len(self.conns) < 2:
+    def may_upload(self, conn: PeerConn, i: int) -> bool:
+        """The writer's turn has come to send piece `i`: send it, or answer REJECT / DEFER instead."""
+        if not self.has_piece(i):
+            conn.session.reject(i)
             return False
-        if self.sent_while_unsent_remain(i):
-            return True
-        if self.n - requester.have_mask.bit_count() <= SERVE_TAIL or i in requester.deferred:
-            return False  # the tail, or asked again after a deferral: the requester found no one else
-        bit = 1 << i
-        if any(c is not requester and c.have_mask & bit and c.have_mask != self._full for c in self.conns.values()):
-            requester.deferred.add(i)
-            self.pieces_deferred += 1
-            return True
-        return False
-
-    def sent_while_unsent_remain(self, i: int) -> bool:
-        """Distinct-first, checked when a request arrives and again when its turn to be sent comes
-        (two peers may have asked for the same piece before either copy went out)."""
-        if self.config.seed_distinct and self.complete and self._unsent > 0 and self._sent[i] > 0:
-            self.pieces_deferred += 1
-            return True
-        return False
-
-    def note_piece_sent(self, i: int) -> None:
-        self.pieces_sent += 1
-        if self._sent[i] == 0:
-            self._unsent -= 1
-            if self._unsent == 0 and self.complete:
-                log.debug("%s: every piece uploaded at least once", self.name)
-        if self._sent[i] < 255:
-            self._sent[i] += 1
+        if self.seeding.defer_send(i, complete=self.complete):
+            conn.session.defer(i)
+            return False
+        self.seeding.sent(i)
+        return True
 
     def take_buffer(self, length: int) -> bytearray:
         """A piece buffer, reused when possible: allocating (and zeroing) a fresh MiB-sized buffer per
@@ -248,6 +205,7 @@ class Swarm:
         return Record(self.artifact_id, self.name, self.store.root, False, self.manifest)
 
     def status(self) -> dict[str, Any]:
+        seeding = self.seeding
         return {
             "artifact_id": self.artifact_id, "name": self.name, "kind": self.manifest.kind,
             "state": "complete" if self.complete else ("failed" if self.error else "downloading"),
@@ -256,77 +214,89 @@ class Swarm:
             "uploaded": self.up.total, "downloaded": self.down.total,
             "path": str(self.record().path if self.complete else self.store.root),
             "resumed_pieces": self.resumed_pieces, "banned_peers": len(self.banned),
-            "pieces_sent": self.pieces_sent, "pieces_sent_again": self.pieces_sent_again,
-            "pieces_deferred": self.pieces_deferred,
+            "pieces_sent": seeding.pieces_sent, "pieces_sent_again": seeding.pieces_sent_again,
+            "pieces_deferred": seeding.pieces_deferred,
+            "connections": [{"node_id": c.remote_id, "addr": c.addr, "path": str(c.path), "initiator": c.initiator}
+                            for c in self.conns.values()],
             "error": self.error,
         }
 
-    # -- connection events ---------------------------------------------------------------------------
-    def register(self, conn: PeerConn) -> bool:
-        """Adopt a handshaken connection; of two between the same nodes, the lower id's outgoing one wins."""
-        if conn.remote_id in self.banned or self.error is not None:
+    # -- connections ---------------------------------------------------------------------------------
+    async def serve(self, conn: Connection) -> CloseReason | None:
+        """Run a handshaken connection (dialled or accepted) until it ends; returns why it ended.
+
+        The caller obtained the connection and closes its stream afterwards.
+        """
+        peer = PeerConn(self, conn)
+        if not self._register(peer):
+            return CloseReason.DUPLICATE
+        try:
+            await peer.run()
+        finally:
+            self.on_close(peer)
+        return peer.close_reason
+
+    def _register(self, peer: PeerConn) -> bool:
+        """Adopt a connection; of two between the same nodes, the lower id's outgoing one wins."""
+        if peer.remote_id in self.banned or self.error is not None:
             return False
-        existing = self.conns.get(conn.remote_id)
+        existing = self.conns.get(peer.remote_id)
         if existing is not None:
-            winner = min(self.node_id, conn.remote_id)
-            if conn.initiator != winner or existing.initiator == winner:
+            winner = min(self.node_id, peer.remote_id)
+            if peer.initiator != winner or existing.initiator == winner:
                 return False
-            existing.close("duplicate connection")
+            existing.close(CloseReason.DUPLICATE)
             self.on_close(existing)
-        self.conns[conn.remote_id] = conn
-        log.debug("%s: connected to %s (%s)", self.name, conn.remote_id[:8], conn.addr)
-        conn.queue(wire.Bitfield(bits.to_bytes(self.have_mask, self.n)))
+        self.conns[peer.remote_id] = peer
+        log.debug("%s: connected to %s (%s, %s)", self.name, peer.remote_id[:8], peer.addr, peer.path)
+        peer.session.send_bitfield(self.have_mask)
         return True
 
-    def on_bitfield(self, conn: PeerConn, raw: bytes) -> None:
-        mask = bits.from_bytes(raw, self.n)
-        conn.have_mask = mask
-        if self.picker is not None and conn.closed_reason is None:
-            self.picker.add_peer(conn, range(self.n) if mask == self._full else bits.indices(mask))
-            self.fill(conn)
-
-    def on_have(self, conn: PeerConn, i: int) -> None:
-        if not 0 <= i < self.n:
-            raise wire.ProtocolError(f"HAVE for piece {i} out of range")
-        conn.have_mask |= 1 << i
-        if self.picker is not None and conn in self.picker.peer_mask and self.picker.peer_have(conn, i):
-            self.fill(conn)
-
-    def on_reject(self, conn: PeerConn, i: int) -> None:
-        if self.picker is not None and conn in self.picker.peer_mask:
-            self.picker.request_failed(conn, i, peer_lacks=True)
-            self.fill_all()
-
-    def on_defer(self, conn: PeerConn, i: int) -> None:
-        if self.picker is not None and conn in self.picker.peer_mask:
-            self.picker.defer(conn, i)
-            self.fill(conn)
-
     def on_close(self, conn: PeerConn) -> None:
+        """A connection ended (or lost a duplicate race): forget it, give its requests to others."""
         if self.conns.get(conn.remote_id) is conn:
             del self.conns[conn.remote_id]
-        if self.picker is not None and conn in self.picker.peer_mask:
-            self.picker.remove_peer(conn)
-            conn.outstanding.clear()
+        self.seeding.forget(conn)
+        if self.picker.knows(conn.session):
+            self.picker.remove_peer(conn.session)
             self.fill_all()
         self._peer_wakeup.set()
 
+    # -- session events ------------------------------------------------------------------------------
+    def on_event(self, conn: PeerConn, event: ps.Event) -> None:
+        picker, session = self.picker, conn.session
+        if isinstance(event, ps.UploadRequested):
+            i = event.index
+            if self.complete and self.seeding.enabled and self.seeding.defer_request(
+                    i, conn, {c: c.session.remote_have for c in self.conns.values()}, complete=True):
+                session.defer(i)
+            else:
+                session.accept_upload(i)
+        elif isinstance(event, ps.HaveReceived):
+            if picker.knows(session) and picker.peer_have(session, event.index):
+                self.fill(conn)
+        elif isinstance(event, ps.BitfieldReceived):
+            if self.downloading and not conn.closed:
+                mask = event.mask
+                picker.add_peer(session, range(self.n) if mask == self._full else bits.indices(mask))
+                self.fill(conn)
+        elif isinstance(event, ps.RequestRejected):
+            if picker.knows(session):
+                picker.request_failed(session, event.index, peer_lacks=True)
+                self.fill_all()
+        elif isinstance(event, ps.RequestDeferred) and picker.knows(session):
+            picker.defer(session, event.index)
+            self.fill(conn)
+
     def fill(self, conn: PeerConn) -> None:
-        picker = self.picker
-        if picker is None or conn.closed_reason is not None or conn not in picker.peer_mask:
-            return
-        depth = self.config.pipeline_depth
-        while len(conn.outstanding) < depth:
-            i = picker.next_request(conn)
-            if i is None or i in conn.outstanding:
-                break
-            conn.request(i)
+        if self.downloading and not conn.closed:
+            conn.session.request_more(self.config.pipeline_depth)
 
     def fill_all(self) -> None:
         for c in list(self.conns.values()):
             self.fill(c)
 
-    async def on_piece(self, conn: PeerConn, i: int, buf: bytearray, wire_len: int) -> None:
+    async def on_piece(self, conn: PeerConn, i: int, buf: bytearray | bytes, wire_len: int) -> None:
         """Hand a received piece to the verifiers, which refill its request slot once it is verified.
 
         Receiving the next piece overlaps with hashing and writing this one; the bounded channel
@@ -336,7 +306,7 @@ class Swarm:
         instead of two, which at a thousand pieces a second is CPU that the transfer needs.
         """
         self.down.add(wire_len)
-        if self.has_piece(i) or self.picker is None:
+        if self.has_piece(i) or not self.downloading:
             self.give_buffer(buf)
             self.fill(conn)
         else:
@@ -344,7 +314,7 @@ class Swarm:
 
     async def _verifier(self) -> None:
         async for conn, i, buf in self._verify_out:
-            if self.has_piece(i) or self.picker is None:
+            if self.has_piece(i) or not self.downloading:
                 self.give_buffer(buf)
                 self.fill(conn)
                 continue
@@ -354,34 +324,32 @@ class Swarm:
                 self.fail(str(e))
                 return
             self.give_buffer(buf)
-            if self.has_piece(i) or self.picker is None:
+            if self.has_piece(i) or not self.downloading:
                 self.fill(conn)
                 continue
             if not ok:
-                self.picker.request_failed(conn, i)
+                self.picker.request_failed(conn.session, i)
                 self.banned[conn.remote_id] = f"sent corrupt piece {i}"
                 log.warning("peer %s (%s) sent piece %d that fails verification: banned",
                             conn.remote_id[:8], conn.addr, i)
-                conn.close(f"banned: corrupt piece {i}")
+                conn.close(CloseReason.BANNED, f"corrupt piece {i}")
                 self.fill_all()
                 continue
             if not self.have_mask:
                 log.debug("%s: first piece verified", self.name)
             self.have_mask |= 1 << i
-            for other in self.picker.piece_verified(i):
-                if other is not conn:
-                    other.cancel(i)
+            for session in self.picker.piece_verified(i):
+                session.cancel(i)
             if self.journal is not None:
                 self.journal.record(self.have_mask)
-            have = wire.Have(i)
             for c in list(self.conns.values()):
-                c.queue(have)
+                c.session.send_have(i)
             if self.picker.done:
                 await self._finish()
             else:
                 self.fill_all()
 
-    async def _verify_and_write_soon(self, i: int, buf: bytearray) -> bool:
+    async def _verify_and_write_soon(self, i: int, buf: bytearray | bytes) -> bool:
         """Hash and write a piece, on the event loop while that is fast, else in a worker thread.
 
         A worker thread per piece costs more than the work itself at MiB-sized pieces: the hand-offs
@@ -405,7 +373,7 @@ class Swarm:
         await trio.lowlevel.checkpoint()
         return ok
 
-    def _verify_and_write(self, i: int, buf: bytearray) -> bool:
+    def _verify_and_write(self, i: int, buf: bytearray | bytes) -> bool:
         if not self.store.verify(i, buf):
             return False
         self.store.write_piece(i, buf)
@@ -413,9 +381,10 @@ class Swarm:
 
     async def _finish(self) -> None:
         """Every piece verified: sync, move into the cache, record complete — in that order."""
-        self.picker = None
-        for c in self.conns.values():
-            c.outstanding.clear()
+        self.downloading = False
+        for session, pieces in self.picker.cancel_all().items():
+            for i in pieces:
+                session.cancel(i)
 
         def finalize() -> None:
             self.store.sync()
@@ -441,9 +410,10 @@ class Swarm:
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
                     task_status.started()
-                    if not self.complete:
+                    if self.downloading and self.picker.done:
+                        await self._finish()  # every piece was already there (a crash right before finalizing)
+                    if self.downloading:
                         for _ in range(VERIFIERS):
                             nursery.start_soon(self._verifier)
                         nursery.start_soon(self._undefer_loop)
@@ -462,29 +432,30 @@ class Swarm:
             return
         self.error = reason
         log.error("%s: download stopped: %s", self.name, reason)
-        self.picker = None
+        self.downloading = False
         for c in list(self.conns.values()):
-            c.close(f"download stopped: {reason}")
+            c.close(CloseReason.DOWNLOAD_STOPPED, reason)
         self._scope.cancel()
 
     async def _undefer_loop(self) -> None:
-        while self.picker is not None:
-            await trio.sleep(DEFER_RETRY)
-            if self.picker is not None and self.picker.undefer_all():
+        while self.downloading:
+            await trio.sleep(self.config.defer_retry)
+            if self.downloading and self.picker.undefer_all():
                 self.fill_all()
 
     async def _find_peers_loop(self, nursery: trio.Nursery) -> None:
-        """Ask the tracker for peers: quickly at first, then every PEER_LOOKUP_EVERY seconds.
+        """Ask the tracker for peers: quickly at first, then every `peer_lookup_every` seconds.
 
         Peers released together (a job starting on many nodes) announce themselves at about the
         same time as their first lookup, which therefore finds only the seeds; the quick second
         and third lookups find each other within a fraction of a second, and every second without
         the mesh costs each of them its share of the seed's upload being all they receive.
         """
-        backoff = PEER_LOOKUP_FIRST
+        cfg = self.config
+        backoff = cfg.peer_lookup_first
         failed = False
         while not self.done.is_set():
-            if len(self.conns) + len(self.connecting) < self.config.max_peers and self.find_peers is not None:
+            if len(self.conns) + len(self.connecting) < cfg.max_peers and self.find_peers is not None:
                 try:
                     peers = await self.find_peers(self.artifact_id)
                     log.debug("%s: tracker listed %d peers", self.name, len(peers))
@@ -497,65 +468,43 @@ class Swarm:
                 random.shuffle(peers)
                 for p in peers:
                     nid = p["node_id"]
-                    if len(self.conns) + len(self.connecting) >= self.config.max_peers:
+                    if len(self.conns) + len(self.connecting) >= cfg.max_peers:
                         break
                     if nid == self.node_id or nid in self.conns or nid in self.connecting or nid in self.banned:
                         continue
                     if self.retry_after.get(nid, 0) > now:
                         continue
                     self.connecting.add(nid)
-                    nursery.start_soon(self.connect, nid, str(p["addr"][0]), int(p["addr"][1]))
+                    nursery.start_soon(self._dial, nid, (str(p["addr"][0]), int(p["addr"][1])))
             wait = backoff
-            idle_cap = PEER_LOOKUP_EVERY if self.conns else PEER_LOOKUP_ALONE
-            backoff = min(5.0 if failed else idle_cap, backoff * 2)
+            idle_cap = cfg.peer_lookup_every if self.conns else cfg.peer_lookup_alone
+            backoff = min(cfg.peer_lookup_failing if failed else idle_cap, backoff * 2)
             self._peer_wakeup = trio.Event()
             with trio.move_on_after(wait):
                 await self._peer_wakeup.wait()
                 await trio.sleep(0.05)  # a burst of closes is one wakeup
 
-    async def connect(self, nid: str, host: str, port: int) -> None:
-        addr = f"{host}:{port}"
+    async def _dial(self, nid: str, addr: tuple[str, int]) -> None:
         try:
-            sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET)
-            try:
-                tune_socket(sock)
-                with trio.fail_after(3):
-                    await sock.connect((host, port))
-                io = SockIO(sock)
-                await io.send_all(wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, self.node_id, self.artifact_id)))
-                hs = await read_handshake(io)
-                if hs.artifact_id != self.artifact_id or hs.node_id != nid:
-                    raise wire.ProtocolError(f"{addr} answered as {hs.node_id[:8]} for {hs.artifact_id[:12]}")
-            except BaseException:
-                sock.close()
-                raise
-        except (OSError, trio.TooSlowError, PeerClosed, wire.ProtocolError) as e:
-            log.debug("connect to %s failed: %s", addr, e)
-            self.retry_after[nid] = trio.current_time() + 2.0
+            conn = await self.connector.connect(nid, addr, self.artifact_id)
+        except ConnectError as e:
+            log.debug("connect to %s failed: %s", nid[:8], e)
+            self.retry_after[nid] = trio.current_time() + self.config.retry_after_failed_connect
+            return
+        finally:
             self.connecting.discard(nid)
-            return
-        self.connecting.discard(nid)
-        conn = PeerConn(self, io, nid, addr, initiator=self.node_id)
-        if not self.register(conn):
-            sock.close()
-            return
-        await conn.run()
-        if conn.closed_reason and "stalled" in conn.closed_reason:
-            self.retry_after[nid] = trio.current_time() + 5.0
-
-    async def accept(self, io: SockIO, hs: wire.Handshake, addr: str) -> None:
-        """Serve an incoming connection whose handshake named this artifact."""
-        await io.send_all(wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, self.node_id, self.artifact_id)))
-        conn = PeerConn(self, io, hs.node_id, addr, initiator=hs.node_id)
-        if not self.register(conn):
-            io.sock.close()
-            return
-        await conn.run()
+        try:
+            reason = await self.serve(conn)
+        finally:
+            await conn.aclose()
+        if reason is CloseReason.STALLED:
+            self.retry_after[nid] = trio.current_time() + self.config.retry_after_stall
 
     async def leave(self, reason: str) -> None:
-        if self.pieces_sent:
+        s = self.seeding
+        if s.pieces_sent:
             log.info("%s: uploaded %d pieces (%d of them again), deferred %d requests", self.name,
-                     self.pieces_sent, self.pieces_sent_again, self.pieces_deferred)
+                     s.pieces_sent, s.pieces_sent_again, s.pieces_deferred)
         async with trio.open_nursery() as nursery:
             for c in list(self.conns.values()):
                 nursery.start_soon(c.goodbye, reason)

@@ -10,18 +10,35 @@ Policy, in order:
 4. Endgame: once every missing piece is requested somewhere, an idle peer may duplicate an in-flight
    request (at most `max_dup` copies); the first copy to arrive wins and the others are cancelled.
 
+The picker also owns the block state, the one record of requests in flight: `inflight` (piece ->
+peers asked, until the piece is verified or the request fails) and, per peer, `pending` (asked and
+not yet arrived: what fills the pipeline and what the stall watchdog waits for) and `cancelled`
+(asked, then cancelled: a copy may still be on the wire, and it is dropped rather than taken as a
+protocol violation). Sessions ask it whether an arriving piece was requested; nobody else keeps a copy.
+
 Sets are ints in *permuted* bit space (bit k = the k-th piece of this node's permutation), so "lowest
 set bit" is "first in my random order" and each decision is a handful of C-speed big-int operations.
 """
 
 from __future__ import annotations
 
+import collections
+import enum
 import random
 from collections.abc import Hashable, Iterable
 
 from p2pd.protocol.bitfield import indices
 
 Peer = Hashable
+CANCELLED_MEMORY = 64  # cancelled requests remembered per peer (a cancel crosses at most a pipeline's worth)
+
+
+class Arrival(enum.Enum):
+    """What an arriving piece is to us."""
+
+    EXPECTED = "expected"  # we asked this peer for it and still want it
+    LATE = "late"  # we asked, then cancelled (another copy won): read it and drop it
+    UNREQUESTED = "unrequested"  # never asked: the peer breaks the protocol
 
 
 class Picker:
@@ -44,6 +61,8 @@ class Picker:
         self.inflight_mask = 0
         self.max_dup = max_dup
         self.deferred: dict[Peer, int] = {}  # per peer: positions it asked us to fetch elsewhere for now
+        self.pending: dict[Peer, set[int]] = {}  # per peer: pieces asked and not yet arrived
+        self.cancelled: dict[Peer, collections.deque[int]] = {}  # per peer: pieces asked, then cancelled
 
     # -- knowledge about peers -------------------------------------------------------------------
     def to_mask(self, pieces: Iterable[int]) -> int:
@@ -78,6 +97,8 @@ class Picker:
         """Forget a peer; return the pieces whose requests to it are now void."""
         mask = self.peer_mask.pop(peer)
         self.deferred.pop(peer, None)
+        self.pending.pop(peer, None)
+        self.cancelled.pop(peer, None)
         if mask == self.full and self.levels[0] == 0:
             self.levels.pop(0)
             self.avail = [a - 1 for a in self.avail]
@@ -104,6 +125,10 @@ class Picker:
         self.levels[a] &= ~bit
         self.levels[a + 1] |= bit
         self.avail[p] = a + 1
+
+    def knows(self, peer: Peer) -> bool:
+        """Has this peer's bitfield been added (are we downloading from it)?"""
+        return peer in self.peer_mask
 
     # -- decisions ---------------------------------------------------------------------------------
     def interesting(self, peer: Peer) -> bool:
@@ -134,9 +159,13 @@ class Picker:
         p = self.perm[k]
         self.inflight.setdefault(p, set()).add(peer)
         self.inflight_mask |= 1 << k
+        self.pending.setdefault(peer, set()).add(p)
         return p
 
     def _release(self, peer: Peer, piece: int) -> None:
+        pending = self.pending.get(peer)
+        if pending is not None:
+            pending.discard(piece)
         asked = self.inflight.get(piece)
         if asked is None:
             return
@@ -170,11 +199,58 @@ class Picker:
         return had
 
     def piece_verified(self, piece: int) -> set[Peer]:
-        """Mark a piece as ours; return the other peers still asked for it (to cancel)."""
+        """Mark a piece as ours; return the peers whose copy has not arrived yet (to send CANCEL)."""
         self.missing &= ~(1 << self.pos[piece])
         asked = self.inflight.pop(piece, set())
         self.inflight_mask &= ~(1 << self.pos[piece])
-        return asked
+        return {peer for peer in asked if self._cancel(peer, piece)}
+
+    def _cancel(self, peer: Peer, piece: int) -> bool:
+        pending = self.pending.get(peer)
+        if pending is None or piece not in pending:
+            return False
+        pending.discard(piece)
+        if peer not in self.cancelled:
+            self.cancelled[peer] = collections.deque(maxlen=CANCELLED_MEMORY)
+        self.cancelled[peer].append(piece)
+        return True
+
+    def cancel_all(self) -> dict[Peer, list[int]]:
+        """Stop downloading (complete, or stopped): every pending request becomes cancelled; returns them."""
+        out = {peer: sorted(pieces) for peer, pieces in self.pending.items() if pieces}
+        for peer, pieces in out.items():
+            for piece in pieces:
+                self._cancel(peer, piece)
+        self.inflight.clear()
+        self.inflight_mask = 0
+        self.deferred.clear()
+        return out
+
+    def arrival(self, peer: Peer, piece: int) -> Arrival:
+        """Is a piece that `peer` starts sending one we asked it for (without changing anything)?"""
+        if piece in self.pending.get(peer, ()):
+            return Arrival.EXPECTED
+        if piece in self.cancelled.get(peer, ()):
+            return Arrival.LATE
+        return Arrival.UNREQUESTED
+
+    def arrived(self, peer: Peer, piece: int) -> Arrival:
+        """A piece from `peer` has arrived whole: it stops counting as pending (it stays in flight
+        until verified, so nobody else is asked for it meanwhile)."""
+        pending = self.pending.get(peer)
+        if pending is not None and piece in pending:
+            pending.discard(piece)
+            return Arrival.EXPECTED
+        cancelled = self.cancelled.get(peer)
+        if cancelled is not None and piece in cancelled:
+            cancelled.remove(piece)
+            return Arrival.LATE
+        return Arrival.UNREQUESTED
+
+    def outstanding(self, peer: Peer) -> int:
+        """Requests to `peer` whose piece has not arrived (the pipeline's fill, the watchdog's concern)."""
+        pending = self.pending.get(peer)
+        return len(pending) if pending else 0
 
     def in_flight_to(self, peer: Peer) -> list[int]:
         return [p for p, peers in self.inflight.items() if peer in peers]

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from p2pd.protocol.picker import Picker
+from p2pd.protocol.picker import Arrival, Picker
 from tests.unit._util import QUICK
 
 T = TypeVar("T")
@@ -310,6 +310,8 @@ class PickerMachine(RuleBasedStateMachine):
         self.peers: dict[int, set[int]] = {}
         self.inflight: dict[int, set[int]] = {}
         self.deferred: dict[int, set[int]] = {}
+        self.pending: dict[int, set[int]] = {}  # asked and not arrived
+        self.cancelled: dict[int, set[int]] = {}  # asked, then cancelled: may still arrive
         self.next_peer = 0
 
     # -- helpers
@@ -323,6 +325,7 @@ class PickerMachine(RuleBasedStateMachine):
         return [(p, i) for i, ps in self.inflight.items() for p in ps]
 
     def _drop_inflight(self, peer: int, piece: int) -> None:
+        self.pending.get(peer, set()).discard(piece)
         self.inflight[piece].discard(peer)
         if not self.inflight[piece]:
             del self.inflight[piece]
@@ -377,6 +380,26 @@ class PickerMachine(RuleBasedStateMachine):
             assert endgame, "duplicated a request outside endgame"
             assert got in dup_ok, "endgame duplicate beyond max_dup or to a peer already asked"
         self.inflight.setdefault(got, set()).add(peer)
+        self.pending.setdefault(peer, set()).add(got)
+
+    def _pending_pairs(self) -> list[tuple[int, int]]:
+        return [(p, i) for p, s in self.pending.items() for i in sorted(s)]
+
+    @precondition(lambda self: self._pending_pairs())
+    @rule(k=K)
+    def arrive(self, k: int) -> None:
+        """A requested piece arrives whole: no longer pending, still in flight until verified."""
+        peer, piece = _pick(self._pending_pairs(), k)
+        assert self.picker.arrival(peer, piece) is Arrival.EXPECTED
+        assert self.picker.arrived(peer, piece) is Arrival.EXPECTED
+        self.pending[peer].discard(piece)
+
+    @precondition(lambda self: any(self.cancelled.values()))
+    @rule(k=K)
+    def arrive_late(self, k: int) -> None:
+        peer, piece = _pick([(p, i) for p, s in self.cancelled.items() for i in sorted(s)], k)
+        assert self.picker.arrived(peer, piece) is Arrival.LATE
+        self.cancelled[peer].discard(piece)
 
     @precondition(lambda self: self.inflight)
     @rule(k=K, lacks=st.booleans())
@@ -405,7 +428,12 @@ class PickerMachine(RuleBasedStateMachine):
     @rule(k=K)
     def piece_verified(self, k: int) -> None:
         piece = _pick(self.inflight, k)
-        assert self.picker.piece_verified(piece) == self.inflight.pop(piece)
+        asked = self.inflight.pop(piece)
+        to_cancel = {p for p in asked if piece in self.pending.get(p, set())}
+        assert self.picker.piece_verified(piece) == to_cancel
+        for p in to_cancel:
+            self.pending[p].discard(piece)
+            self.cancelled.setdefault(p, set()).add(piece)
         self.have.add(piece)
 
     @precondition(lambda self: self._missing() - set(self.inflight))
@@ -424,6 +452,7 @@ class PickerMachine(RuleBasedStateMachine):
         assert sorted(self.picker.remove_peer(peer)) == expected
         del self.peers[peer]
         self.deferred.pop(peer, None)
+        self.cancelled.pop(peer, None)
         for i in expected:
             self._drop_inflight(peer, i)
 
@@ -441,6 +470,11 @@ class PickerMachine(RuleBasedStateMachine):
         for peer in self.peers:
             assert p.interesting(peer) == bool(self.peers[peer] & self._missing())
             assert sorted(p.in_flight_to(peer)) == sorted(i for i, ps in self.inflight.items() if peer in ps)
+            assert p.outstanding(peer) == len(self.pending.get(peer, ()))
+            for i in range(self.n):
+                want = (Arrival.EXPECTED if i in self.pending.get(peer, ()) else
+                        Arrival.LATE if i in self.cancelled.get(peer, ()) else Arrival.UNREQUESTED)
+                assert p.arrival(peer, i) is want
 
     @invariant()
     def availability_matches_model(self) -> None:
@@ -468,6 +502,9 @@ _RULES: list[tuple[str, Callable[[PickerMachine], bool], Callable[[random.Random
     ("piece_verified", lambda m: bool(m.inflight), lambda r: {"k": r.getrandbits(16)}),
     ("piece_arrived_unasked", lambda m: bool(m._missing() - set(m.inflight)), lambda r: {"k": r.getrandbits(16)}),
     ("remove_peer", lambda m: bool(m.peers), lambda r: {"k": r.getrandbits(16)}),
+    ("arrive", lambda m: bool(m._pending_pairs()), lambda r: {"k": r.getrandbits(16)}),
+    ("arrive", lambda m: bool(m._pending_pairs()), lambda r: {"k": r.getrandbits(16)}),
+    ("arrive_late", lambda m: any(m.cancelled.values()), lambda r: {"k": r.getrandbits(16)}),
 ]
 
 
@@ -513,3 +550,13 @@ def test_swarm_simulation_completes_without_duplicates_outside_endgame(n: int, n
             outstanding = [(q, i) for q, i in outstanding if i != piece]  # cancelled duplicates
     assert p.done
     assert received == n
+
+
+def test_cancel_all_turns_every_pending_request_into_a_late_one() -> None:
+    p = Picker(8, seed=1)
+    p.add_peer("a", range(8))
+    asked = [p.next_request("a"), p.next_request("a")]
+    assert all(i is not None for i in asked)
+    assert p.cancel_all() == {"a": sorted(i for i in asked if i is not None)}
+    assert p.outstanding("a") == 0 and not p.inflight and p.inflight_mask == 0
+    assert all(p.arrival("a", i) is Arrival.LATE for i in asked if i is not None)

@@ -1,4 +1,4 @@
-"""SockIO's piece reads with a receive low-water mark, over real TCP on loopback.
+"""StreamIO's piece reads with a receive low-water mark, over real TCP on loopback.
 
 The mark (SO_RCVLOWAT) makes the kernel hold back readiness until enough of a piece is queued; the
 ways that goes wrong are hangs: a mark left above the bytes still coming, or a slow piece taken
@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from p2pd.peer import PAYLOAD_LOWAT, SockIO
+from p2pd.stream_io import PAYLOAD_LOWAT, StreamIO
 
 
 @pytest.fixture
-async def tcp_pair() -> AsyncIterator[tuple[SockIO, trio.socket.SocketType]]:
+async def tcp_pair() -> AsyncIterator[tuple[StreamIO, trio.socket.SocketType]]:
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -27,7 +27,7 @@ async def tcp_pair() -> AsyncIterator[tuple[SockIO, trio.socket.SocketType]]:
     server, _ = await listener.accept()
     listener.close()
     try:
-        yield SockIO(server), client
+        yield StreamIO(trio.SocketStream(server)), client
     finally:
         server.close()
         client.close()
@@ -40,7 +40,7 @@ async def send_slowly(sock: trio.socket.SocketType, data: bytes, chunk: int, pau
 
 
 async def test_a_piece_trickling_in_below_the_mark_is_read_whole(
-        tcp_pair: tuple[SockIO, trio.socket.SocketType]) -> None:
+        tcp_pair: tuple[StreamIO, trio.socket.SocketType]) -> None:
     io, peer = tcp_pair
     piece = os.urandom(PAYLOAD_LOWAT + 100_000)  # the last part is smaller than the mark
     buf = bytearray(len(piece))
@@ -52,7 +52,7 @@ async def test_a_piece_trickling_in_below_the_mark_is_read_whole(
     assert io.bytes_in == len(piece)
 
 
-async def test_after_a_piece_small_frames_are_read_at_once(tcp_pair: tuple[SockIO, trio.socket.SocketType]) -> None:
+async def test_after_a_piece_small_frames_are_read_at_once(tcp_pair: tuple[StreamIO, trio.socket.SocketType]) -> None:
     """The mark is back at 1 byte: a 5-byte frame header must not wait for more data behind it."""
     io, peer = tcp_pair
     piece = os.urandom(3 * PAYLOAD_LOWAT)
@@ -60,13 +60,14 @@ async def test_after_a_piece_small_frames_are_read_at_once(tcp_pair: tuple[SockI
     buf = bytearray(len(piece))
     with trio.fail_after(5):
         await io.read_into(memoryview(buf), None)
+    assert io.sock is not None
     assert io.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
     await peer.send(b"hello")
     with trio.fail_after(2):
         assert await io.read_exactly(5) == b"hello"
 
 
-async def test_bytes_queued_below_the_mark_count_as_progress(tcp_pair: tuple[SockIO, trio.socket.SocketType]) -> None:
+async def test_bytes_queued_below_the_mark_count_as_progress(tcp_pair: tuple[StreamIO, trio.socket.SocketType]) -> None:
     io, peer = tcp_pair
     io.set_lowat(PAYLOAD_LOWAT)
     assert not io.queued_grew()

@@ -1,7 +1,7 @@
-"""The swarm's scheduling rules that decide how close a transfer gets to the Kumar–Ross bound.
+"""The swarm's timing rules: how soon it finds peers, and where it verifies pieces.
 
-Real Swarm objects over real (tiny) stores; connections are stand-ins carrying only what the rules
-read (announced pieces, deferrals), and time is trio's mock clock.
+Real Swarm objects over real (tiny) stores; time is trio's mock clock. The seed policy has its own
+tests (test_seeding.py), the per-connection rules too (test_session.py).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,7 +19,8 @@ from p2pd import storage, swarm
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.storage import Catalog, PieceStore
-from p2pd.swarm import SERVE_TAIL, Swarm, SwarmConfig
+from p2pd.config import SwarmConfig
+from p2pd.swarm import Swarm
 
 PIECE = 1 << 16
 PIECES = 64
@@ -40,77 +40,6 @@ def make_swarm(tmp_path: Path, *, complete: bool, **kw: Any) -> Swarm:
                  config=SwarmConfig(), egress=None, ingress=None, **kw)
 
 
-def peer(name: str, have: set[int] | None = None, complete: bool = False) -> Any:
-    mask = bits.full(PIECES) if complete else sum(1 << i for i in (have or set()))
-    return SimpleNamespace(remote_id=name, have_mask=mask, deferred=set())
-
-
-def connect(sw: Swarm, *peers: Any) -> None:
-    for p in peers:
-        sw.conns[p.remote_id] = p
-
-
-# --------------------------------------------------------------------------------------------- seed policy
-def test_seed_never_sends_a_second_copy_while_some_piece_was_never_sent(tmp_path: Path) -> None:
-    sw = make_swarm(tmp_path, complete=True)
-    a, b = peer("a"), peer("b", have=set(range(PIECES - SERVE_TAIL + 1, PIECES)))
-    connect(sw, a, b)
-    assert not sw.should_defer(a, 5)
-    sw.note_piece_sent(5)
-    # Asked again, by anyone, even by a requester in its tail: the copy would cost the bottleneck.
-    assert sw.should_defer(b, 5)
-    assert sw.should_defer(b, 5)
-    assert sw.should_defer(a, 5)
-    assert not sw.should_defer(b, 6)  # a piece never sent is always served
-    assert sw.pieces_deferred == 3
-
-
-def test_the_check_is_repeated_when_the_piece_is_about_to_be_sent(tmp_path: Path) -> None:
-    """Two peers asking for the same unsent piece: both requests are accepted, one copy goes out."""
-    sw = make_swarm(tmp_path, complete=True)
-    a, b = peer("a"), peer("b")
-    connect(sw, a, b)
-    assert not sw.should_defer(a, 9) and not sw.should_defer(b, 9)
-    assert not sw.sent_while_unsent_remain(9)
-    sw.note_piece_sent(9)
-    assert sw.sent_while_unsent_remain(9)  # b's turn comes: DEFER instead of a second copy
-
-
-def test_once_everything_was_sent_copies_follow_the_once_and_tail_rules(tmp_path: Path) -> None:
-    sw = make_swarm(tmp_path, complete=True)
-    for i in range(PIECES):
-        sw.note_piece_sent(i)
-    holder = peer("h", have={3})
-    a = peer("a")
-    tail = peer("t", have=set(range(PIECES)) - {3, 4})
-    connect(sw, holder, a, tail)
-    assert sw.should_defer(a, 3)  # someone connected has it: ask them
-    assert not sw.should_defer(a, 3)  # asked again: a found no one else, serve it
-    assert not sw.should_defer(tail, 3)  # the tail is always served
-    assert not sw.should_defer(a, 4)  # nobody else has it
-    assert sw.pieces_sent == PIECES
-
-
-def test_never_defer_to_another_complete_node(tmp_path: Path) -> None:
-    sw = make_swarm(tmp_path, complete=True)
-    for i in range(PIECES):
-        sw.note_piece_sent(i)
-    other_seed, a = peer("s2", complete=True), peer("a")
-    connect(sw, other_seed, a)
-    assert not sw.should_defer(a, 7)
-
-
-def test_a_seed_with_one_peer_or_policy_off_serves_everything(tmp_path: Path) -> None:
-    sw = make_swarm(tmp_path, complete=True)
-    a = peer("a")
-    connect(sw, a)
-    sw.note_piece_sent(1)
-    assert not sw.should_defer(a, 1)  # the only peer: nobody else to ask
-    sw.config.seed_distinct = False
-    connect(sw, peer("b"))
-    assert not sw.should_defer(a, 1)
-
-
 # --------------------------------------------------------------------------------------------- peer lookups
 async def test_first_lookups_come_quickly_then_back_off(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     """Peers released together find each other at the second lookup, a quarter second in."""
@@ -127,8 +56,8 @@ async def test_first_lookups_come_quickly_then_back_off(tmp_path: Path, autojump
         await trio.sleep(5)
         n.cancel_scope.cancel()
     gaps = [round(b - a, 2) for a, b in zip([start, *times], times, strict=False)]
-    assert gaps[:3] == [0.0, swarm.PEER_LOOKUP_FIRST, 2 * swarm.PEER_LOOKUP_FIRST]
-    assert max(gaps) == swarm.PEER_LOOKUP_ALONE  # with nobody connected it keeps asking twice a second
+    assert gaps[:3] == [0.0, SwarmConfig.peer_lookup_first, 2 * SwarmConfig.peer_lookup_first]
+    assert max(gaps) == SwarmConfig.peer_lookup_alone  # with nobody connected it keeps asking twice a second
     sw.store.close()
 
 

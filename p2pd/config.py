@@ -1,0 +1,59 @@
+"""Every tunable default of a node daemon, in one place.
+
+The CLI builds a `DaemonConfig` from its flags (whose defaults are read from here), the daemon hands
+`config.swarm` to every swarm, and the swarm hands its parts to the connections it runs, so a number
+that decides behaviour is written down once, with the reason it has the value it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    """How one artifact's swarm talks to its peers (the same for every artifact of a node)."""
+
+    # -- peers
+    max_peers: int = 24  # connections per artifact: enough to fan pieces out fast, few enough for high per-peer rates
+    peers_per_lookup: int = 50  # peers asked of the tracker per lookup (a random sample of the swarm)
+    pipeline_depth: int = 2  # piece requests in flight per peer: hides one round trip; more only lengthens the tail
+    max_queued_requests: int = 64  # a peer's requests we queue; more is a protocol error (bounds what it makes us hold)
+    # -- timing (seconds)
+    connect_timeout: float = 3.0  # a TCP connect on a cluster network completes in milliseconds or not at all
+    handshake_timeout: float = 5.0  # from connect (or accept) to the peer's HANDSHAKE
+    stall_timeout: float = 1.0  # no byte for this long while requests are pending: drop the peer, ask others
+    idle_timeout: float = 45.0  # nothing at all (not even KEEPALIVE) for this long: the peer is gone
+    keepalive_every: float = 10.0  # well inside idle_timeout, so a quiet but live peer is never dropped
+    retry_after_failed_connect: float = 2.0  # before dialling a peer again whose connect or handshake failed
+    retry_after_stall: float = 5.0  # before dialling again a peer we dropped for stalling
+    peer_lookup_first: float = 0.25  # between the first two tracker lookups of a download (then doubling)...
+    peer_lookup_every: float = 2.0  # ...up to this while connected to someone,
+    peer_lookup_alone: float = 0.5  # ...or this while connected to no one,
+    peer_lookup_failing: float = 5.0  # ...or this while the tracker does not answer
+    defer_retry: float = 0.5  # before asking a peer again for pieces it told us to fetch elsewhere
+    goodbye_grace: float = 0.5  # how long a GOODBYE may wait behind the piece being sent
+    # -- what we send
+    compress: bool = True  # zstd for pieces of files that compress (configs, tokenizers, tarballs)
+    compressible_ratio: float = 0.8  # a file compresses if a 64 KiB sample shrinks below this fraction
+    compress_min_saving: float = 0.9  # send a compressed piece only if it is below this fraction of the raw one
+    seed_distinct: bool = True  # a complete node sends every piece once before it sends any piece twice
+    serve_tail: int = 16  # a complete node always serves a peer missing at most this many pieces
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """One node daemon: where it listens, which trackers it uses, its own limits and its swarms' config."""
+
+    trackers: list[tuple[str, int]]
+    listen: tuple[str, int] = ("0.0.0.0", 7700)
+    data_dir: Path = Path("/var/lib/p2pd")
+    egress_limit: float | None = None  # bytes/s; None = no cap of this node's own
+    ingress_limit: float | None = None
+    advertise: str | None = None  # address peers dial, when it is not the listen address (the tracker fills in 0.0.0.0)
+    labels: dict[str, str] = field(default_factory=dict)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    socket_path: Path | None = None
+    tracker_wait: float = 30.0  # a node booting before its tracker waits this long for it instead of exiting
+    listen_backlog: int = 512  # pending peer connections the kernel queues while we accept

@@ -1,0 +1,133 @@
+"""How a swarm gets a connection to a peer: a handshaken trio Stream, whichever path it took.
+
+The swarm asks a `Connector` for a connection to a node and gets a `Connection` (the stream, its
+buffered reader, who is at the other end, which path won), or `ConnectError`. Incoming connections
+arrive at the daemon's listener and are handshaken here too, then handed to the swarm they name.
+Today the one path is a direct TCP connection; the paths to come (a punched TCP connection, a UDP
+data channel, a relay) are further `Connector`s behind the same interface, and the swarm does not
+change. Whoever obtained a connection closes it (`aclose`), once, when done with it.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from p2pd.errors import CloseReason
+from p2pd.protocol import manifest as mf
+from p2pd.protocol import wire
+from p2pd.protocol.session import PeerClosed
+from p2pd.stream_io import StreamIO
+
+NODE_ID_LENGTH = 32
+
+
+class ConnectionPath(enum.StrEnum):
+    """How the bytes of a connection travel (shown per peer in `p2pd status --json`)."""
+
+    DIRECT = "direct"  # TCP to the peer's advertised address, or accepted from it
+
+
+class ConnectError(Exception):
+    """No connection to that peer now (refused, timed out, wrong node at that address, ...)."""
+
+
+@dataclass(eq=False)
+class Connection:
+    """A connection whose handshake is done: both ends agree on the artifact and who is who."""
+
+    stream: trio.abc.Stream
+    io: StreamIO  # holds bytes the peer sent right behind its handshake
+    remote_id: str
+    artifact_id: str
+    addr: str  # host:port, for logs and status
+    path: ConnectionPath
+    initiator: str  # node id of the side that connected (decides which of two duplicates stays)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class Connector(Protocol):
+    """What a swarm calls to reach a peer; raises ConnectError when it cannot."""
+
+    async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection: ...
+
+
+def _handshake(node_id: str, artifact_id: str) -> bytes:
+    return wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, node_id, artifact_id))
+
+
+async def read_handshake(io: StreamIO, timeout: float) -> wire.Handshake:
+    with trio.fail_after(timeout):
+        t, n = wire.parse_header(await io.read_exactly(wire.HEADER_SIZE), 0)
+        if t is not wire.MsgType.HANDSHAKE:
+            raise wire.ProtocolError(f"expected HANDSHAKE, got {t.name}")
+        hs = wire.decode_body(t, await io.read_exactly(n))
+    assert isinstance(hs, wire.Handshake)
+    if hs.version != wire.PROTOCOL_VERSION:
+        raise wire.ProtocolError(f"peer speaks protocol {hs.version}, we speak {wire.PROTOCOL_VERSION}")
+    if len(hs.node_id) != NODE_ID_LENGTH or not mf.ID_RE.match(hs.artifact_id):
+        raise wire.ProtocolError("malformed ids in handshake")
+    return hs
+
+
+async def open_outgoing(
+    stream: trio.abc.Stream, *, node_id: str, remote_id: str, artifact_id: str, addr: str, path: ConnectionPath,
+    handshake_timeout: float,
+) -> Connection:
+    """Handshake a stream we opened (by any path) to `remote_id`; ProtocolError if someone else answered."""
+    io = StreamIO(stream)
+    await io.send_all(_handshake(node_id, artifact_id))
+    hs = await read_handshake(io, handshake_timeout)
+    if hs.artifact_id != artifact_id or hs.node_id != remote_id:
+        raise wire.ProtocolError(f"answered as {hs.node_id[:8]} for {hs.artifact_id[:12]}")
+    return Connection(stream, io, remote_id, artifact_id, addr, path, node_id)
+
+
+class TcpConnector:
+    """Direct TCP to the address the tracker lists for a node."""
+
+    def __init__(self, node_id: str, *, connect_timeout: float, handshake_timeout: float) -> None:
+        self.node_id = node_id
+        self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+
+    async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
+        host, port = addr
+        where = f"{host}:{port}"
+        sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            with trio.fail_after(self.connect_timeout):
+                await sock.connect((host, port))
+            return await open_outgoing(trio.SocketStream(sock), node_id=self.node_id, remote_id=remote_id,
+                                       artifact_id=artifact_id, addr=where, path=ConnectionPath.DIRECT,
+                                       handshake_timeout=self.handshake_timeout)
+        except (OSError, trio.TooSlowError, PeerClosed, wire.ProtocolError) as e:
+            sock.close()
+            raise ConnectError(f"{where}: {e or type(e).__name__}") from None
+        except BaseException:
+            sock.close()
+            raise
+
+
+async def accept(
+    stream: trio.abc.Stream, addr: str, node_id: str, *, handshake_timeout: float, serves: Callable[[str], bool]
+) -> Connection:
+    """Handshake an incoming connection; `serves(artifact_id)`: do we have a swarm for it?
+
+    Raises PeerClosed (the caller closes the stream) when the peer named an artifact we do not
+    serve: it was told so with GOODBYE first.
+    """
+    io = StreamIO(stream)
+    hs = await read_handshake(io, handshake_timeout)
+    if not serves(hs.artifact_id):
+        await io.send_all(wire.encode(wire.Goodbye("unknown artifact")))
+        raise PeerClosed(CloseReason.WE_LEFT, f"unknown artifact {hs.artifact_id[:12]}")
+    await io.send_all(_handshake(node_id, hs.artifact_id))
+    return Connection(stream, io, hs.node_id, hs.artifact_id, addr, ConnectionPath.DIRECT, hs.node_id)

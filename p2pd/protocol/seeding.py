@@ -1,0 +1,75 @@
+"""What a complete node uploads, and what it tells requesters to fetch elsewhere (sans-IO).
+
+Duplicate uploads from the seed are what keeps BitTorrent above the Kumar–Ross bound: while some
+piece was never sent, the seed's upload is the swarm's bottleneck, and every copy it sends of a piece
+already out costs the whole swarm that much time. So a complete node answers DEFER ("ask someone
+else") for any piece it already sent while some piece was never sent; the requester is not left
+idle, because it still needs every unsent piece, which only the seed can give. Once everything was
+sent, it defers a piece that another connected, incomplete peer has announced, but only once per
+requester and piece, and never to a requester missing only a few pieces (`serve_tail`), so that
+deferral cannot stretch the tail; and never in favour of another complete node, or two seeds would
+send everyone back and forth.
+
+The check runs when a request arrives and again when its turn to be sent comes: two peers may have
+asked for the same unsent piece before either copy went out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+Peer = Hashable
+
+
+class DistinctFirstSeeding:
+    """The seed policy of one artifact on one node; counts what it sent and what it deferred."""
+
+    def __init__(self, num_pieces: int, *, enabled: bool = True, serve_tail: int = 16) -> None:
+        self.n = num_pieces
+        self.full = (1 << num_pieces) - 1
+        self.enabled = enabled
+        self.serve_tail = serve_tail
+        self._sent = bytearray(num_pieces)  # uploads per piece (saturating at 255)
+        self.unsent = num_pieces  # pieces never uploaded
+        self.pieces_sent = 0  # uploads of pieces, counting repeats
+        self.pieces_deferred = 0  # requests answered with DEFER
+        self._deferred_to: dict[Peer, set[int]] = {}  # pieces deferred once to each requester
+
+    @property
+    def pieces_sent_again(self) -> int:
+        """Uploads of pieces this node had uploaded before (a seed's copies cost the whole swarm)."""
+        return self.pieces_sent - (self.n - self.unsent)
+
+    def defer_request(self, piece: int, requester: Peer, have: Mapping[Peer, int], *, complete: bool) -> bool:
+        """Answer DEFER to `requester` asking for `piece`? `have`: every connected peer's announced pieces."""
+        if not (self.enabled and complete) or len(have) < 2:
+            return False
+        if self.defer_send(piece, complete=complete):
+            return True
+        once = self._deferred_to.setdefault(requester, set())
+        if self.n - have.get(requester, 0).bit_count() <= self.serve_tail or piece in once:
+            return False  # the tail, or asked again after a deferral: the requester found no one else
+        bit = 1 << piece
+        if any(p != requester and mask & bit and mask != self.full for p, mask in have.items()):
+            once.add(piece)
+            self.pieces_deferred += 1
+            return True
+        return False
+
+    def defer_send(self, piece: int, *, complete: bool) -> bool:
+        """At send time: is this a second copy while some piece was never sent? (counted as deferred)"""
+        if self.enabled and complete and self.unsent > 0 and self._sent[piece] > 0:
+            self.pieces_deferred += 1
+            return True
+        return False
+
+    def sent(self, piece: int) -> None:
+        self.pieces_sent += 1
+        if self._sent[piece] == 0:
+            self.unsent -= 1
+        if self._sent[piece] < 255:
+            self._sent[piece] += 1
+
+    def forget(self, peer: Peer) -> None:
+        """The peer left: its once-only deferrals go with it."""
+        self._deferred_to.pop(peer, None)

@@ -1,0 +1,229 @@
+"""One peer connection's protocol, as a state machine with no I/O (in the manner of h11).
+
+The I/O layer (p2pd/peer.py) reads a frame header and hands it to `on_header`, which says what the
+body is; it reads that many bytes and hands them to `on_control`, which returns what happened
+(`BitfieldReceived`, `UploadRequested`, ...) for the swarm to act on; or, for a PIECE, hands the
+sub-header to `on_piece_header`, reads the data straight into a piece buffer (no copy through this
+object), and asks `on_piece_received` whether the piece is still wanted. Everything we send to the
+peer except piece data is queued here as frames (`take_output`); the peer's requests wait in
+`uploads` until the writer gets to them.
+
+Every rule of a connection lives here and raises `ProtocolError` when the peer breaks it: BITFIELD
+first and only once, indices in range, no piece we did not ask for, piece lengths as the manifest
+says, at most `max_queued_requests` of its requests queued. Which requests are in flight is the
+picker's record (one record for the whole swarm); the session asks it, it keeps no copy.
+The simulator (netsim) and the daemon run this same code.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from p2pd.errors import CloseReason
+from p2pd.protocol import bitfield as bits
+from p2pd.protocol import wire
+from p2pd.protocol.manifest import Manifest
+from p2pd.protocol.picker import Arrival, Picker
+
+MAX_COMPRESSED_OVERHEAD = 1024  # zstd frame overhead on an incompressible piece (level 1 never grows it more)
+
+
+class PeerClosed(Exception):
+    """The connection is over; `reason` is what the swarm decides on, the text is for people."""
+
+    def __init__(self, reason: CloseReason, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else str(reason))
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class BitfieldReceived:
+    mask: int  # bit i = the peer has piece i
+
+
+@dataclass(frozen=True, slots=True)
+class HaveReceived:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRequested:
+    """The peer asks for a piece: the swarm answers with `accept_upload` or `defer` (the seed policy)."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRejected:
+    """The peer does not have a piece we asked it for."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDeferred:
+    """The peer has the piece but asks us to fetch it elsewhere for now."""
+
+    index: int
+
+
+Event = BitfieldReceived | HaveReceived | UploadRequested | RequestRejected | RequestDeferred
+
+
+class PeerSession:
+    """The protocol state of one connection to one remote node, for one artifact."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        picker: Picker,
+        *,
+        max_queued_requests: int = 64,
+        on_output: Callable[[], None] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.n = manifest.num_pieces
+        self.picker = picker
+        self.max_queued_requests = max_queued_requests
+        self.on_output = on_output  # the I/O layer's wakeup: frames or uploads are waiting to be sent
+        self.remote_have = 0  # pieces the remote has announced
+        self.bitfield_received = False
+        self.bitfield_sent = False
+        self.uploads: collections.deque[int] = collections.deque()  # its requests to us, in order
+        self._out = bytearray()
+
+    # -- incoming ----------------------------------------------------------------------------------
+    def on_header(self, header: bytes) -> tuple[wire.MsgType, int]:
+        """A frame header: (type, body length) once the limits and the BITFIELD-first rule hold."""
+        t, n = wire.parse_header(header, self.manifest.piece_size)
+        if not self.bitfield_received and t is not wire.MsgType.BITFIELD:
+            raise wire.ProtocolError(f"expected BITFIELD after handshake, got {t.name}")
+        return t, n
+
+    def on_control(self, t: wire.MsgType, body: bytes) -> Event | None:
+        """A control frame's body; returns what the swarm must act on, if anything."""
+        msg = wire.decode_body(t, body)
+        if isinstance(msg, wire.Have):
+            self._check_index(msg.index, "HAVE")
+            self.remote_have |= 1 << msg.index
+            return HaveReceived(msg.index)
+        if isinstance(msg, wire.Request):
+            self._check_index(msg.index, "REQUEST")
+            if len(self.uploads) >= self.max_queued_requests:
+                raise wire.ProtocolError(f"more than {self.max_queued_requests} requests queued")
+            return UploadRequested(msg.index)
+        if isinstance(msg, wire.Cancel):
+            try:
+                self.uploads.remove(msg.index)
+            except ValueError:
+                pass  # already sent or never asked: a cancel is advisory
+            return None
+        if isinstance(msg, wire.Reject | wire.Defer):
+            if self.picker.arrival(self, msg.index) is not Arrival.EXPECTED:
+                return None  # an answer to a request we since cancelled, or a stray one: nothing to undo
+            return RequestRejected(msg.index) if isinstance(msg, wire.Reject) else RequestDeferred(msg.index)
+        if isinstance(msg, wire.Bitfield):
+            if self.bitfield_received:
+                raise wire.ProtocolError("second BITFIELD")
+            wire.check_bitfield(msg.bits, self.n)
+            self.bitfield_received = True
+            self.remote_have = bits.from_bytes(msg.bits, self.n)
+            return BitfieldReceived(self.remote_have)
+        if isinstance(msg, wire.Goodbye):
+            raise PeerClosed(CloseReason.GOODBYE, msg.reason or "no reason given")
+        if isinstance(msg, wire.KeepAlive):
+            return None
+        raise wire.ProtocolError(f"unexpected {type(msg).__name__} after handshake")
+
+    def on_piece_header(self, sub: bytes, body_len: int) -> wire.PieceHeader:
+        """A PIECE frame's sub-header: the data that follows is `length` bytes, to be read whole."""
+        ph = wire.parse_piece_sub(sub, body_len)
+        self._check_index(ph.index, "PIECE")
+        if self.picker.arrival(self, ph.index) is Arrival.UNREQUESTED:
+            raise wire.ProtocolError(f"unrequested piece {ph.index}")
+        expected = self.manifest.piece_length(ph.index)
+        if ph.codec == wire.CODEC_RAW and ph.length != expected:
+            raise wire.ProtocolError(f"piece {ph.index} has {ph.length} bytes, expected {expected}")
+        if ph.codec == wire.CODEC_ZSTD and ph.length > expected + MAX_COMPRESSED_OVERHEAD:
+            raise wire.ProtocolError(f"compressed piece {ph.index} larger than the piece")
+        return ph
+
+    def check_decompressed(self, index: int, length: int) -> None:
+        expected = self.manifest.piece_length(index)
+        if length != expected:
+            raise wire.ProtocolError(f"piece {index} decompressed to {length} bytes, expected {expected}")
+
+    def on_piece_received(self, index: int) -> bool:
+        """The piece's data is all here: True if we still want it (else it was cancelled: drop it)."""
+        return self.picker.arrived(self, index) is Arrival.EXPECTED
+
+    def _check_index(self, index: int, what: str) -> None:
+        if not 0 <= index < self.n:
+            raise wire.ProtocolError(f"{what} for piece {index} out of range")
+
+    # -- outgoing ----------------------------------------------------------------------------------
+    def _queue(self, msg: wire.Message) -> None:
+        self._out += wire.encode(msg)
+        if self.on_output is not None:
+            self.on_output()
+
+    def send_bitfield(self, have: int) -> None:
+        """The first frame after the handshake, sent exactly once."""
+        if self.bitfield_sent:
+            raise RuntimeError("BITFIELD already sent on this connection")
+        self.bitfield_sent = True
+        self._queue(wire.Bitfield(bits.to_bytes(have, self.n)))
+
+    def send_have(self, index: int) -> None:
+        self._queue(wire.Have(index))
+
+    def request_more(self, depth: int) -> int:
+        """Ask for pieces (the picker decides which) until `depth` are pending; returns how many were asked."""
+        picker = self.picker
+        if not picker.knows(self):
+            return 0
+        asked = 0
+        while picker.outstanding(self) < depth:
+            i = picker.next_request(self)
+            if i is None:
+                break
+            self._queue(wire.Request(i))
+            asked += 1
+        return asked
+
+    def cancel(self, index: int) -> None:
+        self._queue(wire.Cancel(index))
+
+    def accept_upload(self, index: int) -> None:
+        self.uploads.append(index)
+        if self.on_output is not None:
+            self.on_output()
+
+    def reject(self, index: int) -> None:
+        self._queue(wire.Reject(index))
+
+    def defer(self, index: int) -> None:
+        self._queue(wire.Defer(index))
+
+    def keepalive(self) -> None:
+        self._queue(wire.KeepAlive())
+
+    def goodbye(self, reason: str) -> None:
+        """We leave: no more uploads, and GOODBYE is the last frame."""
+        self.uploads.clear()
+        self._queue(wire.Goodbye(reason))
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out)
+
+    def take_output(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def next_upload(self) -> int | None:
+        return self.uploads.popleft() if self.uploads else None

@@ -1,0 +1,171 @@
+"""Reads and writes of peer frames over any trio Stream, with a fast path for TCP sockets.
+
+However a connection was obtained (dialled, accepted, and later punched or relayed), the peer layer
+gets a trio `Stream`. Over a plain TCP socket (`trio.SocketStream`) piece data never passes through
+a Python-level copy: it is received straight into the piece buffer (recv_into, waking once per
+PAYLOAD_LOWAT bytes) and sent from the page cache with sendfile. Over any other stream the same
+calls work through `receive_some` / `send_all`, a copy slower and with the same results.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import socket
+import termios
+
+import trio
+
+from p2pd.errors import CloseReason
+from p2pd.protocol.ratelimit import Hierarchy
+from p2pd.protocol.session import PeerClosed
+
+RECV_CHUNK = 256 * 1024
+SMALL_READ = 16 * 1024  # frame headers and control messages: never pull much piece payload through rbuf
+SEND_CHUNK = 256 * 1024
+PAYLOAD_LOWAT = 256 * 1024  # wake the reader of a piece once this much of it is queued (SO_RCVLOWAT)
+
+
+async def throttle(limiter: Hierarchy | None, n: int) -> None:
+    """Reserve `n` bytes of the limit, then wait out the debt (both directions, every limited transfer)."""
+    if limiter is not None:
+        delay = limiter.reserve(n, trio.current_time())
+        if delay > 0:
+            await trio.sleep(delay)
+
+
+class StreamIO:
+    """Buffered reads and whole writes over one connection's stream (which its owner closes)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        # the socket fast path: only a plain TCP stream has a socket whose bytes are the peer's
+        self.sock: trio.socket.SocketType | None = stream.socket if isinstance(stream, trio.SocketStream) else None
+        if self.sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            # trio.SocketStream caps unsent bytes at 16 KiB (good for its send_all); sendfile of a
+            # piece would then wake up every 16 KiB. 0 = the system default (no cap).
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 0)
+        self.rbuf = bytearray()
+        self.last_recv = trio.current_time()
+        self.bytes_in = 0
+        self._queued = 0  # bytes the kernel held unread at the watchdog's last look
+
+    async def _receive(self, max_bytes: int) -> bytes:
+        if self.sock is not None:
+            data = await self.sock.recv(max_bytes)
+        else:
+            data = await self.stream.receive_some(max_bytes)
+        if not data:
+            raise PeerClosed(CloseReason.REMOTE_CLOSED, "connection closed by peer")
+        self.last_recv = trio.current_time()
+        self.bytes_in += len(data)
+        return bytes(data)
+
+    async def read_exactly(self, n: int) -> bytes:
+        while len(self.rbuf) < n:
+            self.rbuf += await self._receive(max(SMALL_READ, n - len(self.rbuf)))
+        out = bytes(self.rbuf[:n])
+        del self.rbuf[:n]
+        return out
+
+    async def read_into(self, view: memoryview, limiter: Hierarchy | None) -> None:
+        """Fill `view` completely: buffered bytes first, then straight from the stream.
+
+        Without a receive low-water mark the kernel wakes the reader for every few packets of a
+        piece, and each wakeup (epoll, scheduler, a short recv) costs the CPU that a node serving
+        many peers on few cores runs out of. With SO_RCVLOWAT at the rest of the piece (at most
+        PAYLOAD_LOWAT) the reader wakes once per PAYLOAD_LOWAT bytes instead. The mark is lowered
+        as the piece completes (the kernel must never wait for bytes that are not coming) and reset
+        to 1 for the frame headers that follow; `queued_grew` keeps the stall watchdog from
+        mistaking a slow piece that is queueing up below the mark for a stalled peer.
+        """
+        pos = min(len(self.rbuf), len(view))
+        if pos:
+            view[:pos] = self.rbuf[:pos]
+            del self.rbuf[:pos]
+        if self.sock is None:
+            while pos < len(view):
+                want = len(view) - pos
+                if limiter is not None:
+                    want = min(limiter.chunk(RECV_CHUNK), want)
+                    await throttle(limiter, want)
+                data = await self._receive(want)
+                view[pos : pos + len(data)] = data
+                pos += len(data)
+            return
+        sock = self.sock
+        lowat = 1
+        try:
+            while pos < len(view):
+                want = len(view) - pos
+                if limiter is not None:
+                    want = min(limiter.chunk(RECV_CHUNK), want)
+                    await throttle(limiter, want)
+                mark = min(want, PAYLOAD_LOWAT)
+                if mark != lowat:
+                    self.set_lowat(mark)
+                    lowat = mark
+                await trio.lowlevel.wait_readable(sock)  # not recv_into first: it would take a few packets
+                n = await sock.recv_into(view[pos : pos + want])
+                if not n:
+                    raise PeerClosed(CloseReason.REMOTE_CLOSED, "connection closed by peer mid-piece")
+                self.last_recv = trio.current_time()
+                self.bytes_in += n
+                pos += n
+        finally:
+            if lowat != 1:
+                self.set_lowat(1)
+
+    def set_lowat(self, n: int) -> None:
+        if self.sock is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+        self._queued = 0
+
+    def queued_grew(self) -> bool:
+        """True (and the receive clock reset) if bytes not yet read have arrived since the last call."""
+        if self.sock is None:
+            return False  # a stream without a socket hands over what arrived at once: nothing waits below a mark
+        buf = array.array("i", [0])
+        fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, buf)
+        if buf[0] > self._queued:
+            self._queued = buf[0]
+            self.last_recv = trio.current_time()
+            return True
+        return False
+
+    async def send_all(self, data: bytes | bytearray | memoryview, *, more: bool = False) -> None:
+        """Send everything; `more`: the caller sends the rest of this message next (MSG_MORE), so a
+        small header leaves in the same segment as the data behind it instead of costing the
+        receiver a wakeup of its own (TCP_NODELAY is on for the small control messages)."""
+        if self.sock is None:
+            await self.stream.send_all(data)
+            return
+        view = memoryview(data)
+        flags = socket.MSG_MORE if more else 0
+        while view:
+            n = await self.sock.send(view, flags)
+            view = view[n:]
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+        if self.sock is None:
+            while count:
+                data = os.pread(fd, min(count, SEND_CHUNK), offset)
+                if not data:
+                    raise PeerClosed(CloseReason.INTERNAL, "file shorter than the manifest says")
+                await self.stream.send_all(data)
+                offset += len(data)
+                count -= len(data)
+            return
+        out = self.sock.fileno()
+        while count:
+            try:
+                n = os.sendfile(out, fd, offset, count)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            if n == 0:
+                raise PeerClosed(CloseReason.INTERNAL, "file shorter than the manifest says")
+            offset += n
+            count -= n
+            await trio.lowlevel.checkpoint_if_cancelled()
