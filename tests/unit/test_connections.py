@@ -17,7 +17,7 @@ import trio.testing
 
 from p2pd import connections, storage
 from p2pd.config import SwarmConfig
-from p2pd.connections import Connection, ConnectionPath, ConnectError
+from p2pd.connections import ConnectError, Connection, ConnectionPath
 from p2pd.errors import CloseReason
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf

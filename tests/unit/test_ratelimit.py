@@ -11,9 +11,9 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pd.stream_io import SEND_CHUNK, throttle
 from p2pd.protocol import ratelimit
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, parse_rate, parse_size, unlimited
+from p2pd.stream_io import SEND_CHUNK, throttle
 from tests.unit._util import FAST
 
 MB = 1e6

@@ -16,10 +16,10 @@ import trio
 import trio.testing
 
 from p2pd import storage, swarm
+from p2pd.config import SwarmConfig
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.storage import Catalog, PieceStore
-from p2pd.config import SwarmConfig
 from p2pd.swarm import Swarm
 
 PIECE = 1 << 16
