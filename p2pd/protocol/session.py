@@ -12,7 +12,7 @@ Every rule of a connection lives here and raises `ProtocolError` when the peer b
 first and only once, indices in range, no piece we did not ask for, piece lengths as the manifest
 says, at most `max_queued_requests` of its requests queued. Which requests are in flight is the
 picker's record (one record for the whole swarm); the session asks it, it keeps no copy.
-The simulator (netsim) and the daemon run this same code.
+Having no I/O, it runs unchanged in the daemon, in unit tests and in a simulator.
 """
 
 from __future__ import annotations
