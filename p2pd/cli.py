@@ -22,6 +22,7 @@ from p2pd.config import DaemonConfig, SwarmConfig
 from p2pd.paths import default_data_dir, socket_path
 from p2pd.rpc import RpcError, connect_unix, parse_hostport
 from p2pd.trio_util import leaf_exceptions
+from p2pd.units import format_rate, format_size, parse_rate, parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="p2pd: peer-to-peer distribution of models and packed environments.")
@@ -82,7 +83,6 @@ def run(
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon
-    from p2pd.protocol.ratelimit import parse_rate
     from p2pd.storage import StorageError
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
@@ -90,8 +90,8 @@ def run(
     try:
         trackers = [parse_hostport(t.strip()) for t in tracker.split(",") if t.strip()]
         listen_hp = parse_hostport(listen, default_host="0.0.0.0")
-        egress = parse_rate(egress_limit) if egress_limit else None
-        ingress = parse_rate(ingress_limit) if ingress_limit else None
+        egress = _rate_option("--egress-limit", egress_limit)
+        ingress = _rate_option("--ingress-limit", ingress_limit)
         labels = dict(kv.split("=", 1) for kv in label)
     except ValueError as e:
         fail(str(e))
@@ -148,7 +148,7 @@ def publish(
     res = run_client(lambda: call(sock, "publish", {"path": str(path.resolve()), "name": name},
                                   timeout=120, on_event=progress.update))
     progress.finish()
-    typer.echo(f"published {res['name']} = {res['artifact_id']} ({human_bytes(res['size'])}, {res['pieces']} pieces)",
+    typer.echo(f"published {res['name']} = {res['artifact_id']} ({format_size(res['size'])}, {res['pieces']} pieces)",
                err=True)
     typer.echo(res["artifact_id"])
 
@@ -171,7 +171,7 @@ def fetch(
     if as_json:
         typer.echo(json.dumps(res))
         return
-    typer.echo(f"{name}: {human_bytes(res['size'])} verified ({res['artifact_id'][:12]})", err=True)
+    typer.echo(f"{name}: {format_size(res['size'])} verified ({res['artifact_id'][:12]})", err=True)
     typer.echo(res.get("env_dir") or res["path"])
 
 
@@ -209,7 +209,7 @@ def pack_env(
         fail(str(e))
         return
     progress.finish()
-    typer.echo(f"packed {conda or venv} into {archive} ({human_bytes(archive.stat().st_size)}) "
+    typer.echo(f"packed {conda or venv} into {archive} ({format_size(archive.stat().st_size)}) "
                f"in {time.monotonic() - t0:.1f} s", err=True)
     sock = socket_path(socket, data_dir)
     hashing = Progress("hashing")
@@ -239,8 +239,8 @@ def status(data_dir: Path = DataDirOpt, socket: Path = SocketOpt,
         t.add_column(col)
     for a in res["artifacts"]:
         pct = 100.0 * a["bytes_done"] / a["size"] if a["size"] else 100.0
-        t.add_row(a["name"], a["artifact_id"][:12], a["state"], f"{pct:.1f}%", human_bytes(a["size"]), str(a["peers"]),
-                  human_rate(a["down_rate"]), human_rate(a["up_rate"]), a["path"])
+        t.add_row(a["name"], a["artifact_id"][:12], a["state"], f"{pct:.1f}%", format_size(a["size"]), str(a["peers"]),
+                  format_rate(a["down_rate"]), format_rate(a["up_rate"]), a["path"])
     Console().print(t)
 
 
@@ -260,13 +260,16 @@ def demo(
 ) -> None:
     """Local demo: a tracker and several daemons on this machine share a generated multi-GB artifact."""
     from p2pd.demo import run_demo
-    from p2pd.protocol.ratelimit import parse_size
 
     try:
         nbytes = parse_size(size)
     except ValueError as e:
-        fail(str(e))
+        fail(f"--size: {e}")
         return
+    try:  # checked here too: the daemons it is passed to would only say so in their log files
+        _rate_option("--egress-limit", egress_limit)
+    except ValueError as e:
+        fail(str(e))
     if nodes < 1:
         fail("--nodes must be at least 1")
     code = run_demo(nodes=nodes, size=nbytes, workdir=workdir, egress_limit=egress_limit)
@@ -274,16 +277,14 @@ def demo(
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def human_rate(r: float) -> str:
-    return f"{r / 1e6:.1f} MB/s"
+def _rate_option(option: str, text: str | None) -> float | None:
+    """Bytes per second of a RATE option, None when not given; the error names the option."""
+    if not text:
+        return None
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise ValueError(f"{option}: {e}") from None
 
 
 class Progress:
@@ -319,9 +320,9 @@ class Progress:
         elif time.monotonic() - self.last_line >= 2.0:
             self.last_line = time.monotonic()
             pct = 100.0 * done / total if total else 0.0
-            rate = f", {human_rate(ev['down_rate'])}" if "down_rate" in ev else ""
+            rate = f", {format_rate(ev['down_rate'])}" if "down_rate" in ev else ""
             peers = f", {ev['peers']} peers" if "peers" in ev else ""
-            print(f"{phase}: {pct:5.1f}% of {human_bytes(total)}{rate}{peers}", file=sys.stderr, flush=True)
+            print(f"{phase}: {pct:5.1f}% of {format_size(total)}{rate}{peers}", file=sys.stderr, flush=True)
 
     def finish(self) -> None:
         if self.bar is not None:

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from p2pd.rpc import RpcError, connect_unix, free_port
 from p2pd.trio_util import collapse_single
+from p2pd.units import format_rate, format_size
 
 console = Console(stderr=True)
 POOL = 16 << 20
@@ -84,7 +85,7 @@ def pick_workdir(size: int, nodes: int) -> Path:
         return Path(tempfile.mkdtemp(prefix="p2pd-demo-", dir=shm))
     base = Path(tempfile.gettempdir())
     if shutil.disk_usage(base).free < need:
-        raise SystemExit(f"p2pd demo: need {need / 1e9:.1f} GB free in /dev/shm or {base}; use a smaller --size")
+        raise SystemExit(f"p2pd demo: need {format_size(need)} free in /dev/shm or {base}; use a smaller --size")
     return Path(tempfile.mkdtemp(prefix="p2pd-demo-", dir=base))
 
 
@@ -98,7 +99,7 @@ def run_demo(*, nodes: int, size: int, workdir: Path | None, egress_limit: str |
         t0 = time.monotonic()
         src = work / "source" / "demo-model"
         generate_model(src, size)
-        console.print(f"generated a {size / 2**30:.2f} GiB model snapshot in {time.monotonic() - t0:.1f} s: {src}")
+        console.print(f"generated a {format_size(size)} model snapshot in {time.monotonic() - t0:.1f} s: {src}")
         tport = free_port()
         procs.append(spawn([sys.executable, "-m", "tracker.cli", "serve", "--listen", f"127.0.0.1:{tport}"],
                            work / "tracker.log"))
@@ -203,8 +204,8 @@ async def _drive(src: Path, socks: list[Path], size: int, work: Path, procs: lis
         "per_node_seconds": {f"node{i}": round(results[i]["seconds"], 2) for i in tasks},
         "bytes_verified_independently": verified,
     }
-    console.print(f"[bold green]done[/]: {n} nodes × {size / 2**30:.2f} GiB in {elapsed:.1f} s — "
-                  f"{summary['aggregate_MBps']} MB/s delivered in total; {verified / 2**30:.2f} GiB compared "
+    console.print(f"[bold green]done[/]: {n} nodes × {format_size(size)} in {elapsed:.1f} s — "
+                  f"{format_rate(n * size / elapsed)} delivered in total; {format_size(verified)} compared "
                   "byte for byte with the source: identical")
     print(json.dumps(summary))
     return 0

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from p2pd.protocol.ratelimit import parse_size
+from p2pd.units import format_size, parse_size
 from ray_plugin import daemon_client, models
 from ray_plugin.local import P2PNet, exit_on_sigterm, ray_cluster
 
@@ -87,7 +87,7 @@ def run(size: int, nodes: int, workdir: Path, early: bool = True) -> dict[str, A
     try:
         t0 = time.monotonic()
         layers, nbytes = make_model(workdir / "model", size)
-        _say(f"model: {len(layers)} layers, {nbytes / 2**30:.2f} GiB, written in {time.monotonic() - t0:.1f} s")
+        _say(f"model: {len(layers)} layers, {format_size(nbytes)}, written in {time.monotonic() - t0:.1f} s")
         x = np.random.default_rng(1).standard_normal((1, WIDTH)).astype(np.float32)
         want = models.forward_numpy(layers, x, "tanh")
         del layers
@@ -167,9 +167,16 @@ def run(size: int, nodes: int, workdir: Path, early: bool = True) -> dict[str, A
         net.close()
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:  # argparse would print its own "invalid _size value" instead of why
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="2GiB", help="model size (SIZE, e.g. 2GiB, 256MiB)")
+    ap.add_argument("--size", type=_size, default="2GiB", help="model size (SIZE, e.g. 2GiB, 256MiB)")
     ap.add_argument("--nodes", type=int, default=3, help="Ray nodes, each with its own daemon")
     ap.add_argument(
         "--mode",
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="p2pbench-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(parse_size(args.size), args.nodes, workdir, early=args.mode == "early")
+        result = run(args.size, args.nodes, workdir, early=args.mode == "early")
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

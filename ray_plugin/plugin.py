@@ -40,6 +40,7 @@ from typing import Any
 from ray._private.runtime_env.context import RuntimeEnvContext
 from ray._private.runtime_env.plugin import RuntimeEnvPlugin
 
+from p2pd.units import format_rate, format_size
 from ray_plugin import daemon_client
 from ray_plugin.daemon_client import DaemonError, DaemonUnavailable
 from ray_plugin.spec import FIELD, ArtifactRef, EnvMismatch, P2PSpec, check_env_compat, parse_spec
@@ -86,14 +87,6 @@ class _Fetch:
     waiters: int = 0
     last_log: float = 0.0
     last_phase: str = ""
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def explain(ref: ArtifactRef, err: DaemonError) -> str:
@@ -317,11 +310,11 @@ class P2PPlugin(RuntimeEnvPlugin):
         pct = f"{100.0 * done / size:.0f}% " if size else ""
         rate = event.get("down_rate")
         extra = f", {event.get('peers')} peers" if event.get("peers") is not None else ""
-        extra += f", {_fmt_bytes(rate)}/s" if rate else ""
+        extra += f", {format_rate(rate)}" if rate else ""
         self._log(
             fetch,
             logging.INFO,
-            f"p2p: {fetch.ref.kind} {fetch.ref.name} {phase} {pct}({_fmt_bytes(done)} of {_fmt_bytes(size)}{extra})",
+            f"p2p: {fetch.ref.kind} {fetch.ref.name} {phase} {pct}({format_size(done)} of {format_size(size)}{extra})",
         )
 
     def _log(self, fetch: _Fetch, level: int, msg: str) -> None:

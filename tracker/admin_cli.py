@@ -20,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from p2pd.units import format_rate, format_size, parse_rate
+
 admin_app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
     help="Administer a running tracker over its HTTP admin API.",
@@ -76,15 +78,6 @@ def out_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def size(n: int) -> str:
-    f = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if f < 1024 or unit == "TiB":
-            return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
-        f /= 1024
-    return str(n)
-
-
 def console() -> Console:
     # piped output gets a wide fixed width so ids are never cut; a terminal uses its own width
     return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -119,7 +112,7 @@ def artifacts(tracker: Url, token: Token, json_: Json = False) -> None:
         t.add_column(col, justify="right" if col in ("size", "pieces", "complete", "partial") else "left")
     for a in sorted(r["artifacts"], key=lambda a: (a["names"] == [], a["names"], a["artifact_id"])):
         t.add_row(a["artifact_id"][:16], ", ".join(a["names"]) or "-", a["kind"] or "-",
-                  size(a["size"]) if a["has_manifest"] else "-", str(a["pieces"] or "-"), str(a["complete"]),
+                  format_size(a["size"]) if a["has_manifest"] else "-", str(a["pieces"] or "-"), str(a["complete"]),
                   str(a["partial"]))
     console().print(t)
 
@@ -132,7 +125,7 @@ def swarm(name: Annotated[str, typer.Argument(help="NAME:TAG or a 64-hex artifac
     r = call(tracker, token, "GET", "/v1/swarm?" + urllib.parse.urlencode({key: name}))
     if json_:
         return out_json(r)
-    t = Table(title=f"{name}  {r['artifact_id'][:16]}  {size(r['size'])}  "
+    t = Table(title=f"{name}  {r['artifact_id'][:16]}  {format_size(r['size'])}  "
                     f"{r['complete']} complete, {r['partial']} partial")
     for col in ("node", "address", "zone", "progress"):
         t.add_column(col, justify="right" if col == "progress" else "left")
@@ -185,25 +178,29 @@ def policy(
     ingress_limit: Annotated[str | None, typer.Option(help="Per-node download cap; 'none' clears.")] = None,
 ) -> None:
     """Show the cluster policy pushed to every node with heartbeat replies, or change it."""
+    changes: dict[str, float | None] = {}  # None clears; parsed before any request so a typo costs no round trip
+    for key, value in (("egress_limit", egress_limit), ("ingress_limit", ingress_limit)):
+        if value is None:
+            continue
+        if value.strip().lower() in ("none", "off", "0"):
+            changes[key] = None
+            continue
+        try:
+            changes[key] = parse_rate(value)
+        except ValueError as e:
+            typer.echo(f"p2p-tracker: error: --{key.replace('_', '-')}: {e}", err=True)
+            raise typer.Exit(1) from None
     current = call(tracker, token, "GET", "/v1/policy")["policy"]
-    if egress_limit is not None or ingress_limit is not None:
-        from p2pd.protocol.ratelimit import parse_rate
-
-        for key, value in (("egress_limit", egress_limit), ("ingress_limit", ingress_limit)):
-            if value is None:
-                continue
-            if value.strip().lower() in ("none", "off", "0"):
+    if changes:
+        for key, rate in changes.items():
+            if rate is None:
                 current.pop(key, None)
-                continue
-            try:
-                current[key] = parse_rate(value)
-            except ValueError as e:
-                typer.echo(f"p2p-tracker: error: --{key.replace('_', '-')}: {e}", err=True)
-                raise typer.Exit(1) from None
+            else:
+                current[key] = rate
         current = call(tracker, token, "PUT", "/v1/policy", {"policy": current})["policy"]
     if json_:
         return out_json({"policy": current})
     if not current:
         typer.echo("no cluster policy (nodes use their own limits)")
     for k, v in sorted(current.items()):
-        typer.echo(f"{k}: {v / 1e6:g} MB/s")
+        typer.echo(f"{k}: {format_rate(v)}")

@@ -20,7 +20,7 @@ import sys
 from netsim.bench.clients import CLIENT_NAMES
 from netsim.bench.harness import BenchError
 from netsim.emu import EmuError, Terminated
-from netsim.units import parse_rate, parse_size
+from p2pd.units import parse_size, rate_bits
 
 
 def _clients(text: str) -> list[str]:
@@ -38,9 +38,10 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
-def _rate(text: str) -> int:
+def _rate_bits(text: str) -> int:
+    """Bits per second: what tc shapes and the bound counts (a RATE is bytes/s until converted here)."""
     try:
-        return parse_rate(text)
+        return rate_bits(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
 
@@ -53,8 +54,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("swarm", help="1 seed + N peers, all clients side by side")
     s.add_argument("--peers", type=int, default=4)
     s.add_argument("--size", type=_size, default=parse_size("512MiB"), help="payload SIZE (512MiB, 2GiB, ...)")
-    s.add_argument("--rate", type=_rate, default=parse_rate("200Mbit/s"), help="every link, both ways (RATE)")
-    s.add_argument("--seed-rate", type=_rate, default=None, help="the seed's link (default: --rate)")
+    s.add_argument("--rate", type=_rate_bits, default=rate_bits("200Mbit/s"), help="every link, both ways (RATE)")
+    s.add_argument("--seed-rate", type=_rate_bits, default=None, help="the seed's link (default: --rate)")
     s.add_argument("--clients", type=_clients, default=list(CLIENT_NAMES))
     s.add_argument("--runs", type=int, default=3)
     s.add_argument("--topology", choices=["emu", "loopback"], default="emu")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from netsim.bench.swarm import SwarmOptions, run_swarm
-from netsim.units import fmt_size
+from p2pd.units import format_size_exact
 
 
 @dataclass
@@ -40,6 +40,6 @@ def run_pair(o: PairOptions, log: IO[str] = sys.stderr) -> dict[str, Any]:
     same = len(pr) == len(hr) == o.runs
     res["p2pd_vs_curl_runs"] = [round(a / b, 3) for a, b in zip(pr, hr, strict=True)] if same else None
     parts = [f"{k} {v['agg_MBps']:.0f} MB/s" if v["agg_MBps"] else f"{k} FAILED" for k, v in cl.items()]
-    res["headline"] = (f"pair loopback {fmt_size(o.size)}: " + ", ".join(parts).replace("http", "curl<-nginx")
+    res["headline"] = (f"pair loopback {format_size_exact(o.size)}: " + ", ".join(parts).replace("http", "curl<-nginx")
                        + (f"; p2pd/curl {res['p2pd_vs_curl']:.2f}" if res["p2pd_vs_curl"] else ""))
     return res

@@ -28,7 +28,7 @@ from netsim.bench.clients.base import Client
 from netsim.bench.harness import REPO_ROOT, BenchError, Ctx, Net, build_net, make_payload
 from netsim.bench.model import kumar_ross, summarize
 from netsim.emu import Topology, new_prefix
-from netsim.units import fmt_rate, fmt_size
+from p2pd.units import format_bits_rate, format_size_exact
 
 SHM = "/dev/shm"
 
@@ -115,8 +115,8 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
             timeout = o.timeout_s or (max(120.0, 10 * t_min) if t_min else 600.0)
             ctx = Ctx(net=net, payload=payload, size=o.size, work=work, timeout_s=timeout, log=log, keep_logs=o.keep,
                       trace=o.trace)
-            ctx.say(f"{o.topology}: 1 seed + {o.peers} peers, {fmt_size(o.size)}"
-                    + (f" at {fmt_rate(o.rate_bps)}, T_min {t_min:.2f} s" if t_min else "") + f" ({prefix})")
+            ctx.say(f"{o.topology}: 1 seed + {o.peers} peers, {format_size_exact(o.size)}"
+                    + (f" at {format_bits_rate(o.rate_bps)}, T_min {t_min:.2f} s" if t_min else "") + f" ({prefix})")
             if o.topology == "emu" and o.iperf:
                 measured_bps = measure_iperf(net)
                 ctx.say(f"iperf3 seed->p1: {measured_bps / 1e6:.1f} Mbit/s")
@@ -215,12 +215,12 @@ def report(o: SwarmOptions, results: dict[str, list], failures: dict[str, list[s
 def headline(res: dict[str, Any]) -> str:
     """One line: each client's ratio to T_min (emu) or delivered MB/s (loopback), best first."""
     cl = res["clients"]
-    size = fmt_size(res["size_bytes"])
+    size = format_size_exact(res["size_bytes"])
     if res["topology"] == "emu":
         ok = sorted(((v["ratio"], k) for k, v in cl.items() if v["ratio"] is not None))
         parts = [f"{k} {r:.2f}x" for r, k in ok] + [f"{k} FAILED" for k, v in cl.items() if v["ratio"] is None]
-        return (f"swarm 1+{res['peers']} {size} @ {fmt_rate(res['rate_bps'])}: T/T_min (T_min {res['t_min_s']:.2f} s): "
-                + ", ".join(parts))
+        return (f"swarm 1+{res['peers']} {size} @ {format_bits_rate(res['rate_bps'])}: "
+                f"T/T_min (T_min {res['t_min_s']:.2f} s): " + ", ".join(parts))
     ok = sorted(((v["agg_MBps"], k) for k, v in cl.items() if v["agg_MBps"] is not None), reverse=True)
     parts = [f"{k} {m:.0f} MB/s" for m, k in ok] + [f"{k} FAILED" for k, v in cl.items() if v["agg_MBps"] is None]
     line = f"swarm loopback 1+{res['peers']} {size}: delivered " + ", ".join(parts)

@@ -10,11 +10,11 @@ import pytest
 
 from netsim.bench.clients import make_client
 from netsim.bench.swarm import SwarmOptions, run_swarm
-from netsim.units import parse_rate, parse_size
+from p2pd.units import parse_size, rate_bits
 
 pytestmark = pytest.mark.emu
 
-SMALL = {"peers": 3, "size": parse_size("64MiB"), "rate_bps": parse_rate("100Mbit/s"), "runs": 1, "iperf": False}
+SMALL = {"peers": 3, "size": parse_size("64MiB"), "rate_bps": rate_bits("100Mbit/s"), "runs": 1, "iperf": False}
 
 
 def swarm(clients: list[str]) -> dict:

@@ -1,4 +1,7 @@
-"""The parts of netsim that need no root: units, the bound, bencode/torrents, the BitTorrent tracker (loopback)."""
+"""The parts of netsim that need no root: the bound, bencode/torrents, the BitTorrent tracker (loopback).
+
+netsim's SIZE and RATE strings are p2pd.units, tested in tests/unit/test_units.py.
+"""
 
 from __future__ import annotations
 
@@ -15,25 +18,6 @@ import pytest
 
 from netsim.bench.bt import bencode, make_torrent, tracker_server
 from netsim.bench.model import kumar_ross, summarize
-from netsim.units import fmt_rate, fmt_size, parse_rate, parse_size
-
-
-def test_units() -> None:
-    assert parse_size("512MiB") == 512 << 20
-    assert parse_size("2GiB") == 2 << 30
-    assert parse_size("100MB") == 100_000_000
-    assert parse_size("64M") == 64 << 20
-    assert parse_size("4096") == 4096
-    assert parse_rate("200Mbit/s") == parse_rate("200mbit") == 200_000_000
-    assert parse_rate("50MB/s") == 400_000_000
-    assert parse_rate("40MiB/s") == 40 * 2**20 * 8
-    assert parse_rate("1000") == 8000  # plain number = bytes/s (docs/interfaces.md)
-    for bad in ("200M", "fast", "1.2.3MiB", ""):
-        with pytest.raises(ValueError):
-            parse_rate(bad)
-    with pytest.raises(ValueError):
-        parse_size("12 parsecs")
-    assert fmt_size(512 << 20) == "512MiB" and fmt_rate(200e6) == "200Mbit/s"
 
 
 def test_kumar_ross() -> None:
