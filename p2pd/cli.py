@@ -2,7 +2,8 @@
 
 How a command finds its daemon: `--socket PATH`, else $P2PD_SOCKET, else `--data-dir DIR` or
 $P2PD_DATA_DIR + `/p2pd.sock`, else the default data dir (/var/lib/p2pd as root, else
-~/.local/share/p2pd). Errors are one line on stderr and a non-zero exit, never a traceback.
+~/.local/share/p2pd). Errors are one line on stderr and a non-zero exit, never a traceback; the exit
+status says what kind of failure it was (`ErrorCode.exit_status`, the table in docs/interfaces.md).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 import typer
 
 from p2pd.config import DaemonConfig, SwarmConfig
+from p2pd.errors import EXIT_INTERRUPTED, ErrorCode, P2pdError
 from p2pd.paths import default_data_dir, socket_path
 from p2pd.rpc import RpcError, connect_unix, parse_hostport
 from p2pd.trio_util import leaf_exceptions
@@ -28,9 +30,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="p2pd: peer-to-peer distribution of models and packed environments.")
 
 
-def fail(msg: str, code: int = 1) -> None:
+def fail(msg: str, code: ErrorCode) -> NoReturn:
+    exit_with(msg, code.exit_status)
+
+
+def exit_with(msg: str, status: int) -> NoReturn:
     typer.echo(f"p2pd: error: {msg}", err=True)
-    raise typer.Exit(code)
+    raise typer.Exit(status)
 
 
 DataDirOpt = typer.Option(None, "--data-dir", help="data dir of the daemon to talk to")
@@ -43,7 +49,7 @@ async def call(sock: Path, method: str, params: dict[str, Any], *, timeout: floa
         async with connect_unix(str(sock)) as client:
             return await client.call(method, params, timeout=timeout, on_event=on_event)
     except (OSError, trio.TooSlowError) as e:
-        raise RpcError("daemon_unreachable", f"cannot reach the p2pd daemon at {sock} ({e.__class__.__name__}): "
+        raise RpcError(ErrorCode.UNREACHABLE, f"cannot reach the p2pd daemon at {sock} ({e.__class__.__name__}): "
                        "is `p2pd run` (or the p2pd service) running with this data dir?") from None
 
 
@@ -51,14 +57,14 @@ def run_client(fn: Any, *args: Any) -> Any:
     try:
         return trio.run(fn, *args)
     except RpcError as e:
-        fail(e.message)
+        fail(e.message, e.code)
     except BaseExceptionGroup as eg:
         for leaf in leaf_exceptions(eg):
             if isinstance(leaf, RpcError):
-                fail(leaf.message)
+                fail(leaf.message, leaf.code)
         raise
     except KeyboardInterrupt:
-        fail("interrupted (the daemon keeps downloading)", 130)
+        exit_with("interrupted (the daemon keeps downloading)", EXIT_INTERRUPTED)
 
 
 # ----------------------------------------------------------------------------------------- run
@@ -83,7 +89,6 @@ def run(
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon
-    from p2pd.storage import StorageError
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -94,13 +99,12 @@ def run(
         ingress = _rate_option("--ingress-limit", ingress_limit)
         labels = dict(kv.split("=", 1) for kv in label)
     except ValueError as e:
-        fail(str(e))
-        return
+        fail(str(e), ErrorCode.BAD_REQUEST)
     data = (data_dir or default_data_dir()).expanduser().resolve()
     try:
         data.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        fail(f"cannot create data dir {data}: {e.strerror}")
+        fail(f"cannot create data dir {data}: {e.strerror}", ErrorCode.STORAGE)
     cfg = DaemonConfig(trackers=trackers, listen=listen_hp, data_dir=data, egress_limit=egress, ingress_limit=ingress,
                        advertise=advertise, labels=labels, tracker_wait=tracker_wait,
                        swarm=SwarmConfig(max_peers=max_peers, pipeline_depth=pipeline, stall_timeout=stall_timeout,
@@ -124,12 +128,12 @@ def run(
     except BaseException as e:  # report the root cause in one line; a traceback only at debug level
         leaves = leaf_exceptions(e)
         for leaf in leaves:
-            if isinstance(leaf, (RpcError, StorageError)):
-                fail(str(leaf))
+            if isinstance(leaf, P2pdError):
+                fail(leaf.message, leaf.code)
         if isinstance(e, KeyboardInterrupt | SystemExit):
             raise
         logging.getLogger("p2pd").exception("daemon failed")
-        fail(f"daemon failed: {leaves[0]!r}")
+        fail(f"daemon failed: {leaves[0]!r}", ErrorCode.INTERNAL)
 
 
 # ----------------------------------------------------------------------------------------- publish
@@ -142,7 +146,7 @@ def publish(
 ) -> None:
     """Hash PATH, register it on the tracker as NAME:TAG and seed it."""
     if not path.exists():
-        fail(f"{path} does not exist")
+        fail(f"{path} does not exist", ErrorCode.BAD_REQUEST)
     sock = socket_path(socket, data_dir)
     progress = Progress("hashing")
     res = run_client(lambda: call(sock, "publish", {"path": str(path.resolve()), "name": name},
@@ -192,11 +196,11 @@ def pack_env(
     from p2pd.protocol import manifest as mf
 
     if (conda is None) == (venv is None):
-        fail("give exactly one of --conda PREFIX or --venv PATH")
+        fail("give exactly one of --conda PREFIX or --venv PATH", ErrorCode.BAD_REQUEST)
     try:
         mf.validate_name(name)
     except mf.ManifestError as e:
-        fail(str(e))
+        fail(str(e), ErrorCode.BAD_REQUEST)
     out = (out_dir or (data_dir or default_data_dir()) / "packed").expanduser().resolve()
     progress = Progress("packing")
     t0 = time.monotonic()
@@ -206,8 +210,7 @@ def pack_env(
                                      progress=lambda d, t: progress.update({"phase": "packing", "bytes_done": d,
                                                                             "size": t}))
     except envpack.EnvPackError as e:
-        fail(str(e))
-        return
+        fail(str(e), ErrorCode.ENV)
     progress.finish()
     typer.echo(f"packed {conda or venv} into {archive} ({format_size(archive.stat().st_size)}) "
                f"in {time.monotonic() - t0:.1f} s", err=True)
@@ -264,14 +267,13 @@ def demo(
     try:
         nbytes = parse_size(size)
     except ValueError as e:
-        fail(f"--size: {e}")
-        return
+        fail(f"--size: {e}", ErrorCode.BAD_REQUEST)
     try:  # checked here too: the daemons it is passed to would only say so in their log files
         _rate_option("--egress-limit", egress_limit)
     except ValueError as e:
-        fail(str(e))
+        fail(str(e), ErrorCode.BAD_REQUEST)
     if nodes < 1:
-        fail("--nodes must be at least 1")
+        fail("--nodes must be at least 1", ErrorCode.BAD_REQUEST)
     code = run_demo(nodes=nodes, size=nbytes, workdir=workdir, egress_limit=egress_limit)
     raise typer.Exit(code)
 

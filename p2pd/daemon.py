@@ -7,7 +7,6 @@ leads to a graceful exit: goodbye to the tracker and to every peer, journals alr
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import math
 import os
@@ -20,6 +19,7 @@ import trio
 from p2pd import __version__, connections, paths
 from p2pd.config import DaemonConfig
 from p2pd.connections import TcpConnector
+from p2pd.errors import ErrorCode, P2pdError
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import wire
@@ -107,7 +107,8 @@ class Daemon:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            raise StorageError(f"another p2pd is already running with data dir {self.config.data_dir}") from e
+            raise P2pdError(ErrorCode.CONFLICT,
+                            f"another p2pd is already running with data dir {self.config.data_dir}") from e
 
     async def _bind_peer_listener(self) -> list[trio.SocketListener]:
         host, port = self.config.listen
@@ -118,7 +119,8 @@ class Daemon:
             await sock.bind((host, port))
         except OSError as e:
             sock.close()
-            raise StorageError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --listen") from e
+            raise P2pdError(ErrorCode.CONFLICT,
+                            f"cannot listen on {host}:{port}: {e.strerror}; pick another --listen") from e
         sock.listen(self.config.listen_backlog)
         self.listen_port = sock.getsockname()[1]
         return [trio.SocketListener(sock)]
@@ -168,7 +170,7 @@ class Daemon:
                 try:
                     await self.tracker.resolve(rec.name)
                 except RpcError as e:
-                    if e.code != "not_found":
+                    if e.code != ErrorCode.NOT_FOUND:
                         break  # tracker unreachable again: retry at the next registration
                     try:
                         await self.tracker.publish(rec.name, mf.encode(rec.manifest))
@@ -230,22 +232,16 @@ class Daemon:
             m = self.catalog.load_manifest(aid)
             if m is None:
                 continue
-            name = self._staged_name(aid)
+            name = self.catalog.staged_name(aid) or aid[:12]
             try:
                 await self._start_download(aid, name, m)
             except RpcError as e:
                 log.error("cannot resume %s: %s", name or aid[:12], e)
 
-    def _staged_name(self, aid: str) -> str:
-        try:
-            return str(json.loads((self.catalog.staging / f"{aid}.name.json").read_text())["name"])
-        except (FileNotFoundError, ValueError, KeyError):
-            return aid[:12]
-
     async def _start_download(self, aid: str, name: str, m: mf.Manifest) -> Swarm:
         assert self._nursery is not None
         self.catalog.save_manifest(aid, m)
-        (self.catalog.staging / f"{aid}.name.json").write_text(json.dumps({"name": name}))
+        self.catalog.save_staged_name(aid, name)
         root = self.catalog.staging_root(aid)
         store = PieceStore(m, root, writable=True)
         journal = self.catalog.journal(aid, m)
@@ -261,7 +257,7 @@ class Daemon:
             have = await trio.to_thread.run_sync(prepare)
         except StorageError as e:
             store.close()
-            raise RpcError("disk_full" if "disk" in str(e) else "storage", str(e)) from e
+            raise RpcError(e.code, e.message) from e
         if have:
             log.info("%s: resuming with %d of %d pieces already verified", name, have.bit_count(), m.num_pieces)
         sw = self._new_swarm(aid, name, m, store, have, journal=journal, resumed_pieces=have.bit_count())
@@ -343,11 +339,11 @@ class Daemon:
         kind = str(params.get("kind", "files"))
         meta = {str(k): str(v) for k, v in (params.get("meta") or {}).items()}
         if not path.is_absolute():
-            raise RpcError("bad_request", f"path must be absolute, got {path}")
+            raise RpcError(ErrorCode.BAD_REQUEST, f"path must be absolute, got {path}")
         try:
             mf.validate_name(name)
         except mf.ManifestError as e:
-            raise RpcError("bad_request", str(e)) from None
+            raise RpcError(ErrorCode.BAD_REQUEST, str(e)) from None
         done = [0, 0]
 
         def on_progress(d: int, t: int) -> None:
@@ -361,9 +357,9 @@ class Daemon:
             m, root = await _with_progress(build(), lambda: emit({"phase": "hashing", "bytes_done": done[0],
                                                                    "size": done[1]}))
         except (StorageError, mf.ManifestError) as e:
-            raise RpcError("bad_request", str(e)) from None
+            raise RpcError(ErrorCode.BAD_REQUEST, str(e)) from None
         except PermissionError as e:
-            raise RpcError("bad_request", f"cannot read {e.filename}: permission denied") from None
+            raise RpcError(ErrorCode.BAD_REQUEST, f"cannot read {e.filename}: permission denied") from None
         aid = mf.artifact_id(m)
         self.catalog.save_manifest(aid, m)
         if aid not in self.swarms:
@@ -396,7 +392,7 @@ class Daemon:
 
         while not sw.done.is_set():
             if sw.error:
-                raise RpcError("storage", sw.error)
+                raise RpcError(sw.error_code, sw.error)
             await progress()
             with trio.move_on_after(PROGRESS_EVERY):
                 await sw.done.wait()
@@ -409,11 +405,11 @@ class Daemon:
         if dest:
             dest_path = Path(str(dest))
             if not dest_path.is_absolute():
-                raise RpcError("bad_request", f"dest must be absolute, got {dest_path}")
+                raise RpcError(ErrorCode.BAD_REQUEST, f"dest must be absolute, got {dest_path}")
             try:
                 result["path"] = str(await trio.to_thread.run_sync(materialize, rec, dest_path))
             except OSError as e:
-                raise RpcError("storage", f"cannot place the artifact at {dest_path}: {e}") from None
+                raise RpcError(ErrorCode.STORAGE, f"cannot place the artifact at {dest_path}: {e}") from None
         return result
 
     async def _unpack_env(self, rec: Record, emit: Emit) -> str:
@@ -433,7 +429,7 @@ class Daemon:
             env_dir = await _with_progress(unpack(), lambda: emit({"phase": "unpacking", "bytes_done": done[0],
                                                                     "size": done[1]}))
         except envpack.EnvPackError as e:
-            raise RpcError("env", str(e)) from None
+            raise RpcError(ErrorCode.ENV, str(e)) from None
         return str(env_dir)
 
     async def _resolve(self, name: str) -> tuple[str, mf.Manifest]:
@@ -450,11 +446,11 @@ class Daemon:
         try:
             mf.validate_name(name)
         except mf.ManifestError as e:
-            raise RpcError("bad_request", str(e)) from None
+            raise RpcError(ErrorCode.BAD_REQUEST, str(e)) from None
         try:
             aid, data = await self.tracker.resolve(name)
         except RpcError as e:
-            if e.code in ("tracker_unreachable", "unreachable", "timeout"):
+            if e.code in (ErrorCode.UNREACHABLE, ErrorCode.TIMEOUT):
                 for rec in self.catalog.complete_records():
                     if rec.name == name:
                         log.warning("tracker unreachable; using the local copy of %s", name)
@@ -463,7 +459,7 @@ class Daemon:
         try:
             return aid, mf.decode_checked(data, aid)
         except mf.ManifestError as e:
-            raise RpcError("integrity", f"the tracker's manifest for {name} is invalid: {e}") from None
+            raise RpcError(ErrorCode.INTEGRITY, f"the tracker's manifest for {name} is invalid: {e}") from None
 
 
 def _finite(x: float) -> float | None:
@@ -471,9 +467,9 @@ def _finite(x: float) -> float | None:
 
 
 def _explain(e: RpcError, name: str) -> RpcError:
-    if e.code == "not_found":
-        return RpcError("not_found", f"{name} is not published on the tracker: check the name "
-                                     "(`p2p-tracker admin artifacts` lists them) or publish it first")
+    if e.code == ErrorCode.NOT_FOUND:
+        return RpcError(ErrorCode.NOT_FOUND, f"{name} is not published on the tracker: check the name "
+                                             "(`p2p-tracker admin artifacts` lists them) or publish it first")
     return e
 
 

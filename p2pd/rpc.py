@@ -1,8 +1,9 @@
 """Request/reply RPC over length-prefixed msgpack frames (trio), for the local API and the tracker.
 
 One connection carries many concurrent requests; a long request may send progress events before its
-final reply. Handlers raise `RpcError` for failures the caller should see; any other exception is
-logged and reported as `internal` so a bad request never takes the server down.
+final reply. Handlers raise `RpcError` (or any `P2pdError`) for failures the caller should see, with
+a code of `p2pd.errors.ErrorCode`; any other exception is logged and reported as `internal` so a bad
+request never takes the server down.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import trio
 
+from p2pd.errors import ErrorCode, P2pdError
 from p2pd.protocol.framing import FrameError, FrameReader, RpcError, encode_frame
 
 log = logging.getLogger(__name__)
@@ -40,19 +42,20 @@ async def serve_connection(stream: trio.abc.Stream, handlers: dict[str, Handler]
         handler = handlers.get(method)
         try:
             if handler is None:
-                raise RpcError("bad_request", f"unknown method {method!r}")
+                raise RpcError(ErrorCode.BAD_REQUEST, f"unknown method {method!r}")
             if not isinstance(params, dict):
-                raise RpcError("bad_request", "params must be a map")
+                raise RpcError(ErrorCode.BAD_REQUEST, "params must be a map")
             result = await handler(params, emit)
             reply: dict[str, Any] = {"id": req_id, "result": result}
-        except RpcError as e:
-            reply = {"id": req_id, "error": {"code": e.code, "message": e.message}}
+        except P2pdError as e:
+            reply = {"id": req_id, "error": RpcError(e.code, e.message).to_wire()}
         except (KeyError, TypeError, ValueError) as e:
-            reply = {"id": req_id, "error": {"code": "bad_request", "message": f"bad request for {method}: {e!r}"}}
+            err = RpcError(ErrorCode.BAD_REQUEST, f"bad request for {method}: {e!r}")
+            reply = {"id": req_id, "error": err.to_wire()}
         except Exception:  # a handler bug must not kill the server: report it, log the traceback
             log.exception("handler %s failed", method)
-            msg = f"internal error in {method}; see the server log"
-            reply = {"id": req_id, "error": {"code": "internal", "message": msg}}
+            err = RpcError(ErrorCode.INTERNAL, f"internal error in {method}; see the server log")
+            reply = {"id": req_id, "error": err.to_wire()}
         try:
             await send(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -134,7 +137,7 @@ class RpcClient:
     ) -> Any:
         """Call `method`; `timeout` bounds the time between messages (events reset it)."""
         if self._closed:
-            raise RpcError("unreachable", self._closed)
+            raise RpcError(ErrorCode.UNREACHABLE, self._closed)
         req_id = self._next_id
         self._next_id += 1
         send_ch, recv_ch = trio.open_memory_channel[dict[str, Any]](math.inf)
@@ -147,9 +150,9 @@ class RpcClient:
                     try:
                         msg = await recv_ch.receive()
                     except trio.EndOfChannel:
-                        raise RpcError("unreachable", self._closed or "connection lost") from None
+                        raise RpcError(ErrorCode.UNREACHABLE, self._closed or "connection lost") from None
                 if cs.cancelled_caught:
-                    raise RpcError("timeout", f"{method}: no answer within {timeout:g} s")
+                    raise RpcError(ErrorCode.TIMEOUT, f"{method}: no answer within {timeout:g} s")
                 if "event" in msg:
                     if on_event is not None:
                         r = on_event(msg["event"])
@@ -157,11 +160,10 @@ class RpcClient:
                             await r
                     continue
                 if "error" in msg:
-                    err = msg["error"]
-                    raise RpcError(str(err.get("code", "internal")), str(err.get("message", "")))
+                    raise RpcError.from_wire(msg["error"])
                 return msg.get("result")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            raise RpcError("unreachable", f"connection lost: {e}") from e
+            raise RpcError(ErrorCode.UNREACHABLE, f"connection lost: {e}") from e
         finally:
             del self._waiters[req_id]
 

@@ -7,6 +7,7 @@ Data dir layout (one daemon per data dir):
                                  existence is what "complete and verified" means
     staging/<id>/...             files of a download in progress, preallocated at final size
     staging/<id>.journal         bitfield of verified pieces (resume after a crash or restart)
+    staging/<id>.name.json       {"name"} the download was asked for (shown again when it resumes)
     cache/<id>/...               completed downloads (files read-only)
     envs/<id>/                   unpacked environments (p2pd/envpack.py)
 
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import xxhash
 
+from p2pd.errors import ErrorCode, P2pdError
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.wire import bitfield_bytes as bitfield_len
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 READ_CHUNK = 8 << 20
 JOURNAL_MAGIC = b"P2PDJRN1"
+STAGED_NAME_SUFFIX = ".name.json"
 
 
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
@@ -60,8 +63,15 @@ def filesystem_type(path: Path) -> str:
     return fstype
 
 
-class StorageError(Exception):
-    """A storage failure the user must act on (disk full, unreadable source, ...)."""
+class StorageError(P2pdError):
+    """A storage failure the user must act on; its code says which (DISK_FULL, STORAGE, BAD_REQUEST).
+
+    The code is set where the failure is detected (ENOSPC, a too-small disk, an unusable source path)
+    so callers pass it on instead of guessing from the message.
+    """
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.STORAGE) -> None:
+        super().__init__(code, message)
 
 
 def piece_digest(data: bytes | bytearray | memoryview) -> bytes:
@@ -72,12 +82,12 @@ def piece_digest(data: bytes | bytearray | memoryview) -> bytes:
 def scan_source(path: Path) -> tuple[list[mf.FileEntry], Path, bool]:
     """List an artifact's files: (entries, root dir, single_file). Symlinks to files are followed."""
     if not path.exists():
-        raise StorageError(f"{path} does not exist")
+        raise StorageError(f"{path} does not exist", ErrorCode.BAD_REQUEST)
     if path.is_file():
         st = path.stat()
         return [mf.FileEntry(path.name, st.st_size, bool(st.st_mode & 0o111))], path.parent, True
     if not path.is_dir():
-        raise StorageError(f"{path} is neither a regular file nor a directory")
+        raise StorageError(f"{path} is neither a regular file nor a directory", ErrorCode.BAD_REQUEST)
     entries: list[mf.FileEntry] = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames.sort()
@@ -87,11 +97,11 @@ def scan_source(path: Path) -> tuple[list[mf.FileEntry], Path, bool]:
             rel = full.relative_to(path).as_posix()
             if not stat.S_ISREG(st.st_mode):
                 raise StorageError(f"{full} is not a regular file (device, socket or fifo): "
-                                   "remove it from the artifact")
+                                   "remove it from the artifact", ErrorCode.BAD_REQUEST)
             mf.validate_path(rel)
             entries.append(mf.FileEntry(rel, st.st_size, bool(st.st_mode & 0o111)))
     if not entries:
-        raise StorageError(f"{path} contains no files")
+        raise StorageError(f"{path} contains no files", ErrorCode.BAD_REQUEST)
     return entries, path, False
 
 
@@ -109,7 +119,8 @@ def hash_pieces(root: Path, files: list[mf.FileEntry], piece_size: int, progress
             while remaining:
                 n = fh.readinto(view[fill : fill + min(piece_size - fill, remaining)])
                 if not n:
-                    raise StorageError(f"{root / f.path} shrank while hashing: is something writing to it?")
+                    raise StorageError(f"{root / f.path} shrank while hashing: is something writing to it?",
+                                       ErrorCode.BAD_REQUEST)
                 fill += n
                 remaining -= n
                 done += n
@@ -199,7 +210,8 @@ class PieceStore:
         if need > free:
             raise StorageError(
                 f"not enough disk space in {self.root}: need {need / 1e9:.2f} GB more, {free / 1e9:.2f} GB free; "
-                "free space or point --data-dir at a larger disk"
+                "free space or point --data-dir at a larger disk",
+                ErrorCode.DISK_FULL,
             )
         reserve = filesystem_type(self.root) not in MEMORY_FILESYSTEMS
         for i, f in enumerate(self.manifest.files):
@@ -213,7 +225,8 @@ class PieceStore:
                     continue
                 except OSError as e:
                     if e.errno == errno.ENOSPC:
-                        raise StorageError(f"disk full while preallocating {p}: free space and fetch again") from e
+                        raise StorageError(f"disk full while preallocating {p}: free space and fetch again",
+                                           ErrorCode.DISK_FULL) from e
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
             os.ftruncate(fd, f.size)
@@ -251,8 +264,8 @@ class PieceStore:
                     w = os.pwrite(fd, view[pos : pos + n], off)
                 except OSError as e:
                     if e.errno == errno.ENOSPC:
-                        raise StorageError(
-                            f"disk full writing under {self.root}: free space; the download resumes") from e
+                        raise StorageError(f"disk full writing under {self.root}: free space; the download resumes",
+                                           ErrorCode.DISK_FULL) from e
                     raise
                 pos += w
                 off += w
@@ -350,7 +363,31 @@ class Catalog:
         return out
 
     def staged_ids(self) -> list[str]:
-        return sorted(p.name[: -len(".journal")] for p in self.staging.glob("*.journal"))
+        """Downloads to resume: those with a journal. Called at start, under the data-dir lock.
+
+        A name file without its journal belongs to no download (a crash between finalize's two
+        unlinks, before the journal was first written, or a version that never removed them): it is
+        deleted here.
+        """
+        ids = {p.name[: -len(".journal")] for p in self.staging.glob("*.journal")}
+        for p in self.staging.glob("*" + STAGED_NAME_SUFFIX):
+            if p.name[: -len(STAGED_NAME_SUFFIX)] not in ids:
+                p.unlink(missing_ok=True)
+        return sorted(ids)
+
+    def save_staged_name(self, artifact_id: str, name: str) -> None:
+        """Remember the name a download was asked for, so it shows again when the download resumes."""
+        atomic_write(self._staged_name_path(artifact_id), json.dumps({"name": name}).encode())
+
+    def staged_name(self, artifact_id: str) -> str | None:
+        """The name saved for a download in progress, or None (never saved, or damaged)."""
+        try:
+            return str(json.loads(self._staged_name_path(artifact_id).read_bytes())["name"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    def _staged_name_path(self, artifact_id: str) -> Path:
+        return self.staging / f"{artifact_id}{STAGED_NAME_SUFFIX}"
 
     def staging_root(self, artifact_id: str) -> Path:
         return self.staging / artifact_id
@@ -378,6 +415,7 @@ class Catalog:
         fsync_dir(self.cache)
         self.mark_complete(artifact_id, name, dst, published=False)
         (self.staging / f"{artifact_id}.journal").unlink(missing_ok=True)
+        self._staged_name_path(artifact_id).unlink(missing_ok=True)
         return dst
 
 

@@ -23,7 +23,7 @@ import zstandard
 
 from p2pd.config import SwarmConfig
 from p2pd.connections import ConnectError, Connection, Connector, TcpConnector
-from p2pd.errors import CloseReason
+from p2pd.errors import CloseReason, ErrorCode
 from p2pd.peer import PeerConn
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
@@ -123,6 +123,7 @@ class Swarm:
         self.up = RateMeter()
         self.resumed_pieces = resumed_pieces
         self.error: str | None = None
+        self.error_code = ErrorCode.STORAGE  # what kind of failure `error` is, once set
         self._compressible: dict[int, bool] = {}
         self._buffers: list[bytearray] = []
         self._threaded_verify_until = 0.0
@@ -321,7 +322,7 @@ class Swarm:
             try:
                 ok = await self._verify_and_write_soon(i, buf)
             except StorageError as e:  # disk full: this download stops, the daemon and its other work go on
-                self.fail(str(e))
+                self.fail(str(e), e.code)
                 return
             self.give_buffer(buf)
             if self.has_piece(i) or not self.downloading:
@@ -394,8 +395,8 @@ class Swarm:
 
         try:
             await trio.to_thread.run_sync(finalize)
-        except (OSError, StorageError) as e:
-            self.fail(f"could not finalize download: {e}")  # stopped like any failed download, so a retry can start
+        except (OSError, StorageError) as e:  # stopped like any failed download, so a retry can start
+            self.fail(f"could not finalize download: {e}", e.code if isinstance(e, StorageError) else ErrorCode.STORAGE)
             return
         self.complete = True
         self.journal = None
@@ -422,7 +423,7 @@ class Swarm:
         finally:
             self.stopped.set()
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, code: ErrorCode = ErrorCode.STORAGE) -> None:
         """Stop this download for good (the disk is full, ...): no more peers, the reason is `error`.
 
         The staging files and the journal stay as they are, so a later fetch resumes from every piece
@@ -431,6 +432,7 @@ class Swarm:
         if self.error is not None:
             return
         self.error = reason
+        self.error_code = code
         log.error("%s: download stopped: %s", self.name, reason)
         self.downloading = False
         for c in list(self.conns.values()):

@@ -5,7 +5,7 @@ must keep heartbeating through a replica's death or a tracker restart without th
 - One TCP connection (p2pd.rpc) is owned by the client's nursery (`async with TrackerClient(...)`).
   A call that finds it broken reconnects once to the same address (the tracker may have restarted),
   then fails over to the next address; when no address answers it raises
-  `RpcError("tracker_unreachable", ...)` naming every address and why it failed.
+  `RpcError(ErrorCode.UNREACHABLE, ...)` naming every address and why it failed.
 - Every tracker call is idempotent, so retrying it on another replica is always safe.
 - `heartbeat` re-registers by itself when the tracker answers `known: false` (it restarted or expired
   us), so a restarted in-memory tracker knows every node again within one interval.
@@ -29,12 +29,14 @@ from typing import Any
 import msgspec
 import trio
 
+from p2pd.errors import ErrorCode
 from p2pd.protocol.heartbeat import UDP_VERSION, UdpReply, UdpRequest
 from p2pd.rpc import RpcClient, RpcError, open_client
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = frozenset({"unreachable", "timeout", "unavailable"})  # worth trying another replica
+# Worth trying another replica: this one (or its Redis store) did not answer, or not in time.
+TRANSIENT = frozenset({ErrorCode.UNREACHABLE, ErrorCode.TIMEOUT})
 UDP_MAX_PAYLOAD = 1200  # stay under a typical path MTU: fragments are lost together
 
 
@@ -188,14 +190,14 @@ class TrackerClient:
                     if e.code not in TRANSIENT:
                         raise
                     self._drop(client)
-                    if fresh or e.code == "timeout":
+                    if fresh or e.code == ErrorCode.TIMEOUT:
                         errors.append(f"{_fmt(addr)}: {e.message}")
                         break
                     log.debug("tracker connection to %s was stale (%s); reconnecting", _fmt(addr), e.message)
             self._drop(self._client if self._idx == idx else None)
             self._advance(idx)
         names = ", ".join(_fmt(a) for a in self.addresses)
-        raise RpcError("tracker_unreachable", f"no tracker answered at {names} ({'; '.join(errors)})")
+        raise RpcError(ErrorCode.UNREACHABLE, f"no tracker answered at {names} ({'; '.join(errors)})")
 
     # ---- the RPCs ----------------------------------------------------------------------------------
 
@@ -272,7 +274,7 @@ class TrackerClient:
     ) -> None:
         """Register, signal started, then heartbeat every interval until cancelled.
 
-        The first registration raises `RpcError("tracker_unreachable")` when no tracker answers, so a
+        The first registration raises `RpcError(ErrorCode.UNREACHABLE)` when no tracker answers, so a
         misconfigured node fails at start. After that a tracker outage is logged and retried every
         interval (the node keeps serving its peers meanwhile); it never ends this loop.
         """
@@ -288,7 +290,7 @@ class TrackerClient:
                     log.info("tracker %s answers again", _fmt(self.current))
                     warned = False
             except RpcError as e:
-                if e.code in TRANSIENT or e.code in ("tracker_unreachable", "internal"):
+                if e.code in TRANSIENT or e.code == ErrorCode.INTERNAL:
                     if not warned:
                         log.warning("heartbeat failed: %s; retrying every %gs", e.message, self.interval)
                         warned = True

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pd import paths
+from p2pd.errors import ErrorCode
 from p2pd.protocol.framing import FrameError, FrameReader, RpcError, encode_frame
 
 READ_SIZE = 65536
@@ -40,21 +41,21 @@ def socket_path(environ: Mapping[str, str] | None = None) -> Path:
 
 
 class DaemonError(RpcError):
-    """The daemon answered a request with an error (`code` is one of the API's error codes)."""
+    """The daemon answered a request with an error; `code` is a `p2pd.errors.ErrorCode`."""
 
 
 class DaemonUnavailable(DaemonError):
     """No daemon could be reached at the socket, or it went away mid-request."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("unavailable", message)
+        super().__init__(ErrorCode.UNREACHABLE, message)
 
 
 class DaemonProtocolError(DaemonError):
     """The daemon sent something that is not a valid API frame; the connection is unusable."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("protocol", message)
+        super().__init__(ErrorCode.PROTOCOL, message)
 
 
 class _Pending:
@@ -187,10 +188,7 @@ class DaemonClient:
                     pending.future.set_exception(e)
             return
         if "error" in msg:
-            err = msg["error"] if isinstance(msg["error"], dict) else {}
-            pending.future.set_exception(
-                DaemonError(str(err.get("code", "internal")), str(err.get("message", "unknown daemon error")))
-            )
+            pending.future.set_exception(DaemonError.from_wire(msg["error"]))
         elif "result" in msg:
             pending.future.set_result(msg["result"])
 

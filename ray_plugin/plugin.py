@@ -40,6 +40,7 @@ from typing import Any
 from ray._private.runtime_env.context import RuntimeEnvContext
 from ray._private.runtime_env.plugin import RuntimeEnvPlugin
 
+from p2pd.errors import ErrorCode
 from p2pd.units import format_rate, format_size
 from ray_plugin import daemon_client
 from ray_plugin.daemon_client import DaemonError, DaemonUnavailable
@@ -90,39 +91,43 @@ class _Fetch:
 
 
 def explain(ref: ArtifactRef, err: DaemonError) -> str:
-    """Turn a daemon error code into a message that says what to do about it."""
+    """Turn a daemon error code into a message that says what to do about it.
+
+    UNREACHABLE means two things by where it comes from: raised here (`DaemonUnavailable`), the
+    daemon itself; in the daemon's reply, the daemon answered, so it is its tracker that did not.
+    """
     what = f"{ref.kind} {ref.name}"
     if isinstance(err, DaemonUnavailable):
         return f"p2p: cannot fetch {what}: {err.message}"
     code = err.code
-    if code == "not_found":
+    if code == ErrorCode.NOT_FOUND:
         return (
             f"p2p: no artifact named {ref.name} is known to the tracker: check the name and tag, or publish it "
             f"first (`p2pd publish PATH --name {ref.name}` on a node that has the files"
             + (", or `p2pd pack-env ... --name " + ref.name + "` for an env" if ref.kind == "env" else "")
             + f"). Daemon said: {err.message}"
         )
-    if code == "tracker_unreachable":
+    if code in (ErrorCode.UNREACHABLE, ErrorCode.TIMEOUT):
         return (
             f"p2p: the p2pd daemon on this node cannot reach its tracker to resolve {what}: check that "
             f"`p2p-tracker serve` is running and the daemon's --tracker address. Daemon said: {err.message}"
         )
-    if code == "integrity":
+    if code == ErrorCode.INTEGRITY:
         return (
             f"p2p: no peer has verified data for {what} (every source failed the integrity check): republish it "
             f"from a good copy (`p2pd publish PATH --name NAME:NEWTAG`) and use the new tag. Daemon said: {err.message}"
         )
-    if code == "disk_full":
+    if code == ErrorCode.DISK_FULL:
         return (
             f"p2p: not enough disk space on this node for {what} in the p2pd data dir: free space there or move "
             f"the daemon's --data-dir to a larger disk. Daemon said: {err.message}"
         )
-    if code == "env":
+    if code == ErrorCode.ENV:
         return (
             f"p2p: the p2pd daemon could not unpack env {ref.name} on this node: {err.message}. Repack the env "
             f"(`p2pd pack-env`) and publish it under a new tag"
         )
-    if code == "storage":
+    if code == ErrorCode.STORAGE:
         return (
             f"p2p: the p2pd daemon could not store {what} on this node: {err.message}. Check free space and "
             "permissions of the daemon's --data-dir"

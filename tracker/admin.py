@@ -25,12 +25,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
+from p2pd.errors import ErrorCode
 from tracker import validate as V
 from tracker.validate import TrackerError
 
 log = logging.getLogger("tracker.admin")
 MAX_BODY = 64 * 1024
-STATUS = {"bad_request": 400, "not_found": 404, "unauthorized": 401, "unavailable": 503, "internal": 500}
+# HTTP status of each code the admin API answers with; any other code is a 500.
+STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.NOT_FOUND: 404,
+          ErrorCode.UNREACHABLE: 503, ErrorCode.INTERNAL: 500}
 
 
 class Unauthorized(Exception):
@@ -41,8 +44,9 @@ class TagBody(BaseModel):
     artifact_id: str = Field(pattern=r"^[0-9a-f]{64}$", description="64 hex chars")
 
 
-def error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers or None)
+def error(status: int, code: ErrorCode, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code.value, "message": message}}, status_code=status,
+                        headers=headers or None)
 
 
 class BodyLimit:
@@ -57,7 +61,7 @@ class BodyLimit:
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            await error(413, "bad_request", f"request body over {MAX_BODY // 1024} KiB")(scope, receive, send)
+            await error(413, ErrorCode.BAD_REQUEST, f"request body over {MAX_BODY // 1024} KiB")(scope, receive, send)
             return
         seen = 0
 
@@ -66,7 +70,7 @@ class BodyLimit:
             msg = await receive()
             seen += len(msg.get("body", b""))
             if seen > MAX_BODY:
-                raise TrackerError("bad_request", f"request body over {MAX_BODY // 1024} KiB")
+                raise TrackerError(ErrorCode.BAD_REQUEST, f"request body over {MAX_BODY // 1024} KiB")
             return msg
 
         await self.app(scope, limited, send)
@@ -92,7 +96,7 @@ def make_app(server: Any, token: str) -> Any:
 
     @app.exception_handler(Unauthorized)
     async def _unauth(request: Request, exc: Unauthorized) -> JSONResponse:
-        return error(401, "unauthorized", "missing or wrong admin token", **{"WWW-Authenticate": "Bearer"})
+        return error(401, ErrorCode.UNAUTHORIZED, "missing or wrong admin token", **{"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(TrackerError)
     async def _terr(request: Request, exc: TrackerError) -> JSONResponse:
@@ -101,7 +105,7 @@ def make_app(server: Any, token: str) -> Any:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         msgs = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-        return error(422, "bad_request", f"invalid request: {msgs}")
+        return error(422, ErrorCode.BAD_REQUEST, f"invalid request: {msgs}")
 
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Any:
@@ -126,7 +130,7 @@ def make_app(server: Any, token: str) -> Any:
     async def evict(node_id: str) -> dict[str, Any]:
         V.node_id(node_id)
         if not await store.evict(node_id):
-            raise TrackerError("not_found", f"no node {node_id}")
+            raise TrackerError(ErrorCode.NOT_FOUND, f"no node {node_id}")
         log.info("node %s evicted by admin", node_id)
         return {"evicted": node_id}
 
@@ -137,7 +141,7 @@ def make_app(server: Any, token: str) -> Any:
     @app.get("/v1/swarm", dependencies=guarded, summary="Holders of an artifact and their progress")
     async def swarm(name: str | None = None, artifact_id: str | None = None) -> dict[str, Any]:
         if (name is None) == (artifact_id is None):
-            raise TrackerError("bad_request", "give exactly one of name=NAME:TAG or artifact_id=ID")
+            raise TrackerError(ErrorCode.BAD_REQUEST, "give exactly one of name=NAME:TAG or artifact_id=ID")
         if name is not None:
             aid, _ = await store.resolve(V.name(name))
         else:
@@ -151,7 +155,7 @@ def make_app(server: Any, token: str) -> Any:
         V.name(name)
         hist = await store.history(name)
         if not hist:
-            raise TrackerError("not_found", f"unknown name {name!r}")
+            raise TrackerError(ErrorCode.NOT_FOUND, f"unknown name {name!r}")
         return {"name": name, "artifact_id": hist[-1]["artifact_id"], "history": hist}
 
     @app.put("/v1/tags/{name:path}", dependencies=guarded, summary="Point NAME:TAG at a published artifact")

@@ -1,8 +1,9 @@
 """`p2p-tracker admin ...`: the admin API from a terminal (rich tables) or a script (`--json`).
 
 Plain blocking HTTP (urllib) on purpose: a CLI call is one request, and keeping it synchronous keeps
-errors simple. Every failure a person can act on is one line on stderr and exit code 1:
-unreachable tracker, refused token (401), unknown node or name (404), malformed input (400/422).
+errors simple. Every failure a person can act on is one line on stderr, and the exit status of its
+code (docs/interfaces.md): 2 for malformed input (400/413/422) or a refused token (401), 3 for an
+unknown node or name (404), 4 for an unreachable tracker or Redis (503).
 `--tracker` and `--token` default to $P2P_TRACKER_ADMIN_URL and $P2P_TRACKER_ADMIN_TOKEN.
 """
 
@@ -14,12 +15,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from p2pd.errors import ErrorCode, P2pdError
 from p2pd.units import format_rate, format_size, parse_rate
 
 admin_app = typer.Typer(
@@ -34,8 +36,13 @@ Json = Annotated[bool, typer.Option("--json", help="Print the API's JSON instead
 TIMEOUT = 10.0
 
 
-class AdminError(Exception):
-    pass
+class AdminError(P2pdError):
+    """A failed admin request; the code is the API's (from its JSON error body) or says why none came."""
+
+
+# What an HTTP status means when the reply has no JSON error body (a proxy, another server).
+HTTP_CODES = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 404: ErrorCode.NOT_FOUND,
+              413: ErrorCode.BAD_REQUEST, 422: ErrorCode.BAD_REQUEST, 503: ErrorCode.UNREACHABLE}
 
 
 def request(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
@@ -52,26 +59,34 @@ def request(base: str, token: str, method: str, path: str, body: Any = None) -> 
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as e:
         try:
-            msg = json.loads(e.read())["error"]["message"]
+            err = json.loads(e.read())["error"]
+            msg, code = str(err["message"]), ErrorCode.decode(err["code"])
         except (ValueError, KeyError, TypeError):
-            msg = e.reason
-        if e.code == 401:
-            raise AdminError(f"the tracker at {base} refused the admin token (401): check --token") from None
-        raise AdminError(f"{msg} (HTTP {e.code})") from None
+            msg, code = str(e.reason), HTTP_CODES.get(e.code, ErrorCode.INTERNAL)
+        if code == ErrorCode.UNAUTHORIZED:
+            raise AdminError(code, f"the tracker at {base} refused the admin token (401): check --token") from None
+        raise AdminError(code, f"{msg} (HTTP {e.code})") from None
     except urllib.error.URLError as e:
-        raise AdminError(f"cannot reach the tracker admin API at {base}: {e.reason}") from None
-    except (TimeoutError, ConnectionError) as e:
-        raise AdminError(f"cannot reach the tracker admin API at {base}: {e}") from None
+        raise AdminError(ErrorCode.UNREACHABLE, f"cannot reach the tracker admin API at {base}: {e.reason}") from None
+    except TimeoutError as e:
+        raise AdminError(ErrorCode.TIMEOUT, f"the tracker admin API at {base} did not answer in time: {e}") from None
+    except ConnectionError as e:
+        raise AdminError(ErrorCode.UNREACHABLE, f"cannot reach the tracker admin API at {base}: {e}") from None
     except ValueError as e:
-        raise AdminError(f"{base} did not answer with JSON ({e}): is it the tracker's admin address?") from None
+        raise AdminError(ErrorCode.PROTOCOL,
+                         f"{base} did not answer with JSON ({e}): is it the tracker's admin address?") from None
 
 
 def call(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
     try:
         return request(base, token, method, path, body)
     except AdminError as e:
-        typer.echo(f"p2p-tracker: error: {e}", err=True)
-        raise typer.Exit(1) from None
+        fail(e.message, e.code)
+
+
+def fail(msg: str, code: ErrorCode) -> NoReturn:
+    typer.echo(f"p2p-tracker: error: {msg}", err=True)
+    raise typer.Exit(code.exit_status)
 
 
 def out_json(obj: Any) -> None:
@@ -188,8 +203,7 @@ def policy(
         try:
             changes[key] = parse_rate(value)
         except ValueError as e:
-            typer.echo(f"p2p-tracker: error: --{key.replace('_', '-')}: {e}", err=True)
-            raise typer.Exit(1) from None
+            fail(f"--{key.replace('_', '-')}: {e}", ErrorCode.BAD_REQUEST)
     current = call(tracker, token, "GET", "/v1/policy")["policy"]
     if changes:
         for key, rate in changes.items():

@@ -6,7 +6,8 @@ closing its sockets (a supervisor stopping the tracker is not an error). Logs go
 
 `admin` commands talk to the HTTP admin API with a bearer token and print rich tables (or `--json`
 for scripts). Errors a person can act on (tracker unreachable, bad token, unknown node) are printed
-as one line and exit 1, never as a traceback.
+as one line, never as a traceback, with the exit status of their code (`ErrorCode.exit_status`, the
+table in docs/interfaces.md).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
+from p2pd.errors import ErrorCode, P2pdError
 from p2pd.rpc import parse_hostport
 
 app = typer.Typer(
@@ -64,28 +66,31 @@ def serve(
         host, port = parse_hostport(listen, default_host="0.0.0.0")
         admin_addr = parse_hostport(admin_listen) if admin_listen else None
     except ValueError as e:
-        fail(str(e))
+        fail(str(e), ErrorCode.BAD_REQUEST)
     if interval <= 0:
-        fail("--interval must be positive")
+        fail("--interval must be positive", ErrorCode.BAD_REQUEST)
     if admin_addr is not None and not admin_token:
-        fail("--admin-listen needs --admin-token (or $P2P_TRACKER_ADMIN_TOKEN): the admin API never runs open")
+        fail("--admin-listen needs --admin-token (or $P2P_TRACKER_ADMIN_TOKEN): the admin API never runs open",
+             ErrorCode.BAD_REQUEST)
     import trio
 
     raise_fd_limit()
-    error = ""
+    error: P2pdError | None = None
     try:
         trio.run(_serve, host, port, interval, store, admin_addr, admin_token, udp, ready_file, store_prefix)
     except* OSError as eg:  # raised inside the nursery, so it may come wrapped in a group
         where = listen + (f" (admin {admin_listen})" if admin_listen else "")
-        error = f"cannot listen on {where}: {_leaf(eg)}"
+        error = P2pdError(ErrorCode.CONFLICT, f"cannot listen on {where}: {_leaf(eg)}")
     except* StoreError as eg:
-        error = str(_leaf(eg))
-    if error:
-        fail(error)
+        leaf = _leaf(eg)
+        assert isinstance(leaf, StoreError)
+        error = leaf
+    if error is not None:
+        fail(error.message, error.code)
 
 
-class StoreError(Exception):
-    pass
+class StoreError(P2pdError):
+    """The store given with --store cannot be used: an unknown spec, or its Redis does not answer."""
 
 
 async def open_store(spec: str, interval: float, prefix: str = "p2p:") -> Any:
@@ -99,8 +104,8 @@ async def open_store(spec: str, interval: float, prefix: str = "p2p:") -> Any:
         try:
             return await RedisStore.connect(spec, interval, prefix=prefix)
         except RedisUnavailable as e:
-            raise StoreError(str(e)) from e
-    raise StoreError(f"unknown --store {spec!r}: expected 'memory' or redis://HOST:PORT/DB")
+            raise StoreError(ErrorCode.UNREACHABLE, str(e)) from e
+    raise StoreError(ErrorCode.BAD_REQUEST, f"unknown --store {spec!r}: expected 'memory' or redis://HOST:PORT/DB")
 
 
 async def _serve(
@@ -159,9 +164,9 @@ def raise_fd_limit() -> None:
             log.warning("could not raise the open-file limit from %s: %s", soft, e)
 
 
-def fail(msg: str) -> Any:
+def fail(msg: str, code: ErrorCode) -> NoReturn:
     typer.echo(f"p2p-tracker: error: {msg}", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code.exit_status)
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ import random
 import time
 from typing import Any
 
+from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from tracker.resp import Redis, RedisError, RedisUnavailable
 from tracker.store import Heartbeat, Registration
@@ -280,23 +281,23 @@ class RedisStore:
             try:
                 return await self.redis.execute("EVALSHA", self._sha[name], 0, self.prefix, *args)
             except RedisError as e:
-                if not str(e).startswith("NOSCRIPT"):
+                if e.prefix != "NOSCRIPT":
                     raise
                 await self._load_scripts()  # Redis restarted or SCRIPT FLUSH
                 return await self.redis.execute("EVALSHA", self._sha[name], 0, self.prefix, *args)
         except RedisUnavailable as e:
-            raise TrackerError("unavailable", f"tracker store unavailable: {e}") from e
+            raise TrackerError(ErrorCode.UNREACHABLE, f"tracker store unavailable: {e}") from e
         except RedisError as e:
-            raise TrackerError("internal", f"tracker store error in {name}: {e}") from e
+            raise TrackerError(ErrorCode.INTERNAL, f"tracker store error in {name}: {e}") from e
 
     async def _cmds(self, cmds: list[list[Any]]) -> list[Any]:
         try:
             out = await self.redis.pipeline(cmds)
         except RedisUnavailable as e:
-            raise TrackerError("unavailable", f"tracker store unavailable: {e}") from e
+            raise TrackerError(ErrorCode.UNREACHABLE, f"tracker store unavailable: {e}") from e
         for r in out:
             if isinstance(r, RedisError):
-                raise TrackerError("internal", f"tracker store error: {r}")
+                raise TrackerError(ErrorCode.INTERNAL, f"tracker store error: {r}")
         return out
 
     # ---- nodes -------------------------------------------------------------------------------------
@@ -333,7 +334,7 @@ class RedisStore:
         try:
             m = mf.decode(manifest_bytes)
         except mf.ManifestError as e:
-            raise TrackerError("bad_request", f"invalid manifest: {e}") from e
+            raise TrackerError(ErrorCode.BAD_REQUEST, f"invalid manifest: {e}") from e
         aid = hashlib.sha256(manifest_bytes).hexdigest()
         await self._run("publish", aid, manifest_bytes, m.total_size, m.num_pieces, m.kind, name, _wall())
         return aid
@@ -341,19 +342,19 @@ class RedisStore:
     async def tag(self, name: str, artifact_id: str) -> bool:
         r = await self._run("tag", name, artifact_id, _wall())
         if r == -1:
-            raise TrackerError("not_found", f"no manifest for artifact {artifact_id}: publish it first")
+            raise TrackerError(ErrorCode.NOT_FOUND, f"no manifest for artifact {artifact_id}: publish it first")
         return r == 1
 
     async def resolve(self, name: str) -> tuple[str, bytes]:
         r = await self._run("resolve", name)
         if not r:
-            raise TrackerError("not_found", f"unknown name {name!r}")
+            raise TrackerError(ErrorCode.NOT_FOUND, f"unknown name {name!r}")
         return _s(r[0]), bytes(r[1])
 
     async def manifest(self, artifact_id: str) -> bytes:
         (r,) = await self._cmds([["GET", self.prefix + "m:" + artifact_id]])
         if r is None:
-            raise TrackerError("not_found", f"unknown artifact {artifact_id}")
+            raise TrackerError(ErrorCode.NOT_FOUND, f"unknown artifact {artifact_id}")
         return bytes(r)
 
     async def history(self, name: str) -> list[dict[str, Any]]:
@@ -487,7 +488,7 @@ class RedisStore:
         holders, info = await self._holders(artifact_id)
         d = {_s(info[i]): _s(info[i + 1]) for i in range(0, len(info), 2)}
         if not holders and not d:
-            raise TrackerError("not_found", f"unknown artifact {artifact_id}")
+            raise TrackerError(ErrorCode.NOT_FOUND, f"unknown artifact {artifact_id}")
         holders = holders[:1000]
         addrs = await self._cmds([["HMGET", self.prefix + "n:" + n, "host", "port"] for n, _, _ in holders]) \
             if holders else []

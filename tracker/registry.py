@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from tracker.validate import TrackerError
 
@@ -356,7 +357,7 @@ class Registry:
         try:
             m = mf.decode(manifest_bytes)
         except mf.ManifestError as e:
-            raise TrackerError("bad_request", f"invalid manifest: {e}") from e
+            raise TrackerError(ErrorCode.BAD_REQUEST, f"invalid manifest: {e}") from e
         aid = hashlib.sha256(manifest_bytes).hexdigest()
         art = self.artifacts.get(aid)
         if art is None:
@@ -372,7 +373,7 @@ class Registry:
         """Point NAME:TAG at a known artifact; the previous target stays in the history. True if moved."""
         art = self.artifacts.get(aid)
         if art is None or art.manifest is None:
-            raise TrackerError("not_found", f"no manifest for artifact {aid}: publish it first")
+            raise TrackerError(ErrorCode.NOT_FOUND, f"no manifest for artifact {aid}: publish it first")
         hist = self.tags.setdefault(name, [])
         if hist and hist[-1].artifact_id == aid:
             return False
@@ -383,14 +384,14 @@ class Registry:
     def resolve(self, name: str) -> tuple[str, bytes]:
         hist = self.tags.get(name)
         if not hist:
-            raise TrackerError("not_found", f"unknown name {name!r}")
+            raise TrackerError(ErrorCode.NOT_FOUND, f"unknown name {name!r}")
         aid = hist[-1].artifact_id
         return aid, self.manifest(aid)
 
     def manifest(self, aid: str) -> bytes:
         art = self.artifacts.get(aid)
         if art is None or art.manifest is None:
-            raise TrackerError("not_found", f"unknown artifact {aid}")
+            raise TrackerError(ErrorCode.NOT_FOUND, f"unknown artifact {aid}")
         return art.manifest
 
     def history(self, name: str) -> list[dict[str, Any]]:
@@ -428,7 +429,7 @@ class Registry:
     def swarm(self, aid: str, limit: int = 1000) -> dict[str, Any]:
         art = self.artifacts.get(aid)
         if art is None:
-            raise TrackerError("not_found", f"unknown artifact {aid}")
+            raise TrackerError(ErrorCode.NOT_FOUND, f"unknown artifact {aid}")
         holders = []
         for (_, zone), bag in art.holders.items():
             for nid in bag.items:

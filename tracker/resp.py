@@ -21,6 +21,11 @@ Arg = bytes | str | int | float
 class RedisError(Exception):
     """Redis answered with an error reply (e.g. WRONGTYPE, NOSCRIPT)."""
 
+    @property
+    def prefix(self) -> str:
+        """The reply's first word: Redis' own error code (NOSCRIPT, WRONGTYPE, ERR...), by its protocol."""
+        return str(self).split(" ", 1)[0]
+
 
 class RedisUnavailable(Exception):
     """Redis could not be reached or the connection broke; the message says where and why."""

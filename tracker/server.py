@@ -134,7 +134,7 @@ class TrackerServer:
             try:
                 return await fn(params, emit)
             except TrackerError as e:
-                outcome = e.code
+                outcome = e.code.value
                 raise RpcError(e.code, e.message) from None
             except Exception:
                 outcome = "error"

@@ -3,7 +3,7 @@
 The tracker is shared by every node of a cluster, so one buggy or hostile node must not be able to
 crash it or make it hold unbounded memory: every field is type-checked and bounded here, once, and
 the front ends (TCP RPC, UDP heartbeats, HTTP admin) all go through these functions. Errors carry a
-machine-readable code (`bad_request`, `not_found`) that the front ends report as they are.
+code of `p2pd.errors.ErrorCode` (`BAD_REQUEST`, `NOT_FOUND`, ...) that the front ends report as they are.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import math
 import re
 from typing import Any
 
+from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest
 from p2pd.rpc import RpcError
 
@@ -28,11 +29,11 @@ MAX_PEERS = 1000
 
 
 class TrackerError(RpcError):
-    """A request the tracker refuses; `code` is one of the error codes of docs/interfaces.md."""
+    """A request the tracker refuses, with its `ErrorCode` (docs/interfaces.md lists them)."""
 
 
 def bad(message: str) -> TrackerError:
-    return TrackerError("bad_request", message)
+    return TrackerError(ErrorCode.BAD_REQUEST, message)
 
 
 def node_id(v: Any) -> str:

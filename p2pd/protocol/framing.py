@@ -2,14 +2,17 @@
 
 A frame is a 4-byte big-endian length followed by one msgpack map. Keeping this separate from the
 peer wire protocol lets the tracker and the Ray plugin (asyncio) speak it without the peer codec.
+An error reply's map is `RpcError.to_wire()`; its code is one of `p2pd.errors.ErrorCode`.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Self
 
 import msgspec
+
+from p2pd.errors import ErrorCode, P2pdError
 
 MAX_FRAME = 16 * 1024 * 1024
 _LEN = struct.Struct(">I")
@@ -53,13 +56,17 @@ class FrameReader:
         return out
 
 
-class RpcError(Exception):
+class RpcError(P2pdError):
     """A failure reported to the caller with a machine-readable code and a human message."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    def to_wire(self) -> dict[str, str]:
+        """The `error` map of a reply frame."""
+        return {"code": self.code.value, "message": self.message}
 
-    def __str__(self) -> str:
-        return self.message
+    @classmethod
+    def from_wire(cls, error: Any) -> Self:
+        """The error a reply frame carries; a code this version does not know becomes INTERNAL."""
+        if not isinstance(error, dict):
+            error = {}
+        message = error.get("message")
+        return cls(ErrorCode.decode(error.get("code")), str(message) if message else "the server gave no message")

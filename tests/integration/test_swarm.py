@@ -232,13 +232,13 @@ async def test_sigterm_says_goodbye_and_journal_survives(cluster: Cluster, workd
 async def test_bad_requests_get_clear_errors(cluster: Cluster, workdir: Path) -> None:
     node = await cluster.start_node("n")
     r = await cluster.cli(node, "fetch", "no-such-model:v9")
-    assert r.returncode != 0 and b"not published" in r.stderr and b"Traceback" not in r.stderr
+    assert r.returncode == 3 and b"not published" in r.stderr and b"Traceback" not in r.stderr  # NOT_FOUND
     r = await cluster.cli(node, "fetch", "bad name")
-    assert r.returncode != 0 and b"invalid name" in r.stderr
+    assert r.returncode == 2 and b"invalid name" in r.stderr  # BAD_REQUEST
     r = await cluster.cli(node, "publish", str(workdir / "missing"), "--name", "x:1")
-    assert r.returncode != 0 and b"does not exist" in r.stderr
+    assert r.returncode == 2 and b"does not exist" in r.stderr
     r = await cluster.cli(node, "status", "--socket", str(workdir / "nope.sock"))
-    assert r.returncode != 0 and b"cannot reach the p2pd daemon" in r.stderr
+    assert r.returncode == 4 and b"cannot reach the p2pd daemon" in r.stderr  # UNREACHABLE
 
 
 async def test_garbage_on_peer_port_closes_only_that_connection(cluster: Cluster, workdir: Path) -> None:
@@ -293,7 +293,7 @@ async def test_disk_full_is_a_clear_error_and_nothing_marked_complete(cluster: C
         make_file(filler, 100 * MiB)
         node = await start_node_on(cluster, "small", mnt / "node")
         res = await cluster.cli(node, "fetch", "big:v1")
-        assert res.returncode != 0
+        assert res.returncode == 5  # DISK_FULL
         assert b"not enough disk space" in res.stderr and b"Traceback" not in res.stderr, res.stderr
         assert not list((node.data_dir / "artifacts").glob("*.json"))  # nothing marked complete
         filler.unlink()
@@ -331,7 +331,7 @@ async def test_disk_full_mid_transfer_stops_cleanly_and_a_later_fetch_resumes(cl
                 except OSError:
                     pass
         res = results[0]
-        assert res.returncode != 0
+        assert res.returncode == 5  # DISK_FULL: the swarm keeps the code of its failure
         assert b"disk full" in res.stderr and b"Traceback" not in res.stderr, res.stderr
         assert node.proc.poll() is None, "the daemon must survive a full disk"
         assert not list((node.data_dir / "artifacts").glob("*.json"))  # nothing marked complete

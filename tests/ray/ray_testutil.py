@@ -23,6 +23,8 @@ Handler = Callable[[str, dict[str, Any], Emit], Awaitable[Any]]
 
 
 class FakeDaemonError(Exception):
+    """Answered as an error reply; `code` is sent as given (an `ErrorCode`, or any string to test decoding)."""
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from ray_testutil import Emit, FakeDaemon, FakeDaemonError
 
+from p2pd.errors import ErrorCode
 from ray_plugin import daemon_client
 from ray_plugin.daemon_client import DaemonClient, DaemonError, DaemonProtocolError, DaemonUnavailable
 
@@ -60,7 +61,7 @@ def test_concurrent_requests_on_one_connection_are_matched_by_id(daemon_env: Pat
 
 def test_error_reply_carries_code_and_message(daemon_env: Path) -> None:
     async def handler(method: str, params: dict[str, Any], emit: Emit) -> Any:
-        raise FakeDaemonError("not_found", "no artifact named m:v9")
+        raise FakeDaemonError(ErrorCode.NOT_FOUND, "no artifact named m:v9")
 
     async def main() -> None:
         async with FakeDaemon(daemon_env, handler):
@@ -68,7 +69,7 @@ def test_error_reply_carries_code_and_message(daemon_env: Path) -> None:
 
     with pytest.raises(DaemonError) as ei:
         asyncio.run(main())
-    assert ei.value.code == "not_found" and "m:v9" in str(ei.value)
+    assert ei.value.code is ErrorCode.NOT_FOUND and "m:v9" in str(ei.value)
 
 
 def test_missing_socket_says_how_to_start_the_daemon(daemon_env: Path) -> None:
@@ -145,3 +146,16 @@ def test_cancelled_call_leaves_the_connection_usable(daemon_env: Path) -> None:
             return await c.call("status")
 
     assert asyncio.run(main()) == "status"
+
+
+def test_a_code_this_version_does_not_know_reads_as_internal_with_its_message(daemon_env: Path) -> None:
+    async def handler(method: str, params: dict[str, Any], emit: Emit) -> Any:
+        raise FakeDaemonError("quota_exceeded", "over quota: ask your admin")
+
+    async def main() -> None:
+        async with FakeDaemon(daemon_env, handler):
+            await daemon_client.fetch("m:v9")
+
+    with pytest.raises(DaemonError) as ei:
+        asyncio.run(main())
+    assert ei.value.code is ErrorCode.INTERNAL and ei.value.message == "over quota: ask your admin"

@@ -20,6 +20,7 @@ import ray
 from ray._private.runtime_env.context import RuntimeEnvContext
 from ray_testutil import Emit, FakeDaemon, FakeDaemonError, write_fake_python
 
+from p2pd.errors import ErrorCode
 from ray_plugin.plugin import P2PPlugin, P2PSetupError
 from ray_plugin.spec import ArtifactRef
 
@@ -204,11 +205,14 @@ def test_one_waiter_cancelled_does_not_cancel_the_fetch_for_others(daemon_env: P
 @pytest.mark.parametrize(
     ("code", "needles"),
     [
-        ("not_found", ["no artifact named m:9", "p2pd publish PATH --name m:9"]),
-        ("integrity", ["integrity", "republish"]),
-        ("tracker_unreachable", ["cannot reach its tracker", "p2p-tracker serve"]),
-        ("disk_full", ["disk space", "--data-dir"]),
-        ("internal", ["(internal)", "daemon's log"]),
+        (ErrorCode.NOT_FOUND, ["no artifact named m:9", "p2pd publish PATH --name m:9"]),
+        (ErrorCode.INTEGRITY, ["integrity", "republish"]),
+        (ErrorCode.UNREACHABLE, ["cannot reach its tracker", "p2p-tracker serve"]),
+        ("tracker_unreachable", ["cannot reach its tracker", "p2p-tracker serve"]),  # a daemon before ErrorCode
+        (ErrorCode.DISK_FULL, ["disk space", "--data-dir"]),
+        (ErrorCode.STORAGE, ["could not store", "permissions"]),
+        (ErrorCode.INTERNAL, ["(internal)", "daemon's log"]),
+        ("a_code_of_a_newer_daemon", ["(internal)", "daemon's log", "same p2pd version"]),
     ],
 )
 def test_daemon_errors_become_messages_that_say_what_to_do(daemon_env: Path, code: str, needles: list[str]) -> None:

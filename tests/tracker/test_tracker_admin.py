@@ -143,22 +143,23 @@ def test_cli_tables_json_and_one_line_errors(admin: dict[str, Any]) -> None:
     assert json.loads(r.stdout)["nodes"] == 2
     r = cli(admin, "evict", nid(2))
     assert r.exit_code == 0 and f"evicted {nid(2)}" in r.stdout
-    for r, needle in [
-        (cli(admin, "evict", nid(2)), "no node"),
-        (cli(admin, "nodes", token="wrong"), "refused the admin token (401)"),
+    for r, needle, status in [
+        (cli(admin, "evict", nid(2)), "no node", 3),
+        (cli(admin, "nodes", token="wrong"), "refused the admin token (401)", 2),
+        (cli(admin, "policy", "--egress-limit", "fast"), "--egress-limit", 2),
     ]:
-        assert r.exit_code == 1 and r.stdout == "" and needle in r.stderr
+        assert r.exit_code == status and r.stdout == "" and needle in r.stderr, (r.exit_code, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_cli_process_errors_are_one_line(admin: dict[str, Any]) -> None:
-    for args, needle in [
-        (["stats", "--tracker", "http://127.0.0.1:9", "--token", TOKEN], "cannot reach the tracker admin API"),
-        (["nodes", "--tracker", admin["url"], "--token", "wrong"], "refused the admin token (401)"),
+    for args, needle, status in [
+        (["stats", "--tracker", "http://127.0.0.1:9", "--token", TOKEN], "cannot reach the tracker admin API", 4),
+        (["nodes", "--tracker", admin["url"], "--token", "wrong"], "refused the admin token (401)", 2),
     ]:
         r = subprocess.run([*tracker_cmd(), "admin", *args], capture_output=True, text=True, timeout=60,
                            env=subprocess_env())
-        assert r.returncode == 1 and r.stdout == ""
+        assert r.returncode == status and r.stdout == "", (r.returncode, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

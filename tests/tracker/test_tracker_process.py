@@ -7,6 +7,7 @@ import signal
 import pytest
 import trio
 
+from p2pd.errors import ErrorCode
 from p2pd.rpc import RpcError, connect_tcp
 from p2pd.tracker_client import TrackerClient
 from tracker.testing import Procs, free_port, make_manifest, nid
@@ -37,10 +38,10 @@ async def test_register_publish_resolve_peers_leave(procs: Procs) -> None:
         assert (await seed.peers(aid))[0]["addr"] == ["127.0.0.1", 9002]
         with pytest.raises(RpcError) as e:
             await leech.resolve("missing:v1")
-        assert e.value.code == "not_found"
+        assert e.value.code is ErrorCode.NOT_FOUND
         with pytest.raises(RpcError) as e:
             await leech.publish("bad:v1", b"not a manifest")
-        assert e.value.code == "bad_request"
+        assert e.value.code is ErrorCode.BAD_REQUEST
         await seed.leave()
         assert await leech.peers(aid) == []
         # after leave, a heartbeat re-registers by itself
@@ -111,7 +112,7 @@ async def test_unreachable_trackers_raise_a_clear_error() -> None:
     async with TrackerClient([("127.0.0.1", p) for p in ports], nid(1), ADDR, connect_timeout=1) as tc:
         with pytest.raises(RpcError) as e:
             await tc.register()
-    assert e.value.code == "tracker_unreachable"
+    assert e.value.code is ErrorCode.UNREACHABLE
     assert all(f"127.0.0.1:{p}" in e.value.message for p in ports)
 
 
@@ -130,7 +131,7 @@ async def test_malformed_requests_get_bad_request(procs: Procs) -> None:
         ]:
             with pytest.raises(RpcError) as e:
                 await c.call(method, params)
-            assert e.value.code == "bad_request", (method, params, e.value)
+            assert e.value.code is ErrorCode.BAD_REQUEST, (method, params, e.value)
         assert (await c.call("heartbeat", {"node_id": nid(1), "holdings": {}}))["known"] is False
 
 
@@ -197,14 +198,15 @@ def test_serve_errors_are_one_line() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        for args, needle in [
-            (["--listen", f"127.0.0.1:{port}"], "Address already in use"),
-            (["--listen", "127.0.0.1:0", "--store", f"redis://127.0.0.1:{free_port()}/0"], "cannot reach redis://"),
-            (["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], "needs --admin-token"),
+        for args, needle, status in [
+            (["--listen", f"127.0.0.1:{port}"], "Address already in use", 2),
+            (["--listen", "127.0.0.1:0", "--store", f"redis://127.0.0.1:{free_port()}/0"], "cannot reach redis://", 4),
+            (["--listen", "127.0.0.1:0", "--store", "etcd://x"], "unknown --store", 2),
+            (["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], "needs --admin-token", 2),
         ]:
             r = subprocess.run([*tracker_cmd(), "serve", *args], capture_output=True, text=True, timeout=60,
                                env={**subprocess_env(), "P2P_TRACKER_ADMIN_TOKEN": ""})
-            assert r.returncode == 1 and needle in r.stderr, (args, r.stderr)
+            assert r.returncode == status and needle in r.stderr, (args, r.returncode, r.stderr)
             assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

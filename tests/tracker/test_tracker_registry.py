@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from tracker.registry import Bag, Registry, sample_union
 from tracker.testing import make_manifest, nid
@@ -157,13 +158,13 @@ def test_publish_resolve_tag_history_and_immutable_ids() -> None:
     assert r.manifest(id2) == m2  # an id never changes or disappears when a tag moves
     with pytest.raises(TrackerError) as e:
         r.resolve("nope:v1")
-    assert e.value.code == "not_found"
+    assert e.value.code is ErrorCode.NOT_FOUND
     with pytest.raises(TrackerError) as e:
         r.tag("x:y", "c" * 64, wall=1.0)
-    assert e.value.code == "not_found"
+    assert e.value.code is ErrorCode.NOT_FOUND
     with pytest.raises(TrackerError) as e:
         r.publish("bad:manifest", b"\x93\x01\x02", wall=1.0)
-    assert e.value.code == "bad_request"
+    assert e.value.code is ErrorCode.BAD_REQUEST
     names = {a["artifact_id"]: a["names"] for a in r.artifact_list()}
     assert names[id1] == ["llama:latest", "llama:v1"] and names[id2] == []
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
+from p2pd.errors import ErrorCode
 from tracker.store import Heartbeat, MemoryStore, Store
 from tracker.testing import Procs, make_manifest, nid, start_redis
 from tracker.validate import TrackerError
@@ -111,10 +112,10 @@ async def test_names_tags_history(store: Store) -> None:
     for coro in (store.resolve("x:y"), store.manifest("c" * 64), store.tag("x:y", "c" * 64)):
         with pytest.raises(TrackerError) as e:
             await coro
-        assert e.value.code == "not_found"
+        assert e.value.code is ErrorCode.NOT_FOUND
     with pytest.raises(TrackerError) as e:
         await store.publish("x:y", b"junk")
-    assert e.value.code == "bad_request"
+    assert e.value.code is ErrorCode.BAD_REQUEST
 
 
 async def test_admin_views(store: Store) -> None:
@@ -139,3 +140,20 @@ async def test_policy_is_shared_and_survives_refresh(store: Store) -> None:
     await store.set_policy({"egress_limit": 5e7})
     await store.refresh()  # a Redis replica re-reads it every interval
     assert await store.policy() == {"egress_limit": 5e7}
+
+
+async def test_redis_flushed_scripts_are_reloaded_and_a_dead_redis_is_unreachable(procs: Procs) -> None:
+    from tracker.redis_store import RedisStore
+
+    proc, url = start_redis(procs)
+    s = await RedisStore.connect(url, INTERVAL)
+    try:
+        await add(s, 1)
+        await s.redis.execute("SCRIPT", "FLUSH")  # as after a Redis restart: the next call gets NOSCRIPT
+        await add(s, 2)  # reloaded on that reply's code, not reported as an internal error
+        proc.kill()
+        with pytest.raises(TrackerError) as e:
+            await add(s, 3)
+        assert e.value.code is ErrorCode.UNREACHABLE  # nodes try another replica on it
+    finally:
+        await s.aclose()

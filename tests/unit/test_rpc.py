@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from p2pd.errors import ErrorCode
 from p2pd.protocol.framing import MAX_FRAME, FrameReader, encode_frame
 from p2pd.rpc import Emit, Handler, RpcClient, RpcError, open_client, parse_hostport, serve_connection
 
@@ -21,7 +22,7 @@ async def echo(params: dict[str, Any], emit: Emit) -> Any:
 
 
 async def fail(params: dict[str, Any], emit: Emit) -> Any:
-    raise RpcError(params.get("code", "not_found"), params.get("message", "no such artifact"))
+    raise RpcError(ErrorCode(params.get("code", "not_found")), params.get("message", "no such artifact"))
 
 
 async def key_error(params: dict[str, Any], emit: Emit) -> Any:
@@ -77,7 +78,7 @@ async def test_rpc_error_propagates_with_code() -> None:
     async with rpc_pair() as (client, _):
         with pytest.raises(RpcError) as ei:
             await client.call("fail", {"code": "disk_full", "message": "not enough disk space"})
-        assert ei.value.code == "disk_full"
+        assert ei.value.code is ErrorCode.DISK_FULL
         assert ei.value.message == str(ei.value) == "not enough disk space"
         assert await client.call("echo", {"still": "alive"}) == {"still": "alive"}
 
@@ -86,14 +87,14 @@ async def test_unknown_method_is_bad_request() -> None:
     async with rpc_pair() as (client, _):
         with pytest.raises(RpcError, match="unknown method 'nope'") as ei:
             await client.call("nope")
-        assert ei.value.code == "bad_request"
+        assert ei.value.code is ErrorCode.BAD_REQUEST
 
 
 async def test_handler_lookup_errors_are_bad_request() -> None:
     async with rpc_pair() as (client, _):
         with pytest.raises(RpcError, match="bad request for key_error") as ei:
             await client.call("key_error")
-        assert ei.value.code == "bad_request"
+        assert ei.value.code is ErrorCode.BAD_REQUEST
 
 
 async def test_handler_bug_is_internal_and_server_survives(caplog: pytest.LogCaptureFixture) -> None:
@@ -101,7 +102,7 @@ async def test_handler_bug_is_internal_and_server_survives(caplog: pytest.LogCap
         with caplog.at_level(logging.ERROR, logger="p2pd.rpc"):
             with pytest.raises(RpcError, match="internal error in crash") as ei:
                 await client.call("crash")
-        assert ei.value.code == "internal"
+        assert ei.value.code is ErrorCode.INTERNAL
         assert "handler bug" not in ei.value.message  # details go to the log, not the client
         assert any("handler crash failed" in r.getMessage() for r in caplog.records)
         assert await client.call("echo", {"x": 1}) == {"x": 1}
@@ -156,7 +157,7 @@ async def test_call_timeout(autojump_clock: trio.testing.MockClock) -> None:
     async with rpc_pair() as (client, _):
         with pytest.raises(RpcError, match="no answer within 2 s") as ei:
             await client.call("sleepy", {"delay": 100, "tag": "x"}, timeout=2)
-        assert ei.value.code == "timeout"
+        assert ei.value.code is ErrorCode.TIMEOUT
         # Events reset the timeout: 20 events 0.01 s apart with a 0.05 s timeout succeed.
         assert await client.call("progress", {"n": 20}, timeout=0.05) == "finished"
 
@@ -224,10 +225,10 @@ async def test_pending_call_fails_when_server_drops_the_connection() -> None:
         async with open_client(client_stream) as client:
             with pytest.raises(RpcError) as ei:
                 await client.call("echo", timeout=5)
-            assert ei.value.code == "unreachable"
+            assert ei.value.code is ErrorCode.UNREACHABLE
             with pytest.raises(RpcError, match="closed by the server") as ei2:
                 await client.call("echo")
-            assert ei2.value.code == "unreachable"
+            assert ei2.value.code is ErrorCode.UNREACHABLE
 
 
 async def test_client_closing_cancels_in_flight_handlers() -> None:
@@ -259,7 +260,7 @@ async def test_over_a_real_socketpair() -> None:
             assert await client.call("echo", big) == big
             with pytest.raises(RpcError) as ei:
                 await client.call("fail")
-            assert ei.value.code == "not_found"
+            assert ei.value.code is ErrorCode.NOT_FOUND
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -17,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pd import storage
+from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from p2pd.storage import Catalog, Journal, PieceStore, Record, StorageError
 from tests.unit._util import QUICK
@@ -135,15 +137,14 @@ def test_build_manifest_follows_symlinks_to_files(tmp_path: Path) -> None:
 
 
 def test_scan_source_errors(tmp_path: Path) -> None:
-    with pytest.raises(StorageError, match="does not exist"):
-        storage.scan_source(tmp_path / "nope")
     (tmp_path / "emptydir" / "sub").mkdir(parents=True)
-    with pytest.raises(StorageError, match="contains no files"):
-        storage.scan_source(tmp_path / "emptydir")
     (tmp_path / "withfifo").mkdir()
     os.mkfifo(tmp_path / "withfifo" / "pipe")
-    with pytest.raises(StorageError, match="not a regular file"):
-        storage.scan_source(tmp_path / "withfifo")
+    for path, needle in [("nope", "does not exist"), ("emptydir", "contains no files"),
+                         ("withfifo", "not a regular file")]:
+        with pytest.raises(StorageError, match=needle) as ei:
+            storage.scan_source(tmp_path / path)
+        assert ei.value.code is ErrorCode.BAD_REQUEST  # the source the user named is unusable
 
 
 # ------------------------------------------------------------------------------------------ piece store
@@ -229,8 +230,9 @@ def test_preallocate_disk_too_small(tree: Path, tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=total - 1))
     root = tmp_path / "staging"
     store = PieceStore(m, root, writable=True)
-    with pytest.raises(StorageError, match=r"not enough disk space in .*staging: need .* GB more, .* GB free"):
+    with pytest.raises(StorageError, match=r"not enough disk space in .*staging: need .* GB more, .* GB free") as ei:
         store.preallocate()
+    assert ei.value.code is ErrorCode.DISK_FULL
     assert list(root.iterdir()) == []  # refused before creating anything
     # With the files already there at full size (a resumed download), nothing more is needed.
     monkeypatch.setattr(shutil, "disk_usage", real)
@@ -240,6 +242,41 @@ def test_preallocate_disk_too_small(tree: Path, tmp_path: Path, monkeypatch: pyt
     again = PieceStore(m, root, writable=True)
     again.preallocate()
     again.close()
+
+
+def test_enospc_is_disk_full_and_other_failures_keep_their_kind(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The code is set where ENOSPC is seen, so the daemon passes it on without reading the message."""
+    m = small_manifest(tree, 64)
+    piece = PieceStore(m, tree, writable=False).read_piece(0)
+    store = PieceStore(m, tmp_path / "staging", writable=True)
+    store.preallocate()
+    fail_with = errno.ENOSPC
+
+    def pwrite(fd: int, data: bytes, off: int) -> int:
+        raise OSError(fail_with, os.strerror(fail_with))
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(StorageError, match="disk full writing under") as ei:
+        store.write_piece(0, piece)
+    assert ei.value.code is ErrorCode.DISK_FULL
+    fail_with = errno.EIO  # not a full disk: stays an OSError for the caller to handle
+    with pytest.raises(OSError) as oi:
+        store.write_piece(0, piece)
+    assert not isinstance(oi.value, StorageError)
+    monkeypatch.undo()
+    store.close()
+
+    def fallocate(fd: int, off: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    monkeypatch.setattr(storage, "filesystem_type", lambda p: "ext4")
+    with pytest.raises(StorageError, match="disk full while preallocating") as ei:
+        PieceStore(m, tmp_path / "other", writable=True).preallocate()
+    assert ei.value.code is ErrorCode.DISK_FULL
+    assert StorageError("any other storage failure").code is ErrorCode.STORAGE
 
 
 # ------------------------------------------------------------------------------------------ journal
@@ -402,6 +439,40 @@ def test_finalize_replaces_a_stale_cache_dir(tree: Path, tmp_path: Path) -> None
     dst = cat.finalize(aid, "x:y")
     assert not (dst / "junk").exists()
     assert (dst / "config.json").read_bytes() == TREE["config.json"]
+
+
+def test_staged_name_lives_until_the_download_is_finalized(tree: Path, tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "data")
+    m = small_manifest(tree, 1000)
+    aid = mf.artifact_id(m)
+    assert cat.staged_name(aid) is None
+    cat.save_staged_name(aid, "model:v1")
+    cat.save_staged_name(aid, "model:v2")  # the latest request's name wins
+    assert [p.name for p in cat.staging.iterdir()] == [f"{aid}.name.json"]  # atomic: no temp file left
+    _download(cat, tree, m)
+    restarted = Catalog(cat.data_dir)
+    assert restarted.staged_ids() == [aid] and restarted.staged_name(aid) == "model:v2"
+    cat.finalize(aid, "model:v2")
+    assert cat.staged_name(aid) is None
+    assert list(cat.staging.iterdir()) == []  # nothing of the finished download is left in staging
+
+
+def test_staged_names_without_a_download_are_removed_at_start(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "data")
+    gone, live = "ab" * 32, "cd" * 32
+    cat.save_staged_name(gone, "gone:v1")  # no journal: finished by an older version, or never started
+    cat.save_staged_name(live, "live:v1")
+    (cat.staging / f"{live}.journal").write_bytes(b"")
+    assert cat.staged_ids() == [live]
+    assert cat.staged_name(gone) is None and not (cat.staging / f"{gone}.name.json").exists()
+    assert cat.staged_name(live) == "live:v1"
+
+
+def test_damaged_staged_name_reads_as_none(tmp_path: Path) -> None:
+    cat = Catalog(tmp_path / "data")
+    for bad in [b"", b"\xff", b"[1]", b'"x"', b'{"nom": "x"}']:
+        (cat.staging / f"{AID}.name.json").write_bytes(bad)
+        assert cat.staged_name(AID) is None, bad
 
 
 def test_catalog_basics(tmp_path: Path) -> None:

@@ -463,13 +463,13 @@ def test_daemon_cli_names_the_option_with_a_bad_rate() -> None:
     from p2pd.cli import app
 
     r = CliRunner().invoke(app, ["run", "--tracker", "127.0.0.1:9", "--egress-limit", "64M"])
-    assert r.exit_code == 1
+    assert r.exit_code == 2  # BAD_REQUEST
     assert r.stderr.strip() == (
         "p2pd: error: --egress-limit: ambiguous rate '64M': a bare M could mean bytes or bits; "
         "write 64MB/s or 64MiB/s for bytes, 64Mbit/s for bits per second"
     )
     r = CliRunner().invoke(app, ["run", "--tracker", "127.0.0.1:9", "--ingress-limit", "-5MB/s"])
-    assert r.exit_code == 1 and r.stderr.count("\n") == 1
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("p2pd: error: --ingress-limit: invalid rate '-5MB/s': must be positive")
 
 
@@ -484,7 +484,7 @@ def test_demo_cli_checks_size_and_rate_before_starting(args: list[str], message:
     from p2pd.cli import app
 
     r = CliRunner().invoke(app, ["demo", *args])
-    assert r.exit_code == 1 and r.stderr.startswith(message) and r.stderr.count("\n") == 1
+    assert r.exit_code == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1
 
 
 def test_admin_policy_checks_the_rate_before_calling_the_tracker() -> None:
@@ -492,5 +492,5 @@ def test_admin_policy_checks_the_rate_before_calling_the_tracker() -> None:
 
     args = ["policy", "--tracker", "http://127.0.0.1:9", "--token", "t", "--ingress-limit", "50Mb/s"]
     r = CliRunner().invoke(admin_app, args)
-    assert r.exit_code == 1 and r.stderr.count("\n") == 1
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("p2p-tracker: error: --ingress-limit: ambiguous rate '50Mb/s'")
