@@ -35,7 +35,7 @@ class UploadSource(Protocol):
 
     def spans(self, index: int) -> list[tuple[int, int, int]]: ...  # (fd, offset, length) per file span
 
-    def read_piece(self, index: int) -> bytes: ...
+    def read_piece(self, index: int) -> bytes | bytearray: ...
 
 
 class PeerHost(Protocol):
@@ -43,8 +43,10 @@ class PeerHost(Protocol):
 
     manifest: Manifest
     config: SwarmConfig
-    picker: Picker
-    store: UploadSource
+    picker: Picker[PeerSession]
+
+    @property
+    def store(self) -> UploadSource: ...
 
     @property
     def egress(self) -> Hierarchy | None: ...

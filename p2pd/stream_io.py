@@ -52,6 +52,7 @@ class StreamIO:
         self._queued = 0  # bytes the kernel held unread at the watchdog's last look
 
     async def _receive(self, max_bytes: int) -> bytes:
+        data: bytes | bytearray
         if self.sock is not None:
             data = await self.sock.recv(max_bytes)
         else:

@@ -110,8 +110,9 @@ class Swarm:
         self.complete = have == self._full and journal is None
         self.downloading = not self.complete  # until finalized or failed
         # The picker stays after completion: it remembers the requests we cancelled, whose pieces may still arrive.
-        self.picker = Picker(self.n, bits.indices(have))
-        self.seeding = DistinctFirstSeeding(self.n, enabled=config.seed_distinct, serve_tail=config.serve_tail)
+        self.picker: Picker[ps.PeerSession] = Picker(self.n, bits.indices(have))
+        self.seeding: DistinctFirstSeeding[PeerConn] = DistinctFirstSeeding(
+            self.n, enabled=config.seed_distinct, serve_tail=config.serve_tail)
         self.done = trio.Event()
         if self.complete:
             self.done.set()

@@ -26,10 +26,11 @@ import collections
 import enum
 import random
 from collections.abc import Hashable, Iterable
+from typing import Generic, TypeVar
 
 from p2pd.protocol.bitfield import indices
 
-Peer = Hashable
+Peer = TypeVar("Peer", bound=Hashable)  # whatever identifies a peer to the caller (the daemon: its PeerSession)
 CANCELLED_MEMORY = 64  # cancelled requests remembered per peer (a cancel crosses at most a pipeline's worth)
 
 
@@ -41,7 +42,7 @@ class Arrival(enum.Enum):
     UNREQUESTED = "unrequested"  # never asked: the peer breaks the protocol
 
 
-class Picker:
+class Picker(Generic[Peer]):
     def __init__(self, num_pieces: int, have: Iterable[int] = (), *, seed: int | None = None, max_dup: int = 2) -> None:
         self.n = num_pieces
         rng = random.Random(seed)

@@ -17,11 +17,12 @@ asked for the same unsent piece before either copy went out.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from typing import Generic, TypeVar
 
-Peer = Hashable
+Peer = TypeVar("Peer", bound=Hashable)
 
 
-class DistinctFirstSeeding:
+class DistinctFirstSeeding(Generic[Peer]):
     """The seed policy of one artifact on one node; counts what it sent and what it deferred."""
 
     def __init__(self, num_pieces: int, *, enabled: bool = True, serve_tail: int = 16) -> None:

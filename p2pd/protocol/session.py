@@ -79,7 +79,7 @@ class PeerSession:
     def __init__(
         self,
         manifest: Manifest,
-        picker: Picker,
+        picker: Picker[PeerSession],
         *,
         max_queued_requests: int = 64,
         on_output: Callable[[], None] | None = None,

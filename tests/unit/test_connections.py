@@ -139,7 +139,7 @@ async def test_an_incoming_connection_for_an_unknown_artifact_is_told_goodbye() 
         nursery.start_soon(remote)
         await ours.send_all(wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, LEECH_ID, "f" * 64)))
         with trio.fail_after(5):
-            reply = wire.FrameDecoder(0).feed(await ours.receive_some(1024))
+            reply = wire.FrameDecoder(0).feed(bytes(await ours.receive_some(1024)))
         assert reply == [wire.Goodbye("unknown artifact")]
 
 

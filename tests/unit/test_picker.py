@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -21,7 +21,7 @@ T = TypeVar("T")
 def test_first_requests_of_different_nodes_differ() -> None:
     firsts = []
     for seed in range(20):
-        p = Picker(256, seed=seed)
+        p: Picker[Any] = Picker(256, seed=seed)
         p.add_peer("seed", range(256))
         firsts.append(p.next_request("seed"))
     assert len(set(firsts)) >= 17  # 20 draws from 256: ~0.7 collisions expected
@@ -30,7 +30,7 @@ def test_first_requests_of_different_nodes_differ() -> None:
 def test_first_wave_spreads_over_the_seed() -> None:
     asked: list[int] = []
     for seed in range(20):
-        p = Picker(256, seed=1000 + seed)
+        p: Picker[Any] = Picker(256, seed=1000 + seed)
         p.add_peer("seed", range(256))
         asked += [p.next_request("seed") for _ in range(8)]  # type: ignore[misc]
     # 160 uniformly random requests cover ~1-e^(-160/256) = 46% of 256 pieces (~119); a shared order would give 8.
@@ -43,14 +43,15 @@ def test_unseeded_pickers_use_different_orders() -> None:
 
 
 def test_same_seed_same_order_and_perm_is_a_permutation() -> None:
-    a, b = Picker(100, seed=7), Picker(100, seed=7)
+    a: Picker[str] = Picker(100, seed=7)
+    b: Picker[str] = Picker(100, seed=7)
     assert a.perm == b.perm
     assert sorted(a.perm) == list(range(100))
     assert all(a.perm[a.pos[p]] == p for p in range(100))
 
 
 def test_full_seed_is_drained_in_permutation_order() -> None:
-    p = Picker(50, seed=3)
+    p: Picker[Any] = Picker(50, seed=3)
     p.add_peer("s", range(50))
     got = [p.next_request("s") for _ in range(50)]
     assert got == p.perm
@@ -58,7 +59,7 @@ def test_full_seed_is_drained_in_permutation_order() -> None:
 
 
 def test_single_peer_is_never_asked_twice_for_a_piece() -> None:
-    p = Picker(10, seed=3)
+    p: Picker[Any] = Picker(10, seed=3)
     p.add_peer("s", range(10))
     got = [p.next_request("s") for _ in range(10)]
     assert sorted(got) == list(range(10))  # type: ignore[type-var]
@@ -68,7 +69,7 @@ def test_single_peer_is_never_asked_twice_for_a_piece() -> None:
 # ------------------------------------------------------------------------------------------ rarest first
 @pytest.mark.parametrize("seed", range(10))
 def test_rarest_first(seed: int) -> None:
-    p = Picker(16, seed=seed)
+    p: Picker[Any] = Picker(16, seed=seed)
     rare = 11
     p.add_peer("a", range(16))
     p.add_peer("b", [i for i in range(16) if i != rare])
@@ -79,7 +80,7 @@ def test_rarest_first(seed: int) -> None:
 
 
 def test_rarest_first_follows_haves() -> None:
-    p = Picker(8, seed=1)
+    p: Picker[Any] = Picker(8, seed=1)
     for peer in "abc":
         p.add_peer(peer, [])
     for peer in "abc":
@@ -92,7 +93,7 @@ def test_rarest_first_follows_haves() -> None:
 def test_levels_prefer_two_over_three() -> None:
     rng = random.Random(0)
     for seed in range(10):
-        p = Picker(30, seed=seed)
+        p: Picker[Any] = Picker(30, seed=seed)
         holders = {i: rng.randint(1, 4) for i in range(30)}
         for k in range(4):
             p.add_peer(k, [i for i, h in holders.items() if h > k])
@@ -102,7 +103,7 @@ def test_levels_prefer_two_over_three() -> None:
 
 
 def test_never_asks_for_a_piece_we_have() -> None:
-    p = Picker(10, have=[0, 1, 2, 3, 4], seed=0)
+    p: Picker[Any] = Picker(10, have=[0, 1, 2, 3, 4], seed=0)
     p.add_peer("s", range(10))
     got = {p.next_request("s") for _ in range(5)}
     assert got == {5, 6, 7, 8, 9}
@@ -112,7 +113,7 @@ def test_never_asks_for_a_piece_we_have() -> None:
 
 
 def test_never_asks_a_peer_without_the_piece() -> None:
-    p = Picker(10, seed=0)
+    p: Picker[Any] = Picker(10, seed=0)
     p.add_peer("odd", range(1, 10, 2))
     got = [p.next_request("odd") for _ in range(5)]
     assert sorted(got) == [1, 3, 5, 7, 9]  # type: ignore[type-var]
@@ -121,7 +122,7 @@ def test_never_asks_a_peer_without_the_piece() -> None:
 
 
 def test_peer_have_reports_new_interest() -> None:
-    p = Picker(4, have=[0], seed=0)
+    p: Picker[Any] = Picker(4, have=[0], seed=0)
     p.add_peer("x", [])
     assert not p.interesting("x")
     assert p.peer_have("x", 0) is False  # we have it already
@@ -133,7 +134,7 @@ def test_peer_have_reports_new_interest() -> None:
 
 
 def test_add_peer_twice_is_an_error() -> None:
-    p = Picker(4)
+    p: Picker[Any] = Picker(4)
     p.add_peer("x", [1])
     with pytest.raises(ValueError, match="already known"):
         p.add_peer("x", [2])
@@ -141,7 +142,7 @@ def test_add_peer_twice_is_an_error() -> None:
 
 # ------------------------------------------------------------------------------------------ endgame
 def test_endgame_duplicates_at_most_max_dup() -> None:
-    p = Picker(2, seed=0, max_dup=2)
+    p: Picker[Any] = Picker(2, seed=0, max_dup=2)
     for peer in "abcde":
         p.add_peer(peer, [0, 1])
     first = {p.next_request("a"), p.next_request("b")}
@@ -156,7 +157,7 @@ def test_endgame_duplicates_at_most_max_dup() -> None:
 
 
 def test_endgame_only_when_everything_missing_is_in_flight() -> None:
-    p = Picker(3, seed=0)
+    p: Picker[Any] = Picker(3, seed=0)
     p.add_peer("x", [0, 1])
     p.add_peer("y", [0, 1, 2])
     p.add_peer("z", [0, 1])
@@ -165,7 +166,7 @@ def test_endgame_only_when_everything_missing_is_in_flight() -> None:
     assert {a, b} == {0, 1}
     dup = p.next_request("z")  # all three in flight: endgame
     assert dup in (0, 1)
-    q = Picker(3, seed=0)
+    q: Picker[str] = Picker(3, seed=0)
     q.add_peer("x", [0, 1])
     q.add_peer("z", [0, 1])
     assert {q.next_request("x"), q.next_request("x")} == {0, 1}
@@ -174,7 +175,7 @@ def test_endgame_only_when_everything_missing_is_in_flight() -> None:
 
 @pytest.mark.parametrize("max_dup", [1, 2, 3])
 def test_max_dup(max_dup: int) -> None:
-    p = Picker(1, max_dup=max_dup)
+    p: Picker[Any] = Picker(1, max_dup=max_dup)
     peers = list(range(6))
     for peer in peers:
         p.add_peer(peer, [0])
@@ -183,7 +184,7 @@ def test_max_dup(max_dup: int) -> None:
 
 
 def test_piece_verified_returns_other_askers_and_ends_requests() -> None:
-    p = Picker(1, max_dup=3)
+    p: Picker[Any] = Picker(1, max_dup=3)
     for peer in "abc":
         p.add_peer(peer, [0])
         assert p.next_request(peer) == 0
@@ -196,7 +197,7 @@ def test_piece_verified_returns_other_askers_and_ends_requests() -> None:
 
 # ------------------------------------------------------------------------------------------ failures
 def test_remove_peer_releases_its_in_flight_pieces() -> None:
-    p = Picker(6, seed=4)
+    p: Picker[Any] = Picker(6, seed=4)
     p.add_peer("a", range(6))
     p.add_peer("b", range(6))
     asked = [p.next_request("a") for _ in range(3)]
@@ -208,7 +209,7 @@ def test_remove_peer_releases_its_in_flight_pieces() -> None:
 
 
 def test_remove_full_peer_restores_levels() -> None:
-    p = Picker(5, seed=0)
+    p: Picker[Any] = Picker(5, seed=0)
     p.add_peer("seed", range(5))
     p.add_peer("half", [0, 1])
     p.remove_peer("seed")
@@ -217,7 +218,7 @@ def test_remove_full_peer_restores_levels() -> None:
 
 
 def test_request_failed_makes_piece_available_elsewhere() -> None:
-    p = Picker(1)
+    p: Picker[Any] = Picker(1)
     p.add_peer("a", [0])
     p.add_peer("b", [0])
     assert p.next_request("a") == 0
@@ -226,7 +227,7 @@ def test_request_failed_makes_piece_available_elsewhere() -> None:
 
 
 def test_request_failed_peer_lacks_stops_asking_that_peer() -> None:
-    p = Picker(3, seed=0)
+    p: Picker[Any] = Picker(3, seed=0)
     p.add_peer("a", range(3))
     p.add_peer("b", [0])
     first = p.next_request("a")
@@ -241,7 +242,7 @@ def test_request_failed_peer_lacks_stops_asking_that_peer() -> None:
 
 
 def test_request_failed_for_full_peer_then_remove() -> None:
-    p = Picker(4, seed=0)
+    p: Picker[Any] = Picker(4, seed=0)
     p.add_peer("seed", range(4))
     p.add_peer("other", [1])
     p.request_failed("seed", 2, peer_lacks=True)
@@ -251,7 +252,7 @@ def test_request_failed_for_full_peer_then_remove() -> None:
 
 # ------------------------------------------------------------------------------------------ defer
 def test_defer_skips_the_piece_at_that_peer_until_undefer() -> None:
-    p = Picker(3, seed=0)
+    p: Picker[Any] = Picker(3, seed=0)
     p.add_peer("seed", range(3))
     p.add_peer("other", [0, 1, 2])
     first = p.next_request("seed")
@@ -269,7 +270,7 @@ def test_defer_skips_the_piece_at_that_peer_until_undefer() -> None:
 
 
 def test_defer_is_forgotten_with_the_peer() -> None:
-    p = Picker(2, seed=0)
+    p: Picker[Any] = Picker(2, seed=0)
     p.add_peer("a", [0, 1])
     p.defer("a", 0)
     p.remove_peer("a")
@@ -305,7 +306,7 @@ class PickerMachine(RuleBasedStateMachine):
         rng = random.Random(seed)
         self.n = n
         self.have = {i for i in range(n) if rng.random() < have_frac}
-        self.picker = Picker(n, self.have, seed=seed, max_dup=max_dup)
+        self.picker: Picker[int] = Picker(n, self.have, seed=seed, max_dup=max_dup)
         self.max_dup = max_dup
         self.peers: dict[int, set[int]] = {}
         self.inflight: dict[int, set[int]] = {}
@@ -526,7 +527,7 @@ def test_random_operation_sequences(block: int) -> None:
 @given(st.integers(min_value=1, max_value=40), st.integers(min_value=2, max_value=6), st.randoms(use_true_random=False))
 def test_swarm_simulation_completes_without_duplicates_outside_endgame(n: int, npeers: int, rng: random.Random) -> None:
     """Random peers with random bitfields; serve requests in random order until done."""
-    p = Picker(n, seed=rng.randrange(1 << 30), max_dup=2)
+    p: Picker[Any] = Picker(n, seed=rng.randrange(1 << 30), max_dup=2)
     holdings = {k: {i for i in range(n) if rng.random() < 0.5} for k in range(npeers)}
     holdings[0] = set(range(n))  # one seed so the download can complete
     for k, s in holdings.items():
@@ -553,7 +554,7 @@ def test_swarm_simulation_completes_without_duplicates_outside_endgame(n: int, n
 
 
 def test_cancel_all_turns_every_pending_request_into_a_late_one() -> None:
-    p = Picker(8, seed=1)
+    p: Picker[Any] = Picker(8, seed=1)
     p.add_peer("a", range(8))
     asked = [p.next_request("a"), p.next_request("a")]
     assert all(i is not None for i in asked)

@@ -20,8 +20,8 @@ def mask(pieces: set[int] | range) -> int:
     return sum(1 << i for i in pieces)
 
 
-def policy(**kw: object) -> DistinctFirstSeeding:
-    return DistinctFirstSeeding(PIECES, serve_tail=TAIL, **kw)  # type: ignore[arg-type]
+def policy(enabled: bool = True) -> DistinctFirstSeeding[str]:
+    return DistinctFirstSeeding(PIECES, enabled=enabled, serve_tail=TAIL)
 
 
 def test_seed_never_sends_a_second_copy_while_some_piece_was_never_sent() -> None:

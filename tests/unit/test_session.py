@@ -6,6 +6,8 @@ string, so the same frames can come from the wire codec, from hypothesis, or fro
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,9 +29,12 @@ def manifest() -> mf.Manifest:
     return mf.build([mf.FileEntry("blob.bin", size)], PIECE, b"\0" * (mf.DIGEST_SIZE * PIECES), single_file=True)
 
 
-def new_session(have: set[int] | None = None, **kw: object) -> ps.PeerSession:
+def new_session(
+    have: set[int] | None = None, *, max_queued_requests: int = 64, on_output: Callable[[], None] | None = None
+) -> ps.PeerSession:
     m = manifest()
-    return ps.PeerSession(m, Picker(m.num_pieces, have or set(), seed=7), **kw)  # type: ignore[arg-type]
+    picker: Picker[ps.PeerSession] = Picker(m.num_pieces, have or set(), seed=7)
+    return ps.PeerSession(m, picker, max_queued_requests=max_queued_requests, on_output=on_output)
 
 
 def frames(*msgs: wire.Message) -> bytes:
@@ -59,9 +64,9 @@ def drive(s: ps.PeerSession, data: bytes) -> list[ps.Event | tuple[str, int, boo
     return out
 
 
-def opened(have_remote: set[int] | range = range(PIECES), **kw: object) -> ps.PeerSession:
+def opened(have_remote: set[int] | range = range(PIECES), *, max_queued_requests: int = 64) -> ps.PeerSession:
     """A session past the remote's BITFIELD, known to the picker as a peer holding `have_remote`."""
-    s = new_session(**kw)
+    s = new_session(max_queued_requests=max_queued_requests)
     drive(s, frames(wire.Bitfield(bits.to_bytes(bits_of(have_remote), PIECES))))
     s.picker.add_peer(s, have_remote)
     return s
