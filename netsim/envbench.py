@@ -200,8 +200,9 @@ def log_tails(base: Path, lines: int = 15) -> dict[str, list[str]]:
 
 
 async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[str, Any]) -> dict[str, Any]:
-    from p2pd.rpc import connect_unix
     from tests.integration.harness import Cluster, Node
+
+    from p2pd.rpc import connect_unix
 
     name = "envbench:v1"
     c = Cluster(base)

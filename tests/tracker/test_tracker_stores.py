@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from tracker_testutil import make_manifest, nid, start_redis
 
+from p2pd.cluster import LocalCluster
 from tracker.store import Heartbeat, MemoryStore, Store
-from tracker.testing import Procs, make_manifest, nid, start_redis
 from tracker.validate import TrackerError
 
 A1, A2 = "a" * 64, "b" * 64
@@ -16,14 +17,13 @@ INTERVAL = 0.1
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, procs: Procs) -> AsyncIterator[Store]:
+async def store(request: pytest.FixtureRequest, cluster: LocalCluster) -> AsyncIterator[Store]:
     if request.param == "memory":
         yield MemoryStore(INTERVAL)
         return
     from tracker.redis_store import RedisStore
 
-    _, url = start_redis(procs)
-    s = await RedisStore.connect(url, INTERVAL)
+    s = await RedisStore.connect(start_redis(cluster).url, INTERVAL)
     try:
         yield s
     finally:
