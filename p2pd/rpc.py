@@ -199,14 +199,22 @@ async def connect_unix(path: str, timeout: float = 5.0) -> AsyncIterator[RpcClie
 def call_blocking(sock: socket.socket, method: str, params: dict[str, Any] | None = None, *, req_id: int = 1) -> Any:
     """One request on a connected blocking socket, for code that runs outside trio: a readiness probe,
     a helper in another network namespace. The socket's timeout bounds each read; progress events are
-    skipped. One request at a time per socket (the reader sees only this request's frames)."""
-    sock.sendall(encode_frame({"id": req_id, "method": method, "params": params or {}}))
+    skipped. One request at a time per socket (the reader sees only this request's frames). Failures are
+    RpcError with the codes `RpcClient.call` uses (`timeout`, `unreachable`, or the server's)."""
     reader = FrameReader()
+    try:
+        sock.sendall(encode_frame({"id": req_id, "method": method, "params": params or {}}))
+    except TimeoutError:
+        raise RpcError("timeout", f"{method}: could not send within {sock.gettimeout() or 0:g} s") from None
+    except OSError as e:
+        raise RpcError("unreachable", f"connection lost: {e}") from e
     while True:
         try:
             data = sock.recv(READ_SIZE)
         except TimeoutError:
             raise RpcError("timeout", f"{method}: no answer within {sock.gettimeout() or 0:g} s") from None
+        except OSError as e:
+            raise RpcError("unreachable", f"connection lost: {e}") from e
         if not data:
             raise RpcError("unreachable", "connection closed by the server")
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pd.cluster import LocalCluster, scratch_dir
+from p2pd.cluster import LocalCluster, Node, scratch_dir
 from p2pd.demo import generate_model
 from tests.integration.helpers import sha256_tree, wait_until
 
@@ -53,8 +53,8 @@ async def test_one_seed_four_peers_2gib_identical(bigdir: Path) -> None:
         await c.publish_async(seed, src, "model:v1")
         paths: dict[str, Path] = {}
 
-        async def one(p: object) -> None:
-            paths[p.name] = await c.fetch_async(p, "model:v1", timeout=600)  # type: ignore[attr-defined]
+        async def one(p: Node) -> None:
+            paths[p.name] = await c.fetch_async(p, "model:v1", timeout=600)
 
         t0 = time.monotonic()
         async with trio.open_nursery() as n:
@@ -109,8 +109,8 @@ async def test_non_seed_source_killed_others_complete(cluster: LocalCluster, wor
     aid = await cluster.publish_async(seed, src, "blob:v1")
     paths: dict[str, Path] = {}
 
-    async def one(node: object) -> None:
-        paths[node.name] = await cluster.fetch_async(node, "blob:v1")  # type: ignore[attr-defined]
+    async def one(node: Node) -> None:
+        paths[node.name] = await cluster.fetch_async(node, "blob:v1")
 
     async with trio.open_nursery() as n:
         n.start_soon(one, peers[1])
