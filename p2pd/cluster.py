@@ -114,8 +114,9 @@ class Process:
     """One child process of a cluster. Signals go to the PID only while it has not been reaped (so
     never to a recycled PID); every way to end it reaps it."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, popen: subprocess.Popen[bytes],
-                 log_offset: int) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, popen: subprocess.Popen[bytes], log_offset: int
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -227,8 +228,14 @@ class Node:
         except FileNotFoundError:
             return ""
 
-    async def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float = 30.0,
-                   on_event: Callable[[dict[str, Any]], Any] | None = None) -> Any:
+    async def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        timeout: float = 30.0,
+        on_event: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> Any:
         """One request to the daemon's control API (trio); RpcError for what the daemon refused."""
         async with connect_unix(str(self.socket)) as c:
             return await c.call(method, params or {}, timeout=timeout, on_event=on_event)
@@ -266,8 +273,14 @@ class LocalCluster:
     None makes a temp dir that `close()` removes unless `keep`. `env`: extra environment for every
     child. Use it as a context manager (sync `with`, also inside trio code)."""
 
-    def __init__(self, work: Path | None = None, *, env: Mapping[str, str] | None = None,
-                 die_with_parent: bool = True, keep: bool = False) -> None:
+    def __init__(
+        self,
+        work: Path | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        die_with_parent: bool = True,
+        keep: bool = False,
+    ) -> None:
         self._owns_work = work is None
         self.work = Path(tempfile.mkdtemp(prefix="p2pd-cluster-")) if work is None else work
         self.work.mkdir(parents=True, exist_ok=True)
@@ -282,8 +295,9 @@ class LocalCluster:
     def __enter__(self) -> LocalCluster:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # ---------------------------------------------------------------------------------- any process
@@ -293,16 +307,27 @@ class LocalCluster:
         log_path = self.work / f"{name}.log"
         with open(log_path, "ab") as log:
             offset = log.tell()
-            popen = subprocess.Popen([*self._prefix, *argv], stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
-                                     start_new_session=True)
+            popen = subprocess.Popen(
+                [*self._prefix, *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**self.env, **(env or {})},
+                start_new_session=True,
+            )
         proc = Process(name, argv, log_path, popen, offset)
         self.processes.append(proc)
         return proc
 
     # ---------------------------------------------------------------------------------- trackers
-    def spawn_tracker(self, *extra: str, port: int | None = None, interval: float | None = None,
-                      store: str | None = None, name: str = "tracker") -> tuple[Process, Path]:
+    def spawn_tracker(
+        self,
+        *extra: str,
+        port: int | None = None,
+        interval: float | None = None,
+        store: str | None = None,
+        name: str = "tracker",
+    ) -> tuple[Process, Path]:
         """Start `p2p-tracker serve` on 127.0.0.1:`port` (a free one by default) without waiting;
         returns the process and its ready file. `store`: a redis:// URL (replicas share one)."""
         ready = self.work / f"{name}.ready.json"
@@ -314,16 +339,29 @@ class LocalCluster:
             argv += ["--store", store]
         return self.spawn([*argv, *extra], name), ready
 
-    def start_tracker(self, *extra: str, port: int | None = None, interval: float | None = None,
-                      store: str | None = None, name: str = "tracker", timeout: float = DEFAULT_TIMEOUT) -> Tracker:
+    def start_tracker(
+        self,
+        *extra: str,
+        port: int | None = None,
+        interval: float | None = None,
+        store: str | None = None,
+        name: str = "tracker",
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Tracker:
         """Start a tracker and wait until it serves (blocking). `extra`: more `serve` options."""
         proc, ready = self.spawn_tracker(*extra, port=port, interval=interval, store=store, name=name)
         _wait_blocking([(proc, ready.exists)], "its ready file", timeout)
         return self._tracker_ready(name, proc, ready)
 
-    async def start_tracker_async(self, *extra: str, port: int | None = None, interval: float | None = None,
-                                  store: str | None = None, name: str = "tracker",
-                                  timeout: float = DEFAULT_TIMEOUT) -> Tracker:
+    async def start_tracker_async(
+        self,
+        *extra: str,
+        port: int | None = None,
+        interval: float | None = None,
+        store: str | None = None,
+        name: str = "tracker",
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Tracker:
         """`start_tracker` for trio code: the other tasks keep running while it starts."""
         proc, ready = self.spawn_tracker(*extra, port=port, interval=interval, store=store, name=name)
         await _wait_async([(proc, ready.exists)], "its ready file", timeout)
@@ -352,13 +390,32 @@ class LocalCluster:
         """A private redis-server (no persistence, data in WORK/redis-PORT); waits until it answers PING."""
         exe = shutil.which("redis-server")
         if exe is None:
-            raise ToolMissing("redis-server not found: install the Debian package redis-server "
-                              "(apt-get install redis-server)")
+            raise ToolMissing(
+                "redis-server not found: install the Debian package redis-server (apt-get install redis-server)"
+            )
         port = port or free_port()
         d = self.work / f"redis-{port}"
         d.mkdir(exist_ok=True)
-        proc = self.spawn([exe, "--port", str(port), "--bind", HOST, "--dir", str(d), "--save", "",
-                           "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"], f"redis-{port}")
+        proc = self.spawn(
+            [
+                exe,
+                "--port",
+                str(port),
+                "--bind",
+                HOST,
+                "--dir",
+                str(d),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
+            ],
+            f"redis-{port}",
+        )
 
         def pong() -> bool:
             try:
@@ -372,8 +429,9 @@ class LocalCluster:
         return Redis(port, proc)
 
     # ---------------------------------------------------------------------------------- nodes
-    def spawn_node(self, name: str, *extra: str, port: int | None = None, data_dir: Path | None = None,
-                   tracker: str | None = None) -> Node:
+    def spawn_node(
+        self, name: str, *extra: str, port: int | None = None, data_dir: Path | None = None, tracker: str | None = None
+    ) -> Node:
         """Start `p2pd run` without waiting. `extra`: more `run` options (`--egress-limit 40MB/s`);
         `tracker`: HOST:PORT[,...] (default: every tracker of this cluster); `data_dir`: default WORK/NAME."""
         tracker = tracker or self.tracker_addrs()
@@ -382,22 +440,34 @@ class LocalCluster:
         d = self.work / name if data_dir is None else data_dir
         d.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
-        argv = [*P2PD_CLI, "run", "--tracker", tracker, "--listen", f"{HOST}:{port}",
-                "--data-dir", str(d), *extra]
+        argv = [*P2PD_CLI, "run", "--tracker", tracker, "--listen", f"{HOST}:{port}", "--data-dir", str(d), *extra]
         node = Node(name, d, port, argv, self.spawn(argv, name))
         self.nodes[name] = node
         return node
 
-    def start_node(self, name: str, *extra: str, port: int | None = None, data_dir: Path | None = None,
-                   tracker: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Node:
+    def start_node(
+        self,
+        name: str,
+        *extra: str,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        tracker: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Node:
         """Start a daemon and wait until its control socket answers (blocking)."""
         node = self.spawn_node(name, *extra, port=port, data_dir=data_dir, tracker=tracker)
         self.wait_ready(node, timeout=timeout)
         return node
 
-    async def start_node_async(self, name: str, *extra: str, port: int | None = None,
-                               data_dir: Path | None = None, tracker: str | None = None,
-                               timeout: float = DEFAULT_TIMEOUT) -> Node:
+    async def start_node_async(
+        self,
+        name: str,
+        *extra: str,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        tracker: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Node:
         """`start_node` for trio code."""
         node = self.spawn_node(name, *extra, port=port, data_dir=data_dir, tracker=tracker)
         await self.wait_ready_async(node, timeout=timeout)
@@ -409,8 +479,9 @@ class LocalCluster:
         self.wait_ready(*nodes, timeout=timeout)
         return nodes
 
-    async def start_nodes_async(self, names: Sequence[str], *extra: str,
-                                timeout: float = DEFAULT_TIMEOUT) -> list[Node]:
+    async def start_nodes_async(
+        self, names: Sequence[str], *extra: str, timeout: float = DEFAULT_TIMEOUT
+    ) -> list[Node]:
         nodes = [self.spawn_node(n, *extra) for n in names]
         await self.wait_ready_async(*nodes, timeout=timeout)
         return nodes
@@ -453,13 +524,15 @@ class LocalCluster:
 
     def cli(self, node: Node, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[bytes]:
         """Run `p2pd ARGS` against the node (blocking); the result whatever the exit status."""
-        return subprocess.run(self.cli_argv(node, *args), capture_output=True, env=self.env, timeout=timeout,
-                              check=False)
+        return subprocess.run(
+            self.cli_argv(node, *args), capture_output=True, env=self.env, timeout=timeout, check=False
+        )
 
     async def cli_async(self, node: Node, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[bytes]:
         with trio.fail_after(timeout):
-            return await trio.run_process(self.cli_argv(node, *args), capture_stdout=True, capture_stderr=True,
-                                          env=self.env, check=False)
+            return await trio.run_process(
+                self.cli_argv(node, *args), capture_stdout=True, capture_stderr=True, env=self.env, check=False
+            )
 
     def publish(self, node: Node, path: Path, name: str, timeout: float = 300.0) -> str:
         """`p2pd publish PATH --name NAME` on the node; returns the artifact id."""
@@ -511,8 +584,10 @@ def _last_line(r: subprocess.CompletedProcess[bytes], node: Node, what: str) -> 
     lines = r.stdout.decode(errors="replace").strip().splitlines()
     if r.returncode != 0 or not lines:
         err = r.stderr.decode(errors="replace").strip()
-        raise ClusterError(f"p2pd {what} on {node.name} failed (exit {r.returncode}): {err[-2000:]}; "
-                           f"daemon log: {node.log_path}", node.log_text()[-3000:])
+        raise ClusterError(
+            f"p2pd {what} on {node.name} failed (exit {r.returncode}): {err[-2000:]}; daemon log: {node.log_path}",
+            node.log_text()[-3000:],
+        )
     return lines[-1].strip()
 
 

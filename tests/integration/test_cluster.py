@@ -126,9 +126,16 @@ def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
 
 def test_process_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     with LocalCluster(tmp_path) as c:
-        stubborn = c.spawn([sys.executable, "-c", "import signal, time\n"
-                            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
-                            "time.sleep(600)"], "stubborn")
+        stubborn = c.spawn(
+            [
+                sys.executable,
+                "-c",
+                "import signal, time\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+                "time.sleep(600)",
+            ],
+            "stubborn",
+        )
         deadline = time.monotonic() + 15
         while "ready" not in stubborn.log_text():
             assert time.monotonic() < deadline

@@ -40,12 +40,29 @@ def start_redis(cluster: LocalCluster) -> Redis:
         pytest.skip(e.message)
 
 
-def node_cmd(trackers: list[tuple[str, int]], node_id: str, holdings: dict[str, float], *,
-             port: int = 9000, zone: str = "", udp: bool = True) -> list[str]:
+def node_cmd(
+    trackers: list[tuple[str, int]],
+    node_id: str,
+    holdings: dict[str, float],
+    *,
+    port: int = 9000,
+    zone: str = "",
+    udp: bool = True,
+) -> list[str]:
     """Command line of a minimal node process (this file as a script): heartbeats until SIGTERM, then
     says goodbye to the tracker; SIGKILL is a crash."""
-    args = [sys.executable, str(Path(__file__).resolve()), "--node-id", node_id, "--port", str(port),
-            "--holdings", json.dumps(holdings), "--zone", zone]
+    args = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--node-id",
+        node_id,
+        "--port",
+        str(port),
+        "--holdings",
+        json.dumps(holdings),
+        "--zone",
+        zone,
+    ]
     for h, p in trackers:
         args += ["--tracker", f"{h}:{p}"]
     if not udp:
@@ -73,8 +90,7 @@ async def _node_main(argv: list[str]) -> None:
     labels = {"zone": a.zone} if a.zone else {}
     trackers = [parse_hostport(t) for t in a.tracker]
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with TrackerClient(trackers, a.node_id, ("127.0.0.1", a.port), labels, "test",
-                                 udp=not a.no_udp) as tc:
+        async with TrackerClient(trackers, a.node_id, ("127.0.0.1", a.port), labels, "test", udp=not a.no_udp) as tc:
             async with trio.open_nursery() as nursery:
                 await nursery.start(tc.run_heartbeats, lambda: holdings)
                 print("node running", flush=True)
