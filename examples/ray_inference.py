@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from p2pd.cluster import LocalCluster
 from ray_plugin import daemon_client, models
 from ray_plugin.inference import InferencePool, preheat
-from ray_plugin.local import P2PNet, exit_on_sigterm, ray_cluster
+from ray_plugin.local import exit_on_sigterm, ray_cluster
 
 SIZES = [64, 256, 256, 10]
 
@@ -43,14 +44,11 @@ def publish(model_dir: Path, name: str, socket: Path) -> str:
 @contextlib.contextmanager
 def local_cluster(nodes: int, root: Path) -> Iterator[Path]:
     """Tracker + one daemon per Ray node + a local Ray cluster; yields the socket to publish through."""
-    net = P2PNet(root)
-    try:
+    with LocalCluster(root) as net:
         net.start_tracker()
-        daemons = [net.start_daemon(f"node{i}") for i in range(nodes)]
+        daemons = net.start_nodes([f"node{i}" for i in range(nodes)])
         with ray_cluster([d.socket for d in daemons]):
             yield daemons[0].socket
-    finally:
-        net.close()
 
 
 def demo(socket: Path, workdir: Path, nodes: int, name: str) -> None:

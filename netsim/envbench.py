@@ -3,8 +3,8 @@
     python -m netsim.envbench --peers 4 --json envbench.json
     python -m netsim.envbench --peers 4 --format tar --cache-dir /data/envbench --workdir /data/tmp
 
-Steps, each timed, with real processes on loopback (a tracker and 1 + PEERS p2pd daemons, the helpers of
-``tests/integration/harness.py``):
+Steps, each timed, with real processes on loopback (a tracker and 1 + PEERS p2pd daemons, a
+``p2pd.cluster.LocalCluster``):
 
 1. **build** (skipped when the cache has it): a REAL conda env of a few hundred MB in which ``import ray``
    works, built offline with ``tests/env/condabuild.py`` (a local channel whose ``pybundle`` package holds
@@ -23,7 +23,7 @@ Steps, each timed, with real processes on loopback (a tracker and 1 + PEERS p2pd
 
 Prints one JSON object (also written to ``--json``). Exit status 0 when every peer's env imports ray, 1 when
 something failed (the message says what), 2 when it cannot run here (a tool missing: the message names it).
-Must run from the repository root (it uses ``tests/env/condabuild.py`` and the integration harness).
+Needs a p2pd checkout: the env is built with ``tests/env/condabuild.py``.
 """
 
 from __future__ import annotations
@@ -189,31 +189,25 @@ def work_dir(given: Path | None, need_bytes: int) -> Iterator[Path]:
         finally:
             shutil.rmtree(d, ignore_errors=True)
         return
-    from tests.integration.harness import fast_dir
+    from p2pd.cluster import scratch_dir
 
-    yield from fast_dir(need_bytes)
-
-
-def log_tails(base: Path, lines: int = 15) -> dict[str, list[str]]:
-    """The last lines of every process log in the work dir (for the JSON of a failed run)."""
-    return {p.stem: p.read_text(errors="replace").splitlines()[-lines:] for p in sorted(base.glob("*.log"))}
+    with scratch_dir(need_bytes, prefix="envbench-") as d:
+        yield d
 
 
 async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[str, Any]) -> dict[str, Any]:
-    from p2pd.rpc import connect_unix
-    from tests.integration.harness import Cluster, Node
+    from p2pd.cluster import LocalCluster, Node
 
     name = "envbench:v1"
-    c = Cluster(base)
+    c = LocalCluster(base)
     try:
-        c.start_tracker()
-        seed = await c.start_node("seed")
-        peers = [await c.start_node(f"peer{i}") for i in range(args.peers)]
+        await c.start_tracker_async()
+        seed, *peers = await c.start_nodes_async(["seed", *(f"peer{i}" for i in range(args.peers))])
         log(f"tracker + seed + {args.peers} peers up; packing {env} as {args.format}")
 
         # -- pack (+ publish)
         t0, cpu0 = time.monotonic(), children_cpu_s()
-        r = await c.cli(seed, "pack-env", "--conda", str(env), "--name", name, "--format", args.format,
+        r = await c.cli_async(seed, "pack-env", "--conda", str(env), "--name", name, "--format", args.format,
                         "--out-dir", str(base / "packed"), timeout=3600)
         pack_cmd_s, pack_cpu_s = time.monotonic() - t0, children_cpu_s() - cpu0
         err = r.stderr.decode(errors="replace")
@@ -241,8 +235,7 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[
                 if ev.get("phase") == "unpacking" and not t_unpack:
                     t_unpack.append(time.monotonic())
 
-            async with connect_unix(str(node.sock)) as client:
-                res = await client.call("fetch", {"name": name, "dest": None}, timeout=1800, on_event=on_event)
+            res = await node.call("fetch", {"name": name, "dest": None}, timeout=1800, on_event=on_event)
             end = time.monotonic()
             last_event[node.name] = {"phase": "ready"}
             split = t_unpack[0] if t_unpack else end
@@ -260,7 +253,7 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[
                      f"({v.get('peers', '?')} peers)" for k, v in sorted(last_event.items())}
             raise BenchError(f"the peers did not all have the env within {args.timeout:g} s: {where}")
         all_ready_s = time.monotonic() - t0
-        cpu = {node.name: proc_cpu_s(node.proc.pid) for node in (seed, *peers)}
+        cpu = {node.name: proc_cpu_s(node.process.pid) for node in (seed, *peers)}
         uploaded = {node.name: (await node.artifact(aid) or {}).get("uploaded") for node in (seed, *peers)}
         log(f"all {args.peers} envs ready in {all_ready_s:.1f} s; verifying imports")
 
@@ -271,11 +264,11 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[
                 raise BenchError(f"{node.name}: env dir {env_dir} is not DATA_DIR/envs/<artifact id>")
             per_peer[node.name]["import_s"] = round(import_check(env_dir / "bin" / "python", args.dists), 2)
         t0 = time.monotonic()
-        r = await c.cli(peers[0], "fetch", name, timeout=120)
+        r = await c.cli_async(peers[0], "fetch", name, timeout=120)
         reuse_s = time.monotonic() - t0
         if r.returncode != 0 or r.stdout.decode().strip().splitlines()[-1] != per_peer[peers[0].name]["env_dir"]:
             raise BenchError(f"second fetch did not reuse the env: {r.stdout.decode()} {r.stderr.decode()}")
-        meta_r = await c.cli(peers[0], "fetch", name, "--json", timeout=120)
+        meta_r = await c.cli_async(peers[0], "fetch", name, "--json", timeout=120)
         meta = json.loads(meta_r.stdout)["meta"] if meta_r.returncode == 0 else {}
         unpacked_bytes, unpacked_files = tree_size(Path(per_peer[peers[0].name]["env_dir"]))
         # the same unpack once more with no other peer unpacking: how much the 4-way run was CPU-contended
@@ -284,7 +277,7 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[
         log(f"one unpack alone: {unpack_alone_s:.1f} s ({unpack_alone_cpu_s:.1f} s CPU)")
     except BaseException:
         c.close()
-        diag["log_tails"] = log_tails(base)
+        diag["log_tails"] = c.log_tails()
         raise
     finally:
         c.close()
@@ -331,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args.dists = [d.strip() for d in args.dists.split(",") if d.strip()]
     if args.peers < 1:
         ap.error("--peers must be at least 1")
-    if Path.cwd().resolve() != REPO:
-        os.chdir(REPO)  # the harness and condabuild are imported/run from the checkout
-    sys.path.insert(0, str(REPO))
+    from p2pd.cluster import ClusterError
     from p2pd.rpc import RpcError
     from p2pd.trio_util import leaf_exceptions
 
@@ -369,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     except CannotRun as e:
         result["error"] = str(e)
         code = 2
-    except (BenchError, OSError, subprocess.SubprocessError, trio.TooSlowError) as e:
+    except (BenchError, ClusterError, OSError, subprocess.SubprocessError, trio.TooSlowError) as e:
         result["error"] = f"{type(e).__name__}: {e}"
         code = 1
     except RpcError as e:

@@ -1,6 +1,7 @@
 """`p2pd demo`: a tracker and several daemons on this machine share a generated model snapshot.
 
-Everything runs as real processes on loopback (the same binaries a cluster runs); the seed publishes
+Everything runs as real processes on loopback (the same binaries a cluster runs, started, watched and
+stopped by `p2pd.cluster`, the harness the tests and benchmarks use too); the seed publishes
 a generated multi-GB "model" and every other node fetches it at once, with live progress. Finally
 each copy is compared byte for byte with the source, independently of p2pd's own verification.
 """
@@ -11,9 +12,6 @@ import json
 import os
 import random
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +21,8 @@ import trio
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from p2pd.rpc import RpcError, connect_unix, free_port
+from p2pd.cluster import ClusterError, LocalCluster, Node, scratch_parent
+from p2pd.rpc import RpcError
 from p2pd.trio_util import collapse_single
 from p2pd.units import format_rate, format_size
 
@@ -79,99 +78,53 @@ def same_tree(a: Path, b: Path) -> int:
 
 
 def pick_workdir(size: int, nodes: int) -> Path:
-    need = size * (nodes + 2) * 1.1
-    shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > need:
-        return Path(tempfile.mkdtemp(prefix="p2pd-demo-", dir=shm))
-    base = Path(tempfile.gettempdir())
-    if shutil.disk_usage(base).free < need:
-        raise SystemExit(f"p2pd demo: need {format_size(need)} free in /dev/shm or {base}; use a smaller --size")
-    return Path(tempfile.mkdtemp(prefix="p2pd-demo-", dir=base))
+    need = size * (nodes + 2)
+    parent = scratch_parent(need)
+    if shutil.disk_usage(parent).free < need:
+        raise SystemExit(f"p2pd demo: need {format_size(need)} free in /dev/shm or {parent}; use a smaller --size")
+    return Path(tempfile.mkdtemp(prefix="p2pd-demo-", dir=parent))
 
 
 def run_demo(*, nodes: int, size: int, workdir: Path | None, egress_limit: str | None) -> int:
     own = workdir is None
     work = pick_workdir(size, nodes) if workdir is None else workdir
     work.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
     try:
         console.print(f"[bold]p2pd demo[/]: 1 seed + {nodes} nodes on loopback, workdir {work}")
         t0 = time.monotonic()
         src = work / "source" / "demo-model"
         generate_model(src, size)
         console.print(f"generated a {format_size(size)} model snapshot in {time.monotonic() - t0:.1f} s: {src}")
-        tport = free_port()
-        procs.append(spawn([sys.executable, "-m", "tracker.cli", "serve", "--listen", f"127.0.0.1:{tport}"],
-                           work / "tracker.log"))
-        wait_port(tport, procs[0], work)
-        socks = []
-        for i in range(nodes + 1):
-            d = work / f"node{i}"
-            d.mkdir(exist_ok=True)
-            cmd = [sys.executable, "-m", "p2pd.cli", "run", "--tracker", f"127.0.0.1:{tport}",
-                   "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(d)]
-            if egress_limit:
-                cmd += ["--egress-limit", egress_limit]
-            procs.append(spawn(cmd, work / f"node{i}.log"))
-            socks.append(d / "p2pd.sock")
-        code = trio.run(_drive, src, socks, size, work, procs)
+        extra = ["--egress-limit", egress_limit] if egress_limit else []
+        with LocalCluster(work) as cluster:
+            cluster.start_tracker()
+            daemons = [cluster.spawn_node(f"node{i}", *extra) for i in range(nodes + 1)]
+            code = trio.run(_drive, cluster, src, daemons, size)
         if code != 0:
             own = False
         return code
-    except BaseException:
+    except ClusterError as e:
         own = False  # keep the logs for a look
+        raise SystemExit(f"p2pd demo: {e.message}; logs in {work}") from None
+    except BaseException:
+        own = False
         raise
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
         if own:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as fh:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fh)
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], work: Path) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"p2pd demo: the tracker exited (code {proc.returncode}); see {work}/tracker.log")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"p2pd demo: the tracker did not listen within 20 s; see {work}/tracker.log")
-
-
-async def _wait_sockets(socks: list[Path], procs: list[subprocess.Popen[bytes]], work: Path) -> None:
-    with trio.fail_after(30):
-        while not all(s.exists() for s in socks):
-            for p in procs:
-                if p.poll() is not None:
-                    raise SystemExit(f"p2pd demo: a process exited early (code {p.returncode}); logs in {work}")
-            await trio.sleep(0.1)
-
-
-async def _drive(src: Path, socks: list[Path], size: int, work: Path, procs: list[subprocess.Popen[bytes]]) -> int:
-    await _wait_sockets(socks, procs, work)
+async def _drive(cluster: LocalCluster, src: Path, daemons: list[Node], size: int) -> int:
+    await cluster.wait_ready_async(*daemons)
+    work = cluster.work
     t0 = time.monotonic()
-    async with connect_unix(str(socks[0])) as seed:
-        res = await seed.call("publish", {"path": str(src), "name": "demo-model:v1"}, timeout=120)
+    res = await daemons[0].call("publish", {"path": str(src), "name": "demo-model:v1"}, timeout=120)
     console.print(f"seed published demo-model:v1 = {res['artifact_id'][:16]}… "
                   f"({res['pieces']} pieces, hashed in {time.monotonic() - t0:.1f} s)")
     results: dict[int, Any] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   console=console) as progress:
-        tasks = {i: progress.add_task(f"node{i}", total=size) for i in range(1, len(socks))}
+        tasks = {i: progress.add_task(f"node{i}", total=size) for i in range(1, len(daemons))}
         start = time.monotonic()
 
         async def fetch(i: int) -> None:
@@ -179,9 +132,8 @@ async def _drive(src: Path, socks: list[Path], size: int, work: Path, procs: lis
                 progress.update(tasks[i], completed=ev.get("bytes_done", 0),
                                 description=f"node{i} · {ev.get('peers', 0)} peers")
 
-            async with connect_unix(str(socks[i])) as c:
-                results[i] = await c.call("fetch", {"name": "demo-model:v1", "dest": str(work / f"out{i}")},
-                                          timeout=300, on_event=on_event)
+            results[i] = await daemons[i].call("fetch", {"name": "demo-model:v1", "dest": str(work / f"out{i}")},
+                                               timeout=300, on_event=on_event)
             results[i]["seconds"] = time.monotonic() - start
             progress.update(tasks[i], completed=size)
 

@@ -198,6 +198,40 @@ async def connect_unix(path: str, timeout: float = 5.0) -> AsyncIterator[RpcClie
         yield c
 
 
+def call_blocking(sock: socket.socket, method: str, params: dict[str, Any] | None = None, *, req_id: int = 1) -> Any:
+    """One request on a connected blocking socket, for code that runs outside trio: a readiness probe,
+    a helper in another network namespace. The socket's timeout bounds each read; progress events are
+    skipped. One request at a time per socket (the reader sees only this request's frames). Failures are
+    RpcError with the codes `RpcClient.call` uses (`timeout`, `unreachable`, or the server's)."""
+    reader = FrameReader()
+    try:
+        sock.sendall(encode_frame({"id": req_id, "method": method, "params": params or {}}))
+    except TimeoutError:
+        raise RpcError("timeout", f"{method}: could not send within {sock.gettimeout() or 0:g} s") from None
+    except OSError as e:
+        raise RpcError("unreachable", f"connection lost: {e}") from e
+    while True:
+        try:
+            data = sock.recv(READ_SIZE)
+        except TimeoutError:
+            raise RpcError("timeout", f"{method}: no answer within {sock.gettimeout() or 0:g} s") from None
+        except OSError as e:
+            raise RpcError("unreachable", f"connection lost: {e}") from e
+        if not data:
+            raise RpcError("unreachable", "connection closed by the server")
+        try:
+            frames = reader.feed(data)
+        except FrameError as e:
+            raise RpcError("unreachable", f"connection lost: {e}") from e
+        for msg in frames:
+            if not isinstance(msg, dict) or msg.get("id") != req_id or "event" in msg:
+                continue
+            if "error" in msg:
+                err = msg["error"]
+                raise RpcError(str(err.get("code", "internal")), str(err.get("message", "")))
+            return msg.get("result")
+
+
 def parse_hostport(s: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     """Parse `HOST:PORT`, `[v6]:PORT` or `:PORT`; raise ValueError with a usable message."""
     host, sep, port = s.rpartition(":")

@@ -1,8 +1,16 @@
 """A whole p2pd + Ray cluster on one machine: tracker, one daemon per Ray node, and a local Ray cluster.
 
-For the example, the benchmark and the tests: the real `p2p-tracker serve` and `p2pd run` as
-subprocesses on 127.0.0.1 (stopped by PID), and a `ray.cluster_utils.Cluster` whose nodes each see
-their own daemon. How each node gets its own daemon is the part worth reading: `P2PD_SOCKET` goes into
+For the example, the benchmark (`python -m netsim.bench ray`) and the tests: the tracker and the
+daemons are a `p2pd.cluster.LocalCluster` (the real `p2p-tracker serve` and `p2pd run` on 127.0.0.1,
+stopped by PID); `ray_cluster` adds a `ray.cluster_utils.Cluster` whose nodes each see their own daemon:
+
+    with LocalCluster(root) as p2p:
+        p2p.start_tracker()
+        daemons = p2p.start_nodes(["n0", "n1", "n2"])
+        with ray_cluster([d.socket for d in daemons]) as (cluster, node_ids):
+            ...
+
+How each node gets its own daemon is the part worth reading: `P2PD_SOCKET` goes into
 `RayParams.env_vars` of that node, which its raylet, runtime_env agent and workers inherit; the plugin
 is registered by `RAY_RUNTIME_ENV_PLUGINS` in the environment of this process before the cluster
 starts (every node inherits it).
@@ -11,130 +19,19 @@ starts (every node inherits it).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The children get SIGTERM when this process dies (a killed test run or benchmark leaves no daemon behind).
-# util-linux's setpriv sets it and execs, which is safe with threads (a preexec_fn is not).
-_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
 PLUGINS = '[{"class": "ray_plugin.plugin.P2PPlugin"}]'
-
-
-def _cli(script: str, module: str) -> list[str]:
-    """The installed console script when there is one, else the module (a checkout without `pip install -e .`)."""
-    found = shutil.which(script)
-    return [found] if found else [sys.executable, "-m", module]
-
-
-P2PD = _cli("p2pd", "p2pd.cli")
-TRACKER = _cli("p2p-tracker", "tracker")
-
-
-@dataclass
-class Daemon:
-    name: str
-    data_dir: Path
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def socket(self) -> Path:
-        return self.data_dir / "p2pd.sock"
-
-
-class P2PNet:
-    """A tracker and node daemons under one temp dir; `close` stops them by PID and removes the dir."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.daemons: dict[str, Daemon] = {}
-        self.tracker_addr = ""
-
-    def _spawn(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [*_DIE_WITH_PARENT, *argv], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        self.procs.append(proc)
-        return proc
-
-    def start_tracker(self, timeout: float = 30) -> str:
-        ready = self.root / "tracker.json"
-        log = self.root / "tracker.log"
-        proc = self._spawn([*TRACKER, "serve", "--listen", "127.0.0.1:0", "--ready-file", str(ready)], log)
-        _wait(lambda: ready.exists() and ready.stat().st_size > 0, proc, log, timeout, "tracker ready file")
-        port = json.loads(ready.read_text())["tcp_port"]
-        self.tracker_addr = f"127.0.0.1:{port}"
-        return self.tracker_addr
-
-    def start_daemon(self, name: str, timeout: float = 30) -> Daemon:
-        data_dir = self.root / name
-        data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.root / f"{name}.log"
-        argv = [*P2PD, "run", "--tracker", self.tracker_addr, "--listen", "127.0.0.1:0", "--data-dir", str(data_dir)]
-        d = Daemon(name, data_dir, self._spawn(argv, log), log)
-        _wait(lambda: d.socket.exists(), d.proc, log, timeout, f"control socket {d.socket}")
-        self.daemons[name] = d
-        return d
-
-    def stop_daemon(self, d: Daemon) -> None:
-        _stop(d.proc)
-
-    def publish(self, path: Path, name: str, via: Daemon) -> str:
-        out = subprocess.run(
-            [*P2PD, "publish", str(path), "--name", name, "--data-dir", str(via.data_dir)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"p2pd publish {path} --name {name} failed ({out.returncode}): {out.stderr[-2000:]}")
-        return out.stdout.strip().splitlines()[-1]
-
-    def close(self) -> None:
-        for proc in reversed(self.procs):
-            _stop(proc)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.root.glob("*.log"))
 
 
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so `finally` blocks (stopping daemons and Ray) run; for CLIs."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
-def _wait(cond: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode} before {what}:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{proc.args}: no {what} after {timeout} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
-    """SIGTERM (the daemons' graceful leave), then SIGKILL; by PID, never by name."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(grace)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,8 @@ Layout (each module's docstring says why it is shaped the way it is; docs/tracke
 - `server`       trio front ends: the TCP RPC of docs/interfaces.md and the UDP heartbeat fast path
 - `admin`        HTTP admin API (bearer token, OpenAPI, Prometheus `/metrics` from `metrics`)
 - `cli`          `p2p-tracker serve`; `admin_cli`: `p2p-tracker admin ...`
-- `bench`        `python -m tracker.bench`: heartbeat load generator and the opentracker comparison
-- `testing`      helpers for tests: tracker/redis/node processes owned by PID, manifests
+
+Not here: the heartbeat load benchmark is `python -m netsim.bench tracker` (netsim/bench/tracker_load.py);
+tracker processes for tests and benchmarks come from `p2pd.cluster`. From p2pd this package imports
+only the shared protocol and RPC modules (`p2pd.protocol.*`, `p2pd.rpc`).
 """

@@ -1,10 +1,12 @@
-"""`python -m netsim.bench swarm|pair ...` -- prints the JSON result, then a one-line headline.
+"""`python -m netsim.bench swarm|pair|tracker|ray ...` -- prints the JSON result, then a one-line headline.
 
     python -m netsim.bench swarm --peers 4 --size 512MiB --rate 200Mbit/s --clients p2pd,libtorrent,aria2,http \\
         --runs 3 --json swarm.json
     python -m netsim.bench swarm --topology loopback --peers 4 --size 2GiB --clients p2pd,libtorrent --runs 3
     python -m netsim.bench pair --size 2GiB
     python -m netsim.bench render swarm.json      # the Markdown table for BENCHMARKS.md
+    python -m netsim.bench tracker --nodes 100000 --duration 10 --compare-opentracker --json FILE
+    python -m netsim.bench ray --size 2GiB --nodes 3
 
 Exit status: 0 when every run of every client completed and verified, 1 when some failed (the JSON says which),
 2 when it could not run at all (not root, a tool missing: the message names the package).
@@ -17,6 +19,7 @@ import json
 import shlex
 import sys
 
+from netsim.bench import ray_first_result, tracker_load
 from netsim.bench.clients import CLIENT_NAMES
 from netsim.bench.harness import BenchError
 from netsim.emu import EmuError, Terminated
@@ -77,6 +80,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     r = sub.add_parser("render", help="a result JSON as the Markdown block kept in BENCHMARKS.md")
     r.add_argument("file")
+    t = sub.add_parser("tracker", help="heartbeat load against one tracker process (and opentracker)",
+                       description=tracker_load.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tracker_load.add_arguments(t)
+    y = sub.add_parser("ray", help="Ray: submit -> first inference result, against its bound",
+                       description=ray_first_result.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ray_first_result.add_arguments(y)
     return ap
 
 
@@ -91,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.file) as f:
             print(render(json.load(f)))
         return 0
+    if a.cmd == "tracker":
+        return tracker_load.run(a, command)
+    if a.cmd == "ray":
+        return ray_first_result.main(a)
     try:
         if a.cmd == "swarm":
             from netsim.bench.swarm import SwarmOptions, run_swarm

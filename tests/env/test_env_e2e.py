@@ -26,8 +26,8 @@ import trio
 from condabuild import PY_VER, CondaEnvs, build_wheel, pip_install
 from test_envpack_conda import assert_relocated
 
+from p2pd.cluster import LocalCluster, Node, scratch_dir
 from p2pd.envpack import READY_MARKER, host_platform
-from tests.integration.harness import Cluster, Node, fast_dir
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,25 +70,21 @@ def build_envs(conda_envs: CondaEnvs, workdir: Path) -> BuildEnvs:
 @pytest.fixture
 def base() -> Iterator[Path]:
     """Data dirs of the daemons (tmpfs when it has room); removed after the test, pass or fail."""
-    yield from fast_dir(1 << 30)
+    with scratch_dir(1 << 30, prefix="p2pd-test-") as d:
+        yield d
 
 
 @asynccontextmanager
-async def cluster_of(base: Path, *names: str) -> AsyncIterator[tuple[Cluster, list[Node]]]:
+async def cluster_of(base: Path, *names: str) -> AsyncIterator[tuple[LocalCluster, list[Node]]]:
     """A tracker and one daemon per name; every process is stopped by PID afterwards, pass or fail."""
-    c = Cluster(base)
-    try:
-        c.start_tracker()
-        nodes = []
-        for n in names:
-            nodes.append(await c.start_node(n))
-        yield c, nodes
-    finally:
-        c.close()
+    with LocalCluster(base) as c:
+        await c.start_tracker_async()
+        yield c, await c.start_nodes_async(names)
 
 
-async def pack_env(c: Cluster, seed: Node, flag: str, env: Path, name: str, *extra: str) -> str:
-    r = await c.cli(seed, "pack-env", flag, str(env), "--name", name, "--out-dir", str(c.base / "packed"), *extra)
+async def pack_env(c: LocalCluster, seed: Node, flag: str, env: Path, name: str, *extra: str) -> str:
+    r = await c.cli_async(seed, "pack-env", flag, str(env), "--name", name, "--out-dir", str(c.work / "packed"),
+                          *extra)
     assert r.returncode == 0, f"pack-env {env} failed ({r.returncode}): {r.stderr.decode()}\n{seed.log_text()[-3000:]}"
     aid = r.stdout.decode().strip().splitlines()[-1]
     assert len(aid) == 64, r.stdout.decode()
@@ -102,12 +98,12 @@ def move_away(env: Path) -> Path:
     return moved
 
 
-async def fetch_all(c: Cluster, jobs: list[tuple[Node, str]], timeout: float = 120) -> dict[tuple[str, str], Path]:
+async def fetch_all(c: LocalCluster, jobs: list[tuple[Node, str]], timeout: float = 120) -> dict[tuple[str, str], Path]:
     """Fetch every (node, NAME:TAG) at the same time; return the env dirs printed by ``p2pd fetch``."""
     out: dict[tuple[str, str], Path] = {}
 
     async def one(node: Node, name: str) -> None:
-        out[node.name, name] = await c.fetch(node, name, timeout=timeout + 60)
+        out[node.name, name] = await c.fetch_async(node, name, timeout=timeout + 60)
 
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as n:
@@ -128,8 +124,8 @@ async def test_conda_envs_pack_publish_fetch_on_two_daemons_and_run(build_envs: 
     async with cluster_of(base, "seed", "peerA", "peerB") as (c, (seed, a, b)):
         hello_aid = await pack_env(c, seed, "--conda", build_envs.hello, "e2e-hello:v1", "--format", "tar.gz")
         py_aid = await pack_env(c, seed, "--conda", build_envs.py, "e2e-py:v1")  # default: tar.zst
-        assert (c.base / "packed" / "e2e-hello-v1.tar.gz").is_file()
-        assert (c.base / "packed" / "e2e-py-v1.tar.zst").is_file()
+        assert (c.work / "packed" / "e2e-hello-v1.tar.gz").is_file()
+        assert (c.work / "packed" / "e2e-py-v1.tar.zst").is_file()
         old_hello, old_py = build_envs.hello, build_envs.py
         move_away(old_hello)
         move_away(old_py)
@@ -161,7 +157,7 @@ async def test_conda_envs_pack_publish_fetch_on_two_daemons_and_run(build_envs: 
         marker = (py_a / READY_MARKER).read_text()
         (py_a / "reuse-probe").write_text("still here")
         t0 = time.monotonic()
-        r = await c.cli(a, "fetch", "e2e-py:v1", "--json")
+        r = await c.cli_async(a, "fetch", "e2e-py:v1", "--json")
         elapsed = time.monotonic() - t0
         assert r.returncode == 0, r.stderr.decode()
         res = json.loads(r.stdout)
@@ -230,7 +226,7 @@ async def test_malicious_env_archive_is_refused_and_leaves_nothing(base: Path) -
         results: dict[str, subprocess.CompletedProcess[bytes]] = {}
 
         async def fetch(key: str) -> None:
-            results[key] = await c.cli(peer, "fetch", f"evil-{key}:v1", timeout=60)
+            results[key] = await c.cli_async(peer, "fetch", f"evil-{key}:v1", timeout=60)
 
         async with trio.open_nursery() as n:
             for key in EVIL:
@@ -244,4 +240,4 @@ async def test_malicious_env_archive_is_refused_and_leaves_nothing(base: Path) -
         envs = peer.data_dir / "envs"
         assert not envs.exists() or os.listdir(envs) == [], f"left under DATA_DIR/envs: {os.listdir(envs)}"
         assert not (peer.data_dir / "escape.txt").exists() and not (base / "escape.txt").exists()
-        assert peer.proc.poll() is None
+        assert peer.process.alive()

@@ -5,19 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Cluster, fast_dir
+from p2pd.cluster import LocalCluster, scratch_dir
 
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    yield from fast_dir(1 << 30)
+    with scratch_dir(1 << 30, prefix="p2pd-test-") as d:
+        yield d
 
 
 @pytest.fixture
-def cluster(workdir: Path) -> Iterator[Cluster]:
-    c = Cluster(workdir)
-    c.start_tracker()
-    try:
+def cluster(workdir: Path) -> Iterator[LocalCluster]:
+    with LocalCluster(workdir) as c:
+        c.start_tracker()
         yield c
-    finally:
-        c.close()

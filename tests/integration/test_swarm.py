@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from p2pd.cluster import LocalCluster, Node, scratch_dir
 from p2pd.demo import generate_model
-from tests.integration.harness import Cluster, Node, fast_dir, sha256_tree, wait_until
+from tests.integration.helpers import sha256_tree, wait_until
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -35,25 +36,25 @@ def make_file(path: Path, size: int, seed: int = 1) -> Path:
 
 @pytest.fixture
 def bigdir() -> Iterator[Path]:
-    yield from fast_dir(11 * GiB)
+    with scratch_dir(11 * GiB, prefix="p2pd-test-") as d:
+        yield d
 
 
 @pytest.mark.slow
 async def test_one_seed_four_peers_2gib_identical(bigdir: Path) -> None:
     """1 seed + 4 peers, several files totalling > 2 GiB: every copy identical (hashlib sha256)."""
-    c = Cluster(bigdir)
-    try:
+    with LocalCluster(bigdir) as c:
         c.start_tracker()
         src = bigdir / "src" / "model"
         generate_model(src, 2 * GiB + 3 * MiB + 12345)
         (src / "empty.txt").write_bytes(b"")
-        seed = await c.start_node("seed")
-        peers = [await c.start_node(f"peer{i}") for i in range(4)]
-        await c.publish(seed, src, "model:v1")
+        seed = await c.start_node_async("seed")
+        peers = [await c.start_node_async(f"peer{i}") for i in range(4)]
+        await c.publish_async(seed, src, "model:v1")
         paths: dict[str, Path] = {}
 
-        async def one(p: object) -> None:
-            paths[p.name] = await c.fetch(p, "model:v1", timeout=600)  # type: ignore[attr-defined]
+        async def one(p: Node) -> None:
+            paths[p.name] = await c.fetch_async(p, "model:v1", timeout=600)
 
         t0 = time.monotonic()
         async with trio.open_nursery() as n:
@@ -67,34 +68,32 @@ async def test_one_seed_four_peers_2gib_identical(bigdir: Path) -> None:
         seed_art = (await seed.call("status"))["artifacts"][0]
         size = seed_art["size"]
         print(f"4 peers x {size / 1e9:.2f} GB in {elapsed:.1f} s; seed uploaded {seed_art['uploaded'] / size:.2f} F")
-    finally:
-        c.close()
 
 
-async def test_kill9_resume_refetches_only_in_flight(cluster: Cluster, workdir: Path) -> None:
+async def test_kill9_resume_refetches_only_in_flight(cluster: LocalCluster, workdir: Path) -> None:
     src = make_file(workdir / "src" / "weights.bin", 256 * MiB)
-    seed = await cluster.start_node("seed", "--egress-limit", "40MB/s")
-    leech = await cluster.start_node("leech", "--pipeline", "4")
-    aid = await cluster.publish(seed, src, "weights:v1")
+    seed = await cluster.start_node_async("seed", "--egress-limit", "40MB/s")
+    leech = await cluster.start_node_async("leech", "--pipeline", "4")
+    aid = await cluster.publish_async(seed, src, "weights:v1")
 
     async with trio.open_nursery() as n:
-        n.start_soon(cluster.cli, leech, "fetch", "weights:v1")
+        n.start_soon(cluster.cli_async, leech, "fetch", "weights:v1")
 
         async def progressed() -> int:
             a = await leech.artifact(aid)
             return a["pieces_done"] if a and a["pieces_done"] >= a["pieces_total"] * 0.4 else 0
 
         seen = await wait_until(progressed, 60, 0.05, "40% downloaded")
-        cluster.kill(leech, signal.SIGKILL)
+        cluster.kill_node(leech)
         n.cancel_scope.cancel()
-    await cluster.restart(leech)
+    await cluster.restart_node_async(leech)
     a = await leech.artifact(aid)
     assert a is not None
     total, piece = a["pieces_total"], a["size"] / a["pieces_total"]
     resumed = a["resumed_pieces"]
     in_flight_max = 4 + 8  # pipeline depth + verify queue: pieces received but not yet on disk
     assert resumed >= seen, f"journal lost verified pieces: resumed {resumed} < seen {seen}"
-    path = await cluster.fetch(leech, "weights:v1")
+    path = await cluster.fetch_async(leech, "weights:v1")
     a = await leech.artifact(aid)
     fetched_after = a["downloaded"] / piece  # in pieces
     assert fetched_after <= total - resumed + in_flight_max, (fetched_after, resumed)
@@ -102,70 +101,70 @@ async def test_kill9_resume_refetches_only_in_flight(cluster: Cluster, workdir: 
     print(f"killed at >= {seen} pieces, resumed with {resumed}, fetched {fetched_after:.0f} more of {total}")
 
 
-async def test_non_seed_source_killed_others_complete(cluster: Cluster, workdir: Path) -> None:
+async def test_non_seed_source_killed_others_complete(cluster: LocalCluster, workdir: Path) -> None:
     """The seed is slow (egress cap) so peers feed each other; killing one of them must not stall the rest."""
     src = make_file(workdir / "src" / "blob.bin", 192 * MiB)
-    seed = await cluster.start_node("seed", "--egress-limit", "60MB/s")
-    peers = [await cluster.start_node(f"p{i}") for i in range(3)]
-    aid = await cluster.publish(seed, src, "blob:v1")
+    seed = await cluster.start_node_async("seed", "--egress-limit", "60MB/s")
+    peers = [await cluster.start_node_async(f"p{i}") for i in range(3)]
+    aid = await cluster.publish_async(seed, src, "blob:v1")
     paths: dict[str, Path] = {}
 
-    async def one(node: object) -> None:
-        paths[node.name] = await cluster.fetch(node, "blob:v1")  # type: ignore[attr-defined]
+    async def one(node: Node) -> None:
+        paths[node.name] = await cluster.fetch_async(node, "blob:v1")
 
     async with trio.open_nursery() as n:
         n.start_soon(one, peers[1])
         n.start_soon(one, peers[2])
-        n.start_soon(cluster.cli, peers[0], "fetch", "blob:v1")
+        n.start_soon(cluster.cli_async, peers[0], "fetch", "blob:v1")
 
         async def uploading() -> bool:
             a = await peers[0].artifact(aid)
             return bool(a and a["uploaded"] > 8 * MiB and a["pieces_done"] < a["pieces_total"] * 0.8)
 
         await wait_until(uploading, 60, 0.05, "peer 0 serving others")
-        cluster.kill(peers[0], signal.SIGKILL)
+        cluster.kill_node(peers[0])
     want = sha256_tree(src)
     for name, p in paths.items():
         assert sha256_tree(p) == want, name
 
 
-async def test_corrupt_source_is_banned_and_result_identical(cluster: Cluster, workdir: Path) -> None:
+async def test_corrupt_source_is_banned_and_result_identical(cluster: LocalCluster, workdir: Path) -> None:
     good_src = make_file(workdir / "good" / "w.bin", 96 * MiB)
     bad_src = workdir / "bad" / "w.bin"
     bad_src.parent.mkdir()
     bad_src.write_bytes(good_src.read_bytes())
-    good = await cluster.start_node("good", "--egress-limit", "30MB/s")
-    bad = await cluster.start_node("bad")
-    leech = await cluster.start_node("leech")
-    aid = await cluster.publish(good, good_src, "w:v1")
-    assert await cluster.publish(bad, bad_src, "w:v1") == aid
+    good = await cluster.start_node_async("good", "--egress-limit", "30MB/s")
+    bad = await cluster.start_node_async("bad")
+    leech = await cluster.start_node_async("leech")
+    aid = await cluster.publish_async(good, good_src, "w:v1")
+    assert await cluster.publish_async(bad, bad_src, "w:v1") == aid
     with open(bad_src, "r+b") as fh:  # bit rot on the bad node after it published: every piece is wrong
         for off in range(0, 96 * MiB, MiB):
             fh.seek(off + 1000)
             fh.write(b"\xff\x00\xff")
-    path = await cluster.fetch(leech, "w:v1")
+    path = await cluster.fetch_async(leech, "w:v1")
     assert sha256_tree(path) == sha256_tree(good_src)
     a = await leech.artifact(aid)
     assert a is not None and a["banned_peers"] == 1
     assert "fails verification" in leech.log_text()
 
 
-async def test_stalled_peer_dropped_within_about_a_second(cluster: Cluster, workdir: Path) -> None:
+async def test_stalled_peer_dropped_within_about_a_second(cluster: LocalCluster, workdir: Path) -> None:
     src = make_file(workdir / "src" / "s.bin", 128 * MiB)
-    a_seed = await cluster.start_node("a", "--egress-limit", "40MB/s")
-    b_seed = await cluster.start_node("b", "--egress-limit", "40MB/s")
-    leech = await cluster.start_node("leech")
-    aid = await cluster.publish(a_seed, src, "s:v1")
-    await cluster.publish(b_seed, src, "s:v1")
+    a_seed = await cluster.start_node_async("a", "--egress-limit", "40MB/s")
+    b_seed = await cluster.start_node_async("b", "--egress-limit", "40MB/s")
+    leech = await cluster.start_node_async("leech")
+    aid = await cluster.publish_async(a_seed, src, "s:v1")
+    await cluster.publish_async(b_seed, src, "s:v1")
     async with trio.open_nursery() as n:
-        n.start_soon(cluster.fetch, leech, "s:v1")
+        n.start_soon(cluster.fetch_async, leech, "s:v1")
 
         async def two_peers() -> bool:
             a = await leech.artifact(aid)
             return bool(a and a["peers"] == 2 and a["pieces_done"] > 10)
 
         await wait_until(two_peers, 30, 0.05, "two peers")
-        os.kill(b_seed.proc.pid, signal.SIGSTOP)
+        b_seed.process.signal(signal.SIGSTOP)
         t0 = time.monotonic()
 
         async def one_peer() -> bool:
@@ -174,21 +173,21 @@ async def test_stalled_peer_dropped_within_about_a_second(cluster: Cluster, work
 
         await wait_until(one_peer, 10, 0.05, "stalled peer dropped")
         dropped_after = time.monotonic() - t0
-    os.kill(b_seed.proc.pid, signal.SIGCONT)
+    b_seed.process.signal(signal.SIGCONT)
     assert "stalled" in leech.log_text()
     assert dropped_after < 2.5, dropped_after
     path = (await leech.artifact(aid))["path"]
     assert sha256_tree(Path(path)) == sha256_tree(src)
 
 
-async def test_egress_limit_50MBps_within_10_percent(cluster: Cluster, workdir: Path) -> None:
+async def test_egress_limit_50MBps_within_10_percent(cluster: LocalCluster, workdir: Path) -> None:
     src = make_file(workdir / "src" / "r.bin", 400 * MiB)
-    seed = await cluster.start_node("seed", "--egress-limit", "50MB/s")
-    leech = await cluster.start_node("leech")
-    aid = await cluster.publish(seed, src, "r:v1")
+    seed = await cluster.start_node_async("seed", "--egress-limit", "50MB/s")
+    leech = await cluster.start_node_async("leech")
+    aid = await cluster.publish_async(seed, src, "r:v1")
     samples: list[tuple[float, int]] = []
     async with trio.open_nursery() as n:
-        n.start_soon(cluster.fetch, leech, "r:v1")
+        n.start_soon(cluster.fetch_async, leech, "r:v1")
         while True:
             a = await leech.artifact(aid)
             if a is not None:
@@ -204,13 +203,13 @@ async def test_egress_limit_50MBps_within_10_percent(cluster: Cluster, workdir: 
     assert 45e6 <= rate <= 55e6, rate
 
 
-async def test_sigterm_says_goodbye_and_journal_survives(cluster: Cluster, workdir: Path) -> None:
+async def test_sigterm_says_goodbye_and_journal_survives(cluster: LocalCluster, workdir: Path) -> None:
     src = make_file(workdir / "src" / "g.bin", 128 * MiB)
-    seed = await cluster.start_node("seed", "--egress-limit", "30MB/s")
-    leech = await cluster.start_node("leech")
-    aid = await cluster.publish(seed, src, "g:v1")
+    seed = await cluster.start_node_async("seed", "--egress-limit", "30MB/s")
+    leech = await cluster.start_node_async("leech")
+    aid = await cluster.publish_async(seed, src, "g:v1")
     async with trio.open_nursery() as n:
-        n.start_soon(cluster.cli, leech, "fetch", "g:v1")
+        n.start_soon(cluster.cli_async, leech, "fetch", "g:v1")
 
         async def some() -> int:
             a = await leech.artifact(aid)
@@ -218,34 +217,34 @@ async def test_sigterm_says_goodbye_and_journal_survives(cluster: Cluster, workd
 
         seen = await wait_until(some, 30, 0.05, "some progress")
         t0 = time.monotonic()
-        cluster.kill(leech, signal.SIGTERM)
+        cluster.stop_node(leech)
         stop_s = time.monotonic() - t0
         n.cancel_scope.cancel()
-    assert leech.proc.returncode == 0, leech.log_text()[-2000:]
+    assert leech.process.returncode == 0, leech.log_text()[-2000:]
     assert stop_s < 5
     assert "goodbye" in leech.log_text()
-    await cluster.restart(leech)
+    await cluster.restart_node_async(leech)
     a = await leech.artifact(aid)
     assert a is not None and a["resumed_pieces"] >= seen
 
 
-async def test_bad_requests_get_clear_errors(cluster: Cluster, workdir: Path) -> None:
-    node = await cluster.start_node("n")
-    r = await cluster.cli(node, "fetch", "no-such-model:v9")
+async def test_bad_requests_get_clear_errors(cluster: LocalCluster, workdir: Path) -> None:
+    node = await cluster.start_node_async("n")
+    r = await cluster.cli_async(node, "fetch", "no-such-model:v9")
     assert r.returncode == 3 and b"not published" in r.stderr and b"Traceback" not in r.stderr  # NOT_FOUND
-    r = await cluster.cli(node, "fetch", "bad name")
+    r = await cluster.cli_async(node, "fetch", "bad name")
     assert r.returncode == 2 and b"invalid name" in r.stderr  # BAD_REQUEST
-    r = await cluster.cli(node, "publish", str(workdir / "missing"), "--name", "x:1")
+    r = await cluster.cli_async(node, "publish", str(workdir / "missing"), "--name", "x:1")
     assert r.returncode == 2 and b"does not exist" in r.stderr
-    r = await cluster.cli(node, "status", "--socket", str(workdir / "nope.sock"))
+    r = await cluster.cli_async(node, "status", "--socket", str(workdir / "nope.sock"))
     assert r.returncode == 4 and b"cannot reach the p2pd daemon" in r.stderr  # UNREACHABLE
 
 
-async def test_garbage_on_peer_port_closes_only_that_connection(cluster: Cluster, workdir: Path) -> None:
+async def test_garbage_on_peer_port_closes_only_that_connection(cluster: LocalCluster, workdir: Path) -> None:
     src = make_file(workdir / "src" / "x.bin", 32 * MiB)
-    seed = await cluster.start_node("seed")
-    leech = await cluster.start_node("leech")
-    await cluster.publish(seed, src, "x:v1")
+    seed = await cluster.start_node_async("seed")
+    leech = await cluster.start_node_async("leech")
+    await cluster.publish_async(seed, src, "x:v1")
     for payload in (b"\x00\x00\x00\x05\x63hello", b"\xff" * 64, b"\x00\x10\x00\x00\x01" + b"x" * 100):
         s = trio.socket.socket()
         await s.connect(("127.0.0.1", seed.port))
@@ -254,13 +253,13 @@ async def test_garbage_on_peer_port_closes_only_that_connection(cluster: Cluster
             while await s.recv(4096):
                 pass
         s.close()
-    path = await cluster.fetch(leech, "x:v1")
+    path = await cluster.fetch_async(leech, "x:v1")
     assert sha256_tree(path) == sha256_tree(src)
-    assert seed.proc.poll() is None
+    assert seed.process.alive()
 
 
 @contextlib.contextmanager
-def small_tmpfs(workdir: Path, cluster: Cluster) -> Iterator[Path]:
+def small_tmpfs(workdir: Path, cluster: LocalCluster) -> Iterator[Path]:
     """A 160 MiB tmpfs (a disk that fills up), unmounted afterwards; skips the test without root."""
     mnt = workdir / "small"
     mnt.mkdir()
@@ -274,46 +273,37 @@ def small_tmpfs(workdir: Path, cluster: Cluster) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-async def start_node_on(cluster: Cluster, name: str, data_dir: Path) -> Node:
-    """A node whose data dir is `data_dir` (started where the cluster puts it, then moved)."""
-    node = await cluster.start_node(name)
-    cluster.kill(node, signal.SIGTERM)
-    data_dir.mkdir()
-    node.args[node.args.index("--data-dir") + 1] = str(data_dir)
-    node.data_dir = data_dir
-    return await cluster.restart(node)
-
-
-async def test_disk_full_is_a_clear_error_and_nothing_marked_complete(cluster: Cluster, workdir: Path) -> None:
+async def test_disk_full_is_a_clear_error_and_nothing_marked_complete(cluster: LocalCluster, workdir: Path) -> None:
     with small_tmpfs(workdir, cluster) as mnt:
         src = make_file(workdir / "src" / "big.bin", 96 * MiB)
-        seed = await cluster.start_node("seed")
-        await cluster.publish(seed, src, "big:v1")
+        seed = await cluster.start_node_async("seed")
+        await cluster.publish_async(seed, src, "big:v1")
         filler = mnt / "filler"
         make_file(filler, 100 * MiB)
-        node = await start_node_on(cluster, "small", mnt / "node")
-        res = await cluster.cli(node, "fetch", "big:v1")
+        node = await cluster.start_node_async("small", data_dir=mnt / "node")
+        res = await cluster.cli_async(node, "fetch", "big:v1")
         assert res.returncode == 5  # DISK_FULL
         assert b"not enough disk space" in res.stderr and b"Traceback" not in res.stderr, res.stderr
         assert not list((node.data_dir / "artifacts").glob("*.json"))  # nothing marked complete
         filler.unlink()
-        path = await cluster.fetch(node, "big:v1")
+        path = await cluster.fetch_async(node, "big:v1")
         assert sha256_tree(path) == sha256_tree(src)
 
 
-async def test_disk_full_mid_transfer_stops_cleanly_and_a_later_fetch_resumes(cluster: Cluster, workdir: Path) -> None:
+async def test_disk_full_mid_transfer_stops_cleanly_and_a_later_fetch_resumes(cluster: LocalCluster,
+                                                                              workdir: Path) -> None:
     """The space check passed, then something else filled the disk: a clear error, the daemon lives on,
     nothing is marked complete, and once space is freed the next fetch resumes from the verified pieces."""
     with small_tmpfs(workdir, cluster) as mnt:
         src = make_file(workdir / "src" / "mid.bin", 96 * MiB)
-        seed = await cluster.start_node("seed", "--egress-limit", "16MB/s")
-        aid = await cluster.publish(seed, src, "mid:v1")
-        node = await start_node_on(cluster, "small", mnt / "node")
+        seed = await cluster.start_node_async("seed", "--egress-limit", "16MB/s")
+        aid = await cluster.publish_async(seed, src, "mid:v1")
+        node = await cluster.start_node_async("small", data_dir=mnt / "node")
         results: list[subprocess.CompletedProcess[bytes]] = []
         async with trio.open_nursery() as n:
 
             async def fetch() -> None:
-                results.append(await cluster.cli(node, "fetch", "mid:v1"))
+                results.append(await cluster.cli_async(node, "fetch", "mid:v1"))
 
             n.start_soon(fetch)
 
@@ -333,40 +323,38 @@ async def test_disk_full_mid_transfer_stops_cleanly_and_a_later_fetch_resumes(cl
         res = results[0]
         assert res.returncode == 5  # DISK_FULL: the swarm keeps the code of its failure
         assert b"disk full" in res.stderr and b"Traceback" not in res.stderr, res.stderr
-        assert node.proc.poll() is None, "the daemon must survive a full disk"
+        assert node.process.alive(), "the daemon must survive a full disk"
         assert not list((node.data_dir / "artifacts").glob("*.json"))  # nothing marked complete
         filler.unlink()
-        path = await cluster.fetch(node, "mid:v1")
+        path = await cluster.fetch_async(node, "mid:v1")
         assert sha256_tree(path) == sha256_tree(src)
         log = node.log_text()
         assert "retrying the download that stopped" in log
         assert "resuming with" in log  # the pieces verified before the disk filled were kept
 
 
-async def test_tracker_restart_transfers_continue_and_nodes_reregister(cluster: Cluster, workdir: Path) -> None:
+async def test_tracker_restart_transfers_continue_and_nodes_reregister(cluster: LocalCluster, workdir: Path) -> None:
     from p2pd.tracker_client import TrackerClient
 
     src = make_file(workdir / "src" / "t.bin", 128 * MiB)
-    seed = await cluster.start_node("seed", "--egress-limit", "40MB/s")
-    leech = await cluster.start_node("leech")
-    aid = await cluster.publish(seed, src, "t:v1")
-    port = cluster.tracker_port
+    seed = await cluster.start_node_async("seed", "--egress-limit", "40MB/s")
+    leech = await cluster.start_node_async("leech")
+    aid = await cluster.publish_async(seed, src, "t:v1")
+    port = cluster.tracker.port
     async with trio.open_nursery() as n:
-        n.start_soon(cluster.fetch, leech, "t:v1")
+        n.start_soon(cluster.fetch_async, leech, "t:v1")
 
         async def started() -> bool:
             a = await leech.artifact(aid)
             return bool(a and a["pieces_done"] > 5)
 
         await wait_until(started, 30, 0.05, "transfer started")
-        assert cluster.tracker_proc is not None
-        cluster.tracker_proc.kill()
-        cluster.tracker_proc.wait(timeout=10)
+        cluster.tracker.process.kill()
         before = (await leech.artifact(aid))["pieces_done"]  # type: ignore[index]
         await trio.sleep(1.5)
         during = (await leech.artifact(aid))["pieces_done"]  # type: ignore[index]
         assert during > before, "transfer stalled while the tracker was down"
-        cluster.start_tracker(port=port)
+        await cluster.start_tracker_async(port=port)
         t0 = time.monotonic()
         async with TrackerClient([("127.0.0.1", port)], "f" * 32, ("127.0.0.1", 1)) as tc:
 
@@ -387,39 +375,40 @@ async def test_tracker_restart_transfers_continue_and_nodes_reregister(cluster: 
     assert sha256_tree(Path((await leech.artifact(aid))["path"])) == sha256_tree(src)  # type: ignore[index]
 
 
-async def test_several_complete_nodes_never_send_requesters_back_and_forth(cluster: Cluster, workdir: Path) -> None:
+async def test_several_complete_nodes_never_send_requesters_back_and_forth(cluster: LocalCluster,
+                                                                           workdir: Path) -> None:
     """Two seeds plus a node that completed earlier: newcomers must still be served promptly."""
     src = make_file(workdir / "src" / "m.bin", 64 * MiB)
-    a = await cluster.start_node("a")
-    b = await cluster.start_node("b")
-    aid = await cluster.publish(a, src, "m:v1")
-    await cluster.publish(b, src, "m:v1")
-    first = await cluster.start_node("first")
-    await cluster.fetch(first, "m:v1", timeout=60)
-    late = [await cluster.start_node(f"late{i}") for i in range(2)]
+    a = await cluster.start_node_async("a")
+    b = await cluster.start_node_async("b")
+    aid = await cluster.publish_async(a, src, "m:v1")
+    await cluster.publish_async(b, src, "m:v1")
+    first = await cluster.start_node_async("first")
+    await cluster.fetch_async(first, "m:v1", timeout=60)
+    late = [await cluster.start_node_async(f"late{i}") for i in range(2)]
     t0 = time.monotonic()
     async with trio.open_nursery() as n:
         for node in late:
-            n.start_soon(lambda node=node: cluster.fetch(node, "m:v1", timeout=60))
+            n.start_soon(lambda node=node: cluster.fetch_async(node, "m:v1", timeout=60))
     assert time.monotonic() - t0 < 30
     for node in late:
         art = await node.artifact(aid)
         assert art is not None and art["state"] == "complete"
 
 
-async def test_compressible_pieces_travel_zstd_and_arrive_identical(cluster: Cluster, workdir: Path) -> None:
+async def test_compressible_pieces_travel_zstd_and_arrive_identical(cluster: LocalCluster, workdir: Path) -> None:
     """Text-like data goes compressed on the wire; mixed with raw pieces, buffers must never be mixed up."""
     src = workdir / "src" / "snap"
     src.mkdir(parents=True)
     words = b" ".join(b"token%d" % i for i in range(200_000))
     (src / "tokenizer.json").write_bytes(words * 20)  # ~26 MB, compresses ~10x
     make_file(src / "weights.bin", 24 * MiB)
-    seed = await cluster.start_node("seed")
-    peers = [await cluster.start_node(f"p{i}") for i in range(2)]
-    aid = await cluster.publish(seed, src, "snap:v1")
+    seed = await cluster.start_node_async("seed")
+    peers = [await cluster.start_node_async(f"p{i}") for i in range(2)]
+    aid = await cluster.publish_async(seed, src, "snap:v1")
     async with trio.open_nursery() as n:
         for p in peers:
-            n.start_soon(lambda p=p: cluster.fetch(p, "snap:v1"))
+            n.start_soon(lambda p=p: cluster.fetch_async(p, "snap:v1"))
     want = sha256_tree(src)
     for p in peers:
         a = await p.artifact(aid)
@@ -429,17 +418,17 @@ async def test_compressible_pieces_travel_zstd_and_arrive_identical(cluster: Clu
 
 
 @pytest.mark.parametrize("limited", ["--egress-limit on the seed", "--ingress-limit on the leecher"])
-async def test_slow_limit_is_not_taken_for_a_stall(cluster: Cluster, workdir: Path, limited: str) -> None:
+async def test_slow_limit_is_not_taken_for_a_stall(cluster: LocalCluster, workdir: Path, limited: str) -> None:
     """At 200 kB/s one 256 KiB piece takes longer than the stall timeout (1 s): the limited side must
     move it in small paced chunks and the leecher must count bytes queued below its receive mark as
     progress, so that the seed is not dropped as stalled again and again."""
     src = make_file(workdir / "src" / "slow.bin", 1536 * 1024)
     option = limited.split()[0]
-    seed = await cluster.start_node("seed", *([option, "200kB/s"] if "seed" in limited else []))
-    leech = await cluster.start_node("leech", *([option, "200kB/s"] if "leecher" in limited else []))
-    await cluster.publish(seed, src, "slow:v1")
+    seed = await cluster.start_node_async("seed", *([option, "200kB/s"] if "seed" in limited else []))
+    leech = await cluster.start_node_async("leech", *([option, "200kB/s"] if "leecher" in limited else []))
+    await cluster.publish_async(seed, src, "slow:v1")
     start = time.monotonic()
-    path = await cluster.fetch(leech, "slow:v1", timeout=60)
+    path = await cluster.fetch_async(leech, "slow:v1", timeout=60)
     took = time.monotonic() - start
     assert sha256_tree(path) == sha256_tree(src)
     assert "stalled" not in leech.log_text(), leech.log_text()[-2000:]

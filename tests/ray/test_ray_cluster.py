@@ -36,9 +36,10 @@ from ray.exceptions import RuntimeEnvSetupError  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 from ray_testutil import tree_digests  # noqa: E402
 
+from p2pd.cluster import LocalCluster, Node  # noqa: E402
 from ray_plugin import daemon_client, models  # noqa: E402
 from ray_plugin.inference import InferencePool, preheat  # noqa: E402
-from ray_plugin.local import Daemon, P2PNet, ray_cluster  # noqa: E402
+from ray_plugin.local import ray_cluster  # noqa: E402
 from ray_plugin.spec import FIELD  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -49,10 +50,10 @@ MLP_SIZES = [16, 64, 64, 4]
 
 @dataclass
 class Env:
-    net: P2PNet
+    net: LocalCluster
     cluster: Any
     node_ids: list[str]  # node_ids[i] runs against daemons[i]
-    daemons: list[Daemon]
+    daemons: list[Node]
     root: Path
 
     def on(self, i: int) -> NodeAffinitySchedulingStrategy:
@@ -62,10 +63,10 @@ class Env:
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     root = Path(tempfile.mkdtemp(prefix="p2pray-", dir="/tmp"))  # short: Unix socket paths are limited
-    net = P2PNet(root)
+    net = LocalCluster(root)
     try:
         net.start_tracker()
-        daemons = [net.start_daemon(f"n{i}") for i in range(NODES)]
+        daemons = net.start_nodes([f"n{i}" for i in range(NODES)])
         # Ray retries a failed setup 3 times, 1 s apart; 0.2 s here keeps the failure tests quick.
         with ray_cluster([d.socket for d in daemons], extra_env={"RUNTIME_ENV_RETRY_INTERVAL_MS": "200"}) as (
             cluster,
@@ -108,7 +109,7 @@ def _make_files(root: Path, seed: int) -> Path:
 
 def test_task_reads_the_published_files_on_every_node(env: Env) -> None:
     src = _make_files(env.root / "src-files", seed=1)
-    env.net.publish(src, "files:v1", via=env.daemons[0])
+    env.net.publish(env.daemons[0], src, "files:v1")
     want = tree_digests(src)
     t0 = time.monotonic()
     task = _digests_task()
@@ -128,8 +129,8 @@ def test_task_reads_the_published_files_on_every_node(env: Env) -> None:
 def test_several_models_and_preheat(env: Env) -> None:
     a = _make_files(env.root / "src-a", seed=2)
     b = _make_files(env.root / "src-b", seed=3)
-    env.net.publish(a, "multi-a:v1", via=env.daemons[0])
-    env.net.publish(b, "multi-b:v1", via=env.daemons[0])
+    env.net.publish(env.daemons[0], a, "multi-a:v1")
+    env.net.publish(env.daemons[0], b, "multi-b:v1")
     results = preheat("multi-b:v1", timeout=120)  # every node fetches ahead of the job
     assert set(results) == set(env.node_ids)
     for i, nid in enumerate(env.node_ids):
@@ -148,7 +149,7 @@ def test_several_models_and_preheat(env: Env) -> None:
 def test_inference_workers_serve_the_model_and_route_around_a_killed_one(env: Env) -> None:
     layers = models.make_mlp(MLP_SIZES, seed=7)
     models.save_mlp(layers, env.root / "src-mlp", activation="relu")
-    env.net.publish(env.root / "src-mlp", "mlp:v1", via=env.daemons[0])
+    env.net.publish(env.daemons[0], env.root / "src-mlp", "mlp:v1")
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((5, MLP_SIZES[0])).astype(np.float32) for _ in range(30)]
 
@@ -203,7 +204,7 @@ def test_pool_started_on_arrival_through_the_runtime_env(env: Env) -> None:
     """The other start mode: the `p2p` runtime_env gates the actor, P2P_MODEL_DIR comes from the plugin."""
     layers = models.make_mlp(MLP_SIZES, seed=8)
     models.save_mlp(layers, env.root / "src-mlp2", activation="tanh")
-    env.net.publish(env.root / "src-mlp2", "mlp:v2", via=env.daemons[0])
+    env.net.publish(env.daemons[0], env.root / "src-mlp2", "mlp:v2")
     x = np.random.default_rng(1).standard_normal((3, MLP_SIZES[0])).astype(np.float32)
     with InferencePool("mlp:v2", num_workers=2, num_cpus=0.5, early_start=False) as pool:
         assert pool.runtime_env == {"p2p": {"model": "mlp:v2"}}
@@ -218,7 +219,7 @@ def test_pool_early_start_in_a_users_runtime_env_starts_the_download_through_the
     """With a runtime_env of the user's (a fresh worker process anyway), the plugin starts the fetch at placement."""
     layers = models.make_mlp(MLP_SIZES, seed=9)
     models.save_mlp(layers, env.root / "src-mlp3")
-    env.net.publish(env.root / "src-mlp3", "mlp:v3", via=env.daemons[0])
+    env.net.publish(env.daemons[0], env.root / "src-mlp3", "mlp:v3")
     x = np.random.default_rng(2).standard_normal((2, MLP_SIZES[0])).astype(np.float32)
     extra = {"env_vars": {"P2P_TEST_MARKER": "1"}}
     with InferencePool("mlp:v3", num_workers=1, num_cpus=0.5, extra_runtime_env=extra) as pool:
@@ -308,7 +309,7 @@ def test_invalid_spec_is_rejected_with_the_key_at_fault(env: Env) -> None:
 
 def test_daemon_down_surfaces_our_message(env: Env) -> None:
     """Last: it stops node 2's daemon."""
-    env.net.stop_daemon(env.daemons[2])
+    env.net.stop_node(env.daemons[2])
     task = _digests_task().options(runtime_env={"p2p": {"model": "files:v2"}}, scheduling_strategy=env.on(2))
     with pytest.raises(RuntimeEnvSetupError) as ei:
         ray.get(task.remote(), timeout=120)

@@ -1,7 +1,7 @@
-"""Fixtures for the tracker tests (helpers live in tracker/testing.py so any test can import them).
+"""Fixtures for the tracker tests (helpers live in tracker_testutil.py; processes in p2pd.cluster).
 
-Every process a test starts is tracked by PID and killed (then reaped) in a finalizer, even when the
-test fails; temporary directories come from pytest's tmp_path.
+Every process a test starts belongs to the test's `LocalCluster`: stopped by PID (then reaped) at the
+end, even when the test fails.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tracker.testing import Procs
+from p2pd.cluster import LocalCluster
 
 HERE = Path(__file__).resolve().parent
 
@@ -27,15 +27,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def procs() -> Iterator[Procs]:
+def cluster() -> Iterator[LocalCluster]:
     """Processes of one test, in a temp dir removed afterwards (their logs are printed first, so a
     failing test shows them in its captured output)."""
-    with tempfile.TemporaryDirectory(prefix="p2p-tracker-test-") as tmp:
-        ps = Procs(Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="p2p-tracker-test-") as tmp, LocalCluster(Path(tmp)) as c:
         try:
-            yield ps
+            yield c
         finally:
-            ps.kill_all()
-            for p in ps.all:
-                print(f"--- {' '.join(p.args)[:200]} (pid {p.pid}, exit {p.popen.returncode})")
-                print(p.log()[-4000:])
+            c.close()
+            for p in c.processes:
+                print(f"--- {' '.join(p.argv)[:200]} (pid {p.pid}, exit {p.returncode})")
+                print(p.log_tail(4000))

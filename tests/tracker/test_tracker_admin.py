@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 import trio
+from tracker_testutil import make_manifest, nid
 
+from p2pd.cluster import TRACKER_CLI, LocalCluster, child_env
 from p2pd.tracker_client import TrackerClient
-from tracker.testing import Procs, make_manifest, nid, subprocess_env, tracker_cmd
 
 pytest.importorskip("fastapi", reason="the admin API needs the pip packages fastapi and hypercorn")
 pytest.importorskip("hypercorn", reason="the admin API needs the pip packages fastapi and hypercorn")
@@ -27,11 +28,11 @@ TOKEN = "s3cret-token"
 @pytest.fixture(scope="module")
 def admin() -> Iterator[dict[str, Any]]:
     tmp = tempfile.TemporaryDirectory(prefix="p2p-tracker-admin-")
-    procs = Procs(Path(tmp.name))
+    cluster = LocalCluster(Path(tmp.name))
     try:
-        _, ports = procs.tracker("--admin-listen", "127.0.0.1:0", "--admin-token", TOKEN, interval=5)
-        url = f"http://127.0.0.1:{ports['admin_port']}"
-        trackers = [("127.0.0.1", ports["tcp_port"])]
+        t = cluster.start_tracker("--admin-listen", "127.0.0.1:0", "--admin-token", TOKEN, interval=5)
+        url = f"http://127.0.0.1:{t.admin_port}"
+        trackers = [t.address]
 
         async def populate() -> str:
             async with (
@@ -47,9 +48,9 @@ def admin() -> Iterator[dict[str, Any]]:
                 return aid
 
         aid = trio.run(populate)
-        yield {"url": url, "aid": aid, "procs": procs, "tcp_port": ports["tcp_port"]}
+        yield {"url": url, "aid": aid, "tcp_port": t.port}
     finally:
-        procs.kill_all()
+        cluster.close()
         tmp.cleanup()
 
 
@@ -157,8 +158,8 @@ def test_cli_process_errors_are_one_line(admin: dict[str, Any]) -> None:
         (["stats", "--tracker", "http://127.0.0.1:9", "--token", TOKEN], "cannot reach the tracker admin API", 4),
         (["nodes", "--tracker", admin["url"], "--token", "wrong"], "refused the admin token (401)", 2),
     ]:
-        r = subprocess.run([*tracker_cmd(), "admin", *args], capture_output=True, text=True, timeout=60,
-                           env=subprocess_env())
+        r = subprocess.run([*TRACKER_CLI, "admin", *args], capture_output=True, text=True, timeout=60,
+                           env=child_env())
         assert r.returncode == status and r.stdout == "", (r.returncode, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import signal
 
 import trio
+from tracker_testutil import nid, node_cmd
 
+from p2pd.cluster import LocalCluster
 from p2pd.tracker_client import TrackerClient
-from tracker.testing import Procs, nid, node_cmd
 
 AID = "f" * 64
 
@@ -21,19 +22,18 @@ async def wait_listed(tc: TrackerClient, node: str, present: bool, timeout: floa
     return trio.current_time() - t0
 
 
-async def test_graceful_leave_under_1s_and_crash_within_3_intervals(procs: Procs) -> None:
+async def test_graceful_leave_under_1s_and_crash_within_3_intervals(cluster: LocalCluster) -> None:
     interval = 1.0  # the default
-    _, ports = procs.tracker(interval=interval)
-    trackers = [("127.0.0.1", ports["tcp_port"])]
-    leaver = procs.start(node_cmd(trackers, nid(1), {AID: 1.0}), "leaver")
-    crasher = procs.start(node_cmd(trackers, nid(2), {AID: 1.0}), "crasher")
+    trackers = [cluster.start_tracker(interval=interval).address]
+    leaver = cluster.spawn(node_cmd(trackers, nid(1), {AID: 1.0}), "leaver")
+    crasher = cluster.spawn(node_cmd(trackers, nid(2), {AID: 1.0}), "crasher")
     async with TrackerClient(trackers, nid(3), ("127.0.0.1", 9999)) as watcher:
         await wait_listed(watcher, nid(1), True, 15)
         await wait_listed(watcher, nid(2), True, 15)
 
         leaver.signal(signal.SIGTERM)
         gone_after = await wait_listed(watcher, nid(1), False, 5)
-        assert leaver.wait(5) == 0 and "node left" in leaver.log()
+        assert leaver.wait(5) == 0 and "node left" in leaver.log_text()
         assert gone_after < 1.0, f"graceful leave took {gone_after:.3f}s"
 
         crasher.signal(signal.SIGKILL)

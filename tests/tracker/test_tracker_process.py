@@ -6,25 +6,26 @@ import signal
 
 import pytest
 import trio
+from tracker_testutil import make_manifest, nid
 
+from p2pd.cluster import LocalCluster
 from p2pd.errors import ErrorCode
-from p2pd.rpc import RpcError, connect_tcp
+from p2pd.rpc import RpcError, connect_tcp, free_port
 from p2pd.tracker_client import TrackerClient
-from tracker.testing import Procs, free_port, make_manifest, nid
 
 ADDR = ("127.0.0.1", 9000)
 
 
-async def test_register_publish_resolve_peers_leave(procs: Procs) -> None:
-    _, ports = procs.tracker(interval=0.5)
-    trackers = [("127.0.0.1", ports["tcp_port"])]
+async def test_register_publish_resolve_peers_leave(cluster: LocalCluster) -> None:
+    t = cluster.start_tracker(interval=0.5)
+    trackers = [t.address]
     m = make_manifest(1)
     async with (
         TrackerClient(trackers, nid(1), ("127.0.0.1", 9001), {"zone": "a"}, "0.1.0") as seed,
         TrackerClient(trackers, nid(2), ("0.0.0.0", 9002), {"zone": "a"}, "0.1.0") as leech,
     ):
         r = await seed.register()
-        assert r["interval"] == 0.5 and seed.interval == 0.5 and r["udp_port"] == ports["tcp_port"]
+        assert r["interval"] == 0.5 and seed.interval == 0.5 and r["udp_port"] == t.port
         await leech.register()
         aid = await seed.publish("model:v1", m)
         assert await leech.resolve("model:v1") == (aid, m)
@@ -50,9 +51,8 @@ async def test_register_publish_resolve_peers_leave(procs: Procs) -> None:
         assert [p["node_id"] for p in await leech.peers(aid)] == [nid(1)]
 
 
-async def test_run_heartbeats_over_udp_with_delta_holdings(procs: Procs) -> None:
-    _, ports = procs.tracker(interval=0.2)
-    trackers = [("127.0.0.1", ports["tcp_port"])]
+async def test_run_heartbeats_over_udp_with_delta_holdings(cluster: LocalCluster) -> None:
+    trackers = [cluster.start_tracker(interval=0.2).address]
     holdings = {"c" * 64: 0.5}
     async with TrackerClient(trackers, nid(1), ADDR) as tc, TrackerClient(trackers, nid(2), ADDR) as other:
         await other.register()
@@ -70,17 +70,17 @@ async def test_run_heartbeats_over_udp_with_delta_holdings(procs: Procs) -> None
         assert tc.udp_heartbeats == tc.heartbeats_sent  # register told the UDP port: no TCP heartbeat needed
 
 
-async def test_restarted_in_memory_tracker_relearns_nodes_within_two_intervals(procs: Procs) -> None:
+async def test_restarted_in_memory_tracker_relearns_nodes_within_two_intervals(cluster: LocalCluster) -> None:
     port = free_port()
     interval = 0.5
-    a, _ = procs.tracker(port=port, interval=interval, name="a")
+    a = cluster.start_tracker(port=port, interval=interval, name="a")
     trackers = [("127.0.0.1", port)]
     async with TrackerClient(trackers, nid(1), ADDR) as tc, TrackerClient(trackers, nid(2), ADDR) as other:
         async with trio.open_nursery() as nursery:
             await nursery.start(tc.run_heartbeats, lambda: {"d" * 64: 1.0})
-            a.kill()  # crash: the in-memory state is gone
-            # restart on the same address (in a thread: the heartbeat task must keep running)
-            await trio.to_thread.run_sync(lambda: procs.tracker(port=port, interval=interval, name="b"))
+            a.process.kill()  # crash: the in-memory state is gone
+            # restart on the same address (async: the heartbeat task must keep running)
+            await cluster.start_tracker_async(port=port, interval=interval, name="b")
             t0 = trio.current_time()
             with trio.fail_after(5):
                 while not await other.peers("d" * 64):
@@ -91,15 +91,15 @@ async def test_restarted_in_memory_tracker_relearns_nodes_within_two_intervals(p
             nursery.cancel_scope.cancel()
 
 
-async def test_failover_to_the_next_address(procs: Procs) -> None:
+async def test_failover_to_the_next_address(cluster: LocalCluster) -> None:
     port_a, port_b = free_port(), free_port()
-    a, _ = procs.tracker(port=port_a, interval=0.2, name="a")
+    a = cluster.start_tracker(port=port_a, interval=0.2, name="a")
     trackers = [("127.0.0.1", port_a), ("127.0.0.1", port_b)]
     async with TrackerClient(trackers, nid(1), ADDR) as tc, TrackerClient(trackers, nid(2), ADDR) as other:
         async with trio.open_nursery() as nursery:
             await nursery.start(tc.run_heartbeats, lambda: {"d" * 64: 1.0})
-            a.kill()
-            await trio.to_thread.run_sync(lambda: procs.tracker(port=port_b, interval=0.2, name="b"))
+            a.process.kill()
+            await cluster.start_tracker_async(port=port_b, interval=0.2, name="b")
             with trio.fail_after(5):
                 while not await other.peers("d" * 64):
                     await trio.sleep(0.02)
@@ -116,9 +116,8 @@ async def test_unreachable_trackers_raise_a_clear_error() -> None:
     assert all(f"127.0.0.1:{p}" in e.value.message for p in ports)
 
 
-async def test_malformed_requests_get_bad_request(procs: Procs) -> None:
-    _, ports = procs.tracker()
-    async with connect_tcp("127.0.0.1", ports["tcp_port"]) as c:
+async def test_malformed_requests_get_bad_request(cluster: LocalCluster) -> None:
+    async with connect_tcp(*cluster.start_tracker().address) as c:
         for method, params in [
             ("register", {"node_id": "xyz", "addr": ["h", 1]}),
             ("register", {"node_id": nid(1), "addr": ["h", 70000]}),
@@ -135,9 +134,8 @@ async def test_malformed_requests_get_bad_request(procs: Procs) -> None:
         assert (await c.call("heartbeat", {"node_id": nid(1), "holdings": {}}))["known"] is False
 
 
-async def test_oversized_frame_closes_only_that_connection(procs: Procs) -> None:
-    _, ports = procs.tracker()
-    port = ports["tcp_port"]
+async def test_oversized_frame_closes_only_that_connection(cluster: LocalCluster) -> None:
+    port = cluster.start_tracker().port
     with trio.fail_after(5):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all((64 << 20).to_bytes(4, "big") + b"\x00" * 16)
@@ -147,16 +145,15 @@ async def test_oversized_frame_closes_only_that_connection(procs: Procs) -> None
         assert (await c.call("peers", {"artifact_id": "e" * 64}))["peers"] == []
 
 
-def test_sigterm_exits_cleanly(procs: Procs) -> None:
-    p, _ = procs.tracker()
+def test_sigterm_exits_cleanly(cluster: LocalCluster) -> None:
+    p = cluster.start_tracker().process
     p.signal(signal.SIGTERM)
     assert p.wait(10) == 0
-    assert "shutting down" in p.log() and "Traceback" not in p.log()
+    assert "shutting down" in p.log_text() and "Traceback" not in p.log_text()
 
 
-async def test_idle_tcp_connection_is_closed_while_heartbeats_go_over_udp(procs: Procs) -> None:
-    _, ports = procs.tracker(interval=0.1)
-    trackers = [("127.0.0.1", ports["tcp_port"])]
+async def test_idle_tcp_connection_is_closed_while_heartbeats_go_over_udp(cluster: LocalCluster) -> None:
+    trackers = [cluster.start_tracker(interval=0.1).address]
     async with TrackerClient(trackers, nid(1), ADDR, idle_close=0.3) as tc:
         async with trio.open_nursery() as nursery:
             await nursery.start(tc.run_heartbeats, lambda: {"e" * 64: 1.0})
@@ -171,9 +168,8 @@ async def test_idle_tcp_connection_is_closed_while_heartbeats_go_over_udp(procs:
             nursery.cancel_scope.cancel()
 
 
-async def test_malformed_udp_datagrams_are_dropped(procs: Procs) -> None:
-    _, ports = procs.tracker()
-    port = ports["tcp_port"]
+async def test_malformed_udp_datagrams_are_dropped(cluster: LocalCluster) -> None:
+    port = cluster.start_tracker().port
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
     with sock:
         await sock.connect(("127.0.0.1", port))
@@ -192,7 +188,7 @@ def test_serve_errors_are_one_line() -> None:
     import socket
     import subprocess
 
-    from tracker.testing import subprocess_env, tracker_cmd
+    from p2pd.cluster import TRACKER_CLI, child_env
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -204,20 +200,19 @@ def test_serve_errors_are_one_line() -> None:
             (["--listen", "127.0.0.1:0", "--store", "etcd://x"], "unknown --store", 2),
             (["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], "needs --admin-token", 2),
         ]:
-            r = subprocess.run([*tracker_cmd(), "serve", *args], capture_output=True, text=True, timeout=60,
-                               env={**subprocess_env(), "P2P_TRACKER_ADMIN_TOKEN": ""})
+            r = subprocess.run([*TRACKER_CLI, "serve", *args], capture_output=True, text=True, timeout=60,
+                               env=child_env({"P2P_TRACKER_ADMIN_TOKEN": ""}))
             assert r.returncode == status and needle in r.stderr, (args, r.returncode, r.stderr)
             assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-async def test_concurrent_beats_share_the_udp_socket(procs: Procs) -> None:
+async def test_concurrent_beats_share_the_udp_socket(cluster: LocalCluster) -> None:
     """An immediate announce while the periodic heartbeat waits on the UDP socket must not crash."""
     import trio
 
     from p2pd.tracker_client import TrackerClient
 
-    _, ports = procs.tracker()
-    async with TrackerClient([("127.0.0.1", ports["tcp_port"])], "c" * 32, ("127.0.0.1", 9)) as tc:
+    async with TrackerClient([cluster.start_tracker().address], "c" * 32, ("127.0.0.1", 9)) as tc:
         await tc.register()
         await tc.beat({})  # opens the UDP socket that the concurrent beats below share
         async with trio.open_nursery() as n:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from tracker_testutil import make_manifest, nid
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from tracker.registry import Bag, Registry, sample_union
-from tracker.testing import make_manifest, nid
 from tracker.validate import TrackerError
 
 A1 = "a" * 64

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import trio
+from tracker_testutil import make_manifest, nid, start_redis
 
+from p2pd.cluster import LocalCluster
+from p2pd.rpc import free_port
 from p2pd.tracker_client import TrackerClient
-from tracker.testing import Procs, free_port, make_manifest, nid, start_redis
 
 
-async def test_kill_a_replica_mid_transfer_loses_nothing(procs: Procs) -> None:
-    _, url = start_redis(procs)
+async def test_kill_a_replica_mid_transfer_loses_nothing(cluster: LocalCluster) -> None:
+    url = start_redis(cluster).url
     interval = 0.2
-    (a, pa), (b, pb) = (procs.tracker("--store", url, interval=interval, name=n) for n in ("a", "b"))
-    trackers = [("127.0.0.1", pa["tcp_port"]), ("127.0.0.1", pb["tcp_port"])]
+    a, b = (cluster.start_tracker(store=url, interval=interval, name=n) for n in ("a", "b"))
+    trackers = [a.address, b.address]
     m = make_manifest(5)
     progress = 0.0
     async with (
@@ -36,7 +38,7 @@ async def test_kill_a_replica_mid_transfer_loses_nothing(procs: Procs) -> None:
                     while await progress_seen() != progress:
                         await trio.sleep(0.02)
                 if step == 2:
-                    a.kill()  # SIGKILL the replica both nodes talk to
+                    a.process.kill()  # SIGKILL the replica both nodes talk to
             # both nodes moved to replica b; nothing was lost: names, manifests, holders, sessions
             assert seed.current == trackers[1] and leech.current == trackers[1]
             assert await watcher.resolve("model:v1") == (aid, m)
@@ -48,9 +50,9 @@ async def test_kill_a_replica_mid_transfer_loses_nothing(procs: Procs) -> None:
             assert seed.udp_heartbeats >= udp_before + 2  # back on UDP, at the new replica
             assert seed.registrations == 1 and leech.registrations == 1
             # a replica started now serves the same state at once (it holds none of its own)
-            _, pc = await trio.to_thread.run_sync(  # in a thread: the heartbeat tasks must keep running
-                lambda: procs.tracker("--store", url, interval=interval, port=free_port(), name="c"))
-            async with TrackerClient([("127.0.0.1", pc["tcp_port"])], nid(4), ("127.0.0.1", 9004)) as late:
+            # async: the heartbeat tasks must keep running
+            c = await cluster.start_tracker_async(store=url, interval=interval, port=free_port(), name="c")
+            async with TrackerClient([c.address], nid(4), ("127.0.0.1", 9004)) as late:
                 assert (await late.resolve("model:v1"))[0] == aid
                 assert {p["node_id"] for p in await late.peers(aid)} == {nid(1), nid(2)}
             nursery.cancel_scope.cancel()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from tracker_testutil import make_manifest, nid, start_redis
 
+from p2pd.cluster import LocalCluster
 from p2pd.errors import ErrorCode
 from tracker.store import Heartbeat, MemoryStore, Store
-from tracker.testing import Procs, make_manifest, nid, start_redis
 from tracker.validate import TrackerError
 
 A1, A2 = "a" * 64, "b" * 64
@@ -17,14 +19,13 @@ INTERVAL = 0.1
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, procs: Procs) -> AsyncIterator[Store]:
+async def store(request: pytest.FixtureRequest, cluster: LocalCluster) -> AsyncIterator[Store]:
     if request.param == "memory":
         yield MemoryStore(INTERVAL)
         return
     from tracker.redis_store import RedisStore
 
-    _, url = start_redis(procs)
-    s = await RedisStore.connect(url, INTERVAL)
+    s = await RedisStore.connect(start_redis(cluster).url, INTERVAL)
     try:
         yield s
     finally:
@@ -142,16 +143,16 @@ async def test_policy_is_shared_and_survives_refresh(store: Store) -> None:
     assert await store.policy() == {"egress_limit": 5e7}
 
 
-async def test_redis_flushed_scripts_are_reloaded_and_a_dead_redis_is_unreachable(procs: Procs) -> None:
+async def test_redis_flushed_scripts_are_reloaded_and_a_dead_redis_is_unreachable(cluster: LocalCluster) -> None:
     from tracker.redis_store import RedisStore
 
-    proc, url = start_redis(procs)
-    s = await RedisStore.connect(url, INTERVAL)
+    redis = start_redis(cluster)
+    s = await RedisStore.connect(redis.url, INTERVAL)
     try:
         await add(s, 1)
         await s.redis.execute("SCRIPT", "FLUSH")  # as after a Redis restart: the next call gets NOSCRIPT
         await add(s, 2)  # reloaded on that reply's code, not reported as an internal error
-        proc.kill()
+        redis.process.signal(signal.SIGKILL)
         with pytest.raises(TrackerError) as e:
             await add(s, 3)
         assert e.value.code is ErrorCode.UNREACHABLE  # nodes try another replica on it

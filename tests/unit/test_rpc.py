@@ -14,7 +14,16 @@ import trio.testing
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol.framing import MAX_FRAME, FrameReader, encode_frame
-from p2pd.rpc import Emit, Handler, RpcClient, RpcError, open_client, parse_hostport, serve_connection
+from p2pd.rpc import (
+    Emit,
+    Handler,
+    RpcClient,
+    RpcError,
+    call_blocking,
+    open_client,
+    parse_hostport,
+    serve_connection,
+)
 
 
 async def echo(params: dict[str, Any], emit: Emit) -> Any:
@@ -261,6 +270,45 @@ async def test_over_a_real_socketpair() -> None:
             with pytest.raises(RpcError) as ei:
                 await client.call("fail")
             assert ei.value.code is ErrorCode.NOT_FOUND
+
+
+async def test_call_blocking_against_the_trio_server() -> None:
+    """The blocking client (probes, helpers outside trio) against the real server, over a socketpair."""
+    a, b = trio.socket.socketpair()
+    server_stream = trio.SocketStream(a)
+    client_sock = b.detach()
+    big = {"blob": b"\x5a" * (3 << 20)}
+
+    def client() -> None:
+        import socket
+
+        with socket.socket(fileno=client_sock) as s:
+            s.settimeout(5)
+            assert call_blocking(s, "echo", big, req_id=7) == big
+            assert call_blocking(s, "progress", {"n": 3}, req_id=8) == "finished"  # events skipped
+            with pytest.raises(RpcError) as ei:
+                call_blocking(s, "fail", {"code": "disk_full", "message": "full"}, req_id=9)
+            assert (ei.value.code, ei.value.message) == ("disk_full", "full")
+            s.settimeout(0.2)
+            with pytest.raises(RpcError, match="sleepy: no answer within 0.2 s") as ei:
+                call_blocking(s, "sleepy", {"delay": 2, "tag": "late"}, req_id=10)
+            assert ei.value.code == "timeout"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, server_stream, HANDLERS)
+        await trio.to_thread.run_sync(client)
+        nursery.cancel_scope.cancel()
+
+
+def test_call_blocking_on_a_closed_connection_is_unreachable() -> None:
+    import socket
+
+    a, b = socket.socketpair()
+    with a, b:
+        b.close()
+        with pytest.raises(RpcError) as ei:
+            call_blocking(a, "echo")
+        assert ei.value.code == "unreachable"
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,6 @@ import os
 import shlex
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from netsim.bench.harness import (
     tail,
     wait_tcp,
 )
+from p2pd.rpc import RpcError, call_blocking, parse_hostport
 
 TRACKER_PORT = 7400
 NODE_PORT = 7401
@@ -172,45 +172,20 @@ class P2pd(Client):
 
 
 # ----------------------------------------------------------------------------- tracker RPC probe (own process)
-def _rpc(sock: socket.socket, req_id: int, method: str, params: dict[str, Any]) -> Any:
-    """One request/reply on the tracker RPC (4-byte big-endian length + msgpack map, docs/interfaces.md)."""
-    import msgspec
-
-    body = msgspec.msgpack.encode({"id": req_id, "method": method, "params": params})
-    sock.sendall(struct.pack(">I", len(body)) + body)
-    while True:
-        hdr = _recv_exact(sock, 4)
-        msg = msgspec.msgpack.decode(_recv_exact(sock, struct.unpack(">I", hdr)[0]))
-        if msg.get("id") == req_id and "event" not in msg:
-            if "error" in msg:
-                raise RuntimeError(f"{method}: {msg['error']}")
-            return msg["result"]
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("tracker closed the connection")
-        buf += chunk
-    return bytes(buf)
-
-
 def wait_holder(tracker: str, artifact: str, timeout: float) -> bool:
     """True once the tracker lists a complete holder of `artifact`."""
-    host, port = tracker.rsplit(":", 1)
+    host, port = parse_hostport(tracker)
     end = time.monotonic() + timeout
     last = ""
     while time.monotonic() < end:
         try:
-            with socket.create_connection((host, int(port)), timeout=5) as s:
-                r = _rpc(s, 1, "peers", {"artifact_id": artifact, "node_id": "0" * 32, "max": 50})
+            with socket.create_connection((host, port), timeout=5) as s:  # the tracker RPC, docs/interfaces.md
+                r = call_blocking(s, "peers", {"artifact_id": artifact, "node_id": "0" * 32, "max": 50})
                 if any(p.get("progress", 0) >= 1.0 for p in r.get("peers", [])):
                     return True
                 last = f"peers: {r}"
-        except (OSError, RuntimeError) as e:
-            last = str(e)
+        except (OSError, RpcError) as e:
+            last = f"{type(e).__name__}: {e}"
         time.sleep(0.05)
     print(f"timeout; last answer: {last}", file=sys.stderr)
     return False

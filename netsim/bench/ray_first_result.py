@@ -1,6 +1,6 @@
 """Benchmark: submit -> first inference result on a local multi-node Ray cluster, against its bound.
 
-    python -m ray_plugin.bench --size 2GiB --nodes 3
+    python -m netsim.bench ray --size 2GiB --nodes 3
 
 What is measured (one JSON object on stdout; progress on stderr):
 - A seed daemon (not a Ray node) publishes a safetensors MLP of `--size`; each of the `--nodes` Ray nodes
@@ -15,8 +15,9 @@ What is measured (one JSON object on stdout; progress on stderr):
 - `overhead_s` = t_first_result - bound: what the plugin, Ray's worker start and the router add to the
   time the bytes and the load need anyway. The goal is <= 2 s.
 
-It runs everything on this machine (loopback); absolute times depend on the machine's load, which is
-why the bound is measured in the same run.
+It runs everything on this machine (loopback): the tracker and daemons are a `p2pd.cluster.LocalCluster`,
+the Ray nodes `ray_plugin.local.ray_cluster`. Absolute times depend on the machine's load, which is why
+the bound is measured in the same run.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from p2pd.cluster import LocalCluster
 from p2pd.units import format_size, parse_size
 from ray_plugin import daemon_client, models
-from ray_plugin.local import P2PNet, exit_on_sigterm, ray_cluster
+from ray_plugin.local import exit_on_sigterm, ray_cluster
 
 WIDTH = 4096
 
@@ -83,19 +85,17 @@ def run(size: int, nodes: int, workdir: Path, early: bool = True) -> dict[str, A
 
     from ray_plugin.inference import InferencePool
 
-    net = P2PNet(workdir)
-    try:
+    with LocalCluster(workdir) as cluster:
         t0 = time.monotonic()
         layers, nbytes = make_model(workdir / "model", size)
         _say(f"model: {len(layers)} layers, {format_size(nbytes)}, written in {time.monotonic() - t0:.1f} s")
         x = np.random.default_rng(1).standard_normal((1, WIDTH)).astype(np.float32)
         want = models.forward_numpy(layers, x, "tanh")
         del layers
-        net.start_tracker()
-        seed = net.start_daemon("seed")
-        daemons = [net.start_daemon(f"n{i}") for i in range(nodes)]
+        cluster.start_tracker()
+        seed, *daemons = cluster.start_nodes(["seed", *(f"n{i}" for i in range(nodes))])
         t0 = time.monotonic()
-        net.publish(workdir / "model", "bench-mlp:v1", via=seed)
+        cluster.publish(seed, workdir / "model", "bench-mlp:v1")
         _say(f"published in {time.monotonic() - t0:.1f} s")
         with ray_cluster([d.socket for d in daemons], num_cpus=2) as (_cluster, _node_ids):
             # bound: the download itself, then the load. Each phase starts with no dirty pages left to
@@ -112,9 +112,9 @@ def run(size: int, nodes: int, workdir: Path, early: bool = True) -> dict[str, A
             _say(f"load: {t_load:.2f} s")
             # fresh caches for the real thing
             for d in daemons:
-                net.stop_daemon(d)
+                cluster.stop_node(d)
                 shutil.rmtree(d.data_dir)
-            daemons = [net.start_daemon(f"n{i}") for i in range(nodes)]
+            daemons = cluster.start_nodes([d.name for d in daemons])
             os.sync()
             t0, wall0 = time.monotonic(), time.time()
             pool = InferencePool("bench-mlp:v1", num_workers=nodes, num_cpus=0.5, early_start=early)
@@ -163,20 +163,18 @@ def run(size: int, nodes: int, workdir: Path, early: bool = True) -> dict[str, A
             "worker_errors": errors,
             "goal_overhead_s": 2.0,
         }
-    finally:
-        net.close()
 
 
 def _size(text: str) -> int:
     try:
         return parse_size(text)
-    except ValueError as e:  # argparse would print its own "invalid _size value" instead of why
-        raise argparse.ArgumentTypeError(str(e)) from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=_size, default="2GiB", help="model size (SIZE, e.g. 2GiB, 256MiB)")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of `python -m netsim.bench ray` (spellings are stable: BENCHMARKS.md scripts them)."""
+    ap.add_argument("--size", type=_size, default=parse_size("2GiB"), help="model size (SIZE, e.g. 2GiB, 256MiB)")
     ap.add_argument("--nodes", type=int, default=3, help="Ray nodes, each with its own daemon")
     ap.add_argument(
         "--mode",
@@ -185,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         help="early: workers start while the model downloads (default); arrival: via the runtime_env plugin",
     )
     ap.add_argument("--workdir", default=None, help="where the model and data dirs go (default: a temp dir, removed)")
-    args = ap.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark `args` asks for: the JSON on stdout, the headline on stderr."""
     exit_on_sigterm()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="p2pbench-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -203,5 +204,3 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Heartbeat load benchmark: `python -m tracker.bench --nodes N --duration S --json FILE`.
+"""Heartbeat load benchmark: `python -m netsim.bench tracker --nodes N --duration S --json FILE`.
 
 One tracker process (started here, or opentracker with `--target opentracker`) and `--loaders`
 separate load-generator processes over loopback. Each loader registers its share of the N nodes over
@@ -19,6 +19,10 @@ runs both targets in one run and prints the ratio.
 
 `--memory-only` builds the registry in this process (no sockets) and reports bytes per node, which is
 how the 1M-node memory figure is measured without registering a million nodes over loopback.
+
+The tracker, its Redis and opentracker are processes of a `p2pd.cluster.LocalCluster` (killed by PID
+at the end, pass or fail); the loaders are `python -m netsim.bench.tracker_load --loader SPEC`,
+driven over their stdin/stdout.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from typing import Any
 
 import msgspec
 
+from p2pd.cluster import LocalCluster, Process, ToolMissing, child_env
+from p2pd.protocol.framing import FrameReader, encode_frame
 from p2pd.protocol.heartbeat import UDP_VERSION, UdpReply, UdpRequest
 from p2pd.rpc import free_port
 
@@ -112,13 +118,11 @@ class Loader:
         self.ids = [node_id(self.first + k) for k in range(self.count)]
         self.infohashes = [bytes.fromhex(artifact(k)[:40]) for k in range(ARTIFACTS)]
 
-    # registration over the real TCP RPC: frames written in batches of 512 on one connection (the
-    # generic RpcClient sends one frame per call, which would make the generator the bottleneck)
+    # registration over the real TCP RPC (the shared frame codec): frames written in batches of 512 on
+    # one connection (the generic RpcClient sends one frame per call: the generator would be the bottleneck)
     def register(self) -> None:
         if self.mode == "opentracker":
             return
-        from p2pd.protocol.framing import FrameReader, encode_frame
-
         sessions = [0] * self.count
         reader = FrameReader()
         with socket.create_connection(self.target, timeout=60) as s:
@@ -348,41 +352,35 @@ def pct(xs: list[float], p: float) -> float:
 
 
 class Target:
-    pid: int
     port: int
     name: str
+    process: Process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def stop(self) -> None:
-        raise NotImplementedError
+        self.process.kill()
 
 
 class P2PTracker(Target):
     name = "p2pd"
 
-    def __init__(self, tmp: Path, interval: float, store: str, metrics: bool = True) -> None:
-        ready = tmp / "ready.json"
-        cmd = [sys.executable, "-m", "tracker", "serve", "--listen", "127.0.0.1:0", "--interval", str(interval),
-               "--store", store, "--ready-file", str(ready), "--log-level", "warning"]
+    def __init__(self, cluster: LocalCluster, interval: float, store: str, metrics: bool = True) -> None:
+        extra = ["--log-level", "warning"]
         self.token = os.urandom(8).hex()
         try:
             if metrics:
                 import fastapi  # noqa: F401  (admin API available: /metrics tells where the time went)
 
-                cmd += ["--admin-listen", "127.0.0.1:0", "--admin-token", self.token]
+                extra += ["--admin-listen", "127.0.0.1:0", "--admin-token", self.token]
         except ImportError:
             pass
-        self.log = open(tmp / "tracker.log", "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"tracker did not start: {(tmp / 'tracker.log').read_text()}")
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
-        self.port = info["tcp_port"]
-        self.admin_port = info.get("admin_port")
+        t = cluster.start_tracker(*extra, interval=interval, store=store)
+        self.process = t.process
+        self.port = t.port
+        self.admin_port = t.admin_port
 
     def udp_batch_histogram(self) -> dict[str, int]:
         """Cumulative counts of UDP batch processing times, from the tracker's /metrics."""
@@ -402,22 +400,16 @@ class P2PTracker(Target):
                 out[line.split()[0]] = int(float(line.split()[1]))
         return out
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.log.close()
-
 
 class OpenTracker(Target):
     """Debian's opentracker in a chroot dir with a whitelist of the benchmark's infohashes."""
 
     name = "opentracker"
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, cluster: LocalCluster, tmp: Path) -> None:
         exe = shutil.which("opentracker")
         if exe is None:
-            raise RuntimeError("opentracker not found: install the Debian package opentracker")
+            raise ToolMissing("opentracker not found: install the Debian package opentracker")
         root = tmp / "ot"
         root.mkdir()
         (root / "whitelist.txt").write_text("".join(artifact(k)[:40] + "\n" for k in range(ARTIFACTS)))
@@ -426,19 +418,10 @@ class OpenTracker(Target):
         conf = root / "opentracker.conf"
         conf.write_text(f"listen.udp 127.0.0.1:{self.port}\nlisten.tcp 127.0.0.1:{free_port()}\n"
                         f"access.whitelist /whitelist.txt\ntracker.rootdir {root}\ntracker.user nobody\n")
-        self.log = open(tmp / "opentracker.log", "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([exe, "-f", str(conf)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.pid = self.proc.pid
+        self.process = cluster.spawn([exe, "-f", str(conf)], "opentracker")
         time.sleep(0.5)
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"opentracker exited: {(tmp / 'opentracker.log').read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.log.close()
+        if not self.process.alive():
+            raise RuntimeError(f"opentracker exited: {self.process.log_text()}")
 
 
 def run_target(target: Target, mode: str, a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -452,9 +435,9 @@ def run_target(target: Target, mode: str, a: argparse.Namespace, tmp: Path) -> d
             count = per if j < a.loaders - 1 else a.nodes - first
             spec = {"mode": mode, "host": "127.0.0.1", "port": target.port, "first": first, "count": count,
                     "churn": a.churn}
-            loaders.append(subprocess.Popen([sys.executable, "-m", "tracker.bench", "--loader", json.dumps(spec)],
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                            start_new_session=True))
+            loaders.append(subprocess.Popen([sys.executable, "-m", "netsim.bench.tracker_load", "--loader",
+                                             json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            text=True, env=child_env(), start_new_session=True))
         for p in loaders:
             line = p.stdout.readline() if p.stdout else ""
             if not line:
@@ -574,8 +557,8 @@ def memory_only(n: int) -> dict[str, Any]:
             "heartbeat_us_in_process": round(hb_us, 2)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tracker.bench", description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of `python -m netsim.bench tracker` (spellings are stable: BENCHMARKS.md scripts them)."""
     ap.add_argument("--nodes", type=int, default=100_000)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     ap.add_argument("--json", type=Path, help="write the result here")
@@ -589,46 +572,39 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compare-opentracker", action="store_true", help="run p2pd, then opentracker, same load")
     ap.add_argument("--memory-only", action="store_true", help="registry bytes per node, in this process")
     ap.add_argument("--no-metrics", action="store_true", help="run the tracker without its admin API")
-    ap.add_argument("--loader", help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    if a.loader:
-        return loader_main(a.loader)
+
+
+def run(a: argparse.Namespace, command: str) -> int:
+    """Run the benchmark `a` asks for; prints the JSON (and the opentracker ratio on stderr)."""
     if a.memory_only:
         result: dict[str, Any] = memory_only(a.nodes)
     else:
-        result = {"command": "python -m tracker.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-                  "cpus": os.cpu_count(), "loaders": a.loaders, "window": a.window, "duration": a.duration}
-        with tempfile.TemporaryDirectory(prefix="p2p-bench-") as tmpd:
+        result = {"command": command, "cpus": os.cpu_count(), "loaders": a.loaders, "window": a.window,
+                  "duration": a.duration}
+        with tempfile.TemporaryDirectory(prefix="p2p-bench-") as tmpd, LocalCluster(Path(tmpd)) as cluster:
             tmp = Path(tmpd)
-            redis_proc = None
             a.redis_pid = None
             store = a.store
-            try:
-                if store == "redis":
-                    exe = shutil.which("redis-server")
-                    if exe is None:
-                        raise SystemExit("redis-server not found: install the Debian package redis-server")
-                    rport = free_port()
-                    redis_proc = subprocess.Popen([exe, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                                   "--appendonly", "no", "--dir", str(tmp)],
-                                                  stdout=subprocess.DEVNULL, start_new_session=True)
-                    store = f"redis://127.0.0.1:{rport}/0"
-                    a.redis_pid = redis_proc.pid
-                    time.sleep(0.5)
-                targets = ["p2pd", "opentracker"] if a.compare_opentracker else [a.target]
-                for name in targets:
-                    t: Target = (P2PTracker(tmp, a.interval, store, not a.no_metrics) if name == "p2pd"
-                                 else OpenTracker(tmp))
-                    try:
-                        a.redis_url = store if name == "p2pd" and store.startswith("redis") else None
-                        r = run_target(t, name, a, tmp)
-                    finally:
-                        t.stop()
-                    result[name] = r
-            finally:
-                if redis_proc is not None:
-                    redis_proc.kill()
-                    redis_proc.wait(10)
+            if store == "redis":
+                try:
+                    redis = cluster.start_redis()
+                except ToolMissing as e:
+                    raise SystemExit(f"netsim.bench tracker: {e.message}") from None
+                store = redis.url
+                a.redis_pid = redis.process.pid
+            targets = ["p2pd", "opentracker"] if a.compare_opentracker else [a.target]
+            for name in targets:
+                try:
+                    t: Target = (P2PTracker(cluster, a.interval, store, not a.no_metrics) if name == "p2pd"
+                                 else OpenTracker(cluster, tmp))
+                except ToolMissing as e:
+                    raise SystemExit(f"netsim.bench tracker: {e.message}") from None
+                try:
+                    a.redis_url = store if name == "p2pd" and store.startswith("redis") else None
+                    r = run_target(t, name, a, tmp)
+                finally:
+                    t.stop()
+                result[name] = r
         main_r = result[targets[0]]
         for k in ("nodes", "heartbeats_per_s", "p50_ms", "p99_ms", "rss_mb", "bytes_per_node"):
             result[k] = main_r[k]
@@ -648,7 +624,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"p2pd {result['p2pd']['heartbeats_per_s']}/s vs opentracker "
               f"{result['opentracker']['heartbeats_per_s']}/s: ratio {result['ratio_vs_opentracker']} "
               f"(per tracker CPU-second: {result['cpu_efficiency_vs_opentracker']})", file=sys.stderr)
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a load-generator process, started by run_target
+    _ap = argparse.ArgumentParser(prog="python -m netsim.bench.tracker_load",
+                                  description="one load generator of `python -m netsim.bench tracker`")
+    _ap.add_argument("--loader", required=True, help="JSON spec (run_target writes it)")
+    loader_main(_ap.parse_args().loader)
