@@ -115,7 +115,7 @@ class RpcClient:
                     self._closed = "connection closed by the server"
                     break
                 for f in reader.feed(data):
-                    ch = self._waiters.get(f.get("id")) if isinstance(f, dict) else None
+                    ch = self._waiters.get(f["id"]) if isinstance(f, dict) and "id" in f else None
                     if ch is not None:
                         ch.send_nowait(f)
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -52,8 +53,8 @@ async def test_one_seed_four_peers_2gib_identical(bigdir: Path) -> None:
         await c.publish(seed, src, "model:v1")
         paths: dict[str, Path] = {}
 
-        async def one(p: object) -> None:
-            paths[p.name] = await c.fetch(p, "model:v1", timeout=600)  # type: ignore[attr-defined]
+        async def one(p: Node) -> None:
+            paths[p.name] = await c.fetch(p, "model:v1", timeout=600)
 
         t0 = time.monotonic()
         async with trio.open_nursery() as n:
@@ -96,6 +97,7 @@ async def test_kill9_resume_refetches_only_in_flight(cluster: Cluster, workdir: 
     assert resumed >= seen, f"journal lost verified pieces: resumed {resumed} < seen {seen}"
     path = await cluster.fetch(leech, "weights:v1")
     a = await leech.artifact(aid)
+    assert a is not None
     fetched_after = a["downloaded"] / piece  # in pieces
     assert fetched_after <= total - resumed + in_flight_max, (fetched_after, resumed)
     assert sha256_tree(path) == sha256_tree(src)
@@ -110,8 +112,8 @@ async def test_non_seed_source_killed_others_complete(cluster: Cluster, workdir:
     aid = await cluster.publish(seed, src, "blob:v1")
     paths: dict[str, Path] = {}
 
-    async def one(node: object) -> None:
-        paths[node.name] = await cluster.fetch(node, "blob:v1")  # type: ignore[attr-defined]
+    async def one(node: Node) -> None:
+        paths[node.name] = await cluster.fetch(node, "blob:v1")
 
     async with trio.open_nursery() as n:
         n.start_soon(one, peers[1])
@@ -177,8 +179,9 @@ async def test_stalled_peer_dropped_within_about_a_second(cluster: Cluster, work
     os.kill(b_seed.proc.pid, signal.SIGCONT)
     assert "stalled" in leech.log_text()
     assert dropped_after < 2.5, dropped_after
-    path = (await leech.artifact(aid))["path"]
-    assert sha256_tree(Path(path)) == sha256_tree(src)
+    art = await leech.artifact(aid)
+    assert art is not None
+    assert sha256_tree(Path(art["path"])) == sha256_tree(src)
 
 
 async def test_egress_limit_50MBps_within_10_percent(cluster: Cluster, workdir: Path) -> None:
@@ -400,7 +403,7 @@ async def test_several_complete_nodes_never_send_requesters_back_and_forth(clust
     t0 = time.monotonic()
     async with trio.open_nursery() as n:
         for node in late:
-            n.start_soon(lambda node=node: cluster.fetch(node, "m:v1", timeout=60))
+            n.start_soon(functools.partial(cluster.fetch, node, "m:v1", timeout=60))
     assert time.monotonic() - t0 < 30
     for node in late:
         art = await node.artifact(aid)
@@ -419,7 +422,7 @@ async def test_compressible_pieces_travel_zstd_and_arrive_identical(cluster: Clu
     aid = await cluster.publish(seed, src, "snap:v1")
     async with trio.open_nursery() as n:
         for p in peers:
-            n.start_soon(lambda p=p: cluster.fetch(p, "snap:v1"))
+            n.start_soon(cluster.fetch, p, "snap:v1")
     want = sha256_tree(src)
     for p in peers:
         a = await p.artifact(aid)

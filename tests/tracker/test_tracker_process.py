@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import pytest
 import trio
@@ -118,7 +119,7 @@ async def test_unreachable_trackers_raise_a_clear_error() -> None:
 async def test_malformed_requests_get_bad_request(procs: Procs) -> None:
     _, ports = procs.tracker()
     async with connect_tcp("127.0.0.1", ports["tcp_port"]) as c:
-        for method, params in [
+        cases: list[tuple[str, dict[str, Any]]] = [
             ("register", {"node_id": "xyz", "addr": ["h", 1]}),
             ("register", {"node_id": nid(1), "addr": ["h", 70000]}),
             ("register", {"node_id": nid(1), "addr": ["h", 1], "labels": {"k": 1}}),
@@ -127,7 +128,8 @@ async def test_malformed_requests_get_bad_request(procs: Procs) -> None:
             ("peers", {"artifact_id": "e" * 64, "max": -1}),
             ("publish", {"name": "no-tag", "manifest": b""}),
             ("nosuch", {}),
-        ]:
+        ]
+        for method, params in cases:
             with pytest.raises(RpcError) as e:
                 await c.call(method, params)
             assert e.value.code == "bad_request", (method, params, e.value)

@@ -27,7 +27,8 @@ async def test_kill_a_replica_mid_transfer_loses_nothing(procs: Procs) -> None:
             assert seed.current == trackers[0] and watcher.current == trackers[1]
 
             async def progress_seen() -> float:
-                return {p["node_id"]: p["progress"] for p in await watcher.peers(aid)}.get(nid(2), -1.0)
+                progress_of: dict[str, float] = {p["node_id"]: p["progress"] for p in await watcher.peers(aid)}
+                return progress_of.get(nid(2), -1.0)
 
             # the "transfer": the leech's progress grows with every heartbeat
             for step in range(1, 6):
