@@ -28,6 +28,7 @@ import numpy as np
 import ray
 
 from p2pd.cluster import LocalCluster
+from p2pd.paths import SOCKET_NAME
 from ray_plugin import daemon_client, models
 from ray_plugin.inference import InferencePool, preheat
 from ray_plugin.local import exit_on_sigterm, ray_cluster
@@ -77,7 +78,7 @@ def demo(socket: Path, workdir: Path, nodes: int, name: str) -> None:
                 f"EWMA {1e3 * (s['ewma_s'] or 0):.1f} ms, weight {s['weight']:.0f}, picks {s['picks']}"
             )
         victim = 0
-        ray.kill(pool.workers[victim])
+        ray.kill(pool.workers[victim])  # type: ignore[arg-type]  # Ray's ActorProxy adds type[T] for typing only
         print(f"killed worker {victim}; 40 more requests:")
         assert all(np.allclose(out, want, rtol=1e-4, atol=1e-5) for out in pool.map(batches))
         for i, s in pool.stats().items():
@@ -100,7 +101,7 @@ def main() -> int:
                 demo(sock, workdir, args.nodes, args.name)
         else:
             via = Path(args.publish_via) if args.publish_via else daemon_client.socket_path()
-            sock = via / daemon_client.SOCKET_NAME if via.is_dir() else via
+            sock = via / SOCKET_NAME if via.is_dir() else via
             ray.init(address=args.address)
             nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
             # The model dir must outlive this script in cluster mode (the daemon seeds from it).

@@ -421,7 +421,7 @@ class Daemon:
             done[0], done[1] = d, t
 
         async def unpack() -> Path:
-            return await trio.to_thread.run_sync(  # type: ignore[no-any-return]
+            return await trio.to_thread.run_sync(
                 envpack.materialize, rec.path, self.config.data_dir / "envs", rec.artifact_id,
                 dict(rec.manifest.meta), on_progress)
 

@@ -168,7 +168,7 @@ def pack(
     return final, meta
 
 
-class _ProgressFiles(list):  # type: ignore[type-arg]
+class _ProgressFiles(list[Any]):
     """The packers iterate ``env.files`` once, in order: count bytes as they go (their only hook)."""
 
     def __init__(self, files: list[Any], sizes: list[int], progress: Progress) -> None:
@@ -598,19 +598,27 @@ def _safe_extract(archive: Path, fmt: str, dest: Path, *, venv_links: bool, prog
             except ImportError as e:
                 raise EnvPackError("unpacking a tar.zst env needs zstandard: pip install zstandard") from e
             decode_errors: tuple[type[BaseException], ...] = (zstandard.ZstdError,)
-            stream = zstandard.ZstdDecompressor().stream_reader(counted, read_size=_CHUNK, read_across_frames=True)
+            # zstandard only calls .read(); its stub asks for a whole IO[bytes]
+            stream = zstandard.ZstdDecompressor().stream_reader(
+                counted,  # type: ignore[arg-type]
+                read_size=_CHUNK,
+                read_across_frames=True,
+            )
         elif fmt == "tar.gz":
             decode_errors = ()
-            stream = gzip.GzipFile(fileobj=counted, mode="rb")  # type: ignore[arg-type]
+            # typeshed wants .seek() too; GzipFile only seeks to rewind, which tar's stream mode never does
+            stream = gzip.GzipFile(fileobj=counted, mode="rb")  # type: ignore[call-overload]
         else:
             decode_errors = ()
             stream = counted
+        corrupt: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile,
+                                                    *decode_errors)
         ex = _Extractor(dest, venv_links)
         try:
             with contextlib.closing(stream), tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     ex.add(member, tar)
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, *decode_errors) as e:
+        except corrupt as e:
             raise EnvPackError(f"env archive {archive} is corrupt or truncated: {e}") from e
         ex.finish()
     if progress is not None:

@@ -118,7 +118,7 @@ class RpcClient:
                     self._closed = "connection closed by the server"
                     break
                 for f in reader.feed(data):
-                    ch = self._waiters.get(f.get("id")) if isinstance(f, dict) else None
+                    ch = self._waiters.get(f["id"]) if isinstance(f, dict) and "id" in f else None
                     if ch is not None:
                         ch.send_nowait(f)
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError) as e:
@@ -207,28 +207,27 @@ def call_blocking(sock: socket.socket, method: str, params: dict[str, Any] | Non
     try:
         sock.sendall(encode_frame({"id": req_id, "method": method, "params": params or {}}))
     except TimeoutError:
-        raise RpcError("timeout", f"{method}: could not send within {sock.gettimeout() or 0:g} s") from None
+        raise RpcError(ErrorCode.TIMEOUT, f"{method}: could not send within {sock.gettimeout() or 0:g} s") from None
     except OSError as e:
-        raise RpcError("unreachable", f"connection lost: {e}") from e
+        raise RpcError(ErrorCode.UNREACHABLE, f"connection lost: {e}") from e
     while True:
         try:
             data = sock.recv(READ_SIZE)
         except TimeoutError:
-            raise RpcError("timeout", f"{method}: no answer within {sock.gettimeout() or 0:g} s") from None
+            raise RpcError(ErrorCode.TIMEOUT, f"{method}: no answer within {sock.gettimeout() or 0:g} s") from None
         except OSError as e:
-            raise RpcError("unreachable", f"connection lost: {e}") from e
+            raise RpcError(ErrorCode.UNREACHABLE, f"connection lost: {e}") from e
         if not data:
-            raise RpcError("unreachable", "connection closed by the server")
+            raise RpcError(ErrorCode.UNREACHABLE, "connection closed by the server")
         try:
             frames = reader.feed(data)
         except FrameError as e:
-            raise RpcError("unreachable", f"connection lost: {e}") from e
+            raise RpcError(ErrorCode.UNREACHABLE, f"connection lost: {e}") from e
         for msg in frames:
             if not isinstance(msg, dict) or msg.get("id") != req_id or "event" in msg:
                 continue
             if "error" in msg:
-                err = msg["error"]
-                raise RpcError(str(err.get("code", "internal")), str(err.get("message", "")))
+                raise RpcError.from_wire(msg["error"])
             return msg.get("result")
 
 

@@ -97,6 +97,7 @@ class InferenceWorker:
             raise RuntimeError(f"p2p: fetching {', '.join(names)} on this node failed: {err}") from err
         return [str(r["path"]) for r in result["ok"]]
 
+    @ray.method  # a no-op at run time; types `handle.ready.remote()`
     def ready(self) -> dict[str, Any]:
         """Where and how this worker runs (the pool adds it to the router when this returns)."""
         return {
@@ -112,6 +113,7 @@ class InferenceWorker:
             "started": self.started,
         }
 
+    @ray.method
     def infer(self, batch: Any) -> Any:
         return self.predict(batch)
 
@@ -317,7 +319,7 @@ class InferencePool:
         """Kill every worker (their model stays in the daemon's cache for the next pool)."""
         for w in self.workers:
             try:
-                ray.kill(w)
+                ray.kill(w)  # type: ignore[arg-type]  # Ray's ActorProxy adds type[T] for typing only
             except ValueError:  # already gone
                 continue
         self.workers = []

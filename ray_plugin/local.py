@@ -19,6 +19,7 @@ starts (every node inherits it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -115,7 +116,8 @@ def ray_cluster(
             )
             nodes = [cluster.head_node]
             for sock in sockets[1:]:
-                nodes.append(_retry_start(lambda s=sock: cluster.add_node(**common, env_vars={"P2PD_SOCKET": str(s)})))
+                nodes.append(_retry_start(functools.partial(cluster.add_node, **common,
+                                                            env_vars={"P2PD_SOCKET": str(sock)})))
             ray.init(address=cluster.address, log_to_driver=False)
         yield cluster, [n.node_id for n in nodes]
     finally:

@@ -80,7 +80,7 @@ def forward_numpy(layers: Layers, x: Any, activation: str = "relu") -> Any:
 
 
 def _config(d: Path) -> dict[str, Any]:
-    cfg = json.loads((d / "config.json").read_text())
+    cfg: dict[str, Any] = json.loads((d / "config.json").read_text())
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{d} is not a {FORMAT} model (config.json format={cfg.get('format')!r})")
     return cfg

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -234,7 +235,7 @@ class P2PPlugin(RuntimeEnvPlugin):
         fetch = _Fetch(ref)
         fetch.loggers.append(logger)
         fetch.task = asyncio.get_running_loop().create_task(self._fetch(fetch), name=f"p2p-fetch:{ref.uri}")
-        fetch.task.add_done_callback(lambda t, f=fetch: self._finished(f, t))
+        fetch.task.add_done_callback(functools.partial(self._finished, fetch))
         self._inflight[ref.uri] = fetch
         logger.info("p2p: asking this node's p2pd daemon for %s %s", ref.kind, ref.name)
 
@@ -391,7 +392,7 @@ class P2PPlugin(RuntimeEnvPlugin):
                 f"p2p: {python} of env {name} failed to start (exit {proc.returncode}): {' | '.join(tail)}"
             )
         try:
-            versions = json.loads(out.decode().strip().splitlines()[-1])
+            versions: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
         except (ValueError, IndexError) as e:
             raise P2PSetupError(f"p2p: {python} of env {name} printed no version report: {out[-200:]!r}") from e
         self._probed[env_dir] = versions

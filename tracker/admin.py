@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from fastapi import Depends, FastAPI, Query, Request
@@ -28,6 +28,9 @@ from pydantic import BaseModel, Field
 from p2pd.errors import ErrorCode
 from tracker import validate as V
 from tracker.validate import TrackerError
+
+if TYPE_CHECKING:
+    from tracker.server import TrackerServer
 
 log = logging.getLogger("tracker.admin")
 MAX_BODY = 64 * 1024
@@ -67,7 +70,7 @@ class BodyLimit:
 
         async def limited() -> dict[str, Any]:
             nonlocal seen
-            msg = await receive()
+            msg: dict[str, Any] = await receive()
             seen += len(msg.get("body", b""))
             if seen > MAX_BODY:
                 raise TrackerError(ErrorCode.BAD_REQUEST, f"request body over {MAX_BODY // 1024} KiB")
@@ -76,7 +79,7 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def make_app(server: Any, token: str) -> Any:
+def make_app(server: TrackerServer, token: str) -> Any:
     """The admin ASGI app for a `tracker.server.TrackerServer` (its store and metrics)."""
     store = server.store
     metrics = server.metrics
@@ -186,7 +189,8 @@ def make_app(server: Any, token: str) -> Any:
 
 
 async def serve_admin(
-    server: Any, host: str, port: int, token: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    server: TrackerServer, host: str, port: int, token: str, *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API on host:port until cancelled; started with the bound port."""
     from hypercorn.config import Config

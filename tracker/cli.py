@@ -122,7 +122,7 @@ async def _serve(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 tcp_port, udp_port = await nursery.start(server.serve, host, port, udp)
-                admin_port = None
+                admin_port: int | None = None
                 if admin_addr is not None:
                     from tracker.admin import serve_admin
 
@@ -130,7 +130,8 @@ async def _serve(
                 log.info(
                     "tracker listening on %s (tcp rpc%s), store %s, interval %gs%s", fmt_hostport(host, tcp_port),
                     f", udp heartbeats :{udp_port}" if udp_port else "", store.kind, interval,
-                    f", admin http on {fmt_hostport(admin_addr[0], admin_port)}" if admin_addr else "",
+                    f", admin http on {fmt_hostport(admin_addr[0], admin_port)}"
+                    if admin_addr is not None and admin_port is not None else "",
                 )
                 if ready_file is not None:
                     tmp = ready_file.with_name(ready_file.name + ".tmp")

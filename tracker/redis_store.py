@@ -340,7 +340,7 @@ class RedisStore:
         return aid
 
     async def tag(self, name: str, artifact_id: str) -> bool:
-        r = await self._run("tag", name, artifact_id, _wall())
+        r: int = await self._run("tag", name, artifact_id, _wall())
         if r == -1:
             raise TrackerError(ErrorCode.NOT_FOUND, f"no manifest for artifact {artifact_id}: publish it first")
         return r == 1
@@ -492,7 +492,7 @@ class RedisStore:
         holders = holders[:1000]
         addrs = await self._cmds([["HMGET", self.prefix + "n:" + n, "host", "port"] for n, _, _ in holders]) \
             if holders else []
-        rows = []
+        rows: list[dict[str, Any]] = []
         for (n, z, prog), (host, port) in zip(holders, addrs, strict=True):
             if host is not None:
                 rows.append({"node_id": n, "addr": [_s(host), int(port)], "zone": z, "progress": prog})

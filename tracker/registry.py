@@ -408,7 +408,7 @@ class Registry:
 
     def node_list(self, now: float, limit: int | None = None) -> list[dict[str, Any]]:
         it: Iterable[Node] = self.nodes.values()
-        out = []
+        out: list[dict[str, Any]] = []
         for n in it:
             if limit is not None and len(out) >= limit:
                 break
@@ -430,7 +430,7 @@ class Registry:
         art = self.artifacts.get(aid)
         if art is None:
             raise TrackerError(ErrorCode.NOT_FOUND, f"unknown artifact {aid}")
-        holders = []
+        holders: list[dict[str, Any]] = []
         for (_, zone), bag in art.holders.items():
             for nid in bag.items:
                 if len(holders) >= limit:

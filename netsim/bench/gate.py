@@ -68,7 +68,8 @@ def _entry_point(argv: list[str]) -> Callable[[], object] | None:
     name = os.path.basename(path)
     for ep in importlib.metadata.entry_points(group="console_scripts"):
         if ep.name == name:
-            return ep.load()
+            fn: Callable[[], object] = ep.load()
+            return fn
     return None
 
 

@@ -228,8 +228,9 @@ class GatedProcess(Leecher):
 def _readline_timeout(p: subprocess.Popen, timeout: float) -> str:
     """readline() from a child's stdout with a deadline (a thread, so a hung child cannot hang the benchmark)."""
     box: list[str] = []
-    assert p.stdout is not None
-    th = threading.Thread(target=lambda: box.append(p.stdout.readline()), daemon=True)
+    out = p.stdout
+    assert out is not None
+    th = threading.Thread(target=lambda: box.append(out.readline()), daemon=True)
     th.start()
     th.join(timeout)
     if th.is_alive():

@@ -138,7 +138,9 @@ def run(size: int, nodes: int, workdir: Path, early: bool = True) -> dict[str, A
                     key=lambda w: w["ready_s"],
                 )
                 errors = [str(e)[-300:] for e in pool.errors.values()]
-                setup = _setup_times(Path(ray._private.worker._global_node.get_session_dir_path()), wall0)
+                node = ray._private.worker._global_node
+                assert node is not None  # ray.init() ran in ray_cluster()
+                setup = _setup_times(Path(node.get_session_dir_path()), wall0)
             finally:
                 pool.shutdown()
             ray.shutdown()

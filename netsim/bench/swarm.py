@@ -191,16 +191,17 @@ def report(o: SwarmOptions, results: dict[str, list], failures: dict[str, list[s
         ups = [r.seed_tx_bytes / o.size for r in rs if r.seed_tx_bytes is not None]
         agg = [o.peers * o.size / t / 1e6 for t in times]
         rss = [r.rss_max_mb for r in rs if r.rss_max_mb is not None]
-        med = st["median"]
+        med, lo, hi = st["median"], st["min"], st["max"]
+        up_med, agg_med = summarize(ups)["median"], summarize(agg)["median"]  # None when empty
         out["clients"][name] = {
-            "times_s": times, "median_s": med, "min_s": st["min"], "max_s": st["max"],
+            "times_s": times, "median_s": med, "min_s": lo, "max_s": hi,
             "ratio": None if med is None or not t_min else round(med / t_min, 3),
-            "ratio_range": None if med is None or not t_min else [round(st["min"] / t_min, 3),
-                                                                   round(st["max"] / t_min, 3)],
+            "ratio_range": None if lo is None or hi is None or not t_min else [round(lo / t_min, 3),
+                                                                               round(hi / t_min, 3)],
             "ratio_measured": None if med is None or not t_min_meas else round(med / t_min_meas, 3),
-            "seed_upload_F": None if not ups else round(summarize(ups)["median"], 3),
+            "seed_upload_F": None if up_med is None else round(up_med, 3),
             "seed_upload_F_runs": [round(u, 3) for u in ups],
-            "agg_MBps": None if not agg else round(summarize(agg)["median"], 1),
+            "agg_MBps": None if agg_med is None else round(agg_med, 1),
             "agg_MBps_runs": [round(a, 1) for a in agg],
             "per_leecher_s": [r.per_leecher_s for r in rs],
             "rss_max_mb": max(rss) if rss else None,

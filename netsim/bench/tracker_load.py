@@ -470,7 +470,8 @@ def run_target(target: Target, mode: str, a: argparse.Namespace, tmp: Path) -> d
                     "loader_cpu": [round(r["cpu"] / r["elapsed"], 2) for r in res],
                     "udp_rcvbuf_errors_system_wide": udp_rcvbuf_errors() - e0,
                     **({"tracker_udp_batches": {k: v - h0.get(k, 0) for k, v in
-                                                target.udp_batch_histogram().items()}} if h0 else {}),
+                                                target.udp_batch_histogram().items()}}
+                       if h0 and isinstance(target, P2PTracker) else {}),
                     **({"redis_cpu": round(redis_cpu / elapsed, 2)} if redis_cpu is not None else {})}
 
         ops_before = redis_ops(a.redis_url) if a.redis_url else None

@@ -38,7 +38,7 @@ class FrameReader:
         self._buf = bytearray()
         self._max = max_frame
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes | bytearray) -> list[Any]:
         self._buf += data
         out: list[Any] = []
         while len(self._buf) >= 4:

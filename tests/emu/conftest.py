@@ -50,3 +50,10 @@ def emu() -> Iterator[None]:
     yield
     left = ours()
     assert left == [], f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def iptables(emu: None) -> None:
+    """For tests whose topology adds packet loss or a NAT router: both are iptables rules in the namespaces."""
+    if not shutil.which("iptables"):
+        pytest.skip("`iptables` not found (packet loss and NAT are iptables rules): apt-get install iptables")

@@ -5,6 +5,7 @@ rot), and HTTP's ~3x proves the links are really shaped. Namespaces are gone aft
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,8 @@ from p2pd.units import parse_size, rate_bits
 
 pytestmark = pytest.mark.emu
 
-SMALL = {"peers": 3, "size": parse_size("64MiB"), "rate_bps": rate_bits("100Mbit/s"), "runs": 1, "iperf": False}
+SMALL: dict[str, Any] = {"peers": 3, "size": parse_size("64MiB"), "rate_bps": rate_bits("100Mbit/s"), "runs": 1,
+                         "iperf": False}
 
 
 def swarm(clients: list[str]) -> dict:

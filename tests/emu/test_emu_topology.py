@@ -21,7 +21,7 @@ CLIENT = ("import socket,sys\nc=socket.create_connection((sys.argv[1],9000),time
           "print(c.recv(100).decode())\n")
 
 
-def test_cleanup_on_exception(emu: None) -> None:
+def test_cleanup_on_exception(iptables: None) -> None:
     """An exception inside the context: processes stopped, namespaces (and so veths, bridge) gone."""
     with pytest.raises(RuntimeError, match="boom"), Topology() as topo:
         lan = topo.add_switch("lan")
@@ -71,6 +71,7 @@ def test_shaping_limits_rate(emu: None) -> None:
         lan = topo.add_switch("lan")
         a = topo.add_host("a", lan, rate=20_000_000)
         b = topo.add_host("b", lan, rate=200_000_000)
+        assert a.ip is not None
         srv = a.popen([sys.executable, "-c", "import socket,sys\ns=socket.socket();s.bind((sys.argv[1],9000));"
                        "s.listen();c,_=s.accept()\nwhile c.recv(1<<20): pass\n", a.ip], stdout=subprocess.DEVNULL)
         time.sleep(0.5)
@@ -86,7 +87,7 @@ def test_shaping_limits_rate(emu: None) -> None:
         assert json.loads(json.dumps(a.counters()))["rx_bytes"] >= 8 << 20
 
 
-def test_nat_router(emu: None) -> None:
+def test_nat_router(iptables: None) -> None:
     """A host behind a cone NAT reaches the public side from the router's address; the public side cannot
     connect in."""
     with Topology() as topo:
@@ -95,6 +96,7 @@ def test_nat_router(emu: None) -> None:
         pub = topo.add_host("pub", wan)
         router = topo.add_router("nat", wan, lan, nat="cone")
         inner = topo.add_host("inner", lan, gateway=router)
+        assert pub.ip is not None and inner.ip is not None
         pub.popen([sys.executable, "-c", SERVER, pub.ip], stdout=subprocess.PIPE)
         inner.popen([sys.executable, "-c", SERVER, inner.ip], stdout=subprocess.PIPE)
         time.sleep(0.5)

@@ -37,7 +37,8 @@ def prefix_records(env: Path) -> list[tuple[str, str, str]]:
     tree = ast.parse((env / "bin" / "conda-unpack").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_prefix_records" for t in node.targets):
-            return ast.literal_eval(node.value)
+            records: list[tuple[str, str, str]] = ast.literal_eval(node.value)
+            return records
     raise AssertionError("no _prefix_records in conda-unpack")
 
 

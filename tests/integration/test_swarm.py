@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -95,6 +96,7 @@ async def test_kill9_resume_refetches_only_in_flight(cluster: LocalCluster, work
     assert resumed >= seen, f"journal lost verified pieces: resumed {resumed} < seen {seen}"
     path = await cluster.fetch_async(leech, "weights:v1")
     a = await leech.artifact(aid)
+    assert a is not None
     fetched_after = a["downloaded"] / piece  # in pieces
     assert fetched_after <= total - resumed + in_flight_max, (fetched_after, resumed)
     assert sha256_tree(path) == sha256_tree(src)
@@ -176,8 +178,9 @@ async def test_stalled_peer_dropped_within_about_a_second(cluster: LocalCluster,
     b_seed.process.signal(signal.SIGCONT)
     assert "stalled" in leech.log_text()
     assert dropped_after < 2.5, dropped_after
-    path = (await leech.artifact(aid))["path"]
-    assert sha256_tree(Path(path)) == sha256_tree(src)
+    art = await leech.artifact(aid)
+    assert art is not None
+    assert sha256_tree(Path(art["path"])) == sha256_tree(src)
 
 
 async def test_egress_limit_50MBps_within_10_percent(cluster: LocalCluster, workdir: Path) -> None:
@@ -389,7 +392,7 @@ async def test_several_complete_nodes_never_send_requesters_back_and_forth(clust
     t0 = time.monotonic()
     async with trio.open_nursery() as n:
         for node in late:
-            n.start_soon(lambda node=node: cluster.fetch_async(node, "m:v1", timeout=60))
+            n.start_soon(functools.partial(cluster.fetch_async, node, "m:v1", timeout=60))
     assert time.monotonic() - t0 < 30
     for node in late:
         art = await node.artifact(aid)
@@ -408,7 +411,7 @@ async def test_compressible_pieces_travel_zstd_and_arrive_identical(cluster: Loc
     aid = await cluster.publish_async(seed, src, "snap:v1")
     async with trio.open_nursery() as n:
         for p in peers:
-            n.start_soon(lambda p=p: cluster.fetch_async(p, "snap:v1"))
+            n.start_soon(cluster.fetch_async, p, "snap:v1")
     want = sha256_tree(src)
     for p in peers:
         a = await p.artifact(aid)

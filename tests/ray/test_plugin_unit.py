@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
-from ray._private.runtime_env.context import RuntimeEnvContext
-from ray_testutil import Emit, FakeDaemon, FakeDaemonError, write_fake_python
 
-from p2pd.errors import ErrorCode
-from ray_plugin.plugin import P2PPlugin, P2PSetupError
-from ray_plugin.spec import ArtifactRef
+pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[test]' (or 'ray[default]==2.60.0')")
+
+import ray  # noqa: E402
+from ray._private.runtime_env.context import RuntimeEnvContext  # noqa: E402
+from ray_testutil import Emit, FakeDaemon, FakeDaemonError, write_fake_python  # noqa: E402
+
+from p2pd.errors import ErrorCode  # noqa: E402
+from ray_plugin.plugin import P2PPlugin, P2PSetupError  # noqa: E402
+from ray_plugin.spec import ArtifactRef  # noqa: E402
 
 ID = "ab" * 32
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'ray[default]==2.60.0'")
-pytest.importorskip("safetensors", reason="safetensors is not installed: pip install safetensors")
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[test]' (or 'ray[default]==2.60.0')")
+pytest.importorskip("numpy", reason="numpy is not installed: pip install -e '.[test]' (or numpy)")
+pytest.importorskip("safetensors", reason="safetensors is not installed: pip install -e '.[test]' (or safetensors)")
 
+import numpy as np  # noqa: E402
 from ray.exceptions import RuntimeEnvSetupError  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 from ray_testutil import tree_digests  # noqa: E402
@@ -235,6 +237,14 @@ def _make_venv(path: Path, system_site: bool) -> Path:
     subprocess.run(argv, check=True, timeout=120)
     site = path / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     (site / "p2p_env_marker.py").write_text(f"WHERE = {path.name!r}\n")
+    if system_site and sys.prefix != sys.base_prefix:
+        # These tests run in a virtualenv (README's commands): there the cluster's Ray is in that venv's
+        # site-packages, not in the base interpreter's that --system-site-packages adds. A .pth line adds
+        # it as a site-wide install would be (an `import` line: venv-pack refuses plain outside paths,
+        # which it takes for editable installs).
+        paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+        adds = "; ".join(f"site.addsitedir({p!r})" for p in paths)
+        (site / "cluster-site-packages.pth").write_text(f"import site; {adds}\n")
     return path
 
 
@@ -250,7 +260,6 @@ def test_actor_runs_in_the_packed_env(env: Env) -> None:
     pytest.importorskip("venv_pack", reason="venv-pack is not installed: pip install venv-pack")
     _publish_env(env, _make_venv(env.root / "venv-good", system_site=True), "pyenv:v1")
 
-    @ray.remote(num_cpus=0)
     class InEnv:
         def where(self) -> dict[str, Any]:
             import os
@@ -266,7 +275,8 @@ def test_actor_runs_in_the_packed_env(env: Env) -> None:
                 "path0": os.environ["PATH"].split(os.pathsep)[0],
             }
 
-    actor = InEnv.options(runtime_env={"p2p": {"env": "pyenv:v1"}}, scheduling_strategy=env.on(1)).remote()
+    in_env = ray.remote(num_cpus=0)(InEnv)  # not a decorator: mypy would not see the class it returns
+    actor = in_env.options(runtime_env={"p2p": {"env": "pyenv:v1"}}, scheduling_strategy=env.on(1)).remote()
     try:
         got = ray.get(actor.where.remote(), timeout=120)
     finally:

@@ -31,7 +31,9 @@ def test_share_never_strays_from_proportional(weights: list[float], n: int) -> N
     total = sum(weights)
     counts: Counter[int] = Counter()
     for _ in range(n):
-        counts[wrr.pick(w)] += 1
+        picked = wrr.pick(w)
+        assert picked is not None
+        counts[picked] += 1
     for k, wk in w.items():
         assert abs(counts[k] - n * wk / total) <= len(weights)
 
@@ -59,10 +61,10 @@ def test_share_follows_inverse_latency(latencies: list[float]) -> None:
     n = 2000
     counts: Counter[int] = Counter()
     for _ in range(n):
-        k = r.pick(now)
-        assert k is not None
-        counts[k] += 1
-        r.record_success(k, latencies[k], now)
+        picked = r.pick(now)
+        assert picked is not None
+        counts[picked] += 1
+        r.record_success(picked, latencies[picked], now)
     inv = [1 / lat for lat in latencies]
     for k, x in enumerate(inv):
         assert abs(counts[k] - n * x / sum(inv)) <= len(latencies) + 1

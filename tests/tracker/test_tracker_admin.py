@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import trio
-from tracker_testutil import make_manifest, nid
 
 from p2pd.cluster import TRACKER_CLI, LocalCluster, child_env
 from p2pd.tracker_client import TrackerClient
+from tests.tracker.tracker_testutil import make_manifest, nid
 
 pytest.importorskip("fastapi", reason="the admin API needs the pip packages fastapi and hypercorn")
 pytest.importorskip("hypercorn", reason="the admin API needs the pip packages fastapi and hypercorn")

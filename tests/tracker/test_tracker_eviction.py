@@ -5,10 +5,10 @@ from __future__ import annotations
 import signal
 
 import trio
-from tracker_testutil import nid, node_cmd
 
 from p2pd.cluster import LocalCluster
 from p2pd.tracker_client import TrackerClient
+from tests.tracker.tracker_testutil import nid, node_cmd
 
 AID = "f" * 64
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import pytest
 import trio
-from tracker_testutil import make_manifest, nid
 
 from p2pd.cluster import LocalCluster
 from p2pd.errors import ErrorCode
 from p2pd.rpc import RpcError, connect_tcp, free_port
 from p2pd.tracker_client import TrackerClient
+from tests.tracker.tracker_testutil import make_manifest, nid
 
 ADDR = ("127.0.0.1", 9000)
 
@@ -118,7 +119,7 @@ async def test_unreachable_trackers_raise_a_clear_error() -> None:
 
 async def test_malformed_requests_get_bad_request(cluster: LocalCluster) -> None:
     async with connect_tcp(*cluster.start_tracker().address) as c:
-        for method, params in [
+        cases: list[tuple[str, dict[str, Any]]] = [
             ("register", {"node_id": "xyz", "addr": ["h", 1]}),
             ("register", {"node_id": nid(1), "addr": ["h", 70000]}),
             ("register", {"node_id": nid(1), "addr": ["h", 1], "labels": {"k": 1}}),
@@ -127,7 +128,8 @@ async def test_malformed_requests_get_bad_request(cluster: LocalCluster) -> None
             ("peers", {"artifact_id": "e" * 64, "max": -1}),
             ("publish", {"name": "no-tag", "manifest": b""}),
             ("nosuch", {}),
-        ]:
+        ]
+        for method, params in cases:
             with pytest.raises(RpcError) as e:
                 await c.call(method, params)
             assert e.value.code is ErrorCode.BAD_REQUEST, (method, params, e.value)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from tracker_testutil import make_manifest, nid
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
+from tests.tracker.tracker_testutil import make_manifest, nid
 from tracker.registry import Bag, Registry, sample_union
 from tracker.validate import TrackerError
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import trio
-from tracker_testutil import make_manifest, nid, start_redis
 
 from p2pd.cluster import LocalCluster
 from p2pd.rpc import free_port
 from p2pd.tracker_client import TrackerClient
+from tests.tracker.tracker_testutil import make_manifest, nid, start_redis
 
 
 async def test_kill_a_replica_mid_transfer_loses_nothing(cluster: LocalCluster) -> None:
@@ -29,7 +29,8 @@ async def test_kill_a_replica_mid_transfer_loses_nothing(cluster: LocalCluster) 
             assert seed.current == trackers[0] and watcher.current == trackers[1]
 
             async def progress_seen() -> float:
-                return {p["node_id"]: p["progress"] for p in await watcher.peers(aid)}.get(nid(2), -1.0)
+                progress_of: dict[str, float] = {p["node_id"]: p["progress"] for p in await watcher.peers(aid)}
+                return progress_of.get(nid(2), -1.0)
 
             # the "transfer": the leech's progress grows with every heartbeat
             for step in range(1, 6):

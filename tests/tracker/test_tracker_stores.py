@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from tracker_testutil import make_manifest, nid, start_redis
 
 from p2pd.cluster import LocalCluster
 from p2pd.errors import ErrorCode
+from tests.tracker.tracker_testutil import make_manifest, nid, start_redis
 from tracker.store import Heartbeat, MemoryStore, Store
 from tracker.validate import TrackerError
 

@@ -250,8 +250,9 @@ async def test_client_closing_cancels_in_flight_handlers() -> None:
             cancelled.set()
 
     client_stream, server_stream = trio.testing.memory_stream_pair()
+    handlers: dict[str, Handler] = {"forever": forever}
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_connection, server_stream, {"forever": forever})
+        nursery.start_soon(serve_connection, server_stream, handlers)
         await client_stream.send_all(encode_frame({"id": 1, "method": "forever"}))
         await trio.testing.wait_all_tasks_blocked()
         await client_stream.aclose()

@@ -169,8 +169,8 @@ def test_piece_store_round_trip(tree: Path, tmp_path: Path, piece_size: int) -> 
     dst.sync()
     dst.close()
     src.close()
-    for rel, data in TREE.items():
-        assert (tmp_path / "staging" / rel).read_bytes() == data
+    for rel, content in TREE.items():
+        assert (tmp_path / "staging" / rel).read_bytes() == content
 
 
 def test_verify_rejects_wrong_data(tree: Path) -> None:

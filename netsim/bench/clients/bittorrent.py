@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 from netsim.bench.bt import make_torrent
 from netsim.bench.clients.base import Client, LineLeecher
@@ -116,7 +117,7 @@ class Libtorrent(_TorrentClient):
 class _FileLeecher(GatedProcess):
     """aria2c behind the start gate; done when its on-bt-download-complete hook wrote the wall-clock time."""
 
-    def __init__(self, *a, done_file: str, **kw) -> None:  # noqa: ANN002, ANN003 - forwards GatedProcess's
+    def __init__(self, *a: Any, done_file: str, **kw: Any) -> None:  # forwards GatedProcess's
         super().__init__(*a, **kw)
         self.done_file = done_file
 
@@ -177,9 +178,9 @@ class Aria2(_TorrentClient):
                 lc = _FileLeecher(n, out, argv, d, n.name, env={"NETSIM_DONE": done}, done_file=done)
                 procs.append(lc.proc)
                 leechers.append(lc)
-            for lc in leechers:
-                assert isinstance(lc, GatedProcess)
-                lc.wait_ready()
+            for gated in leechers:
+                assert isinstance(gated, GatedProcess)
+                gated.wait_ready()
             ctx.rss_pids = [p.pid for p in procs[1:]]  # gated leechers exec aria2c: same PID
             return release_and_wait(ctx, self.name, run, leechers)
         finally:

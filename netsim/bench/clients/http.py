@@ -87,9 +87,9 @@ class Http(Client):
                 lc = GatedProcess(n, out, curl_argv(url, out), d, n.name)
                 procs.append(lc.proc)
                 leechers.append(lc)
-            for lc in leechers:
-                assert isinstance(lc, GatedProcess)
-                lc.wait_ready()
+            for gated in leechers:
+                assert isinstance(gated, GatedProcess)
+                gated.wait_ready()
             ctx.rss_pids = [procs[0].pid]
             return release_and_wait(ctx, self.name, run, leechers)
         finally:

@@ -132,9 +132,9 @@ class P2pd(Client):
                 lc = _Fetch(n, out, argv, d, f"fetch-{n.name}")
                 procs.append(lc.proc)
                 leechers.append(lc)
-            for lc in leechers:
-                assert isinstance(lc, GatedProcess)
-                lc.wait_ready()
+            for gated in leechers:
+                assert isinstance(gated, GatedProcess)
+                gated.wait_ready()
             ctx.rss_pids = [p.pid for p in daemons.values()]
 
             def daemons_alive() -> str | None:
