@@ -85,8 +85,9 @@ def tree_size(root: Path) -> tuple[int, int]:
 
 
 def _condabuild(*args: str | Path) -> None:
-    r = subprocess.run([sys.executable, str(CONDABUILD), *map(str, args)], capture_output=True, text=True,
-                       timeout=3600, check=False)
+    r = subprocess.run(
+        [sys.executable, str(CONDABUILD), *map(str, args)], capture_output=True, text=True, timeout=3600, check=False
+    )
     if r.returncode != 0:
         raise BenchError(f"condabuild {args[0]} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
 
@@ -94,9 +95,12 @@ def _condabuild(*args: str | Path) -> None:
 def check_tools() -> None:
     import importlib.util
 
-    for module, install in (("rattler", "pip install 'py-rattler>=0.28,<0.29'"),
-                            ("conda_package_handling", "pip install conda-package-handling"),
-                            ("conda_pack", "pip install conda-pack"), ("zstandard", "pip install zstandard")):
+    for module, install in (
+        ("rattler", "pip install 'py-rattler>=0.28,<0.29'"),
+        ("conda_package_handling", "pip install conda-package-handling"),
+        ("conda_pack", "pip install conda-pack"),
+        ("zstandard", "pip install zstandard"),
+    ):
         if importlib.util.find_spec(module) is None:
             raise CannotRun(f"{module} is not installed: {install}")
     if shutil.which("gcc") is None:
@@ -207,8 +211,19 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[
 
         # -- pack (+ publish)
         t0, cpu0 = time.monotonic(), children_cpu_s()
-        r = await c.cli_async(seed, "pack-env", "--conda", str(env), "--name", name, "--format", args.format,
-                        "--out-dir", str(base / "packed"), timeout=3600)
+        r = await c.cli_async(
+            seed,
+            "pack-env",
+            "--conda",
+            str(env),
+            "--name",
+            name,
+            "--format",
+            args.format,
+            "--out-dir",
+            str(base / "packed"),
+            timeout=3600,
+        )
         pack_cmd_s, pack_cpu_s = time.monotonic() - t0, children_cpu_s() - cpu0
         err = r.stderr.decode(errors="replace")
         if r.returncode != 0:
@@ -219,8 +234,10 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[
         art = await seed.artifact(aid)
         assert art is not None
         archive_bytes, pieces = int(art["size"]), int(art["pieces_total"])
-        log(f"pack-env took {pack_cmd_s:.1f} s (pack {pack_s} s); archive {archive_bytes / 1e6:.1f} MB, "
-            f"{pieces} pieces; fetching on {args.peers} peers")
+        log(
+            f"pack-env took {pack_cmd_s:.1f} s (pack {pack_s} s); archive {archive_bytes / 1e6:.1f} MB, "
+            f"{pieces} pieces; fetching on {args.peers} peers"
+        )
 
         # -- distribute + unpack, on every peer at once
         per_peer: dict[str, dict[str, Any]] = {}
@@ -239,8 +256,12 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[
             end = time.monotonic()
             last_event[node.name] = {"phase": "ready"}
             split = t_unpack[0] if t_unpack else end
-            per_peer[node.name] = {"download_s": round(split - start, 2), "unpack_s": round(end - split, 2),
-                                   "ready_s": round(end - start, 2), "env_dir": res["env_dir"]}
+            per_peer[node.name] = {
+                "download_s": round(split - start, 2),
+                "unpack_s": round(end - split, 2),
+                "ready_s": round(end - start, 2),
+                "env_dir": res["env_dir"],
+            }
 
         t0 = time.monotonic()
         with trio.move_on_after(args.timeout) as cs:
@@ -248,9 +269,13 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[
                 for p in peers:
                     n.start_soon(fetch, p, t0)
         if cs.cancelled_caught:
-            where = {k: "ready" if v.get("phase") == "ready" else
-                     f"{v.get('phase')} {v.get('bytes_done', 0) / max(1, v.get('size') or 1):.0%} "
-                     f"({v.get('peers', '?')} peers)" for k, v in sorted(last_event.items())}
+            where = {
+                k: "ready"
+                if v.get("phase") == "ready"
+                else f"{v.get('phase')} {v.get('bytes_done', 0) / max(1, v.get('size') or 1):.0%} "
+                f"({v.get('peers', '?')} peers)"
+                for k, v in sorted(last_event.items())
+            }
             raise BenchError(f"the peers did not all have the env within {args.timeout:g} s: {where}")
         all_ready_s = time.monotonic() - t0
         cpu = {node.name: proc_cpu_s(node.process.pid) for node in (seed, *peers)}
@@ -299,27 +324,45 @@ async def run_bench(args: argparse.Namespace, env: Path, base: Path, diag: dict[
             "reuse": round(reuse_s, 2),
             "unpack_alone": round(unpack_alone_s, 2),
         },
-        "cpu_s": {"pack_env_command": round(pack_cpu_s, 1), "unpack_alone": round(unpack_alone_cpu_s, 1),
-                  "daemons": {k: round(v, 1) if v is not None else None for k, v in cpu.items()}},
+        "cpu_s": {
+            "pack_env_command": round(pack_cpu_s, 1),
+            "unpack_alone": round(unpack_alone_cpu_s, 1),
+            "daemons": {k: round(v, 1) if v is not None else None for k, v in cpu.items()},
+        },
         "peers": per_peer,
         "uploaded_bytes": uploaded,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m netsim.envbench", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m netsim.envbench",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--peers", type=int, default=4, help="daemons that fetch the env (besides the seed)")
     ap.add_argument("--json", type=Path, help="also write the result to this file")
     ap.add_argument("--format", default="tar.zst", choices=["tar.zst", "tar.gz", "tar"], help="archive format")
-    ap.add_argument("--dists", default="ray,numpy,scipy",
-                    help="installed distributions to bundle into the env (with their requirements)")
-    ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "p2pd" / "envbench",
-                    help="where the built env (and rattler's package cache) is kept between runs")
-    ap.add_argument("--timeout", type=float, default=600,
-                    help="seconds the distribute + unpack step may take before the run fails")
-    ap.add_argument("--workdir", type=Path, help="parent of the daemons' data dirs (default: tmpfs when it has "
-                    "room, else the temp dir); removed afterwards")
+    ap.add_argument(
+        "--dists",
+        default="ray,numpy,scipy",
+        help="installed distributions to bundle into the env (with their requirements)",
+    )
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path.home() / ".cache" / "p2pd" / "envbench",
+        help="where the built env (and rattler's package cache) is kept between runs",
+    )
+    ap.add_argument(
+        "--timeout", type=float, default=600, help="seconds the distribute + unpack step may take before the run fails"
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        help="parent of the daemons' data dirs (default: tmpfs when it has "
+        "room, else the temp dir); removed afterwards",
+    )
     args = ap.parse_args(argv)
     args.dists = [d.strip() for d in args.dists.split(",") if d.strip()]
     if args.peers < 1:
@@ -332,8 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "envbench",
         "command": shlex.join(["python", "-m", "netsim.envbench", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-                 "python": sys.version.split()[0]},
+        "host": {
+            "cpus": os.cpu_count(),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "python": sys.version.split()[0],
+        },
         "n_peers": args.peers,
         "format": args.format,
         "ok": False,
@@ -343,11 +389,18 @@ def main(argv: list[str] | None = None) -> int:
         check_tools()
         env, build_s = build_env(args.cache_dir.expanduser().resolve(), args.dists)
         env_bytes, env_files = tree_size(env)
-        result["env"] = {"prefix": str(env), "dists": args.dists, "bytes": env_bytes, "files": env_files,
-                         "build_s": round(build_s, 1) if build_s is not None else None}
+        result["env"] = {
+            "prefix": str(env),
+            "dists": args.dists,
+            "bytes": env_bytes,
+            "files": env_files,
+            "build_s": round(build_s, 1) if build_s is not None else None,
+        }
         if env_bytes < MIN_ENV_BYTES:
-            raise BenchError(f"the env is only {env_bytes / 1e6:.0f} MB (< {MIN_ENV_BYTES / 1e6:.0f} MB): "
-                             "add distributions with --dists")
+            raise BenchError(
+                f"the env is only {env_bytes / 1e6:.0f} MB (< {MIN_ENV_BYTES / 1e6:.0f} MB): "
+                "add distributions with --dists"
+            )
         need = int(env_bytes * 2.5 * (args.peers + 1))
         with work_dir(args.workdir, need) as base:
             result["host"]["workdir_fs"] = fs_type(base)

@@ -26,8 +26,12 @@ from p2pd.rpc import RpcError, connect_unix, parse_hostport
 from p2pd.trio_util import leaf_exceptions
 from p2pd.units import format_rate, format_size, parse_rate, parse_size
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="p2pd: peer-to-peer distribution of models and packed environments.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="p2pd: peer-to-peer distribution of models and packed environments.",
+)
 
 
 def fail(msg: str, code: ErrorCode) -> NoReturn:
@@ -43,14 +47,16 @@ DataDirOpt = typer.Option(None, "--data-dir", help="data dir of the daemon to ta
 SocketOpt = typer.Option(None, "--socket", help="control socket of the daemon (overrides --data-dir)")
 
 
-async def call(sock: Path, method: str, params: dict[str, Any], *, timeout: float = 30.0,
-               on_event: Any = None) -> Any:
+async def call(sock: Path, method: str, params: dict[str, Any], *, timeout: float = 30.0, on_event: Any = None) -> Any:
     try:
         async with connect_unix(str(sock)) as client:
             return await client.call(method, params, timeout=timeout, on_event=on_event)
     except (OSError, trio.TooSlowError) as e:
-        raise RpcError(ErrorCode.UNREACHABLE, f"cannot reach the p2pd daemon at {sock} ({e.__class__.__name__}): "
-                       "is `p2pd run` (or the p2pd service) running with this data dir?") from None
+        raise RpcError(
+            ErrorCode.UNREACHABLE,
+            f"cannot reach the p2pd daemon at {sock} ({e.__class__.__name__}): "
+            "is `p2pd run` (or the p2pd service) running with this data dir?",
+        ) from None
 
 
 def run_client(fn: Any, *args: Any) -> Any:
@@ -77,21 +83,27 @@ def run(
     ingress_limit: str = typer.Option(None, "--ingress-limit", help="download cap, e.g. 50MB/s or 400Mbit/s"),
     advertise: str = typer.Option(None, "--advertise", help="address peers should dial (default: listen host)"),
     label: list[str] = typer.Option([], "--label", help="KEY=VALUE node label, e.g. zone=eu-1a (repeatable)"),
-    stall_timeout: float = typer.Option(SwarmConfig.stall_timeout, "--stall-timeout",
-                                       help="drop a peer silent this long (s) with requests pending"),
+    stall_timeout: float = typer.Option(
+        SwarmConfig.stall_timeout, "--stall-timeout", help="drop a peer silent this long (s) with requests pending"
+    ),
     pipeline: int = typer.Option(SwarmConfig.pipeline_depth, "--pipeline", help="piece requests in flight per peer"),
     max_peers: int = typer.Option(SwarmConfig.max_peers, "--max-peers", help="connections per artifact"),
-    compress: bool = typer.Option(SwarmConfig.compress, "--compress/--no-compress",
-                                  help="zstd for pieces that compress"),
+    compress: bool = typer.Option(
+        SwarmConfig.compress, "--compress/--no-compress", help="zstd for pieces that compress"
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
-    tracker_wait: float = typer.Option(DaemonConfig.tracker_wait, "--tracker-wait",
-                                       help="seconds to wait for a tracker at start"),
+    tracker_wait: float = typer.Option(
+        DaemonConfig.tracker_wait, "--tracker-wait", help="seconds to wait for a tracker at start"
+    ),
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         trackers = [parse_hostport(t.strip()) for t in tracker.split(",") if t.strip()]
         listen_hp = parse_hostport(listen, default_host="0.0.0.0")
@@ -105,10 +117,17 @@ def run(
         data.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"cannot create data dir {data}: {e.strerror}", ErrorCode.STORAGE)
-    cfg = DaemonConfig(trackers=trackers, listen=listen_hp, data_dir=data, egress_limit=egress, ingress_limit=ingress,
-                       advertise=advertise, labels=labels, tracker_wait=tracker_wait,
-                       swarm=SwarmConfig(max_peers=max_peers, pipeline_depth=pipeline, stall_timeout=stall_timeout,
-                                         compress=compress))
+    cfg = DaemonConfig(
+        trackers=trackers,
+        listen=listen_hp,
+        data_dir=data,
+        egress_limit=egress,
+        ingress_limit=ingress,
+        advertise=advertise,
+        labels=labels,
+        tracker_wait=tracker_wait,
+        swarm=SwarmConfig(max_peers=max_peers, pipeline_depth=pipeline, stall_timeout=stall_timeout, compress=compress),
+    )
 
     async def main() -> None:
         daemon = Daemon(cfg)
@@ -149,11 +168,15 @@ def publish(
         fail(f"{path} does not exist", ErrorCode.BAD_REQUEST)
     sock = socket_path(socket, data_dir)
     progress = Progress("hashing")
-    res = run_client(lambda: call(sock, "publish", {"path": str(path.resolve()), "name": name},
-                                  timeout=120, on_event=progress.update))
+    res = run_client(
+        lambda: call(
+            sock, "publish", {"path": str(path.resolve()), "name": name}, timeout=120, on_event=progress.update
+        )
+    )
     progress.finish()
-    typer.echo(f"published {res['name']} = {res['artifact_id']} ({format_size(res['size'])}, {res['pieces']} pieces)",
-               err=True)
+    typer.echo(
+        f"published {res['name']} = {res['artifact_id']} ({format_size(res['size'])}, {res['pieces']} pieces)", err=True
+    )
     typer.echo(res["artifact_id"])
 
 
@@ -186,8 +209,9 @@ def pack_env(
     venv: Path = typer.Option(None, "--venv", help="a virtualenv to pack (venv-pack)"),
     name: str = typer.Option(..., "--name", help="NAME:TAG to publish it as, e.g. infer-env:7"),
     fmt: str = typer.Option("tar.zst", "--format", help="tar.zst, tar.gz or tar"),
-    out_dir: Path = typer.Option(None, "--out-dir", help="where the archive is kept and seeded from "
-                                 "(default: DATA_DIR/packed)"),
+    out_dir: Path = typer.Option(
+        None, "--out-dir", help="where the archive is kept and seeded from (default: DATA_DIR/packed)"
+    ),
     data_dir: Path = DataDirOpt,
     socket: Path = SocketOpt,
 ) -> None:
@@ -205,19 +229,33 @@ def pack_env(
     progress = Progress("packing")
     t0 = time.monotonic()
     try:
-        archive, meta = envpack.pack(conda=conda, venv=venv, out_dir=out, fmt=fmt,
-                                     name=name.replace(":", "-").replace("/", "-"),
-                                     progress=lambda d, t: progress.update({"phase": "packing", "bytes_done": d,
-                                                                            "size": t}))
+        archive, meta = envpack.pack(
+            conda=conda,
+            venv=venv,
+            out_dir=out,
+            fmt=fmt,
+            name=name.replace(":", "-").replace("/", "-"),
+            progress=lambda d, t: progress.update({"phase": "packing", "bytes_done": d, "size": t}),
+        )
     except envpack.EnvPackError as e:
         fail(str(e), ErrorCode.ENV)
     progress.finish()
-    typer.echo(f"packed {conda or venv} into {archive} ({format_size(archive.stat().st_size)}) "
-               f"in {time.monotonic() - t0:.1f} s", err=True)
+    typer.echo(
+        f"packed {conda or venv} into {archive} ({format_size(archive.stat().st_size)}) "
+        f"in {time.monotonic() - t0:.1f} s",
+        err=True,
+    )
     sock = socket_path(socket, data_dir)
     hashing = Progress("hashing")
-    res = run_client(lambda: call(sock, "publish", {"path": str(archive), "name": name, "kind": "env", "meta": meta},
-                                  timeout=120, on_event=hashing.update))
+    res = run_client(
+        lambda: call(
+            sock,
+            "publish",
+            {"path": str(archive), "name": name, "kind": "env", "meta": meta},
+            timeout=120,
+            on_event=hashing.update,
+        )
+    )
     hashing.finish()
     described = ", ".join(f"{k}={v}" for k, v in meta.items())
     typer.echo(f"published {res['name']} = {res['artifact_id']} (env: {described})", err=True)
@@ -226,8 +264,11 @@ def pack_env(
 
 # ----------------------------------------------------------------------------------------- status / stop
 @app.command()
-def status(data_dir: Path = DataDirOpt, socket: Path = SocketOpt,
-           as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+def status(
+    data_dir: Path = DataDirOpt,
+    socket: Path = SocketOpt,
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
     """Artifacts, progress, peers and current rates of the running daemon."""
     sock = socket_path(socket, data_dir)
     res = run_client(lambda: call(sock, "status", {}, timeout=10))
@@ -242,8 +283,17 @@ def status(data_dir: Path = DataDirOpt, socket: Path = SocketOpt,
         t.add_column(col)
     for a in res["artifacts"]:
         pct = 100.0 * a["bytes_done"] / a["size"] if a["size"] else 100.0
-        t.add_row(a["name"], a["artifact_id"][:12], a["state"], f"{pct:.1f}%", format_size(a["size"]), str(a["peers"]),
-                  format_rate(a["down_rate"]), format_rate(a["up_rate"]), a["path"])
+        t.add_row(
+            a["name"],
+            a["artifact_id"][:12],
+            a["state"],
+            f"{pct:.1f}%",
+            format_size(a["size"]),
+            str(a["peers"]),
+            format_rate(a["down_rate"]),
+            format_rate(a["up_rate"]),
+            a["path"],
+        )
     Console().print(t)
 
 
@@ -313,8 +363,14 @@ class Progress:
                 )
                 from rich.progress import Progress as RichProgress
 
-                self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                        TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+                self.bar = RichProgress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    DownloadColumn(),
+                    TransferSpeedColumn(),
+                    TimeRemainingColumn(),
+                    transient=False,
+                )
                 self.bar.start()
                 self.task = self.bar.add_task(phase, total=total or None)
             desc = phase + (f" · {ev['peers']} peers" if "peers" in ev else "")

@@ -78,7 +78,13 @@ async def read_handshake(io: StreamIO, timeout: float) -> wire.Handshake:
 
 
 async def open_outgoing(
-    stream: trio.abc.Stream, *, node_id: str, remote_id: str, artifact_id: str, addr: str, path: ConnectionPath,
+    stream: trio.abc.Stream,
+    *,
+    node_id: str,
+    remote_id: str,
+    artifact_id: str,
+    addr: str,
+    path: ConnectionPath,
     handshake_timeout: float,
 ) -> Connection:
     """Handshake a stream we opened (by any path) to `remote_id`; ProtocolError if someone else answered."""
@@ -105,9 +111,15 @@ class TcpConnector:
         try:
             with trio.fail_after(self.connect_timeout):
                 await sock.connect((host, port))
-            return await open_outgoing(trio.SocketStream(sock), node_id=self.node_id, remote_id=remote_id,
-                                       artifact_id=artifact_id, addr=where, path=ConnectionPath.DIRECT,
-                                       handshake_timeout=self.handshake_timeout)
+            return await open_outgoing(
+                trio.SocketStream(sock),
+                node_id=self.node_id,
+                remote_id=remote_id,
+                artifact_id=artifact_id,
+                addr=where,
+                path=ConnectionPath.DIRECT,
+                handshake_timeout=self.handshake_timeout,
+            )
         except (OSError, trio.TooSlowError, PeerClosed, wire.ProtocolError) as e:
             sock.close()
             raise ConnectError(f"{where}: {e or type(e).__name__}") from None

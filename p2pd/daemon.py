@@ -51,8 +51,9 @@ class Daemon:
         self.ingress: Hierarchy | None = None
         self._lock_fd = -1
         swarm_cfg = config.swarm
-        self.connector = TcpConnector(self.node_id, connect_timeout=swarm_cfg.connect_timeout,
-                                      handshake_timeout=swarm_cfg.handshake_timeout)
+        self.connector = TcpConnector(
+            self.node_id, connect_timeout=swarm_cfg.connect_timeout, handshake_timeout=swarm_cfg.handshake_timeout
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -71,8 +72,9 @@ class Daemon:
         host = self.config.advertise or self.config.listen[0]
         if host in ("", "0.0.0.0", "::"):
             host = "0.0.0.0"  # the tracker fills in the address it sees us at
-        async with TrackerClient(self.config.trackers, self.node_id, (host, self.listen_port),
-                                 self.config.labels, __version__) as tc:
+        async with TrackerClient(
+            self.config.trackers, self.node_id, (host, self.listen_port), self.config.labels, __version__
+        ) as tc:
             self.tracker = tc
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -83,8 +85,14 @@ class Daemon:
                 nursery.start_soon(self._restore_names_after_tracker_restart)
                 api_listener = self._bind_api()
                 await nursery.start(serve_listeners, [api_listener], self._handlers())
-                log.info("p2pd %s node %s serving peers on %s:%d, control socket %s", __version__, self.node_id[:8],
-                         self.config.listen[0], self.listen_port, self.socket_path)
+                log.info(
+                    "p2pd %s node %s serving peers on %s:%d, control socket %s",
+                    __version__,
+                    self.node_id[:8],
+                    self.config.listen[0],
+                    self.listen_port,
+                    self.socket_path,
+                )
                 task_status.started()
                 await self._stop.wait()
                 log.info("stopping: saying goodbye to tracker and peers")
@@ -107,8 +115,9 @@ class Daemon:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            raise P2pdError(ErrorCode.CONFLICT,
-                            f"another p2pd is already running with data dir {self.config.data_dir}") from e
+            raise P2pdError(
+                ErrorCode.CONFLICT, f"another p2pd is already running with data dir {self.config.data_dir}"
+            ) from e
 
     async def _bind_peer_listener(self) -> list[trio.SocketListener]:
         host, port = self.config.listen
@@ -119,8 +128,9 @@ class Daemon:
             await sock.bind((host, port))
         except OSError as e:
             sock.close()
-            raise P2pdError(ErrorCode.CONFLICT,
-                            f"cannot listen on {host}:{port}: {e.strerror}; pick another --listen") from e
+            raise P2pdError(
+                ErrorCode.CONFLICT, f"cannot listen on {host}:{port}: {e.strerror}; pick another --listen"
+            ) from e
         sock.listen(self.config.listen_backlog)
         self.listen_port = sock.getsockname()[1]
         return [trio.SocketListener(sock)]
@@ -201,9 +211,22 @@ class Daemon:
 
     # -- swarms ---------------------------------------------------------------------------------------
     def _new_swarm(self, aid: str, name: str, m: mf.Manifest, store: PieceStore, have: int, **kw: Any) -> Swarm:
-        return Swarm(node_id=self.node_id, artifact_id=aid, name=name, manifest=m, store=store, have=have,
-                     catalog=self.catalog, config=self.config.swarm, egress=self.egress, ingress=self.ingress,
-                     connector=self.connector, find_peers=self._find_peers, on_complete=self._on_complete, **kw)
+        return Swarm(
+            node_id=self.node_id,
+            artifact_id=aid,
+            name=name,
+            manifest=m,
+            store=store,
+            have=have,
+            catalog=self.catalog,
+            config=self.config.swarm,
+            egress=self.egress,
+            ingress=self.ingress,
+            connector=self.connector,
+            find_peers=self._find_peers,
+            on_complete=self._on_complete,
+            **kw,
+        )
 
     async def _find_peers(self, aid: str) -> list[dict[str, Any]]:
         assert self.tracker is not None
@@ -302,9 +325,13 @@ class Daemon:
             addr = "unknown"
         async with stream:
             try:
-                conn = await connections.accept(stream, addr, self.node_id,
-                                                handshake_timeout=self.config.swarm.handshake_timeout,
-                                                serves=self.swarms.__contains__)
+                conn = await connections.accept(
+                    stream,
+                    addr,
+                    self.node_id,
+                    handshake_timeout=self.config.swarm.handshake_timeout,
+                    serves=self.swarms.__contains__,
+                )
             except PeerClosed as e:  # it named an artifact we do not serve (it was told so)
                 log.debug("incoming connection from %s closed: %s", addr, e)
                 return
@@ -317,16 +344,25 @@ class Daemon:
 
     # -- control API ----------------------------------------------------------------------------------
     def _handlers(self) -> dict[str, Any]:
-        return {"status": self.api_status, "publish": self.api_publish, "fetch": self.api_fetch,
-                "shutdown": self.api_shutdown}
+        return {
+            "status": self.api_status,
+            "publish": self.api_publish,
+            "fetch": self.api_fetch,
+            "shutdown": self.api_shutdown,
+        }
 
     async def api_status(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         arts = [sw.status() for sw in self.swarms.values()]
-        return {"node_id": self.node_id, "listen": f"{self.config.listen[0]}:{self.listen_port}",
-                "version": __version__, "artifacts": arts,
-                "egress_limit": self.config.egress_limit, "ingress_limit": self.config.ingress_limit,
-                "policy_egress_limit": _finite(self.policy_egress.rate),
-                "policy_ingress_limit": _finite(self.policy_ingress.rate)}
+        return {
+            "node_id": self.node_id,
+            "listen": f"{self.config.listen[0]}:{self.listen_port}",
+            "version": __version__,
+            "artifacts": arts,
+            "egress_limit": self.config.egress_limit,
+            "ingress_limit": self.config.ingress_limit,
+            "policy_egress_limit": _finite(self.policy_egress.rate),
+            "policy_ingress_limit": _finite(self.policy_ingress.rate),
+        }
 
     async def api_shutdown(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         self.request_stop()
@@ -351,11 +387,13 @@ class Daemon:
 
         async def build() -> tuple[mf.Manifest, Path]:
             return await trio.to_thread.run_sync(
-                lambda: build_manifest(path, kind=kind, meta=meta, progress=on_progress))
+                lambda: build_manifest(path, kind=kind, meta=meta, progress=on_progress)
+            )
 
         try:
-            m, root = await _with_progress(build(), lambda: emit({"phase": "hashing", "bytes_done": done[0],
-                                                                   "size": done[1]}))
+            m, root = await _with_progress(
+                build(), lambda: emit({"phase": "hashing", "bytes_done": done[0], "size": done[1]})
+            )
         except (StorageError, mf.ManifestError) as e:
             raise RpcError(ErrorCode.BAD_REQUEST, str(e)) from None
         except PermissionError as e:
@@ -386,9 +424,18 @@ class Daemon:
 
         def progress() -> Any:
             st = sw.status()
-            return emit({"phase": "downloading", "bytes_done": st["bytes_done"], "size": st["size"],
-                         "peers": st["peers"], "down_rate": st["down_rate"], "pieces_done": st["pieces_done"],
-                         "pieces_total": st["pieces_total"], "resumed_pieces": st["resumed_pieces"]})
+            return emit(
+                {
+                    "phase": "downloading",
+                    "bytes_done": st["bytes_done"],
+                    "size": st["size"],
+                    "peers": st["peers"],
+                    "down_rate": st["down_rate"],
+                    "pieces_done": st["pieces_done"],
+                    "pieces_total": st["pieces_total"],
+                    "resumed_pieces": st["resumed_pieces"],
+                }
+            )
 
         while not sw.done.is_set():
             if sw.error:
@@ -398,8 +445,14 @@ class Daemon:
                 await sw.done.wait()
         await progress()
         rec = sw.record()
-        result: dict[str, Any] = {"artifact_id": aid, "name": name, "kind": m.kind, "path": str(rec.path),
-                                  "meta": dict(m.meta), "size": m.total_size}
+        result: dict[str, Any] = {
+            "artifact_id": aid,
+            "name": name,
+            "kind": m.kind,
+            "path": str(rec.path),
+            "meta": dict(m.meta),
+            "size": m.total_size,
+        }
         if m.kind == "env":
             result["env_dir"] = await self._unpack_env(rec, emit)
         if dest:
@@ -422,12 +475,18 @@ class Daemon:
 
         async def unpack() -> Path:
             return await trio.to_thread.run_sync(
-                envpack.materialize, rec.path, self.config.data_dir / "envs", rec.artifact_id,
-                dict(rec.manifest.meta), on_progress)
+                envpack.materialize,
+                rec.path,
+                self.config.data_dir / "envs",
+                rec.artifact_id,
+                dict(rec.manifest.meta),
+                on_progress,
+            )
 
         try:
-            env_dir = await _with_progress(unpack(), lambda: emit({"phase": "unpacking", "bytes_done": done[0],
-                                                                    "size": done[1]}))
+            env_dir = await _with_progress(
+                unpack(), lambda: emit({"phase": "unpacking", "bytes_done": done[0], "size": done[1]})
+            )
         except envpack.EnvPackError as e:
             raise RpcError(ErrorCode.ENV, str(e)) from None
         return str(env_dir)
@@ -468,8 +527,11 @@ def _finite(x: float) -> float | None:
 
 def _explain(e: RpcError, name: str) -> RpcError:
     if e.code == ErrorCode.NOT_FOUND:
-        return RpcError(ErrorCode.NOT_FOUND, f"{name} is not published on the tracker: check the name "
-                                             "(`p2p-tracker admin artifacts` lists them) or publish it first")
+        return RpcError(
+            ErrorCode.NOT_FOUND,
+            f"{name} is not published on the tracker: check the name "
+            "(`p2p-tracker admin artifacts` lists them) or publish it first",
+        )
     return e
 
 
@@ -488,4 +550,3 @@ async def _with_progress(coro: Any, tick: Any) -> Any:
                 await tick()
                 await trio.sleep(PROGRESS_EVERY)
     return result[0]
-

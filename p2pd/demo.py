@@ -119,21 +119,26 @@ async def _drive(cluster: LocalCluster, src: Path, daemons: list[Node], size: in
     work = cluster.work
     t0 = time.monotonic()
     res = await daemons[0].call("publish", {"path": str(src), "name": "demo-model:v1"}, timeout=120)
-    console.print(f"seed published demo-model:v1 = {res['artifact_id'][:16]}… "
-                  f"({res['pieces']} pieces, hashed in {time.monotonic() - t0:.1f} s)")
+    console.print(
+        f"seed published demo-model:v1 = {res['artifact_id'][:16]}… "
+        f"({res['pieces']} pieces, hashed in {time.monotonic() - t0:.1f} s)"
+    )
     results: dict[int, Any] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=console) as progress:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console
+    ) as progress:
         tasks = {i: progress.add_task(f"node{i}", total=size) for i in range(1, len(daemons))}
         start = time.monotonic()
 
         async def fetch(i: int) -> None:
             def on_event(ev: dict[str, Any]) -> None:
-                progress.update(tasks[i], completed=ev.get("bytes_done", 0),
-                                description=f"node{i} · {ev.get('peers', 0)} peers")
+                progress.update(
+                    tasks[i], completed=ev.get("bytes_done", 0), description=f"node{i} · {ev.get('peers', 0)} peers"
+                )
 
-            results[i] = await daemons[i].call("fetch", {"name": "demo-model:v1", "dest": str(work / f"out{i}")},
-                                               timeout=300, on_event=on_event)
+            results[i] = await daemons[i].call(
+                "fetch", {"name": "demo-model:v1", "dest": str(work / f"out{i}")}, timeout=300, on_event=on_event
+            )
             results[i]["seconds"] = time.monotonic() - start
             progress.update(tasks[i], completed=size)
 
@@ -151,13 +156,17 @@ async def _drive(cluster: LocalCluster, src: Path, daemons: list[Node], size: in
         verified += await trio.to_thread.run_sync(same_tree, src, Path(results[i]["path"]))
     n = len(tasks)
     summary = {
-        "nodes": n, "artifact_bytes": size, "seconds": round(elapsed, 2),
+        "nodes": n,
+        "artifact_bytes": size,
+        "seconds": round(elapsed, 2),
         "aggregate_MBps": round(n * size / elapsed / 1e6, 1),
         "per_node_seconds": {f"node{i}": round(results[i]["seconds"], 2) for i in tasks},
         "bytes_verified_independently": verified,
     }
-    console.print(f"[bold green]done[/]: {n} nodes × {format_size(size)} in {elapsed:.1f} s — "
-                  f"{format_rate(n * size / elapsed)} delivered in total; {format_size(verified)} compared "
-                  "byte for byte with the source: identical")
+    console.print(
+        f"[bold green]done[/]: {n} nodes × {format_size(size)} in {elapsed:.1f} s — "
+        f"{format_rate(n * size / elapsed)} delivered in total; {format_size(verified)} compared "
+        "byte for byte with the source: identical"
+    )
     print(json.dumps(summary))
     return 0

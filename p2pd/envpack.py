@@ -194,7 +194,12 @@ def _lsize(path: str) -> int:
 
 
 def _pack_conda(
-    prefix: Path, output: Path, fmt: str, level: int, n_threads: int, allow_missing_cache: bool,
+    prefix: Path,
+    output: Path,
+    fmt: str,
+    level: int,
+    n_threads: int,
+    allow_missing_cache: bool,
     progress: Progress | None,
 ) -> None:
     try:
@@ -202,9 +207,7 @@ def _pack_conda(
     except ImportError as e:
         raise EnvPackError("packing a conda env needs conda-pack: pip install conda-pack zstandard") from e
     try:
-        env = conda_pack.CondaEnv.from_prefix(
-            str(prefix), on_missing_cache="warn" if allow_missing_cache else "raise"
-        )
+        env = conda_pack.CondaEnv.from_prefix(str(prefix), on_missing_cache="warn" if allow_missing_cache else "raise")
         if progress is not None:
             env.files = _ProgressFiles(env.files, [_lsize(f.source) for f in env.files], progress)
         if fmt == "tar.zst":  # conda-pack 0.9's zstd writer ignores level and threads (always 9, 1 thread)
@@ -216,14 +219,14 @@ def _pack_conda(
         msg = str(e).strip()
         hint = ""
         if "cache" in msg.lower():
-            hint = (" (re-install the env's packages so the cache is back, or pack anyway with"
-                    " allow_missing_cache=True: binaries with an embedded prefix then stay unrelocated)")
+            hint = (
+                " (re-install the env's packages so the cache is back, or pack anyway with"
+                " allow_missing_cache=True: binaries with an embedded prefix then stay unrelocated)"
+            )
         raise EnvPackError(f"conda-pack refused {prefix}: {msg}{hint}") from e
 
 
-def _pack_venv(
-    prefix: Path, output: Path, fmt: str, level: int, n_threads: int, progress: Progress | None
-) -> None:
+def _pack_venv(prefix: Path, output: Path, fmt: str, level: int, n_threads: int, progress: Progress | None) -> None:
     try:
         import venv_pack
     except ImportError as e:
@@ -347,7 +350,10 @@ def _run_python_version(python: Path) -> str:
     try:
         r = subprocess.run(
             [str(python), "-I", "-c", "import platform; print(platform.python_version())"],
-            capture_output=True, text=True, timeout=PYTHON_CHECK_TIMEOUT_S, check=False,
+            capture_output=True,
+            text=True,
+            timeout=PYTHON_CHECK_TIMEOUT_S,
+            check=False,
         )
     except OSError as e:
         raise EnvPackError(f"{python} does not start ({e}): fix the env's interpreter") from e
@@ -405,8 +411,10 @@ def materialize(
         raise EnvPackError(f"unknown env_type {meta['env_type']!r} in meta: expected conda or venv")
     want = meta.get("platform", "")
     if want and want != "noarch" and want != host_platform():
-        raise EnvPackError(f"env {artifact_id} was built for {want}; this node is {host_platform()}: "
-                           f"pack the env on a {host_platform()} machine")
+        raise EnvPackError(
+            f"env {artifact_id} was built for {want}; this node is {host_platform()}: "
+            f"pack the env on a {host_platform()} machine"
+        )
     envs_root.mkdir(parents=True, exist_ok=True)
     with _id_lock(envs_root, artifact_id):
         if _is_ready(final):
@@ -420,8 +428,11 @@ def materialize(
             env_type = meta.get("env_type", "")
             _safe_extract(archive, fmt, tmp, venv_links=env_type == "venv", progress=progress)
             if not env_type:
-                env_type = "conda" if (tmp / "bin" / "conda-unpack").is_file() else (
-                    "venv" if (tmp / "pyvenv.cfg").is_file() else "plain")
+                env_type = (
+                    "conda"
+                    if (tmp / "bin" / "conda-unpack").is_file()
+                    else ("venv" if (tmp / "pyvenv.cfg").is_file() else "plain")
+                )
             if env_type == "conda":
                 _conda_unpack(tmp, final)
             elif env_type == "venv":
@@ -611,8 +622,13 @@ def _safe_extract(archive: Path, fmt: str, dest: Path, *, venv_links: bool, prog
         else:
             decode_errors = ()
             stream = counted
-        corrupt: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile,
-                                                    *decode_errors)
+        corrupt: tuple[type[BaseException], ...] = (
+            tarfile.TarError,
+            EOFError,
+            zlib.error,
+            gzip.BadGzipFile,
+            *decode_errors,
+        )
         ex = _Extractor(dest, venv_links)
         try:
             with contextlib.closing(stream), tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -647,8 +663,15 @@ class _Extractor:
                 raise UnsafeArchiveError(f"refusing {m.name!r}: the env root must be a directory")
             return
         if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
-            kind = ("character device" if m.ischr() else "block device" if m.isblk()
-                    else "fifo" if m.isfifo() else f"type {m.type!r}")
+            kind = (
+                "character device"
+                if m.ischr()
+                else "block device"
+                if m.isblk()
+                else "fifo"
+                if m.isfifo()
+                else f"type {m.type!r}"
+            )
             raise UnsafeArchiveError(f"refusing {m.name!r}: {kind} not allowed in an env")
         parent, _, _base = rel.rpartition("/")
         self._ensure_dir(parent, m.name)
@@ -787,7 +810,10 @@ def _conda_unpack(tmp: Path, final: Path) -> None:
     try:
         r = subprocess.run(
             [sys.executable, "-I", "-c", _UNPACK_DRIVER, str(tmp), str(final)],
-            capture_output=True, text=True, timeout=UNPACK_TIMEOUT_S, check=False,
+            capture_output=True,
+            text=True,
+            timeout=UNPACK_TIMEOUT_S,
+            check=False,
         )
     except subprocess.TimeoutExpired as e:
         raise EnvPackError(f"conda-unpack did not finish in {UNPACK_TIMEOUT_S:.0f}s") from e
@@ -795,8 +821,10 @@ def _conda_unpack(tmp: Path, final: Path) -> None:
         tail = r.stderr.strip()[-1500:]
         hint = ""
         if "negative padding" in tail:
-            hint = (f" (the env dir path {final} is longer than a binary prefix placeholder of the env: "
-                    "use a shorter envs dir)")
+            hint = (
+                f" (the env dir path {final} is longer than a binary prefix placeholder of the env: "
+                "use a shorter envs dir)"
+            )
         raise EnvPackError(f"conda-unpack failed (exit {r.returncode}){hint}: {tail}")
 
 
@@ -833,10 +861,10 @@ def _fix_shebangs(tmp: Path, final: Path) -> None:
         if len(line) > SHEBANG_MAX:
             if not m.group(1).startswith(b"python"):
                 continue  # the trampoline below is Python syntax; leave other long ones to activation
-            line = b"#!/bin/sh\n'''exec' \"" + exe + b"\"" + opts + b' "$0" "$@"\n' + b"' '''\n"
+            line = b"#!/bin/sh\n'''exec' \"" + exe + b'"' + opts + b' "$0" "$@"\n' + b"' '''\n"
         with open(entry.path, "rb") as f:
             data = f.read()
-        new = line + data[m.end():]
+        new = line + data[m.end() :]
         st = os.lstat(entry.path)
         tmp_path = entry.path + ".p2pd-tmp"
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -878,8 +906,9 @@ def _flush_filesystem(path: Path) -> None:
 
 
 def _write_marker(tmp: Path, artifact_id: str, env_type: str, meta: dict[str, str]) -> None:
-    body = json.dumps({"artifact_id": artifact_id, "env_type": env_type, "meta": meta,
-                       "materialized_at": time.time()}, sort_keys=True).encode()
+    body = json.dumps(
+        {"artifact_id": artifact_id, "env_type": env_type, "meta": meta, "materialized_at": time.time()}, sort_keys=True
+    ).encode()
     fd = os.open(tmp / READY_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with os.fdopen(fd, "wb") as f:
         f.write(body)

@@ -29,8 +29,9 @@ def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(env["P2PD_DATA_DIR"]) if env.get("P2PD_DATA_DIR") else system_data_dir()
 
 
-def socket_path(socket: Path | None = None, data_dir: Path | None = None,
-                environ: Mapping[str, str] | None = None) -> Path:
+def socket_path(
+    socket: Path | None = None, data_dir: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Path:
     if socket is not None:
         return socket
     if data_dir is not None:

@@ -81,8 +81,9 @@ class PeerConn:
         self.path = conn.path
         self.initiator = conn.initiator
         self.cfg = host.config
-        self.session = PeerSession(host.manifest, host.picker, max_queued_requests=self.cfg.max_queued_requests,
-                                   on_output=self._wake_writer)
+        self.session = PeerSession(
+            host.manifest, host.picker, max_queued_requests=self.cfg.max_queued_requests, on_output=self._wake_writer
+        )
         self.close_reason: CloseReason | None = None
         self.close_detail = ""
         self.cancel_scope = trio.CancelScope()
@@ -227,8 +228,15 @@ class PeerConn:
             self._closed_by(CloseReason.INTERNAL, repr(eg.exceptions[0]))
         reason = self.close_reason
         level = logging.DEBUG if reason is None or reason.expected else logging.INFO
-        log.log(level, "peer %s (%s, %s) closed: %s%s", self.remote_id[:8], self.addr, self.path,
-                reason or "shutdown", f" ({self.close_detail})" if self.close_detail else "")
+        log.log(
+            level,
+            "peer %s (%s, %s) closed: %s%s",
+            self.remote_id[:8],
+            self.addr,
+            self.path,
+            reason or "shutdown",
+            f" ({self.close_detail})" if self.close_detail else "",
+        )
 
     def _closed_by(self, reason: CloseReason, detail: str) -> None:
         if self.close_reason is None:

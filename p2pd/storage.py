@@ -96,8 +96,10 @@ def scan_source(path: Path) -> tuple[list[mf.FileEntry], Path, bool]:
             st = full.stat()  # follows symlinks (HF caches link snapshots to blobs)
             rel = full.relative_to(path).as_posix()
             if not stat.S_ISREG(st.st_mode):
-                raise StorageError(f"{full} is not a regular file (device, socket or fifo): "
-                                   "remove it from the artifact", ErrorCode.BAD_REQUEST)
+                raise StorageError(
+                    f"{full} is not a regular file (device, socket or fifo): remove it from the artifact",
+                    ErrorCode.BAD_REQUEST,
+                )
             mf.validate_path(rel)
             entries.append(mf.FileEntry(rel, st.st_size, bool(st.st_mode & 0o111)))
     if not entries:
@@ -119,8 +121,9 @@ def hash_pieces(root: Path, files: list[mf.FileEntry], piece_size: int, progress
             while remaining:
                 n = fh.readinto(view[fill : fill + min(piece_size - fill, remaining)])
                 if not n:
-                    raise StorageError(f"{root / f.path} shrank while hashing: is something writing to it?",
-                                       ErrorCode.BAD_REQUEST)
+                    raise StorageError(
+                        f"{root / f.path} shrank while hashing: is something writing to it?", ErrorCode.BAD_REQUEST
+                    )
                 fill += n
                 remaining -= n
                 done += n
@@ -136,8 +139,9 @@ def hash_pieces(root: Path, files: list[mf.FileEntry], piece_size: int, progress
     return bytes(out)
 
 
-def build_manifest(path: Path, *, kind: str = "files", meta: dict[str, str] | None = None,
-                   progress: Progress | None = None) -> tuple[mf.Manifest, Path]:
+def build_manifest(
+    path: Path, *, kind: str = "files", meta: dict[str, str] | None = None, progress: Progress | None = None
+) -> tuple[mf.Manifest, Path]:
     files, root, single = scan_source(path)
     size = sum(f.size for f in files)
     piece_size = mf.choose_piece_size(size)
@@ -225,8 +229,9 @@ class PieceStore:
                     continue
                 except OSError as e:
                     if e.errno == errno.ENOSPC:
-                        raise StorageError(f"disk full while preallocating {p}: free space and fetch again",
-                                           ErrorCode.DISK_FULL) from e
+                        raise StorageError(
+                            f"disk full while preallocating {p}: free space and fetch again", ErrorCode.DISK_FULL
+                        ) from e
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
             os.ftruncate(fd, f.size)
@@ -264,8 +269,10 @@ class PieceStore:
                     w = os.pwrite(fd, view[pos : pos + n], off)
                 except OSError as e:
                     if e.errno == errno.ENOSPC:
-                        raise StorageError(f"disk full writing under {self.root}: free space; the download resumes",
-                                           ErrorCode.DISK_FULL) from e
+                        raise StorageError(
+                            f"disk full writing under {self.root}: free space; the download resumes",
+                            ErrorCode.DISK_FULL,
+                        ) from e
                     raise
                 pos += w
                 off += w

@@ -99,7 +99,8 @@ class Swarm:
         self._egress = egress
         self._ingress = ingress
         self.connector: Connector = connector or TcpConnector(
-            node_id, connect_timeout=config.connect_timeout, handshake_timeout=config.handshake_timeout)
+            node_id, connect_timeout=config.connect_timeout, handshake_timeout=config.handshake_timeout
+        )
         self.journal = journal
         self.find_peers = find_peers
         self.on_complete = on_complete
@@ -112,7 +113,8 @@ class Swarm:
         # The picker stays after completion: it remembers the requests we cancelled, whose pieces may still arrive.
         self.picker: Picker[ps.PeerSession] = Picker(self.n, bits.indices(have))
         self.seeding: DistinctFirstSeeding[PeerConn] = DistinctFirstSeeding(
-            self.n, enabled=config.seed_distinct, serve_tail=config.serve_tail)
+            self.n, enabled=config.seed_distinct, serve_tail=config.serve_tail
+        )
         self.done = trio.Event()
         if self.complete:
             self.done.set()
@@ -132,7 +134,8 @@ class Swarm:
         self.stopped = trio.Event()  # run() has returned: no task of this swarm touches its files any more
         self._peer_wakeup = trio.Event()
         self._verify_in, self._verify_out = trio.open_memory_channel[tuple[PeerConn, int, bytearray | bytes]](
-            VERIFY_QUEUE)
+            VERIFY_QUEUE
+        )
 
     # -- queries -------------------------------------------------------------------------------------
     @property
@@ -209,17 +212,29 @@ class Swarm:
     def status(self) -> dict[str, Any]:
         seeding = self.seeding
         return {
-            "artifact_id": self.artifact_id, "name": self.name, "kind": self.manifest.kind,
+            "artifact_id": self.artifact_id,
+            "name": self.name,
+            "kind": self.manifest.kind,
             "state": "complete" if self.complete else ("failed" if self.error else "downloading"),
-            "size": self.manifest.total_size, "bytes_done": self.bytes_done, "pieces_done": self.pieces_done,
-            "pieces_total": self.n, "peers": len(self.conns), "down_rate": self.down.rate(), "up_rate": self.up.rate(),
-            "uploaded": self.up.total, "downloaded": self.down.total,
+            "size": self.manifest.total_size,
+            "bytes_done": self.bytes_done,
+            "pieces_done": self.pieces_done,
+            "pieces_total": self.n,
+            "peers": len(self.conns),
+            "down_rate": self.down.rate(),
+            "up_rate": self.up.rate(),
+            "uploaded": self.up.total,
+            "downloaded": self.down.total,
             "path": str(self.record().path if self.complete else self.store.root),
-            "resumed_pieces": self.resumed_pieces, "banned_peers": len(self.banned),
-            "pieces_sent": seeding.pieces_sent, "pieces_sent_again": seeding.pieces_sent_again,
+            "resumed_pieces": self.resumed_pieces,
+            "banned_peers": len(self.banned),
+            "pieces_sent": seeding.pieces_sent,
+            "pieces_sent_again": seeding.pieces_sent_again,
             "pieces_deferred": seeding.pieces_deferred,
-            "connections": [{"node_id": c.remote_id, "addr": c.addr, "path": str(c.path), "initiator": c.initiator}
-                            for c in self.conns.values()],
+            "connections": [
+                {"node_id": c.remote_id, "addr": c.addr, "path": str(c.path), "initiator": c.initiator}
+                for c in self.conns.values()
+            ],
             "error": self.error,
         }
 
@@ -269,8 +284,13 @@ class Swarm:
         picker, session = self.picker, conn.session
         if isinstance(event, ps.UploadRequested):
             i = event.index
-            if self.complete and self.seeding.enabled and self.seeding.defer_request(
-                    i, conn, {c: c.session.remote_have for c in self.conns.values()}, complete=True):
+            if (
+                self.complete
+                and self.seeding.enabled
+                and self.seeding.defer_request(
+                    i, conn, {c: c.session.remote_have for c in self.conns.values()}, complete=True
+                )
+            ):
                 session.defer(i)
             else:
                 session.accept_upload(i)
@@ -332,8 +352,9 @@ class Swarm:
             if not ok:
                 self.picker.request_failed(conn.session, i)
                 self.banned[conn.remote_id] = f"sent corrupt piece {i}"
-                log.warning("peer %s (%s) sent piece %d that fails verification: banned",
-                            conn.remote_id[:8], conn.addr, i)
+                log.warning(
+                    "peer %s (%s) sent piece %d that fails verification: banned", conn.remote_id[:8], conn.addr, i
+                )
                 conn.close(CloseReason.BANNED, f"corrupt piece {i}")
                 self.fill_all()
                 continue
@@ -370,8 +391,13 @@ class Swarm:
         took = time.monotonic() - now
         if took > INLINE_VERIFY_SLOW and voluntary_switches() > slept_before:
             self._threaded_verify_until = time.monotonic() + INLINE_VERIFY_BACKOFF
-            log.debug("%s: writing piece %d took %.1f ms: verifying in threads for %.0f s",
-                      self.name, i, took * 1e3, INLINE_VERIFY_BACKOFF)
+            log.debug(
+                "%s: writing piece %d took %.1f ms: verifying in threads for %.0f s",
+                self.name,
+                i,
+                took * 1e3,
+                INLINE_VERIFY_BACKOFF,
+            )
         await trio.lowlevel.checkpoint()
         return ok
 
@@ -506,8 +532,13 @@ class Swarm:
     async def leave(self, reason: str) -> None:
         s = self.seeding
         if s.pieces_sent:
-            log.info("%s: uploaded %d pieces (%d of them again), deferred %d requests", self.name,
-                     s.pieces_sent, s.pieces_sent_again, s.pieces_deferred)
+            log.info(
+                "%s: uploaded %d pieces (%d of them again), deferred %d requests",
+                self.name,
+                s.pieces_sent,
+                s.pieces_sent_again,
+                s.pieces_deferred,
+            )
         async with trio.open_nursery() as nursery:
             for c in list(self.conns.values()):
                 nursery.start_soon(c.goodbye, reason)

@@ -135,7 +135,10 @@ class TrackerClient:
     # ---- connection and failover -------------------------------------------------------------------
 
     async def _hold(
-        self, addr: tuple[str, int], timeout: float, *,
+        self,
+        addr: tuple[str, int],
+        timeout: float,
+        *,
         task_status: trio.TaskStatus[tuple[RpcClient, trio.CancelScope]],
     ) -> None:
         with trio.CancelScope() as scope:
@@ -203,9 +206,15 @@ class TrackerClient:
 
     async def register(self) -> dict[str, Any]:
         """Announce this node; returns the tracker's reply ({"interval", "session", "udp_port", ...})."""
-        r = await self._call("register", {
-            "node_id": self.node_id, "addr": list(self.addr), "labels": self.labels, "version": self.version,
-        })
+        r = await self._call(
+            "register",
+            {
+                "node_id": self.node_id,
+                "addr": list(self.addr),
+                "labels": self.labels,
+                "version": self.version,
+            },
+        )
         self.interval = float(r["interval"])
         self.session = r.get("session")
         self._udp_ports[self.current] = r.get("udp_port")
@@ -225,8 +234,7 @@ class TrackerClient:
         return r
 
     async def _tcp_heartbeat(self, holdings: dict[str, float]) -> dict[str, Any]:
-        r = await self._call("heartbeat", {"node_id": self.node_id, "holdings": holdings},
-                             timeout=self._beat_timeout())
+        r = await self._call("heartbeat", {"node_id": self.node_id, "holdings": holdings}, timeout=self._beat_timeout())
         self.heartbeats_sent += 1
         self.interval = float(r["interval"])
         self.policy = dict(r.get("policy") or {})

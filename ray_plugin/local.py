@@ -116,8 +116,9 @@ def ray_cluster(
             )
             nodes = [cluster.head_node]
             for sock in sockets[1:]:
-                nodes.append(_retry_start(functools.partial(cluster.add_node, **common,
-                                                            env_vars={"P2PD_SOCKET": str(sock)})))
+                nodes.append(
+                    _retry_start(functools.partial(cluster.add_node, **common, env_vars={"P2PD_SOCKET": str(sock)}))
+                )
             ray.init(address=cluster.address, log_to_driver=False)
         yield cluster, [n.node_id for n in nodes]
     finally:

@@ -35,8 +35,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("tracker.admin")
 MAX_BODY = 64 * 1024
 # HTTP status of each code the admin API answers with; any other code is a 500.
-STATUS = {ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.NOT_FOUND: 404,
-          ErrorCode.UNREACHABLE: 503, ErrorCode.INTERNAL: 500}
+STATUS = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNREACHABLE: 503,
+    ErrorCode.INTERNAL: 500,
+}
 
 
 class Unauthorized(Exception):
@@ -48,8 +53,9 @@ class TagBody(BaseModel):
 
 
 def error(status: int, code: ErrorCode, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code.value, "message": message}}, status_code=status,
-                        headers=headers or None)
+    return JSONResponse(
+        {"error": {"code": code.value, "message": message}}, status_code=status, headers=headers or None
+    )
 
 
 class BodyLimit:
@@ -87,12 +93,16 @@ def make_app(server: TrackerServer, token: str) -> Any:
     expected = token.encode()
 
     async def auth(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if cred is None or cred.scheme.lower() != "bearer" or not hmac.compare_digest(cred.credentials.encode(),
-                                                                                     expected):
+        if (
+            cred is None
+            or cred.scheme.lower() != "bearer"
+            or not hmac.compare_digest(cred.credentials.encode(), expected)
+        ):
             raise Unauthorized()
 
     app = FastAPI(
-        title="p2pd tracker admin API", version="1",
+        title="p2pd tracker admin API",
+        version="1",
         description="Nodes, artifacts, swarms, tags and counters of a p2pd tracker. Bearer token required.",
     )
     guarded = [Depends(auth)]
@@ -173,8 +183,11 @@ def make_app(server: TrackerServer, token: str) -> Any:
     async def get_policy() -> dict[str, Any]:
         return {"policy": await store.policy()}
 
-    @app.put("/v1/policy", dependencies=guarded,
-             summary="Replace the cluster policy: {egress_limit, ingress_limit} in bytes/s per node, null = none")
+    @app.put(
+        "/v1/policy",
+        dependencies=guarded,
+        summary="Replace the cluster policy: {egress_limit, ingress_limit} in bytes/s per node, null = none",
+    )
     async def put_policy(body: dict[str, Any]) -> dict[str, Any]:
         policy = V.policy(body.get("policy", body))
         await store.set_policy(policy)
@@ -189,7 +202,11 @@ def make_app(server: TrackerServer, token: str) -> Any:
 
 
 async def serve_admin(
-    server: TrackerServer, host: str, port: int, token: str, *,
+    server: TrackerServer,
+    host: str,
+    port: int,
+    token: str,
+    *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API on host:port until cancelled; started with the bound port."""

@@ -25,12 +25,16 @@ from p2pd.errors import ErrorCode, P2pdError
 from p2pd.units import format_rate, format_size, parse_rate
 
 admin_app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
     help="Administer a running tracker over its HTTP admin API.",
 )
 
-Url = Annotated[str, typer.Option("--tracker", envvar="P2P_TRACKER_ADMIN_URL",
-                                  help="Admin API base URL, e.g. http://127.0.0.1:7071")]
+Url = Annotated[
+    str,
+    typer.Option("--tracker", envvar="P2P_TRACKER_ADMIN_URL", help="Admin API base URL, e.g. http://127.0.0.1:7071"),
+]
 Token = Annotated[str, typer.Option("--token", envvar="P2P_TRACKER_ADMIN_TOKEN", help="Admin bearer token.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table.")]
 TIMEOUT = 10.0
@@ -41,8 +45,14 @@ class AdminError(P2pdError):
 
 
 # What an HTTP status means when the reply has no JSON error body (a proxy, another server).
-HTTP_CODES = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 404: ErrorCode.NOT_FOUND,
-              413: ErrorCode.BAD_REQUEST, 422: ErrorCode.BAD_REQUEST, 503: ErrorCode.UNREACHABLE}
+HTTP_CODES = {
+    400: ErrorCode.BAD_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
+    404: ErrorCode.NOT_FOUND,
+    413: ErrorCode.BAD_REQUEST,
+    422: ErrorCode.BAD_REQUEST,
+    503: ErrorCode.UNREACHABLE,
+}
 
 
 def request(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
@@ -50,10 +60,16 @@ def request(base: str, token: str, method: str, path: str, body: Any = None) -> 
         base = "http://" + base
     url = base.rstrip("/") + path
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={
-        "Authorization": f"Bearer {token}", "Accept": "application/json",
-        **({"Content-Type": "application/json"} if data is not None else {}),
-    })
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json",
+            **({"Content-Type": "application/json"} if data is not None else {}),
+        },
+    )
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:  # noqa: S310 (operator-given URL)
             return json.loads(resp.read() or b"null")
@@ -73,8 +89,9 @@ def request(base: str, token: str, method: str, path: str, body: Any = None) -> 
     except ConnectionError as e:
         raise AdminError(ErrorCode.UNREACHABLE, f"cannot reach the tracker admin API at {base}: {e}") from None
     except ValueError as e:
-        raise AdminError(ErrorCode.PROTOCOL,
-                         f"{base} did not answer with JSON ({e}): is it the tracker's admin address?") from None
+        raise AdminError(
+            ErrorCode.PROTOCOL, f"{base} did not answer with JSON ({e}): is it the tracker's admin address?"
+        ) from None
 
 
 def call(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
@@ -99,20 +116,33 @@ def console() -> Console:
 
 
 @admin_app.command()
-def nodes(tracker: Url, token: Token, json_: Json = False,
-          limit: Annotated[int, typer.Option(help="At most this many nodes.")] = 1000) -> None:
+def nodes(
+    tracker: Url,
+    token: Token,
+    json_: Json = False,
+    limit: Annotated[int, typer.Option(help="At most this many nodes.")] = 1000,
+) -> None:
     """Registered nodes: address, labels, version, holdings, last heartbeat."""
     r = call(tracker, token, "GET", f"/v1/nodes?limit={limit}")
     if json_:
         return out_json(r)
     t = Table(title=f"{len(r['nodes'])} node(s)")
     for col in ("node", "address", "zone", "version", "holds", "complete", "last seen", "age"):
-        t.add_column(col, justify="right" if col in ("holds", "complete", "last seen", "age") else "left",
-                     no_wrap=col == "node")
+        t.add_column(
+            col, justify="right" if col in ("holds", "complete", "last seen", "age") else "left", no_wrap=col == "node"
+        )
     for n in r["nodes"]:
         host, port = n["addr"]
-        t.add_row(n["node_id"], f"{host}:{port}", n["labels"].get("zone", ""), n["version"], str(n["holdings"]),
-                  str(n["complete"]), f"{n['last_seen_s']:.1f}s", f"{n['age_s']:.0f}s")
+        t.add_row(
+            n["node_id"],
+            f"{host}:{port}",
+            n["labels"].get("zone", ""),
+            n["version"],
+            str(n["holdings"]),
+            str(n["complete"]),
+            f"{n['last_seen_s']:.1f}s",
+            f"{n['age_s']:.0f}s",
+        )
     console().print(t)
 
 
@@ -126,22 +156,34 @@ def artifacts(tracker: Url, token: Token, json_: Json = False) -> None:
     for col in ("artifact", "names", "kind", "size", "pieces", "complete", "partial"):
         t.add_column(col, justify="right" if col in ("size", "pieces", "complete", "partial") else "left")
     for a in sorted(r["artifacts"], key=lambda a: (a["names"] == [], a["names"], a["artifact_id"])):
-        t.add_row(a["artifact_id"][:16], ", ".join(a["names"]) or "-", a["kind"] or "-",
-                  format_size(a["size"]) if a["has_manifest"] else "-", str(a["pieces"] or "-"), str(a["complete"]),
-                  str(a["partial"]))
+        t.add_row(
+            a["artifact_id"][:16],
+            ", ".join(a["names"]) or "-",
+            a["kind"] or "-",
+            format_size(a["size"]) if a["has_manifest"] else "-",
+            str(a["pieces"] or "-"),
+            str(a["complete"]),
+            str(a["partial"]),
+        )
     console().print(t)
 
 
 @admin_app.command()
-def swarm(name: Annotated[str, typer.Argument(help="NAME:TAG or a 64-hex artifact id.")],
-          tracker: Url, token: Token, json_: Json = False) -> None:
+def swarm(
+    name: Annotated[str, typer.Argument(help="NAME:TAG or a 64-hex artifact id.")],
+    tracker: Url,
+    token: Token,
+    json_: Json = False,
+) -> None:
     """Holders of an artifact and their progress."""
     key = "artifact_id" if ":" not in name else "name"
     r = call(tracker, token, "GET", "/v1/swarm?" + urllib.parse.urlencode({key: name}))
     if json_:
         return out_json(r)
-    t = Table(title=f"{name}  {r['artifact_id'][:16]}  {format_size(r['size'])}  "
-                    f"{r['complete']} complete, {r['partial']} partial")
+    t = Table(
+        title=f"{name}  {r['artifact_id'][:16]}  {format_size(r['size'])}  "
+        f"{r['complete']} complete, {r['partial']} partial"
+    )
     for col in ("node", "address", "zone", "progress"):
         t.add_column(col, justify="right" if col == "progress" else "left")
     for h in r["holders"]:
@@ -151,8 +193,9 @@ def swarm(name: Annotated[str, typer.Argument(help="NAME:TAG or a 64-hex artifac
 
 
 @admin_app.command()
-def evict(node: Annotated[str, typer.Argument(help="Node id (32 hex).")], tracker: Url, token: Token,
-          json_: Json = False) -> None:
+def evict(
+    node: Annotated[str, typer.Argument(help="Node id (32 hex).")], tracker: Url, token: Token, json_: Json = False
+) -> None:
     """Drop a node from the registry and every peer list now (a live node registers again)."""
     r = call(tracker, token, "POST", f"/v1/nodes/{urllib.parse.quote(node)}/evict")
     if json_:
@@ -161,9 +204,13 @@ def evict(node: Annotated[str, typer.Argument(help="Node id (32 hex).")], tracke
 
 
 @admin_app.command()
-def tag(name: Annotated[str, typer.Argument(help="NAME:TAG to point.")],
-        artifact_id: Annotated[str, typer.Argument(metavar="ID", help="Published artifact id (64 hex).")],
-        tracker: Url, token: Token, json_: Json = False) -> None:
+def tag(
+    name: Annotated[str, typer.Argument(help="NAME:TAG to point.")],
+    artifact_id: Annotated[str, typer.Argument(metavar="ID", help="Published artifact id (64 hex).")],
+    tracker: Url,
+    token: Token,
+    json_: Json = False,
+) -> None:
     """Point NAME:TAG at a published artifact (the previous target stays in the tag's history)."""
     r = call(tracker, token, "PUT", f"/v1/tags/{urllib.parse.quote(name)}", {"artifact_id": artifact_id})
     if json_:
@@ -187,9 +234,12 @@ def stats(tracker: Url, token: Token, json_: Json = False) -> None:
 
 @admin_app.command()
 def policy(
-    tracker: Url, token: Token, json_: Json = False,
-    egress_limit: Annotated[str | None, typer.Option(help="Per-node upload cap (50MB/s, 400Mbit/s); 'none' clears.")]
-    = None,
+    tracker: Url,
+    token: Token,
+    json_: Json = False,
+    egress_limit: Annotated[
+        str | None, typer.Option(help="Per-node upload cap (50MB/s, 400Mbit/s); 'none' clears.")
+    ] = None,
     ingress_limit: Annotated[str | None, typer.Option(help="Per-node download cap; 'none' clears.")] = None,
 ) -> None:
     """Show the cluster policy pushed to every node with heartbeat replies, or change it."""

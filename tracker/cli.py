@@ -26,7 +26,9 @@ from p2pd.errors import ErrorCode, P2pdError
 from p2pd.rpc import parse_hostport
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
     help="p2pd tracker: node registry, peer lists, names.",
 )
 log = logging.getLogger("tracker")
@@ -34,26 +36,28 @@ log = logging.getLogger("tracker")
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(
-        stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
 
 @app.command()
 def serve(
-    listen: Annotated[str, typer.Option(help="TCP RPC and UDP heartbeats on HOST:PORT (port 0: any free port).")]
-    = "0.0.0.0:7070",
-    interval: Annotated[float, typer.Option(help="Heartbeat interval told to nodes, seconds; 3 missed = dropped.")]
-    = 1.0,
-    store: Annotated[str, typer.Option(help="'memory' or redis://HOST:PORT/DB (replicas share a Redis).")]
-    = "memory",
-    admin_listen: Annotated[str | None, typer.Option(help="HTTP admin API on HOST:PORT (off when not given).")]
-    = None,
+    listen: Annotated[
+        str, typer.Option(help="TCP RPC and UDP heartbeats on HOST:PORT (port 0: any free port).")
+    ] = "0.0.0.0:7070",
+    interval: Annotated[
+        float, typer.Option(help="Heartbeat interval told to nodes, seconds; 3 missed = dropped.")
+    ] = 1.0,
+    store: Annotated[str, typer.Option(help="'memory' or redis://HOST:PORT/DB (replicas share a Redis).")] = "memory",
+    admin_listen: Annotated[str | None, typer.Option(help="HTTP admin API on HOST:PORT (off when not given).")] = None,
     admin_token: Annotated[
         str | None, typer.Option(envvar="P2P_TRACKER_ADMIN_TOKEN", help="Bearer token for the admin API.")
     ] = None,
-    store_prefix: Annotated[str, typer.Option(help="Key prefix in Redis (one per tracker group sharing a Redis).")]
-    = "p2p:",
+    store_prefix: Annotated[
+        str, typer.Option(help="Key prefix in Redis (one per tracker group sharing a Redis).")
+    ] = "p2p:",
     udp: Annotated[bool, typer.Option(help="Accept UDP heartbeats on the listen port.")] = True,
     ready_file: Annotated[
         Path | None, typer.Option(help="Write {tcp_port, udp_port, admin_port, pid} as JSON here once listening.")
@@ -70,8 +74,10 @@ def serve(
     if interval <= 0:
         fail("--interval must be positive", ErrorCode.BAD_REQUEST)
     if admin_addr is not None and not admin_token:
-        fail("--admin-listen needs --admin-token (or $P2P_TRACKER_ADMIN_TOKEN): the admin API never runs open",
-             ErrorCode.BAD_REQUEST)
+        fail(
+            "--admin-listen needs --admin-token (or $P2P_TRACKER_ADMIN_TOKEN): the admin API never runs open",
+            ErrorCode.BAD_REQUEST,
+        )
     import trio
 
     raise_fd_limit()
@@ -109,8 +115,15 @@ async def open_store(spec: str, interval: float, prefix: str = "p2p:") -> Any:
 
 
 async def _serve(
-    host: str, port: int, interval: float, store_spec: str, admin_addr: tuple[str, int] | None,
-    admin_token: str | None, udp: bool, ready_file: Path | None, store_prefix: str = "p2p:",
+    host: str,
+    port: int,
+    interval: float,
+    store_spec: str,
+    admin_addr: tuple[str, int] | None,
+    admin_token: str | None,
+    udp: bool,
+    ready_file: Path | None,
+    store_prefix: str = "p2p:",
 ) -> None:
     import trio
 
@@ -128,15 +141,22 @@ async def _serve(
 
                     admin_port = await nursery.start(serve_admin, server, admin_addr[0], admin_addr[1], admin_token)
                 log.info(
-                    "tracker listening on %s (tcp rpc%s), store %s, interval %gs%s", fmt_hostport(host, tcp_port),
-                    f", udp heartbeats :{udp_port}" if udp_port else "", store.kind, interval,
+                    "tracker listening on %s (tcp rpc%s), store %s, interval %gs%s",
+                    fmt_hostport(host, tcp_port),
+                    f", udp heartbeats :{udp_port}" if udp_port else "",
+                    store.kind,
+                    interval,
                     f", admin http on {fmt_hostport(admin_addr[0], admin_port)}"
-                    if admin_addr is not None and admin_port is not None else "",
+                    if admin_addr is not None and admin_port is not None
+                    else "",
                 )
                 if ready_file is not None:
                     tmp = ready_file.with_name(ready_file.name + ".tmp")
-                    tmp.write_text(json.dumps({"tcp_port": tcp_port, "udp_port": udp_port, "admin_port": admin_port,
-                                               "pid": os.getpid()}))
+                    tmp.write_text(
+                        json.dumps(
+                            {"tcp_port": tcp_port, "udp_port": udp_port, "admin_port": admin_port, "pid": os.getpid()}
+                        )
+                    )
                     tmp.replace(ready_file)
                 async for sig in signals:
                     log.info("received %s: shutting down", signal.Signals(sig).name)

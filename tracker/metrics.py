@@ -53,8 +53,16 @@ class Metrics:
         lines.append(f"p2p_tracker_artifacts {stats.get('artifacts', 0)}")
         head("p2p_tracker_names", "gauge", "NAME:TAG names.")
         lines.append(f"p2p_tracker_names {stats.get('names', 0)}")
-        for key in ("registrations", "heartbeats", "unknown_heartbeats", "leaves", "expirations", "evictions",
-                    "publishes", "peer_queries"):
+        for key in (
+            "registrations",
+            "heartbeats",
+            "unknown_heartbeats",
+            "leaves",
+            "expirations",
+            "evictions",
+            "publishes",
+            "peer_queries",
+        ):
             if key in stats:
                 head(f"p2p_tracker_{key}_total", "counter", f"{key.replace('_', ' ').capitalize()} seen by the store.")
                 lines.append(f"p2p_tracker_{key}_total {stats[key]}")

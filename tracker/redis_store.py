@@ -233,8 +233,15 @@ def _progress(p: float) -> str:
 class RedisStore:
     kind = "redis"
 
-    def __init__(self, redis: Redis, interval: float = 1.0, misses: int = 3, *, prefix: str = "p2p:",
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        interval: float = 1.0,
+        misses: int = 3,
+        *,
+        prefix: str = "p2p:",
+        rng: random.Random | None = None,
+    ) -> None:
         self.redis = redis
         self.interval = interval
         self.misses = misses
@@ -253,16 +260,21 @@ class RedisStore:
         store = cls(redis, interval, misses, **kw)
         try:
             info = _s(await redis.execute("INFO", "server"))
-            ver = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                        if line.startswith("redis_version:")), "0")
+            ver = next(
+                (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("redis_version:")), "0"
+            )
             if tuple(int(x) for x in ver.split(".")[:2]) < (6, 2):
                 raise RedisUnavailable(f"{redis.where} runs Redis {ver}; the tracker needs 6.2 or newer (HRANDFIELD)")
             await store._load_scripts()
             await store.refresh()
             prev = await redis.execute("SET", store.prefix + "interval", repr(interval), "NX", "GET")
             if prev is not None and float(_s(prev)) != interval:
-                log.warning("other replicas on %s use --interval %s, this one %s: use the same everywhere",
-                            redis.where, _s(prev), interval)
+                log.warning(
+                    "other replicas on %s use --interval %s, this one %s: use the same everywhere",
+                    redis.where,
+                    _s(prev),
+                    interval,
+                )
         except RedisError as e:
             await redis.aclose()
             raise RedisUnavailable(f"{redis.where}: {e}") from e
@@ -304,8 +316,16 @@ class RedisStore:
 
     async def register(self, node_id: str, host: str, port: int, labels: dict[str, str], version: str) -> Registration:
         session = self.rng.getrandbits(31)
-        await self._run("register", node_id, host, port, labels.get("zone", ""),
-                        json.dumps(labels, sort_keys=True, separators=(",", ":")), version, session)
+        await self._run(
+            "register",
+            node_id,
+            host,
+            port,
+            labels.get("zone", ""),
+            json.dumps(labels, sort_keys=True, separators=(",", ":")),
+            version,
+            session,
+        )
         return Registration(self.interval, session)
 
     async def heartbeat_many(self, beats: list[Heartbeat]) -> list[bool]:
@@ -379,8 +399,9 @@ class RedisStore:
                 nid = _s(flat[i])
                 if nid == requester:
                     continue
-                cands.append({"node_id": nid, "addr": [_s(flat[i + 1]), int(flat[i + 2])],
-                              "progress": float(_s(flat[i + 3]))})
+                cands.append(
+                    {"node_id": nid, "addr": [_s(flat[i + 1]), int(flat[i + 2])], "progress": float(_s(flat[i + 3]))}
+                )
             self.rng.shuffle(cands)
             buckets.setdefault((bool(complete), bool(same)), []).append((int(size), cands))
         out: list[dict[str, Any]] = []
@@ -419,8 +440,9 @@ class RedisStore:
 
     async def node_list(self, limit: int) -> list[dict[str, Any]]:
         p = self.prefix
-        (ids, (now_s, now_us)) = await self._cmds([["ZRANGE", p + "alive", 0, max(0, limit - 1), "WITHSCORES"],
-                                                   ["TIME"]])
+        (ids, (now_s, now_us)) = await self._cmds(
+            [["ZRANGE", p + "alive", 0, max(0, limit - 1), "WITHSCORES"], ["TIME"]]
+        )
         now_ms = int(now_s) * 1000 + int(now_us) // 1000
         pairs = [(_s(ids[i]), float(ids[i + 1])) for i in range(0, len(ids), 2)]
         if not pairs:
@@ -437,12 +459,19 @@ class RedisStore:
                 continue
             h = res[2 * k + 1]
             progress = [float(_s(h[i + 1])) for i in range(0, len(h), 2)]
-            out.append({
-                "node_id": nid, "addr": [_s(host), int(port)], "labels": json.loads(_s(labels or b"{}")),
-                "version": _s(version or b""), "age_s": round((now_ms - int(reg or now_ms)) / 1000, 3),
-                "last_seen_s": round((now_ms - seen) / 1000, 3), "heartbeats": None,
-                "holdings": len(progress), "complete": sum(1 for x in progress if x >= 1.0),
-            })
+            out.append(
+                {
+                    "node_id": nid,
+                    "addr": [_s(host), int(port)],
+                    "labels": json.loads(_s(labels or b"{}")),
+                    "version": _s(version or b""),
+                    "age_s": round((now_ms - int(reg or now_ms)) / 1000, 3),
+                    "last_seen_s": round((now_ms - seen) / 1000, 3),
+                    "heartbeats": None,
+                    "holdings": len(progress),
+                    "complete": sum(1 for x in progress if x >= 1.0),
+                }
+            )
         return out
 
     async def _holders(self, aid: str) -> tuple[list[tuple[str, str, float]], Any]:
@@ -476,12 +505,18 @@ class RedisStore:
             if not holders and not d:
                 await self._cmds([["SREM", p + "arts", a]])  # held once, by nobody now, never published
                 continue
-            out.append({
-                "artifact_id": a, "names": sorted(by_aid.get(a, [])), "kind": d.get("kind", ""),
-                "size": int(d.get("size", 0)), "pieces": int(d.get("pieces", 0)),
-                "complete": sum(1 for h in holders if h[2] >= 1.0), "partial": sum(1 for h in holders if h[2] < 1.0),
-                "has_manifest": bool(d),
-            })
+            out.append(
+                {
+                    "artifact_id": a,
+                    "names": sorted(by_aid.get(a, [])),
+                    "kind": d.get("kind", ""),
+                    "size": int(d.get("size", 0)),
+                    "pieces": int(d.get("pieces", 0)),
+                    "complete": sum(1 for h in holders if h[2] >= 1.0),
+                    "partial": sum(1 for h in holders if h[2] < 1.0),
+                    "has_manifest": bool(d),
+                }
+            )
         return out
 
     async def swarm(self, artifact_id: str) -> dict[str, Any]:
@@ -490,26 +525,51 @@ class RedisStore:
         if not holders and not d:
             raise TrackerError(ErrorCode.NOT_FOUND, f"unknown artifact {artifact_id}")
         holders = holders[:1000]
-        addrs = await self._cmds([["HMGET", self.prefix + "n:" + n, "host", "port"] for n, _, _ in holders]) \
-            if holders else []
+        addrs = (
+            await self._cmds([["HMGET", self.prefix + "n:" + n, "host", "port"] for n, _, _ in holders])
+            if holders
+            else []
+        )
         rows: list[dict[str, Any]] = []
         for (n, z, prog), (host, port) in zip(holders, addrs, strict=True):
             if host is not None:
                 rows.append({"node_id": n, "addr": [_s(host), int(port)], "zone": z, "progress": prog})
         rows.sort(key=lambda h: (-h["progress"], h["node_id"]))
-        return {"artifact_id": artifact_id, "kind": d.get("kind", ""), "size": int(d.get("size", 0)),
-                "pieces": int(d.get("pieces", 0)), "complete": sum(1 for r in rows if r["progress"] >= 1.0),
-                "partial": sum(1 for r in rows if r["progress"] < 1.0), "holders": rows}
+        return {
+            "artifact_id": artifact_id,
+            "kind": d.get("kind", ""),
+            "size": int(d.get("size", 0)),
+            "pieces": int(d.get("pieces", 0)),
+            "complete": sum(1 for r in rows if r["progress"] >= 1.0),
+            "partial": sum(1 for r in rows if r["progress"] < 1.0),
+            "holders": rows,
+        }
 
     async def stats(self) -> dict[str, Any]:
         p = self.prefix
-        c, nodes, arts, names = await self._cmds([["HGETALL", p + "c"], ["ZCARD", p + "alive"],
-                                                  ["SCARD", p + "arts"], ["SCARD", p + "names"]])
+        c, nodes, arts, names = await self._cmds(
+            [["HGETALL", p + "c"], ["ZCARD", p + "alive"], ["SCARD", p + "arts"], ["SCARD", p + "names"]]
+        )
         counters = {_s(c[i]): int(c[i + 1]) for i in range(0, len(c), 2)}
-        out: dict[str, Any] = {"store": self.kind, "redis": self.redis.where, "nodes": nodes, "artifacts": arts,
-                               "names": names, "interval": self.interval, "ttl": self.misses * self.interval}
-        for k in ("registrations", "heartbeats", "unknown_heartbeats", "leaves", "expirations", "evictions",
-                  "publishes", "peer_queries"):
+        out: dict[str, Any] = {
+            "store": self.kind,
+            "redis": self.redis.where,
+            "nodes": nodes,
+            "artifacts": arts,
+            "names": names,
+            "interval": self.interval,
+            "ttl": self.misses * self.interval,
+        }
+        for k in (
+            "registrations",
+            "heartbeats",
+            "unknown_heartbeats",
+            "leaves",
+            "expirations",
+            "evictions",
+            "publishes",
+            "peer_queries",
+        ):
             out[k] = counters.get(k, 0)
         return out
 

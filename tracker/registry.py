@@ -43,12 +43,28 @@ class Node:
     """One registered node. Slots keep it small: there may be a million of them."""
 
     __slots__ = (
-        "node_id", "host", "port", "labels", "zone", "version", "registered", "last_seen", "holdings",
-        "session", "heartbeats",
+        "node_id",
+        "host",
+        "port",
+        "labels",
+        "zone",
+        "version",
+        "registered",
+        "last_seen",
+        "holdings",
+        "session",
+        "heartbeats",
     )
 
     def __init__(
-        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str, now: float, session: int,
+        self,
+        node_id: str,
+        host: str,
+        port: int,
+        labels: dict[str, str],
+        version: str,
+        now: float,
+        session: int,
     ) -> None:
         self.node_id = node_id
         self.host = host
@@ -65,10 +81,15 @@ class Node:
     def info(self, now: float) -> dict[str, Any]:
         h = self.holdings or {}
         return {
-            "node_id": self.node_id, "addr": [self.host, self.port], "labels": dict(self.labels),
-            "version": self.version, "age_s": round(now - self.registered, 3),
-            "last_seen_s": round(now - self.last_seen, 3), "heartbeats": self.heartbeats,
-            "holdings": len(h), "complete": sum(1 for p in h.values() if p >= 1.0),
+            "node_id": self.node_id,
+            "addr": [self.host, self.port],
+            "labels": dict(self.labels),
+            "version": self.version,
+            "age_s": round(now - self.registered, 3),
+            "last_seen_s": round(now - self.last_seen, 3),
+            "heartbeats": self.heartbeats,
+            "holdings": len(h),
+            "complete": sum(1 for p in h.values() if p >= 1.0),
         }
 
 
@@ -196,7 +217,13 @@ class Registry:
         return d
 
     def register(
-        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str, now: float,
+        self,
+        node_id: str,
+        host: str,
+        port: int,
+        labels: dict[str, str],
+        version: str,
+        now: float,
         session: int | None = None,
     ) -> Node:
         """Add or refresh a node. Holdings of a node already known are kept until its next heartbeat."""
@@ -223,7 +250,11 @@ class Registry:
         return node
 
     def heartbeat(
-        self, node_id: str, holdings: dict[str, float] | None, now: float, session: int | None = None,
+        self,
+        node_id: str,
+        holdings: dict[str, float] | None,
+        now: float,
+        session: int | None = None,
     ) -> bool:
         """Record a heartbeat; False means the node is unknown (it must register again).
 
@@ -420,10 +451,18 @@ class Registry:
         out = []
         for aid, art in self.artifacts.items():
             c, p = art.holder_count()
-            out.append({
-                "artifact_id": aid, "names": sorted(names.get(aid, [])), "kind": art.kind, "size": art.size,
-                "pieces": art.pieces, "complete": c, "partial": p, "has_manifest": art.manifest is not None,
-            })
+            out.append(
+                {
+                    "artifact_id": aid,
+                    "names": sorted(names.get(aid, [])),
+                    "kind": art.kind,
+                    "size": art.size,
+                    "pieces": art.pieces,
+                    "complete": c,
+                    "partial": p,
+                    "has_manifest": art.manifest is not None,
+                }
+            )
         return out
 
     def swarm(self, aid: str, limit: int = 1000) -> dict[str, Any]:
@@ -436,21 +475,40 @@ class Registry:
                 if len(holders) >= limit:
                     break
                 n = self.nodes[nid]
-                holders.append({
-                    "node_id": nid, "addr": [n.host, n.port], "zone": zone,
-                    "progress": (n.holdings or {}).get(aid, 0.0),
-                })
+                holders.append(
+                    {
+                        "node_id": nid,
+                        "addr": [n.host, n.port],
+                        "zone": zone,
+                        "progress": (n.holdings or {}).get(aid, 0.0),
+                    }
+                )
         holders.sort(key=lambda h: (-h["progress"], h["node_id"]))
         c, p = art.holder_count()
-        return {"artifact_id": aid, "kind": art.kind, "size": art.size, "pieces": art.pieces,
-                "complete": c, "partial": p, "holders": holders}
+        return {
+            "artifact_id": aid,
+            "kind": art.kind,
+            "size": art.size,
+            "pieces": art.pieces,
+            "complete": c,
+            "partial": p,
+            "holders": holders,
+        }
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
         return {
-            "nodes": len(self.nodes), "artifacts": len(self.artifacts), "names": len(self.tags),
-            "interval": self.interval, "ttl": self.ttl,
-            "registrations": c.registrations, "heartbeats": c.heartbeats, "unknown_heartbeats": c.unknown_heartbeats,
-            "leaves": c.leaves, "expirations": c.expirations, "evictions": c.evictions,
-            "publishes": c.publishes, "peer_queries": c.peer_queries,
+            "nodes": len(self.nodes),
+            "artifacts": len(self.artifacts),
+            "names": len(self.tags),
+            "interval": self.interval,
+            "ttl": self.ttl,
+            "registrations": c.registrations,
+            "heartbeats": c.heartbeats,
+            "unknown_heartbeats": c.unknown_heartbeats,
+            "leaves": c.leaves,
+            "expirations": c.expirations,
+            "evictions": c.evictions,
+            "publishes": c.publishes,
+            "peer_queries": c.peer_queries,
         }

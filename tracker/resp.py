@@ -182,8 +182,13 @@ class Redis:
             try:
                 with trio.fail_after(self.timeout):
                     return await conn.roundtrip(cmds)
-            except (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    RedisUnavailable) as e:
+            except (
+                OSError,
+                trio.TooSlowError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                RedisUnavailable,
+            ) as e:
                 self._conns[i] = None  # its reply stream is out of step now: never reuse it
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
                     await conn.stream.aclose()

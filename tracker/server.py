@@ -81,15 +81,18 @@ class TrackerServer:
             if host in UNSPECIFIED_HOSTS:
                 host = peer_ip
             reg = await store.register(nid, host, port, V.labels(p.get("labels")), V.version(p.get("version")))
-            return {"interval": reg.interval, "session": reg.session, "udp_port": self.udp_port,
-                    "observed_ip": peer_ip}
+            return {"interval": reg.interval, "session": reg.session, "udp_port": self.udp_port, "observed_ip": peer_ip}
 
         async def heartbeat(p: dict[str, Any], emit: Emit) -> Any:
             nid = V.node_id(p.get("node_id"))
             holdings = V.holdings(p.get("holdings"))
             (known,) = await store.heartbeat_many([Heartbeat(nid, holdings)])
-            return {"interval": store.interval, "known": known, "policy": await store.policy(),
-                    "udp_port": self.udp_port}
+            return {
+                "interval": store.interval,
+                "known": known,
+                "policy": await store.policy(),
+                "udp_port": self.udp_port,
+            }
 
         async def leave(p: dict[str, Any], emit: Emit) -> Any:
             nid = V.node_id(p.get("node_id"))
@@ -120,8 +123,13 @@ class TrackerServer:
             return {"peers": await store.peers(aid, requester, V.max_peers(p.get("max")))}
 
         raw: dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]] = {
-            "register": register, "heartbeat": heartbeat, "leave": leave, "publish": publish,
-            "resolve": resolve, "manifest": manifest, "peers": peers,
+            "register": register,
+            "heartbeat": heartbeat,
+            "leave": leave,
+            "publish": publish,
+            "resolve": resolve,
+            "manifest": manifest,
+            "peers": peers,
         }
         return {name: self._instrument(name, fn) for name, fn in raw.items()}
 
@@ -250,8 +258,9 @@ class TrackerServer:
         m.udp_datagrams += n
         return n
 
-    def _reply(self, sock: socket.socket, meta: list[tuple[Any, int]], known: list[bool],
-               policy: dict[str, Any]) -> None:
+    def _reply(
+        self, sock: socket.socket, meta: list[tuple[Any, int]], known: list[bool], policy: dict[str, Any]
+    ) -> None:
         encode = _udp_encoder.encode
         interval = self.store.interval
         for (addr, seq), k in zip(meta, known, strict=True):
@@ -335,7 +344,11 @@ class TrackerServer:
     # ---- wiring ------------------------------------------------------------------------------------
 
     async def serve(
-        self, host: str, port: int, udp: bool = True, *,
+        self,
+        host: str,
+        port: int,
+        udp: bool = True,
+        *,
         task_status: trio.TaskStatus[tuple[int, int | None]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on TCP host:port (and UDP on the same port); started with (tcp_port, udp_port)."""

@@ -66,8 +66,13 @@ class MemoryStore:
     kind = "memory"
 
     def __init__(
-        self, interval: float = 1.0, misses: int = 3, *, clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time, registry: Registry | None = None,
+        self,
+        interval: float = 1.0,
+        misses: int = 3,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        registry: Registry | None = None,
     ) -> None:
         self.reg = registry or Registry(interval, misses)
         self.interval = self.reg.interval

@@ -112,8 +112,7 @@ def policy(v: Any) -> dict[str, Any]:
     for k, x in v.items():
         if k not in POLICY_KEYS:
             raise bad(f"unknown policy key {str(k)[:40]!r}; known: {', '.join(POLICY_KEYS)}")
-        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0
-                              or math.isinf(x)):
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 or math.isinf(x)):
             raise bad(f"policy {k} must be a positive number of bytes/s or null, got {x!r}")
         if x is not None:
             out[k] = float(x)

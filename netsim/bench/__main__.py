@@ -51,8 +51,9 @@ def _rate_bits(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The command line (spellings are stable: BENCHMARKS.md and CI script them)."""
-    ap = argparse.ArgumentParser(prog="python -m netsim.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m netsim.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("swarm", help="1 seed + N peers, all clients side by side")
     s.add_argument("--peers", type=int, default=4)
@@ -66,11 +67,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=None, help="per run, seconds (default: max(120, 10 T_min))")
     s.add_argument("--no-iperf", action="store_true", help="skip the iperf3 link measurement")
     s.add_argument("--p2pd-egress-limit", default=None, help="pass --egress-limit RATE to every p2pd daemon")
-    s.add_argument("--p2pd-run-args", type=shlex.split, default=[],
-                   help="extra options for every `p2pd run`, one quoted string (e.g. '--pipeline 8')")
+    s.add_argument(
+        "--p2pd-run-args",
+        type=shlex.split,
+        default=[],
+        help="extra options for every `p2pd run`, one quoted string (e.g. '--pipeline 8')",
+    )
     s.add_argument("--keep", action="store_true", help="keep the work dir (logs, copies) in /dev/shm")
-    s.add_argument("--trace", action="store_true",
-                   help="record every node's bytes (switch-side counters) each 0.5 s: ramp-up and tail per client")
+    s.add_argument(
+        "--trace",
+        action="store_true",
+        help="record every node's bytes (switch-side counters) each 0.5 s: ramp-up and tail per client",
+    )
     s.add_argument("--json", default=None, help="also write the JSON result to this file")
     p = sub.add_parser("pair", help="one p2pd pair vs curl from nginx, loopback")
     p.add_argument("--size", type=_size, default=parse_size("2GiB"))
@@ -80,11 +88,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     r = sub.add_parser("render", help="a result JSON as the Markdown block kept in BENCHMARKS.md")
     r.add_argument("file")
-    t = sub.add_parser("tracker", help="heartbeat load against one tracker process (and opentracker)",
-                       description=tracker_load.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = sub.add_parser(
+        "tracker",
+        help="heartbeat load against one tracker process (and opentracker)",
+        description=tracker_load.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     tracker_load.add_arguments(t)
-    y = sub.add_parser("ray", help="Ray: submit -> first inference result, against its bound",
-                       description=ray_first_result.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    y = sub.add_parser(
+        "ray",
+        help="Ray: submit -> first inference result, against its bound",
+        description=ray_first_result.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ray_first_result.add_arguments(y)
     return ap
 
@@ -108,12 +124,25 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "swarm":
             from netsim.bench.swarm import SwarmOptions, run_swarm
 
-            res = run_swarm(SwarmOptions(peers=a.peers, size=a.size, rate_bps=a.rate, seed_rate_bps=a.seed_rate,
-                                         clients=a.clients, runs=a.runs, topology=a.topology, loss=a.loss,
-                                         timeout_s=a.timeout, keep=a.keep, iperf=not a.no_iperf,
-                                         p2pd_egress_limit=a.p2pd_egress_limit,
-                                         p2pd_run_args=a.p2pd_run_args, trace=a.trace,
-                                         command=command))
+            res = run_swarm(
+                SwarmOptions(
+                    peers=a.peers,
+                    size=a.size,
+                    rate_bps=a.rate,
+                    seed_rate_bps=a.seed_rate,
+                    clients=a.clients,
+                    runs=a.runs,
+                    topology=a.topology,
+                    loss=a.loss,
+                    timeout_s=a.timeout,
+                    keep=a.keep,
+                    iperf=not a.no_iperf,
+                    p2pd_egress_limit=a.p2pd_egress_limit,
+                    p2pd_run_args=a.p2pd_run_args,
+                    trace=a.trace,
+                    command=command,
+                )
+            )
         else:
             from netsim.bench.pair import PairOptions, run_pair
 

@@ -49,8 +49,12 @@ def make_torrent(path: str, out: str, announce: str, piece_size: int) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(piece_size):
             pieces += hashlib.sha1(chunk).digest()
-    info = {"name": os.path.basename(path), "length": os.path.getsize(path), "piece length": piece_size,
-            "pieces": bytes(pieces)}
+    info = {
+        "name": os.path.basename(path),
+        "length": os.path.getsize(path),
+        "piece length": piece_size,
+        "pieces": bytes(pieces),
+    }
     data = bencode({"announce": announce, "created by": "netsim", "info": info})
     with open(out, "wb") as f:
         f.write(data)

@@ -30,8 +30,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # shadow a PYTHONPATH that points at a snapshot of p2pd/ being benchmarked. The repo is on PYTHONPATH (last).
 NEUTRAL_CWD = "/"
 FAILED_LOGS = "/tmp/netsim-failed"  # logs of failed runs (the run folders themselves live on tmpfs and are deleted)
-PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "no_proxy",
-              "NO_PROXY")
+PROXY_VARS = (
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "no_proxy",
+    "NO_PROXY",
+)
 
 
 class BenchError(RuntimeError):
@@ -79,8 +87,7 @@ class Net:
         if self.kind != "emu":
             return None
         sw = self.seed.host.links[0].switch
-        cp = subprocess.run(["ip", "-n", sw.ns, "-s", "-j", "link", "show"], capture_output=True, text=True,
-                            check=True)
+        cp = subprocess.run(["ip", "-n", sw.ns, "-s", "-j", "link", "show"], capture_output=True, text=True, check=True)
         by_if = {d["ifname"]: d["stats64"] for d in json.loads(cp.stdout) if "stats64" in d}
         out = {}
         for n in self.nodes():
@@ -93,21 +100,32 @@ class Net:
         return self.seed.host.counters()["tx_bytes"] if self.kind == "emu" else None
 
 
-def build_net(topo: Topology, kind: str, peers: int, rate_bps: int | None, seed_rate_bps: int | None,
-              loss: float = 0.0) -> Net:
+def build_net(
+    topo: Topology, kind: str, peers: int, rate_bps: int | None, seed_rate_bps: int | None, loss: float = 0.0
+) -> Net:
     """Create the namespaces for 1 seed + `peers` leechers."""
     if kind == "loopback":
         h = topo.add_host("lo")
-        return Net(kind, topo, Node("seed", h, "127.0.0.1"),
-                   [Node(f"p{i}", h, f"127.0.0.{10 + i}") for i in range(1, peers + 1)])
+        return Net(
+            kind,
+            topo,
+            Node("seed", h, "127.0.0.1"),
+            [Node(f"p{i}", h, f"127.0.0.{10 + i}") for i in range(1, peers + 1)],
+        )
     if kind != "emu":
         raise ValueError(f"unknown topology {kind!r}")
     lan = topo.add_switch("lan")
     srate = seed_rate_bps or rate_bps
     seed = topo.add_host("seed", lan, rate=srate, loss=loss)
     ls = [topo.add_host(f"p{i}", lan, rate=rate_bps, loss=loss) for i in range(1, peers + 1)]
-    return Net(kind, topo, Node("seed", seed, seed.ip or ""), [Node(h.name, h, h.ip or "") for h in ls],
-               up_bps=rate_bps, seed_up_bps=srate)
+    return Net(
+        kind,
+        topo,
+        Node("seed", seed, seed.ip or ""),
+        [Node(h.name, h, h.ip or "") for h in ls],
+        up_bps=rate_bps,
+        seed_up_bps=srate,
+    )
 
 
 @dataclass
@@ -188,15 +206,26 @@ class Leecher:
 class GatedProcess(Leecher):
     """A command started behind `netsim.bench.gate`: done when it exits 0 (p2pd fetch, curl)."""
 
-    def __init__(self, node: Node, output: str, argv: Sequence[str], logdir: str, tag: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, node: Node, output: str, argv: Sequence[str], logdir: str, tag: str, env: dict[str, str] | None = None
+    ) -> None:
         super().__init__(node, output)
         self.stdout_path = os.path.join(logdir, f"{tag}.out")
         self.stderr_path = os.path.join(logdir, f"{tag}.err")
-        gate = [sys.executable, "-m", "netsim.bench.gate", "--stdout", self.stdout_path,
-                "--stderr", self.stderr_path, "--", *argv]
-        self.proc = node.host.popen(gate, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                    env=child_env(env), cwd=NEUTRAL_CWD)
+        gate = [
+            sys.executable,
+            "-m",
+            "netsim.bench.gate",
+            "--stdout",
+            self.stdout_path,
+            "--stderr",
+            self.stderr_path,
+            "--",
+            *argv,
+        ]
+        self.proc = node.host.popen(
+            gate, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(env), cwd=NEUTRAL_CWD
+        )
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Block until the gate printed READY (the command is warmed up)."""
@@ -272,8 +301,9 @@ class RunResult:
     trace: dict[str, list] | None = None
 
 
-def release_and_wait(ctx: Ctx, client: str, run: int, leechers: Sequence[Leecher],
-                     extra_check: Callable[[], str | None] | None = None) -> RunResult:
+def release_and_wait(
+    ctx: Ctx, client: str, run: int, leechers: Sequence[Leecher], extra_check: Callable[[], str | None] | None = None
+) -> RunResult:
     """Apply the start and stop rules: release all leechers at once, wait for the last, verify every copy.
 
     `extra_check` is polled too (e.g. "a daemon died") and fails the run with its message."""
@@ -323,8 +353,15 @@ def release_and_wait(ctx: Ctx, client: str, run: int, leechers: Sequence[Leecher
     times = [round((lc.done_at or 0.0) - t0, 3) for lc in leechers]
     for lc in leechers:
         verify_copy(ctx.payload, lc.final_output(), lc.node.name)
-    return RunResult(client, run, times, max(times), None if tx0 is None or tx1 is None else tx1 - tx0,
-                     None if rss_peak is None else round(rss_peak, 1), trace)
+    return RunResult(
+        client,
+        run,
+        times,
+        max(times),
+        None if tx0 is None or tx1 is None else tx1 - tx0,
+        None if rss_peak is None else round(rss_peak, 1),
+        trace,
+    )
 
 
 def verify_copy(payload: str, output: str, who: str) -> None:
@@ -341,9 +378,11 @@ def verify_copy(payload: str, output: str, who: str) -> None:
 
 def wait_tcp(host: Host, ip: str, port: int, timeout: float = 30) -> None:
     """Block until something accepts TCP connections on ip:port inside `host`'s namespace."""
-    code = ("import socket,sys,time\nend=time.time()+float(sys.argv[3])\nwhile True:\n"
-            " try:\n  socket.create_connection((sys.argv[1],int(sys.argv[2])),1).close();break\n"
-            " except OSError:\n  time.sleep(0.05)\n  if time.time()>end: sys.exit(1)\n")
+    code = (
+        "import socket,sys,time\nend=time.time()+float(sys.argv[3])\nwhile True:\n"
+        " try:\n  socket.create_connection((sys.argv[1],int(sys.argv[2])),1).close();break\n"
+        " except OSError:\n  time.sleep(0.05)\n  if time.time()>end: sys.exit(1)\n"
+    )
     cp = host.run([sys.executable, "-c", code, ip, str(port), str(timeout)], check=False, timeout=timeout + 10)
     if cp.returncode != 0:
         raise BenchError(f"nothing listening on {ip}:{port} in {host.name} after {timeout:.0f} s")

@@ -14,8 +14,9 @@ import statistics
 from collections.abc import Sequence
 
 
-def kumar_ross(size_bytes: int, seed_up_bps: float, peers_up_bps: Sequence[float],
-               peers_down_bps: Sequence[float]) -> float:
+def kumar_ross(
+    size_bytes: int, seed_up_bps: float, peers_up_bps: Sequence[float], peers_down_bps: Sequence[float]
+) -> float:
     """T_min in seconds for `size_bytes` (rates in bit/s)."""
     if not peers_up_bps or len(peers_up_bps) != len(peers_down_bps):
         raise ValueError("need one up and one down rate per peer")

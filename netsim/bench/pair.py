@@ -29,8 +29,20 @@ class PairOptions:
 
 def run_pair(o: PairOptions, log: IO[str] = sys.stderr) -> dict[str, Any]:
     """Run it; the result is the swarm JSON plus `mbps` per client, `p2pd_vs_curl` and a pair headline."""
-    res = run_swarm(SwarmOptions(peers=1, size=o.size, clients=list(o.clients), runs=o.runs, topology="loopback",
-                                 timeout_s=o.timeout_s, keep=o.keep, iperf=False, command=o.command), log=log)
+    res = run_swarm(
+        SwarmOptions(
+            peers=1,
+            size=o.size,
+            clients=list(o.clients),
+            runs=o.runs,
+            topology="loopback",
+            timeout_s=o.timeout_s,
+            keep=o.keep,
+            iperf=False,
+            command=o.command,
+        ),
+        log=log,
+    )
     res["benchmark"] = "pair"
     cl = res["clients"]
     p, h = cl.get("p2pd", {}).get("agg_MBps"), cl.get("http", {}).get("agg_MBps")
@@ -40,6 +52,9 @@ def run_pair(o: PairOptions, log: IO[str] = sys.stderr) -> dict[str, Any]:
     same = len(pr) == len(hr) == o.runs
     res["p2pd_vs_curl_runs"] = [round(a / b, 3) for a, b in zip(pr, hr, strict=True)] if same else None
     parts = [f"{k} {v['agg_MBps']:.0f} MB/s" if v["agg_MBps"] else f"{k} FAILED" for k, v in cl.items()]
-    res["headline"] = (f"pair loopback {format_size_exact(o.size)}: " + ", ".join(parts).replace("http", "curl<-nginx")
-                       + (f"; p2pd/curl {res['p2pd_vs_curl']:.2f}" if res["p2pd_vs_curl"] else ""))
+    res["headline"] = (
+        f"pair loopback {format_size_exact(o.size)}: "
+        + ", ".join(parts).replace("http", "curl<-nginx")
+        + (f"; p2pd/curl {res['p2pd_vs_curl']:.2f}" if res["p2pd_vs_curl"] else "")
+    )
     return res

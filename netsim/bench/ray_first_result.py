@@ -204,5 +204,3 @@ def main(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-

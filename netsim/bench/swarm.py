@@ -66,12 +66,16 @@ def preflight(tools: list[tuple[str, str]]) -> None:
 def measure_iperf(net: Net, seconds: int = 4) -> float:
     """TCP goodput seed -> p1 in bit/s (iperf3, 1 s of slow start omitted): what a shaped link really carries."""
     seed, p1 = net.seed, net.leechers[0]
-    srv = seed.host.popen(["iperf3", "-s", "-1", "-B", seed.ip, "-p", "5201"], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+    srv = seed.host.popen(
+        ["iperf3", "-s", "-1", "-B", seed.ip, "-p", "5201"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         for _ in range(50):
-            cp = p1.host.run(["iperf3", "-c", seed.ip, "-p", "5201", "-R", "-t", str(seconds), "-O", "1", "-J"],
-                             check=False, timeout=seconds + 30)
+            cp = p1.host.run(
+                ["iperf3", "-c", seed.ip, "-p", "5201", "-R", "-t", str(seconds), "-O", "1", "-J"],
+                check=False,
+                timeout=seconds + 30,
+            )
             j = json.loads(cp.stdout) if cp.stdout.strip().startswith("{") else {}
             if cp.returncode == 0 and "sum_received" in j.get("end", {}):
                 return float(j["end"]["sum_received"]["bits_per_second"])
@@ -83,9 +87,11 @@ def measure_iperf(net: Net, seconds: int = 4) -> float:
 
 def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result (clients that failed a run are reported, not raised)."""
-    preflight([("ip", "iproute2"), ("tc", "iproute2"), ("cmp", "diffutils")]
-              + ([("iperf3", "iperf3")] if o.iperf and o.topology == "emu" else [])
-              + ([("iptables", "iptables")] if o.loss else []))
+    preflight(
+        [("ip", "iproute2"), ("tc", "iproute2"), ("cmp", "diffutils")]
+        + ([("iperf3", "iperf3")] if o.iperf and o.topology == "emu" else [])
+        + ([("iptables", "iptables")] if o.loss else [])
+    )
     if o.peers < 1 or o.runs < 1 or o.size < 1:
         raise BenchError("--peers, --runs and --size must be positive")
     clients = clients if clients is not None else [make_client(c, o) for c in o.clients]
@@ -109,14 +115,26 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
         payload = os.path.join(work, "payload", "payload.bin")
         make_payload(payload, o.size)
         with Topology(prefix) as topo:
-            net = build_net(topo, o.topology, o.peers, o.rate_bps if o.topology == "emu" else None,
-                            o.seed_rate_bps, o.loss)
+            net = build_net(
+                topo, o.topology, o.peers, o.rate_bps if o.topology == "emu" else None, o.seed_rate_bps, o.loss
+            )
             t_min = t_min_nominal(o)
             timeout = o.timeout_s or (max(120.0, 10 * t_min) if t_min else 600.0)
-            ctx = Ctx(net=net, payload=payload, size=o.size, work=work, timeout_s=timeout, log=log, keep_logs=o.keep,
-                      trace=o.trace)
-            ctx.say(f"{o.topology}: 1 seed + {o.peers} peers, {format_size_exact(o.size)}"
-                    + (f" at {format_bits_rate(o.rate_bps)}, T_min {t_min:.2f} s" if t_min else "") + f" ({prefix})")
+            ctx = Ctx(
+                net=net,
+                payload=payload,
+                size=o.size,
+                work=work,
+                timeout_s=timeout,
+                log=log,
+                keep_logs=o.keep,
+                trace=o.trace,
+            )
+            ctx.say(
+                f"{o.topology}: 1 seed + {o.peers} peers, {format_size_exact(o.size)}"
+                + (f" at {format_bits_rate(o.rate_bps)}, T_min {t_min:.2f} s" if t_min else "")
+                + f" ({prefix})"
+            )
             if o.topology == "emu" and o.iperf:
                 measured_bps = measure_iperf(net)
                 ctx.say(f"iperf3 seed->p1: {measured_bps / 1e6:.1f} Mbit/s")
@@ -133,9 +151,11 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
                         continue
                     results[c.name].append(res)
                     up = f", seed sent {res.seed_tx_bytes / o.size:.2f} F" if res.seed_tx_bytes is not None else ""
-                    ctx.say(f"run {r + 1}/{o.runs} {c.name}: {res.t_s:.2f} s"
-                            + (f" ({res.t_s / t_min:.2f}x T_min)" if t_min else "")
-                            + f" {o.peers * o.size / res.t_s / 1e6:.0f} MB/s delivered{up}")
+                    ctx.say(
+                        f"run {r + 1}/{o.runs} {c.name}: {res.t_s:.2f} s"
+                        + (f" ({res.t_s / t_min:.2f}x T_min)" if t_min else "")
+                        + f" {o.peers * o.size / res.t_s / 1e6:.0f} MB/s delivered{up}"
+                    )
     finally:
         if not o.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -145,10 +165,20 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
 def revision() -> str | None:
     """The repo's commit (+ "-dirty" when p2pd/, tracker/ or netsim/ have uncommitted changes), for BENCHMARKS.md."""
     try:
-        head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "p2pd", "tracker", "netsim"],
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", REPO_ROOT, "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "p2pd", "tracker", "netsim"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None  # not a git checkout (an installed copy): the JSON says so with null
     return head + ("-dirty" if dirty else "")
@@ -162,8 +192,9 @@ def t_min_nominal(o: SwarmOptions) -> float | None:
     return kumar_ross(o.size, s, [o.rate_bps] * o.peers, [o.rate_bps] * o.peers)
 
 
-def report(o: SwarmOptions, results: dict[str, list], failures: dict[str, list[str]],
-           measured_bps: float | None) -> dict[str, Any]:
+def report(
+    o: SwarmOptions, results: dict[str, list], failures: dict[str, list[str]], measured_bps: float | None
+) -> dict[str, Any]:
     """The JSON object: parameters, bounds, and per client times, medians, ranges, ratios, seed upload."""
     t_min = t_min_nominal(o)
     t_min_meas = None
@@ -172,13 +203,18 @@ def report(o: SwarmOptions, results: dict[str, list], failures: dict[str, list[s
         scale = measured_bps / min(s, o.rate_bps)  # the measured path is seed-up -> peer-down
         t_min_meas = kumar_ross(o.size, s * scale, [o.rate_bps * scale] * o.peers, [o.rate_bps * scale] * o.peers)
     out: dict[str, Any] = {
-        "benchmark": "swarm", "topology": o.topology, "command": o.command,
+        "benchmark": "swarm",
+        "topology": o.topology,
+        "command": o.command,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
         "revision": revision(),
         "pythonpath": os.environ.get("PYTHONPATH"),  # set when a snapshot of p2pd/ was benchmarked
-        "peers": o.peers, "size_bytes": o.size, "rate_bps": o.rate_bps if o.topology == "emu" else None,
-        "seed_rate_bps": (o.seed_rate_bps or o.rate_bps) if o.topology == "emu" else None, "loss": o.loss,
+        "peers": o.peers,
+        "size_bytes": o.size,
+        "rate_bps": o.rate_bps if o.topology == "emu" else None,
+        "seed_rate_bps": (o.seed_rate_bps or o.rate_bps) if o.topology == "emu" else None,
+        "loss": o.loss,
         "runs": o.runs,
         "t_min_s": None if t_min is None else round(t_min, 3),
         "t_min_measured_s": None if t_min_meas is None else round(t_min_meas, 3),
@@ -194,10 +230,14 @@ def report(o: SwarmOptions, results: dict[str, list], failures: dict[str, list[s
         med, lo, hi = st["median"], st["min"], st["max"]
         up_med, agg_med = summarize(ups)["median"], summarize(agg)["median"]  # None when empty
         out["clients"][name] = {
-            "times_s": times, "median_s": med, "min_s": lo, "max_s": hi,
+            "times_s": times,
+            "median_s": med,
+            "min_s": lo,
+            "max_s": hi,
             "ratio": None if med is None or not t_min else round(med / t_min, 3),
-            "ratio_range": None if lo is None or hi is None or not t_min else [round(lo / t_min, 3),
-                                                                               round(hi / t_min, 3)],
+            "ratio_range": None
+            if lo is None or hi is None or not t_min
+            else [round(lo / t_min, 3), round(hi / t_min, 3)],
             "ratio_measured": None if med is None or not t_min_meas else round(med / t_min_meas, 3),
             "seed_upload_F": None if up_med is None else round(up_med, 3),
             "seed_upload_F_runs": [round(u, 3) for u in ups],
@@ -220,8 +260,10 @@ def headline(res: dict[str, Any]) -> str:
     if res["topology"] == "emu":
         ok = sorted(((v["ratio"], k) for k, v in cl.items() if v["ratio"] is not None))
         parts = [f"{k} {r:.2f}x" for r, k in ok] + [f"{k} FAILED" for k, v in cl.items() if v["ratio"] is None]
-        return (f"swarm 1+{res['peers']} {size} @ {format_bits_rate(res['rate_bps'])}: "
-                f"T/T_min (T_min {res['t_min_s']:.2f} s): " + ", ".join(parts))
+        return (
+            f"swarm 1+{res['peers']} {size} @ {format_bits_rate(res['rate_bps'])}: "
+            f"T/T_min (T_min {res['t_min_s']:.2f} s): " + ", ".join(parts)
+        )
     ok = sorted(((v["agg_MBps"], k) for k, v in cl.items() if v["agg_MBps"] is not None), reverse=True)
     parts = [f"{k} {m:.0f} MB/s" for m, k in ok] + [f"{k} FAILED" for k, v in cl.items() if v["agg_MBps"] is None]
     line = f"swarm loopback 1+{res['peers']} {size}: delivered " + ", ".join(parts)

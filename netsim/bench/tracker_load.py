@@ -129,9 +129,23 @@ class Loader:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for start in range(0, self.count, 512):
                 batch = range(start, min(self.count, start + 512))
-                s.sendall(b"".join(encode_frame({"id": k, "method": "register", "params": {
-                    "node_id": self.ids[k], "addr": ["127.0.0.1", 10000 + (self.first + k) % 50000],
-                    "labels": {"zone": f"z{(self.first + k) % 8}"}, "version": "bench"}}) for k in batch))
+                s.sendall(
+                    b"".join(
+                        encode_frame(
+                            {
+                                "id": k,
+                                "method": "register",
+                                "params": {
+                                    "node_id": self.ids[k],
+                                    "addr": ["127.0.0.1", 10000 + (self.first + k) % 50000],
+                                    "labels": {"zone": f"z{(self.first + k) % 8}"},
+                                    "version": "bench",
+                                },
+                            }
+                        )
+                        for k in batch
+                    )
+                )
                 left = len(batch)
                 while left:
                     data = s.recv(1 << 20)
@@ -165,9 +179,22 @@ class Loader:
         i = self.first + k
         if self.mode == "opentracker":
             left = 0 if i % 4 else 1 << 30
-            pkt = struct.pack("!QII20s20sQQQIIIiH", self.conn_id, 1, seq, self.infohashes[i % ARTIFACTS],
-                              b"-PB0001-" + i.to_bytes(12, "big"), 0, left, 0, 0, 0, i & 0xFFFFFFFF, 0,
-                              10000 + i % 50000)
+            pkt = struct.pack(
+                "!QII20s20sQQQIIIiH",
+                self.conn_id,
+                1,
+                seq,
+                self.infohashes[i % ARTIFACTS],
+                b"-PB0001-" + i.to_bytes(12, "big"),
+                0,
+                left,
+                0,
+                0,
+                0,
+                i & 0xFFFFFFFF,
+                0,
+                10000 + i % 50000,
+            )
         else:
             h = None
             if self.with_holdings or (self.churn and self.rng.random() < self.churn):
@@ -255,8 +282,14 @@ class Loader:
                 last_reap = now
         elapsed = time.perf_counter() - t0
         done += self._settle(lat)
-        return {"sent": sent, "done": done, "elapsed": elapsed, "lat": lat, "cpu": time.process_time() - c0,
-                "unknown": self.unknown}
+        return {
+            "sent": sent,
+            "done": done,
+            "elapsed": elapsed,
+            "lat": lat,
+            "cpu": time.process_time() - c0,
+            "unknown": self.unknown,
+        }
 
     def open(self, duration: float, rate: float) -> dict[str, Any]:
         lat: list[float] = []
@@ -284,8 +317,14 @@ class Loader:
                 done += self.drain(lat, 1)
         elapsed = time.perf_counter() - t0
         done += self._settle(lat)
-        return {"sent": sent, "done": done, "elapsed": elapsed, "lat": lat, "cpu": time.process_time() - c0,
-                "unknown": self.unknown}
+        return {
+            "sent": sent,
+            "done": done,
+            "elapsed": elapsed,
+            "lat": lat,
+            "cpu": time.process_time() - c0,
+            "unknown": self.unknown,
+        }
 
     def _settle(self, lat: list[float]) -> int:
         got = 0
@@ -388,8 +427,9 @@ class P2PTracker(Target):
             return {}
         import urllib.request
 
-        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}/metrics",
-                                     headers={"Authorization": f"Bearer {self.token}"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.admin_port}/metrics", headers={"Authorization": f"Bearer {self.token}"}
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             text = r.read().decode()
         out = {}
@@ -416,8 +456,10 @@ class OpenTracker(Target):
         os.chmod(root, 0o755)
         self.port = free_port()
         conf = root / "opentracker.conf"
-        conf.write_text(f"listen.udp 127.0.0.1:{self.port}\nlisten.tcp 127.0.0.1:{free_port()}\n"
-                        f"access.whitelist /whitelist.txt\ntracker.rootdir {root}\ntracker.user nobody\n")
+        conf.write_text(
+            f"listen.udp 127.0.0.1:{self.port}\nlisten.tcp 127.0.0.1:{free_port()}\n"
+            f"access.whitelist /whitelist.txt\ntracker.rootdir {root}\ntracker.user nobody\n"
+        )
         self.process = cluster.spawn([exe, "-f", str(conf)], "opentracker")
         time.sleep(0.5)
         if not self.process.alive():
@@ -433,11 +475,24 @@ def run_target(target: Target, mode: str, a: argparse.Namespace, tmp: Path) -> d
         for j in range(a.loaders):
             first = j * per
             count = per if j < a.loaders - 1 else a.nodes - first
-            spec = {"mode": mode, "host": "127.0.0.1", "port": target.port, "first": first, "count": count,
-                    "churn": a.churn}
-            loaders.append(subprocess.Popen([sys.executable, "-m", "netsim.bench.tracker_load", "--loader",
-                                             json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            text=True, env=child_env(), start_new_session=True))
+            spec = {
+                "mode": mode,
+                "host": "127.0.0.1",
+                "port": target.port,
+                "first": first,
+                "count": count,
+                "churn": a.churn,
+            }
+            loaders.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "netsim.bench.tracker_load", "--loader", json.dumps(spec)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=child_env(),
+                    start_new_session=True,
+                )
+            )
         for p in loaders:
             line = p.stdout.readline() if p.stdout else ""
             if not line:
@@ -462,17 +517,25 @@ def run_target(target: Target, mode: str, a: argparse.Namespace, tmp: Path) -> d
             lat = [x for r in res for x in r["lat"]]
             done = sum(r["done"] for r in res)
             sent = sum(r["sent"] for r in res)
-            return {"heartbeats_per_s": round(done / elapsed), "sent": sent, "answered": done,
-                    "lost": max(0, sent - done), "unknown": sum(r["unknown"] for r in res),
-                    "p50_ms": round(pct(lat, 50) * 1000, 3), "p99_ms": round(pct(lat, 99) * 1000, 3),
-                    "tracker_cpu": round(tracker_cpu / elapsed, 2),
-                    "heartbeats_per_tracker_cpu_s": round(done / max(tracker_cpu, 1e-9)),
-                    "loader_cpu": [round(r["cpu"] / r["elapsed"], 2) for r in res],
-                    "udp_rcvbuf_errors_system_wide": udp_rcvbuf_errors() - e0,
-                    **({"tracker_udp_batches": {k: v - h0.get(k, 0) for k, v in
-                                                target.udp_batch_histogram().items()}}
-                       if h0 and isinstance(target, P2PTracker) else {}),
-                    **({"redis_cpu": round(redis_cpu / elapsed, 2)} if redis_cpu is not None else {})}
+            return {
+                "heartbeats_per_s": round(done / elapsed),
+                "sent": sent,
+                "answered": done,
+                "lost": max(0, sent - done),
+                "unknown": sum(r["unknown"] for r in res),
+                "p50_ms": round(pct(lat, 50) * 1000, 3),
+                "p99_ms": round(pct(lat, 99) * 1000, 3),
+                "tracker_cpu": round(tracker_cpu / elapsed, 2),
+                "heartbeats_per_tracker_cpu_s": round(done / max(tracker_cpu, 1e-9)),
+                "loader_cpu": [round(r["cpu"] / r["elapsed"], 2) for r in res],
+                "udp_rcvbuf_errors_system_wide": udp_rcvbuf_errors() - e0,
+                **(
+                    {"tracker_udp_batches": {k: v - h0.get(k, 0) for k, v in target.udp_batch_histogram().items()}}
+                    if h0 and isinstance(target, P2PTracker)
+                    else {}
+                ),
+                **({"redis_cpu": round(redis_cpu / elapsed, 2)} if redis_cpu is not None else {}),
+            }
 
         ops_before = redis_ops(a.redis_url) if a.redis_url else None
         mx = phase(f"closed {a.duration} {a.window}")
@@ -492,12 +555,19 @@ def run_target(target: Target, mode: str, a: argparse.Namespace, tmp: Path) -> d
                 "heartbeats_per_round_trip": round(beats / max(1, scripts), 1),
                 "commands": {k: v for k, v in sorted(delta.items()) if v},
             }
-        return {**extra,
-            "target": target.name, "nodes": a.nodes, "heartbeats_per_s": mx["heartbeats_per_s"],
+        return {
+            **extra,
+            "target": target.name,
+            "nodes": a.nodes,
+            "heartbeats_per_s": mx["heartbeats_per_s"],
             "heartbeats_per_tracker_cpu_s": mx["heartbeats_per_tracker_cpu_s"],
-            "p50_ms": half["p50_ms"], "p99_ms": half["p99_ms"], "rss_mb": round(gc_rss, 1),
-            "bytes_per_node": round((gc_rss - base_rss) * (1 << 20) / a.nodes), "setup_s": round(setup_s, 1),
-            "max": mx, "half": half,
+            "p50_ms": half["p50_ms"],
+            "p99_ms": half["p99_ms"],
+            "rss_mb": round(gc_rss, 1),
+            "bytes_per_node": round((gc_rss - base_rss) * (1 << 20) / a.nodes),
+            "setup_s": round(setup_s, 1),
+            "max": mx,
+            "half": half,
         }
     finally:
         for p in loaders:
@@ -542,8 +612,7 @@ def memory_only(n: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     for i in range(n):
         nid = node_id(i)
-        reg.register(nid, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 7000, {"zone": f"z{i % 8}"}, "0.1.0",
-                     0.0)
+        reg.register(nid, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 7000, {"zone": f"z{i % 8}"}, "0.1.0", 0.0)
         reg.heartbeat(nid, holdings_of(i), 0.0)
     build_s = time.perf_counter() - t0
     gc.collect()
@@ -553,9 +622,14 @@ def memory_only(n: int) -> dict[str, Any]:
     for i in range(k):
         reg.heartbeat(node_id(i), None, 1.0)
     hb_us = (time.perf_counter() - t0) / k * 1e6
-    return {"nodes": n, "rss_mb": round(rss, 1), "registry_mb": round(rss - base, 1),
-            "bytes_per_node": round((rss - base) * (1 << 20) / n), "build_s": round(build_s, 1),
-            "heartbeat_us_in_process": round(hb_us, 2)}
+    return {
+        "nodes": n,
+        "rss_mb": round(rss, 1),
+        "registry_mb": round(rss - base, 1),
+        "bytes_per_node": round((rss - base) * (1 << 20) / n),
+        "build_s": round(build_s, 1),
+        "heartbeat_us_in_process": round(hb_us, 2),
+    }
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -565,8 +639,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", type=Path, help="write the result here")
     ap.add_argument("--loaders", type=int, default=2, help="load-generator processes")
     ap.add_argument("--window", type=int, default=64, help="requests in flight per loader (max phase)")
-    ap.add_argument("--interval", type=float, default=120.0,
-                    help="tracker interval: long, so no node expires while the others register")
+    ap.add_argument(
+        "--interval",
+        type=float,
+        default=120.0,
+        help="tracker interval: long, so no node expires while the others register",
+    )
     ap.add_argument("--store", default="memory", help="memory, redis://HOST:PORT/DB, or 'redis' (private server)")
     ap.add_argument("--churn", type=float, default=0.0, help="fraction of heartbeats carrying a progress change")
     ap.add_argument("--target", choices=["p2pd", "opentracker"], default="p2pd")
@@ -580,8 +658,13 @@ def run(a: argparse.Namespace, command: str) -> int:
     if a.memory_only:
         result: dict[str, Any] = memory_only(a.nodes)
     else:
-        result = {"command": command, "cpus": os.cpu_count(), "loaders": a.loaders, "window": a.window,
-                  "duration": a.duration}
+        result = {
+            "command": command,
+            "cpus": os.cpu_count(),
+            "loaders": a.loaders,
+            "window": a.window,
+            "duration": a.duration,
+        }
         with tempfile.TemporaryDirectory(prefix="p2p-bench-") as tmpd, LocalCluster(Path(tmpd)) as cluster:
             tmp = Path(tmpd)
             a.redis_pid = None
@@ -596,8 +679,11 @@ def run(a: argparse.Namespace, command: str) -> int:
             targets = ["p2pd", "opentracker"] if a.compare_opentracker else [a.target]
             for name in targets:
                 try:
-                    t: Target = (P2PTracker(cluster, a.interval, store, not a.no_metrics) if name == "p2pd"
-                                 else OpenTracker(cluster, tmp))
+                    t: Target = (
+                        P2PTracker(cluster, a.interval, store, not a.no_metrics)
+                        if name == "p2pd"
+                        else OpenTracker(cluster, tmp)
+                    )
                 except ToolMissing as e:
                     raise SystemExit(f"netsim.bench tracker: {e.message}") from None
                 try:
@@ -611,25 +697,32 @@ def run(a: argparse.Namespace, command: str) -> int:
             result[k] = main_r[k]
         if a.compare_opentracker:
             result["ratio_vs_opentracker"] = round(
-                result["p2pd"]["heartbeats_per_s"] / max(1, result["opentracker"]["heartbeats_per_s"]), 3)
+                result["p2pd"]["heartbeats_per_s"] / max(1, result["opentracker"]["heartbeats_per_s"]), 3
+            )
             # the same ratio per CPU-second of the tracker process: robust to how the machine's other
             # load shares the CPU between the two runs
             result["cpu_efficiency_vs_opentracker"] = round(
                 result["p2pd"]["heartbeats_per_tracker_cpu_s"]
-                / max(1, result["opentracker"]["heartbeats_per_tracker_cpu_s"]), 3)
+                / max(1, result["opentracker"]["heartbeats_per_tracker_cpu_s"]),
+                3,
+            )
     text = json.dumps(result, indent=2)
     if a.json:
         a.json.write_text(text + "\n")
     print(text)
     if "ratio_vs_opentracker" in result:
-        print(f"p2pd {result['p2pd']['heartbeats_per_s']}/s vs opentracker "
-              f"{result['opentracker']['heartbeats_per_s']}/s: ratio {result['ratio_vs_opentracker']} "
-              f"(per tracker CPU-second: {result['cpu_efficiency_vs_opentracker']})", file=sys.stderr)
+        print(
+            f"p2pd {result['p2pd']['heartbeats_per_s']}/s vs opentracker "
+            f"{result['opentracker']['heartbeats_per_s']}/s: ratio {result['ratio_vs_opentracker']} "
+            f"(per tracker CPU-second: {result['cpu_efficiency_vs_opentracker']})",
+            file=sys.stderr,
+        )
     return 0
 
 
 if __name__ == "__main__":  # a load-generator process, started by run_target
-    _ap = argparse.ArgumentParser(prog="python -m netsim.bench.tracker_load",
-                                  description="one load generator of `python -m netsim.bench tracker`")
+    _ap = argparse.ArgumentParser(
+        prog="python -m netsim.bench.tracker_load", description="one load generator of `python -m netsim.bench tracker`"
+    )
     _ap.add_argument("--loader", required=True, help="JSON spec (run_target writes it)")
     loader_main(_ap.parse_args().loader)

@@ -17,5 +17,15 @@ from netsim.emu.topology import (
     stale_namespaces,
 )
 
-__all__ = ["EmuError", "Host", "Link", "Switch", "Terminated", "Topology", "list_namespaces", "new_prefix",
-           "reap_stale", "stale_namespaces"]
+__all__ = [
+    "EmuError",
+    "Host",
+    "Link",
+    "Switch",
+    "Terminated",
+    "Topology",
+    "list_namespaces",
+    "new_prefix",
+    "reap_stale",
+    "stale_namespaces",
+]

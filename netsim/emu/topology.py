@@ -169,8 +169,9 @@ class Host:
         """`argv` wrapped to run inside this namespace; `ip netns exec` execs it, so the PID is the program's."""
         return ["ip", "netns", "exec", self.ns, *argv]
 
-    def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 60,
-            **kw: Any) -> subprocess.CompletedProcess:
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 60, **kw: Any
+    ) -> subprocess.CompletedProcess:
         """Run a command to completion inside the namespace (output captured as text unless overridden)."""
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
@@ -191,19 +192,24 @@ class Host:
         dev = ifname or (self.links[0].host_if if self.links else "lo")
         cp = _run(["ip", "-n", self.ns, "-s", "-j", "link", "show", "dev", dev])
         st = json.loads(cp.stdout)[0]["stats64"]
-        return {"tx_bytes": st["tx"]["bytes"], "rx_bytes": st["rx"]["bytes"],
-                "tx_packets": st["tx"]["packets"], "rx_packets": st["rx"]["packets"],
-                "tx_dropped": st["tx"]["dropped"], "rx_dropped": st["rx"]["dropped"]}
+        return {
+            "tx_bytes": st["tx"]["bytes"],
+            "rx_bytes": st["rx"]["bytes"],
+            "tx_packets": st["tx"]["packets"],
+            "rx_packets": st["rx"]["packets"],
+            "tx_dropped": st["tx"]["dropped"],
+            "rx_dropped": st["rx"]["dropped"],
+        }
 
 
 class Topology:
     """Builder and owner of one emulated network; use as a context manager (everything is deleted on exit).
 
-        with Topology() as topo:
-            lan = topo.add_switch("lan")
-            seed = topo.add_host("seed", lan, rate=200_000_000)
-            p1 = topo.add_host("p1", lan, rate=200_000_000, loss=0.001)
-            p1.run(["ping", "-c1", seed.ip])
+    with Topology() as topo:
+        lan = topo.add_switch("lan")
+        seed = topo.add_host("seed", lan, rate=200_000_000)
+        p1 = topo.add_host("p1", lan, rate=200_000_000, loss=0.001)
+        p1.run(["ping", "-c1", seed.ip])
     """
 
     def __init__(self, prefix: str | None = None) -> None:
@@ -323,8 +329,18 @@ class Topology:
         self._namespaces.append(ns)
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
         # no IPv6: keeps router solicitations/DAD out of the byte counters and the sockets on IPv4
-        _run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-              "net.ipv6.conf.default.disable_ipv6=1"])
+        _run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ]
+        )
         return ns
 
     def add_switch(self, name: str = "lan", subnet: str | None = None) -> Switch:
@@ -339,9 +355,18 @@ class Topology:
         self.switches[name] = sw
         return sw
 
-    def add_host(self, name: str, switch: Switch | None = None, *, rate: int | None = None, up: int | None = None,
-                 down: int | None = None, loss: float = 0.0, ip: str | None = None,
-                 gateway: Host | None = None) -> Host:
+    def add_host(
+        self,
+        name: str,
+        switch: Switch | None = None,
+        *,
+        rate: int | None = None,
+        up: int | None = None,
+        down: int | None = None,
+        loss: float = 0.0,
+        ip: str | None = None,
+        gateway: Host | None = None,
+    ) -> Host:
         """A new host namespace; attached to `switch` when given (else loopback only).
 
         `rate` shapes both directions (bit/s); `up`/`down` override one direction. `gateway` (a router on the same
@@ -351,8 +376,14 @@ class Topology:
         host = Host(self, name, self._add_ns(name))
         self.hosts[name] = host
         if switch is not None:
-            self.attach(host, switch, up=up if up is not None else rate, down=down if down is not None else rate,
-                        loss=loss, ip=ip)
+            self.attach(
+                host,
+                switch,
+                up=up if up is not None else rate,
+                down=down if down is not None else rate,
+                loss=loss,
+                ip=ip,
+            )
         if gateway is not None:
             gw = self._ip_on(gateway, switch)
             _run(["ip", "-n", host.ns, "route", "add", "default", "via", gw])
@@ -365,8 +396,16 @@ class Topology:
                 return str(link.ip)
         raise EmuError(f"{host.name} has no link on switch {switch.name if switch else None}")
 
-    def attach(self, host: Host, switch: Switch, *, up: int | None = None, down: int | None = None,
-               loss: float = 0.0, ip: str | None = None) -> Link:
+    def attach(
+        self,
+        host: Host,
+        switch: Switch,
+        *,
+        up: int | None = None,
+        down: int | None = None,
+        loss: float = 0.0,
+        ip: str | None = None,
+    ) -> Link:
         """Connect `host` to `switch` with a new veth pair, address it, shape it, add loss."""
         host_if = f"eth{len(host.links)}"
         switch_if = f"v{switch.ports}"
@@ -374,8 +413,24 @@ class Topology:
         addr = ipaddress.IPv4Address(ip) if ip else switch.take_ip()
         if addr not in switch.subnet:
             raise ValueError(f"{addr} is not in {switch.subnet}")
-        _run(["ip", "-n", switch.ns, "link", "add", "name", switch_if, "type", "veth",
-              "peer", "name", host_if, "netns", host.ns])
+        _run(
+            [
+                "ip",
+                "-n",
+                switch.ns,
+                "link",
+                "add",
+                "name",
+                switch_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                host_if,
+                "netns",
+                host.ns,
+            ]
+        )
         _run(["ip", "-n", switch.ns, "link", "set", switch_if, "master", "br0", "up"])
         _run(["ip", "-n", host.ns, "addr", "add", f"{addr}/{switch.subnet.prefixlen}", "dev", host_if])
         _run(["ip", "-n", host.ns, "link", "set", host_if, "up"])
@@ -394,8 +449,25 @@ class Topology:
                 continue
             if rate <= 0:
                 raise ValueError(f"rate must be positive, got {rate}")
-            _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate}bit",
-                  "burst", str(tbf_burst_bytes(rate)), "latency", f"{TBF_LATENCY_MS}ms"])
+            _run(
+                [
+                    "tc",
+                    "-n",
+                    ns,
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    f"{rate}bit",
+                    "burst",
+                    str(tbf_burst_bytes(rate)),
+                    "latency",
+                    f"{TBF_LATENCY_MS}ms",
+                ]
+            )
         link.up_bps, link.down_bps = up, down
 
     def set_loss(self, link: Link, p: float) -> None:
@@ -403,8 +475,19 @@ class Topology:
         if not 0.0 <= p < 1.0:
             raise ValueError(f"loss must be in [0, 1), got {p}")
         base = ["ip", "netns", "exec", link.host.ns, "iptables", "-w", "5"]
-        rule = ["INPUT", "-i", link.host_if, "-m", "statistic", "--mode", "random", "--probability", f"{p:.6f}",
-                "-j", "DROP"]
+        rule = [
+            "INPUT",
+            "-i",
+            link.host_if,
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            f"{p:.6f}",
+            "-j",
+            "DROP",
+        ]
         if link.loss:
             old = rule[:8] + [f"{link.loss:.6f}", "-j", "DROP"]
             _run([*base, "-D", *old])
@@ -427,11 +510,37 @@ class Topology:
         if nat != "none":
             extra = ["--random-fully"] if nat == "symmetric" else []
             _run([*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", wan_if, "-j", "MASQUERADE", *extra])
-            _run([*ipt, "-A", "INPUT", "-i", wan_if, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
-                  "-j", "ACCEPT"])
+            _run(
+                [
+                    *ipt,
+                    "-A",
+                    "INPUT",
+                    "-i",
+                    wan_if,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "ESTABLISHED,RELATED",
+                    "-j",
+                    "ACCEPT",
+                ]
+            )
             _run([*ipt, "-A", "INPUT", "-i", wan_if, "-j", "DROP"])
-            _run([*ipt, "-A", "FORWARD", "-i", wan_if, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
-                  "-j", "ACCEPT"])
+            _run(
+                [
+                    *ipt,
+                    "-A",
+                    "FORWARD",
+                    "-i",
+                    wan_if,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "ESTABLISHED,RELATED",
+                    "-j",
+                    "ACCEPT",
+                ]
+            )
             _run([*ipt, "-A", "FORWARD", "-i", wan_if, "-j", "DROP"])
         return r
 

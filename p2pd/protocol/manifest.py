@@ -164,12 +164,22 @@ def decode_checked(data: bytes, expected_id: str) -> Manifest:
 
 
 def build(
-    files: Sequence[FileEntry], piece_size: int, digests: bytes, *, kind: str = "files", single_file: bool = False,
+    files: Sequence[FileEntry],
+    piece_size: int,
+    digests: bytes,
+    *,
+    kind: str = "files",
+    single_file: bool = False,
     meta: dict[str, str] | None = None,
 ) -> Manifest:
     m = Manifest(
-        version=MANIFEST_VERSION, kind=kind, single_file=single_file, piece_size=piece_size,
-        files=tuple(sorted(files, key=lambda f: f.path)), digests=digests, meta=dict(sorted((meta or {}).items())),
+        version=MANIFEST_VERSION,
+        kind=kind,
+        single_file=single_file,
+        piece_size=piece_size,
+        files=tuple(sorted(files, key=lambda f: f.path)),
+        digests=digests,
+        meta=dict(sorted((meta or {}).items())),
     )
     validate(m)
     return m

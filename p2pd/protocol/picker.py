@@ -266,4 +266,3 @@ class Picker(Generic[Peer]):
 
     def have_pieces(self) -> list[int]:
         return [self.perm[k] for k in indices(self.full & ~self.missing)]
-

@@ -149,7 +149,11 @@ def parse_piece_sub(buf: bytes | bytearray | memoryview, body_len: int) -> Piece
 
 
 _INDEX_MSGS: dict[MsgType, type[Have | Request | Cancel | Reject | Defer]] = {
-    MsgType.HAVE: Have, MsgType.REQUEST: Request, MsgType.CANCEL: Cancel, MsgType.REJECT: Reject, MsgType.DEFER: Defer,
+    MsgType.HAVE: Have,
+    MsgType.REQUEST: Request,
+    MsgType.CANCEL: Cancel,
+    MsgType.REJECT: Reject,
+    MsgType.DEFER: Defer,
 }
 
 

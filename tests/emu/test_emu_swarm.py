@@ -15,8 +15,13 @@ from p2pd.units import parse_size, rate_bits
 
 pytestmark = pytest.mark.emu
 
-SMALL: dict[str, Any] = {"peers": 3, "size": parse_size("64MiB"), "rate_bps": rate_bits("100Mbit/s"), "runs": 1,
-                         "iperf": False}
+SMALL: dict[str, Any] = {
+    "peers": 3,
+    "size": parse_size("64MiB"),
+    "rate_bps": rate_bits("100Mbit/s"),
+    "runs": 1,
+    "iperf": False,
+}
 
 
 def swarm(clients: list[str]) -> dict:

@@ -14,11 +14,12 @@ from netsim.emu import EmuError, Topology, list_namespaces
 
 pytestmark = pytest.mark.emu
 
-SERVER = ("import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-          "s.bind((sys.argv[1],9000));s.listen();print('L',flush=True)\n"
-          "while True:\n c,a=s.accept();c.sendall(a[0].encode());c.close()\n")
-CLIENT = ("import socket,sys\nc=socket.create_connection((sys.argv[1],9000),timeout=2)\n"
-          "print(c.recv(100).decode())\n")
+SERVER = (
+    "import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+    "s.bind((sys.argv[1],9000));s.listen();print('L',flush=True)\n"
+    "while True:\n c,a=s.accept();c.sendall(a[0].encode());c.close()\n"
+)
+CLIENT = "import socket,sys\nc=socket.create_connection((sys.argv[1],9000),timeout=2)\nprint(c.recv(100).decode())\n"
 
 
 def test_cleanup_on_exception(iptables: None) -> None:
@@ -53,9 +54,11 @@ def test_cleanup_on_failed_build(emu: None) -> None:
 
 def test_cleanup_on_sigterm(emu: None) -> None:
     """SIGTERM to a driver that holds a topology: it unwinds, deletes its namespaces, exits 143."""
-    code = ("import time\nfrom netsim.emu import Topology, Terminated\n"
-            "try:\n with Topology() as t:\n  lan=t.add_switch('lan'); t.add_host('a', lan); t.add_host('b', lan)\n"
-            "  print(t.prefix, flush=True); time.sleep(60)\nexcept Terminated: raise SystemExit(143)\n")
+    code = (
+        "import time\nfrom netsim.emu import Topology, Terminated\n"
+        "try:\n with Topology() as t:\n  lan=t.add_switch('lan'); t.add_host('a', lan); t.add_host('b', lan)\n"
+        "  print(t.prefix, flush=True); time.sleep(60)\nexcept Terminated: raise SystemExit(143)\n"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     prefix = p.stdout.readline().strip()
@@ -72,11 +75,21 @@ def test_shaping_limits_rate(emu: None) -> None:
         a = topo.add_host("a", lan, rate=20_000_000)
         b = topo.add_host("b", lan, rate=200_000_000)
         assert a.ip is not None
-        srv = a.popen([sys.executable, "-c", "import socket,sys\ns=socket.socket();s.bind((sys.argv[1],9000));"
-                       "s.listen();c,_=s.accept()\nwhile c.recv(1<<20): pass\n", a.ip], stdout=subprocess.DEVNULL)
+        srv = a.popen(
+            [
+                sys.executable,
+                "-c",
+                "import socket,sys\ns=socket.socket();s.bind((sys.argv[1],9000));"
+                "s.listen();c,_=s.accept()\nwhile c.recv(1<<20): pass\n",
+                a.ip,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         time.sleep(0.5)
-        send = ("import socket,sys,time\nc=socket.create_connection((sys.argv[1],9000));b=bytes(1<<20);"
-                "t=time.time()\nfor _ in range(8): c.sendall(b)\nc.close();print(time.time()-t)\n")
+        send = (
+            "import socket,sys,time\nc=socket.create_connection((sys.argv[1],9000));b=bytes(1<<20);"
+            "t=time.time()\nfor _ in range(8): c.sendall(b)\nc.close();print(time.time()-t)\n"
+        )
         tx0 = b.counters()["tx_bytes"]
         t = float(b.run([sys.executable, "-c", send, a.ip]).stdout)
         srv.wait(timeout=10)

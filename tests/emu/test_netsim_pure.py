@@ -38,7 +38,7 @@ def test_bencode_and_torrent(tmp_path: Path) -> None:
     payload.write_bytes(bytes(range(256)) * 5000)  # 1,280,000 bytes: 2 full 512 KiB pieces + a short one
     ih = make_torrent(str(payload), str(tmp_path / "f.torrent"), "http://127.0.0.1:1/announce", 512 * 1024)
     data = (tmp_path / "f.torrent").read_bytes()
-    info = data[data.index(b"4:infod") + 6:-1]  # the info dict is the last key of the top-level dict
+    info = data[data.index(b"4:infod") + 6 : -1]  # the info dict is the last key of the top-level dict
     assert hashlib.sha1(info).hexdigest() == ih
     lt = pytest.importorskip("libtorrent", reason="pip install libtorrent (cross-check with the reference)")
     assert str(lt.torrent_info(str(tmp_path / "f.torrent")).info_hashes().v1) == ih
@@ -62,11 +62,13 @@ def _announce(base: str, pid: bytes, port: int, event: str = "") -> dict[str, by
     with NO_PROXY.open(f"{base}/announce?{q}&event={event}", timeout=5) as r:
         body = r.read()
     assert body.startswith(b"d") and b"8:intervali5e" in body
-    raw = body[body.index(b"5:peers") + 7:]
-    n = int(raw[:raw.index(b":")])
-    peers = raw[raw.index(b":") + 1:][:n]
-    return {f"{socket.inet_ntoa(peers[i:i + 4])}:{struct.unpack('>H', peers[i + 4:i + 6])[0]}": b""
-            for i in range(0, n, 6)}
+    raw = body[body.index(b"5:peers") + 7 :]
+    n = int(raw[: raw.index(b":")])
+    peers = raw[raw.index(b":") + 1 :][:n]
+    return {
+        f"{socket.inet_ntoa(peers[i : i + 4])}:{struct.unpack('>H', peers[i + 4 : i + 6])[0]}": b""
+        for i in range(0, n, 6)
+    }
 
 
 def test_tracker_lists_other_peers(tracker: str) -> None:

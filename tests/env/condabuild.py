@@ -92,8 +92,9 @@ def _is_elf(p: Path) -> bool:
         return f.read(4) == b"\x7fELF"
 
 
-def _write_package(root: Path, chan: Path, subdir: str, index: dict, paths: list[dict],
-                   link_json: dict | None = None, level: int = 1) -> Path:
+def _write_package(
+    root: Path, chan: Path, subdir: str, index: dict, paths: list[dict], link_json: dict | None = None, level: int = 1
+) -> Path:
     from conda_package_handling import api as cph
 
     info = root / "info"
@@ -111,8 +112,9 @@ def _write_package(root: Path, chan: Path, subdir: str, index: dict, paths: list
     return dest / fn
 
 
-def _paths_of(root: Path, prefix_text: dict[str, str] | None = None,
-              prefix_binary: dict[str, str] | None = None) -> list[dict]:
+def _paths_of(
+    root: Path, prefix_text: dict[str, str] | None = None, prefix_binary: dict[str, str] | None = None
+) -> list[dict]:
     """paths.json entries; the dicts map relpath -> placeholder for files with an embedded prefix."""
     out = []
     for p in sorted(root.rglob("*")):
@@ -130,8 +132,17 @@ def _paths_of(root: Path, prefix_text: dict[str, str] | None = None,
 
 
 def _index(name: str, version: str, build: str, subdir: str, depends: list[str], **extra: str) -> dict:
-    index = {"name": name, "version": version, "build": build, "build_number": 0, "depends": depends,
-             "license": "MIT", "subdir": subdir, "timestamp": int(time.time() * 1000), **extra}
+    index = {
+        "name": name,
+        "version": version,
+        "build": build,
+        "build_number": 0,
+        "depends": depends,
+        "license": "MIT",
+        "subdir": subdir,
+        "timestamp": int(time.time() * 1000),
+        **extra,
+    }
     if subdir != "noarch":
         index.update(platform="linux", arch="x86_64")
     return index
@@ -146,8 +157,14 @@ def build_hello(chan: Path) -> None:
         (root / "share/hellodata/greeting.txt").write_text("greetings from hellodata\n")
         (root / "etc/hellodata/config.ini").write_text(f"[paths]\ndata = {PLACEHOLDER}/share/hellodata\n")
         paths = _paths_of(root, prefix_text={"etc/hellodata/config.ini": PLACEHOLDER})
-        _write_package(root, chan, "noarch", _index("hellodata", "1.0", "h0_0", "noarch", [], noarch="generic"),
-                       paths, {"noarch": {"type": "generic"}, "package_metadata_version": 1})
+        _write_package(
+            root,
+            chan,
+            "noarch",
+            _index("hellodata", "1.0", "h0_0", "noarch", [], noarch="generic"),
+            paths,
+            {"noarch": {"type": "generic"}, "package_metadata_version": 1},
+        )
     with tempfile.TemporaryDirectory() as td:
         root = Path(td)
         (root / "bin").mkdir()
@@ -159,8 +176,11 @@ def build_hello(chan: Path) -> None:
         src.unlink()
         for f in ("hello", "hello-shebang", "hello-bin"):
             (root / "bin" / f).chmod(0o755)
-        paths = _paths_of(root, prefix_text={"bin/hello": PLACEHOLDER, "bin/hello-shebang": PLACEHOLDER},
-                          prefix_binary={"bin/hello-bin": PLACEHOLDER})
+        paths = _paths_of(
+            root,
+            prefix_text={"bin/hello": PLACEHOLDER, "bin/hello-shebang": PLACEHOLDER},
+            prefix_binary={"bin/hello-bin": PLACEHOLDER},
+        )
         _write_package(root, chan, "linux-64", _index("hello", "1.0", "h0_0", "linux-64", ["hellodata >=1.0"]), paths)
 
 
@@ -173,15 +193,30 @@ def _patchelf() -> str:
 
 def build_python(chan: Path) -> None:
     """The running CPython as conda package ``python``, relocatable like conda-forge's."""
-    skip = shutil.ignore_patterns("site-packages", "test", "tests", "__pycache__", "idlelib", "tkinter",
-                                  "turtledemo", "ensurepip", "lib2to3", "pydoc_data", "*.a")
+    skip = shutil.ignore_patterns(
+        "site-packages",
+        "test",
+        "tests",
+        "__pycache__",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "ensurepip",
+        "lib2to3",
+        "pydoc_data",
+        "*.a",
+    )
     shared = bool(sysconfig.get_config_var("Py_ENABLE_SHARED"))
     with tempfile.TemporaryDirectory() as td:
         root = Path(td)
         (root / "bin").mkdir()
         (root / "lib").mkdir()
-        shutil.copy2(os.path.realpath(sys.executable) if not (SRC / "bin" / f"python{PY_VER}").exists()
-                     else SRC / "bin" / f"python{PY_VER}", root / "bin" / f"python{PY_VER}")
+        shutil.copy2(
+            os.path.realpath(sys.executable)
+            if not (SRC / "bin" / f"python{PY_VER}").exists()
+            else SRC / "bin" / f"python{PY_VER}",
+            root / "bin" / f"python{PY_VER}",
+        )
         os.symlink(f"python{PY_VER}", root / "bin" / "python3")
         os.symlink(f"python{PY_VER}", root / "bin" / "python")
         for lib in SRC.glob("lib/libpython*.so*"):
@@ -197,8 +232,9 @@ def build_python(chan: Path) -> None:
             patchelf = _patchelf()
             for p in list((root / "bin").iterdir()) + list((root / "lib").rglob("*.so*")):
                 if p.is_file() and not p.is_symlink() and _is_elf(p):
-                    rp = subprocess.run([patchelf, "--print-rpath", str(p)], capture_output=True, text=True,
-                                        check=True).stdout.strip()
+                    rp = subprocess.run(
+                        [patchelf, "--print-rpath", str(p)], capture_output=True, text=True, check=True
+                    ).stdout.strip()
                     if str(SRC) in rp:
                         rel = os.path.relpath(root / "lib", p.parent)
                         subprocess.run([patchelf, "--set-rpath", f"$ORIGIN/{rel}", str(p)], check=True)
@@ -207,8 +243,13 @@ def build_python(chan: Path) -> None:
             if p.is_file() and not p.is_symlink() and not _is_elf(p) and str(SRC).encode() in p.read_bytes():
                 text[str(p.relative_to(root))] = str(SRC)  # build prefix baked into text: its placeholder
         paths = _paths_of(root, prefix_text=text)
-        _write_package(root, chan, "linux-64",
-                       _index("python", sys.version.split()[0], "h0_0", "linux-64", [], license="PSF-2.0"), paths)
+        _write_package(
+            root,
+            chan,
+            "linux-64",
+            _index("python", sys.version.split()[0], "h0_0", "linux-64", [], license="PSF-2.0"),
+            paths,
+        )
 
 
 def build_hellopy(chan: Path) -> None:
@@ -218,12 +259,16 @@ def build_hellopy(chan: Path) -> None:
         pkg = root / "site-packages" / "hellopy"
         pkg.mkdir(parents=True)
         (pkg / "__init__.py").write_text(
-            "import sys\n\ndef main():\n    print('hellopy running on', sys.executable, 'prefix', sys.prefix)\n")
-        _write_package(root, chan, "noarch",
-                       _index("hellopy", "1.0", "pyh0_0", "noarch", ["python >=3.8"], noarch="python"),
-                       _paths_of(root),
-                       {"noarch": {"type": "python", "entry_points": ["hellopy = hellopy:main"]},
-                        "package_metadata_version": 1})
+            "import sys\n\ndef main():\n    print('hellopy running on', sys.executable, 'prefix', sys.prefix)\n"
+        )
+        _write_package(
+            root,
+            chan,
+            "noarch",
+            _index("hellopy", "1.0", "pyh0_0", "noarch", ["python >=3.8"], noarch="python"),
+            _paths_of(root),
+            {"noarch": {"type": "python", "entry_points": ["hellopy = hellopy:main"]}, "package_metadata_version": 1},
+        )
 
 
 def dist_closure(names: list[str]) -> dict[str, object]:
@@ -269,19 +314,18 @@ def build_bundle(chan: Path, dists: list[str], name: str = "pybundle") -> None:
                     dst = sp / f
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(src, dst)
-        _write_package(root, chan, "linux-64",
-                       _index(name, "1.0", "h0_0", "linux-64", [f"python {PY_VER}.*"]), _paths_of(root))
+        _write_package(
+            root, chan, "linux-64", _index(name, "1.0", "h0_0", "linux-64", [f"python {PY_VER}.*"]), _paths_of(root)
+        )
 
 
 def build_wheel(out_dir: Path, name: str = "hellopip", version: str = "1.0") -> Path:
     """A pure-Python wheel with a console script, written by hand (a wheel is a zip with dist-info)."""
     files = {
-        f"{name}/__init__.py": (
-            b"import sys\n\ndef main():\n    print('hellopip', sys.executable, sys.prefix)\n"
-        ),
+        f"{name}/__init__.py": (b"import sys\n\ndef main():\n    print('hellopip', sys.executable, sys.prefix)\n"),
         f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
         f"{name}-{version}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\n"
-                                             b"Tag: py3-none-any\n",
+        b"Tag: py3-none-any\n",
         f"{name}-{version}.dist-info/entry_points.txt": f"[console_scripts]\n{name} = {name}:main\n".encode(),
     }
     record = []
@@ -300,9 +344,25 @@ def build_wheel(out_dir: Path, name: str = "hellopip", version: str = "1.0") -> 
 
 def pip_install(python: Path, wheel: Path) -> None:
     """Install a wheel into the env of ``python`` with *our* pip (``--python``): the env needs no pip."""
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", "--no-deps",
-                    "--disable-pip-version-check", "--no-warn-script-location", "-q", str(wheel)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-index",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "-q",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
 
 
 def _rattler_index(chan: Path) -> None:
@@ -319,8 +379,12 @@ def _rattler_env(chan: Path, prefix: Path, cache: Path, specs: list[str]) -> Non
     from rattler import Channel, install, solve
 
     async def go() -> None:
-        records = await solve(sources=[Channel(chan.resolve().as_uri())], specs=specs,
-                              platforms=["linux-64", "noarch"], virtual_packages=[])
+        records = await solve(
+            sources=[Channel(chan.resolve().as_uri())],
+            specs=specs,
+            platforms=["linux-64", "noarch"],
+            virtual_packages=[],
+        )
         await install(records, target_prefix=prefix, cache_dir=cache, show_progress=False)
 
     asyncio.run(go())

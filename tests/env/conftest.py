@@ -71,8 +71,9 @@ def envs_root(workdir: Path) -> Iterator[Path]:
 
 def _condabuild(*args: str | Path) -> None:
     """Run condabuild.py in a subprocess: py-rattler may crash at interpreter exit."""
-    r = subprocess.run([sys.executable, str(HERE / "condabuild.py"), *map(str, args)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(HERE / "condabuild.py"), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     if r.returncode != 0:
         raise RuntimeError(f"condabuild {args[0]} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
 
@@ -101,8 +102,12 @@ def packed(conda_envs: CondaEnvs, workdir: Path) -> Packed:
 
     out = workdir / "archives"
     p = Packed()
-    for key, prefix, fmt in (("hello.tar.gz", conda_envs.hello, "tar.gz"), ("hello.tar", conda_envs.hello, "tar"),
-                             ("py.tar.zst", conda_envs.py, "tar.zst"), ("py.tar", conda_envs.py, "tar")):
+    for key, prefix, fmt in (
+        ("hello.tar.gz", conda_envs.hello, "tar.gz"),
+        ("hello.tar", conda_envs.hello, "tar"),
+        ("py.tar.zst", conda_envs.py, "tar.zst"),
+        ("py.tar", conda_envs.py, "tar"),
+    ):
         p.archives[key] = pack(conda=prefix, out_dir=out / fmt, fmt=fmt)
     for env in (conda_envs.hello, conda_envs.py):
         p.old_prefix[env.name] = env

@@ -40,8 +40,9 @@ def run(*cmd: str | Path) -> str:
 
 def condabuild(*args: str | Path) -> None:
     """condabuild.py in a subprocess (py-rattler may crash at interpreter exit; see its module doc)."""
-    r = subprocess.run([sys.executable, str(HERE / "condabuild.py"), *map(str, args)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(HERE / "condabuild.py"), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, f"condabuild {args[0]} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
 
 
@@ -83,8 +84,7 @@ async def cluster_of(base: Path, *names: str) -> AsyncIterator[tuple[LocalCluste
 
 
 async def pack_env(c: LocalCluster, seed: Node, flag: str, env: Path, name: str, *extra: str) -> str:
-    r = await c.cli_async(seed, "pack-env", flag, str(env), "--name", name, "--out-dir", str(c.work / "packed"),
-                          *extra)
+    r = await c.cli_async(seed, "pack-env", flag, str(env), "--name", name, "--out-dir", str(c.work / "packed"), *extra)
     assert r.returncode == 0, f"pack-env {env} failed ({r.returncode}): {r.stderr.decode()}\n{seed.log_text()[-3000:]}"
     aid = r.stdout.decode().strip().splitlines()[-1]
     assert len(aid) == 64, r.stdout.decode()
@@ -184,8 +184,9 @@ async def test_venv_pack_publish_fetch_on_two_daemons_and_run(build_envs: BuildE
             assert json.loads((env / READY_MARKER).read_text())["env_type"] == "venv"
 
 
-def _member(name: str, *, data: bytes | None = None, kind: bytes = tarfile.REGTYPE, link: str = "",
-            mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes | None]:
+def _member(
+    name: str, *, data: bytes | None = None, kind: bytes = tarfile.REGTYPE, link: str = "", mode: int = 0o644
+) -> tuple[tarfile.TarInfo, bytes | None]:
     ti = tarfile.TarInfo(name)
     ti.type, ti.mode, ti.linkname = kind, mode, link
     if kind == tarfile.REGTYPE:
@@ -197,17 +198,22 @@ def _member(name: str, *, data: bytes | None = None, kind: bytes = tarfile.REGTY
 
 EVIL = {  # name -> (hostile member, what the error must say)
     "dotdot": (_member("bin/../../escape.txt", data=b"pwned\n"), "'..' in path"),
-    "symlink": (_member("lib/evil", kind=tarfile.SYMTYPE, link="/etc"),
-                "symlink to absolute path '/etc' points outside the env"),
+    "symlink": (
+        _member("lib/evil", kind=tarfile.SYMTYPE, link="/etc"),
+        "symlink to absolute path '/etc' points outside the env",
+    ),
     "device": (_member("dev-null", kind=tarfile.CHRTYPE), "character device not allowed"),
 }
 
 
 def evil_tar(path: Path, hostile: tuple[tarfile.TarInfo, bytes | None]) -> Path:
     """Harmless members first (so the refusal comes after a partial extraction), then the hostile one."""
-    members = [_member("bin", kind=tarfile.DIRTYPE, mode=0o755),
-               _member("bin/tool", data=b"#!/bin/sh\necho ok\n", mode=0o755),
-               _member("share/data.txt", data=b"data" * 5000), hostile]
+    members = [
+        _member("bin", kind=tarfile.DIRTYPE, mode=0o755),
+        _member("bin/tool", data=b"#!/bin/sh\necho ok\n", mode=0o755),
+        _member("share/data.txt", data=b"data" * 5000),
+        hostile,
+    ]
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for ti, data in members:
             tar.addfile(ti, io.BytesIO(data) if data is not None else None)
@@ -220,8 +226,9 @@ async def test_malicious_env_archive_is_refused_and_leaves_nothing(base: Path) -
         aids = {}
         for key, (hostile, _why) in EVIL.items():
             archive = evil_tar(base / f"evil-{key}.tar", hostile)
-            res = await seed.call("publish", {"path": str(archive), "name": f"evil-{key}:v1", "kind": "env",
-                                              "meta": meta})
+            res = await seed.call(
+                "publish", {"path": str(archive), "name": f"evil-{key}:v1", "kind": "env", "meta": meta}
+            )
             aids[key] = res["artifact_id"]
         results: dict[str, subprocess.CompletedProcess[bytes]] = {}
 

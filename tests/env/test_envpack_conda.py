@@ -63,8 +63,11 @@ def assert_relocated(env: Path, old_prefix: Path) -> None:
     # the path they were compiled at (only shown in tracebacks).
     allowed = {"bin/conda-unpack"}
     for needle in (str(old_prefix), PLACEHOLDER):
-        left = [f for f in files_containing(env, needle)
-                if f not in allowed and not f.startswith("conda-meta/") and not f.endswith(".pyc")]
+        left = [
+            f
+            for f in files_containing(env, needle)
+            if f not in allowed and not f.startswith("conda-meta/") and not f.endswith(".pyc")
+        ]
         assert left == [], f"files still naming {needle[:40]}...: {left}"
 
 
@@ -108,8 +111,12 @@ def test_pack_meta(packed: Packed) -> None:
     assert hello_archive.name == "hello.tar.gz" and hello_archive.is_file()
     assert hello == {"env_format": "tar.gz", "env_type": "conda", "platform": "linux-64"}
     _, py = packed.archives["py.tar.zst"]
-    assert py == {"env_format": "tar.zst", "env_type": "conda", "platform": "linux-64",
-                  "python_version": platform.python_version()}
+    assert py == {
+        "env_format": "tar.zst",
+        "env_type": "conda",
+        "platform": "linux-64",
+        "python_version": platform.python_version(),
+    }
     assert envpack.host_platform() == "linux-64" or platform.machine() != "x86_64"
 
 
@@ -130,8 +137,11 @@ def test_concurrent_callers_extract_once(packed: Packed, envs_root: Path) -> Non
 
     def worker() -> None:
         try:
-            results.append(materialize(archive, envs_root, "d" * 64, meta,
-                                       progress=lambda d, t: extractors.add(threading.get_ident())))
+            results.append(
+                materialize(
+                    archive, envs_root, "d" * 64, meta, progress=lambda d, t: extractors.add(threading.get_ident())
+                )
+            )
         except BaseException as e:  # collected and re-raised by the test below
             errors.append(e)
 
@@ -235,8 +245,13 @@ def test_pack_reads_ray_version_and_reports_progress(scratch_copy: Path, workdir
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ray\nVersion: 2.9.3\n")
     seen: list[tuple[int, int]] = []
-    archive, meta = pack(conda=scratch_copy, out_dir=workdir / "out-ray", fmt="tar.gz", name="rayenv",
-                         progress=lambda d, t: seen.append((d, t)))
+    archive, meta = pack(
+        conda=scratch_copy,
+        out_dir=workdir / "out-ray",
+        fmt="tar.gz",
+        name="rayenv",
+        progress=lambda d, t: seen.append((d, t)),
+    )
     assert archive.name == "rayenv.tar.gz"
     assert meta["ray_version"] == "2.9.3"
     assert seen and seen[-1][0] == seen[-1][1] > 0

@@ -33,14 +33,19 @@ print("finished without being killed")
 
 def kill_during_materialize(archive: Path, envs_root: Path, artifact_id: str, fmt: str, kill_at: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", KILLER, str(archive), str(envs_root), artifact_id, fmt, kill_at],
-                       capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-c", KILLER, str(archive), str(envs_root), artifact_id, fmt, kill_at],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
     assert r.returncode == -signal.SIGKILL, f"expected SIGKILL, got {r.returncode}: {r.stdout}{r.stderr}"
 
 
 @pytest.mark.parametrize("kill_at", ["mid", "end"])
-def test_killed_process_leaves_nothing_ready_and_retry_succeeds(packed: Packed, envs_root: Path,
-                                                                 kill_at: str) -> None:
+def test_killed_process_leaves_nothing_ready_and_retry_succeeds(packed: Packed, envs_root: Path, kill_at: str) -> None:
     archive, meta = packed.archives["py.tar"]
     aid = "1" * 64
     kill_during_materialize(archive, envs_root, aid, "tar", kill_at)
@@ -49,8 +54,12 @@ def test_killed_process_leaves_nothing_ready_and_retry_succeeds(packed: Packed, 
     assert aid not in left and env_ready(envs_root, aid) is None
     env = materialize(archive, envs_root, aid, meta)
     assert sorted(os.listdir(envs_root)) == [aid], "the retry did not clear the crashed attempt's debris"
-    out = subprocess.run([env / "bin" / "python", "-c", "import sys, hellopip; print(sys.prefix)"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [env / "bin" / "python", "-c", "import sys, hellopip; print(sys.prefix)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout.strip() == str(env), out.stderr
 
 

@@ -134,10 +134,13 @@ def test_venv_interpreter_link_allowed_only_for_bin_python(box: tuple[Path, Path
     """A venv's bin/python may point at its absolute base interpreter; nothing else may."""
     envs_root, outside = box
     home = os.path.dirname(os.path.realpath(sys.executable))
-    venv = [reg("pyvenv.cfg", f"home = {home}\n".encode()), dirm("bin"),
-            sym("bin/python3", os.path.realpath(sys.executable)), sym("bin/python", "python3")]
-    env = materialize(write_tar(envs_root.parent / "venv.tar", venv), envs_root, "ok" + "0" * 62,
-                      {"env_type": "venv"})
+    venv = [
+        reg("pyvenv.cfg", f"home = {home}\n".encode()),
+        dirm("bin"),
+        sym("bin/python3", os.path.realpath(sys.executable)),
+        sym("bin/python", "python3"),
+    ]
+    env = materialize(write_tar(envs_root.parent / "venv.tar", venv), envs_root, "ok" + "0" * 62, {"env_type": "venv"})
     assert os.readlink(env / "bin" / "python3") == os.path.realpath(sys.executable)
     bad = venv + [sym("bin/tool", str(outside))]
     with pytest.raises(UnsafeArchiveError, match="bin/tool"):
@@ -151,9 +154,15 @@ def test_venv_interpreter_link_allowed_only_for_bin_python(box: tuple[Path, Path
 def test_benign_links_and_modes_are_kept(box: tuple[Path, Path]) -> None:
     envs_root, _ = box
     members = BENIGN + [
-        dirm("lib"), reg("lib/libfoo.so.1", b"\x7fELF...", 0o755), sym("lib/libfoo.so", "libfoo.so.1"),
-        sym("lib64", "lib"), sym("share/up", "../bin/tool"), hard("bin/tool2", "bin/tool"),
-        dirm("ro", 0o555), reg("ro/file", b"r", 0o444), reg("./dot/prefixed", b"d"),
+        dirm("lib"),
+        reg("lib/libfoo.so.1", b"\x7fELF...", 0o755),
+        sym("lib/libfoo.so", "libfoo.so.1"),
+        sym("lib64", "lib"),
+        sym("share/up", "../bin/tool"),
+        hard("bin/tool2", "bin/tool"),
+        dirm("ro", 0o555),
+        reg("ro/file", b"r", 0o444),
+        reg("./dot/prefixed", b"d"),
         reg("share/data.txt", b"replaced"),  # a later member replaces an earlier one, as with tar
     ]
     env = materialize(write_tar(envs_root.parent / "ok.tar", members), envs_root, "f" * 64, {})
@@ -164,4 +173,3 @@ def test_benign_links_and_modes_are_kept(box: tuple[Path, Path]) -> None:
     assert stat.S_IMODE(os.stat(env / "ro").st_mode) == 0o755  # owner keeps write: the env stays removable
     assert (env / "dot" / "prefixed").read_bytes() == b"d"
     assert (env / "share" / "data.txt").read_bytes() == b"replaced"
-

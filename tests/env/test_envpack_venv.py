@@ -43,13 +43,16 @@ def test_venv_runs_from_new_prefix(venv_env: Venv, envs_root: Path, fmt: str) ->
 
 def test_venv_meta(venv_env: Venv) -> None:
     _, meta = venv_env.archives["tar.zst"]
-    assert meta == {"env_format": "tar.zst", "env_type": "venv", "platform": host_platform(),
-                    "python_version": platform.python_version(),
-                    "venv_python_home": os.path.dirname(os.path.realpath(sys.base_prefix + "/bin/python3"))}
+    assert meta == {
+        "env_format": "tar.zst",
+        "env_type": "venv",
+        "platform": host_platform(),
+        "python_version": platform.python_version(),
+        "venv_python_home": os.path.dirname(os.path.realpath(sys.base_prefix + "/bin/python3")),
+    }
 
 
-def test_venv_without_its_base_interpreter_is_refused_clearly(venv_env: Venv, envs_root: Path,
-                                                               workdir: Path) -> None:
+def test_venv_without_its_base_interpreter_is_refused_clearly(venv_env: Venv, envs_root: Path, workdir: Path) -> None:
     """Simulate a node lacking the base interpreter: pyvenv.cfg names a home that does not exist."""
     src, meta = venv_env.archives["tar.gz"]
     edited = workdir / "venv-nohome.tar"

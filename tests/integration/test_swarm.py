@@ -293,8 +293,9 @@ async def test_disk_full_is_a_clear_error_and_nothing_marked_complete(cluster: L
         assert sha256_tree(path) == sha256_tree(src)
 
 
-async def test_disk_full_mid_transfer_stops_cleanly_and_a_later_fetch_resumes(cluster: LocalCluster,
-                                                                              workdir: Path) -> None:
+async def test_disk_full_mid_transfer_stops_cleanly_and_a_later_fetch_resumes(
+    cluster: LocalCluster, workdir: Path
+) -> None:
     """The space check passed, then something else filled the disk: a clear error, the daemon lives on,
     nothing is marked complete, and once space is freed the next fetch resumes from the verified pieces."""
     with small_tmpfs(workdir, cluster) as mnt:
@@ -378,8 +379,9 @@ async def test_tracker_restart_transfers_continue_and_nodes_reregister(cluster: 
     assert sha256_tree(Path((await leech.artifact(aid))["path"])) == sha256_tree(src)  # type: ignore[index]
 
 
-async def test_several_complete_nodes_never_send_requesters_back_and_forth(cluster: LocalCluster,
-                                                                           workdir: Path) -> None:
+async def test_several_complete_nodes_never_send_requesters_back_and_forth(
+    cluster: LocalCluster, workdir: Path
+) -> None:
     """Two seeds plus a node that completed earlier: newcomers must still be served promptly."""
     src = make_file(workdir / "src" / "m.bin", 64 * MiB)
     a = await cluster.start_node_async("a")

@@ -54,8 +54,14 @@ def admin() -> Iterator[dict[str, Any]]:
         tmp.cleanup()
 
 
-def http(url: str, path: str, token: str | None = TOKEN, method: str = "GET", body: bytes | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, Any]:
+def http(
+    url: str,
+    path: str,
+    token: str | None = TOKEN,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
     h = dict(headers or {})
     if token is not None:
         h["Authorization"] = f"Bearer {token}"
@@ -85,8 +91,14 @@ def cli(admin: dict[str, Any], *args: str, token: str = TOKEN, url: str | None =
 
 def test_token_required_everywhere_but_health_and_openapi(admin: dict[str, Any]) -> None:
     url = admin["url"]
-    for path in ("/v1/stats", "/v1/nodes", "/v1/artifacts", "/v1/swarm?name=llama-3-8b:v2", "/metrics",
-                 "/v1/tags/llama-3-8b:v2"):
+    for path in (
+        "/v1/stats",
+        "/v1/nodes",
+        "/v1/artifacts",
+        "/v1/swarm?name=llama-3-8b:v2",
+        "/metrics",
+        "/v1/tags/llama-3-8b:v2",
+    ):
         for token in (None, "wrong"):
             status, body = http(url, path, token=token)
             assert status == 401, (path, token, status)
@@ -95,8 +107,15 @@ def test_token_required_everywhere_but_health_and_openapi(admin: dict[str, Any])
     assert http(url, "/healthz", token=None) == (200, {"ok": True, "store": "memory"})
     status, spec = http(url, "/openapi.json", token=None)
     assert status == 200 and spec["openapi"].startswith("3.")
-    assert {"/v1/nodes", "/v1/artifacts", "/v1/swarm", "/v1/nodes/{node_id}/evict", "/v1/tags/{name}",
-            "/v1/stats", "/metrics"} <= set(spec["paths"])
+    assert {
+        "/v1/nodes",
+        "/v1/artifacts",
+        "/v1/swarm",
+        "/v1/nodes/{node_id}/evict",
+        "/v1/tags/{name}",
+        "/v1/stats",
+        "/metrics",
+    } <= set(spec["paths"])
     assert "HTTPBearer" in json.dumps(spec["components"]["securitySchemes"])
 
 
@@ -158,8 +177,7 @@ def test_cli_process_errors_are_one_line(admin: dict[str, Any]) -> None:
         (["stats", "--tracker", "http://127.0.0.1:9", "--token", TOKEN], "cannot reach the tracker admin API", 4),
         (["nodes", "--tracker", admin["url"], "--token", "wrong"], "refused the admin token (401)", 2),
     ]:
-        r = subprocess.run([*TRACKER_CLI, "admin", *args], capture_output=True, text=True, timeout=60,
-                           env=child_env())
+        r = subprocess.run([*TRACKER_CLI, "admin", *args], capture_output=True, text=True, timeout=60, env=child_env())
         assert r.returncode == status and r.stdout == "", (r.returncode, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -179,8 +197,9 @@ def test_policy_is_set_by_admin_and_pushed_with_heartbeats(admin: dict[str, Any]
         port = int(admin["tcp_port"])
         async with TrackerClient([("127.0.0.1", port)], nid(7), ("127.0.0.1", 9007)) as tc:
             async with trio.open_nursery() as nursery:
-                await nursery.start(lambda task_status: tc.run_heartbeats(dict, on_policy=seen.append,
-                                                                          task_status=task_status))
+                await nursery.start(
+                    lambda task_status: tc.run_heartbeats(dict, on_policy=seen.append, task_status=task_status)
+                )
                 with trio.fail_after(5):
                     while not seen:
                         await trio.sleep(0.01)

@@ -16,8 +16,21 @@ def test_bench_command_writes_the_issue_keys() -> None:
     compare = shutil.which("opentracker") is not None  # CI installs it; locally it is optional here
     with tempfile.TemporaryDirectory(prefix="p2p-tracker-bench-") as tmp:
         out = Path(tmp) / "bench.json"
-        cmd = [sys.executable, "-m", "netsim.bench", "tracker", "--nodes", "300", "--duration", "0.5",
-               "--loaders", "1", "--no-metrics", "--json", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "netsim.bench",
+            "tracker",
+            "--nodes",
+            "300",
+            "--duration",
+            "0.5",
+            "--loaders",
+            "1",
+            "--no-metrics",
+            "--json",
+            str(out),
+        ]
         if compare:
             cmd.append("--compare-opentracker")
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())

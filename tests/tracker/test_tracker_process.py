@@ -202,8 +202,13 @@ def test_serve_errors_are_one_line() -> None:
             (["--listen", "127.0.0.1:0", "--store", "etcd://x"], "unknown --store", 2),
             (["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], "needs --admin-token", 2),
         ]:
-            r = subprocess.run([*TRACKER_CLI, "serve", *args], capture_output=True, text=True, timeout=60,
-                               env=child_env({"P2P_TRACKER_ADMIN_TOKEN": ""}))
+            r = subprocess.run(
+                [*TRACKER_CLI, "serve", *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=child_env({"P2P_TRACKER_ADMIN_TOKEN": ""}),
+            )
             assert r.returncode == status and needle in r.stderr, (args, r.returncode, r.stderr)
             assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

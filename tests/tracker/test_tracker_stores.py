@@ -48,7 +48,8 @@ async def test_peer_order_zone_exclusion_and_bounds(store: Store) -> None:
     other = [(await add(store, i, "z2"))[0] for i in range(4, 7)]
     partial = [(await add(store, i, "z1"))[0] for i in range(7, 9)]
     known = await store.heartbeat_many(
-        [Heartbeat(n, {A1: 1.0}) for n in same + other] + [Heartbeat(n, {A1: 0.5}) for n in partial]
+        [Heartbeat(n, {A1: 1.0}) for n in same + other]
+        + [Heartbeat(n, {A1: 0.5}) for n in partial]
         + [Heartbeat(me, {A1: 0.0}), Heartbeat(nid(99), None)]
     )
     assert known == [True] * 9 + [False]

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-MODULE = '''
+MODULE = """
 import sys
 if __name__ == "__main__":  # the gate imports the module to warm it, then runs it as __main__ on GO
     print("out:" + " ".join(sys.argv[1:]))
     print("err-line", file=sys.stderr)
     sys.exit(int(sys.argv[1]))
-'''
+"""
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,10 +23,26 @@ REPO = Path(__file__).resolve().parents[2]
 def gate(tmp_path: Path, *args: str, say: str = "GO\n") -> tuple[int, str, str, str]:
     (tmp_path / "gated_cmd.py").write_text(MODULE)
     out, err = tmp_path / "o.txt", tmp_path / "e.txt"
-    p = subprocess.Popen([sys.executable, "-m", "netsim.bench.gate", "--stdout", str(out), "--stderr", str(err),
-                          "--", sys.executable, "-m", "gated_cmd", *args],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                         env={"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin"})
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "netsim.bench.gate",
+            "--stdout",
+            str(out),
+            "--stderr",
+            str(err),
+            "--",
+            sys.executable,
+            "-m",
+            "gated_cmd",
+            *args,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin"},
+    )
     assert p.stdout is not None and p.stdin is not None
     ready = p.stdout.readline()
     p.stdin.write(say)

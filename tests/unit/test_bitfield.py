@@ -35,8 +35,11 @@ def test_to_bytes_from_bytes_inverse(mn: tuple[int, int]) -> None:
 
 
 @FAST
-@given(st.integers(min_value=1, max_value=300).flatmap(lambda n: st.tuples(st.just(n), st.binary(
-    min_size=bitfield_bytes(n), max_size=bitfield_bytes(n)))))
+@given(
+    st.integers(min_value=1, max_value=300).flatmap(
+        lambda n: st.tuples(st.just(n), st.binary(min_size=bitfield_bytes(n), max_size=bitfield_bytes(n)))
+    )
+)
 def test_from_bytes_masks_spare_bits(nb: tuple[int, bytes]) -> None:
     n, data = nb
     mask = bf.from_bytes(data, n)

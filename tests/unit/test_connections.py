@@ -45,9 +45,15 @@ class MemoryConnector:
         self.nursery.start_soon(self._serve_remote, remote, theirs)
         self.connections += 1
         try:
-            return await connections.open_outgoing(ours, node_id=self.node_id, remote_id=remote_id,
-                                                   artifact_id=artifact_id, addr="memory", path=ConnectionPath.DIRECT,
-                                                   handshake_timeout=5)
+            return await connections.open_outgoing(
+                ours,
+                node_id=self.node_id,
+                remote_id=remote_id,
+                artifact_id=artifact_id,
+                addr="memory",
+                path=ConnectionPath.DIRECT,
+                handshake_timeout=5,
+            )
         except wire.ProtocolError as e:
             await ours.aclose()
             raise ConnectError(str(e)) from None
@@ -55,8 +61,9 @@ class MemoryConnector:
     async def _serve_remote(self, remote: Swarm, stream: trio.abc.Stream) -> None:
         async with stream:
             try:
-                conn = await connections.accept(stream, "memory", remote.node_id, handshake_timeout=5,
-                                                serves=remote.artifact_id.__eq__)
+                conn = await connections.accept(
+                    stream, "memory", remote.node_id, handshake_timeout=5, serves=remote.artifact_id.__eq__
+                )
             except (PeerClosed, trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             await remote.serve(conn)
@@ -73,9 +80,18 @@ def publish(tmp_path: Path) -> tuple[mf.Manifest, str, Path]:
 
 
 def seed_swarm(m: mf.Manifest, aid: str, src: Path, tmp_path: Path) -> Swarm:
-    return Swarm(node_id=SEED_ID, artifact_id=aid, name="model:1", manifest=m,
-                 store=PieceStore(m, src, writable=False), have=bits.full(m.num_pieces),
-                 catalog=Catalog(tmp_path / "seed"), config=SwarmConfig(), egress=None, ingress=None)
+    return Swarm(
+        node_id=SEED_ID,
+        artifact_id=aid,
+        name="model:1",
+        manifest=m,
+        store=PieceStore(m, src, writable=False),
+        have=bits.full(m.num_pieces),
+        catalog=Catalog(tmp_path / "seed"),
+        config=SwarmConfig(),
+        egress=None,
+        ingress=None,
+    )
 
 
 def leech_swarm(m: mf.Manifest, aid: str, tmp_path: Path, connector: MemoryConnector) -> Swarm:
@@ -89,9 +105,21 @@ def leech_swarm(m: mf.Manifest, aid: str, tmp_path: Path, connector: MemoryConne
     async def find_peers(_: str) -> list[dict[str, object]]:
         return [{"node_id": SEED_ID, "addr": ["memory", 0]}]
 
-    return Swarm(node_id=LEECH_ID, artifact_id=aid, name="model:1", manifest=m, store=store, have=0,
-                 catalog=catalog, config=SwarmConfig(), egress=None, ingress=None, connector=connector,
-                 journal=journal, find_peers=find_peers)
+    return Swarm(
+        node_id=LEECH_ID,
+        artifact_id=aid,
+        name="model:1",
+        manifest=m,
+        store=store,
+        have=0,
+        catalog=catalog,
+        config=SwarmConfig(),
+        egress=None,
+        ingress=None,
+        connector=connector,
+        journal=journal,
+        find_peers=find_peers,
+    )
 
 
 async def test_a_download_over_streams_that_are_not_sockets(tmp_path: Path) -> None:
@@ -143,11 +171,14 @@ async def test_an_incoming_connection_for_an_unknown_artifact_is_told_goodbye() 
         assert reply == [wire.Goodbye("unknown artifact")]
 
 
-@pytest.mark.parametrize("hello", [
-    wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, "short", "f" * 64)),
-    wire.encode(wire.Handshake(wire.PROTOCOL_VERSION + 1, LEECH_ID, "f" * 64)),
-    wire.encode(wire.Have(1)),
-])
+@pytest.mark.parametrize(
+    "hello",
+    [
+        wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, "short", "f" * 64)),
+        wire.encode(wire.Handshake(wire.PROTOCOL_VERSION + 1, LEECH_ID, "f" * 64)),
+        wire.encode(wire.Have(1)),
+    ],
+)
 async def test_a_malformed_handshake_is_a_protocol_error(hello: bytes) -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     await ours.send_all(hello)

@@ -123,8 +123,9 @@ def test_random_bytes_never_raise_anything_but_frame_error(data: bytes) -> None:
 
 
 @QUICK
-@given(st.lists(msgpack_values, min_size=1, max_size=3), st.integers(min_value=0),
-       st.integers(min_value=1, max_value=255))
+@given(
+    st.lists(msgpack_values, min_size=1, max_size=3), st.integers(min_value=0), st.integers(min_value=1, max_value=255)
+)
 def test_corrupted_byte_raises_only_frame_error(objs: list[Any], pos: int, xor: int) -> None:
     stream = bytearray(b"".join(encode_frame(o) for o in objs))
     stream[4 + pos % (len(stream) - 4)] ^= xor  # corrupt a body byte (lengths are covered above)

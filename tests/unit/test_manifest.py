@@ -65,15 +65,10 @@ def test_validate_path_rejects(path: str) -> None:
 
 
 @FAST
-@given(st.lists(st.sampled_from(["a", "b", ".", "..", "", "\\", "\x00", "c.d"]), min_size=1, max_size=5),
-       st.booleans())
+@given(st.lists(st.sampled_from(["a", "b", ".", "..", "", "\\", "\x00", "c.d"]), min_size=1, max_size=5), st.booleans())
 def test_validate_path_property(parts: list[str], absolute: bool) -> None:
     path = ("/" if absolute else "") + "/".join(parts)
-    bad = (
-        absolute
-        or any(p in ("", ".", "..") for p in parts)
-        or any("\\" in p or "\x00" in p for p in parts)
-    )
+    bad = absolute or any(p in ("", ".", "..") for p in parts) or any("\\" in p or "\x00" in p for p in parts)
     if bad:
         with pytest.raises(ManifestError):
             mf.validate_path(path)
@@ -106,8 +101,14 @@ def test_build_sorts_files_and_meta() -> None:
 def _raw(files: list[FileEntry], **kw: object) -> Manifest:
     total = sum(f.size for f in files)
     ps = int(kw.pop("piece_size", 4))  # type: ignore[call-overload]
-    fields: dict = dict(version=mf.MANIFEST_VERSION, kind="files", single_file=False, piece_size=ps,
-                        files=tuple(files), digests=b"\0" * (mf.num_pieces(total, ps) * DIGEST_SIZE if ps > 0 else 0))
+    fields: dict = dict(
+        version=mf.MANIFEST_VERSION,
+        kind="files",
+        single_file=False,
+        piece_size=ps,
+        files=tuple(files),
+        digests=b"\0" * (mf.num_pieces(total, ps) * DIGEST_SIZE if ps > 0 else 0),
+    )
     fields.update(kw)
     return Manifest(**fields)
 
@@ -273,8 +274,15 @@ def test_decode_rejects_garbage() -> None:
 
 
 def _fields(m: Manifest) -> list:
-    return [m.version, m.kind, m.single_file, m.piece_size, [[f.path, f.size, f.executable] for f in m.files],
-            m.digests, m.meta]
+    return [
+        m.version,
+        m.kind,
+        m.single_file,
+        m.piece_size,
+        [[f.path, f.size, f.executable] for f in m.files],
+        m.digests,
+        m.meta,
+    ]
 
 
 def test_decode_rejects_non_canonical_bytes() -> None:

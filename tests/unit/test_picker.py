@@ -361,8 +361,11 @@ class PickerMachine(RuleBasedStateMachine):
         missing = self._missing()
         fresh = has & missing - set(self.inflight)
         endgame = not (missing - set(self.inflight))
-        dup_ok = {i for i in has & missing & set(self.inflight)
-                  if peer not in self.inflight[i] and len(self.inflight[i]) < self.max_dup}
+        dup_ok = {
+            i
+            for i in has & missing & set(self.inflight)
+            if peer not in self.inflight[i] and len(self.inflight[i]) < self.max_dup
+        }
         got = self.picker.next_request(peer)
         if got is None:
             assert not fresh
@@ -473,8 +476,13 @@ class PickerMachine(RuleBasedStateMachine):
             assert sorted(p.in_flight_to(peer)) == sorted(i for i, ps in self.inflight.items() if peer in ps)
             assert p.outstanding(peer) == len(self.pending.get(peer, ()))
             for i in range(self.n):
-                want = (Arrival.EXPECTED if i in self.pending.get(peer, ()) else
-                        Arrival.LATE if i in self.cancelled.get(peer, ()) else Arrival.UNREQUESTED)
+                want = (
+                    Arrival.EXPECTED
+                    if i in self.pending.get(peer, ())
+                    else Arrival.LATE
+                    if i in self.cancelled.get(peer, ())
+                    else Arrival.UNREQUESTED
+                )
                 assert p.arrival(peer, i) is want
 
     @invariant()
@@ -491,8 +499,7 @@ TestPickerMachine = PickerMachine.TestCase
 TestPickerMachine.settings = settings(max_examples=20, stateful_step_count=30, deadline=None, database=None)
 
 _RULES: list[tuple[str, Callable[[PickerMachine], bool], Callable[[random.Random], dict[str, int | bool]]]] = [
-    ("add_peer", lambda m: len(m.peers) < 6,
-     lambda r: {"kind": r.randrange(4), "bits": r.getrandbits(20)}),
+    ("add_peer", lambda m: len(m.peers) < 6, lambda r: {"kind": r.randrange(4), "bits": r.getrandbits(20)}),
     ("peer_have", lambda m: bool(m.peers), lambda r: {"k": r.getrandbits(16), "piece": r.getrandbits(16)}),
     ("next_request", lambda m: bool(m.peers), lambda r: {"k": r.getrandbits(16), "times": r.randint(1, 4)}),
     ("next_request", lambda m: bool(m.peers), lambda r: {"k": r.getrandbits(16), "times": r.randint(1, 4)}),

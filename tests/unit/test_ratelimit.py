@@ -38,8 +38,11 @@ def test_long_run_rate_single_sender(rate: float, chunk: int) -> None:
 
 
 @FAST
-@given(st.floats(min_value=1e3, max_value=1e10), st.integers(min_value=0, max_value=1 << 32),
-       st.sampled_from([1, 1500, 65536, 4 << 20]))
+@given(
+    st.floats(min_value=1e3, max_value=1e10),
+    st.integers(min_value=0, max_value=1 << 32),
+    st.sampled_from([1, 1500, 65536, 4 << 20]),
+)
 def test_long_run_rate_random_sizes(rate: float, seed: int, max_size: int) -> None:
     rng = random.Random(seed)
     sizes = [rng.randint(1, max_size) for _ in range(rng.randint(50, 300))]
@@ -49,8 +52,11 @@ def test_long_run_rate_random_sizes(rate: float, seed: int, max_size: int) -> No
 
 
 @FAST
-@given(st.floats(min_value=1e4, max_value=1e9), st.integers(min_value=0, max_value=1 << 32),
-       st.sampled_from([0.0001, 0.001, 0.01]))
+@given(
+    st.floats(min_value=1e4, max_value=1e9),
+    st.integers(min_value=0, max_value=1 << 32),
+    st.sampled_from([0.0001, 0.001, 0.01]),
+)
 def test_overlapping_reservations_bounded_and_work_conserving(rate: float, seed: int, max_gap: float) -> None:
     """Reservations at arbitrary times, many overlapping: bytes sent in any window <= burst + rate x window,
     and nothing waits longer than draining the backlog at `rate` requires."""

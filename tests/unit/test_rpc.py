@@ -55,7 +55,12 @@ async def sleepy(params: dict[str, Any], emit: Emit) -> Any:
 
 
 HANDLERS: dict[str, Handler] = {
-    "echo": echo, "fail": fail, "key_error": key_error, "crash": crash, "progress": progress, "sleepy": sleepy,
+    "echo": echo,
+    "fail": fail,
+    "key_error": key_error,
+    "crash": crash,
+    "progress": progress,
+    "sleepy": sleepy,
 }
 
 
@@ -314,8 +319,13 @@ def test_call_blocking_on_a_closed_connection_is_unreachable() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("127.0.0.1:80", ("127.0.0.1", 80)), (":9000", ("127.0.0.1", 9000)), ("[::1]:443", ("::1", 443)),
-     ("example.org:0", ("example.org", 0)), ("h:65535", ("h", 65535))],
+    [
+        ("127.0.0.1:80", ("127.0.0.1", 80)),
+        (":9000", ("127.0.0.1", 9000)),
+        ("[::1]:443", ("::1", 443)),
+        ("example.org:0", ("example.org", 0)),
+        ("h:65535", ("h", 65535)),
+    ],
 )
 def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
     assert parse_hostport(text) == expected

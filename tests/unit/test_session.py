@@ -231,8 +231,13 @@ def test_outgoing_frames_are_queued_in_order_and_wake_the_writer() -> None:
     s.keepalive()
     s.accept_upload(5)
     decoded = wire.FrameDecoder(PIECE).feed(s.take_output())
-    assert decoded == [wire.Bitfield(bits.to_bytes(0b11, PIECES)), wire.Have(2), wire.Reject(3), wire.Defer(4),
-                       wire.KeepAlive()]
+    assert decoded == [
+        wire.Bitfield(bits.to_bytes(0b11, PIECES)),
+        wire.Have(2),
+        wire.Reject(3),
+        wire.Defer(4),
+        wire.KeepAlive(),
+    ]
     assert len(wakeups) == 6
     assert not s.has_output
     with pytest.raises(RuntimeError):

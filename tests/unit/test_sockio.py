@@ -40,7 +40,8 @@ async def send_slowly(sock: trio.socket.SocketType, data: bytes, chunk: int, pau
 
 
 async def test_a_piece_trickling_in_below_the_mark_is_read_whole(
-        tcp_pair: tuple[StreamIO, trio.socket.SocketType]) -> None:
+    tcp_pair: tuple[StreamIO, trio.socket.SocketType],
+) -> None:
     io, peer = tcp_pair
     piece = os.urandom(PAYLOAD_LOWAT + 100_000)  # the last part is smaller than the mark
     buf = bytearray(len(piece))

@@ -140,8 +140,11 @@ def test_scan_source_errors(tmp_path: Path) -> None:
     (tmp_path / "emptydir" / "sub").mkdir(parents=True)
     (tmp_path / "withfifo").mkdir()
     os.mkfifo(tmp_path / "withfifo" / "pipe")
-    for path, needle in [("nope", "does not exist"), ("emptydir", "contains no files"),
-                         ("withfifo", "not a regular file")]:
+    for path, needle in [
+        ("nope", "does not exist"),
+        ("emptydir", "contains no files"),
+        ("withfifo", "not a regular file"),
+    ]:
         with pytest.raises(StorageError, match=needle) as ei:
             storage.scan_source(tmp_path / path)
         assert ei.value.code is ErrorCode.BAD_REQUEST  # the source the user named is unusable
@@ -203,8 +206,11 @@ def test_short_read_raises_storage_error(tree: Path, tmp_path: Path) -> None:
     os.truncate(copy / "nested/shard-00000.bin", 10)
     store = PieceStore(m, copy, writable=False)
     layout = mf.Layout(m)
-    idx = next(i for i in range(m.num_pieces) if any(m.files[f].path == "nested/shard-00000.bin" and off + n > 10
-                                                      for f, off, n in layout.piece_spans(i)))
+    idx = next(
+        i
+        for i in range(m.num_pieces)
+        if any(m.files[f].path == "nested/shard-00000.bin" and off + n > 10 for f, off, n in layout.piece_spans(i))
+    )
     with pytest.raises(StorageError, match=f"short read of piece {idx}"):
         store.read_piece(idx)
     store.close()
@@ -599,8 +605,9 @@ def test_filesystem_type_finds_the_longest_mount(tmp_path: Path, monkeypatch: py
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "tmpfs"])
-def test_preallocate_reserves_blocks_on_disks_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   fstype: str) -> None:
+def test_preallocate_reserves_blocks_on_disks_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fstype: str
+) -> None:
     """On tmpfs, reserving would zero-fill every page before the download overwrites it."""
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "w.bin").write_bytes(os.urandom(1 << 20))

@@ -35,9 +35,19 @@ def make_swarm(tmp_path: Path, *, complete: bool, **kw: Any) -> Swarm:
     store = PieceStore(m, src if complete else tmp_path / "staging", writable=not complete)
     if not complete:
         store.preallocate()
-    return Swarm(node_id="a" * 32, artifact_id="b" * 64, name="x:1", manifest=m, store=store,
-                 have=bits.full(m.num_pieces) if complete else 0, catalog=Catalog(tmp_path / "data"),
-                 config=SwarmConfig(), egress=None, ingress=None, **kw)
+    return Swarm(
+        node_id="a" * 32,
+        artifact_id="b" * 64,
+        name="x:1",
+        manifest=m,
+        store=store,
+        have=bits.full(m.num_pieces) if complete else 0,
+        catalog=Catalog(tmp_path / "data"),
+        config=SwarmConfig(),
+        egress=None,
+        ingress=None,
+        **kw,
+    )
 
 
 # --------------------------------------------------------------------------------------------- peer lookups
@@ -76,8 +86,9 @@ def thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-async def test_pieces_are_verified_inline_until_a_write_is_slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               thread_calls: list[int]) -> None:
+async def test_pieces_are_verified_inline_until_a_write_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_calls: list[int]
+) -> None:
     sw = make_swarm(tmp_path, complete=False)
     src = PieceStore(sw.manifest, tmp_path / "src", writable=False)
     assert await sw._verify_and_write_soon(0, src.read_piece(0))
@@ -100,8 +111,9 @@ async def test_pieces_are_verified_inline_until_a_write_is_slow(tmp_path: Path, 
     sw.store.close()
 
 
-async def test_a_write_slow_only_for_want_of_cpu_stays_inline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              thread_calls: list[int]) -> None:
+async def test_a_write_slow_only_for_want_of_cpu_stays_inline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_calls: list[int]
+) -> None:
     """Preemption (many daemons on few cores) must not move verification to threads, which cost more CPU."""
     sw = make_swarm(tmp_path, complete=False)
     src = PieceStore(sw.manifest, tmp_path / "src", writable=False)

@@ -174,8 +174,16 @@ INDEX_TYPES = [MsgType.HAVE, MsgType.REQUEST, MsgType.CANCEL, MsgType.REJECT, Ms
 def test_message_type_numbers_are_stable() -> None:
     # These numbers are the protocol: changing one breaks every deployed node.
     assert {m.name: m.value for m in MsgType} == {
-        "HANDSHAKE": 1, "BITFIELD": 2, "HAVE": 3, "REQUEST": 4, "PIECE": 5, "CANCEL": 6, "REJECT": 7, "GOODBYE": 8,
-        "KEEPALIVE": 9, "DEFER": 10,
+        "HANDSHAKE": 1,
+        "BITFIELD": 2,
+        "HAVE": 3,
+        "REQUEST": 4,
+        "PIECE": 5,
+        "CANCEL": 6,
+        "REJECT": 7,
+        "GOODBYE": 8,
+        "KEEPALIVE": 9,
+        "DEFER": 10,
     }
 
 
@@ -248,8 +256,11 @@ def test_bad_codec(codec: int) -> None:
         msgspec.msgpack.encode({"version": 1, "node_id": "n", "artifact_id": "a"}) + b"\x00",  # trailing
         b"\xcf",  # truncated uint64
         msgspec.msgpack.encode({"version": 1, "node_id": "n", "artifact_id": "a"}).replace(b"\xa1n", b"\xa1\x80"),
-        b"\x84" + msgspec.msgpack.encode({"version": 1, "node_id": "n", "artifact_id": "a"})[1:]
-        + b"\xa1x" + b"\x91" * 200_000 + b"\xc0",  # an unknown field nested past the recursion limit
+        b"\x84"
+        + msgspec.msgpack.encode({"version": 1, "node_id": "n", "artifact_id": "a"})[1:]
+        + b"\xa1x"
+        + b"\x91" * 200_000
+        + b"\xc0",  # an unknown field nested past the recursion limit
     ],
 )
 def test_bad_handshake(body: bytes) -> None:

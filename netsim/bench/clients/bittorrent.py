@@ -48,9 +48,14 @@ class _TorrentClient(Client):
     def start_tracker(self, ctx: Ctx, d: str) -> subprocess.Popen:
         """Start the BitTorrent tracker in the seed's namespace and wait until it listens."""
         seed = ctx.net.seed
-        p = seed.host.popen([sys.executable, "-m", "netsim.bench.bt", "tracker", "--listen",
-                             f"{seed.ip}:{TRACKER_PORT}"], stdout=subprocess.PIPE, log=os.path.join(d, "tracker.log"),
-                            text=True, env=child_env(), cwd=NEUTRAL_CWD)
+        p = seed.host.popen(
+            [sys.executable, "-m", "netsim.bench.bt", "tracker", "--listen", f"{seed.ip}:{TRACKER_PORT}"],
+            stdout=subprocess.PIPE,
+            log=os.path.join(d, "tracker.log"),
+            text=True,
+            env=child_env(),
+            cwd=NEUTRAL_CWD,
+        )
         assert p.stdout is not None
         if p.stdout.readline().strip() != "READY":
             raise BenchError(f"BitTorrent tracker did not start (exit {p.poll()})")
@@ -59,9 +64,22 @@ class _TorrentClient(Client):
     def wait_announced(self, ctx: Ctx, n: int) -> None:
         """Block until the tracker knows `n` peers (the seed has announced)."""
         seed = ctx.net.seed
-        cp = seed.host.run([sys.executable, "-m", "netsim.bench.bt", "wait-peers",
-                            f"http://{seed.ip}:{TRACKER_PORT}/stats", str(n), "--timeout", "30"],
-                           check=False, env=child_env(), cwd=NEUTRAL_CWD, timeout=60)
+        cp = seed.host.run(
+            [
+                sys.executable,
+                "-m",
+                "netsim.bench.bt",
+                "wait-peers",
+                f"http://{seed.ip}:{TRACKER_PORT}/stats",
+                str(n),
+                "--timeout",
+                "30",
+            ],
+            check=False,
+            env=child_env(),
+            cwd=NEUTRAL_CWD,
+            timeout=60,
+        )
         if cp.returncode != 0:
             raise BenchError(f"{self.name}: seed did not announce within 30 s")
 
@@ -87,10 +105,29 @@ class Libtorrent(_TorrentClient):
             log = os.path.join(d, "nodes.log")
 
             def node(role: str, n: Node, save: str) -> LineLeecher:
-                argv = [sys.executable, "-m", "netsim.bench.clients.lt_node", "--role", role, "--torrent",
-                        self.torrent, "--save", save, "--listen", f"{n.ip}:{port}"]
-                p = n.host.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, log=log, text=True,
-                                 bufsize=1, env=child_env(), cwd=NEUTRAL_CWD)
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "netsim.bench.clients.lt_node",
+                    "--role",
+                    role,
+                    "--torrent",
+                    self.torrent,
+                    "--save",
+                    save,
+                    "--listen",
+                    f"{n.ip}:{port}",
+                ]
+                p = n.host.popen(
+                    argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    log=log,
+                    text=True,
+                    bufsize=1,
+                    env=child_env(),
+                    cwd=NEUTRAL_CWD,
+                )
                 procs.append(p)
                 return LineLeecher(n, save, p)
 
@@ -145,12 +182,29 @@ class Aria2(_TorrentClient):
 
     def argv(self, ip: str, port: int, d: str, log: str) -> list[str]:
         """aria2c options: only our tracker, no DHT/LPD, no limits, keep seeding (we stop it)."""
-        return ["aria2c", f"--dir={d}", f"--listen-port={port}", f"--interface={ip}", f"--log={log}",
-                "--log-level=notice", "--enable-dht=false", "--enable-dht6=false", "--bt-enable-lpd=false",
-                "--disable-ipv6=true", "--seed-ratio=0.0", "--bt-max-peers=0", "--max-overall-upload-limit=0",
-                "--max-overall-download-limit=0", "--file-allocation=none", "--summary-interval=0",
-                "--console-log-level=warn", "--bt-tracker-interval=5", "--follow-torrent=false",
-                "--enable-rpc=false", "--auto-save-interval=0"]
+        return [
+            "aria2c",
+            f"--dir={d}",
+            f"--listen-port={port}",
+            f"--interface={ip}",
+            f"--log={log}",
+            "--log-level=notice",
+            "--enable-dht=false",
+            "--enable-dht6=false",
+            "--bt-enable-lpd=false",
+            "--disable-ipv6=true",
+            "--seed-ratio=0.0",
+            "--bt-max-peers=0",
+            "--max-overall-upload-limit=0",
+            "--max-overall-download-limit=0",
+            "--file-allocation=none",
+            "--summary-interval=0",
+            "--console-log-level=warn",
+            "--bt-tracker-interval=5",
+            "--follow-torrent=false",
+            "--enable-rpc=false",
+            "--auto-save-interval=0",
+        ]
 
     def run(self, ctx: Ctx, run: int) -> RunResult:
         d = ctx.run_dir(self.name, run)
@@ -164,17 +218,25 @@ class Aria2(_TorrentClient):
             procs.append(self.start_tracker(ctx, d))
             seed = ctx.net.seed
             argv = self.argv(seed.ip, port, os.path.dirname(ctx.payload), os.path.join(d, "seed.log"))
-            procs.append(seed.host.popen([*argv, "--bt-seed-unverified=true", "--check-integrity=false",
-                                          self.torrent], stdout=subprocess.DEVNULL,
-                                         log=os.path.join(d, "seed.err"), env=child_env()))
+            procs.append(
+                seed.host.popen(
+                    [*argv, "--bt-seed-unverified=true", "--check-integrity=false", self.torrent],
+                    stdout=subprocess.DEVNULL,
+                    log=os.path.join(d, "seed.err"),
+                    env=child_env(),
+                )
+            )
             self.wait_announced(ctx, 1)
             leechers: list[Leecher] = []
             for n in ctx.net.leechers:
                 out = os.path.join(d, n.name)
                 os.makedirs(out)
                 done = os.path.join(d, f"{n.name}.done")
-                argv = [*self.argv(n.ip, port, out, os.path.join(d, f"{n.name}.log")),
-                        f"--on-bt-download-complete={hook}", self.torrent]
+                argv = [
+                    *self.argv(n.ip, port, out, os.path.join(d, f"{n.name}.log")),
+                    f"--on-bt-download-complete={hook}",
+                    self.torrent,
+                ]
                 lc = _FileLeecher(n, out, argv, d, n.name, env={"NETSIM_DONE": done}, done_file=done)
                 procs.append(lc.proc)
                 leechers.append(lc)

@@ -46,17 +46,27 @@ def main() -> int:
     a = ap.parse_args()
 
     ip, _ = a.listen.rsplit(":", 1)
-    ses = lt.session({
-        "listen_interfaces": a.listen,
-        "outgoing_interfaces": ip,  # source address = our own address (matters on loopback)
-        "enable_dht": False, "enable_lsd": False, "enable_upnp": False, "enable_natpmp": False,
-        "allow_multiple_connections_per_ip": True,
-        "rate_limit_ip_overhead": False,
-        "upload_rate_limit": 0, "download_rate_limit": 0,
-        "enable_outgoing_utp": a.utp, "enable_incoming_utp": a.utp,
-        "alert_mask": (lt.alert.category_t.status_notification | lt.alert.category_t.error_notification
-                       | lt.alert.category_t.tracker_notification),
-    })
+    ses = lt.session(
+        {
+            "listen_interfaces": a.listen,
+            "outgoing_interfaces": ip,  # source address = our own address (matters on loopback)
+            "enable_dht": False,
+            "enable_lsd": False,
+            "enable_upnp": False,
+            "enable_natpmp": False,
+            "allow_multiple_connections_per_ip": True,
+            "rate_limit_ip_overhead": False,
+            "upload_rate_limit": 0,
+            "download_rate_limit": 0,
+            "enable_outgoing_utp": a.utp,
+            "enable_incoming_utp": a.utp,
+            "alert_mask": (
+                lt.alert.category_t.status_notification
+                | lt.alert.category_t.error_notification
+                | lt.alert.category_t.tracker_notification
+            ),
+        }
+    )
     flt = lt.ip_filter()  # every peer -> the local peer class, which has no rate limit
     flt.add_rule("0.0.0.0", "255.255.255.255", 1 << ses.local_peer_class_id)
     ses.set_peer_class_filter(flt)
@@ -73,14 +83,22 @@ def main() -> int:
 
     def stats() -> str:
         st = h.status()
-        return json.dumps({"payload_up": st.total_payload_upload, "payload_down": st.total_payload_download,
-                           "up": st.total_upload, "down": st.total_download, "peers": st.num_peers})
+        return json.dumps(
+            {
+                "payload_up": st.total_payload_upload,
+                "payload_down": st.total_payload_download,
+                "up": st.total_upload,
+                "down": st.total_download,
+                "peers": st.num_peers,
+            }
+        )
 
     def drain() -> list:
         alerts = ses.pop_alerts()
         for al in alerts:
-            if isinstance(al, (lt.tracker_error_alert, lt.peer_error_alert, lt.listen_failed_alert,
-                               lt.torrent_error_alert)):
+            if isinstance(
+                al, (lt.tracker_error_alert, lt.peer_error_alert, lt.listen_failed_alert, lt.torrent_error_alert)
+            ):
                 print(f"[{a.listen}] {type(al).__name__}: {al.message()}", file=sys.stderr, flush=True)
         return alerts
 

@@ -61,8 +61,9 @@ def tracker_cmd() -> list[str]:
 
 def _works(argv: list[str]) -> str | None:
     try:
-        cp = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=60, env=child_env(),
-                            cwd=NEUTRAL_CWD, check=False)
+        cp = subprocess.run(
+            [*argv, "--help"], capture_output=True, text=True, timeout=60, env=child_env(), cwd=NEUTRAL_CWD, check=False
+        )
     except OSError as e:
         return f"{' '.join(argv)}: {e}"
     if cp.returncode != 0:
@@ -101,8 +102,14 @@ class P2pd(Client):
         tracker = f"{seed.ip}:{TRACKER_PORT}"
         daemons: dict[str, subprocess.Popen] = {}
         try:
-            procs.append(seed.host.popen([*tracker_cmd(), "serve", "--listen", tracker],
-                                         log=os.path.join(d, "tracker.log"), env=env, cwd=NEUTRAL_CWD))
+            procs.append(
+                seed.host.popen(
+                    [*tracker_cmd(), "serve", "--listen", tracker],
+                    log=os.path.join(d, "tracker.log"),
+                    env=env,
+                    cwd=NEUTRAL_CWD,
+                )
+            )
             wait_tcp(seed.host, seed.ip, TRACKER_PORT)  # `p2pd run` exits at once if no tracker answers
             for n in ctx.net.nodes():
                 dd = os.path.join(d, f"data-{n.name}")
@@ -111,15 +118,19 @@ class P2pd(Client):
                 if self.egress_limit:
                     argv += ["--egress-limit", self.egress_limit]
                 argv += self.run_args
-                p = n.host.popen(argv, log=os.path.join(d, f"daemon-{n.name}.log"),
-                                 env=env, cwd=NEUTRAL_CWD)
+                p = n.host.popen(argv, log=os.path.join(d, f"daemon-{n.name}.log"), env=env, cwd=NEUTRAL_CWD)
                 procs.append(p)
                 daemons[n.name] = p
             for n in ctx.net.nodes():
                 self._wait_status(ctx, n, os.path.join(d, f"data-{n.name}"), daemons[n.name], d)
             name = f"bench:r{run}"
-            cp = seed.host.run([*p2pd, "publish", ctx.payload, "--name", name, "--data-dir",
-                                os.path.join(d, "data-seed")], check=False, env=env, cwd=NEUTRAL_CWD, timeout=300)
+            cp = seed.host.run(
+                [*p2pd, "publish", ctx.payload, "--name", name, "--data-dir", os.path.join(d, "data-seed")],
+                check=False,
+                env=env,
+                cwd=NEUTRAL_CWD,
+                timeout=300,
+            )
             if cp.returncode != 0:
                 raise BenchError(f"p2pd publish exit {cp.returncode}: {cp.stderr.strip()[-600:]}")
             artifact = (cp.stdout.strip().splitlines() or [""])[-1].strip()
@@ -153,10 +164,16 @@ class P2pd(Client):
         end = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                raise BenchError(f"p2pd on {n.name} exited {proc.returncode}: "
-                                 f"{tail(os.path.join(d, f'daemon-{n.name}.log'))}")
-            cp = n.host.run([*p2pd_cmd(), "status", "--data-dir", data_dir], check=False, env=child_env(),
-                            cwd=NEUTRAL_CWD, timeout=60)
+                raise BenchError(
+                    f"p2pd on {n.name} exited {proc.returncode}: {tail(os.path.join(d, f'daemon-{n.name}.log'))}"
+                )
+            cp = n.host.run(
+                [*p2pd_cmd(), "status", "--data-dir", data_dir],
+                check=False,
+                env=child_env(),
+                cwd=NEUTRAL_CWD,
+                timeout=60,
+            )
             if cp.returncode == 0:
                 return
             if time.monotonic() > end:
@@ -165,8 +182,22 @@ class P2pd(Client):
 
     def _wait_holder(self, ctx: Ctx, tracker: str, artifact: str) -> None:
         seed = ctx.net.seed
-        cp = seed.host.run([sys.executable, "-m", "netsim.bench.clients.p2pd", "wait-holder", "--tracker", tracker,
-                            "--artifact", artifact], check=False, env=child_env(), cwd=NEUTRAL_CWD, timeout=60)
+        cp = seed.host.run(
+            [
+                sys.executable,
+                "-m",
+                "netsim.bench.clients.p2pd",
+                "wait-holder",
+                "--tracker",
+                tracker,
+                "--artifact",
+                artifact,
+            ],
+            check=False,
+            env=child_env(),
+            cwd=NEUTRAL_CWD,
+            timeout=60,
+        )
         if cp.returncode != 0:
             raise BenchError(f"tracker never listed the seed as holder of {artifact!r}: {cp.stderr.strip()[-300:]}")
 
