@@ -57,3 +57,5 @@ class DaemonConfig:
     socket_path: Path | None = None
     tracker_wait: float = 30.0  # a node booting before its tracker waits this long for it instead of exiting
     listen_backlog: int = 512  # pending peer connections the kernel queues while we accept
+    goodbye_timeout: float = 2.0  # on stop: for the tracker's LEAVE, then again for every peer's GOODBYE
+    failed_swarm_wait: float = 10.0  # a failed download's worker-thread write finishes before a retry reopens its files

@@ -97,12 +97,12 @@ class Daemon:
                 await self._stop.wait()
                 log.info("stopping: saying goodbye to tracker and peers")
                 self.socket_path.unlink(missing_ok=True)
-                with trio.move_on_after(2):
+                with trio.move_on_after(self.config.goodbye_timeout):
                     try:
                         await tc.leave()
                     except RpcError as e:
                         log.warning("could not tell the tracker we leave: %s", e)
-                with trio.move_on_after(2):
+                with trio.move_on_after(self.config.goodbye_timeout):
                     async with trio.open_nursery() as n2:
                         for sw in list(self.swarms.values()):
                             n2.start_soon(sw.leave, "node shutting down")
@@ -309,7 +309,7 @@ class Daemon:
             ev.set()
 
     async def _forget_failed(self, sw: Swarm) -> None:
-        with trio.move_on_after(10):
+        with trio.move_on_after(self.config.failed_swarm_wait):
             await sw.stopped.wait()  # a write in a worker thread finishes before its files are closed
         if self.swarms.get(sw.artifact_id) is sw:
             del self.swarms[sw.artifact_id]

@@ -24,6 +24,7 @@ import typer
 
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.rpc import parse_hostport
+from tracker.config import TrackerConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -46,19 +47,21 @@ def setup_logging(level: str) -> None:
 def serve(
     listen: Annotated[
         str, typer.Option(help="TCP RPC and UDP heartbeats on HOST:PORT (port 0: any free port).")
-    ] = "0.0.0.0:7070",
+    ] = "{}:{}".format(*TrackerConfig.listen),
     interval: Annotated[
         float, typer.Option(help="Heartbeat interval told to nodes, seconds; 3 missed = dropped.")
-    ] = 1.0,
-    store: Annotated[str, typer.Option(help="'memory' or redis://HOST:PORT/DB (replicas share a Redis).")] = "memory",
+    ] = TrackerConfig.interval,
+    store: Annotated[
+        str, typer.Option(help="'memory' or redis://HOST:PORT/DB (replicas share a Redis).")
+    ] = TrackerConfig.store,
     admin_listen: Annotated[str | None, typer.Option(help="HTTP admin API on HOST:PORT (off when not given).")] = None,
     admin_token: Annotated[
         str | None, typer.Option(envvar="P2P_TRACKER_ADMIN_TOKEN", help="Bearer token for the admin API.")
     ] = None,
     store_prefix: Annotated[
         str, typer.Option(help="Key prefix in Redis (one per tracker group sharing a Redis).")
-    ] = "p2p:",
-    udp: Annotated[bool, typer.Option(help="Accept UDP heartbeats on the listen port.")] = True,
+    ] = TrackerConfig.store_prefix,
+    udp: Annotated[bool, typer.Option(help="Accept UDP heartbeats on the listen port.")] = TrackerConfig.udp,
     ready_file: Annotated[
         Path | None, typer.Option(help="Write {tcp_port, udp_port, admin_port, pid} as JSON here once listening.")
     ] = None,
@@ -83,7 +86,17 @@ def serve(
     raise_fd_limit()
     error: P2pdError | None = None
     try:
-        trio.run(_serve, host, port, interval, store, admin_addr, admin_token, udp, ready_file, store_prefix)
+        config = TrackerConfig(
+            listen=(host, port),
+            interval=interval,
+            store=store,
+            store_prefix=store_prefix,
+            admin_listen=admin_addr,
+            admin_token=admin_token,
+            udp=udp,
+            ready_file=ready_file,
+        )
+        trio.run(_serve, config)
     except* OSError as eg:  # raised inside the nursery, so it may come wrapped in a group
         where = listen + (f" (admin {admin_listen})" if admin_listen else "")
         error = P2pdError(ErrorCode.CONFLICT, f"cannot listen on {where}: {_leaf(eg)}")
@@ -99,7 +112,7 @@ class StoreError(P2pdError):
     """The store given with --store cannot be used: an unknown spec, or its Redis does not answer."""
 
 
-async def open_store(spec: str, interval: float, prefix: str = "p2p:") -> Any:
+async def open_store(spec: str, interval: float, prefix: str = TrackerConfig.store_prefix) -> Any:
     from tracker.store import MemoryStore
 
     if spec == "memory":
@@ -114,22 +127,15 @@ async def open_store(spec: str, interval: float, prefix: str = "p2p:") -> Any:
     raise StoreError(ErrorCode.BAD_REQUEST, f"unknown --store {spec!r}: expected 'memory' or redis://HOST:PORT/DB")
 
 
-async def _serve(
-    host: str,
-    port: int,
-    interval: float,
-    store_spec: str,
-    admin_addr: tuple[str, int] | None,
-    admin_token: str | None,
-    udp: bool,
-    ready_file: Path | None,
-    store_prefix: str = "p2p:",
-) -> None:
+async def _serve(config: TrackerConfig) -> None:
     import trio
 
     from tracker.server import TrackerServer, fmt_hostport
 
-    store = await open_store(store_spec, interval, store_prefix)
+    host, port = config.listen
+    interval, udp, ready_file = config.interval, config.udp, config.ready_file
+    admin_addr, admin_token = config.admin_listen, config.admin_token
+    store = await open_store(config.store, interval, config.store_prefix)
     server = TrackerServer(store)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

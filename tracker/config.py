@@ -1,0 +1,18 @@
+"""Every setting of a tracker process, in one place: `p2p-tracker serve` builds one from its flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    listen: tuple[str, int] = ("0.0.0.0", 7070)  # TCP RPC, and UDP heartbeats on the same port
+    interval: float = 1.0  # heartbeat interval told to nodes; 3 missed = dropped
+    store: str = "memory"  # 'memory', or redis://HOST:PORT/DB shared by replicas
+    store_prefix: str = "p2p:"  # key prefix in Redis: one per tracker group sharing a Redis
+    admin_listen: tuple[str, int] | None = None  # HTTP admin API (off unless given; never without a token)
+    admin_token: str | None = None
+    udp: bool = True  # accept UDP heartbeats
+    ready_file: Path | None = None  # {tcp_port, udp_port, admin_port, pid} as JSON once listening
