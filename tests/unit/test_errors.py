@@ -132,3 +132,10 @@ def test_p2pd_cli_exit_status_follows_the_code(tmp_path: Path) -> None:
     ]:
         r = runner.invoke(app, args)
         assert r.exit_code == status and needle in r.output, (args, r.exit_code, r.output)
+
+
+def test_every_close_reason_is_documented() -> None:
+    text = (REPO / "docs" / "interfaces.md").read_text()
+    section = text.split("## Why a peer connection closed", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.M))
+    assert documented == {r.value for r in errors.CloseReason}
