@@ -57,3 +57,7 @@ class DaemonConfig:
     socket_path: Path | None = None
     tracker_wait: float = 30.0  # a node booting before its tracker waits this long for it instead of exiting
     listen_backlog: int = 512  # pending peer connections the kernel queues while we accept
+    # NAT detection (p2pd/nat_detect.py), against the tracker's STUN server
+    nat_detect: bool = True
+    nat_check_every: float = 20.0  # one Binding request: notices a new mapping, and keeps it alive (expiry ~30 s)
+    nat_reclassify_every: float = 300.0  # the full RFC 3489 tests again, in case the NAT's behaviour changed
