@@ -295,6 +295,26 @@ def status(
             a["path"],
         )
     Console().print(t)
+    typer.echo(describe_nat(res.get("nat")))
+
+
+def describe_nat(nat: dict[str, Any] | None) -> str:
+    """One line for people: this node's NAT type and the address the public side sees it at."""
+    if not nat:
+        return "NAT: not reported (daemon older than NAT detection)"
+    state = nat.get("state")
+    if state == "off":
+        return "NAT: not detected (the tracker offers no STUN server, or detection is off)"
+    if state == "detecting":
+        return "NAT: detecting..."
+    mapped = nat.get("mapped")
+    where = f"{mapped[0]}:{mapped[1]}" if mapped else "none (no STUN answer over UDP)"
+    ago = nat.get("checked_s_ago")
+    return (
+        f"NAT: {nat.get('type')}; public address {where}"
+        + (f" (checked {ago:.0f} s ago)" if isinstance(ago, int | float) else "")
+        + (f"\n  why: {nat['reason']}" if nat.get("reason") else "")
+    )
 
 
 @app.command()

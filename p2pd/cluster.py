@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -178,6 +178,7 @@ class Tracker:
     process: Process
     udp_port: int | None = None
     admin_port: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # everything its ready file said (stun, relay port, ...)
 
     @property
     def addr(self) -> str:
@@ -369,7 +370,7 @@ class LocalCluster:
 
     def _tracker_ready(self, name: str, proc: Process, ready: Path) -> Tracker:
         info = json.loads(ready.read_text())
-        t = Tracker(name, int(info["tcp_port"]), proc, info.get("udp_port"), info.get("admin_port"))
+        t = Tracker(name, int(info["tcp_port"]), proc, info.get("udp_port"), info.get("admin_port"), info)
         self.trackers.append(t)
         return t
 

@@ -59,3 +59,7 @@ class DaemonConfig:
     listen_backlog: int = 512  # pending peer connections the kernel queues while we accept
     goodbye_timeout: float = 2.0  # on stop: for the tracker's LEAVE, then again for every peer's GOODBYE
     failed_swarm_wait: float = 10.0  # a failed download's worker-thread write finishes before a retry reopens its files
+    # NAT detection (p2pd/nat_detect.py), against the tracker's STUN server
+    nat_detect: bool = True
+    nat_check_every: float = 20.0  # one Binding request: notices a new mapping, and keeps it alive (expiry ~30 s)
+    nat_reclassify_every: float = 300.0  # the full RFC 3489 tests again, in case the NAT's behaviour changed

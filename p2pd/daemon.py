@@ -1,5 +1,8 @@
 """The node daemon: wires catalog, swarms, peer listener, tracker heartbeats and the control API.
 
+NAT detection (`p2pd/nat_detect.py`) probes the tracker's STUN server from the UDP twin of the peer
+port and re-registers with what it finds, so a node behind NAT needs no configuration.
+
 Everything runs under one nursery owned by `Daemon.run`; `request_stop()` (SIGTERM, `p2pd stop`)
 leads to a graceful exit: goodbye to the tracker and to every peer, journals already on disk.
 """
@@ -20,6 +23,7 @@ from p2pd import __version__, connections, paths
 from p2pd.config import DaemonConfig
 from p2pd.connections import TcpConnector
 from p2pd.errors import ErrorCode, P2pdError
+from p2pd.nat_detect import NatMonitor, NatStatus
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import wire
@@ -47,6 +51,7 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self.tracker: TrackerClient | None = None
         self.listen_port = 0
+        self.nat: NatMonitor | None = None
         self.egress: Hierarchy | None = None
         self.ingress: Hierarchy | None = None
         self._lock_fd = -1
@@ -82,6 +87,13 @@ class Daemon:
                 # trio.serve_listeners backs off on EMFILE and friends instead of failing
                 nursery.start_soon(trio.serve_listeners, self._serve_incoming, peer_listeners)
                 await nursery.start(self._heartbeats)
+                if self.config.nat_detect:
+                    self.nat = NatMonitor(
+                        (self.config.listen[0], self.listen_port),
+                        check_every=self.config.nat_check_every,
+                        reclassify_every=self.config.nat_reclassify_every,
+                    )
+                    await nursery.start(self.nat.run, lambda: tc.stun_server, self._report_nat)
                 nursery.start_soon(self._restore_names_after_tracker_restart)
                 api_listener = self._bind_api()
                 await nursery.start(serve_listeners, [api_listener], self._handlers())
@@ -187,6 +199,16 @@ class Daemon:
                         log.info("tracker had forgotten %s: published it again", rec.name)
                     except RpcError as e2:
                         log.warning("could not publish %s again: %s", rec.name, e2)
+
+    async def _report_nat(self, status: NatStatus) -> bool:
+        """Tell the tracker this node's NAT type and mapped address (False: retried at the next check)."""
+        assert self.tracker is not None
+        try:
+            await self.tracker.update_nat(status.registration())
+        except RpcError as e:
+            log.warning("could not report the NAT type to the tracker (will retry): %s", e)
+            return False
+        return True
 
     def holdings(self) -> dict[str, float]:
         return {aid: sw.progress for aid, sw in self.swarms.items() if sw.error is None}
@@ -362,6 +384,7 @@ class Daemon:
             "ingress_limit": self.config.ingress_limit,
             "policy_egress_limit": _finite(self.policy_egress.rate),
             "policy_ingress_limit": _finite(self.policy_ingress.rate),
+            "nat": (self.nat.status if self.nat is not None else NatStatus(state="off")).to_json(trio.current_time()),
         }
 
     async def api_shutdown(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:

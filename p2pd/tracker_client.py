@@ -17,6 +17,9 @@ must keep heartbeating through a replica's death or a tracker restart without th
   (bounded by the interval, so a hung replica is abandoned within about one interval).
 - While heartbeats go over UDP, the TCP connection is closed after `idle_close` seconds without a
   call, so a tracker with 100,000 nodes does not hold 100,000 idle sockets.
+- NAT detection (`p2pd/nat_detect.py`) reads the tracker's STUN address from here (`stun_server`, from
+  the `register`/`heartbeat` replies) and reports its verdict with `update_nat`, which registers again
+  carrying `nat` so the tracker (and every peer list) shows the node's NAT type and mapped address.
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ class TrackerClient:
         self._udp_target: tuple[str, int] | None = None
         self._acked: dict[str, float] | None = None  # holdings the tracker acknowledged last
         self._seq = 0
+        self.nat: dict[str, Any] | None = None  # {"type", "mapped"} sent with every registration once known
+        self._stun: dict[tuple[str, int], Any] = {}  # tracker address -> its STUN advert [host, port] | None
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -131,6 +136,17 @@ class TrackerClient:
     def current(self) -> tuple[str, int]:
         """The tracker address in use (or to be tried next)."""
         return self.addresses[self._idx]
+
+    @property
+    def stun_server(self) -> tuple[str, int] | None:
+        """The STUN server the current tracker offers (None: none, or not registered yet)."""
+        advert = self._stun.get(self.current)
+        if not isinstance(advert, (list, tuple)) or len(advert) != 2:
+            return None
+        host, port = advert
+        if not isinstance(port, int) or not 0 < port < 65536:
+            return None
+        return (str(host) or self.current[0]), port
 
     # ---- connection and failover -------------------------------------------------------------------
 
@@ -206,18 +222,19 @@ class TrackerClient:
 
     async def register(self) -> dict[str, Any]:
         """Announce this node; returns the tracker's reply ({"interval", "session", "udp_port", ...})."""
-        r = await self._call(
-            "register",
-            {
-                "node_id": self.node_id,
-                "addr": list(self.addr),
-                "labels": self.labels,
-                "version": self.version,
-            },
-        )
+        params: dict[str, Any] = {
+            "node_id": self.node_id,
+            "addr": list(self.addr),
+            "labels": self.labels,
+            "version": self.version,
+        }
+        if self.nat is not None:
+            params["nat"] = self.nat
+        r = await self._call("register", params)
         self.interval = float(r["interval"])
         self.session = r.get("session")
         self._udp_ports[self.current] = r.get("udp_port")
+        self._stun[self.current] = r.get("stun")
         self.registered = True
         self.registrations += 1
         self._acked = None
@@ -241,7 +258,19 @@ class TrackerClient:
         self._acked = dict(holdings) if r.get("known") else None
         if "udp_port" in r:  # after a failover, this is how we learn the new replica's UDP port
             self._udp_ports[self.current] = r["udp_port"]
+        if "stun" in r:
+            self._stun[self.current] = r["stun"]
         return dict(r)
+
+    async def update_nat(self, nat: dict[str, Any]) -> None:
+        """Report this node's NAT type and mapped address ({"type", "mapped": [ip, port] | None}).
+
+        Sent by registering again (registration is idempotent and keeps holdings); kept for every later
+        registration too, so a tracker that restarts learns it back. Heartbeats wait meanwhile, so none
+        goes out with the session this replaces."""
+        self.nat = dict(nat)
+        async with self._beat_lock:
+            await self.register()
 
     async def leave(self) -> None:
         """Say goodbye: the tracker drops this node from every peer list at once."""

@@ -122,20 +122,26 @@ def nodes(
     json_: Json = False,
     limit: Annotated[int, typer.Option(help="At most this many nodes.")] = 1000,
 ) -> None:
-    """Registered nodes: address, labels, version, holdings, last heartbeat."""
+    """Registered nodes: address (advertised, and mapped by its NAT), NAT type, labels, version, holdings,
+    last heartbeat."""
     r = call(tracker, token, "GET", f"/v1/nodes?limit={limit}")
     if json_:
         return out_json(r)
     t = Table(title=f"{len(r['nodes'])} node(s)")
-    for col in ("node", "address", "zone", "version", "holds", "complete", "last seen", "age"):
+    for col in ("node", "address", "nat", "mapped", "zone", "version", "holds", "complete", "last seen", "age"):
         t.add_column(
-            col, justify="right" if col in ("holds", "complete", "last seen", "age") else "left", no_wrap=col == "node"
+            col,
+            justify="right" if col in ("holds", "complete", "last seen", "age") else "left",
+            no_wrap=col in ("node", "nat"),
         )
     for n in r["nodes"]:
         host, port = n["addr"]
+        mapped = n.get("mapped")  # absent from trackers older than NAT detection
         t.add_row(
             n["node_id"],
-            f"{host}:{port}",
+            _hostport(host, port),
+            n.get("nat_type", "unknown"),
+            _hostport(*mapped) if mapped else "-",
             n["labels"].get("zone", ""),
             n["version"],
             str(n["holdings"]),
@@ -144,6 +150,10 @@ def nodes(
             f"{n['age_s']:.0f}s",
         )
     console().print(t)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @admin_app.command()

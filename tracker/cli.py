@@ -1,7 +1,8 @@
 """`p2p-tracker`: run a tracker (`serve`) or administer one (`admin ...`).
 
-`serve` runs every front end in one trio nursery: TCP RPC and UDP heartbeats on `--listen`, the HTTP
-admin API on `--admin-listen`. SIGTERM and SIGINT cancel that nursery, so the process exits 0 after
+`serve` runs every front end in one trio nursery: TCP RPC, UDP heartbeats and STUN on `--listen`
+(STUN elsewhere with `--stun`, CHANGE-REQUEST with `--stun-alt`), the HTTP admin API on
+`--admin-listen`. SIGTERM and SIGINT cancel that nursery, so the process exits 0 after
 closing its sockets (a supervisor stopping the tracker is not an error). Logs go to stderr.
 
 `admin` commands talk to the HTTP admin API with a bearer token and print rich tables (or `--json`
@@ -18,13 +19,16 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.rpc import parse_hostport
 from tracker.config import TrackerConfig
+
+if TYPE_CHECKING:
+    from tracker.stun import StunSettings
 
 app = typer.Typer(
     add_completion=False,
@@ -62,6 +66,20 @@ def serve(
         str, typer.Option(help="Key prefix in Redis (one per tracker group sharing a Redis).")
     ] = TrackerConfig.store_prefix,
     udp: Annotated[bool, typer.Option(help="Accept UDP heartbeats on the listen port.")] = TrackerConfig.udp,
+    stun: Annotated[
+        str | None,
+        typer.Option(
+            help="STUN for NAT detection: HOST:PORT of its own, or 'off' (default: the listen address, "
+            "sharing the UDP port with heartbeats)."
+        ),
+    ] = None,
+    stun_alt: Annotated[
+        str | None,
+        typer.Option(
+            help="Second IP:PORT for RFC 3489 CHANGE-REQUEST, so nodes can classify their NAT; IP and port "
+            "must both differ from the primary STUN address (a specific IP, not 0.0.0.0)."
+        ),
+    ] = None,
     ready_file: Annotated[
         Path | None, typer.Option(help="Write {tcp_port, udp_port, admin_port, pid} as JSON here once listening.")
     ] = None,
@@ -72,6 +90,7 @@ def serve(
     try:
         host, port = parse_hostport(listen, default_host="0.0.0.0")
         admin_addr = parse_hostport(admin_listen) if admin_listen else None
+        stun_settings = stun_options(stun, stun_alt, (host, port))
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
     if interval <= 0:
@@ -95,6 +114,7 @@ def serve(
             admin_token=admin_token,
             udp=udp,
             ready_file=ready_file,
+            stun=stun_settings,
         )
         trio.run(_serve, config)
     except* OSError as eg:  # raised inside the nursery, so it may come wrapped in a group
@@ -106,6 +126,30 @@ def serve(
         error = leaf
     if error is not None:
         fail(error.message, error.code)
+
+
+def stun_options(stun: str | None, stun_alt: str | None, listen: tuple[str, int]) -> StunSettings | None:
+    """--stun / --stun-alt as settings (None: STUN off); ValueError says what is wrong."""
+    from tracker.stun import StunSettings, check_settings
+
+    if stun is not None and stun.strip().lower() == "off":
+        if stun_alt:
+            raise ValueError("--stun-alt needs STUN on: drop --stun off")
+        return None
+    own = alt = None
+    try:
+        own = parse_hostport(stun, default_host=listen[0]) if stun else None
+    except ValueError as e:
+        raise ValueError(f"--stun: {e}, or 'off'") from None
+    try:
+        alt = parse_hostport(stun_alt) if stun_alt else None
+    except ValueError as e:
+        raise ValueError(f"--stun-alt: {e}") from None
+    primary = own or listen
+    if alt is not None and own is None and primary[1] == 0:
+        raise ValueError("--stun-alt with --listen port 0: give the primary STUN address with --stun IP:PORT")
+    check_settings(primary, alt)
+    return StunSettings(listen=own, alt=alt)
 
 
 class StoreError(P2pdError):
@@ -136,7 +180,7 @@ async def _serve(config: TrackerConfig) -> None:
     interval, udp, ready_file = config.interval, config.udp, config.ready_file
     admin_addr, admin_token = config.admin_listen, config.admin_token
     store = await open_store(config.store, interval, config.store_prefix)
-    server = TrackerServer(store)
+    server = TrackerServer(store, stun=config.stun)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
@@ -147,7 +191,7 @@ async def _serve(config: TrackerConfig) -> None:
 
                     admin_port = await nursery.start(serve_admin, server, admin_addr[0], admin_addr[1], admin_token)
                 log.info(
-                    "tracker listening on %s (tcp rpc%s), store %s, interval %gs%s",
+                    "tracker listening on %s (tcp rpc%s), store %s, interval %gs%s%s",
                     fmt_hostport(host, tcp_port),
                     f", udp heartbeats :{udp_port}" if udp_port else "",
                     store.kind,
@@ -155,12 +199,19 @@ async def _serve(config: TrackerConfig) -> None:
                     f", admin http on {fmt_hostport(admin_addr[0], admin_port)}"
                     if admin_addr is not None and admin_port is not None
                     else "",
+                    _describe_stun(server),
                 )
                 if ready_file is not None:
                     tmp = ready_file.with_name(ready_file.name + ".tmp")
                     tmp.write_text(
                         json.dumps(
-                            {"tcp_port": tcp_port, "udp_port": udp_port, "admin_port": admin_port, "pid": os.getpid()}
+                            {
+                                "tcp_port": tcp_port,
+                                "udp_port": udp_port,
+                                "admin_port": admin_port,
+                                "stun": server.stun_advert(),
+                                "pid": os.getpid(),
+                            }
                         )
                     )
                     tmp.replace(ready_file)
@@ -171,6 +222,18 @@ async def _serve(config: TrackerConfig) -> None:
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await store.aclose()
+
+
+def _describe_stun(server: Any) -> str:
+    if server.stun is None:
+        return ", stun off"
+    from tracker.server import fmt_hostport
+
+    r = server.stun.responder
+    where = fmt_hostport(*r.primary)
+    if r.alt is None:
+        return f", stun on {where} (no --stun-alt: mapped addresses only, no NAT classification)"
+    return f", stun on {where} with CHANGE-REQUEST from {fmt_hostport(*r.alt)}"
 
 
 def _leaf(e: BaseException) -> BaseException:

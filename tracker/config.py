@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tracker.stun import StunSettings
 
 
 @dataclass(frozen=True)
@@ -16,3 +20,4 @@ class TrackerConfig:
     admin_token: str | None = None
     udp: bool = True  # accept UDP heartbeats
     ready_file: Path | None = None  # {tcp_port, udp_port, admin_port, pid} as JSON once listening
+    stun: StunSettings | None = None  # STUN for NAT detection (the CLI's default: on the heartbeat port); None: off

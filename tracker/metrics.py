@@ -39,6 +39,7 @@ class Metrics:
         self.udp_batch_seconds = Histogram()
         self.admin_requests: defaultdict[tuple[str, int], int] = defaultdict(int)  # (route, status)
         self.expired = 0
+        self.stun: Any = None  # the STUN responder (`tracker.stun.StunResponder`) when STUN is on
 
     def render(self, stats: dict[str, Any]) -> str:
         lines: list[str] = []
@@ -78,6 +79,11 @@ class Metrics:
         lines.append(f"p2p_tracker_udp_rejected_total {self.udp_rejected}")
         head("p2p_tracker_udp_batch_seconds", "histogram", "Time to process one batch of UDP heartbeats.")
         _histogram(lines, "p2p_tracker_udp_batch_seconds", self.udp_batch_seconds, "")
+        if self.stun is not None:
+            head("p2p_tracker_stun_answered_total", "counter", "STUN Binding requests answered.")
+            lines.append(f"p2p_tracker_stun_answered_total {self.stun.answered}")
+            head("p2p_tracker_stun_dropped_total", "counter", "STUN datagrams dropped as malformed or not Binding.")
+            lines.append(f"p2p_tracker_stun_dropped_total {self.stun.dropped}")
         head("p2p_tracker_admin_requests_total", "counter", "Admin HTTP requests by route and status.")
         for (route, status), n in sorted(self.admin_requests.items()):
             lines.append(f'p2p_tracker_admin_requests_total{{route="{route}",status="{status}"}} {n}')

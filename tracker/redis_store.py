@@ -5,7 +5,8 @@ Every state change is one Lua script (atomic, one round trip), and all replicas 
 
 Keys (prefix `p2p:`, in the database of the URL):
 - `alive`           ZSET node id -> last heartbeat (ms, Redis clock): expiry = ZRANGEBYSCORE
-- `n:{id}`          HASH host, port, zone, labels (JSON), version, s (session), reg
+- `n:{id}`          HASH host, port, zone, labels (JSON), version, s (session), reg, nat (type), mapped
+                    ("ip port", "" = unknown)
 - `h:{id}`          HASH artifact id -> progress (what the node holds)
 - `ac:{aid}:{zone}` SET complete holders in a zone;  `ap:{aid}:{zone}` HASH partial holder -> progress
 - `az:{aid}`        SET zones with holders of the artifact
@@ -32,9 +33,10 @@ from typing import Any
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
+from tracker.registry import NAT_UNKNOWN
 from tracker.resp import Redis, RedisError, RedisUnavailable
 from tracker.store import Heartbeat, Registration
-from tracker.validate import TrackerError
+from tracker.validate import NatInfo, TrackerError
 
 log = logging.getLogger("tracker.redis")
 
@@ -108,7 +110,7 @@ end
 """
 
 SCRIPTS = {
-    # ARGV: P, id, host, port, zone, labels, version, session
+    # ARGV: P, id, host, port, zone, labels, version, session, nat type, mapped ("ip port" or "")
     "register": r"""
 local id, zone = ARGV[2], ARGV[5]
 local nk = P..'n:'..id
@@ -123,7 +125,7 @@ if oldzone and oldzone ~= zone then
 end
 if not oldzone then redis.call('HSET', nk, 'reg', now) end
 redis.call('HSET', nk, 'host', ARGV[3], 'port', ARGV[4], 'zone', zone, 'labels', ARGV[6], 'version', ARGV[7],
-           's', ARGV[8])
+           's', ARGV[8], 'nat', ARGV[9], 'mapped', ARGV[10])
 redis.call('ZADD', P..'alive', now, id)
 redis.call('HINCRBY', P..'c', 'registrations', 1)
 return now
@@ -187,7 +189,8 @@ if not last then return false end
 local aid = string.sub(last, 1, 64)
 return {aid, redis.call('GET', P..'m:'..aid)}
 """,
-    # ARGV: P, aid, requester, max. Returns groups {complete, same_zone, size, {id, host, port, progress}*}
+    # ARGV: P, aid, requester, max.
+    # Returns groups {complete, same_zone, size, {id, host, port, progress, nat, mapped}*}
     "peers": r"""
 local aid, req, max = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local rzone = false
@@ -201,8 +204,11 @@ for _, z in ipairs(redis.call('SRANDMEMBER', P..'az:'..aid, 64)) do
   if n > 0 then
     local g = {}
     for _, id in ipairs(redis.call('SRANDMEMBER', ck, max + 1)) do
-      local a = redis.call('HMGET', P..'n:'..id, 'host', 'port')
-      if a[1] then g[#g + 1] = id; g[#g + 1] = a[1]; g[#g + 1] = a[2]; g[#g + 1] = '1.0' end
+      local a = redis.call('HMGET', P..'n:'..id, 'host', 'port', 'nat', 'mapped')
+      if a[1] then
+        g[#g + 1] = id; g[#g + 1] = a[1]; g[#g + 1] = a[2]; g[#g + 1] = '1.0'
+        g[#g + 1] = a[3] or ''; g[#g + 1] = a[4] or ''
+      end
     end
     out[#out + 1] = {1, same, n, g}
   end
@@ -211,8 +217,11 @@ for _, z in ipairs(redis.call('SRANDMEMBER', P..'az:'..aid, 64)) do
     local g = {}
     local r = redis.call('HRANDFIELD', pk, max + 1, 'WITHVALUES')
     for i = 1, #r, 2 do
-      local a = redis.call('HMGET', P..'n:'..r[i], 'host', 'port')
-      if a[1] then g[#g + 1] = r[i]; g[#g + 1] = a[1]; g[#g + 1] = a[2]; g[#g + 1] = r[i + 1] end
+      local a = redis.call('HMGET', P..'n:'..r[i], 'host', 'port', 'nat', 'mapped')
+      if a[1] then
+        g[#g + 1] = r[i]; g[#g + 1] = a[1]; g[#g + 1] = a[2]; g[#g + 1] = r[i + 1]
+        g[#g + 1] = a[3] or ''; g[#g + 1] = a[4] or ''
+      end
     end
     out[#out + 1] = {0, same, n, g}
   end
@@ -224,6 +233,22 @@ return out
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _nat_args(nat: NatInfo | None) -> tuple[str, str]:
+    if nat is None:
+        return "", ""
+    t, mapped = nat
+    return t, f"{mapped[0]} {mapped[1]}" if mapped else ""
+
+
+def _nat_fields(t: Any, mapped: Any, *, always: bool = False) -> dict[str, Any]:
+    """The `nat_type` and `mapped` of a peer (nothing when the node reported nothing) or node entry."""
+    if not t and not always:
+        return {}
+    m = _s(mapped) if mapped else ""
+    host, _, port = m.rpartition(" ")
+    return {"nat_type": _s(t) if t else NAT_UNKNOWN, "mapped": [host, int(port)] if host and port.isdigit() else None}
 
 
 def _progress(p: float) -> str:
@@ -314,7 +339,9 @@ class RedisStore:
 
     # ---- nodes -------------------------------------------------------------------------------------
 
-    async def register(self, node_id: str, host: str, port: int, labels: dict[str, str], version: str) -> Registration:
+    async def register(
+        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str, *, nat: NatInfo | None = None
+    ) -> Registration:
         session = self.rng.getrandbits(31)
         await self._run(
             "register",
@@ -325,6 +352,7 @@ class RedisStore:
             json.dumps(labels, sort_keys=True, separators=(",", ":")),
             version,
             session,
+            *_nat_args(nat),
         )
         return Registration(self.interval, session)
 
@@ -395,12 +423,17 @@ class RedisStore:
         buckets: dict[tuple[bool, bool], list[tuple[int, list[dict[str, Any]]]]] = {}
         for complete, same, size, flat in groups:
             cands = []
-            for i in range(0, len(flat), 4):
+            for i in range(0, len(flat), 6):
                 nid = _s(flat[i])
                 if nid == requester:
                     continue
                 cands.append(
-                    {"node_id": nid, "addr": [_s(flat[i + 1]), int(flat[i + 2])], "progress": float(_s(flat[i + 3]))}
+                    {
+                        "node_id": nid,
+                        "addr": [_s(flat[i + 1]), int(flat[i + 2])],
+                        "progress": float(_s(flat[i + 3])),
+                        **_nat_fields(flat[i + 4], flat[i + 5]),
+                    }
                 )
             self.rng.shuffle(cands)
             buckets.setdefault((bool(complete), bool(same)), []).append((int(size), cands))
@@ -449,12 +482,12 @@ class RedisStore:
             return []
         cmds: list[list[Any]] = []
         for nid, _ in pairs:
-            cmds.append(["HMGET", p + "n:" + nid, "host", "port", "labels", "version", "reg"])
+            cmds.append(["HMGET", p + "n:" + nid, "host", "port", "labels", "version", "reg", "nat", "mapped"])
             cmds.append(["HGETALL", p + "h:" + nid])
         res = await self._cmds(cmds)
         out = []
         for k, (nid, seen) in enumerate(pairs):
-            host, port, labels, version, reg = res[2 * k]
+            host, port, labels, version, reg, nat, mapped = res[2 * k]
             if host is None:
                 continue
             h = res[2 * k + 1]
@@ -470,6 +503,7 @@ class RedisStore:
                     "heartbeats": None,
                     "holdings": len(progress),
                     "complete": sum(1 for x in progress if x >= 1.0),
+                    **_nat_fields(nat, mapped, always=True),
                 }
             )
         return out

@@ -32,9 +32,10 @@ from typing import Any
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
-from tracker.validate import TrackerError
+from tracker.validate import NatInfo, TrackerError
 
 ZONE_LABEL = "zone"
+NAT_UNKNOWN = "unknown"  # what a node that reported no NAT type (an older one, or not yet classified) shows
 TAG_HISTORY = 100
 _LABEL_CACHE_MAX = 100_000
 
@@ -54,6 +55,8 @@ class Node:
         "holdings",
         "session",
         "heartbeats",
+        "nat_type",
+        "mapped",
     )
 
     def __init__(
@@ -77,6 +80,17 @@ class Node:
         self.holdings: dict[str, float] | None = None  # None while empty: saves a dict per idle node
         self.session = session
         self.heartbeats = 0
+        self.nat_type: str | None = None  # None: not reported (a node older than NAT detection)
+        self.mapped: tuple[str, int] | None = None  # public address the node's NAT maps its port to
+
+    def set_nat(self, nat: NatInfo | None) -> None:
+        self.nat_type, self.mapped = (sys.intern(nat[0]), nat[1]) if nat is not None else (None, None)
+
+    def nat_fields(self) -> dict[str, Any]:
+        """What peer lists add about this node: nothing when it reported nothing (fields are optional)."""
+        if self.nat_type is None:
+            return {}
+        return {"nat_type": self.nat_type, "mapped": list(self.mapped) if self.mapped else None}
 
     def info(self, now: float) -> dict[str, Any]:
         h = self.holdings or {}
@@ -90,6 +104,8 @@ class Node:
             "heartbeats": self.heartbeats,
             "holdings": len(h),
             "complete": sum(1 for p in h.values() if p >= 1.0),
+            "nat_type": self.nat_type or NAT_UNKNOWN,
+            "mapped": list(self.mapped) if self.mapped else None,
         }
 
 
@@ -225,8 +241,11 @@ class Registry:
         version: str,
         now: float,
         session: int | None = None,
+        nat: NatInfo | None = None,
     ) -> Node:
-        """Add or refresh a node. Holdings of a node already known are kept until its next heartbeat."""
+        """Add or refresh a node. Holdings of a node already known are kept until its next heartbeat.
+
+        `nat` (type, mapped address) is what the node's own NAT detection found; None: not reported."""
         self.counters.registrations += 1
         labels = self._intern_labels(labels)
         version = sys.intern(version)
@@ -235,6 +254,7 @@ class Registry:
         node = self.nodes.get(node_id)
         if node is None:
             node = Node(node_id, host, port, labels, version, now, session)
+            node.set_nat(nat)
             self.nodes[node_id] = node
             return node
         old_holdings = node.holdings
@@ -243,6 +263,7 @@ class Registry:
         node.host, node.port, node.labels, node.version = host, port, labels, version
         node.zone = labels.get(ZONE_LABEL, "")
         node.session = session
+        node.set_nat(nat)
         node.last_seen = now
         self.nodes.move_to_end(node_id)
         if old_holdings and node.holdings is None:
@@ -378,7 +399,14 @@ class Registry:
         out = []
         for nid in chosen:
             n = self.nodes[nid]
-            out.append({"node_id": nid, "addr": [n.host, n.port], "progress": (n.holdings or {}).get(aid, 0.0)})
+            out.append(
+                {
+                    "node_id": nid,
+                    "addr": [n.host, n.port],
+                    "progress": (n.holdings or {}).get(aid, 0.0),
+                    **n.nat_fields(),
+                }
+            )
         return out
 
     # ---- names and manifests -----------------------------------------------------------------------

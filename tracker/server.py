@@ -16,6 +16,9 @@ A UDP heartbeat must carry the `session` number handed out by `register`: a stra
 node that the tracker forgot (restart, expiry, eviction), gets `known: false` and re-registers over
 TCP, which is where identity, address and labels are checked.
 
+STUN (`tracker/stun.py`) answers on the same UDP port by default: a STUN datagram fails to decode as
+a heartbeat, and only on that path is it recognised and handed over, so heartbeats pay nothing for it.
+
 Expiry runs in a sweeper task every interval/10, so a silent node is gone at most 10% of an interval
 after its TTL; a graceful leave is applied when it arrives.
 """
@@ -37,6 +40,7 @@ from p2pd.rpc import Emit, Handler, RpcError, serve_connection
 from tracker import validate as V
 from tracker.metrics import Metrics
 from tracker.store import Heartbeat, MemoryStore, Store
+from tracker.stun import StunServer, StunSettings, is_unspecified
 from tracker.validate import TrackerError
 
 log = logging.getLogger("tracker")
@@ -62,12 +66,23 @@ def decode_udp_reply(data: bytes) -> UdpReply:
 
 
 class TrackerServer:
-    def __init__(self, store: Store, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, store: Store, metrics: Metrics | None = None, *, stun: StunSettings | None = StunSettings()
+    ) -> None:
         self.store = store
         self.metrics = metrics or Metrics()
         self.udp_port: int | None = None
         self.tcp_port: int | None = None
         self._policy: dict[str, Any] = {}
+        self.stun_settings = stun  # None: no STUN server
+        self.stun: StunServer | None = None
+
+    def stun_advert(self) -> list[Any] | None:
+        """What nodes are told about STUN: [host, port], host "" = the tracker address they use."""
+        if self.stun is None:
+            return None
+        host, port = self.stun.primary
+        return ["" if is_unspecified(host) else host, port]
 
     # ---- TCP RPC -----------------------------------------------------------------------------------
 
@@ -80,8 +95,16 @@ class TrackerServer:
             host, port = V.addr(p.get("addr"))
             if host in UNSPECIFIED_HOSTS:
                 host = peer_ip
-            reg = await store.register(nid, host, port, V.labels(p.get("labels")), V.version(p.get("version")))
-            return {"interval": reg.interval, "session": reg.session, "udp_port": self.udp_port, "observed_ip": peer_ip}
+            reg = await store.register(
+                nid, host, port, V.labels(p.get("labels")), V.version(p.get("version")), nat=V.nat(p.get("nat"))
+            )
+            return {
+                "interval": reg.interval,
+                "session": reg.session,
+                "udp_port": self.udp_port,
+                "observed_ip": peer_ip,
+                "stun": self.stun_advert(),
+            }
 
         async def heartbeat(p: dict[str, Any], emit: Emit) -> Any:
             nid = V.node_id(p.get("node_id"))
@@ -92,6 +115,7 @@ class TrackerServer:
                 "known": known,
                 "policy": await store.policy(),
                 "udp_port": self.udp_port,
+                "stun": self.stun_advert(),
             }
 
         async def leave(p: dict[str, Any], emit: Emit) -> Any:
@@ -168,6 +192,7 @@ class TrackerServer:
         m = self.metrics
         decode = _udp_req_decoder.decode
         recvfrom = sock.recvfrom
+        stun = self.stun.on_heartbeat_port if self.stun is not None and sock in self.stun.sockets.values() else None
         beats: list[Heartbeat] = []
         meta: list[tuple[Any, int]] = []
         for _ in range(UDP_MAX_BATCH):
@@ -187,6 +212,8 @@ class TrackerServer:
                     raise V.bad("node_id too long")
                 holdings = V.holdings(req.holdings) if req.holdings is not None else None
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TrackerError) as e:
+                if stun is not None and stun(data, addr):
+                    continue
                 m.udp_rejected += 1
                 log.debug("udp datagram from %s rejected: %s", addr, e)
                 continue
@@ -211,6 +238,7 @@ class TrackerServer:
         get_node = nodes.get
         move_to_end = nodes.move_to_end
         now = store.clock()
+        stun = self.stun.on_heartbeat_port if self.stun is not None and sock in self.stun.sockets.values() else None
         # reply = msgpack [1, seq, known, interval, policy]: everything but seq is the same for the batch
         tail = _udp_encoder.encode(store.interval) + _udp_encoder.encode(reg.policy)
         known_tail, unknown_tail = b"\xc3" + tail, b"\xc2" + tail
@@ -230,6 +258,8 @@ class TrackerServer:
                     raise V.bad(f"unsupported udp heartbeat version {req.version}")
                 holdings = V.holdings(req.holdings) if req.holdings is not None else None
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TrackerError) as e:
+                if stun is not None and stun(data, addr):
+                    continue
                 m.udp_rejected += 1
                 log.debug("udp datagram from %s rejected: %s", addr, e)
                 continue
@@ -351,7 +381,7 @@ class TrackerServer:
         *,
         task_status: trio.TaskStatus[tuple[int, int | None]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on TCP host:port (and UDP on the same port); started with (tcp_port, udp_port)."""
+        """Listen on TCP host:port (and UDP on the same port, and STUN); started with (tcp_port, udp_port)."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.tcp_port = listeners[0].socket.getsockname()[1]
         udp_sock: socket.socket | None = None
@@ -359,13 +389,20 @@ class TrackerServer:
             if udp:
                 udp_sock = open_udp_socket(host, self.tcp_port)
                 self.udp_port = udp_sock.getsockname()[1]
+            if self.stun_settings is not None:
+                self.stun = StunServer.open(self.stun_settings, host, self.tcp_port, udp_sock)
+                self.metrics.stun = self.stun.responder
             async with trio.open_nursery() as nursery:
                 await nursery.start(trio.serve_listeners, self._on_connection, listeners)
                 nursery.start_soon(self.sweep)
                 if udp_sock is not None:
                     nursery.start_soon(self.serve_udp, udp_sock)
+                if self.stun is not None:
+                    nursery.start_soon(self.stun.serve)
                 task_status.started((self.tcp_port, self.udp_port))
         finally:
+            if self.stun is not None:
+                self.stun.close()
             if udp_sock is not None:
                 udp_sock.close()
             for lst in listeners:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tracker.registry import Registry
+from tracker.validate import NatInfo
 
 
 @dataclass(slots=True)
@@ -38,7 +39,7 @@ class Store(Protocol):
     kind: str
 
     async def register(
-        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str
+        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str, *, nat: NatInfo | None = None
     ) -> Registration: ...
     async def heartbeat_many(self, beats: list[Heartbeat]) -> list[bool]: ...
     async def leave(self, node_id: str) -> bool: ...
@@ -79,8 +80,10 @@ class MemoryStore:
         self.clock = clock
         self.wall = wall
 
-    async def register(self, node_id: str, host: str, port: int, labels: dict[str, str], version: str) -> Registration:
-        node = self.reg.register(node_id, host, port, labels, version, self.clock())
+    async def register(
+        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str, *, nat: NatInfo | None = None
+    ) -> Registration:
+        node = self.reg.register(node_id, host, port, labels, version, self.clock(), nat=nat)
         return Registration(self.reg.interval, node.session)
 
     def heartbeat_now(self, beats: list[Heartbeat]) -> list[bool]:

@@ -8,6 +8,7 @@ code of `p2pd.errors.ErrorCode` (`BAD_REQUEST`, `NOT_FOUND`, ...) that the front
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Any
@@ -26,6 +27,10 @@ MAX_VERSION_LEN = 64
 MAX_HOST_LEN = 255
 MAX_HOLDINGS = 4096
 MAX_PEERS = 1000
+NAT_TYPE_RE = re.compile(r"^[a-z][a-z-]{0,31}$")
+
+# (nat type, mapped address or None), as a node reports it with `register`
+NatInfo = tuple[str, tuple[str, int] | None]
 
 
 class TrackerError(RpcError):
@@ -82,6 +87,29 @@ def version(v: Any) -> str:
     if not isinstance(v, str) or len(v) > MAX_VERSION_LEN:
         raise bad(f"version must be a string of at most {MAX_VERSION_LEN} chars")
     return v
+
+
+def nat(v: Any) -> NatInfo | None:
+    """`{"type": str, "mapped": [ip, port] | null}` from `register` (absent: an older node).
+
+    The type is any short lowercase name (`p2pd.protocol.nat.NatType` lists today's), so a newer node
+    with a name this tracker does not know still registers; the mapped host must be an IP literal."""
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise bad("nat must be a map {type, mapped}")
+    t = v.get("type")
+    if not isinstance(t, str) or not NAT_TYPE_RE.match(t):
+        raise bad(f"nat type must be a short lowercase name such as port-restricted-cone, got {str(t)[:40]!r}")
+    m = v.get("mapped")
+    if m is None:
+        return t, None
+    host, port = addr(m)
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise bad(f"nat mapped host must be an IP address, got {host[:60]!r}") from None
+    return t, (host, port)
 
 
 def holdings(v: Any) -> dict[str, float]:
