@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -56,15 +57,30 @@ def serve(
     = "p2p:",
     udp: Annotated[bool, typer.Option(help="Accept UDP heartbeats on the listen port.")] = True,
     ready_file: Annotated[
-        Path | None, typer.Option(help="Write {tcp_port, udp_port, admin_port, pid} as JSON here once listening.")
+        Path | None,
+        typer.Option(help="Write {tcp_port, udp_port, admin_port, relay_port, pid} as JSON here once listening."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    relay: Annotated[bool, typer.Option(help="Relay bytes between nodes that cannot reach each other otherwise.")]
+    = True,
+    relay_listen: Annotated[
+        str | None, typer.Option(help="The relay's TCP HOST:PORT (default: the --listen host, any free port).")
+    ] = None,
+    relay_advertise: Annotated[
+        str | None, typer.Option(help="Host nodes dial for the relay (default: the address each reached us at).")
+    ] = None,
+    relay_rate: Annotated[str | None, typer.Option(help="Cap on all relayed bytes, e.g. 100MB/s (default: none).")]
+    = None,
+    relay_max_pairs: Annotated[int, typer.Option(help="Node pairs relayed at once, waiting ones included.")] = 64,
+    relay_idle_timeout: Annotated[float, typer.Option(help="Close a relayed pair silent this long (s).")] = 60.0,
 ) -> None:
     """Run a tracker until SIGTERM or SIGINT."""
     setup_logging(log_level)
     try:
         host, port = parse_hostport(listen, default_host="0.0.0.0")
         admin_addr = parse_hostport(admin_listen) if admin_listen else None
+        relay_opts = _relay_options(relay, relay_listen or f"{listen.rpartition(':')[0] or '0.0.0.0'}:0",
+                                    relay_advertise, relay_rate, relay_max_pairs, relay_idle_timeout)
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
     if interval <= 0:
@@ -77,9 +93,12 @@ def serve(
     raise_fd_limit()
     error: P2pdError | None = None
     try:
-        trio.run(_serve, host, port, interval, store, admin_addr, admin_token, udp, ready_file, store_prefix)
+        trio.run(_serve, host, port, interval, store, admin_addr, admin_token, udp, ready_file, store_prefix,
+                 relay_opts)
     except* OSError as eg:  # raised inside the nursery, so it may come wrapped in a group
         where = listen + (f" (admin {admin_listen})" if admin_listen else "")
+        if relay_opts is not None:
+            where += f" (relay {relay_listen or 'on any free port'})"
         error = P2pdError(ErrorCode.CONFLICT, f"cannot listen on {where}: {_leaf(eg)}")
     except* StoreError as eg:
         leaf = _leaf(eg)
@@ -87,6 +106,35 @@ def serve(
         error = leaf
     if error is not None:
         fail(error.message, error.code)
+
+
+@dataclass(frozen=True)
+class RelayOptions:
+    host: str
+    port: int
+    advertise: str | None
+    rate: float | None
+    max_pairs: int
+    idle_timeout: float
+
+
+def _relay_options(on: bool, listen: str, advertise: str | None, rate: str | None, max_pairs: int,
+                   idle_timeout: float) -> RelayOptions | None:
+    """The relay's settings from the flags (None: --no-relay); ValueError names the bad flag."""
+    if not on:
+        return None
+    from p2pd.units import parse_rate
+
+    host, port = parse_hostport(listen, default_host="0.0.0.0")
+    try:
+        bps = parse_rate(rate) if rate else None
+    except ValueError as e:
+        raise ValueError(f"--relay-rate: {e}") from None
+    if max_pairs < 1:
+        raise ValueError("--relay-max-pairs must be at least 1 (use --no-relay to run no relay)")
+    if idle_timeout <= 0:
+        raise ValueError("--relay-idle-timeout must be positive")
+    return RelayOptions(host, port, advertise, bps, max_pairs, idle_timeout)
 
 
 class StoreError(P2pdError):
@@ -111,6 +159,7 @@ async def open_store(spec: str, interval: float, prefix: str = "p2p:") -> Any:
 async def _serve(
     host: str, port: int, interval: float, store_spec: str, admin_addr: tuple[str, int] | None,
     admin_token: str | None, udp: bool, ready_file: Path | None, store_prefix: str = "p2p:",
+    relay: RelayOptions | None = None,
 ) -> None:
     import trio
 
@@ -122,6 +171,11 @@ async def _serve(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 tcp_port, udp_port = await nursery.start(server.serve, host, port, udp)
+                relay_port: int | None = None
+                if relay is not None:
+                    own = server.signals.own_relay(rate=relay.rate, max_pairs=relay.max_pairs,
+                                                   idle_timeout=relay.idle_timeout, advertise=relay.advertise)
+                    relay_port = int(await nursery.start(own.serve, relay.host, relay.port))
                 admin_port = None
                 if admin_addr is not None:
                     from tracker.admin import serve_admin
@@ -132,10 +186,13 @@ async def _serve(
                     f", udp heartbeats :{udp_port}" if udp_port else "", store.kind, interval,
                     f", admin http on {fmt_hostport(admin_addr[0], admin_port)}" if admin_addr else "",
                 )
+                if relay is not None and relay_port is not None:
+                    log.info("relay on %s (%s, at most %d pairs)", fmt_hostport(relay.host, relay_port),
+                             f"{relay.rate / 1e6:.1f} MB/s" if relay.rate else "no rate cap", relay.max_pairs)
                 if ready_file is not None:
                     tmp = ready_file.with_name(ready_file.name + ".tmp")
                     tmp.write_text(json.dumps({"tcp_port": tcp_port, "udp_port": udp_port, "admin_port": admin_port,
-                                               "pid": os.getpid()}))
+                                               "relay_port": relay_port, "pid": os.getpid()}))
                     tmp.replace(ready_file)
                 async for sig in signals:
                     log.info("received %s: shutting down", signal.Signals(sig).name)
