@@ -40,8 +40,12 @@ class RelayStats:
     bytes_relayed: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"pairs_active": self.pairs_active, "pairs_spliced": self.pairs_spliced, "refused": self.refused,
-                "bytes_relayed": self.bytes_relayed}
+        return {
+            "pairs_active": self.pairs_active,
+            "pairs_spliced": self.pairs_spliced,
+            "refused": self.refused,
+            "bytes_relayed": self.bytes_relayed,
+        }
 
 
 @dataclass(eq=False)
@@ -60,9 +64,16 @@ class Relay:
     """
 
     def __init__(
-        self, *, keys: Callable[[], Sequence[bytes]], rate: float | None = None, max_pairs: int = 64,
-        pair_timeout: float = 10.0, idle_timeout: float = 60.0, hello_timeout: float = 5.0,
-        is_registered: Callable[[str], Awaitable[bool]] | None = None, wall: Callable[[], float] = time.time,
+        self,
+        *,
+        keys: Callable[[], Sequence[bytes]],
+        rate: float | None = None,
+        max_pairs: int = 64,
+        pair_timeout: float = 10.0,
+        idle_timeout: float = 60.0,
+        hello_timeout: float = 5.0,
+        is_registered: Callable[[str], Awaitable[bool]] | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         if max_pairs < 1:
             raise ValueError("a relay needs max_pairs >= 1")
@@ -79,8 +90,9 @@ class Relay:
         self.stats = RelayStats()
         self.port: int | None = None
 
-    async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Listen on host:port (0: any free port); started with the port."""
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         self.port = int(listeners[0].socket.getsockname()[1])
@@ -121,8 +133,9 @@ class Relay:
                 return
             await self._wait_for_partner(stream, claims, node_id, peer)
 
-    async def _wait_for_partner(self, stream: trio.SocketStream, claims: rv.TokenClaims, node_id: str,
-                                peer: str) -> None:
+    async def _wait_for_partner(
+        self, stream: trio.SocketStream, claims: rv.TokenClaims, node_id: str, peer: str
+    ) -> None:
         w = _Waiter(stream, node_id)
         self.waiting[claims.nonce] = w
         self.stats.pairs_active += 1
@@ -187,8 +200,9 @@ class Relay:
                 while True:
                     await trio.sleep(max(0.05, self.idle_timeout / 4))
                     if trio.current_time() - last > self.idle_timeout:
-                        log.info("relay: pair %s/%s idle for %g s: closed", w.node_id[:8], node_id[:8],
-                                 self.idle_timeout)
+                        log.info(
+                            "relay: pair %s/%s idle for %g s: closed", w.node_id[:8], node_id[:8], self.idle_timeout
+                        )
                         nursery.cancel_scope.cancel()
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             log.info("relay: pair %s/%s could not start: %s", w.node_id[:8], node_id[:8], _why(e))
@@ -209,8 +223,9 @@ async def read_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
     return bytes(buf)
 
 
-async def dial_relay(addr: tuple[str, int], token: bytes, node_id: str, *, connect_timeout: float,
-                     pair_timeout: float) -> trio.SocketStream:
+async def dial_relay(
+    addr: tuple[str, int], token: bytes, node_id: str, *, connect_timeout: float, pair_timeout: float
+) -> trio.SocketStream:
     """Connect to a relay and wait until it has paired us; the stream then carries the other node's bytes.
 
     RelayRefused (with the relay's reason) on refusal or any failure on the way; nothing is left open.

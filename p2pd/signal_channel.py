@@ -38,8 +38,14 @@ class SignalChannel:
     """Holds the signal call open; `up` while the tracker has confirmed it."""
 
     def __init__(
-        self, node_id: str, on_event: Callable[[dict[str, Any]], None], *, relay_port: int | None = None,
-        connect_timeout: float = 2.0, silence_timeout: float = SILENCE_TIMEOUT, max_backoff: float = MAX_BACKOFF,
+        self,
+        node_id: str,
+        on_event: Callable[[dict[str, Any]], None],
+        *,
+        relay_port: int | None = None,
+        connect_timeout: float = 2.0,
+        silence_timeout: float = SILENCE_TIMEOUT,
+        max_backoff: float = MAX_BACKOFF,
     ) -> None:
         self.node_id = node_id
         self.on_event = on_event
@@ -63,8 +69,9 @@ class SignalChannel:
             await self._up_event.wait()
         return self.up
 
-    async def run(self, tracker: TrackerClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(
+        self, tracker: TrackerClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Keep the channel open until cancelled (started at once: the first open may take a while)."""
         self.tracker = tracker
         task_status.started()

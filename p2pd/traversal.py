@@ -53,8 +53,15 @@ log = logging.getLogger(__name__)
 
 DIAL_RETRY = 0.05  # after a refused SYN (the other side's NAT or host said no yet): dial again soon
 _NODE_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
-_HANDSHAKE_FAILURES = (OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, PeerClosed,
-                       wire.ProtocolError, EOFError)
+_HANDSHAKE_FAILURES = (
+    OSError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    PeerClosed,
+    wire.ProtocolError,
+    EOFError,
+)
 
 
 class PunchFailed(Exception):
@@ -98,8 +105,9 @@ class PunchPort:
         self.port = int(sock.getsockname()[1])
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-                        ) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         for s in (self._listener, *self._probes):
             if s is not None:
                 s.close()
@@ -183,7 +191,7 @@ class PunchPort:
             raise
         if not got:
             seen = ", ".join(dict.fromkeys(errors)) or "no answer"
-            raise PunchFailed(f"no connection to {_fmt(remote)} within {timeout:g} s ({seen})")
+            raise PunchFailed(f"no connection to {_fmt(remote)} within {timeout:.1f} s ({seen})")
         return got[0]
 
 
@@ -204,8 +212,9 @@ def _mapped(reply: dict[str, Any]) -> tuple[str, int]:
     return addr[0], addr[1]
 
 
-async def _punch(signal: SignalChannel, method: str, params: dict[str, Any], timeout: float
-                 ) -> tuple[trio.SocketStream, tuple[str, int]]:
+async def _punch(
+    signal: SignalChannel, method: str, params: dict[str, Any], timeout: float
+) -> tuple[trio.SocketStream, tuple[str, int]]:
     """Ask the tracker from a fresh port, then open a connection to the address it names; ConnectError if not."""
     deadline = trio.current_time() + timeout
     tracker = signal.addr
@@ -214,8 +223,9 @@ async def _punch(signal: SignalChannel, method: str, params: dict[str, Any], tim
     try:
         family, sockaddr = await _resolve(tracker, timeout)
         async with PunchPort(family) as port:
-            reply = await port.ask_tracker(sockaddr, method, {**signal.identity(), **params},
-                                           max(0.1, deadline - trio.current_time()))
+            reply = await port.ask_tracker(
+                sockaddr, method, {**signal.identity(), **params}, max(0.1, deadline - trio.current_time())
+            )
             remote = _mapped(reply)
             stream = await port.connect_to(remote, max(0.1, deadline - trio.current_time()))
     except RpcError as e:
@@ -237,17 +247,31 @@ class PunchConnector:
         self.handshake_timeout = handshake_timeout
 
     async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
-        stream, remote = await _punch(self.signal, "punch", {"target": remote_id, "artifact_id": artifact_id},
-                                      self.timeout)
+        stream, remote = await _punch(
+            self.signal, "punch", {"target": remote_id, "artifact_id": artifact_id}, self.timeout
+        )
         return await _handshake_punched(stream, remote, self.node_id, remote_id, artifact_id, self.handshake_timeout)
 
 
-async def _handshake_punched(stream: trio.SocketStream, remote: tuple[str, int], node_id: str, remote_id: str,
-                             artifact_id: str, handshake_timeout: float) -> Connection:
+async def _handshake_punched(
+    stream: trio.SocketStream,
+    remote: tuple[str, int],
+    node_id: str,
+    remote_id: str,
+    artifact_id: str,
+    handshake_timeout: float,
+) -> Connection:
     try:
         return await connections.open_outgoing(
-            stream, node_id=node_id, remote_id=remote_id, artifact_id=artifact_id, addr=_fmt(remote),
-            path=ConnectionPath.TCP_PUNCH, handshake_timeout=handshake_timeout, initiator=min(node_id, remote_id))
+            stream,
+            node_id=node_id,
+            remote_id=remote_id,
+            artifact_id=artifact_id,
+            addr=_fmt(remote),
+            path=ConnectionPath.TCP_PUNCH,
+            handshake_timeout=handshake_timeout,
+            initiator=min(node_id, remote_id),
+        )
     except _HANDSHAKE_FAILURES as e:
         with trio.CancelScope(shield=True):
             await stream.aclose()
@@ -260,8 +284,16 @@ async def _handshake_punched(stream: trio.SocketStream, remote: tuple[str, int],
 class RelayConnector:
     """The `relay` path: the tracker names a relay and gives both nodes a token; both dial the relay."""
 
-    def __init__(self, node_id: str, signal: SignalChannel, *, rendezvous_timeout: float, connect_timeout: float,
-                 pair_timeout: float, handshake_timeout: float) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        signal: SignalChannel,
+        *,
+        rendezvous_timeout: float,
+        connect_timeout: float,
+        pair_timeout: float,
+        handshake_timeout: float,
+    ) -> None:
         self.node_id = node_id
         self.signal = signal
         self.rendezvous_timeout = rendezvous_timeout
@@ -271,8 +303,9 @@ class RelayConnector:
 
     async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
         try:
-            r = await self.signal.call("relay", {"target": remote_id, "artifact_id": artifact_id},
-                                       timeout=self.rendezvous_timeout)
+            r = await self.signal.call(
+                "relay", {"target": remote_id, "artifact_id": artifact_id}, timeout=self.rendezvous_timeout
+            )
             relay = (str(r["relay"][0]), int(r["relay"][1]))
             token = bytes(r["token"])
         except RpcError as e:
@@ -280,14 +313,21 @@ class RelayConnector:
         except (KeyError, TypeError, ValueError, IndexError):
             raise ConnectError("the tracker's relay answer is malformed") from None
         try:
-            stream = await dial_relay(relay, token, self.node_id, connect_timeout=self.connect_timeout,
-                                      pair_timeout=self.pair_timeout)
+            stream = await dial_relay(
+                relay, token, self.node_id, connect_timeout=self.connect_timeout, pair_timeout=self.pair_timeout
+            )
         except RelayRefused as e:
             raise ConnectError(str(e)) from None
         try:
             return await connections.open_outgoing(
-                stream, node_id=self.node_id, remote_id=remote_id, artifact_id=artifact_id, addr=_fmt(relay),
-                path=ConnectionPath.RELAY, handshake_timeout=self.handshake_timeout)
+                stream,
+                node_id=self.node_id,
+                remote_id=remote_id,
+                artifact_id=artifact_id,
+                addr=_fmt(relay),
+                path=ConnectionPath.RELAY,
+                handshake_timeout=self.handshake_timeout,
+            )
         except _HANDSHAKE_FAILURES as e:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -304,12 +344,22 @@ class Traversal:
     connection to that swarm (the callee closes it when done, as the listener's handler does).
     """
 
-    def __init__(self, node_id: str, config: TraversalConfig, swarm: SwarmConfig, *, serves: Callable[[str], bool],
-                 serve: Callable[[Connection], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        config: TraversalConfig,
+        swarm: SwarmConfig,
+        *,
+        serves: Callable[[str], bool],
+        serve: Callable[[Connection], Awaitable[None]],
+    ) -> None:
         unknown = set(config.paths) - {str(p) for p in ConnectionPath}
         if unknown or not config.paths:
-            raise P2pdError(ErrorCode.BAD_REQUEST, f"unknown path(s) {sorted(unknown)} in --paths: "
-                            f"use some of {', '.join(str(p) for p in ConnectionPath)}")
+            raise P2pdError(
+                ErrorCode.BAD_REQUEST,
+                f"unknown path(s) {sorted(unknown)} in --paths: "
+                f"use some of {', '.join(str(p) for p in ConnectionPath)}",
+            )
         self.node_id = node_id
         self.config = config
         self.swarm_config = swarm
@@ -319,16 +369,28 @@ class Traversal:
         self.relay: Relay | None = None
         self._relay_keys: list[bytes] = []
         if config.offer_relay:
-            self.relay = Relay(keys=lambda: self._relay_keys, rate=config.relay_rate, max_pairs=config.relay_max_pairs,
-                               pair_timeout=config.relay_pair_timeout * 2, idle_timeout=config.relay_idle_timeout)
+            self.relay = Relay(
+                keys=lambda: self._relay_keys,
+                rate=config.relay_rate,
+                max_pairs=config.relay_max_pairs,
+                pair_timeout=config.relay_pair_timeout * 2,
+                idle_timeout=config.relay_idle_timeout,
+            )
         offered: dict[str, Connector] = {
-            "direct": TcpConnector(node_id, connect_timeout=swarm.connect_timeout,
-                                   handshake_timeout=swarm.handshake_timeout),
-            "tcp-punch": PunchConnector(node_id, self.signal, timeout=config.punch_timeout,
-                                        handshake_timeout=swarm.handshake_timeout),
-            "relay": RelayConnector(node_id, self.signal, rendezvous_timeout=config.rendezvous_timeout,
-                                    connect_timeout=swarm.connect_timeout, pair_timeout=config.relay_pair_timeout,
-                                    handshake_timeout=swarm.handshake_timeout),
+            "direct": TcpConnector(
+                node_id, connect_timeout=swarm.connect_timeout, handshake_timeout=swarm.handshake_timeout
+            ),
+            "tcp-punch": PunchConnector(
+                node_id, self.signal, timeout=config.punch_timeout, handshake_timeout=swarm.handshake_timeout
+            ),
+            "relay": RelayConnector(
+                node_id,
+                self.signal,
+                rendezvous_timeout=config.rendezvous_timeout,
+                connect_timeout=swarm.connect_timeout,
+                pair_timeout=config.relay_pair_timeout,
+                handshake_timeout=swarm.handshake_timeout,
+            ),
         }
         stagger = {"direct": 0.0, "tcp-punch": config.punch_after, "relay": config.relay_after}
         paths = [Path(name, offered[name], stagger[name]) for name in offered if name in config.paths]
@@ -337,8 +399,9 @@ class Traversal:
         self.answering = 0
         self._nursery: trio.Nursery | None = None
 
-    async def run(self, tracker: TrackerClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(
+        self, tracker: TrackerClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Serve the relay (if offered) and keep the signal channel open, until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -347,8 +410,10 @@ class Traversal:
                 try:
                     self.signal.relay_port = await nursery.start(self.relay.serve, host, port)
                 except OSError as e:
-                    raise P2pdError(ErrorCode.CONFLICT, f"cannot listen for relaying on {host}:{port}: "
-                                    f"{e.strerror or e}; pick another --relay-listen") from None
+                    raise P2pdError(
+                        ErrorCode.CONFLICT,
+                        f"cannot listen for relaying on {host}:{port}: {e.strerror or e}; pick another --relay-listen",
+                    ) from None
                 log.info("relaying for other nodes on %s:%d", host, self.signal.relay_port)
             if self.config.paths != ("direct",):
                 await nursery.start(self.signal.run, tracker)
@@ -369,8 +434,9 @@ class Traversal:
             raise ValueError(f"bad node id {remote[:40]!r}")
         aid = str(event["artifact_id"])
         if not self.serves(aid):
-            log.info("%s from %s for %s not answered: this node does not serve that artifact", kind, remote[:8],
-                     aid[:12])
+            log.info(
+                "%s from %s for %s not answered: this node does not serve that artifact", kind, remote[:8], aid[:12]
+            )
             return
         if self.answering >= self.config.max_answering or self._nursery is None:
             log.warning("%s from %s not answered: already answering %d", kind, remote[:8], self.answering)
@@ -393,26 +459,39 @@ class Traversal:
 
     async def _answer_punch(self, remote_id: str, rendezvous: str, artifact_id: str) -> Connection | None:
         try:
-            stream, remote = await _punch(self.signal, "punch_answer", {"rendezvous": rendezvous},
-                                          self.config.punch_timeout)
-            return await _handshake_punched(stream, remote, self.node_id, remote_id, artifact_id,
-                                            self.swarm_config.handshake_timeout)
+            stream, remote = await _punch(
+                self.signal, "punch_answer", {"rendezvous": rendezvous}, self.config.punch_timeout
+            )
+            return await _handshake_punched(
+                stream, remote, self.node_id, remote_id, artifact_id, self.swarm_config.handshake_timeout
+            )
         except ConnectError as e:
             log.debug("punch asked by %s failed: %s", remote_id[:8], e)
             return None
 
-    async def _answer_relay(self, remote_id: str, artifact_id: str, token: bytes, relay: tuple[str, int]
-                            ) -> Connection | None:
+    async def _answer_relay(
+        self, remote_id: str, artifact_id: str, token: bytes, relay: tuple[str, int]
+    ) -> Connection | None:
         try:
-            stream = await dial_relay(relay, token, self.node_id, connect_timeout=self.swarm_config.connect_timeout,
-                                      pair_timeout=self.config.relay_pair_timeout)
+            stream = await dial_relay(
+                relay,
+                token,
+                self.node_id,
+                connect_timeout=self.swarm_config.connect_timeout,
+                pair_timeout=self.config.relay_pair_timeout,
+            )
         except RelayRefused as e:
             log.info("relay meeting asked by %s failed: %s", remote_id[:8], e)
             return None
         try:
-            conn = await connections.accept(stream, _fmt(relay), self.node_id,
-                                            handshake_timeout=self.swarm_config.handshake_timeout,
-                                            serves=artifact_id.__eq__, path=ConnectionPath.RELAY)
+            conn = await connections.accept(
+                stream,
+                _fmt(relay),
+                self.node_id,
+                handshake_timeout=self.swarm_config.handshake_timeout,
+                serves=artifact_id.__eq__,
+                path=ConnectionPath.RELAY,
+            )
             if conn.remote_id != remote_id:
                 raise wire.ProtocolError(f"node {conn.remote_id[:8]} came through the relay, not {remote_id[:8]}")
             return conn
@@ -426,8 +505,11 @@ class Traversal:
             raise
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"paths": list(self.config.paths), "signal_channel": self.signal.up,
-                               "wins": dict(self.connector.wins)}
+        out: dict[str, Any] = {
+            "paths": list(self.config.paths),
+            "signal_channel": self.signal.up,
+            "wins": dict(self.connector.wins),
+        }
         if self.relay is not None:
             out["relay"] = {"port": self.relay.port, **self.relay.stats.as_dict()}
         return out

@@ -93,8 +93,15 @@ class SignalCounters:
 class SignalHub:
     """Channels, pending punches and relay choice for one tracker process."""
 
-    def __init__(self, store: Store, *, ping_every: float = PING_EVERY, answer_timeout: float = 3.0,
-                 request_rate: float = REQUEST_RATE, request_burst: float = REQUEST_BURST) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        ping_every: float = PING_EVERY,
+        answer_timeout: float = 3.0,
+        request_rate: float = REQUEST_RATE,
+        request_burst: float = REQUEST_BURST,
+    ) -> None:
         self.store = store
         self.ping_every = ping_every
         self.answer_timeout = answer_timeout
@@ -114,8 +121,13 @@ class SignalHub:
     def own_relay(self, *, rate: float | None, max_pairs: int, idle_timeout: float, advertise: str | None) -> Relay:
         """Create the tracker's relay (the caller serves it); its tokens are checked against the registry."""
         self.relay_advertise = advertise
-        self.relay = Relay(keys=lambda: [self.relay_key], rate=rate, max_pairs=max_pairs, idle_timeout=idle_timeout,
-                           is_registered=self._is_registered)
+        self.relay = Relay(
+            keys=lambda: [self.relay_key],
+            rate=rate,
+            max_pairs=max_pairs,
+            idle_timeout=idle_timeout,
+            is_registered=self._is_registered,
+        )
         return self.relay
 
     async def _is_registered(self, node_id: str) -> bool:
@@ -158,8 +170,13 @@ class SignalHub:
             raise self._refuse(method, str(raw)[:8], peer, ErrorCode.BAD_REQUEST, e.message) from None
         info = await self.store.node_info(nid)
         if info is None or info[2] != p.get("session"):
-            raise self._refuse(method, nid, peer, ErrorCode.NOT_FOUND,
-                               f"node {nid[:8]} is not registered with that session: register first")
+            raise self._refuse(
+                method,
+                nid,
+                peer,
+                ErrorCode.NOT_FOUND,
+                f"node {nid[:8]} is not registered with that session: register first",
+            )
         return nid
 
     def _target(self, method: str, requester: str, p: dict[str, Any], peer: tuple[str, int]) -> tuple[str, str]:
@@ -178,8 +195,13 @@ class SignalHub:
             raise self._refuse(method, requester, peer, ErrorCode.NOT_FOUND, f"node {target[:8]} is not registered")
         ch = self.channels.get(target)
         if ch is None:
-            raise self._refuse(method, requester, peer, ErrorCode.UNREACHABLE,
-                               f"node {target[:8]} has no signal channel open on this tracker")
+            raise self._refuse(
+                method,
+                requester,
+                peer,
+                ErrorCode.UNREACHABLE,
+                f"node {target[:8]} has no signal channel open on this tracker",
+            )
         return ch
 
     def _charge(self, method: str, nid: str, peer: tuple[str, int]) -> None:
@@ -188,22 +210,33 @@ class SignalHub:
         tokens, stamp = self._allowance.get(nid, (self.request_burst, now))
         tokens = min(self.request_burst, tokens + (now - stamp) * self.request_rate)
         if tokens < 1.0:
-            raise self._refuse(method, nid, peer, ErrorCode.TIMEOUT,
-                               f"too many rendezvous requests (more than {self.request_rate:g}/s): retry later")
+            raise self._refuse(
+                method,
+                nid,
+                peer,
+                ErrorCode.TIMEOUT,
+                f"too many rendezvous requests (more than {self.request_rate:g}/s): retry later",
+            )
         if len(self._allowance) > 100_000:
             self._allowance.clear()
         self._allowance[nid] = (tokens - 1.0, now)
 
     def _push(self, method: str, requester: str, ch: Channel, event: dict[str, Any], peer: tuple[str, int]) -> None:
         if not ch.push(event):
-            raise self._refuse(method, requester, peer, ErrorCode.UNREACHABLE,
-                               f"node {ch.node_id[:8]} is not taking signals now (busy or gone)")
+            raise self._refuse(
+                method,
+                requester,
+                peer,
+                ErrorCode.UNREACHABLE,
+                f"node {ch.node_id[:8]} is not taking signals now (busy or gone)",
+            )
 
     async def _signal(self, p: dict[str, Any], emit: Emit, peer: tuple[str, int], local: tuple[str, int]) -> Any:
         nid = await self._verified("signal", p, peer)
         relay_port = p.get("relay_port")
-        if relay_port is not None and (not isinstance(relay_port, int) or isinstance(relay_port, bool)
-                                       or not 0 < relay_port < 65536):
+        if relay_port is not None and (
+            not isinstance(relay_port, int) or isinstance(relay_port, bool) or not 0 < relay_port < 65536
+        ):
             raise self._refuse("signal", nid, peer, ErrorCode.BAD_REQUEST, "relay_port must be in 1..65535")
         send, recv = trio.open_memory_channel[dict[str, Any]](EVENT_QUEUE)
         ch = Channel(nid, peer, local, relay_port, rv.new_key() if relay_port else None, send, recv)
@@ -214,8 +247,12 @@ class SignalHub:
         self.relay_nodes.pop(nid, None)
         if ch.key is not None:
             self.relay_nodes[nid] = ch
-        log.debug("signal channel open for %s from %s%s", nid[:8], peer[0],
-                  f" (offers a relay on port {relay_port})" if relay_port else "")
+        log.debug(
+            "signal channel open for %s from %s%s",
+            nid[:8],
+            peer[0],
+            f" (offers a relay on port {relay_port})" if relay_port else "",
+        )
         try:
             if ch.key is not None:
                 await self._emit(emit, {"kind": "relay-key", "key": ch.key})
@@ -229,8 +266,11 @@ class SignalHub:
                         return {"closed": "replaced by a newer signal call of this node"}
                 await self._emit(emit, event or {"kind": "ping"})
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            log.info("signal channel of %s closed: %s", nid[:8], "not reading" if isinstance(e, trio.TooSlowError)
-                     else "connection lost")
+            log.info(
+                "signal channel of %s closed: %s",
+                nid[:8],
+                "not reading" if isinstance(e, trio.TooSlowError) else "connection lost",
+            )
             return {"closed": "not reading"}
         finally:
             if self.channels.get(nid) is ch:
@@ -259,8 +299,9 @@ class SignalHub:
             with trio.move_on_after(self.answer_timeout):
                 await r.answered.wait()
             if r.b_addr is None:
-                raise self._refuse("punch", a, peer, ErrorCode.TIMEOUT,
-                                   f"node {b[:8]} did not answer within {self.answer_timeout:g} s")
+                raise self._refuse(
+                    "punch", a, peer, ErrorCode.TIMEOUT, f"node {b[:8]} did not answer within {self.answer_timeout:g} s"
+                )
             return {"addr": list(r.b_addr)}
         finally:
             self.pending.pop(rid, None)
@@ -270,8 +311,13 @@ class SignalHub:
         rid = p.get("rendezvous")
         r = self.pending.get(rid) if isinstance(rid, str) else None
         if r is None or r.b != b or r.b_addr is not None:
-            raise self._refuse("punch_answer", b, peer, ErrorCode.BAD_REQUEST,
-                               "no punch waits for this node's answer under that id (expired, answered or never asked)")
+            raise self._refuse(
+                "punch_answer",
+                b,
+                peer,
+                ErrorCode.BAD_REQUEST,
+                "no punch waits for this node's answer under that id (expired, answered or never asked)",
+            )
         r.b_addr = peer
         r.answered.set()
         self.counters.punches_answered += 1
@@ -288,8 +334,13 @@ class SignalHub:
         token = rv.mint_token(key, a, b, time.time())
         host_a = host or self.relay_advertise or local[0]
         host_b = host or self.relay_advertise or ch.local[0]
-        self._push("relay", a, ch, {"kind": "relay", "from": a, "artifact_id": aid, "token": token,
-                                    "relay": [host_b, port]}, peer)
+        self._push(
+            "relay",
+            a,
+            ch,
+            {"kind": "relay", "from": a, "artifact_id": aid, "token": token, "relay": [host_b, port]},
+            peer,
+        )
         self.counters.relays += 1
         log.debug("relay for %s -> %s at %s:%d", a[:8], b[:8], host_a, port)
         return {"token": token, "relay": [host_a, port]}
@@ -310,9 +361,14 @@ class SignalHub:
     def stats(self) -> dict[str, Any]:
         """Flat counters for `p2p-tracker admin stats` (this process's channels and relay)."""
         c = self.counters
-        out: dict[str, Any] = {"signal_channels": len(self.channels), "relay_nodes": len(self.relay_nodes),
-                               "punches": c.punches, "punches_answered": c.punches_answered,
-                               "relay_requests": c.relays, "signal_refusals": c.refused}
+        out: dict[str, Any] = {
+            "signal_channels": len(self.channels),
+            "relay_nodes": len(self.relay_nodes),
+            "punches": c.punches,
+            "punches_answered": c.punches_answered,
+            "relay_requests": c.relays,
+            "signal_refusals": c.refused,
+        }
         if self.relay is not None:
             out.update({f"relay_{k}": v for k, v in self.relay.stats.as_dict().items()})
         return out

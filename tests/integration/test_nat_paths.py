@@ -7,6 +7,7 @@ listen on 127.0.0.1 only), so the tracker hands each node a peer address that re
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,10 @@ async def test_download_over_the_trackers_relay_when_direct_fails(cluster: Clust
     seed = await cluster.start_node("seed", *UNREACHABLE, "--paths", "direct,relay")
     leech = await cluster.start_node("leech", *UNREACHABLE, "--paths", "direct,relay")
     await fetch_and_check(cluster, seed, leech, src, "model:relay", "relay")
-    st = await leech.call("status")
+    r = await cluster.cli(leech, "status", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    st = json.loads(r.stdout)
+    assert [c["path"] for a in st["artifacts"] for c in a["connections"]] == ["relay"]
     assert st["traversal"]["signal_channel"] is True
     assert st["traversal"]["wins"]["relay"] >= 1 and st["traversal"]["wins"]["direct"] == 0
     assert "spliced" in (cluster.base / "tracker.log").read_text()
