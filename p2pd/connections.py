@@ -104,13 +104,17 @@ class TcpConnector:
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
 
-    async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
+    async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str, *,
+                      reached: Callable[[], None] | None = None) -> Connection:
+        """`reached()` is called once TCP is connected (the handshake may still fail)."""
         host, port = addr
         where = f"{host}:{port}"
         sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:
             with trio.fail_after(self.connect_timeout):
                 await sock.connect((host, port))
+            if reached is not None:
+                reached()
             return await open_outgoing(trio.SocketStream(sock), node_id=self.node_id, remote_id=remote_id,
                                        artifact_id=artifact_id, addr=where, path=ConnectionPath.DIRECT,
                                        handshake_timeout=self.handshake_timeout)

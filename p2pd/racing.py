@@ -1,11 +1,13 @@
 """Racing the paths to a peer, Happy-Eyeballs style (RFC 8305), behind the one `Connector` interface.
 
-A connect starts the first path (direct TCP) at once and each further one after its stagger (a
-punched TCP connection after ~150 ms, a relay after ~1 s), or at once when every path before it has
-failed. The first connection to complete the p2pd handshake wins; the others are cancelled, and one
+A connect starts the first path (direct TCP) at once and each further one a stagger after the one
+before it (a punched TCP connection after ~150 ms, a relay at ~1 s), or at once when every path
+before it has failed. The first connection to complete the p2pd handshake wins; the others are cancelled, and one
 that completes anyway is closed by the attempt that opened it. Staggering instead of starting all at
 once keeps the common case free: on a cluster network the direct path is done before the second
-path starts, so nothing is asked of the tracker or a relay.
+path starts, so nothing is asked of the tracker or a relay. As in RFC 8305 the stagger races the
+transport: while an earlier path that reports it (`Path.reports_transport`, the direct TCP connect)
+is connected and only its p2pd handshake is pending (a busy peer), later paths wait for its outcome.
 
 A peer reached directly is remembered (`remember_direct` seconds): it is dialled directly only, with
 no race, until a direct connect to it fails.
@@ -14,8 +16,9 @@ no race, until a direct connect to it fails.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -26,11 +29,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Path:
-    """One way to a peer: its name, its connector, and when the race starts it."""
+    """One way to a peer: its name, its connector, and when the race starts it.
+
+    `reports_transport`: the connector is a `ReportingConnector` (it says when its transport is up).
+    """
 
     name: str
     connector: Connector
     start_after: float
+    reports_transport: bool = False
+
+
+class ReportingConnector(Protocol):
+    async def connect(
+        self, remote_id: str, addr: tuple[str, int], artifact_id: str, *, reached: Callable[[], None] | None = None
+    ) -> Connection: ...
 
 
 class RacingConnector:
@@ -70,22 +83,54 @@ class RacingConnector:
     async def _race(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
         start = trio.current_time()
         failed: set[int] = set()
+        reached: set[int] = set()
         errors: list[str] = []
         winner: list[Connection] = []
         changed = [trio.Event()]
 
+        def note(done: set[int], i: int) -> None:
+            done.add(i)
+            changed[0].set()
+            changed[0] = trio.Event()
+
+        started: dict[int, float] = {}
+
+        def due(i: int) -> float | None:
+            """When attempt i may start: its stagger after the previous one started (None: not started yet)."""
+            if i == 0:
+                return start
+            prev = started.get(i - 1)
+            gap = max(0.0, self.paths[i].start_after - self.paths[i - 1].start_after)
+            return None if prev is None else prev + gap
+
+        def may_start(i: int) -> bool:
+            if failed.issuperset(range(i)):
+                return True  # every earlier path failed: no reason to wait
+            if any(j in reached and j not in failed for j in range(i)):
+                return False  # an earlier path is connected and handshaking: wait for its outcome
+            at = due(i)
+            return at is not None and trio.current_time() >= at
+
         async def attempt(i: int, path: Path, cancel: trio.CancelScope) -> None:
-            at = start + path.start_after
-            while trio.current_time() < at and not failed.issuperset(range(i)):
-                with trio.move_on_at(at):
+            while not may_start(i):
+                at = due(i)
+                if at is not None and trio.current_time() < at:
+                    with trio.move_on_at(at):
+                        await changed[0].wait()
+                else:
                     await changed[0].wait()
+            started[i] = trio.current_time()
+            changed[0].set()
+            changed[0] = trio.Event()
             try:
-                conn = await path.connector.connect(remote_id, addr, artifact_id)
+                if path.reports_transport:
+                    reporting: ReportingConnector = path.connector  # type: ignore[assignment]
+                    conn = await reporting.connect(remote_id, addr, artifact_id, reached=lambda: note(reached, i))
+                else:
+                    conn = await path.connector.connect(remote_id, addr, artifact_id)
             except ConnectError as e:
                 errors.append(f"{path.name}: {e}")
-                failed.add(i)
-                changed[0].set()
-                changed[0] = trio.Event()
+                note(failed, i)
                 return
             if winner:  # another path won meanwhile: ours is not needed
                 with trio.CancelScope(shield=True):

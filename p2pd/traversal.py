@@ -393,8 +393,12 @@ class Traversal:
             ),
         }
         stagger = {"direct": 0.0, "tcp-punch": config.punch_after, "relay": config.relay_after}
-        paths = [Path(name, offered[name], stagger[name]) for name in offered if name in config.paths]
-        paths[0] = Path(paths[0].name, paths[0].connector, 0.0)
+        paths = [
+            Path(name, offered[name], stagger[name], reports_transport=name == "direct")
+            for name in offered
+            if name in config.paths
+        ]
+        paths[0] = Path(paths[0].name, paths[0].connector, 0.0, paths[0].reports_transport)
         self.connector = RacingConnector(paths, remember_direct=config.remember_direct)
         self.answering = 0
         self._nursery: trio.Nursery | None = None

@@ -4,6 +4,8 @@ reached directly is dialled directly only."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import trio
 import trio.testing
@@ -39,15 +41,23 @@ class Scripted:
 
     def __init__(self, path: ConnectionPath, delay: float, ok: bool = True, deaf: bool = False) -> None:
         self.path, self.delay, self.ok, self.deaf = path, delay, ok, deaf
+        self.reach_after: float | None = None  # when (if ever) it reports its transport connected
         self.started: list[float] = []
         self.handed: list[FakeStream] = []
         self.cancelled = 0
 
-    async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
+    async def connect(
+        self, remote_id: str, addr: tuple[str, int], artifact_id: str, *, reached: Callable[[], None] | None = None
+    ) -> Connection:
         self.started.append(trio.current_time())
         try:
             with trio.CancelScope(shield=self.deaf):  # deaf: completes even when cancelled meanwhile
-                await trio.sleep(self.delay)
+                if reached is not None and self.reach_after is not None:
+                    await trio.sleep(self.reach_after)
+                    reached()
+                    await trio.sleep(self.delay - self.reach_after)
+                else:
+                    await trio.sleep(self.delay)
         except trio.Cancelled:
             self.cancelled += 1
             raise
@@ -60,7 +70,12 @@ class Scripted:
 
 def race(direct: Scripted, punch: Scripted, relay: Scripted) -> RacingConnector:
     return RacingConnector(
-        [Path("direct", direct, 0.0), Path("tcp-punch", punch, 0.15), Path("relay", relay, 1.0)], remember_direct=60
+        [
+            Path("direct", direct, 0.0, reports_transport=True),
+            Path("tcp-punch", punch, 0.15),
+            Path("relay", relay, 1.0),
+        ],
+        remember_direct=60,
     )
 
 
@@ -146,3 +161,23 @@ async def test_a_peer_reached_directly_is_dialled_directly_only(autojump_clock: 
     await trio.sleep(61)  # longer than remember_direct: forgotten, raced again
     d.delay = 5
     assert (await rc.connect(PEER, ("x", 1), AID)).path is ConnectionPath.TCP_PUNCH
+
+
+async def test_a_connected_direct_path_holds_the_race_until_its_handshake_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A busy peer: TCP connects at once but the handshake is slow. Nothing else starts meanwhile; when the
+    handshake fails, the next path starts at once."""
+    t0 = trio.current_time()
+    d, p, r = (
+        Scripted(ConnectionPath.DIRECT, 2.0),
+        Scripted(ConnectionPath.TCP_PUNCH, 0.01),
+        Scripted(ConnectionPath.RELAY, 0.01),
+    )
+    d.reach_after = 0.01
+    assert (await race(d, p, r).connect(PEER, ("x", 1), AID)).path is ConnectionPath.DIRECT
+    assert p.started == [] and r.started == []
+    d.ok = False
+    conn = await race(d, p, r).connect(PEER, ("x", 1), AID)
+    assert conn.path is ConnectionPath.TCP_PUNCH
+    assert p.started == [pytest.approx(t0 + 4.0)] and r.started == []
