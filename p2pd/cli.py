@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import trio
 import typer
 
-from p2pd.config import DaemonConfig, SwarmConfig
+from p2pd.config import PATHS, DaemonConfig, SwarmConfig, TraversalConfig
 from p2pd.errors import EXIT_INTERRUPTED, ErrorCode, P2pdError
 from p2pd.paths import default_data_dir, socket_path
 from p2pd.rpc import RpcError, connect_unix, parse_hostport
@@ -95,6 +95,21 @@ def run(
     tracker_wait: float = typer.Option(
         DaemonConfig.tracker_wait, "--tracker-wait", help="seconds to wait for a tracker at start"
     ),
+    paths: str = typer.Option(
+        ",".join(PATHS), "--paths", help="ways to reach peers, raced in this order (behind NAT: nothing to set)"
+    ),
+    relay: bool = typer.Option(
+        False, "--relay", help="relay bytes for nodes that cannot reach each other (run it on a node others can dial)"
+    ),
+    relay_listen: str = typer.Option(
+        "{}:{}".format(*TraversalConfig.relay_listen),
+        "--relay-listen",
+        help="HOST:PORT the relay listens on (with --relay)",
+    ),
+    relay_rate: str = typer.Option(None, "--relay-rate", help="cap on all relayed bytes, e.g. 50MB/s (with --relay)"),
+    relay_max_pairs: int = typer.Option(
+        TraversalConfig.relay_max_pairs, "--relay-max-pairs", help="node pairs relayed at once (with --relay)"
+    ),
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon
@@ -110,6 +125,7 @@ def run(
         egress = _rate_option("--egress-limit", egress_limit)
         ingress = _rate_option("--ingress-limit", ingress_limit)
         labels = dict(kv.split("=", 1) for kv in label)
+        traversal = _traversal_options(paths, relay, relay_listen, relay_rate, relay_max_pairs)
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
     data = (data_dir or default_data_dir()).expanduser().resolve()
@@ -126,6 +142,7 @@ def run(
         advertise=advertise,
         labels=labels,
         tracker_wait=tracker_wait,
+        traversal=traversal,
         swarm=SwarmConfig(max_peers=max_peers, pipeline_depth=pipeline, stall_timeout=stall_timeout, compress=compress),
     )
 
@@ -349,6 +366,31 @@ def demo(
 
 
 # ----------------------------------------------------------------------------------------- helpers
+def _traversal_options(
+    paths: str, relay: bool, relay_listen: str, relay_rate: str | None, relay_max_pairs: int
+) -> TraversalConfig:
+    """The NAT traversal settings of `p2pd run`; ValueError names the option that is wrong."""
+    chosen = tuple(p.strip() for p in paths.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in PATHS]
+    if unknown or not chosen:
+        raise ValueError(
+            f"--paths: unknown path(s) {', '.join(unknown) or '(none given)'}: use some of {','.join(PATHS)}"
+        )
+    if relay_max_pairs < 1:
+        raise ValueError("--relay-max-pairs must be at least 1")
+    try:
+        listen = parse_hostport(relay_listen, default_host="0.0.0.0")
+    except ValueError as e:
+        raise ValueError(f"--relay-listen: {e}") from None
+    return TraversalConfig(
+        paths=chosen,
+        offer_relay=relay,
+        relay_listen=listen,
+        relay_rate=_rate_option("--relay-rate", relay_rate),
+        relay_max_pairs=relay_max_pairs,
+    )
+
+
 def _rate_option(option: str, text: str | None) -> float | None:
     """Bytes per second of a RATE option, None when not given; the error names the option."""
     if not text:

@@ -42,6 +42,30 @@ class SwarmConfig:
     serve_tail: int = 16  # a complete node always serves a peer missing at most this many pieces
 
 
+PATHS = ("direct", "tcp-punch", "relay")  # every path a node may race to reach a peer, in the order tried
+
+
+@dataclass(frozen=True)
+class TraversalConfig:
+    """How a node reaches peers it cannot dial (NAT traversal), and the relay it may offer others."""
+
+    paths: tuple[str, ...] = PATHS  # which paths the race may use (`--paths`)
+    # -- the race (seconds from the start of a connect; a failed path starts the next at once)
+    punch_after: float = 0.15  # a direct connect that works on a cluster network is done well within this
+    relay_after: float = 1.0  # a punch between two cones takes a few round trips to the tracker; relays are slow
+    punch_timeout: float = 3.0  # rendezvous plus simultaneous open, the dial retried for the rest of it
+    relay_pair_timeout: float = 5.0  # waiting at the relay for the other node
+    rendezvous_timeout: float = 5.0  # a rendezvous request to the tracker
+    remember_direct: float = 300.0  # a peer reached directly is dialled directly only, for this long
+    max_answering: int = 32  # punches and relay meetings asked of us at once; more are refused (logged)
+    # -- the relay this node offers (`p2pd run --relay`)
+    offer_relay: bool = False
+    relay_listen: tuple[str, int] = ("0.0.0.0", 7701)
+    relay_rate: float | None = None  # bytes/s over all relayed pairs; None = no cap
+    relay_max_pairs: int = 64
+    relay_idle_timeout: float = 60.0  # longer than the peers' keepalive interval, so only dead pairs go
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     """One node daemon: where it listens, which trackers it uses, its own limits and its swarms' config."""
@@ -63,3 +87,4 @@ class DaemonConfig:
     nat_detect: bool = True
     nat_check_every: float = 20.0  # one Binding request: notices a new mapping, and keeps it alive (expiry ~30 s)
     nat_reclassify_every: float = 300.0  # the full RFC 3489 tests again, in case the NAT's behaviour changed
+    traversal: TraversalConfig = field(default_factory=TraversalConfig)

@@ -3,9 +3,9 @@
 The swarm asks a `Connector` for a connection to a node and gets a `Connection` (the stream, its
 buffered reader, who is at the other end, which path won), or `ConnectError`. Incoming connections
 arrive at the daemon's listener and are handshaken here too, then handed to the swarm they name.
-Today the one path is a direct TCP connection; the paths to come (a punched TCP connection, a UDP
-data channel, a relay) are further `Connector`s behind the same interface, and the swarm does not
-change. Whoever obtained a connection closes it (`aclose`), once, when done with it.
+`TcpConnector` dials directly; `p2pd.traversal` adds a punched TCP connection and a relay, and races
+them (`RacingConnector`) behind the same interface, so the swarm does not change. Whoever obtained a
+connection closes it (`aclose`), once, when done with it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class ConnectionPath(enum.StrEnum):
     """How the bytes of a connection travel (shown per peer in `p2pd status --json`)."""
 
     DIRECT = "direct"  # TCP to the peer's advertised address, or accepted from it
+    TCP_PUNCH = "tcp-punch"  # TCP simultaneous open through both NATs, coordinated by the tracker
+    RELAY = "relay"  # TCP to a relay (the tracker or a node run with --relay) that splices the two nodes
 
 
 class ConnectError(Exception):
@@ -86,14 +88,19 @@ async def open_outgoing(
     addr: str,
     path: ConnectionPath,
     handshake_timeout: float,
+    initiator: str | None = None,
 ) -> Connection:
-    """Handshake a stream we opened (by any path) to `remote_id`; ProtocolError if someone else answered."""
+    """Handshake a stream we opened (by any path) to `remote_id`; ProtocolError if someone else answered.
+
+    `initiator` (default: us) is who both ends record as the dialler; a punched connection, opened
+    by both sides at once, names the same node on both ends.
+    """
     io = StreamIO(stream)
     await io.send_all(_handshake(node_id, artifact_id))
     hs = await read_handshake(io, handshake_timeout)
     if hs.artifact_id != artifact_id or hs.node_id != remote_id:
         raise wire.ProtocolError(f"answered as {hs.node_id[:8]} for {hs.artifact_id[:12]}")
-    return Connection(stream, io, remote_id, artifact_id, addr, path, node_id)
+    return Connection(stream, io, remote_id, artifact_id, addr, path, initiator or node_id)
 
 
 class TcpConnector:
@@ -104,13 +111,18 @@ class TcpConnector:
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
 
-    async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
+    async def connect(
+        self, remote_id: str, addr: tuple[str, int], artifact_id: str, *, reached: Callable[[], None] | None = None
+    ) -> Connection:
+        """`reached()` is called once TCP is connected (the handshake may still fail)."""
         host, port = addr
         where = f"{host}:{port}"
         sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:
             with trio.fail_after(self.connect_timeout):
                 await sock.connect((host, port))
+            if reached is not None:
+                reached()
             return await open_outgoing(
                 trio.SocketStream(sock),
                 node_id=self.node_id,
@@ -129,7 +141,13 @@ class TcpConnector:
 
 
 async def accept(
-    stream: trio.abc.Stream, addr: str, node_id: str, *, handshake_timeout: float, serves: Callable[[str], bool]
+    stream: trio.abc.Stream,
+    addr: str,
+    node_id: str,
+    *,
+    handshake_timeout: float,
+    serves: Callable[[str], bool],
+    path: ConnectionPath = ConnectionPath.DIRECT,
 ) -> Connection:
     """Handshake an incoming connection; `serves(artifact_id)`: do we have a swarm for it?
 
@@ -142,4 +160,4 @@ async def accept(
         await io.send_all(wire.encode(wire.Goodbye("unknown artifact")))
         raise PeerClosed(CloseReason.WE_LEFT, f"unknown artifact {hs.artifact_id[:12]}")
     await io.send_all(_handshake(node_id, hs.artifact_id))
-    return Connection(stream, io, hs.node_id, hs.artifact_id, addr, ConnectionPath.DIRECT, hs.node_id)
+    return Connection(stream, io, hs.node_id, hs.artifact_id, addr, path, hs.node_id)

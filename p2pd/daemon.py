@@ -21,7 +21,7 @@ import trio
 
 from p2pd import __version__, connections, paths
 from p2pd.config import DaemonConfig
-from p2pd.connections import TcpConnector
+from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.nat_detect import NatMonitor, NatStatus
 from p2pd.protocol import bitfield as bits
@@ -33,6 +33,7 @@ from p2pd.rpc import Emit, RpcError, serve_listeners
 from p2pd.storage import Catalog, PieceStore, Record, StorageError, build_manifest, materialize
 from p2pd.swarm import Swarm
 from p2pd.tracker_client import TrackerClient
+from p2pd.traversal import Traversal
 from p2pd.trio_util import collapse_single
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,11 @@ class Daemon:
         self.egress: Hierarchy | None = None
         self.ingress: Hierarchy | None = None
         self._lock_fd = -1
-        swarm_cfg = config.swarm
-        self.connector = TcpConnector(
-            self.node_id, connect_timeout=swarm_cfg.connect_timeout, handshake_timeout=swarm_cfg.handshake_timeout
+        # direct TCP, raced with a punched TCP connection and a relay for peers behind NATs
+        self.traversal = Traversal(
+            self.node_id, config.traversal, config.swarm, serves=self.swarms.__contains__, serve=self._serve_traversed
         )
+        self.connector = self.traversal.connector
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -94,6 +96,7 @@ class Daemon:
                         reclassify_every=self.config.nat_reclassify_every,
                     )
                     await nursery.start(self.nat.run, lambda: tc.stun_server, self._report_nat)
+                await nursery.start(self.traversal.run, tc)
                 nursery.start_soon(self._restore_names_after_tracker_restart)
                 api_listener = self._bind_api()
                 await nursery.start(serve_listeners, [api_listener], self._handlers())
@@ -364,6 +367,16 @@ class Daemon:
             if sw is not None:
                 await sw.serve(conn)
 
+    async def _serve_traversed(self, conn: Connection) -> None:
+        """A connection that arrived by a punch or through a relay: served like an accepted one."""
+        try:
+            sw = self.swarms.get(conn.artifact_id)
+            if sw is not None:
+                await sw.serve(conn)
+        finally:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+
     # -- control API ----------------------------------------------------------------------------------
     def _handlers(self) -> dict[str, Any]:
         return {
@@ -385,6 +398,7 @@ class Daemon:
             "policy_egress_limit": _finite(self.policy_egress.rate),
             "policy_ingress_limit": _finite(self.policy_ingress.rate),
             "nat": (self.nat.status if self.nat is not None else NatStatus(state="off")).to_json(trio.current_time()),
+            "traversal": self.traversal.status(),
         }
 
     async def api_shutdown(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def make_app(server: TrackerServer, token: str) -> Any:
 
     @app.get("/v1/stats", dependencies=guarded, summary="Counters and sizes")
     async def stats() -> dict[str, Any]:
-        return await store.stats()
+        return {**await store.stats(), **server.signals.stats()}
 
     @app.get("/v1/nodes", dependencies=guarded, summary="Registered nodes (oldest heartbeat first)")
     async def nodes(limit: int = Query(1000, ge=1, le=100_000)) -> dict[str, Any]:

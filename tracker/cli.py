@@ -25,7 +25,7 @@ import typer
 
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.rpc import parse_hostport
-from tracker.config import TrackerConfig
+from tracker.config import RelayOptions, TrackerConfig
 
 if TYPE_CHECKING:
     from tracker.stun import StunSettings
@@ -81,9 +81,24 @@ def serve(
         ),
     ] = None,
     ready_file: Annotated[
-        Path | None, typer.Option(help="Write {tcp_port, udp_port, admin_port, pid} as JSON here once listening.")
+        Path | None,
+        typer.Option(help="Write {tcp_port, udp_port, admin_port, relay_port, pid} as JSON here once listening."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    relay: Annotated[
+        bool, typer.Option(help="Relay bytes between nodes that cannot reach each other otherwise.")
+    ] = True,
+    relay_listen: Annotated[
+        str | None, typer.Option(help="The relay's TCP HOST:PORT (default: the --listen host, any free port).")
+    ] = None,
+    relay_advertise: Annotated[
+        str | None, typer.Option(help="Host nodes dial for the relay (default: the address each reached us at).")
+    ] = None,
+    relay_rate: Annotated[
+        str | None, typer.Option(help="Cap on all relayed bytes, e.g. 100MB/s (default: none).")
+    ] = None,
+    relay_max_pairs: Annotated[int, typer.Option(help="Node pairs relayed at once, waiting ones included.")] = 64,
+    relay_idle_timeout: Annotated[float, typer.Option(help="Close a relayed pair silent this long (s).")] = 60.0,
 ) -> None:
     """Run a tracker until SIGTERM or SIGINT."""
     setup_logging(log_level)
@@ -91,6 +106,14 @@ def serve(
         host, port = parse_hostport(listen, default_host="0.0.0.0")
         admin_addr = parse_hostport(admin_listen) if admin_listen else None
         stun_settings = stun_options(stun, stun_alt, (host, port))
+        relay_opts = _relay_options(
+            relay,
+            relay_listen or f"{listen.rpartition(':')[0] or '0.0.0.0'}:0",
+            relay_advertise,
+            relay_rate,
+            relay_max_pairs,
+            relay_idle_timeout,
+        )
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
     if interval <= 0:
@@ -115,10 +138,13 @@ def serve(
             udp=udp,
             ready_file=ready_file,
             stun=stun_settings,
+            relay=relay_opts,
         )
         trio.run(_serve, config)
     except* OSError as eg:  # raised inside the nursery, so it may come wrapped in a group
         where = listen + (f" (admin {admin_listen})" if admin_listen else "")
+        if relay_opts is not None:
+            where += f" (relay {relay_listen or 'on any free port'})"
         error = P2pdError(ErrorCode.CONFLICT, f"cannot listen on {where}: {_leaf(eg)}")
     except* StoreError as eg:
         leaf = _leaf(eg)
@@ -152,6 +178,26 @@ def stun_options(stun: str | None, stun_alt: str | None, listen: tuple[str, int]
     return StunSettings(listen=own, alt=alt)
 
 
+def _relay_options(
+    on: bool, listen: str, advertise: str | None, rate: str | None, max_pairs: int, idle_timeout: float
+) -> RelayOptions | None:
+    """The relay's settings from the flags (None: --no-relay); ValueError names the bad flag."""
+    if not on:
+        return None
+    from p2pd.units import parse_rate
+
+    host, port = parse_hostport(listen, default_host="0.0.0.0")
+    try:
+        bps = parse_rate(rate) if rate else None
+    except ValueError as e:
+        raise ValueError(f"--relay-rate: {e}") from None
+    if max_pairs < 1:
+        raise ValueError("--relay-max-pairs must be at least 1 (use --no-relay to run no relay)")
+    if idle_timeout <= 0:
+        raise ValueError("--relay-idle-timeout must be positive")
+    return RelayOptions(host, port, advertise, bps, max_pairs, idle_timeout)
+
+
 class StoreError(P2pdError):
     """The store given with --store cannot be used: an unknown spec, or its Redis does not answer."""
 
@@ -179,12 +225,22 @@ async def _serve(config: TrackerConfig) -> None:
     host, port = config.listen
     interval, udp, ready_file = config.interval, config.udp, config.ready_file
     admin_addr, admin_token = config.admin_listen, config.admin_token
+    relay = config.relay
     store = await open_store(config.store, interval, config.store_prefix)
     server = TrackerServer(store, stun=config.stun)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 tcp_port, udp_port = await nursery.start(server.serve, host, port, udp)
+                relay_port: int | None = None
+                if relay is not None:
+                    own = server.signals.own_relay(
+                        rate=relay.rate,
+                        max_pairs=relay.max_pairs,
+                        idle_timeout=relay.idle_timeout,
+                        advertise=relay.advertise,
+                    )
+                    relay_port = int(await nursery.start(own.serve, relay.host, relay.port))
                 admin_port: int | None = None
                 if admin_addr is not None:
                     from tracker.admin import serve_admin
@@ -201,6 +257,13 @@ async def _serve(config: TrackerConfig) -> None:
                     else "",
                     _describe_stun(server),
                 )
+                if relay is not None and relay_port is not None:
+                    log.info(
+                        "relay on %s (%s, at most %d pairs)",
+                        fmt_hostport(relay.host, relay_port),
+                        f"{relay.rate / 1e6:.1f} MB/s" if relay.rate else "no rate cap",
+                        relay.max_pairs,
+                    )
                 if ready_file is not None:
                     tmp = ready_file.with_name(ready_file.name + ".tmp")
                     tmp.write_text(
@@ -210,6 +273,7 @@ async def _serve(config: TrackerConfig) -> None:
                                 "udp_port": udp_port,
                                 "admin_port": admin_port,
                                 "stun": server.stun_advert(),
+                                "relay_port": relay_port,
                                 "pid": os.getpid(),
                             }
                         )

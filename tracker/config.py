@@ -11,6 +11,18 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class RelayOptions:
+    """The tracker's own relay (p2pd/relay.py) for nodes that cannot reach each other."""
+
+    host: str
+    port: int
+    advertise: str | None  # the address nodes dial when the listen address is not it
+    rate: float | None  # bytes/s over all relayed pairs; None: no cap
+    max_pairs: int
+    idle_timeout: float
+
+
+@dataclass(frozen=True)
 class TrackerConfig:
     listen: tuple[str, int] = ("0.0.0.0", 7070)  # TCP RPC, and UDP heartbeats on the same port
     interval: float = 1.0  # heartbeat interval told to nodes; 3 missed = dropped
@@ -21,3 +33,4 @@ class TrackerConfig:
     udp: bool = True  # accept UDP heartbeats
     ready_file: Path | None = None  # {tcp_port, udp_port, admin_port, pid} as JSON once listening
     stun: StunSettings | None = None  # STUN for NAT detection (the CLI's default: on the heartbeat port); None: off
+    relay: RelayOptions | None = None  # None: this tracker relays nothing (the CLI's default: on)

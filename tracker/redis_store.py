@@ -369,6 +369,13 @@ class RedisStore:
     async def leave(self, node_id: str) -> bool:
         return bool(await self._run("drop", node_id, "leaves"))
 
+    async def node_info(self, node_id: str) -> tuple[str, int, int] | None:
+        """(host, port, session) of a registered node, None if unknown: how signalling checks who asks."""
+        ((host, port, session),) = await self._cmds([["HMGET", self.prefix + "n:" + node_id, "host", "port", "s"]])
+        if host is None or port is None or session is None:
+            return None
+        return _s(host), int(port), int(session)
+
     async def evict(self, node_id: str) -> bool:
         return bool(await self._run("drop", node_id, "evictions"))
 

@@ -39,6 +39,7 @@ from p2pd.protocol.heartbeat import UDP_VERSION, UdpReply, UdpRequest
 from p2pd.rpc import Emit, Handler, RpcError, serve_connection
 from tracker import validate as V
 from tracker.metrics import Metrics
+from tracker.signals import SignalHub
 from tracker.store import Heartbeat, MemoryStore, Store
 from tracker.stun import StunServer, StunSettings, is_unspecified
 from tracker.validate import TrackerError
@@ -75,6 +76,7 @@ class TrackerServer:
         self.tcp_port: int | None = None
         self._policy: dict[str, Any] = {}
         self.stun_settings = stun  # None: no STUN server
+        self.signals = SignalHub(store)  # signalling between nodes (NAT traversal); its relay is set up by the CLI
         self.stun: StunServer | None = None
 
     def stun_advert(self) -> list[Any] | None:
@@ -180,10 +182,14 @@ class TrackerServer:
     async def _on_connection(self, stream: trio.SocketStream) -> None:
         try:
             peer = stream.socket.getpeername()
+            local = stream.socket.getsockname()
             peer_ip = str(peer[0])
         except OSError:
-            peer_ip = ""
-        await serve_connection(stream, self.handlers(peer_ip), peer=peer_ip)
+            peer, local, peer_ip = ("", 0), ("", 0), ""
+        handlers = self.handlers(peer_ip)
+        for name, fn in self.signals.handlers((peer_ip, int(peer[1])), (str(local[0]), int(local[1]))).items():
+            handlers[name] = self._instrument(name, fn)
+        await serve_connection(stream, handlers, peer=peer_ip)
 
     # ---- UDP heartbeats ----------------------------------------------------------------------------
 

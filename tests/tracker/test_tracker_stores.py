@@ -159,3 +159,11 @@ async def test_redis_flushed_scripts_are_reloaded_and_a_dead_redis_is_unreachabl
         assert e.value.code is ErrorCode.UNREACHABLE  # nodes try another replica on it
     finally:
         await s.aclose()
+
+
+async def test_node_info_is_what_signalling_checks(store: Store) -> None:
+    a, sa = await add(store, 1)
+    assert await store.node_info(a) == ("10.0.0.1", 7001, sa)
+    assert await store.node_info(nid(42)) is None
+    assert await store.leave(a)
+    assert await store.node_info(a) is None

@@ -1,0 +1,519 @@
+"""Reaching a peer that cannot be dialled: TCP simultaneous open and relays, arranged over the tracker.
+
+Outgoing (we want pieces from B): `PunchConnector` and `RelayConnector`, raced with the direct path
+by `p2pd.racing.RacingConnector`. Incoming (the tracker tells us A wants to reach us): `Traversal`
+answers each signal in a task of its own, and a connection that completes the p2pd handshake goes
+to the swarm of its artifact exactly like one accepted on the listener.
+
+TCP simultaneous open (research FINDINGS §3: connects cone <-> cone at the first try). Each side
+takes a fresh local port P: a listener on it, and every outgoing socket bound to it (SO_REUSEADDR +
+SO_REUSEPORT). It asks the tracker over a connection from P (`punch`, answered by `punch_answer`),
+so the tracker sees the address P maps to on the node's NAT and hands it to the other side; both
+then dial each other's mapped address from P at once, retrying quickly, while the listener waits
+too. A NAT that maps a port the same way whatever it talks to (a cone) maps the punch as it mapped
+the tracker connection; a symmetric NAT does not, the punch runs out of time and the relay wins.
+- A fresh port per punch, not the listen port: there is one TCP connection per address pair, so a
+  second artifact between the same two nodes, or a new connection within TIME_WAIT of the last,
+  would find the listen-port pair taken; and the listen socket keeps its plain bind rules.
+- The connection may form by a simultaneous open (both SYNs cross in the NATs) or by one side's SYN
+  reaching the other's listener (no NAT in the way): both sides send their p2pd handshake first,
+  which works either way, and both record the lower node id as the dialler so that duplicate
+  resolution in the swarm agrees on both ends.
+
+A relay (the tracker's, or a node's run with `--relay`): the tracker hands both nodes a one-time
+token and the relay's address (`relay` request, `relay` signal); both dial the relay, which splices
+them once both are there. The requester sends the p2pd handshake, the other side accepts it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from p2pd import connections
+from p2pd.config import SwarmConfig, TraversalConfig
+from p2pd.connections import ConnectError, Connection, ConnectionPath, Connector, TcpConnector
+from p2pd.errors import ErrorCode, P2pdError
+from p2pd.protocol import wire
+from p2pd.protocol.framing import FrameError, FrameReader, RpcError, encode_frame
+from p2pd.protocol.session import PeerClosed
+from p2pd.racing import Path, RacingConnector
+from p2pd.relay import Relay, RelayRefused, dial_relay
+from p2pd.signal_channel import SignalChannel
+from p2pd.tracker_client import TrackerClient
+
+log = logging.getLogger(__name__)
+
+DIAL_RETRY = 0.05  # after a refused SYN (the other side's NAT or host said no yet): dial again soon
+_NODE_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
+_HANDSHAKE_FAILURES = (
+    OSError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    PeerClosed,
+    wire.ProtocolError,
+    EOFError,
+)
+
+
+class PunchFailed(Exception):
+    """No connection formed through the NATs in time."""
+
+
+def _reuse_socket(family: int) -> trio.socket.SocketType:
+    s = trio.socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return s
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+def _errname(e: OSError) -> str:
+    return errno.errorcode.get(e.errno or 0, type(e).__name__)
+
+
+class PunchPort:
+    """A fresh local port for one punch: a listener on it, and every outgoing socket bound to it."""
+
+    def __init__(self, family: int) -> None:
+        self.family = family
+        self.wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        self.port = 0
+        self._listener: trio.socket.SocketType | None = None
+        self._probes: list[trio.socket.SocketType] = []
+
+    async def __aenter__(self) -> PunchPort:
+        sock = _reuse_socket(self.family)
+        try:
+            await sock.bind((self.wildcard, 0))
+            sock.listen(8)
+        except BaseException:
+            sock.close()
+            raise
+        self._listener = sock
+        self.port = int(sock.getsockname()[1])
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for s in (self._listener, *self._probes):
+            if s is not None:
+                s.close()
+
+    async def ask_tracker(self, tracker: Any, method: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """One RPC over a connection from this port, so the tracker sees where the port maps to.
+
+        The connection stays open until the port is closed: a NAT keeps the mapping while it lives.
+        """
+        sock = _reuse_socket(self.family)
+        self._probes.append(sock)
+        with trio.fail_after(timeout):
+            await sock.bind((self.wildcard, self.port))
+            await sock.connect(tracker)
+            stream = trio.SocketStream(sock)
+            await stream.send_all(encode_frame({"id": 1, "method": method, "params": params}))
+            reader = FrameReader()
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise RpcError(ErrorCode.UNREACHABLE, "the tracker closed the connection")
+                for frame in reader.feed(data):
+                    if not isinstance(frame, dict) or frame.get("id") != 1:
+                        continue
+                    if "error" in frame:
+                        raise RpcError.from_wire(frame["error"])
+                    result = frame.get("result")
+                    if not isinstance(result, dict):
+                        raise RpcError(ErrorCode.PROTOCOL, f"{method}: the tracker's answer is not a map")
+                    return result
+
+    async def connect_to(self, remote: tuple[str, int], timeout: float) -> trio.SocketStream:
+        """Dial `remote` from this port until a connection forms either way (dialled or accepted)."""
+        assert self._listener is not None
+        listener = self._listener
+        got: list[trio.SocketStream] = []
+        errors: list[str] = []
+
+        def take(sock: trio.socket.SocketType, cancel: trio.CancelScope) -> None:
+            if got:
+                sock.close()
+                return
+            got.append(trio.SocketStream(sock))
+            cancel.cancel()
+
+        async def accept_loop(cancel: trio.CancelScope) -> None:
+            while True:
+                sock, addr = await listener.accept()
+                if addr[0] != remote[0]:  # not our peer's NAT: never let a third party in
+                    log.debug("punch port %d: ignored a connection from %s", self.port, addr[0])
+                    sock.close()
+                    continue
+                take(sock, cancel)
+                return
+
+        async def dial_loop(cancel: trio.CancelScope) -> None:
+            while True:
+                sock = _reuse_socket(self.family)
+                try:
+                    await sock.bind((self.wildcard, self.port))
+                    await sock.connect(remote)
+                except OSError as e:
+                    sock.close()
+                    errors.append(_errname(e))
+                    await trio.sleep(DIAL_RETRY)
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                take(sock, cancel)
+                return
+
+        try:
+            with trio.move_on_after(timeout):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(accept_loop, nursery.cancel_scope)
+                    nursery.start_soon(dial_loop, nursery.cancel_scope)
+        except BaseException:
+            for stream in got:
+                stream.socket.close()
+            raise
+        if not got:
+            seen = ", ".join(dict.fromkeys(errors)) or "no answer"
+            raise PunchFailed(f"no connection to {_fmt(remote)} within {timeout:.1f} s ({seen})")
+        return got[0]
+
+
+async def _resolve(addr: tuple[str, int], timeout: float) -> tuple[int, Any]:
+    """(family, sockaddr) of a tracker address."""
+    with trio.fail_after(timeout):
+        infos = await trio.socket.getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"cannot resolve {addr[0]}")
+    family, _, _, _, sockaddr = infos[0]
+    return int(family), sockaddr
+
+
+def _mapped(reply: dict[str, Any]) -> tuple[str, int]:
+    addr = reply.get("addr")
+    if not isinstance(addr, list) or len(addr) != 2 or not isinstance(addr[0], str) or not isinstance(addr[1], int):
+        raise RpcError(ErrorCode.PROTOCOL, "the tracker's punch answer has no [host, port]")
+    return addr[0], addr[1]
+
+
+async def _punch(
+    signal: SignalChannel, method: str, params: dict[str, Any], timeout: float
+) -> tuple[trio.SocketStream, tuple[str, int]]:
+    """Ask the tracker from a fresh port, then open a connection to the address it names; ConnectError if not."""
+    deadline = trio.current_time() + timeout
+    tracker = signal.addr
+    if not signal.up or tracker is None:
+        raise ConnectError("no signal channel to the tracker")
+    try:
+        family, sockaddr = await _resolve(tracker, timeout)
+        async with PunchPort(family) as port:
+            reply = await port.ask_tracker(
+                sockaddr, method, {**signal.identity(), **params}, max(0.1, deadline - trio.current_time())
+            )
+            remote = _mapped(reply)
+            stream = await port.connect_to(remote, max(0.1, deadline - trio.current_time()))
+    except RpcError as e:
+        raise ConnectError(f"tracker: {e.message}") from None
+    except trio.TooSlowError:
+        raise ConnectError("the tracker did not answer in time") from None
+    except (OSError, FrameError, PunchFailed) as e:
+        raise ConnectError(str(e) or type(e).__name__) from None
+    return stream, remote
+
+
+class PunchConnector:
+    """The `tcp-punch` path: TCP simultaneous open through both NATs, arranged over the signal channel."""
+
+    def __init__(self, node_id: str, signal: SignalChannel, *, timeout: float, handshake_timeout: float) -> None:
+        self.node_id = node_id
+        self.signal = signal
+        self.timeout = timeout
+        self.handshake_timeout = handshake_timeout
+
+    async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
+        stream, remote = await _punch(
+            self.signal, "punch", {"target": remote_id, "artifact_id": artifact_id}, self.timeout
+        )
+        return await _handshake_punched(stream, remote, self.node_id, remote_id, artifact_id, self.handshake_timeout)
+
+
+async def _handshake_punched(
+    stream: trio.SocketStream,
+    remote: tuple[str, int],
+    node_id: str,
+    remote_id: str,
+    artifact_id: str,
+    handshake_timeout: float,
+) -> Connection:
+    try:
+        return await connections.open_outgoing(
+            stream,
+            node_id=node_id,
+            remote_id=remote_id,
+            artifact_id=artifact_id,
+            addr=_fmt(remote),
+            path=ConnectionPath.TCP_PUNCH,
+            handshake_timeout=handshake_timeout,
+            initiator=min(node_id, remote_id),
+        )
+    except _HANDSHAKE_FAILURES as e:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise ConnectError(f"handshake over the punched connection: {e or type(e).__name__}") from None
+    except BaseException:
+        stream.socket.close()
+        raise
+
+
+class RelayConnector:
+    """The `relay` path: the tracker names a relay and gives both nodes a token; both dial the relay."""
+
+    def __init__(
+        self,
+        node_id: str,
+        signal: SignalChannel,
+        *,
+        rendezvous_timeout: float,
+        connect_timeout: float,
+        pair_timeout: float,
+        handshake_timeout: float,
+    ) -> None:
+        self.node_id = node_id
+        self.signal = signal
+        self.rendezvous_timeout = rendezvous_timeout
+        self.connect_timeout = connect_timeout
+        self.pair_timeout = pair_timeout
+        self.handshake_timeout = handshake_timeout
+
+    async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
+        try:
+            r = await self.signal.call(
+                "relay", {"target": remote_id, "artifact_id": artifact_id}, timeout=self.rendezvous_timeout
+            )
+            relay = (str(r["relay"][0]), int(r["relay"][1]))
+            token = bytes(r["token"])
+        except RpcError as e:
+            raise ConnectError(f"tracker: {e.message}") from None
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise ConnectError("the tracker's relay answer is malformed") from None
+        try:
+            stream = await dial_relay(
+                relay, token, self.node_id, connect_timeout=self.connect_timeout, pair_timeout=self.pair_timeout
+            )
+        except RelayRefused as e:
+            raise ConnectError(str(e)) from None
+        try:
+            return await connections.open_outgoing(
+                stream,
+                node_id=self.node_id,
+                remote_id=remote_id,
+                artifact_id=artifact_id,
+                addr=_fmt(relay),
+                path=ConnectionPath.RELAY,
+                handshake_timeout=self.handshake_timeout,
+            )
+        except _HANDSHAKE_FAILURES as e:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise ConnectError(f"handshake through relay {_fmt(relay)}: {e or type(e).__name__}") from None
+        except BaseException:
+            stream.socket.close()
+            raise
+
+
+class Traversal:
+    """A daemon's NAT traversal: the signal channel, the raced connector, answers to signals, its relay.
+
+    `serves(artifact_id)`: do we run a swarm for it; `serve(conn)`: hand a handshaken incoming
+    connection to that swarm (the callee closes it when done, as the listener's handler does).
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        config: TraversalConfig,
+        swarm: SwarmConfig,
+        *,
+        serves: Callable[[str], bool],
+        serve: Callable[[Connection], Awaitable[None]],
+    ) -> None:
+        unknown = set(config.paths) - {str(p) for p in ConnectionPath}
+        if unknown or not config.paths:
+            raise P2pdError(
+                ErrorCode.BAD_REQUEST,
+                f"unknown path(s) {sorted(unknown)} in --paths: "
+                f"use some of {', '.join(str(p) for p in ConnectionPath)}",
+            )
+        self.node_id = node_id
+        self.config = config
+        self.swarm_config = swarm
+        self.serves = serves
+        self.serve = serve
+        self.signal = SignalChannel(node_id, self.on_signal)
+        self.relay: Relay | None = None
+        self._relay_keys: list[bytes] = []
+        if config.offer_relay:
+            self.relay = Relay(
+                keys=lambda: self._relay_keys,
+                rate=config.relay_rate,
+                max_pairs=config.relay_max_pairs,
+                pair_timeout=config.relay_pair_timeout * 2,
+                idle_timeout=config.relay_idle_timeout,
+            )
+        offered: dict[str, Connector] = {
+            "direct": TcpConnector(
+                node_id, connect_timeout=swarm.connect_timeout, handshake_timeout=swarm.handshake_timeout
+            ),
+            "tcp-punch": PunchConnector(
+                node_id, self.signal, timeout=config.punch_timeout, handshake_timeout=swarm.handshake_timeout
+            ),
+            "relay": RelayConnector(
+                node_id,
+                self.signal,
+                rendezvous_timeout=config.rendezvous_timeout,
+                connect_timeout=swarm.connect_timeout,
+                pair_timeout=config.relay_pair_timeout,
+                handshake_timeout=swarm.handshake_timeout,
+            ),
+        }
+        stagger = {"direct": 0.0, "tcp-punch": config.punch_after, "relay": config.relay_after}
+        paths = [
+            Path(name, offered[name], stagger[name], reports_transport=name == "direct")
+            for name in offered
+            if name in config.paths
+        ]
+        paths[0] = Path(paths[0].name, paths[0].connector, 0.0, paths[0].reports_transport)
+        self.connector = RacingConnector(paths, remember_direct=config.remember_direct)
+        self.answering = 0
+        self._nursery: trio.Nursery | None = None
+
+    async def run(
+        self, tracker: TrackerClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve the relay (if offered) and keep the signal channel open, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.relay is not None:
+                host, port = self.config.relay_listen
+                try:
+                    self.signal.relay_port = await nursery.start(self.relay.serve, host, port)
+                except OSError as e:
+                    raise P2pdError(
+                        ErrorCode.CONFLICT,
+                        f"cannot listen for relaying on {host}:{port}: {e.strerror or e}; pick another --relay-listen",
+                    ) from None
+                log.info("relaying for other nodes on %s:%d", host, self.signal.relay_port)
+            if self.config.paths != ("direct",):
+                await nursery.start(self.signal.run, tracker)
+            task_status.started()
+
+    def on_signal(self, event: dict[str, Any]) -> None:
+        """A message from the tracker (called by the signal channel; must not block)."""
+        kind = event.get("kind")
+        if kind == "relay-key":
+            key = bytes(event["key"])
+            self._relay_keys = [key, *self._relay_keys[:1]]  # tokens minted just before a reconnect stay valid
+            return
+        if kind not in ("punch", "relay"):
+            log.debug("ignored a signal of kind %r", kind)
+            return
+        remote = str(event["from"])
+        if not _NODE_ID_RE.match(remote):
+            raise ValueError(f"bad node id {remote[:40]!r}")
+        aid = str(event["artifact_id"])
+        if not self.serves(aid):
+            log.info(
+                "%s from %s for %s not answered: this node does not serve that artifact", kind, remote[:8], aid[:12]
+            )
+            return
+        if self.answering >= self.config.max_answering or self._nursery is None:
+            log.warning("%s from %s not answered: already answering %d", kind, remote[:8], self.answering)
+            return
+        if kind == "punch":
+            args: tuple[Any, ...] = (self._answer_punch, remote, str(event["rendezvous"]), aid)
+        else:
+            relay = (str(event["relay"][0]), int(event["relay"][1]))
+            args = (self._answer_relay, remote, aid, bytes(event["token"]), relay)
+        self.answering += 1
+        self._nursery.start_soon(self._answer, *args)
+
+    async def _answer(self, fn: Callable[..., Awaitable[Connection | None]], *args: Any) -> None:
+        try:
+            conn = await fn(*args)
+        finally:
+            self.answering -= 1
+        if conn is not None:
+            await self.serve(conn)
+
+    async def _answer_punch(self, remote_id: str, rendezvous: str, artifact_id: str) -> Connection | None:
+        try:
+            stream, remote = await _punch(
+                self.signal, "punch_answer", {"rendezvous": rendezvous}, self.config.punch_timeout
+            )
+            return await _handshake_punched(
+                stream, remote, self.node_id, remote_id, artifact_id, self.swarm_config.handshake_timeout
+            )
+        except ConnectError as e:
+            log.debug("punch asked by %s failed: %s", remote_id[:8], e)
+            return None
+
+    async def _answer_relay(
+        self, remote_id: str, artifact_id: str, token: bytes, relay: tuple[str, int]
+    ) -> Connection | None:
+        try:
+            stream = await dial_relay(
+                relay,
+                token,
+                self.node_id,
+                connect_timeout=self.swarm_config.connect_timeout,
+                pair_timeout=self.config.relay_pair_timeout,
+            )
+        except RelayRefused as e:
+            log.info("relay meeting asked by %s failed: %s", remote_id[:8], e)
+            return None
+        try:
+            conn = await connections.accept(
+                stream,
+                _fmt(relay),
+                self.node_id,
+                handshake_timeout=self.swarm_config.handshake_timeout,
+                serves=artifact_id.__eq__,
+                path=ConnectionPath.RELAY,
+            )
+            if conn.remote_id != remote_id:
+                raise wire.ProtocolError(f"node {conn.remote_id[:8]} came through the relay, not {remote_id[:8]}")
+            return conn
+        except _HANDSHAKE_FAILURES as e:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            log.info("relay meeting asked by %s failed in the handshake: %s", remote_id[:8], e or type(e).__name__)
+            return None
+        except BaseException:
+            stream.socket.close()
+            raise
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "paths": list(self.config.paths),
+            "signal_channel": self.signal.up,
+            "wins": dict(self.connector.wins),
+        }
+        if self.relay is not None:
+            out["relay"] = {"port": self.relay.port, **self.relay.stats.as_dict()}
+        return out

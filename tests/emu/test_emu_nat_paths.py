@@ -1,0 +1,159 @@
+"""NAT traversal through real Linux NAT routers (iptables in network namespaces, research FINDINGS §3).
+
+A public tracker and four daemons, each alone behind its own router: two port-restricted cone NATs
+(MASQUERADE, unsolicited input dropped) and two symmetric ones (MASQUERADE --random-fully). No daemon
+can dial another: the tracker lists each at its router's address, where nothing is forwarded. Each
+pair transfers an artifact in both directions, byte-identically; cone <-> cone must connect by a TCP
+simultaneous open (never the relay), symmetric <-> symmetric can only meet at the tracker's relay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from netsim.emu import Host, Topology
+from p2pd.cluster import Node, Process
+from p2pd.rpc import RpcError
+from tests.integration.helpers import sha256_tree, wait_until
+
+pytestmark = pytest.mark.emu
+
+MiB = 1 << 20
+PAIRS = (("a", "b", "cone", "tcp-punch"), ("c", "d", "symmetric", "relay"))
+
+
+async def cli(node: Node, *args: str, timeout: float = 60) -> str:
+    with trio.fail_after(timeout):
+        r = await trio.run_process(
+            [sys.executable, "-m", "p2pd.cli", *args, "--data-dir", str(node.data_dir)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert r.returncode == 0, f"{node.name}: p2pd {args[0]} failed: {r.stderr.decode()}\n{node.log_text()[-3000:]}"
+    return r.stdout.decode().strip().splitlines()[-1]
+
+
+async def start_daemon(host: Host, tracker: str, base: Path) -> Node:
+    d = base / host.name
+    d.mkdir()
+    args = [
+        sys.executable,
+        "-m",
+        "p2pd.cli",
+        "run",
+        "--tracker",
+        tracker,
+        "--listen",
+        "0.0.0.0:7700",
+        "--data-dir",
+        str(d),
+        "--log-level",
+        "debug",
+    ]
+    log = base / f"{host.name}.log"
+    node = Node(host.name, d, 7700, args, Process(host.name, args, log, host.popen(args, log=str(log)), 0))
+
+    async def signalling() -> bool:
+        if node.process.returncode is not None:
+            raise AssertionError(f"{node.name} exited:\n{node.log_text()[-3000:]}")
+        if not node.socket.exists():
+            return False
+        try:
+            return bool((await node.call("status", timeout=2))["traversal"]["signal_channel"])
+        except (OSError, RpcError):
+            return False
+
+    await wait_until(signalling, 30, interval=0.1, what=f"{host.name}'s signal channel")
+    return node
+
+
+async def transfer(seed: Node, leech: Node, base: Path, tag: str) -> list[dict[str, Any]]:
+    """seed publishes a fresh artifact, leech fetches it; returns the leech's connections for it."""
+    src = base / f"src-{tag}"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(os.urandom(3 * MiB + 321))
+    (src / "config.json").write_text(json.dumps({"tag": tag}) * 50)
+    aid = await cli(seed, "publish", str(src), "--name", f"model-{tag}:v1")
+    got = Path(await cli(leech, "fetch", f"model-{tag}:v1"))
+    assert sha256_tree(got) == sha256_tree(src), f"{tag}: bytes differ"
+    art = await leech.artifact(aid)
+    assert art is not None
+    return list(art["connections"])
+
+
+def test_cone_pairs_punch_and_symmetric_pairs_relay(emu: None, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    with Topology() as topo:
+        wan = topo.add_switch("wan")
+        pub = topo.add_host("tracker", wan)
+        hosts: dict[str, Host] = {}
+        for a, b, nat, _ in PAIRS:
+            for name in (a, b):
+                lan = topo.add_switch(f"lan{name}")
+                router = topo.add_router(f"r{name}", wan, lan, nat=nat)
+                hosts[name] = topo.add_host(name, lan, gateway=router)
+        ready = tmp_path / "tracker.json"
+        tracker_log = tmp_path / "tracker.log"
+        pub.popen(
+            [
+                sys.executable,
+                "-m",
+                "tracker.cli",
+                "serve",
+                "--listen",
+                f"{pub.ip}:7070",
+                "--ready-file",
+                str(ready),
+                "--log-level",
+                "debug",
+            ],
+            log=str(tracker_log),
+        )
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert time.monotonic() < deadline, f"tracker did not start:\n{tracker_log.read_text()}"
+            time.sleep(0.05)
+
+        async def main() -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+            nodes: dict[str, Node] = {}
+
+            async def boot(name: str) -> None:
+                nodes[name] = await start_daemon(hosts[name], f"{pub.ip}:7070", tmp_path)
+
+            async with trio.open_nursery() as n:
+                for name in hosts:
+                    n.start_soon(boot, name)
+            ids = {name: (await node.call("status"))["node_id"] for name, node in nodes.items()}
+            seen: dict[str, list[dict[str, Any]]] = {}
+
+            async def pair(a: str, b: str) -> None:  # both directions, one after the other
+                seen[f"{a}->{b}"] = await transfer(nodes[a], nodes[b], tmp_path, f"{a}{b}")
+                seen[f"{b}->{a}"] = await transfer(nodes[b], nodes[a], tmp_path, f"{b}{a}")
+
+            async with trio.open_nursery() as n:
+                for a, b, _, _ in PAIRS:
+                    n.start_soon(pair, a, b)
+            return seen, ids
+
+        seen, ids = trio.run(main)
+        log = tracker_log.read_text()
+    for a, b, nat, path in PAIRS:
+        for seed, leech in ((a, b), (b, a)):
+            conns = seen[f"{seed}->{leech}"]
+            paths = {c["path"] for c in conns if c["node_id"] == ids[seed]}
+            assert paths == {path}, f"{nat}: {leech} fetched from {seed} over {paths}, not {path}: {conns}"
+    spliced = [line for line in log.splitlines() if "relay: spliced" in line]
+    for name in ("a", "b"):
+        assert not any(ids[name][:8] in line for line in spliced), f"cone node {name} used the relay:\n{spliced}"
+    assert any(ids["c"][:8] in line for line in spliced), f"no relayed pair in the tracker log:\n{log[-3000:]}"
+    elapsed = time.monotonic() - t0
+    assert elapsed < 90, f"took {elapsed:.0f} s"
