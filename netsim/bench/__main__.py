@@ -7,6 +7,7 @@
     python -m netsim.bench render swarm.json      # the Markdown table for BENCHMARKS.md
     python -m netsim.bench tracker --nodes 100000 --duration 10 --compare-opentracker --json FILE
     python -m netsim.bench ray --size 2GiB --nodes 3
+    python -m netsim.bench nat --size 2MiB --swarm-size 128MiB --json nat.json   # NAT matrix + NATed swarm
 
 Exit status: 0 when every run of every client completed and verified, 1 when some failed (the JSON says which),
 2 when it could not run at all (not root, a tool missing: the message names the package).
@@ -19,7 +20,7 @@ import json
 import shlex
 import sys
 
-from netsim.bench import ray_first_result, tracker_load
+from netsim.bench import nat, ray_first_result, tracker_load
 from netsim.bench.clients import CLIENT_NAMES
 from netsim.bench.harness import BenchError
 from netsim.emu import EmuError, Terminated
@@ -102,6 +103,8 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ray_first_result.add_arguments(y)
+    nt = sub.add_parser("nat", help="NAT traversal: matrix of NAT kinds, and a swarm behind NATs")
+    nat.add_arguments(nt, _size, _rate_bits)
     return ap
 
 
@@ -120,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         return tracker_load.run(a, command)
     if a.cmd == "ray":
         return ray_first_result.main(a)
+    if a.cmd == "nat":
+        try:
+            return nat.run(a, command)
+        except (BenchError, EmuError) as e:
+            print(f"netsim.bench: {e}", file=sys.stderr)
+            return 2
+        except Terminated as e:
+            print(f"netsim.bench: {e}; cleaned up", file=sys.stderr)
+            return 128 + e.signum
     try:
         if a.cmd == "swarm":
             from netsim.bench.swarm import SwarmOptions, run_swarm

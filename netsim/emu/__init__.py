@@ -4,6 +4,7 @@ See `topology.py` for why it is built the way it is. Needs root and iproute2 (`i
 NAT. `python -m netsim.emu list|cleanup` shows or deletes namespaces left by a run that was SIGKILLed.
 """
 
+from netsim.emu.nat import NAT_KINDS, add_nat_site
 from netsim.emu.topology import (
     EmuError,
     Host,
@@ -18,12 +19,14 @@ from netsim.emu.topology import (
 )
 
 __all__ = [
+    "NAT_KINDS",
     "EmuError",
     "Host",
     "Link",
     "Switch",
     "Terminated",
     "Topology",
+    "add_nat_site",
     "list_namespaces",
     "new_prefix",
     "reap_stale",

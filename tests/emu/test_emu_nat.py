@@ -7,9 +7,7 @@ correctly, learn the mapping its router made for its peer port, show both in `p2
 tracker's `p2p-tracker admin nodes` must show each node's type, advertised and mapped address.
 
 The namespaces come from `netsim.emu.Topology` (per-run prefix, deleted on exit even on failure; the
-`emu` fixture checks that none is left). Its routers give port-restricted cone (MASQUERADE, unsolicited
-input dropped) and symmetric (MASQUERADE --random-fully); full cone and UDP-blocked are built here on
-top of them with a few iptables rules, as research/nat/topo.sh did.
+`emu` fixture checks that none is left); the routers of each kind from `netsim.emu.nat.add_nat_site`.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from typing import Any
 import pytest
 
 from netsim.emu import Host, Topology
+from netsim.emu.nat import NAT_KINDS, add_nat_site
 
 pytestmark = pytest.mark.emu
 
@@ -37,64 +36,15 @@ DEADLINE_S = 40.0
 
 # node name -> (router kind, the type its daemon must report)
 SITES = {
-    "pub": ("none", "open"),
-    "full": ("full-cone", "full-cone"),
-    "prc": ("cone", "port-restricted-cone"),
-    "sym": ("symmetric", "symmetric"),
-    "blk": ("udp-blocked", "udp-blocked"),
+    name: (kind, NAT_KINDS[kind])
+    for name, kind in (
+        ("pub", "public"),
+        ("full", "full-cone"),
+        ("prc", "port-restricted-cone"),
+        ("sym", "symmetric"),
+        ("blk", "udp-blocked"),
+    )
 }
-
-
-def iptables(router: Host, *rule: str) -> None:
-    router.run(["iptables", "-w", "5", *rule])
-
-
-def nat_site(topo: Topology, name: str, wan: Any, kind: str) -> tuple[Host, Host]:
-    """A LAN with one host behind a router of `kind`; returns (router, host)."""
-    lan = topo.add_switch(f"l{name}")
-    base = {"full-cone": "none", "udp-blocked": "cone"}.get(kind, kind)
-    router = topo.add_router(f"r{name}", wan, lan, nat=base)
-    host = topo.add_host(f"h{name}", lan, gateway=router)
-    wan_if = router.links[0].host_if
-    if kind == "full-cone":  # endpoint-independent mapping and filtering: any inbound UDP goes to the host
-        assert host.ip is not None
-        iptables(router, "-t", "nat", "-A", "POSTROUTING", "-o", wan_if, "-j", "MASQUERADE")
-        iptables(
-            router,
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-i",
-            wan_if,
-            "-p",
-            "udp",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            host.ip,
-        )
-        iptables(
-            router, "-A", "INPUT", "-i", wan_if, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"
-        )
-        iptables(router, "-A", "INPUT", "-i", wan_if, "-j", "DROP")
-        iptables(
-            router,
-            "-A",
-            "FORWARD",
-            "-i",
-            wan_if,
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "ESTABLISHED,RELATED,DNAT",
-            "-j",
-            "ACCEPT",
-        )
-        iptables(router, "-A", "FORWARD", "-i", wan_if, "-j", "DROP")
-    elif kind == "udp-blocked":  # TCP gets through (the node registers), UDP does not, either way
-        iptables(router, "-I", "FORWARD", "1", "-p", "udp", "-j", "DROP")
-    return router, host
 
 
 def status(data: Path) -> dict[str, Any] | None:
@@ -126,10 +76,7 @@ def test_each_daemon_classifies_its_nat_and_the_tracker_shows_it(emu: None, tmp_
         routers: dict[str, Host | None] = {}
         hosts: dict[str, Host] = {}
         for name, (kind, _) in SITES.items():
-            if kind == "none":
-                routers[name], hosts[name] = None, topo.add_host(name, wan)
-            else:
-                routers[name], hosts[name] = nat_site(topo, name, wan, kind)
+            routers[name], hosts[name] = add_nat_site(topo, name, wan, kind)
 
         tlog = tmp_path / "tracker.log"
         topo.popen(

@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from netsim.emu import Host, Topology
+from netsim.emu.nat import add_nat_site
 from p2pd.cluster import Node, Process
 from p2pd.rpc import RpcError
 from tests.integration.helpers import sha256_tree, wait_until
@@ -27,7 +28,7 @@ from tests.integration.helpers import sha256_tree, wait_until
 pytestmark = pytest.mark.emu
 
 MiB = 1 << 20
-PAIRS = (("a", "b", "cone", "tcp-punch"), ("c", "d", "symmetric", "relay"))
+PAIRS = (("a", "b", "port-restricted-cone", "tcp-punch"), ("c", "d", "symmetric", "relay"))
 
 
 async def cli(node: Node, *args: str, timeout: float = 60) -> str:
@@ -98,9 +99,7 @@ def test_cone_pairs_punch_and_symmetric_pairs_relay(emu: None, tmp_path: Path) -
         hosts: dict[str, Host] = {}
         for a, b, nat, _ in PAIRS:
             for name in (a, b):
-                lan = topo.add_switch(f"lan{name}")
-                router = topo.add_router(f"r{name}", wan, lan, nat=nat)
-                hosts[name] = topo.add_host(name, lan, gateway=router)
+                hosts[name] = add_nat_site(topo, name, wan, nat)[1]
         ready = tmp_path / "tracker.json"
         tracker_log = tmp_path / "tracker.log"
         pub.popen(

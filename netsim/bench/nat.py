@@ -1,0 +1,515 @@
+"""`python -m netsim.bench nat`: NAT traversal in emulated networks -- the matrix of NAT kinds and a NATed swarm.
+
+Matrix: one tracker on a public segment and, for every kind in `netsim.emu.nat.NAT_KINDS`, two daemons (`a` and
+`b`), each alone behind its own router. Cell (X, Y) is the `a` daemon of kind X seeding a fresh artifact to the
+`b` daemon of kind Y, so each cell is its own pair of daemons and all cells run at once (one tracker, one daemon
+per site, one artifact per cell): the whole matrix costs about one cell's time. Per cell: whether the leech got
+the bytes (sha256 against the source, independent of p2pd's own checks), the path its connection to the seed
+took (`p2pd status`), and the time from asking for the artifact to its first verified piece (`pieces_done` >= 1,
+polled every 50 ms). Then the same cone pair moves a larger artifact alone, against a public pair: what the NATs
+and the punched path cost in throughput.
+
+Swarm: 1 public seed and 8 peers (4 behind port-restricted cones, 2 behind symmetric NATs, 2 public), every host
+link tbf-shaped to RATE. The seed leaves as soon as it has uploaded one copy (`pieces_sent` >= pieces); everyone
+must still complete, byte-identical. T is compared with the Kumar-Ross bound, and the tracker's relay counter
+(`relay_bytes_relayed`, admin `/v1/stats`) is reported in F (multiples of the artifact size).
+
+The functions here return JSON-able results and assert nothing: tests/emu/test_emu_nat_matrix.py and
+test_emu_nat_swarm.py hold the expectations, the benchmark prints the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import trio
+
+from netsim.bench.harness import BenchError
+from netsim.bench.model import kumar_ross
+from netsim.bench.swarm import preflight, revision
+from netsim.emu import Host, Switch, Topology
+from netsim.emu.nat import NAT_KINDS, add_nat_site
+from p2pd.cluster import Node, Process, scratch_dir
+from p2pd.rpc import RpcError
+from p2pd.units import format_bits_rate, format_size_exact
+
+MiB = 1 << 20
+TRACKER_PORT, ADMIN_PORT, NODE_PORT = 7070, 7071, 7700
+TOKEN = "netsim-nat-token"
+SHORT = {"public": "pub", "full-cone": "fc", "port-restricted-cone": "prc", "symmetric": "sym", "udp-blocked": "blk"}
+POLL_S = 0.05
+
+
+def expected_path(seed_kind: str, leech_kind: str) -> str:
+    """The path a cell takes today. The leech dials the seed. Traversal is TCP only, so for it full cone and
+    UDP-blocked routers are port-restricted cones (unsolicited SYNs dropped). A public seed is dialled directly.
+    A NATed seed with a public leech cannot be dialled and does not dial leeches itself, so the leech's race
+    falls to the punch, whose SYN from the seed's side reaches the public leech's punch listener (a connection
+    reversal, reported as `tcp-punch`; it works even from a symmetric NAT). Otherwise cones punch, and a
+    symmetric NAT on either side leaves only the relay."""
+    if seed_kind == "public":
+        return "direct"
+    if leech_kind == "public":
+        return "tcp-punch"
+    if "symmetric" in (seed_kind, leech_kind):
+        return "relay"
+    return "tcp-punch"
+
+
+def _log(log: IO[str], msg: str) -> None:
+    print(f"[nat] {msg}", file=log, flush=True)
+
+
+class NatLab:
+    """A tracker (with admin API) on a public segment plus daemons started on hosts of the topology."""
+
+    def __init__(self, topo: Topology, work: Path) -> None:
+        self.topo = topo
+        self.work = work
+        self.wan: Switch = topo.add_switch("wan")
+        self.tracker_host = topo.add_host("tracker", self.wan)
+        self.nodes: dict[str, Node] = {}
+
+    @property
+    def tracker(self) -> str:
+        return f"{self.tracker_host.ip}:{TRACKER_PORT}"
+
+    def start_tracker(self, timeout: float = 30.0) -> None:
+        ready = self.work / "tracker.json"
+        log = self.work / "tracker.log"
+        ip = self.tracker_host.ip
+        self.tracker_host.popen(
+            [
+                sys.executable,
+                "-m",
+                "tracker.cli",
+                "serve",
+                "--listen",
+                f"{ip}:{TRACKER_PORT}",
+                "--admin-listen",
+                f"{ip}:{ADMIN_PORT}",
+                "--admin-token",
+                TOKEN,
+                "--ready-file",
+                str(ready),
+            ],
+            log=str(log),
+        )
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if time.monotonic() > deadline:
+                raise BenchError(f"tracker not ready after {timeout:.0f} s: {log.read_text(errors='replace')[-2000:]}")
+            time.sleep(POLL_S)
+
+    def tracker_stats(self) -> dict[str, Any]:
+        """The tracker's admin `/v1/stats` (relay counters among them), asked from inside its namespace."""
+        cp = self.tracker_host.run(
+            [
+                sys.executable,
+                "-m",
+                "tracker.cli",
+                "admin",
+                "stats",
+                "--tracker",
+                f"http://{self.tracker_host.ip}:{ADMIN_PORT}",
+                "--token",
+                TOKEN,
+                "--json",
+            ],
+            timeout=60,
+        )
+        return dict(json.loads(cp.stdout))
+
+    async def start_daemon(self, host: Host, timeout: float = 60.0) -> Node:
+        """`p2pd run` on `host`; ready once its signal channel to the tracker is up (what traversal needs)."""
+        d = self.work / host.name
+        d.mkdir()
+        args = [
+            sys.executable,
+            "-m",
+            "p2pd.cli",
+            "run",
+            "--tracker",
+            self.tracker,
+            "--listen",
+            f"0.0.0.0:{NODE_PORT}",
+            "--data-dir",
+            str(d),
+        ]
+        log = self.work / f"{host.name}.log"
+        node = Node(host.name, d, NODE_PORT, args, Process(host.name, args, log, host.popen(args, log=str(log)), 0))
+        self.nodes[host.name] = node
+        with trio.move_on_after(timeout):
+            while True:
+                if node.process.returncode is not None:
+                    raise BenchError(f"{host.name}: p2pd exited: {node.log_text()[-2000:]}")
+                if node.socket.exists():
+                    try:
+                        if (await node.call("status", timeout=2))["traversal"]["signal_channel"]:
+                            return node
+                    except (OSError, RpcError):
+                        pass  # not serving yet
+                await trio.sleep(POLL_S)
+        raise BenchError(f"{host.name}: no signal channel after {timeout:.0f} s: {node.log_text()[-2000:]}")
+
+
+def sha256_tree(root: Path) -> dict[str, str]:
+    """Digest of every file under root, with hashlib: a check independent of p2pd's own xxh3 verification."""
+    out = {}
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            while chunk := fh.read(8 * MiB):
+                h.update(chunk)
+        out[p.relative_to(root).as_posix()] = h.hexdigest()
+    return out
+
+
+def make_artifact(root: Path, size: int, tag: str) -> Path:
+    """A fresh directory with `size` random bytes (one file) and a small config."""
+    src = root / f"src-{tag}"
+    src.mkdir()
+    with open(src / "weights.bin", "wb") as f:
+        left = size
+        while left:
+            n = min(left, 8 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+    (src / "config.json").write_text(json.dumps({"tag": tag}))
+    return src
+
+
+@dataclass
+class Fetched:
+    """One leech's fetch of one artifact: when its first piece and the whole artifact were there."""
+
+    first_piece_s: float | None = None
+    total_s: float | None = None
+    path: Path | None = None
+    error: str | None = None
+
+
+async def fetch_timed(leech: Node, name: str, aid: str, timeout: float) -> Fetched:
+    """Fetch `name` on `leech`; a watcher polls its status for the first verified piece meanwhile."""
+    out = Fetched()
+    t0 = trio.current_time()
+
+    async def watch(cancel: trio.CancelScope) -> None:
+        while out.first_piece_s is None:
+            try:
+                art = await leech.artifact(aid)
+            except (OSError, RpcError):
+                art = None
+            if art is not None and art["pieces_done"] >= 1:
+                out.first_piece_s = trio.current_time() - t0
+                return
+            await trio.sleep(POLL_S)
+
+    async def fetch(cancel: trio.CancelScope) -> None:
+        try:
+            res = await leech.call("fetch", {"name": name}, timeout=timeout)
+        except (OSError, RpcError, trio.TooSlowError) as e:
+            out.error = f"{leech.name}: fetch {name}: {e}"
+        else:
+            out.total_s = trio.current_time() - t0
+            out.path = Path(res["path"])
+            if out.first_piece_s is None:  # finished between two polls
+                out.first_piece_s = out.total_s
+        cancel.cancel()
+
+    with trio.move_on_after(timeout + 5) as scope:
+        async with trio.open_nursery() as n:
+            n.start_soon(watch, n.cancel_scope)
+            n.start_soon(fetch, n.cancel_scope)
+    if scope.cancelled_caught and out.error is None and out.total_s is None:
+        out.error = f"{leech.name}: fetch {name}: no result after {timeout + 5:.0f} s"
+    return out
+
+
+async def _path_to(leech: Node, aid: str, seed_id: str) -> str | None:
+    art = await leech.artifact(aid)
+    paths = sorted({c["path"] for c in (art or {}).get("connections", []) if c["node_id"] == seed_id})
+    return ",".join(paths) or None
+
+
+@contextmanager
+def _lab(work_bytes: int, prefix: str) -> Iterator[tuple[Topology, Path]]:
+    with scratch_dir(work_bytes, prefix=prefix) as work, Topology() as topo:
+        os.chmod(work, 0o755)
+        yield topo, work
+
+
+# ----------------------------------------------------------------------------------------------- matrix
+def run_matrix(
+    size: int = 2 * MiB,
+    throughput_size: int = 32 * MiB,
+    kinds: tuple[str, ...] = tuple(NAT_KINDS),
+    timeout_s: float = 120.0,
+    log: IO[str] = sys.stderr,
+) -> dict[str, Any]:
+    """Every ordered pair of `kinds`, all at once; then cone<->cone against public<->public throughput."""
+    cells: list[dict[str, Any]] = []
+    throughput: dict[str, Any] = {}
+    with _lab((len(kinds) ** 2 * 2 * size + 4 * throughput_size) * 2, "p2pd-natmatrix-") as (topo, work):
+        lab = NatLab(topo, work)
+        hosts: dict[tuple[str, str], Host] = {}
+        for kind in kinds:
+            for side in ("a", "b"):
+                hosts[(kind, side)] = add_nat_site(topo, f"{SHORT[kind]}{side}", lab.wan, kind)[1]
+        lab.start_tracker()
+        _log(log, f"matrix: {len(kinds)} kinds x 2 daemons, {len(kinds) ** 2} cells of {format_size_exact(size)}")
+
+        async def main() -> None:
+            async with trio.open_nursery() as n:
+                for h in hosts.values():
+                    n.start_soon(lab.start_daemon, h)
+            ids = {name: (await node.call("status"))["node_id"] for name, node in lab.nodes.items()}
+
+            async def cell(sk: str, lk: str, nbytes: int, tag: str) -> dict[str, Any]:
+                seed, leech = lab.nodes[hosts[(sk, "a")].name], lab.nodes[hosts[(lk, "b")].name]
+                src = await trio.to_thread.run_sync(make_artifact, work, nbytes, tag)
+                name = f"nat-{tag}:v1"
+                pub = await seed.call("publish", {"path": str(src), "name": name}, timeout=timeout_s)
+                got = await fetch_timed(leech, name, pub["artifact_id"], timeout_s)
+                same = None
+                if got.path is not None:
+                    same = await trio.to_thread.run_sync(sha256_tree, got.path) == await trio.to_thread.run_sync(
+                        sha256_tree, src
+                    )
+                path = await _path_to(leech, pub["artifact_id"], ids[seed.name])
+                return {
+                    "seed": sk,
+                    "leech": lk,
+                    "expected_path": expected_path(sk, lk),
+                    "path": path,
+                    "ok": bool(same),
+                    "identical": same,
+                    "first_piece_s": None if got.first_piece_s is None else round(got.first_piece_s, 3),
+                    "total_s": None if got.total_s is None else round(got.total_s, 3),
+                    "error": got.error or (None if same in (None, True) else "bytes differ"),
+                }
+
+            async def one(sk: str, lk: str) -> None:
+                cells.append(await cell(sk, lk, size, f"{SHORT[sk]}{SHORT[lk]}"))
+
+            t0 = time.monotonic()
+            async with trio.open_nursery() as n:
+                for sk in kinds:
+                    for lk in kinds:
+                        n.start_soon(one, sk, lk)
+            _log(log, f"matrix: all cells done in {time.monotonic() - t0:.1f} s")
+            for label, kind in (("cone", "port-restricted-cone"), ("public", "public")):
+                if kind not in kinds or not throughput_size:
+                    continue
+                c = await cell(kind, kind, throughput_size, f"tp{SHORT[kind]}")
+                mbps = throughput_size / c["total_s"] / 1e6 if c["total_s"] else None
+                throughput[label] = {**c, "MBps": None if mbps is None else round(mbps, 1)}
+                _log(log, f"throughput {label}<->{label}: {c['path']}, {c['total_s']} s")
+
+        trio.run(main)
+    order = {k: i for i, k in enumerate(kinds)}
+    cells.sort(key=lambda c: (order[c["seed"]], order[c["leech"]]))
+    return {"kinds": list(kinds), "size_bytes": size, "cells": cells, "throughput": throughput}
+
+
+def matrix_table(m: dict[str, Any]) -> str:
+    """Rows: seed kind, columns: leech kind; cell: path and time to first piece."""
+    kinds = m["kinds"]
+    by = {(c["seed"], c["leech"]): c for c in m["cells"]}
+    rows = [["seed \\ leech", *kinds]]
+    for sk in kinds:
+        row = [sk]
+        for lk in kinds:
+            c = by[(sk, lk)]
+            t = "-" if c["first_piece_s"] is None else f"{c['first_piece_s']:.2f}s"
+            row.append(f"{c['path'] or 'FAILED'} {t}" + ("" if c["ok"] else " !"))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def _p95(xs: list[float]) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
+
+
+def matrix_summary(m: dict[str, Any]) -> dict[str, Any]:
+    """Connect success, time to first piece per path class (p95 for punched and direct, worst for relay)."""
+    cells = m["cells"]
+
+    def times(path: str) -> list[float]:
+        return [c["first_piece_s"] for c in cells if c["path"] == path and c["first_piece_s"] is not None]
+
+    relay = times("relay")
+    tp = m["throughput"]
+    ratio = None
+    if tp.get("cone", {}).get("MBps") and tp.get("public", {}).get("MBps"):
+        ratio = round(tp["cone"]["MBps"] / tp["public"]["MBps"], 3)
+    return {
+        "cells": len(cells),
+        "connected": sum(1 for c in cells if c["ok"]),
+        "as_expected": sum(1 for c in cells if c["ok"] and c["path"] == c["expected_path"]),
+        "first_piece_p95_direct_s": _p95(times("direct")),
+        "first_piece_p95_punched_s": _p95(times("tcp-punch")),
+        "first_piece_worst_relay_s": max(relay) if relay else None,
+        "cone_over_public_throughput": ratio,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- swarm
+SWARM_PEERS = ("port-restricted-cone",) * 4 + ("symmetric",) * 2 + ("public",) * 2
+
+
+def run_nat_swarm(
+    size: int = 64 * MiB,
+    rate_bps: int = 200_000_000,
+    peer_kinds: tuple[str, ...] = SWARM_PEERS,
+    timeout_s: float | None = None,
+    log: IO[str] = sys.stderr,
+) -> dict[str, Any]:
+    """1 public seed + NATed peers on shaped links; the seed leaves after one copy; T, T_min and relay bytes."""
+    t_min = kumar_ross(size, rate_bps, [rate_bps] * len(peer_kinds), [rate_bps] * len(peer_kinds))
+    timeout = timeout_s or max(120.0, 15 * t_min)
+    with _lab(size * (len(peer_kinds) + 2) * 2, "p2pd-natswarm-") as (topo, work):
+        lab = NatLab(topo, work)
+        seed_host = add_nat_site(topo, "seed", lab.wan, "public", rate=rate_bps)[1]
+        peers = [add_nat_site(topo, f"p{i}{SHORT[k]}", lab.wan, k, rate=rate_bps)[1] for i, k in enumerate(peer_kinds)]
+        lab.start_tracker()
+        _log(
+            log,
+            f"swarm: 1 public seed + {len(peers)} peers ({', '.join(peer_kinds)}), {format_size_exact(size)} at "
+            f"{format_bits_rate(rate_bps)}, T_min {t_min:.2f} s",
+        )
+        src = make_artifact(work, size, "swarm")
+        result: dict[str, Any] = {}
+
+        async def main() -> None:
+            async with trio.open_nursery() as n:
+                for h in [seed_host, *peers]:
+                    n.start_soon(lab.start_daemon, h)
+            seed = lab.nodes["seed"]
+            pub = await seed.call("publish", {"path": str(src), "name": "nat-swarm:v1"}, timeout=timeout)
+            aid, pieces = pub["artifact_id"], pub["pieces"]
+            fetched: dict[str, Fetched] = {}
+            seed_left: list[float] = []
+            t0 = trio.current_time()
+
+            async def leech(h: Host) -> None:
+                fetched[h.name] = await fetch_timed(lab.nodes[h.name], "nat-swarm:v1", aid, timeout)
+
+            async def seed_leaves() -> None:
+                with trio.move_on_after(timeout):
+                    while True:
+                        art = await seed.artifact(aid)
+                        if art is not None and art["pieces_sent"] >= pieces:
+                            break
+                        await trio.sleep(POLL_S)
+                seed_left.append(trio.current_time() - t0)
+                await trio.to_thread.run_sync(seed.process.stop)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(seed_leaves)
+                for h in peers:
+                    n.start_soon(leech, h)
+            t = max((f.total_s or math.inf) for f in fetched.values())
+            identical = {}
+            want = await trio.to_thread.run_sync(sha256_tree, src)
+            for name, f in fetched.items():
+                identical[name] = f.path is not None and await trio.to_thread.run_sync(sha256_tree, f.path) == want
+            paths: dict[str, list[str]] = {}
+            for h in peers:
+                art = await lab.nodes[h.name].artifact(aid)
+                paths[h.name] = sorted({c["path"] for c in (art or {}).get("connections", [])})
+            result.update(
+                t_s=None if math.isinf(t) else round(t, 3),
+                seed_left_s=round(seed_left[0], 3) if seed_left else None,
+                per_peer_s={k: f.total_s and round(f.total_s, 3) for k, f in sorted(fetched.items())},
+                identical=identical,
+                errors=[f.error for f in fetched.values() if f.error],
+                paths_at_end=paths,
+                pieces=pieces,
+            )
+
+        trio.run(main)
+        stats = lab.tracker_stats()
+    relayed = int(stats.get("relay_bytes_relayed", 0))
+    t = result["t_s"]
+    return {
+        **result,
+        "peer_kinds": list(peer_kinds),
+        "size_bytes": size,
+        "rate_bps": rate_bps,
+        "t_min_s": round(t_min, 3),
+        "ratio": None if t is None else round(t / t_min, 3),
+        "relay_bytes": relayed,
+        "relay_F": round(relayed / size, 3),
+        "relay_pairs_spliced": stats.get("relay_pairs_spliced"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- command
+def add_arguments(ap: argparse.ArgumentParser, size_type: Any, rate_type: Any) -> None:
+    ap.add_argument("--size", type=size_type, default=2 * MiB, help="artifact of every matrix cell (SIZE)")
+    ap.add_argument("--throughput-size", type=size_type, default=64 * MiB, help="cone vs public pair (SIZE)")
+    ap.add_argument("--swarm-size", type=size_type, default=128 * MiB, help="artifact of the NAT swarm (SIZE)")
+    ap.add_argument("--rate", type=rate_type, default=200_000_000, help="swarm links, both ways (RATE)")
+    ap.add_argument("--skip-swarm", action="store_true")
+    ap.add_argument("--skip-matrix", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the JSON result to this file")
+
+
+def run(a: argparse.Namespace, command: str) -> int:
+    """The `nat` subcommand: JSON, then the matrix table and a headline. Exit 1 when a cell or peer failed."""
+    preflight([("ip", "iproute2"), ("tc", "iproute2"), ("iptables", "iptables")])
+    out: dict[str, Any] = {
+        "benchmark": "nat",
+        "command": command,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"nproc": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]},
+        "revision": revision(),
+        "libtorrent": "not compared (optional in issue #12; skipped)",
+    }
+    parts = []
+    failed = False
+    if not a.skip_matrix:
+        m = run_matrix(size=a.size, throughput_size=a.throughput_size)
+        s = matrix_summary(m)
+        out["matrix"] = {**m, "summary": s}
+        failed |= s["connected"] < s["cells"]
+        parts.append(
+            f"matrix {s['connected']}/{s['cells']} connected, {s['as_expected']} on the expected path; "
+            f"first piece p95 direct {s['first_piece_p95_direct_s']} s, punched {s['first_piece_p95_punched_s']} s, "
+            f"relay worst {s['first_piece_worst_relay_s']} s; cone/public throughput {s['cone_over_public_throughput']}"
+        )
+    if not a.skip_swarm:
+        sw = run_nat_swarm(size=a.swarm_size, rate_bps=a.rate)
+        out["swarm"] = sw
+        failed |= sw["t_s"] is None or not all(sw["identical"].values())
+        parts.append(
+            f"NAT swarm 1+{len(sw['peer_kinds'])} {format_size_exact(sw['size_bytes'])} @ "
+            f"{format_bits_rate(sw['rate_bps'])}: T {sw['t_s']} s = {sw['ratio']}x T_min ({sw['t_min_s']} s), "
+            f"relay {sw['relay_F']} F"
+        )
+    out["headline"] = "nat: " + " | ".join(parts)
+    text = json.dumps(out, indent=2)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    if "matrix" in out:
+        print(matrix_table(out["matrix"]))
+    print(out["headline"])
+    return 1 if failed else 0
