@@ -184,7 +184,7 @@ class Swarm:
         if not self.has_piece(i):
             conn.session.reject(i)
             return False
-        if self.seeding.defer_send(i, complete=self.complete):
+        if self.seeding.defer_send(i, conn, complete=self.complete):
             conn.session.defer(i)
             return False
         self.seeding.sent(i)

@@ -12,6 +12,11 @@ send everyone back and forth.
 
 The check runs when a request arrives and again when its turn to be sent comes: two peers may have
 asked for the same unsent piece before either copy went out.
+
+Every deferral is made once per requester and piece: a requester that asks again found no one else
+(its picker skips a deferred piece at this node for a while and asks the peers that announced it).
+Without that, a straggler whose connected peers have all become complete by downloading, and have
+each uploaded its missing piece once already, would be sent away by every one of them for ever.
 """
 
 from __future__ import annotations
@@ -45,24 +50,32 @@ class DistinctFirstSeeding(Generic[Peer]):
         """Answer DEFER to `requester` asking for `piece`? `have`: every connected peer's announced pieces."""
         if not (self.enabled and complete) or len(have) < 2:
             return False
-        if self.defer_send(piece, complete=complete):
-            return True
         once = self._deferred_to.setdefault(requester, set())
-        if self.n - have.get(requester, 0).bit_count() <= self.serve_tail or piece in once:
-            return False  # the tail, or asked again after a deferral: the requester found no one else
+        if piece in once:
+            return False  # asked again after a deferral: the requester found no one else
+        if self._second_copy_while_unsent(piece):
+            return self._defer(once, piece)
+        if self.n - have.get(requester, 0).bit_count() <= self.serve_tail:
+            return False  # the tail is always served, so that deferral cannot stretch it
         bit = 1 << piece
         if any(p != requester and mask & bit and mask != self.full for p, mask in have.items()):
-            once.add(piece)
-            self.pieces_deferred += 1
-            return True
+            return self._defer(once, piece)
         return False
 
-    def defer_send(self, piece: int, *, complete: bool) -> bool:
-        """At send time: is this a second copy while some piece was never sent? (counted as deferred)"""
-        if self.enabled and complete and self.unsent > 0 and self._sent[piece] > 0:
-            self.pieces_deferred += 1
-            return True
-        return False
+    def defer_send(self, piece: int, requester: Peer, *, complete: bool) -> bool:
+        """At send time: is this a second copy while some piece was never sent?"""
+        if not (self.enabled and complete) or not self._second_copy_while_unsent(piece):
+            return False
+        once = self._deferred_to.setdefault(requester, set())
+        return False if piece in once else self._defer(once, piece)
+
+    def _second_copy_while_unsent(self, piece: int) -> bool:
+        return self.unsent > 0 and self._sent[piece] > 0
+
+    def _defer(self, once: set[int], piece: int) -> bool:
+        once.add(piece)
+        self.pieces_deferred += 1
+        return True
 
     def sent(self, piece: int) -> None:
         self.pieces_sent += 1
