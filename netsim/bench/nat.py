@@ -10,8 +10,9 @@ polled every 50 ms). Then the same cone pair moves a larger artifact alone, agai
 and the punched path cost in throughput.
 
 Swarm: 1 public seed and 8 peers (4 behind port-restricted cones, 2 behind symmetric NATs, 2 public), every host
-link tbf-shaped to RATE. The seed leaves as soon as it has uploaded one copy (`pieces_sent` >= pieces); everyone
-must still complete, byte-identical. T is compared with the Kumar-Ross bound, and the tracker's relay counter
+link tbf-shaped to RATE. The seed leaves as soon as it has uploaded every piece once
+(`pieces_sent - pieces_sent_again`); everyone must still complete, byte-identical. T is compared with the
+Kumar-Ross bound, and the tracker's relay counter
 (`relay_bytes_relayed`, admin `/v1/stats`) is reported in F (multiples of the artifact size).
 
 The functions here return JSON-able results and assert nothing: tests/emu/test_emu_nat_matrix.py and
@@ -414,7 +415,8 @@ def run_nat_swarm(
                 with trio.move_on_after(timeout):
                     while True:
                         art = await seed.artifact(aid)
-                        if art is not None and art["pieces_sent"] >= pieces:
+                        # every piece out at least once (a repeat to a requester sent away before counts once)
+                        if art is not None and art["pieces_sent"] - art["pieces_sent_again"] >= pieces:
                             break
                         await trio.sleep(POLL_S)
                 seed_left.append(trio.current_time() - t0)

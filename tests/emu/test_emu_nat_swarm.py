@@ -1,15 +1,29 @@
 """A swarm behind NATs (netsim.bench.nat.run_nat_swarm): 1 public seed, 4 peers behind port-restricted cones,
 2 behind symmetric NATs, 2 public, every link tbf-shaped. The seed leaves once it has uploaded one copy; the
 peers must finish among themselves (symmetric ones through the relay), byte-identically.
+
+Known problem (issue #12, open): about one run in four, peers stall after the seed left and never finish
+(seen in CI and here; not yet explained). Until it is fixed this test runs only when asked for, with
+P2PD_RUN_NAT_SWARM=1, so that it keeps failing visibly where someone is working on it instead of
+failing CI at random.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from netsim.bench.nat import run_nat_swarm
 
-pytestmark = [pytest.mark.emu, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.emu,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("P2PD_RUN_NAT_SWARM") != "1",
+        reason="intermittent stall after the seed leaves (issue #12, open): run with P2PD_RUN_NAT_SWARM=1",
+    ),
+]
 
 MiB = 1 << 20
 
