@@ -11,6 +11,8 @@ import bisect
 from collections import defaultdict
 from typing import Any
 
+from tracker.store import STORE_COUNTERS
+
 # seconds; covers a sub-millisecond heartbeat up to a slow Redis round trip
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -54,16 +56,7 @@ class Metrics:
         lines.append(f"p2p_tracker_artifacts {stats.get('artifacts', 0)}")
         head("p2p_tracker_names", "gauge", "NAME:TAG names.")
         lines.append(f"p2p_tracker_names {stats.get('names', 0)}")
-        for key in (
-            "registrations",
-            "heartbeats",
-            "unknown_heartbeats",
-            "leaves",
-            "expirations",
-            "evictions",
-            "publishes",
-            "peer_queries",
-        ):
+        for key in STORE_COUNTERS:
             if key in stats:
                 head(f"p2p_tracker_{key}_total", "counter", f"{key.replace('_', ' ').capitalize()} seen by the store.")
                 lines.append(f"p2p_tracker_{key}_total {stats[key]}")

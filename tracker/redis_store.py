@@ -35,7 +35,7 @@ from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from tracker.registry import NAT_UNKNOWN
 from tracker.resp import Redis, RedisError, RedisUnavailable
-from tracker.store import Heartbeat, Registration
+from tracker.store import STORE_COUNTERS, Heartbeat, Registration
 from tracker.validate import NatInfo, TrackerError
 
 log = logging.getLogger("tracker.redis")
@@ -601,16 +601,7 @@ class RedisStore:
             "interval": self.interval,
             "ttl": self.misses * self.interval,
         }
-        for k in (
-            "registrations",
-            "heartbeats",
-            "unknown_heartbeats",
-            "leaves",
-            "expirations",
-            "evictions",
-            "publishes",
-            "peer_queries",
-        ):
+        for k in STORE_COUNTERS:
             out[k] = counters.get(k, 0)
         return out
 

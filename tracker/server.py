@@ -41,7 +41,7 @@ from tracker import validate as V
 from tracker.metrics import Metrics
 from tracker.signals import SignalHub
 from tracker.store import Heartbeat, MemoryStore, Store
-from tracker.stun import StunServer, StunSettings, is_unspecified
+from tracker.stun import StunServer, StunSettings, is_unspecified, open_udp
 from tracker.validate import TrackerError
 
 log = logging.getLogger("tracker")
@@ -417,19 +417,8 @@ class TrackerServer:
 
 
 def open_udp_socket(host: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket with large buffers (bursts of heartbeats must not be dropped)."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, sockaddr = infos[0]
-    s = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
-        s.bind(sockaddr)
-        s.setblocking(False)
-    except OSError:
-        s.close()
-        raise
-    return s
+    """The heartbeat socket: large buffers, so that bursts of heartbeats are not dropped."""
+    return open_udp((host, port), buffer_bytes=8 << 20)
 
 
 def fmt_hostport(host: str, port: int) -> str:

@@ -20,6 +20,18 @@ from typing import Any, Protocol
 from tracker.registry import Registry
 from tracker.validate import NatInfo
 
+# What every store counts (its `stats()`), in the order metrics show them.
+STORE_COUNTERS = (
+    "registrations",
+    "heartbeats",
+    "unknown_heartbeats",
+    "leaves",
+    "expirations",
+    "evictions",
+    "publishes",
+    "peer_queries",
+)
+
 
 @dataclass(slots=True)
 class Heartbeat:

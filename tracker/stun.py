@@ -268,11 +268,15 @@ class StunServer:
                 s.close()
 
 
-def open_udp(addr: Addr) -> socket.socket:
+def open_udp(addr: Addr, *, buffer_bytes: int | None = None) -> socket.socket:
+    """A non-blocking UDP socket bound to `addr`; `buffer_bytes`: receive and send buffers to ask for."""
     infos = socket.getaddrinfo(addr[0] or None, addr[1], type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
     family, _, _, _, sockaddr = infos[0]
     s = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if buffer_bytes is not None:
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                s.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
         s.bind(sockaddr)
         s.setblocking(False)
     except OSError:
