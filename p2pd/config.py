@@ -34,6 +34,7 @@ class SwarmConfig:
     peer_lookup_failing: float = 5.0  # ...or this while the tracker does not answer
     defer_retry: float = 0.5  # before asking a peer again for pieces it told us to fetch elsewhere
     goodbye_grace: float = 0.5  # how long a GOODBYE may wait behind the piece being sent
+    goodbye_drain: float = 1.0  # after GOODBYE, for the peer to read all we sent and close (no reset drops it)
     # -- what we send
     compress: bool = True  # zstd for pieces of files that compress (configs, tokenizers, tarballs)
     compressible_ratio: float = 0.8  # a file compresses if a 64 KiB sample shrinks below this fraction

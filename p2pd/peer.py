@@ -6,11 +6,19 @@ into a piece buffer), the writer sends the session's queued frames and the piece
 BITFIELD), and the watchdog drops a peer that stalls or goes silent. The rules are the session's;
 what to do about them is the host's (the swarm, through the narrow `PeerHost` interface). Any
 protocol violation or error closes this connection only; the stream is closed by its owner.
+
+Leaving (`goodbye`) is a graceful close: GOODBYE goes out behind the piece being sent, the writer
+half-closes the stream, and the reader reads on until the peer closes its side. Closing at once
+loses data: the peer keeps sending (HAVEs, REQUESTs written before our GOODBYE reached it), and a
+kernel that receives data for a socket its owner closed answers with a reset and drops what it
+still held of our send buffer, the tail of the last pieces we sent. A first copy a leaving seed
+sent that way exists nowhere afterwards, and every peer waits for it for ever (issue #12).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Protocol
 
 import trio
@@ -89,6 +97,9 @@ class PeerConn:
         self.cancel_scope = trio.CancelScope()
         self.bytes_up = 0
         self.last_send = trio.current_time()
+        self.leaving = False  # we said GOODBYE: no more uploads, the writer half-closes once it is out
+        self._sent_all = trio.Event()  # half-closed after GOODBYE, or the connection ended
+        self._ended = trio.Event()
         self._wake = trio.Event()
         self._zc = zstandard.ZstdCompressor(level=1)
         self._zd = zstandard.ZstdDecompressor()
@@ -114,6 +125,9 @@ class PeerConn:
                 await self.io.send_all(s.take_output())
                 self.last_send = trio.current_time()
                 continue
+            if self.leaving:  # GOODBYE is out, and it is the last frame
+                await self._half_close()
+                return
             i = s.next_upload()
             if i is not None:
                 if self.host.may_upload(self, i):
@@ -124,6 +138,16 @@ class PeerConn:
                 await self._wake.wait()
             if not s.has_output and not s.uploads and trio.current_time() - self.last_send >= self.cfg.keepalive_every:
                 s.keepalive()
+
+    async def _half_close(self) -> None:
+        """Send EOF after everything we sent, keep receiving (a relay passes the EOF on)."""
+        try:
+            if self.io.sock is not None:
+                self.io.sock.shutdown(socket.SHUT_WR)
+            elif isinstance(self.io.stream, trio.abc.HalfCloseableStream):
+                await self.io.stream.send_eof()
+        finally:
+            self._sent_all.set()
 
     async def _send_piece(self, index: int) -> None:
         host = self.host
@@ -163,7 +187,7 @@ class PeerConn:
             if t is wire.MsgType.PIECE:
                 ph = s.on_piece_header(await io.read_exactly(wire.PIECE_SUB_SIZE), n)
                 buf = await self._read_piece(ph)
-                if s.on_piece_received(ph.index):
+                if s.on_piece_received(ph.index) and not self.leaving:
                     await host.on_piece(self, ph.index, buf, ph.length)
                 else:
                     host.give_buffer(buf)  # we cancelled it (an endgame duplicate): read and dropped
@@ -226,6 +250,9 @@ class PeerConn:
         except* Exception as eg:  # a bug must cost one connection, not the daemon
             log.error("peer %s: internal error, closing", self.remote_id[:8], exc_info=eg.exceptions[0])
             self._closed_by(CloseReason.INTERNAL, repr(eg.exceptions[0]))
+        finally:
+            self._sent_all.set()
+            self._ended.set()
         reason = self.close_reason
         level = logging.DEBUG if reason is None or reason.expected else logging.INFO
         log.log(
@@ -243,9 +270,19 @@ class PeerConn:
             self.close_reason, self.close_detail = reason, detail
 
     async def goodbye(self, reason: str) -> None:
-        """Tell the peer we are leaving (bounded: after the piece being sent, if any), then close."""
+        """Tell the peer we are leaving, then close once it has everything we sent (both bounded).
+
+        GOODBYE waits behind the piece being sent (`goodbye_grace`); then the writer half-closes
+        and the reader drains until the peer, having read GOODBYE, closes its side
+        (`goodbye_drain`). Only then is the socket closed, so no reset can drop what we sent.
+        """
+        if self.close_reason is None:
+            self.close_reason, self.close_detail = CloseReason.WE_LEFT, reason
+        self.leaving = True
         self.session.goodbye(reason)
         with trio.move_on_after(self.cfg.goodbye_grace):
-            while self.session.has_output and self.close_reason is None:
-                await trio.sleep(0.01)
+            await self._sent_all.wait()
+        if self._sent_all.is_set():
+            with trio.move_on_after(self.cfg.goodbye_drain):
+                await self._ended.wait()
         self.close(CloseReason.WE_LEFT, reason)
