@@ -53,6 +53,7 @@ RECV_BUFFER = 16 << 20  # received bytes waiting for the reader before the socke
 SEND_CHUNK = 64 << 10
 KEEPALIVE = 15.0  # s without sending before a PING (NAT mappings expire after ~30 s idle)
 IDLE_TIMEOUT = 45.0  # s without hearing from the peer: the path is dead
+ANNOUNCE_EVERY = 0.1  # s between a QUIC server's reminders to a punched peer that has not sent QUIC yet
 SOCKET_BUFFER = 4 << 20  # kernel buffers: a Python peer busy for a few ms must not lose a window's worth
 _TRANSIENT = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPERM, errno.ENOBUFS)
 
@@ -330,10 +331,19 @@ async def accept(
 ) -> QuicStream:
     """Answer the QUIC connection `peer` opens to `sock` (which it takes over) and return its stream.
 
-    `probe_reply`: sent back for each punch probe from `peer` meanwhile (it may not have heard us yet)."""
+    `probe_reply`: sent to `peer` every `ANNOUNCE_EVERY` seconds meanwhile, and for each punch probe from
+    it: the punch's last word may have been lost, and the peer sends QUIC only once it has heard it."""
     tune_socket(sock)
     first: tuple[bytes, Any] | None = None
-    with trio.move_on_after(timeout):
+
+    async def announce() -> None:
+        assert probe_reply is not None
+        while True:
+            await _send_quietly(sock, probe_reply, _wire(peer, sock))
+            await trio.sleep(ANNOUNCE_EVERY)
+
+    async def wait_first(cancel: trio.CancelScope) -> None:
+        nonlocal first
         while first is None:
             try:
                 data, addr = await sock.recvfrom(65536)
@@ -354,6 +364,13 @@ async def accept(
             if header.packet_type is None or not header.destination_cid:
                 continue
             first = data, header.destination_cid
+        cancel.cancel()
+
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as waiting:
+            if probe_reply is not None:
+                waiting.start_soon(announce)
+            waiting.start_soon(wait_first, waiting.cancel_scope)
     if first is None:
         sock.close()
         raise QuicClosed(f"no QUIC connection from {peer[0]}:{peer[1]} within {timeout:.1f} s")

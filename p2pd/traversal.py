@@ -415,7 +415,7 @@ class Traversal:
             "relay": config.relay_after,
         }
         paths = [
-            Path(name, offered[name], stagger[name], reports_transport=name == "direct")
+            Path(name, offered[name], stagger[name], reports_transport=name in ("direct", "udp-punch"))
             for name in offered
             if name in config.paths
         ]

@@ -161,6 +161,9 @@ async def punch(
     ack = up.encode(up.Kind.ACK, rendezvous, node_id)
     chosen = up.encode(up.Kind.CHOSEN, rendezvous, node_id)
     family = socks.family
+    acked: set[tuple[int, tuple[str, int]]] = set()
+    if len(socks.socks) == 1:
+        quic_stream.tune_socket(socks.socks[0])  # a hard side's probes must not overflow it while we are busy
 
     async def out(sock: trio.socket.SocketType, data: bytes, addr: tuple[str, int]) -> None:
         sent[0] += 1
@@ -185,11 +188,19 @@ async def punch(
                 if p.rendezvous != rendezvous or p.sender != peer_id[: up.NODE_PREFIX]:
                     continue  # another punch's probe, or not our peer
                 kind = p.kind
-                if kind is up.Kind.PROBE and not found:
+                if kind is up.Kind.PROBE and not found and (sock.fileno(), src) not in acked:
+                    acked.add((sock.fileno(), src))  # once per pair: a full cone lets in all 256 of a hard side's
                     await out(sock, ack, src)
             if found or not up.decides(plan, kind):
                 continue
             found.append((sock, src))
+            log.debug(
+                "udp punch %s: settled on %s -> %s by %s",
+                plan.value,
+                sock.getsockname()[1],
+                _fmt(src),
+                kind.name if kind is not None else "a QUIC datagram",
+            )
             if plan is up.Plan.HARD:
                 for _ in range(3):
                     await out(sock, chosen, src)
@@ -209,11 +220,13 @@ async def punch(
 
     async def send_spray(sock: trio.socket.SocketType) -> None:
         await out(sock, probe, peer)  # its STUN-mapped port first: right if its NAT kept the port
-        batch = max(1, int(up.SPRAY_RATE * 0.01))
+        t0 = trio.current_time()
         for i, port in enumerate(ports):
             await out(sock, probe, (peer_ip, port))
-            if i % batch == batch - 1:
-                await trio.sleep(0.01)
+            # SPRAY_RATE on average, catching up after a busy moment (sleeps of 10 ms at least)
+            ahead = (i + 1) / up.SPRAY_RATE - (trio.current_time() - t0)
+            if ahead > 0.01:
+                await trio.sleep(ahead)
 
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
@@ -269,7 +282,11 @@ class UdpPunchConnector:
         self.timeout = timeout
         self.handshake_timeout = handshake_timeout
 
-    async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
+    async def connect(
+        self, remote_id: str, addr: tuple[str, int], artifact_id: str, *, reached: Callable[[], None] | None = None
+    ) -> Connection:
+        """`reached()` is called once the punch found the peer (QUIC and the p2pd handshake may still fail):
+        the race then lets a later path (the relay) wait for this one's outcome, as for a direct connect."""
         nursery = self.nursery()
         if nursery is None or not self.signal.up or self.signal.addr is None:
             raise ConnectError("no signal channel to the tracker")
@@ -295,6 +312,15 @@ class UdpPunchConnector:
             except (AttributeError, ValueError):
                 raise ConnectError("the tracker's udp_punch answer is malformed") from None
             decision = up.plan(kind, peer_nat)
+            log.debug(
+                "udp punch to %s: %s (we are %s at port %d, it is %s at %s)",
+                remote_id[:8],
+                decision.plan.value,
+                kind,
+                port,
+                peer_nat,
+                _fmt(peer),
+            )
             if decision.plan is up.Plan.NONE:
                 raise ConnectError(f"no UDP path: {decision.reason}")
             try:
@@ -309,6 +335,8 @@ class UdpPunchConnector:
                 )
             except PunchFailed as e:
                 raise ConnectError(str(e)) from None
+        if reached is not None:
+            reached()
         log.debug(
             "udp punch to %s: %s after %d probes, %.0f ms",
             remote_id[:8],
@@ -380,6 +408,14 @@ async def answer(
         if decision.plan is up.Plan.NONE:
             log.debug("udp punch asked by %s: %s", remote_id[:8], decision.reason)
             return None
+        log.debug(
+            "udp punch asked by %s: %s (we are %s at port %d, it is at %s)",
+            remote_id[:8],
+            decision.plan.value,
+            kind,
+            port,
+            _fmt(peer),
+        )
         try:
             punched = await punch(
                 decision.plan, socks, peer, rid, node_id, remote_id, timeout=max(0.1, deadline - trio.current_time())
