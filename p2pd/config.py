@@ -43,7 +43,7 @@ class SwarmConfig:
     serve_tail: int = 16  # a complete node always serves a peer missing at most this many pieces
 
 
-PATHS = ("direct", "tcp-punch", "relay")  # every path a node may race to reach a peer, in the order tried
+PATHS = ("direct", "tcp-punch", "udp-punch", "relay")  # every path a node may race to reach a peer, in the order tried
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class TraversalConfig:
     paths: tuple[str, ...] = PATHS  # which paths the race may use (`--paths`)
     # -- the race (seconds from the start of a connect; a failed path starts the next at once)
     punch_after: float = 0.15  # a direct connect that works on a cluster network is done well within this
-    relay_after: float = 1.0  # a punch between two cones takes a few round trips to the tracker; relays are slow
+    udp_punch_after: float = 0.5  # after tcp-punch has had its chance (cones), before the relay (cone <-> symmetric)
+    relay_after: float = 3.0  # after a birthday punch: rendezvous, spray (~0.1-1 s on a busy host), QUIC handshake
+    udp_punch_timeout: float = 4.0  # rendezvous, spray and QUIC handshake (a spray this long hits with p > 0.9999)
     punch_timeout: float = 3.0  # rendezvous plus simultaneous open, the dial retried for the rest of it
     relay_pair_timeout: float = 5.0  # waiting at the relay for the other node
     rendezvous_timeout: float = 5.0  # a rendezvous request to the tracker

@@ -32,6 +32,7 @@ class ConnectionPath(enum.StrEnum):
 
     DIRECT = "direct"  # TCP to the peer's advertised address, or accepted from it
     TCP_PUNCH = "tcp-punch"  # TCP simultaneous open through both NATs, coordinated by the tracker
+    UDP_PUNCH = "udp-punch"  # QUIC over a UDP hole punch (a birthday spray if one NAT is symmetric)
     RELAY = "relay"  # TCP to a relay (the tracker or a node run with --relay) that splices the two nodes
 
 

@@ -58,7 +58,12 @@ class Daemon:
         self._lock_fd = -1
         # direct TCP, raced with a punched TCP connection and a relay for peers behind NATs
         self.traversal = Traversal(
-            self.node_id, config.traversal, config.swarm, serves=self.swarms.__contains__, serve=self._serve_traversed
+            self.node_id,
+            config.traversal,
+            config.swarm,
+            serves=self.swarms.__contains__,
+            serve=self._serve_traversed,
+            nat=lambda: self.nat.status if self.nat is not None else None,
         )
         self.connector = self.traversal.connector
 

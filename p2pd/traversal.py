@@ -37,10 +37,11 @@ from typing import Any
 
 import trio
 
-from p2pd import connections
+from p2pd import connections, quic_stream, udp_punch
 from p2pd.config import SwarmConfig, TraversalConfig
 from p2pd.connections import ConnectError, Connection, ConnectionPath, Connector, TcpConnector
 from p2pd.errors import ErrorCode, P2pdError
+from p2pd.nat_detect import NatStatus
 from p2pd.protocol import wire
 from p2pd.protocol.framing import FrameError, FrameReader, RpcError, encode_frame
 from p2pd.protocol.session import PeerClosed
@@ -352,7 +353,9 @@ class Traversal:
         *,
         serves: Callable[[str], bool],
         serve: Callable[[Connection], Awaitable[None]],
+        nat: Callable[[], NatStatus | None] = lambda: None,
     ) -> None:
+        """`nat()`: this node's NAT detection status now (the UDP punch needs its type and STUN server)."""
         unknown = set(config.paths) - {str(p) for p in ConnectionPath}
         if unknown or not config.paths:
             raise P2pdError(
@@ -365,7 +368,11 @@ class Traversal:
         self.swarm_config = swarm
         self.serves = serves
         self.serve = serve
+        self.nat = nat
         self.signal = SignalChannel(node_id, self.on_signal)
+        # QUIC (the udp-punch path) needs a certificate: a self-signed one per daemon run; it encrypts
+        # but does not authenticate (node authentication is issue #14)
+        self.credentials = quic_stream.Credentials(node_id) if "udp-punch" in config.paths else None
         self.relay: Relay | None = None
         self._relay_keys: list[bytes] = []
         if config.offer_relay:
@@ -383,6 +390,15 @@ class Traversal:
             "tcp-punch": PunchConnector(
                 node_id, self.signal, timeout=config.punch_timeout, handshake_timeout=swarm.handshake_timeout
             ),
+            "udp-punch": udp_punch.UdpPunchConnector(
+                node_id,
+                self.signal,
+                nat=lambda: self.nat(),
+                nursery=lambda: self._nursery,
+                rendezvous_timeout=config.rendezvous_timeout,
+                timeout=config.udp_punch_timeout,
+                handshake_timeout=swarm.handshake_timeout,
+            ),
             "relay": RelayConnector(
                 node_id,
                 self.signal,
@@ -392,9 +408,14 @@ class Traversal:
                 handshake_timeout=swarm.handshake_timeout,
             ),
         }
-        stagger = {"direct": 0.0, "tcp-punch": config.punch_after, "relay": config.relay_after}
+        stagger = {
+            "direct": 0.0,
+            "tcp-punch": config.punch_after,
+            "udp-punch": config.udp_punch_after,
+            "relay": config.relay_after,
+        }
         paths = [
-            Path(name, offered[name], stagger[name], reports_transport=name == "direct")
+            Path(name, offered[name], stagger[name], reports_transport=name in ("direct", "udp-punch"))
             for name in offered
             if name in config.paths
         ]
@@ -430,7 +451,7 @@ class Traversal:
             key = bytes(event["key"])
             self._relay_keys = [key, *self._relay_keys[:1]]  # tokens minted just before a reconnect stay valid
             return
-        if kind not in ("punch", "relay"):
+        if kind not in ("punch", "relay", "udp-punch"):
             log.debug("ignored a signal of kind %r", kind)
             return
         remote = str(event["from"])
@@ -447,6 +468,12 @@ class Traversal:
             return
         if kind == "punch":
             args: tuple[Any, ...] = (self._answer_punch, remote, str(event["rendezvous"]), aid)
+        elif kind == "udp-punch":
+            if self.credentials is None:
+                log.info("udp-punch from %s not answered: udp-punch is not among --paths", remote[:8])
+                return
+            udp_punch.up.rendezvous_bytes(str(event["rendezvous"]))  # malformed: ValueError, logged by the channel
+            args = (self._answer_udp, dict(event))
         else:
             relay = (str(event["relay"][0]), int(event["relay"][1]))
             args = (self._answer_relay, remote, aid, bytes(event["token"]), relay)
@@ -471,6 +498,25 @@ class Traversal:
             )
         except ConnectError as e:
             log.debug("punch asked by %s failed: %s", remote_id[:8], e)
+            return None
+
+    async def _answer_udp(self, event: dict[str, Any]) -> Connection | None:
+        assert self._nursery is not None and self.credentials is not None
+        try:
+            return await udp_punch.answer(
+                self.node_id,
+                self.signal,
+                event,
+                nat=self.nat,
+                nursery=self._nursery,
+                credentials=self.credentials,
+                rendezvous_timeout=self.config.rendezvous_timeout,
+                timeout=self.config.udp_punch_timeout,
+                handshake_timeout=self.swarm_config.handshake_timeout,
+                serves=self.serves,
+            )
+        except ConnectError as e:
+            log.info("udp punch asked by %s not answered: %s", str(event.get("from"))[:8], e)
             return None
 
     async def _answer_relay(

@@ -9,14 +9,20 @@ forget an idle mapping, and how a node notices a dead tracker).
   from; the tracker tells B, B answers (`punch_answer`) over a fresh connection from its own punch
   port, and each learns the address the tracker saw the other's connection come from. A NAT that
   maps a port the same way whoever it talks to (a cone) maps the punch the same way too.
+- `udp_punch` (the UDP hole punch, p2pd/udp_punch.py): A calls it over its signal channel with the
+  port its UDP socket maps to (its STUN answer) and its NAT type; the tracker tells B (with A's IP as
+  seen on A's signal connection), B answers (`udp_punch_answer`) with its own port and type, and A
+  gets B's IP (as seen on B's signal connection), port and type. Only ports come from the nodes.
 - `relay`: the tracker picks a relay (its own, or a node that offers one), mints a one-time token for
   A and B with that relay's key (`p2pd.protocol.rendezvous`) and tells B where to meet A.
 
 Safe by construction: a request names node ids, never addresses. Every address in an answer or an
 event is filled in here: one the tracker saw a registered node's own connection come from, or the
-registered address of a relay. So no node can make another dial an address of its choosing, and a
-relay only splices two registered nodes that hold the same token. Requests are checked against the
-registry (node id and session), rate-limited per node, and every refusal is logged with its reason.
+registered address of a relay (a UDP punch takes the port from the node, never the IP: a node can
+make another send punch probes only to the public IP of the node that asked). So no node can make
+another dial an address of its choosing, and a relay only splices two registered nodes that hold
+the same token. Requests are checked against the registry (node id and session), rate-limited per
+node, and every refusal is logged with its reason.
 
 Channels live in this process: with replicas sharing a Redis store, two nodes meet only through the
 replica that holds both their channels (nodes use the first tracker address that answers, so
@@ -79,6 +85,8 @@ class Rendezvous:
     a_addr: tuple[str, int]
     answered: trio.Event = field(default_factory=trio.Event)
     b_addr: tuple[str, int] | None = None
+    udp: bool = False  # a UDP punch (answered by udp_punch_answer), not a TCP one
+    b_nat: str = ""
 
 
 @dataclass
@@ -86,6 +94,7 @@ class SignalCounters:
     signals_sent: int = 0
     punches: int = 0
     punches_answered: int = 0
+    udp_punches: int = 0
     relays: int = 0
     refused: int = 0
 
@@ -154,7 +163,20 @@ class SignalHub:
         async def relay(p: dict[str, Any], emit: Emit) -> Any:
             return await self._relay(p, peer, local)
 
-        return {"signal": signal, "punch": punch, "punch_answer": punch_answer, "relay": relay}
+        async def udp_punch(p: dict[str, Any], emit: Emit) -> Any:
+            return await self._udp_punch(p, peer)
+
+        async def udp_punch_answer(p: dict[str, Any], emit: Emit) -> Any:
+            return await self._udp_punch_answer(p, peer)
+
+        return {
+            "signal": signal,
+            "punch": punch,
+            "punch_answer": punch_answer,
+            "relay": relay,
+            "udp_punch": udp_punch,
+            "udp_punch_answer": udp_punch_answer,
+        }
 
     def _refuse(self, method: str, who: str, peer: tuple[str, int], code: ErrorCode, why: str) -> TrackerError:
         self.counters.refused += 1
@@ -310,7 +332,7 @@ class SignalHub:
         b = await self._verified("punch_answer", p, peer)
         rid = p.get("rendezvous")
         r = self.pending.get(rid) if isinstance(rid, str) else None
-        if r is None or r.b != b or r.b_addr is not None:
+        if r is None or r.b != b or r.b_addr is not None or r.udp:
             raise self._refuse(
                 "punch_answer",
                 b,
@@ -319,6 +341,67 @@ class SignalHub:
                 "no punch waits for this node's answer under that id (expired, answered or never asked)",
             )
         r.b_addr = peer
+        r.answered.set()
+        self.counters.punches_answered += 1
+        return {"addr": list(r.a_addr)}
+
+    def _udp_fields(self, method: str, nid: str, p: dict[str, Any], peer: tuple[str, int]) -> tuple[int, str]:
+        port, nat = p.get("port"), p.get("nat")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise self._refuse(method, nid, peer, ErrorCode.BAD_REQUEST, "port must be in 1..65535")
+        if not isinstance(nat, str) or not 0 < len(nat) <= 32 or not nat.replace("-", "").isalpha():
+            raise self._refuse(method, nid, peer, ErrorCode.BAD_REQUEST, "nat must be a NAT type name")
+        return port, nat
+
+    async def _udp_punch(self, p: dict[str, Any], peer: tuple[str, int]) -> Any:
+        a = await self._verified("udp_punch", p, peer)
+        port, nat = self._udp_fields("udp_punch", a, p, peer)
+        b, aid = self._target("udp_punch", a, p, peer)
+        ch = await self._channel_of("udp_punch", a, b, peer)
+        if len(self.pending) >= MAX_PENDING:
+            raise self._refuse("udp_punch", a, peer, ErrorCode.TIMEOUT, "too many punches in progress: retry later")
+        rid = secrets.token_hex(8)
+        r = Rendezvous(a, b, (peer[0], port), udp=True)
+        self.pending[rid] = r
+        self.counters.udp_punches += 1
+        event = {
+            "kind": "udp-punch",
+            "rendezvous": rid,
+            "from": a,
+            "artifact_id": aid,
+            "addr": [peer[0], port],
+            "nat": nat,
+        }
+        try:
+            self._push("udp_punch", a, ch, event, peer)
+            with trio.move_on_after(self.answer_timeout):
+                await r.answered.wait()
+            if r.b_addr is None:
+                raise self._refuse(
+                    "udp_punch",
+                    a,
+                    peer,
+                    ErrorCode.TIMEOUT,
+                    f"node {b[:8]} did not answer within {self.answer_timeout:g} s",
+                )
+            return {"addr": list(r.b_addr), "nat": r.b_nat, "rendezvous": rid}
+        finally:
+            self.pending.pop(rid, None)
+
+    async def _udp_punch_answer(self, p: dict[str, Any], peer: tuple[str, int]) -> Any:
+        b = await self._verified("udp_punch_answer", p, peer)
+        port, nat = self._udp_fields("udp_punch_answer", b, p, peer)
+        rid = p.get("rendezvous")
+        r = self.pending.get(rid) if isinstance(rid, str) else None
+        if r is None or r.b != b or r.b_addr is not None or not r.udp:
+            raise self._refuse(
+                "udp_punch_answer",
+                b,
+                peer,
+                ErrorCode.BAD_REQUEST,
+                "no UDP punch waits for this node's answer under that id (expired, answered or never asked)",
+            )
+        r.b_addr, r.b_nat = (peer[0], port), nat
         r.answered.set()
         self.counters.punches_answered += 1
         return {"addr": list(r.a_addr)}
@@ -366,6 +449,7 @@ class SignalHub:
             "relay_nodes": len(self.relay_nodes),
             "punches": c.punches,
             "punches_answered": c.punches_answered,
+            "udp_punches": c.udp_punches,
             "relay_requests": c.relays,
             "signal_refusals": c.refused,
         }

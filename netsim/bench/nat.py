@@ -53,18 +53,20 @@ POLL_S = 0.05
 
 
 def expected_path(seed_kind: str, leech_kind: str) -> str:
-    """The path a cell takes today. The leech dials the seed. Traversal is TCP only, so for it full cone and
-    UDP-blocked routers are port-restricted cones (unsolicited SYNs dropped). A public seed is dialled directly.
-    A NATed seed with a public leech cannot be dialled and does not dial leeches itself, so the leech's race
-    falls to the punch, whose SYN from the seed's side reaches the public leech's punch listener (a connection
-    reversal, reported as `tcp-punch`; it works even from a symmetric NAT). Otherwise cones punch, and a
-    symmetric NAT on either side leaves only the relay."""
+    """The path a cell takes today. The leech dials the seed. For TCP, full cone and UDP-blocked routers are
+    port-restricted cones (unsolicited SYNs dropped). A public seed is dialled directly. A NATed seed with a
+    public leech cannot be dialled and does not dial leeches itself, so the leech's race falls to the punch,
+    whose SYN from the seed's side reaches the public leech's punch listener (a connection reversal, reported
+    as `tcp-punch`; it works even from a symmetric NAT). Two cones punch TCP. A cone and a symmetric NAT meet
+    by the UDP birthday punch (`udp-punch`); two symmetric NATs, or a symmetric NAT and a network that blocks
+    UDP, leave only the relay."""
     if seed_kind == "public":
         return "direct"
     if leech_kind == "public":
         return "tcp-punch"
     if "symmetric" in (seed_kind, leech_kind):
-        return "relay"
+        other = leech_kind if seed_kind == "symmetric" else seed_kind
+        return "relay" if other in ("symmetric", "udp-blocked") else "udp-punch"
     return "tcp-punch"
 
 
@@ -90,6 +92,12 @@ class NatLab:
         ready = self.work / "tracker.json"
         log = self.work / "tracker.log"
         ip = self.tracker_host.ip
+        # a second address for RFC 3489 CHANGE-REQUEST, so each daemon learns its NAT type (the UDP punch
+        # needs it: a symmetric side opens many ports, a cone side sprays them)
+        ip2 = str(self.wan.take_ip())
+        self.tracker_host.run(
+            ["ip", "addr", "add", f"{ip2}/{self.wan.subnet.prefixlen}", "dev", self.tracker_host.links[0].host_if]
+        )
         self.tracker_host.popen(
             [
                 sys.executable,
@@ -102,6 +110,8 @@ class NatLab:
                 f"{ip}:{ADMIN_PORT}",
                 "--admin-token",
                 TOKEN,
+                "--stun-alt",
+                f"{ip2}:{TRACKER_PORT + 9}",
                 "--ready-file",
                 str(ready),
             ],
@@ -133,7 +143,8 @@ class NatLab:
         return dict(json.loads(cp.stdout))
 
     async def start_daemon(self, host: Host, timeout: float = 60.0) -> Node:
-        """`p2pd run` on `host`; ready once its signal channel to the tracker is up (what traversal needs)."""
+        """`p2pd run` on `host`; ready once its signal channel to the tracker is up and its NAT is classified
+        (what traversal needs)."""
         d = self.work / host.name
         d.mkdir()
         args = [
@@ -157,7 +168,9 @@ class NatLab:
                     raise BenchError(f"{host.name}: p2pd exited: {node.log_text()[-2000:]}")
                 if node.socket.exists():
                     try:
-                        if (await node.call("status", timeout=2))["traversal"]["signal_channel"]:
+                        st = await node.call("status", timeout=2)
+                        # and its NAT type known (the UDP punch's roles depend on it)
+                        if st["traversal"]["signal_channel"] and st.get("nat", {}).get("state") != "detecting":
                             return node
                     except (OSError, RpcError):
                         pass  # not serving yet
@@ -310,10 +323,14 @@ def run_matrix(
                     for lk in kinds:
                         n.start_soon(one, sk, lk)
             _log(log, f"matrix: all cells done in {time.monotonic() - t0:.1f} s")
-            for label, kind in (("cone", "port-restricted-cone"), ("public", "public")):
-                if kind not in kinds or not throughput_size:
+            for label, kind, leech_kind in (
+                ("cone", "port-restricted-cone", "port-restricted-cone"),
+                ("public", "public", "public"),
+                ("cone-symmetric", "port-restricted-cone", "symmetric"),  # the udp-punch path (QUIC)
+            ):
+                if kind not in kinds or leech_kind not in kinds or not throughput_size:
                     continue
-                c = await cell(kind, kind, throughput_size, f"tp{SHORT[kind]}")
+                c = await cell(kind, leech_kind, throughput_size, f"tp{SHORT[kind]}{SHORT[leech_kind]}")
                 mbps = throughput_size / c["total_s"] / 1e6 if c["total_s"] else None
                 throughput[label] = {**c, "MBps": None if mbps is None else round(mbps, 1)}
                 _log(log, f"throughput {label}<->{label}: {c['path']}, {c['total_s']} s")
@@ -365,8 +382,10 @@ def matrix_summary(m: dict[str, Any]) -> dict[str, Any]:
         "as_expected": sum(1 for c in cells if c["ok"] and c["path"] == c["expected_path"]),
         "first_piece_p95_direct_s": _p95(times("direct")),
         "first_piece_p95_punched_s": _p95(times("tcp-punch")),
+        "first_piece_p95_udp_punch_s": _p95(times("udp-punch")),
         "first_piece_worst_relay_s": max(relay) if relay else None,
         "cone_over_public_throughput": ratio,
+        "udp_punch_MBps": tp.get("cone-symmetric", {}).get("MBps"),
     }
 
 
@@ -494,6 +513,7 @@ def run(a: argparse.Namespace, command: str) -> int:
         parts.append(
             f"matrix {s['connected']}/{s['cells']} connected, {s['as_expected']} on the expected path; "
             f"first piece p95 direct {s['first_piece_p95_direct_s']} s, punched {s['first_piece_p95_punched_s']} s, "
+            f"udp-punch {s['first_piece_p95_udp_punch_s']} s at {s['udp_punch_MBps']} MB/s, "
             f"relay worst {s['first_piece_worst_relay_s']} s; cone/public throughput {s['cone_over_public_throughput']}"
         )
     if not a.skip_swarm:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import trio
 
+from netsim.bench.nat import Fetched, NatLab, fetch_timed, make_artifact
 from netsim.emu import Host, Topology
 from netsim.emu.nat import add_nat_site
 from p2pd.cluster import Node, Process
@@ -156,3 +157,76 @@ def test_cone_pairs_punch_and_symmetric_pairs_relay(emu: None, tmp_path: Path) -
     assert any(ids["c"][:8] in line for line in spliced), f"no relayed pair in the tracker log:\n{log[-3000:]}"
     elapsed = time.monotonic() - t0
     assert elapsed < 90, f"took {elapsed:.0f} s"
+
+
+def test_a_path_that_dies_mid_transfer_is_replaced_and_the_download_completes(
+    emu: None, iptables: None, tmp_path: Path
+) -> None:
+    """A port-restricted cone seeds to a node behind a symmetric NAT: they meet by the UDP punch (QUIC). Mid
+    transfer the leech's router starts dropping every UDP datagram (the punched path is dead, as when a NAT
+    reboots or forgets the mapping). The leech drops the stalled peer, races the paths again, the UDP punch
+    now fails and the relay takes over: the download completes byte-identically, without a retry."""
+    os.chmod(tmp_path, 0o755)
+    with Topology() as topo:
+        lab = NatLab(topo, tmp_path)
+        seed_host = add_nat_site(topo, "pa", lab.wan, "port-restricted-cone")[1]
+        router, leech_host = add_nat_site(topo, "sb", lab.wan, "symmetric")
+        assert router is not None
+        lab.start_tracker()
+        size = 24 * MiB
+
+        async def main() -> tuple[list[str], list[str], int, dict[str, int]]:
+            seed = await lab.start_daemon(seed_host)
+            leech = await lab.start_daemon(leech_host)
+            seed_id = (await seed.call("status"))["node_id"]
+            src = await trio.to_thread.run_sync(make_artifact, tmp_path, size, "death")
+            name = "nat-death:v1"
+            pub = await seed.call("publish", {"path": str(src), "name": name}, timeout=60)
+            aid = pub["artifact_id"]
+            before: list[str] = []
+            after: list[str] = []
+            done_at_kill = [0]
+
+            async def kill_the_path() -> None:
+                while True:  # the UDP path carries the download, a few pieces are in
+                    art = await leech.artifact(aid)
+                    paths = [c["path"] for c in (art or {}).get("connections", []) if c["node_id"] == seed_id]
+                    if art is not None and paths == ["udp-punch"] and art["pieces_done"] >= 2:
+                        before.extend(paths)
+                        done_at_kill[0] = art["pieces_done"]
+                        break
+                    assert art is None or art["pieces_done"] < art["pieces_total"], "done before the path was cut"
+                    await trio.sleep(0.05)
+                router.run(["iptables", "-w", "5", "-I", "FORWARD", "1", "-p", "udp", "-j", "DROP"])
+                while True:  # the dead connection is dropped and another path replaces it
+                    art = await leech.artifact(aid)
+                    paths = [c["path"] for c in (art or {}).get("connections", []) if c["node_id"] == seed_id]
+                    if paths and "udp-punch" not in paths:
+                        after.extend(paths)
+                        return
+                    assert art is None or art["pieces_done"] < art["pieces_total"], "done over the dead path?"
+                    await trio.sleep(0.05)
+
+            got = Fetched()
+
+            async def fetch() -> None:
+                nonlocal got
+                got = await fetch_timed(leech, name, aid, timeout=240)
+
+            with trio.fail_after(300):
+                async with trio.open_nursery() as n:
+                    n.start_soon(fetch)
+                    n.start_soon(kill_the_path)
+            assert got.path is not None, got.error
+            same = await trio.to_thread.run_sync(sha256_tree, got.path) == await trio.to_thread.run_sync(
+                sha256_tree, src
+            )
+            assert same, "bytes differ"
+            wins = (await leech.call("status"))["traversal"]["wins"]
+            return before, after, done_at_kill[0], wins
+
+        before, after, at_kill, wins = trio.run(main)
+    assert before == ["udp-punch"]
+    assert after == ["relay"], after
+    assert at_kill >= 2, at_kill
+    assert wins["udp-punch"] >= 1 and wins["relay"] >= 1, wins
