@@ -38,6 +38,9 @@ from p2pd.trio_util import collapse_single
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 0.5
+DEMAND_HEADROOM = 64 * 1024  # bytes/s a node not held back asks for beyond what it sends (room to grow)
+HUNGRY_WAIT = 0.02  # waited on limits more than this fraction of an interval: it would send more
+MAX_DEMAND = 2.0**60  # bytes/s reported for "no limit of its own" (tracker/budgets.py MAX_BUDGET)
 
 
 class Daemon:
@@ -73,8 +76,22 @@ class Daemon:
         # policy gives this node (pushed with heartbeat replies, applied at once).
         self.policy_egress = unlimited(now)
         self.policy_ingress = unlimited(now)
-        self.egress = Hierarchy(TokenBucket(self.config.egress_limit or math.inf, now=now), self.policy_egress)
-        self.ingress = Hierarchy(TokenBucket(self.config.ingress_limit or math.inf, now=now), self.policy_ingress)
+        # A third egress level: this node's share of the tracker's global budgets (tracker/budgets.py),
+        # pushed with every heartbeat reply while a budget is set.
+        self.share_egress = unlimited(now)
+        # every source of a limit by the name `p2pd status` shows (limits, limit_reason)
+        self.egress_sources = {
+            "flag": TokenBucket(self.config.egress_limit or math.inf, now=now),
+            "policy": self.policy_egress,
+            "global share": self.share_egress,
+        }
+        self.ingress_sources = {
+            "flag": TokenBucket(self.config.ingress_limit or math.inf, now=now),
+            "policy": self.policy_ingress,
+        }
+        self.egress = Hierarchy(*self.egress_sources.values())
+        self.ingress = Hierarchy(*self.ingress_sources.values())
+        self._demand_mark = (now, 0, 0.0)
         peer_listeners = await self._bind_peer_listener()
         host = self.config.advertise or self.config.listen[0]
         if host in ("", "0.0.0.0", "::"):
@@ -174,7 +191,14 @@ class Daemon:
                     raise
                 log.warning("%s; retrying for up to %.0f s more", e, deadline - trio.current_time())
                 await trio.sleep(1.0)
-        await self.tracker.run_heartbeats(self.holdings, on_policy=self._apply_policy, task_status=task_status)
+        await self.tracker.run_heartbeats(
+            self.holdings,
+            on_policy=self._apply_policy,
+            on_share=self._apply_share,
+            get_demand=self._demand,
+            share_grace=self.config.share_grace,
+            task_status=task_status,
+        )
 
     async def _restore_names_after_tracker_restart(self) -> None:
         """An in-memory tracker that restarted has forgotten names: give back the ones we hold.
@@ -225,6 +249,49 @@ class Daemon:
             if rate != bucket.rate:
                 bucket.set_rate(rate, now=now)
                 log.info("cluster policy: %s %s", key, "none" if math.isinf(rate) else f"{rate / 1e6:.1f} MB/s")
+
+    def _apply_share(self, share: list[float | None] | None) -> None:
+        """Apply this node's share of the global budgets at once (None: no budget, own limits only)."""
+        rate = share[0] if share is not None and share[0] is not None else math.inf
+        if rate != self.share_egress.rate:
+            was = self.share_egress.rate
+            self.share_egress.set_rate(rate, now=trio.current_time())
+            if rate == 0 or was == 0 or math.isinf(rate) or math.isinf(was):
+                what = (
+                    "paused"
+                    if rate == 0
+                    else "none (own limits)"
+                    if math.isinf(rate)
+                    else f"share {rate / 1e6:.2f} MB/s"
+                )
+                log.info("global budget: %s", what)
+
+    def _demand(self) -> list[float]:
+        """What this node reports for the global budgets: [egress, cross, egress_rate, cross_rate] bytes/s.
+
+        A node held back by its limits (it waited on a bucket, or is paused) asks for all its own
+        limits allow, so a capped node reveals that it wants more; one that is not asks for a quarter
+        more than it sends plus DEMAND_HEADROOM, so a share follows a swarm that speeds up or ends."""
+        assert self.egress is not None
+        now = trio.current_time()
+        t0, reserved0, waited0 = self._demand_mark
+        dt = max(now - t0, 1e-3)
+        rate = max(0.0, (self.egress.reserved - reserved0) / dt)
+        hungry = self.egress.waited - waited0 > HUNGRY_WAIT * dt
+        self._demand_mark = (now, self.egress.reserved, self.egress.waited)
+        own = min(self.egress_sources["flag"].rate, self.policy_egress.rate)
+        want = own if hungry else min(own, rate * 1.25 + DEMAND_HEADROOM)
+        return [min(want, MAX_DEMAND), 0.0, rate, 0.0]
+
+    def limits(self) -> dict[str, Any]:
+        """Each source's limit (bytes/s, None = none) per direction, and which one binds (`p2pd status`)."""
+        out: dict[str, Any] = {}
+        reasons: dict[str, str | None] = {}
+        for direction, sources in (("egress", self.egress_sources), ("ingress", self.ingress_sources)):
+            out[direction] = {name: _finite(b.rate) for name, b in sources.items()}
+            binding = min(sources.items(), key=lambda kv: kv[1].rate)
+            reasons[direction] = None if math.isinf(binding[1].rate) else binding[0]
+        return {"limits": out, "limit_reason": reasons}
 
     async def _announce(self) -> None:
         """Tell the tracker about a change at once instead of at the next interval."""
@@ -397,6 +464,7 @@ class Daemon:
             "ingress_limit": self.config.ingress_limit,
             "policy_egress_limit": _finite(self.policy_egress.rate),
             "policy_ingress_limit": _finite(self.policy_ingress.rate),
+            **self.limits(),
             "nat": (self.nat.status if self.nat is not None else NatStatus(state="off")).to_json(trio.current_time()),
             "traversal": self.traversal.status(),
         }

@@ -194,9 +194,16 @@ class PeerConn:
     async def _watchdog(self) -> None:
         """Drop a peer that stops sending while we wait on it (about a second), or goes silent."""
         picker, cfg = self.host.picker, self.cfg
+        resumed = 0.0
         while True:
             await trio.sleep(WATCHDOG_EVERY)
-            idle = trio.current_time() - self.io.last_recv
+            egress = self.host.egress
+            if egress is not None and egress.paused:
+                # the tracker paused the cluster (a global budget of 0): every sender holds its pieces,
+                # so silence is expected; the clocks start again when the pause ends
+                resumed = trio.current_time()
+                continue
+            idle = trio.current_time() - max(self.io.last_recv, resumed)
             if idle > cfg.stall_timeout and self.io.queued_grew():
                 continue
             pending = picker.outstanding(self.session)

@@ -32,6 +32,7 @@ from typing import Any
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
+from tracker.budgets import Budgets, Demand, Share, allocate, weight_of, wire_share
 from tracker.validate import NatInfo, TrackerError
 
 ZONE_LABEL = "zone"
@@ -57,6 +58,7 @@ class Node:
         "heartbeats",
         "nat_type",
         "mapped",
+        "demand",
     )
 
     def __init__(
@@ -82,6 +84,8 @@ class Node:
         self.heartbeats = 0
         self.nat_type: str | None = None  # None: not reported (a node older than NAT detection)
         self.mapped: tuple[str, int] | None = None  # public address the node's NAT maps its port to
+        # (egress, cross, egress_rate, cross_rate) bytes/s from its last heartbeat (tracker/budgets.py)
+        self.demand: tuple[float, float, float, float] | None = None
 
     def set_nat(self, nat: NatInfo | None) -> None:
         self.nat_type, self.mapped = (sys.intern(nat[0]), nat[1]) if nat is not None else (None, None)
@@ -213,6 +217,8 @@ class Registry:
         self.artifacts: dict[str, Artifact] = {}
         self.tags: dict[str, list[TagEvent]] = {}
         self.policy: dict[str, Any] = {}
+        self.budgets = Budgets()
+        self.shares: dict[str, Share] = {}  # from the last `reallocate`, sent with heartbeat replies
         self.counters = Counters()
         self._labels: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
 
@@ -276,6 +282,7 @@ class Registry:
         holdings: dict[str, float] | None,
         now: float,
         session: int | None = None,
+        demand: tuple[float, float, float, float] | None = None,
     ) -> bool:
         """Record a heartbeat; False means the node is unknown (it must register again).
 
@@ -290,6 +297,8 @@ class Registry:
         node.heartbeats += 1
         node.last_seen = now
         self.nodes.move_to_end(node_id)
+        if demand is not None:
+            node.demand = demand
         if holdings is not None and holdings != (node.holdings or {}):
             self._set_holdings(node, holdings)
         return True
@@ -408,6 +417,33 @@ class Registry:
                 }
             )
         return out
+
+    # ---- global budgets (tracker/budgets.py) ---------------------------------------------------------
+
+    def set_budgets(self, budgets: Budgets) -> None:
+        """Replace the budgets and split them at once, so a change reaches nodes with their next heartbeat."""
+        self.budgets = budgets
+        self.reallocate()
+
+    def demands(self) -> dict[str, Demand]:
+        """Every live node's last demand report (a node that sent none demands nothing)."""
+        prio = self.budgets.priority
+        out = {}
+        for nid, n in self.nodes.items():
+            e, c, er, cr = n.demand or (0.0, 0.0, 0.0, 0.0)
+            out[nid] = Demand(n.zone, e, c, er, cr, weight_of(n.holdings, prio))
+        return out
+
+    def reallocate(self) -> None:
+        """Split every budget among the live nodes by their demands (every interval, and on a change)."""
+        self.shares = allocate(self.budgets, self.demands()) if self.budgets.active else {}
+
+    def share_of(self, node_id: str) -> list[float | None] | None:
+        """This node's share as heartbeat replies carry it (tracker/budgets.py wire_share)."""
+        return wire_share(self.budgets, self.shares.get(node_id))
+
+    def known_zones(self) -> set[str]:
+        return {n.zone for n in self.nodes.values()}
 
     # ---- names and manifests -----------------------------------------------------------------------
 
