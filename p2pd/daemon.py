@@ -38,8 +38,11 @@ from p2pd.trio_util import collapse_single
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 0.5
-DEMAND_HEADROOM = 64 * 1024  # bytes/s a node not held back asks for beyond what it sends (room to grow)
-HUNGRY_WAIT = 0.02  # waited on limits more than this fraction of an interval: it would send more
+DEMAND_HEADROOM = 32 * 1024  # bytes/s a node not held back asks for beyond what it sends (room to grow)
+DEMAND_MARGIN = 1.1  # ...and this factor: a share it does not use is lost to the others, and a node that
+# needs more does not grow through this margin but by waiting on its limit (then it asks for all it may)
+HUNGRY_WAIT = 0.02  # waited on limits more than this fraction of an interval...
+HUNGRY_USE = 0.8  # ...and sent at least this fraction of its limit: it would send more if allowed
 MAX_DEMAND = 2.0**60  # bytes/s reported for "no limit of its own" (tracker/budgets.py MAX_BUDGET)
 
 
@@ -269,18 +272,21 @@ class Daemon:
     def _demand(self) -> list[float]:
         """What this node reports for the global budgets: [egress, cross, egress_rate, cross_rate] bytes/s.
 
-        A node held back by its limits (it waited on a bucket, or is paused) asks for all its own
-        limits allow, so a capped node reveals that it wants more; one that is not asks for a quarter
-        more than it sends plus DEMAND_HEADROOM, so a share follows a swarm that speeds up or ends."""
+        A node held back by its limits (it waited on a bucket and used most of it, or is paused) asks
+        for all its own limits allow, so a capped node reveals that it wants more; one that is not asks
+        for a little more than it sends (DEMAND_MARGIN, DEMAND_HEADROOM), so what it does not use goes
+        to the others."""
         assert self.egress is not None
         now = trio.current_time()
         t0, reserved0, waited0 = self._demand_mark
         dt = max(now - t0, 1e-3)
         rate = max(0.0, (self.egress.reserved - reserved0) / dt)
-        hungry = self.egress.waited - waited0 > HUNGRY_WAIT * dt
+        # held back = it waited on its limits AND sent close to the limit in force; waiting alone is no
+        # evidence (a few bursts wait too): a node that leaves much of its share unused gives it back
+        hungry = self.egress.waited - waited0 > HUNGRY_WAIT * dt and rate >= HUNGRY_USE * self.egress.rate
         self._demand_mark = (now, self.egress.reserved, self.egress.waited)
         own = min(self.egress_sources["flag"].rate, self.policy_egress.rate)
-        want = own if hungry else min(own, rate * 1.25 + DEMAND_HEADROOM)
+        want = own if hungry else min(own, rate * DEMAND_MARGIN + DEMAND_HEADROOM)
         return [min(want, MAX_DEMAND), 0.0, rate, 0.0]
 
     def limits(self) -> dict[str, Any]:
