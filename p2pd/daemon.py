@@ -94,7 +94,13 @@ class Daemon:
         }
         self.egress = Hierarchy(*self.egress_sources.values())
         self.ingress = Hierarchy(*self.ingress_sources.values())
+        # this node's share of the cross-zone budget: bytes to and from peers of other zones (both count,
+        # as each leaves a zone) pass it as well as this node's own levels
+        self.share_cross = unlimited(now)
+        self.cross_egress = Hierarchy(*self.egress_sources.values(), self.share_cross)
+        self.cross_ingress = Hierarchy(*self.ingress_sources.values(), self.share_cross)
         self._demand_mark = (now, 0, 0.0)
+        self._cross_mark = (0, 0.0)
         peer_listeners = await self._bind_peer_listener()
         host = self.config.advertise or self.config.listen[0]
         if host in ("", "0.0.0.0", "::"):
@@ -255,6 +261,9 @@ class Daemon:
 
     def _apply_share(self, share: list[float | None] | None) -> None:
         """Apply this node's share of the global budgets at once (None: no budget, own limits only)."""
+        cross = share[1] if share is not None and share[1] is not None else math.inf
+        if cross != self.share_cross.rate:
+            self.share_cross.set_rate(cross, now=trio.current_time())
         rate = share[0] if share is not None and share[0] is not None else math.inf
         if rate != self.share_egress.rate:
             was = self.share_egress.rate
@@ -279,15 +288,21 @@ class Daemon:
         assert self.egress is not None
         now = trio.current_time()
         t0, reserved0, waited0 = self._demand_mark
+        c_reserved0, c_waited0 = self._cross_mark
         dt = max(now - t0, 1e-3)
-        rate = max(0.0, (self.egress.reserved - reserved0) / dt)
-        # held back = it waited on its limits AND sent close to the limit in force; waiting alone is no
-        # evidence (a few bursts wait too): a node that leaves much of its share unused gives it back
-        hungry = self.egress.waited - waited0 > HUNGRY_WAIT * dt and rate >= HUNGRY_USE * self.egress.rate
-        self._demand_mark = (now, self.egress.reserved, self.egress.waited)
+        cross_reserved = self.cross_egress.reserved + self.cross_ingress.reserved
+        cross_waited = self.cross_egress.waited + self.cross_ingress.waited
+        reserved = self.egress.reserved + self.cross_egress.reserved
+        waited = self.egress.waited + self.cross_egress.waited
+        rate = max(0.0, (reserved - reserved0) / dt)
+        cross_rate = max(0.0, (cross_reserved - c_reserved0) / dt)
+        self._demand_mark = (now, reserved, waited)
+        self._cross_mark = (cross_reserved, cross_waited)
         own = min(self.egress_sources["flag"].rate, self.policy_egress.rate)
-        want = own if hungry else min(own, rate * DEMAND_MARGIN + DEMAND_HEADROOM)
-        return [min(want, MAX_DEMAND), 0.0, rate, 0.0]
+        want = own if _hungry(rate, waited - waited0, dt, self.egress.rate) else rate * DEMAND_MARGIN + DEMAND_HEADROOM
+        cross_hungry = _hungry(cross_rate, cross_waited - c_waited0, dt, self.share_cross.rate)
+        cross_want = MAX_DEMAND if cross_hungry else cross_rate * DEMAND_MARGIN + DEMAND_HEADROOM
+        return [min(want, own, MAX_DEMAND), min(cross_want, MAX_DEMAND), rate, cross_rate]
 
     def limits(self) -> dict[str, Any]:
         """Each source's limit (bytes/s, None = none) per direction, and which one binds (`p2pd status`)."""
@@ -323,6 +338,8 @@ class Daemon:
             connector=self.connector,
             find_peers=self._find_peers,
             on_complete=self._on_complete,
+            zone=self.config.labels.get("zone", ""),
+            cross_limits=(self.cross_egress, self.cross_ingress),
             **kw,
         )
 
@@ -630,6 +647,12 @@ class Daemon:
             return aid, mf.decode_checked(data, aid)
         except mf.ManifestError as e:
             raise RpcError(ErrorCode.INTEGRITY, f"the tracker's manifest for {name} is invalid: {e}") from None
+
+
+def _hungry(rate: float, waited: float, dt: float, limit: float) -> bool:
+    """Held back: it waited on its limits AND sent close to the limit in force. Waiting alone is no
+    evidence (a few bursts wait too): a node that leaves much of its share unused gives it back."""
+    return waited > HUNGRY_WAIT * dt and rate >= HUNGRY_USE * limit
 
 
 def _finite(x: float) -> float | None:

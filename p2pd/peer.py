@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 WATCHDOG_EVERY = 0.2  # seconds between the watchdog's looks (a fifth of the default stall timeout)
 
 
+def _active(limiter: Hierarchy) -> Hierarchy | None:
+    """None while every level is unlimited (then transfers run unchunked), as `PeerHost.egress` does."""
+    return None if limiter.unlimited else limiter
+
+
 class UploadSource(Protocol):
     """Where the bytes of a piece we upload come from (the piece store)."""
 
@@ -89,6 +94,8 @@ class PeerConn:
         self.cancel_scope = trio.CancelScope()
         self.bytes_up = 0
         self.last_send = trio.current_time()
+        # (egress, ingress) for a peer in another zone (the swarm sets it): the cross-zone budget
+        self.limits: tuple[Hierarchy, Hierarchy] | None = None
         self._wake = trio.Event()
         self._zc = zstandard.ZstdCompressor(level=1)
         self._zd = zstandard.ZstdDecompressor()
@@ -134,7 +141,7 @@ class PeerConn:
             packed = await trio.to_thread.run_sync(self._zc.compress, raw)
             if len(packed) < length * self.cfg.compress_min_saving:
                 payload = packed
-        limiter = host.egress
+        limiter = host.egress if self.limits is None else _active(self.limits[0])
         if payload is not None:
             await throttle(limiter, len(payload))
             await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_ZSTD, len(payload)) + payload)
@@ -174,12 +181,13 @@ class PeerConn:
 
     async def _read_piece(self, ph: wire.PieceHeader) -> bytearray | bytes:
         host = self.host
+        ingress = host.ingress if self.limits is None else _active(self.limits[1])
         if ph.codec == wire.CODEC_RAW:
             buf = host.take_buffer(ph.length)
-            await self.io.read_into(memoryview(buf), host.ingress)
+            await self.io.read_into(memoryview(buf), ingress)
             return buf
         packed = bytearray(ph.length)
-        await self.io.read_into(memoryview(packed), host.ingress)
+        await self.io.read_into(memoryview(packed), ingress)
         expected = host.manifest.piece_length(ph.index)
         try:
             data = await trio.to_thread.run_sync(self._decompress, packed, expected)

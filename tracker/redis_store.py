@@ -215,7 +215,7 @@ for _, z in ipairs(redis.call('SRANDMEMBER', P..'az:'..aid, 64)) do
         g[#g + 1] = a[3] or ''; g[#g + 1] = a[4] or ''
       end
     end
-    out[#out + 1] = {1, same, n, g}
+    out[#out + 1] = {1, same, n, g, z}
   end
   n = redis.call('HLEN', pk)
   if n > 0 then
@@ -228,7 +228,7 @@ for _, z in ipairs(redis.call('SRANDMEMBER', P..'az:'..aid, 64)) do
         g[#g + 1] = a[3] or ''; g[#g + 1] = a[4] or ''
       end
     end
-    out[#out + 1] = {0, same, n, g}
+    out[#out + 1] = {0, same, n, g, z}
   end
 end
 return out
@@ -444,7 +444,7 @@ class RedisStore:
         groups = await self._run("peers", artifact_id, requester or "", max_peers)
         # (complete, same zone) -> list of (zone size, candidates)
         buckets: dict[tuple[bool, bool], list[tuple[int, list[dict[str, Any]]]]] = {}
-        for complete, same, size, flat in groups:
+        for complete, same, size, flat, zone in groups:
             cands = []
             for i in range(0, len(flat), 6):
                 nid = _s(flat[i])
@@ -455,6 +455,7 @@ class RedisStore:
                         "node_id": nid,
                         "addr": [_s(flat[i + 1]), int(flat[i + 2])],
                         "progress": float(_s(flat[i + 3])),
+                        "zone": _s(zone),
                         **_nat_fields(flat[i + 4], flat[i + 5]),
                     }
                 )

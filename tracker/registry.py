@@ -17,7 +17,9 @@ is dropped; a graceful `leave` drops it at once. Dropping removes it from every 
 
 Peer lists: complete holders first, then partial ones; inside each group, holders in the requester's
 zone (label `zone`) first; every sub-group is a uniform random sample, so load spreads over holders;
-the requester is never in its own list; at most `max` entries.
+the requester is never in its own list; at most `max` entries; each entry carries the holder's zone.
+While a cross-zone budget is set (tracker/budgets.py), only one node per zone (its gateway) is given
+holders of other zones (`_may_cross`).
 """
 
 from __future__ import annotations
@@ -396,10 +398,11 @@ class Registry:
         req = self.nodes.get(requester) if requester else None
         zone = req.zone if req is not None else None
         exclude = requester or ""
+        cross = self._may_cross(art, zone, exclude)
         chosen: list[str] = []
         for complete in (True, False):
             same = [b for (c, z), b in art.holders.items() if c == complete and z == zone]
-            other = [b for (c, z), b in art.holders.items() if c == complete and z != zone]
+            other = [b for (c, z), b in art.holders.items() if c == complete and z != zone] if cross else []
             for bags in (same, other):
                 need = max_peers - len(chosen)
                 if need <= 0:
@@ -413,10 +416,26 @@ class Registry:
                     "node_id": nid,
                     "addr": [n.host, n.port],
                     "progress": (n.holdings or {}).get(aid, 0.0),
+                    "zone": n.zone,
                     **n.nat_fields(),
                 }
             )
         return out
+
+    def _may_cross(self, art: Artifact, zone: str | None, requester: str) -> bool:
+        """Zone-aware piece flow while a cross-zone budget is set: each piece should cross a zone
+        boundary about once, then spread inside the zone. So a zone with a complete holder gets no
+        peers from other zones, and otherwise only its gateway does: the zone's first partial holder
+        (the oldest entry of its bag, stable while it stays), or a requester alone in its zone."""
+        if self.budgets.cross_zone is None or zone is None:
+            return True
+        for (complete, z), bag in art.holders.items():
+            if complete and z == zone and any(x != requester for x in bag.items[:2]):
+                return False
+        partial = art.holders.get((False, zone))
+        if partial is None or not any(x != requester for x in partial.items[:2]):
+            return True
+        return partial.items[0] == requester
 
     # ---- global budgets (tracker/budgets.py) ---------------------------------------------------------
 

@@ -38,3 +38,24 @@ def test_budget_holds_follows_a_change_pauses_and_resumes(emu: None) -> None:
     assert r["pause_rate_max_bps"] is not None and r["pause_rate_max_bps"] < 0.02 * o.budget_bps, why
     # cleared: every leecher completed (fetch exit 0) and its copy is byte-identical (checked by the bench)
     assert len(r["per_leecher_s"]) == 4, why
+
+
+def test_cross_zone_budget_each_piece_crosses_about_once(emu: None) -> None:
+    """2 zones x 4 nodes (the seed in zone z0) under a total and a cross-zone budget: the bytes between
+    the zones (iptables counters per destination, TCP/IP headers included) stay near one copy of the
+    payload, and the total budget holds."""
+    log = io.StringIO()
+    o = ThrottleOptions(
+        peers=7,
+        zones=2,
+        size=parse_size("24MiB"),
+        rate_bps=rate_bits("100Mbit/s"),
+        budget_bps=rate_bits("80Mbit/s"),
+        cross_zone_bps=rate_bits("24Mbit/s"),
+        timeout_s=180,
+    )
+    r = run_budget(o, log)
+    why = f"{r['headline']}\nwindows {r['windows']}\n{log.getvalue()[-3000:]}"
+    assert r["cross_zone_F"] is not None and r["cross_zone_F"] <= 1.2, why
+    assert r["budget_ratio_max"] <= 1.1, why
+    assert len(r["per_leecher_s"]) == 7, why

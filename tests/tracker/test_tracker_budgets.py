@@ -253,3 +253,35 @@ def test_admin_cli_throttle(admin: dict[str, Any]) -> None:
     r = cli(admin, "throttle", "clear")
     assert r.exit_code == 0 and "cleared" in r.stdout
     assert "no global budget" in cli(admin, "throttle", "show").stdout
+
+
+def test_zone_aware_peer_lists_under_a_cross_zone_budget() -> None:
+    """With a cross-zone budget, only one node per zone (its gateway) is given peers of other zones."""
+    from tracker.registry import Registry
+
+    aid = "c" * 64
+    r = Registry(1.0)
+    seed = nid(0)
+    r.register(seed, "10.0.0.1", 7000, {"zone": "a"}, "0.1.0", 0.0)
+    r.heartbeat(seed, {aid: 1.0}, 0.0)
+    a1, b1, b2, b3 = nid(1), nid(2), nid(3), nid(4)
+    r.register(a1, "10.0.0.1", 7001, {"zone": "a"}, "0.1.0", 0.0)
+    for i, n in enumerate((b1, b2, b3)):
+        r.register(n, "10.0.0.2", 7002 + i, {"zone": "b"}, "0.1.0", 0.0)
+        r.heartbeat(n, {aid: 0.0}, 0.0)
+    r.heartbeat(a1, {aid: 0.0}, 0.0)
+
+    def zones(requester: str) -> set[str]:
+        return {p["zone"] for p in r.peers(aid, requester)}
+
+    # no cross-zone budget: everyone sees every zone (own zone first)
+    assert zones(b2) == {"a", "b"} and zones(a1) == {"a", "b"}
+    r.set_budgets(Budgets(cross_zone=1e6))
+    assert zones(b1) == {"a", "b"}  # zone b's gateway (its first holder) fetches from zone a
+    assert zones(b2) == {"b"} and zones(b3) == {"b"}  # the others spread inside zone b
+    assert zones(a1) == {"a"}  # zone a has a complete holder: nothing from zone b
+    r.heartbeat(b1, {aid: 1.0}, 0.0)  # the gateway completed: zone b has a complete holder now
+    assert zones(b2) == {"b"}
+    r.leave(b1)  # the gateway left before completing its copy: the next holder takes over
+    r.heartbeat(b2, {aid: 0.5}, 0.0)
+    assert zones(r.artifacts[aid].holders[(False, "b")].items[0]) == {"a", "b"}
