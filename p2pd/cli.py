@@ -83,6 +83,7 @@ def run(
     ingress_limit: str = typer.Option(None, "--ingress-limit", help="download cap, e.g. 50MB/s or 400Mbit/s"),
     advertise: str = typer.Option(None, "--advertise", help="address peers should dial (default: listen host)"),
     label: list[str] = typer.Option([], "--label", help="KEY=VALUE node label, e.g. zone=eu-1a (repeatable)"),
+    zone: str = typer.Option(None, "--zone", help="this node's zone (the label zone=NAME): peer choice, zone budgets"),
     stall_timeout: float = typer.Option(
         SwarmConfig.stall_timeout, "--stall-timeout", help="drop a peer silent this long (s) with requests pending"
     ),
@@ -125,6 +126,8 @@ def run(
         egress = _rate_option("--egress-limit", egress_limit)
         ingress = _rate_option("--ingress-limit", ingress_limit)
         labels = dict(kv.split("=", 1) for kv in label)
+        if zone is not None:
+            labels["zone"] = zone
         traversal = _traversal_options(paths, relay, relay_listen, relay_rate, relay_max_pairs)
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
@@ -312,7 +315,23 @@ def status(
             a["path"],
         )
     Console().print(t)
+    typer.echo(describe_limits(res))
     typer.echo(describe_nat(res.get("nat")))
+
+
+def describe_limits(res: dict[str, Any]) -> str:
+    """One line per direction: every source's limit, and the one that binds (`limit_reason`)."""
+    lines = []
+    for direction in ("egress", "ingress"):
+        sources = (res.get("limits") or {}).get(direction)
+        if not sources:
+            continue
+        reason = (res.get("limit_reason") or {}).get(direction)
+        parts = ", ".join(
+            f"{name} {'paused' if v == 0 else format_rate(v)}" for name, v in sources.items() if v is not None
+        )
+        lines.append(f"{direction} limit: " + (f"{parts} (binding: {reason})" if reason else "none"))
+    return "\n".join(lines)
 
 
 def describe_nat(nat: dict[str, Any] | None) -> str:

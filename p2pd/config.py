@@ -91,3 +91,6 @@ class DaemonConfig:
     nat_check_every: float = 20.0  # one Binding request: notices a new mapping, and keeps it alive (expiry ~30 s)
     nat_reclassify_every: float = 300.0  # the full RFC 3489 tests again, in case the NAT's behaviour changed
     traversal: TraversalConfig = field(default_factory=TraversalConfig)
+    # global budgets (tracker/budgets.py): a tracker that stops answering leaves the node on its last
+    # share this long (a restart or failover must not unleash the cluster), then on its own limits
+    share_grace: float = 30.0

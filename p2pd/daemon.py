@@ -38,6 +38,12 @@ from p2pd.trio_util import collapse_single
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 0.5
+DEMAND_HEADROOM = 32 * 1024  # bytes/s a node not held back asks for beyond what it sends (room to grow)
+DEMAND_MARGIN = 1.1  # ...and this factor: a share it does not use is lost to the others, and a node that
+# needs more does not grow through this margin but by waiting on its limit (then it asks for all it may)
+HUNGRY_WAIT = 0.02  # waited on limits more than this fraction of an interval...
+HUNGRY_USE = 0.8  # ...and sent at least this fraction of its limit: it would send more if allowed
+MAX_DEMAND = 2.0**60  # bytes/s reported for "no limit of its own" (tracker/budgets.py MAX_BUDGET)
 
 
 class Daemon:
@@ -78,8 +84,28 @@ class Daemon:
         # policy gives this node (pushed with heartbeat replies, applied at once).
         self.policy_egress = unlimited(now)
         self.policy_ingress = unlimited(now)
-        self.egress = Hierarchy(TokenBucket(self.config.egress_limit or math.inf, now=now), self.policy_egress)
-        self.ingress = Hierarchy(TokenBucket(self.config.ingress_limit or math.inf, now=now), self.policy_ingress)
+        # A third egress level: this node's share of the tracker's global budgets (tracker/budgets.py),
+        # pushed with every heartbeat reply while a budget is set.
+        self.share_egress = unlimited(now)
+        # every source of a limit by the name `p2pd status` shows (limits, limit_reason)
+        self.egress_sources = {
+            "flag": TokenBucket(self.config.egress_limit or math.inf, now=now),
+            "policy": self.policy_egress,
+            "global share": self.share_egress,
+        }
+        self.ingress_sources = {
+            "flag": TokenBucket(self.config.ingress_limit or math.inf, now=now),
+            "policy": self.policy_ingress,
+        }
+        self.egress = Hierarchy(*self.egress_sources.values())
+        self.ingress = Hierarchy(*self.ingress_sources.values())
+        # this node's share of the cross-zone budget: bytes to and from peers of other zones (both count,
+        # as each leaves a zone) pass it as well as this node's own levels
+        self.share_cross = unlimited(now)
+        self.cross_egress = Hierarchy(*self.egress_sources.values(), self.share_cross)
+        self.cross_ingress = Hierarchy(*self.ingress_sources.values(), self.share_cross)
+        self._demand_mark = (now, 0, 0.0)
+        self._cross_mark = (0, 0.0)
         peer_listeners = await self._bind_peer_listener()
         host = self.config.advertise or self.config.listen[0]
         if host in ("", "0.0.0.0", "::"):
@@ -179,7 +205,14 @@ class Daemon:
                     raise
                 log.warning("%s; retrying for up to %.0f s more", e, deadline - trio.current_time())
                 await trio.sleep(1.0)
-        await self.tracker.run_heartbeats(self.holdings, on_policy=self._apply_policy, task_status=task_status)
+        await self.tracker.run_heartbeats(
+            self.holdings,
+            on_policy=self._apply_policy,
+            on_share=self._apply_share,
+            get_demand=self._demand,
+            share_grace=self.config.share_grace,
+            task_status=task_status,
+        )
 
     async def _restore_names_after_tracker_restart(self) -> None:
         """An in-memory tracker that restarted has forgotten names: give back the ones we hold.
@@ -231,6 +264,61 @@ class Daemon:
                 bucket.set_rate(rate, now=now)
                 log.info("cluster policy: %s %s", key, "none" if math.isinf(rate) else f"{rate / 1e6:.1f} MB/s")
 
+    def _apply_share(self, share: list[float | None] | None) -> None:
+        """Apply this node's share of the global budgets at once (None: no budget, own limits only)."""
+        cross = share[1] if share is not None and share[1] is not None else math.inf
+        if cross != self.share_cross.rate:
+            self.share_cross.set_rate(cross, now=trio.current_time())
+        rate = share[0] if share is not None and share[0] is not None else math.inf
+        if rate != self.share_egress.rate:
+            was = self.share_egress.rate
+            self.share_egress.set_rate(rate, now=trio.current_time())
+            if rate == 0 or was == 0 or math.isinf(rate) or math.isinf(was):
+                what = (
+                    "paused"
+                    if rate == 0
+                    else "none (own limits)"
+                    if math.isinf(rate)
+                    else f"share {rate / 1e6:.2f} MB/s"
+                )
+                log.info("global budget: %s", what)
+
+    def _demand(self) -> list[float]:
+        """What this node reports for the global budgets: [egress, cross, egress_rate, cross_rate] bytes/s.
+
+        A node held back by its limits (it waited on a bucket and used most of it, or is paused) asks
+        for all its own limits allow, so a capped node reveals that it wants more; one that is not asks
+        for a little more than it sends (DEMAND_MARGIN, DEMAND_HEADROOM), so what it does not use goes
+        to the others."""
+        assert self.egress is not None
+        now = trio.current_time()
+        t0, reserved0, waited0 = self._demand_mark
+        c_reserved0, c_waited0 = self._cross_mark
+        dt = max(now - t0, 1e-3)
+        cross_reserved = self.cross_egress.reserved + self.cross_ingress.reserved
+        cross_waited = self.cross_egress.waited + self.cross_ingress.waited
+        reserved = self.egress.reserved + self.cross_egress.reserved
+        waited = self.egress.waited + self.cross_egress.waited
+        rate = max(0.0, (reserved - reserved0) / dt)
+        cross_rate = max(0.0, (cross_reserved - c_reserved0) / dt)
+        self._demand_mark = (now, reserved, waited)
+        self._cross_mark = (cross_reserved, cross_waited)
+        own = min(self.egress_sources["flag"].rate, self.policy_egress.rate)
+        want = own if _hungry(rate, waited - waited0, dt, self.egress.rate) else rate * DEMAND_MARGIN + DEMAND_HEADROOM
+        cross_hungry = _hungry(cross_rate, cross_waited - c_waited0, dt, self.share_cross.rate)
+        cross_want = MAX_DEMAND if cross_hungry else cross_rate * DEMAND_MARGIN + DEMAND_HEADROOM
+        return [min(want, own, MAX_DEMAND), min(cross_want, MAX_DEMAND), rate, cross_rate]
+
+    def limits(self) -> dict[str, Any]:
+        """Each source's limit (bytes/s, None = none) per direction, and which one binds (`p2pd status`)."""
+        out: dict[str, Any] = {}
+        reasons: dict[str, str | None] = {}
+        for direction, sources in (("egress", self.egress_sources), ("ingress", self.ingress_sources)):
+            out[direction] = {name: _finite(b.rate) for name, b in sources.items()}
+            binding = min(sources.items(), key=lambda kv: kv[1].rate)
+            reasons[direction] = None if math.isinf(binding[1].rate) else binding[0]
+        return {"limits": out, "limit_reason": reasons}
+
     async def _announce(self) -> None:
         """Tell the tracker about a change at once instead of at the next interval."""
         assert self.tracker is not None
@@ -255,6 +343,8 @@ class Daemon:
             connector=self.connector,
             find_peers=self._find_peers,
             on_complete=self._on_complete,
+            zone=self.config.labels.get("zone", ""),
+            cross_limits=(self.cross_egress, self.cross_ingress),
             **kw,
         )
 
@@ -402,6 +492,7 @@ class Daemon:
             "ingress_limit": self.config.ingress_limit,
             "policy_egress_limit": _finite(self.policy_egress.rate),
             "policy_ingress_limit": _finite(self.policy_ingress.rate),
+            **self.limits(),
             "nat": (self.nat.status if self.nat is not None else NatStatus(state="off")).to_json(trio.current_time()),
             "traversal": self.traversal.status(),
         }
@@ -561,6 +652,12 @@ class Daemon:
             return aid, mf.decode_checked(data, aid)
         except mf.ManifestError as e:
             raise RpcError(ErrorCode.INTEGRITY, f"the tracker's manifest for {name} is invalid: {e}") from None
+
+
+def _hungry(rate: float, waited: float, dt: float, limit: float) -> bool:
+    """Held back: it waited on its limits AND sent close to the limit in force. Waiting alone is no
+    evidence (a few bursts wait too): a node that leaves much of its share unused gives it back."""
+    return waited > HUNGRY_WAIT * dt and rate >= HUNGRY_USE * limit
 
 
 def _finite(x: float) -> float | None:

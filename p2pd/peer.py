@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 WATCHDOG_EVERY = 0.2  # seconds between the watchdog's looks (a fifth of the default stall timeout)
 
 
+def _active(limiter: Hierarchy) -> Hierarchy | None:
+    """None while every level is unlimited (then transfers run unchunked), as `PeerHost.egress` does."""
+    return None if limiter.unlimited else limiter
+
+
 class UploadSource(Protocol):
     """Where the bytes of a piece we upload come from (the piece store)."""
 
@@ -100,6 +105,8 @@ class PeerConn:
         self.leaving = False  # we said GOODBYE: no more uploads, the writer half-closes once it is out
         self._sent_all = trio.Event()  # half-closed after GOODBYE, or the connection ended
         self._ended = trio.Event()
+        # (egress, ingress) for a peer in another zone (the swarm sets it): the cross-zone budget
+        self.limits: tuple[Hierarchy, Hierarchy] | None = None
         self._wake = trio.Event()
         self._zc = zstandard.ZstdCompressor(level=1)
         self._zd = zstandard.ZstdDecompressor()
@@ -158,7 +165,7 @@ class PeerConn:
             packed = await trio.to_thread.run_sync(self._zc.compress, raw)
             if len(packed) < length * self.cfg.compress_min_saving:
                 payload = packed
-        limiter = host.egress
+        limiter = host.egress if self.limits is None else _active(self.limits[0])
         if payload is not None:
             await throttle(limiter, len(payload))
             await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_ZSTD, len(payload)) + payload)
@@ -198,12 +205,13 @@ class PeerConn:
 
     async def _read_piece(self, ph: wire.PieceHeader) -> bytearray | bytes:
         host = self.host
+        ingress = host.ingress if self.limits is None else _active(self.limits[1])
         if ph.codec == wire.CODEC_RAW:
             buf = host.take_buffer(ph.length)
-            await self.io.read_into(memoryview(buf), host.ingress)
+            await self.io.read_into(memoryview(buf), ingress)
             return buf
         packed = bytearray(ph.length)
-        await self.io.read_into(memoryview(packed), host.ingress)
+        await self.io.read_into(memoryview(packed), ingress)
         expected = host.manifest.piece_length(ph.index)
         try:
             data = await trio.to_thread.run_sync(self._decompress, packed, expected)
@@ -218,9 +226,16 @@ class PeerConn:
     async def _watchdog(self) -> None:
         """Drop a peer that stops sending while we wait on it (about a second), or goes silent."""
         picker, cfg = self.host.picker, self.cfg
+        resumed = 0.0
         while True:
             await trio.sleep(WATCHDOG_EVERY)
-            idle = trio.current_time() - self.io.last_recv
+            egress = self.host.egress
+            if egress is not None and egress.paused:
+                # the tracker paused the cluster (a global budget of 0): every sender holds its pieces,
+                # so silence is expected; the clocks start again when the pause ends
+                resumed = trio.current_time()
+                continue
+            idle = trio.current_time() - max(self.io.last_recv, resumed)
             if idle > cfg.stall_timeout and self.io.queued_grew():
                 continue
             pending = picker.outstanding(self.session)

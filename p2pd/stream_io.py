@@ -24,12 +24,19 @@ from p2pd.protocol.session import PeerClosed
 RECV_CHUNK = 256 * 1024
 SMALL_READ = 16 * 1024  # frame headers and control messages: never pull much piece payload through rbuf
 SEND_CHUNK = 256 * 1024
+PAUSE_POLL = 0.05  # while a limit is paused (a global budget of 0), how often a sender looks again
 PAYLOAD_LOWAT = 256 * 1024  # wake the reader of a piece once this much of it is queued (SO_RCVLOWAT)
 
 
 async def throttle(limiter: Hierarchy | None, n: int) -> None:
-    """Reserve `n` bytes of the limit, then wait out the debt (both directions, every limited transfer)."""
+    """Reserve `n` bytes of the limit, then wait out the debt (both directions, every limited transfer).
+
+    While the limit is paused (rate 0) nothing is reserved: the sender waits, and its connection stays
+    open (the receivers know the cluster is paused and do not take the silence for a stall)."""
     if limiter is not None:
+        while limiter.paused:
+            limiter.waited += PAUSE_POLL
+            await trio.sleep(PAUSE_POLL)
         delay = limiter.reserve(n, trio.current_time())
         if delay > 0:
             await trio.sleep(delay)

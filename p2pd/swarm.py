@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import random
 import resource
@@ -88,6 +89,8 @@ class Swarm:
         find_peers: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None,
         on_complete: Callable[[Swarm], None] | None = None,
         resumed_pieces: int = 0,
+        zone: str = "",
+        cross_limits: tuple[Hierarchy, Hierarchy] | None = None,
     ) -> None:
         self.node_id = node_id
         self.artifact_id = artifact_id
@@ -98,6 +101,10 @@ class Swarm:
         self.config = config
         self._egress = egress
         self._ingress = ingress
+        # connections to peers of another zone go through these instead (global cross-zone budget;
+        # the last level of each is the cross-zone share: infinite while no such budget is set)
+        self.zone = zone
+        self.cross_limits = cross_limits
         self.connector: Connector = connector or TcpConnector(
             node_id, connect_timeout=config.connect_timeout, handshake_timeout=config.handshake_timeout
         )
@@ -187,6 +194,11 @@ class Swarm:
         if self.seeding.defer_send(i, conn, complete=self.complete):
             conn.session.defer(i)
             return False
+        if conn.limits is not None and not math.isinf(conn.limits[0].buckets[-1].rate):
+            # a cross-zone budget is set and this peer (one we dialled: our zone's gateway pulls from
+            # its zone) asks us for a piece: its zone has its own holders, so each piece crosses once
+            conn.session.defer(i)
+            return False
         self.seeding.sent(i)
         return True
 
@@ -239,12 +251,16 @@ class Swarm:
         }
 
     # -- connections ---------------------------------------------------------------------------------
-    async def serve(self, conn: Connection) -> CloseReason | None:
+    async def serve(self, conn: Connection, remote_zone: str = "") -> CloseReason | None:
         """Run a handshaken connection (dialled or accepted) until it ends; returns why it ended.
 
-        The caller obtained the connection and closes its stream afterwards.
+        The caller obtained the connection and closes its stream afterwards. `remote_zone` (from the
+        tracker's peer list, for a connection we dialled): a peer in another zone is shaped by the
+        cross-zone limits both ways (an accepted connection's zone is not known: it is not).
         """
         peer = PeerConn(self, conn)
+        if self.cross_limits is not None and remote_zone and self.zone and remote_zone != self.zone:
+            peer.limits = self.cross_limits
         if not self._register(peer):
             return CloseReason.DUPLICATE
         try:
@@ -504,7 +520,9 @@ class Swarm:
                     if self.retry_after.get(nid, 0) > now:
                         continue
                     self.connecting.add(nid)
-                    nursery.start_soon(self._dial, nid, (str(p["addr"][0]), int(p["addr"][1])))
+                    zone = p.get("zone")
+                    addr = (str(p["addr"][0]), int(p["addr"][1]))
+                    nursery.start_soon(self._dial, nid, addr, zone if isinstance(zone, str) else "")
             wait = backoff
             idle_cap = cfg.peer_lookup_every if self.conns else cfg.peer_lookup_alone
             backoff = min(cfg.peer_lookup_failing if failed else idle_cap, backoff * 2)
@@ -513,7 +531,7 @@ class Swarm:
                 await self._peer_wakeup.wait()
                 await trio.sleep(0.05)  # a burst of closes is one wakeup
 
-    async def _dial(self, nid: str, addr: tuple[str, int]) -> None:
+    async def _dial(self, nid: str, addr: tuple[str, int], zone: str = "") -> None:
         try:
             conn = await self.connector.connect(nid, addr, self.artifact_id)
         except ConnectError as e:
@@ -523,7 +541,7 @@ class Swarm:
         finally:
             self.connecting.discard(nid)
         try:
-            reason = await self.serve(conn)
+            reason = await self.serve(conn, zone)
         finally:
             await conn.aclose()
         if reason is CloseReason.STALLED:

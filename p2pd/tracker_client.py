@@ -47,6 +47,21 @@ _udp_enc = msgspec.msgpack.Encoder()
 _udp_dec = msgspec.msgpack.Decoder(UdpReply)
 
 
+def _share(v: Any) -> list[float | None] | None:
+    """A share from a tracker reply, checked: [egress, cross], each bytes/s >= 0 or None."""
+    if not isinstance(v, list | tuple) or len(v) != 2:
+        return None
+    out: list[float | None] = []
+    for x in v:
+        if x is None:
+            out.append(None)
+        elif isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 and x == x:
+            out.append(float(x))
+        else:
+            return None
+    return out
+
+
 def _fmt(addr: tuple[str, int]) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
@@ -85,6 +100,10 @@ class TrackerClient:
         self._last_tcp = 0.0
         self.interval: float = 1.0  # updated from every tracker reply
         self.policy: dict[str, Any] = {}
+        # this node's share of the tracker's global budgets, [egress, cross] bytes/s (tracker/budgets.py);
+        # None: no budget set. Demand is reported only while a budget is set, so heartbeats stay minimal.
+        self.share: list[float | None] | None = None
+        self.demand: list[float] | None = None  # what the next heartbeat reports (set by the daemon)
         self.session: int | None = None
         self.registered = False
         self.heartbeats_sent = 0
@@ -251,10 +270,14 @@ class TrackerClient:
         return r
 
     async def _tcp_heartbeat(self, holdings: dict[str, float]) -> dict[str, Any]:
-        r = await self._call("heartbeat", {"node_id": self.node_id, "holdings": holdings}, timeout=self._beat_timeout())
+        params: dict[str, Any] = {"node_id": self.node_id, "holdings": holdings}
+        if self.share is not None and self.demand is not None:
+            params["demand"] = self.demand
+        r = await self._call("heartbeat", params, timeout=self._beat_timeout())
         self.heartbeats_sent += 1
         self.interval = float(r["interval"])
         self.policy = dict(r.get("policy") or {})
+        self.share = _share(r.get("share"))
         self._acked = dict(holdings) if r.get("known") else None
         if "udp_port" in r:  # after a failover, this is how we learn the new replica's UDP port
             self._udp_ports[self.current] = r["udp_port"]
@@ -307,6 +330,9 @@ class TrackerClient:
         get_holdings: Callable[[], dict[str, float]],
         *,
         on_policy: Callable[[dict[str, Any]], None] | None = None,
+        on_share: Callable[[list[float | None] | None], None] | None = None,
+        get_demand: Callable[[], list[float]] | None = None,
+        share_grace: float = 30.0,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Register, signal started, then heartbeat every interval until cancelled.
@@ -314,15 +340,25 @@ class TrackerClient:
         The first registration raises `RpcError(ErrorCode.UNREACHABLE)` when no tracker answers, so a
         misconfigured node fails at start. After that a tracker outage is logged and retried every
         interval (the node keeps serving its peers meanwhile); it never ends this loop.
+
+        `on_share` gets this node's share of the global budgets after every answered heartbeat; while
+        no tracker answers the last share stays in force for `share_grace` seconds (a tracker restart
+        must not unleash the cluster), then `on_share(None)`: the node's own limits only.
         """
         await self.register()
         task_status.started()
         warned = False
         policy_seen: dict[str, Any] | None = None
+        last_answer = trio.current_time()
         while True:
             started = trio.current_time()
+            if get_demand is not None:
+                self.demand = get_demand()
             try:
                 await self.beat(get_holdings())
+                last_answer = trio.current_time()
+                if on_share is not None:
+                    on_share(self.share)
                 if warned:
                     log.info("tracker %s answers again", _fmt(self.current))
                     warned = False
@@ -333,6 +369,11 @@ class TrackerClient:
                         warned = True
                 else:
                     raise
+                if self.share is not None and trio.current_time() - last_answer > share_grace:
+                    log.warning("no tracker for %.0f s: leaving the global budget, back to own limits", share_grace)
+                    self.share = None
+                    if on_share is not None:
+                        on_share(None)
             if on_policy is not None and self.policy != policy_seen:
                 policy_seen = dict(self.policy)
                 on_policy(policy_seen)
@@ -348,7 +389,8 @@ class TrackerClient:
         if udp_port and self.session is not None:
             delta = None if holdings == self._acked else holdings
             self._seq += 1
-            payload = _udp_enc.encode(UdpRequest(UDP_VERSION, self.node_id, self.session, self._seq, delta))
+            demand = self.demand if self.share is not None else None
+            payload = _udp_enc.encode(UdpRequest(UDP_VERSION, self.node_id, self.session, self._seq, delta, demand))
             if len(payload) <= UDP_MAX_PAYLOAD:
                 reply = await self._udp_exchange((self.current[0], udp_port), payload, self._seq)
                 if reply is not None:
@@ -356,6 +398,7 @@ class TrackerClient:
                     self.udp_heartbeats += 1
                     self.interval = reply.interval
                     self.policy = reply.policy
+                    self.share = _share(reply.share)
                     if reply.known:
                         self._acked = dict(holdings)
                         if self._client is not None and trio.current_time() - self._last_tcp > self.idle_close:

@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from p2pd.errors import ErrorCode
 from tracker import validate as V
+from tracker.budgets import Budgets
 from tracker.validate import TrackerError
 
 if TYPE_CHECKING:
@@ -193,6 +194,41 @@ def make_app(server: TrackerServer, token: str) -> Any:
         await store.set_policy(policy)
         log.info("policy set by admin: %s", policy)
         return {"policy": policy}
+
+    @app.get(
+        "/v1/throttle",
+        dependencies=guarded,
+        summary="Global budgets, current use (as nodes measured it) and every node's share, bytes/s",
+    )
+    async def get_throttle() -> dict[str, Any]:
+        return await store.throttle_view()
+
+    @app.put(
+        "/v1/throttle",
+        dependencies=guarded,
+        summary="Set global budgets {total, zones: {NAME: rate}, cross_zone, priority: {ARTIFACT_ID: weight}} "
+        "in bytes/s; null/absent = no such budget; total 0 pauses every transfer (none fails)",
+    )
+    async def put_throttle(body: dict[str, Any]) -> dict[str, Any]:
+        budgets = Budgets.from_json(body.get("budgets", body))
+        if budgets.zones:
+            known = await store.known_zones()
+            unknown = sorted(z for z in budgets.zones if z not in known)
+            if unknown:
+                raise TrackerError(
+                    ErrorCode.BAD_REQUEST,
+                    f"unknown zone {unknown[0]!r}: no registered node has the label zone={unknown[0]} "
+                    f"(known: {', '.join(sorted(z for z in known if z)) or 'none'})",
+                )
+        await store.set_budgets(budgets)
+        log.info("global budgets set by admin: %s", budgets.to_json())
+        return await store.throttle_view()
+
+    @app.delete("/v1/throttle", dependencies=guarded, summary="Clear every global budget (paused transfers resume)")
+    async def clear_throttle() -> dict[str, Any]:
+        await store.set_budgets(Budgets())
+        log.info("global budgets cleared by admin")
+        return await store.throttle_view()
 
     @app.get("/metrics", dependencies=guarded, summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prom() -> PlainTextResponse:

@@ -10,6 +10,8 @@ unknown node or name (404), 4 for an unreachable tracker or Redis (503).
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 import time
 import urllib.error
@@ -278,3 +280,121 @@ def policy(
         typer.echo("no cluster policy (nodes use their own limits)")
     for k, v in sorted(current.items()):
         typer.echo(f"{k}: {format_rate(v)}")
+
+
+throttle_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Global bandwidth budgets: set, show, clear (docs/tracker.md)."
+)
+admin_app.add_typer(throttle_app, name="throttle")
+
+
+ZERO_RATE = re.compile(r"0+(\.0*)?\s*([A-Za-z]+(/s)?)?")  # `0`, `0MB/s`, `0 Mbit/s`: the emergency stop
+
+
+def parse_budget(flag: str, text: str) -> float:
+    """A budget RATE (`50MB/s`, `400Mbit/s`); `0` pauses. One clear line for anything else."""
+    t = text.strip()
+    if t.startswith("-"):
+        fail(
+            f"{flag}: {text!r} is negative; a budget is a rate >= 0 (0 pauses, `throttle clear` removes it)",
+            ErrorCode.BAD_REQUEST,
+        )
+    if ZERO_RATE.fullmatch(t):
+        return 0.0
+    try:
+        return parse_rate(t)
+    except ValueError as e:
+        fail(f"{flag}: {e}", ErrorCode.BAD_REQUEST)
+
+
+@throttle_app.command("set")
+def throttle_set(
+    tracker: Url,
+    token: Token,
+    json_: Json = False,
+    total: Annotated[
+        str | None, typer.Option("--total", help="Cluster-wide egress of all p2pd traffic (RATE; 0 pauses everything).")
+    ] = None,
+    zone: Annotated[
+        list[str], typer.Option("--zone", help="NAME=RATE: egress of the nodes labelled zone=NAME (repeatable).")
+    ] = [],  # noqa: B006 (typer reads the default)
+    cross_zone: Annotated[
+        str | None, typer.Option("--cross-zone", help="Bytes/s sent from any zone to another, cluster-wide (RATE).")
+    ] = None,
+    priority: Annotated[
+        list[str], typer.Option("--priority", help="ARTIFACT_ID=WEIGHT: nodes holding it get WEIGHT x a fair share.")
+    ] = [],  # noqa: B006
+) -> None:
+    """Set the global budgets (replaces the previous ones); nodes follow within an interval."""
+    body: dict[str, Any] = {"zones": {}, "priority": {}}
+    if total is not None:
+        body["total"] = parse_budget("--total", total)
+    if cross_zone is not None:
+        body["cross_zone"] = parse_budget("--cross-zone", cross_zone)
+    for z in zone:
+        name, sep, rate = z.partition("=")
+        if not sep or not name.strip():
+            fail(f"--zone {z!r}: write NAME=RATE, e.g. --zone eu-1a=500Mbit/s", ErrorCode.BAD_REQUEST)
+        body["zones"][name.strip()] = parse_budget(f"--zone {name.strip()}", rate)
+    for p in priority:
+        aid, sep, w = p.partition("=")
+        try:
+            body["priority"][aid.strip()] = float(w) if sep else math.nan
+        except ValueError:
+            body["priority"][aid.strip()] = math.nan
+        if not sep or not math.isfinite(body["priority"][aid.strip()]):
+            fail(f"--priority {p!r}: write ARTIFACT_ID=WEIGHT, e.g. --priority {'a' * 8}...=4", ErrorCode.BAD_REQUEST)
+    if total is None and cross_zone is None and not zone:
+        fail("give at least one of --total, --zone NAME=RATE, --cross-zone", ErrorCode.BAD_REQUEST)
+    r = call(tracker, token, "PUT", "/v1/throttle", body)
+    if json_:
+        return out_json(r)
+    _print_throttle(r)
+
+
+@throttle_app.command("show")
+def throttle_show(tracker: Url, token: Token, json_: Json = False) -> None:
+    """The budgets, the current use and every node's share."""
+    r = call(tracker, token, "GET", "/v1/throttle")
+    if json_:
+        return out_json(r)
+    _print_throttle(r)
+
+
+@throttle_app.command("clear")
+def throttle_clear(tracker: Url, token: Token, json_: Json = False) -> None:
+    """Remove every global budget: nodes go back to their own limits (paused transfers resume)."""
+    r = call(tracker, token, "DELETE", "/v1/throttle")
+    if json_:
+        return out_json(r)
+    typer.echo("global budgets cleared: nodes use their own limits")
+
+
+def _rate_or(v: float | None, none: str = "-") -> str:
+    return none if v is None else ("0 (paused)" if v == 0 else format_rate(v))
+
+
+def _print_throttle(r: dict[str, Any]) -> None:
+    b, use = r["budgets"], r["use"]
+    if not r["active"]:
+        typer.echo("no global budget (nodes use their own limits)")
+    else:
+        typer.echo(f"total:      {_rate_or(b['total'], 'none')}   in use {format_rate(use['total'])}")
+        for z, rate in sorted(b["zones"].items()):
+            typer.echo(f"zone {z}: {_rate_or(rate)}   in use {format_rate(use['zones'].get(z, 0.0))}")
+        typer.echo(f"cross-zone: {_rate_or(b['cross_zone'], 'none')}   in use {format_rate(use['cross_zone'])}")
+        for aid, w in sorted(b["priority"].items()):
+            typer.echo(f"priority {aid[:16]}: {w:g}")
+    t = Table(title=f"{len(r['nodes'])} node(s)")
+    for col in ("node", "zone", "rate", "demand", "share", "cross share"):
+        t.add_column(col, justify="left" if col in ("node", "zone") else "right")
+    for n in r["nodes"]:
+        t.add_row(
+            n["node_id"],
+            n["zone"],
+            format_rate(n["rate"]),
+            format_rate(n["demand"]),
+            _rate_or(n["share"]),
+            _rate_or(n["cross_share"]),
+        )
+    console().print(t)

@@ -14,6 +14,10 @@ Keys (prefix `p2p:`, in the database of the URL):
 - `t:{name}`        LIST "aid wall-time" (tag history, last 100; the last entry is current);  `names` SET
 - `c`               HASH counters;  `interval` the interval the first replica was started with
 - `policy`          JSON cluster policy (read by every replica once per interval)
+- `budgets`         JSON global budgets (tracker/budgets.py), read by every replica once per interval
+- `dm`              HASH node id -> "egress cross egress_rate cross_rate" (its last demand report);
+                    every replica splits the budgets itself from `alive`, `dm` and the nodes' zones,
+                    so replicas that see the same reports hand out the same shares
 
 Cost per heartbeat (measured in BENCHMARKS.md): an unchanged heartbeat is HMGET + ZADD inside the
 batch script — 2 Redis operations, and one EVALSHA round trip per *batch* of heartbeats (the UDP front
@@ -33,9 +37,10 @@ from typing import Any
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
+from tracker.budgets import Budgets, Demand, Share, allocate, weight_of, wire_share
 from tracker.registry import NAT_UNKNOWN
 from tracker.resp import Redis, RedisError, RedisUnavailable
-from tracker.store import STORE_COUNTERS, Heartbeat, Registration
+from tracker.store import STORE_COUNTERS, Heartbeat, Registration, throttle_view
 from tracker.validate import NatInfo, TrackerError
 
 log = logging.getLogger("tracker.redis")
@@ -210,7 +215,7 @@ for _, z in ipairs(redis.call('SRANDMEMBER', P..'az:'..aid, 64)) do
         g[#g + 1] = a[3] or ''; g[#g + 1] = a[4] or ''
       end
     end
-    out[#out + 1] = {1, same, n, g}
+    out[#out + 1] = {1, same, n, g, z}
   end
   n = redis.call('HLEN', pk)
   if n > 0 then
@@ -223,7 +228,7 @@ for _, z in ipairs(redis.call('SRANDMEMBER', P..'az:'..aid, 64)) do
         g[#g + 1] = a[3] or ''; g[#g + 1] = a[4] or ''
       end
     end
-    out[#out + 1] = {0, same, n, g}
+    out[#out + 1] = {0, same, n, g, z}
   end
 end
 return out
@@ -274,6 +279,10 @@ class RedisStore:
         self.rng = rng or random.Random()
         self._sha: dict[str, str] = {}
         self._policy: dict[str, Any] = {}
+        self._budgets = Budgets()
+        self._shares: dict[str, Share] = {}
+        self._demands: dict[str, Demand] = {}
+        self._zones: dict[str, str] = {}  # node id -> zone: a node's zone changes only when it registers again
 
     @classmethod
     async def connect(cls, url: str, interval: float = 1.0, misses: int = 3, **kw: Any) -> RedisStore:
@@ -343,6 +352,7 @@ class RedisStore:
         self, node_id: str, host: str, port: int, labels: dict[str, str], version: str, *, nat: NatInfo | None = None
     ) -> Registration:
         session = self.rng.getrandbits(31)
+        self._zones.pop(node_id, None)
         await self._run(
             "register",
             node_id,
@@ -364,6 +374,12 @@ class RedisStore:
                 for aid, p in b.holdings.items():
                     args += [aid, _progress(p)]
         known = await self._run("heartbeat", *args)
+        reports: list[Any] = []
+        for b, k in zip(beats, known, strict=True):
+            if k and b.demand is not None:
+                reports += [b.node_id, " ".join(repr(x) for x in b.demand)]
+        if reports:
+            await self._cmds([["HSET", self.prefix + "dm", *reports]])
         return [bool(k) for k in known]
 
     async def leave(self, node_id: str) -> bool:
@@ -428,7 +444,7 @@ class RedisStore:
         groups = await self._run("peers", artifact_id, requester or "", max_peers)
         # (complete, same zone) -> list of (zone size, candidates)
         buckets: dict[tuple[bool, bool], list[tuple[int, list[dict[str, Any]]]]] = {}
-        for complete, same, size, flat in groups:
+        for complete, same, size, flat, zone in groups:
             cands = []
             for i in range(0, len(flat), 6):
                 nid = _s(flat[i])
@@ -439,6 +455,7 @@ class RedisStore:
                         "node_id": nid,
                         "addr": [_s(flat[i + 1]), int(flat[i + 2])],
                         "progress": float(_s(flat[i + 3])),
+                        "zone": _s(zone),
                         **_nat_fields(flat[i + 4], flat[i + 5]),
                     }
                 )
@@ -473,8 +490,79 @@ class RedisStore:
         self._policy = dict(policy)
 
     async def refresh(self) -> None:
-        (raw,) = await self._cmds([["GET", self.prefix + "policy"]])
+        (raw, braw) = await self._cmds([["GET", self.prefix + "policy"], ["GET", self.prefix + "budgets"]])
         self._policy = json.loads(_s(raw)) if raw else {}
+        try:
+            self._budgets = Budgets.from_json(json.loads(_s(braw)) if braw else None)
+        except (ValueError, TrackerError) as e:  # written by hand into Redis: keep the last good budgets
+            log.warning("ignoring invalid budgets in %sbudgets: %s", self.prefix, e)
+        if self._budgets.active:
+            self._demands = await self._load_demands()
+            self._shares = allocate(self._budgets, self._demands)
+        else:
+            self._shares = {}
+
+    async def _live_zones(self) -> dict[str, str]:
+        """Zone of every live node (cached per node id; looked up in Redis for new ones)."""
+        p = self.prefix
+        (ids,) = await self._cmds([["ZRANGE", p + "alive", 0, -1]])
+        live = [_s(x) for x in ids]
+        new = [n for n in live if n not in self._zones]
+        if new:
+            for n, z in zip(new, await self._cmds([["HGET", p + "n:" + n, "zone"] for n in new]), strict=True):
+                self._zones[n] = _s(z or b"")
+        alive = set(live)
+        for n in [n for n in self._zones if n not in alive]:
+            del self._zones[n]
+        return {n: self._zones[n] for n in live}
+
+    async def _load_demands(self) -> dict[str, Demand]:
+        p = self.prefix
+        zones = await self._live_zones()
+        (raw,) = await self._cmds([["HGETALL", p + "dm"]])
+        reports: dict[str, tuple[float, ...]] = {}
+        gone: list[str] = []
+        for i in range(0, len(raw), 2):
+            nid = _s(raw[i])
+            if nid not in zones:
+                gone.append(nid)
+                continue
+            try:
+                reports[nid] = tuple(float(x) for x in _s(raw[i + 1]).split())
+            except ValueError:
+                gone.append(nid)
+        if gone:
+            await self._cmds([["HDEL", p + "dm", *gone]])
+        prio = self._budgets.priority
+        weights: dict[str, float] = {}
+        if prio:
+            ids = list(zones)
+            held = await self._cmds([["HKEYS", p + "h:" + n] for n in ids]) if ids else []
+            for n, keys in zip(ids, held, strict=True):
+                weights[n] = weight_of({_s(k): 1.0 for k in keys}, prio)
+        out = {}
+        for nid, zone in zones.items():
+            e, c, er, cr = (reports.get(nid) or (0.0, 0.0, 0.0, 0.0))[:4]
+            out[nid] = Demand(zone, e, c, er, cr, weights.get(nid, 1.0))
+        return out
+
+    async def budgets(self) -> Budgets:
+        return self._budgets
+
+    async def set_budgets(self, budgets: Budgets) -> None:
+        """Stored for every replica (each reads it within an interval); this one splits it at once."""
+        await self._cmds([["SET", self.prefix + "budgets", json.dumps(budgets.to_json(), sort_keys=True)]])
+        await self.refresh()
+
+    async def known_zones(self) -> set[str]:
+        return set((await self._live_zones()).values())
+
+    def share_of(self, node_id: str) -> list[float | None] | None:
+        return wire_share(self._budgets, self._shares.get(node_id))
+
+    async def throttle_view(self) -> dict[str, Any]:
+        demands = self._demands if self._budgets.active else await self._load_demands()
+        return throttle_view(self._budgets, demands, self._shares)
 
     # ---- admin views -------------------------------------------------------------------------------
 

@@ -17,7 +17,9 @@ is dropped; a graceful `leave` drops it at once. Dropping removes it from every 
 
 Peer lists: complete holders first, then partial ones; inside each group, holders in the requester's
 zone (label `zone`) first; every sub-group is a uniform random sample, so load spreads over holders;
-the requester is never in its own list; at most `max` entries.
+the requester is never in its own list; at most `max` entries; each entry carries the holder's zone.
+While a cross-zone budget is set (tracker/budgets.py), only one node per zone (its gateway) is given
+holders of other zones (`_may_cross`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
+from tracker.budgets import Budgets, Demand, Share, allocate, weight_of, wire_share
 from tracker.validate import NatInfo, TrackerError
 
 ZONE_LABEL = "zone"
@@ -57,6 +60,7 @@ class Node:
         "heartbeats",
         "nat_type",
         "mapped",
+        "demand",
     )
 
     def __init__(
@@ -82,6 +86,8 @@ class Node:
         self.heartbeats = 0
         self.nat_type: str | None = None  # None: not reported (a node older than NAT detection)
         self.mapped: tuple[str, int] | None = None  # public address the node's NAT maps its port to
+        # (egress, cross, egress_rate, cross_rate) bytes/s from its last heartbeat (tracker/budgets.py)
+        self.demand: tuple[float, float, float, float] | None = None
 
     def set_nat(self, nat: NatInfo | None) -> None:
         self.nat_type, self.mapped = (sys.intern(nat[0]), nat[1]) if nat is not None else (None, None)
@@ -213,6 +219,8 @@ class Registry:
         self.artifacts: dict[str, Artifact] = {}
         self.tags: dict[str, list[TagEvent]] = {}
         self.policy: dict[str, Any] = {}
+        self.budgets = Budgets()
+        self.shares: dict[str, Share] = {}  # from the last `reallocate`, sent with heartbeat replies
         self.counters = Counters()
         self._labels: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
 
@@ -276,6 +284,7 @@ class Registry:
         holdings: dict[str, float] | None,
         now: float,
         session: int | None = None,
+        demand: tuple[float, float, float, float] | None = None,
     ) -> bool:
         """Record a heartbeat; False means the node is unknown (it must register again).
 
@@ -290,6 +299,8 @@ class Registry:
         node.heartbeats += 1
         node.last_seen = now
         self.nodes.move_to_end(node_id)
+        if demand is not None:
+            node.demand = demand
         if holdings is not None and holdings != (node.holdings or {}):
             self._set_holdings(node, holdings)
         return True
@@ -387,10 +398,11 @@ class Registry:
         req = self.nodes.get(requester) if requester else None
         zone = req.zone if req is not None else None
         exclude = requester or ""
+        cross = self._may_cross(art, zone, exclude)
         chosen: list[str] = []
         for complete in (True, False):
             same = [b for (c, z), b in art.holders.items() if c == complete and z == zone]
-            other = [b for (c, z), b in art.holders.items() if c == complete and z != zone]
+            other = [b for (c, z), b in art.holders.items() if c == complete and z != zone] if cross else []
             for bags in (same, other):
                 need = max_peers - len(chosen)
                 if need <= 0:
@@ -404,10 +416,53 @@ class Registry:
                     "node_id": nid,
                     "addr": [n.host, n.port],
                     "progress": (n.holdings or {}).get(aid, 0.0),
+                    "zone": n.zone,
                     **n.nat_fields(),
                 }
             )
         return out
+
+    def _may_cross(self, art: Artifact, zone: str | None, requester: str) -> bool:
+        """Zone-aware piece flow while a cross-zone budget is set: each piece should cross a zone
+        boundary about once, then spread inside the zone. So a zone with a complete holder gets no
+        peers from other zones, and otherwise only its gateway does: the zone's first partial holder
+        (the oldest entry of its bag, stable while it stays), or a requester alone in its zone."""
+        if self.budgets.cross_zone is None or zone is None:
+            return True
+        for (complete, z), bag in art.holders.items():
+            if complete and z == zone and any(x != requester for x in bag.items[:2]):
+                return False
+        partial = art.holders.get((False, zone))
+        if partial is None or not any(x != requester for x in partial.items[:2]):
+            return True
+        return partial.items[0] == requester
+
+    # ---- global budgets (tracker/budgets.py) ---------------------------------------------------------
+
+    def set_budgets(self, budgets: Budgets) -> None:
+        """Replace the budgets and split them at once, so a change reaches nodes with their next heartbeat."""
+        self.budgets = budgets
+        self.reallocate()
+
+    def demands(self) -> dict[str, Demand]:
+        """Every live node's last demand report (a node that sent none demands nothing)."""
+        prio = self.budgets.priority
+        out = {}
+        for nid, n in self.nodes.items():
+            e, c, er, cr = n.demand or (0.0, 0.0, 0.0, 0.0)
+            out[nid] = Demand(n.zone, e, c, er, cr, weight_of(n.holdings, prio))
+        return out
+
+    def reallocate(self) -> None:
+        """Split every budget among the live nodes by their demands (every interval, and on a change)."""
+        self.shares = allocate(self.budgets, self.demands()) if self.budgets.active else {}
+
+    def share_of(self, node_id: str) -> list[float | None] | None:
+        """This node's share as heartbeat replies carry it (tracker/budgets.py wire_share)."""
+        return wire_share(self.budgets, self.shares.get(node_id))
+
+    def known_zones(self) -> set[str]:
+        return {n.zone for n in self.nodes.values()}
 
     # ---- names and manifests -----------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ import trio
 from p2pd.protocol.heartbeat import UDP_VERSION, UdpReply, UdpRequest
 from p2pd.rpc import Emit, Handler, RpcError, serve_connection
 from tracker import validate as V
+from tracker.budgets import parse_report
 from tracker.metrics import Metrics
 from tracker.signals import SignalHub
 from tracker.store import Heartbeat, MemoryStore, Store
@@ -55,8 +56,10 @@ _udp_req_decoder = msgspec.msgpack.Decoder(UdpRequest)
 _udp_encoder = msgspec.msgpack.Encoder()
 
 
-def encode_udp_request(node_id: str, session: int, seq: int, holdings: dict[str, float] | None) -> bytes:
-    return _udp_encoder.encode(UdpRequest(UDP_VERSION, node_id, session, seq, holdings))
+def encode_udp_request(
+    node_id: str, session: int, seq: int, holdings: dict[str, float] | None, demand: list[float] | None = None
+) -> bytes:
+    return _udp_encoder.encode(UdpRequest(UDP_VERSION, node_id, session, seq, holdings, demand))
 
 
 _udp_reply_decoder = msgspec.msgpack.Decoder(UdpReply)
@@ -111,11 +114,12 @@ class TrackerServer:
         async def heartbeat(p: dict[str, Any], emit: Emit) -> Any:
             nid = V.node_id(p.get("node_id"))
             holdings = V.holdings(p.get("holdings"))
-            (known,) = await store.heartbeat_many([Heartbeat(nid, holdings)])
+            (known,) = await store.heartbeat_many([Heartbeat(nid, holdings, demand=parse_report(p.get("demand")))])
             return {
                 "interval": store.interval,
                 "known": known,
                 "policy": await store.policy(),
+                "share": store.share_of(nid),
                 "udp_port": self.udp_port,
                 "stun": self.stun_advert(),
             }
@@ -193,14 +197,14 @@ class TrackerServer:
 
     # ---- UDP heartbeats ----------------------------------------------------------------------------
 
-    def _drain(self, sock: socket.socket) -> tuple[list[Heartbeat], list[tuple[Any, int]]]:
+    def _drain(self, sock: socket.socket) -> tuple[list[Heartbeat], list[tuple[Any, int, str]]]:
         """Read every datagram that is ready (up to a batch), without blocking or switching tasks."""
         m = self.metrics
         decode = _udp_req_decoder.decode
         recvfrom = sock.recvfrom
         stun = self.stun.on_heartbeat_port if self.stun is not None and sock in self.stun.sockets.values() else None
         beats: list[Heartbeat] = []
-        meta: list[tuple[Any, int]] = []
+        meta: list[tuple[Any, int, str]] = []
         for _ in range(UDP_MAX_BATCH):
             try:
                 data, addr = recvfrom(UDP_MAX_DATAGRAM)
@@ -223,8 +227,8 @@ class TrackerServer:
                 m.udp_rejected += 1
                 log.debug("udp datagram from %s rejected: %s", addr, e)
                 continue
-            beats.append(Heartbeat(req.node_id, holdings, req.session))
-            meta.append((addr, req.seq))
+            beats.append(Heartbeat(req.node_id, holdings, req.session, parse_report(req.demand)))
+            meta.append((addr, req.seq, req.node_id))
         return beats, meta
 
     def _memory_batch(self, sock: socket.socket, store: MemoryStore) -> int:
@@ -245,9 +249,13 @@ class TrackerServer:
         move_to_end = nodes.move_to_end
         now = store.clock()
         stun = self.stun.on_heartbeat_port if self.stun is not None and sock in self.stun.sockets.values() else None
-        # reply = msgpack [1, seq, known, interval, policy]: everything but seq is the same for the batch
+        # reply = msgpack [1, seq, known, interval, policy]: everything but seq is the same for the batch;
+        # with global budgets set, a 6th element carries each node's own share (tracker/budgets.py)
         tail = _udp_encoder.encode(store.interval) + _udp_encoder.encode(reg.policy)
         known_tail, unknown_tail = b"\xc3" + tail, b"\xc2" + tail
+        budgets = reg.budgets.active
+        head = b"\x96\x01" if budgets else b"\x95\x01"
+        share_of = reg.share_of
         n = fast = 0
         for _ in range(UDP_MAX_BATCH):
             try:
@@ -269,20 +277,23 @@ class TrackerServer:
                 m.udp_rejected += 1
                 log.debug("udp datagram from %s rejected: %s", addr, e)
                 continue
-            if holdings is None:  # the steady state, inlined: what Registry.heartbeat does for it
+            demand = parse_report(req.demand) if req.demand is not None else None
+            if holdings is None and demand is None:  # the steady state, inlined: what Registry.heartbeat does
                 node = get_node(req.node_id)
                 if node is not None and node.session == req.session:
                     node.last_seen = now
                     node.heartbeats += 1
                     move_to_end(req.node_id)
                     fast += 1
-                    reply = b"\x95\x01" + encode_int(req.seq) + known_tail
+                    reply = head + encode_int(req.seq) + known_tail
                 else:
                     known = heartbeat(req.node_id, None, now, req.session)  # counts the unknown one
-                    reply = b"\x95\x01" + encode_int(req.seq) + (known_tail if known else unknown_tail)
+                    reply = head + encode_int(req.seq) + (known_tail if known else unknown_tail)
             else:
-                known = heartbeat(req.node_id, holdings, now, req.session)
-                reply = b"\x95\x01" + encode_int(req.seq) + (known_tail if known else unknown_tail)
+                known = heartbeat(req.node_id, holdings, now, req.session, demand)
+                reply = head + encode_int(req.seq) + (known_tail if known else unknown_tail)
+            if budgets:
+                reply += encode_int(share_of(req.node_id))
             try:
                 sendto(reply, addr)
             except (BlockingIOError, InterruptedError):
@@ -295,13 +306,13 @@ class TrackerServer:
         return n
 
     def _reply(
-        self, sock: socket.socket, meta: list[tuple[Any, int]], known: list[bool], policy: dict[str, Any]
+        self, sock: socket.socket, meta: list[tuple[Any, int, str]], known: list[bool], policy: dict[str, Any]
     ) -> None:
         encode = _udp_encoder.encode
         interval = self.store.interval
-        for (addr, seq), k in zip(meta, known, strict=True):
+        for (addr, seq, nid), k in zip(meta, known, strict=True):
             try:
-                sock.sendto(encode(UdpReply(UDP_VERSION, seq, k, interval, policy)), addr)
+                sock.sendto(encode(UdpReply(UDP_VERSION, seq, k, interval, policy, self.store.share_of(nid))), addr)
             except (BlockingIOError, InterruptedError):
                 pass  # send buffer full: the node retries over TCP; UDP replies are best effort by design
             except OSError as e:
@@ -324,7 +335,7 @@ class TrackerServer:
                 if self._memory_batch(sock, store):
                     m.udp_batches += 1
                     m.udp_batch_seconds.observe(time.perf_counter() - t0)
-        send, recv = trio.open_memory_channel[tuple[float, list[Heartbeat], list[tuple[Any, int]]]](0)
+        send, recv = trio.open_memory_channel[tuple[float, list[Heartbeat], list[tuple[Any, int, str]]]](0)
 
         async def worker() -> None:
             warned = 0.0

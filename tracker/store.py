@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tracker.budgets import Budgets, usage
 from tracker.registry import Registry
 from tracker.validate import NatInfo
 
@@ -38,6 +39,7 @@ class Heartbeat:
     node_id: str
     holdings: dict[str, float] | None  # None: unchanged since the last acknowledged heartbeat
     session: int | None = None
+    demand: tuple[float, float, float, float] | None = None  # tracker/budgets.py parse_report; None: none sent
 
 
 @dataclass(slots=True)
@@ -67,6 +69,11 @@ class Store(Protocol):
     async def policy(self) -> dict[str, Any]: ...
     async def set_policy(self, policy: dict[str, Any]) -> None: ...
     async def refresh(self) -> None: ...
+    async def budgets(self) -> Budgets: ...
+    async def set_budgets(self, budgets: Budgets) -> None: ...
+    async def known_zones(self) -> set[str]: ...
+    def share_of(self, node_id: str) -> list[float | None] | None: ...
+    async def throttle_view(self) -> dict[str, Any]: ...
     async def node_list(self, limit: int) -> list[dict[str, Any]]: ...
     async def artifact_list(self) -> list[dict[str, Any]]: ...
     async def swarm(self, artifact_id: str) -> dict[str, Any]: ...
@@ -103,7 +110,7 @@ class MemoryStore:
         """Synchronous batch heartbeat: the UDP fast path calls this without a task switch."""
         now = self.clock()
         hb = self.reg.heartbeat
-        return [hb(b.node_id, b.holdings, now, b.session) for b in beats]
+        return [hb(b.node_id, b.holdings, now, b.session, b.demand) for b in beats]
 
     async def heartbeat_many(self, beats: list[Heartbeat]) -> list[bool]:
         return self.heartbeat_now(beats)
@@ -147,7 +154,22 @@ class MemoryStore:
         self.reg.policy = dict(policy)
 
     async def refresh(self) -> None:
-        return None
+        self.reg.reallocate()
+
+    async def budgets(self) -> Budgets:
+        return self.reg.budgets
+
+    async def set_budgets(self, budgets: Budgets) -> None:
+        self.reg.set_budgets(budgets)
+
+    async def known_zones(self) -> set[str]:
+        return self.reg.known_zones()
+
+    def share_of(self, node_id: str) -> list[float | None] | None:
+        return self.reg.share_of(node_id)
+
+    async def throttle_view(self) -> dict[str, Any]:
+        return throttle_view(self.reg.budgets, self.reg.demands(), self.reg.shares)
 
     async def node_list(self, limit: int) -> list[dict[str, Any]]:
         return self.reg.node_list(self.clock(), limit)
@@ -163,3 +185,28 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         return None
+
+
+def throttle_view(budgets: Budgets, demands: dict[str, Any], shares: dict[str, Any]) -> dict[str, Any]:
+    """What `throttle show` prints: the budgets, current use (as nodes measured it), every node's share."""
+    nodes = []
+    for nid, d in sorted(demands.items()):
+        sh = shares.get(nid)
+        nodes.append(
+            {
+                "node_id": nid,
+                "zone": d.zone,
+                "demand": d.egress,
+                "rate": d.egress_rate,
+                "cross_rate": d.cross_rate,
+                "share": None if sh is None else sh.egress,
+                "cross_share": None if sh is None else sh.cross,
+            }
+        )
+    return {
+        "budgets": budgets.to_json(),
+        "active": budgets.active,
+        "paused": budgets.paused,
+        "use": usage(demands),
+        "nodes": nodes,
+    }

@@ -20,6 +20,8 @@ class UdpRequest(msgspec.Struct, array_like=True):
     session: int
     seq: int
     holdings: dict[str, float] | None = None
+    # [egress, cross, egress_rate, cross_rate] bytes/s for the tracker's global budgets; None: not sent
+    demand: list[float] | None = None
 
 
 class UdpReply(msgspec.Struct, array_like=True):
@@ -28,3 +30,6 @@ class UdpReply(msgspec.Struct, array_like=True):
     known: bool
     interval: float
     policy: dict[str, Any]
+    # this node's share of the global budgets, [egress, cross] bytes/s (None inside: no such budget);
+    # absent (None) when no budget is set
+    share: list[float | None] | None = None

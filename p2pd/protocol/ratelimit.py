@@ -6,6 +6,10 @@ concurrent senders fair and the long-run rate exact, with bursts bounded by `bur
 
 `Hierarchy` chains buckets (cluster policy > node > peer): a transfer waits for the slowest level, so
 per-peer shares and a global cap pushed by the tracker compose without special cases.
+
+A rate of 0 means paused (the tracker's global budget of 0, tracker/budgets.py): nothing may be sent
+and no debt builds up; the caller waits while `Hierarchy.paused` holds and reserves once it clears,
+so a resume takes effect at once instead of after a wait computed under the old rate.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ class TokenBucket:
         return self._rate
 
     def set_rate(self, rate: float, burst: float | None = None, now: float | None = None) -> None:
-        """Change the rate (math.inf = unlimited); takes effect for the next reservation."""
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, got {rate}")
+        """Change the rate (math.inf = unlimited, 0 = paused); takes effect for the next reservation."""
+        if not rate >= 0:
+            raise ValueError(f"rate must be positive or 0 (paused), got {rate}")
         if now is not None:
             self._refill(now)
         self._rate = rate
@@ -50,6 +54,8 @@ class TokenBucket:
         """Take `n` bytes' worth of tokens; return seconds to wait before using them."""
         if math.isinf(self._rate):
             return 0.0
+        if self._rate == 0:
+            return math.inf  # paused: the caller waits for `Hierarchy.paused` to clear (nothing is taken)
         self._refill(now)
         self.tokens -= n
         if self.tokens >= 0:
@@ -67,6 +73,14 @@ class Hierarchy:
 
     def __init__(self, *buckets: TokenBucket) -> None:
         self.buckets = list(buckets)
+        # what the node reports as demand for global budgets (p2pd/daemon.py): bytes reserved, and
+        # seconds of waiting the limits imposed (a node that waits would send more if allowed)
+        self.reserved = 0
+        self.waited = 0.0
+
+    @property
+    def paused(self) -> bool:
+        return any(b.rate == 0 for b in self.buckets)
 
     @property
     def unlimited(self) -> bool:
@@ -89,9 +103,16 @@ class Hierarchy:
         return int(min(largest, max(MIN_CHUNK, self.rate * PACE_SECONDS)))
 
     def reserve(self, n: int, now: float) -> float:
-        return max((b.reserve(n, now) for b in self.buckets), default=0.0)
+        """Seconds to wait before sending `n` bytes (math.inf while paused: wait for `paused` to clear)."""
+        if self.paused:
+            return math.inf
+        delay = max((b.reserve(n, now) for b in self.buckets), default=0.0)
+        self.reserved += n
+        self.waited += delay
+        return delay
 
     def refund(self, n: int) -> None:
+        self.reserved -= n
         for b in self.buckets:
             b.refund(n)
 

@@ -35,7 +35,7 @@ async def test_register_publish_resolve_peers_leave(cluster: LocalCluster) -> No
         assert hb["known"] is True and hb["policy"] == {}
         await leech.heartbeat({aid: 0.0})
         peers = await leech.peers(aid)
-        assert peers == [{"node_id": nid(1), "addr": ["127.0.0.1", 9001], "progress": 1.0}]
+        assert peers == [{"node_id": nid(1), "addr": ["127.0.0.1", 9001], "progress": 1.0, "zone": "a"}]
         # the unspecified host 0.0.0.0 is replaced by the address the tracker saw
         assert (await seed.peers(aid))[0]["addr"] == ["127.0.0.1", 9002]
         with pytest.raises(RpcError) as e:

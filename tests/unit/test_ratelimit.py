@@ -223,7 +223,7 @@ def test_set_rate_shrinks_tokens_to_new_burst() -> None:
     assert b.tokens == 10.0
 
 
-@pytest.mark.parametrize("rate", [0, -1, -math.inf])
+@pytest.mark.parametrize("rate", [-1, -math.inf, math.nan])
 def test_rate_must_be_positive(rate: float) -> None:
     with pytest.raises(ValueError, match="positive"):
         TokenBucket(rate)
@@ -294,3 +294,32 @@ async def test_throttle_without_limiter_does_not_sleep(autojump_clock: trio.test
     await throttle(None, 1 << 30)
     await throttle(Hierarchy(unlimited(t)), 1 << 30)
     assert trio.current_time() == t
+
+
+async def test_pause_holds_senders_without_debt_and_resume_is_immediate(autojump_clock: trio.testing.MockClock) -> None:
+    """A rate of 0 (a global budget of 0): senders wait, nothing is charged, and a resume applies at once."""
+    share = TokenBucket(10 * MB, now=trio.current_time())
+    limiter = Hierarchy(TokenBucket(math.inf), share)
+    sent: list[tuple[float, int]] = []
+
+    async def sender() -> None:
+        while trio.current_time() < 30.0:
+            await throttle(limiter, SEND_CHUNK)
+            sent.append((trio.current_time(), SEND_CHUNK))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        await trio.sleep(5.0)
+        share.set_rate(0, now=trio.current_time())
+        assert limiter.paused and limiter.reserve(1, trio.current_time()) == math.inf
+        await trio.sleep(10.0)
+        resumed = trio.current_time()
+        share.set_rate(10 * MB, now=resumed)
+        assert not limiter.paused
+    during = [t for t, _ in sent if 5.1 < t < resumed]
+    assert during == []  # nothing went out while paused
+    after = [t for t, _ in sent if t >= resumed]
+    assert after and after[0] - resumed < 0.1  # no debt from the pause: sending starts at once
+    in_window = sum(n for t, n in sent if resumed + 1 <= t <= resumed + 11)
+    assert in_window / 10 == pytest.approx(10 * MB, rel=0.02)
+    assert limiter.waited > 9.0  # the pause counts as waiting: a paused node reports it wants more
