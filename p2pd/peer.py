@@ -11,6 +11,7 @@ protocol violation or error closes this connection only; the stream is closed by
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import trio
@@ -33,7 +34,9 @@ WATCHDOG_EVERY = 0.2  # seconds between the watchdog's looks (a fifth of the def
 class UploadSource(Protocol):
     """Where the bytes of a piece we upload come from (the piece store)."""
 
-    def spans(self, index: int) -> list[tuple[int, int, int]]: ...  # (fd, offset, length) per file span
+    def pinned_spans(
+        self, index: int
+    ) -> AbstractContextManager[list[tuple[int, int, int]]]: ...  # (fd, offset, length) per file span, valid inside
 
     def read_piece(self, index: int) -> bytes | bytearray: ...
 
@@ -143,15 +146,17 @@ class PeerConn:
         else:
             await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_RAW, length), more=True)
             sent = 0
-            for fd, off, n in host.store.spans(index):
-                while n:
-                    chunk = n if limiter is None else min(n, limiter.chunk(SEND_CHUNK))
-                    await throttle(limiter, chunk)
-                    await self.io.sendfile(fd, off, chunk)
-                    off += chunk
-                    n -= chunk
-                    sent += chunk
-                    host.note_upload(chunk)
+            with host.store.pinned_spans(index) as spans:  # the fds stay open and ours across the awaits
+                for fd, off, n in spans:
+                    while n:
+                        chunk = n if limiter is None else min(n, limiter.chunk(SEND_CHUNK))
+                        await throttle(limiter, chunk)
+                        await self.io.sendfile(fd, off, chunk)
+                        off += chunk
+                        n -= chunk
+                        sent += chunk
+                        host.note_upload(chunk)
+        self.session.piece_sent(index)
         self.bytes_up += sent
         self.last_send = trio.current_time()
 

@@ -18,6 +18,8 @@ marked pieces are verified again, so a torn write can cost a re-fetch but never 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import json
 import logging
@@ -25,7 +27,8 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,15 +188,35 @@ class Journal:
 
 
 # --------------------------------------------------------------------------- piece store
-class PieceStore:
-    """Random-access piece I/O over an artifact's files (staging for downloads, any root for seeding)."""
+MAX_OPEN_FILES = 64  # per store: pieces in flight touch a few files each; a 100,000-file artifact must fit 1,024 fds
 
-    def __init__(self, manifest: mf.Manifest, root: Path, *, writable: bool) -> None:
+
+class PieceStore:
+    """Random-access piece I/O over an artifact's files (staging for downloads, any root for seeding).
+
+    Files are opened on first use and kept in an LRU of at most `max_open` descriptors, so an
+    artifact of 100,000 small files works under `ulimit -n 1024` and a seeding node does not hold
+    one descriptor per file it ever served. A descriptor handed out (`pinned_spans`, for sendfile
+    across awaits, or a worker thread's read or write) is pinned: it is not closed, and its number
+    cannot be reused for another file, until it is released; the LRU may then run over its bound by
+    the pinned ones for a moment. The lock makes the LRU safe to use from worker threads.
+    """
+
+    def __init__(self, manifest: mf.Manifest, root: Path, *, writable: bool, max_open: int = MAX_OPEN_FILES) -> None:
         self.manifest = manifest
         self.layout = mf.Layout(manifest)
         self.root = root
         self.writable = writable
-        self._fds: list[int] = [-1] * len(manifest.files)
+        self.max_open = max(1, max_open)
+        self._open: collections.OrderedDict[int, int] = collections.OrderedDict()  # file index -> fd, oldest first
+        self._pins: dict[int, int] = {}  # file index -> holders of its fd
+        self._dirty: set[int] = set()  # written since the last sync (fsync reaches them through any fd)
+        self._lock = threading.Lock()
+        self._closed = False  # closed: still usable, but keeps no file open between uses
+
+    @property
+    def open_files(self) -> int:
+        return len(self._open)
 
     def preallocate(self) -> None:
         """Create every file at its final size; raise StorageError early when the disk is too small.
@@ -221,40 +244,108 @@ class PieceStore:
         for i, f in enumerate(self.manifest.files):
             p = self.root / f.path
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
-            self._fds[i] = fd
-            if f.size and reserve:
-                try:
-                    os.posix_fallocate(fd, 0, f.size)
-                    continue
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        raise StorageError(
-                            f"disk full while preallocating {p}: free space and fetch again", ErrorCode.DISK_FULL
-                        ) from e
-                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-            os.ftruncate(fd, f.size)
+            fd = self._acquire(i, create=True)
+            try:
+                if f.size and reserve:
+                    try:
+                        os.posix_fallocate(fd, 0, f.size)
+                        continue
+                    except OSError as e:
+                        if e.errno == errno.ENOSPC:
+                            raise StorageError(
+                                f"disk full while preallocating {p}: free space and fetch again", ErrorCode.DISK_FULL
+                            ) from e
+                        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                os.ftruncate(fd, f.size)
+            finally:
+                self._release(i)
 
-    def fd(self, i: int) -> int:
-        if self._fds[i] < 0:
-            flags = os.O_RDWR if self.writable else os.O_RDONLY
-            self._fds[i] = os.open(self.root / self.manifest.files[i].path, flags)
-        return self._fds[i]
+    # -- the LRU of open files ---------------------------------------------------------------------
+    def _acquire(self, i: int, *, create: bool = False) -> int:
+        """The fd of file `i`, opened if needed and pinned until `_release(i)`."""
+        with self._lock:
+            fd = self._open.get(i)
+            if fd is not None:
+                self._open.move_to_end(i)
+                self._pins[i] = self._pins.get(i, 0) + 1
+                return fd
+        # open outside the lock (a slow filesystem must not hold up other files' users)
+        flags = (os.O_RDWR | (os.O_CREAT if create else 0)) if self.writable else os.O_RDONLY
+        try:
+            new = os.open(self.root / self.manifest.files[i].path, flags | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise StorageError(
+                    f"out of file descriptors opening a file under {self.root}: raise `ulimit -n`"
+                ) from e
+            raise
+        with self._lock:
+            fd = self._open.get(i)
+            if fd is not None:  # another thread opened it meanwhile: keep one
+                os.close(new)
+                self._open.move_to_end(i)
+            else:
+                fd = self._open[i] = new
+            self._pins[i] = self._pins.get(i, 0) + 1
+            self._evict_locked()
+            return fd
 
-    def spans(self, index: int) -> list[tuple[int, int, int]]:
-        """(fd, file offset, length) per file segment of a piece: what sendfile needs."""
-        return [(self.fd(i), off, n) for i, off, n in self.layout.piece_spans(index)]
+    def _release(self, i: int) -> None:
+        with self._lock:
+            left = self._pins.get(i, 0) - 1
+            if left > 0:
+                self._pins[i] = left
+            else:
+                self._pins.pop(i, None)
+            self._evict_locked()
+
+    def _evict_locked(self) -> None:
+        """Close the least recently used unpinned files until at most `max_open` are open."""
+        over = len(self._open) - (0 if self._closed else self.max_open)
+        if over <= 0:
+            return
+        for i in list(self._open):
+            if over <= 0:
+                break
+            if i in self._pins:
+                continue
+            os.close(self._open.pop(i))
+            over -= 1
+
+    @contextlib.contextmanager
+    def pinned_spans(self, index: int) -> Iterator[list[tuple[int, int, int]]]:
+        """(fd, file offset, length) per file segment of a piece, for sendfile: valid inside the block."""
+        spans = self.layout.piece_spans(index)
+        taken: list[int] = []
+        try:
+            out = []
+            for i, off, n in spans:
+                out.append((self._acquire(i), off, n))
+                taken.append(i)
+            yield out
+        finally:
+            for i in taken:
+                self._release(i)
+
+    def pread(self, file_index: int, n: int, offset: int) -> bytes:
+        """Up to `n` bytes of one file at `offset` (a sample of it, say)."""
+        fd = self._acquire(file_index)
+        try:
+            return os.pread(fd, n, offset)
+        finally:
+            self._release(file_index)
 
     def read_piece(self, index: int) -> bytearray:
         buf = bytearray(self.manifest.piece_length(index))
         view = memoryview(buf)
         pos = 0
-        for fd, off, n in self.spans(index):
-            got = os.preadv(fd, [view[pos : pos + n]], off)
-            if got != n:
-                raise StorageError(f"short read of piece {index}: file truncated under {self.root}?")
-            pos += n
+        with self.pinned_spans(index) as spans:
+            for fd, off, n in spans:
+                got = os.preadv(fd, [view[pos : pos + n]], off)
+                if got != n:
+                    raise StorageError(f"short read of piece {index}: file truncated under {self.root}?")
+                pos += n
         return buf
 
     def verify(self, index: int, data: bytes | bytearray | memoryview) -> bool:
@@ -263,20 +354,22 @@ class PieceStore:
     def write_piece(self, index: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         pos = 0
-        for fd, off, n in self.spans(index):
-            while n:
-                try:
-                    w = os.pwrite(fd, view[pos : pos + n], off)
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        raise StorageError(
-                            f"disk full writing under {self.root}: free space; the download resumes",
-                            ErrorCode.DISK_FULL,
-                        ) from e
-                    raise
-                pos += w
-                off += w
-                n -= w
+        with self.pinned_spans(index) as spans:
+            for (fi, _, _), (fd, off, n) in zip(self.layout.piece_spans(index), spans, strict=True):
+                self._dirty.add(fi)
+                while n:
+                    try:
+                        w = os.pwrite(fd, view[pos : pos + n], off)
+                    except OSError as e:
+                        if e.errno == errno.ENOSPC:
+                            raise StorageError(
+                                f"disk full writing under {self.root}: free space; the download resumes",
+                                ErrorCode.DISK_FULL,
+                            ) from e
+                        raise
+                    pos += w
+                    off += w
+                    n -= w
 
     def verify_existing(self, mask: int) -> int:
         """Re-verify the pieces in `mask` from disk (resume); return the mask of those that match."""
@@ -287,15 +380,27 @@ class PieceStore:
         return ok
 
     def sync(self) -> None:
-        for fd in self._fds:
-            if fd >= 0:
+        """fsync every file written since the last sync (through a fresh fd if its own was evicted:
+        fsync flushes the file's dirty pages whichever descriptor wrote them)."""
+        for i in sorted(self._dirty):
+            fd = self._acquire(i)
+            try:
                 os.fsync(fd)
+            finally:
+                self._release(i)
+        self._dirty.clear()
 
     def close(self) -> None:
-        for i, fd in enumerate(self._fds):
-            if fd >= 0:
-                os.close(fd)
-                self._fds[i] = -1
+        """Close every open file not pinned right now (a pinned one closes when its holder releases it).
+
+        Idempotent; a closed store still answers (each use opens and closes its files), so a late
+        worker thread of a stopped download fails or finishes cleanly instead of using a stale fd.
+        """
+        with self._lock:
+            for i in list(self._open):
+                if i not in self._pins:
+                    os.close(self._open.pop(i))
+            self._closed = True
 
 
 # --------------------------------------------------------------------------- catalog
@@ -424,6 +529,34 @@ class Catalog:
         (self.staging / f"{artifact_id}.journal").unlink(missing_ok=True)
         self._staged_name_path(artifact_id).unlink(missing_ok=True)
         return dst
+
+    def reopen_for_repair(self, artifact_id: str, name: str, good: int) -> bool:
+        """Turn a cached artifact with corrupt pieces back into a download that resumes from `good`.
+
+        The files move back to staging (writable again) with a journal of the pieces still believed
+        good (the resume verifies them all again), and the record goes last: a crash in between
+        leaves a download to resume, never a record whose files are wrong. False when the artifact
+        is not in the cache (a published source directory is the user's: it is never written).
+        """
+        src = self.cache / artifact_id
+        dst = self.staging_root(artifact_id)
+        m = self.load_manifest(artifact_id)
+        if m is None or not src.is_dir():
+            return False
+        for dirpath, _dirs, files in os.walk(src):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                os.chmod(p, os.stat(p).st_mode | stat.S_IWUSR)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.rename(src, dst)
+        fsync_dir(self.staging)
+        journal = self.journal(artifact_id, m)
+        journal.open(good)
+        journal.close()
+        self.save_staged_name(artifact_id, name)
+        self.forget(artifact_id)
+        return True
 
 
 def apply_modes(root: Path, m: mf.Manifest) -> None:
