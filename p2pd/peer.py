@@ -40,6 +40,8 @@ class UploadSource(Protocol):
 
     def read_piece(self, index: int) -> bytes | bytearray: ...
 
+    def sendfile_fits(self, index: int) -> bool: ...  # False: the piece spans too many files to pin their fds
+
 
 class PeerHost(Protocol):
     """What a connection needs from the swarm it serves, and all it may touch."""
@@ -137,12 +139,20 @@ class PeerConn:
             packed = await trio.to_thread.run_sync(self._zc.compress, raw)
             if len(packed) < length * self.cfg.compress_min_saving:
                 payload = packed
+        raw_payload: bytes | bytearray | None = None
+        if payload is None and not host.store.sendfile_fits(index):  # thousands of tiny files: from memory
+            raw_payload = await trio.to_thread.run_sync(host.store.read_piece, index)
         limiter = host.egress
         if payload is not None:
             await throttle(limiter, len(payload))
             await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_ZSTD, len(payload)) + payload)
             host.note_upload(len(payload))
             sent = len(payload)
+        elif raw_payload is not None:
+            await throttle(limiter, len(raw_payload))
+            await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_RAW, length) + raw_payload)
+            host.note_upload(len(raw_payload))
+            sent = len(raw_payload)
         else:
             await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_RAW, length), more=True)
             sent = 0

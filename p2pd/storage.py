@@ -336,16 +336,28 @@ class PieceStore:
         finally:
             self._release(file_index)
 
+    def sendfile_fits(self, index: int) -> bool:
+        """Can the piece's files all be pinned at once for sendfile (else send it from memory)?
+
+        A 256 KiB piece of an artifact of one-byte files spans thousands of files: pinning them all
+        would take as many fds as the old store did.
+        """
+        return len(self.layout.piece_spans(index)) <= max(1, self.max_open // 2)
+
     def read_piece(self, index: int) -> bytearray:
+        """The piece's bytes, reading one file at a time (holds one fd at a time, whatever the piece spans)."""
         buf = bytearray(self.manifest.piece_length(index))
         view = memoryview(buf)
         pos = 0
-        with self.pinned_spans(index) as spans:
-            for fd, off, n in spans:
+        for fi, off, n in self.layout.piece_spans(index):
+            fd = self._acquire(fi)
+            try:
                 got = os.preadv(fd, [view[pos : pos + n]], off)
-                if got != n:
-                    raise StorageError(f"short read of piece {index}: file truncated under {self.root}?")
-                pos += n
+            finally:
+                self._release(fi)
+            if got != n:
+                raise StorageError(f"short read of piece {index}: file truncated under {self.root}?")
+            pos += n
         return buf
 
     def verify(self, index: int, data: bytes | bytearray | memoryview) -> bool:
@@ -354,9 +366,10 @@ class PieceStore:
     def write_piece(self, index: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         pos = 0
-        with self.pinned_spans(index) as spans:
-            for (fi, _, _), (fd, off, n) in zip(self.layout.piece_spans(index), spans, strict=True):
-                self._dirty.add(fi)
+        for fi, off, n in self.layout.piece_spans(index):
+            self._dirty.add(fi)
+            fd = self._acquire(fi)
+            try:
                 while n:
                     try:
                         w = os.pwrite(fd, view[pos : pos + n], off)
@@ -370,6 +383,8 @@ class PieceStore:
                     pos += w
                     off += w
                     n -= w
+            finally:
+                self._release(fi)
 
     def verify_existing(self, mask: int) -> int:
         """Re-verify the pieces in `mask` from disk (resume); return the mask of those that match."""
