@@ -165,9 +165,14 @@ class Daemon:
         path = self.socket_path
         path.unlink(missing_ok=True)  # we hold the data-dir lock, so no live daemon owns it
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        raw.bind(str(path))
-        # owner and group only: the API can publish any file the daemon can read
-        os.chmod(path, 0o660)
+        # Owner and group only: the API can publish any file the daemon can read. The socket is
+        # created with that mode (umask around bind), never briefly open to all before a chmod.
+        # umask is per process; nothing else creates files while the daemon starts up here.
+        old_umask = os.umask(0o117)
+        try:
+            raw.bind(str(path))
+        finally:
+            os.umask(old_umask)
         raw.listen(128)
         return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
 
@@ -581,6 +586,8 @@ class Daemon:
                 raise RpcError(ErrorCode.BAD_REQUEST, f"dest must be absolute, got {dest_path}")
             try:
                 result["path"] = str(await trio.to_thread.run_sync(materialize, rec, dest_path))
+            except StorageError as e:
+                raise RpcError(e.code, f"cannot place the artifact at {dest_path}: {e}") from None
             except OSError as e:
                 raise RpcError(ErrorCode.STORAGE, f"cannot place the artifact at {dest_path}: {e}") from None
         return result

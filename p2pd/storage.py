@@ -24,6 +24,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -584,26 +585,84 @@ def apply_modes(root: Path, m: mf.Manifest) -> None:
 def materialize(rec: Record, dest: Path) -> Path:
     """Place a complete artifact at `dest` (hard links when on the same filesystem, else copies).
 
-    Each file appears atomically (link/copy to a temp name, then rename), so an interrupted call
-    leaves either the old file or the new one, never a partial file under the final name.
+    Each file appears atomically (link/copy to an unpredictable temp name created exclusively, then
+    rename), so an interrupted call leaves either the old file or the new one, never a partial file
+    under the final name. Nothing at or below `dest` is followed if it is a symlink (issue #14 row 11:
+    `dest/sub -> /victimdir` was written through): every directory is opened relative to its parent
+    with O_NOFOLLOW, and files are created and renamed relative to that fd.
     """
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in rec.manifest.files:
-        src = rec.root / f.path
-        dst = dest / f.path
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.p2pd-tmp-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        try:
+    dest.parent.mkdir(parents=True, exist_ok=True)  # above dest: the caller's own path, as given
+    parent_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        root_fd = _open_subdir(parent_fd, dest.name, dest)
+    finally:
+        os.close(parent_fd)
+    try:
+        for f in rec.manifest.files:
+            *dirs, name = f.path.split("/")
+            fd = root_fd
             try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copyfile(src, tmp)
-                os.chmod(tmp, 0o555 if f.executable else 0o444)
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
+                for i, d in enumerate(dirs):
+                    sub = _open_subdir(fd, d, dest.joinpath(*dirs[: i + 1]))
+                    if fd != root_fd:
+                        os.close(fd)
+                    fd = sub
+                _place_file(rec.root / f.path, fd, name, 0o555 if f.executable else 0o444)
+            finally:
+                if fd != root_fd:
+                    os.close(fd)
+    finally:
+        os.close(root_fd)
     return dest / rec.manifest.files[0].path if rec.manifest.single_file else dest
+
+
+def _open_subdir(dir_fd: int, name: str, shown: Path) -> int:
+    """Open (creating if needed) directory `name` in `dir_fd`, refusing a symlink in its place."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o755, dir_fd=dir_fd)
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StorageError(
+                f"{shown} is a symlink or not a directory: p2pd never writes through links; remove it",
+                ErrorCode.BAD_REQUEST,
+            ) from e
+        raise
+
+
+def _place_file(src: Path, dir_fd: int, name: str, mode: int) -> None:
+    """Hard-link (else copy) `src` as `name` in `dir_fd`, via a fresh temp name and an atomic rename."""
+    for _ in range(100):
+        tmp = f".{name}.p2pd-tmp-{secrets.token_hex(8)}"
+        try:
+            os.link(src, tmp, dst_dir_fd=dir_fd, follow_symlinks=False)
+            break
+        except FileExistsError:
+            continue
+        except OSError:  # another filesystem (EXDEV) or links not allowed: copy into a new file of our own
+            try:
+                out = os.open(
+                    tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
+                )
+            except FileExistsError:
+                continue
+            try:
+                with open(src, "rb") as fin, os.fdopen(out, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, READ_CHUNK)
+                    os.fchmod(fout.fileno(), mode)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
+            break
+    else:
+        raise StorageError(f"could not create a temp file beside {name}", ErrorCode.STORAGE)
+    try:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces a symlink itself, never its target
+    finally:  # rename onto another link of the same inode does nothing and leaves tmp: remove it
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -711,3 +711,35 @@ def test_sync_reaches_files_whose_fd_was_evicted(tmp_path: Path, monkeypatch: py
 
 def bits_full(n: int) -> int:
     return (1 << n) - 1
+
+
+def test_materialize_never_writes_through_a_planted_symlink(record: Record, tmp_path: Path) -> None:
+    """Issue #14 row 11: `dest/nested -> /victimdir` was written through."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "nested").symlink_to(victim)
+    with pytest.raises(StorageError, match="symlink") as ei:
+        storage.materialize(record, dest)
+    assert ei.value.code is ErrorCode.BAD_REQUEST
+    assert list(victim.iterdir()) == []
+    (dest / "nested").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    dest2 = tmp_path / "linked-dest"
+    dest2.symlink_to(tmp_path / "elsewhere")  # dest itself a symlink: refused too
+    with pytest.raises(StorageError, match="symlink"):
+        storage.materialize(record, dest2)
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_materialize_replaces_a_symlink_at_a_file_name_instead_of_following_it(record: Record, tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "config.json").symlink_to(target)
+    storage.materialize(record, dest)
+    assert target.read_bytes() == b"keep me"
+    assert not (dest / "config.json").is_symlink()
+    assert (dest / "config.json").read_bytes() == TREE["config.json"]
