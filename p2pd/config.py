@@ -41,6 +41,10 @@ class SwarmConfig:
     compress_min_saving: float = 0.9  # send a compressed piece only if it is below this fraction of the raw one
     seed_distinct: bool = True  # a complete node sends every piece once before it sends any piece twice
     serve_tail: int = 16  # a complete node always serves a peer missing at most this many pieces
+    # -- bad pieces (strikes with expiry, not bans for ever: a seeder with one rotten piece on disk repairs it)
+    strikes_to_ban: int = 2  # bad pieces from one peer before we stop using it (one can be a disk's fault)
+    strike_expiry: float = 120.0  # seconds a strike (and a ban) lasts: long enough for the peer to repair its copy
+    integrity_wait: float = 10.0  # a piece that came only corrupt, with no other holder this long: fail (integrity)
 
 
 PATHS = ("direct", "tcp-punch", "udp-punch", "relay")  # every path a node may race to reach a peer, in the order tried
@@ -84,6 +88,10 @@ class DaemonConfig:
     socket_path: Path | None = None
     tracker_wait: float = 30.0  # a node booting before its tracker waits this long for it instead of exiting
     listen_backlog: int = 512  # pending peer connections the kernel queues while we accept
+    # -- resource bounds (issue #14): whoever can reach the peer port must not exhaust fds or memory
+    max_incoming: int = 512  # accepted peer connections at once; also at most half the fds (RLIMIT_NOFILE)
+    max_incoming_per_addr: int = 32  # per source address: above a node's artifacts at once, far below the total
+    open_files_per_artifact: int = 64  # open fds per artifact's files (an LRU): a 100,000-file model fits 1,024 fds
     goodbye_timeout: float = 2.0  # on stop: for the tracker's LEAVE, then again for every peer's GOODBYE
     failed_swarm_wait: float = 10.0  # a failed download's worker-thread write finishes before a retry reopens its files
     # NAT detection (p2pd/nat_detect.py), against the tracker's STUN server

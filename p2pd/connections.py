@@ -71,6 +71,8 @@ async def read_handshake(io: StreamIO, timeout: float) -> wire.Handshake:
         t, n = wire.parse_header(await io.read_exactly(wire.HEADER_SIZE), 0)
         if t is not wire.MsgType.HANDSHAKE:
             raise wire.ProtocolError(f"expected HANDSHAKE, got {t.name}")
+        if n > wire.MAX_HANDSHAKE_FRAME:  # refused before buffering it (issue #14 row 4)
+            raise wire.ProtocolError(f"HANDSHAKE of {n} bytes exceeds limit {wire.MAX_HANDSHAKE_FRAME}")
         hs = wire.decode_body(t, await io.read_exactly(n))
     assert isinstance(hs, wire.Handshake)
     if hs.version != wire.PROTOCOL_VERSION:

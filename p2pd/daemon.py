@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from p2pd import __version__, connections, paths
+from p2pd.admission import Admission, incoming_cap, raise_fd_limit
 from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
@@ -62,6 +63,8 @@ class Daemon:
         self.egress: Hierarchy | None = None
         self.ingress: Hierarchy | None = None
         self._lock_fd = -1
+        self.admission = Admission(config.max_incoming, config.max_incoming_per_addr)
+        self._repairing: set[str] = set()  # cached artifacts being turned back into downloads
         # direct TCP, raced with a punched TCP connection and a relay for peers behind NATs
         self.traversal = Traversal(
             self.node_id,
@@ -79,6 +82,14 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._take_lock()
+        fd_limit = raise_fd_limit()
+        self.admission.max_total = incoming_cap(self.config.max_incoming, fd_limit)
+        if self.admission.max_total < self.config.max_incoming:
+            log.warning(
+                "open-file limit %d: accepting at most %d peer connections (raise `ulimit -Hn` for more)",
+                fd_limit,
+                self.admission.max_total,
+            )
         now = trio.current_time()
         # Two levels per direction: this node's configured cap, and the cap the tracker's cluster
         # policy gives this node (pushed with heartbeat replies, applied at once).
@@ -185,9 +196,14 @@ class Daemon:
         path = self.socket_path
         path.unlink(missing_ok=True)  # we hold the data-dir lock, so no live daemon owns it
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        raw.bind(str(path))
-        # owner and group only: the API can publish any file the daemon can read
-        os.chmod(path, 0o660)
+        # Owner and group only: the API can publish any file the daemon can read. The socket is
+        # created with that mode (umask around bind), never briefly open to all before a chmod.
+        # umask is per process; nothing else creates files while the daemon starts up here.
+        old_umask = os.umask(0o117)
+        try:
+            raw.bind(str(path))
+        finally:
+            os.umask(old_umask)
         raw.listen(128)
         return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
 
@@ -345,6 +361,7 @@ class Daemon:
             on_complete=self._on_complete,
             zone=self.config.labels.get("zone", ""),
             cross_limits=(self.cross_egress, self.cross_ingress),
+            on_damaged=self._on_damaged,
             **kw,
         )
 
@@ -356,6 +373,44 @@ class Daemon:
         assert self._nursery is not None
         self._nursery.start_soon(self._announce)
 
+    def _on_damaged(self, sw: Swarm, index: int) -> None:
+        """A piece we held is corrupt on disk: tell the tracker now; a cached copy is fetched again."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._announce)
+        if sw.complete and sw.store.root.parent == self.catalog.cache and sw.artifact_id not in self._repairing:
+            self._repairing.add(sw.artifact_id)
+            self._nursery.start_soon(self._repair, sw)
+        elif sw.complete:
+            log.error(
+                "%s: the published files under %s are corrupt: republish from a good copy", sw.name, sw.store.root
+            )
+
+    async def _repair(self, sw: Swarm) -> None:
+        """Re-fetch the corrupt pieces of a cached artifact: it becomes a download resuming from the rest."""
+        aid = sw.artifact_id
+        try:
+            sw.stop()
+            with trio.move_on_after(self.config.failed_swarm_wait):
+                await sw.stopped.wait()
+            await sw.leave("repairing a corrupt piece")
+            if self.swarms.get(aid) is sw:
+                del self.swarms[aid]
+            good = sw.have_mask
+            try:
+                moved = await trio.to_thread.run_sync(self.catalog.reopen_for_repair, aid, sw.name, good)
+            except OSError as e:
+                log.error("%s: cannot reopen the cached copy for repair: %s", sw.name, e)
+                return
+            if not moved:
+                return
+            log.info("%s: fetching %d corrupt piece(s) again", sw.name, sw.n - good.bit_count())
+            try:
+                await self._get_or_start(aid, sw.name, sw.manifest)
+            except RpcError as e:
+                log.error("%s: repair download could not start: %s", sw.name, e)
+        finally:
+            self._repairing.discard(aid)
+
     async def _load_catalog(self, nursery: trio.Nursery) -> None:
         from p2pd import envpack
 
@@ -365,7 +420,7 @@ class Daemon:
             if not rec.root.exists():
                 log.warning("%s: %s is gone; no longer seeding it", rec.name, rec.root)
                 continue
-            store = PieceStore(rec.manifest, rec.root, writable=False)
+            store = PieceStore(rec.manifest, rec.root, writable=False, max_open=self.config.open_files_per_artifact)
             sw = self._new_swarm(rec.artifact_id, rec.name, rec.manifest, store, bits.full(rec.manifest.num_pieces))
             self.swarms[rec.artifact_id] = sw
             await nursery.start(sw.run)
@@ -386,7 +441,7 @@ class Daemon:
         self.catalog.save_manifest(aid, m)
         self.catalog.save_staged_name(aid, name)
         root = self.catalog.staging_root(aid)
-        store = PieceStore(m, root, writable=True)
+        store = PieceStore(m, root, writable=True, max_open=self.config.open_files_per_artifact)
         journal = self.catalog.journal(aid, m)
 
         def prepare() -> int:
@@ -400,7 +455,16 @@ class Daemon:
             have = await trio.to_thread.run_sync(prepare)
         except StorageError as e:
             store.close()
+            journal.close()
             raise RpcError(e.code, e.message) from e
+        except OSError as e:  # every path closes the store: a failed fetch must not keep its fds
+            store.close()
+            journal.close()
+            raise RpcError(ErrorCode.STORAGE, f"cannot prepare the download of {name} in {root}: {e}") from e
+        except BaseException:
+            store.close()
+            journal.close()
+            raise
         if have:
             log.info("%s: resuming with %d of %d pieces already verified", name, have.bit_count(), m.num_pieces)
         sw = self._new_swarm(aid, name, m, store, have, journal=journal, resumed_pieces=have.bit_count())
@@ -440,9 +504,27 @@ class Daemon:
         """One accepted connection: handshake, then the swarm of the artifact it names runs it."""
         try:
             peer = stream.socket.getpeername()
-            addr = f"{peer[0]}:{peer[1]}"
+            host, addr = str(peer[0]), f"{peer[0]}:{peer[1]}"
         except OSError:
-            addr = "unknown"
+            host = addr = "unknown"
+        refused = self.admission.admit(host)
+        if refused is not None:  # closed before reading a byte: refusing must cost less than accepting
+            if self.admission.refused % 1000 == 1:
+                log.warning(
+                    "refusing incoming connections from %s: %s (%d refused so far)",
+                    addr,
+                    refused,
+                    self.admission.refused,
+                )
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        try:
+            await self._serve_admitted(stream, addr)
+        finally:
+            self.admission.release(host)
+
+    async def _serve_admitted(self, stream: trio.SocketStream, addr: str) -> None:
         async with stream:
             try:
                 conn = await connections.accept(
@@ -495,6 +577,11 @@ class Daemon:
             **self.limits(),
             "nat": (self.nat.status if self.nat is not None else NatStatus(state="off")).to_json(trio.current_time()),
             "traversal": self.traversal.status(),
+            "incoming": {
+                "connections": self.admission.total,
+                "max": self.admission.max_total,
+                "refused": self.admission.refused,
+            },
         }
 
     async def api_shutdown(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -535,7 +622,8 @@ class Daemon:
         self.catalog.save_manifest(aid, m)
         if aid not in self.swarms:
             self.catalog.mark_complete(aid, name, root, published=True)
-            sw = self._new_swarm(aid, name, m, PieceStore(m, root, writable=False), bits.full(m.num_pieces))
+            store = PieceStore(m, root, writable=False, max_open=self.config.open_files_per_artifact)
+            sw = self._new_swarm(aid, name, m, store, bits.full(m.num_pieces))
             self.swarms[aid] = sw
             await self._nursery.start(sw.run)
         try:
@@ -594,6 +682,8 @@ class Daemon:
                 raise RpcError(ErrorCode.BAD_REQUEST, f"dest must be absolute, got {dest_path}")
             try:
                 result["path"] = str(await trio.to_thread.run_sync(materialize, rec, dest_path))
+            except StorageError as e:
+                raise RpcError(e.code, f"cannot place the artifact at {dest_path}: {e}") from None
             except OSError as e:
                 raise RpcError(ErrorCode.STORAGE, f"cannot place the artifact at {dest_path}: {e}") from None
         return result

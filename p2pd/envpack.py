@@ -93,6 +93,14 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VENV_INTERP_RE = re.compile(r"^bin/python[0-9.]*$")
 _ENV_SHEBANG_RE = re.compile(rb"^#!/usr/bin/env ([A-Za-z0-9._+-]+)([ \t][^\n]*)?\n")
 _CHUNK = 1 << 20
+# Unpacking bounds (issue #14 rows 8, 12): a 32 KB archive that unpacked to 1 GiB was accepted.
+UNPACKED_SIZE_KEY = "unpacked_size"  # manifest meta: bytes of the env's regular files, declared by `pack`
+UNPACKED_SLACK = 0.05  # conda-pack adds its own small files (conda-unpack, activate): the declaration may be short
+UNPACKED_SLACK_BYTES = 64 << 20
+MAX_RATIO = 100  # unpacked / archive bytes: real envs are 3-10x (zstd), text-heavy ones up to ~30x
+RATIO_FLOOR = 64 << 20  # below this many unpacked bytes no ratio is checked (tiny archives compress absurdly)
+FREE_SPACE_RESERVE = 256 << 20  # left free on the envs filesystem after an unpack, for everything else
+NO_GROUP_OTHER_WRITE = 0o022  # stripped from every file and dir: an env is shared read-only by its users
 _RAY_CONDA_NAMES = ("ray-core", "ray", "ray-default", "ray-all")
 
 
@@ -151,6 +159,7 @@ def pack(
     level = DEFAULT_LEVEL[fmt] if compress_level is None else compress_level
     meta = _conda_meta(prefix) if env_type == "conda" else _venv_meta(prefix)
     meta["env_format"] = fmt
+    meta[UNPACKED_SIZE_KEY] = str(_tree_size(prefix))
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"{base}.{fmt}"
     partial = out / f".{base}.{fmt}.partial-{secrets.token_hex(4)}"
@@ -183,6 +192,15 @@ class _ProgressFiles(list[Any]):
             yield f
             done += size
             self._progress(done, total)
+
+
+def _tree_size(prefix: Path) -> int:
+    """Bytes of the regular files under `prefix` (not following symlinks): the size an unpack declares."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(prefix):
+        for f in files:
+            total += _lsize(os.path.join(dirpath, f))
+    return total
 
 
 def _lsize(path: str) -> int:
@@ -426,7 +444,8 @@ def materialize(
             os.chmod(tmp, 0o755)  # not subject to umask: workers of other users run the env
             fmt = _archive_format(archive, meta.get("env_format", ""))
             env_type = meta.get("env_type", "")
-            _safe_extract(archive, fmt, tmp, venv_links=env_type == "venv", progress=progress)
+            limits = _unpack_limits(archive, envs_root, meta)
+            _safe_extract(archive, fmt, tmp, venv_links=env_type == "venv", progress=progress, limits=limits)
             if not env_type:
                 env_type = (
                     "conda"
@@ -598,7 +617,68 @@ def _archive_format(archive: Path, declared: str) -> str:
     return found
 
 
-def _safe_extract(archive: Path, fmt: str, dest: Path, *, venv_links: bool, progress: Progress | None) -> None:
+class _UnpackLimits:
+    """How many bytes an unpack may write, and why that many (for the error that stops it)."""
+
+    def __init__(self, max_bytes: int, why: str) -> None:
+        self.max_bytes = max_bytes
+        self.why = why
+        self.written = 0
+
+    def add(self, member: str, size: int) -> None:
+        """Count a regular member before a byte of it is written; refuse it past the limit."""
+        self.written += size
+        if self.written > self.max_bytes:
+            raise EnvPackError(
+                f"refusing {member!r}: the env would unpack to more than {self.max_bytes} bytes ({self.why})"
+            )
+
+
+def _unpack_limits(archive: Path, envs_root: Path, meta: dict[str, str]) -> _UnpackLimits:
+    """The tightest of: the declared unpacked size (with slack), the compression ratio, the free space.
+
+    The free space is checked up front against the declared size (a clear error before anything is
+    written) and bounds the unpack while it runs whatever the archive claims.
+    """
+    compressed = archive.stat().st_size
+    free = shutil.disk_usage(envs_root).free - FREE_SPACE_RESERVE
+    limits = [
+        (
+            max(RATIO_FLOOR, compressed * MAX_RATIO),
+            f"{MAX_RATIO}x its {compressed}-byte archive: a decompression bomb?",
+        ),
+        (max(0, free), f"free space in {envs_root} less a {FREE_SPACE_RESERVE >> 20} MiB reserve"),
+    ]
+    declared_text = meta.get(UNPACKED_SIZE_KEY)
+    if declared_text is not None:
+        try:
+            declared = int(declared_text)
+        except ValueError:
+            raise EnvPackError(
+                f"meta {UNPACKED_SIZE_KEY}={declared_text!r} is not a number: re-pack and publish"
+            ) from None
+        if declared < 0:
+            raise EnvPackError(f"meta {UNPACKED_SIZE_KEY}={declared} is negative: re-pack and publish")
+        if declared > free:
+            raise EnvPackError(
+                f"not enough space in {envs_root} to unpack this env: it needs {declared} bytes, "
+                f"{max(0, free)} are free (after a {FREE_SPACE_RESERVE >> 20} MiB reserve): free space"
+            )
+        allowed = declared + int(declared * UNPACKED_SLACK) + UNPACKED_SLACK_BYTES
+        limits.append((allowed, f"its manifest declares {declared} bytes"))
+    max_bytes, why = min(limits)
+    return _UnpackLimits(max_bytes, why)
+
+
+def _safe_extract(
+    archive: Path,
+    fmt: str,
+    dest: Path,
+    *,
+    venv_links: bool,
+    progress: Progress | None,
+    limits: _UnpackLimits | None = None,
+) -> None:
     total = archive.stat().st_size
     with open(archive, "rb") as raw:
         counted = _CountingReader(raw, total, progress)
@@ -629,7 +709,7 @@ def _safe_extract(archive: Path, fmt: str, dest: Path, *, venv_links: bool, prog
             gzip.BadGzipFile,
             *decode_errors,
         )
-        ex = _Extractor(dest, venv_links)
+        ex = _Extractor(dest, venv_links, limits)
         try:
             with contextlib.closing(stream), tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
@@ -644,9 +724,10 @@ def _safe_extract(archive: Path, fmt: str, dest: Path, *, venv_links: bool, prog
 class _Extractor:
     """Writes tar members under ``root`` one at a time, refusing anything that could escape it."""
 
-    def __init__(self, root: Path, venv_links: bool) -> None:
+    def __init__(self, root: Path, venv_links: bool, limits: _UnpackLimits | None = None) -> None:
         self.root = root
         self.venv_links = venv_links
+        self.limits = limits
         self.dirs: dict[str, int] = {}  # rel -> mode, applied at the end (a 0555 dir must stay writable until then)
         self.ok_dirs: set[str] = {""}
         self.regular: set[str] = set()
@@ -694,12 +775,14 @@ class _Extractor:
             if rel in self.links:
                 self.links.remove(rel)
         if m.isreg():
+            if self.limits is not None:
+                self.limits.add(m.name, m.size)
             src = tar.extractfile(m)
             assert src is not None  # isreg() members always have a file object
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as out:
                 shutil.copyfileobj(src, out, _CHUNK)
-                os.fchmod(out.fileno(), (m.mode & 0o777) | 0o600)
+                os.fchmod(out.fileno(), (m.mode & 0o777 & ~NO_GROUP_OTHER_WRITE) | 0o600)
             os.utime(path, (m.mtime, m.mtime))  # .pyc files are validated against source mtimes
             self.regular.add(rel)
         elif m.issym():
@@ -764,7 +847,7 @@ class _Extractor:
                     f"refusing {rel!r}: symlink resolves to {real!r}, outside the env (through other symlinks)"
                 )
         for rel in sorted(self.dirs, key=lambda r: -r.count("/")):
-            os.chmod(os.path.join(self.root, rel), (self.dirs[rel] & 0o777) | 0o700)
+            os.chmod(os.path.join(self.root, rel), (self.dirs[rel] & 0o777 & ~NO_GROUP_OTHER_WRITE) | 0o700)
 
     def _to_interpreter(self, rel: str) -> bool:
         """venv ``bin/python -> python3 -> /base/python3``: bare-name links in bin/ ending at the interpreter."""

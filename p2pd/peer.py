@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import trio
@@ -46,9 +47,13 @@ def _active(limiter: Hierarchy) -> Hierarchy | None:
 class UploadSource(Protocol):
     """Where the bytes of a piece we upload come from (the piece store)."""
 
-    def spans(self, index: int) -> list[tuple[int, int, int]]: ...  # (fd, offset, length) per file span
+    def pinned_spans(
+        self, index: int
+    ) -> AbstractContextManager[list[tuple[int, int, int]]]: ...  # (fd, offset, length) per file span, valid inside
 
     def read_piece(self, index: int) -> bytes | bytearray: ...
+
+    def sendfile_fits(self, index: int) -> bool: ...  # False: the piece spans too many files to pin their fds
 
 
 class PeerHost(Protocol):
@@ -166,23 +171,33 @@ class PeerConn:
             if len(packed) < length * self.cfg.compress_min_saving:
                 payload = packed
         limiter = host.egress if self.limits is None else _active(self.limits[0])
+        raw_payload: bytes | bytearray | None = None
+        if payload is None and not host.store.sendfile_fits(index):  # thousands of tiny files: from memory
+            raw_payload = await trio.to_thread.run_sync(host.store.read_piece, index)
         if payload is not None:
             await throttle(limiter, len(payload))
             await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_ZSTD, len(payload)) + payload)
             host.note_upload(len(payload))
             sent = len(payload)
+        elif raw_payload is not None:
+            await throttle(limiter, len(raw_payload))
+            await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_RAW, length) + raw_payload)
+            host.note_upload(len(raw_payload))
+            sent = len(raw_payload)
         else:
             await self.io.send_all(wire.encode_piece_header(index, wire.CODEC_RAW, length), more=True)
             sent = 0
-            for fd, off, n in host.store.spans(index):
-                while n:
-                    chunk = n if limiter is None else min(n, limiter.chunk(SEND_CHUNK))
-                    await throttle(limiter, chunk)
-                    await self.io.sendfile(fd, off, chunk)
-                    off += chunk
-                    n -= chunk
-                    sent += chunk
-                    host.note_upload(chunk)
+            with host.store.pinned_spans(index) as spans:  # the fds stay open and ours across the awaits
+                for fd, off, n in spans:
+                    while n:
+                        chunk = n if limiter is None else min(n, limiter.chunk(SEND_CHUNK))
+                        await throttle(limiter, chunk)
+                        await self.io.sendfile(fd, off, chunk)
+                        off += chunk
+                        n -= chunk
+                        sent += chunk
+                        host.note_upload(chunk)
+        self.session.piece_sent(index)
         self.bytes_up += sent
         self.last_send = trio.current_time()
 

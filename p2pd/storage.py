@@ -18,14 +18,18 @@ marked pieces are verified again, so a torn write can cost a re-fetch but never 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,15 +189,35 @@ class Journal:
 
 
 # --------------------------------------------------------------------------- piece store
-class PieceStore:
-    """Random-access piece I/O over an artifact's files (staging for downloads, any root for seeding)."""
+MAX_OPEN_FILES = 64  # per store: pieces in flight touch a few files each; a 100,000-file artifact must fit 1,024 fds
 
-    def __init__(self, manifest: mf.Manifest, root: Path, *, writable: bool) -> None:
+
+class PieceStore:
+    """Random-access piece I/O over an artifact's files (staging for downloads, any root for seeding).
+
+    Files are opened on first use and kept in an LRU of at most `max_open` descriptors, so an
+    artifact of 100,000 small files works under `ulimit -n 1024` and a seeding node does not hold
+    one descriptor per file it ever served. A descriptor handed out (`pinned_spans`, for sendfile
+    across awaits, or a worker thread's read or write) is pinned: it is not closed, and its number
+    cannot be reused for another file, until it is released; the LRU may then run over its bound by
+    the pinned ones for a moment. The lock makes the LRU safe to use from worker threads.
+    """
+
+    def __init__(self, manifest: mf.Manifest, root: Path, *, writable: bool, max_open: int = MAX_OPEN_FILES) -> None:
         self.manifest = manifest
         self.layout = mf.Layout(manifest)
         self.root = root
         self.writable = writable
-        self._fds: list[int] = [-1] * len(manifest.files)
+        self.max_open = max(1, max_open)
+        self._open: collections.OrderedDict[int, int] = collections.OrderedDict()  # file index -> fd, oldest first
+        self._pins: dict[int, int] = {}  # file index -> holders of its fd
+        self._dirty: set[int] = set()  # written since the last sync (fsync reaches them through any fd)
+        self._lock = threading.Lock()
+        self._closed = False  # closed: still usable, but keeps no file open between uses
+
+    @property
+    def open_files(self) -> int:
+        return len(self._open)
 
     def preallocate(self) -> None:
         """Create every file at its final size; raise StorageError early when the disk is too small.
@@ -221,37 +245,117 @@ class PieceStore:
         for i, f in enumerate(self.manifest.files):
             p = self.root / f.path
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
-            self._fds[i] = fd
-            if f.size and reserve:
-                try:
-                    os.posix_fallocate(fd, 0, f.size)
-                    continue
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        raise StorageError(
-                            f"disk full while preallocating {p}: free space and fetch again", ErrorCode.DISK_FULL
-                        ) from e
-                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-            os.ftruncate(fd, f.size)
+            fd = self._acquire(i, create=True)
+            try:
+                if f.size and reserve:
+                    try:
+                        os.posix_fallocate(fd, 0, f.size)
+                        continue
+                    except OSError as e:
+                        if e.errno == errno.ENOSPC:
+                            raise StorageError(
+                                f"disk full while preallocating {p}: free space and fetch again", ErrorCode.DISK_FULL
+                            ) from e
+                        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                os.ftruncate(fd, f.size)
+            finally:
+                self._release(i)
 
-    def fd(self, i: int) -> int:
-        if self._fds[i] < 0:
-            flags = os.O_RDWR if self.writable else os.O_RDONLY
-            self._fds[i] = os.open(self.root / self.manifest.files[i].path, flags)
-        return self._fds[i]
+    # -- the LRU of open files ---------------------------------------------------------------------
+    def _acquire(self, i: int, *, create: bool = False) -> int:
+        """The fd of file `i`, opened if needed and pinned until `_release(i)`."""
+        with self._lock:
+            fd = self._open.get(i)
+            if fd is not None:
+                self._open.move_to_end(i)
+                self._pins[i] = self._pins.get(i, 0) + 1
+                return fd
+        # open outside the lock (a slow filesystem must not hold up other files' users)
+        flags = (os.O_RDWR | (os.O_CREAT if create else 0)) if self.writable else os.O_RDONLY
+        try:
+            new = os.open(self.root / self.manifest.files[i].path, flags | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise StorageError(
+                    f"out of file descriptors opening a file under {self.root}: raise `ulimit -n`"
+                ) from e
+            raise
+        with self._lock:
+            fd = self._open.get(i)
+            if fd is not None:  # another thread opened it meanwhile: keep one
+                os.close(new)
+                self._open.move_to_end(i)
+            else:
+                fd = self._open[i] = new
+            self._pins[i] = self._pins.get(i, 0) + 1
+            self._evict_locked()
+            return fd
 
-    def spans(self, index: int) -> list[tuple[int, int, int]]:
-        """(fd, file offset, length) per file segment of a piece: what sendfile needs."""
-        return [(self.fd(i), off, n) for i, off, n in self.layout.piece_spans(index)]
+    def _release(self, i: int) -> None:
+        with self._lock:
+            left = self._pins.get(i, 0) - 1
+            if left > 0:
+                self._pins[i] = left
+            else:
+                self._pins.pop(i, None)
+            self._evict_locked()
+
+    def _evict_locked(self) -> None:
+        """Close the least recently used unpinned files until at most `max_open` are open."""
+        over = len(self._open) - (0 if self._closed else self.max_open)
+        if over <= 0:
+            return
+        for i in list(self._open):
+            if over <= 0:
+                break
+            if i in self._pins:
+                continue
+            os.close(self._open.pop(i))
+            over -= 1
+
+    @contextlib.contextmanager
+    def pinned_spans(self, index: int) -> Iterator[list[tuple[int, int, int]]]:
+        """(fd, file offset, length) per file segment of a piece, for sendfile: valid inside the block."""
+        spans = self.layout.piece_spans(index)
+        taken: list[int] = []
+        try:
+            out = []
+            for i, off, n in spans:
+                out.append((self._acquire(i), off, n))
+                taken.append(i)
+            yield out
+        finally:
+            for i in taken:
+                self._release(i)
+
+    def pread(self, file_index: int, n: int, offset: int) -> bytes:
+        """Up to `n` bytes of one file at `offset` (a sample of it, say)."""
+        fd = self._acquire(file_index)
+        try:
+            return os.pread(fd, n, offset)
+        finally:
+            self._release(file_index)
+
+    def sendfile_fits(self, index: int) -> bool:
+        """Can the piece's files all be pinned at once for sendfile (else send it from memory)?
+
+        A 256 KiB piece of an artifact of one-byte files spans thousands of files: pinning them all
+        would take as many fds as the old store did.
+        """
+        return len(self.layout.piece_spans(index)) <= max(1, self.max_open // 2)
 
     def read_piece(self, index: int) -> bytearray:
+        """The piece's bytes, reading one file at a time (holds one fd at a time, whatever the piece spans)."""
         buf = bytearray(self.manifest.piece_length(index))
         view = memoryview(buf)
         pos = 0
-        for fd, off, n in self.spans(index):
-            got = os.preadv(fd, [view[pos : pos + n]], off)
+        for fi, off, n in self.layout.piece_spans(index):
+            fd = self._acquire(fi)
+            try:
+                got = os.preadv(fd, [view[pos : pos + n]], off)
+            finally:
+                self._release(fi)
             if got != n:
                 raise StorageError(f"short read of piece {index}: file truncated under {self.root}?")
             pos += n
@@ -263,20 +367,25 @@ class PieceStore:
     def write_piece(self, index: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         pos = 0
-        for fd, off, n in self.spans(index):
-            while n:
-                try:
-                    w = os.pwrite(fd, view[pos : pos + n], off)
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        raise StorageError(
-                            f"disk full writing under {self.root}: free space; the download resumes",
-                            ErrorCode.DISK_FULL,
-                        ) from e
-                    raise
-                pos += w
-                off += w
-                n -= w
+        for fi, off, n in self.layout.piece_spans(index):
+            self._dirty.add(fi)
+            fd = self._acquire(fi)
+            try:
+                while n:
+                    try:
+                        w = os.pwrite(fd, view[pos : pos + n], off)
+                    except OSError as e:
+                        if e.errno == errno.ENOSPC:
+                            raise StorageError(
+                                f"disk full writing under {self.root}: free space; the download resumes",
+                                ErrorCode.DISK_FULL,
+                            ) from e
+                        raise
+                    pos += w
+                    off += w
+                    n -= w
+            finally:
+                self._release(fi)
 
     def verify_existing(self, mask: int) -> int:
         """Re-verify the pieces in `mask` from disk (resume); return the mask of those that match."""
@@ -287,15 +396,27 @@ class PieceStore:
         return ok
 
     def sync(self) -> None:
-        for fd in self._fds:
-            if fd >= 0:
+        """fsync every file written since the last sync (through a fresh fd if its own was evicted:
+        fsync flushes the file's dirty pages whichever descriptor wrote them)."""
+        for i in sorted(self._dirty):
+            fd = self._acquire(i)
+            try:
                 os.fsync(fd)
+            finally:
+                self._release(i)
+        self._dirty.clear()
 
     def close(self) -> None:
-        for i, fd in enumerate(self._fds):
-            if fd >= 0:
-                os.close(fd)
-                self._fds[i] = -1
+        """Close every open file not pinned right now (a pinned one closes when its holder releases it).
+
+        Idempotent; a closed store still answers (each use opens and closes its files), so a late
+        worker thread of a stopped download fails or finishes cleanly instead of using a stale fd.
+        """
+        with self._lock:
+            for i in list(self._open):
+                if i not in self._pins:
+                    os.close(self._open.pop(i))
+            self._closed = True
 
 
 # --------------------------------------------------------------------------- catalog
@@ -425,6 +546,34 @@ class Catalog:
         self._staged_name_path(artifact_id).unlink(missing_ok=True)
         return dst
 
+    def reopen_for_repair(self, artifact_id: str, name: str, good: int) -> bool:
+        """Turn a cached artifact with corrupt pieces back into a download that resumes from `good`.
+
+        The files move back to staging (writable again) with a journal of the pieces still believed
+        good (the resume verifies them all again), and the record goes last: a crash in between
+        leaves a download to resume, never a record whose files are wrong. False when the artifact
+        is not in the cache (a published source directory is the user's: it is never written).
+        """
+        src = self.cache / artifact_id
+        dst = self.staging_root(artifact_id)
+        m = self.load_manifest(artifact_id)
+        if m is None or not src.is_dir():
+            return False
+        for dirpath, _dirs, files in os.walk(src):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                os.chmod(p, os.stat(p).st_mode | stat.S_IWUSR)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.rename(src, dst)
+        fsync_dir(self.staging)
+        journal = self.journal(artifact_id, m)
+        journal.open(good)
+        journal.close()
+        self.save_staged_name(artifact_id, name)
+        self.forget(artifact_id)
+        return True
+
 
 def apply_modes(root: Path, m: mf.Manifest) -> None:
     for f in m.files:
@@ -436,26 +585,84 @@ def apply_modes(root: Path, m: mf.Manifest) -> None:
 def materialize(rec: Record, dest: Path) -> Path:
     """Place a complete artifact at `dest` (hard links when on the same filesystem, else copies).
 
-    Each file appears atomically (link/copy to a temp name, then rename), so an interrupted call
-    leaves either the old file or the new one, never a partial file under the final name.
+    Each file appears atomically (link/copy to an unpredictable temp name created exclusively, then
+    rename), so an interrupted call leaves either the old file or the new one, never a partial file
+    under the final name. Nothing at or below `dest` is followed if it is a symlink (issue #14 row 11:
+    `dest/sub -> /victimdir` was written through): every directory is opened relative to its parent
+    with O_NOFOLLOW, and files are created and renamed relative to that fd.
     """
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in rec.manifest.files:
-        src = rec.root / f.path
-        dst = dest / f.path
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.p2pd-tmp-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        try:
+    dest.parent.mkdir(parents=True, exist_ok=True)  # above dest: the caller's own path, as given
+    parent_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        root_fd = _open_subdir(parent_fd, dest.name, dest)
+    finally:
+        os.close(parent_fd)
+    try:
+        for f in rec.manifest.files:
+            *dirs, name = f.path.split("/")
+            fd = root_fd
             try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copyfile(src, tmp)
-                os.chmod(tmp, 0o555 if f.executable else 0o444)
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
+                for i, d in enumerate(dirs):
+                    sub = _open_subdir(fd, d, dest.joinpath(*dirs[: i + 1]))
+                    if fd != root_fd:
+                        os.close(fd)
+                    fd = sub
+                _place_file(rec.root / f.path, fd, name, 0o555 if f.executable else 0o444)
+            finally:
+                if fd != root_fd:
+                    os.close(fd)
+    finally:
+        os.close(root_fd)
     return dest / rec.manifest.files[0].path if rec.manifest.single_file else dest
+
+
+def _open_subdir(dir_fd: int, name: str, shown: Path) -> int:
+    """Open (creating if needed) directory `name` in `dir_fd`, refusing a symlink in its place."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o755, dir_fd=dir_fd)
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StorageError(
+                f"{shown} is a symlink or not a directory: p2pd never writes through links; remove it",
+                ErrorCode.BAD_REQUEST,
+            ) from e
+        raise
+
+
+def _place_file(src: Path, dir_fd: int, name: str, mode: int) -> None:
+    """Hard-link (else copy) `src` as `name` in `dir_fd`, via a fresh temp name and an atomic rename."""
+    for _ in range(100):
+        tmp = f".{name}.p2pd-tmp-{secrets.token_hex(8)}"
+        try:
+            os.link(src, tmp, dst_dir_fd=dir_fd, follow_symlinks=False)
+            break
+        except FileExistsError:
+            continue
+        except OSError:  # another filesystem (EXDEV) or links not allowed: copy into a new file of our own
+            try:
+                out = os.open(
+                    tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
+                )
+            except FileExistsError:
+                continue
+            try:
+                with open(src, "rb") as fin, os.fdopen(out, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, READ_CHUNK)
+                    os.fchmod(fout.fileno(), mode)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
+            break
+    else:
+        raise StorageError(f"could not create a temp file beside {name}", ErrorCode.STORAGE)
+    try:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces a symlink itself, never its target
+    finally:  # rename onto another link of the same inode does nothing and leaves tmp: remove it
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

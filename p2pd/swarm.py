@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
 import random
 import resource
 import time
@@ -91,6 +90,7 @@ class Swarm:
         resumed_pieces: int = 0,
         zone: str = "",
         cross_limits: tuple[Hierarchy, Hierarchy] | None = None,
+        on_damaged: Callable[[Swarm, int], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.artifact_id = artifact_id
@@ -111,6 +111,7 @@ class Swarm:
         self.journal = journal
         self.find_peers = find_peers
         self.on_complete = on_complete
+        self.on_damaged = on_damaged  # a piece we held failed verification on disk (the daemon repairs it)
         self.n = manifest.num_pieces
         self.have_mask = have
         self._full = bits.full(self.n)
@@ -127,7 +128,12 @@ class Swarm:
             self.done.set()
         self.conns: dict[str, PeerConn] = {}
         self.connecting: set[str] = set()
-        self.banned: dict[str, str] = {}
+        self.banned: dict[str, str] = {}  # node id -> why; until ban_until (strikes expire: not for ever)
+        self.ban_until: dict[str, float] = {}
+        self.strikes: dict[str, list[float]] = {}  # node id -> times it sent a corrupt piece
+        self.bad_from: dict[int, set[str]] = {}  # piece -> node ids that sent a corrupt copy of it
+        self._no_source_since: dict[int, float] = {}  # piece -> since when only those had it
+        self._nursery: trio.Nursery | None = None
         self.retry_after: dict[str, float] = {}
         self.down = RateMeter()
         self.up = RateMeter()
@@ -170,7 +176,20 @@ class Swarm:
 
     @property
     def progress(self) -> float:
-        return 1.0 if self.complete else self.pieces_done / max(1, self.n)
+        """What the tracker is told: below 1.0 once a piece found corrupt on disk was dropped."""
+        return self.pieces_done / max(1, self.n)
+
+    def is_banned(self, node_id: str) -> bool:
+        """Banned now (a ban ends after `strike_expiry`: the peer may have repaired its copy)."""
+        until = self.ban_until.get(node_id)
+        if until is None:
+            return False
+        if trio.current_time() >= until:
+            del self.ban_until[node_id]
+            self.banned.pop(node_id, None)
+            self.strikes.pop(node_id, None)
+            return False
+        return True
 
     def should_compress(self, i: int) -> bool:
         """Compress pieces of files that compress (configs, tokenizers, tarballs), not weights."""
@@ -181,7 +200,7 @@ class Swarm:
             return False
         fi, off, n = spans[0]
         if fi not in self._compressible:
-            sample = os.pread(self.store.fd(fi), min(n, 65536), off)  # a sample, not the whole piece
+            sample = self.store.pread(fi, min(n, 65536), off)  # a sample, not the whole piece
             packed = zstandard.ZstdCompressor(level=1).compress(sample)
             self._compressible[fi] = len(packed) < self.config.compressible_ratio * len(sample)
         return self._compressible[fi]
@@ -239,7 +258,7 @@ class Swarm:
             "downloaded": self.down.total,
             "path": str(self.record().path if self.complete else self.store.root),
             "resumed_pieces": self.resumed_pieces,
-            "banned_peers": len(self.banned),
+            "banned_peers": sum(1 for nid in list(self.ban_until) if self.is_banned(nid)),
             "pieces_sent": seeding.pieces_sent,
             "pieces_sent_again": seeding.pieces_sent_again,
             "pieces_deferred": seeding.pieces_deferred,
@@ -271,7 +290,7 @@ class Swarm:
 
     def _register(self, peer: PeerConn) -> bool:
         """Adopt a connection; of two between the same nodes, the lower id's outgoing one wins."""
-        if peer.remote_id in self.banned or self.error is not None:
+        if self.is_banned(peer.remote_id) or self.error is not None:
             return False
         existing = self.conns.get(peer.remote_id)
         if existing is not None:
@@ -311,6 +330,9 @@ class Swarm:
             else:
                 session.accept_upload(i)
         elif isinstance(event, ps.HaveReceived):
+            bad = self.bad_from.get(event.index)
+            if bad is not None:
+                bad.discard(conn.remote_id)  # it announces the piece again: it repaired its copy
             if picker.knows(session) and picker.peer_have(session, event.index):
                 self.fill(conn)
         elif isinstance(event, ps.BitfieldReceived):
@@ -325,6 +347,8 @@ class Swarm:
         elif isinstance(event, ps.RequestDeferred) and picker.knows(session):
             picker.defer(session, event.index)
             self.fill(conn)
+        elif isinstance(event, ps.BadPieceReported) and self._nursery is not None:
+            self._nursery.start_soon(self._reverify, conn, event.index)
 
     def fill(self, conn: PeerConn) -> None:
         if self.downloading and not conn.closed:
@@ -366,13 +390,7 @@ class Swarm:
                 self.fill(conn)
                 continue
             if not ok:
-                self.picker.request_failed(conn.session, i)
-                self.banned[conn.remote_id] = f"sent corrupt piece {i}"
-                log.warning(
-                    "peer %s (%s) sent piece %d that fails verification: banned", conn.remote_id[:8], conn.addr, i
-                )
-                conn.close(CloseReason.BANNED, f"corrupt piece {i}")
-                self.fill_all()
+                self._bad_piece(conn, i)
                 continue
             if not self.have_mask:
                 log.debug("%s: first piece verified", self.name)
@@ -387,6 +405,98 @@ class Swarm:
                 await self._finish()
             else:
                 self.fill_all()
+
+    def _bad_piece(self, conn: PeerConn, i: int) -> None:
+        """A piece from `conn` fails verification: tell it (it re-verifies its copy), strike it, ask others.
+
+        One bad piece can be a sender's disk gone bad, which it repairs once told; a peer that sends
+        `strikes_to_ban` of them within `strike_expiry` is banned for that long, not for ever.
+        """
+        nid, cfg = conn.remote_id, self.config
+        now = trio.current_time()
+        self.picker.request_failed(conn.session, i, peer_lacks=True)
+        self.bad_from.setdefault(i, set()).add(nid)
+        if not conn.closed:
+            conn.session.report_bad(i)
+        strikes = [t for t in self.strikes.get(nid, []) if t > now - cfg.strike_expiry] + [now]
+        self.strikes[nid] = strikes
+        if len(strikes) >= cfg.strikes_to_ban:
+            self.banned[nid] = f"sent {len(strikes)} corrupt pieces (last: {i})"
+            self.ban_until[nid] = now + cfg.strike_expiry
+            log.warning(
+                "peer %s (%s) sent piece %d that fails verification: banned for %.0f s (%d strikes)",
+                nid[:8],
+                conn.addr,
+                i,
+                cfg.strike_expiry,
+                len(strikes),
+            )
+            conn.close(CloseReason.BANNED, f"corrupt piece {i}")
+        else:
+            log.warning("peer %s (%s) sent piece %d that fails verification: told it", nid[:8], conn.addr, i)
+        self.fill_all()
+
+    def _check_sources(self) -> None:
+        """Fail the download (INTEGRITY) when a piece has come only corrupt and nobody else has it.
+
+        Waiting for ever would hang the fetch with every honest copy gone; `integrity_wait` gives
+        other holders time to show up (peer lookups) and a struck sender time to repair its copy.
+        """
+        now = trio.current_time()
+        for i, bad in list(self.bad_from.items()):
+            if self.has_piece(i):
+                del self.bad_from[i]
+                self._no_source_since.pop(i, None)
+                continue
+            if any(
+                c.remote_id not in bad and not self.is_banned(c.remote_id) and self.picker.peer_has(c.session, i)
+                for c in self.conns.values()
+            ):
+                self._no_source_since.pop(i, None)
+                continue
+            since = self._no_source_since.setdefault(i, now)
+            if now - since >= self.config.integrity_wait:
+                who = ", ".join(sorted(n[:8] for n in bad)) or "peers since gone"
+                self.fail(
+                    f"piece {i} of {self.name} came only corrupt (from {who}) and no other peer has it: "
+                    "republish it from a good copy",
+                    ErrorCode.INTEGRITY,
+                )
+                return
+
+    async def _reverify(self, conn: PeerConn, i: int) -> None:
+        """`conn` says piece `i` we sent fails verification: check our copy on disk, drop it if rotten."""
+        if not self.has_piece(i):
+            return
+        try:
+            data = await trio.to_thread.run_sync(self.store.read_piece, i)
+            ok = self.store.verify(i, data)
+        except (OSError, StorageError) as e:
+            log.error("%s: cannot re-read piece %d to check it: %s", self.name, i, e)
+            ok = False
+        if ok:
+            log.info("%s: peer %s reported piece %d bad; our copy verifies", self.name, conn.remote_id[:8], i)
+            return
+        if not self.has_piece(i):
+            return
+        log.error(
+            "%s: piece %d on disk fails verification (reported by %s): no longer serving it",
+            self.name,
+            i,
+            conn.remote_id[:8],
+        )
+        self.have_mask &= ~(1 << i)
+        if self.downloading:
+            self.picker.piece_lost(i)
+            if self.journal is not None:
+                self.journal.record(self.have_mask)
+            self.fill_all()
+        if self.on_damaged is not None:
+            self.on_damaged(self, i)
+
+    def stop(self) -> None:
+        """End `run` (its connections go with it); the caller then calls `leave`."""
+        self._scope.cancel()
 
     async def _verify_and_write_soon(self, i: int, buf: bytearray | bytes) -> bool:
         """Hash and write a piece, on the event loop while that is fast, else in a worker thread.
@@ -454,6 +564,7 @@ class Swarm:
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     task_status.started()
                     if self.downloading and self.picker.done:
                         await self._finish()  # every piece was already there (a crash right before finalizing)
@@ -487,6 +598,8 @@ class Swarm:
             await trio.sleep(self.config.defer_retry)
             if self.downloading and self.picker.undefer_all():
                 self.fill_all()
+            if self.downloading and self.bad_from:
+                self._check_sources()
 
     async def _find_peers_loop(self, nursery: trio.Nursery) -> None:
         """Ask the tracker for peers: quickly at first, then every `peer_lookup_every` seconds.
@@ -515,7 +628,7 @@ class Swarm:
                     nid = p["node_id"]
                     if len(self.conns) + len(self.connecting) >= cfg.max_peers:
                         break
-                    if nid == self.node_id or nid in self.conns or nid in self.connecting or nid in self.banned:
+                    if nid == self.node_id or nid in self.conns or nid in self.connecting or self.is_banned(nid):
                         continue
                     if self.retry_after.get(nid, 0) > now:
                         continue

@@ -206,6 +206,14 @@ class Picker(Generic[Peer]):
         self.inflight_mask &= ~(1 << self.pos[piece])
         return {peer for peer in asked if self._cancel(peer, piece)}
 
+    def peer_has(self, peer: Peer, piece: int) -> bool:
+        """Has `peer` announced `piece` (and not rejected a request for it)?"""
+        return bool(self.peer_mask.get(peer, 0) >> self.pos[piece] & 1)
+
+    def piece_lost(self, piece: int) -> None:
+        """A piece we had turned out corrupt on disk: it is missing again, to be fetched anew."""
+        self.missing |= 1 << self.pos[piece]
+
     def _cancel(self, peer: Peer, piece: int) -> bool:
         pending = self.pending.get(peer)
         if pending is None or piece not in pending:

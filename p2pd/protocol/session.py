@@ -10,7 +10,8 @@ peer except piece data is queued here as frames (`take_output`); the peer's requ
 
 Every rule of a connection lives here and raises `ProtocolError` when the peer breaks it: BITFIELD
 first and only once, indices in range, no piece we did not ask for, piece lengths as the manifest
-says, at most `max_queued_requests` of its requests queued. Which requests are in flight is the
+says, at most `max_queued_requests` of its requests queued, control bodies no longer than their
+type allows, BAD_PIECE only for a piece we sent it (once each). Which requests are in flight is the
 picker's record (one record for the whole swarm); the session asks it, it keeps no copy.
 Having no I/O, it runs unchanged in the daemon, in unit tests and in a simulator.
 """
@@ -70,7 +71,14 @@ class RequestDeferred:
     index: int
 
 
-Event = BitfieldReceived | HaveReceived | UploadRequested | RequestRejected | RequestDeferred
+@dataclass(frozen=True, slots=True)
+class BadPieceReported:
+    """The peer says a piece we sent it fails verification: re-verify our copy from disk."""
+
+    index: int
+
+
+Event = BitfieldReceived | HaveReceived | UploadRequested | RequestRejected | RequestDeferred | BadPieceReported
 
 
 class PeerSession:
@@ -93,15 +101,39 @@ class PeerSession:
         self.bitfield_received = False
         self.bitfield_sent = False
         self.uploads: collections.deque[int] = collections.deque()  # its requests to us, in order
+        self.sent_mask = 0  # pieces we sent on this connection and it has not reported bad (bit i = piece i)
+        self.reported_mask = 0  # pieces we told it were bad (each reported once)
         self._out = bytearray()
 
     # -- incoming ----------------------------------------------------------------------------------
     def on_header(self, header: bytes) -> tuple[wire.MsgType, int]:
-        """A frame header: (type, body length) once the limits and the BITFIELD-first rule hold."""
+        """A frame header: (type, body length) once the limits and the BITFIELD-first rule hold.
+
+        A control body's length is checked against what its type can hold before a byte of it is
+        read, so a peer cannot make us buffer more than a bitfield of this artifact per connection
+        (a partial 1 MiB frame on each of 300 connections was 450 MB: issue #14 row 4).
+        """
         t, n = wire.parse_header(header, self.manifest.piece_size)
         if not self.bitfield_received and t is not wire.MsgType.BITFIELD:
             raise wire.ProtocolError(f"expected BITFIELD after handshake, got {t.name}")
+        if t is wire.MsgType.HANDSHAKE:  # refused before its body is read
+            raise wire.ProtocolError("unexpected Handshake after handshake")
+        limit = self._body_limit(t)
+        if limit is not None and n > limit:
+            raise wire.ProtocolError(f"{t.name} frame of {n} bytes exceeds limit {limit}")
         return t, n
+
+    def _body_limit(self, t: wire.MsgType) -> int | None:
+        """The largest body a control frame of type `t` may have here (None: a PIECE, checked later)."""
+        if t is wire.MsgType.PIECE:
+            return None
+        if t is wire.MsgType.BITFIELD:
+            return wire.bitfield_bytes(self.n)
+        if t is wire.MsgType.GOODBYE:
+            return wire.MAX_GOODBYE_REASON
+        if t is wire.MsgType.KEEPALIVE:
+            return 0
+        return wire.U32.size  # HAVE, REQUEST, CANCEL, REJECT, DEFER, BAD_PIECE
 
     def on_control(self, t: wire.MsgType, body: bytes) -> Event | None:
         """A control frame's body; returns what the swarm must act on, if anything."""
@@ -132,6 +164,13 @@ class PeerSession:
             self.bitfield_received = True
             self.remote_have = bits.from_bytes(msg.bits, self.n)
             return BitfieldReceived(self.remote_have)
+        if isinstance(msg, wire.BadPiece):
+            self._check_index(msg.index, "BAD_PIECE")
+            bit = 1 << msg.index
+            if not self.sent_mask & bit:  # only a piece we sent, once: a report costs us a piece read
+                raise wire.ProtocolError(f"BAD_PIECE for piece {msg.index} that we did not send")
+            self.sent_mask &= ~bit
+            return BadPieceReported(msg.index)
         if isinstance(msg, wire.Goodbye):
             raise PeerClosed(CloseReason.GOODBYE, msg.reason or "no reason given")
         if isinstance(msg, wire.KeepAlive):
@@ -201,6 +240,17 @@ class PeerSession:
         self.uploads.append(index)
         if self.on_output is not None:
             self.on_output()
+
+    def piece_sent(self, index: int) -> None:
+        """We sent piece `index` on this connection: the peer may report it bad (once)."""
+        self.sent_mask |= 1 << index
+
+    def report_bad(self, index: int) -> None:
+        """Tell the peer the piece it sent fails verification (once per piece and connection)."""
+        bit = 1 << index
+        if not self.reported_mask & bit:
+            self.reported_mask |= bit
+            self._queue(wire.BadPiece(index))
 
     def reject(self, index: int) -> None:
         self._queue(wire.Reject(index))

@@ -20,6 +20,8 @@ PIECE_SUB = struct.Struct(">IB")  # piece index, codec
 PIECE_SUB_SIZE = PIECE_SUB.size
 U32 = struct.Struct(">I")
 MAX_CONTROL_FRAME = 1 << 20  # handshake, bitfield (8M pieces), goodbye reason
+MAX_HANDSHAKE_FRAME = 16 << 10  # a handshake is ids (and keys): a partial 1 MiB one per connection was a memory attack
+MAX_GOODBYE_REASON = 1024  # what `encode` sends at most; a longer GOODBYE body is a protocol error
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 
@@ -39,6 +41,7 @@ class MsgType(enum.IntEnum):
     GOODBYE = 8
     KEEPALIVE = 9
     DEFER = 10  # "I have it, but ask someone else for now" (a seed spreading distinct pieces first)
+    BAD_PIECE = 11  # "the piece you sent me fails verification": the sender re-verifies its copy from disk
 
 
 class Handshake(msgspec.Struct, frozen=True):
@@ -71,6 +74,10 @@ class Defer(msgspec.Struct, frozen=True):
     index: int
 
 
+class BadPiece(msgspec.Struct, frozen=True):
+    index: int
+
+
 class Goodbye(msgspec.Struct, frozen=True):
     reason: str = ""
 
@@ -87,7 +94,7 @@ class PieceHeader(msgspec.Struct, frozen=True):
     length: int
 
 
-Message = Handshake | Bitfield | Have | Request | Cancel | Reject | Defer | Goodbye | KeepAlive
+Message = Handshake | Bitfield | Have | Request | Cancel | Reject | Defer | BadPiece | Goodbye | KeepAlive
 _hs_enc = msgspec.msgpack.Encoder()
 _hs_dec = msgspec.msgpack.Decoder(Handshake)
 
@@ -111,8 +118,10 @@ def encode(msg: Message) -> bytes:
         return _frame(MsgType.REJECT, U32.pack(msg.index))
     if isinstance(msg, Defer):
         return _frame(MsgType.DEFER, U32.pack(msg.index))
+    if isinstance(msg, BadPiece):
+        return _frame(MsgType.BAD_PIECE, U32.pack(msg.index))
     if isinstance(msg, Goodbye):
-        return _frame(MsgType.GOODBYE, msg.reason.encode()[:1024])
+        return _frame(MsgType.GOODBYE, msg.reason.encode()[:MAX_GOODBYE_REASON])
     if isinstance(msg, KeepAlive):
         return _frame(MsgType.KEEPALIVE)
     raise TypeError(f"not a wire message: {msg!r}")
@@ -148,12 +157,13 @@ def parse_piece_sub(buf: bytes | bytearray | memoryview, body_len: int) -> Piece
     return PieceHeader(index, codec, body_len - PIECE_SUB_SIZE)
 
 
-_INDEX_MSGS: dict[MsgType, type[Have | Request | Cancel | Reject | Defer]] = {
+_INDEX_MSGS: dict[MsgType, type[Have | Request | Cancel | Reject | Defer | BadPiece]] = {
     MsgType.HAVE: Have,
     MsgType.REQUEST: Request,
     MsgType.CANCEL: Cancel,
     MsgType.REJECT: Reject,
     MsgType.DEFER: Defer,
+    MsgType.BAD_PIECE: BadPiece,
 }
 
 

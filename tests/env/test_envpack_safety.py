@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import stat
 import sys
 import tarfile
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pd.envpack import UnsafeArchiveError, materialize
+from p2pd.envpack import UNPACKED_SLACK_BYTES, EnvPackError, UnsafeArchiveError, materialize
 
 Member = tuple[tarfile.TarInfo, bytes | None]
 
@@ -173,3 +174,53 @@ def test_benign_links_and_modes_are_kept(box: tuple[Path, Path]) -> None:
     assert stat.S_IMODE(os.stat(env / "ro").st_mode) == 0o755  # owner keeps write: the env stays removable
     assert (env / "dot" / "prefixed").read_bytes() == b"d"
     assert (env / "share" / "data.txt").read_bytes() == b"replaced"
+
+
+# --------------------------------------------------------------------------- bounds (issue #14 rows 8, 12)
+def test_a_decompression_bomb_is_refused_by_ratio(box: tuple[Path, Path]) -> None:
+    """A few KB of zstd that unpack to 100 MiB of zeros: refused past 100x, nothing left behind."""
+    envs_root, _ = box
+    archive = write_tar(envs_root.parent / "bomb.tar.zst", [*BENIGN, reg("lib/zeros", bytes(100 << 20))], "tar.zst")
+    assert archive.stat().st_size < 64 << 10
+    with pytest.raises(EnvPackError, match=r"more than .* bytes \(100x its .*decompression bomb"):
+        materialize(archive, envs_root, "e" * 64, {})
+    assert os.listdir(envs_root) == []
+
+
+def test_more_than_the_declared_unpacked_size_is_refused(box: tuple[Path, Path]) -> None:
+    envs_root, _ = box
+    members = [*BENIGN, reg("lib/big", os.urandom(UNPACKED_SLACK_BYTES + 1))]
+    archive = write_tar(envs_root.parent / "env.tar", members)
+    with pytest.raises(EnvPackError, match="lib/big.*manifest declares 10 bytes"):
+        materialize(archive, envs_root, "e" * 64, {"unpacked_size": "10"})
+    assert os.listdir(envs_root) == []
+    assert materialize(archive, envs_root, "e" * 64, {"unpacked_size": str(UNPACKED_SLACK_BYTES)}).is_dir()
+
+
+@pytest.mark.parametrize("bad", ["-1", "lots"])
+def test_a_malformed_declared_size_is_refused(box: tuple[Path, Path], bad: str) -> None:
+    envs_root, _ = box
+    archive = write_tar(envs_root.parent / "env.tar", BENIGN)
+    with pytest.raises(EnvPackError, match="unpacked_size"):
+        materialize(archive, envs_root, "e" * 64, {"unpacked_size": bad})
+
+
+def test_not_enough_free_space_is_refused_before_writing(
+    box: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    envs_root, _ = box
+    archive = write_tar(envs_root.parent / "env.tar", BENIGN)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=300 << 20))
+    with pytest.raises(EnvPackError, match="not enough space .* free space"):
+        materialize(archive, envs_root, "e" * 64, {"unpacked_size": str(100 << 20)})
+    assert os.listdir(envs_root) == []
+
+
+def test_world_and_group_writable_modes_are_normalised(box: tuple[Path, Path]) -> None:
+    envs_root, _ = box
+    members = [dirm("pub", 0o777), reg("pub/f", b"x", 0o666), reg("bin/run", b"#!/bin/sh\n", 0o777)]
+    env = materialize(write_tar(envs_root.parent / "env.tar", members), envs_root, "e" * 64, {})
+    assert stat.S_IMODE(os.stat(env / "pub").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(env / "pub" / "f").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(env / "bin" / "run").st_mode) == 0o755

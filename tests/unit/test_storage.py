@@ -193,10 +193,11 @@ def test_spans_give_fds_for_sendfile(tree: Path) -> None:
     store = PieceStore(m, tree, writable=False)
     blob = concat(TREE)
     for i in range(m.num_pieces):
-        got = b"".join(os.pread(fd, n, off) for fd, off, n in store.spans(i))
+        with store.pinned_spans(i) as spans:
+            got = b"".join(os.pread(fd, n, off) for fd, off, n in spans)
         assert got == blob[i * 1000 : i * 1000 + m.piece_length(i)]
     store.close()
-    assert all(fd == -1 for fd in store._fds)
+    assert store.open_files == 0
 
 
 def test_short_read_raises_storage_error(tree: Path, tmp_path: Path) -> None:
@@ -623,3 +624,122 @@ def test_preallocate_reserves_blocks_on_disks_only(
         assert st.st_blocks * 512 >= 1 << 20  # reserved
     if fstype == "tmpfs":
         assert st.st_blocks == 0  # only sized: sparse until pieces arrive
+
+
+# ------------------------------------------------------------------------------------------ open-file LRU
+@pytest.fixture
+def low_fd_limit() -> Iterator[int]:
+    """The soft RLIMIT_NOFILE lowered to what this process uses now plus 200 (restored after)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    limit = in_use + 200
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_store_of_many_files_stays_within_its_open_file_bound(tmp_path: Path, low_fd_limit: int) -> None:
+    """3,000 one-byte files (issue #14 row 5): preallocate, write, read and seed with a bounded LRU of fds."""
+    files = {f"d{i % 7}/f{i:05d}": bytes([i % 251]) for i in range(3000)}
+    src = tmp_path / "src"
+    write_tree(src, files)
+    m = small_manifest(src, 64)  # each piece spans 64 files
+    staged = PieceStore(m, tmp_path / "staging", writable=True, max_open=16)
+    staged.preallocate()
+    assert staged.open_files <= 16
+    seed = PieceStore(m, src, writable=False, max_open=16)
+    for i in range(m.num_pieces):
+        staged.write_piece(i, seed.read_piece(i))
+        assert staged.open_files <= 16 and seed.open_files <= 16
+    staged.sync()
+    assert staged.verify_existing(bits_full(m.num_pieces)) == bits_full(m.num_pieces)
+    for i in range(m.num_pieces):
+        with seed.pinned_spans(i) as spans:
+            assert b"".join(os.pread(fd, n, off) for fd, off, n in spans) == staged.read_piece(i)
+    staged.close()
+    seed.close()
+    assert staged.open_files == 0 and seed.open_files == 0
+
+
+def test_pinned_fds_survive_eviction_and_close(tmp_path: Path) -> None:
+    """An fd handed out for sendfile is never closed (nor its number reused) while it is in use."""
+    files = {f"f{i:03d}": bytes([i]) * 10 for i in range(50)}
+    src = tmp_path / "src"
+    write_tree(src, files)
+    m = small_manifest(src, 10)  # one file per piece
+    store = PieceStore(m, src, writable=False, max_open=2)
+    with store.pinned_spans(0) as spans:
+        ((fd, off, n),) = spans
+        for i in range(1, 50):
+            assert store.read_piece(i) == files[f"f{i:03d}"]
+        store.close()  # a pinned fd closes when released, not under its user
+        assert os.pread(fd, n, off) == files["f000"]
+    assert store.open_files == 0
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert store.read_piece(3) == files["f003"]  # a closed store still answers, holding nothing open
+    assert store.open_files == 0
+
+
+def test_sync_reaches_files_whose_fd_was_evicted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {f"f{i:03d}": bytes([i]) * 10 for i in range(20)}
+    src = tmp_path / "src"
+    write_tree(src, files)
+    m = small_manifest(src, 10)
+    seed = PieceStore(m, src, writable=False)
+    store = PieceStore(m, tmp_path / "staging", writable=True, max_open=3)
+    store.preallocate()
+    for i in range(m.num_pieces):
+        store.write_piece(i, seed.read_piece(i))
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store.sync()
+    assert sorted(Path(p).name for p in synced) == sorted(files)
+    store.close()
+    seed.close()
+
+
+def bits_full(n: int) -> int:
+    return (1 << n) - 1
+
+
+def test_materialize_never_writes_through_a_planted_symlink(record: Record, tmp_path: Path) -> None:
+    """Issue #14 row 11: `dest/nested -> /victimdir` was written through."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "nested").symlink_to(victim)
+    with pytest.raises(StorageError, match="symlink") as ei:
+        storage.materialize(record, dest)
+    assert ei.value.code is ErrorCode.BAD_REQUEST
+    assert list(victim.iterdir()) == []
+    (dest / "nested").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    dest2 = tmp_path / "linked-dest"
+    dest2.symlink_to(tmp_path / "elsewhere")  # dest itself a symlink: refused too
+    with pytest.raises(StorageError, match="symlink"):
+        storage.materialize(record, dest2)
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_materialize_replaces_a_symlink_at_a_file_name_instead_of_following_it(record: Record, tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "config.json").symlink_to(target)
+    storage.materialize(record, dest)
+    assert target.read_bytes() == b"keep me"
+    assert not (dest / "config.json").is_symlink()
+    assert (dest / "config.json").read_bytes() == TREE["config.json"]

@@ -53,6 +53,7 @@ messages = st.one_of(
     st.builds(Cancel, u32),
     st.builds(Reject, u32),
     st.builds(Defer, u32),
+    st.builds(wire.BadPiece, u32),
     st.builds(Goodbye, _short_text(1024)),
     st.just(KeepAlive()),
 )
@@ -168,7 +169,7 @@ def test_partial_frame_is_kept_until_complete() -> None:
 
 # ------------------------------------------------------------------------------------------ malformed
 UNKNOWN_TYPES = [0, max(MsgType) + 1, 200, 255]
-INDEX_TYPES = [MsgType.HAVE, MsgType.REQUEST, MsgType.CANCEL, MsgType.REJECT, MsgType.DEFER]
+INDEX_TYPES = [MsgType.HAVE, MsgType.REQUEST, MsgType.CANCEL, MsgType.REJECT, MsgType.DEFER, MsgType.BAD_PIECE]
 
 
 def test_message_type_numbers_are_stable() -> None:
@@ -184,6 +185,7 @@ def test_message_type_numbers_are_stable() -> None:
         "GOODBYE": 8,
         "KEEPALIVE": 9,
         "DEFER": 10,
+        "BAD_PIECE": 11,
     }
 
 

@@ -1,0 +1,101 @@
+"""Issue #14's resource and integrity rows as real daemons on loopback: fd bounds, poisoned replicas."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from p2pd.cluster import HOST, P2PD_CLI, LocalCluster, Node
+from p2pd.rpc import free_port
+from tests.integration.helpers import sha256_tree, wait_until
+
+MiB = 1 << 20
+
+
+async def start_limited_node(c: LocalCluster, name: str, nofile: int = 1024) -> Node:
+    """A daemon whose open-file limit is `nofile`, soft and hard (`ulimit -n` as many services get)."""
+    d = c.work / name
+    d.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [
+        "prlimit",
+        f"--nofile={nofile}:{nofile}",
+        "--",
+        *P2PD_CLI,
+        "run",
+        "--tracker",
+        c.tracker_addrs(),
+        "--listen",
+        f"{HOST}:{port}",
+        "--data-dir",
+        str(d),
+    ]
+    node = Node(name, d, port, argv, c.spawn(argv, name))
+    c.nodes[name] = node
+    await c.wait_ready_async(node)
+    return node
+
+
+def open_fds(node: Node) -> int:
+    return len(os.listdir(f"/proc/{node.process.pid}/fd"))
+
+
+async def test_an_artifact_of_3000_one_byte_files_under_1024_fds(cluster: LocalCluster, workdir: Path) -> None:
+    """Row 5: the store kept one fd per file (1,023 open, "internal error", later fetches failed)."""
+    src = workdir / "many"
+    for i in range(3000):
+        p = src / f"d{i % 10}" / f"f{i:05d}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(bytes([i % 251]))
+    seed = await start_limited_node(cluster, "seed")
+    leech = await start_limited_node(cluster, "leech")
+    await cluster.publish_async(seed, src, "many:v1")
+    other = workdir / "other.bin"
+    other.write_bytes(os.urandom(3 * MiB))
+    await cluster.publish_async(seed, other, "other:v1")
+    path = await cluster.fetch_async(leech, "many:v1", timeout=120)
+    assert sha256_tree(path) == sha256_tree(src)
+    assert open_fds(leech) < 200 and open_fds(seed) < 200  # bounded by the store's LRU, not by the file count
+    got = await cluster.fetch_async(leech, "other:v1", timeout=60)  # an unrelated fetch still works
+    assert got.read_bytes() == other.read_bytes()
+
+
+async def test_a_rotten_cached_copy_is_reported_dropped_and_repaired(cluster: LocalCluster, workdir: Path) -> None:
+    """Row 7: a seeder with one flipped byte served it as complete for ever; the receiver banned it
+    for good and hung. Now: the receiver reports it, the seeder re-verifies and stops serving it,
+    a fetch with no honest source fails with `integrity` (exit 6), and the seeder fetches the piece
+    again once an honest source is back."""
+    src = workdir / "src" / "w.bin"
+    src.parent.mkdir()
+    src.write_bytes(os.urandom(8 * MiB))  # 32 pieces of 256 KiB
+    origin = await cluster.start_node_async("origin")
+    cacher = await cluster.start_node_async("cacher")
+    leech = await cluster.start_node_async("leech")
+    aid = await cluster.publish_async(origin, src, "w:v1")
+    cached = await cluster.fetch_async(cacher, "w:v1")
+    cluster.stop_node(origin)
+    with open(cached, "r+b") as fh:  # bit rot in the cache of the only node left holding it
+        fh.seek(5 * MiB + 123)
+        b = fh.read(1)
+        fh.seek(5 * MiB + 123)
+        fh.write(bytes([b[0] ^ 0x40]))
+    r = await cluster.cli_async(leech, "fetch", "w:v1", timeout=120)
+    assert r.returncode == 6, (r.returncode, r.stderr)  # INTEGRITY, not a hang
+    assert b"corrupt" in r.stderr and b"Traceback" not in r.stderr
+    assert "on disk fails verification" in cacher.log_text()
+
+    async def not_complete() -> bool:
+        a = await cacher.artifact(aid)
+        return a is not None and a["state"] != "complete"
+
+    await wait_until(not_complete, 30, 0.2, "the cacher to stop holding the rotten piece")
+    await cluster.restart_node_async(origin)
+
+    async def repaired() -> bool:
+        a = await cacher.artifact(aid)
+        return a is not None and a["state"] == "complete"
+
+    await wait_until(repaired, 60, 0.2, "the cacher to fetch the piece again")
+    path = await cluster.fetch_async(leech, "w:v1", timeout=120)
+    assert path.read_bytes() == src.read_bytes()
+    assert (cluster.work / "cacher" / "cache" / aid / "w.bin").read_bytes() == src.read_bytes()
