@@ -153,3 +153,13 @@ def test_cli_bad_input_is_one_line(args: list[str], msg: str, capsys: pytest.Cap
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err
+
+
+def test_validation_cases_have_the_emulations_bounds() -> None:
+    """The simulated 1+N matches the emulation's bounds: 21.48 s nominal, 22.45 s at iperf3's goodput."""
+    from netsim.sim.validate import CASES, MEASURED_GOODPUT_BPS
+
+    for case in CASES:
+        assert case.scenario(200e6).bound() == pytest.approx(21.47, abs=0.01)
+        assert case.scenario(MEASURED_GOODPUT_BPS).bound() == pytest.approx(22.45, abs=0.01)
+        assert case.scenario(MEASURED_GOODPUT_BPS).grain == 1
