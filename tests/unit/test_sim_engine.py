@@ -1,0 +1,165 @@
+"""The simulator on scenarios with known answers (netsim.sim.engine driven through netsim.sim.report)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from netsim.sim.__main__ import main
+from netsim.sim.report import simulate
+from netsim.sim.scenario import NodeClass, Scenario, auto_grain
+
+MB = 1_000_000
+MiB = 1 << 20
+
+
+def one(count: int, up: float, down: float, **kw: object) -> Scenario:
+    base: dict[str, object] = {"size": 64 * MiB, "piece": MiB, "seed_up": 100 * MB, "quantum": 1e-5}
+    base.update(kw)
+    return Scenario(classes=(NodeClass(count, up, down),), **base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("seed_up", "down"), [(100 * MB, 50 * MB), (40 * MB, 80 * MB)])
+def test_one_seed_one_peer_takes_size_over_the_slower_link(seed_up: float, down: float) -> None:
+    sc = one(1, 10 * MB, down, seed_up=seed_up)
+    r = simulate(sc)
+    expected = sc.size / min(seed_up, down)
+    assert r["completed"] == 1
+    assert r["completion_s"]["max"] == pytest.approx(expected, rel=0.01)
+    assert r["seed_upload_F"] == pytest.approx(1.0)
+
+
+def test_one_seed_many_peers_with_ample_upload_reach_the_bound() -> None:
+    """Seed-limited (F/u_s): the seed policy keeps its upload near one copy, so everyone ends near F/u_s."""
+    sc = one(8, 1000 * MB, 1000 * MB, seed_up=100 * MB, size=128 * MiB, piece=256 << 10)
+    r = simulate(sc)
+    assert r["bound_s"] == pytest.approx(sc.size / (100 * MB))
+    assert r["completed"] == 8
+    assert r["over_bound"]["max"] < 1.02
+    assert r["seed_upload_F"] < 1.02
+
+
+def test_swarm_limited_bound() -> None:
+    """Slow peer uplinks: the bound is N·F/(u_s + Σu_i); the seed then uploads more than one copy."""
+    sc = one(8, 20 * MB, 1000 * MB, seed_up=100 * MB, piece=256 << 10)
+    r = simulate(sc)
+    assert r["bound_s"] == pytest.approx(8 * sc.size / (260 * MB))
+    assert 1.0 <= r["over_bound"]["max"] < 1.12
+    assert r["seed_upload_F"] > 2.0
+
+
+def test_same_rng_seed_same_result_and_bittorrent_completes() -> None:
+    sc = one(12, 50 * MB, 100 * MB, rng_seed=7, latency=1e-3)
+    a, b = simulate(sc), simulate(sc)
+    assert a["completion_times_s"] == b["completion_times_s"]
+    assert a["engine"]["events"] == b["engine"]["events"]
+    c = simulate(replace(sc, rng_seed=8))
+    assert c["completion_times_s"] != a["completion_times_s"]
+    bt = simulate(replace(sc, policy="bittorrent"))
+    assert bt["completed"] == 12
+    assert bt["over_bound"]["p50"] >= a["over_bound"]["p50"] * 0.95
+
+
+def test_churn_nodes_leave_come_back_and_complete() -> None:
+    sc = one(10, 50 * MB, 100 * MB, churn=0.5, churn_away=0.5, rng_seed=3)
+    r = simulate(sc)
+    assert r["completed"] == 10
+    assert r["tracker"]["registrations"] > 11  # the ones that came back registered again
+
+
+def test_zone_link_carries_cross_zone_bytes_and_limits_them() -> None:
+    classes = (NodeClass(6, 50 * MB, 100 * MB, "a"), NodeClass(6, 50 * MB, 100 * MB, "b"))
+    wide = Scenario(classes=classes, size=32 * MiB, piece=MiB, seed_up=100 * MB, seed_zone="a", quantum=1e-5)
+    r = simulate(wide)
+    assert r["completed"] == 12
+    assert r["cross_zone_bytes"] >= wide.size  # zone b needs at least one copy across
+    thin = simulate(replace(wide, zone_link=5 * MB))
+    # zone b cannot finish before one copy crossed the 5 MB/s link
+    assert thin["completion_s"]["max"] >= wide.size / (5 * MB) * 0.99
+
+
+def test_egress_limit_caps_the_seed_like_a_slower_link() -> None:
+    sc = one(1, 10 * MB, 100 * MB, seed_up=100 * MB, egress_limit=20 * MB)
+    r = simulate(sc)
+    assert r["completion_s"]["max"] == pytest.approx(sc.size / (20 * MB), rel=0.01)
+
+
+def test_coarse_grain_agrees_with_piece_level() -> None:
+    """Within a few % while units far outnumber the seed's connections (docs/simulator.md, "Grain")."""
+    sc = one(4, 25 * MB, 25 * MB, seed_up=25 * MB, size=64 * MiB, piece=64 << 10, rng_seed=1, quantum=None)
+    fine = simulate(sc)
+    coarse = simulate(replace(sc, grain=2))
+    assert coarse["completion_s"]["p50"] == pytest.approx(fine["completion_s"]["p50"], rel=0.03)
+    assert coarse["completion_s"]["max"] == pytest.approx(fine["completion_s"]["max"], rel=0.03)
+
+
+def test_auto_grain() -> None:
+    assert auto_grain(100, 128) == 1
+    assert auto_grain(100_000, 2048) == 32  # 64 units of 32 pieces
+
+
+def test_poisson_arrivals_measure_from_arrival() -> None:
+    sc = one(10, 100 * MB, 100 * MB, arrival_rate=5.0, rng_seed=2)
+    r = simulate(sc)
+    assert r["completed"] == 10
+    assert r["simulated_s"] > r["completion_s"]["max"]
+
+
+def test_scenario_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="policy"):
+        one(1, MB, MB, policy="nope")
+    with pytest.raises(ValueError, match="churn"):
+        one(1, MB, MB, churn=2.0)
+    with pytest.raises(ValueError, match="positive"):
+        NodeClass(1, 0, MB)
+
+
+def test_cli_writes_json_and_plot(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    d = Path(str(tmp_path))
+    args = ["--nodes", "6", "--size", "16MiB", "--piece", "1MiB", "--seed-up", "400Mbit/s"]
+    args += ["--up", "400Mbit/s", "--down", "800Mbit/s", "--json", str(d / "o.json")]
+    try:
+        import matplotlib  # noqa: F401
+
+        args += ["--plot", str(d / "o.png")]
+    except ImportError:
+        pass
+    assert main(args) == 0
+    full = json.loads((d / "o.json").read_text())
+    assert set(full["results"]) == {"p2pd", "bittorrent"}
+    assert len(full["results"]["p2pd"]["completion_times_s"]) == 6
+    assert "Headline" in capsys.readouterr().out
+    if "--plot" in args:
+        assert (d / "o.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--size", "lots"], "size"),
+        (["--class", "10,1Gbit/s"], "COUNT,UP,DOWN"),
+        (["--arrival", "sometimes"], "poisson"),
+        (["--policies", "kazaa"], "unknown policy"),
+        (["--grain", "0"], "grain"),
+    ],
+)
+def test_cli_bad_input_is_one_line(args: list[str], msg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_validation_cases_have_the_emulations_bounds() -> None:
+    """The simulated 1+N matches the emulation's bounds: 21.48 s nominal, 22.45 s at iperf3's goodput."""
+    from netsim.sim.validate import CASES, MEASURED_GOODPUT_BPS
+
+    for case in CASES:
+        assert case.scenario(200e6).bound() == pytest.approx(21.47, abs=0.01)
+        assert case.scenario(MEASURED_GOODPUT_BPS).bound() == pytest.approx(22.45, abs=0.01)
+        assert case.scenario(MEASURED_GOODPUT_BPS).grain == 1
