@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from p2pd import __version__, connections, paths
+from p2pd.auto_throttle import AutoThrottler
 from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
@@ -73,8 +74,16 @@ class Daemon:
         # policy gives this node (pushed with heartbeat replies, applied at once).
         self.policy_egress = unlimited(now)
         self.policy_ingress = unlimited(now)
-        self.egress = Hierarchy(TokenBucket(self.config.egress_limit or math.inf, now=now), self.policy_egress)
-        self.ingress = Hierarchy(TokenBucket(self.config.ingress_limit or math.inf, now=now), self.policy_ingress)
+        # A third: what automatic throttling leaves this node beside the other traffic on its link.
+        self.auto_egress = unlimited(now)
+        self.auto_ingress = unlimited(now)
+        self.auto_throttle = AutoThrottler(self.config.auto_throttle, self.auto_egress, self.auto_ingress)
+        self.egress = Hierarchy(
+            TokenBucket(self.config.egress_limit or math.inf, now=now), self.policy_egress, self.auto_egress
+        )
+        self.ingress = Hierarchy(
+            TokenBucket(self.config.ingress_limit or math.inf, now=now), self.policy_ingress, self.auto_ingress
+        )
         peer_listeners = await self._bind_peer_listener()
         host = self.config.advertise or self.config.listen[0]
         if host in ("", "0.0.0.0", "::"):
@@ -89,6 +98,7 @@ class Daemon:
                 # trio.serve_listeners backs off on EMFILE and friends instead of failing
                 nursery.start_soon(trio.serve_listeners, self._serve_incoming, peer_listeners)
                 await nursery.start(self._heartbeats)
+                await nursery.start(self.auto_throttle.run, self.config.listen[0], self.config.trackers)
                 if self.config.nat_detect:
                     self.nat = NatMonitor(
                         (self.config.listen[0], self.listen_port),
@@ -397,9 +407,30 @@ class Daemon:
             "ingress_limit": self.config.ingress_limit,
             "policy_egress_limit": _finite(self.policy_egress.rate),
             "policy_ingress_limit": _finite(self.policy_ingress.rate),
+            "limits": self._limits(),
+            "auto_throttle": self.auto_throttle.status(),
             "nat": (self.nat.status if self.nat is not None else NatStatus(state="off")).to_json(trio.current_time()),
             "traversal": self.traversal.status(),
         }
+
+    def _limits(self) -> dict[str, dict[str, Any]]:
+        """Per direction: the effective limit (the lowest level) and which level sets it, and why."""
+        auto = self.auto_throttle.status()
+        out: dict[str, dict[str, Any]] = {}
+        for direction, flag, policy, bucket in (
+            ("egress", self.config.egress_limit, self.policy_egress, self.auto_egress),
+            ("ingress", self.config.ingress_limit, self.policy_ingress, self.auto_ingress),
+        ):
+            auto_why = auto.get(direction, {}).get("why", "")
+            levels = [
+                (flag or math.inf, "flag", f"--{direction}-limit"),
+                (policy.rate, "policy", "the tracker's policy for this node"),
+                (bucket.rate, "auto", f"auto: {auto_why}"),
+            ]
+            rate, by, why = min(levels, key=lambda x: x[0])
+            out[direction] = {"limit": _finite(rate), "by": None if math.isinf(rate) else by}
+            out[direction]["why"] = "no limit" if math.isinf(rate) else why
+        return out
 
     async def api_shutdown(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         self.request_stop()

@@ -8,6 +8,7 @@
     python -m netsim.bench tracker --nodes 100000 --duration 10 --compare-opentracker --json FILE
     python -m netsim.bench ray --size 2GiB --nodes 3
     python -m netsim.bench nat --size 2MiB --swarm-size 128MiB --json nat.json   # NAT matrix + NATed swarm
+    python -m netsim.bench autothrottle --rate 200Mbit/s --json autothrottle.json  # p2pd beside an iperf3 service
 
 Exit status: 0 when every run of every client completed and verified, 1 when some failed (the JSON says which),
 2 when it could not run at all (not root, a tool missing: the message names the package).
@@ -20,7 +21,7 @@ import json
 import shlex
 import sys
 
-from netsim.bench import nat, ray_first_result, tracker_load
+from netsim.bench import autothrottle, nat, ray_first_result, tracker_load
 from netsim.bench.clients import CLIENT_NAMES
 from netsim.bench.harness import BenchError
 from netsim.emu import EmuError, Terminated
@@ -105,6 +106,13 @@ def parser() -> argparse.ArgumentParser:
     ray_first_result.add_arguments(y)
     nt = sub.add_parser("nat", help="NAT traversal: matrix of NAT kinds, and a swarm behind NATs")
     nat.add_arguments(nt, _size, _rate_bits)
+    at = sub.add_parser(
+        "autothrottle",
+        help="auto-throttling: p2pd beside a TCP service on one node's link",
+        description=autothrottle.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    autothrottle.add_arguments(at, _size, _rate_bits)
     return ap
 
 
@@ -123,6 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         return tracker_load.run(a, command)
     if a.cmd == "ray":
         return ray_first_result.main(a)
+    if a.cmd == "autothrottle":
+        try:
+            return autothrottle.main(a, command)
+        except (BenchError, EmuError) as e:
+            print(f"netsim.bench: {e}", file=sys.stderr)
+            return 2
+        except Terminated as e:
+            print(f"netsim.bench: {e}; cleaned up", file=sys.stderr)
+            return 128 + e.signum
     if a.cmd == "nat":
         try:
             return nat.run(a, command)
