@@ -44,7 +44,7 @@ IPERF_PORT = 5201
 @dataclass
 class Options:
     rate_bps: int = 200_000_000
-    size: int = parse_size("1GiB")
+    size: int = parse_size("512MiB")
     directions: list[str] = field(default_factory=lambda: ["upload", "download"])
     services: list[str] = field(default_factory=lambda: ["greedy", "half"])  # half: iperf3 -b rate/2
     modes: list[str] = field(default_factory=lambda: ["on", "off"])
@@ -243,12 +243,14 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
             svc_rates = sampler.rates("svc", toward=svc_to)
             p2p_rates = sampler.rates("peer", toward=direction == "upload")
             idle = _mean(svc_rates, t_idle + 1.0, t_idle_end - 0.3) or 0.0
-            svc_avg = _mean(svc_rates, t_svc, t_svc_end - 0.3) or 0.0
+            # the service's run: from its first busy interval to its last (not iperf3's connect and teardown)
+            svc_start = min((t - TICK for t, r in svc_rates if t > t_svc and r > 0.05 * link), default=t_svc)
+            svc_stop = max((t for t, r in svc_rates if t <= t_svc_end + 1 and r > 0.05 * link), default=t_svc_end)
+            svc_avg = _mean(svc_rates, svc_start, svc_stop) or 0.0
             svc_steady = _mean(svc_rates, t_svc + 2.0, t_svc_end - 0.3) or 0.0
             p2pd_alone = _mean(p2p_rates, t_svc - 2.0, t_svc) or 0.0
             p2pd_during = _mean(p2p_rates, t_svc + 2.0, t_svc_end - 0.3) or 0.0
             free = max(link - svc_steady, 1.0)
-            svc_stop = max((t for t, r in svc_rates if t <= t_svc_end + 1 and r > 0.05 * link), default=t_svc_end)
             res: dict[str, Any] = {
                 "direction": direction,
                 "service": service,
@@ -257,7 +259,7 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                 "service_idle_Bps": round(idle),
                 "service_avg_Bps": round(svc_avg),
                 "service_ratio": round(svc_avg / idle, 3) if idle else None,
-                "service_reach_080_s": _first_at(svc_rates, t_svc, 0.8 * idle) if idle else None,
+                "service_reach_080_s": _first_at(svc_rates, svc_start, 0.8 * idle) if idle else None,
                 "p2pd_alone_Bps": round(p2pd_alone),
                 "p2pd_during_Bps": round(p2pd_during),
                 "p2pd_use_of_free": round(p2pd_during / free, 3),
@@ -265,7 +267,7 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                 "fetch_started_s_before_service": round(t_svc - t_fetch, 2),
                 "timeline": {
                     "t0": round(t_idle, 3),
-                    "service_start": round(t_svc - t_idle, 2),
+                    "service_start": round(svc_start - t_idle, 2),
                     "service_stop": round(svc_stop - t_idle, 2),
                     "end": round(t_end - t_idle, 2),
                     "service_Bps": [[round(t - t_idle, 2), round(r)] for t, r in svc_rates],
@@ -343,7 +345,7 @@ def add_arguments(ap: argparse.ArgumentParser, size: Any, rate_bits: Any) -> Non
         return parse
 
     ap.add_argument("--rate", type=rate_bits, default=200_000_000, help="the node's link, both ways (RATE)")
-    ap.add_argument("--size", type=size, default=parse_size("1GiB"), help="payload (more than the run moves)")
+    ap.add_argument("--size", type=size, default=parse_size("512MiB"), help="payload (more than the run moves)")
     ap.add_argument("--directions", type=names(("upload", "download")), default=["upload", "download"])
     ap.add_argument("--services", type=names(("greedy", "half")), default=["greedy", "half"])
     ap.add_argument("--modes", type=names(("on", "off")), default=["on", "off"])
