@@ -107,6 +107,10 @@ class DirectionController:
         self.headroom = 0.0
         self._full_at = now  # last tick the link was full (headroom back to the whole reserve)
         self._loud_at = now  # last tick other traffic was above half the quiet level
+        self._probe_at = now  # last tick p2pd tried more than the learned capacity leaves it
+        self._probing = False  # the last tick was such a try
+        self._learned_at_probe = 0.0
+        self._before_probe = INF  # the limit before the current try
         self.decision = Decision(INF, cfg.link_capacity or 0.0, 0.0, 0.0, "learning", "learning the link capacity")
 
     @property
@@ -157,6 +161,30 @@ class DirectionController:
             self.decision = Decision(INF, cap, other, own, "idle", "other traffic stopped")
             return self.decision
         floor = self.floor(cap)
+        # A learned capacity is only the most the link has carried so far, and an underestimate looks exactly
+        # like a full link (the total is at the "capacity"). So while p2pd's limit binds, it tries a little more
+        # now and then: if the link has room, the interface's rate rises above the learned maximum (learned at
+        # once) and p2pd tries more at the next tick; if not, the link is full and the next tick yields again.
+        grew = self.learned > self._learned_at_probe * 1.02
+        binds = own >= 0.9 * self.limit  # (the average lags a raised limit: a try that worked goes on regardless)
+        if (
+            cfg.link_capacity is None
+            and not math.isinf(self.limit)
+            and ((self._probing and grew) or (binds and now - self._probe_at >= cfg.probe_every))
+        ):
+            if not self._probing:
+                self._before_probe = self.limit
+            self._probing = True
+            self._probe_at, self._learned_at_probe = now, self.learned
+            self.limit = max(floor, self.limit + cfg.probe_fraction * cap)
+            self.decision = Decision(self.limit, cap, other, own, "yielding", f"other traffic {mbit(other)} (probing)")
+            return self.decision
+        failed_probe = self._probing and not grew
+        self._probing = False
+        if failed_probe:  # the link was full: back to where p2pd was (the service did not ask for more)
+            self.limit = self._before_probe
+            self.decision = Decision(self.limit, cap, other, own, "yielding", f"other traffic {mbit(other)}")
+            return self.decision
         full = iface >= cap - self.headroom / 2
         if full:
             self.headroom = reserve

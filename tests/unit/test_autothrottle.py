@@ -200,3 +200,23 @@ def test_config_reserve_fraction_is_used() -> None:
     link.run(5, demand=0)
     decisions = link.run(2, demand=0.2 * CAP)
     assert min(d.limit for d in decisions) <= CAP * (1 - 0.2 - 0.5) + 0.05 * CAP
+
+
+def test_a_capacity_learned_too_low_is_corrected_by_probing() -> None:
+    """p2pd starts beside a steady service that never filled the link: the learned capacity is the service's
+    rate, far too low; p2pd must still find and use the free link within seconds (and the service keep its)."""
+    link = SharedLink()
+    service = 0.4 * CAP
+    link.run(3, demand=service, p2pd_demand=0)
+    assert link.decision.capacity < 0.5 * CAP
+    link.run(15, demand=service)
+    assert link.decision.capacity >= 0.95 * CAP
+    assert link.own * (1 + HEADERS) >= 0.85 * (CAP - service)
+    assert link.service >= 0.95 * service
+
+
+def test_probing_a_full_link_costs_the_service_little() -> None:
+    link = SharedLink()
+    link.run(5, demand=0)
+    rates = [(link.step(0.5 * CAP), link.service)[1] for _ in range(60)]
+    assert sum(rates[20:]) / 40 >= 0.97 * 0.5 * CAP
