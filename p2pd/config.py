@@ -84,7 +84,8 @@ class AutoThrottleConfig:
     floor_fraction: float = 0.03  # p2pd never drops below this share of capacity: transfers slow down, never stall
     floor_min: float = 256 * 1024.0  # bytes/s; ...nor below this (a few 16 KiB chunks a second per connection)
     backoff: float = 0.5  # while the link stays full, p2pd's limit shrinks by this factor per tick at least
-    ramp_doubling: float = 0.25  # seconds; when room appears the limit may double this often (floor to link: ~1 s)
+    ramp_doubling: float = 0.25  # seconds; when room appears the limit may double this often (floor to link: ~1 s),
+    ramp_hold: float = 0.5  # ...after the link was last full (a service growing into the room shows up by then)
     probe_every: float = 3.0  # seconds between tries above a learned capacity (it may be an underestimate)...
     probe_fraction: float = 0.10  # ...each one tick of this share more (on a full link: ~1 % of a service's rate)
     release_after: float = 0.75  # seconds other traffic must stay quiet before p2pd drops its limit

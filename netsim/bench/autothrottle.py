@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from typing import IO, Any
 from netsim.bench.clients.p2pd import NODE_PORT, TRACKER_PORT, p2pd_cmd, tracker_cmd
 from netsim.bench.harness import NEUTRAL_CWD, BenchError, child_env, make_payload, stop_all, tail, wait_tcp
 from netsim.emu import Host, Topology
+from p2pd.rpc import RpcError, call_blocking
 from p2pd.units import format_bits_rate, parse_size
 
 TICK = 0.25
@@ -224,12 +226,7 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                 client = node.popen([*iperf, "-t", str(int(opts.service_s))], log=os.path.join(d, "iperf3-c.log"))
                 procs.append(client)
                 time.sleep(opts.service_s / 2)
-                status = node.run(
-                    [*p2pd, "status", "--json", "--data-dir", os.path.join(d, "data-node")],
-                    check=False,
-                    env=env,
-                    cwd=NEUTRAL_CWD,
-                )
+                status = _status(os.path.join(d, "data-node", "p2pd.sock"))
                 if client.wait(timeout=opts.service_s + 30) != 0:
                     raise BenchError(f"iperf3 client exit {client.returncode}: {tail(os.path.join(d, 'iperf3-c.log'))}")
                 t_svc_end = time.monotonic()
@@ -264,6 +261,7 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                 "p2pd_during_Bps": round(p2pd_during),
                 "p2pd_use_of_free": round(p2pd_during / free, 3),
                 "p2pd_back_080_s": _first_at(p2p_rates, svc_stop, 0.8 * link),
+                "p2pd_back_080_of_alone_s": _first_at(p2p_rates, svc_stop, 0.8 * p2pd_alone),
                 "fetch_started_s_before_service": round(t_svc - t_fetch, 2),
                 "timeline": {
                     "t0": round(t_idle, 3),
@@ -274,12 +272,7 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                     "p2pd_Bps": [[round(t - t_idle, 2), round(r)] for t, r in p2p_rates],
                 },
             }
-            try:
-                res["node_status_during_service"] = {
-                    k: v for k, v in json.loads(status.stdout).items() if k in ("limits", "auto_throttle")
-                }
-            except ValueError:
-                res["node_status_during_service"] = None
+            res["node_status_during_service"] = status
             return res
         finally:
             stop_all(topo, procs, timeout=10)
@@ -287,6 +280,19 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                 shutil.rmtree(d, ignore_errors=True)
             else:
                 print(f"kept {d}", file=log)
+
+
+def _status(sock_path: str) -> dict[str, Any] | None:
+    """The node's limits and auto-throttle state, straight from its control socket (a Unix socket is not
+    confined to a network namespace; a `p2pd status` process would take seconds to start on a loaded machine)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(sock_path)
+            res = call_blocking(s, "status", {})
+    except (OSError, RpcError):
+        return None
+    return {k: v for k, v in res.items() if k in ("limits", "auto_throttle")}
 
 
 def _wait_status(h: Host, data_dir: str, logfile: str) -> None:

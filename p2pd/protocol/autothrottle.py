@@ -194,7 +194,8 @@ class DirectionController:
         target = (cap - other - self.headroom) / (1.0 + cfg.header_overhead)  # the limit counts payload, not headers
         if full:  # someone's demand is not met: give way at least multiplicatively
             target = min(target, max(min(own, self.limit), floor) * cfg.backoff)
-        elif not math.isinf(self.limit):  # room again: take it back fast but not in one jump (a TCP dip is not an exit)
+        elif not math.isinf(self.limit) and now - self._full_at >= cfg.ramp_hold:
+            # room again: take it back fast but not in one jump (a TCP dip is not an exit)
             target = min(target, max(self.limit, floor) * 2.0 ** (dt / cfg.ramp_doubling))
         self.limit = max(floor, target)
         why = f"other traffic {mbit(other)}" + (" (at the floor)" if self.limit <= floor else "")
