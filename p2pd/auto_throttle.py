@@ -101,17 +101,24 @@ def address_towards(host: str, port: int) -> str | None:
     return None
 
 
+def check_interface(cfg: AutoThrottleConfig) -> None:
+    """A named interface must exist (checked at start, before anything else, so the error comes at once)."""
+    if not (cfg.enabled and cfg.interface):
+        return
+    try:
+        read_counters(cfg.interface)
+    except (KeyError, OSError):
+        raise P2pdError(
+            ErrorCode.BAD_REQUEST,
+            f"--auto-throttle-interface {cfg.interface}: no such network interface here "
+            f"(this host has {', '.join(interfaces()) or 'none'}); name one of them or leave it out",
+        ) from None
+
+
 def choose_interface(cfg: AutoThrottleConfig, listen_host: str, trackers: list[tuple[str, int]]) -> str | None:
     """The interface p2pd's traffic crosses; None if none could be found. A named one must exist."""
     if cfg.interface:
-        try:
-            read_counters(cfg.interface)
-        except (KeyError, OSError):
-            raise P2pdError(
-                ErrorCode.BAD_REQUEST,
-                f"--auto-throttle-interface {cfg.interface}: no such network interface here "
-                f"(this host has {', '.join(interfaces()) or 'none'}); name one of them or leave it out",
-            ) from None
+        check_interface(cfg)
         return cfg.interface
     if listen_host not in ("", "0.0.0.0", "::"):
         try:

@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from p2pd import __version__, connections, paths
-from p2pd.auto_throttle import AutoThrottler
+from p2pd.auto_throttle import AutoThrottler, check_interface
 from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
@@ -69,6 +69,7 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._take_lock()
+        check_interface(self.config.auto_throttle)
         now = trio.current_time()
         # Two levels per direction: this node's configured cap, and the cap the tracker's cluster
         # policy gives this node (pushed with heartbeat replies, applied at once).
