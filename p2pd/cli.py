@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import trio
 import typer
 
-from p2pd.config import PATHS, DaemonConfig, SwarmConfig, TraversalConfig
+from p2pd.config import PATHS, AutoThrottleConfig, DaemonConfig, SwarmConfig, TraversalConfig
 from p2pd.errors import EXIT_INTERRUPTED, ErrorCode, P2pdError
 from p2pd.paths import default_data_dir, socket_path
 from p2pd.rpc import RpcError, connect_unix, parse_hostport
@@ -111,6 +111,20 @@ def run(
     relay_max_pairs: int = typer.Option(
         TraversalConfig.relay_max_pairs, "--relay-max-pairs", help="node pairs relayed at once (with --relay)"
     ),
+    auto_throttle: str = typer.Option(
+        "on", "--auto-throttle", help="on: yield the link to other traffic on this node's interface; off: never"
+    ),
+    link_capacity: str = typer.Option(
+        None, "--link-capacity", help="the link's rate per direction, e.g. 10Gbit/s (default: learned from traffic)"
+    ),
+    reserve: str = typer.Option(
+        f"{AutoThrottleConfig.reserve_fraction:.0%}",
+        "--reserve",
+        help="room left to other traffic while it grows: a share of capacity (20%) or a RATE",
+    ),
+    auto_throttle_interface: str = typer.Option(
+        None, "--auto-throttle-interface", help="interface to watch (default: the one the route to the tracker takes)"
+    ),
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon
@@ -129,6 +143,7 @@ def run(
         if zone is not None:
             labels["zone"] = zone
         traversal = _traversal_options(paths, relay, relay_listen, relay_rate, relay_max_pairs)
+        auto = _auto_throttle_options(auto_throttle, link_capacity, reserve, auto_throttle_interface)
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
     data = (data_dir or default_data_dir()).expanduser().resolve()
@@ -146,6 +161,7 @@ def run(
         labels=labels,
         tracker_wait=tracker_wait,
         traversal=traversal,
+        auto_throttle=auto,
         swarm=SwarmConfig(max_peers=max_peers, pipeline_depth=pipeline, stall_timeout=stall_timeout, compress=compress),
     )
 
@@ -320,17 +336,27 @@ def status(
 
 
 def describe_limits(res: dict[str, Any]) -> str:
-    """One line per direction: every source's limit, and the one that binds (`limit_reason`)."""
+    """Per direction: the limit in force and why (`upload: 12.5 MB/s (auto: other traffic 140 Mbit/s)`)."""
+    limits = res.get("limits")
+    if not isinstance(limits, dict):
+        return "limits: not reported (daemon older than auto-throttling)"
     lines = []
-    for direction in ("egress", "ingress"):
-        sources = (res.get("limits") or {}).get(direction)
-        if not sources:
-            continue
-        reason = (res.get("limit_reason") or {}).get(direction)
-        parts = ", ".join(
-            f"{name} {'paused' if v == 0 else format_rate(v)}" for name, v in sources.items() if v is not None
+    for direction, word in (("egress", "upload"), ("ingress", "download")):
+        lim = limits.get(direction) or {}
+        rate = lim.get("limit")
+        shown = "none" if rate is None else "paused" if rate == 0 else format_rate(rate)
+        lines.append(f"{word} limit: {shown}" + ("" if rate is None else f" ({lim.get('why')})"))
+    auto = res.get("auto_throttle") or {}
+    if auto.get("state") == "off":
+        lines.append(f"auto-throttle: off ({auto.get('why')})")
+    elif auto:
+        eg = auto.get("egress") or {}
+        cap = eg.get("capacity")
+        lines.append(
+            f"auto-throttle: {auto.get('state')} on {auto.get('interface')}"
+            + (f", link {format_rate(cap)}" if cap else ", learning the link capacity")
+            + f"; upload: {eg.get('why')}; download: {(auto.get('ingress') or {}).get('why')}"
         )
-        lines.append(f"{direction} limit: " + (f"{parts} (binding: {reason})" if reason else "none"))
     return "\n".join(lines)
 
 
@@ -407,6 +433,34 @@ def _traversal_options(
         relay_listen=listen,
         relay_rate=_rate_option("--relay-rate", relay_rate),
         relay_max_pairs=relay_max_pairs,
+    )
+
+
+def _auto_throttle_options(on_off: str, capacity: str | None, reserve: str, iface: str | None) -> AutoThrottleConfig:
+    if on_off not in ("on", "off"):
+        raise ValueError(f"--auto-throttle {on_off!r}: write on or off")
+    fraction, rate = AutoThrottleConfig.reserve_fraction, None
+    text = reserve.strip()
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise ValueError(f"--reserve {reserve!r}: not a percentage; write e.g. 20% or a rate like 5MB/s") from None
+        if not 0 <= pct < 100:
+            raise ValueError(f"--reserve {reserve!r}: a share of the link from 0% to 99%")
+        fraction = pct / 100
+    else:
+        rate = _rate_option("--reserve", text)
+    if iface is not None and not (
+        0 < len(iface) < 16 and iface.isprintable() and "/" not in iface and " " not in iface
+    ):
+        raise ValueError(f"--auto-throttle-interface {iface!r}: not an interface name (see `ip link`)")
+    return AutoThrottleConfig(
+        enabled=on_off == "on",
+        interface=iface,
+        link_capacity=_rate_option("--link-capacity", capacity),
+        reserve_fraction=fraction,
+        reserve_rate=rate,
     )
 
 

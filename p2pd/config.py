@@ -74,6 +74,33 @@ class TraversalConfig:
 
 
 @dataclass(frozen=True)
+class AutoThrottleConfig:
+    """How a node yields its link to the other traffic it shares it with (p2pd/protocol/autothrottle.py)."""
+
+    enabled: bool = True  # `--auto-throttle off`: p2pd keeps only the flag and tracker limits
+    interface: str | None = None  # None: the interface of the route to the tracker (or of the listen address)
+    link_capacity: float | None = None  # bytes/s per direction; None: learned (the highest rate the interface carried)
+    reserve_fraction: float = 0.20  # headroom left to other traffic while it grows: it shows its demand by using it
+    reserve_rate: float | None = None  # the same as an absolute bytes/s (`--reserve 5MB/s`); overrides the fraction
+    tick: float = 0.25  # counters read this often: a TCP flow on a LAN grows into new room within a few ticks
+    smoothing: float = 0.2  # seconds; time constant of the rate averages (a few ticks: damps TCP's sawtooth)
+    quiet_fraction: float = 0.03  # other traffic under this share of capacity is noise (ssh, monitoring, heartbeats)
+    quiet_min: float = 64_000.0  # bytes/s; ...and under this absolute rate (slow links)
+    min_headroom_fraction: float = 0.05  # the headroom shrinks to this once other traffic stopped growing
+    settle: float = 1.0  # seconds other traffic must stay below the link's top before the headroom shrinks
+    floor_fraction: float = 0.03  # p2pd never drops below this share of capacity: transfers slow down, never stall
+    floor_min: float = 256 * 1024.0  # bytes/s; ...nor below this (a few 16 KiB chunks a second per connection)
+    backoff: float = 0.5  # while the link stays full, p2pd's limit shrinks by this factor per tick at least
+    ramp_doubling: float = 0.25  # seconds; when room appears the limit may double this often (floor to link: ~1 s),
+    ramp_hold: float = 0.5  # ...after the link was last full (a service growing into the room shows up by then)
+    probe_every: float = 3.0  # seconds between tries above a learned capacity (it may be an underestimate)...
+    probe_fraction: float = 0.10  # ...each one tick of this share more (on a full link: ~1 % of a service's rate)
+    release_after: float = 0.75  # seconds other traffic must stay quiet before p2pd drops its limit
+    header_overhead: float = 0.06  # TCP/IP + Ethernet headers on p2pd's payload (1448 of 1514 bytes, plus options)
+    ack_overhead: float = 0.04  # ACKs on the reverse direction, per byte of payload p2pd moves the other way
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """One node daemon: where it listens, which trackers it uses, its own limits and its swarms' config."""
 
@@ -102,3 +129,4 @@ class DaemonConfig:
     # global budgets (tracker/budgets.py): a tracker that stops answering leaves the node on its last
     # share this long (a restart or failover must not unleash the cluster), then on its own limits
     share_grace: float = 30.0
+    auto_throttle: AutoThrottleConfig = field(default_factory=AutoThrottleConfig)

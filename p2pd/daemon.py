@@ -21,6 +21,7 @@ import trio
 
 from p2pd import __version__, connections, paths
 from p2pd.admission import Admission, incoming_cap, raise_fd_limit
+from p2pd.auto_throttle import AutoThrottler, check_interface
 from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
@@ -90,6 +91,7 @@ class Daemon:
                 fd_limit,
                 self.admission.max_total,
             )
+        check_interface(self.config.auto_throttle)
         now = trio.current_time()
         # Two levels per direction: this node's configured cap, and the cap the tracker's cluster
         # policy gives this node (pushed with heartbeat replies, applied at once).
@@ -98,15 +100,21 @@ class Daemon:
         # A third egress level: this node's share of the tracker's global budgets (tracker/budgets.py),
         # pushed with every heartbeat reply while a budget is set.
         self.share_egress = unlimited(now)
-        # every source of a limit by the name `p2pd status` shows (limits, limit_reason)
+        # A fourth, both ways: what automatic throttling leaves this node beside the other traffic on its link.
+        self.auto_egress = unlimited(now)
+        self.auto_ingress = unlimited(now)
+        self.auto_throttle = AutoThrottler(self.config.auto_throttle, self.auto_egress, self.auto_ingress)
+        # every source of a limit by the name `p2pd status` shows (limits)
         self.egress_sources = {
             "flag": TokenBucket(self.config.egress_limit or math.inf, now=now),
             "policy": self.policy_egress,
             "global share": self.share_egress,
+            "auto": self.auto_egress,
         }
         self.ingress_sources = {
             "flag": TokenBucket(self.config.ingress_limit or math.inf, now=now),
             "policy": self.policy_ingress,
+            "auto": self.auto_ingress,
         }
         self.egress = Hierarchy(*self.egress_sources.values())
         self.ingress = Hierarchy(*self.ingress_sources.values())
@@ -131,6 +139,7 @@ class Daemon:
                 # trio.serve_listeners backs off on EMFILE and friends instead of failing
                 nursery.start_soon(trio.serve_listeners, self._serve_incoming, peer_listeners)
                 await nursery.start(self._heartbeats)
+                await nursery.start(self.auto_throttle.run, self.config.listen[0], self.config.trackers)
                 if self.config.nat_detect:
                     self.nat = NatMonitor(
                         (self.config.listen[0], self.listen_port),
@@ -326,14 +335,30 @@ class Daemon:
         return [min(want, own, MAX_DEMAND), min(cross_want, MAX_DEMAND), rate, cross_rate]
 
     def limits(self) -> dict[str, Any]:
-        """Each source's limit (bytes/s, None = none) per direction, and which one binds (`p2pd status`)."""
+        """Per direction: every source's limit (bytes/s, None = none), the effective one (the lowest), which
+        source sets it and why, in words (`p2pd status`: `upload limit: 1.5 MB/s (auto: other traffic ...)`)."""
+        auto = self.auto_throttle.status()
+        why_of = {
+            "flag": "--{}-limit",
+            "policy": "the tracker's policy for this node",
+            "global share": "this node's share of the cluster's global budget",
+        }
         out: dict[str, Any] = {}
-        reasons: dict[str, str | None] = {}
         for direction, sources in (("egress", self.egress_sources), ("ingress", self.ingress_sources)):
-            out[direction] = {name: _finite(b.rate) for name, b in sources.items()}
-            binding = min(sources.items(), key=lambda kv: kv[1].rate)
-            reasons[direction] = None if math.isinf(binding[1].rate) else binding[0]
-        return {"limits": out, "limit_reason": reasons}
+            by, bucket = min(sources.items(), key=lambda kv: kv[1].rate)
+            if math.isinf(bucket.rate):
+                why = "no limit"
+            elif by == "auto":
+                why = f"auto: {auto.get(direction, {}).get('why', '')}"
+            else:
+                why = why_of[by].format(direction)
+            out[direction] = {
+                "limit": _finite(bucket.rate),
+                "by": None if math.isinf(bucket.rate) else by,
+                "why": why,
+                "sources": {name: _finite(b.rate) for name, b in sources.items()},
+            }
+        return out
 
     async def _announce(self) -> None:
         """Tell the tracker about a change at once instead of at the next interval."""
@@ -574,7 +599,8 @@ class Daemon:
             "ingress_limit": self.config.ingress_limit,
             "policy_egress_limit": _finite(self.policy_egress.rate),
             "policy_ingress_limit": _finite(self.policy_ingress.rate),
-            **self.limits(),
+            "limits": self.limits(),
+            "auto_throttle": self.auto_throttle.status(),
             "nat": (self.nat.status if self.nat is not None else NatStatus(state="off")).to_json(trio.current_time()),
             "traversal": self.traversal.status(),
             "incoming": {

@@ -28,6 +28,18 @@ PAUSE_POLL = 0.05  # while a limit is paused (a global budget of 0), how often a
 PAYLOAD_LOWAT = 256 * 1024  # wake the reader of a piece once this much of it is queued (SO_RCVLOWAT)
 
 
+class TrafficCounters:
+    """Every payload byte this process moved over peer connections (what auto-throttling subtracts from the
+    interface's counters). One per process: a production node runs one daemon per process."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+
+
+TRAFFIC = TrafficCounters()
+
+
 async def throttle(limiter: Hierarchy | None, n: int) -> None:
     """Reserve `n` bytes of the limit, then wait out the debt (both directions, every limited transfer).
 
@@ -68,6 +80,7 @@ class StreamIO:
             raise PeerClosed(CloseReason.REMOTE_CLOSED, "connection closed by peer")
         self.last_recv = trio.current_time()
         self.bytes_in += len(data)
+        TRAFFIC.received += len(data)
         return bytes(data)
 
     async def read_exactly(self, n: int) -> bytes:
@@ -120,6 +133,7 @@ class StreamIO:
                     raise PeerClosed(CloseReason.REMOTE_CLOSED, "connection closed by peer mid-piece")
                 self.last_recv = trio.current_time()
                 self.bytes_in += n
+                TRAFFIC.received += n
                 pos += n
         finally:
             if lowat != 1:
@@ -148,11 +162,13 @@ class StreamIO:
         receiver a wakeup of its own (TCP_NODELAY is on for the small control messages)."""
         if self.sock is None:
             await self.stream.send_all(data)
+            TRAFFIC.sent += len(data)
             return
         view = memoryview(data)
         flags = socket.MSG_MORE if more else 0
         while view:
             n = await self.sock.send(view, flags)
+            TRAFFIC.sent += n
             view = view[n:]
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
@@ -162,6 +178,7 @@ class StreamIO:
                 if not data:
                     raise PeerClosed(CloseReason.INTERNAL, "file shorter than the manifest says")
                 await self.stream.send_all(data)
+                TRAFFIC.sent += len(data)
                 offset += len(data)
                 count -= len(data)
             return
@@ -174,6 +191,7 @@ class StreamIO:
                 continue
             if n == 0:
                 raise PeerClosed(CloseReason.INTERNAL, "file shorter than the manifest says")
+            TRAFFIC.sent += n
             offset += n
             count -= n
             await trio.lowlevel.checkpoint_if_cancelled()

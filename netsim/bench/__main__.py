@@ -9,6 +9,7 @@
     python -m netsim.bench ray --size 2GiB --nodes 3
     python -m netsim.bench nat --size 2MiB --swarm-size 128MiB --json nat.json   # NAT matrix + NATed swarm
     python -m netsim.bench throttle --peers 4 --size 64MiB --rate 100Mbit/s --budget 40Mbit/s --json throttle.json
+    python -m netsim.bench autothrottle --rate 200Mbit/s --json autothrottle.json  # p2pd beside an iperf3 service
 
 Exit status: 0 when every run of every client completed and verified, 1 when some failed (the JSON says which),
 2 when it could not run at all (not root, a tool missing: the message names the package).
@@ -21,7 +22,7 @@ import json
 import shlex
 import sys
 
-from netsim.bench import nat, ray_first_result, throttle, tracker_load
+from netsim.bench import autothrottle, nat, ray_first_result, throttle, tracker_load
 from netsim.bench.clients import CLIENT_NAMES
 from netsim.bench.harness import BenchError
 from netsim.emu import EmuError, Terminated
@@ -113,6 +114,13 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     throttle.add_arguments(th, _size, _rate_bits)
+    at = sub.add_parser(
+        "autothrottle",
+        help="auto-throttling: p2pd beside a TCP service on one node's link",
+        description=autothrottle.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    autothrottle.add_arguments(at, _size, _rate_bits)
     return ap
 
 
@@ -133,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         return ray_first_result.main(a)
     if a.cmd == "throttle":
         return throttle.run(a, command)
+    if a.cmd == "autothrottle":
+        try:
+            return autothrottle.main(a, command)
+        except (BenchError, EmuError) as e:
+            print(f"netsim.bench: {e}", file=sys.stderr)
+            return 2
+        except Terminated as e:
+            print(f"netsim.bench: {e}; cleaned up", file=sys.stderr)
+            return 128 + e.signum
     if a.cmd == "nat":
         try:
             return nat.run(a, command)

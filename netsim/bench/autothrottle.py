@@ -1,0 +1,393 @@
+"""Automatic node throttling in emulation: a TCP service (iperf3) shares a node's link with p2pd.
+
+    python -m netsim.bench autothrottle --rate 200Mbit/s --json autothrottle.json
+    python -m netsim.bench autothrottle --directions upload --services greedy --modes on,off
+
+One run: three namespaces on a switch. `node`'s link is shaped to RATE both ways (the only bottleneck; the
+others are unshaped); `peer` is the other p2pd node (and runs the tracker); `svc` runs `iperf3 -s`.
+Upload: `node` seeds a payload that `peer` fetches, and the service is `iperf3 -c svc` on `node` (node -> svc).
+Download: `peer` seeds, `node` fetches, and the service is `iperf3 -c svc -R` (svc -> node). Timeline: the
+service alone first (its idle-link rate), then p2pd alone for --warmup s, then the service for --service s
+beside p2pd, then p2pd alone for --after s. Rates are read off the switch side of each port every 0.25 s
+(wire bytes, headers included), so the numbers do not depend on either program's own reports.
+
+Reported per run (goals from issue #13): the service's average over its run / its idle-link rate (>= 0.9),
+seconds until the service reaches 0.8x its idle rate (<= 2), p2pd's average while the service runs / what
+the service leaves free (link - service; >= 0.9; meaningful for a paced service, which leaves room), and
+seconds after the service stops until p2pd is back at 0.8x the link (<= 3). `--modes off` runs p2pd with
+`--auto-throttle off` for comparison: then the service gets only its TCP share beside p2pd's connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from netsim.bench.clients.p2pd import NODE_PORT, TRACKER_PORT, p2pd_cmd, tracker_cmd
+from netsim.bench.harness import NEUTRAL_CWD, BenchError, child_env, make_payload, stop_all, tail, wait_tcp
+from netsim.emu import Host, Topology
+from p2pd.rpc import RpcError, call_blocking
+from p2pd.units import format_bits_rate, parse_size
+
+TICK = 0.25
+IPERF_PORT = 5201
+
+
+@dataclass
+class Options:
+    rate_bps: int = 200_000_000
+    size: int = parse_size("512MiB")
+    directions: list[str] = field(default_factory=lambda: ["upload", "download"])
+    services: list[str] = field(default_factory=lambda: ["greedy", "half"])  # half: iperf3 -b rate/2
+    modes: list[str] = field(default_factory=lambda: ["on", "off"])
+    warmup_s: float = 8.0
+    service_s: float = 10.0
+    after_s: float = 5.0
+    idle_s: float = 4.0
+    p2pd_run_args: list[str] = field(default_factory=list)
+    keep: bool = False
+    command: str = ""
+
+
+def missing() -> str | None:
+    """Why the scenario cannot run here (None: it can)."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in ("ip", "tc", "iperf3"):
+        if not shutil.which(tool):
+            return f"`{tool}` not found (apt-get install {'iperf3' if tool == 'iperf3' else 'iproute2'})"
+    return None
+
+
+class Sampler:
+    """Switch-side byte counters of every port, every TICK s, in a thread (one `ip -s -j link` per sample)."""
+
+    def __init__(self, switch_ns: str, ports: dict[str, str]) -> None:
+        self.switch_ns = switch_ns
+        self.ports = ports  # host name -> switch-side interface
+        self.samples: list[tuple[float, dict[str, tuple[int, int]]]] = []  # (t, host -> (to host, from host))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.error: str | None = None
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _read(self) -> dict[str, tuple[int, int]]:
+        cp = subprocess.run(
+            ["ip", "-n", self.switch_ns, "-s", "-j", "link", "show"], capture_output=True, text=True, check=True
+        )
+        by_if = {d["ifname"]: d["stats64"] for d in json.loads(cp.stdout) if "stats64" in d}
+        return {h: (by_if[i]["tx"]["bytes"], by_if[i]["rx"]["bytes"]) for h, i in self.ports.items()}
+
+    def _loop(self) -> None:
+        t0 = time.monotonic()
+        next_at = t0
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.monotonic(), self._read()))
+            except (OSError, subprocess.CalledProcessError, KeyError, ValueError) as e:
+                self.error = f"{type(e).__name__}: {e}"
+                return
+            next_at += TICK
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def rates(self, host: str, toward: bool) -> list[tuple[float, float]]:
+        """(time at the end of each interval, bytes/s) delivered to `host` (toward) or sent by it."""
+        k = 0 if toward else 1
+        out = []
+        for (t0, a), (t1, b) in zip(self.samples, self.samples[1:], strict=False):
+            out.append((t1, (b[host][k] - a[host][k]) / (t1 - t0)))
+        return out
+
+
+def _mean(xs: list[tuple[float, float]], start: float, end: float) -> float | None:
+    vals = [r for t, r in xs if start < t <= end]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _first_at(xs: list[tuple[float, float]], start: float, level: float, window: int = 2) -> float | None:
+    """Seconds after `start` until `window` consecutive intervals average >= level (None: never)."""
+    after = [(t, r) for t, r in xs if t > start]
+    for i in range(len(after) - window + 1):
+        if sum(r for _, r in after[i : i + window]) / window >= level:
+            return round(after[i + window - 1][0] - start, 2)
+    return None
+
+
+def run_one(opts: Options, direction: str, service: str, mode: str, work: str, log: IO[str]) -> dict[str, Any]:
+    """One scenario in a fresh topology; the result dict (rates in bytes/s on the wire)."""
+    link = opts.rate_bps / 8
+    env = child_env()
+    p2pd = p2pd_cmd()
+    procs: list[subprocess.Popen | None] = []
+    d = tempfile.mkdtemp(prefix=f"{direction}-{service}-{mode}-", dir=work)
+    with Topology() as topo:
+        lan = topo.add_switch("lan")
+        node = topo.add_host("node", lan, rate=opts.rate_bps)
+        peer = topo.add_host("peer", lan)
+        svc = topo.add_host("svc", lan)
+        hosts: dict[str, Host] = {"node": node, "peer": peer, "svc": svc}
+        ports = {name: h.links[0].switch_if for name, h in hosts.items()}
+        ips = {name: h.ip or "" for name, h in hosts.items()}
+        try:
+            procs.append(svc.popen(["iperf3", "-s", "-p", str(IPERF_PORT)], log=os.path.join(d, "iperf3-s.log")))
+            wait_tcp(svc, ips["svc"], IPERF_PORT)
+            iperf = ["iperf3", "-c", ips["svc"], "-p", str(IPERF_PORT), "-J"]
+            if direction == "download":
+                iperf.append("-R")
+            if service == "half":
+                iperf += ["-b", str(opts.rate_bps // 2)]
+            svc_to = direction == "upload"  # the service's bytes: delivered to svc (upload) or sent by it
+            with Sampler(lan.ns, ports) as sampler:
+                # setup: tracker, daemons, the payload published
+                procs.append(
+                    peer.popen(
+                        [*tracker_cmd(), "serve", "--listen", f"{ips['peer']}:{TRACKER_PORT}"],
+                        log=os.path.join(d, "tracker.log"),
+                        env=env,
+                        cwd=NEUTRAL_CWD,
+                    )
+                )
+                wait_tcp(peer, ips["peer"], TRACKER_PORT)
+                seed, leecher = (node, peer) if direction == "upload" else (peer, node)
+                for name, h in hosts.items():
+                    if name == "svc":
+                        continue
+                    argv = [
+                        *p2pd,
+                        "run",
+                        "--tracker",
+                        f"{ips['peer']}:{TRACKER_PORT}",
+                        "--listen",
+                        f"{ips[name]}:{NODE_PORT}",
+                        "--data-dir",
+                        os.path.join(d, f"data-{name}"),
+                        "--auto-throttle",
+                        mode,
+                        *opts.p2pd_run_args,
+                    ]
+                    procs.append(h.popen(argv, log=os.path.join(d, f"daemon-{name}.log"), env=env, cwd=NEUTRAL_CWD))
+                for name in ("node", "peer"):
+                    _wait_status(hosts[name], os.path.join(d, f"data-{name}"), os.path.join(d, f"daemon-{name}.log"))
+                payload = os.path.join(d, "payload.bin")
+                make_payload(payload, opts.size)
+                seed_dir = os.path.join(d, f"data-{seed.name}")
+                cp = seed.run(
+                    [*p2pd, "publish", payload, "--name", "bench:auto", "--data-dir", seed_dir],
+                    check=False,
+                    env=env,
+                    cwd=NEUTRAL_CWD,
+                    timeout=300,
+                )
+                if cp.returncode != 0:
+                    raise BenchError(f"p2pd publish exit {cp.returncode}: {cp.stderr.strip()[-600:]}")
+                # 1. the service alone: its idle-link rate (the daemons idle)
+                t_idle = time.monotonic()
+                node.run([*iperf, "-t", str(int(opts.idle_s))], timeout=opts.idle_s + 30)
+                t_idle_end = time.monotonic()
+                # 2. p2pd alone
+                out = os.path.join(d, "out")
+                os.makedirs(out)
+                fetch = leecher.popen(
+                    [
+                        *p2pd,
+                        "fetch",
+                        "bench:auto",
+                        "--dest",
+                        out,
+                        "--data-dir",
+                        os.path.join(d, f"data-{leecher.name}"),
+                    ],
+                    log=os.path.join(d, "fetch.log"),
+                    env=env,
+                    cwd=NEUTRAL_CWD,
+                )
+                procs.append(fetch)
+                t_fetch = time.monotonic()
+                time.sleep(opts.warmup_s)
+                # 3. the service beside p2pd
+                t_svc = time.monotonic()
+                client = node.popen([*iperf, "-t", str(int(opts.service_s))], log=os.path.join(d, "iperf3-c.log"))
+                procs.append(client)
+                time.sleep(opts.service_s / 2)
+                status = _status(os.path.join(d, "data-node", "p2pd.sock"))
+                if client.wait(timeout=opts.service_s + 30) != 0:
+                    raise BenchError(f"iperf3 client exit {client.returncode}: {tail(os.path.join(d, 'iperf3-c.log'))}")
+                t_svc_end = time.monotonic()
+                # 4. p2pd alone again
+                time.sleep(opts.after_s)
+                t_end = time.monotonic()
+                if fetch.poll() is not None and fetch.returncode != 0:
+                    raise BenchError(f"p2pd fetch exit {fetch.returncode}: {tail(os.path.join(d, 'fetch.log'))}")
+            if sampler.error:
+                raise BenchError(f"counter sampling failed: {sampler.error}")
+            svc_rates = sampler.rates("svc", toward=svc_to)
+            p2p_rates = sampler.rates("peer", toward=direction == "upload")
+            idle = _mean(svc_rates, t_idle + 1.0, t_idle_end - 0.3) or 0.0
+            # the service's run: from its first busy interval to its last (not iperf3's connect and teardown)
+            svc_start = min((t - TICK for t, r in svc_rates if t > t_svc and r > 0.05 * link), default=t_svc)
+            svc_stop = max((t for t, r in svc_rates if t <= t_svc_end + 1 and r > 0.05 * link), default=t_svc_end)
+            svc_avg = _mean(svc_rates, svc_start, svc_stop) or 0.0
+            svc_steady = _mean(svc_rates, t_svc + 2.0, t_svc_end - 0.3) or 0.0
+            p2pd_alone = _mean(p2p_rates, t_svc - 2.0, t_svc) or 0.0
+            p2pd_during = _mean(p2p_rates, t_svc + 2.0, t_svc_end - 0.3) or 0.0
+            free = max(link - svc_steady, 1.0)
+            res: dict[str, Any] = {
+                "direction": direction,
+                "service": service,
+                "auto_throttle": mode,
+                "link_Bps": link,
+                "service_idle_Bps": round(idle),
+                "service_avg_Bps": round(svc_avg),
+                "service_ratio": round(svc_avg / idle, 3) if idle else None,
+                "service_reach_080_s": _first_at(svc_rates, svc_start, 0.8 * idle) if idle else None,
+                "p2pd_alone_Bps": round(p2pd_alone),
+                "p2pd_during_Bps": round(p2pd_during),
+                "p2pd_use_of_free": round(p2pd_during / free, 3),
+                "p2pd_back_080_s": _first_at(p2p_rates, svc_stop, 0.8 * link),
+                "p2pd_back_080_of_alone_s": _first_at(p2p_rates, svc_stop, 0.8 * p2pd_alone),
+                "fetch_started_s_before_service": round(t_svc - t_fetch, 2),
+                "timeline": {
+                    "t0": round(t_idle, 3),
+                    "service_start": round(svc_start - t_idle, 2),
+                    "service_stop": round(svc_stop - t_idle, 2),
+                    "end": round(t_end - t_idle, 2),
+                    "service_Bps": [[round(t - t_idle, 2), round(r)] for t, r in svc_rates],
+                    "p2pd_Bps": [[round(t - t_idle, 2), round(r)] for t, r in p2p_rates],
+                },
+            }
+            res["node_status_during_service"] = status
+            return res
+        finally:
+            stop_all(topo, procs, timeout=10)
+            if not opts.keep:
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                print(f"kept {d}", file=log)
+
+
+def _status(sock_path: str) -> dict[str, Any] | None:
+    """The node's limits and auto-throttle state, straight from its control socket (a Unix socket is not
+    confined to a network namespace; a `p2pd status` process would take seconds to start on a loaded machine)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(sock_path)
+            res = call_blocking(s, "status", {})
+    except (OSError, RpcError):
+        return None
+    return {k: v for k, v in res.items() if k in ("limits", "auto_throttle")}
+
+
+def _wait_status(h: Host, data_dir: str, logfile: str) -> None:
+    end = time.monotonic() + 60
+    while True:
+        cp = h.run([*p2pd_cmd(), "status", "--data-dir", data_dir], check=False, env=child_env(), cwd=NEUTRAL_CWD)
+        if cp.returncode == 0:
+            return
+        if time.monotonic() > end:
+            raise BenchError(f"p2pd on {h.name} never answered status: {tail(logfile)}")
+        time.sleep(0.2)
+
+
+def run(opts: Options, log: IO[str] = sys.stderr) -> dict[str, Any]:
+    why = missing()
+    if why:
+        raise BenchError(why)
+    work = tempfile.mkdtemp(prefix="autothrottle-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    runs = []
+    try:
+        for direction in opts.directions:
+            for service in opts.services:
+                for mode in opts.modes:
+                    print(f"autothrottle: {direction} {service} auto-throttle {mode}", file=log, flush=True)
+                    r = run_one(opts, direction, service, mode, work, log)
+                    print(f"  {_line(r)}", file=log, flush=True)
+                    runs.append(r)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "command": opts.command,
+        "rate": format_bits_rate(opts.rate_bps),
+        "size": opts.size,
+        "runs": runs,
+        "headline": "; ".join(_line(r) for r in runs),
+    }
+
+
+def _line(r: dict[str, Any]) -> str:
+    return (
+        f"{r['direction']} {r['service']} auto {r['auto_throttle']}: service {r['service_ratio']} of idle "
+        f"(0.8x after {r['service_reach_080_s']} s), p2pd {r['p2pd_use_of_free']} of free, "
+        f"back to 0.8 link {r['p2pd_back_080_s']} s after"
+    )
+
+
+def add_arguments(ap: argparse.ArgumentParser, size: Any, rate_bits: Any) -> None:
+    def names(allowed: tuple[str, ...]) -> Any:
+        def parse(text: str) -> list[str]:
+            got = [x.strip() for x in text.split(",") if x.strip()]
+            bad = [x for x in got if x not in allowed]
+            if bad or not got:
+                raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(allowed)}")
+            return got
+
+        return parse
+
+    ap.add_argument("--rate", type=rate_bits, default=200_000_000, help="the node's link, both ways (RATE)")
+    ap.add_argument("--size", type=size, default=parse_size("512MiB"), help="payload (more than the run moves)")
+    ap.add_argument("--directions", type=names(("upload", "download")), default=["upload", "download"])
+    ap.add_argument("--services", type=names(("greedy", "half")), default=["greedy", "half"])
+    ap.add_argument("--modes", type=names(("on", "off")), default=["on", "off"])
+    ap.add_argument("--warmup", type=float, default=8.0, help="seconds of p2pd alone before the service")
+    ap.add_argument("--service", type=float, default=10.0, help="seconds the service runs")
+    ap.add_argument("--after", type=float, default=5.0, help="seconds of p2pd alone after it")
+    ap.add_argument("--p2pd-run-args", default="", help="extra options for every `p2pd run`, one quoted string")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--json", default=None)
+
+
+def main(a: argparse.Namespace, command: str) -> int:
+    import shlex
+
+    opts = Options(
+        rate_bps=a.rate,
+        size=a.size,
+        directions=a.directions,
+        services=a.services,
+        modes=a.modes,
+        warmup_s=a.warmup,
+        service_s=a.service,
+        after_s=a.after,
+        p2pd_run_args=shlex.split(a.p2pd_run_args),
+        keep=a.keep,
+        command=command,
+    )
+    res = run(opts)
+    text = json.dumps(res, indent=2)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(text + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"} | {"runs": [_brief(r) for r in res["runs"]]}))
+    print(res["headline"])
+    return 0
+
+
+def _brief(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in r.items() if k != "timeline"}

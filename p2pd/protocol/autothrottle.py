@@ -1,0 +1,232 @@
+"""Automatic node throttling: p2pd yields its link to the other traffic it shares it with (sans-IO).
+
+A GPU node's NIC also carries inference requests, checkpoint uploads and metrics. p2pd may fill the
+link while nobody else wants it, but must shrink to what is left (minus a reserve) when another
+service does, and take the link back within seconds when that service stops. The inputs are four
+cumulative byte counters, read by the I/O layer every tick (p2pd/auto_throttle.py): the interface's
+received and sent bytes, and p2pd's own. Other traffic = interface - p2pd (less the headers and ACKs
+p2pd's own bytes cause); link capacity = `--link-capacity`, else the highest rate the interface has
+carried (learned: whoever filled the link, p2pd alone or the service alone, showed what it holds).
+
+Why a reserve, and why it works: while p2pd fills the link, a TCP service beside it cannot show how
+much it wants, only the share TCP's fairness gives it. So p2pd leaves `headroom` unused (the reserve,
+20 % of capacity by default). A service that wants more grows into it within a few round trips, and
+the link is full again: p2pd sees the larger other traffic and yields again (and multiplicatively
+while the link stays full), so a greedy service takes all but p2pd's floor within about a second.
+A service that wants a fixed rate leaves the headroom unused; after `settle` seconds the headroom
+shrinks to `min_headroom_fraction`, so p2pd uses nearly all of what the service leaves free, and the
+full reserve comes back the moment the link fills up again.
+
+Why the decisions look at the link's total against its capacity ("full") and not at the service's
+rate: a squeezed service and a satisfied one can run at the same rate; only a full link tells them
+apart. The floor keeps p2pd's transfers moving (a peer silent for a second is dropped as stalled).
+
+No delay signal (LEDBAT's queueing delay, TCP_INFO RTT): the counters see exactly the bottleneck a
+node most often shares, its own NIC, without a base-delay estimate; a bottleneck beyond the NIC
+(a ToR uplink) would need one, and p2pd's bulk TCP would then need a less-than-best-effort
+congestion control in the kernel to act on it; docs/throttling.md says more.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from p2pd.config import AutoThrottleConfig
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Cumulative byte counters read at one instant (they only grow; a reset is detected and skipped)."""
+
+    iface_rx: int
+    iface_tx: int
+    own_rx: int
+    own_tx: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One direction's limit for p2pd after a tick, and why (shown by `p2pd status`)."""
+
+    limit: float  # bytes/s; math.inf = no limit from auto-throttling
+    capacity: float  # bytes/s the link carries (0 = not known yet)
+    other: float  # bytes/s of other traffic (smoothed)
+    own: float  # bytes/s p2pd moved (smoothed)
+    state: str  # "learning" (capacity unknown), "idle" (no other traffic to yield to), "yielding"
+    why: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "limit": None if math.isinf(self.limit) else self.limit,
+            "capacity": self.capacity or None,
+            "other": self.other,
+            "own": self.own,
+            "state": self.state,
+            "why": self.why,
+        }
+
+
+def mbit(rate: float) -> str:
+    """Bytes/s as people read link rates: `140 Mbit/s`."""
+    bits = rate * 8
+    for unit, mult in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= mult:
+            return f"{bits / mult:.3g} {unit}"
+    return f"{bits:.3g} bit/s"
+
+
+class _Ewma:
+    """An exponentially weighted average of a rate with a time constant (ticks may be uneven)."""
+
+    def __init__(self, tau: float) -> None:
+        self.tau = tau
+        self.value: float | None = None
+
+    def add(self, x: float, dt: float) -> float:
+        if self.value is None:
+            self.value = x
+        else:
+            self.value += (1.0 - math.exp(-dt / self.tau)) * (x - self.value)
+        return self.value
+
+
+class DirectionController:
+    """The limit for one direction (egress: the interface's tx; ingress: its rx)."""
+
+    def __init__(self, cfg: AutoThrottleConfig, now: float) -> None:
+        self.cfg = cfg
+        self._iface = _Ewma(cfg.smoothing)
+        self._own = _Ewma(cfg.smoothing)
+        self._reverse = _Ewma(cfg.smoothing)
+        self.learned = 0.0  # the highest smoothed rate the interface carried
+        self.yielding = False
+        self.limit = INF
+        self.headroom = 0.0
+        self._full_at = now  # last tick the link was full (headroom back to the whole reserve)
+        self._loud_at = now  # last tick other traffic was above half the quiet level
+        self._probe_at = now  # last tick p2pd tried more than the learned capacity leaves it
+        self._probing = False  # the last tick was such a try
+        self._learned_at_probe = 0.0
+        self._before_probe = INF  # the limit before the current try
+        self.decision = Decision(INF, cfg.link_capacity or 0.0, 0.0, 0.0, "learning", "learning the link capacity")
+
+    @property
+    def capacity(self) -> float:
+        return self.cfg.link_capacity or self.learned
+
+    def reserve(self, capacity: float) -> float:
+        r = self.cfg.reserve_rate if self.cfg.reserve_rate is not None else self.cfg.reserve_fraction * capacity
+        return min(r, capacity)
+
+    def floor(self, capacity: float) -> float:
+        return min(max(self.cfg.floor_fraction * capacity, self.cfg.floor_min), capacity)
+
+    def update(self, now: float, dt: float, iface_bytes: int, own_bytes: int, reverse_own_bytes: int) -> Decision:
+        """One tick: bytes the interface and p2pd moved in this direction (and p2pd the other way) in `dt` s."""
+        cfg = self.cfg
+        iface = self._iface.add(iface_bytes / dt, dt)
+        own = self._own.add(own_bytes / dt, dt)
+        reverse = self._reverse.add(reverse_own_bytes / dt, dt)
+        self.learned = max(self.learned, iface)
+        cap = self.capacity
+        other = max(0.0, iface - own * (1.0 + cfg.header_overhead) - reverse * cfg.ack_overhead)
+        if cap <= 0:
+            self.decision = Decision(INF, 0.0, other, own, "learning", "learning the link capacity")
+            return self.decision
+        quiet = max(cfg.quiet_fraction * cap, cfg.quiet_min)
+        reserve = self.reserve(cap)
+        # "stopped" is judged on this tick's rate, not the average: the average lags the end of a transfer by
+        # several time constants, and p2pd would wait that long to take the link back
+        raw_other = (
+            iface_bytes / dt - own_bytes / dt * (1.0 + cfg.header_overhead) - reverse_own_bytes / dt * cfg.ack_overhead
+        )
+        if min(other, raw_other) >= quiet / 2:
+            self._loud_at = now
+        if not self.yielding:
+            if other <= quiet:
+                self.limit = INF
+                self.decision = Decision(
+                    INF, cap, other, own, "idle", f"other traffic {mbit(other)} (under {mbit(quiet)})"
+                )
+                return self.decision
+            self.yielding = True
+            self.headroom = reserve
+            self._full_at = now
+        elif now - self._loud_at >= cfg.release_after:
+            self.yielding = False
+            self.limit = INF
+            self.decision = Decision(INF, cap, other, own, "idle", "other traffic stopped")
+            return self.decision
+        floor = self.floor(cap)
+        # A learned capacity is only the most the link has carried so far, and an underestimate looks exactly
+        # like a full link (the total is at the "capacity"). So while p2pd's limit binds, it tries a little more
+        # now and then: if the link has room, the interface's rate rises above the learned maximum (learned at
+        # once) and p2pd tries more at the next tick; if not, the link is full and the next tick yields again.
+        grew = self.learned > self._learned_at_probe * 1.02
+        binds = own >= 0.9 * self.limit  # (the average lags a raised limit: a try that worked goes on regardless)
+        if (
+            cfg.link_capacity is None
+            and not math.isinf(self.limit)
+            and ((self._probing and grew) or (binds and now - self._probe_at >= cfg.probe_every))
+        ):
+            if not self._probing:
+                self._before_probe = self.limit
+            self._probing = True
+            self._probe_at, self._learned_at_probe = now, self.learned
+            self.limit = max(floor, self.limit + cfg.probe_fraction * cap)
+            self.decision = Decision(self.limit, cap, other, own, "yielding", f"other traffic {mbit(other)} (probing)")
+            return self.decision
+        failed_probe = self._probing and not grew
+        self._probing = False
+        if failed_probe:  # the link was full: back to where p2pd was (the service did not ask for more)
+            self.limit = self._before_probe
+            self.decision = Decision(self.limit, cap, other, own, "yielding", f"other traffic {mbit(other)}")
+            return self.decision
+        full = iface >= cap - self.headroom / 2
+        if full:
+            self.headroom = reserve
+            self._full_at = now
+        elif now - self._full_at >= cfg.settle:
+            self.headroom = max(min(cfg.min_headroom_fraction * cap, reserve), self.headroom * 0.5 ** (dt / cfg.settle))
+        target = (cap - other - self.headroom) / (1.0 + cfg.header_overhead)  # the limit counts payload, not headers
+        if full:  # someone's demand is not met: give way at least multiplicatively
+            target = min(target, max(min(own, self.limit), floor) * cfg.backoff)
+        elif not math.isinf(self.limit) and now - self._full_at >= cfg.ramp_hold:
+            # room again: take it back fast but not in one jump (a TCP dip is not an exit)
+            target = min(target, max(self.limit, floor) * 2.0 ** (dt / cfg.ramp_doubling))
+        self.limit = max(floor, target)
+        why = f"other traffic {mbit(other)}" + (" (at the floor)" if self.limit <= floor else "")
+        self.decision = Decision(self.limit, cap, other, own, "yielding", why)
+        return self.decision
+
+
+class AutoThrottle:
+    """Both directions of one interface; `tick` returns (egress, ingress) decisions."""
+
+    def __init__(self, cfg: AutoThrottleConfig, now: float) -> None:
+        self.cfg = cfg
+        self.egress = DirectionController(cfg, now)
+        self.ingress = DirectionController(cfg, now)
+        self._last: Sample | None = None
+        self._last_at = now
+
+    def tick(self, now: float, sample: Sample) -> tuple[Decision, Decision]:
+        last, dt = self._last, now - self._last_at
+        if last is None or dt <= 0 or _went_back(last, sample):
+            # first reading, or the interface was re-created / counters reset: start measuring again
+            self._last, self._last_at = sample, now
+            return self.egress.decision, self.ingress.decision
+        self._last, self._last_at = sample, now
+        d_tx, d_rx = sample.iface_tx - last.iface_tx, sample.iface_rx - last.iface_rx
+        d_own_tx, d_own_rx = sample.own_tx - last.own_tx, sample.own_rx - last.own_rx
+        return (
+            self.egress.update(now, dt, d_tx, d_own_tx, d_own_rx),
+            self.ingress.update(now, dt, d_rx, d_own_rx, d_own_tx),
+        )
+
+
+def _went_back(a: Sample, b: Sample) -> bool:
+    return b.iface_rx < a.iface_rx or b.iface_tx < a.iface_tx or b.own_rx < a.own_rx or b.own_tx < a.own_tx

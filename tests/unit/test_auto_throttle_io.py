@@ -1,0 +1,72 @@
+"""The I/O half of auto-throttling: counters parsed from /proc/net/dev, interface choice, CLI options, status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p2pd.auto_throttle import AutoThrottler, check_interface, choose_interface, read_counters
+from p2pd.cli import _auto_throttle_options, describe_limits
+from p2pd.config import AutoThrottleConfig
+from p2pd.errors import P2pdError
+from p2pd.protocol.ratelimit import unlimited
+
+PROC_NET_DEV = """Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier
+    lo: 1000      10    0    0    0     0          0         0     1000      10    0    0    0     0       0          0
+  eth0: 123456789 1000 0 0 0 0 0 0 987654321 2000 0 0 0 0 0 0
+"""
+
+
+def test_counters_are_read_per_interface(tmp_path: Path) -> None:
+    f = tmp_path / "dev"
+    f.write_text(PROC_NET_DEV)
+    assert read_counters("eth0", f) == (123456789, 987654321)
+    assert read_counters("lo", f) == (1000, 1000)
+    with pytest.raises(KeyError):
+        read_counters("eth1", f)
+
+
+def test_a_named_interface_must_exist() -> None:
+    with pytest.raises(P2pdError, match="no such network interface"):
+        check_interface(AutoThrottleConfig(interface="nosuchif0"))
+    check_interface(AutoThrottleConfig(interface="nosuchif0", enabled=False))  # off: not looked at
+    assert choose_interface(AutoThrottleConfig(interface="lo"), "0.0.0.0", []) == "lo"
+
+
+def test_the_route_to_a_loopback_tracker_is_loopback() -> None:
+    assert choose_interface(AutoThrottleConfig(), "0.0.0.0", [("127.0.0.1", 7070)]) == "lo"
+    assert choose_interface(AutoThrottleConfig(), "127.0.0.1", []) == "lo"
+
+
+def test_options() -> None:
+    cfg = _auto_throttle_options("on", "10Gbit/s", "20%", None)
+    assert cfg.enabled and cfg.link_capacity == 1.25e9 and cfg.reserve_fraction == 0.2 and cfg.reserve_rate is None
+    cfg = _auto_throttle_options("off", None, "5MB/s", "eth0")
+    assert not cfg.enabled and cfg.reserve_rate == 5e6 and cfg.interface == "eth0"
+    for args, msg in (
+        (("maybe", None, "20%", None), "write on or off"),
+        (("on", "-1", "20%", None), "--link-capacity"),
+        (("on", None, "100%", None), "0% to 99%"),
+        (("on", None, "x%", None), "not a percentage"),
+        (("on", None, "lots", None), "--reserve"),
+        (("on", None, "20%", "a/b"), "not an interface name"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            _auto_throttle_options(*args)
+
+
+def test_status_off_and_the_limits_line() -> None:
+    t = AutoThrottler(AutoThrottleConfig(enabled=False), unlimited(), unlimited())
+    assert t.status() == {"state": "off", "why": "turned off (--auto-throttle off)", "interface": None}
+    res = {
+        "limits": {
+            "egress": {"limit": 1.5e6, "by": "auto", "why": "auto: other traffic 140 Mbit/s"},
+            "ingress": {"limit": None, "by": None, "why": "no limit"},
+        },
+        "auto_throttle": t.status(),
+    }
+    text = describe_limits(res)
+    assert "upload limit: 1.5 MB/s (auto: other traffic 140 Mbit/s)" in text
+    assert "download limit: none" in text and "auto-throttle: off" in text

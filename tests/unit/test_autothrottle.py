@@ -1,0 +1,222 @@
+"""The auto-throttle controller against a fluid model of one shared link (simulated time, synthetic counters).
+
+The model: p2pd's flows and one TCP service share a link of capacity `cap` (bytes/s on the wire). TCP's
+fairness gives the service 1/(flows+1) of the link while p2pd is unlimited, or what p2pd's limit leaves;
+the service grows into new room over a few ticks (TCP's ramp) and drops at once. Headers add 4.5 % to p2pd's
+payload on the wire, and ACKs 2 % of it on the other direction, as on a real Ethernet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pd.config import AutoThrottleConfig
+from p2pd.protocol.autothrottle import AutoThrottle, Decision, Sample, mbit
+from tests.unit._util import QUICK
+
+CAP = 25e6  # 200 Mbit/s
+TICK = 0.25
+HEADERS = 0.045
+ACKS = 0.02
+
+
+class SharedLink:
+    """Egress of one node: p2pd (greedy, under its limit) and a service with a demand (bytes/s, inf = greedy)."""
+
+    def __init__(self, cap: float = CAP, flows: int = 8, cfg: AutoThrottleConfig | None = None) -> None:
+        self.cap = cap
+        self.flows = flows
+        self.now = 0.0
+        self.ctl = AutoThrottle(cfg or AutoThrottleConfig(), self.now)
+        self.limit = math.inf
+        self.service = 0.0  # wire rate
+        self.own = 0.0  # payload rate
+        self.counters = [0.0, 0.0, 0.0, 0.0]  # iface_rx, iface_tx, own_rx, own_tx
+        self.decision: Decision = self.ctl.egress.decision
+        self.ctl.tick(self.now, self._sample())
+
+    def _sample(self) -> Sample:
+        return Sample(*(int(c) for c in self.counters))
+
+    def step(self, demand: float, p2pd_demand: float = math.inf) -> Decision:
+        cap = self.cap
+        p2pd_wire = min(self.limit, p2pd_demand) * (1 + HEADERS)
+        fair = cap / (self.flows + 1) if p2pd_demand > 0 else cap
+        allowed = min(demand, max(fair, cap - p2pd_wire))
+        if allowed > self.service:
+            self.service += 0.6 * (allowed - self.service)  # TCP grows into room over a few round trips
+        else:
+            self.service = allowed
+        wire = min(p2pd_wire, cap - self.service)
+        self.own = wire / (1 + HEADERS)
+        self.counters[1] += (wire + self.service) * TICK
+        self.counters[3] += self.own * TICK
+        self.counters[0] += self.own * ACKS * TICK
+        self.now += TICK
+        self.decision, _ = self.ctl.tick(self.now, self._sample())
+        self.limit = self.decision.limit
+        return self.decision
+
+    def run(self, seconds: float, demand: float, p2pd_demand: float = math.inf) -> list[Decision]:
+        return [self.step(demand, p2pd_demand) for _ in range(round(seconds / TICK))]
+
+
+def test_alone_it_learns_the_link_and_never_throttles_itself() -> None:
+    link = SharedLink()
+    decisions = link.run(20, demand=0)
+    assert all(math.isinf(d.limit) for d in decisions)
+    assert link.decision.capacity == pytest.approx(CAP, rel=0.01)
+    assert link.decision.state == "idle"
+    assert link.own >= 0.95 * CAP / (1 + HEADERS)
+
+
+def test_greedy_service_gets_the_link_within_two_seconds() -> None:
+    link = SharedLink()
+    link.run(5, demand=0)
+    got = []
+    for _ in range(8):  # 2 s
+        link.step(math.inf)
+        got.append(link.service)
+    assert got[-1] >= 0.8 * CAP, [round(g / CAP, 2) for g in got]
+    link.run(5, demand=math.inf)
+    floor = AutoThrottleConfig().floor_fraction * link.decision.capacity
+    assert link.decision.limit == floor  # all but the floor: transfers slow down, never stall
+    assert link.own > 0
+    assert link.service >= 0.9 * CAP
+    assert "other traffic" in link.decision.why and "floor" in link.decision.why
+
+
+def test_limit_is_capacity_minus_other_minus_reserve_then_the_headroom_shrinks() -> None:
+    link = SharedLink()
+    link.run(5, demand=0)
+    service = 0.4 * CAP
+    link.run(1.5, demand=service)  # 6 ticks
+    reserve = 0.2 * link.decision.capacity
+    assert link.decision.state == "yielding"
+    assert link.decision.limit <= link.decision.capacity - service - reserve + 0.05 * CAP
+    assert link.service == pytest.approx(service, rel=0.05)
+    link.run(5, demand=service)  # the service stays at its rate: the headroom shrinks
+    left = CAP - link.service
+    assert link.own * (1 + HEADERS) >= 0.9 * left, (link.own / left, link.decision)
+    assert link.service >= 0.98 * service
+
+
+def test_service_that_grows_gets_the_reserve_back() -> None:
+    link = SharedLink()
+    link.run(5, demand=0)
+    link.run(6, demand=0.3 * CAP)
+    link.run(2, demand=0.7 * CAP)
+    assert link.service >= 0.95 * 0.7 * CAP
+
+
+def test_after_the_service_stops_p2pd_takes_the_link_back_within_three_seconds() -> None:
+    link = SharedLink()
+    link.run(5, demand=0)
+    link.run(10, demand=math.inf)
+    assert link.own < 0.1 * CAP
+    rates = [(link.step(0), link.own)[1] for _ in range(12)]  # 3 s
+    assert rates[-1] >= 0.8 * CAP / (1 + HEADERS), [round(r / CAP, 2) for r in rates]
+    link.run(2, demand=0)
+    assert math.isinf(link.limit) and link.decision.state == "idle"
+
+
+def test_ingress_is_governed_the_same_way() -> None:
+    ctl = AutoThrottle(AutoThrottleConfig(), 0.0)
+    rx = own = 0.0
+    t = 0.0
+    ctl.tick(t, Sample(0, 0, 0, 0))
+    for i in range(40):
+        t += TICK
+        p2pd, service = (CAP * 0.95, 0.0) if i < 20 else (CAP * 0.5, CAP * 0.5)
+        rx += (p2pd * (1 + HEADERS) + service) * TICK
+        own += p2pd * TICK
+        eg, ing = ctl.tick(t, Sample(int(rx), int(own * ACKS), int(own), 0))
+    assert math.isinf(eg.limit)
+    assert ing.state == "yielding" and ing.limit < CAP * 0.5
+    assert ing.capacity >= CAP * 0.95
+
+
+def test_a_known_capacity_and_an_absolute_reserve() -> None:
+    cfg = AutoThrottleConfig(link_capacity=CAP, reserve_rate=1e6)
+    ctl = AutoThrottle(cfg, 0.0)
+    ctl.tick(0.0, Sample(0, 0, 0, 0))
+    tx = 0.0
+    t = 0.0
+    for _ in range(8):  # only the service, 10 MB/s: p2pd is told 25 - 10 - 1 (less headers)
+        t += TICK
+        tx += 10e6 * TICK
+        eg, _ = ctl.tick(t, Sample(0, int(tx), 0, 0))
+    assert eg.capacity == CAP
+    assert eg.limit == pytest.approx((CAP - 10e6 - 1e6) / (1 + cfg.header_overhead), rel=0.02)  # payload, not wire
+
+
+def test_counters_that_go_back_restart_the_measurement() -> None:
+    ctl = AutoThrottle(AutoThrottleConfig(), 0.0)
+    ctl.tick(0.0, Sample(10**9, 10**9, 0, 0))
+    before = ctl.tick(0.25, Sample(10**9 + 10**6, 10**9, 0, 0))
+    after = ctl.tick(0.5, Sample(0, 0, 0, 0))  # interface re-created: no huge negative (or positive) rate
+    assert after == before
+    assert ctl.tick(0.5, Sample(1, 1, 0, 0)) == before  # no time passed: nothing to measure
+
+
+def test_mbit() -> None:
+    assert mbit(17.5e6) == "140 Mbit/s"
+    assert mbit(125) == "1 kbit/s"
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 0.05, 0.3, 0.6, 1.0, math.inf]),
+            st.sampled_from([0.0, 0.1, 1.0, math.inf]),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    st.sampled_from([0, 1, 24]),
+)
+@QUICK
+def test_the_floor_holds_and_limits_stay_sane(schedule: list[tuple[float, float]], flows: int) -> None:
+    link = SharedLink(flows=flows)
+    link.run(2, demand=0)
+    for service, p2pd in schedule:
+        for d in link.run(0.5, demand=service * CAP, p2pd_demand=p2pd * CAP):
+            assert d.limit > 0 and not math.isnan(d.limit)
+            if not math.isinf(d.limit):
+                cfg = AutoThrottleConfig()
+                assert d.limit >= min(max(cfg.floor_fraction * d.capacity, cfg.floor_min), d.capacity)
+                assert d.state == "yielding"
+            assert d.other >= 0
+
+
+def test_config_reserve_fraction_is_used() -> None:
+    cfg = dataclasses.replace(AutoThrottleConfig(), reserve_fraction=0.5)
+    link = SharedLink(cfg=cfg)
+    link.run(5, demand=0)
+    decisions = link.run(2, demand=0.2 * CAP)
+    assert min(d.limit for d in decisions) <= CAP * (1 - 0.2 - 0.5) + 0.05 * CAP
+
+
+def test_a_capacity_learned_too_low_is_corrected_by_probing() -> None:
+    """p2pd starts beside a steady service that never filled the link: the learned capacity is the service's
+    rate, far too low; p2pd must still find and use the free link within seconds (and the service keep its)."""
+    link = SharedLink()
+    service = 0.4 * CAP
+    link.run(3, demand=service, p2pd_demand=0)
+    assert link.decision.capacity < 0.5 * CAP
+    link.run(15, demand=service)
+    assert link.decision.capacity >= 0.95 * CAP
+    assert link.own * (1 + HEADERS) >= 0.85 * (CAP - service)
+    assert link.service >= 0.95 * service
+
+
+def test_probing_a_full_link_costs_the_service_little() -> None:
+    link = SharedLink()
+    link.run(5, demand=0)
+    rates = [(link.step(0.5 * CAP), link.service)[1] for _ in range(60)]
+    assert sum(rates[20:]) / 40 >= 0.97 * 0.5 * CAP
