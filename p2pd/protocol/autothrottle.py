@@ -99,6 +99,7 @@ class DirectionController:
     def __init__(self, cfg: AutoThrottleConfig, now: float) -> None:
         self.cfg = cfg
         self._iface = _Ewma(cfg.smoothing)
+        self._iface_slow = _Ewma(cfg.full_smoothing)  # "is the link full": a paced service's bursts are not demand
         self._own = _Ewma(cfg.smoothing)
         self._reverse = _Ewma(cfg.smoothing)
         self.learned = 0.0  # the highest smoothed rate the interface carried
@@ -128,6 +129,7 @@ class DirectionController:
         """One tick: bytes the interface and p2pd moved in this direction (and p2pd the other way) in `dt` s."""
         cfg = self.cfg
         iface = self._iface.add(iface_bytes / dt, dt)
+        iface_slow = self._iface_slow.add(iface_bytes / dt, dt)
         own = self._own.add(own_bytes / dt, dt)
         reverse = self._reverse.add(reverse_own_bytes / dt, dt)
         self.learned = max(self.learned, iface)
@@ -185,7 +187,8 @@ class DirectionController:
             self.limit = self._before_probe
             self.decision = Decision(self.limit, cap, other, own, "yielding", f"other traffic {mbit(other)}")
             return self.decision
-        full = iface >= cap - self.headroom / 2
+        # (the average still holds the try for a while after a failed one: that is not a service's demand)
+        full = iface_slow >= cap - self.headroom / 2 and now - self._probe_at > cfg.full_smoothing
         if full:
             self.headroom = reserve
             self._full_at = now
