@@ -17,6 +17,11 @@ A service that wants a fixed rate leaves the headroom unused; after `settle` sec
 shrinks to `min_headroom_fraction`, so p2pd uses nearly all of what the service leaves free, and the
 full reserve comes back the moment the link fills up again.
 
+A learned capacity can be too low (the link was never full while p2pd watched), and then the link looks
+full at it. So while p2pd's limit binds, it tries `probe_fraction` more for one tick every `probe_every`
+seconds; a rise of the interface's rate above the learned maximum means room (and the next tick tries
+again), none means the link is full (the limit goes back).
+
 Why the decisions look at the link's total against its capacity ("full") and not at the service's
 rate: a squeezed service and a satisfied one can run at the same rate; only a full link tells them
 apart. The floor keeps p2pd's transfers moving (a peer silent for a second is dropped as stalled).
