@@ -84,6 +84,7 @@ class AutoThrottleConfig:
     reserve_rate: float | None = None  # the same as an absolute bytes/s (`--reserve 5MB/s`); overrides the fraction
     tick: float = 0.25  # counters read this often: a TCP flow on a LAN grows into new room within a few ticks
     smoothing: float = 0.2  # seconds; time constant of the rate averages (a few ticks: damps TCP's sawtooth)
+    full_smoothing: float = 0.5  # seconds; the slower average that decides "the link is full" (paced senders burst)
     quiet_fraction: float = 0.03  # other traffic under this share of capacity is noise (ssh, monitoring, heartbeats)
     quiet_min: float = 64_000.0  # bytes/s; ...and under this absolute rate (slow links)
     min_headroom_fraction: float = 0.05  # the headroom shrinks to this once other traffic stopped growing

@@ -17,6 +17,11 @@ A service that wants a fixed rate leaves the headroom unused; after `settle` sec
 shrinks to `min_headroom_fraction`, so p2pd uses nearly all of what the service leaves free, and the
 full reserve comes back the moment the link fills up again.
 
+A learned capacity can be too low (the link was never full while p2pd watched), and then the link looks
+full at it. So while p2pd's limit binds, it tries `probe_fraction` more for one tick every `probe_every`
+seconds; a rise of the interface's rate above the learned maximum means room (and the next tick tries
+again), none means the link is full (the limit goes back).
+
 Why the decisions look at the link's total against its capacity ("full") and not at the service's
 rate: a squeezed service and a satisfied one can run at the same rate; only a full link tells them
 apart. The floor keeps p2pd's transfers moving (a peer silent for a second is dropped as stalled).
@@ -99,6 +104,7 @@ class DirectionController:
     def __init__(self, cfg: AutoThrottleConfig, now: float) -> None:
         self.cfg = cfg
         self._iface = _Ewma(cfg.smoothing)
+        self._iface_slow = _Ewma(cfg.full_smoothing)  # "is the link full": a paced service's bursts are not demand
         self._own = _Ewma(cfg.smoothing)
         self._reverse = _Ewma(cfg.smoothing)
         self.learned = 0.0  # the highest smoothed rate the interface carried
@@ -128,6 +134,7 @@ class DirectionController:
         """One tick: bytes the interface and p2pd moved in this direction (and p2pd the other way) in `dt` s."""
         cfg = self.cfg
         iface = self._iface.add(iface_bytes / dt, dt)
+        iface_slow = self._iface_slow.add(iface_bytes / dt, dt)
         own = self._own.add(own_bytes / dt, dt)
         reverse = self._reverse.add(reverse_own_bytes / dt, dt)
         self.learned = max(self.learned, iface)
@@ -185,7 +192,8 @@ class DirectionController:
             self.limit = self._before_probe
             self.decision = Decision(self.limit, cap, other, own, "yielding", f"other traffic {mbit(other)}")
             return self.decision
-        full = iface >= cap - self.headroom / 2
+        # (the average still holds the try for a while after a failed one: that is not a service's demand)
+        full = iface_slow >= cap - self.headroom / 2 and now - self._probe_at > cfg.full_smoothing
         if full:
             self.headroom = reserve
             self._full_at = now
