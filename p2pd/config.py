@@ -19,6 +19,10 @@ class SwarmConfig:
     max_peers: int = 24  # connections per artifact: enough to fan pieces out fast, few enough for high per-peer rates
     peers_per_lookup: int = 50  # peers asked of the tracker per lookup (a random sample of the swarm)
     pipeline_depth: int = 2  # piece requests in flight per peer: hides one round trip; more only lengthens the tail
+    # per peer, by its measured rate (p2pd/protocol/pacing.py): a slow path holds one request, a fast one more
+    pipeline_max: int = 4  # a fast peer's depth at most (1 GB/s and 256 KiB pieces: 4 cover a 1 ms turnaround)
+    request_turnaround: float = 0.001  # piece arrives -> verified -> next request at the peer, on a fast path
+    slow_piece_time: float = 1.0  # a peer that needs longer than this for one piece holds one request
     max_queued_requests: int = 64  # a peer's requests we queue; more is a protocol error (bounds what it makes us hold)
     # -- timing (seconds)
     connect_timeout: float = 3.0  # a TCP connect on a cluster network completes in milliseconds or not at all

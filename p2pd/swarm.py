@@ -28,6 +28,7 @@ from p2pd.peer import PeerConn
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import session as ps
+from p2pd.protocol.pacing import PeerRate, pipeline_depth
 from p2pd.protocol.picker import Picker
 from p2pd.protocol.ratelimit import Hierarchy
 from p2pd.protocol.seeding import DistinctFirstSeeding
@@ -40,6 +41,14 @@ INLINE_VERIFY_SLOW = 0.004  # ...unless that took longer than this (a disk under
 INLINE_VERIFY_BACKOFF = 2.0  # seconds spent verifying in threads after a slow inline write
 VERIFY_QUEUE = 8  # received pieces waiting for a verifier, bounding memory to this many pieces
 BUFFER_POOL_BYTES = 32 << 20  # idle piece buffers kept for reuse (a verifier queue's worth plus in-flight reads)
+# Path ranks for the picker (0 best): a peer is asked only for what no better-ranked peer holds. Punched TCP is
+# TCP end to end, as fast as direct; a UDP data channel is CPU-bound at a few MB/s; a relay shares one node's
+# capacity among every pair it splices. A path not listed ranks between.
+PATH_RANK = {"direct": 0, "tcp-punch": 0, "udp-ice": 1, "relay": 2}
+
+
+def path_rank(path: object) -> int:
+    return PATH_RANK.get(str(path), 1)
 
 
 def voluntary_switches() -> int:
@@ -127,6 +136,8 @@ class Swarm:
         if self.complete:
             self.done.set()
         self.conns: dict[str, PeerConn] = {}
+        self.rates: dict[PeerConn, PeerRate] = {}  # per connection: its delivery rate...
+        self.depths: dict[PeerConn, int] = {}  # ...and the pipeline depth that rate asks for
         self.connecting: set[str] = set()
         self.banned: dict[str, str] = {}  # node id -> why; until ban_until (strikes expire: not for ever)
         self.ban_until: dict[str, float] = {}
@@ -294,8 +305,13 @@ class Swarm:
             return False
         existing = self.conns.get(peer.remote_id)
         if existing is not None:
+            # both ends see the same two connections on the same paths, so both keep the same one:
+            # the better path, else the lower id's outgoing one
+            new_rank, old_rank = path_rank(peer.path), path_rank(existing.path)
             winner = min(self.node_id, peer.remote_id)
-            if peer.initiator != winner or existing.initiator == winner:
+            if new_rank > old_rank or (
+                new_rank == old_rank and (peer.initiator != winner or existing.initiator == winner)
+            ):
                 return False
             existing.close(CloseReason.DUPLICATE)
             self.on_close(existing)
@@ -309,6 +325,8 @@ class Swarm:
         if self.conns.get(conn.remote_id) is conn:
             del self.conns[conn.remote_id]
         self.seeding.forget(conn)
+        self.rates.pop(conn, None)
+        self.depths.pop(conn, None)
         if self.picker.knows(conn.session):
             self.picker.remove_peer(conn.session)
             self.fill_all()
@@ -338,7 +356,9 @@ class Swarm:
         elif isinstance(event, ps.BitfieldReceived):
             if self.downloading and not conn.closed:
                 mask = event.mask
-                picker.add_peer(session, range(self.n) if mask == self._full else bits.indices(mask))
+                picker.add_peer(
+                    session, range(self.n) if mask == self._full else bits.indices(mask), rank=path_rank(conn.path)
+                )
                 self.fill(conn)
         elif isinstance(event, ps.RequestRejected):
             if picker.knows(session):
@@ -346,13 +366,25 @@ class Swarm:
                 self.fill_all()
         elif isinstance(event, ps.RequestDeferred) and picker.knows(session):
             picker.defer(session, event.index)
-            self.fill(conn)
+            if picker.rank:  # the piece may now be for a relayed peer, which waits for nothing else
+                self.fill_all()
+            else:
+                self.fill(conn)
         elif isinstance(event, ps.BadPieceReported) and self._nursery is not None:
             self._nursery.start_soon(self._reverify, conn, event.index)
 
     def fill(self, conn: PeerConn) -> None:
+        """Keep the peer's pipeline as deep as its measured rate asks for (pacing.pipeline_depth)."""
         if self.downloading and not conn.closed:
-            conn.session.request_more(self.config.pipeline_depth)
+            session = conn.session
+            session.request_more(self.depths.get(conn, self.config.pipeline_depth))
+            rate = self.rates.get(conn)
+            if rate is None:
+                rate = self.rates[conn] = PeerRate()
+            if self.picker.outstanding(session):
+                rate.waiting(trio.current_time())
+            else:
+                rate.idle()
 
     def fill_all(self) -> None:
         for c in list(self.conns.values()):
@@ -368,6 +400,21 @@ class Swarm:
         instead of two, which at a thousand pieces a second is CPU that the transfer needs.
         """
         self.down.add(wire_len)
+        rate = self.rates.get(conn)
+        if rate is not None:
+            rate.delivered(wire_len, trio.current_time(), more_waiting=self.picker.outstanding(conn.session) > 0)
+            r = rate.rate
+            if r is not None:
+                self.picker.set_rate(conn.session, r)
+                cfg = self.config
+                self.depths[conn] = pipeline_depth(
+                    r,
+                    self.manifest.piece_size,
+                    base=cfg.pipeline_depth,
+                    most=cfg.pipeline_max,
+                    turnaround=cfg.request_turnaround,
+                    slow_piece_time=cfg.slow_piece_time,
+                )
         if self.has_piece(i) or not self.downloading:
             self.give_buffer(buf)
             self.fill(conn)

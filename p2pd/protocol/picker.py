@@ -9,6 +9,13 @@ Policy, in order:
    different pieces and the first wave of requests spreads across the seed.
 4. Endgame: once every missing piece is requested somewhere, an idle peer may duplicate an in-flight
    request (at most `max_dup` copies); the first copy to arrive wins and the others are cancelled.
+   It duplicates first the piece whose best source so far is the slowest (`set_rate`), so a piece
+   outstanding at a slow path is fetched again from a fast one and never holds the end back.
+5. Paths by their speed: each peer has a path rank (0: direct TCP or punched TCP, higher: slower
+   paths such as a relay). A peer is asked only for pieces that no peer of a better rank can give
+   us (announced, and not deferred by it), so a relay moves only what no direct peer holds: the
+   relay's capacity is shared and far below a TCP path's (FINDINGS §3: 4–8 MB/s against ~1 GB/s),
+   and a direct peer that has the piece will ask for it. The same holds for endgame duplicates.
 
 The picker also owns the block state, the one record of requests in flight: `inflight` (piece ->
 peers asked, until the piece is verified or the request fails) and, per peer, `pending` (asked and
@@ -64,6 +71,8 @@ class Picker(Generic[Peer]):
         self.deferred: dict[Peer, int] = {}  # per peer: positions it asked us to fetch elsewhere for now
         self.pending: dict[Peer, set[int]] = {}  # per peer: pieces asked and not yet arrived
         self.cancelled: dict[Peer, collections.deque[int]] = {}  # per peer: pieces asked, then cancelled
+        self.rank: dict[Peer, int] = {}  # per peer: its path's rank (0 best); only peers ranked above 0
+        self.rate: dict[Peer, float] = {}  # per peer: measured delivery rate, bytes/s (endgame order)
 
     # -- knowledge about peers -------------------------------------------------------------------
     def to_mask(self, pieces: Iterable[int]) -> int:
@@ -72,11 +81,14 @@ class Picker(Generic[Peer]):
             m |= 1 << self.pos[p]
         return m
 
-    def add_peer(self, peer: Peer, pieces: Iterable[int]) -> None:
+    def add_peer(self, peer: Peer, pieces: Iterable[int], *, rank: int = 0) -> None:
+        """A peer's bitfield; `rank`: its path (0: direct or punched TCP, higher: slower, a relay)."""
         if peer in self.peer_mask:
             raise ValueError(f"peer {peer!r} already known")
         mask = self.to_mask(pieces)
         self.peer_mask[peer] = 0
+        if rank:
+            self.rank[peer] = rank
         if mask == self.full:
             self.peer_mask[peer] = mask
             self.levels.insert(0, 0)
@@ -100,6 +112,8 @@ class Picker(Generic[Peer]):
         self.deferred.pop(peer, None)
         self.pending.pop(peer, None)
         self.cancelled.pop(peer, None)
+        self.rank.pop(peer, None)
+        self.rate.pop(peer, None)
         if mask == self.full and self.levels[0] == 0:
             self.levels.pop(0)
             self.avail = [a - 1 for a in self.avail]
@@ -127,6 +141,19 @@ class Picker(Generic[Peer]):
         self.levels[a + 1] |= bit
         self.avail[p] = a + 1
 
+    def set_rate(self, peer: Peer, rate: float) -> None:
+        """The peer's measured delivery rate (bytes/s): which endgame duplicates help most."""
+        if peer in self.peer_mask:
+            self.rate[peer] = rate
+
+    def _held_by_better(self, rank: int) -> int:
+        """Positions that some peer of a better path rank than `rank` would give us."""
+        m = 0
+        for q, mask in self.peer_mask.items():
+            if self.rank.get(q, 0) < rank:
+                m |= mask & ~self.deferred.get(q, 0)
+        return m
+
     def knows(self, peer: Peer) -> bool:
         """Has this peer's bitfield been added (are we downloading from it)?"""
         return peer in self.peer_mask
@@ -138,6 +165,9 @@ class Picker(Generic[Peer]):
     def next_request(self, peer: Peer) -> int | None:
         """Pick a piece to request from `peer` and mark it in flight, or None if nothing fits."""
         has = self.peer_mask[peer] & ~self.deferred.get(peer, 0)
+        rank = self.rank.get(peer, 0)
+        if rank:
+            has &= ~self._held_by_better(rank)
         cand = has & self.missing & ~self.inflight_mask
         if cand:
             for level in self.levels[1:]:
@@ -147,14 +177,18 @@ class Picker(Generic[Peer]):
         if self.missing & ~self.inflight_mask:
             return None  # not endgame yet: other peers will supply the rest
         dup = has & self.missing & self.inflight_mask
+        best_k, best_src = -1, 0.0
         while dup:
             low = dup & -dup
             dup ^= low
-            p = self.perm[low.bit_length() - 1]
-            asked = self.inflight[p]
-            if peer not in asked and len(asked) < self.max_dup:
-                return self._take(peer, low.bit_length() - 1)
-        return None
+            k = low.bit_length() - 1
+            asked = self.inflight[self.perm[k]]
+            if peer in asked or len(asked) >= self.max_dup:
+                continue
+            src = max((self.rate.get(q, 0.0) for q in asked), default=0.0)  # its best source so far
+            if best_k < 0 or src < best_src:
+                best_k, best_src = k, src
+        return None if best_k < 0 else self._take(peer, best_k)
 
     def _take(self, peer: Peer, k: int) -> int:
         p = self.perm[k]

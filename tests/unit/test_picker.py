@@ -313,6 +313,8 @@ class PickerMachine(RuleBasedStateMachine):
         self.deferred: dict[int, set[int]] = {}
         self.pending: dict[int, set[int]] = {}  # asked and not arrived
         self.cancelled: dict[int, set[int]] = {}  # asked, then cancelled: may still arrive
+        self.rank: dict[int, int] = {}  # path rank (0 direct, higher slower)
+        self.rate: dict[int, float] = {}  # measured rate, bytes/s
         self.next_peer = 0
 
     # -- helpers
@@ -332,13 +334,25 @@ class PickerMachine(RuleBasedStateMachine):
             del self.inflight[piece]
 
     # -- rules
-    @rule(kind=st.integers(min_value=0, max_value=3), bits=st.integers(min_value=0, max_value=(1 << 20) - 1))
-    def add_peer(self, kind: int, bits: int) -> None:
+    @rule(
+        kind=st.integers(min_value=0, max_value=3),
+        bits=st.integers(min_value=0, max_value=(1 << 20) - 1),
+        rank=st.sampled_from([0, 0, 1, 2]),
+    )
+    def add_peer(self, kind: int, bits: int, rank: int = 0) -> None:
         pieces = set(range(self.n)) if kind == 0 else {i for i in range(self.n) if bits >> i & 1}
         peer = self.next_peer
         self.next_peer += 1
-        self.picker.add_peer(peer, pieces)
+        self.picker.add_peer(peer, pieces, rank=rank)
         self.peers[peer] = set(pieces)
+        self.rank[peer] = rank
+
+    @precondition(lambda self: self.peers)
+    @rule(k=K, rate=st.sampled_from([1.0, 5e6, 1e9]))
+    def set_rate(self, k: int, rate: float) -> None:
+        peer = _pick(self.peers, k)
+        self.picker.set_rate(peer, rate)
+        self.rate[peer] = rate
 
     @precondition(lambda self: self.peers)
     @rule(k=K, piece=K)
@@ -358,6 +372,9 @@ class PickerMachine(RuleBasedStateMachine):
 
     def _one_request(self, peer: int) -> None:
         has = self.peers[peer] - self.deferred.get(peer, set())
+        for q, ps in self.peers.items():  # a slower path gets only what no better path gives
+            if self.rank[q] < self.rank[peer]:
+                has -= ps - self.deferred.get(q, set())
         missing = self._missing()
         fresh = has & missing - set(self.inflight)
         endgame = not (missing - set(self.inflight))
@@ -383,6 +400,14 @@ class PickerMachine(RuleBasedStateMachine):
         else:
             assert endgame, "duplicated a request outside endgame"
             assert got in dup_ok, "endgame duplicate beyond max_dup or to a peer already asked"
+
+            def best_source(i: int) -> float:
+                return max(self.rate.get(q, 0.0) for q in self.inflight[i])
+
+            slowest = min(best_source(i) for i in dup_ok)
+            assert best_source(got) == slowest, "an endgame duplicate must relieve the slowest source first"
+            tied = [i for i in dup_ok if best_source(i) == slowest]
+            assert self.picker.pos[got] == min(self.picker.pos[i] for i in tied), "ties not in own random order"
         self.inflight.setdefault(got, set()).add(peer)
         self.pending.setdefault(peer, set()).add(got)
 
@@ -455,6 +480,8 @@ class PickerMachine(RuleBasedStateMachine):
         expected = sorted(i for i, ps in self.inflight.items() if peer in ps)
         assert sorted(self.picker.remove_peer(peer)) == expected
         del self.peers[peer]
+        del self.rank[peer]
+        self.rate.pop(peer, None)
         self.deferred.pop(peer, None)
         self.cancelled.pop(peer, None)
         for i in expected:
@@ -498,8 +525,13 @@ class PickerMachine(RuleBasedStateMachine):
 TestPickerMachine = PickerMachine.TestCase
 TestPickerMachine.settings = settings(max_examples=20, stateful_step_count=30, deadline=None, database=None)
 
-_RULES: list[tuple[str, Callable[[PickerMachine], bool], Callable[[random.Random], dict[str, int | bool]]]] = [
-    ("add_peer", lambda m: len(m.peers) < 6, lambda r: {"kind": r.randrange(4), "bits": r.getrandbits(20)}),
+_RULES: list[tuple[str, Callable[[PickerMachine], bool], Callable[[random.Random], dict[str, int | bool | float]]]] = [
+    (
+        "add_peer",
+        lambda m: len(m.peers) < 6,
+        lambda r: {"kind": r.randrange(4), "bits": r.getrandbits(20), "rank": r.choice([0, 0, 1, 2])},
+    ),
+    ("set_rate", lambda m: bool(m.peers), lambda r: {"k": r.getrandbits(16), "rate": r.choice([1.0, 5e6, 1e9])}),
     ("peer_have", lambda m: bool(m.peers), lambda r: {"k": r.getrandbits(16), "piece": r.getrandbits(16)}),
     ("next_request", lambda m: bool(m.peers), lambda r: {"k": r.getrandbits(16), "times": r.randint(1, 4)}),
     ("next_request", lambda m: bool(m.peers), lambda r: {"k": r.getrandbits(16), "times": r.randint(1, 4)}),
@@ -568,3 +600,86 @@ def test_cancel_all_turns_every_pending_request_into_a_late_one() -> None:
     assert p.cancel_all() == {"a": sorted(i for i in asked if i is not None)}
     assert p.outstanding("a") == 0 and not p.inflight and p.inflight_mask == 0
     assert all(p.arrival("a", i) is Arrival.LATE for i in asked if i is not None)
+
+
+# -- paths by their speed (issue #12 item 3) ------------------------------------------------------------------
+def test_a_relayed_peer_is_asked_only_for_what_no_direct_peer_has() -> None:
+    p: Picker[str] = Picker(8, seed=3)
+    p.add_peer("direct", range(6))
+    p.add_peer("relay", range(8), rank=2)
+    asked = [p.next_request("relay") for _ in range(3)]
+    assert sorted(i for i in asked if i is not None) == [6, 7] and asked[2] is None
+
+
+def test_a_piece_the_direct_peer_sends_us_away_for_may_come_by_relay() -> None:
+    p: Picker[str] = Picker(2, seed=3)
+    p.add_peer("direct", [0, 1])
+    p.add_peer("relay", [0, 1], rank=2)
+    assert p.next_request("relay") is None
+    i = p.next_request("direct")
+    assert i is not None
+    p.defer("direct", i)
+    assert p.next_request("relay") == i
+    assert p.next_request("relay") is None, "the other piece is still the direct peer's"
+
+
+def test_a_relayed_peer_gets_the_pieces_of_a_direct_peer_that_left() -> None:
+    p: Picker[str] = Picker(4, seed=1)
+    p.add_peer("direct", range(4))
+    p.add_peer("relay", range(4), rank=2)
+    assert p.next_request("relay") is None
+    p.remove_peer("direct")
+    assert p.next_request("relay") is not None
+
+
+def test_a_rank_is_relative_a_relay_among_relays_is_used() -> None:
+    p: Picker[str] = Picker(4, seed=1)
+    p.add_peer("r1", range(4), rank=2)
+    p.add_peer("r2", range(4), rank=2)
+    assert p.next_request("r1") is not None and p.next_request("r2") is not None
+
+
+def test_endgame_fetches_again_first_what_waits_at_the_slowest_peer() -> None:
+    p: Picker[str] = Picker(3, seed=5)
+    for peer in ("slow", "mid", "fast"):
+        p.add_peer(peer, range(3))
+    p.set_rate("slow", 5e6)
+    p.set_rate("mid", 100e6)
+    p.set_rate("fast", 1e9)
+    at_slow, at_mid = p.next_request("slow"), p.next_request("mid")
+    other = p.next_request("mid")
+    assert at_slow is not None and at_mid is not None and other is not None
+    assert p.next_request("fast") == at_slow, "the piece waiting at the slow peer is duplicated first"
+
+
+@QUICK
+@given(st.integers(min_value=1, max_value=40), st.integers(min_value=2, max_value=6), st.randoms(use_true_random=False))
+def test_with_relayed_peers_a_swarm_completes_and_relays_carry_only_what_no_direct_peer_had(
+    n: int, npeers: int, rng: random.Random
+) -> None:
+    """Random holdings and ranks: the download completes, and a relayed peer is never asked for a piece that a
+    direct peer had announced when it was asked."""
+    p: Picker[Any] = Picker(n, seed=rng.randrange(1 << 30), max_dup=2)
+    holdings = {k: {i for i in range(n) if rng.random() < 0.5} for k in range(npeers)}
+    holdings[0] = set(range(n))  # one seed so the download can complete, on any path
+    ranks = {k: rng.choice([0, 2]) for k in holdings}
+    for k, s in holdings.items():
+        p.add_peer(k, s, rank=ranks[k])
+    outstanding: list[tuple[int, int]] = []
+    for _ in range(20 * n):
+        for k in holdings:
+            while len([1 for peer, _ in outstanding if peer == k]) < 2:
+                piece = p.next_request(k)
+                if piece is None:
+                    break
+                assert piece in holdings[k]
+                if ranks[k]:
+                    assert not any(piece in holdings[q] for q in holdings if ranks[q] < ranks[k]), "relayed needlessly"
+                outstanding.append((k, piece))
+        if not outstanding:
+            break
+        peer, piece = outstanding.pop(rng.randrange(len(outstanding)))
+        if piece in p.inflight and peer in p.inflight[piece]:
+            p.piece_verified(piece)
+            outstanding = [(q, i) for q, i in outstanding if i != piece]
+    assert p.done

@@ -132,3 +132,29 @@ async def test_a_write_slow_only_for_want_of_cpu_stays_inline(
     assert sw.store.read_piece(2) == src.read_piece(2)
     src.close()
     sw.store.close()
+
+
+class _Conn:
+    """What `Swarm._register` looks at on a connection."""
+
+    def __init__(self, remote_id: str, initiator: str, path: str) -> None:
+        self.remote_id, self.initiator, self.path, self.addr = remote_id, initiator, path, "x"
+        self.closed_with: object = None
+        self.session = type("S", (), {"send_bitfield": lambda self, have: None})()
+
+    def close(self, reason: object, detail: str = "") -> None:
+        self.closed_with = reason
+
+
+@pytest.mark.parametrize("order", ["relay first", "direct first"])
+def test_of_two_connections_to_a_peer_the_direct_one_stays_whoever_dialled(tmp_path: Path, order: str) -> None:
+    """Both ends decide alike (the better path, then the lower id's outgoing one), in whatever order they came."""
+    me, other = "a" * 32, "c" * 32  # we have the lower id: on equal paths our outgoing one would win
+    relay = _Conn(other, me, "relay")
+    direct = _Conn(other, other, "tcp-punch")
+    sw = make_swarm(tmp_path, complete=True)
+    first, second = (relay, direct) if order == "relay first" else (direct, relay)
+    assert sw._register(first)  # type: ignore[arg-type]
+    sw._register(second)  # type: ignore[arg-type]
+    assert sw.conns[other] is direct  # type: ignore[comparison-overlap]
+    assert relay.closed_with is not None or order == "direct first"
