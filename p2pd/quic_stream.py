@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import errno
 import logging
+import socket
 import ssl
 from typing import Any
 
@@ -51,6 +52,7 @@ WINDOW = 16 << 20  # QUIC flow-control windows (connection and stream): ~0.1 s a
 SEND_BUFFER = 4 << 20  # unacknowledged bytes a writer may queue before send_all waits
 RECV_BUFFER = 16 << 20  # received bytes waiting for the reader before the socket is left unread
 SEND_CHUNK = 64 << 10
+RECV_BATCH = 64  # datagrams fed to QUIC before it may answer
 KEEPALIVE = 15.0  # s without sending before a PING (NAT mappings expire after ~30 s idle)
 IDLE_TIMEOUT = 45.0  # s without hearing from the peer: the path is dead
 ANNOUNCE_EVERY = 0.1  # s between a QUIC server's reminders to a punched peer that has not sent QUIC yet
@@ -96,12 +98,19 @@ def configuration(is_client: bool, credentials: Credentials | None = None) -> Qu
     return config
 
 
-def tune_socket(sock: trio.socket.SocketType) -> None:
-    for opt in (trio.socket.SO_RCVBUF, trio.socket.SO_SNDBUF):
+def tune_socket(sock: trio.socket.SocketType | socket.socket) -> None:
+    """Large kernel buffers: past net.core.[rw]mem_max where allowed (CAP_NET_ADMIN), else up to it."""
+    forced = (getattr(socket, "SO_RCVBUFFORCE", None), getattr(socket, "SO_SNDBUFFORCE", None))
+    for force, opt in zip(forced, (socket.SO_RCVBUF, socket.SO_SNDBUF), strict=True):
         try:
-            sock.setsockopt(trio.socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError as e:  # capped by net.core.*mem_max: smaller buffers only cost throughput
-            log.debug("quic: cannot set socket buffer: %s", e)
+            if force is None:
+                raise OSError("no SO_*BUFFORCE here")
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            except OSError as e:  # smaller buffers only cost throughput
+                log.debug("quic: cannot set socket buffer: %s", e)
 
 
 class QuicClosed(Exception):
@@ -109,9 +118,13 @@ class QuicClosed(Exception):
 
 
 class QuicEndpoint:
-    """Drives one `QuicConnection` over `sock`, talking only to `peer`; `run` until it ends or is cancelled."""
+    """Drives one `QuicConnection` over `sock`, talking only to `peer`; `run` until it ends or is cancelled.
 
-    def __init__(self, sock: trio.socket.SocketType, conn: QuicConnection, peer: tuple[str, int]) -> None:
+    The socket is a non-blocking stdlib socket waited on with `trio.lowlevel.wait_readable`, so that all
+    datagrams already queued are fed to QUIC before it answers once (one ACK for a burst, not one each:
+    per-datagram work is what limits QUIC in Python)."""
+
+    def __init__(self, sock: socket.socket, conn: QuicConnection, peer: tuple[str, int]) -> None:
         self.sock = sock
         self.conn = conn
         self.peer = _plain(peer)  # compared with each datagram's source
@@ -145,6 +158,7 @@ class QuicEndpoint:
                     nursery.cancel_scope.cancel()
         finally:
             self._mark_closed(self.close_reason or "stopped")
+            trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
 
     def stop(self) -> None:
@@ -154,32 +168,47 @@ class QuicEndpoint:
     async def transmit(self) -> None:
         now = trio.current_time()
         for data, addr in self.conn.datagrams_to_send(now=now):
-            try:
-                await self.sock.sendto(data, addr)
-            except OSError as e:  # like a lost datagram: QUIC resends
-                if e.errno not in _TRANSIENT:
-                    raise
+            while True:
+                try:
+                    self.sock.sendto(data, addr)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    continue
+                except OSError as e:  # like a lost datagram: QUIC resends
+                    if e.errno not in _TRANSIENT:
+                        raise
+                break
             self.bytes_out += len(data)
             self._last_send = now
         self._wake_timer.set()
+        await trio.lowlevel.checkpoint()
 
     async def _recv_loop(self) -> None:
         while True:
             while len(self.recv_buffer) > RECV_BUFFER and not self.closed.is_set():
                 self._drained = trio.Event()
                 await self._drained.wait()
-            try:
-                data, addr = await self.sock.recvfrom(65536)
-            except OSError as e:
-                if e.errno in _TRANSIENT:
-                    continue
-                raise
-            if _plain(addr) != self.peer or udp_punch.is_probe(data):
-                continue  # a late punch probe, or someone who is not our peer
-            self.bytes_in += len(data)
-            self.conn.receive_datagram(data, self.peer_wire, now=trio.current_time())
-            self._dispatch()
-            await self.transmit()
+            await trio.lowlevel.wait_readable(self.sock)
+            fed = 0
+            for _ in range(RECV_BATCH):
+                try:
+                    data, addr = self.sock.recvfrom(65536)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno in _TRANSIENT:
+                        continue
+                    raise
+                if _plain(addr) != self.peer or udp_punch.is_probe(data):
+                    continue  # a late punch probe, or someone who is not our peer
+                self.bytes_in += len(data)
+                self.conn.receive_datagram(data, self.peer_wire, now=trio.current_time())
+                fed += 1
+            if fed:
+                self._dispatch()
+                await self.transmit()
+            else:
+                await trio.lowlevel.checkpoint()
 
     async def _timer_loop(self) -> None:
         while True:
@@ -383,8 +412,10 @@ async def accept(
 async def _start(
     nursery: trio.Nursery, sock: trio.socket.SocketType, conn: QuicConnection, peer: tuple[str, int], timeout: float
 ) -> QuicStream:
-    tune_socket(sock)
-    ep = QuicEndpoint(sock, conn, peer)
+    raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    raw.setblocking(False)
+    tune_socket(raw)
+    ep = QuicEndpoint(raw, conn, peer)
     ep._dispatch()  # noqa: SLF001 -- the server's first datagram was fed before the endpoint existed
     await nursery.start(ep.run)
     with trio.move_on_after(timeout):
@@ -405,7 +436,7 @@ async def _send_quietly(sock: trio.socket.SocketType, data: bytes, addr: tuple[s
             raise
 
 
-def _wire(peer: tuple[str, int], sock: trio.socket.SocketType) -> tuple[str, int]:
-    if sock.family == trio.socket.AF_INET6 and ":" not in peer[0]:
+def _wire(peer: tuple[str, int], sock: trio.socket.SocketType | socket.socket) -> tuple[str, int]:
+    if sock.family == socket.AF_INET6 and ":" not in peer[0]:
         return f"::ffff:{peer[0]}", peer[1]
     return peer

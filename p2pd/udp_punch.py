@@ -296,7 +296,11 @@ class UdpPunchConnector:
         deadline = trio.current_time() + self.timeout
         family = _family(self.signal.addr[0])
         count = up.HARD_SOCKETS if kind == up.SYMMETRIC else 1
-        async with PunchSockets(family, count) as socks:
+        try:
+            socks = await PunchSockets(family, count).__aenter__()
+        except OSError as e:  # out of file descriptors or ports: this path is not available now
+            raise ConnectError(f"cannot open {count} UDP socket(s): {e.strerror or e}") from None
+        async with socks:
             try:
                 port = await socks.public_port(stun_server if count == 1 else None)  # a hard side's port: moot
                 r = await self.signal.call(
@@ -396,7 +400,12 @@ async def answer(
     decision = up.plan(kind, str(event.get("nat", "unknown")))
     deadline = trio.current_time() + timeout
     count = up.HARD_SOCKETS if decision.plan is up.Plan.HARD else 1
-    async with PunchSockets(_family(peer[0]), count) as socks:
+    try:
+        socks = await PunchSockets(_family(peer[0]), count).__aenter__()
+    except OSError as e:
+        log.warning("udp punch asked by %s: cannot open %d UDP socket(s): %s", remote_id[:8], count, e.strerror or e)
+        return None
+    async with socks:
         try:
             port = await socks.public_port(stun_server if decision.plan in (up.Plan.PLAIN, up.Plan.EASY) else None)
             await signal.call(

@@ -33,14 +33,15 @@ def _port(s: trio.socket.SocketType) -> int:
 
 async def _pair(nursery: trio.Nursery) -> tuple[quic_stream.QuicStream, quic_stream.QuicStream]:
     a, b = await _udp(), await _udp()
+    pa, pb = _port(a), _port(b)  # before the endpoints take the sockets over
     creds = quic_stream.Credentials("b" * 32)
     streams: dict[str, quic_stream.QuicStream] = {}
 
     async def server() -> None:
-        streams["b"] = await quic_stream.accept(nursery, b, (LO, _port(a)), creds, timeout=10)
+        streams["b"] = await quic_stream.accept(nursery, b, (LO, pa), creds, timeout=10)
 
     async def client() -> None:
-        streams["a"] = await quic_stream.connect(nursery, a, (LO, _port(b)), timeout=10)
+        streams["a"] = await quic_stream.connect(nursery, a, (LO, pb), timeout=10)
         await streams["a"].send_all(b"hello")  # the client speaks first (the p2pd handshake)
 
     async with trio.open_nursery() as n:
