@@ -20,6 +20,7 @@ import trio
 import typer
 
 from p2pd.config import PATHS, DaemonConfig, SwarmConfig, TraversalConfig
+from p2pd.config_sources import P2PD_RUN, configured
 from p2pd.errors import EXIT_INTERRUPTED, ErrorCode, P2pdError
 from p2pd.paths import default_data_dir, socket_path
 from p2pd.rpc import RpcError, connect_unix, parse_hostport
@@ -74,7 +75,7 @@ def run_client(fn: Any, *args: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------- run
-@app.command()
+@app.command(cls=configured(P2PD_RUN))  # every option is also a key of /etc/p2pd/p2pd.toml and a $P2PD_<KEY>
 def run(
     tracker: str = typer.Option(..., "--tracker", help="tracker HOST:PORT; several separated by commas (failover)"),
     listen: str = typer.Option("{}:{}".format(*DaemonConfig.listen), "--listen", help="HOST:PORT to serve peers on"),
@@ -110,6 +111,9 @@ def run(
     relay_max_pairs: int = typer.Option(
         TraversalConfig.relay_max_pairs, "--relay-max-pairs", help="node pairs relayed at once (with --relay)"
     ),
+    metrics_listen: str = typer.Option(
+        None, "--metrics-listen", help="HOST:PORT to serve Prometheus metrics on, at /metrics (default: off)"
+    ),
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon
@@ -126,6 +130,7 @@ def run(
         ingress = _rate_option("--ingress-limit", ingress_limit)
         labels = dict(kv.split("=", 1) for kv in label)
         traversal = _traversal_options(paths, relay, relay_listen, relay_rate, relay_max_pairs)
+        metrics_hp = _hostport_option("--metrics-listen", metrics_listen)
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
     data = (data_dir or default_data_dir()).expanduser().resolve()
@@ -143,6 +148,7 @@ def run(
         labels=labels,
         tracker_wait=tracker_wait,
         traversal=traversal,
+        metrics_listen=metrics_hp,
         swarm=SwarmConfig(max_peers=max_peers, pipeline_depth=pipeline, stall_timeout=stall_timeout, compress=compress),
     )
 
@@ -365,6 +371,28 @@ def demo(
     raise typer.Exit(code)
 
 
+# ----------------------------------------------------------------------------------------- config
+config_app = typer.Typer(no_args_is_help=True, help="The settings of `p2pd run`: file, environment, flags.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command(
+    "show", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h"]}
+)
+def config_show(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Print the settings `p2pd run` would use and where each comes from (flag, env, file, default).
+
+    Extra arguments are read as `p2pd run` flags (`--config PATH` included), so
+    `p2pd config show --config ./p2pd.toml --pipeline 4` shows what that command line would run with.
+    """
+    from p2pd import config_sources
+
+    config_sources.show(typer.main.get_command(app).commands["run"], list(ctx.args), as_json)  # type: ignore[attr-defined]
+
+
 # ----------------------------------------------------------------------------------------- helpers
 def _traversal_options(
     paths: str, relay: bool, relay_listen: str, relay_rate: str | None, relay_max_pairs: int
@@ -389,6 +417,16 @@ def _traversal_options(
         relay_rate=_rate_option("--relay-rate", relay_rate),
         relay_max_pairs=relay_max_pairs,
     )
+
+
+def _hostport_option(option: str, text: str | None) -> tuple[str, int] | None:
+    """HOST:PORT of an optional listen option, None when not given; the error names the option."""
+    if not text:
+        return None
+    try:
+        return parse_hostport(text, default_host="0.0.0.0")
+    except ValueError as e:
+        raise ValueError(f"{option}: {e}") from None
 
 
 def _rate_option(option: str, text: str | None) -> float | None:

@@ -88,3 +88,4 @@ class DaemonConfig:
     nat_check_every: float = 20.0  # one Binding request: notices a new mapping, and keeps it alive (expiry ~30 s)
     nat_reclassify_every: float = 300.0  # the full RFC 3489 tests again, in case the NAT's behaviour changed
     traversal: TraversalConfig = field(default_factory=TraversalConfig)
+    metrics_listen: tuple[str, int] | None = None  # Prometheus /metrics over HTTP (off unless given: no open port)

@@ -23,6 +23,7 @@ from p2pd import __version__, connections, paths
 from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
+from p2pd.metrics import DaemonMetrics, serve_metrics
 from p2pd.nat_detect import NatMonitor, NatStatus
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
@@ -30,6 +31,7 @@ from p2pd.protocol import wire
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, unlimited
 from p2pd.protocol.session import PeerClosed
 from p2pd.rpc import Emit, RpcError, serve_listeners
+from p2pd.sd_notify import Notifier
 from p2pd.storage import Catalog, PieceStore, Record, StorageError, build_manifest, materialize
 from p2pd.swarm import Swarm
 from p2pd.tracker_client import TrackerClient
@@ -38,6 +40,7 @@ from p2pd.trio_util import collapse_single
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 0.5
+STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd (what `systemctl status` shows)
 
 
 class Daemon:
@@ -56,6 +59,9 @@ class Daemon:
         self.egress: Hierarchy | None = None
         self.ingress: Hierarchy | None = None
         self._lock_fd = -1
+        self.notify = Notifier()  # systemd's Type=notify (a no-op without $NOTIFY_SOCKET)
+        self.metrics: DaemonMetrics | None = None  # with --metrics-listen
+        self.metrics_port = 0
         # direct TCP, raced with a punched TCP connection and a relay for peers behind NATs
         self.traversal = Traversal(
             self.node_id, config.traversal, config.swarm, serves=self.swarms.__contains__, serve=self._serve_traversed
@@ -76,6 +82,7 @@ class Daemon:
         self.egress = Hierarchy(TokenBucket(self.config.egress_limit or math.inf, now=now), self.policy_egress)
         self.ingress = Hierarchy(TokenBucket(self.config.ingress_limit or math.inf, now=now), self.policy_ingress)
         peer_listeners = await self._bind_peer_listener()
+        self.notify.status(f"listening on port {self.listen_port}; registering with the tracker")
         host = self.config.advertise or self.config.listen[0]
         if host in ("", "0.0.0.0", "::"):
             host = "0.0.0.0"  # the tracker fills in the address it sees us at
@@ -98,18 +105,34 @@ class Daemon:
                     await nursery.start(self.nat.run, lambda: tc.stun_server, self._report_nat)
                 await nursery.start(self.traversal.run, tc)
                 nursery.start_soon(self._restore_names_after_tracker_restart)
+                if self.config.metrics_listen is not None:
+                    self.metrics = DaemonMetrics(self)
+                    mhost, mport = self.config.metrics_listen
+                    try:
+                        self.metrics_port = await nursery.start(serve_metrics, self.metrics, mhost, mport)
+                    except OSError as e:
+                        raise P2pdError(
+                            ErrorCode.CONFLICT,
+                            f"cannot serve metrics on {mhost}:{mport}: {e.strerror}; pick another --metrics-listen",
+                        ) from e
                 api_listener = self._bind_api()
                 await nursery.start(serve_listeners, [api_listener], self._handlers())
                 log.info(
-                    "p2pd %s node %s serving peers on %s:%d, control socket %s",
+                    "p2pd %s node %s serving peers on %s:%d, control socket %s%s",
                     __version__,
                     self.node_id[:8],
                     self.config.listen[0],
                     self.listen_port,
                     self.socket_path,
+                    f", metrics on port {self.metrics_port}" if self.metrics is not None else "",
                 )
                 task_status.started()
+                self.notify.ready(self._describe())
+                nursery.start_soon(self.notify.watchdog)
+                if self.notify.enabled:
+                    nursery.start_soon(self._status_lines)
                 await self._stop.wait()
+                self.notify.stopping("stopping: saying goodbye to the tracker and peers")
                 log.info("stopping: saying goodbye to tracker and peers")
                 self.socket_path.unlink(missing_ok=True)
                 with trio.move_on_after(self.config.goodbye_timeout):
@@ -124,6 +147,20 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         for listener in peer_listeners:
             await listener.aclose()
+
+    def _describe(self) -> str:
+        """One line for `systemctl status`."""
+        downloading = sum(1 for sw in self.swarms.values() if not sw.complete and sw.error is None)
+        peers = sum(len(sw.conns) for sw in self.swarms.values())
+        return (
+            f"serving peers on port {self.listen_port}: {len(self.swarms)} artifacts "
+            f"({downloading} downloading), {peers} peer connections"
+        )
+
+    async def _status_lines(self) -> None:
+        while True:
+            await trio.sleep(STATUS_EVERY)
+            self.notify.status(self._describe())
 
     def _take_lock(self) -> None:
         self._lock_fd = os.open(self.config.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -391,6 +428,7 @@ class Daemon:
         return {
             "node_id": self.node_id,
             "listen": f"{self.config.listen[0]}:{self.listen_port}",
+            "metrics_port": self.metrics_port or None,
             "version": __version__,
             "artifacts": arts,
             "egress_limit": self.config.egress_limit,
@@ -450,6 +488,18 @@ class Daemon:
         return {"artifact_id": aid, "name": name, "size": m.total_size, "pieces": m.num_pieces}
 
     async def api_fetch(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        t0 = trio.current_time()
+        try:
+            result = await self._fetch(params, emit)
+        except RpcError as e:
+            if self.metrics is not None:
+                self.metrics.fetch_failures.labels(e.code.name.lower()).inc()
+            raise
+        if self.metrics is not None:
+            self.metrics.fetch_seconds.observe(trio.current_time() - t0)
+        return result
+
+    async def _fetch(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         assert self.tracker is not None
         name = str(params["name"])
         dest = params.get("dest")

@@ -88,6 +88,7 @@ class PeerConn:
         self.close_detail = ""
         self.cancel_scope = trio.CancelScope()
         self.bytes_up = 0
+        self.bytes_down = 0  # piece bytes received (on the wire), counted by the swarm: for metrics by path
         self.last_send = trio.current_time()
         self._wake = trio.Event()
         self._zc = zstandard.ZstdCompressor(level=1)
