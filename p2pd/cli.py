@@ -114,6 +114,12 @@ def run(
     metrics_listen: str = typer.Option(
         None, "--metrics-listen", help="HOST:PORT to serve Prometheus metrics on, at /metrics (default: off)"
     ),
+    cache_max: str = typer.Option(
+        None,
+        "--cache-max",
+        help="cap on the cache: a SIZE (500GiB) or a share of the disk (80%); least recently used artifacts "
+        "that are not pinned or in use are evicted to make room (default: no cap)",
+    ),
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon
@@ -138,6 +144,12 @@ def run(
         data.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"cannot create data dir {data}: {e.strerror}", ErrorCode.STORAGE)
+    try:
+        from p2pd.cache import parse_cache_max
+
+        cache_cap = parse_cache_max(cache_max, data) if cache_max else None
+    except ValueError as e:
+        fail(str(e), ErrorCode.BAD_REQUEST)
     cfg = DaemonConfig(
         trackers=trackers,
         listen=listen_hp,
@@ -149,6 +161,7 @@ def run(
         tracker_wait=tracker_wait,
         traversal=traversal,
         metrics_listen=metrics_hp,
+        cache_max=cache_cap,
         swarm=SwarmConfig(max_peers=max_peers, pipeline_depth=pipeline, stall_timeout=stall_timeout, compress=compress),
     )
 
@@ -338,6 +351,79 @@ def describe_nat(nat: dict[str, Any] | None) -> str:
         + (f" (checked {ago:.0f} s ago)" if isinstance(ago, int | float) else "")
         + (f"\n  why: {nat['reason']}" if nat.get("reason") else "")
     )
+
+
+# ----------------------------------------------------------------------------------------- cache
+@app.command("ls")
+def ls_cmd(
+    data_dir: Path = DataDirOpt,
+    socket: Path = SocketOpt,
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """The artifacts on this node: size, last use, pinned, leased, seeding; and the cache's use and cap."""
+    sock = socket_path(socket, data_dir)
+    res = run_client(lambda: call(sock, "ls", {}, timeout=10))
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    cap = f" of {format_size(res['cache_max'])}" if res.get("cache_max") else " (no cap)"
+    t = Table(title=f"cache: {format_size(res['cache_bytes'])}{cap}, {res['evictions']} evicted since start")
+    for col in ("name", "id", "size", "state", "last use", "pinned", "leased by", "seeding", "where"):
+        t.add_column(col)
+    for a in res["artifacts"]:
+        last = time.strftime("%Y-%m-%d %H:%M", time.localtime(a["last_used"])) if a.get("last_used") else "-"
+        t.add_row(
+            a["name"],
+            a["artifact_id"][:12],
+            format_size(a["size"]),
+            a["state"],
+            last,
+            "yes" if a["pinned"] else "",
+            ", ".join(a["leased_by"]),
+            "yes" if a["seeding"] else "",
+            "cache" if a["in_cache"] else "published in place",
+        )
+    Console().print(t)
+
+
+@app.command("rm")
+def rm_cmd(
+    ref: str = typer.Argument(..., help="NAME:TAG, an artifact id or a unique id prefix"),
+    force: bool = typer.Option(False, "--force", help="remove it even if pinned or in use"),
+    data_dir: Path = DataDirOpt,
+    socket: Path = SocketOpt,
+) -> None:
+    """Stop seeding an artifact and delete it from the cache (a published one's own files are never deleted)."""
+    sock = socket_path(socket, data_dir)
+    res = run_client(lambda: call(sock, "rm", {"ref": ref, "force": force}, timeout=60))
+    typer.echo(f"removed {res['name']} ({res['artifact_id'][:12]}), freed {format_size(res['freed'])}", err=True)
+
+
+@app.command("pin")
+def pin_cmd(
+    ref: str = typer.Argument(..., help="NAME:TAG, an artifact id or a unique id prefix"),
+    data_dir: Path = DataDirOpt,
+    socket: Path = SocketOpt,
+) -> None:
+    """Keep an artifact in the cache whatever --cache-max needs (until `p2pd unpin`)."""
+    sock = socket_path(socket, data_dir)
+    res = run_client(lambda: call(sock, "pin", {"ref": ref, "pinned": True}, timeout=10))
+    typer.echo(f"pinned {res['name']} ({res['artifact_id'][:12]})", err=True)
+
+
+@app.command("unpin")
+def unpin_cmd(
+    ref: str = typer.Argument(..., help="NAME:TAG, an artifact id or a unique id prefix"),
+    data_dir: Path = DataDirOpt,
+    socket: Path = SocketOpt,
+) -> None:
+    """Let an artifact be evicted again when the cache needs room."""
+    sock = socket_path(socket, data_dir)
+    res = run_client(lambda: call(sock, "pin", {"ref": ref, "pinned": False}, timeout=10))
+    typer.echo(f"unpinned {res['name']} ({res['artifact_id'][:12]})", err=True)
 
 
 @app.command()

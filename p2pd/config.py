@@ -88,4 +88,8 @@ class DaemonConfig:
     nat_check_every: float = 20.0  # one Binding request: notices a new mapping, and keeps it alive (expiry ~30 s)
     nat_reclassify_every: float = 300.0  # the full RFC 3489 tests again, in case the NAT's behaviour changed
     traversal: TraversalConfig = field(default_factory=TraversalConfig)
+    # the cache (p2pd/cache.py): None = no cap; evicting down to `cache_low` of the cap frees room for a few
+    # more fetches at once, so a node fetching one model after another evicts in batches, not every time
+    cache_max: int | None = None
+    cache_low: float = 0.9
     metrics_listen: tuple[str, int] | None = None  # Prometheus /metrics over HTTP (off unless given: no open port)

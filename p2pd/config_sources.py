@@ -296,8 +296,7 @@ class ConfiguredCommand(TyperCommand):
         # `--config PATH` is taken off the command line before click parses it (the file must be read
         # first: its values are the defaults of the other options), so help mentions it here.
         self.epilog = (
-            (self.epilog or "")
-            + f"--config PATH: a TOML file of these options (default: ${self.spec.file_env}, else "
+            (self.epilog or "") + f"--config PATH: a TOML file of these options (default: ${self.spec.file_env}, else "
             f"{self.spec.default_file} if it exists); the environment ({self.spec.env_prefix}_<OPTION>) "
             "overrides it, flags override both."
         )

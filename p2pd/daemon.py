@@ -10,16 +10,20 @@ leads to a graceful exit: goodbye to the tracker and to every peer, journals alr
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import math
 import os
+import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from p2pd import __version__, connections, paths
+from p2pd.cache import Cache, Item, remove_files, stored_in
 from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
@@ -40,6 +44,7 @@ from p2pd.trio_util import collapse_single
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 0.5
+NO_DISK_CHECK = 1 << 62  # "free bytes" that need no eviction for the disk
 STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd (what `systemctl status` shows)
 
 
@@ -61,6 +66,8 @@ class Daemon:
         self._lock_fd = -1
         self.notify = Notifier()  # systemd's Type=notify (a no-op without $NOTIFY_SOCKET)
         self.metrics: DaemonMetrics | None = None  # with --metrics-listen
+        self.cache = Cache(self.catalog, config.cache_max, config.cache_low)
+        self._room = trio.Lock()  # one download at a time decides what to evict for its room
         self.metrics_port = 0
         # direct TCP, raced with a punched TCP connection and a relay for peers behind NATs
         self.traversal = Traversal(
@@ -296,7 +303,146 @@ class Daemon:
 
     def _on_complete(self, sw: Swarm) -> None:
         assert self._nursery is not None
+        self.cache.index.touch(sw.artifact_id, time.time())
         self._nursery.start_soon(self._announce)
+
+    # -- cache (p2pd/cache.py decides; here it is done) ---------------------------------------------------
+    def cache_items(self) -> list[Item]:
+        return [
+            Item(
+                aid,
+                sw.name,
+                sw.manifest.total_size,
+                sw.complete,
+                stored_in(self.catalog, sw.store.root),
+                self.cache.busy[aid] > 0,
+            )
+            for aid, sw in self.swarms.items()
+        ]
+
+    async def _make_room(self, aid: str, m: mf.Manifest) -> None:
+        """Evict what must go before a download of `m` starts (cap, then free disk); DISK_FULL if it cannot fit."""
+        if self.catalog.staging_root(aid).exists():
+            free = NO_DISK_CHECK  # a resumed download's files are already allocated
+        else:
+            free = await trio.to_thread.run_sync(lambda: shutil.disk_usage(self.config.data_dir).free)
+        try:
+            victims = self.cache.plan(self.cache_items(), m.total_size, free, trio.current_time())
+        except P2pdError as e:
+            raise RpcError(e.code, e.message) from None
+        for v in victims:
+            log.info("evicting %s (%s, %d bytes) to make room for %s", v.name, v.artifact_id[:12], v.size, aid[:12])
+            await self._remove(v.artifact_id, "evicted from the cache", evicted=True)
+        if victims:
+            await self._announce()  # the tracker stops listing us as a holder now, not at the next heartbeat
+
+    async def _remove(self, aid: str, reason: str, *, evicted: bool = False) -> None:
+        """Stop serving an artifact (GOODBYE after the piece in flight), then delete its files from the data dir."""
+        sw = self.swarms.pop(aid, None)
+        if sw is None:
+            return
+        stored = stored_in(self.catalog, sw.store.root)
+        if not sw.complete:
+            sw.fail(reason, ErrorCode.NOT_FOUND)  # a fetch waiting for it ends with this reason
+            with trio.move_on_after(self.config.failed_swarm_wait):
+                await sw.stopped.wait()  # a write in a worker thread finishes before its files go
+            await sw.leave(reason)
+        else:
+            await sw.leave(reason)
+            sw.stop()
+            with trio.move_on_after(self.config.failed_swarm_wait):
+                await sw.stopped.wait()
+        await trio.to_thread.run_sync(functools.partial(remove_files, self.catalog, aid, stored=stored))
+        self.cache.index.forget(aid)
+        if evicted:
+            self.cache.evictions += 1
+            self.cache.evicted_bytes += sw.manifest.total_size
+            if self.metrics is not None:
+                self.metrics.evictions.inc()
+                self.metrics.evicted_bytes.inc(sw.manifest.total_size)
+
+    def _local(self, ref: str) -> Swarm:
+        """The local artifact a user means by NAME:TAG, an artifact id, or a unique id prefix (6+ characters)."""
+        ref = ref.strip()
+        if ref in self.swarms:
+            return self.swarms[ref]
+        found = [sw for sw in self.swarms.values() if sw.name == ref]
+        if not found and len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref):
+            found = [sw for sw in self.swarms.values() if sw.artifact_id.startswith(ref)]
+        if not found:
+            raise RpcError(ErrorCode.NOT_FOUND, f"{ref} is not on this node (`p2pd ls` lists what is)")
+        if len(found) > 1:
+            ids = ", ".join(sw.artifact_id[:12] for sw in found)
+            raise RpcError(ErrorCode.CONFLICT, f"{ref} means several artifacts here ({ids}): give the id")
+        return found[0]
+
+    async def api_ls(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        now = trio.current_time()
+        items = {i.artifact_id: i for i in self.cache_items()}
+        out = []
+        for aid, sw in self.swarms.items():
+            st = "complete" if sw.complete else ("failed" if sw.error else "downloading")
+            out.append(
+                {
+                    "artifact_id": aid,
+                    "name": sw.name,
+                    "kind": sw.manifest.kind,
+                    "size": sw.manifest.total_size,
+                    "state": st,
+                    "seeding": sw.complete,
+                    "path": str(sw.record().path if sw.complete else sw.store.root),
+                    **self.cache.describe(items[aid], now),
+                }
+            )
+        out.sort(key=lambda a: -(a["last_used"] or 0))
+        return {
+            "artifacts": out,
+            "cache_bytes": self.cache.used(list(items.values())),
+            "cache_max": self.cache.max_bytes,
+            "evictions": self.cache.evictions,
+        }
+
+    async def api_rm(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        sw = self._local(str(params.get("ref", "")))
+        aid, force = sw.artifact_id, bool(params.get("force"))
+        holders = self.cache.leases.holders(aid, trio.current_time())
+        if not force and (self.cache.index.get(aid).pinned or holders or self.cache.busy[aid]):
+            why = (
+                "pinned"
+                if self.cache.index.get(aid).pinned
+                else f"leased by {', '.join(holders)}"
+                if holders
+                else "in use"
+            )
+            raise RpcError(ErrorCode.CONFLICT, f"{sw.name} ({aid[:12]}) is {why}: unpin it first, or rm --force")
+        stored = stored_in(self.catalog, sw.store.root)
+        await self._remove(aid, "removed by p2pd rm")
+        await self._announce()
+        return {"artifact_id": aid, "name": sw.name, "freed": sw.manifest.total_size if stored else 0}
+
+    async def api_pin(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        sw = self._local(str(params.get("ref", "")))
+        pinned = bool(params.get("pinned", True))
+        self.cache.index.set_pinned(sw.artifact_id, pinned)
+        return {"artifact_id": sw.artifact_id, "name": sw.name, "pinned": pinned}
+
+    async def api_lease(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """A local job uses an artifact: keep it from eviction for `ttl` seconds (renew by asking again)."""
+        sw = self._local(str(params.get("ref", "")))
+        holder = str(params.get("holder", ""))
+        if not holder or len(holder) > 200:
+            raise RpcError(ErrorCode.BAD_REQUEST, "lease needs a holder (a name for the job, at most 200 characters)")
+        ttl = params.get("ttl", 600)
+        if not isinstance(ttl, int | float) or isinstance(ttl, bool):
+            raise RpcError(ErrorCode.BAD_REQUEST, f"lease ttl must be a number of seconds, got {ttl!r}")
+        if params.get("release"):
+            return {"artifact_id": sw.artifact_id, "released": self.cache.leases.release(sw.artifact_id, holder)}
+        try:
+            self.cache.leases.hold(sw.artifact_id, holder, float(ttl), trio.current_time())
+        except P2pdError as e:
+            raise RpcError(e.code, e.message) from None
+        self.cache.index.touch(sw.artifact_id, time.time())
+        return {"artifact_id": sw.artifact_id, "holder": holder, "ttl": ttl}
 
     async def _load_catalog(self, nursery: trio.Nursery) -> None:
         from p2pd import envpack
@@ -365,7 +511,9 @@ class Daemon:
             await ev.wait()
         ev = self._starting[aid] = trio.Event()
         try:
-            return await self._start_download(aid, name, m)
+            async with self._room:
+                await self._make_room(aid, m)
+                return await self._start_download(aid, name, m)
         finally:
             del self._starting[aid]
             ev.set()
@@ -420,6 +568,10 @@ class Daemon:
             "status": self.api_status,
             "publish": self.api_publish,
             "fetch": self.api_fetch,
+            "ls": self.api_ls,
+            "rm": self.api_rm,
+            "pin": self.api_pin,
+            "lease": self.api_lease,
             "shutdown": self.api_shutdown,
         }
 
@@ -506,6 +658,15 @@ class Daemon:
         log.debug("fetch %s: resolving", name)
         aid, m = await self._resolve(name)
         log.debug("fetch %s: resolved to %s", name, aid[:12])
+        self.cache.busy[aid] += 1  # not evicted while this request uses it
+        try:
+            return await self._fetch_resolved(aid, m, name, dest, emit)
+        finally:
+            self.cache.busy[aid] -= 1
+            if not self.cache.busy[aid]:
+                del self.cache.busy[aid]
+
+    async def _fetch_resolved(self, aid: str, m: mf.Manifest, name: str, dest: Any, emit: Emit) -> dict[str, Any]:
         sw = await self._get_or_start(aid, name, m)
         log.debug("fetch %s: swarm running", name)
 
@@ -531,6 +692,7 @@ class Daemon:
             with trio.move_on_after(PROGRESS_EVERY):
                 await sw.done.wait()
         await progress()
+        self.cache.index.touch(aid, time.time())
         rec = sw.record()
         result: dict[str, Any] = {
             "artifact_id": aid,

@@ -123,19 +123,18 @@ class DaemonMetrics(Collector):
                     )
         yield limit
 
-        stored = [sw for sw in d.swarms.values() if sw.store.root.is_relative_to(d.config.data_dir)]
+        stored = [i for i in d.cache_items() if i.stored]
         used = GaugeMetricFamily(
             "p2pd_cache_bytes",
             "Bytes of artifacts stored in the data dir, downloading ones included "
             "(published artifacts are seeded in place and not counted).",
         )
-        used.add_metric([], sum(sw.manifest.total_size for sw in stored))
+        used.add_metric([], sum(i.size for i in stored))
         count = GaugeMetricFamily("p2pd_cache_artifacts", "Artifacts stored in the data dir.")
         count.add_metric([], len(stored))
         cap = GaugeMetricFamily("p2pd_cache_max_bytes", "The cache's cap (--cache-max); absent: no cap.")
-        cache_max = getattr(d, "cache_max", None)
-        if cache_max is not None:
-            cap.add_metric([], cache_max)
+        if d.cache.max_bytes is not None:
+            cap.add_metric([], d.cache.max_bytes)
         yield from (used, count, cap)
 
 

@@ -466,6 +466,10 @@ class Swarm:
         finally:
             self.stopped.set()
 
+    def stop(self) -> None:
+        """Stop a complete swarm's tasks (it was evicted or removed: the daemon said GOODBYE already)."""
+        self._scope.cancel()
+
     def fail(self, reason: str, code: ErrorCode = ErrorCode.STORAGE) -> None:
         """Stop this download for good (the disk is full, ...): no more peers, the reason is `error`.
 

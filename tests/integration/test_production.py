@@ -197,7 +197,12 @@ def exported_names() -> set[str]:
         node_id = "n" * 32
         swarms: dict[str, Any] = {}
         egress = ingress = None
-        cache_max = None
+
+        class cache:  # noqa: N801
+            max_bytes = None
+
+        def cache_items(self) -> list[Any]:
+            return []
 
         class config:  # noqa: N801
             data_dir = Path("/var/lib/p2pd")
