@@ -68,6 +68,7 @@ class Daemon:
         self.metrics: DaemonMetrics | None = None  # with --metrics-listen
         self.cache = Cache(self.catalog, config.cache_max, config.cache_low)
         self._room = trio.Lock()  # one download at a time decides what to evict for its room
+        self._reserved: dict[str, tuple[str, int]] = {}  # room taken by downloads starting (not yet swarms)
         self.metrics_port = 0
         # direct TCP, raced with a punched TCP connection and a relay for peers behind NATs
         self.traversal = Traversal(
@@ -308,7 +309,12 @@ class Daemon:
 
     # -- cache (p2pd/cache.py decides; here it is done) ---------------------------------------------------
     def cache_items(self) -> list[Item]:
-        return [
+        starting = [
+            Item(aid, name, size, False, True, True)
+            for aid, (name, size) in self._reserved.items()
+            if aid not in self.swarms
+        ]
+        return starting + [
             Item(
                 aid,
                 sw.name,
@@ -513,7 +519,11 @@ class Daemon:
         try:
             async with self._room:
                 await self._make_room(aid, m)
+                self._reserved[aid] = (name, m.total_size)  # counted by the next download's room check
+            try:
                 return await self._start_download(aid, name, m)
+            finally:
+                del self._reserved[aid]
         finally:
             del self._starting[aid]
             ev.set()
