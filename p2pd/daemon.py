@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from p2pd import __version__, connections, paths
-from p2pd.cache import Cache, Item, remove_files, stored_in
+from p2pd.cache import MAX_LEASE_TTL, Cache, Item, remove_files, stored_in
 from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
@@ -666,11 +666,15 @@ class Daemon:
         name = str(params["name"])
         dest = params.get("dest")
         log.debug("fetch %s: resolving", name)
+        lease = _lease_param(params.get("lease"))
         aid, m = await self._resolve(name)
         log.debug("fetch %s: resolved to %s", name, aid[:12])
         self.cache.busy[aid] += 1  # not evicted while this request uses it
         try:
-            return await self._fetch_resolved(aid, m, name, dest, emit)
+            result = await self._fetch_resolved(aid, m, name, dest, emit)
+            if lease is not None:  # the caller's job uses it from now: no eviction gap in between
+                self.cache.leases.hold(aid, lease[0], lease[1], trio.current_time())
+            return result
         finally:
             self.cache.busy[aid] -= 1
             if not self.cache.busy[aid]:
@@ -778,6 +782,26 @@ class Daemon:
             return aid, mf.decode_checked(data, aid)
         except mf.ManifestError as e:
             raise RpcError(ErrorCode.INTEGRITY, f"the tracker's manifest for {name} is invalid: {e}") from None
+
+
+def _lease_param(value: Any) -> tuple[str, float] | None:
+    """A fetch's optional {"holder": str, "ttl": seconds}, checked (see `api_lease`)."""
+    if value is None:
+        return None
+    holder = value.get("holder") if isinstance(value, dict) else None
+    ttl = value.get("ttl") if isinstance(value, dict) else None
+    if (
+        not isinstance(holder, str)
+        or not 0 < len(holder) <= 200
+        or not isinstance(ttl, int | float)
+        or isinstance(ttl, bool)
+        or not 0 < ttl <= MAX_LEASE_TTL
+    ):
+        raise RpcError(
+            ErrorCode.BAD_REQUEST,
+            f"fetch lease must be {{holder: 1-200 characters, ttl: (0, {MAX_LEASE_TTL:.0f}] seconds}}, got {value!r}",
+        )
+    return holder, float(ttl)
 
 
 def _finite(x: float) -> float | None:

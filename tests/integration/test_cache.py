@@ -13,8 +13,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from p2pd.cluster import HOST, LocalCluster
+from p2pd.errors import ErrorCode
 from p2pd.protocol.manifest import choose_piece_size
+from p2pd.rpc import RpcError
 
 MiB = 1 << 20
 CAP = 100 * MiB
@@ -134,9 +138,16 @@ def test_a_download_that_cannot_fit_under_the_cap_says_so(tmp_path: Path) -> Non
             f = tmp_path / f"m{k}.bin"
             f.write_bytes(os.urandom(SIZE))
             c.publish(seed, f, f"m{k}:v1")
-        c.fetch(node, "m0:v1")
-        assert c.cli(node, "pin", "m0:v1").returncode == 0
+        with pytest.raises(RpcError) as e:  # a lease that is not one is refused before anything happens
+            node.call_blocking("fetch", {"name": "m0:v1", "lease": {"holder": "", "ttl": 60}})
+        assert e.value.code == ErrorCode.BAD_REQUEST and "holder" in e.value.message
+        # what the Ray plugin does: the fetch leases what it hands over
+        node.call_blocking("fetch", {"name": "m0:v1", "lease": {"holder": "ray-agent", "ttl": 600}}, timeout=120)
+        assert cli_json(c, node, "ls")["artifacts"][0]["leased_by"] == ["ray-agent"]
         r = c.cli(node, "fetch", "m1:v1")
         assert r.returncode == 5, r.stderr  # DISK_FULL's exit status
         msg = r.stderr.decode()
-        assert "no room in the cache" in msg and "m0:v1: pinned" in msg and msg.count("\n") == 1
+        assert "no room in the cache" in msg and "m0:v1: leased" in msg and msg.count("\n") == 1
+        node.call_blocking("lease", {"ref": "m0:v1", "holder": "ray-agent", "release": True})
+        c.fetch(node, "m1:v1")  # m0 may go now
+        assert [a["name"] for a in cli_json(c, node, "ls")["artifacts"]] == ["m1:v1"]
