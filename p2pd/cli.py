@@ -20,6 +20,7 @@ import trio
 import typer
 
 from p2pd.config import PATHS, AutoThrottleConfig, DaemonConfig, SwarmConfig, TraversalConfig
+from p2pd.config_sources import P2PD_RUN, configured
 from p2pd.errors import EXIT_INTERRUPTED, ErrorCode, P2pdError
 from p2pd.paths import default_data_dir, socket_path
 from p2pd.rpc import RpcError, connect_unix, parse_hostport
@@ -74,7 +75,7 @@ def run_client(fn: Any, *args: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------- run
-@app.command()
+@app.command(cls=configured(P2PD_RUN))  # every option is also a key of /etc/p2pd/p2pd.toml and a $P2PD_<KEY>
 def run(
     tracker: str = typer.Option(..., "--tracker", help="tracker HOST:PORT; several separated by commas (failover)"),
     listen: str = typer.Option("{}:{}".format(*DaemonConfig.listen), "--listen", help="HOST:PORT to serve peers on"),
@@ -125,6 +126,15 @@ def run(
     auto_throttle_interface: str = typer.Option(
         None, "--auto-throttle-interface", help="interface to watch (default: the one the route to the tracker takes)"
     ),
+    metrics_listen: str = typer.Option(
+        None, "--metrics-listen", help="HOST:PORT to serve Prometheus metrics on, at /metrics (default: off)"
+    ),
+    cache_max: str = typer.Option(
+        None,
+        "--cache-max",
+        help="cap on the cache: a SIZE (500GiB) or a share of the disk (80%); least recently used artifacts "
+        "that are not pinned or in use are evicted to make room (default: no cap)",
+    ),
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon
@@ -144,6 +154,7 @@ def run(
             labels["zone"] = zone
         traversal = _traversal_options(paths, relay, relay_listen, relay_rate, relay_max_pairs)
         auto = _auto_throttle_options(auto_throttle, link_capacity, reserve, auto_throttle_interface)
+        metrics_hp = _hostport_option("--metrics-listen", metrics_listen)
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
     data = (data_dir or default_data_dir()).expanduser().resolve()
@@ -151,6 +162,12 @@ def run(
         data.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"cannot create data dir {data}: {e.strerror}", ErrorCode.STORAGE)
+    try:
+        from p2pd.cache import parse_cache_max
+
+        cache_cap = parse_cache_max(cache_max, data) if cache_max else None
+    except ValueError as e:
+        fail(str(e), ErrorCode.BAD_REQUEST)
     cfg = DaemonConfig(
         trackers=trackers,
         listen=listen_hp,
@@ -162,6 +179,8 @@ def run(
         tracker_wait=tracker_wait,
         traversal=traversal,
         auto_throttle=auto,
+        metrics_listen=metrics_hp,
+        cache_max=cache_cap,
         swarm=SwarmConfig(max_peers=max_peers, pipeline_depth=pipeline, stall_timeout=stall_timeout, compress=compress),
     )
 
@@ -379,6 +398,79 @@ def describe_nat(nat: dict[str, Any] | None) -> str:
     )
 
 
+# ----------------------------------------------------------------------------------------- cache
+@app.command("ls")
+def ls_cmd(
+    data_dir: Path = DataDirOpt,
+    socket: Path = SocketOpt,
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """The artifacts on this node: size, last use, pinned, leased, seeding; and the cache's use and cap."""
+    sock = socket_path(socket, data_dir)
+    res = run_client(lambda: call(sock, "ls", {}, timeout=10))
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    cap = f" of {format_size(res['cache_max'])}" if res.get("cache_max") else " (no cap)"
+    t = Table(title=f"cache: {format_size(res['cache_bytes'])}{cap}, {res['evictions']} evicted since start")
+    for col in ("name", "id", "size", "state", "last use", "pinned", "leased by", "seeding", "where"):
+        t.add_column(col)
+    for a in res["artifacts"]:
+        last = time.strftime("%Y-%m-%d %H:%M", time.localtime(a["last_used"])) if a.get("last_used") else "-"
+        t.add_row(
+            a["name"],
+            a["artifact_id"][:12],
+            format_size(a["size"]),
+            a["state"],
+            last,
+            "yes" if a["pinned"] else "",
+            ", ".join(a["leased_by"]),
+            "yes" if a["seeding"] else "",
+            "cache" if a["in_cache"] else "published in place",
+        )
+    Console().print(t)
+
+
+@app.command("rm")
+def rm_cmd(
+    ref: str = typer.Argument(..., help="NAME:TAG, an artifact id or a unique id prefix"),
+    force: bool = typer.Option(False, "--force", help="remove it even if pinned or in use"),
+    data_dir: Path = DataDirOpt,
+    socket: Path = SocketOpt,
+) -> None:
+    """Stop seeding an artifact and delete it from the cache (a published one's own files are never deleted)."""
+    sock = socket_path(socket, data_dir)
+    res = run_client(lambda: call(sock, "rm", {"ref": ref, "force": force}, timeout=60))
+    typer.echo(f"removed {res['name']} ({res['artifact_id'][:12]}), freed {format_size(res['freed'])}", err=True)
+
+
+@app.command("pin")
+def pin_cmd(
+    ref: str = typer.Argument(..., help="NAME:TAG, an artifact id or a unique id prefix"),
+    data_dir: Path = DataDirOpt,
+    socket: Path = SocketOpt,
+) -> None:
+    """Keep an artifact in the cache whatever --cache-max needs (until `p2pd unpin`)."""
+    sock = socket_path(socket, data_dir)
+    res = run_client(lambda: call(sock, "pin", {"ref": ref, "pinned": True}, timeout=10))
+    typer.echo(f"pinned {res['name']} ({res['artifact_id'][:12]})", err=True)
+
+
+@app.command("unpin")
+def unpin_cmd(
+    ref: str = typer.Argument(..., help="NAME:TAG, an artifact id or a unique id prefix"),
+    data_dir: Path = DataDirOpt,
+    socket: Path = SocketOpt,
+) -> None:
+    """Let an artifact be evicted again when the cache needs room."""
+    sock = socket_path(socket, data_dir)
+    res = run_client(lambda: call(sock, "pin", {"ref": ref, "pinned": False}, timeout=10))
+    typer.echo(f"unpinned {res['name']} ({res['artifact_id'][:12]})", err=True)
+
+
 @app.command()
 def stop(data_dir: Path = DataDirOpt, socket: Path = SocketOpt) -> None:
     """Stop the daemon gracefully (as SIGTERM does)."""
@@ -408,6 +500,28 @@ def demo(
         fail("--nodes must be at least 1", ErrorCode.BAD_REQUEST)
     code = run_demo(nodes=nodes, size=nbytes, workdir=workdir, egress_limit=egress_limit)
     raise typer.Exit(code)
+
+
+# ----------------------------------------------------------------------------------------- config
+config_app = typer.Typer(no_args_is_help=True, help="The settings of `p2pd run`: file, environment, flags.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command(
+    "show", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h"]}
+)
+def config_show(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Print the settings `p2pd run` would use and where each comes from (flag, env, file, default).
+
+    Extra arguments are read as `p2pd run` flags (`--config PATH` included), so
+    `p2pd config show --config ./p2pd.toml --pipeline 4` shows what that command line would run with.
+    """
+    from p2pd import config_sources
+
+    config_sources.show(typer.main.get_command(app).commands["run"], list(ctx.args), as_json)  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -462,6 +576,14 @@ def _auto_throttle_options(on_off: str, capacity: str | None, reserve: str, ifac
         reserve_fraction=fraction,
         reserve_rate=rate,
     )
+def _hostport_option(option: str, text: str | None) -> tuple[str, int] | None:
+    """HOST:PORT of an optional listen option, None when not given; the error names the option."""
+    if not text:
+        return None
+    try:
+        return parse_hostport(text, default_host="0.0.0.0")
+    except ValueError as e:
+        raise ValueError(f"{option}: {e}") from None
 
 
 def _rate_option(option: str, text: str | None) -> float | None:

@@ -135,3 +135,8 @@ class DaemonConfig:
     # share this long (a restart or failover must not unleash the cluster), then on its own limits
     share_grace: float = 30.0
     auto_throttle: AutoThrottleConfig = field(default_factory=AutoThrottleConfig)
+    # the cache (p2pd/cache.py): None = no cap; evicting down to `cache_low` of the cap frees room for a few
+    # more fetches at once, so a node fetching one model after another evicts in batches, not every time
+    cache_max: int | None = None
+    cache_low: float = 0.9
+    metrics_listen: tuple[str, int] | None = None  # Prometheus /metrics over HTTP (off unless given: no open port)

@@ -10,10 +10,13 @@ leads to a graceful exit: goodbye to the tracker and to every peer, journals alr
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import math
 import os
+import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,11 @@ import trio
 from p2pd import __version__, connections, paths
 from p2pd.admission import Admission, incoming_cap, raise_fd_limit
 from p2pd.auto_throttle import AutoThrottler, check_interface
+from p2pd.cache import MAX_LEASE_TTL, Cache, Item, remove_files, stored_in
 from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
+from p2pd.metrics import DaemonMetrics, serve_metrics
 from p2pd.nat_detect import NatMonitor, NatStatus
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
@@ -32,6 +37,7 @@ from p2pd.protocol import wire
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, unlimited
 from p2pd.protocol.session import PeerClosed
 from p2pd.rpc import Emit, RpcError, serve_listeners
+from p2pd.sd_notify import Notifier
 from p2pd.storage import Catalog, PieceStore, Record, StorageError, build_manifest, materialize
 from p2pd.swarm import Swarm
 from p2pd.tracker_client import TrackerClient
@@ -46,6 +52,8 @@ DEMAND_MARGIN = 1.1  # ...and this factor: a share it does not use is lost to th
 HUNGRY_WAIT = 0.02  # waited on limits more than this fraction of an interval...
 HUNGRY_USE = 0.8  # ...and sent at least this fraction of its limit: it would send more if allowed
 MAX_DEMAND = 2.0**60  # bytes/s reported for "no limit of its own" (tracker/budgets.py MAX_BUDGET)
+NO_DISK_CHECK = 1 << 62  # "free bytes" that need no eviction for the disk
+STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd (what `systemctl status` shows)
 
 
 class Daemon:
@@ -66,6 +74,12 @@ class Daemon:
         self._lock_fd = -1
         self.admission = Admission(config.max_incoming, config.max_incoming_per_addr)
         self._repairing: set[str] = set()  # cached artifacts being turned back into downloads
+        self.notify = Notifier()  # systemd's Type=notify (a no-op without $NOTIFY_SOCKET)
+        self.metrics: DaemonMetrics | None = None  # with --metrics-listen
+        self.cache = Cache(self.catalog, config.cache_max, config.cache_low)
+        self._room = trio.Lock()  # one download at a time decides what to evict for its room
+        self._reserved: dict[str, tuple[str, int]] = {}  # room taken by downloads starting (not yet swarms)
+        self.metrics_port = 0
         # direct TCP, raced with a punched TCP connection and a relay for peers behind NATs
         self.traversal = Traversal(
             self.node_id,
@@ -126,6 +140,7 @@ class Daemon:
         self._demand_mark = (now, 0, 0.0)
         self._cross_mark = (0, 0.0)
         peer_listeners = await self._bind_peer_listener()
+        self.notify.status(f"listening on port {self.listen_port}; registering with the tracker")
         host = self.config.advertise or self.config.listen[0]
         if host in ("", "0.0.0.0", "::"):
             host = "0.0.0.0"  # the tracker fills in the address it sees us at
@@ -149,18 +164,34 @@ class Daemon:
                     await nursery.start(self.nat.run, lambda: tc.stun_server, self._report_nat)
                 await nursery.start(self.traversal.run, tc)
                 nursery.start_soon(self._restore_names_after_tracker_restart)
+                if self.config.metrics_listen is not None:
+                    self.metrics = DaemonMetrics(self)
+                    mhost, mport = self.config.metrics_listen
+                    try:
+                        self.metrics_port = await nursery.start(serve_metrics, self.metrics, mhost, mport)
+                    except OSError as e:
+                        raise P2pdError(
+                            ErrorCode.CONFLICT,
+                            f"cannot serve metrics on {mhost}:{mport}: {e.strerror}; pick another --metrics-listen",
+                        ) from e
                 api_listener = self._bind_api()
                 await nursery.start(serve_listeners, [api_listener], self._handlers())
                 log.info(
-                    "p2pd %s node %s serving peers on %s:%d, control socket %s",
+                    "p2pd %s node %s serving peers on %s:%d, control socket %s%s",
                     __version__,
                     self.node_id[:8],
                     self.config.listen[0],
                     self.listen_port,
                     self.socket_path,
+                    f", metrics on port {self.metrics_port}" if self.metrics is not None else "",
                 )
                 task_status.started()
+                self.notify.ready(self._describe())
+                nursery.start_soon(self.notify.watchdog)
+                if self.notify.enabled:
+                    nursery.start_soon(self._status_lines)
                 await self._stop.wait()
+                self.notify.stopping("stopping: saying goodbye to the tracker and peers")
                 log.info("stopping: saying goodbye to tracker and peers")
                 self.socket_path.unlink(missing_ok=True)
                 with trio.move_on_after(self.config.goodbye_timeout):
@@ -175,6 +206,20 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         for listener in peer_listeners:
             await listener.aclose()
+
+    def _describe(self) -> str:
+        """One line for `systemctl status`."""
+        downloading = sum(1 for sw in self.swarms.values() if not sw.complete and sw.error is None)
+        peers = sum(len(sw.conns) for sw in self.swarms.values())
+        return (
+            f"serving peers on port {self.listen_port}: {len(self.swarms)} artifacts "
+            f"({downloading} downloading), {peers} peer connections"
+        )
+
+    async def _status_lines(self) -> None:
+        while True:
+            await trio.sleep(STATUS_EVERY)
+            self.notify.status(self._describe())
 
     def _take_lock(self) -> None:
         self._lock_fd = os.open(self.config.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -396,6 +441,7 @@ class Daemon:
 
     def _on_complete(self, sw: Swarm) -> None:
         assert self._nursery is not None
+        self.cache.index.touch(sw.artifact_id, time.time())
         self._nursery.start_soon(self._announce)
 
     def _on_damaged(self, sw: Swarm, index: int) -> None:
@@ -435,6 +481,148 @@ class Daemon:
                 log.error("%s: repair download could not start: %s", sw.name, e)
         finally:
             self._repairing.discard(aid)
+    # -- cache (p2pd/cache.py decides; here it is done) ---------------------------------------------------
+    def cache_items(self) -> list[Item]:
+        starting = [
+            Item(aid, name, size, False, True, True)
+            for aid, (name, size) in self._reserved.items()
+            if aid not in self.swarms
+        ]
+        return starting + [
+            Item(
+                aid,
+                sw.name,
+                sw.manifest.total_size,
+                sw.complete,
+                stored_in(self.catalog, sw.store.root),
+                self.cache.busy[aid] > 0,
+            )
+            for aid, sw in self.swarms.items()
+        ]
+
+    async def _make_room(self, aid: str, m: mf.Manifest) -> None:
+        """Evict what must go before a download of `m` starts (cap, then free disk); DISK_FULL if it cannot fit."""
+        if self.catalog.staging_root(aid).exists():
+            free = NO_DISK_CHECK  # a resumed download's files are already allocated
+        else:
+            free = await trio.to_thread.run_sync(lambda: shutil.disk_usage(self.config.data_dir).free)
+        try:
+            victims = self.cache.plan(self.cache_items(), m.total_size, free, trio.current_time())
+        except P2pdError as e:
+            raise RpcError(e.code, e.message) from None
+        for v in victims:
+            log.info("evicting %s (%s, %d bytes) to make room for %s", v.name, v.artifact_id[:12], v.size, aid[:12])
+            await self._remove(v.artifact_id, "evicted from the cache", evicted=True)
+        if victims:
+            await self._announce()  # the tracker stops listing us as a holder now, not at the next heartbeat
+
+    async def _remove(self, aid: str, reason: str, *, evicted: bool = False) -> None:
+        """Stop serving an artifact (GOODBYE after the piece in flight), then delete its files from the data dir."""
+        sw = self.swarms.pop(aid, None)
+        if sw is None:
+            return
+        stored = stored_in(self.catalog, sw.store.root)
+        if not sw.complete:
+            sw.fail(reason, ErrorCode.NOT_FOUND)  # a fetch waiting for it ends with this reason
+            with trio.move_on_after(self.config.failed_swarm_wait):
+                await sw.stopped.wait()  # a write in a worker thread finishes before its files go
+            await sw.leave(reason)
+        else:
+            await sw.leave(reason)
+            sw.stop()
+            with trio.move_on_after(self.config.failed_swarm_wait):
+                await sw.stopped.wait()
+        await trio.to_thread.run_sync(functools.partial(remove_files, self.catalog, aid, stored=stored))
+        self.cache.index.forget(aid)
+        if evicted:
+            self.cache.evictions += 1
+            self.cache.evicted_bytes += sw.manifest.total_size
+            if self.metrics is not None:
+                self.metrics.evictions.inc()
+                self.metrics.evicted_bytes.inc(sw.manifest.total_size)
+
+    def _local(self, ref: str) -> Swarm:
+        """The local artifact a user means by NAME:TAG, an artifact id, or a unique id prefix (6+ characters)."""
+        ref = ref.strip()
+        if ref in self.swarms:
+            return self.swarms[ref]
+        found = [sw for sw in self.swarms.values() if sw.name == ref]
+        if not found and len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref):
+            found = [sw for sw in self.swarms.values() if sw.artifact_id.startswith(ref)]
+        if not found:
+            raise RpcError(ErrorCode.NOT_FOUND, f"{ref} is not on this node (`p2pd ls` lists what is)")
+        if len(found) > 1:
+            ids = ", ".join(sw.artifact_id[:12] for sw in found)
+            raise RpcError(ErrorCode.CONFLICT, f"{ref} means several artifacts here ({ids}): give the id")
+        return found[0]
+
+    async def api_ls(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        now = trio.current_time()
+        items = {i.artifact_id: i for i in self.cache_items()}
+        out = []
+        for aid, sw in self.swarms.items():
+            st = "complete" if sw.complete else ("failed" if sw.error else "downloading")
+            out.append(
+                {
+                    "artifact_id": aid,
+                    "name": sw.name,
+                    "kind": sw.manifest.kind,
+                    "size": sw.manifest.total_size,
+                    "state": st,
+                    "seeding": sw.complete,
+                    "path": str(sw.record().path if sw.complete else sw.store.root),
+                    **self.cache.describe(items[aid], now),
+                }
+            )
+        out.sort(key=lambda a: -(a["last_used"] or 0))
+        return {
+            "artifacts": out,
+            "cache_bytes": self.cache.used(list(items.values())),
+            "cache_max": self.cache.max_bytes,
+            "evictions": self.cache.evictions,
+        }
+
+    async def api_rm(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        sw = self._local(str(params.get("ref", "")))
+        aid, force = sw.artifact_id, bool(params.get("force"))
+        holders = self.cache.leases.holders(aid, trio.current_time())
+        if not force and (self.cache.index.get(aid).pinned or holders or self.cache.busy[aid]):
+            why = (
+                "pinned"
+                if self.cache.index.get(aid).pinned
+                else f"leased by {', '.join(holders)}"
+                if holders
+                else "in use"
+            )
+            raise RpcError(ErrorCode.CONFLICT, f"{sw.name} ({aid[:12]}) is {why}: unpin it first, or rm --force")
+        stored = stored_in(self.catalog, sw.store.root)
+        await self._remove(aid, "removed by p2pd rm")
+        await self._announce()
+        return {"artifact_id": aid, "name": sw.name, "freed": sw.manifest.total_size if stored else 0}
+
+    async def api_pin(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        sw = self._local(str(params.get("ref", "")))
+        pinned = bool(params.get("pinned", True))
+        self.cache.index.set_pinned(sw.artifact_id, pinned)
+        return {"artifact_id": sw.artifact_id, "name": sw.name, "pinned": pinned}
+
+    async def api_lease(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """A local job uses an artifact: keep it from eviction for `ttl` seconds (renew by asking again)."""
+        sw = self._local(str(params.get("ref", "")))
+        holder = str(params.get("holder", ""))
+        if not holder or len(holder) > 200:
+            raise RpcError(ErrorCode.BAD_REQUEST, "lease needs a holder (a name for the job, at most 200 characters)")
+        ttl = params.get("ttl", 600)
+        if not isinstance(ttl, int | float) or isinstance(ttl, bool):
+            raise RpcError(ErrorCode.BAD_REQUEST, f"lease ttl must be a number of seconds, got {ttl!r}")
+        if params.get("release"):
+            return {"artifact_id": sw.artifact_id, "released": self.cache.leases.release(sw.artifact_id, holder)}
+        try:
+            self.cache.leases.hold(sw.artifact_id, holder, float(ttl), trio.current_time())
+        except P2pdError as e:
+            raise RpcError(e.code, e.message) from None
+        self.cache.index.touch(sw.artifact_id, time.time())
+        return {"artifact_id": sw.artifact_id, "holder": holder, "ttl": ttl}
 
     async def _load_catalog(self, nursery: trio.Nursery) -> None:
         from p2pd import envpack
@@ -512,7 +700,13 @@ class Daemon:
             await ev.wait()
         ev = self._starting[aid] = trio.Event()
         try:
-            return await self._start_download(aid, name, m)
+            async with self._room:
+                await self._make_room(aid, m)
+                self._reserved[aid] = (name, m.total_size)  # counted by the next download's room check
+            try:
+                return await self._start_download(aid, name, m)
+            finally:
+                del self._reserved[aid]
         finally:
             del self._starting[aid]
             ev.set()
@@ -585,6 +779,10 @@ class Daemon:
             "status": self.api_status,
             "publish": self.api_publish,
             "fetch": self.api_fetch,
+            "ls": self.api_ls,
+            "rm": self.api_rm,
+            "pin": self.api_pin,
+            "lease": self.api_lease,
             "shutdown": self.api_shutdown,
         }
 
@@ -593,6 +791,7 @@ class Daemon:
         return {
             "node_id": self.node_id,
             "listen": f"{self.config.listen[0]}:{self.listen_port}",
+            "metrics_port": self.metrics_port or None,
             "version": __version__,
             "artifacts": arts,
             "egress_limit": self.config.egress_limit,
@@ -660,12 +859,37 @@ class Daemon:
         return {"artifact_id": aid, "name": name, "size": m.total_size, "pieces": m.num_pieces}
 
     async def api_fetch(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        t0 = trio.current_time()
+        try:
+            result = await self._fetch(params, emit)
+        except RpcError as e:
+            if self.metrics is not None:
+                self.metrics.fetch_failures.labels(e.code.name.lower()).inc()
+            raise
+        if self.metrics is not None:
+            self.metrics.fetch_seconds.observe(trio.current_time() - t0)
+        return result
+
+    async def _fetch(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         assert self.tracker is not None
         name = str(params["name"])
         dest = params.get("dest")
         log.debug("fetch %s: resolving", name)
+        lease = _lease_param(params.get("lease"))
         aid, m = await self._resolve(name)
         log.debug("fetch %s: resolved to %s", name, aid[:12])
+        self.cache.busy[aid] += 1  # not evicted while this request uses it
+        try:
+            result = await self._fetch_resolved(aid, m, name, dest, emit)
+            if lease is not None:  # the caller's job uses it from now: no eviction gap in between
+                self.cache.leases.hold(aid, lease[0], lease[1], trio.current_time())
+            return result
+        finally:
+            self.cache.busy[aid] -= 1
+            if not self.cache.busy[aid]:
+                del self.cache.busy[aid]
+
+    async def _fetch_resolved(self, aid: str, m: mf.Manifest, name: str, dest: Any, emit: Emit) -> dict[str, Any]:
         sw = await self._get_or_start(aid, name, m)
         log.debug("fetch %s: swarm running", name)
 
@@ -691,6 +915,7 @@ class Daemon:
             with trio.move_on_after(PROGRESS_EVERY):
                 await sw.done.wait()
         await progress()
+        self.cache.index.touch(aid, time.time())
         rec = sw.record()
         result: dict[str, Any] = {
             "artifact_id": aid,
@@ -774,6 +999,24 @@ def _hungry(rate: float, waited: float, dt: float, limit: float) -> bool:
     """Held back: it waited on its limits AND sent close to the limit in force. Waiting alone is no
     evidence (a few bursts wait too): a node that leaves much of its share unused gives it back."""
     return waited > HUNGRY_WAIT * dt and rate >= HUNGRY_USE * limit
+def _lease_param(value: Any) -> tuple[str, float] | None:
+    """A fetch's optional {"holder": str, "ttl": seconds}, checked (see `api_lease`)."""
+    if value is None:
+        return None
+    holder = value.get("holder") if isinstance(value, dict) else None
+    ttl = value.get("ttl") if isinstance(value, dict) else None
+    if (
+        not isinstance(holder, str)
+        or not 0 < len(holder) <= 200
+        or not isinstance(ttl, int | float)
+        or isinstance(ttl, bool)
+        or not 0 < ttl <= MAX_LEASE_TTL
+    ):
+        raise RpcError(
+            ErrorCode.BAD_REQUEST,
+            f"fetch lease must be {{holder: 1-200 characters, ttl: (0, {MAX_LEASE_TTL:.0f}] seconds}}, got {value!r}",
+        )
+    return holder, float(ttl)
 
 
 def _finite(x: float) -> float | None:

@@ -106,6 +106,7 @@ class PeerConn:
         self.close_detail = ""
         self.cancel_scope = trio.CancelScope()
         self.bytes_up = 0
+        self.bytes_down = 0  # piece bytes received (on the wire), counted by the swarm: for metrics by path
         self.last_send = trio.current_time()
         self.leaving = False  # we said GOODBYE: no more uploads, the writer half-closes once it is out
         self._sent_all = trio.Event()  # half-closed after GOODBYE, or the connection ended

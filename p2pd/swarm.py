@@ -149,6 +149,9 @@ class Swarm:
         self.down = RateMeter()
         self.up = RateMeter()
         self.resumed_pieces = resumed_pieces
+        self.pieces_verified = 0  # by this process (metrics)
+        self.pieces_failed = 0
+        self._closed_bytes: collections.Counter[tuple[str, str]] = collections.Counter()  # (path, in|out) of closed
         self.error: str | None = None
         self.error_code = ErrorCode.STORAGE  # what kind of failure `error` is, once set
         self._compressible: dict[int, bool] = {}
@@ -248,6 +251,14 @@ class Swarm:
     def note_upload(self, n: int) -> None:
         self.up.add(n)
 
+    def path_totals(self) -> dict[tuple[str, str], int]:
+        """Piece bytes on the wire by (connection path, "in" | "out"), closed connections included (metrics)."""
+        totals = collections.Counter(self._closed_bytes)
+        for c in self.conns.values():
+            totals[(str(c.path), "in")] += c.bytes_down
+            totals[(str(c.path), "out")] += c.bytes_up
+        return dict(totals)
+
     def record(self) -> Record:
         return Record(self.artifact_id, self.name, self.store.root, False, self.manifest)
 
@@ -324,6 +335,8 @@ class Swarm:
         """A connection ended (or lost a duplicate race): forget it, give its requests to others."""
         if self.conns.get(conn.remote_id) is conn:
             del self.conns[conn.remote_id]
+        self._closed_bytes[(str(conn.path), "in")] += conn.bytes_down
+        self._closed_bytes[(str(conn.path), "out")] += conn.bytes_up
         self.seeding.forget(conn)
         self.rates.pop(conn, None)
         self.depths.pop(conn, None)
@@ -415,6 +428,7 @@ class Swarm:
                     turnaround=cfg.request_turnaround,
                     slow_piece_time=cfg.slow_piece_time,
                 )
+        conn.bytes_down += wire_len
         if self.has_piece(i) or not self.downloading:
             self.give_buffer(buf)
             self.fill(conn)
@@ -437,11 +451,13 @@ class Swarm:
                 self.fill(conn)
                 continue
             if not ok:
+                self.pieces_failed += 1
                 self._bad_piece(conn, i)
                 continue
             if not self.have_mask:
                 log.debug("%s: first piece verified", self.name)
             self.have_mask |= 1 << i
+            self.pieces_verified += 1
             for session in self.picker.piece_verified(i):
                 session.cancel(i)
             if self.journal is not None:

@@ -216,9 +216,17 @@ async def fetch(
     path: str | os.PathLike[str] | None = None,
     dest: str | None = None,
     on_event: EventCallback | None = None,
+    lease: tuple[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Ask the daemon for an artifact and wait until every byte is verified (and an env unpacked)."""
-    result = await call("fetch", {"name": name, "dest": dest}, path=path, on_event=on_event)
+    """Ask the daemon for an artifact and wait until every byte is verified (and an env unpacked).
+
+    `lease` = (holder, ttl seconds): the daemon keeps the artifact from cache eviction that long after
+    handing it over (a daemon older than cache management ignores it).
+    """
+    params: dict[str, Any] = {"name": name, "dest": dest}
+    if lease is not None:
+        params["lease"] = {"holder": lease[0], "ttl": lease[1]}
+    result = await call("fetch", params, path=path, on_event=on_event)
     if not isinstance(result, dict) or "path" not in result:
         raise DaemonProtocolError(f"the p2pd daemon's fetch reply for {name} has no path: {result!r}")
     return result

@@ -18,6 +18,8 @@ How it behaves, and why (the interface and its traps are in research FINDINGS §
   next job, finds the artifact further along or complete.
 - `create` returns 0 bytes: the artifact lives in the daemon's cache, whose lifetime is the daemon's
   decision, so Ray's URI cache (sized by bytes) never evicts it and never calls `delete_uri` for space.
+  Each fetch leases the artifact for LEASE_TTL, so the daemon's cache cap does not evict it under the
+  workers Ray starts right after (`p2pd ls` shows the lease).
   Ray remembers per node, for the agent's lifetime, that the URI is installed; `modify_context` checks
   the directory still exists and says what to do if the daemon removed it.
 - Errors become `P2PSetupError` whose message says what to do; Ray shows it at the end of the
@@ -60,6 +62,12 @@ _PROBE_CODE = (
     "    v = None\n"
     "print(json.dumps({'python_version': platform.python_version(), 'ray_version': v}))\n"
 )
+
+
+# The daemon's cache (`p2pd run --cache-max`) does not evict what this node's Ray workers were just given:
+# each fetch leases its artifact for LEASE_TTL (p2pd/cache.py). Ray starts workers right after `create`.
+LEASE_TTL = 3600.0
+LEASE_HOLDER = f"ray-runtime-env-agent:{platform.node()}:{os.getpid()}"
 
 
 class P2PSetupError(RuntimeError):
@@ -285,7 +293,9 @@ class P2PPlugin(RuntimeEnvPlugin):
         ref = fetch.ref
         t0 = time.monotonic()
         try:
-            result = await daemon_client.fetch(ref.name, on_event=lambda ev: self._progress(fetch, ev))
+            result = await daemon_client.fetch(
+                ref.name, on_event=lambda ev: self._progress(fetch, ev), lease=(LEASE_HOLDER, LEASE_TTL)
+            )
         except DaemonError as e:
             raise P2PSetupError(explain(ref, e)) from e
         inst = Installed(

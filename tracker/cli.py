@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from p2pd.config_sources import TRACKER_SERVE, configured
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.rpc import parse_hostport
 from tracker.config import RelayOptions, TrackerConfig
@@ -47,7 +48,7 @@ def setup_logging(level: str) -> None:
     )
 
 
-@app.command()
+@app.command(cls=configured(TRACKER_SERVE))  # every option is also a key of /etc/p2pd/tracker.toml
 def serve(
     listen: Annotated[
         str, typer.Option(help="TCP RPC and UDP heartbeats on HOST:PORT (port 0: any free port).")
@@ -220,8 +221,10 @@ async def open_store(spec: str, interval: float, prefix: str = TrackerConfig.sto
 async def _serve(config: TrackerConfig) -> None:
     import trio
 
+    from p2pd.sd_notify import Notifier
     from tracker.server import TrackerServer, fmt_hostport
 
+    notify = Notifier()  # systemd's Type=notify (a no-op without $NOTIFY_SOCKET)
     host, port = config.listen
     interval, udp, ready_file = config.interval, config.udp, config.ready_file
     admin_addr, admin_token = config.admin_listen, config.admin_token
@@ -279,8 +282,11 @@ async def _serve(config: TrackerConfig) -> None:
                         )
                     )
                     tmp.replace(ready_file)
+                notify.ready(f"serving on {fmt_hostport(host, tcp_port)}, store {store.kind}")
+                nursery.start_soon(notify.watchdog)
                 async for sig in signals:
                     log.info("received %s: shutting down", signal.Signals(sig).name)
+                    notify.stopping()
                     nursery.cancel_scope.cancel()
                     break
     finally:
@@ -316,6 +322,26 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError) as e:
             log.warning("could not raise the open-file limit from %s: %s", soft, e)
+
+
+config_app = typer.Typer(no_args_is_help=True, help="The settings of `p2p-tracker serve`: file, environment, flags.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command(
+    "show", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h"]}
+)
+def config_show(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Print the settings `p2p-tracker serve` would use and where each comes from (flag, env, file, default).
+
+    Extra arguments are read as `serve` flags (`--config PATH` included).
+    """
+    from p2pd import config_sources
+
+    config_sources.show(typer.main.get_command(app).commands["serve"], list(ctx.args), as_json)  # type: ignore[attr-defined]
 
 
 def fail(msg: str, code: ErrorCode) -> NoReturn:

@@ -24,6 +24,7 @@ from ray._private.runtime_env.context import RuntimeEnvContext  # noqa: E402
 from ray_testutil import Emit, FakeDaemon, FakeDaemonError, write_fake_python  # noqa: E402
 
 from p2pd.errors import ErrorCode  # noqa: E402
+from ray_plugin import plugin as plugin_module  # noqa: E402
 from ray_plugin.plugin import P2PPlugin, P2PSetupError  # noqa: E402
 from ray_plugin.spec import ArtifactRef  # noqa: E402
 
@@ -155,6 +156,23 @@ def test_concurrent_creates_of_one_artifact_share_one_fetch(daemon_env: Path) ->
             return sum(1 for _, p in fake.requests if p["name"] == "m:1")
 
     assert asyncio.run(main()) == 1
+
+
+def test_each_fetch_leases_its_artifact_against_cache_eviction(daemon_env: Path) -> None:
+    """What the workers are given must not be evicted by the daemon's --cache-max right after (p2pd/cache.py)."""
+
+    async def main() -> list[dict[str, Any]]:
+        async def handler(method: str, params: dict[str, Any], emit: Emit) -> Any:
+            return _model_result(params["name"], "/cache/m")
+
+        async with FakeDaemon(daemon_env, handler) as fake:
+            await P2PPlugin().create(_uri("model", "m:1"), {"p2p": {"model": "m:1"}}, RuntimeEnvContext(), ListLogger())
+            return [p for _, p in fake.requests]
+
+    (params,) = asyncio.run(main())
+    lease = params["lease"]
+    assert lease["holder"].startswith("ray-runtime-env-agent:") and str(os.getpid()) in lease["holder"]
+    assert lease["ttl"] == plugin_module.LEASE_TTL > 0
 
 
 def test_cancelled_create_hangs_up_and_a_retry_asks_again(daemon_env: Path) -> None:
