@@ -110,9 +110,18 @@ def run(
     relay_max_pairs: int = typer.Option(
         TraversalConfig.relay_max_pairs, "--relay-max-pairs", help="node pairs relayed at once (with --relay)"
     ),
+    join_secret_file: Path = typer.Option(
+        None,
+        "--join-secret-file",
+        help="the cluster's join secret (or $P2PD_JOIN_SECRET_FILE / $P2PD_JOIN_SECRET); see docs/security.md",
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="join an open cluster without a join secret (a lab only: docs/security.md)"
+    ),
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon
+    from p2pd.identity import NO_SECRET_HINT, read_join_secret
 
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
@@ -128,12 +137,22 @@ def run(
         traversal = _traversal_options(paths, relay, relay_listen, relay_rate, relay_max_pairs)
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
+    try:
+        secret = read_join_secret(join_secret_file)
+    except P2pdError as e:
+        fail(e.message, e.code)
+    if secret is None and not insecure:
+        fail(NO_SECRET_HINT, ErrorCode.BAD_REQUEST)
+    if secret is not None and insecure:
+        fail("--insecure and a join secret were both given: pick one", ErrorCode.BAD_REQUEST)
     data = (data_dir or default_data_dir()).expanduser().resolve()
     try:
         data.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"cannot create data dir {data}: {e.strerror}", ErrorCode.STORAGE)
     cfg = DaemonConfig(
+        join_secret=secret,
+        insecure=insecure,
         trackers=trackers,
         listen=listen_hp,
         data_dir=data,

@@ -88,3 +88,7 @@ class DaemonConfig:
     nat_check_every: float = 20.0  # one Binding request: notices a new mapping, and keeps it alive (expiry ~30 s)
     nat_reclassify_every: float = 300.0  # the full RFC 3489 tests again, in case the NAT's behaviour changed
     traversal: TraversalConfig = field(default_factory=TraversalConfig)
+    # Trust (docs/security.md): the cluster's join secret (bytes, from a file or the environment, never argv);
+    # None is allowed only with `insecure`: an open cluster, chosen explicitly, never the default
+    join_secret: bytes | None = field(default=None, repr=False)
+    insecure: bool = False

@@ -23,10 +23,12 @@ from p2pd import __version__, connections, paths
 from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
+from p2pd.identity import NO_SECRET_HINT, node_identity
 from p2pd.nat_detect import NatMonitor, NatStatus
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import wire
+from p2pd.protocol.auth import ClusterSecret
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, unlimited
 from p2pd.protocol.session import PeerClosed
 from p2pd.rpc import Emit, RpcError, serve_listeners
@@ -44,7 +46,11 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.catalog = Catalog(config.data_dir)
-        self.node_id = self.catalog.node_id()
+        if config.join_secret is None and not config.insecure:
+            raise P2pdError(ErrorCode.BAD_REQUEST, NO_SECRET_HINT)
+        cluster = ClusterSecret(config.join_secret) if config.join_secret is not None else None
+        self.identity = node_identity(config.data_dir, cluster)  # the node id is its key's (docs/security.md)
+        self.node_id = self.identity.node_id
         self.socket_path = paths.socket_path(config.socket_path, config.data_dir)
         self.swarms: dict[str, Swarm] = {}
         self._starting: dict[str, trio.Event] = {}
@@ -58,7 +64,7 @@ class Daemon:
         self._lock_fd = -1
         # direct TCP, raced with a punched TCP connection and a relay for peers behind NATs
         self.traversal = Traversal(
-            self.node_id, config.traversal, config.swarm, serves=self.swarms.__contains__, serve=self._serve_traversed
+            self.identity, config.traversal, config.swarm, serves=self.swarms.__contains__, serve=self._serve_traversed
         )
         self.connector = self.traversal.connector
 
@@ -80,7 +86,12 @@ class Daemon:
         if host in ("", "0.0.0.0", "::"):
             host = "0.0.0.0"  # the tracker fills in the address it sees us at
         async with TrackerClient(
-            self.config.trackers, self.node_id, (host, self.listen_port), self.config.labels, __version__
+            self.config.trackers,
+            self.node_id,
+            (host, self.listen_port),
+            self.config.labels,
+            __version__,
+            identity=self.identity,
         ) as tc:
             self.tracker = tc
             async with trio.open_nursery() as nursery:
@@ -353,7 +364,7 @@ class Daemon:
                 conn = await connections.accept(
                     stream,
                     addr,
-                    self.node_id,
+                    self.identity,
                     handshake_timeout=self.config.swarm.handshake_timeout,
                     serves=self.swarms.__contains__,
                 )

@@ -22,7 +22,7 @@ import trio
 import zstandard
 
 from p2pd.config import SwarmConfig
-from p2pd.connections import ConnectError, Connection, Connector, TcpConnector
+from p2pd.connections import ConnectError, Connection, Connector
 from p2pd.errors import CloseReason, ErrorCode
 from p2pd.peer import PeerConn
 from p2pd.protocol import bitfield as bits
@@ -45,6 +45,13 @@ BUFFER_POOL_BYTES = 32 << 20  # idle piece buffers kept for reuse (a verifier qu
 def voluntary_switches() -> int:
     """Times this thread has blocked in the kernel (slept on I/O or a lock), not counting preemption."""
     return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
+class _NoDialling:
+    """The connector of a swarm given none: it serves the peers that come to it and dials no one."""
+
+    async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
+        raise ConnectError("this swarm was given no connector: it only serves")
 
 
 class RateMeter:
@@ -98,9 +105,7 @@ class Swarm:
         self.config = config
         self._egress = egress
         self._ingress = ingress
-        self.connector: Connector = connector or TcpConnector(
-            node_id, connect_timeout=config.connect_timeout, handshake_timeout=config.handshake_timeout
-        )
+        self.connector: Connector = connector or _NoDialling()  # a swarm that only serves (tests' seeds)
         self.journal = journal
         self.find_peers = find_peers
         self.on_complete = on_complete

@@ -340,9 +340,20 @@ class RedisStore:
     # ---- nodes -------------------------------------------------------------------------------------
 
     async def register(
-        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str, *, nat: NatInfo | None = None
+        self,
+        node_id: str,
+        host: str,
+        port: int,
+        labels: dict[str, str],
+        version: str,
+        *,
+        nat: NatInfo | None = None,
+        key: bytes | None = None,
+        session_key: bytes | None = None,
     ) -> Registration:
         session = self.rng.getrandbits(31)
+        if session_key is not None:  # before the session number: no replica sees a session without its key
+            await self._cmds([["HSET", self.prefix + "n:" + node_id, "sk", session_key.hex() + " " + str(session)]])
         await self._run(
             "register",
             node_id,
@@ -365,6 +376,21 @@ class RedisStore:
                     args += [aid, _progress(p)]
         known = await self._run("heartbeat", *args)
         return [bool(k) for k in known]
+
+    async def session_keys(self, nodes: list[tuple[str, int]]) -> list[bytes | None]:
+        """The session key of each (node id, session) registered now (one round trip); None if unknown."""
+        if not nodes:
+            return []
+        rows = await self._cmds([["HMGET", self.prefix + "n:" + nid, "s", "sk"] for nid, _ in nodes])
+        out: list[bytes | None] = []
+        for (_, session), (s, sk) in zip(nodes, rows, strict=True):
+            key: bytes | None = None
+            if s is not None and sk is not None and int(s) == session:
+                hexkey, _, for_session = _s(sk).partition(" ")
+                if for_session == str(session):
+                    key = bytes.fromhex(hexkey)
+            out.append(key)
+        return out
 
     async def leave(self, node_id: str) -> bool:
         return bool(await self._run("drop", node_id, "leaves"))

@@ -57,6 +57,9 @@ class Node:
         "heartbeats",
         "nat_type",
         "mapped",
+        "key",
+        "skey",
+        "seq",
     )
 
     def __init__(
@@ -82,6 +85,9 @@ class Node:
         self.heartbeats = 0
         self.nat_type: str | None = None  # None: not reported (a node older than NAT detection)
         self.mapped: tuple[str, int] | None = None  # public address the node's NAT maps its port to
+        self.key: bytes | None = None  # Ed25519 public key (a secured cluster; None: --insecure)
+        self.skey: bytes | None = None  # session key agreed at registration: MACs of its UDP heartbeats
+        self.seq = 0  # highest authenticated heartbeat sequence number of this session (replays are older)
 
     def set_nat(self, nat: NatInfo | None) -> None:
         self.nat_type, self.mapped = (sys.intern(nat[0]), nat[1]) if nat is not None else (None, None)
@@ -242,10 +248,13 @@ class Registry:
         now: float,
         session: int | None = None,
         nat: NatInfo | None = None,
+        key: bytes | None = None,
+        session_key: bytes | None = None,
     ) -> Node:
         """Add or refresh a node. Holdings of a node already known are kept until its next heartbeat.
 
-        `nat` (type, mapped address) is what the node's own NAT detection found; None: not reported."""
+        `nat` (type, mapped address) is what the node's own NAT detection found; None: not reported.
+        `key` and `session_key` come from a verified registration (tracker/membership.py)."""
         self.counters.registrations += 1
         labels = self._intern_labels(labels)
         version = sys.intern(version)
@@ -255,6 +264,7 @@ class Registry:
         if node is None:
             node = Node(node_id, host, port, labels, version, now, session)
             node.set_nat(nat)
+            node.key, node.skey = key, session_key
             self.nodes[node_id] = node
             return node
         old_holdings = node.holdings
@@ -264,6 +274,7 @@ class Registry:
         node.zone = labels.get(ZONE_LABEL, "")
         node.session = session
         node.set_nat(nat)
+        node.key, node.skey, node.seq = key, session_key, 0
         node.last_seen = now
         self.nodes.move_to_end(node_id)
         if old_holdings and node.holdings is None:
@@ -405,6 +416,7 @@ class Registry:
                     "addr": [n.host, n.port],
                     "progress": (n.holdings or {}).get(aid, 0.0),
                     **n.nat_fields(),
+                    **({"key": n.key} if n.key is not None else {}),
                 }
             )
         return out

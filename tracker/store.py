@@ -51,8 +51,18 @@ class Store(Protocol):
     kind: str
 
     async def register(
-        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str, *, nat: NatInfo | None = None
+        self,
+        node_id: str,
+        host: str,
+        port: int,
+        labels: dict[str, str],
+        version: str,
+        *,
+        nat: NatInfo | None = None,
+        key: bytes | None = None,
+        session_key: bytes | None = None,
     ) -> Registration: ...
+    async def session_keys(self, nodes: list[tuple[str, int]]) -> list[bytes | None]: ...
     async def heartbeat_many(self, beats: list[Heartbeat]) -> list[bool]: ...
     async def leave(self, node_id: str) -> bool: ...
     async def node_info(self, node_id: str) -> tuple[str, int, int] | None: ...
@@ -94,10 +104,30 @@ class MemoryStore:
         self.wall = wall
 
     async def register(
-        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str, *, nat: NatInfo | None = None
+        self,
+        node_id: str,
+        host: str,
+        port: int,
+        labels: dict[str, str],
+        version: str,
+        *,
+        nat: NatInfo | None = None,
+        key: bytes | None = None,
+        session_key: bytes | None = None,
     ) -> Registration:
-        node = self.reg.register(node_id, host, port, labels, version, self.clock(), nat=nat)
+        node = self.reg.register(
+            node_id, host, port, labels, version, self.clock(), nat=nat, key=key, session_key=session_key
+        )
         return Registration(self.reg.interval, node.session)
+
+    async def session_keys(self, nodes: list[tuple[str, int]]) -> list[bytes | None]:
+        """The session key of each (node id, session) registered now; None where unknown or stale."""
+        get = self.reg.nodes.get
+        out: list[bytes | None] = []
+        for nid, session in nodes:
+            n = get(nid)
+            out.append(n.skey if n is not None and n.session == session else None)
+        return out
 
     def heartbeat_now(self, beats: list[Heartbeat]) -> list[bool]:
         """Synchronous batch heartbeat: the UDP fast path calls this without a task switch."""
