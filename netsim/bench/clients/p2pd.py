@@ -39,6 +39,7 @@ from netsim.bench.harness import (
     tail,
     wait_tcp,
 )
+from p2pd.identity import JOIN_SECRET_ENV, new_join_secret
 from p2pd.rpc import RpcError, call_blocking, parse_hostport
 
 TRACKER_PORT = 7400
@@ -96,7 +97,7 @@ class P2pd(Client):
     def run(self, ctx: Ctx, run: int) -> RunResult:
         d = ctx.run_dir(self.name, run)
         procs: list[subprocess.Popen] = []
-        env = child_env()
+        env = child_env({JOIN_SECRET_ENV: new_join_secret()})  # secured, as deployed (docs/security.md)
         p2pd = p2pd_cmd()
         seed = ctx.net.seed
         tracker = f"{seed.ip}:{TRACKER_PORT}"
