@@ -144,5 +144,5 @@ async def test_row2_and_row10_nobody_uses_another_nodes_id_or_reaches_the_peer_p
     ok = await session_as(seed.port, aid, insider, insider.node_id, version=wire.PROTOCOL_VERSION)
     assert "Bitfield" in ok  # a member under its own id is served: the refusals above are about identity
     with trio.fail_after(120):
-        got = await cluster.fetch_async(leech, "m:v1")  # the real leech was neither replaced nor banned
-    assert (got / "weights.bin").stat().st_size == 3 << 20
+        fetched = await cluster.fetch_async(leech, "m:v1")  # the real leech was neither replaced nor banned
+    assert (fetched / "weights.bin").stat().st_size == 3 << 20
