@@ -118,6 +118,9 @@ def run(
     insecure: bool = typer.Option(
         False, "--insecure", help="join an open cluster without a join secret (a lab only: docs/security.md)"
     ),
+    trust_publisher: list[str] = typer.Option(
+        [], "--trust-publisher", help="node id whose env artifacts this node unpacks (repeatable; default: tracker's)"
+    ),
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon
@@ -153,6 +156,7 @@ def run(
     cfg = DaemonConfig(
         join_secret=secret,
         insecure=insecure,
+        trusted_publishers=tuple(trust_publisher),
         trackers=trackers,
         listen=listen_hp,
         data_dir=data,

@@ -92,3 +92,4 @@ class DaemonConfig:
     # None is allowed only with `insecure`: an open cluster, chosen explicitly, never the default
     join_secret: bytes | None = field(default=None, repr=False)
     insecure: bool = False
+    trusted_publishers: tuple[str, ...] = ()  # node ids whose env artifacts this node unpacks; () = the tracker's list

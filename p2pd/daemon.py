@@ -14,12 +14,13 @@ import logging
 import math
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from p2pd import __version__, connections, paths
+from p2pd import __version__, connections, paths, provenance
 from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
@@ -208,8 +209,15 @@ class Daemon:
                 except RpcError as e:
                     if e.code != ErrorCode.NOT_FOUND:
                         break  # tracker unreachable again: retry at the next registration
+                    signed = provenance.load(self.config.data_dir, rec.name)
+                    if signed is not None and signed.artifact_id != rec.artifact_id:
+                        signed = None
+                    if signed is None and self.identity.cluster is not None:
+                        continue  # a secured tracker takes a name back only with its publisher's signature
                     try:
-                        await self.tracker.publish(rec.name, mf.encode(rec.manifest))
+                        await self.tracker.publish(
+                            rec.name, mf.encode(rec.manifest), signed.params() if signed is not None else None
+                        )
                         log.info("tracker had forgotten %s: published it again", rec.name)
                     except RpcError as e2:
                         log.warning("could not publish %s again: %s", rec.name, e2)
@@ -447,6 +455,7 @@ class Daemon:
         except PermissionError as e:
             raise RpcError(ErrorCode.BAD_REQUEST, f"cannot read {e.filename}: permission denied") from None
         aid = mf.artifact_id(m)
+        signed = provenance.sign(self.identity.key, name, aid, int(time.time()))
         self.catalog.save_manifest(aid, m)
         if aid not in self.swarms:
             self.catalog.mark_complete(aid, name, root, published=True)
@@ -454,9 +463,10 @@ class Daemon:
             self.swarms[aid] = sw
             await self._nursery.start(sw.run)
         try:
-            await self.tracker.publish(name, mf.encode(m))
+            await self.tracker.publish(name, mf.encode(m), signed.params())
         except RpcError as e:
             raise RpcError(e.code, f"hashed {path} but the tracker refused to publish it: {e.message}") from None
+        provenance.save(self.config.data_dir, signed)
         await self._announce()
         return {"artifact_id": aid, "name": name, "size": m.total_size, "pieces": m.num_pieces}
 
@@ -555,7 +565,7 @@ class Daemon:
         except mf.ManifestError as e:
             raise RpcError(ErrorCode.BAD_REQUEST, str(e)) from None
         try:
-            aid, data = await self.tracker.resolve(name)
+            aid, data, reply = await self.tracker.resolve_signed(name)
         except RpcError as e:
             if e.code in (ErrorCode.UNREACHABLE, ErrorCode.TIMEOUT):
                 for rec in self.catalog.complete_records():
@@ -564,9 +574,15 @@ class Daemon:
                         return rec.artifact_id, rec.manifest
             raise _explain(e, name) from None
         try:
-            return aid, mf.decode_checked(data, aid)
+            m = mf.decode_checked(data, aid)
         except mf.ManifestError as e:
             raise RpcError(ErrorCode.INTEGRITY, f"the tracker's manifest for {name} is invalid: {e}") from None
+        signed = provenance.from_reply(name, aid, reply)
+        trusted = self.config.trusted_publishers or tuple(self.tracker.publishers)
+        provenance.check(signed, name, aid, m.kind, provenance.Trust(self.identity.cluster is not None, trusted))
+        if signed is not None:
+            provenance.save(self.config.data_dir, signed)
+        return aid, m
 
 
 def _finite(x: float) -> float | None:

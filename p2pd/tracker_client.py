@@ -119,6 +119,7 @@ class TrackerClient:
         self._nonce: tuple[RpcClient, bytes] | None = None  # the current connection's challenge
         self._session_key: bytes | None = None
         self._must_register = False  # the current connection could not be bound to our session
+        self.publishers: list[str] = []  # node ids the tracker's publishers file lists (secured)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -304,6 +305,7 @@ class TrackerClient:
         if self.secured:
             self._session_key = self._check_registration(r, *proof[-1])
             self._must_register = False
+            self.publishers = [str(x) for x in r.get("publishers") or []]
         self.interval = float(r["interval"])
         self.session = r.get("session")
         self._udp_ports[self.current] = r.get("udp_port")
@@ -370,15 +372,22 @@ class TrackerClient:
         self.registered = False
         self._acked = None
 
-    async def publish(self, name: str, manifest_bytes: bytes) -> str:
-        """Point NAME:TAG at this manifest; returns the artifact id the tracker computed."""
-        r = await self._call("publish", {"name": name, "manifest": manifest_bytes})
+    async def publish(self, name: str, manifest_bytes: bytes, signed: dict[str, Any] | None = None) -> str:
+        """Point NAME:TAG at this manifest; returns the artifact id the tracker computed.
+
+        `signed`: the publisher's signature fields (p2pd/provenance.py), required by a secured tracker."""
+        r = await self._call("publish", {"name": name, "manifest": manifest_bytes, **(signed or {})})
         return str(r["artifact_id"])
 
     async def resolve(self, name: str) -> tuple[str, bytes]:
         """NAME:TAG -> (artifact id, manifest bytes); RpcError `not_found` for an unknown name."""
+        aid, data, _ = await self.resolve_signed(name)
+        return aid, data
+
+    async def resolve_signed(self, name: str) -> tuple[str, bytes, dict[str, Any]]:
+        """`resolve`, with the whole reply (a secured tracker adds the publisher's signature)."""
         r = await self._call("resolve", {"name": name})
-        return str(r["artifact_id"]), bytes(r["manifest"])
+        return str(r["artifact_id"]), bytes(r["manifest"]), dict(r)
 
     async def manifest(self, artifact_id: str) -> bytes:
         r = await self._call("manifest", {"artifact_id": artifact_id})

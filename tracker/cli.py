@@ -109,15 +109,23 @@ def serve(
     insecure: Annotated[
         bool, typer.Option(help="Run an open tracker: any host may register, heartbeat or resolve (a lab only).")
     ] = False,
+    publishers: Annotated[
+        Path | None,
+        typer.Option(help="JSON file of the nodes that may publish, each with its name prefixes (docs/security.md)."),
+    ] = None,
 ) -> None:
     """Run a tracker until SIGTERM or SIGINT."""
     setup_logging(log_level)
     from p2pd.identity import cluster_secret
+    from tracker.publishers import Publishers
 
     try:
         join = cluster_secret(join_secret_file, insecure)
+        scopes = Publishers.load(publishers) if publishers is not None else None
     except P2pdError as e:
         fail(e.message, e.code)
+    if scopes is not None and join is None:
+        fail("--publishers needs a join secret: an open tracker cannot tell publishers apart", ErrorCode.BAD_REQUEST)
 
     try:
         host, port = parse_hostport(listen, default_host="0.0.0.0")
@@ -157,6 +165,7 @@ def serve(
             stun=stun_settings,
             relay=relay_opts,
             join=join,
+            publishers=scopes,
         )
         trio.run(_serve, config)
     except* OSError as eg:  # raised inside the nursery, so it may come wrapped in a group
@@ -265,7 +274,7 @@ async def _serve(config: TrackerConfig) -> None:
     relay = config.relay
     store = await open_store(config.store, interval, config.store_prefix)
     membership = Membership(config.join) if config.join is not None else None
-    server = TrackerServer(store, stun=config.stun, membership=membership)
+    server = TrackerServer(store, stun=config.stun, membership=membership, publishers=config.publishers)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from p2pd.protocol.auth import ClusterSecret
+    from tracker.publishers import Publishers
     from tracker.stun import StunSettings
 
 
@@ -36,3 +37,4 @@ class TrackerConfig:
     stun: StunSettings | None = None  # STUN for NAT detection (the CLI's default: on the heartbeat port); None: off
     relay: RelayOptions | None = None  # None: this tracker relays nothing (the CLI's default: on)
     join: ClusterSecret | None = None  # the cluster's join secret; None only with --insecure (docs/security.md)
+    publishers: Publishers | None = None  # who publishes which names; None: every member (tracker/publishers.py)

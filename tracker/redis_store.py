@@ -14,6 +14,7 @@ Keys (prefix `p2p:`, in the database of the URL):
 - `t:{name}`        LIST "aid wall-time" (tag history, last 100; the last entry is current);  `names` SET
 - `c`               HASH counters;  `interval` the interval the first replica was started with
 - `policy`          JSON cluster policy (read by every replica once per interval)
+- `signed`          HASH name -> its signed publish (tracker/publishers.py, secured clusters)
 
 Cost per heartbeat (measured in BENCHMARKS.md): an unchanged heartbeat is HMGET + ZADD inside the
 batch script — 2 Redis operations, and one EVALSHA round trip per *batch* of heartbeats (the UDP front
@@ -391,6 +392,14 @@ class RedisStore:
                     key = bytes.fromhex(hexkey)
             out.append(key)
         return out
+
+    async def signed_tag(self, name: str) -> bytes | None:
+        """The signed publish `name` points at (HASH `signed`: name -> SignedTag msgpack); None if unsigned."""
+        (r,) = await self._cmds([["HGET", self.prefix + "signed", name]])
+        return bytes(r) if r is not None else None
+
+    async def set_signed_tag(self, name: str, blob: bytes) -> None:
+        await self._cmds([["HSET", self.prefix + "signed", name, blob]])
 
     async def leave(self, node_id: str) -> bool:
         return bool(await self._run("drop", node_id, "leaves"))

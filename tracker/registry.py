@@ -218,6 +218,7 @@ class Registry:
         self.nodes: OrderedDict[str, Node] = OrderedDict()
         self.artifacts: dict[str, Artifact] = {}
         self.tags: dict[str, list[TagEvent]] = {}
+        self.signed: dict[str, bytes] = {}  # name -> its signed publish (tracker/publishers.py), secured clusters
         self.policy: dict[str, Any] = {}
         self.counters = Counters()
         self._labels: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}

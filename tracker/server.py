@@ -43,6 +43,7 @@ from p2pd.rpc import Emit, Handler, RpcError, serve_connection
 from tracker import validate as V
 from tracker.membership import ConnState, Membership
 from tracker.metrics import Metrics
+from tracker.publishers import Publishers, SignedTag, check_publish, decode_signed
 from tracker.signals import SignalHub
 from tracker.store import Heartbeat, MemoryStore, Store
 from tracker.stun import StunServer, StunSettings, is_unspecified, open_udp
@@ -79,9 +80,11 @@ class TrackerServer:
         *,
         stun: StunSettings | None = StunSettings(),
         membership: Membership | None = None,
+        publishers: Publishers | None = None,
     ) -> None:
         self.store = store
         self.membership = membership  # None: an --insecure tracker (every call accepted, docs/security.md)
+        self.publishers = publishers or Publishers()  # who may publish which names (secured trackers)
         self.metrics = metrics or Metrics()
         self.udp_port: int | None = None
         self.tcp_port: int | None = None
@@ -146,7 +149,7 @@ class TrackerServer:
             }
             if ms is not None and proof is not None:
                 conn.bind(nid)
-                out.update(proof.reply, member=ms.reply_mac(proof, reg.session))
+                out.update(proof.reply, member=ms.reply_mac(proof, reg.session), publishers=self.publishers.node_ids)
             return out
 
         async def heartbeat(p: dict[str, Any], emit: Emit) -> Any:
@@ -186,15 +189,32 @@ class TrackerServer:
             data = p.get("manifest")
             if not isinstance(data, bytes):
                 raise V.bad("manifest must be bytes")
+            signed: SignedTag | None = None
+            if ms is not None:
+                blob = await store.signed_tag(name)
+                current = decode_signed(blob) if blob is not None else None
+                try:
+                    signed = check_publish(p, name, hashlib.sha256(data).hexdigest(), self.publishers, current)
+                except ValueError as e:
+                    raise ms.refuse("publish", f"from {peer_ip}: {e}") from None
             aid = await store.publish(name, data)
+            if signed is not None:
+                await store.set_signed_tag(name, signed.encode())
             log.info("published %s -> %s", name, aid)
             return {"artifact_id": aid}
 
         async def resolve(p: dict[str, Any], emit: Emit) -> Any:
             if ms is not None:
                 ms.require_member(conn, "resolve")
-            aid, data = await store.resolve(V.name(p.get("name")))
-            return {"artifact_id": aid, "manifest": data}
+            name = V.name(p.get("name"))
+            aid, data = await store.resolve(name)
+            out: dict[str, Any] = {"artifact_id": aid, "manifest": data}
+            blob = await store.signed_tag(name) if ms is not None else None
+            if blob is not None:
+                signed = decode_signed(blob)
+                if signed.artifact_id == aid:  # not when an admin moved the tag since
+                    out.update(signed.reply())
+            return out
 
         async def manifest(p: dict[str, Any], emit: Emit) -> Any:
             if ms is not None:

@@ -186,3 +186,14 @@ def conn_auth_transcript(nonce: bytes, node_id: str, session: int) -> bytes:
 
 def session_mac(key: bytes, transcript: bytes) -> bytes:
     return hmac.digest(key, transcript, "sha256")[:HEARTBEAT_TAG_SIZE]
+
+
+# ---- publishing ----------------------------------------------------------------------------------
+
+
+def publish_transcript(name: str, artifact_id: str, signed_at: int) -> bytes:
+    """What a publisher signs: this name points at this artifact, as of this time (seconds, its clock).
+
+    The time orders two signed publishes of one name, so an old signed publish replayed later cannot
+    move the tag back."""
+    return _enc.encode(["p2pd publish v1", name, artifact_id, signed_at])

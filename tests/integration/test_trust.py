@@ -8,6 +8,7 @@ each refusal is in the victim's log, and the real nodes keep working afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -146,3 +147,41 @@ async def test_row2_and_row10_nobody_uses_another_nodes_id_or_reaches_the_peer_p
     with trio.fail_after(120):
         fetched = await cluster.fetch_async(leech, "m:v1")  # the real leech was neither replaced nor banned
     assert (fetched / "weights.bin").stat().st_size == 3 << 20
+
+
+async def test_row1_a_tag_moves_only_by_its_owner(cluster: LocalCluster, tmp_path: Path) -> None:
+    a = await cluster.start_node_async("a")
+    b = await cluster.start_node_async("b")
+    c = await cluster.start_node_async("c")
+    (tmp_path / "a").mkdir()
+    src_a = artifact(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    src_b = artifact(tmp_path / "b")
+    await cluster.publish_async(a, src_a, "m:v1")
+    r = await cluster.cli_async(b, "publish", str(src_b), "--name", "m:v1")  # the attack
+    assert r.returncode != 0 and b"belongs to node" in r.stderr, r.stderr
+    a_id = (await a.call("status"))["node_id"]
+    assert f"node {a_id[:8]}".encode() in r.stderr
+    assert "refused publish" in cluster.tracker.process.log_text()
+    with trio.fail_after(120):
+        got = await cluster.fetch_async(c, "m:v1")
+    assert (got / "weights.bin").read_bytes() == (src_a / "weights.bin").read_bytes()  # A's bytes, not B's
+    await cluster.publish_async(a, src_b, "m:v1")  # the owner moves its own tag
+
+
+async def test_row1_publishers_file_scopes_names_to_nodes(cluster: LocalCluster, tmp_path: Path) -> None:
+    from p2pd.identity import load_node_key
+
+    team_dir = cluster.work / "team"
+    team_dir.mkdir()
+    team_id = load_node_key(team_dir).node_id  # the key the node will find at its first start
+    scopes = tmp_path / "publishers.json"
+    scopes.write_text(json.dumps({"publishers": [{"name": "ml-team", "node": team_id, "prefixes": ["models/"]}]}))
+    t2 = await cluster.start_tracker_async("--publishers", str(scopes), name="scoped")
+    team = await cluster.start_node_async("team", data_dir=team_dir, tracker=t2.addr)
+    other = await cluster.start_node_async("other", tracker=t2.addr)
+    src = artifact(tmp_path)
+    await cluster.publish_async(team, src, "models/x:v1")
+    for node, name in ((team, "envs/x:v1"), (other, "models/y:v1")):
+        r = await cluster.cli_async(node, "publish", str(src), "--name", name)
+        assert r.returncode != 0 and b"gives it no prefix of that name" in r.stderr, (name, r.stderr)
