@@ -122,14 +122,14 @@ class Membership:
     def reply_mac(self, proof: Proof, session: int) -> bytes:
         return self.cluster.mac(auth.register_reply_transcript(proof.transcript, proof.reply["eph"], session))
 
-    def check_auth(self, conn: ConnState, p: dict[str, Any], node_id: str, session_key: bytes | None) -> bool:
+    def check_auth(self, conn: ConnState, p: dict[str, Any], node_id: str, session_key: Any) -> bool:
         """A registered node binds this connection to its session; False: unknown node or session (register)."""
         if conn.nonce is None:
             raise unauthorized("auth without a challenge: call `challenge` on this connection first")
         session, mac = p.get("session"), p.get("mac")
         if session_key is None or not isinstance(session, int) or not isinstance(mac, bytes):
             return False
-        want = auth.session_mac(session_key, auth.conn_auth_transcript(conn.nonce, node_id, session))
+        want = auth.mac_with(session_key, auth.conn_auth_transcript(conn.nonce, node_id, session))
         if not hmac.compare_digest(want, mac):
             raise self.refuse("connection auth", f"{node_id[:8]} from {conn.peer}: wrong session MAC")
         conn.bind(node_id)

@@ -34,6 +34,7 @@ from typing import Any
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
+from p2pd.protocol.auth import heartbeat_mac
 from tracker.registry import NAT_UNKNOWN
 from tracker.resp import Redis, RedisError, RedisUnavailable
 from tracker.store import STORE_COUNTERS, Heartbeat, Registration
@@ -378,18 +379,18 @@ class RedisStore:
         known = await self._run("heartbeat", *args)
         return [bool(k) for k in known]
 
-    async def session_keys(self, nodes: list[tuple[str, int]]) -> list[bytes | None]:
-        """The session key of each (node id, session) registered now (one round trip); None if unknown."""
+    async def session_keys(self, nodes: list[tuple[str, int]]) -> list[Any]:
+        """The session MAC (`auth.heartbeat_mac`) of each (node id, session) registered now (one round trip)."""
         if not nodes:
             return []
         rows = await self._cmds([["HMGET", self.prefix + "n:" + nid, "s", "sk"] for nid, _ in nodes])
-        out: list[bytes | None] = []
+        out: list[Any] = []
         for (_, session), (s, sk) in zip(nodes, rows, strict=True):
-            key: bytes | None = None
+            key: Any = None
             if s is not None and sk is not None and int(s) == session:
                 hexkey, _, for_session = _s(sk).partition(" ")
                 if for_session == str(session):
-                    key = bytes.fromhex(hexkey)
+                    key = heartbeat_mac(bytes.fromhex(hexkey))
             out.append(key)
         return out
 

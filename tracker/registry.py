@@ -32,6 +32,7 @@ from typing import Any
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
+from p2pd.protocol.auth import heartbeat_mac
 from tracker.validate import NatInfo, TrackerError
 
 ZONE_LABEL = "zone"
@@ -86,7 +87,7 @@ class Node:
         self.nat_type: str | None = None  # None: not reported (a node older than NAT detection)
         self.mapped: tuple[str, int] | None = None  # public address the node's NAT maps its port to
         self.key: bytes | None = None  # Ed25519 public key (a secured cluster; None: --insecure)
-        self.skey: bytes | None = None  # session key agreed at registration: MACs of its UDP heartbeats
+        self.skey: Any = None  # auth.heartbeat_mac of the session key agreed at registration (None: not secured)
         self.seq = 0  # highest authenticated heartbeat sequence number of this session (replays are older)
 
     def set_nat(self, nat: NatInfo | None) -> None:
@@ -265,7 +266,7 @@ class Registry:
         if node is None:
             node = Node(node_id, host, port, labels, version, now, session)
             node.set_nat(nat)
-            node.key, node.skey = key, session_key
+            node.key, node.skey = key, heartbeat_mac(session_key) if session_key is not None else None
             self.nodes[node_id] = node
             return node
         old_holdings = node.holdings
@@ -275,7 +276,8 @@ class Registry:
         node.zone = labels.get(ZONE_LABEL, "")
         node.session = session
         node.set_nat(nat)
-        node.key, node.skey, node.seq = key, session_key, 0
+        node.key, node.seq = key, 0
+        node.skey = heartbeat_mac(session_key) if session_key is not None else None
         node.last_seen = now
         self.nodes.move_to_end(node_id)
         if old_holdings and node.holdings is None:

@@ -336,7 +336,7 @@ class TrackerServer:
                 ok_meta.append((addr, seq))
                 continue
             last = seqs.get(b.node_id)
-            if not hmac.compare_digest(auth.heartbeat_tag(key, body), tag):
+            if not hmac.compare_digest(auth.mac_with(key, body), tag):
                 self._refuse_udp(b.node_id, addr, "bad MAC")
                 continue
             if last is not None and last[0] == b.session and seq <= last[1]:
@@ -437,7 +437,6 @@ class TrackerServer:
         heartbeat = reg.heartbeat
         get_node = reg.nodes.get
         move_to_end = reg.nodes.move_to_end
-        blake2s = hashlib.blake2s
         compare = hmac.compare_digest
         tag_size = auth.HEARTBEAT_TAG_SIZE
         now = store.clock()
@@ -470,13 +469,15 @@ class TrackerServer:
             if node is None or node.session != req.session or node.skey is None:
                 reg.counters.unknown_heartbeats += 1
                 reply = b"\x95\x01" + encode_int(req.seq) + unknown_tail
-            elif not compare(blake2s(body, key=node.skey, digest_size=tag_size).digest(), data[-tag_size:]):
-                self._refuse_udp(req.node_id, addr, "bad MAC")
-                continue
-            elif req.seq <= node.seq:
-                self._refuse_udp(req.node_id, addr, "replayed sequence number")
-                continue
             else:
+                mac = node.skey.copy()  # the key schedule is done once per session (auth.heartbeat_mac)
+                mac.update(body)
+                if not compare(mac.digest(), data[-tag_size:]):
+                    self._refuse_udp(req.node_id, addr, "bad MAC")
+                    continue
+                if req.seq <= node.seq:
+                    self._refuse_udp(req.node_id, addr, "replayed sequence number")
+                    continue
                 node.seq = req.seq
                 if holdings is None:
                     node.last_seen = now

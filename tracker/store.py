@@ -62,7 +62,7 @@ class Store(Protocol):
         key: bytes | None = None,
         session_key: bytes | None = None,
     ) -> Registration: ...
-    async def session_keys(self, nodes: list[tuple[str, int]]) -> list[bytes | None]: ...
+    async def session_keys(self, nodes: list[tuple[str, int]]) -> list[Any]: ...
     async def signed_tag(self, name: str) -> bytes | None: ...
     async def set_signed_tag(self, name: str, blob: bytes) -> None: ...
     async def heartbeat_many(self, beats: list[Heartbeat]) -> list[bool]: ...
@@ -122,10 +122,10 @@ class MemoryStore:
         )
         return Registration(self.reg.interval, node.session)
 
-    async def session_keys(self, nodes: list[tuple[str, int]]) -> list[bytes | None]:
-        """The session key of each (node id, session) registered now; None where unknown or stale."""
+    async def session_keys(self, nodes: list[tuple[str, int]]) -> list[Any]:
+        """The session MAC (`auth.heartbeat_mac`) of each (node id, session) registered now; None if unknown."""
         get = self.reg.nodes.get
-        out: list[bytes | None] = []
+        out: list[Any] = []
         for nid, session in nodes:
             n = get(nid)
             out.append(n.skey if n is not None and n.session == session else None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -179,13 +180,26 @@ def heartbeat_tag(key: bytes, body: bytes) -> bytes:
     return hashlib.blake2s(body, key=key, digest_size=HEARTBEAT_TAG_SIZE).digest()
 
 
+def heartbeat_mac(key: bytes) -> Any:
+    """`heartbeat_tag` with the key schedule done once: `mac_with(prepared, body)` copies it per message,
+    which halves the tracker's cost per heartbeat (the copy skips keyword parsing and key setup)."""
+    return hashlib.blake2s(key=key, digest_size=HEARTBEAT_TAG_SIZE)
+
+
+def mac_with(prepared: Any, data: bytes) -> bytes:
+    h = prepared.copy()
+    h.update(data)
+    return h.digest()  # type: ignore[no-any-return]
+
+
 def conn_auth_transcript(nonce: bytes, node_id: str, session: int) -> bytes:
     """What a registered node MACs (session key) to bind a new tracker connection to its session."""
     return _enc.encode(["p2pd connection v1", nonce, node_id, session])
 
 
 def session_mac(key: bytes, transcript: bytes) -> bytes:
-    return hmac.digest(key, transcript, "sha256")[:HEARTBEAT_TAG_SIZE]
+    """A MAC under the session key of something other than a heartbeat (a transcript never decodes as one)."""
+    return heartbeat_tag(key, transcript)
 
 
 # ---- publishing ----------------------------------------------------------------------------------
