@@ -43,6 +43,7 @@ from p2pd.errors import ErrorCode
 from p2pd.protocol import auth
 from p2pd.protocol.heartbeat import UDP_VERSION, UDP_VERSION_AUTH, UdpReply, UdpRequest, seal
 from p2pd.rpc import RpcClient, RpcError, open_client
+from p2pd.trio_util import collapse_single
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +178,13 @@ class TrackerClient:
             with trio.fail_after(timeout):
                 stream = await trio.open_tcp_stream(*addr)
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with open_client(stream) as client:
-                if self.secured:
-                    with trio.fail_after(timeout):
-                        await self._prove(client)
-                task_status.started((client, scope))
-                await trio.sleep_forever()
+            with collapse_single():  # a refused proof reads as its RpcError, not as the client's nursery group
+                async with open_client(stream) as client:
+                    if self.secured:
+                        with trio.fail_after(timeout):
+                            await self._prove(client)
+                    task_status.started((client, scope))
+                    await trio.sleep_forever()
 
     async def _prove(self, client: RpcClient) -> None:
         """Take this new connection's challenge and bind it to our session (if the tracker still knows it)."""

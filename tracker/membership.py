@@ -95,7 +95,11 @@ class Membership:
     def check_register(self, conn: ConnState, p: dict[str, Any], node_id: str, host: str, port: int) -> Proof:
         """Verify a registration's proofs; raises UNAUTHORIZED (logged) when one fails."""
         if conn.nonce is None:
-            raise unauthorized("register without a challenge: call `challenge` on this connection first")
+            raise self.refuse(
+                "registration",
+                f"{node_id[:8]} from {conn.peer}: no proof of membership: this tracker runs a secured cluster, "
+                "give the node its join secret (docs/security.md)",
+            )
         key, eph, sig, member = (p.get(k) for k in ("key", "eph", "proof", "member"))
         if not all(isinstance(v, bytes) for v in (key, eph, sig, member)):
             raise self.refuse(
