@@ -135,9 +135,21 @@ def run(
         help="cap on the cache: a SIZE (500GiB) or a share of the disk (80%); least recently used artifacts "
         "that are not pinned or in use are evicted to make room (default: no cap)",
     ),
+    join_secret_file: Path = typer.Option(
+        None,
+        "--join-secret-file",
+        help="the cluster's join secret (or $P2PD_JOIN_SECRET_FILE / $P2PD_JOIN_SECRET); see docs/security.md",
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="join an open cluster without a join secret (a lab only: docs/security.md)"
+    ),
+    trust_publisher: list[str] = typer.Option(
+        [], "--trust-publisher", help="node id whose env artifacts this node unpacks (repeatable; default: tracker's)"
+    ),
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon
+    from p2pd.identity import NO_SECRET_HINT, read_join_secret
 
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
@@ -157,6 +169,14 @@ def run(
         metrics_hp = _hostport_option("--metrics-listen", metrics_listen)
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
+    try:
+        secret = read_join_secret(join_secret_file)
+    except P2pdError as e:
+        fail(e.message, e.code)
+    if secret is None and not insecure:
+        fail(NO_SECRET_HINT, ErrorCode.BAD_REQUEST)
+    if secret is not None and insecure:
+        fail("--insecure and a join secret were both given: pick one", ErrorCode.BAD_REQUEST)
     data = (data_dir or default_data_dir()).expanduser().resolve()
     try:
         data.mkdir(parents=True, exist_ok=True)
@@ -169,6 +189,9 @@ def run(
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
     cfg = DaemonConfig(
+        join_secret=secret,
+        insecure=insecure,
+        trusted_publishers=tuple(trust_publisher),
         trackers=trackers,
         listen=listen_hp,
         data_dir=data,
@@ -576,6 +599,8 @@ def _auto_throttle_options(on_off: str, capacity: str | None, reserve: str, ifac
         reserve_fraction=fraction,
         reserve_rate=rate,
     )
+
+
 def _hostport_option(option: str, text: str | None) -> tuple[str, int] | None:
     """HOST:PORT of an optional listen option, None when not given; the error names the option."""
     if not text:

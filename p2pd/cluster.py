@@ -48,6 +48,7 @@ from typing import Any
 
 import trio
 
+from p2pd.identity import JOIN_SECRET_ENV, JOIN_SECRET_FILE_ENV, write_join_secret
 from p2pd.paths import SOCKET_NAME
 from p2pd.rpc import RpcError, call_blocking, connect_unix, free_port
 
@@ -272,7 +273,11 @@ class LocalCluster:
 
     `work`: where data dirs and logs go (created if missing, never removed: the caller owns it);
     None makes a temp dir that `close()` removes unless `keep`. `env`: extra environment for every
-    child. Use it as a context manager (sync `with`, also inside trio code)."""
+    child. Use it as a context manager (sync `with`, also inside trio code).
+
+    The cluster is secured like a real one (docs/security.md): a new join secret in WORK/join-secret
+    (mode 0600) reaches the tracker and every node through $P2PD_JOIN_SECRET_FILE, unless `env`
+    names a secret of its own; `secure=False` runs everything with `--insecure` instead."""
 
     def __init__(
         self,
@@ -281,12 +286,24 @@ class LocalCluster:
         env: Mapping[str, str] | None = None,
         die_with_parent: bool = True,
         keep: bool = False,
+        secure: bool = True,
     ) -> None:
         self._owns_work = work is None
         self.work = Path(tempfile.mkdtemp(prefix="p2pd-cluster-")) if work is None else work
         self.work.mkdir(parents=True, exist_ok=True)
         self.keep = keep
         self.env = child_env(env)
+        self.secure = secure
+        self.join_secret_file: Path | None = None
+        if not secure:
+            for var in (JOIN_SECRET_ENV, JOIN_SECRET_FILE_ENV):
+                self.env.pop(var, None)
+        elif not (env and (env.get(JOIN_SECRET_ENV) or env.get(JOIN_SECRET_FILE_ENV))):
+            self.join_secret_file = self.work / "join-secret"
+            self.join_secret_file.unlink(missing_ok=True)
+            write_join_secret(self.join_secret_file)
+            self.env.pop(JOIN_SECRET_ENV, None)
+            self.env[JOIN_SECRET_FILE_ENV] = str(self.join_secret_file)
         setpriv = shutil.which("setpriv") if die_with_parent else None
         self._prefix: list[str] = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
         self.processes: list[Process] = []
@@ -338,6 +355,8 @@ class LocalCluster:
             argv += ["--interval", f"{interval:g}"]
         if store is not None:
             argv += ["--store", store]
+        if not self.secure:
+            argv.append("--insecure")
         return self.spawn([*argv, *extra], name), ready
 
     def start_tracker(
@@ -442,6 +461,8 @@ class LocalCluster:
         d.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
         argv = [*P2PD_CLI, "run", "--tracker", tracker, "--listen", f"{HOST}:{port}", "--data-dir", str(d), *extra]
+        if not self.secure:
+            argv.append("--insecure")
         node = Node(name, d, port, argv, self.spawn(argv, name))
         self.nodes[name] = node
         return node

@@ -140,3 +140,8 @@ class DaemonConfig:
     cache_max: int | None = None
     cache_low: float = 0.9
     metrics_listen: tuple[str, int] | None = None  # Prometheus /metrics over HTTP (off unless given: no open port)
+    # Trust (docs/security.md): the cluster's join secret (bytes, from a file or the environment, never argv);
+    # None is allowed only with `insecure`: an open cluster, chosen explicitly, never the default
+    join_secret: bytes | None = field(default=None, repr=False)
+    insecure: bool = False
+    trusted_publishers: tuple[str, ...] = ()  # node ids whose env artifacts this node unpacks; () = the tracker's list

@@ -6,11 +6,21 @@ arrive at the daemon's listener and are handshaken here too, then handed to the 
 `TcpConnector` dials directly; `p2pd.traversal` adds a punched TCP connection and a relay, and races
 them (`RacingConnector`) behind the same interface, so the swarm does not change. Whoever obtained a
 connection closes it (`aclose`), once, when done with it.
+
+The handshake is mutually authenticated (protocol 2, docs/interfaces.md "Handshake"): each side
+sends HANDSHAKE (its id, its public key, a fresh nonce), then AUTH (its signature over both ids and
+nonces and the artifact, and in a secured cluster the join secret's MAC over the same bytes). A node
+id is the hash of its key (`p2pd.protocol.auth.node_id_of`), so a connection that completes is with
+the holder of that id's key: nobody can take another node's place (issue #14 row 2), and without the
+join secret nobody outside the cluster gets a piece (row 10). The acceptor sends its HANDSHAKE and
+AUTH together, so a dialler still has its answer after one round trip.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,12 +29,13 @@ from typing import Protocol
 import trio
 
 from p2pd.errors import CloseReason
+from p2pd.protocol import auth, wire
 from p2pd.protocol import manifest as mf
-from p2pd.protocol import wire
 from p2pd.protocol.session import PeerClosed
 from p2pd.stream_io import StreamIO
 
 NODE_ID_LENGTH = 32
+log = logging.getLogger(__name__)
 
 
 class ConnectionPath(enum.StrEnum):
@@ -62,30 +73,57 @@ class Connector(Protocol):
     async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection: ...
 
 
-def _handshake(node_id: str, artifact_id: str) -> bytes:
-    return wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, node_id, artifact_id))
+def _handshake(me: auth.Identity, artifact_id: str, nonce: bytes) -> bytes:
+    return wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, me.node_id, artifact_id, me.key.public, nonce))
+
+
+def _auth(me: auth.Identity, artifact_id: str, nonce: bytes, hs: wire.Handshake) -> bytes:
+    signature, member = auth.handshake_proof(me, artifact_id, nonce, hs.node_id, hs.nonce)
+    return wire.encode(wire.Auth(signature, member))
+
+
+async def _read_frame(io: StreamIO, want: wire.MsgType) -> wire.Message:
+    t, n = wire.parse_header(await io.read_exactly(wire.HEADER_SIZE), 0)
+    if t is not want:
+        raise wire.ProtocolError(f"expected {want.name}, got {t.name}")
+    if n > wire.MAX_HANDSHAKE_FRAME:  # refused before buffering it (issue #14 row 4)
+        raise wire.ProtocolError(f"{t.name} of {n} bytes exceeds limit {wire.MAX_HANDSHAKE_FRAME}")
+    return wire.decode_body(t, await io.read_exactly(n))
 
 
 async def read_handshake(io: StreamIO, timeout: float) -> wire.Handshake:
+    """The peer's HANDSHAKE: our protocol, well-formed ids, and a key that is its id's."""
     with trio.fail_after(timeout):
-        t, n = wire.parse_header(await io.read_exactly(wire.HEADER_SIZE), 0)
-        if t is not wire.MsgType.HANDSHAKE:
-            raise wire.ProtocolError(f"expected HANDSHAKE, got {t.name}")
-        if n > wire.MAX_HANDSHAKE_FRAME:  # refused before buffering it (issue #14 row 4)
-            raise wire.ProtocolError(f"HANDSHAKE of {n} bytes exceeds limit {wire.MAX_HANDSHAKE_FRAME}")
-        hs = wire.decode_body(t, await io.read_exactly(n))
+        hs = await _read_frame(io, wire.MsgType.HANDSHAKE)
     assert isinstance(hs, wire.Handshake)
     if hs.version != wire.PROTOCOL_VERSION:
         raise wire.ProtocolError(f"peer speaks protocol {hs.version}, we speak {wire.PROTOCOL_VERSION}")
     if len(hs.node_id) != NODE_ID_LENGTH or not mf.ID_RE.match(hs.artifact_id):
         raise wire.ProtocolError("malformed ids in handshake")
+    try:
+        auth.check_hello(hs.node_id, hs.key, hs.nonce)
+    except auth.AuthError as e:
+        raise wire.ProtocolError(str(e)) from None
     return hs
+
+
+async def check_peer_auth(
+    io: StreamIO, me: auth.Identity, artifact_id: str, nonce: bytes, hs: wire.Handshake, timeout: float
+) -> None:
+    """Read the peer's AUTH and check it: it holds its key and (secured cluster) the join secret."""
+    with trio.fail_after(timeout):
+        proof = await _read_frame(io, wire.MsgType.AUTH)
+    assert isinstance(proof, wire.Auth)
+    try:
+        auth.check_handshake_proof(me, artifact_id, nonce, hs.node_id, hs.key, hs.nonce, proof.signature, proof.member)
+    except auth.AuthError as e:
+        raise wire.ProtocolError(str(e)) from None
 
 
 async def open_outgoing(
     stream: trio.abc.Stream,
     *,
-    node_id: str,
+    identity: auth.Identity,
     remote_id: str,
     artifact_id: str,
     addr: str,
@@ -93,24 +131,29 @@ async def open_outgoing(
     handshake_timeout: float,
     initiator: str | None = None,
 ) -> Connection:
-    """Handshake a stream we opened (by any path) to `remote_id`; ProtocolError if someone else answered.
+    """Handshake a stream we opened (by any path) to `remote_id`; ProtocolError if someone else answered
+    or the answer does not prove the key of `remote_id` (and, in a secured cluster, membership).
 
     `initiator` (default: us) is who both ends record as the dialler; a punched connection, opened
     by both sides at once, names the same node on both ends.
     """
     io = StreamIO(stream)
-    await io.send_all(_handshake(node_id, artifact_id))
+    nonce = secrets.token_bytes(auth.NONCE_SIZE)
+    await io.send_all(_handshake(identity, artifact_id, nonce))
     hs = await read_handshake(io, handshake_timeout)
     if hs.artifact_id != artifact_id or hs.node_id != remote_id:
         raise wire.ProtocolError(f"answered as {hs.node_id[:8]} for {hs.artifact_id[:12]}")
-    return Connection(stream, io, remote_id, artifact_id, addr, path, initiator or node_id)
+    await io.send_all(_auth(identity, artifact_id, nonce, hs))
+    await check_peer_auth(io, identity, artifact_id, nonce, hs, handshake_timeout)
+    return Connection(stream, io, remote_id, artifact_id, addr, path, initiator or identity.node_id)
 
 
 class TcpConnector:
     """Direct TCP to the address the tracker lists for a node."""
 
-    def __init__(self, node_id: str, *, connect_timeout: float, handshake_timeout: float) -> None:
-        self.node_id = node_id
+    def __init__(self, identity: auth.Identity, *, connect_timeout: float, handshake_timeout: float) -> None:
+        self.identity = identity
+        self.node_id = identity.node_id
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
 
@@ -128,7 +171,7 @@ class TcpConnector:
                 reached()
             return await open_outgoing(
                 trio.SocketStream(sock),
-                node_id=self.node_id,
+                identity=self.identity,
                 remote_id=remote_id,
                 artifact_id=artifact_id,
                 addr=where,
@@ -146,7 +189,7 @@ class TcpConnector:
 async def accept(
     stream: trio.abc.Stream,
     addr: str,
-    node_id: str,
+    identity: auth.Identity,
     *,
     handshake_timeout: float,
     serves: Callable[[str], bool],
@@ -155,12 +198,15 @@ async def accept(
     """Handshake an incoming connection; `serves(artifact_id)`: do we have a swarm for it?
 
     Raises PeerClosed (the caller closes the stream) when the peer named an artifact we do not
-    serve: it was told so with GOODBYE first.
+    serve: it was told so with GOODBYE first; ProtocolError when it does not prove its key or (in a
+    secured cluster) membership: nothing of ours was sent but our own HANDSHAKE and AUTH.
     """
     io = StreamIO(stream)
     hs = await read_handshake(io, handshake_timeout)
     if not serves(hs.artifact_id):
         await io.send_all(wire.encode(wire.Goodbye("unknown artifact")))
         raise PeerClosed(CloseReason.WE_LEFT, f"unknown artifact {hs.artifact_id[:12]}")
-    await io.send_all(_handshake(node_id, hs.artifact_id))
+    nonce = secrets.token_bytes(auth.NONCE_SIZE)
+    await io.send_all(_handshake(identity, hs.artifact_id, nonce) + _auth(identity, hs.artifact_id, nonce, hs))
+    await check_peer_auth(io, identity, hs.artifact_id, nonce, hs, handshake_timeout)
     return Connection(stream, io, hs.node_id, hs.artifact_id, addr, path, hs.node_id)

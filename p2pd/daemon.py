@@ -22,18 +22,20 @@ from typing import Any
 
 import trio
 
-from p2pd import __version__, connections, paths
+from p2pd import __version__, connections, paths, provenance
 from p2pd.admission import Admission, incoming_cap, raise_fd_limit
 from p2pd.auto_throttle import AutoThrottler, check_interface
 from p2pd.cache import MAX_LEASE_TTL, Cache, Item, remove_files, stored_in
 from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
+from p2pd.identity import NO_SECRET_HINT, node_identity
 from p2pd.metrics import DaemonMetrics, serve_metrics
 from p2pd.nat_detect import NatMonitor, NatStatus
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import wire
+from p2pd.protocol.auth import ClusterSecret
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, unlimited
 from p2pd.protocol.session import PeerClosed
 from p2pd.rpc import Emit, RpcError, serve_listeners
@@ -60,7 +62,11 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.catalog = Catalog(config.data_dir)
-        self.node_id = self.catalog.node_id()
+        if config.join_secret is None and not config.insecure:
+            raise P2pdError(ErrorCode.BAD_REQUEST, NO_SECRET_HINT)
+        cluster = ClusterSecret(config.join_secret) if config.join_secret is not None else None
+        self.identity = node_identity(config.data_dir, cluster)  # the node id is its key's (docs/security.md)
+        self.node_id = self.identity.node_id
         self.socket_path = paths.socket_path(config.socket_path, config.data_dir)
         self.swarms: dict[str, Swarm] = {}
         self._starting: dict[str, trio.Event] = {}
@@ -82,7 +88,7 @@ class Daemon:
         self.metrics_port = 0
         # direct TCP, raced with a punched TCP connection and a relay for peers behind NATs
         self.traversal = Traversal(
-            self.node_id,
+            self.identity,
             config.traversal,
             config.swarm,
             serves=self.swarms.__contains__,
@@ -145,7 +151,12 @@ class Daemon:
         if host in ("", "0.0.0.0", "::"):
             host = "0.0.0.0"  # the tracker fills in the address it sees us at
         async with TrackerClient(
-            self.config.trackers, self.node_id, (host, self.listen_port), self.config.labels, __version__
+            self.config.trackers,
+            self.node_id,
+            (host, self.listen_port),
+            self.config.labels,
+            __version__,
+            identity=self.identity,
         ) as tc:
             self.tracker = tc
             async with trio.open_nursery() as nursery:
@@ -305,8 +316,15 @@ class Daemon:
                 except RpcError as e:
                     if e.code != ErrorCode.NOT_FOUND:
                         break  # tracker unreachable again: retry at the next registration
+                    signed = provenance.load(self.config.data_dir, rec.name)
+                    if signed is not None and signed.artifact_id != rec.artifact_id:
+                        signed = None
+                    if signed is None and self.identity.cluster is not None:
+                        continue  # a secured tracker takes a name back only with its publisher's signature
                     try:
-                        await self.tracker.publish(rec.name, mf.encode(rec.manifest))
+                        await self.tracker.publish(
+                            rec.name, mf.encode(rec.manifest), signed.params() if signed is not None else None
+                        )
                         log.info("tracker had forgotten %s: published it again", rec.name)
                     except RpcError as e2:
                         log.warning("could not publish %s again: %s", rec.name, e2)
@@ -481,6 +499,7 @@ class Daemon:
                 log.error("%s: repair download could not start: %s", sw.name, e)
         finally:
             self._repairing.discard(aid)
+
     # -- cache (p2pd/cache.py decides; here it is done) ---------------------------------------------------
     def cache_items(self) -> list[Item]:
         starting = [
@@ -749,7 +768,7 @@ class Daemon:
                 conn = await connections.accept(
                     stream,
                     addr,
-                    self.node_id,
+                    self.identity,
                     handshake_timeout=self.config.swarm.handshake_timeout,
                     serves=self.swarms.__contains__,
                 )
@@ -844,6 +863,7 @@ class Daemon:
         except PermissionError as e:
             raise RpcError(ErrorCode.BAD_REQUEST, f"cannot read {e.filename}: permission denied") from None
         aid = mf.artifact_id(m)
+        signed = provenance.sign(self.identity.key, name, aid, int(time.time()))
         self.catalog.save_manifest(aid, m)
         if aid not in self.swarms:
             self.catalog.mark_complete(aid, name, root, published=True)
@@ -852,9 +872,10 @@ class Daemon:
             self.swarms[aid] = sw
             await self._nursery.start(sw.run)
         try:
-            await self.tracker.publish(name, mf.encode(m))
+            await self.tracker.publish(name, mf.encode(m), signed.params())
         except RpcError as e:
             raise RpcError(e.code, f"hashed {path} but the tracker refused to publish it: {e.message}") from None
+        provenance.save(self.config.data_dir, signed)
         await self._announce()
         return {"artifact_id": aid, "name": name, "size": m.total_size, "pieces": m.num_pieces}
 
@@ -981,7 +1002,7 @@ class Daemon:
         except mf.ManifestError as e:
             raise RpcError(ErrorCode.BAD_REQUEST, str(e)) from None
         try:
-            aid, data = await self.tracker.resolve(name)
+            aid, data, reply = await self.tracker.resolve_signed(name)
         except RpcError as e:
             if e.code in (ErrorCode.UNREACHABLE, ErrorCode.TIMEOUT):
                 for rec in self.catalog.complete_records():
@@ -990,15 +1011,23 @@ class Daemon:
                         return rec.artifact_id, rec.manifest
             raise _explain(e, name) from None
         try:
-            return aid, mf.decode_checked(data, aid)
+            m = mf.decode_checked(data, aid)
         except mf.ManifestError as e:
             raise RpcError(ErrorCode.INTEGRITY, f"the tracker's manifest for {name} is invalid: {e}") from None
+        signed = provenance.from_reply(name, aid, reply)
+        trusted = self.config.trusted_publishers or tuple(self.tracker.publishers)
+        provenance.check(signed, name, aid, m.kind, provenance.Trust(self.identity.cluster is not None, trusted))
+        if signed is not None:
+            provenance.save(self.config.data_dir, signed)
+        return aid, m
 
 
 def _hungry(rate: float, waited: float, dt: float, limit: float) -> bool:
     """Held back: it waited on its limits AND sent close to the limit in force. Waiting alone is no
     evidence (a few bursts wait too): a node that leaves much of its share unused gives it back."""
     return waited > HUNGRY_WAIT * dt and rate >= HUNGRY_USE * limit
+
+
 def _lease_param(value: Any) -> tuple[str, float] | None:
     """A fetch's optional {"holder": str, "ttl": seconds}, checked (see `api_lease`)."""
     if value is None:

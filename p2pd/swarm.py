@@ -22,7 +22,7 @@ import trio
 import zstandard
 
 from p2pd.config import SwarmConfig
-from p2pd.connections import ConnectError, Connection, Connector, TcpConnector
+from p2pd.connections import ConnectError, Connection, Connector
 from p2pd.errors import CloseReason, ErrorCode
 from p2pd.peer import PeerConn
 from p2pd.protocol import bitfield as bits
@@ -54,6 +54,13 @@ def path_rank(path: object) -> int:
 def voluntary_switches() -> int:
     """Times this thread has blocked in the kernel (slept on I/O or a lock), not counting preemption."""
     return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
+class _NoDialling:
+    """The connector of a swarm given none: it serves the peers that come to it and dials no one."""
+
+    async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
+        raise ConnectError("this swarm was given no connector: it only serves")
 
 
 class RateMeter:
@@ -114,9 +121,7 @@ class Swarm:
         # the last level of each is the cross-zone share: infinite while no such budget is set)
         self.zone = zone
         self.cross_limits = cross_limits
-        self.connector: Connector = connector or TcpConnector(
-            node_id, connect_timeout=config.connect_timeout, handshake_timeout=config.handshake_timeout
-        )
+        self.connector: Connector = connector or _NoDialling()  # a swarm that only serves (tests' seeds)
         self.journal = journal
         self.find_peers = find_peers
         self.on_complete = on_complete

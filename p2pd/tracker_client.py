@@ -17,6 +17,11 @@ must keep heartbeating through a replica's death or a tracker restart without th
   (bounded by the interval, so a hung replica is abandoned within about one interval).
 - While heartbeats go over UDP, the TCP connection is closed after `idle_close` seconds without a
   call, so a tracker with 100,000 nodes does not hold 100,000 idle sockets.
+- In a secured cluster (an `identity` with a join secret, docs/security.md) every new connection
+  starts with `challenge` (a nonce of the tracker's); `register` proves the node key and the join
+  secret over it and agrees a session key (X25519), checking that the tracker holds the secret too;
+  a later connection is bound to the session with `auth`. UDP heartbeats carry a MAC under the
+  session key (`p2pd.protocol.heartbeat.seal`).
 - NAT detection (`p2pd/nat_detect.py`) reads the tracker's STUN address from here (`stun_server`, from
   the `register`/`heartbeat` replies) and reports its verdict with `update_nat`, which registers again
   carrying `nat` so the tracker (and every peer list) shows the node's NAT type and mapped address.
@@ -24,17 +29,21 @@ must keep heartbeating through a replica's death or a tracker restart without th
 
 from __future__ import annotations
 
+import hmac
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
 import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from p2pd.errors import ErrorCode
-from p2pd.protocol.heartbeat import UDP_VERSION, UdpReply, UdpRequest
+from p2pd.protocol import auth
+from p2pd.protocol.heartbeat import UDP_VERSION, UDP_VERSION_AUTH, UdpReply, UdpRequest, seal
 from p2pd.rpc import RpcClient, RpcError, open_client
+from p2pd.trio_util import collapse_single
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +94,7 @@ class TrackerClient:
         connect_timeout: float = 2.0,
         udp: bool = True,
         idle_close: float = 30.0,
+        identity: auth.Identity | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("TrackerClient needs at least one tracker address")
@@ -123,6 +133,13 @@ class TrackerClient:
         self._seq = 0
         self.nat: dict[str, Any] | None = None  # {"type", "mapped"} sent with every registration once known
         self._stun: dict[tuple[str, int], Any] = {}  # tracker address -> its STUN advert [host, port] | None
+        # trust: with a join secret every connection is challenged, and registration agrees a session key
+        self.identity = identity
+        self.secured = identity is not None and identity.cluster is not None
+        self._nonce: tuple[RpcClient, bytes] | None = None  # the current connection's challenge
+        self._session_key: bytes | None = None
+        self._must_register = False  # the current connection could not be bound to our session
+        self.publishers: list[str] = []  # node ids the tracker's publishers file lists (secured)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -180,9 +197,32 @@ class TrackerClient:
             with trio.fail_after(timeout):
                 stream = await trio.open_tcp_stream(*addr)
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with open_client(stream) as client:
-                task_status.started((client, scope))
-                await trio.sleep_forever()
+            with collapse_single():  # a refused proof reads as its RpcError, not as the client's nursery group
+                async with open_client(stream) as client:
+                    if self.secured:
+                        with trio.fail_after(timeout):
+                            await self._prove(client)
+                    task_status.started((client, scope))
+                    await trio.sleep_forever()
+
+    async def _prove(self, client: RpcClient) -> None:
+        """Take this new connection's challenge and bind it to our session (if the tracker still knows it)."""
+        r = await client.call("challenge", {}, timeout=self.call_timeout)
+        nonce = r.get("nonce") if isinstance(r, Mapping) else None
+        if not isinstance(nonce, bytes) or len(nonce) != auth.NONCE_SIZE:
+            raise RpcError(
+                ErrorCode.UNAUTHORIZED,
+                f"the tracker at {_fmt(self.current)} runs without a join secret (--insecure) "
+                "but this node has one: it is not this cluster's tracker",
+            )
+        self._nonce = (client, nonce)
+        self._must_register = True
+        if self.session is not None and self._session_key is not None:
+            mac = auth.session_mac(self._session_key, auth.conn_auth_transcript(nonce, self.node_id, self.session))
+            a = await client.call(
+                "auth", {"node_id": self.node_id, "session": self.session, "mac": mac}, timeout=self.call_timeout
+            )
+            self._must_register = not (isinstance(a, Mapping) and a.get("ok") is True)
 
     async def _connection(self, timeout: float) -> tuple[RpcClient, bool]:
         """The current connection, opened if needed; the bool says whether it is new."""
@@ -208,8 +248,15 @@ class TrackerClient:
             self._idx = (failed_idx + 1) % len(self.addresses)
             self._close_udp()
 
-    async def _call(self, method: str, params: dict[str, Any], timeout: float | None = None) -> Any:
-        """Call on the current tracker; on a transport failure reconnect once, then fail over."""
+    async def _call(
+        self,
+        method: str,
+        params: dict[str, Any] | Callable[[bytes | None], dict[str, Any]],
+        timeout: float | None = None,
+    ) -> Any:
+        """Call on the current tracker; on a transport failure reconnect once, then fail over.
+
+        `params` may be a function of the connection's challenge (a registration signs it)."""
         t = timeout if timeout is not None else self.call_timeout
         errors: list[str] = []
         for _ in range(len(self.addresses)):
@@ -220,6 +267,11 @@ class TrackerClient:
                 try:
                     client, fresh = await self._connection(min(t, self.connect_timeout))
                     self._last_tcp = trio.current_time()
+                    if callable(params):
+                        nonce = self._nonce[1] if self._nonce is not None and self._nonce[0] is client else None
+                        return await client.call(method, params(nonce), timeout=t)
+                    if self.secured and self._must_register and method != "register":
+                        await self.register()  # this connection speaks for no node yet (the tracker forgot us)
                     return await client.call(method, params, timeout=t)
                 except (OSError, trio.TooSlowError) as e:
                     errors.append(f"{_fmt(addr)}: {'connect timed out' if isinstance(e, trio.TooSlowError) else e}")
@@ -241,15 +293,40 @@ class TrackerClient:
 
     async def register(self) -> dict[str, Any]:
         """Announce this node; returns the tracker's reply ({"interval", "session", "udp_port", ...})."""
-        params: dict[str, Any] = {
+        base: dict[str, Any] = {
             "node_id": self.node_id,
             "addr": list(self.addr),
             "labels": self.labels,
             "version": self.version,
         }
         if self.nat is not None:
-            params["nat"] = self.nat
+            base["nat"] = self.nat
+        proof: list[tuple[X25519PrivateKey, bytes, bytes]] = []  # (ephemeral key, transcript, nonce) sent
+
+        def params(nonce: bytes | None) -> dict[str, Any]:
+            if not self.secured:
+                return base
+            assert self.identity is not None and self.identity.cluster is not None
+            if nonce is None:
+                raise RpcError(ErrorCode.UNAUTHORIZED, "no challenge from the tracker on this connection")
+            eph = X25519PrivateKey.generate()
+            eph_pub = auth.x25519_public(eph)
+            key = self.identity.key
+            t = auth.register_transcript(nonce, self.node_id, key.public, eph_pub, self.addr[0], self.addr[1])
+            proof.append((eph, t, nonce))
+            return {
+                **base,
+                "key": key.public,
+                "eph": eph_pub,
+                "proof": key.sign(t),
+                "member": self.identity.cluster.mac(t),
+            }
+
         r = await self._call("register", params)
+        if self.secured:
+            self._session_key = self._check_registration(r, *proof[-1])
+            self._must_register = False
+            self.publishers = [str(x) for x in r.get("publishers") or []]
         self.interval = float(r["interval"])
         self.session = r.get("session")
         self._udp_ports[self.current] = r.get("udp_port")
@@ -259,6 +336,25 @@ class TrackerClient:
         self._acked = None
         log.info("registered with tracker %s (interval %gs)", _fmt(self.current), self.interval)
         return dict(r)
+
+    def _check_registration(self, r: Any, eph: X25519PrivateKey, transcript: bytes, nonce: bytes) -> bytes:
+        """The tracker proved it holds the join secret; returns the session key both ends derive."""
+        assert self.identity is not None and self.identity.cluster is not None
+        tracker_eph, member, session = r.get("eph"), r.get("member"), r.get("session")
+        if not isinstance(tracker_eph, bytes) or not isinstance(member, bytes) or not isinstance(session, int):
+            raise RpcError(
+                ErrorCode.UNAUTHORIZED, f"the tracker at {_fmt(self.current)} did not prove it holds the join secret"
+            )
+        want = self.identity.cluster.mac(auth.register_reply_transcript(transcript, tracker_eph, session))
+        if not hmac.compare_digest(want, member):
+            raise RpcError(
+                ErrorCode.UNAUTHORIZED,
+                f"the tracker at {_fmt(self.current)} holds a different join secret: it is not this cluster's tracker",
+            )
+        try:
+            return auth.session_key(eph, tracker_eph, nonce, self.node_id)
+        except auth.AuthError as e:
+            raise RpcError(ErrorCode.UNAUTHORIZED, f"the tracker's registration answer: {e}") from None
 
     async def heartbeat(self, holdings: dict[str, float]) -> dict[str, Any]:
         """Heartbeat over TCP with the full holdings; re-registers when the tracker forgot this node."""
@@ -301,15 +397,22 @@ class TrackerClient:
         self.registered = False
         self._acked = None
 
-    async def publish(self, name: str, manifest_bytes: bytes) -> str:
-        """Point NAME:TAG at this manifest; returns the artifact id the tracker computed."""
-        r = await self._call("publish", {"name": name, "manifest": manifest_bytes})
+    async def publish(self, name: str, manifest_bytes: bytes, signed: dict[str, Any] | None = None) -> str:
+        """Point NAME:TAG at this manifest; returns the artifact id the tracker computed.
+
+        `signed`: the publisher's signature fields (p2pd/provenance.py), required by a secured tracker."""
+        r = await self._call("publish", {"name": name, "manifest": manifest_bytes, **(signed or {})})
         return str(r["artifact_id"])
 
     async def resolve(self, name: str) -> tuple[str, bytes]:
         """NAME:TAG -> (artifact id, manifest bytes); RpcError `not_found` for an unknown name."""
+        aid, data, _ = await self.resolve_signed(name)
+        return aid, data
+
+    async def resolve_signed(self, name: str) -> tuple[str, bytes, dict[str, Any]]:
+        """`resolve`, with the whole reply (a secured tracker adds the publisher's signature)."""
         r = await self._call("resolve", {"name": name})
-        return str(r["artifact_id"]), bytes(r["manifest"])
+        return str(r["artifact_id"]), bytes(r["manifest"]), dict(r)
 
     async def manifest(self, artifact_id: str) -> bytes:
         r = await self._call("manifest", {"artifact_id": artifact_id})
@@ -386,11 +489,17 @@ class TrackerClient:
 
     async def _beat(self, holdings: dict[str, float]) -> None:
         udp_port = self._udp_ports.get(self.current) if self.use_udp else None
-        if udp_port and self.session is not None:
+        if udp_port and self.session is not None and (self._session_key is not None or not self.secured):
             delta = None if holdings == self._acked else holdings
             self._seq += 1
             demand = self.demand if self.share is not None else None
-            payload = _udp_enc.encode(UdpRequest(UDP_VERSION, self.node_id, self.session, self._seq, delta, demand))
+            if self._session_key is not None:
+                body = _udp_enc.encode(
+                    UdpRequest(UDP_VERSION_AUTH, self.node_id, self.session, self._seq, delta, demand)
+                )
+                payload = seal(body, self._session_key)
+            else:
+                payload = _udp_enc.encode(UdpRequest(UDP_VERSION, self.node_id, self.session, self._seq, delta, demand))
             if len(payload) <= UDP_MAX_PAYLOAD:
                 reply = await self._udp_exchange((self.current[0], udp_port), payload, self._seq)
                 if reply is not None:

@@ -42,7 +42,7 @@ from p2pd.config import SwarmConfig, TraversalConfig
 from p2pd.connections import ConnectError, Connection, ConnectionPath, Connector, TcpConnector
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.nat_detect import NatStatus
-from p2pd.protocol import wire
+from p2pd.protocol import auth, wire
 from p2pd.protocol.framing import FrameError, FrameReader, RpcError, encode_frame
 from p2pd.protocol.session import PeerClosed
 from p2pd.racing import Path, RacingConnector
@@ -241,8 +241,11 @@ async def _punch(
 class PunchConnector:
     """The `tcp-punch` path: TCP simultaneous open through both NATs, arranged over the signal channel."""
 
-    def __init__(self, node_id: str, signal: SignalChannel, *, timeout: float, handshake_timeout: float) -> None:
-        self.node_id = node_id
+    def __init__(
+        self, identity: auth.Identity, signal: SignalChannel, *, timeout: float, handshake_timeout: float
+    ) -> None:
+        self.identity = identity
+        self.node_id = identity.node_id
         self.signal = signal
         self.timeout = timeout
         self.handshake_timeout = handshake_timeout
@@ -251,21 +254,22 @@ class PunchConnector:
         stream, remote = await _punch(
             self.signal, "punch", {"target": remote_id, "artifact_id": artifact_id}, self.timeout
         )
-        return await _handshake_punched(stream, remote, self.node_id, remote_id, artifact_id, self.handshake_timeout)
+        return await _handshake_punched(stream, remote, self.identity, remote_id, artifact_id, self.handshake_timeout)
 
 
 async def _handshake_punched(
     stream: trio.SocketStream,
     remote: tuple[str, int],
-    node_id: str,
+    identity: auth.Identity,
     remote_id: str,
     artifact_id: str,
     handshake_timeout: float,
 ) -> Connection:
+    node_id = identity.node_id
     try:
         return await connections.open_outgoing(
             stream,
-            node_id=node_id,
+            identity=identity,
             remote_id=remote_id,
             artifact_id=artifact_id,
             addr=_fmt(remote),
@@ -287,7 +291,7 @@ class RelayConnector:
 
     def __init__(
         self,
-        node_id: str,
+        identity: auth.Identity,
         signal: SignalChannel,
         *,
         rendezvous_timeout: float,
@@ -295,7 +299,8 @@ class RelayConnector:
         pair_timeout: float,
         handshake_timeout: float,
     ) -> None:
-        self.node_id = node_id
+        self.identity = identity
+        self.node_id = identity.node_id
         self.signal = signal
         self.rendezvous_timeout = rendezvous_timeout
         self.connect_timeout = connect_timeout
@@ -322,7 +327,7 @@ class RelayConnector:
         try:
             return await connections.open_outgoing(
                 stream,
-                node_id=self.node_id,
+                identity=self.identity,
                 remote_id=remote_id,
                 artifact_id=artifact_id,
                 addr=_fmt(relay),
@@ -347,7 +352,7 @@ class Traversal:
 
     def __init__(
         self,
-        node_id: str,
+        identity: auth.Identity,
         config: TraversalConfig,
         swarm: SwarmConfig,
         *,
@@ -363,6 +368,8 @@ class Traversal:
                 f"unknown path(s) {sorted(unknown)} in --paths: "
                 f"use some of {', '.join(str(p) for p in ConnectionPath)}",
             )
+        node_id = identity.node_id
+        self.identity = identity
         self.node_id = node_id
         self.config = config
         self.swarm_config = swarm
@@ -385,13 +392,13 @@ class Traversal:
             )
         offered: dict[str, Connector] = {
             "direct": TcpConnector(
-                node_id, connect_timeout=swarm.connect_timeout, handshake_timeout=swarm.handshake_timeout
+                identity, connect_timeout=swarm.connect_timeout, handshake_timeout=swarm.handshake_timeout
             ),
             "tcp-punch": PunchConnector(
-                node_id, self.signal, timeout=config.punch_timeout, handshake_timeout=swarm.handshake_timeout
+                identity, self.signal, timeout=config.punch_timeout, handshake_timeout=swarm.handshake_timeout
             ),
             "udp-punch": udp_punch.UdpPunchConnector(
-                node_id,
+                identity,
                 self.signal,
                 nat=lambda: self.nat(),
                 nursery=lambda: self._nursery,
@@ -400,7 +407,7 @@ class Traversal:
                 handshake_timeout=swarm.handshake_timeout,
             ),
             "relay": RelayConnector(
-                node_id,
+                identity,
                 self.signal,
                 rendezvous_timeout=config.rendezvous_timeout,
                 connect_timeout=swarm.connect_timeout,
@@ -494,7 +501,7 @@ class Traversal:
                 self.signal, "punch_answer", {"rendezvous": rendezvous}, self.config.punch_timeout
             )
             return await _handshake_punched(
-                stream, remote, self.node_id, remote_id, artifact_id, self.swarm_config.handshake_timeout
+                stream, remote, self.identity, remote_id, artifact_id, self.swarm_config.handshake_timeout
             )
         except ConnectError as e:
             log.debug("punch asked by %s failed: %s", remote_id[:8], e)
@@ -504,7 +511,7 @@ class Traversal:
         assert self._nursery is not None and self.credentials is not None
         try:
             return await udp_punch.answer(
-                self.node_id,
+                self.identity,
                 self.signal,
                 event,
                 nat=self.nat,
@@ -537,7 +544,7 @@ class Traversal:
             conn = await connections.accept(
                 stream,
                 _fmt(relay),
-                self.node_id,
+                self.identity,
                 handshake_timeout=self.swarm_config.handshake_timeout,
                 serves=artifact_id.__eq__,
                 path=ConnectionPath.RELAY,

@@ -34,8 +34,8 @@ import trio
 from p2pd import connections, quic_stream
 from p2pd.connections import ConnectError, Connection, ConnectionPath
 from p2pd.nat_detect import NatStatus, binding, plain
+from p2pd.protocol import auth, wire
 from p2pd.protocol import udp_punch as up
-from p2pd.protocol import wire
 from p2pd.protocol.session import PeerClosed
 from p2pd.rpc import RpcError
 from p2pd.signal_channel import SignalChannel
@@ -265,7 +265,7 @@ class UdpPunchConnector:
 
     def __init__(
         self,
-        node_id: str,
+        identity: auth.Identity,
         signal: SignalChannel,
         *,
         nat: NatGetter,
@@ -274,7 +274,8 @@ class UdpPunchConnector:
         timeout: float,
         handshake_timeout: float,
     ) -> None:
-        self.node_id = node_id
+        self.identity = identity
+        self.node_id = identity.node_id
         self.signal = signal
         self.nat = nat
         self.nursery = nursery
@@ -361,7 +362,7 @@ class UdpPunchConnector:
         try:
             return await connections.open_outgoing(
                 stream,
-                node_id=self.node_id,
+                identity=self.identity,
                 remote_id=remote_id,
                 artifact_id=artifact_id,
                 addr=_fmt(punched.peer),
@@ -378,7 +379,7 @@ class UdpPunchConnector:
 
 
 async def answer(
-    node_id: str,
+    identity: auth.Identity,
     signal: SignalChannel,
     event: dict[str, Any],
     *,
@@ -391,6 +392,7 @@ async def answer(
     serves: Callable[[str], bool],
 ) -> Connection | None:
     """Answer a `udp-punch` signal: punch with the node that asked, accept its QUIC connection and handshake."""
+    node_id = identity.node_id
     remote_id = str(event["from"])
     artifact_id = str(event["artifact_id"])
     rid_text = str(event["rendezvous"])
@@ -453,7 +455,7 @@ async def answer(
         conn = await connections.accept(
             stream,
             _fmt(punched.peer),
-            node_id,
+            identity,
             handshake_timeout=handshake_timeout,
             serves=lambda aid: aid == artifact_id and serves(aid),
             path=ConnectionPath.UDP_PUNCH,

@@ -100,9 +100,34 @@ def serve(
     ] = None,
     relay_max_pairs: Annotated[int, typer.Option(help="Node pairs relayed at once, waiting ones included.")] = 64,
     relay_idle_timeout: Annotated[float, typer.Option(help="Close a relayed pair silent this long (s).")] = 60.0,
+    join_secret_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="The cluster's join secret (or $P2PD_JOIN_SECRET_FILE / $P2PD_JOIN_SECRET): only nodes that "
+            "hold it register, resolve names or fetch (docs/security.md)."
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Run an open tracker: any host may register, heartbeat or resolve (a lab only).")
+    ] = False,
+    publishers: Annotated[
+        Path | None,
+        typer.Option(help="JSON file of the nodes that may publish, each with its name prefixes (docs/security.md)."),
+    ] = None,
 ) -> None:
     """Run a tracker until SIGTERM or SIGINT."""
     setup_logging(log_level)
+    from p2pd.identity import cluster_secret
+    from tracker.publishers import Publishers
+
+    try:
+        join = cluster_secret(join_secret_file, insecure)
+        scopes = Publishers.load(publishers) if publishers is not None else None
+    except P2pdError as e:
+        fail(e.message, e.code)
+    if scopes is not None and join is None:
+        fail("--publishers needs a join secret: an open tracker cannot tell publishers apart", ErrorCode.BAD_REQUEST)
+
     try:
         host, port = parse_hostport(listen, default_host="0.0.0.0")
         admin_addr = parse_hostport(admin_listen) if admin_listen else None
@@ -140,6 +165,8 @@ def serve(
             ready_file=ready_file,
             stun=stun_settings,
             relay=relay_opts,
+            join=join,
+            publishers=scopes,
         )
         trio.run(_serve, config)
     except* OSError as eg:  # raised inside the nursery, so it may come wrapped in a group
@@ -153,6 +180,24 @@ def serve(
         error = leaf
     if error is not None:
         fail(error.message, error.code)
+
+
+@app.command("new-secret")
+def new_secret(
+    path: Annotated[Path, typer.Argument(help="File to create (mode 0600; it must not exist yet).")],
+) -> None:
+    """Write a new cluster join secret to PATH: give the same file to the tracker and every node."""
+    from p2pd.identity import write_join_secret
+
+    try:
+        write_join_secret(path)
+    except FileExistsError:
+        fail(
+            f"{path} already exists: a new secret would lock out every node that holds the old one", ErrorCode.CONFLICT
+        )
+    except OSError as e:
+        fail(f"cannot create {path}: {e.strerror}", ErrorCode.STORAGE)
+    print(f"wrote a new join secret to {path} (mode 0600)")
 
 
 def stun_options(stun: str | None, stun_alt: str | None, listen: tuple[str, int]) -> StunSettings | None:
@@ -222,6 +267,7 @@ async def _serve(config: TrackerConfig) -> None:
     import trio
 
     from p2pd.sd_notify import Notifier
+    from tracker.membership import Membership
     from tracker.server import TrackerServer, fmt_hostport
 
     notify = Notifier()  # systemd's Type=notify (a no-op without $NOTIFY_SOCKET)
@@ -230,7 +276,8 @@ async def _serve(config: TrackerConfig) -> None:
     admin_addr, admin_token = config.admin_listen, config.admin_token
     relay = config.relay
     store = await open_store(config.store, interval, config.store_prefix)
-    server = TrackerServer(store, stun=config.stun)
+    membership = Membership(config.join) if config.join is not None else None
+    server = TrackerServer(store, stun=config.stun, membership=membership, publishers=config.publishers)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
@@ -260,6 +307,10 @@ async def _serve(config: TrackerConfig) -> None:
                     else "",
                     _describe_stun(server),
                 )
+                if membership is None:
+                    log.warning("an open tracker (--insecure): any host that reaches it can join the cluster")
+                else:
+                    log.info("secured cluster: join secret %s…", config.join.fingerprint[:8] if config.join else "")
                 if relay is not None and relay_port is not None:
                     log.info(
                         "relay on %s (%s, at most %d pairs)",

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from p2pd.protocol.auth import ClusterSecret
+    from tracker.publishers import Publishers
     from tracker.stun import StunSettings
 
 
@@ -34,3 +36,5 @@ class TrackerConfig:
     ready_file: Path | None = None  # {tcp_port, udp_port, admin_port, pid} as JSON once listening
     stun: StunSettings | None = None  # STUN for NAT detection (the CLI's default: on the heartbeat port); None: off
     relay: RelayOptions | None = None  # None: this tracker relays nothing (the CLI's default: on)
+    join: ClusterSecret | None = None  # the cluster's join secret; None only with --insecure (docs/security.md)
+    publishers: Publishers | None = None  # who publishes which names; None: every member (tracker/publishers.py)

@@ -37,6 +37,7 @@ class Metrics:
         self.rpc_seconds: defaultdict[str, Histogram] = defaultdict(Histogram)
         self.udp_datagrams = 0
         self.udp_rejected = 0
+        self.udp_forged = 0  # secured tracker: datagrams with a wrong MAC or a replayed sequence number
         self.udp_batches = 0
         self.udp_batch_seconds = Histogram()
         self.admin_requests: defaultdict[tuple[str, int], int] = defaultdict(int)  # (route, status)
@@ -70,6 +71,8 @@ class Metrics:
         lines.append(f"p2p_tracker_udp_datagrams_total {self.udp_datagrams}")
         head("p2p_tracker_udp_rejected_total", "counter", "UDP datagrams dropped as malformed.")
         lines.append(f"p2p_tracker_udp_rejected_total {self.udp_rejected}")
+        head("p2p_tracker_udp_forged_total", "counter", "UDP heartbeats refused: wrong MAC or replayed (secured).")
+        lines.append(f"p2p_tracker_udp_forged_total {self.udp_forged}")
         head("p2p_tracker_udp_batch_seconds", "histogram", "Time to process one batch of UDP heartbeats.")
         _histogram(lines, "p2p_tracker_udp_batch_seconds", self.udp_batch_seconds, "")
         if self.stun is not None:

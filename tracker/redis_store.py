@@ -18,6 +18,7 @@ Keys (prefix `p2p:`, in the database of the URL):
 - `dm`              HASH node id -> "egress cross egress_rate cross_rate" (its last demand report);
                     every replica splits the budgets itself from `alive`, `dm` and the nodes' zones,
                     so replicas that see the same reports hand out the same shares
+- `signed`          HASH name -> its signed publish (tracker/publishers.py, secured clusters)
 
 Cost per heartbeat (measured in BENCHMARKS.md): an unchanged heartbeat is HMGET + ZADD inside the
 batch script — 2 Redis operations, and one EVALSHA round trip per *batch* of heartbeats (the UDP front
@@ -37,6 +38,7 @@ from typing import Any
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
+from p2pd.protocol.auth import heartbeat_mac
 from tracker.budgets import Budgets, Demand, Share, allocate, weight_of, wire_share
 from tracker.registry import NAT_UNKNOWN
 from tracker.resp import Redis, RedisError, RedisUnavailable
@@ -349,10 +351,21 @@ class RedisStore:
     # ---- nodes -------------------------------------------------------------------------------------
 
     async def register(
-        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str, *, nat: NatInfo | None = None
+        self,
+        node_id: str,
+        host: str,
+        port: int,
+        labels: dict[str, str],
+        version: str,
+        *,
+        nat: NatInfo | None = None,
+        key: bytes | None = None,
+        session_key: bytes | None = None,
     ) -> Registration:
         session = self.rng.getrandbits(31)
         self._zones.pop(node_id, None)
+        if session_key is not None:  # before the session number: no replica sees a session without its key
+            await self._cmds([["HSET", self.prefix + "n:" + node_id, "sk", session_key.hex() + " " + str(session)]])
         await self._run(
             "register",
             node_id,
@@ -381,6 +394,29 @@ class RedisStore:
         if reports:
             await self._cmds([["HSET", self.prefix + "dm", *reports]])
         return [bool(k) for k in known]
+
+    async def session_keys(self, nodes: list[tuple[str, int]]) -> list[Any]:
+        """The session MAC (`auth.heartbeat_mac`) of each (node id, session) registered now (one round trip)."""
+        if not nodes:
+            return []
+        rows = await self._cmds([["HMGET", self.prefix + "n:" + nid, "s", "sk"] for nid, _ in nodes])
+        out: list[Any] = []
+        for (_, session), (s, sk) in zip(nodes, rows, strict=True):
+            key: Any = None
+            if s is not None and sk is not None and int(s) == session:
+                hexkey, _, for_session = _s(sk).partition(" ")
+                if for_session == str(session):
+                    key = heartbeat_mac(bytes.fromhex(hexkey))
+            out.append(key)
+        return out
+
+    async def signed_tag(self, name: str) -> bytes | None:
+        """The signed publish `name` points at (HASH `signed`: name -> SignedTag msgpack); None if unsigned."""
+        (r,) = await self._cmds([["HGET", self.prefix + "signed", name]])
+        return bytes(r) if r is not None else None
+
+    async def set_signed_tag(self, name: str, blob: bytes) -> None:
+        await self._cmds([["HSET", self.prefix + "signed", name, blob]])
 
     async def leave(self, node_id: str) -> bool:
         return bool(await self._run("drop", node_id, "leaves"))

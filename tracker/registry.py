@@ -34,6 +34,7 @@ from typing import Any
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
+from p2pd.protocol.auth import heartbeat_mac
 from tracker.budgets import Budgets, Demand, Share, allocate, weight_of, wire_share
 from tracker.validate import NatInfo, TrackerError
 
@@ -61,6 +62,9 @@ class Node:
         "nat_type",
         "mapped",
         "demand",
+        "key",
+        "skey",
+        "seq",
     )
 
     def __init__(
@@ -88,6 +92,9 @@ class Node:
         self.mapped: tuple[str, int] | None = None  # public address the node's NAT maps its port to
         # (egress, cross, egress_rate, cross_rate) bytes/s from its last heartbeat (tracker/budgets.py)
         self.demand: tuple[float, float, float, float] | None = None
+        self.key: bytes | None = None  # Ed25519 public key (a secured cluster; None: --insecure)
+        self.skey: Any = None  # auth.heartbeat_mac of the session key agreed at registration (None: not secured)
+        self.seq = 0  # highest authenticated heartbeat sequence number of this session (replays are older)
 
     def set_nat(self, nat: NatInfo | None) -> None:
         self.nat_type, self.mapped = (sys.intern(nat[0]), nat[1]) if nat is not None else (None, None)
@@ -218,6 +225,7 @@ class Registry:
         self.nodes: OrderedDict[str, Node] = OrderedDict()
         self.artifacts: dict[str, Artifact] = {}
         self.tags: dict[str, list[TagEvent]] = {}
+        self.signed: dict[str, bytes] = {}  # name -> its signed publish (tracker/publishers.py), secured clusters
         self.policy: dict[str, Any] = {}
         self.budgets = Budgets()
         self.shares: dict[str, Share] = {}  # from the last `reallocate`, sent with heartbeat replies
@@ -250,10 +258,13 @@ class Registry:
         now: float,
         session: int | None = None,
         nat: NatInfo | None = None,
+        key: bytes | None = None,
+        session_key: bytes | None = None,
     ) -> Node:
         """Add or refresh a node. Holdings of a node already known are kept until its next heartbeat.
 
-        `nat` (type, mapped address) is what the node's own NAT detection found; None: not reported."""
+        `nat` (type, mapped address) is what the node's own NAT detection found; None: not reported.
+        `key` and `session_key` come from a verified registration (tracker/membership.py)."""
         self.counters.registrations += 1
         labels = self._intern_labels(labels)
         version = sys.intern(version)
@@ -263,6 +274,7 @@ class Registry:
         if node is None:
             node = Node(node_id, host, port, labels, version, now, session)
             node.set_nat(nat)
+            node.key, node.skey = key, heartbeat_mac(session_key) if session_key is not None else None
             self.nodes[node_id] = node
             return node
         old_holdings = node.holdings
@@ -272,6 +284,8 @@ class Registry:
         node.zone = labels.get(ZONE_LABEL, "")
         node.session = session
         node.set_nat(nat)
+        node.key, node.seq = key, 0
+        node.skey = heartbeat_mac(session_key) if session_key is not None else None
         node.last_seen = now
         self.nodes.move_to_end(node_id)
         if old_holdings and node.holdings is None:
@@ -418,6 +432,7 @@ class Registry:
                     "progress": (n.holdings or {}).get(aid, 0.0),
                     "zone": n.zone,
                     **n.nat_fields(),
+                    **({"key": n.key} if n.key is not None else {}),
                 }
             )
         return out

@@ -26,6 +26,8 @@ after its TTL; a graceful leave is applied when it arrives.
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import logging
 import socket
 import time
@@ -35,11 +37,14 @@ from typing import Any
 import msgspec
 import trio
 
-from p2pd.protocol.heartbeat import UDP_VERSION, UdpReply, UdpRequest
+from p2pd.protocol import auth
+from p2pd.protocol.heartbeat import UDP_VERSION, UDP_VERSION_AUTH, UdpReply, UdpRequest, unseal
 from p2pd.rpc import Emit, Handler, RpcError, serve_connection
 from tracker import validate as V
 from tracker.budgets import parse_report
+from tracker.membership import ConnState, Membership
 from tracker.metrics import Metrics
+from tracker.publishers import Publishers, SignedTag, check_publish, decode_signed
 from tracker.signals import SignalHub
 from tracker.store import Heartbeat, MemoryStore, Store
 from tracker.stun import StunServer, StunSettings, is_unspecified, open_udp
@@ -49,6 +54,7 @@ log = logging.getLogger("tracker")
 
 UDP_MAX_DATAGRAM = 8192
 UDP_MAX_BATCH = 512
+MAX_SEQ_ENTRIES = 2_000_000  # replay-check entries a replica on a remote store keeps (~200 MB at most)
 UNSPECIFIED_HOSTS = ("", "0.0.0.0", "::")
 
 
@@ -71,9 +77,17 @@ def decode_udp_reply(data: bytes) -> UdpReply:
 
 class TrackerServer:
     def __init__(
-        self, store: Store, metrics: Metrics | None = None, *, stun: StunSettings | None = StunSettings()
+        self,
+        store: Store,
+        metrics: Metrics | None = None,
+        *,
+        stun: StunSettings | None = StunSettings(),
+        membership: Membership | None = None,
+        publishers: Publishers | None = None,
     ) -> None:
         self.store = store
+        self.membership = membership  # None: an --insecure tracker (every call accepted, docs/security.md)
+        self.publishers = publishers or Publishers()  # who may publish which names (secured trackers)
         self.metrics = metrics or Metrics()
         self.udp_port: int | None = None
         self.tcp_port: int | None = None
@@ -81,6 +95,8 @@ class TrackerServer:
         self.stun_settings = stun  # None: no STUN server
         self.signals = SignalHub(store)  # signalling between nodes (NAT traversal); its relay is set up by the CLI
         self.stun: StunServer | None = None
+        self._sealed: list[tuple[bytes, bytes]] = []  # (body, MAC) of the beats of the last _drain (secured)
+        self._seqs: dict[str, tuple[int, int]] = {}  # node -> (session, last seq): replay check, remote stores
 
     def stun_advert(self) -> list[Any] | None:
         """What nodes are told about STUN: [host, port], host "" = the tracker address they use."""
@@ -94,26 +110,64 @@ class TrackerServer:
     def handlers(self, peer_ip: str) -> dict[str, Handler]:
         """Handlers for one connection (the peer's IP fills in an unspecified listen host)."""
         store = self.store
+        ms = self.membership
+        conn = ConnState(peer_ip)
+
+        async def registered(nid: str) -> bool:
+            return await store.node_info(nid) is not None
+
+        async def challenge(p: dict[str, Any], emit: Emit) -> Any:
+            return {"nonce": ms.challenge(conn) if ms is not None else b"", "secured": ms is not None}
+
+        async def authenticate(p: dict[str, Any], emit: Emit) -> Any:
+            if ms is None:
+                return {"ok": True}
+            nid = V.node_id(p.get("node_id"))
+            session = p.get("session")
+            (skey,) = await store.session_keys([(nid, session if isinstance(session, int) else -1)])
+            return {"ok": ms.check_auth(conn, p, nid, skey)}
 
         async def register(p: dict[str, Any], emit: Emit) -> Any:
             nid = V.node_id(p.get("node_id"))
             host, port = V.addr(p.get("addr"))
+            proof = ms.check_register(conn, p, nid, host, port) if ms is not None else None
             if host in UNSPECIFIED_HOSTS:
                 host = peer_ip
             reg = await store.register(
-                nid, host, port, V.labels(p.get("labels")), V.version(p.get("version")), nat=V.nat(p.get("nat"))
+                nid,
+                host,
+                port,
+                V.labels(p.get("labels")),
+                V.version(p.get("version")),
+                nat=V.nat(p.get("nat")),
+                key=proof.key if proof is not None else None,
+                session_key=proof.session_key if proof is not None else None,
             )
-            return {
+            out: dict[str, Any] = {
                 "interval": reg.interval,
                 "session": reg.session,
                 "udp_port": self.udp_port,
                 "observed_ip": peer_ip,
                 "stun": self.stun_advert(),
             }
+            if ms is not None and proof is not None:
+                conn.bind(nid)
+                out.update(proof.reply, member=ms.reply_mac(proof, reg.session), publishers=self.publishers.node_ids)
+            return out
 
         async def heartbeat(p: dict[str, Any], emit: Emit) -> Any:
             nid = V.node_id(p.get("node_id"))
             holdings = V.holdings(p.get("holdings"))
+            if ms is not None and nid not in conn.nodes:
+                if await registered(nid):
+                    ms.require_bound(conn, nid, "heartbeat", True)  # raises, logged: a spoof
+                return {
+                    "interval": store.interval,
+                    "known": False,
+                    "policy": {},
+                    "udp_port": self.udp_port,
+                    "stun": self.stun_advert(),
+                }
             (known,) = await store.heartbeat_many([Heartbeat(nid, holdings, demand=parse_report(p.get("demand")))])
             return {
                 "interval": store.interval,
@@ -126,33 +180,62 @@ class TrackerServer:
 
         async def leave(p: dict[str, Any], emit: Emit) -> Any:
             nid = V.node_id(p.get("node_id"))
+            if ms is not None:
+                ms.require_bound(conn, nid, "leave", await registered(nid))
             if await store.leave(nid):
                 log.info("node %s left", nid)
             return {}
 
         async def publish(p: dict[str, Any], emit: Emit) -> Any:
+            if ms is not None:
+                ms.require_member(conn, "publish")
             name = V.name(p.get("name"))
             data = p.get("manifest")
             if not isinstance(data, bytes):
                 raise V.bad("manifest must be bytes")
+            signed: SignedTag | None = None
+            if ms is not None:
+                blob = await store.signed_tag(name)
+                current = decode_signed(blob) if blob is not None else None
+                try:
+                    signed = check_publish(p, name, hashlib.sha256(data).hexdigest(), self.publishers, current)
+                except ValueError as e:
+                    raise ms.refuse("publish", f"from {peer_ip}: {e}") from None
             aid = await store.publish(name, data)
+            if signed is not None:
+                await store.set_signed_tag(name, signed.encode())
             log.info("published %s -> %s", name, aid)
             return {"artifact_id": aid}
 
         async def resolve(p: dict[str, Any], emit: Emit) -> Any:
-            aid, data = await store.resolve(V.name(p.get("name")))
-            return {"artifact_id": aid, "manifest": data}
+            if ms is not None:
+                ms.require_member(conn, "resolve")
+            name = V.name(p.get("name"))
+            aid, data = await store.resolve(name)
+            out: dict[str, Any] = {"artifact_id": aid, "manifest": data}
+            blob = await store.signed_tag(name) if ms is not None else None
+            if blob is not None:
+                signed = decode_signed(blob)
+                if signed.artifact_id == aid:  # not when an admin moved the tag since
+                    out.update(signed.reply())
+            return out
 
         async def manifest(p: dict[str, Any], emit: Emit) -> Any:
+            if ms is not None:
+                ms.require_member(conn, "manifest")
             return {"manifest": await store.manifest(V.artifact_id(p.get("artifact_id")))}
 
         async def peers(p: dict[str, Any], emit: Emit) -> Any:
+            if ms is not None:
+                ms.require_member(conn, "peers")
             aid = V.artifact_id(p.get("artifact_id"))
             req = p.get("node_id")
             requester = V.node_id(req) if req is not None else None
             return {"peers": await store.peers(aid, requester, V.max_peers(p.get("max")))}
 
         raw: dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]] = {
+            "challenge": challenge,
+            "auth": authenticate,
             "register": register,
             "heartbeat": heartbeat,
             "leave": leave,
@@ -198,8 +281,12 @@ class TrackerServer:
     # ---- UDP heartbeats ----------------------------------------------------------------------------
 
     def _drain(self, sock: socket.socket) -> tuple[list[Heartbeat], list[tuple[Any, int, str]]]:
-        """Read every datagram that is ready (up to a batch), without blocking or switching tasks."""
+        """Read every datagram that is ready (up to a batch), without blocking or switching tasks.
+
+        Secured: each beat's (body, tag) is kept in `self._sealed` (same order) for `_verify`."""
         m = self.metrics
+        secured = self.membership is not None
+        sealed: list[tuple[bytes, bytes]] = []
         decode = _udp_req_decoder.decode
         recvfrom = sock.recvfrom
         stun = self.stun.on_heartbeat_port if self.stun is not None and sock in self.stun.sockets.values() else None
@@ -215,13 +302,18 @@ class TrackerServer:
                 continue
             m.udp_datagrams += 1
             try:
-                req = decode(data)
-                if req.version != UDP_VERSION:
-                    raise V.bad(f"unsupported udp heartbeat version {req.version}")
+                if secured:
+                    body, tag = unseal(data)
+                    req = decode(body)
+                    want = UDP_VERSION_AUTH
+                else:
+                    req, want = decode(data), UDP_VERSION
+                if req.version != want:
+                    raise V.bad(f"unsupported udp heartbeat version {req.version} (this tracker takes {want})")
                 if len(req.node_id) > 64:
                     raise V.bad("node_id too long")
                 holdings = V.holdings(req.holdings) if req.holdings is not None else None
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TrackerError) as e:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TrackerError, ValueError) as e:
                 if stun is not None and stun(data, addr):
                     continue
                 m.udp_rejected += 1
@@ -229,7 +321,42 @@ class TrackerServer:
                 continue
             beats.append(Heartbeat(req.node_id, holdings, req.session, parse_report(req.demand)))
             meta.append((addr, req.seq, req.node_id))
+            if secured:
+                sealed.append((body, tag))
+        self._sealed = sealed
         return beats, meta
+
+    async def _verify(
+        self, beats: list[Heartbeat], meta: list[tuple[Any, int, str]], sealed: list[tuple[bytes, bytes]]
+    ) -> tuple[list[Heartbeat], list[tuple[Any, int, str]]]:
+        """Secured, remote store: keep the beats whose MAC checks under their session's key, newer than the last."""
+        keys = await self.store.session_keys([(b.node_id, b.session or 0) for b in beats])
+        ok_beats: list[Heartbeat] = []
+        ok_meta: list[tuple[Any, int, str]] = []
+        seqs = self._seqs
+        for b, (addr, seq, nid), (body, tag), key in zip(beats, meta, sealed, keys, strict=True):
+            if key is None:  # unknown or stale session: answered `known: false`, applies nothing
+                ok_beats.append(Heartbeat(b.node_id, None, -1))
+                ok_meta.append((addr, seq, nid))
+                continue
+            last = seqs.get(b.node_id)
+            if not hmac.compare_digest(auth.mac_with(key, body), tag):
+                self._refuse_udp(b.node_id, addr, "bad MAC")
+                continue
+            if last is not None and last[0] == b.session and seq <= last[1]:
+                self._refuse_udp(b.node_id, addr, "replayed sequence number")
+                continue
+            if len(seqs) >= MAX_SEQ_ENTRIES:
+                seqs.clear()  # bounded memory; a replay window opens only for datagrams already seen
+            seqs[b.node_id] = (b.session or 0, seq)
+            ok_beats.append(b)
+            ok_meta.append((addr, seq, nid))
+        return ok_beats, ok_meta
+
+    def _refuse_udp(self, node_id: str, addr: Any, why: str) -> None:
+        self.metrics.udp_forged += 1
+        if self.membership is not None:
+            self.membership.refuse("udp heartbeat", f"for node {node_id[:8]} from {addr}: {why}")
 
     def _memory_batch(self, sock: socket.socket, store: MemoryStore) -> int:
         """The memory store's hot loop: datagram -> registry -> reply, no intermediate objects.
@@ -305,6 +432,89 @@ class TrackerServer:
         m.udp_datagrams += n
         return n
 
+    def _memory_batch_auth(self, sock: socket.socket, store: MemoryStore) -> int:
+        """`_memory_batch` for a secured tracker: every datagram's MAC and sequence number are checked.
+
+        A datagram for an unknown node or session is answered `known: false` and applies nothing (the
+        sender registers again, which proves its key); one with a wrong MAC or an old sequence number is
+        dropped unanswered, counted (`udp_forged`) and logged: somebody tried to speak for that node.
+        """
+        m = self.metrics
+        reg = store.reg
+        decode = _udp_req_decoder.decode
+        encode_int = _udp_encoder.encode
+        recvfrom = sock.recvfrom
+        sendto = sock.sendto
+        heartbeat = reg.heartbeat
+        get_node = reg.nodes.get
+        move_to_end = reg.nodes.move_to_end
+        compare = hmac.compare_digest
+        tag_size = auth.HEARTBEAT_TAG_SIZE
+        now = store.clock()
+        stun = self.stun.on_heartbeat_port if self.stun is not None and sock in self.stun.sockets.values() else None
+        tail = _udp_encoder.encode(store.interval) + _udp_encoder.encode(reg.policy)
+        known_tail, unknown_tail = b"\xc3" + tail, b"\xc2" + tail
+        budgets = reg.budgets.active
+        head = b"\x96\x01" if budgets else b"\x95\x01"  # a 6th element: the node's share (see _memory_batch)
+        share_of = reg.share_of
+        n = fast = 0
+        for _ in range(UDP_MAX_BATCH):
+            try:
+                data, addr = recvfrom(UDP_MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            except OSError as e:  # e.g. ECONNREFUSED reported for an earlier reply: not fatal
+                log.debug("udp recv: %s", e)
+                continue
+            n += 1
+            body = data[:-tag_size]
+            try:
+                req = decode(body)
+                if req.version != UDP_VERSION_AUTH:
+                    raise V.bad(f"unsupported udp heartbeat version {req.version} (this tracker takes 2)")
+                holdings = V.holdings(req.holdings) if req.holdings is not None else None
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TrackerError) as e:
+                if stun is not None and stun(data, addr):
+                    continue
+                m.udp_rejected += 1
+                log.debug("udp datagram from %s rejected: %s", addr, e)
+                continue
+            node = get_node(req.node_id)
+            if node is None or node.session != req.session or node.skey is None:
+                reg.counters.unknown_heartbeats += 1
+                reply = head + encode_int(req.seq) + unknown_tail
+            else:
+                mac = node.skey.copy()  # the key schedule is done once per session (auth.heartbeat_mac)
+                mac.update(body)
+                if not compare(mac.digest(), data[-tag_size:]):
+                    self._refuse_udp(req.node_id, addr, "bad MAC")
+                    continue
+                if req.seq <= node.seq:
+                    self._refuse_udp(req.node_id, addr, "replayed sequence number")
+                    continue
+                node.seq = req.seq
+                demand = parse_report(req.demand) if req.demand is not None else None
+                if holdings is None and demand is None:
+                    node.last_seen = now
+                    node.heartbeats += 1
+                    move_to_end(req.node_id)
+                    fast += 1
+                else:
+                    heartbeat(req.node_id, holdings, now, req.session, demand)
+                reply = head + encode_int(req.seq) + known_tail
+            if budgets:
+                reply += encode_int(share_of(req.node_id))
+            try:
+                sendto(reply, addr)
+            except (BlockingIOError, InterruptedError):
+                pass  # send buffer full: the node retries over TCP; UDP replies are best effort by design
+            except OSError as e:
+                if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    raise
+        reg.counters.heartbeats += fast
+        m.udp_datagrams += n
+        return n
+
     def _reply(
         self, sock: socket.socket, meta: list[tuple[Any, int, str]], known: list[bool], policy: dict[str, Any]
     ) -> None:
@@ -329,18 +539,23 @@ class TrackerServer:
         m = self.metrics
         store = self.store
         if isinstance(store, MemoryStore):
+            batch = self._memory_batch if self.membership is None else self._memory_batch_auth
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 t0 = time.perf_counter()
-                if self._memory_batch(sock, store):
+                if batch(sock, store):
                     m.udp_batches += 1
                     m.udp_batch_seconds.observe(time.perf_counter() - t0)
-        send, recv = trio.open_memory_channel[tuple[float, list[Heartbeat], list[tuple[Any, int, str]]]](0)
+        send, recv = trio.open_memory_channel[
+            tuple[float, list[Heartbeat], list[tuple[Any, int, str]], list[tuple[bytes, bytes]] | None]
+        ](0)
 
         async def worker() -> None:
             warned = 0.0
-            async for t0, beats, meta in recv:
+            async for t0, beats, meta, sealed in recv:
                 try:
+                    if sealed is not None:
+                        beats, meta = await self._verify(beats, meta, sealed)
                     known = await store.heartbeat_many(beats)
                     policy = await store.policy()
                 except TrackerError as e:  # store down: no reply, nodes fall back to TCP and see the error
@@ -360,7 +575,7 @@ class TrackerServer:
                 t0 = time.perf_counter()
                 beats, meta = self._drain(sock)
                 if beats:
-                    await send.send((t0, beats, meta))
+                    await send.send((t0, beats, meta, self._sealed if self.membership is not None else None))
 
     # ---- expiry ------------------------------------------------------------------------------------
 

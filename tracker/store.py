@@ -53,8 +53,20 @@ class Store(Protocol):
     kind: str
 
     async def register(
-        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str, *, nat: NatInfo | None = None
+        self,
+        node_id: str,
+        host: str,
+        port: int,
+        labels: dict[str, str],
+        version: str,
+        *,
+        nat: NatInfo | None = None,
+        key: bytes | None = None,
+        session_key: bytes | None = None,
     ) -> Registration: ...
+    async def session_keys(self, nodes: list[tuple[str, int]]) -> list[Any]: ...
+    async def signed_tag(self, name: str) -> bytes | None: ...
+    async def set_signed_tag(self, name: str, blob: bytes) -> None: ...
     async def heartbeat_many(self, beats: list[Heartbeat]) -> list[bool]: ...
     async def leave(self, node_id: str) -> bool: ...
     async def node_info(self, node_id: str) -> tuple[str, int, int] | None: ...
@@ -101,10 +113,30 @@ class MemoryStore:
         self.wall = wall
 
     async def register(
-        self, node_id: str, host: str, port: int, labels: dict[str, str], version: str, *, nat: NatInfo | None = None
+        self,
+        node_id: str,
+        host: str,
+        port: int,
+        labels: dict[str, str],
+        version: str,
+        *,
+        nat: NatInfo | None = None,
+        key: bytes | None = None,
+        session_key: bytes | None = None,
     ) -> Registration:
-        node = self.reg.register(node_id, host, port, labels, version, self.clock(), nat=nat)
+        node = self.reg.register(
+            node_id, host, port, labels, version, self.clock(), nat=nat, key=key, session_key=session_key
+        )
         return Registration(self.reg.interval, node.session)
+
+    async def session_keys(self, nodes: list[tuple[str, int]]) -> list[Any]:
+        """The session MAC (`auth.heartbeat_mac`) of each (node id, session) registered now; None if unknown."""
+        get = self.reg.nodes.get
+        out: list[Any] = []
+        for nid, session in nodes:
+            n = get(nid)
+            out.append(n.skey if n is not None and n.session == session else None)
+        return out
 
     def heartbeat_now(self, beats: list[Heartbeat]) -> list[bool]:
         """Synchronous batch heartbeat: the UDP fast path calls this without a task switch."""
@@ -114,6 +146,13 @@ class MemoryStore:
 
     async def heartbeat_many(self, beats: list[Heartbeat]) -> list[bool]:
         return self.heartbeat_now(beats)
+
+    async def signed_tag(self, name: str) -> bytes | None:
+        """The signed publish `name` points at (tracker/publishers.py SignedTag, encoded); None if unsigned."""
+        return self.reg.signed.get(name)
+
+    async def set_signed_tag(self, name: str, blob: bytes) -> None:
+        self.reg.signed[name] = blob
 
     async def leave(self, node_id: str) -> bool:
         return self.reg.leave(node_id)

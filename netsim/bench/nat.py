@@ -42,6 +42,7 @@ from netsim.bench.swarm import preflight, revision
 from netsim.emu import Host, Switch, Topology
 from netsim.emu.nat import NAT_KINDS, add_nat_site
 from p2pd.cluster import Node, Process, scratch_dir
+from p2pd.identity import JOIN_SECRET_ENV, new_join_secret
 from p2pd.rpc import RpcError
 from p2pd.units import format_bits_rate, format_size_exact
 
@@ -83,6 +84,8 @@ class NatLab:
         self.wan: Switch = topo.add_switch("wan")
         self.tracker_host = topo.add_host("tracker", self.wan)
         self.nodes: dict[str, Node] = {}
+        # a secured cluster, as deployed (docs/security.md): every process of the lab inherits the secret
+        os.environ.setdefault(JOIN_SECRET_ENV, new_join_secret())
 
     @property
     def tracker(self) -> str:

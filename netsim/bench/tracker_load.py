@@ -2,8 +2,10 @@
 
 One tracker process (started here, or opentracker with `--target opentracker`) and `--loaders`
 separate load-generator processes over loopback. Each loader registers its share of the N nodes over
-the TCP RPC (what a daemon does), announces holdings (one heartbeat each), then sends real UDP
-heartbeats (the same datagrams as `p2pd.tracker_client`) in two phases:
+the TCP RPC (what a daemon does: in the secured cluster the benchmark runs, a challenge per
+connection, then per node an Ed25519 key proof, the join secret's MAC and an X25519 session key),
+announces holdings (one heartbeat each), then sends real UDP heartbeats (the same datagrams as
+`p2pd.tracker_client`, MACed under each node's session key) in two phases:
 1. `max`: closed loop, `--window` requests in flight per loader: the throughput (heartbeats_per_s).
 2. `half`: open loop at half that rate: the latency a node sees at half load (p50_ms, p99_ms).
 `rss_mb` is the tracker's resident memory with every node registered (and `bytes_per_node` the growth
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import random
@@ -46,8 +49,9 @@ from typing import Any
 import msgspec
 
 from p2pd.cluster import LocalCluster, Process, ToolMissing, child_env
+from p2pd.protocol import auth
 from p2pd.protocol.framing import FrameReader, encode_frame
-from p2pd.protocol.heartbeat import UDP_VERSION, UdpReply, UdpRequest
+from p2pd.protocol.heartbeat import UDP_VERSION, UDP_VERSION_AUTH, UdpReply, UdpRequest, seal
 from p2pd.rpc import free_port
 
 RING = 1 << 20
@@ -116,6 +120,20 @@ class Loader:
         self._enc = enc.encode
         self._dec = msgspec.msgpack.Decoder(UdpReply).decode
         self.ids = [node_id(self.first + k) for k in range(self.count)]
+        self.cluster: auth.ClusterSecret | None = None
+        self.keys: list[auth.NodeKey] = []
+        self.session_keys: list[bytes] = []
+        if spec.get("join_secret_file"):
+            from p2pd.identity import read_join_secret
+
+            secret = read_join_secret(Path(spec["join_secret_file"]))
+            assert secret is not None
+            self.cluster = auth.ClusterSecret(secret)
+            self.keys = [
+                auth.NodeKey.from_seed(hashlib.sha256(b"bench node %d" % (self.first + k)).digest())
+                for k in range(self.count)
+            ]
+            self.ids = [k.node_id for k in self.keys]
         self.infohashes = [bytes.fromhex(artifact(k)[:40]) for k in range(ARTIFACTS)]
 
     # registration over the real TCP RPC (the shared frame codec): frames written in batches of 512 on
@@ -124,39 +142,55 @@ class Loader:
         if self.mode == "opentracker":
             return
         sessions = [0] * self.count
+        self.session_keys = [b""] * self.count
+        ephs: list[Any] = [None] * self.count
         reader = FrameReader()
+
+        def answers(s: socket.socket, n: int) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            while len(out) < n:
+                data = s.recv(1 << 20)
+                if not data:
+                    raise RuntimeError("tracker closed the connection during registration")
+                for f in reader.feed(data):
+                    if "error" in f:
+                        raise RuntimeError(f"register failed: {f['error']}")
+                    out.append(f)
+            return out
+
         with socket.create_connection(self.target, timeout=60) as s:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            nonce = b""
+            if self.cluster is not None:
+                s.sendall(encode_frame({"id": -1, "method": "challenge", "params": {}}))
+                nonce = answers(s, 1)[0]["result"]["nonce"]
             for start in range(0, self.count, 512):
                 batch = range(start, min(self.count, start + 512))
-                s.sendall(
-                    b"".join(
-                        encode_frame(
-                            {
-                                "id": k,
-                                "method": "register",
-                                "params": {
-                                    "node_id": self.ids[k],
-                                    "addr": ["127.0.0.1", 10000 + (self.first + k) % 50000],
-                                    "labels": {"zone": f"z{(self.first + k) % 8}"},
-                                    "version": "bench",
-                                },
-                            }
-                        )
-                        for k in batch
-                    )
-                )
-                left = len(batch)
-                while left:
-                    data = s.recv(1 << 20)
-                    if not data:
-                        raise RuntimeError("tracker closed the connection during registration")
-                    for f in reader.feed(data):
-                        if "error" in f:
-                            raise RuntimeError(f"register failed: {f['error']}")
-                        sessions[f["id"]] = f["result"]["session"]
-                        left -= 1
+                s.sendall(b"".join(encode_frame(self._register_frame(k, nonce, ephs)) for k in batch))
+                for f in answers(s, len(batch)):
+                    k, r = f["id"], f["result"]
+                    sessions[k] = r["session"]
+                    if self.cluster is not None:
+                        self.session_keys[k] = auth.session_key(ephs[k], r["eph"], nonce, self.ids[k])
         self.sessions = sessions
+
+    def _register_frame(self, k: int, nonce: bytes, ephs: list[Any]) -> dict[str, Any]:
+        host, port = "127.0.0.1", 10000 + (self.first + k) % 50000
+        params: dict[str, Any] = {
+            "node_id": self.ids[k],
+            "addr": [host, port],
+            "labels": {"zone": f"z{(self.first + k) % 8}"},
+            "version": "bench",
+        }
+        if self.cluster is not None:
+            from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+            key = self.keys[k]
+            eph = ephs[k] = X25519PrivateKey.generate()
+            eph_pub = auth.x25519_public(eph)
+            t = auth.register_transcript(nonce, self.ids[k], key.public, eph_pub, host, port)
+            params.update(key=key.public, eph=eph_pub, proof=key.sign(t), member=self.cluster.mac(t))
+        return {"id": k, "method": "register", "params": params}
 
     def ot_connect(self) -> None:
         tid = 7
@@ -201,7 +235,11 @@ class Loader:
                 h = holdings_of(i)
                 if not self.with_holdings:  # a progress update
                     h = {a: self.rng.random() for a in h}
-            pkt = self._enc(UdpRequest(UDP_VERSION, self.ids[k], self.sessions[k], seq, h))
+            if self.cluster is not None:
+                body = self._enc(UdpRequest(UDP_VERSION_AUTH, self.ids[k], self.sessions[k], seq, h))
+                pkt = seal(body, self.session_keys[k])
+            else:
+                pkt = self._enc(UdpRequest(UDP_VERSION, self.ids[k], self.sessions[k], seq, h))
         self.ring[seq & (RING - 1)] = time.perf_counter()
         try:
             self.sock.send(pkt)
@@ -417,6 +455,7 @@ class P2PTracker(Target):
         except ImportError:
             pass
         t = cluster.start_tracker(*extra, interval=interval, store=store)
+        self.join_secret_file = cluster.join_secret_file  # a secured tracker, as deployed (docs/security.md)
         self.process = t.process
         self.port = t.port
         self.admin_port = t.admin_port
@@ -482,6 +521,7 @@ def run_target(target: Target, mode: str, a: argparse.Namespace, tmp: Path) -> d
                 "first": first,
                 "count": count,
                 "churn": a.churn,
+                "join_secret_file": str(target.join_secret_file or "") if isinstance(target, P2PTracker) else "",
             }
             loaders.append(
                 subprocess.Popen(

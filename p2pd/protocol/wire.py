@@ -13,7 +13,7 @@ import struct
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the handshake is mutually authenticated (node keys, AUTH; docs/interfaces.md)
 HEADER = struct.Struct(">IB")  # length (type byte + body), type
 HEADER_SIZE = HEADER.size
 PIECE_SUB = struct.Struct(">IB")  # piece index, codec
@@ -42,12 +42,22 @@ class MsgType(enum.IntEnum):
     KEEPALIVE = 9
     DEFER = 10  # "I have it, but ask someone else for now" (a seed spreading distinct pieces first)
     BAD_PIECE = 11  # "the piece you sent me fails verification": the sender re-verifies its copy from disk
+    AUTH = 12  # the handshake's proofs: a signature over both nonces (and the join secret's MAC)
 
 
 class Handshake(msgspec.Struct, frozen=True):
     version: int
     node_id: str
     artifact_id: str
+    key: bytes = b""  # Ed25519 public key; node_id must be p2pd.protocol.auth.node_id_of(key)
+    nonce: bytes = b""  # fresh per connection: the other side signs it in its AUTH
+
+
+class Auth(msgspec.Struct, frozen=True):
+    """Second message of each side: proves the key of its HANDSHAKE (and membership of the cluster)."""
+
+    signature: bytes
+    member: bytes = b""  # HMAC under the join secret's member key; empty in an --insecure cluster
 
 
 class Bitfield(msgspec.Struct, frozen=True):
@@ -94,9 +104,10 @@ class PieceHeader(msgspec.Struct, frozen=True):
     length: int
 
 
-Message = Handshake | Bitfield | Have | Request | Cancel | Reject | Defer | BadPiece | Goodbye | KeepAlive
+Message = Handshake | Auth | Bitfield | Have | Request | Cancel | Reject | Defer | BadPiece | Goodbye | KeepAlive
 _hs_enc = msgspec.msgpack.Encoder()
 _hs_dec = msgspec.msgpack.Decoder(Handshake)
+_auth_dec = msgspec.msgpack.Decoder(Auth)
 
 
 def _frame(t: MsgType, body: bytes = b"") -> bytes:
@@ -106,6 +117,8 @@ def _frame(t: MsgType, body: bytes = b"") -> bytes:
 def encode(msg: Message) -> bytes:
     if isinstance(msg, Handshake):
         return _frame(MsgType.HANDSHAKE, _hs_enc.encode(msg))
+    if isinstance(msg, Auth):
+        return _frame(MsgType.AUTH, _hs_enc.encode(msg))
     if isinstance(msg, Bitfield):
         return _frame(MsgType.BITFIELD, msg.bits)
     if isinstance(msg, Have):
@@ -174,6 +187,11 @@ def decode_body(t: MsgType, body: bytes) -> Message:
             return _hs_dec.decode(body)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:  # bad UTF-8, deep nesting
             raise ProtocolError(f"bad handshake: {e}") from None
+    if t is MsgType.AUTH:
+        try:
+            return _auth_dec.decode(body)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ProtocolError(f"bad handshake proof: {e}") from None
     if t is MsgType.BITFIELD:
         return Bitfield(bytes(body))
     if t in _INDEX_MSGS:

@@ -15,6 +15,7 @@ import pytest
 
 from netsim.emu import list_namespaces
 from netsim.emu.topology import PREFIX_ROOT
+from p2pd.identity import JOIN_SECRET_ENV, new_join_secret
 
 
 def emu_unavailable() -> str | None:
@@ -33,6 +34,8 @@ def emu_unavailable() -> str | None:
 
 
 _REASON = emu_unavailable()
+# the daemons and trackers these tests start (they inherit this environment) form a secured cluster
+os.environ.setdefault(JOIN_SECRET_ENV, new_join_secret())
 
 
 def ours() -> list[str]:

@@ -29,8 +29,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def cluster() -> Iterator[LocalCluster]:
     """Processes of one test, in a temp dir removed afterwards (their logs are printed first, so a
-    failing test shows them in its captured output)."""
-    with tempfile.TemporaryDirectory(prefix="p2p-tracker-test-") as tmp, LocalCluster(Path(tmp)) as c:
+    failing test shows them in its captured output). The tracker's own mechanics are tested with fake
+    node ids on an `--insecure` tracker; tests/tracker/test_tracker_trust.py tests a secured one."""
+    with (
+        tempfile.TemporaryDirectory(prefix="p2p-tracker-test-") as tmp,
+        LocalCluster(Path(tmp), secure=False) as c,
+    ):
         try:
             yield c
         finally:

@@ -28,7 +28,7 @@ TOKEN = "s3cret-token"
 @pytest.fixture(scope="module")
 def admin() -> Iterator[dict[str, Any]]:
     tmp = tempfile.TemporaryDirectory(prefix="p2p-tracker-admin-")
-    cluster = LocalCluster(Path(tmp.name))
+    cluster = LocalCluster(Path(tmp.name), secure=False)  # fake node ids: the mechanics of the admin API
     try:
         t = cluster.start_tracker("--admin-listen", "127.0.0.1:0", "--admin-token", TOKEN, interval=5)
         url = f"http://127.0.0.1:{t.admin_port}"

@@ -203,7 +203,7 @@ def test_serve_errors_are_one_line() -> None:
             (["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], "needs --admin-token", 2),
         ]:
             r = subprocess.run(
-                [*TRACKER_CLI, "serve", *args],
+                [*TRACKER_CLI, "serve", "--insecure", *args],
                 capture_output=True,
                 text=True,
                 timeout=60,

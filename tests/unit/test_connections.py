@@ -22,19 +22,24 @@ from p2pd.errors import CloseReason
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import wire
+from p2pd.protocol.auth import ClusterSecret, Identity, NodeKey
 from p2pd.protocol.session import PeerClosed
 from p2pd.storage import Catalog, PieceStore
 from p2pd.swarm import Swarm
 
 PIECE = 1 << 16
-SEED_ID, LEECH_ID = "a" * 32, "b" * 32
+CLUSTER = ClusterSecret(b"a join secret for these tests")
+SEED = Identity(NodeKey.from_seed(b"\x01" * 32), CLUSTER)
+LEECH = Identity(NodeKey.from_seed(b"\x02" * 32), CLUSTER)
+SEED_ID, LEECH_ID = SEED.node_id, LEECH.node_id
+IDENTITIES = {SEED_ID: SEED, LEECH_ID: LEECH}
 
 
 class MemoryConnector:
     """Reaches the swarms it was given over in-memory streams; their side is served in `nursery`."""
 
-    def __init__(self, node_id: str, nursery: trio.Nursery, swarms: dict[str, Swarm]) -> None:
-        self.node_id, self.nursery, self.swarms = node_id, nursery, swarms
+    def __init__(self, identity: Identity, nursery: trio.Nursery, swarms: dict[str, Swarm]) -> None:
+        self.identity, self.nursery, self.swarms = identity, nursery, swarms
         self.connections = 0
 
     async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
@@ -47,7 +52,7 @@ class MemoryConnector:
         try:
             return await connections.open_outgoing(
                 ours,
-                node_id=self.node_id,
+                identity=self.identity,
                 remote_id=remote_id,
                 artifact_id=artifact_id,
                 addr="memory",
@@ -62,9 +67,9 @@ class MemoryConnector:
         async with stream:
             try:
                 conn = await connections.accept(
-                    stream, "memory", remote.node_id, handshake_timeout=5, serves=remote.artifact_id.__eq__
+                    stream, "memory", IDENTITIES[remote.node_id], handshake_timeout=5, serves=remote.artifact_id.__eq__
                 )
-            except (PeerClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            except (PeerClosed, trio.BrokenResourceError, trio.ClosedResourceError, wire.ProtocolError):
                 return
             await remote.serve(conn)
 
@@ -126,7 +131,7 @@ async def test_a_download_over_streams_that_are_not_sockets(tmp_path: Path) -> N
     m, aid, src = publish(tmp_path)
     seed = seed_swarm(m, aid, src, tmp_path)
     async with trio.open_nursery() as nursery:
-        connector = MemoryConnector(LEECH_ID, nursery, {SEED_ID: seed})
+        connector = MemoryConnector(LEECH, nursery, {SEED_ID: seed})
         leech = leech_swarm(m, aid, tmp_path, connector)
         await nursery.start(seed.run)
         await nursery.start(leech.run)
@@ -148,8 +153,8 @@ async def test_a_connection_answered_by_the_wrong_node_is_refused(tmp_path: Path
     m, aid, src = publish(tmp_path)
     seed = seed_swarm(m, aid, src, tmp_path)
     async with trio.open_nursery() as nursery:
-        connector = MemoryConnector(LEECH_ID, nursery, {"c" * 32: seed})  # "c..." is answered by node "a..."
-        with pytest.raises(ConnectError, match="answered as aaaaaaaa"):
+        connector = MemoryConnector(LEECH, nursery, {"c" * 32: seed})  # "c..." is answered by the seed
+        with pytest.raises(ConnectError, match=f"answered as {SEED_ID[:8]}"):
             await connector.connect("c" * 32, ("memory", 0), aid)
         nursery.cancel_scope.cancel()
     seed.store.close()
@@ -161,11 +166,13 @@ async def test_an_incoming_connection_for_an_unknown_artifact_is_told_goodbye() 
 
         async def remote() -> None:
             with pytest.raises(PeerClosed) as exc:
-                await connections.accept(theirs, "memory", SEED_ID, handshake_timeout=5, serves=lambda _: False)
+                await connections.accept(theirs, "memory", SEED, handshake_timeout=5, serves=lambda _: False)
             assert exc.value.reason is CloseReason.WE_LEFT
 
         nursery.start_soon(remote)
-        await ours.send_all(wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, LEECH_ID, "f" * 64)))
+        await ours.send_all(
+            wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, LEECH_ID, "f" * 64, LEECH.key.public, b"n" * 16))
+        )
         with trio.fail_after(5):
             reply = wire.FrameDecoder(0).feed(bytes(await ours.receive_some(1024)))
         assert reply == [wire.Goodbye("unknown artifact")]
@@ -183,10 +190,10 @@ async def test_a_malformed_handshake_is_a_protocol_error(hello: bytes) -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     await ours.send_all(hello)
     with pytest.raises(wire.ProtocolError), trio.fail_after(5):
-        await connections.accept(theirs, "memory", SEED_ID, handshake_timeout=5, serves=lambda _: True)
+        await connections.accept(theirs, "memory", SEED, handshake_timeout=5, serves=lambda _: True)
 
 
 async def test_a_silent_dialler_times_out_at_the_handshake(autojump_clock: trio.testing.MockClock) -> None:
     _ours, theirs = trio.testing.memory_stream_pair()
     with pytest.raises(trio.TooSlowError):
-        await connections.accept(theirs, "memory", SEED_ID, handshake_timeout=5, serves=lambda _: True)
+        await connections.accept(theirs, "memory", SEED, handshake_timeout=5, serves=lambda _: True)

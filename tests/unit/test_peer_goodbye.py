@@ -22,12 +22,15 @@ from p2pd.connections import ConnectionPath
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import wire
+from p2pd.protocol.auth import ClusterSecret, Identity, NodeKey
 from p2pd.storage import Catalog, PieceStore
 from p2pd.swarm import Swarm
 
 PIECE = 256 << 10
 PIECES = 16
-SEED_ID, PEER_ID = "a" * 32, "b" * 32
+CLUSTER = ClusterSecret(b"a join secret for these tests")
+SEED, PEER = Identity(NodeKey.from_seed(b"\x01" * 32), CLUSTER), Identity(NodeKey.from_seed(b"\x02" * 32), CLUSTER)
+SEED_ID, PEER_ID = SEED.node_id, PEER.node_id
 
 
 def seed_swarm(tmp_path: Path) -> tuple[Swarm, bytes]:
@@ -66,7 +69,7 @@ async def test_a_leaving_seed_delivers_every_piece_it_started_before_closing(tmp
     async def run_seed() -> None:
         sock, _ = await listener.accept()
         stream = trio.SocketStream(sock)
-        conn = await connections.accept(stream, "peer", SEED_ID, handshake_timeout=5, serves=seed.artifact_id.__eq__)
+        conn = await connections.accept(stream, "peer", SEED, handshake_timeout=5, serves=seed.artifact_id.__eq__)
         try:
             await seed.serve(conn)
         finally:
@@ -82,7 +85,7 @@ async def test_a_leaving_seed_delivers_every_piece_it_started_before_closing(tmp
         await client.connect(listener.getsockname())
         conn = await connections.open_outgoing(
             trio.SocketStream(client),
-            node_id=PEER_ID,
+            identity=PEER,
             remote_id=SEED_ID,
             artifact_id=seed.artifact_id,
             addr="seed",

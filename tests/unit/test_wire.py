@@ -15,6 +15,7 @@ from p2pd.protocol.wire import (
     HEADER_SIZE,
     MAX_CONTROL_FRAME,
     PIECE_SUB_SIZE,
+    Auth,
     Bitfield,
     Cancel,
     Defer,
@@ -44,9 +45,12 @@ handshakes = st.builds(
     version=st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
     node_id=st.text(max_size=40),
     artifact_id=st.text(max_size=70),
+    key=st.binary(max_size=40),
+    nonce=st.binary(max_size=20),
 )
 messages = st.one_of(
     handshakes,
+    st.builds(Auth, st.binary(max_size=80), st.binary(max_size=40)),
     st.builds(Bitfield, st.binary(max_size=300)),
     st.builds(Have, u32),
     st.builds(Request, u32),
@@ -186,6 +190,7 @@ def test_message_type_numbers_are_stable() -> None:
         "KEEPALIVE": 9,
         "DEFER": 10,
         "BAD_PIECE": 11,
+        "AUTH": 12,
     }
 
 

@@ -39,6 +39,8 @@ from netsim.bench.harness import (
     tail,
     wait_tcp,
 )
+from p2pd.identity import JOIN_SECRET_ENV, new_join_secret, read_join_secret
+from p2pd.protocol import auth
 from p2pd.rpc import RpcError, call_blocking, parse_hostport
 
 TRACKER_PORT = 7400
@@ -96,7 +98,7 @@ class P2pd(Client):
     def run(self, ctx: Ctx, run: int) -> RunResult:
         d = ctx.run_dir(self.name, run)
         procs: list[subprocess.Popen] = []
-        env = child_env()
+        env = child_env({JOIN_SECRET_ENV: new_join_secret()})  # secured, as deployed (docs/security.md)
         p2pd = p2pd_cmd()
         seed = ctx.net.seed
         tracker = f"{seed.ip}:{TRACKER_PORT}"
@@ -134,7 +136,7 @@ class P2pd(Client):
             if cp.returncode != 0:
                 raise BenchError(f"p2pd publish exit {cp.returncode}: {cp.stderr.strip()[-600:]}")
             artifact = (cp.stdout.strip().splitlines() or [""])[-1].strip()
-            self._wait_holder(ctx, tracker, artifact)
+            self._wait_holder(ctx, tracker, artifact, env)
             leechers: list[Leecher] = []
             for n in ctx.net.leechers:
                 out = os.path.join(d, f"out-{n.name}")
@@ -180,7 +182,7 @@ class P2pd(Client):
                 raise BenchError(f"p2pd on {n.name}: status never exited 0: {cp.stderr.strip()[-300:]}")
             time.sleep(0.1)
 
-    def _wait_holder(self, ctx: Ctx, tracker: str, artifact: str) -> None:
+    def _wait_holder(self, ctx: Ctx, tracker: str, artifact: str, env: dict[str, str]) -> None:
         seed = ctx.net.seed
         cp = seed.host.run(
             [
@@ -194,7 +196,7 @@ class P2pd(Client):
                 artifact,
             ],
             check=False,
-            env=child_env(),
+            env=env,  # the cluster's join secret: only members may ask the tracker for peers
             cwd=NEUTRAL_CWD,
             timeout=60,
         )
@@ -203,6 +205,23 @@ class P2pd(Client):
 
 
 # ----------------------------------------------------------------------------- tracker RPC probe (own process)
+def join_as_member(s: socket.socket) -> None:
+    """Register a throwaway node on this tracker connection when the cluster is secured (its join secret
+    in the environment), so the connection may ask for peers (docs/security.md)."""
+    secret = read_join_secret(None)
+    if secret is None:
+        return
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    cluster, key = auth.ClusterSecret(secret), auth.NodeKey.from_seed(os.urandom(32))
+    nonce = call_blocking(s, "challenge", {})["nonce"]
+    eph = auth.x25519_public(X25519PrivateKey.generate())
+    t = auth.register_transcript(nonce, key.node_id, key.public, eph, "127.0.0.1", 9)
+    params = {"node_id": key.node_id, "addr": ["127.0.0.1", 9], "labels": {}, "version": "bench-probe"}
+    params.update(key=key.public, eph=eph, proof=key.sign(t), member=cluster.mac(t))
+    call_blocking(s, "register", params, req_id=2)
+
+
 def wait_holder(tracker: str, artifact: str, timeout: float) -> bool:
     """True once the tracker lists a complete holder of `artifact`."""
     host, port = parse_hostport(tracker)
@@ -211,6 +230,7 @@ def wait_holder(tracker: str, artifact: str, timeout: float) -> bool:
     while time.monotonic() < end:
         try:
             with socket.create_connection((host, port), timeout=5) as s:  # the tracker RPC, docs/interfaces.md
+                join_as_member(s)
                 r = call_blocking(s, "peers", {"artifact_id": artifact, "node_id": "0" * 32, "max": 50})
                 if any(p.get("progress", 0) >= 1.0 for p in r.get("peers", [])):
                     return True
