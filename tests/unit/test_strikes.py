@@ -17,7 +17,7 @@ from p2pd.swarm import Swarm
 from tests.unit.test_swarm_policy import make_swarm
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity, as PeerConn (the swarm keys per-connection state by it)
 class FakeConn:
     """What `Swarm._bad_piece` touches of a PeerConn."""
 
