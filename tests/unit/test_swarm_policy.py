@@ -140,6 +140,7 @@ class _Conn:
     def __init__(self, remote_id: str, initiator: str, path: str) -> None:
         self.remote_id, self.initiator, self.path, self.addr = remote_id, initiator, path, "x"
         self.closed_with: object = None
+        self.bytes_up = self.bytes_down = 0
         self.session = type("S", (), {"send_bitfield": lambda self, have: None})()
 
     def close(self, reason: object, detail: str = "") -> None:
