@@ -13,7 +13,6 @@ both, and a test checks that every metric it names is exported.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -107,20 +106,14 @@ class DaemonMetrics(Collector):
 
         limit = GaugeMetricFamily(
             "p2pd_rate_limit_bytes_per_second",
-            "The cap in force on this node's piece bytes, by direction; `why`: node-config (--egress-limit/"
-            "--ingress-limit) or cluster-policy (the tracker's); absent: no cap.",
-            labels=["direction", "why"],
+            "The cap in force on this node's piece bytes, by direction; `by`: the source that sets it (flag, "
+            "policy, global share, auto: as `p2pd status` shows); absent: no cap.",
+            labels=["direction", "by"],
         )
         if d.egress is not None and d.ingress is not None:
-            for direction, own, policy in (
-                ("egress", d.config.egress_limit, d.policy_egress.rate),
-                ("ingress", d.config.ingress_limit, d.policy_ingress.rate),
-            ):
-                mine = own if own is not None else math.inf
-                if min(mine, policy) < math.inf:
-                    limit.add_metric(
-                        [direction, "node-config" if mine <= policy else "cluster-policy"], min(mine, policy)
-                    )
+            for direction, lim in d.limits().items():
+                if lim["limit"] is not None:
+                    limit.add_metric([direction, lim["by"]], lim["limit"])
         yield limit
 
         stored = [i for i in d.cache_items() if i.stored]

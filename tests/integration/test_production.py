@@ -175,7 +175,7 @@ def test_metrics_count_a_real_transfer(tmp_path: Path) -> None:
         assert total(sent, "p2pd_bytes_sent_total", artifact=art, path="direct") >= size
         assert total(sent, "p2pd_cache_bytes") == 0  # published in place, not in the cache
         limit = [s for s in sent["p2pd_rate_limit_bytes_per_second"] if s.labels["direction"] == "egress"]
-        assert [(s.labels["why"], s.value) for s in limit] == [("node-config", 400e6)]
+        assert [(s.labels["by"], s.value) for s in limit] == [("flag", 400e6)]
 
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"http://{HOST}:{seed_m}/other", timeout=10)
