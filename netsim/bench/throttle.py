@@ -395,7 +395,7 @@ def report(
             r is not None
             and b is not None
             and b > 0
-            and budget_at(events, k + 1) == b
+            and budget_at(events, k + 1 - 1e-6) == b
             and all(k + 1 <= at or k >= at + settle for at, _ in events)
             and k + 1 <= first_done
         )

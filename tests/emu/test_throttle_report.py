@@ -1,0 +1,41 @@
+"""The throttle benchmark's arithmetic (no root needed): 1-s windows, steady windows, reaction, pause."""
+
+from __future__ import annotations
+
+import pytest
+
+from netsim.bench.throttle import ThrottleOptions, rate_at, report
+
+
+def samples_at(rate_bps: list[tuple[float, float, float]], step: float = 0.1) -> list[tuple[float, int]]:
+    """Cumulative byte samples for piecewise constant rates [(from, to, bit/s)]."""
+    out, total, t = [(0.0, 0)], 0.0, 0.0
+    end = rate_bps[-1][1]
+    while t < end - 1e-9:
+        r = next(r for a, b, r in rate_bps if a <= t < b)
+        total += r / 8 * step
+        t = round(t + step, 6)
+        out.append((t, int(total)))
+    return out
+
+
+def test_rate_interpolates_between_samples() -> None:
+    s = samples_at([(0, 10, 8e6)])
+    assert rate_at(s, 2.0, 3.0) == pytest.approx(8e6, rel=1e-3)
+    assert rate_at(s, 2.05, 3.05) == pytest.approx(8e6, rel=1e-3)
+    assert rate_at(s, 9.5, 10.5) is None  # not covered
+
+
+def test_report_windows_reaction_and_pause() -> None:
+    o = ThrottleOptions(peers=4, size=10_000_000, budget_bps=40_000_000, change_bps=64_000_000)
+    s = samples_at([(0, 8, 40e6), (8, 9, 40e6), (9, 14, 64e6), (14, 18, 0.0), (18, 20, 300e6)])
+    events = [(0.0, 40e6), (8.0, 64e6), (14.0, 0.0), (18.0, None)]
+    r = report(o, s, events, {"p1": 20.0, "p2": 20.0, "p3": 20.0, "p4": 20.0}, None)
+    steady = [w["t"] for w in r["windows"] if w["steady"]]
+    # 2 s after the start and after the change; the pause and the cleared phase have no budget to hold
+    assert steady == [2, 3, 4, 5, 6, 7, 10, 11, 12, 13]
+    assert r["budget_ratio_mean"] == pytest.approx(1.0, abs=0.01)
+    # nodes follow 1 s late: the 1-s window ending 1.47 s after the change is the first at 0.8x
+    assert r["reaction_s"] == pytest.approx(1.5, abs=0.11)
+    assert r["pause_rate_max_bps"] == 0
+    assert r["t_budget_s"] == pytest.approx(4 * 10_000_000 * 8 / 40e6)
