@@ -62,7 +62,7 @@ class TraversalConfig:
     # -- the race (seconds from the start of a connect; a failed path starts the next at once)
     punch_after: float = 0.15  # a direct connect that works on a cluster network is done well within this
     udp_punch_after: float = 0.5  # after tcp-punch has had its chance (cones), before the relay (cone <-> symmetric)
-    relay_after: float = 3.0  # after a birthday punch: rendezvous, spray (~0.1-1 s on a busy host), QUIC handshake
+    relay_after: float = 2.5  # after the UDP punch's rendezvous (a punch under way holds the relay back)
     udp_punch_timeout: float = 4.0  # rendezvous, spray and QUIC handshake (a spray this long hits with p > 0.9999)
     punch_timeout: float = 3.0  # rendezvous plus simultaneous open, the dial retried for the rest of it
     relay_pair_timeout: float = 5.0  # waiting at the relay for the other node

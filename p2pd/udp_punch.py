@@ -286,8 +286,11 @@ class UdpPunchConnector:
     async def connect(
         self, remote_id: str, addr: tuple[str, int], artifact_id: str, *, reached: Callable[[], None] | None = None
     ) -> Connection:
-        """`reached()` is called once the punch found the peer (QUIC and the p2pd handshake may still fail):
-        the race then lets a later path (the relay) wait for this one's outcome, as for a direct connect."""
+        """`reached()` is called once the peer has answered the rendezvous and a punch between the two NAT
+        types can work (it, QUIC and the p2pd handshake may still fail, within `timeout`): the race then lets
+        a later path (the relay) wait for this one's outcome, as for a direct connect whose TCP is up. So a
+        busy host whose spray takes a second does not lose a working punch to the relay; two NATs that
+        cannot punch (both symmetric, UDP blocked) never call it, and the relay starts at its stagger."""
         nursery = self.nursery()
         if nursery is None or not self.signal.up or self.signal.addr is None:
             raise ConnectError("no signal channel to the tracker")
@@ -328,6 +331,8 @@ class UdpPunchConnector:
             )
             if decision.plan is up.Plan.NONE:
                 raise ConnectError(f"no UDP path: {decision.reason}")
+            if reached is not None:
+                reached()
             try:
                 punched = await punch(
                     decision.plan,
@@ -340,8 +345,6 @@ class UdpPunchConnector:
                 )
             except PunchFailed as e:
                 raise ConnectError(str(e)) from None
-        if reached is not None:
-            reached()
         log.debug(
             "udp punch to %s: %s after %d probes, %.0f ms",
             remote_id[:8],
