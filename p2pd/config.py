@@ -23,6 +23,9 @@ class SwarmConfig:
     pipeline_max: int = 4  # a fast peer's depth at most (1 GB/s and 256 KiB pieces: 4 cover a 1 ms turnaround)
     request_turnaround: float = 0.001  # piece arrives -> verified -> next request at the peer, on a fast path
     slow_piece_time: float = 1.0  # a peer that needs longer than this for one piece holds one request
+    # a relayed peer is asked only for pieces no direct peer holds: relay capacity is shared and slow (FINDINGS §3);
+    # in a swarm whose direct peers are few and busy, a relayed node then finishes later (BENCHMARKS, NAT swarm)
+    prefer_direct: bool = True
     max_queued_requests: int = 64  # a peer's requests we queue; more is a protocol error (bounds what it makes us hold)
     # -- timing (seconds)
     connect_timeout: float = 3.0  # a TCP connect on a cluster network completes in milliseconds or not at all

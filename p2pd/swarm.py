@@ -375,7 +375,9 @@ class Swarm:
             if self.downloading and not conn.closed:
                 mask = event.mask
                 picker.add_peer(
-                    session, range(self.n) if mask == self._full else bits.indices(mask), rank=path_rank(conn.path)
+                    session,
+                    range(self.n) if mask == self._full else bits.indices(mask),
+                    rank=path_rank(conn.path) if self.config.prefer_direct else 0,
                 )
                 self.fill(conn)
         elif isinstance(event, ps.RequestRejected):
