@@ -30,7 +30,7 @@ from p2pd.protocol import manifest as mf
 from p2pd.protocol import wire
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, unlimited
 from p2pd.protocol.session import PeerClosed
-from p2pd.rpc import Emit, RpcError, serve_listeners
+from p2pd.rpc import Emit, RpcError, current_caller, serve_listeners
 from p2pd.storage import Catalog, PieceStore, Record, StorageError, build_manifest, materialize
 from p2pd.swarm import Swarm
 from p2pd.tracker_client import TrackerClient
@@ -500,6 +500,9 @@ class Daemon:
         meta = {str(k): str(v) for k, v in (params.get("meta") or {}).items()}
         if not path.is_absolute():
             raise RpcError(ErrorCode.BAD_REQUEST, f"path must be absolute, got {path}")
+        caller = current_caller()
+        if caller is not None:  # publish only what the caller itself could read
+            await trio.to_thread.run_sync(_check_caller, caller.check_readable, path)
         try:
             mf.validate_name(name)
         except mf.ManifestError as e:
@@ -541,6 +544,11 @@ class Daemon:
         assert self.tracker is not None
         name = str(params["name"])
         dest = params.get("dest")
+        caller = current_caller()
+        if dest and caller is not None:  # place files only where the caller itself could
+            dest_path = Path(str(dest))
+            if dest_path.is_absolute():
+                await trio.to_thread.run_sync(_check_caller, caller.check_writable_dest, dest_path)
         log.debug("fetch %s: resolving", name)
         aid, m = await self._resolve(name)
         log.debug("fetch %s: resolved to %s", name, aid[:12])
@@ -646,6 +654,16 @@ class Daemon:
             return aid, mf.decode_checked(data, aid)
         except mf.ManifestError as e:
             raise RpcError(ErrorCode.INTEGRITY, f"the tracker's manifest for {name} is invalid: {e}") from None
+
+
+def _check_caller(check: Any, path: Path) -> None:
+    """Run a Caller check; a path that does not exist is the caller's mistake, said plainly."""
+    try:
+        check(path)
+    except FileNotFoundError:
+        raise RpcError(ErrorCode.BAD_REQUEST, f"{path} does not exist") from None
+    except PermissionError as e:
+        raise RpcError(ErrorCode.BAD_REQUEST, f"cannot check {path}: {e}") from None
 
 
 def _finite(x: float) -> float | None:

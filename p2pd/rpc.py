@@ -8,8 +8,10 @@ request never takes the server down.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +19,7 @@ from typing import Any
 
 import trio
 
+from p2pd.caller import Caller
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.protocol.framing import FrameError, FrameReader, RpcError, encode_frame
 
@@ -25,11 +28,30 @@ log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
 READ_SIZE = 65536
+# The client of the request being handled (SO_PEERCRED on a Unix socket; None over TCP): handlers
+# read it with `current_caller()` to act with the caller's rights, without a change to their signature.
+_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("p2pd_rpc_caller", default=None)
+
+
+def current_caller() -> Caller | None:
+    return _CALLER.get()
+
+
+def _caller_of(stream: trio.abc.Stream) -> Caller | None:
+    if not isinstance(stream, trio.SocketStream) or stream.socket.family != socket.AF_UNIX:
+        return None
+    fd = stream.socket.fileno()
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        return Caller.of_socket(sock)
+    finally:
+        sock.close()
 
 
 async def serve_connection(stream: trio.abc.Stream, handlers: dict[str, Handler], peer: str = "") -> None:
     """Serve one client connection until it closes; each request runs in its own task."""
     send_lock = trio.Lock()
+    _CALLER.set(_caller_of(stream))  # copied into every request task started below
 
     async def send(obj: dict[str, Any]) -> None:
         async with send_lock:
