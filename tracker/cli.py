@@ -227,7 +227,7 @@ async def _serve(config: TrackerConfig) -> None:
     admin_addr, admin_token = config.admin_listen, config.admin_token
     relay = config.relay
     store = await open_store(config.store, interval, config.store_prefix)
-    server = TrackerServer(store, stun=config.stun)
+    server = TrackerServer(store, stun=config.stun, limits=config.limits)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
