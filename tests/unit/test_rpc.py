@@ -352,8 +352,8 @@ def test_any_bytes_to_the_rpc_server_end_the_connection_cleanly(data: bytes, wit
         client, server = trio.testing.memory_stream_pair()
         with trio.fail_after(10):
             async with trio.open_nursery() as n:
-                timeouts = {"idle_timeout": 0.2, "frame_timeout": 0.2} if with_timeouts else {}
-                n.start_soon(lambda: serve_connection(server, {"echo": echo}, **timeouts))
+                limit = 0.2 if with_timeouts else None
+                n.start_soon(lambda: serve_connection(server, {"echo": echo}, idle_timeout=limit, frame_timeout=limit))
                 await client.send_all(data)
                 await client.send_eof()
                 with trio.move_on_after(2):
