@@ -38,7 +38,7 @@ from p2pd.protocol import wire
 from p2pd.protocol.auth import ClusterSecret
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, unlimited
 from p2pd.protocol.session import PeerClosed
-from p2pd.rpc import Emit, RpcError, serve_listeners
+from p2pd.rpc import Emit, RpcError, current_caller, serve_listeners
 from p2pd.sd_notify import Notifier
 from p2pd.storage import Catalog, PieceStore, Record, StorageError, build_manifest, materialize
 from p2pd.swarm import Swarm
@@ -840,6 +840,9 @@ class Daemon:
         meta = {str(k): str(v) for k, v in (params.get("meta") or {}).items()}
         if not path.is_absolute():
             raise RpcError(ErrorCode.BAD_REQUEST, f"path must be absolute, got {path}")
+        caller = current_caller()
+        if caller is not None:  # publish only what the caller itself could read
+            await trio.to_thread.run_sync(_check_caller, caller.check_readable, path)
         try:
             mf.validate_name(name)
         except mf.ManifestError as e:
@@ -895,6 +898,11 @@ class Daemon:
         assert self.tracker is not None
         name = str(params["name"])
         dest = params.get("dest")
+        caller = current_caller()
+        if dest and caller is not None:  # place files only where the caller itself could
+            dest_path = Path(str(dest))
+            if dest_path.is_absolute():
+                await trio.to_thread.run_sync(_check_caller, caller.check_writable_dest, dest_path)
         log.debug("fetch %s: resolving", name)
         lease = _lease_param(params.get("lease"))
         aid, m = await self._resolve(name)
@@ -1046,6 +1054,16 @@ def _lease_param(value: Any) -> tuple[str, float] | None:
             f"fetch lease must be {{holder: 1-200 characters, ttl: (0, {MAX_LEASE_TTL:.0f}] seconds}}, got {value!r}",
         )
     return holder, float(ttl)
+
+
+def _check_caller(check: Any, path: Path) -> None:
+    """Run a Caller check; a path that does not exist is the caller's mistake, said plainly."""
+    try:
+        check(path)
+    except FileNotFoundError:
+        raise RpcError(ErrorCode.BAD_REQUEST, f"{path} does not exist") from None
+    except PermissionError as e:
+        raise RpcError(ErrorCode.BAD_REQUEST, f"cannot check {path}: {e}") from None
 
 
 def _finite(x: float) -> float | None:

@@ -31,7 +31,8 @@ class ErrorCode(StrEnum):
     DISK_FULL = "disk_full"
     # Reading or writing the data dir or --dest failed otherwise; check that path and its permissions.
     STORAGE = "storage"
-    # The tracker's manifest for a name does not match its artifact id; republish from a good copy.
+    # The tracker's manifest for a name does not match its artifact id, or a piece came only corrupt
+    # from every peer that had it; republish from a good copy.
     INTEGRITY = "integrity"
     # A packed environment could not be packed, unpacked or run here; the message says why: repack it.
     ENV = "env"
@@ -105,7 +106,7 @@ class CloseReason(StrEnum):
     STALLED = "stalled"  # no byte while our requests were pending: ask others, re-dial later
     SILENT = "silent"  # nothing at all, not even KEEPALIVE, for the idle timeout
     PROTOCOL = "protocol"  # the peer broke the protocol (malformed or unexpected frame)
-    BANNED = "banned"  # the peer sent a piece that fails verification
+    BANNED = "banned"  # the peer sent pieces that fail verification (strikes_to_ban of them): banned a while
     DUPLICATE = "duplicate"  # a second connection between the same two nodes: one of them goes
     WE_LEFT = "we_left"  # we said GOODBYE (this node stops, or the artifact is dropped)
     DOWNLOAD_STOPPED = "download_stopped"  # this artifact's download failed for good (disk full, ...)

@@ -8,8 +8,10 @@ request never takes the server down.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +19,7 @@ from typing import Any
 
 import trio
 
+from p2pd.caller import Caller
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.protocol.framing import FrameError, FrameReader, RpcError, encode_frame
 
@@ -25,11 +28,45 @@ log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
 READ_SIZE = 65536
+# The client of the request being handled (SO_PEERCRED on a Unix socket; None over TCP): handlers
+# read it with `current_caller()` to act with the caller's rights, without a change to their signature.
+_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("p2pd_rpc_caller", default=None)
 
 
-async def serve_connection(stream: trio.abc.Stream, handlers: dict[str, Handler], peer: str = "") -> None:
-    """Serve one client connection until it closes; each request runs in its own task."""
+def current_caller() -> Caller | None:
+    return _CALLER.get()
+
+
+def _caller_of(stream: trio.abc.Stream) -> Caller | None:
+    if not isinstance(stream, trio.SocketStream) or stream.socket.family != socket.AF_UNIX:
+        return None
+    fd = stream.socket.fileno()
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        return Caller.of_socket(sock)
+    finally:
+        sock.close()
+
+
+async def serve_connection(
+    stream: trio.abc.Stream,
+    handlers: dict[str, Handler],
+    peer: str = "",
+    *,
+    idle_timeout: float | None = None,
+    frame_timeout: float | None = None,
+) -> None:
+    """Serve one client connection until it closes; each request runs in its own task.
+
+    `idle_timeout`: close a connection with no request running and no byte received for this long
+    (a long request such as a signal channel keeps it open). `frame_timeout`: close one whose frame,
+    once begun, is not complete within this long (a partial frame must not be held for ever).
+    """
     send_lock = trio.Lock()
+    running = [0]
+    last_byte = [trio.current_time()]
+    frame_since: list[float | None] = [None]
+    _CALLER.set(_caller_of(stream))  # copied into every request task started below
 
     async def send(obj: dict[str, Any]) -> None:
         async with send_lock:
@@ -40,6 +77,7 @@ async def serve_connection(stream: trio.abc.Stream, handlers: dict[str, Handler]
             await send({"id": req_id, "event": event})
 
         handler = handlers.get(method)
+        running[0] += 1
         try:
             if handler is None:
                 raise RpcError(ErrorCode.BAD_REQUEST, f"unknown method {method!r}")
@@ -56,14 +94,31 @@ async def serve_connection(stream: trio.abc.Stream, handlers: dict[str, Handler]
             log.exception("handler %s failed", method)
             err = RpcError(ErrorCode.INTERNAL, f"internal error in {method}; see the server log")
             reply = {"id": req_id, "error": err.to_wire()}
+        finally:
+            running[0] -= 1
         try:
             await send(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("client %s went away before reply to %s", peer, method)
 
+    async def watchdog(cancel: trio.CancelScope) -> None:
+        check_every = min(t for t in (idle_timeout, frame_timeout, 1.0) if t is not None) / 2
+        while True:
+            await trio.sleep(check_every)
+            now = trio.current_time()
+            began = frame_since[0]
+            if frame_timeout is not None and began is not None and now - began > frame_timeout:
+                log.info("closing RPC connection %s: a frame begun %.0f s ago is still incomplete", peer, now - began)
+                cancel.cancel()
+            if idle_timeout is not None and not running[0] and now - last_byte[0] > idle_timeout:
+                log.debug("closing idle RPC connection %s", peer)
+                cancel.cancel()
+
     reader = FrameReader()
     try:
         async with trio.open_nursery() as nursery:
+            if idle_timeout is not None or frame_timeout is not None:
+                nursery.start_soon(watchdog, nursery.cancel_scope)
             while True:
                 try:
                     data = await stream.receive_some(READ_SIZE)
@@ -71,11 +126,13 @@ async def serve_connection(stream: trio.abc.Stream, handlers: dict[str, Handler]
                     break
                 if not data:
                     break
+                last_byte[0] = trio.current_time()
                 try:
                     frames = reader.feed(data)
                 except FrameError as e:
                     log.warning("closing RPC connection %s: %s", peer, e)
                     break
+                frame_since[0] = (frame_since[0] or last_byte[0]) if reader.pending else None
                 for f in frames:
                     if not isinstance(f, dict) or "method" not in f or "id" not in f:
                         log.warning("closing RPC connection %s: frame is not a request", peer)

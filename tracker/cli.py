@@ -277,7 +277,9 @@ async def _serve(config: TrackerConfig) -> None:
     relay = config.relay
     store = await open_store(config.store, interval, config.store_prefix)
     membership = Membership(config.join) if config.join is not None else None
-    server = TrackerServer(store, stun=config.stun, membership=membership, publishers=config.publishers)
+    server = TrackerServer(
+        store, stun=config.stun, membership=membership, publishers=config.publishers, limits=config.limits
+    )
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:

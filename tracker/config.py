@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,3 +38,15 @@ class TrackerConfig:
     relay: RelayOptions | None = None  # None: this tracker relays nothing (the CLI's default: on)
     join: ClusterSecret | None = None  # the cluster's join secret; None only with --insecure (docs/security.md)
     publishers: Publishers | None = None  # who publishes which names; None: every member (tracker/publishers.py)
+    limits: TrackerLimits = field(default_factory=lambda: TrackerLimits())
+
+
+@dataclass(frozen=True)
+class TrackerLimits:
+    """Resource bounds of the TCP RPC port (issue #14 row 6): anyone who reaches it is hostile until proven not."""
+
+    max_connections: int = 4096  # at once: a signal channel per node plus short RPCs; also at most half the fds
+    max_per_addr: int = 256  # per source address: nodes behind one NAT share it, one host alone needs a few
+    idle_timeout: float = 120.0  # a connection with no request running and no byte for this long is closed
+    frame_timeout: float = 30.0  # a frame begun must be complete within this (a 16 MiB publish takes < 1 s)
+    max_manifest_bytes: int = 8 << 20  # one manifest: ~100,000 files or 500,000 pieces; more is refused

@@ -37,11 +37,13 @@ from typing import Any
 import msgspec
 import trio
 
+from p2pd.admission import Admission, incoming_cap, raise_fd_limit
 from p2pd.protocol import auth
 from p2pd.protocol.heartbeat import UDP_VERSION, UDP_VERSION_AUTH, UdpReply, UdpRequest, unseal
 from p2pd.rpc import Emit, Handler, RpcError, serve_connection
 from tracker import validate as V
 from tracker.budgets import parse_report
+from tracker.config import TrackerLimits
 from tracker.membership import ConnState, Membership
 from tracker.metrics import Metrics
 from tracker.publishers import Publishers, SignedTag, check_publish, decode_signed
@@ -84,10 +86,13 @@ class TrackerServer:
         stun: StunSettings | None = StunSettings(),
         membership: Membership | None = None,
         publishers: Publishers | None = None,
+        limits: TrackerLimits | None = None,
     ) -> None:
         self.store = store
         self.membership = membership  # None: an --insecure tracker (every call accepted, docs/security.md)
         self.publishers = publishers or Publishers()  # who may publish which names (secured trackers)
+        self.limits = limits or TrackerLimits()
+        self.admission = Admission(self.limits.max_connections, self.limits.max_per_addr)
         self.metrics = metrics or Metrics()
         self.udp_port: int | None = None
         self.tcp_port: int | None = None
@@ -193,6 +198,11 @@ class TrackerServer:
             data = p.get("manifest")
             if not isinstance(data, bytes):
                 raise V.bad("manifest must be bytes")
+            if len(data) > self.limits.max_manifest_bytes:  # refused, never stored (issue #14 row 6)
+                raise V.bad(
+                    f"manifest of {len(data)} bytes exceeds this tracker's limit of {self.limits.max_manifest_bytes}: "
+                    "split the artifact"
+                )
             signed: SignedTag | None = None
             if ms is not None:
                 blob = await store.signed_tag(name)
@@ -273,10 +283,26 @@ class TrackerServer:
             peer_ip = str(peer[0])
         except OSError:
             peer, local, peer_ip = ("", 0), ("", 0), ""
-        handlers = self.handlers(peer_ip)
-        for name, fn in self.signals.handlers((peer_ip, int(peer[1])), (str(local[0]), int(local[1]))).items():
-            handlers[name] = self._instrument(name, fn)
-        await serve_connection(stream, handlers, peer=peer_ip)
+        refused = self.admission.admit(peer_ip)
+        if refused is not None:  # closed before a byte is read (issue #14 row 6)
+            if self.admission.refused % 1000 == 1:
+                log.warning("refusing RPC connections from %s: %s", peer_ip, refused)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        try:
+            handlers = self.handlers(peer_ip)
+            for name, fn in self.signals.handlers((peer_ip, int(peer[1])), (str(local[0]), int(local[1]))).items():
+                handlers[name] = self._instrument(name, fn)
+            await serve_connection(
+                stream,
+                handlers,
+                peer=peer_ip,
+                idle_timeout=self.limits.idle_timeout,
+                frame_timeout=self.limits.frame_timeout,
+            )
+        finally:
+            self.admission.release(peer_ip)
 
     # ---- UDP heartbeats ----------------------------------------------------------------------------
 
@@ -614,6 +640,7 @@ class TrackerServer:
         task_status: trio.TaskStatus[tuple[int, int | None]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on TCP host:port (and UDP on the same port, and STUN); started with (tcp_port, udp_port)."""
+        self.admission.max_total = incoming_cap(self.limits.max_connections, raise_fd_limit())
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.tcp_port = listeners[0].socket.getsockname()[1]
         udp_sock: socket.socket | None = None

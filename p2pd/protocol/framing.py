@@ -38,6 +38,11 @@ class FrameReader:
         self._buf = bytearray()
         self._max = max_frame
 
+    @property
+    def pending(self) -> int:
+        """Bytes of a frame begun and not yet complete (what a slow or hostile sender makes us hold)."""
+        return len(self._buf)
+
     def feed(self, data: bytes | bytearray) -> list[Any]:
         self._buf += data
         out: list[Any] = []

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+
+import trio
 
 from p2pd.cluster import HOST, P2PD_CLI, LocalCluster, Node
 from p2pd.rpc import free_port
@@ -99,3 +104,47 @@ async def test_a_rotten_cached_copy_is_reported_dropped_and_repaired(cluster: Lo
     path = await cluster.fetch_async(leech, "w:v1", timeout=120)
     assert path.read_bytes() == src.read_bytes()
     assert (cluster.work / "cacher" / "cache" / aid / "w.bin").read_bytes() == src.read_bytes()
+
+
+async def test_a_socket_group_member_gets_only_its_own_rights(cluster: LocalCluster, workdir: Path) -> None:
+    """Row 9: a member of the control socket's group published a root-only file and had the daemon
+    place files in a root-only directory. Now the daemon checks the caller's uid (SO_PEERCRED)."""
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("needs root: runs the client as nobody")
+    workdir.chmod(0o711)
+    node = await cluster.start_node_async("n")
+    (node.data_dir).chmod(0o711)
+    os.chown(node.socket, 0, 65534)  # the group docs/ray.md suggests: here nobody's own group
+    secret = workdir / "secret.bin"
+    secret.write_bytes(os.urandom(4096))
+    secret.chmod(0o600)
+
+    client = (
+        "import json, socket, sys\n"
+        "from p2pd.rpc import RpcError, call_blocking\n"
+        "s = socket.socket(socket.AF_UNIX); s.settimeout(30); s.connect(sys.argv[1])\n"
+        "try:\n"
+        "    print(json.dumps(call_blocking(s, sys.argv[2], json.loads(sys.argv[3]))))\n"
+        "except RpcError as e:\n"
+        "    print(e.code.value, e.message, file=sys.stderr); sys.exit(e.code.exit_status)\n"
+    )
+
+    def as_nobody(method: str, params: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+        """A raw API call (not the CLI, which checks paths itself) from uid 65534, a socket group member."""
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]  # the uid SO_PEERCRED reports
+        argv = [*drop, sys.executable, "-c", client, str(node.socket), method, json.dumps(params)]
+        return subprocess.run(argv, capture_output=True, env=cluster.env, timeout=60, check=False, cwd="/")
+
+    r = await trio.to_thread.run_sync(as_nobody, "publish", {"path": str(secret), "name": "stolen:v1"})
+    assert r.returncode == 2 and b"may not read" in r.stderr, r.stderr
+    public = workdir / "public.bin"
+    public.write_bytes(os.urandom(4096))
+    public.chmod(0o644)
+    await cluster.publish_async(node, public, "pub:v1")  # root publishes
+    root_only = workdir / "root-only"
+    root_only.mkdir(mode=0o700)
+    r = await trio.to_thread.run_sync(as_nobody, "fetch", {"name": "pub:v1", "dest": str(root_only / "x")})
+    assert r.returncode == 2 and b"may not" in r.stderr, r.stderr
+    assert list(root_only.iterdir()) == []

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol.framing import MAX_FRAME, FrameReader, encode_frame
@@ -335,3 +337,28 @@ def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
 def test_parse_hostport_errors(text: str) -> None:
     with pytest.raises(ValueError, match="expected HOST:PORT"):
         parse_hostport(text)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=400), st.booleans())
+def test_any_bytes_to_the_rpc_server_end_the_connection_cleanly(data: bytes, with_timeouts: bool) -> None:
+    """Fuzz: whatever a client sends, serve_connection answers or closes; it never raises or hangs."""
+    from p2pd.rpc import serve_connection
+
+    async def echo(params: dict[str, Any], emit: Any) -> Any:
+        return params
+
+    async def main() -> None:
+        client, server = trio.testing.memory_stream_pair()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                limit = 0.2 if with_timeouts else None
+                n.start_soon(lambda: serve_connection(server, {"echo": echo}, idle_timeout=limit, frame_timeout=limit))
+                await client.send_all(data)
+                await client.send_eof()
+                with trio.move_on_after(2):
+                    while await client.receive_some(65536):
+                        pass
+                n.cancel_scope.cancel()
+
+    trio.run(main)
