@@ -118,15 +118,6 @@ def serve(
     """Run a tracker until SIGTERM or SIGINT."""
     setup_logging(log_level)
     from p2pd.identity import cluster_secret
-    from tracker.publishers import Publishers
-
-    try:
-        join = cluster_secret(join_secret_file, insecure)
-        scopes = Publishers.load(publishers) if publishers is not None else None
-    except P2pdError as e:
-        fail(e.message, e.code)
-    if scopes is not None and join is None:
-        fail("--publishers needs a join secret: an open tracker cannot tell publishers apart", ErrorCode.BAD_REQUEST)
 
     try:
         host, port = parse_hostport(listen, default_host="0.0.0.0")
@@ -149,6 +140,16 @@ def serve(
             "--admin-listen needs --admin-token (or $P2P_TRACKER_ADMIN_TOKEN): the admin API never runs open",
             ErrorCode.BAD_REQUEST,
         )
+    from tracker.publishers import Publishers
+
+    try:
+        join = cluster_secret(join_secret_file, insecure)
+        scopes = Publishers.load(publishers) if publishers is not None else None
+    except P2pdError as e:
+        fail(e.message, e.code)
+    if scopes is not None and join is None:
+        fail("--publishers needs a join secret: an open tracker cannot tell publishers apart", ErrorCode.BAD_REQUEST)
+
     import trio
 
     raise_fd_limit()

@@ -105,14 +105,19 @@ def decode_signed(blob: bytes) -> SignedTag:
 
 def check_publish(
     p: dict[str, Any], name: str, artifact_id: str, publishers: Publishers, current: SignedTag | None
-) -> SignedTag:
-    """The signed publish in `p`, if it may move `name`; else a message saying why not (ValueError)."""
+) -> SignedTag | None:
+    """The signed publish in `p`, if it may move `name`; else a message saying why not (ValueError).
+
+    None: a valid publish that moves nothing (another node seeding the artifact the name already
+    points at): accepted, and the owner's signed record stays."""
     key, sig, at = p.get("key"), p.get("signature"), p.get("signed_at")
     if not isinstance(key, bytes) or not isinstance(sig, bytes) or not isinstance(at, int):
         raise ValueError(f"{name}: the publish is not signed (a node of a secured cluster signs what it publishes)")
     if not auth.verify(key, sig, auth.publish_transcript(name, artifact_id, at)):
         raise ValueError(f"{name}: the publisher's signature does not verify")
     owner = auth.node_id_of(key)
+    if current is not None and current.owner != owner and current.artifact_id == artifact_id:
+        return None  # another seed of what the name points at: nothing moves
     if not publishers.may_publish(owner, name):
         raise ValueError(
             f"node {owner[:8]} may not publish {name}: the tracker's publishers file gives it no prefix of that name"

@@ -211,6 +211,8 @@ class TrackerServer:
                     signed = check_publish(p, name, hashlib.sha256(data).hexdigest(), self.publishers, current)
                 except ValueError as e:
                     raise ms.refuse("publish", f"from {peer_ip}: {e}") from None
+                if signed is None and current is not None:  # a second seed of what the name points at
+                    return {"artifact_id": current.artifact_id}
             aid = await store.publish(name, data)
             if signed is not None:
                 await store.set_signed_tag(name, signed.encode())

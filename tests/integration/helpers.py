@@ -33,3 +33,13 @@ async def wait_until(pred: Any, timeout: float, interval: float = 0.1, what: str
                 return v
             await trio.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def member_identity(cluster: Any) -> Any:
+    """A fresh node identity of this (secured) LocalCluster: its join secret, a key of its own."""
+    import os
+
+    from p2pd.protocol.auth import ClusterSecret, Identity, NodeKey
+
+    assert cluster.join_secret_file is not None, "the cluster runs --insecure"
+    return Identity(NodeKey.from_seed(os.urandom(32)), ClusterSecret(cluster.join_secret_file.read_bytes().strip()))

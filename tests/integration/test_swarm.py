@@ -16,7 +16,7 @@ import trio
 
 from p2pd.cluster import LocalCluster, Node, scratch_dir
 from p2pd.demo import generate_model
-from tests.integration.helpers import sha256_tree, wait_until
+from tests.integration.helpers import member_identity, sha256_tree, wait_until
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -360,7 +360,8 @@ async def test_tracker_restart_transfers_continue_and_nodes_reregister(cluster: 
         assert during > before, "transfer stalled while the tracker was down"
         await cluster.start_tracker_async(port=port)
         t0 = time.monotonic()
-        async with TrackerClient([("127.0.0.1", port)], "f" * 32, ("127.0.0.1", 1)) as tc:
+        me = member_identity(cluster)  # the cluster is secured: only members may ask for peers
+        async with TrackerClient([("127.0.0.1", port)], me.node_id, ("127.0.0.1", 1), identity=me) as tc:
 
             async def both_known() -> bool:
                 return len(await tc.peers(aid)) == 2

@@ -22,10 +22,12 @@ def fields(key: NodeKey, name: str, aid: str, at: int) -> dict[str, object]:
 def test_the_first_signer_owns_a_name_and_only_it_moves_it() -> None:
     anyone = Publishers()
     first = check_publish(fields(A, "m:v1", X, 10), "m:v1", X, anyone, None)
-    assert first.owner == A.node_id
+    assert first is not None and first.owner == A.node_id
+    assert check_publish(fields(B, "m:v1", X, 11), "m:v1", X, anyone, first) is None  # B seeds it too: no move
     with pytest.raises(ValueError, match=f"belongs to node {A.node_id[:8]}"):
         check_publish(fields(B, "m:v1", Y, 11), "m:v1", Y, anyone, first)
-    assert check_publish(fields(A, "m:v1", Y, 11), "m:v1", Y, anyone, first).artifact_id == Y
+    moved = check_publish(fields(A, "m:v1", Y, 11), "m:v1", Y, anyone, first)
+    assert moved is not None and moved.artifact_id == Y
 
 
 @pytest.mark.parametrize(
@@ -44,6 +46,7 @@ def test_an_unsigned_or_misdirected_publish_is_refused(params: dict[str, object]
 
 def test_an_older_signed_publish_cannot_move_the_tag_back() -> None:
     now = check_publish(fields(A, "m:v1", Y, 20), "m:v1", Y, Publishers(), None)
+    assert now is not None
     with pytest.raises(ValueError, match="older"):
         check_publish(fields(A, "m:v1", X, 10), "m:v1", X, Publishers(), now)
 
