@@ -44,7 +44,7 @@ BUFFER_POOL_BYTES = 32 << 20  # idle piece buffers kept for reuse (a verifier qu
 # Path ranks for the picker (0 best): a peer is asked only for what no better-ranked peer holds. Punched TCP is
 # TCP end to end, as fast as direct; a UDP data channel is CPU-bound at a few MB/s; a relay shares one node's
 # capacity among every pair it splices. A path not listed ranks between.
-PATH_RANK = {"direct": 0, "tcp-punch": 0, "udp-ice": 1, "relay": 2}
+PATH_RANK = {"direct": 0, "tcp-punch": 0, "udp-punch": 1, "relay": 2}
 
 
 def path_rank(path: object) -> int:
