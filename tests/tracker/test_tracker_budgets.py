@@ -178,7 +178,7 @@ TOKEN = "budget-token"
 def admin() -> Iterator[dict[str, Any]]:
     pytest.importorskip("fastapi")
     tmp = tempfile.TemporaryDirectory(prefix="p2p-tracker-budgets-")
-    cluster = LocalCluster(Path(tmp.name))
+    cluster = LocalCluster(Path(tmp.name), secure=False)  # fake node ids: the mechanics of the admin API
     try:
         t = cluster.start_tracker("--admin-listen", "127.0.0.1:0", "--admin-token", TOKEN, interval=5)
 
