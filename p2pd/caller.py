@@ -13,7 +13,7 @@ mode check is the same rule the kernel applies without ACLs, and refuses where A
 more (a caller can always publish from a copy it owns). What remains: a caller who swaps a path
 component it owns between the check and the read could still point the daemon elsewhere; the
 check resolves symlinks first and `--dest` is written without following any link (storage.py),
-which closes the write side; the read side is listed in docs/security-bounds.md.
+which closes the write side; the read side is listed in docs/security.md.
 """
 
 from __future__ import annotations
