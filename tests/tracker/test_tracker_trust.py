@@ -76,9 +76,12 @@ async def test_members_register_beat_over_udp_and_publish_signed(store: Store) -
             data = make_manifest()
             aid = hashlib.sha256(data).hexdigest()
             await ta.publish("m:v1", data, provenance.sign(a.key, "m:v1", aid, 100).params())
+            other = make_manifest(seed=1)
+            other_id = hashlib.sha256(other).hexdigest()
             with pytest.raises(RpcError, match="belongs to node") as e:
-                await tb.publish("m:v1", data, provenance.sign(b.key, "m:v1", aid, 101).params())
+                await tb.publish("m:v1", other, provenance.sign(b.key, "m:v1", other_id, 101).params())
             assert e.value.code is ErrorCode.UNAUTHORIZED
+            assert await tb.publish("m:v1", data, provenance.sign(b.key, "m:v1", aid, 102).params()) == aid  # a seed
             got, _, reply = await tb.resolve_signed("m:v1")
             assert got == aid and reply["publisher"] == a.key.public
         n.cancel_scope.cancel()
