@@ -2,6 +2,8 @@
 
     python -m netsim.bench swarm --peers 4 --size 512MiB --rate 200Mbit/s --clients p2pd,libtorrent,aria2,http \\
         --runs 3 --json swarm.json
+    python -m netsim.bench swarm --rates 2@100Mbit/s 6@50Mbit/s --size 64MiB --clients p2pd   # per-class links
+    python -m netsim.bench swarm --peers 8 --rate 50Mbit/s --size 64MiB --clients p2pd --churn 2@4:3
     python -m netsim.bench swarm --topology loopback --peers 4 --size 2GiB --clients p2pd,libtorrent --runs 3
     python -m netsim.bench pair --size 2GiB
     python -m netsim.bench render swarm.json      # the Markdown table for BENCHMARKS.md
