@@ -2,6 +2,8 @@
 
     python -m netsim.bench swarm --peers 4 --size 512MiB --rate 200Mbit/s --clients p2pd,libtorrent,aria2,http \\
         --runs 3 --json swarm.json
+    python -m netsim.bench swarm --rates 2@100Mbit/s 6@50Mbit/s --size 64MiB --clients p2pd   # per-class links
+    python -m netsim.bench swarm --peers 8 --rate 50Mbit/s --size 64MiB --clients p2pd --churn 2@4:3
     python -m netsim.bench swarm --topology loopback --peers 4 --size 2GiB --clients p2pd,libtorrent --runs 3
     python -m netsim.bench pair --size 2GiB
     python -m netsim.bench render swarm.json      # the Markdown table for BENCHMARKS.md
@@ -25,6 +27,7 @@ import sys
 from netsim.bench import autothrottle, nat, ray_first_result, throttle, tracker_load
 from netsim.bench.clients import CLIENT_NAMES
 from netsim.bench.harness import BenchError
+from netsim.bench.model import ChurnEvent, RateClass, parse_churn, parse_rate_class
 from netsim.emu import EmuError, Terminated
 from p2pd.units import parse_size, rate_bits
 
@@ -52,6 +55,37 @@ def _rate_bits(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def _rate_class(text: str) -> RateClass:
+    try:
+        return parse_rate_class(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _churn(text: str) -> ChurnEvent:
+    try:
+        return parse_churn(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+SWARM_DEFAULT_PEERS = 4
+SWARM_DEFAULT_RATE = "200Mbit/s"
+
+
+def swarm_links(a: argparse.Namespace) -> tuple[int, int, list[RateClass]]:
+    """(peers, rate, classes) from --peers/--rate or --rates (which replaces both: giving them too is an error)."""
+    if a.rates:
+        if a.peers is not None or a.rate is not None:
+            raise BenchError(
+                "--rates gives every peer's link (COUNT@UP[/DOWN] per class): drop --peers and --rate, or drop --rates"
+            )
+        classes: list[RateClass] = a.rates
+        return sum(c.count for c in classes), max(c.up_bps for c in classes), classes
+    peers = SWARM_DEFAULT_PEERS if a.peers is None else a.peers
+    return peers, rate_bits(SWARM_DEFAULT_RATE) if a.rate is None else a.rate, []
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line (spellings are stable: BENCHMARKS.md and CI script them)."""
     ap = argparse.ArgumentParser(
@@ -59,10 +93,34 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("swarm", help="1 seed + N peers, all clients side by side")
-    s.add_argument("--peers", type=int, default=4)
+    s.add_argument("--peers", type=int, default=None, help=f"leechers (default {SWARM_DEFAULT_PEERS})")
     s.add_argument("--size", type=_size, default=parse_size("512MiB"), help="payload SIZE (512MiB, 2GiB, ...)")
-    s.add_argument("--rate", type=_rate_bits, default=rate_bits("200Mbit/s"), help="every link, both ways (RATE)")
-    s.add_argument("--seed-rate", type=_rate_bits, default=None, help="the seed's link (default: --rate)")
+    s.add_argument(
+        "--rate", type=_rate_bits, default=None, help=f"every link, both ways (RATE, default {SWARM_DEFAULT_RATE})"
+    )
+    s.add_argument(
+        "--rates",
+        type=_rate_class,
+        nargs="+",
+        default=None,
+        metavar="COUNT@UP[/DOWN]",
+        help="heterogeneous peers, one class per word (2@1Gbit/s 14@100Mbit/s); replaces --peers and --rate",
+    )
+    s.add_argument(
+        "--churn",
+        type=_churn,
+        nargs="+",
+        default=[],
+        metavar="K@T[:D]",
+        help="K peers' daemons stop gracefully T s into the run and restart D s later on the same data dir "
+        "(p2pd only; without :D they come back once the others are done)",
+    )
+    s.add_argument(
+        "--seed-rate",
+        type=_rate_bits,
+        default=None,
+        help="the seed's link (default: --rate; with --rates the fastest class's up rate)",
+    )
     s.add_argument("--clients", type=_clients, default=list(CLIENT_NAMES))
     s.add_argument("--runs", type=int, default=3)
     s.add_argument("--topology", choices=["emu", "loopback"], default="emu")
@@ -163,11 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "swarm":
             from netsim.bench.swarm import SwarmOptions, run_swarm
 
+            peers, rate, classes = swarm_links(a)
             res = run_swarm(
                 SwarmOptions(
-                    peers=a.peers,
+                    peers=peers,
                     size=a.size,
-                    rate_bps=a.rate,
+                    rate_bps=rate,
+                    rate_classes=classes,
+                    churn=a.churn,
                     seed_rate_bps=a.seed_rate,
                     clients=a.clients,
                     runs=a.runs,

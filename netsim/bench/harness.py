@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from netsim.emu import Host, Topology
 
@@ -299,6 +299,7 @@ class RunResult:
     seed_tx_bytes: int | None
     rss_max_mb: float | None
     trace: dict[str, list] | None = None
+    churned: list[dict[str, Any]] | None = None  # --churn: who left and came back when (p2pd)
 
 
 def release_and_wait(

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+from p2pd.units import parse_duration, rate_bits
 
 
 def kumar_ross(
@@ -30,3 +33,74 @@ def summarize(values: Sequence[float]) -> dict[str, float | None]:
     if not values:
         return {"median": None, "min": None, "max": None}
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+@dataclass(frozen=True)
+class RateClass:
+    """`count` peers whose links carry `up_bps` out and `down_bps` in (bit/s): one `--rates` class."""
+
+    count: int
+    up_bps: int
+    down_bps: int
+
+
+RATE_CLASS_FORM = "COUNT@UP[/DOWN], e.g. 2@1Gbit/s or 14@100Mbit/s/200Mbit/s"
+
+
+def parse_rate_class(text: str) -> RateClass:
+    """One `--rates` class. RATE strings contain '/' themselves (`100Mbit/s`), so UP/DOWN is split at the one '/'
+    where both sides are rates; a string that is one rate as a whole means the same rate both ways."""
+    count_text, at, rates = text.partition("@")
+    if not at or not count_text.strip().isdigit() or int(count_text) < 1:
+        raise ValueError(f"bad rate class {text!r}: expected {RATE_CLASS_FORM} (COUNT a positive integer)")
+    try:
+        up = down = rate_bits(rates)
+    except ValueError:
+        splits = []
+        for i, ch in enumerate(rates):
+            if ch != "/":
+                continue
+            try:
+                splits.append((rate_bits(rates[:i]), rate_bits(rates[i + 1 :])))
+            except ValueError:
+                continue
+        if len(splits) != 1:
+            raise ValueError(
+                f"bad rate class {text!r}: {rates!r} is neither one RATE nor UP/DOWN; expected {RATE_CLASS_FORM}"
+            ) from None
+        up, down = splits[0]
+    return RateClass(int(count_text), up, down)
+
+
+def peer_rates(classes: Sequence[RateClass]) -> tuple[list[int], list[int]]:
+    """Per-peer (up, down) lists in class order: peer p1.. take the first class's rates, and so on."""
+    ups = [c.up_bps for c in classes for _ in range(c.count)]
+    downs = [c.down_bps for c in classes for _ in range(c.count)]
+    return ups, downs
+
+
+@dataclass(frozen=True)
+class ChurnEvent:
+    """`--churn K@T[:D]`: `count` peers leave `at_s` seconds after the start and come back `down_s` seconds later
+    (None: they stay away until the rest are done, then come back)."""
+
+    count: int
+    at_s: float
+    down_s: float | None
+
+
+CHURN_FORM = "K@T[:D], e.g. 2@5 or 2@5:3 (K peers leave at T s, come back D s later)"
+
+
+def parse_churn(text: str) -> ChurnEvent:
+    """One `--churn` event (T and D are DURATIONs: `5`, `5s`, `1.5s`, `500ms`)."""
+    k, at, rest = text.partition("@")
+    if not at or not k.strip().isdigit() or int(k) < 1:
+        raise ValueError(f"bad churn {text!r}: expected {CHURN_FORM} (K a positive integer)")
+    t_text, colon, d_text = rest.partition(":")
+    try:
+        t = parse_duration(t_text)
+        d = parse_duration(d_text) if colon else None
+    except ValueError as e:
+        raise ValueError(f"bad churn {text!r}: {e}; expected {CHURN_FORM}") from None
+    return ChurnEvent(int(k), t, d)

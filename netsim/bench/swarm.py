@@ -25,8 +25,8 @@ from typing import IO, Any
 
 from netsim.bench.clients import make_client
 from netsim.bench.clients.base import Client
-from netsim.bench.harness import REPO_ROOT, BenchError, Ctx, Net, build_net, make_payload
-from netsim.bench.model import kumar_ross, summarize
+from netsim.bench.harness import REPO_ROOT, BenchError, Ctx, Net, Node, build_net, make_payload
+from netsim.bench.model import ChurnEvent, RateClass, kumar_ross, peer_rates, summarize
 from netsim.emu import Topology, new_prefix
 from p2pd.units import format_bits_rate, format_size_exact
 
@@ -52,6 +52,38 @@ class SwarmOptions:
     p2pd_run_args: list[str] = field(default_factory=list)
     trace: bool = False
     command: str = ""
+    rate_classes: list[RateClass] = field(default_factory=list)  # --rates: per-peer links instead of --rate
+    churn: list[ChurnEvent] = field(default_factory=list)
+
+
+def link_rates(o: SwarmOptions) -> tuple[int, list[int], list[int]]:
+    """(seed up, peers' up, peers' down) in bit/s: from --rates classes when given, else --rate for every peer."""
+    if o.rate_classes:
+        ups, downs = peer_rates(o.rate_classes)
+    else:
+        ups, downs = [o.rate_bps] * o.peers, [o.rate_bps] * o.peers
+    return o.seed_rate_bps or o.rate_bps, ups, downs
+
+
+def build_classes_net(topo: Topology, o: SwarmOptions) -> Net:
+    """Like harness.build_net for the emulated topology, with each peer's link shaped to its --rates class."""
+    lan = topo.add_switch("lan")
+    seed_up, ups, downs = link_rates(o)
+    seed = topo.add_host("seed", lan, rate=seed_up, loss=o.loss)
+    ls = [
+        topo.add_host(f"p{i}", lan, up=up, down=down, loss=o.loss)
+        for i, (up, down) in enumerate(zip(ups, downs, strict=True), start=1)
+    ]
+    return Net("emu", topo, Node("seed", seed, seed.ip or ""), [Node(h.name, h, h.ip or "") for h in ls], None, seed_up)
+
+
+def rates_text(classes: list[RateClass]) -> str:
+    """The classes as the command line spells them (for logs and the headline)."""
+    return " ".join(
+        f"{c.count}@{format_bits_rate(c.up_bps)}"
+        + ("" if c.up_bps == c.down_bps else f"/{format_bits_rate(c.down_bps)}")
+        for c in classes
+    )
 
 
 def preflight(tools: list[tuple[str, str]]) -> None:
@@ -94,6 +126,14 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
     )
     if o.peers < 1 or o.runs < 1 or o.size < 1:
         raise BenchError("--peers, --runs and --size must be positive")
+    if o.rate_classes and o.topology != "emu":
+        raise BenchError("--rates shapes links: it needs --topology emu")
+    if o.rate_classes and sum(c.count for c in o.rate_classes) != o.peers:
+        raise BenchError(f"--rates counts add up to {sum(c.count for c in o.rate_classes)} peers, not {o.peers}")
+    if o.churn and (o.clients != ["p2pd"] or o.topology != "emu"):
+        raise BenchError("--churn restarts p2pd daemons: use it with --clients p2pd on --topology emu")
+    if sum(c.count for c in o.churn) > o.peers:
+        raise BenchError(f"--churn takes {sum(c.count for c in o.churn)} peers away, there are only {o.peers}")
     clients = clients if clients is not None else [make_client(c, o) for c in o.clients]
     missing = [f"{c.name}: {m}" for c in clients if (m := c.missing())]
     if missing:
@@ -115,9 +155,12 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
         payload = os.path.join(work, "payload", "payload.bin")
         make_payload(payload, o.size)
         with Topology(prefix) as topo:
-            net = build_net(
-                topo, o.topology, o.peers, o.rate_bps if o.topology == "emu" else None, o.seed_rate_bps, o.loss
-            )
+            if o.rate_classes:
+                net = build_classes_net(topo, o)
+            else:
+                net = build_net(
+                    topo, o.topology, o.peers, o.rate_bps if o.topology == "emu" else None, o.seed_rate_bps, o.loss
+                )
             t_min = t_min_nominal(o)
             timeout = o.timeout_s or (max(120.0, 10 * t_min) if t_min else 600.0)
             ctx = Ctx(
@@ -132,7 +175,9 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
             )
             ctx.say(
                 f"{o.topology}: 1 seed + {o.peers} peers, {format_size_exact(o.size)}"
-                + (f" at {format_bits_rate(o.rate_bps)}, T_min {t_min:.2f} s" if t_min else "")
+                + (f" at {rates_text(o.rate_classes)}" if o.rate_classes else "")
+                + (f" at {format_bits_rate(o.rate_bps)}" if t_min and not o.rate_classes else "")
+                + (f", T_min {t_min:.2f} s" if t_min else "")
                 + f" ({prefix})"
             )
             if o.topology == "emu" and o.iperf:
@@ -188,8 +233,8 @@ def t_min_nominal(o: SwarmOptions) -> float | None:
     """Kumar-Ross bound with the nominal link rates (None on loopback: no rates)."""
     if o.topology != "emu":
         return None
-    s = o.seed_rate_bps or o.rate_bps
-    return kumar_ross(o.size, s, [o.rate_bps] * o.peers, [o.rate_bps] * o.peers)
+    s, ups, downs = link_rates(o)
+    return kumar_ross(o.size, s, ups, downs)
 
 
 def report(
@@ -199,9 +244,10 @@ def report(
     t_min = t_min_nominal(o)
     t_min_meas = None
     if t_min and measured_bps:
-        s = o.seed_rate_bps or o.rate_bps
-        scale = measured_bps / min(s, o.rate_bps)  # the measured path is seed-up -> peer-down
-        t_min_meas = kumar_ross(o.size, s * scale, [o.rate_bps * scale] * o.peers, [o.rate_bps * scale] * o.peers)
+        s, ups, downs = link_rates(o)
+        # the measured path is seed-up -> p1-down; every shaped link loses the same share to TCP/IP headers
+        scale = measured_bps / min(s, downs[0])
+        t_min_meas = kumar_ross(o.size, s * scale, [u * scale for u in ups], [d * scale for d in downs])
     out: dict[str, Any] = {
         "benchmark": "swarm",
         "topology": o.topology,
@@ -212,13 +258,19 @@ def report(
         "pythonpath": os.environ.get("PYTHONPATH"),  # set when a snapshot of p2pd/ was benchmarked
         "peers": o.peers,
         "size_bytes": o.size,
-        "rate_bps": o.rate_bps if o.topology == "emu" else None,
+        "rate_bps": o.rate_bps if o.topology == "emu" and not o.rate_classes else None,
+        "rate_classes": [{"count": c.count, "up_bps": c.up_bps, "down_bps": c.down_bps} for c in o.rate_classes]
+        or None,
         "seed_rate_bps": (o.seed_rate_bps or o.rate_bps) if o.topology == "emu" else None,
         "loss": o.loss,
         "runs": o.runs,
         "t_min_s": None if t_min is None else round(t_min, 3),
         "t_min_measured_s": None if t_min_meas is None else round(t_min_meas, 3),
         "iperf3_bps": None if measured_bps is None else round(measured_bps),
+        "churn": [{"count": c.count, "at_s": c.at_s, "down_s": c.down_s} for c in o.churn] or None,
+        "bound_note": "churn: peers away for part of the run, so t_min_s is a lower bound only, not reachable"
+        if o.churn
+        else None,
         "clients": {},
     }
     for name, rs in results.items():
@@ -244,6 +296,7 @@ def report(
             "agg_MBps": None if agg_med is None else round(agg_med, 1),
             "agg_MBps_runs": [round(a, 1) for a in agg],
             "per_leecher_s": [r.per_leecher_s for r in rs],
+            "churned": [r.churned for r in rs] if o.churn else None,
             "rss_max_mb": max(rss) if rss else None,
             "failures": failures[name],
         }
@@ -261,7 +314,14 @@ def headline(res: dict[str, Any]) -> str:
         ok = sorted(((v["ratio"], k) for k, v in cl.items() if v["ratio"] is not None))
         parts = [f"{k} {r:.2f}x" for r, k in ok] + [f"{k} FAILED" for k, v in cl.items() if v["ratio"] is None]
         return (
-            f"swarm 1+{res['peers']} {size} @ {format_bits_rate(res['rate_bps'])}: "
+            f"swarm 1+{res['peers']} {size} @ "
+            + (
+                format_bits_rate(res["rate_bps"])
+                if res.get("rate_bps")
+                else rates_text([RateClass(c["count"], c["up_bps"], c["down_bps"]) for c in res["rate_classes"]])
+            )
+            + (" with churn" if res.get("churn") else "")
+            + ": "
             f"T/T_min (T_min {res['t_min_s']:.2f} s): " + ", ".join(parts)
         )
     ok = sorted(((v["agg_MBps"], k) for k, v in cl.items() if v["agg_MBps"] is not None), reverse=True)

@@ -15,7 +15,9 @@ def make_client(name: str, opts: Any = None) -> Client:
         from netsim.bench.clients.p2pd import P2pd
 
         return P2pd(
-            egress_limit=getattr(opts, "p2pd_egress_limit", None), run_args=getattr(opts, "p2pd_run_args", None)
+            egress_limit=getattr(opts, "p2pd_egress_limit", None),
+            run_args=getattr(opts, "p2pd_run_args", None),
+            churn=getattr(opts, "churn", None),
         )
     if name == "libtorrent":
         from netsim.bench.clients.bittorrent import Libtorrent

@@ -19,10 +19,12 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from netsim.bench.clients.base import Client
@@ -31,7 +33,7 @@ from netsim.bench.harness import (
     BenchError,
     Ctx,
     GatedProcess,
-    Leecher,
+    Node,
     RunResult,
     child_env,
     release_and_wait,
@@ -39,6 +41,7 @@ from netsim.bench.harness import (
     tail,
     wait_tcp,
 )
+from netsim.bench.model import ChurnEvent
 from p2pd.identity import JOIN_SECRET_ENV, new_join_secret, read_join_secret
 from p2pd.protocol import auth
 from p2pd.rpc import RpcError, call_blocking, parse_hostport
@@ -76,6 +79,15 @@ def _works(argv: list[str]) -> str | None:
 class _Fetch(GatedProcess):
     """`p2pd fetch` behind the start gate; the contract says its last stdout line is the verified path."""
 
+    def __init__(self, node: Node, output: str, fetch_args: list[str], logdir: str, tag: str) -> None:
+        super().__init__(node, output, [*p2pd_cmd(), "fetch", *fetch_args], logdir, tag)
+        self.fetch_args = fetch_args  # to run it again after --churn restarted the daemon
+        self.away = False  # --churn stopped it: its exit is expected, not a failure
+
+    def poll(self, t0_mono: float, t0_wall: float) -> None:
+        if not self.away:
+            super().poll(t0_mono, t0_wall)
+
     def final_output(self) -> str:
         path = self.last_stdout_line()
         if not path:
@@ -88,9 +100,12 @@ class P2pd(Client):
 
     name = "p2pd"
 
-    def __init__(self, egress_limit: str | None = None, run_args: list[str] | None = None) -> None:
+    def __init__(
+        self, egress_limit: str | None = None, run_args: list[str] | None = None, churn: list[ChurnEvent] | None = None
+    ) -> None:
         self.egress_limit = egress_limit
         self.run_args = list(run_args or [])  # extra `p2pd run` options, for tuning experiments
+        self.churn = list(churn or [])  # --churn: leechers whose daemon stops and restarts mid-run
 
     def missing(self) -> str | None:
         return _works(p2pd_cmd()) or _works(tracker_cmd())
@@ -113,9 +128,10 @@ class P2pd(Client):
                 )
             )
             wait_tcp(seed.host, seed.ip, TRACKER_PORT)  # `p2pd run` exits at once if no tracker answers
-            for n in ctx.net.nodes():
+
+            def start_daemon(n: Node) -> subprocess.Popen:
                 dd = os.path.join(d, f"data-{n.name}")
-                os.makedirs(dd)
+                os.makedirs(dd, exist_ok=True)  # a churned daemon restarts on the data dir it left
                 argv = [*p2pd, "run", "--tracker", tracker, "--listen", f"{n.ip}:{NODE_PORT}", "--data-dir", dd]
                 if self.egress_limit:
                     argv += ["--egress-limit", self.egress_limit]
@@ -123,6 +139,10 @@ class P2pd(Client):
                 p = n.host.popen(argv, log=os.path.join(d, f"daemon-{n.name}.log"), env=env, cwd=NEUTRAL_CWD)
                 procs.append(p)
                 daemons[n.name] = p
+                return p
+
+            for n in ctx.net.nodes():
+                start_daemon(n)
             for n in ctx.net.nodes():
                 self._wait_status(ctx, n, os.path.join(d, f"data-{n.name}"), daemons[n.name], d)
             name = f"bench:r{run}"
@@ -137,26 +157,35 @@ class P2pd(Client):
                 raise BenchError(f"p2pd publish exit {cp.returncode}: {cp.stderr.strip()[-600:]}")
             artifact = (cp.stdout.strip().splitlines() or [""])[-1].strip()
             self._wait_holder(ctx, tracker, artifact, env)
-            leechers: list[Leecher] = []
+            leechers: list[_Fetch] = []
             for n in ctx.net.leechers:
                 out = os.path.join(d, f"out-{n.name}")
                 os.makedirs(out)
-                argv = [*p2pd, "fetch", name, "--dest", out, "--data-dir", os.path.join(d, f"data-{n.name}")]
-                lc = _Fetch(n, out, argv, d, f"fetch-{n.name}")
+                args = [name, "--dest", out, "--data-dir", os.path.join(d, f"data-{n.name}")]
+                lc = _Fetch(n, out, args, d, f"fetch-{n.name}")
                 procs.append(lc.proc)
                 leechers.append(lc)
             for gated in leechers:
                 assert isinstance(gated, GatedProcess)
                 gated.wait_ready()
             ctx.rss_pids = [p.pid for p in daemons.values()]
+            churn = _Churn(ctx, self.churn, leechers, daemons, start_daemon, procs, d, env) if self.churn else None
 
             def daemons_alive() -> str | None:
-                dead = [k for k, p in daemons.items() if p.poll() is not None]
+                if churn is not None:
+                    err = churn.step()
+                    if err:
+                        return err
+                away = churn.away if churn is not None else set()
+                dead = [k for k, p in daemons.items() if p.poll() is not None and k not in away]
                 if dead:
                     return f"p2pd daemon(s) died: {dead}: {tail(os.path.join(d, f'daemon-{dead[0]}.log'))}"
                 return None
 
-            return release_and_wait(ctx, self.name, run, leechers, extra_check=daemons_alive)
+            res = release_and_wait(ctx, self.name, run, leechers, extra_check=daemons_alive)
+            if churn is not None:
+                res.churned = churn.log
+            return res
         finally:
             stop_all(ctx.net.topo, procs, timeout=10)
             ctx.finish_run_dir(d)
@@ -202,6 +231,110 @@ class P2pd(Client):
         )
         if cp.returncode != 0:
             raise BenchError(f"tracker never listed the seed as holder of {artifact!r}: {cp.stderr.strip()[-300:]}")
+
+
+class _Churn:
+    """--churn, polled from the run's wait loop (never blocking it, so the others' completion times stay exact):
+    at T a leecher's daemon gets SIGTERM (a graceful stop: it says goodbye and keeps its pieces) and its fetch is
+    stopped; D s later the daemon restarts on the same data dir, and once `p2pd status` answers the same `p2pd
+    fetch` runs again, resuming from the pieces on disk. The leecher is done when that fetch exits 0."""
+
+    def __init__(
+        self,
+        ctx: Ctx,
+        events: list[ChurnEvent],
+        leechers: list[_Fetch],
+        daemons: dict[str, subprocess.Popen],
+        start_daemon: Callable[[Node], subprocess.Popen],
+        procs: list[subprocess.Popen],
+        d: str,
+        env: dict[str, str],
+    ) -> None:
+        self.ctx, self.events, self.leechers, self.daemons = (
+            ctx,
+            sorted(events, key=lambda e: e.at_s),
+            leechers,
+            daemons,
+        )
+        self.start_daemon, self.procs, self.d, self.env = start_daemon, procs, d, env
+        self.t0: float | None = None
+        self.next_event = 0
+        self.away: set[str] = set()  # daemon stopped or restarting: its exits are expected
+        self.plan: list[tuple[_Fetch, float | None]] = []  # leecher, when it comes back (None: once the rest are done)
+        self.probes: dict[str, subprocess.Popen] = {}  # `p2pd status` of a restarting daemon
+        self.log: list[dict[str, Any]] = []
+
+    def step(self) -> str | None:
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now  # first poll: right after the leechers were released
+        t = now - self.t0
+        while self.next_event < len(self.events) and t >= self.events[self.next_event].at_s:
+            ev = self.events[self.next_event]
+            self.next_event += 1
+            # the last leechers still fetching leave (the last ones: with --rates, the slow classes come last)
+            cands = [lc for lc in reversed(self.leechers) if lc.done_at is None and lc.node.name not in self.away]
+            for lc in cands[: ev.count]:
+                name = lc.node.name
+                self.away.add(name)
+                lc.away = True
+                # signals only, no wait: the loop must keep timing the others (the restart reaps them)
+                for p in (self.daemons[name], lc.proc):
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                back = None if ev.down_s is None else ev.at_s + ev.down_s
+                self.plan.append((lc, back))
+                self.log.append({"peer": name, "left_s": round(t, 2), "back_s": None})
+                self.ctx.say(f"churn: {name} left at {t:.1f} s")
+            if len(cands) < ev.count:
+                self.ctx.say(f"churn: only {len(cands)} of {ev.count} peers were still fetching at {ev.at_s} s")
+        rest_done = all(lc.done_at is not None for lc in self.leechers if lc.node.name not in self.away)
+        for lc, back in list(self.plan):
+            if (back is not None and t >= back) or (back is None and rest_done):
+                self.plan.remove((lc, back))
+                self.ctx.net.topo.stop(lc.proc, timeout=5)
+                self.ctx.net.topo.stop(self.daemons[lc.node.name], timeout=10)  # graceful exit done (or killed)
+                self.start_daemon(lc.node)
+                self.probes[lc.node.name] = self._status_probe(lc)
+        for name, probe in list(self.probes.items()):
+            rc = probe.poll()
+            if rc is None:
+                continue
+            del self.probes[name]
+            lc = next(x for x in self.leechers if x.node.name == name)
+            if self.daemons[name].poll() is not None:
+                return f"p2pd on {name} exited {self.daemons[name].returncode} after its restart: " + tail(
+                    os.path.join(self.d, f"daemon-{name}.log")
+                )
+            if rc != 0:
+                self.probes[name] = self._status_probe(lc)  # not answering yet
+                continue
+            self._refetch(lc)
+            self.away.discard(name)
+            lc.away = False
+            for e in self.log:
+                if e["peer"] == name and e["back_s"] is None:
+                    e["back_s"] = round(t, 2)
+            self.ctx.say(f"churn: {name} back at {t:.1f} s")
+        return None
+
+    def _status_probe(self, lc: _Fetch) -> subprocess.Popen:
+        argv = [*p2pd_cmd(), "status", "--data-dir", os.path.join(self.d, f"data-{lc.node.name}")]
+        p = lc.node.host.popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=NEUTRAL_CWD
+        )
+        self.procs.append(p)
+        return p
+
+    def _refetch(self, lc: _Fetch) -> None:
+        """The same `p2pd fetch` again, unGated (the clock is running); its output replaces the first one's."""
+        name = lc.node.name
+        argv = [*p2pd_cmd(), "fetch", *lc.fetch_args]
+        lc.stdout_path = os.path.join(self.d, f"refetch-{name}.out")
+        lc.stderr_path = os.path.join(self.d, f"refetch-{name}.err")
+        with open(lc.stdout_path, "wb") as out, open(lc.stderr_path, "wb") as err:
+            lc.proc = lc.node.host.popen(argv, stdout=out, stderr=err, env=self.env, cwd=NEUTRAL_CWD)
+        self.procs.append(lc.proc)
 
 
 # ----------------------------------------------------------------------------- tracker RPC probe (own process)

@@ -1,0 +1,49 @@
+"""Bigger emulations (issue #15) in small: heterogeneous links and churn with real p2pd daemons.
+
+1 seed + 4 peers (2 at 100 Mbit/s, 2 at 50 Mbit/s), 24 MiB; one peer's daemon stops gracefully 1 s in and restarts
+1 s later on the same data dir. Every copy must be byte-identical (cmp) and the run must complete; the time is only
+checked against a loose multiple of the bound (churn makes the bound a lower bound)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from netsim.bench.clients import make_client
+from netsim.bench.model import ChurnEvent, RateClass
+from netsim.bench.swarm import SwarmOptions, run_swarm
+from p2pd.units import parse_size, rate_bits
+
+pytestmark = [pytest.mark.emu, pytest.mark.slow]
+
+
+def test_p2pd_heterogeneous_churn(emu: None) -> None:
+    why = make_client("p2pd").missing()
+    if why:
+        pytest.skip(f"p2pd: {why}")
+    classes = [RateClass(2, rate_bits("100Mbit/s"), rate_bits("100Mbit/s")), RateClass(2, 50_000_000, 50_000_000)]
+    log = io.StringIO()
+    res = run_swarm(
+        SwarmOptions(
+            peers=4,
+            size=parse_size("24MiB"),
+            rate_bps=rate_bits("100Mbit/s"),
+            rate_classes=classes,
+            churn=[ChurnEvent(1, 1.0, 1.0)],
+            clients=["p2pd"],
+            runs=1,
+            iperf=False,
+            timeout_s=90,
+        ),
+        log=log,
+    )
+    c = res["clients"]["p2pd"]
+    assert c["failures"] == [], f"{c['failures']}\n{log.getvalue()}"
+    # 50 Mbit/s downloaders bind: F / d_min
+    assert res["t_min_s"] == pytest.approx(24 * 2**20 * 8 / 50e6, rel=1e-3)
+    assert res["rate_classes"][1] == {"count": 2, "up_bps": 50_000_000, "down_bps": 50_000_000}
+    assert "lower bound" in res["bound_note"]
+    (churned,) = c["churned"]
+    assert len(churned) == 1 and churned[0]["peer"] == "p4" and churned[0]["back_s"] is not None, log.getvalue()
+    assert c["ratio"] < 4.0, f"{res['headline']}\n{log.getvalue()}"

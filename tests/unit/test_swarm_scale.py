@@ -1,0 +1,81 @@
+"""Bigger emulations (issue #15): `--rates` classes, `--churn` events, and the bound for heterogeneous peers.
+
+Pure: no namespaces, no daemons (the emulated run is tests/emu/test_emu_swarm_scale.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from netsim.bench.__main__ import parser, swarm_links
+from netsim.bench.harness import BenchError
+from netsim.bench.model import ChurnEvent, RateClass, kumar_ross, parse_churn, parse_rate_class, peer_rates
+from netsim.bench.swarm import SwarmOptions, t_min_nominal
+
+
+def test_rate_class_one_rate_both_ways() -> None:
+    assert parse_rate_class("2@1Gbit/s") == RateClass(2, 1_000_000_000, 1_000_000_000)
+    assert parse_rate_class("14@100Mbit/s") == RateClass(14, 100_000_000, 100_000_000)
+    assert parse_rate_class("3@25MB/s") == RateClass(3, 200_000_000, 200_000_000)
+
+
+def test_rate_class_up_down() -> None:
+    # RATE strings contain '/': the split is the one '/' where both sides are rates
+    assert parse_rate_class("4@50Mbit/s/200Mbit/s") == RateClass(4, 50_000_000, 200_000_000)
+    assert parse_rate_class("1@10Mbit/1Gbit") == RateClass(1, 10_000_000, 1_000_000_000)
+
+
+@pytest.mark.parametrize("bad", ["2", "@1Gbit/s", "0@1Gbit/s", "-1@1Gbit/s", "x@1Gbit/s", "2@", "2@fast", "2@1Gbit/s/"])
+def test_rate_class_rejects(bad: str) -> None:
+    with pytest.raises(ValueError, match="COUNT@UP"):
+        parse_rate_class(bad)
+
+
+def test_churn_parse() -> None:
+    assert parse_churn("2@5") == ChurnEvent(2, 5.0, None)
+    assert parse_churn("2@5s:3") == ChurnEvent(2, 5.0, 3.0)
+    assert parse_churn("1@1.5s:500ms") == ChurnEvent(1, 1.5, 0.5)
+    for bad in ("2", "0@5", "a@5", "2@", "2@5:", "2@-1", "2@5:x"):
+        with pytest.raises(ValueError, match="K@T"):
+            parse_churn(bad)
+
+
+def test_general_bound_by_hand() -> None:
+    # 2 fast + 2 slow peers, seed 100: F=800 bits; F/u_s = 8, F/d_min = 800/50 = 16, N·F/(u_s+Σu) = 3200/(100+300) = 8
+    ups, downs = peer_rates([RateClass(2, 100, 100), RateClass(2, 50, 50)])
+    assert ups == [100, 100, 50, 50] and downs == [100, 100, 50, 50]
+    assert kumar_ross(100, 100, ups, downs) == pytest.approx(16.0)
+    # fast downloaders, slow uploaders: the swarm's total upload binds: 4·800/(100+4·10) = 22.86
+    ups, downs = peer_rates([RateClass(4, 10, 1000)])
+    assert kumar_ross(100, 100, ups, downs) == pytest.approx(3200 / 140)
+
+
+def test_t_min_nominal_uses_classes() -> None:
+    classes = [RateClass(2, 1_000_000_000, 1_000_000_000), RateClass(14, 100_000_000, 100_000_000)]
+    o = SwarmOptions(peers=16, size=64 << 20, rate_bps=1_000_000_000, rate_classes=classes)
+    f = (64 << 20) * 8
+    # seed at 1 Gbit/s: F/u_s = 0.54 s, F/d_min = 5.37 s, 16F/(1G + 2G + 1.4G) = 1.95 s: the slow downloaders bind
+    assert t_min_nominal(o) == pytest.approx(f / 100e6)
+    # peers that upload at 10 Mbit/s and download at 1 Gbit/s behind a 1 Gbit/s seed: the total upload binds
+    slow_up = [RateClass(16, 10_000_000, 1_000_000_000)]
+    o2 = SwarmOptions(peers=16, size=64 << 20, rate_bps=10_000_000, seed_rate_bps=1_000_000_000, rate_classes=slow_up)
+    assert t_min_nominal(o2) == pytest.approx(16 * f / (1e9 + 16 * 10e6))
+
+
+def test_command_line_rates_replace_peers_and_rate() -> None:
+    a = parser().parse_args(["swarm", "--rates", "2@1Gbit/s", "14@100Mbit/s", "--churn", "2@5:3"])
+    peers, rate, classes = swarm_links(a)
+    assert peers == 16 and rate == 1_000_000_000 and [c.count for c in classes] == [2, 14]
+    assert a.churn == [ChurnEvent(2, 5.0, 3.0)]
+    a = parser().parse_args(["swarm"])
+    assert swarm_links(a) == (4, 200_000_000, [])
+    for extra in (["--peers", "16"], ["--rate", "1Gbit/s"]):
+        a = parser().parse_args(["swarm", "--rates", "2@1Gbit/s", *extra])
+        with pytest.raises(BenchError, match="drop --peers and --rate"):
+            swarm_links(a)
+
+
+def test_command_line_bad_class_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args(["swarm", "--rates", "2@fast"])
+    assert e.value.code == 2
+    assert "COUNT@UP" in capsys.readouterr().err
