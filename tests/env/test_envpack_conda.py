@@ -109,8 +109,9 @@ def test_python_env_imports_conda_and_pip_packages(packed: Packed, envs_root: Pa
 def test_pack_meta(packed: Packed) -> None:
     hello_archive, hello = packed.archives["hello.tar.gz"]
     assert hello_archive.name == "hello.tar.gz" and hello_archive.is_file()
+    hello, py = dict(hello), dict(packed.archives["py.tar.zst"][1])
+    assert int(hello.pop("unpacked_size")) > 0 and int(py.pop("unpacked_size")) > 0  # declared for the unpack bound
     assert hello == {"env_format": "tar.gz", "env_type": "conda", "platform": "linux-64"}
-    _, py = packed.archives["py.tar.zst"]
     assert py == {
         "env_format": "tar.zst",
         "env_type": "conda",
