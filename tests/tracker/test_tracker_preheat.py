@@ -152,6 +152,8 @@ async def test_heartbeat_replies_deliver_orders_once(udp: bool, budgets: bool) -
                     await trio.sleep(0.01)
             assert len(got) == 1 and (shares[-1] is not None) == budgets  # delivered once; share intact
             assert (tc.udp_heartbeats > 0) == udp
+            await tc.preheat_report(o.order_id, "disk full")  # what the daemon sends when its fetch fails
+            assert store.preheat.failures == {o.order_id: {nid(1): "disk full"}}
         n.cancel_scope.cancel()
 
 
