@@ -378,7 +378,8 @@ class Daemon:
             return
         except RpcError as e:
             error = f"{e.code.value}: {e.message}"
-        except (OSError, ValueError) as e:
+        except Exception as e:  # a background task: whatever went wrong is logged and reported, never fatal
+            log.exception("preheat %s (order %s)", order["name"], order["order"])
             error = f"{type(e).__name__}: {e}"
         log.warning("preheat %s (order %s) failed: %s", order["name"], order["order"], error)
         try:
