@@ -120,6 +120,8 @@ class Daemon:
         # A third egress level: this node's share of the tracker's global budgets (tracker/budgets.py),
         # pushed with every heartbeat reply while a budget is set.
         self.share_egress = unlimited(now)
+        # preheat orders from the tracker already started (tracker/preheat.py): each runs once
+        self._preheat_seen: set[str] = set()
         # A fourth, both ways: what automatic throttling leaves this node beside the other traffic on its link.
         self.auto_egress = unlimited(now)
         self.auto_ingress = unlimited(now)
@@ -291,6 +293,7 @@ class Daemon:
             on_policy=self._apply_policy,
             on_share=self._apply_share,
             get_demand=self._demand,
+            on_preheat=self._start_preheat,
             share_grace=self.config.share_grace,
             task_status=task_status,
         )
@@ -351,6 +354,39 @@ class Daemon:
             if rate != bucket.rate:
                 bucket.set_rate(rate, now=now)
                 log.info("cluster policy: %s %s", key, "none" if math.isinf(rate) else f"{rate / 1e6:.1f} MB/s")
+
+    def _start_preheat(self, orders: list[dict[str, Any]]) -> None:
+        """Start each new preheat order in the background, as `p2pd fetch NAME:TAG` would (into the cache)."""
+        assert self._nursery is not None
+        for order in orders:
+            if order["order"] in self._preheat_seen:
+                continue
+            self._preheat_seen.add(order["order"])
+            log.info("preheat %s (order %s): fetching", order["name"], order["order"])
+            self._nursery.start_soon(self._preheat, order)
+
+    async def _preheat(self, order: dict[str, Any]) -> None:
+        """One preheat fetch; a failure is logged and reported to the tracker (`admin preheat status`)."""
+        assert self.tracker is not None
+
+        async def quiet(_: dict[str, Any]) -> None:
+            return None
+
+        try:
+            await self._fetch({"name": order["name"]}, quiet)
+            log.info("preheat %s (order %s): complete", order["name"], order["order"])
+            return
+        except RpcError as e:
+            error = f"{e.code.value}: {e.message}"
+        except Exception as e:  # a background task: whatever went wrong is logged and reported, never fatal
+            log.exception("preheat %s (order %s)", order["name"], order["order"])
+            error = f"{type(e).__name__}: {e}"
+        log.warning("preheat %s (order %s) failed: %s", order["name"], order["order"], error)
+        try:
+            with trio.fail_after(max(5.0, self.tracker.call_timeout)):
+                await self.tracker.preheat_report(order["order"], error)
+        except (RpcError, trio.TooSlowError) as e:
+            log.warning("could not report the preheat failure to the tracker: %s", e)
 
     def _apply_share(self, share: list[float | None] | None) -> None:
         """Apply this node's share of the global budgets at once (None: no budget, own limits only)."""

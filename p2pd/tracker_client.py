@@ -113,6 +113,8 @@ class TrackerClient:
         # this node's share of the tracker's global budgets, [egress, cross] bytes/s (tracker/budgets.py);
         # None: no budget set. Demand is reported only while a budget is set, so heartbeats stay minimal.
         self.share: list[float | None] | None = None
+        # the last heartbeat reply said the tracker holds preheat orders for this node (tracker/preheat.py)
+        self.preheat_pending = False
         self.demand: list[float] | None = None  # what the next heartbeat reports (set by the daemon)
         self.session: int | None = None
         self.registered = False
@@ -374,6 +376,7 @@ class TrackerClient:
         self.interval = float(r["interval"])
         self.policy = dict(r.get("policy") or {})
         self.share = _share(r.get("share"))
+        self.preheat_pending = r.get("preheat") is True
         self._acked = dict(holdings) if r.get("known") else None
         if "udp_port" in r:  # after a failover, this is how we learn the new replica's UDP port
             self._udp_ports[self.current] = r["udp_port"]
@@ -423,6 +426,23 @@ class TrackerClient:
         r = await self._call("peers", {"artifact_id": artifact_id, "node_id": self.node_id, "max": max})
         return list(r["peers"])
 
+    async def preheat_orders(self) -> list[dict[str, Any]]:
+        """Take this node's pending preheat orders: [{"order", "name", "artifact_id"}] (delivered once)."""
+        r = await self._call("preheat", {"node_id": self.node_id})
+        self.preheat_pending = False
+        orders = r.get("orders")
+        if not isinstance(orders, list):
+            raise RpcError(ErrorCode.INTERNAL, "the tracker's preheat answer has no order list")
+        return [
+            {"order": o["order"], "name": o["name"], "artifact_id": o["artifact_id"]}
+            for o in orders
+            if isinstance(o, dict) and all(isinstance(o.get(k), str) for k in ("order", "name", "artifact_id"))
+        ]
+
+    async def preheat_report(self, order: str, error: str) -> None:
+        """Tell the tracker a preheat order failed here (shown by `admin preheat status`)."""
+        await self._call("preheat_report", {"node_id": self.node_id, "order": order, "error": error})
+
     # ---- heartbeat loop ----------------------------------------------------------------------------
 
     def _beat_timeout(self) -> float:
@@ -435,6 +455,7 @@ class TrackerClient:
         on_policy: Callable[[dict[str, Any]], None] | None = None,
         on_share: Callable[[list[float | None] | None], None] | None = None,
         get_demand: Callable[[], list[float]] | None = None,
+        on_preheat: Callable[[list[dict[str, Any]]], None] | None = None,
         share_grace: float = 30.0,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -447,6 +468,7 @@ class TrackerClient:
         `on_share` gets this node's share of the global budgets after every answered heartbeat; while
         no tracker answers the last share stays in force for `share_grace` seconds (a tracker restart
         must not unleash the cluster), then `on_share(None)`: the node's own limits only.
+        `on_preheat` gets the preheat orders taken over TCP when a heartbeat reply said some wait.
         """
         await self.register()
         task_status.started()
@@ -462,6 +484,8 @@ class TrackerClient:
                 last_answer = trio.current_time()
                 if on_share is not None:
                     on_share(self.share)
+                if on_preheat is not None and self.preheat_pending:
+                    on_preheat(await self.preheat_orders())
                 if warned:
                     log.info("tracker %s answers again", _fmt(self.current))
                     warned = False
@@ -508,6 +532,7 @@ class TrackerClient:
                     self.interval = reply.interval
                     self.policy = reply.policy
                     self.share = _share(reply.share)
+                    self.preheat_pending = reply.preheat is True
                     if reply.known:
                         self._acked = dict(holdings)
                         if self._client is not None and trio.current_time() - self._last_tcp > self.idle_close:

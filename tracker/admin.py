@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from p2pd.errors import ErrorCode
 from tracker import validate as V
 from tracker.budgets import Budgets
+from tracker.preheat import select
 from tracker.validate import TrackerError
 
 if TYPE_CHECKING:
@@ -51,6 +52,13 @@ class Unauthorized(Exception):
 
 class TagBody(BaseModel):
     artifact_id: str = Field(pattern=r"^[0-9a-f]{64}$", description="64 hex chars")
+
+
+class PreheatBody(BaseModel):
+    name: str = Field(description="NAME:TAG to fetch on the chosen nodes")
+    zone: str | None = Field(None, description="only nodes labelled zone=ZONE")
+    label: str | None = Field(None, description="only nodes with this label, KEY=VALUE")
+    all: bool = Field(False, description="every registered node")
 
 
 def error(status: int, code: ErrorCode, message: str, **headers: str) -> JSONResponse:
@@ -229,6 +237,48 @@ def make_app(server: TrackerServer, token: str) -> Any:
         await store.set_budgets(Budgets())
         log.info("global budgets cleared by admin")
         return await store.throttle_view()
+
+    @app.post(
+        "/v1/preheat",
+        dependencies=guarded,
+        summary="Order nodes to fetch NAME:TAG into their caches (exactly one of zone, label=K=V, all=true); "
+        "each chosen node learns it from its next heartbeat reply",
+    )
+    async def preheat(body: PreheatBody) -> dict[str, Any]:
+        name = V.name(body.name)
+        aid, _ = await store.resolve(name)  # unknown name: 404
+        label: tuple[str, str] | None = None
+        if body.label is not None:
+            key, eq, value = body.label.partition("=")
+            if not eq or not key:
+                raise TrackerError(ErrorCode.BAD_REQUEST, f"label must be KEY=VALUE, got {body.label!r}")
+            label = (key, value)
+        try:
+            nodes, selector = select(await store.node_list(100_000), zone=body.zone, label=label, all_nodes=body.all)
+        except ValueError as e:
+            raise TrackerError(ErrorCode.BAD_REQUEST, str(e)) from None
+        order = await store.preheat_add(name, aid, nodes, selector)
+        log.info("preheat %s (%s) ordered by admin for %d nodes (%s)", name, aid[:12], len(nodes), selector)
+        return {"order": order.order_id, "name": name, "artifact_id": aid, "selector": selector, "nodes": nodes}
+
+    @app.get(
+        "/v1/preheat",
+        dependencies=guarded,
+        summary="Preheat orders (of NAME:TAG if given), newest first, with every chosen node's state "
+        "(waiting, fetching, complete, failed), progress (0..1) and error",
+    )
+    async def preheat_status(name: str | None = None) -> dict[str, Any]:
+        if name is not None:
+            V.name(name)
+        book = await store.preheat_book()
+        progress: dict[str, dict[str, float]] = {}
+        for aid in {o.artifact_id for o in book.orders.values() if name is None or o.name == name}:
+            try:
+                sw = await store.swarm(aid)
+            except TrackerError:  # nobody holds it yet (an in-memory tracker forgets artifacts nobody holds)
+                continue
+            progress[aid] = {h["node_id"]: float(h["progress"]) for h in sw["holders"]}
+        return {"orders": book.status(lambda aid, nid: progress.get(aid, {}).get(nid), name)}
 
     @app.get("/metrics", dependencies=guarded, summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prom() -> PlainTextResponse:

@@ -398,3 +398,57 @@ def _print_throttle(r: dict[str, Any]) -> None:
             _rate_or(n["cross_share"]),
         )
     console().print(t)
+
+
+@admin_app.command()
+def preheat(
+    target: Annotated[str, typer.Argument(metavar="NAME:TAG|status", help="What to preheat, or `status`.")],
+    tracker: Url,
+    token: Token,
+    name: Annotated[
+        str | None, typer.Argument(metavar="[NAME:TAG]", help="With `status`: only the orders of this name.")
+    ] = None,
+    zone: Annotated[str | None, typer.Option("--zone", help="Only nodes labelled zone=Z.")] = None,
+    label: Annotated[str | None, typer.Option("--label", help="Only nodes with the label K=V.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every registered node.")] = False,
+    json_: Json = False,
+) -> None:
+    """Make nodes fetch NAME:TAG into their caches now (`preheat NAME:TAG --all|--zone Z|--label K=V`),
+    or show what came of the orders (`preheat status [NAME:TAG]`)."""
+    if target == "status":
+        if zone is not None or label is not None or all_:
+            fail("preheat status takes no --zone/--label/--all (it shows every chosen node)", ErrorCode.BAD_REQUEST)
+        path = "/v1/preheat" + (f"?name={urllib.parse.quote(name)}" if name is not None else "")
+        r = call(tracker, token, "GET", path)
+        if json_:
+            return out_json(r)
+        return _print_preheat(r["orders"], name)
+    if name is not None:
+        fail(f"unexpected argument {name!r}: preheat NAME:TAG takes one name", ErrorCode.BAD_REQUEST)
+    if sum((zone is not None, label is not None, all_)) != 1:
+        fail("give exactly one of --zone Z, --label K=V or --all", ErrorCode.BAD_REQUEST)
+    if label is not None and ("=" not in label or label.startswith("=")):
+        fail(f"--label {label!r}: write KEY=VALUE, e.g. --label gpu=h100", ErrorCode.BAD_REQUEST)
+    r = call(tracker, token, "POST", "/v1/preheat", {"name": target, "zone": zone, "label": label, "all": all_})
+    if json_:
+        return out_json(r)
+    typer.echo(
+        f"preheat {r['name']} ({r['artifact_id'][:16]}) ordered on {len(r['nodes'])} node(s) "
+        f"({r['selector']}), order {r['order']}; follow it with `preheat status {r['name']}`"
+    )
+
+
+def _print_preheat(orders: list[dict[str, Any]], name: str | None) -> None:
+    if not orders:
+        typer.echo(f"no preheat order{' for ' + name if name else ''}")
+        return
+    for o in orders:
+        t = Table(
+            title=f"preheat {o['name']} ({o['selector']}, order {o['order']}): {o['complete']} complete, "
+            f"{o['fetching']} fetching, {o['waiting']} waiting, {o['failed']} failed"
+        )
+        for col in ("node", "state", "progress", "error"):
+            t.add_column(col, justify="right" if col == "progress" else "left")
+        for n in o["nodes"]:
+            t.add_row(n["node_id"], n["state"], f"{n['progress'] * 100:.1f}%", n["error"] or "")
+        console().print(t)

@@ -40,6 +40,7 @@ from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.auth import heartbeat_mac
 from tracker.budgets import Budgets, Demand, Share, allocate, weight_of, wire_share
+from tracker.preheat import Order, PreheatBook
 from tracker.registry import NAT_UNKNOWN
 from tracker.resp import Redis, RedisError, RedisUnavailable
 from tracker.store import STORE_COUNTERS, Heartbeat, Registration, throttle_view
@@ -285,6 +286,7 @@ class RedisStore:
         self._shares: dict[str, Share] = {}
         self._demands: dict[str, Demand] = {}
         self._zones: dict[str, str] = {}  # node id -> zone: a node's zone changes only when it registers again
+        self._pending: set[str] = set()  # nodes with undelivered preheat orders, as of the last refresh
 
     @classmethod
     async def connect(cls, url: str, interval: float = 1.0, misses: int = 3, **kw: Any) -> RedisStore:
@@ -526,7 +528,10 @@ class RedisStore:
         self._policy = dict(policy)
 
     async def refresh(self) -> None:
-        (raw, braw) = await self._cmds([["GET", self.prefix + "policy"], ["GET", self.prefix + "budgets"]])
+        (raw, braw, pend) = await self._cmds(
+            [["GET", self.prefix + "policy"], ["GET", self.prefix + "budgets"], ["SMEMBERS", self.prefix + "ph:pend"]]
+        )
+        self._pending = {_s(x) for x in pend}
         self._policy = json.loads(_s(raw)) if raw else {}
         try:
             self._budgets = Budgets.from_json(json.loads(_s(braw)) if braw else None)
@@ -599,6 +604,67 @@ class RedisStore:
     async def throttle_view(self) -> dict[str, Any]:
         demands = self._demands if self._budgets.active else await self._load_demands()
         return throttle_view(self._budgets, demands, self._shares)
+
+    # ---- preheat orders (tracker/preheat.py): ph:o order id -> JSON, ph:u:NODE undelivered order ids,
+    # ph:pend nodes with undelivered orders (cached each refresh for the UDP path), ph:f:ORDER failures --
+
+    def preheat_pending(self, node_id: str) -> bool:
+        return node_id in self._pending
+
+    async def preheat_add(self, name: str, artifact_id: str, nodes: list[str], selector: str) -> Order:
+        p = self.prefix
+        order = PreheatBook().add(name, artifact_id, nodes, selector, time.time())
+        cmds: list[list[Any]] = [["MULTI"], ["HSET", p + "ph:o", order.order_id, json.dumps(vars(order))]]
+        cmds += [["SADD", p + "ph:u:" + n, order.order_id] for n in nodes]
+        cmds += [["SADD", p + "ph:pend", *nodes], ["EXEC"]]
+        await self._cmds(cmds)
+        self._pending.update(nodes)
+        return order
+
+    async def preheat_take(self, node_id: str) -> list[dict[str, Any]]:
+        p = self.prefix
+        res = await self._cmds(
+            [["MULTI"], ["SMEMBERS", p + "ph:u:" + node_id], ["DEL", p + "ph:u:" + node_id],
+             ["SREM", p + "ph:pend", node_id], ["EXEC"]]
+        )  # fmt: skip
+        self._pending.discard(node_id)
+        ids = sorted(_s(x) for x in (res[-1] or [[]])[0])
+        if not ids:
+            return []
+        raws = await self._cmds([["HMGET", p + "ph:o", *ids]])
+        return [
+            {"order": o["order_id"], "name": o["name"], "artifact_id": o["artifact_id"]}
+            for raw in raws[0]
+            if raw is not None and (o := json.loads(_s(raw)))
+        ]
+
+    async def preheat_fail(self, node_id: str, order_id: str, message: str) -> bool:
+        p = self.prefix
+        (raw,) = await self._cmds([["HGET", p + "ph:o", order_id]])
+        if raw is None or node_id not in json.loads(_s(raw))["nodes"]:
+            return False
+        await self._cmds([["HSET", p + "ph:f:" + order_id, node_id, message[:500]]])
+        return True
+
+    async def preheat_book(self) -> PreheatBook:
+        p = self.prefix
+        (raw,) = await self._cmds([["HGETALL", p + "ph:o"]])
+        book = PreheatBook()
+        for i in range(0, len(raw), 2):
+            o = Order(**json.loads(_s(raw[i + 1])))
+            book.orders[o.order_id] = o
+        ids = list(book.orders)
+        if ids:
+            fails = await self._cmds([["HGETALL", p + "ph:f:" + i] for i in ids])
+            for oid, f in zip(ids, fails, strict=True):
+                if f:
+                    book.failures[oid] = {_s(f[j]): _s(f[j + 1]) for j in range(0, len(f), 2)}
+            nodes = sorted({n for o in book.orders.values() for n in o.nodes})
+            und = await self._cmds([["SMEMBERS", p + "ph:u:" + n] for n in nodes])
+            for n, members in zip(nodes, und, strict=True):
+                if members:
+                    book.undelivered[n] = [_s(x) for x in members]
+        return book
 
     # ---- admin views -------------------------------------------------------------------------------
 

@@ -179,6 +179,7 @@ class TrackerServer:
                 "known": known,
                 "policy": await store.policy(),
                 "share": store.share_of(nid),
+                "preheat": store.preheat_pending(nid),
                 "udp_port": self.udp_port,
                 "stun": self.stun_advert(),
             }
@@ -245,6 +246,23 @@ class TrackerServer:
             requester = V.node_id(req) if req is not None else None
             return {"peers": await store.peers(aid, requester, V.max_peers(p.get("max")))}
 
+        async def preheat(p: dict[str, Any], emit: Emit) -> Any:
+            """The node takes its preheat orders (tracker/preheat.py) after a reply said some are pending."""
+            nid = V.node_id(p.get("node_id"))
+            if ms is not None:
+                ms.require_bound(conn, nid, "preheat", await registered(nid))
+            return {"orders": await store.preheat_take(nid)}
+
+        async def preheat_report(p: dict[str, Any], emit: Emit) -> Any:
+            """A node could not carry out a preheat order: recorded for `admin preheat status`."""
+            nid = V.node_id(p.get("node_id"))
+            if ms is not None:
+                ms.require_bound(conn, nid, "preheat_report", await registered(nid))
+            order, error = p.get("order"), p.get("error")
+            if not isinstance(order, str) or not isinstance(error, str):
+                raise V.bad("preheat_report needs order (string) and error (string)")
+            return {"recorded": await store.preheat_fail(nid, order, error)}
+
         raw: dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]] = {
             "challenge": challenge,
             "auth": authenticate,
@@ -255,6 +273,8 @@ class TrackerServer:
             "resolve": resolve,
             "manifest": manifest,
             "peers": peers,
+            "preheat": preheat,
+            "preheat_report": preheat_report,
         }
         return {name: self._instrument(name, fn) for name, fn in raw.items()}
 
@@ -411,6 +431,10 @@ class TrackerServer:
         budgets = reg.budgets.active
         head = b"\x96\x01" if budgets else b"\x95\x01"
         share_of = reg.share_of
+        # while some node has undelivered preheat orders, a 7th element: True for those nodes (else nil)
+        undelivered = store.preheat.undelivered
+        if undelivered:
+            head = b"\x97\x01"
         n = fast = 0
         for _ in range(UDP_MAX_BATCH):
             try:
@@ -449,6 +473,8 @@ class TrackerServer:
                 reply = head + encode_int(req.seq) + (known_tail if known else unknown_tail)
             if budgets:
                 reply += encode_int(share_of(req.node_id))
+            if undelivered:
+                reply += (b"" if budgets else b"\xc0") + (b"\xc3" if req.node_id in undelivered else b"\xc0")
             try:
                 sendto(reply, addr)
             except (BlockingIOError, InterruptedError):
@@ -485,6 +511,9 @@ class TrackerServer:
         budgets = reg.budgets.active
         head = b"\x96\x01" if budgets else b"\x95\x01"  # a 6th element: the node's share (see _memory_batch)
         share_of = reg.share_of
+        undelivered = store.preheat.undelivered  # a 7th element: orders pending (see _memory_batch)
+        if undelivered:
+            head = b"\x97\x01"
         n = fast = 0
         for _ in range(UDP_MAX_BATCH):
             try:
@@ -532,6 +561,8 @@ class TrackerServer:
                 reply = head + encode_int(req.seq) + known_tail
             if budgets:
                 reply += encode_int(share_of(req.node_id))
+            if undelivered:
+                reply += (b"" if budgets else b"\xc0") + (b"\xc3" if req.node_id in undelivered else b"\xc0")
             try:
                 sendto(reply, addr)
             except (BlockingIOError, InterruptedError):
@@ -550,7 +581,10 @@ class TrackerServer:
         interval = self.store.interval
         for (addr, seq, nid), k in zip(meta, known, strict=True):
             try:
-                sock.sendto(encode(UdpReply(UDP_VERSION, seq, k, interval, policy, self.store.share_of(nid))), addr)
+                reply = UdpReply(UDP_VERSION, seq, k, interval, policy, self.store.share_of(nid))
+                if self.store.preheat_pending(nid):
+                    reply.preheat = True
+                sock.sendto(encode(reply), addr)
             except (BlockingIOError, InterruptedError):
                 pass  # send buffer full: the node retries over TCP; UDP replies are best effort by design
             except OSError as e:

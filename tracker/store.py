@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tracker.budgets import Budgets, usage
+from tracker.preheat import Order, PreheatBook
 from tracker.registry import Registry
 from tracker.validate import NatInfo
 
@@ -87,6 +88,12 @@ class Store(Protocol):
     def share_of(self, node_id: str) -> list[float | None] | None: ...
     async def throttle_view(self) -> dict[str, Any]: ...
     async def node_list(self, limit: int) -> list[dict[str, Any]]: ...
+    # preheat orders (tracker/preheat.py); `preheat_pending` is read on the UDP path, so it is sync
+    def preheat_pending(self, node_id: str) -> bool: ...
+    async def preheat_add(self, name: str, artifact_id: str, nodes: list[str], selector: str) -> Order: ...
+    async def preheat_take(self, node_id: str) -> list[dict[str, Any]]: ...
+    async def preheat_fail(self, node_id: str, order_id: str, message: str) -> bool: ...
+    async def preheat_book(self) -> PreheatBook: ...
     async def artifact_list(self) -> list[dict[str, Any]]: ...
     async def swarm(self, artifact_id: str) -> dict[str, Any]: ...
     async def stats(self) -> dict[str, Any]: ...
@@ -108,6 +115,7 @@ class MemoryStore:
         registry: Registry | None = None,
     ) -> None:
         self.reg = registry or Registry(interval, misses)
+        self.preheat = PreheatBook()
         self.interval = self.reg.interval
         self.clock = clock
         self.wall = wall
@@ -212,6 +220,21 @@ class MemoryStore:
 
     async def node_list(self, limit: int) -> list[dict[str, Any]]:
         return self.reg.node_list(self.clock(), limit)
+
+    def preheat_pending(self, node_id: str) -> bool:
+        return node_id in self.preheat.undelivered
+
+    async def preheat_add(self, name: str, artifact_id: str, nodes: list[str], selector: str) -> Order:
+        return self.preheat.add(name, artifact_id, nodes, selector, self.wall())
+
+    async def preheat_take(self, node_id: str) -> list[dict[str, Any]]:
+        return self.preheat.take(node_id)
+
+    async def preheat_fail(self, node_id: str, order_id: str, message: str) -> bool:
+        return self.preheat.fail(node_id, order_id, message)
+
+    async def preheat_book(self) -> PreheatBook:
+        return self.preheat
 
     async def artifact_list(self) -> list[dict[str, Any]]:
         return self.reg.artifact_list()

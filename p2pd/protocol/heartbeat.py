@@ -40,6 +40,8 @@ class UdpReply(msgspec.Struct, array_like=True):
     # this node's share of the global budgets, [egress, cross] bytes/s (None inside: no such budget);
     # absent (None) when no budget is set
     share: list[float | None] | None = None
+    # True: the tracker holds preheat orders for this node, to take over TCP (`preheat`); absent otherwise
+    preheat: bool | None = None
 
 
 def seal(body: bytes, session_key: bytes) -> bytes:
