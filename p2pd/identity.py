@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -122,3 +123,34 @@ def load_node_key(data_dir: Path) -> NodeKey:
 
 def node_identity(data_dir: Path, cluster: ClusterSecret | None) -> Identity:
     return Identity(load_node_key(data_dir), cluster)
+
+
+def token_value(value: str | None, option: str, argv: list[str] | None = None) -> str | None:
+    """A bearer token given as `@FILE` (read from the file, which no other user may read) or as itself.
+
+    A token typed on the command line is visible to every user in `ps`: it still works, with a warning
+    pointing at `@FILE` or the environment (issue #14 row 13).
+    """
+    if not value:
+        return value
+    if value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            st = path.stat()
+            data = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise P2pdError(ErrorCode.BAD_REQUEST, f"{option} {value}: cannot read the token file: {e}") from None
+        if st.st_mode & stat.S_IROTH:
+            raise P2pdError(
+                ErrorCode.BAD_REQUEST, f"{option} {value}: the file is readable by every user: chmod 600 {path}"
+            )
+        if not data:
+            raise P2pdError(ErrorCode.BAD_REQUEST, f"{option} {value}: the token file is empty")
+        return data
+    if value in (sys.argv if argv is None else argv):
+        print(
+            f"warning: {option} on the command line is visible to every user (ps); "
+            f"give {option} @FILE or set it in the environment instead",
+            file=sys.stderr,
+        )
+    return value

@@ -4,7 +4,8 @@ Plain blocking HTTP (urllib) on purpose: a CLI call is one request, and keeping 
 errors simple. Every failure a person can act on is one line on stderr, and the exit status of its
 code (docs/interfaces.md): 2 for malformed input (400/413/422) or a refused token (401), 3 for an
 unknown node or name (404), 4 for an unreachable tracker or Redis (503).
-`--tracker` and `--token` default to $P2P_TRACKER_ADMIN_URL and $P2P_TRACKER_ADMIN_TOKEN.
+`--tracker` and `--token` default to $P2P_TRACKER_ADMIN_URL and $P2P_TRACKER_ADMIN_TOKEN; `--token @FILE`
+reads the token from a file (a token typed on the command line is visible in `ps`: a warning says so).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pd.errors import ErrorCode, P2pdError
+from p2pd.identity import token_value
 from p2pd.units import format_rate, format_size, parse_rate
 
 admin_app = typer.Typer(
@@ -37,7 +39,12 @@ Url = Annotated[
     str,
     typer.Option("--tracker", envvar="P2P_TRACKER_ADMIN_URL", help="Admin API base URL, e.g. http://127.0.0.1:7071"),
 ]
-Token = Annotated[str, typer.Option("--token", envvar="P2P_TRACKER_ADMIN_TOKEN", help="Admin bearer token.")]
+Token = Annotated[
+    str,
+    typer.Option(
+        "--token", envvar="P2P_TRACKER_ADMIN_TOKEN", help="Admin bearer token, or @FILE to read it from a file."
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table.")]
 TIMEOUT = 10.0
 
@@ -98,8 +105,8 @@ def request(base: str, token: str, method: str, path: str, body: Any = None) -> 
 
 def call(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
     try:
-        return request(base, token, method, path, body)
-    except AdminError as e:
+        return request(base, token_value(token, "--token") or "", method, path, body)
+    except P2pdError as e:
         fail(e.message, e.code)
 
 

@@ -25,6 +25,7 @@ import typer
 
 from p2pd.config_sources import TRACKER_SERVE, configured
 from p2pd.errors import ErrorCode, P2pdError
+from p2pd.identity import token_value
 from p2pd.rpc import parse_hostport
 from tracker.config import RelayOptions, TrackerConfig
 
@@ -61,7 +62,10 @@ def serve(
     ] = TrackerConfig.store,
     admin_listen: Annotated[str | None, typer.Option(help="HTTP admin API on HOST:PORT (off when not given).")] = None,
     admin_token: Annotated[
-        str | None, typer.Option(envvar="P2P_TRACKER_ADMIN_TOKEN", help="Bearer token for the admin API.")
+        str | None,
+        typer.Option(
+            envvar="P2P_TRACKER_ADMIN_TOKEN", help="Bearer token for the admin API, or @FILE to read it from."
+        ),
     ] = None,
     store_prefix: Annotated[
         str, typer.Option(help="Key prefix in Redis (one per tracker group sharing a Redis).")
@@ -135,6 +139,10 @@ def serve(
         fail(str(e), ErrorCode.BAD_REQUEST)
     if interval <= 0:
         fail("--interval must be positive", ErrorCode.BAD_REQUEST)
+    try:
+        admin_token = token_value(admin_token, "--admin-token")
+    except P2pdError as e:
+        fail(e.message, e.code)
     if admin_addr is not None and not admin_token:
         fail(
             "--admin-listen needs --admin-token (or $P2P_TRACKER_ADMIN_TOKEN): the admin API never runs open",
