@@ -4,7 +4,7 @@ A node sits behind a port-restricted cone router (MASQUERADE) with a second publ
 lists the node at the router's first address, the router's rule is replaced by SNAT to the second address and
 the router's UDP conntrack timeouts are cut to 1 s (there is no `conntrack -F` here), so the node's UDP mapping
 lapses between two of its Binding checks and the next one sees the new address. Within a few check intervals
-(`--nat-check-every 1`) the tracker's `admin nodes` must list the node's new mapped address, and a public peer
+(`--nat-check-every 1.5`) the tracker's `admin nodes` must list the node's new mapped address, and a public peer
 must then fetch an artifact from it byte-identically.
 """
 
@@ -30,7 +30,7 @@ from p2pd.rpc import RpcError
 pytestmark = pytest.mark.emu
 
 MiB = 1 << 20
-CHECK_EVERY_S = 1.0
+CHECK_EVERY_S = 1.5  # above the 1 s UDP conntrack timeout set below, so the mapping lapses between checks
 
 
 async def start_daemon(lab: NatLab, host: Host) -> Node:
@@ -139,5 +139,5 @@ def test_a_node_whose_mapping_changes_reregisters_and_is_still_fetched_from(
         f"\nmapped {before['mapped']} -> {after['mapped']} (advertised {before['addr']} -> {after['addr']}) on the "
         f"tracker {took:.1f} s after the change; fetched over {paths}; {time.monotonic() - t0:.0f} s in all"
     )
-    # the mapping lapses within ~1 s, the next check (every 1 s) sees it, classification takes < 2 s
+    # the mapping lapses within ~1 s, the next check (every 1.5 s) sees it, the RFC 3489 tests take a few s
     assert took < 10, took
