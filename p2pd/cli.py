@@ -146,6 +146,11 @@ def run(
     trust_publisher: list[str] = typer.Option(
         [], "--trust-publisher", help="node id whose env artifacts this node unpacks (repeatable; default: tracker's)"
     ),
+    nat_check_every: float = typer.Option(
+        DaemonConfig.nat_check_every,
+        "--nat-check-every",
+        help="seconds between STUN checks of the public address (keeps the NAT mapping alive; under ~30)",
+    ),
 ) -> None:
     """Run the node daemon (what the systemd unit starts)."""
     from p2pd.daemon import Daemon
@@ -167,6 +172,8 @@ def run(
         traversal = _traversal_options(paths, relay, relay_listen, relay_rate, relay_max_pairs)
         auto = _auto_throttle_options(auto_throttle, link_capacity, reserve, auto_throttle_interface)
         metrics_hp = _hostport_option("--metrics-listen", metrics_listen)
+        if not 0 < nat_check_every <= 3600:
+            raise ValueError(f"--nat-check-every must be seconds in (0, 3600], not {nat_check_every:g}")
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
     try:
@@ -204,6 +211,7 @@ def run(
         auto_throttle=auto,
         metrics_listen=metrics_hp,
         cache_max=cache_cap,
+        nat_check_every=nat_check_every,
         swarm=SwarmConfig(max_peers=max_peers, pipeline_depth=pipeline, stall_timeout=stall_timeout, compress=compress),
     )
 

@@ -243,7 +243,7 @@ class NatMonitor:
                 elif server != st.server or trio.current_time() >= reclassify_at:
                     await self._classify(sock, server)
                     reclassify_at = trio.current_time() + self.reclassify_every
-                elif st.mapped is not None:
+                elif st.state == "done":  # also with no mapping: UDP that was lost for a while may be back
                     mapped = await binding(sock, server, rto=self.rto, tries=self.tries)
                     if mapped != st.mapped:
                         log.info(
