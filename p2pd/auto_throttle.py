@@ -153,7 +153,7 @@ class AutoThrottler:
         self.traffic = traffic
         self.proc_net_dev = proc_net_dev
         self.interface: str | None = None
-        self.off_reason = "starting" if cfg.enabled else "turned off (--auto-throttle off)"
+        self.off_reason = "starting" if cfg.enabled else "off (the default; --auto-throttle on turns it on)"
         self.controller: AutoThrottle | None = None
 
     def status(self) -> dict[str, Any]:

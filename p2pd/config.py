@@ -84,7 +84,9 @@ class TraversalConfig:
 class AutoThrottleConfig:
     """How a node yields its link to the other traffic it shares it with (p2pd/protocol/autothrottle.py)."""
 
-    enabled: bool = True  # `--auto-throttle off`: p2pd keeps only the flag and tracker limits
+    # off by default until it stops yielding to p2pd's own traffic: on the emulated 1 + 8 a seed alone on its link
+    # held itself to ~75 % of it (1.41x the bound instead of 1.12x, BENCHMARKS.md); `--auto-throttle on` turns it on
+    enabled: bool = False
     interface: str | None = None  # None: the interface of the route to the tracker (or of the listen address)
     link_capacity: float | None = None  # bytes/s per direction; None: learned (the highest rate the interface carried)
     reserve_fraction: float = 0.20  # headroom left to other traffic while it grows: it shows its demand by using it

@@ -30,7 +30,7 @@ def test_counters_are_read_per_interface(tmp_path: Path) -> None:
 
 def test_a_named_interface_must_exist() -> None:
     with pytest.raises(P2pdError, match="no such network interface"):
-        check_interface(AutoThrottleConfig(interface="nosuchif0"))
+        check_interface(AutoThrottleConfig(interface="nosuchif0", enabled=True))
     check_interface(AutoThrottleConfig(interface="nosuchif0", enabled=False))  # off: not looked at
     assert choose_interface(AutoThrottleConfig(interface="lo"), "0.0.0.0", []) == "lo"
 
@@ -59,7 +59,7 @@ def test_options() -> None:
 
 def test_status_off_and_the_limits_line() -> None:
     t = AutoThrottler(AutoThrottleConfig(enabled=False), unlimited(), unlimited())
-    assert t.status() == {"state": "off", "why": "turned off (--auto-throttle off)", "interface": None}
+    assert t.status() == {"state": "off", "why": "off (the default; --auto-throttle on turns it on)", "interface": None}
     res = {
         "limits": {
             "egress": {"limit": 1.5e6, "by": "auto", "why": "auto: other traffic 140 Mbit/s"},
