@@ -173,11 +173,12 @@ def test_cli_tables_json_and_one_line_errors(admin: dict[str, Any]) -> None:
 
 
 def test_cli_process_errors_are_one_line(admin: dict[str, Any]) -> None:
-    for args, needle, status in [
-        (["stats", "--tracker", "http://127.0.0.1:9", "--token", TOKEN], "cannot reach the tracker admin API", 4),
-        (["nodes", "--tracker", admin["url"], "--token", "wrong"], "refused the admin token (401)", 2),
+    for args, token, needle, status in [  # the token from the environment, as docs/security.md advises
+        (["stats", "--tracker", "http://127.0.0.1:9"], TOKEN, "cannot reach the tracker admin API", 4),
+        (["nodes", "--tracker", admin["url"]], "wrong", "refused the admin token (401)", 2),
     ]:
-        r = subprocess.run([*TRACKER_CLI, "admin", *args], capture_output=True, text=True, timeout=60, env=child_env())
+        env = {**child_env(), "P2P_TRACKER_ADMIN_TOKEN": token}
+        r = subprocess.run([*TRACKER_CLI, "admin", *args], capture_output=True, text=True, timeout=60, env=env)
         assert r.returncode == status and r.stdout == "", (r.returncode, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
