@@ -34,8 +34,16 @@ def emu_unavailable() -> str | None:
 
 
 _REASON = emu_unavailable()
-# the daemons and trackers these tests start (they inherit this environment) form a secured cluster
-os.environ.setdefault(JOIN_SECRET_ENV, new_join_secret())
+_SECRET = new_join_secret()
+
+
+@pytest.fixture(autouse=True)
+def secured_cluster_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemons and trackers these tests start (they inherit this environment) form a secured cluster.
+    Set per test, not at import: in one pytest session the secret must not reach other directories' tests
+    (a tracker started with --insecure there would find a secret too and refuse to start)."""
+    if JOIN_SECRET_ENV not in os.environ:
+        monkeypatch.setenv(JOIN_SECRET_ENV, _SECRET)
 
 
 def ours() -> list[str]:
