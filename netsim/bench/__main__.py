@@ -23,10 +23,11 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 
 from netsim.bench import autothrottle, nat, ray_first_result, throttle, tracker_load
 from netsim.bench.clients import CLIENT_NAMES
-from netsim.bench.harness import BenchError
+from netsim.bench.harness import BenchError, write_json
 from netsim.bench.model import ChurnEvent, RateClass, parse_churn, parse_rate_class
 from netsim.emu import EmuError, Terminated
 from p2pd.units import parse_size, rate_bits
@@ -198,25 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "ray":
         return ray_first_result.main(a)
     if a.cmd == "throttle":
-        return throttle.run(a, command)
+        return _guarded(throttle.run, a, command)
     if a.cmd == "autothrottle":
-        try:
-            return autothrottle.main(a, command)
-        except (BenchError, EmuError) as e:
-            print(f"netsim.bench: {e}", file=sys.stderr)
-            return 2
-        except Terminated as e:
-            print(f"netsim.bench: {e}; cleaned up", file=sys.stderr)
-            return 128 + e.signum
+        return _guarded(autothrottle.main, a, command)
     if a.cmd == "nat":
-        try:
-            return nat.run(a, command)
-        except (BenchError, EmuError) as e:
-            print(f"netsim.bench: {e}", file=sys.stderr)
-            return 2
-        except Terminated as e:
-            print(f"netsim.bench: {e}; cleaned up", file=sys.stderr)
-            return 128 + e.signum
+        return _guarded(nat.run, a, command)
     try:
         if a.cmd == "swarm":
             from netsim.bench.swarm import SwarmOptions, run_swarm
@@ -253,13 +240,21 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as e:
         print(f"netsim.bench: {e}; cleaned up", file=sys.stderr)
         return 128 + e.signum
-    text = json.dumps(res, indent=2)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    print(write_json(res, a.json))
     print(res["headline"])
     return 1 if any(c["failures"] for c in res["clients"].values()) else 0
+
+
+def _guarded(run: Callable[[argparse.Namespace, str], int], a: argparse.Namespace, command: str) -> int:
+    """A benchmark that cannot run at all says why in one line (exit 2); a signal ends it cleaned up."""
+    try:
+        return run(a, command)
+    except (BenchError, EmuError) as e:
+        print(f"netsim.bench: {e}", file=sys.stderr)
+        return 2
+    except Terminated as e:
+        print(f"netsim.bench: {e}; cleaned up", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

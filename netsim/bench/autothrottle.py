@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from netsim.bench.clients.p2pd import NODE_PORT, TRACKER_PORT, p2pd_cmd, tracker_cmd
-from netsim.bench.harness import NEUTRAL_CWD, BenchError, child_env, make_payload, stop_all, tail, wait_tcp
+from netsim.bench.harness import NEUTRAL_CWD, BenchError, child_env, make_payload, stop_all, tail, wait_tcp, write_json
 from netsim.emu import Host, Topology
 from p2pd.rpc import RpcError, call_blocking
 from p2pd.units import format_bits_rate, parse_size
@@ -380,10 +380,7 @@ def main(a: argparse.Namespace, command: str) -> int:
         command=command,
     )
     res = run(opts)
-    text = json.dumps(res, indent=2)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
+    write_json(res, a.json)
     print(json.dumps({k: v for k, v in res.items() if k != "runs"} | {"runs": [_brief(r) for r in res["runs"]]}))
     print(res["headline"])
     return 0

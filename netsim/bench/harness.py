@@ -42,6 +42,15 @@ PROXY_VARS = (
 )
 
 
+def write_json(res: dict[str, Any], path: str | None) -> str:
+    """The result as indented JSON, also written to `path` (the `--json FILE` of every benchmark)."""
+    text = json.dumps(res, indent=2)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    return text
+
+
 class BenchError(RuntimeError):
     """A run could not be completed or verified; the message says what was seen."""
 

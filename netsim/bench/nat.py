@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import trio
 
-from netsim.bench.harness import BenchError
+from netsim.bench.harness import BenchError, write_json
 from netsim.bench.model import kumar_ross
 from netsim.bench.swarm import preflight, revision
 from netsim.emu import Host, Switch, Topology
@@ -529,11 +529,7 @@ def run(a: argparse.Namespace, command: str) -> int:
             f"relay {sw['relay_F']} F"
         )
     out["headline"] = "nat: " + " | ".join(parts)
-    text = json.dumps(out, indent=2)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    print(write_json(out, a.json))
     if "matrix" in out:
         print(matrix_table(out["matrix"]))
     print(out["headline"])

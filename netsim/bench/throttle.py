@@ -46,6 +46,7 @@ from netsim.bench.harness import (
     tail,
     verify_copy,
     wait_tcp,
+    write_json,
 )
 from netsim.bench.swarm import SHM, preflight, revision
 from netsim.emu import Topology, new_prefix
@@ -487,7 +488,6 @@ def add_arguments(p: argparse.ArgumentParser, size: Callable[[str], int], rate_b
 
 def run(a: argparse.Namespace, command: str) -> int:
     """`python -m netsim.bench throttle ...`: print the JSON, then the headline; 2 if it could not run."""
-    from netsim.emu import EmuError, Terminated
 
     o = ThrottleOptions(
         scenario=a.scenario,
@@ -506,18 +506,7 @@ def run(a: argparse.Namespace, command: str) -> int:
         trace=a.trace,
         command=command,
     )
-    try:
-        res = SCENARIOS[o.scenario](o, sys.stderr)
-    except (BenchError, EmuError) as e:
-        print(f"netsim.bench: {e}", file=sys.stderr)
-        return 2
-    except Terminated as e:
-        print(f"netsim.bench: {e}; cleaned up", file=sys.stderr)
-        return 128 + e.signum
-    text = json.dumps(res, indent=2)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    res = SCENARIOS[o.scenario](o, sys.stderr)  # BenchError/EmuError/Terminated: netsim.bench's main says it
+    print(write_json(res, a.json))
     print(res["headline"])
     return 0
