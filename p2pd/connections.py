@@ -186,6 +186,26 @@ class TcpConnector:
             raise
 
 
+async def accept_from(
+    stream: trio.abc.Stream,
+    addr: str,
+    identity: auth.Identity,
+    *,
+    remote_id: str,
+    artifact_id: str,
+    path: ConnectionPath,
+    handshake_timeout: float,
+    serves: Callable[[str], bool] | None = None,
+) -> Connection:
+    """`accept` on a stream opened for one node and one artifact (punched, relayed): anyone else is refused."""
+    conn = await accept(
+        stream, addr, identity, handshake_timeout=handshake_timeout, serves=serves or artifact_id.__eq__, path=path
+    )
+    if conn.remote_id != remote_id:
+        raise wire.ProtocolError(f"node {conn.remote_id[:8]} came over the {path} path, not {remote_id[:8]}")
+    return conn
+
+
 async def accept(
     stream: trio.abc.Stream,
     addr: str,

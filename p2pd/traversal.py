@@ -541,17 +541,15 @@ class Traversal:
             log.info("relay meeting asked by %s failed: %s", remote_id[:8], e)
             return None
         try:
-            conn = await connections.accept(
+            return await connections.accept_from(
                 stream,
                 _fmt(relay),
                 self.identity,
-                handshake_timeout=self.swarm_config.handshake_timeout,
-                serves=artifact_id.__eq__,
+                remote_id=remote_id,
+                artifact_id=artifact_id,
                 path=ConnectionPath.RELAY,
+                handshake_timeout=self.swarm_config.handshake_timeout,
             )
-            if conn.remote_id != remote_id:
-                raise wire.ProtocolError(f"node {conn.remote_id[:8]} came through the relay, not {remote_id[:8]}")
-            return conn
         except _HANDSHAKE_FAILURES as e:
             with trio.CancelScope(shield=True):
                 await stream.aclose()

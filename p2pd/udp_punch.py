@@ -455,17 +455,16 @@ async def answer(
         punched.sock.close()
         raise
     try:
-        conn = await connections.accept(
+        return await connections.accept_from(
             stream,
             _fmt(punched.peer),
             identity,
+            remote_id=remote_id,
+            artifact_id=artifact_id,
+            path=ConnectionPath.UDP_PUNCH,
             handshake_timeout=handshake_timeout,
             serves=lambda aid: aid == artifact_id and serves(aid),
-            path=ConnectionPath.UDP_PUNCH,
         )
-        if conn.remote_id != remote_id:
-            raise wire.ProtocolError(f"node {conn.remote_id[:8]} came over the punched path, not {remote_id[:8]}")
-        return conn
     except _FAILURES as e:
         with trio.CancelScope(shield=True):
             await stream.aclose()
