@@ -487,9 +487,7 @@ def pin_cmd(
     socket: Path = SocketOpt,
 ) -> None:
     """Keep an artifact in the cache whatever --cache-max needs (until `p2pd unpin`)."""
-    sock = socket_path(socket, data_dir)
-    res = run_client(lambda: call(sock, "pin", {"ref": ref, "pinned": True}, timeout=10))
-    typer.echo(f"pinned {res['name']} ({res['artifact_id'][:12]})", err=True)
+    _set_pinned(ref, True, socket_path(socket, data_dir))
 
 
 @app.command("unpin")
@@ -499,9 +497,12 @@ def unpin_cmd(
     socket: Path = SocketOpt,
 ) -> None:
     """Let an artifact be evicted again when the cache needs room."""
-    sock = socket_path(socket, data_dir)
-    res = run_client(lambda: call(sock, "pin", {"ref": ref, "pinned": False}, timeout=10))
-    typer.echo(f"unpinned {res['name']} ({res['artifact_id'][:12]})", err=True)
+    _set_pinned(ref, False, socket_path(socket, data_dir))
+
+
+def _set_pinned(ref: str, pinned: bool, sock: Path) -> None:
+    res = run_client(lambda: call(sock, "pin", {"ref": ref, "pinned": pinned}, timeout=10))
+    typer.echo(f"{'pinned' if pinned else 'unpinned'} {res['name']} ({res['artifact_id'][:12]})", err=True)
 
 
 @app.command()
