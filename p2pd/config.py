@@ -26,6 +26,10 @@ class SwarmConfig:
     # a relayed peer is asked only for pieces no direct peer holds: relay capacity is shared and slow (FINDINGS §3);
     # in a swarm whose direct peers are few and busy, a relayed node then finishes later (BENCHMARKS, NAT swarm)
     prefer_direct: bool = True
+    # a peer in another zone (`--zone`, from the tracker's peer list) is asked only for pieces no peer of our own zone
+    # holds: the link between zones is the thin one (a cross-AZ or inter-rack uplink), so each piece should cross it
+    # about once and then spread inside the zone (BENCHMARKS, "Two zones")
+    prefer_zone: bool = True
     max_queued_requests: int = 64  # a peer's requests we queue; more is a protocol error (bounds what it makes us hold)
     # -- timing (seconds)
     connect_timeout: float = 3.0  # a TCP connect on a cluster network completes in milliseconds or not at all

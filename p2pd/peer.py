@@ -113,6 +113,8 @@ class PeerConn:
         self._ended = trio.Event()
         # (egress, ingress) for a peer in another zone (the swarm sets it): the cross-zone budget
         self.limits: tuple[Hierarchy, Hierarchy] | None = None
+        self.cross_zone = False  # the peer is in another zone than ours (the tracker's lists say)
+        self.cross_zone = False  # the peer is in another zone (known for connections we dialled)
         self._wake = trio.Event()
         self._zc = zstandard.ZstdCompressor(level=1)
         self._zd = zstandard.ZstdDecompressor()

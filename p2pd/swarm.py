@@ -44,6 +44,7 @@ BUFFER_POOL_BYTES = 32 << 20  # idle piece buffers kept for reuse (a verifier qu
 # Path ranks for the picker (0 best): a peer is asked only for what no better-ranked peer holds. Punched TCP is
 # TCP end to end, as fast as direct; a UDP data channel is CPU-bound at a few MB/s; a relay shares one node's
 # capacity among every pair it splices. A path not listed ranks between.
+MAX_KNOWN_ZONES = 65536  # peers' zones remembered per swarm (a few MB at most)
 PATH_RANK = {"direct": 0, "tcp-punch": 0, "udp-punch": 1, "relay": 2}
 
 
@@ -121,6 +122,8 @@ class Swarm:
         # the last level of each is the cross-zone share: infinite while no such budget is set)
         self.zone = zone
         self.cross_limits = cross_limits
+        # every peer's zone from the tracker's lists: a connection a peer opened to us carries no zone
+        self.zones: dict[str, str] = {}
         self.connector: Connector = connector or _NoDialling()  # a swarm that only serves (tests' seeds)
         self.journal = journal
         self.find_peers = find_peers
@@ -305,7 +308,9 @@ class Swarm:
         cross-zone limits both ways (an accepted connection's zone is not known: it is not).
         """
         peer = PeerConn(self, conn)
-        if self.cross_limits is not None and remote_zone and self.zone and remote_zone != self.zone:
+        remote_zone = remote_zone or self.zones.get(conn.remote_id, "")
+        peer.cross_zone = bool(remote_zone and self.zone and remote_zone != self.zone)
+        if self.cross_limits is not None and peer.cross_zone:
             peer.limits = self.cross_limits
         if not self._register(peer):
             return CloseReason.DUPLICATE
@@ -377,7 +382,8 @@ class Swarm:
                 picker.add_peer(
                     session,
                     range(self.n) if mask == self._full else bits.indices(mask),
-                    rank=path_rank(conn.path) if self.config.prefer_direct else 0,
+                    rank=(path_rank(conn.path) if self.config.prefer_direct else 0)
+                    + (1 if conn.cross_zone and self.config.prefer_zone else 0),
                 )
                 self.fill(conn)
         elif isinstance(event, ps.RequestRejected):
@@ -694,6 +700,12 @@ class Swarm:
                     failed = True
                 now = trio.current_time()
                 random.shuffle(peers)
+                if len(self.zones) > MAX_KNOWN_ZONES:
+                    self.zones.clear()  # bounded; the next lookups refill it
+                for p in peers:
+                    z = p.get("zone")
+                    if isinstance(z, str) and z:
+                        self.zones[p["node_id"]] = z
                 for p in peers:
                     nid = p["node_id"]
                     if len(self.conns) + len(self.connecting) >= cfg.max_peers:

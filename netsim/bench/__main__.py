@@ -4,6 +4,7 @@
         --runs 3 --json swarm.json
     python -m netsim.bench swarm --rates 2@100Mbit/s 6@50Mbit/s --size 64MiB --clients p2pd   # per-class links
     python -m netsim.bench swarm --peers 8 --rate 50Mbit/s --size 64MiB --clients p2pd --churn 2@4:3
+    python -m netsim.bench swarm --peers 8 --rate 100Mbit/s --zones 2 --zone-link 20Mbit/s --size 64MiB --clients p2pd
     python -m netsim.bench swarm --topology loopback --peers 4 --size 2GiB --clients p2pd,libtorrent --runs 3
     python -m netsim.bench pair --size 2GiB
     python -m netsim.bench render swarm.json      # the Markdown table for BENCHMARKS.md
@@ -122,6 +123,14 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="the seed's link (default: --rate; with --rates the fastest class's up rate)",
     )
+    s.add_argument(
+        "--zones",
+        type=int,
+        default=1,
+        help="2: two switches joined by a trunk; the seed and the first half of the peers in zone a (p2pd runs "
+        "with --zone a/b)",
+    )
+    s.add_argument("--zone-link", type=_rate_bits, default=None, help="the trunk between the two zones, each way")
     s.add_argument("--clients", type=_clients, default=list(CLIENT_NAMES))
     s.add_argument("--runs", type=int, default=3)
     s.add_argument("--topology", choices=["emu", "loopback"], default="emu")
@@ -216,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                     rate_bps=rate,
                     rate_classes=classes,
                     churn=a.churn,
+                    zones=a.zones,
+                    zone_link_bps=a.zone_link,
                     seed_rate_bps=a.seed_rate,
                     clients=a.clients,
                     runs=a.runs,

@@ -72,6 +72,7 @@ class Node:
     name: str
     host: Host
     ip: str
+    zone: str | None = None  # `p2pd run --zone` (swarm --zones): the tracker lists same-zone peers first
 
 
 @dataclass
@@ -95,12 +96,16 @@ class Net:
         (None on loopback). Client-agnostic progress, for --trace."""
         if self.kind != "emu":
             return None
-        sw = self.seed.host.links[0].switch
-        cp = subprocess.run(["ip", "-n", sw.ns, "-s", "-j", "link", "show"], capture_output=True, text=True, check=True)
-        by_if = {d["ifname"]: d["stats64"] for d in json.loads(cp.stdout) if "stats64" in d}
+        by_sw: dict[str, dict[str, Any]] = {}
         out = {}
         for n in self.nodes():
-            st = by_if[n.host.links[0].switch_if]
+            link = n.host.links[0]
+            if link.switch.ns not in by_sw:  # one call per switch (two with --zones)
+                cp = subprocess.run(
+                    ["ip", "-n", link.switch.ns, "-s", "-j", "link", "show"], capture_output=True, text=True, check=True
+                )
+                by_sw[link.switch.ns] = {d["ifname"]: d["stats64"] for d in json.loads(cp.stdout) if "stats64" in d}
+            st = by_sw[link.switch.ns][link.switch_if]
             out[n.name] = (st["tx"]["bytes"], st["rx"]["bytes"])
         return out
 

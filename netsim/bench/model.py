@@ -28,6 +28,31 @@ def kumar_ross(
     return max(f / seed_up_bps, f / min(peers_down_bps), n * f / (seed_up_bps + sum(peers_up_bps)))
 
 
+def zone_bound(
+    size_bytes: int,
+    seed_up_bps: float,
+    peers_up_bps: Sequence[float],
+    peers_down_bps: Sequence[float],
+    peer_in_b: Sequence[bool],
+    zone_link_bps: float | None,
+) -> float:
+    """Kumar-Ross with the two zones' cuts: the seed in zone a, the peers flagged in zone b, a trunk of
+    `zone_link_bps` each way between them (None = no trunk limit: plain Kumar-Ross).
+
+    Every byte a zone-b node receives comes from a zone-b upload or over the trunk, so
+    n_b·F <= T·(Σu_b + c); likewise n_a·F <= T·(u_s + Σu_a + c); and at least one copy crosses: F <= T·c."""
+    t = kumar_ross(size_bytes, seed_up_bps, peers_up_bps, peers_down_bps)
+    if zone_link_bps is None:
+        return t
+    f = size_bytes * 8
+    up_a = seed_up_bps + sum(u for u, b in zip(peers_up_bps, peer_in_b, strict=True) if not b)
+    up_b = sum(u for u, b in zip(peers_up_bps, peer_in_b, strict=True) if b)
+    n_b = sum(1 for b in peer_in_b if b)
+    n_a = len(peer_in_b) - n_b
+    c = zone_link_bps
+    return max(t, f / c, n_b * f / (up_b + c), n_a * f / (up_a + c))
+
+
 def summarize(values: Sequence[float]) -> dict[str, float | None]:
     """median, min, max of a sample (None when empty)."""
     if not values:

@@ -26,7 +26,7 @@ from typing import IO, Any
 from netsim.bench.clients import make_client
 from netsim.bench.clients.base import Client
 from netsim.bench.harness import REPO_ROOT, BenchError, Ctx, Net, Node, build_net, make_payload
-from netsim.bench.model import ChurnEvent, RateClass, kumar_ross, peer_rates, summarize
+from netsim.bench.model import ChurnEvent, RateClass, peer_rates, summarize, zone_bound
 from netsim.emu import Topology, new_prefix
 from p2pd.units import format_bits_rate, format_size_exact
 
@@ -54,6 +54,8 @@ class SwarmOptions:
     command: str = ""
     rate_classes: list[RateClass] = field(default_factory=list)  # --rates: per-peer links instead of --rate
     churn: list[ChurnEvent] = field(default_factory=list)
+    zones: int = 1  # 2: the seed and the first half of the peers in zone a, the rest in zone b
+    zone_link_bps: int | None = None  # the trunk between the two zones, each way (None = unshaped)
 
 
 def link_rates(o: SwarmOptions) -> tuple[int, list[int], list[int]]:
@@ -65,16 +67,44 @@ def link_rates(o: SwarmOptions) -> tuple[int, list[int], list[int]]:
     return o.seed_rate_bps or o.rate_bps, ups, downs
 
 
-def build_classes_net(topo: Topology, o: SwarmOptions) -> Net:
-    """Like harness.build_net for the emulated topology, with each peer's link shaped to its --rates class."""
+def in_zone_b(o: SwarmOptions) -> list[bool]:
+    """Per peer: whether it sits in zone b (with --zones 2, the second half of the peers; the seed is in zone a)."""
+    return [o.zones == 2 and i >= o.peers // 2 for i in range(o.peers)]
+
+
+def build_classes_net(topo: Topology, o: SwarmOptions) -> tuple[Net, tuple[str, str] | None]:
+    """Like harness.build_net for the emulated topology, with each peer's link shaped to its --rates class, and
+    with --zones 2 two switches joined by a trunk of --zone-link. Returns the net and the trunk's two ends (the
+    switch namespaces' interface names) or None."""
     lan = topo.add_switch("lan")
     seed_up, ups, downs = link_rates(o)
     seed = topo.add_host("seed", lan, rate=seed_up, loss=o.loss)
-    ls = [
-        topo.add_host(f"p{i}", lan, up=up, down=down, loss=o.loss)
-        for i, (up, down) in enumerate(zip(ups, downs, strict=True), start=1)
-    ]
-    return Net("emu", topo, Node("seed", seed, seed.ip or ""), [Node(h.name, h, h.ip or "") for h in ls], None, seed_up)
+    trunk = None
+    zb = None
+    if o.zones == 2:
+        # one L2 segment over two bridges: zone b's hosts take addresses from zone a's subnet
+        zb = topo.add_switch("zb", subnet=str(lan.subnet))
+        trunk = topo.join_switches(lan, zb, o.zone_link_bps)
+    ls = []
+    for i, (up, down, b) in enumerate(zip(ups, downs, in_zone_b(o), strict=True), start=1):
+        if b and zb is not None:
+            ls.append(topo.add_host(f"p{i}", zb, up=up, down=down, loss=o.loss, ip=str(lan.take_ip())))
+        else:
+            ls.append(topo.add_host(f"p{i}", lan, up=up, down=down, loss=o.loss))
+    zone = (lambda b: "b" if b else "a") if o.zones == 2 else (lambda b: None)
+    leechers = [Node(h.name, h, h.ip or "", zone(b)) for h, b in zip(ls, in_zone_b(o), strict=True)]
+    return Net("emu", topo, Node("seed", seed, seed.ip or "", zone(False)), leechers, None, seed_up), trunk
+
+
+def trunk_bytes(net: Net, trunk: tuple[str, str]) -> int:
+    """Bytes that crossed between the zones so far (both directions, frames as the trunk carried them)."""
+    total = 0
+    for sw, dev in zip(net.topo.switches.values(), trunk, strict=True):
+        cp = subprocess.run(
+            ["ip", "-n", sw.ns, "-s", "-j", "link", "show", "dev", dev], capture_output=True, text=True, check=True
+        )
+        total += int(json.loads(cp.stdout)[0]["stats64"]["tx"]["bytes"])
+    return total
 
 
 def rates_text(classes: list[RateClass]) -> str:
@@ -117,6 +147,26 @@ def measure_iperf(net: Net, seconds: int = 4) -> float:
         net.topo.stop(srv, timeout=3)
 
 
+def check_options(o: SwarmOptions) -> None:
+    """Raise BenchError for options that contradict each other (before anything is built)."""
+    if o.peers < 1 or o.runs < 1 or o.size < 1:
+        raise BenchError("--peers, --runs and --size must be positive")
+    if o.rate_classes and o.topology != "emu":
+        raise BenchError("--rates shapes links: it needs --topology emu")
+    if o.zones not in (1, 2):
+        raise BenchError(f"--zones {o.zones}: the emulation has one zone or two (a trunk between two switches)")
+    if o.zones == 2 and (o.topology != "emu" or o.peers < 2):
+        raise BenchError("--zones 2 needs --topology emu and at least 2 peers (one per zone)")
+    if o.zone_link_bps is not None and o.zones != 2:
+        raise BenchError("--zone-link is the trunk between two zones: give --zones 2 with it")
+    if o.rate_classes and sum(c.count for c in o.rate_classes) != o.peers:
+        raise BenchError(f"--rates counts add up to {sum(c.count for c in o.rate_classes)} peers, not {o.peers}")
+    if o.churn and (o.clients != ["p2pd"] or o.topology != "emu"):
+        raise BenchError("--churn restarts p2pd daemons: use it with --clients p2pd on --topology emu")
+    if sum(c.count for c in o.churn) > o.peers:
+        raise BenchError(f"--churn takes {sum(c.count for c in o.churn)} peers away, there are only {o.peers}")
+
+
 def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result (clients that failed a run are reported, not raised)."""
     preflight(
@@ -124,16 +174,7 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
         + ([("iperf3", "iperf3")] if o.iperf and o.topology == "emu" else [])
         + ([("iptables", "iptables")] if o.loss else [])
     )
-    if o.peers < 1 or o.runs < 1 or o.size < 1:
-        raise BenchError("--peers, --runs and --size must be positive")
-    if o.rate_classes and o.topology != "emu":
-        raise BenchError("--rates shapes links: it needs --topology emu")
-    if o.rate_classes and sum(c.count for c in o.rate_classes) != o.peers:
-        raise BenchError(f"--rates counts add up to {sum(c.count for c in o.rate_classes)} peers, not {o.peers}")
-    if o.churn and (o.clients != ["p2pd"] or o.topology != "emu"):
-        raise BenchError("--churn restarts p2pd daemons: use it with --clients p2pd on --topology emu")
-    if sum(c.count for c in o.churn) > o.peers:
-        raise BenchError(f"--churn takes {sum(c.count for c in o.churn)} peers away, there are only {o.peers}")
+    check_options(o)
     clients = clients if clients is not None else [make_client(c, o) for c in o.clients]
     missing = [f"{c.name}: {m}" for c in clients if (m := c.missing())]
     if missing:
@@ -149,14 +190,16 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
     os.chmod(work, 0o755)
     os.chmod(os.path.join(work, "payload"), 0o755)
     results: dict[str, list] = {c.name: [] for c in clients}
+    crossed: dict[str, list[int]] = {c.name: [] for c in clients}  # --zones 2: trunk bytes per run
     failures: dict[str, list[str]] = {c.name: [] for c in clients}
     measured_bps: float | None = None
     try:
         payload = os.path.join(work, "payload", "payload.bin")
         make_payload(payload, o.size)
         with Topology(prefix) as topo:
-            if o.rate_classes:
-                net = build_classes_net(topo, o)
+            trunk = None
+            if o.rate_classes or o.zones == 2:
+                net, trunk = build_classes_net(topo, o)
             else:
                 net = build_net(
                     topo, o.topology, o.peers, o.rate_bps if o.topology == "emu" else None, o.seed_rate_bps, o.loss
@@ -188,6 +231,7 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
             for r in range(o.runs):
                 k = r % len(clients)
                 for c in clients[k:] + clients[:k]:
+                    before = trunk_bytes(net, trunk) if trunk else 0
                     try:
                         res = c.run(ctx, r)
                     except BenchError as e:
@@ -195,6 +239,8 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
                         ctx.say(f"run {r + 1}/{o.runs} {c.name}: FAILED: {e}")
                         continue
                     results[c.name].append(res)
+                    if trunk:
+                        crossed[c.name].append(trunk_bytes(net, trunk) - before)
                     up = f", seed sent {res.seed_tx_bytes / o.size:.2f} F" if res.seed_tx_bytes is not None else ""
                     ctx.say(
                         f"run {r + 1}/{o.runs} {c.name}: {res.t_s:.2f} s"
@@ -204,7 +250,7 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
     finally:
         if not o.keep:
             shutil.rmtree(work, ignore_errors=True)
-    return report(o, results, failures, measured_bps)
+    return report(o, results, failures, measured_bps, crossed)
 
 
 def revision() -> str | None:
@@ -234,11 +280,15 @@ def t_min_nominal(o: SwarmOptions) -> float | None:
     if o.topology != "emu":
         return None
     s, ups, downs = link_rates(o)
-    return kumar_ross(o.size, s, ups, downs)
+    return zone_bound(o.size, s, ups, downs, in_zone_b(o), o.zone_link_bps if o.zones == 2 else None)
 
 
 def report(
-    o: SwarmOptions, results: dict[str, list], failures: dict[str, list[str]], measured_bps: float | None
+    o: SwarmOptions,
+    results: dict[str, list],
+    failures: dict[str, list[str]],
+    measured_bps: float | None,
+    crossed: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """The JSON object: parameters, bounds, and per client times, medians, ranges, ratios, seed upload."""
     t_min = t_min_nominal(o)
@@ -247,7 +297,10 @@ def report(
         s, ups, downs = link_rates(o)
         # the measured path is seed-up -> p1-down; every shaped link loses the same share to TCP/IP headers
         scale = measured_bps / min(s, downs[0])
-        t_min_meas = kumar_ross(o.size, s * scale, [u * scale for u in ups], [d * scale for d in downs])
+        zl = o.zone_link_bps * scale if o.zones == 2 and o.zone_link_bps else None
+        t_min_meas = zone_bound(
+            o.size, s * scale, [u * scale for u in ups], [d * scale for d in downs], in_zone_b(o), zl
+        )
     out: dict[str, Any] = {
         "benchmark": "swarm",
         "topology": o.topology,
@@ -267,6 +320,8 @@ def report(
         "t_min_s": None if t_min is None else round(t_min, 3),
         "t_min_measured_s": None if t_min_meas is None else round(t_min_meas, 3),
         "iperf3_bps": None if measured_bps is None else round(measured_bps),
+        "zones": o.zones,
+        "zone_link_bps": o.zone_link_bps,
         "churn": [{"count": c.count, "at_s": c.at_s, "down_s": c.down_s} for c in o.churn] or None,
         "bound_note": "churn: peers away for part of the run, so t_min_s is a lower bound only, not reachable"
         if o.churn
@@ -298,6 +353,9 @@ def report(
             "per_leecher_s": [r.per_leecher_s for r in rs],
             "churned": [r.churned for r in rs] if o.churn else None,
             "rss_max_mb": max(rss) if rss else None,
+            "cross_zone_F_runs": [round(b / o.size, 3) for b in (crossed or {}).get(name, [])]
+            if o.zones == 2
+            else None,
             "failures": failures[name],
         }
         if o.trace:
@@ -321,6 +379,13 @@ def headline(res: dict[str, Any]) -> str:
                 else rates_text([RateClass(c["count"], c["up_bps"], c["down_bps"]) for c in res["rate_classes"]])
             )
             + (" with churn" if res.get("churn") else "")
+            + (
+                ", 2 zones (trunk "
+                + (format_bits_rate(res["zone_link_bps"]) if res.get("zone_link_bps") else "unshaped")
+                + ")"
+                if res.get("zones") == 2
+                else ""
+            )
             + ": "
             f"T/T_min (T_min {res['t_min_s']:.2f} s): " + ", ".join(parts)
         )

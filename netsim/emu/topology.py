@@ -470,6 +470,39 @@ class Topology:
             )
         link.up_bps, link.down_bps = up, down
 
+    def join_switches(self, a: Switch, b: Switch, rate: int | None) -> tuple[str, str]:
+        """A trunk between two switches (one L2 segment then), shaped to `rate` bit/s each way (None = unshaped).
+
+        Two zones of a cluster with a thinner link between them. Returns the trunk's interface names, (`a`'s end,
+        `b`'s end): each end's tx counter is what crossed from its zone to the other."""
+        a_if, b_if = f"t{b.name}"[:15], f"t{a.name}"[:15]
+        _run(["ip", "-n", a.ns, "link", "add", "name", a_if, "type", "veth", "peer", "name", b_if, "netns", b.ns])
+        for sw, dev in ((a, a_if), (b, b_if)):
+            _run(["ip", "-n", sw.ns, "link", "set", dev, "master", "br0", "up"])
+            if rate is not None:
+                if rate <= 0:
+                    raise ValueError(f"rate must be positive, got {rate}")
+                _run(
+                    [
+                        "tc",
+                        "-n",
+                        sw.ns,
+                        "qdisc",
+                        "replace",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        f"{rate}bit",
+                        "burst",
+                        str(tbf_burst_bytes(rate)),
+                        "latency",
+                        f"{TBF_LATENCY_MS}ms",
+                    ]
+                )
+        return a_if, b_if
+
     def set_loss(self, link: Link, p: float) -> None:
         """Drop a random fraction `p` of the packets arriving over `link` (iptables statistic; 0 removes it)."""
         if not 0.0 <= p < 1.0:

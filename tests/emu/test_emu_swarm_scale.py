@@ -47,3 +47,35 @@ def test_p2pd_heterogeneous_churn(emu: None) -> None:
     (churned,) = c["churned"]
     assert len(churned) == 1 and churned[0]["peer"] == "p4" and churned[0]["back_s"] is not None, log.getvalue()
     assert c["ratio"] < 4.0, f"{res['headline']}\n{log.getvalue()}"
+
+
+def test_p2pd_two_zones_thin_trunk(emu: None) -> None:
+    """Two zones joined by a 20 Mbit/s trunk, 100 Mbit/s hosts: the trunk binds, and it is the trunk that binds
+    (zone b finishes no sooner than one copy can cross it); each piece crosses about once."""
+    why = make_client("p2pd").missing()
+    if why:
+        pytest.skip(f"p2pd: {why}")
+    log = io.StringIO()
+    size = parse_size("16MiB")
+    res = run_swarm(
+        SwarmOptions(
+            peers=4,
+            size=size,
+            rate_bps=rate_bits("100Mbit/s"),
+            zones=2,
+            zone_link_bps=rate_bits("20Mbit/s"),
+            clients=["p2pd"],
+            runs=1,
+            iperf=False,
+            timeout_s=90,
+        ),
+        log=log,
+    )
+    c = res["clients"]["p2pd"]
+    assert c["failures"] == [], f"{c['failures']}\n{log.getvalue()}"
+    assert res["t_min_s"] == pytest.approx(size * 8 / 20e6, rel=1e-3)  # one copy over the trunk
+    (per_leecher,) = c["per_leecher_s"]
+    assert min(per_leecher[2:]) >= 0.95 * res["t_min_s"], f"zone b beat its trunk: {per_leecher}\n{log.getvalue()}"
+    assert max(per_leecher[:2]) < min(per_leecher[2:]), f"zone a is not behind the trunk: {per_leecher}"
+    (crossed,) = c["cross_zone_F_runs"]
+    assert 1.0 <= crossed <= 1.8, f"{crossed} F crossed\n{log.getvalue()}"

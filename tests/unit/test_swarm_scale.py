@@ -8,8 +8,16 @@ import pytest
 
 from netsim.bench.__main__ import parser, swarm_links
 from netsim.bench.harness import BenchError
-from netsim.bench.model import ChurnEvent, RateClass, kumar_ross, parse_churn, parse_rate_class, peer_rates
-from netsim.bench.swarm import SwarmOptions, t_min_nominal
+from netsim.bench.model import (
+    ChurnEvent,
+    RateClass,
+    kumar_ross,
+    parse_churn,
+    parse_rate_class,
+    peer_rates,
+    zone_bound,
+)
+from netsim.bench.swarm import SwarmOptions, check_options, in_zone_b, t_min_nominal
 
 
 def test_rate_class_one_rate_both_ways() -> None:
@@ -79,3 +87,29 @@ def test_command_line_bad_class_is_a_usage_error(capsys: pytest.CaptureFixture[s
         parser().parse_args(["swarm", "--rates", "2@fast"])
     assert e.value.code == 2
     assert "COUNT@UP" in capsys.readouterr().err
+
+
+def test_zone_bound_by_hand() -> None:
+    # seed 100 + 2 peers of 100 in zone a, 2 peers of 100 in zone b, trunk 20; F = 800 bits
+    ups = downs = [100, 100, 100, 100]
+    in_b = [False, False, True, True]
+    assert zone_bound(100, 100, ups, downs, in_b, None) == pytest.approx(kumar_ross(100, 100, ups, downs))
+    # one copy over the trunk: 800/20 = 40; zone b's cut: 2·800/(200 + 20) = 7.3; zone a's: 2·800/(300 + 20) = 5
+    assert zone_bound(100, 100, ups, downs, in_b, 20) == pytest.approx(40.0)
+    # a fat trunk: zone b's own upload binds, 2·800/(2·10 + 100) = 13.3 (slow uploaders in zone b)
+    assert zone_bound(100, 100, [100, 100, 10, 10], downs, in_b, 100) == pytest.approx(1600 / 120)
+
+
+def test_zones_options_checked() -> None:
+    a = parser().parse_args(["swarm", "--peers", "8", "--zones", "2", "--zone-link", "20Mbit/s"])
+    assert a.zones == 2 and a.zone_link == 20_000_000
+    o = SwarmOptions(peers=8, size=64 << 20, rate_bps=100_000_000, zones=2, zone_link_bps=20_000_000)
+    assert in_zone_b(o) == [False] * 4 + [True] * 4  # the seed and the first half in zone a
+    assert t_min_nominal(o) == pytest.approx((64 << 20) * 8 / 20e6)
+    for bad, msg in (
+        (SwarmOptions(peers=8, zones=3), "one zone or two"),
+        (SwarmOptions(peers=1, zones=2), "at least 2 peers"),
+        (SwarmOptions(peers=8, zone_link_bps=1), "give --zones 2"),
+    ):
+        with pytest.raises(BenchError, match=msg):
+            check_options(bad)

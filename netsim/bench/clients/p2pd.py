@@ -135,6 +135,8 @@ class P2pd(Client):
                 argv = [*p2pd, "run", "--tracker", tracker, "--listen", f"{n.ip}:{NODE_PORT}", "--data-dir", dd]
                 if self.egress_limit:
                     argv += ["--egress-limit", self.egress_limit]
+                if n.zone:
+                    argv += ["--zone", n.zone]
                 argv += self.run_args
                 p = n.host.popen(argv, log=os.path.join(d, f"daemon-{n.name}.log"), env=env, cwd=NEUTRAL_CWD)
                 procs.append(p)
