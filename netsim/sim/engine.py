@@ -478,7 +478,11 @@ class Simulation:
             x.remote_have[y.nid] = y.have
         for x, y in ((a, b), (b, a)):  # each side's BITFIELD arrives
             if x.downloading:
-                x.picker.add_peer(y.nid, range(self.units) if y.have == x.picker.full else _bits(y.have))
+                x.picker.add_peer(
+                    y.nid,
+                    range(self.units) if y.have == x.picker.full else _bits(y.have),
+                    rank=1 if x.zone != y.zone and self.sc.swarm.prefer_zone else 0,  # as p2pd/swarm.py ranks it
+                )
                 self._fill(x, y.nid)
 
     def _close(self, a: Node, b: Node) -> None:

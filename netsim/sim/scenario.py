@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from netsim.bench.model import kumar_ross
+from netsim.bench.model import kumar_ross, zone_bound
 from p2pd.config import SwarmConfig
 from tracker.config import TrackerConfig
 
@@ -104,9 +104,13 @@ class Scenario:
         return out
 
     def bound(self) -> float:
-        """Kumar–Ross: max(F/u_s, F/d_min, N·F/(u_s + Σu_i)), u_s the seeds' total upload (seconds)."""
+        """Kumar–Ross: max(F/u_s, F/d_min, N·F/(u_s + Σu_i)), u_s the seeds' total upload (seconds); with two
+        zones and a zone link, also the zones' cuts (netsim.bench.model.zone_bound)."""
         ups = [_cap(c.up, self.egress_limit) * 8 for c in self.classes for _ in range(c.count)]
         downs = [_cap(c.down, self.ingress_limit) * 8 for c in self.classes for _ in range(c.count)]
+        if math.isfinite(self.zone_link) and len(self.zones) == 2:  # and the two zones' cuts
+            in_b = [c.zone != self.zones[0] for c in self.classes for _ in range(c.count)]
+            return zone_bound(self.size, self.seeds * self.seed_up * 8, ups, downs, in_b, self.zone_link * 8)
         return kumar_ross(self.size, self.seeds * self.seed_up * 8, ups, downs)
 
     def default_quantum(self) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -31,49 +32,94 @@ MEASURED_GOODPUT_BPS = 191.3e6  # iperf3 over one 200 Mbit/s shaped link (BENCHM
 LATENCY = 2e-4  # one way on the emulated bridge (a few hops through veth and tbf queues)
 
 
+GOODPUT_SHARE = MEASURED_GOODPUT_BPS / 200e6  # what TCP carries of any shaped link (the same ~4.5% headers)
+
+
 @dataclass(frozen=True)
 class Case:
+    """One emulated scenario, spelled as `python -m netsim.bench swarm` takes it, and what it measured."""
+
     name: str
-    peers: int
+    classes: tuple[tuple[int, int, int], ...]  # (count, up bit/s, down bit/s) per class of peers, in order
     size: int
-    rate_bps: int
     p2pd_s: float  # measured median, p2pd
     libtorrent_s: float | None  # measured median, libtorrent (the BitTorrent reference)
     source: str
+    zone_link_bps: int | None = None  # two zones (the seed and the first half of the peers in zone a) and the trunk
+    churn: tuple[int, float, float] | None = None  # K peers leave T s in and come back D s later
 
-    def scenario(self, goodput_bps: float, policy: str = "p2pd") -> Scenario:
-        rate = goodput_bps / 8
+    @property
+    def peers(self) -> int:
+        return sum(c[0] for c in self.classes)
+
+    def node_classes(self, scale: float) -> tuple[NodeClass, ...]:
+        """The peers as the simulator's classes (bytes/s, each rate times `scale`), split by zone."""
+        per_peer = [(up, down) for count, up, down in self.classes for _ in range(count)]
+        out: list[NodeClass] = []
+        for i, (up, down) in enumerate(per_peer):
+            zone = "b" if self.zone_link_bps is not None and i >= self.peers // 2 else "a"
+            last = out[-1] if out else None
+            if last is not None and (last.up, last.down, last.zone) == (up * scale / 8, down * scale / 8, zone):
+                out[-1] = replace(last, count=last.count + 1)
+            else:
+                out.append(NodeClass(1, up * scale / 8, down * scale / 8, zone))
+        return tuple(out)
+
+    def scenario(self, goodput_share: float, policy: str = "p2pd") -> Scenario:
+        seed_bps = max(c[1] for c in self.classes)  # the swarm bench's seed: the fastest class's up rate
         return Scenario(
-            classes=(NodeClass(self.peers, rate, rate),),
+            classes=self.node_classes(goodput_share),
             size=self.size,
             piece=choose_piece_size(self.size),
-            seed_up=rate,
+            seed_up=seed_bps * goodput_share / 8,
+            seed_zone="a",
+            zone_link=math.inf if self.zone_link_bps is None else self.zone_link_bps * goodput_share / 8,
+            churn=0.0 if self.churn is None else self.churn[0] / self.peers,
+            churn_away=5.0 if self.churn is None else self.churn[2],
             latency=LATENCY,
             policy=policy,
         )
+
+    def bench_args(self) -> list[str]:
+        """The `python -m netsim.bench swarm` options that emulate this case."""
+        if len(self.classes) == 1 and self.classes[0][1] == self.classes[0][2]:
+            count, up, _ = self.classes[0]
+            args = ["--peers", str(count), "--rate", f"{up}bit/s"]
+        else:
+            args = ["--rates", *(f"{n}@{up}bit/s/{down}bit/s" for n, up, down in self.classes)]
+        args += ["--size", str(self.size)]
+        if self.zone_link_bps is not None:
+            args += ["--zones", "2", "--zone-link", f"{self.zone_link_bps}bit/s"]
+        if self.churn is not None:
+            k, at, down = self.churn
+            args += ["--churn", f"{k}@{at}:{down}"]
+        return args
+
+
+def _uniform(peers: int, rate: str) -> tuple[tuple[int, int, int], ...]:
+    return ((peers, rate_bits(rate), rate_bits(rate)),)
 
 
 CASES = [
     Case(
         "1+4",
-        4,
+        _uniform(4, "200Mbit/s"),
         parse_size("512MiB"),
-        rate_bits("200Mbit/s"),
         22.75,
         31.70,
         "BENCHMARKS.md: 1+4, 2026-11-24T07:02 (7241f44), medians of 3",
     ),
     Case(
         "1+8",
-        8,
+        _uniform(8, "200Mbit/s"),
         parse_size("512MiB"),
-        rate_bits("200Mbit/s"),
         23.64,
         36.96,
         "BENCHMARKS.md: 1+8 after NAT traversal, 2026-11-26 14:07-14:18 (9ea1bf6), p2pd median of 3; "
         "libtorrent: 1+8 every client, 13:20-13:28 (752f6f7)",
     ),
 ]
+CASES_BY_NAME = {c.name: c for c in CASES}
 
 
 def emulate(case: Case, runs: int, wait_while: Path | None) -> float:
@@ -83,9 +129,8 @@ def emulate(case: Case, runs: int, wait_while: Path | None) -> float:
             time.sleep(15)
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "swarm.json"
-        cmd = [sys.executable, "-m", "netsim.bench", "swarm", "--peers", str(case.peers), "--size", str(case.size)]
-        cmd += ["--rate", f"{case.rate_bps}bit/s", "--clients", "p2pd", "--runs", str(runs), "--no-iperf"]
-        cmd += ["--json", str(out)]
+        cmd = [sys.executable, "-m", "netsim.bench", "swarm", *case.bench_args()]
+        cmd += ["--clients", "p2pd", "--runs", str(runs), "--no-iperf", "--json", str(out)]
         cp = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if not out.exists():
             raise RuntimeError(f"emulated {case.name} did not run: {(cp.stderr or cp.stdout).strip()[-300:]}")
@@ -95,10 +140,10 @@ def emulate(case: Case, runs: int, wait_while: Path | None) -> float:
         return float(med)
 
 
-def validate(emulate_runs: int | None, wait_while: Path | None) -> dict[str, Any]:
+def validate(emulate_runs: int | None, wait_while: Path | None, names: list[str] | None = None) -> dict[str, Any]:
     rows = []
-    for case in CASES:
-        sc = case.scenario(MEASURED_GOODPUT_BPS)
+    for case in [CASES_BY_NAME[n] for n in names] if names else CASES:
+        sc = case.scenario(GOODPUT_SHARE)
         p = simulate(sc)
         bt = simulate(replace(sc, policy="bittorrent"))
         measured = emulate(case, emulate_runs, wait_while) if emulate_runs else case.p2pd_s
@@ -107,12 +152,8 @@ def validate(emulate_runs: int | None, wait_while: Path | None) -> dict[str, Any
         rows.append(
             {
                 "case": case.name,
-                "bound_nominal_s": Scenario(
-                    classes=(NodeClass(case.peers, case.rate_bps / 8, case.rate_bps / 8),),
-                    size=case.size,
-                    piece=choose_piece_size(case.size),
-                    seed_up=case.rate_bps / 8,
-                ).bound(),
+                "bench_args": case.bench_args(),
+                "bound_nominal_s": case.scenario(1.0).bound(),
                 "bound_goodput_s": sc.bound(),
                 "p2pd_predicted_s": predicted,
                 "p2pd_measured_s": measured,
@@ -148,11 +189,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the result here")
     ap.add_argument("--emulate", type=int, default=None, metavar="RUNS", help="run the emulated swarms now")
     ap.add_argument("--wait-while", type=Path, default=None, metavar="FILE", help="hold runs while FILE exists")
+    ap.add_argument(
+        "--case", action="append", default=None, choices=list(CASES_BY_NAME), help="only this case (repeatable)"
+    )
     a = ap.parse_args(argv)
     if a.emulate is not None and a.emulate < 1:
         ap.error(f"--emulate needs at least 1 run, got {a.emulate}")
     try:
-        res = validate(a.emulate, a.wait_while)
+        res = validate(a.emulate, a.wait_while, a.case)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
