@@ -144,6 +144,11 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="extra options for every `p2pd run`, one quoted string (e.g. '--pipeline 8')",
     )
+    s.add_argument(
+        "--p2pd-insecure",
+        action="store_true",
+        help="run p2pd's tracker and daemons as an open cluster (--insecure): measures what authentication costs",
+    )
     s.add_argument("--keep", action="store_true", help="keep the work dir (logs, copies) in /dev/shm")
     s.add_argument(
         "--trace",
@@ -237,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                     iperf=not a.no_iperf,
                     p2pd_egress_limit=a.p2pd_egress_limit,
                     p2pd_run_args=a.p2pd_run_args,
+                    p2pd_insecure=a.p2pd_insecure,
                     trace=a.trace,
                     command=command,
                 )

@@ -50,6 +50,7 @@ class SwarmOptions:
     iperf: bool = True
     p2pd_egress_limit: str | None = None
     p2pd_run_args: list[str] = field(default_factory=list)
+    p2pd_insecure: bool = False  # tracker and daemons --insecure: the cost of authentication, side by side
     trace: bool = False
     command: str = ""
     rate_classes: list[RateClass] = field(default_factory=list)  # --rates: per-peer links instead of --rate

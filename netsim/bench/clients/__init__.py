@@ -18,6 +18,7 @@ def make_client(name: str, opts: Any = None) -> Client:
             egress_limit=getattr(opts, "p2pd_egress_limit", None),
             run_args=getattr(opts, "p2pd_run_args", None),
             churn=getattr(opts, "churn", None),
+            insecure=getattr(opts, "p2pd_insecure", False),
         )
     if name == "libtorrent":
         from netsim.bench.clients.bittorrent import Libtorrent

@@ -101,8 +101,13 @@ class P2pd(Client):
     name = "p2pd"
 
     def __init__(
-        self, egress_limit: str | None = None, run_args: list[str] | None = None, churn: list[ChurnEvent] | None = None
+        self,
+        egress_limit: str | None = None,
+        run_args: list[str] | None = None,
+        churn: list[ChurnEvent] | None = None,
+        insecure: bool = False,
     ) -> None:
+        self.insecure = insecure  # an open cluster (no join secret, no authentication): what security costs
         self.egress_limit = egress_limit
         self.run_args = list(run_args or [])  # extra `p2pd run` options, for tuning experiments
         self.churn = list(churn or [])  # --churn: leechers whose daemon stops and restarts mid-run
@@ -113,7 +118,11 @@ class P2pd(Client):
     def run(self, ctx: Ctx, run: int) -> RunResult:
         d = ctx.run_dir(self.name, run)
         procs: list[subprocess.Popen] = []
-        env = child_env({JOIN_SECRET_ENV: new_join_secret()})  # secured, as deployed (docs/security.md)
+        # secured, as deployed (docs/security.md), unless --p2pd-insecure asks for an open cluster
+        env = child_env({JOIN_SECRET_ENV: new_join_secret()})
+        if self.insecure:
+            del env[JOIN_SECRET_ENV]  # (nor one from the caller's environment)
+        open_cluster = ["--insecure"] if self.insecure else []
         p2pd = p2pd_cmd()
         seed = ctx.net.seed
         tracker = f"{seed.ip}:{TRACKER_PORT}"
@@ -121,7 +130,7 @@ class P2pd(Client):
         try:
             procs.append(
                 seed.host.popen(
-                    [*tracker_cmd(), "serve", "--listen", tracker],
+                    [*tracker_cmd(), "serve", "--listen", tracker, *open_cluster],
                     log=os.path.join(d, "tracker.log"),
                     env=env,
                     cwd=NEUTRAL_CWD,
@@ -133,6 +142,7 @@ class P2pd(Client):
                 dd = os.path.join(d, f"data-{n.name}")
                 os.makedirs(dd, exist_ok=True)  # a churned daemon restarts on the data dir it left
                 argv = [*p2pd, "run", "--tracker", tracker, "--listen", f"{n.ip}:{NODE_PORT}", "--data-dir", dd]
+                argv += open_cluster
                 if self.egress_limit:
                     argv += ["--egress-limit", self.egress_limit]
                 if n.zone:
