@@ -97,15 +97,15 @@ def build_classes_net(topo: Topology, o: SwarmOptions) -> tuple[Net, tuple[str, 
     return Net("emu", topo, Node("seed", seed, seed.ip or "", zone(False)), leechers, None, seed_up), trunk
 
 
-def trunk_bytes(net: Net, trunk: tuple[str, str]) -> int:
-    """Bytes that crossed between the zones so far (both directions, frames as the trunk carried them)."""
-    total = 0
+def trunk_bytes(net: Net, trunk: tuple[str, str]) -> tuple[int, int]:
+    """Bytes that crossed between the zones so far, (a to b, b to a): frames as the trunk carried them."""
+    sent = []
     for sw, dev in zip(net.topo.switches.values(), trunk, strict=True):
         cp = subprocess.run(
             ["ip", "-n", sw.ns, "-s", "-j", "link", "show", "dev", dev], capture_output=True, text=True, check=True
         )
-        total += int(json.loads(cp.stdout)[0]["stats64"]["tx"]["bytes"])
-    return total
+        sent.append(int(json.loads(cp.stdout)[0]["stats64"]["tx"]["bytes"]))
+    return sent[0], sent[1]
 
 
 def rates_text(classes: list[RateClass]) -> str:
@@ -191,7 +191,7 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
     os.chmod(work, 0o755)
     os.chmod(os.path.join(work, "payload"), 0o755)
     results: dict[str, list] = {c.name: [] for c in clients}
-    crossed: dict[str, list[int]] = {c.name: [] for c in clients}  # --zones 2: trunk bytes per run
+    crossed: dict[str, list[tuple[int, int]]] = {c.name: [] for c in clients}  # --zones 2: trunk bytes per run
     failures: dict[str, list[str]] = {c.name: [] for c in clients}
     measured_bps: float | None = None
     try:
@@ -232,7 +232,7 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
             for r in range(o.runs):
                 k = r % len(clients)
                 for c in clients[k:] + clients[:k]:
-                    before = trunk_bytes(net, trunk) if trunk else 0
+                    before = trunk_bytes(net, trunk) if trunk else (0, 0)
                     try:
                         res = c.run(ctx, r)
                     except BenchError as e:
@@ -241,7 +241,8 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
                         continue
                     results[c.name].append(res)
                     if trunk:
-                        crossed[c.name].append(trunk_bytes(net, trunk) - before)
+                        after = trunk_bytes(net, trunk)
+                        crossed[c.name].append((after[0] - before[0], after[1] - before[1]))
                     up = f", seed sent {res.seed_tx_bytes / o.size:.2f} F" if res.seed_tx_bytes is not None else ""
                     ctx.say(
                         f"run {r + 1}/{o.runs} {c.name}: {res.t_s:.2f} s"
@@ -289,7 +290,7 @@ def report(
     results: dict[str, list],
     failures: dict[str, list[str]],
     measured_bps: float | None,
-    crossed: dict[str, list[int]] | None = None,
+    crossed: dict[str, list[tuple[int, int]]] | None = None,
 ) -> dict[str, Any]:
     """The JSON object: parameters, bounds, and per client times, medians, ranges, ratios, seed upload."""
     t_min = t_min_nominal(o)
@@ -354,7 +355,11 @@ def report(
             "per_leecher_s": [r.per_leecher_s for r in rs],
             "churned": [r.churned for r in rs] if o.churn else None,
             "rss_max_mb": max(rss) if rss else None,
-            "cross_zone_F_runs": [round(b / o.size, 3) for b in (crossed or {}).get(name, [])]
+            # into zone b (the seedless zone: each piece must cross once) and back, frames with headers
+            "cross_zone_F_runs": [round(ab / o.size, 3) for ab, _ in (crossed or {}).get(name, [])]
+            if o.zones == 2
+            else None,
+            "cross_zone_back_F_runs": [round(ba / o.size, 3) for _, ba in (crossed or {}).get(name, [])]
             if o.zones == 2
             else None,
             "failures": failures[name],

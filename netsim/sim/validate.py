@@ -118,6 +118,40 @@ CASES = [
         "BENCHMARKS.md: 1+8 after NAT traversal, 2026-11-26 14:07-14:18 (9ea1bf6), p2pd median of 3; "
         "libtorrent: 1+8 every client, 13:20-13:28 (752f6f7)",
     ),
+    Case(
+        "1+16",
+        _uniform(16, "50Mbit/s"),
+        parse_size("64MiB"),
+        20.48,
+        None,
+        "BENCHMARKS.md: Bigger emulations, 2026-11-26 17:13-17:18 (16ba9ce), one run, load 5.8",
+    ),
+    Case(
+        "heterogeneous",
+        ((2, rate_bits("100Mbit/s"), rate_bits("100Mbit/s")), (6, rate_bits("50Mbit/s"), rate_bits("50Mbit/s"))),
+        parse_size("64MiB"),
+        16.82,
+        None,
+        "BENCHMARKS.md: Bigger emulations, 2026-11-26 17:13-17:18 (16ba9ce), one run, load 8.9",
+    ),
+    Case(
+        "churn",
+        _uniform(8, "50Mbit/s"),
+        parse_size("64MiB"),
+        29.77,
+        None,
+        "BENCHMARKS.md: Bigger emulations, 2026-11-26 17:13-17:18 (16ba9ce), one run, load 6.5",
+        churn=(2, 4.0, 3.0),
+    ),
+    Case(
+        "zones",
+        _uniform(8, "100Mbit/s"),
+        parse_size("64MiB"),
+        23.05,
+        None,
+        "BENCHMARKS.md: Two zones with a thin trunk, 2026-11-26 18:52-18:58 (e070657), median of 2",
+        zone_link_bps=rate_bits("30Mbit/s"),
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 

@@ -78,4 +78,4 @@ def test_p2pd_two_zones_thin_trunk(emu: None) -> None:
     assert min(per_leecher[2:]) >= 0.95 * res["t_min_s"], f"zone b beat its trunk: {per_leecher}\n{log.getvalue()}"
     assert max(per_leecher[:2]) < min(per_leecher[2:]), f"zone a is not behind the trunk: {per_leecher}"
     (crossed,) = c["cross_zone_F_runs"]
-    assert 1.0 <= crossed <= 1.8, f"{crossed} F crossed\n{log.getvalue()}"
+    assert 1.0 <= crossed <= 1.6, f"{crossed} F crossed into zone b\n{log.getvalue()}"
