@@ -3,6 +3,12 @@ totals (kept through heartbeats, leaves, evictions and expiry), and when a node 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from p2pd.cluster import child_env
 from p2pd.tracker_client import TrackerClient
 from tests.tracker.tracker_testutil import nid
 from tracker.cluster_view import ThroughputRing
@@ -46,3 +52,15 @@ def test_a_node_reports_rates_under_a_budget_or_when_they_change() -> None:
     c._rates_reported = (3000.0, 0.0)
     c.share = [1e6, None]
     assert c._report() == c.demand  # under a budget: every heartbeat carries the demand
+
+
+def test_bench_command_writes_its_keys(tmp_path: Path) -> None:
+    """Smoke test (tiny load) so `python -m netsim.bench.cluster_page` keeps working; its numbers are for BENCHMARKS."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "netsim.bench.cluster_page", "--nodes", "50", "--requests", "3", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["nodes"] == 50 and result["requests"] == 3 and result["answer_bytes"] > 1000
+    for key in ("p50_ms", "p99_ms", "max_ms", "cpu_ms_per_request"):
+        assert result[key] > 0, key
