@@ -111,8 +111,10 @@ class TrackerClient:
         self.interval: float = 1.0  # updated from every tracker reply
         self.policy: dict[str, Any] = {}
         # this node's share of the tracker's global budgets, [egress, cross] bytes/s (tracker/budgets.py);
-        # None: no budget set. Demand is reported only while a budget is set, so heartbeats stay minimal.
+        # None: no budget set. Demand is reported while a budget is set, and otherwise only when this node's
+        # measured rates changed (the cluster page's throughput), so an idle node's heartbeats stay minimal.
         self.share: list[float | None] | None = None
+        self._rates_reported: tuple[float, float] | None = None  # (egress_rate, cross_rate) last reported
         # the last heartbeat reply said the tracker holds preheat orders for this node (tracker/preheat.py)
         self.preheat_pending = False
         self.demand: list[float] | None = None  # what the next heartbeat reports (set by the daemon)
@@ -369,8 +371,9 @@ class TrackerClient:
 
     async def _tcp_heartbeat(self, holdings: dict[str, float]) -> dict[str, Any]:
         params: dict[str, Any] = {"node_id": self.node_id, "holdings": holdings}
-        if self.share is not None and self.demand is not None:
-            params["demand"] = self.demand
+        demand = self._report()
+        if demand is not None:
+            params["demand"] = demand
         r = await self._call("heartbeat", params, timeout=self._beat_timeout())
         self.heartbeats_sent += 1
         self.interval = float(r["interval"])
@@ -510,13 +513,22 @@ class TrackerClient:
         """One heartbeat: UDP when offered and the datagram fits, else (or if unanswered) TCP."""
         async with self._beat_lock:
             await self._beat(holdings)
+            if self.demand is not None:  # answered: the tracker has these rates
+                self._rates_reported = (self.demand[2], self.demand[3])
+
+    def _report(self) -> list[float] | None:
+        """The demand this heartbeat carries: always under a budget, else only when the measured rates moved."""
+        d = self.demand
+        if d is None or (self.share is None and (d[2], d[3]) == self._rates_reported):
+            return None
+        return d
 
     async def _beat(self, holdings: dict[str, float]) -> None:
         udp_port = self._udp_ports.get(self.current) if self.use_udp else None
         if udp_port and self.session is not None and (self._session_key is not None or not self.secured):
             delta = None if holdings == self._acked else holdings
             self._seq += 1
-            demand = self.demand if self.share is not None else None
+            demand = self._report()
             if self._session_key is not None:
                 body = _udp_enc.encode(
                     UdpRequest(UDP_VERSION_AUTH, self.node_id, self.session, self._seq, delta, demand)

@@ -5,7 +5,8 @@ Why FastAPI + hypercorn: the OpenAPI description comes from the code (it cannot 
 request validation is declarative, hypercorn serves ASGI on trio natively, and both are widely used
 and maintained. The app only calls the `Store` interface, so it works the same on memory and Redis.
 
-Security: every route except `/healthz`, `/openapi.json` and `/docs` needs `Authorization: Bearer
+Security: every route except `/healthz`, `/ui` (the cluster page: HTML with no data in it), `/openapi.json` and
+`/docs` needs `Authorization: Bearer
 TOKEN` (compared in constant time); without it the answer is 401. `/metrics` is behind the token too
 (Prometheus sends it with `authorization: {credentials: TOKEN}` in the scrape config). Request bodies
 are capped at 64 KiB (413), malformed ones get 422 with the reason, and errors are JSON
@@ -16,16 +17,20 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
+from functools import cache
+from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 import trio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from p2pd.errors import ErrorCode
+from tracker import cluster_view as CV
 from tracker import validate as V
 from tracker.budgets import Budgets
 from tracker.preheat import select
@@ -36,6 +41,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tracker.admin")
 MAX_BODY = 64 * 1024
+# The page is self-contained: its inline script and style may run, it may fetch only from this listener, and
+# nothing else loads (cluster nodes have no internet; an injected <img>/<script src> goes nowhere either).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+}
 # HTTP status of each code the admin API answers with; any other code is a 500.
 STATUS = {
     ErrorCode.BAD_REQUEST: 400,
@@ -59,6 +72,11 @@ class PreheatBody(BaseModel):
     zone: str | None = Field(None, description="only nodes labelled zone=ZONE")
     label: str | None = Field(None, description="only nodes with this label, KEY=VALUE")
     all: bool = Field(False, description="every registered node")
+
+
+@cache
+def cluster_page() -> str:
+    return files("tracker").joinpath("cluster_page.html").read_text(encoding="utf-8")
 
 
 def error(status: int, code: ErrorCode, message: str, **headers: str) -> JSONResponse:
@@ -279,6 +297,24 @@ def make_app(server: TrackerServer, token: str) -> Any:
                 continue
             progress[aid] = {h["node_id"]: float(h["progress"]) for h in sw["holders"]}
         return {"orders": book.status(lambda aid, nid: progress.get(aid, {}).get(nid), name)}
+
+    @app.get(
+        "/ui", summary="The live cluster page (HTML; no data in it, it asks for the token)", response_class=HTMLResponse
+    )
+    async def ui() -> HTMLResponse:
+        return HTMLResponse(cluster_page(), headers=PAGE_HEADERS)
+
+    @app.get(
+        "/v1/cluster",
+        dependencies=guarded,
+        summary="What the cluster page shows: nodes by zone (health, NAT type, how reached), the busiest "
+        "artifacts' swarms, cluster throughput per interval, budgets vs use; lists bounded",
+    )
+    async def cluster(rows: int = Query(CV.MAX_ROWS, ge=0, le=10_000)) -> JSONResponse:
+        view = await store.cluster_view(rows)
+        out = {"at": time.time(), "interval": store.interval, "store": store.kind, **view}
+        out["throughput"] = server.throughput.to_json()
+        return JSONResponse(out)  # already plain JSON: skip FastAPI's per-value encoder (most of the time at scale)
 
     @app.get("/metrics", dependencies=guarded, summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prom() -> PlainTextResponse:

@@ -39,11 +39,11 @@ from typing import Any
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.auth import heartbeat_mac
-from tracker.budgets import Budgets, Demand, Share, allocate, weight_of, wire_share
+from tracker.budgets import Budgets, Demand, Share, allocate, usage, weight_of, wire_share
 from tracker.preheat import Order, PreheatBook
 from tracker.registry import NAT_UNKNOWN
 from tracker.resp import Redis, RedisError, RedisUnavailable
-from tracker.store import STORE_COUNTERS, Heartbeat, Registration, throttle_view
+from tracker.store import STORE_COUNTERS, Heartbeat, Registration, cluster_view, throttle_view
 from tracker.validate import NatInfo, TrackerError
 
 log = logging.getLogger("tracker.redis")
@@ -51,6 +51,8 @@ log = logging.getLogger("tracker.redis")
 __all__ = ["RedisStore", "RedisUnavailable"]
 
 EXPIRE_BATCH = 10_000
+# nodes the cluster page's per-zone counts cover on Redis (a node list is a round trip per node: bounded work)
+CLUSTER_VIEW_NODES = 10_000
 
 _COMMON = r"""
 local P = ARGV[1]
@@ -604,6 +606,13 @@ class RedisStore:
     async def throttle_view(self) -> dict[str, Any]:
         demands = self._demands if self._budgets.active else await self._load_demands()
         return throttle_view(self._budgets, demands, self._shares)
+
+    async def cluster_view(self, rows: int) -> dict[str, Any]:
+        return await cluster_view(self, rows, CLUSTER_VIEW_NODES)
+
+    async def use_totals(self) -> tuple[float, float]:
+        use = usage(self._demands if self._budgets.active else await self._load_demands())
+        return float(use["total"]), float(use["cross_zone"])
 
     # ---- preheat orders (tracker/preheat.py): ph:o order id -> JSON, ph:u:NODE undelivered order ids,
     # ph:pend nodes with undelivered orders (cached each refresh for the UDP path), ph:f:ORDER failures --

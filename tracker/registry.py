@@ -30,11 +30,13 @@ import sys
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.auth import heartbeat_mac
+from tracker import cluster_view as CV
 from tracker.budgets import Budgets, Demand, Share, allocate, weight_of, wire_share
 from tracker.validate import NatInfo, TrackerError
 
@@ -230,6 +232,10 @@ class Registry:
         self.budgets = Budgets()
         self.shares: dict[str, Share] = {}  # from the last `reallocate`, sent with heartbeat replies
         self.counters = Counters()
+        # sums of every live node's last reported egress_rate and cross_rate (bytes/s), kept as heartbeats
+        # come and nodes go, so the cluster throughput is O(1) to sample at any number of nodes
+        self.rate_total = 0.0
+        self.cross_rate_total = 0.0
         self._labels: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
 
     @property
@@ -314,7 +320,7 @@ class Registry:
         node.last_seen = now
         self.nodes.move_to_end(node_id)
         if demand is not None:
-            node.demand = demand
+            self._set_demand(node, demand)
         if holdings is not None and holdings != (node.holdings or {}):
             self._set_holdings(node, holdings)
         return True
@@ -325,6 +331,7 @@ class Registry:
             return False
         self.counters.leaves += 1
         self._drop_holdings(node)
+        self._set_demand(node, None)
         return True
 
     def evict(self, node_id: str) -> bool:
@@ -333,6 +340,7 @@ class Registry:
             return False
         self.counters.evictions += 1
         self._drop_holdings(node)
+        self._set_demand(node, None)
         return True
 
     def expire(self, now: float, limit: int | None = None) -> list[str]:
@@ -346,9 +354,26 @@ class Registry:
                 break
             nodes.popitem(last=False)
             self._drop_holdings(node)
+            self._set_demand(node, None)
             out.append(node_id)
         self.counters.expirations += len(out)
         return out
+
+    def _set_demand(self, node: Node, demand: tuple[float, float, float, float] | None) -> None:
+        """Replace a node's demand report (None: the node is gone), keeping the cluster's rate totals."""
+        if node.demand is not None:
+            self.rate_total -= node.demand[2]
+            self.cross_rate_total -= node.demand[3]
+        node.demand = demand
+        if demand is not None:
+            self.rate_total += demand[2]
+            self.cross_rate_total += demand[3]
+        if not self.nodes:  # no float drift survives an empty cluster
+            self.rate_total = self.cross_rate_total = 0.0
+
+    def use_totals(self) -> tuple[float, float]:
+        """Cluster egress and cross-zone egress right now (bytes/s), as the nodes measured them."""
+        return max(0.0, self.rate_total), max(0.0, self.cross_rate_total)
 
     def next_expiry(self) -> float | None:
         """When the oldest node will expire if it stays silent (None when no node is registered)."""
@@ -591,6 +616,62 @@ class Registry:
             "complete": c,
             "partial": p,
             "holders": holders,
+        }
+
+    def cluster_view(self, now: float, rows: int) -> dict[str, Any]:
+        """The cluster page's data (tracker/cluster_view.py) in one pass over the nodes, without a dict per
+        node: every node counted per zone, `rows` of them listed, the busiest artifacts' first holders."""
+        interval = self.interval
+        cutoff = now - CV.LATE_AFTER * interval  # seen at or after it: "ok"
+        tally: dict[tuple[str, str | None, bool], int] = {}  # (zone, NAT type, ok) -> nodes: one dict op a node
+        rates: dict[str, float] = {}
+        for n in self.nodes.values():
+            key = (n.zone, n.nat_type, n.last_seen >= cutoff)
+            tally[key] = tally.get(key, 0) + 1
+            d = n.demand
+            if d is not None and d[2]:
+                rates[n.zone] = rates.get(n.zone, 0.0) + d[2]
+        zones: dict[str, CV.ZoneTally] = {}
+        for (zone, nat, ok), count in tally.items():
+            z = zones.get(zone)
+            if z is None:
+                z = zones[zone] = CV.ZoneTally(zone)
+            z.add(ok, nat or NAT_UNKNOWN, count)
+        out_rows: list[dict[str, Any]] = []
+        for n in islice(self.nodes.values(), rows):
+            h = n.holdings or {}
+            out_rows.append(
+                CV.node_row(
+                    n.node_id,
+                    n.zone,
+                    [n.host, n.port],
+                    now - n.last_seen,
+                    interval,
+                    n.nat_type or NAT_UNKNOWN,
+                    len(h),
+                    sum(1 for p in h.values() if p >= 1.0),
+                    n.version,
+                )
+            )
+        counts = {aid: art.holder_count() for aid, art in self.artifacts.items()}
+        busiest = sorted((aid for aid, (c, p) in counts.items() if c + p), key=lambda a: (-sum(counts[a]), a))
+        names = self.names_by_artifact() if busiest else {}
+        artifacts = []
+        for aid in busiest[: CV.MAX_ARTIFACTS]:
+            art = self.artifacts[aid]
+            c, p = counts[aid]
+            listed = {"artifact_id": aid, "names": sorted(names.get(aid, [])), "kind": art.kind, "size": art.size}
+            artifacts.append(CV.artifact_view({**listed, "complete": c, "partial": p}, self.swarm(aid, CV.MAX_HOLDERS)))
+        rate, cross = self.use_totals()
+        return {
+            "nodes": CV.nodes_json(len(self.nodes), zones, out_rows),
+            "artifacts": artifacts,
+            "budgets": {
+                "budgets": self.budgets.to_json(),
+                "active": self.budgets.active,
+                "paused": self.budgets.paused,
+                "use": {"total": rate, "cross_zone": cross, "zones": {z: rates.get(z, 0.0) for z in zones}},
+            },
         }
 
     def stats(self) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from p2pd.protocol.heartbeat import UDP_VERSION, UDP_VERSION_AUTH, UdpReply, Udp
 from p2pd.rpc import Emit, Handler, RpcError, serve_connection
 from tracker import validate as V
 from tracker.budgets import parse_report
+from tracker.cluster_view import ThroughputRing
 from tracker.config import TrackerLimits
 from tracker.membership import ConnState, Membership
 from tracker.metrics import Metrics
@@ -98,6 +99,7 @@ class TrackerServer:
         self.tcp_port: int | None = None
         self._policy: dict[str, Any] = {}
         self.stun_settings = stun  # None: no STUN server
+        self.throughput = ThroughputRing()  # cluster egress per interval, for the cluster page (GET /ui)
         self.signals = SignalHub(store)  # signalling between nodes (NAT traversal); its relay is set up by the CLI
         self.stun: StunServer | None = None
         self._sealed: list[tuple[bytes, bytes]] = []  # (body, MAC) of the beats of the last _drain (secured)
@@ -651,6 +653,7 @@ class TrackerServer:
                 next_refresh = trio.current_time() + self.store.interval
                 try:
                     await self.store.refresh()
+                    self.throughput.add(time.time(), *await self.store.use_totals())
                 except TrackerError as e:
                     log.warning("store refresh failed: %s", e)
             try:

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tracker import cluster_view as CV
 from tracker.budgets import Budgets, usage
 from tracker.preheat import Order, PreheatBook
 from tracker.registry import Registry
-from tracker.validate import NatInfo
+from tracker.validate import NatInfo, TrackerError
 
 # What every store counts (its `stats()`), in the order metrics show them.
 STORE_COUNTERS = (
@@ -87,6 +88,8 @@ class Store(Protocol):
     async def known_zones(self) -> set[str]: ...
     def share_of(self, node_id: str) -> list[float | None] | None: ...
     async def throttle_view(self) -> dict[str, Any]: ...
+    async def use_totals(self) -> tuple[float, float]: ...
+    async def cluster_view(self, rows: int) -> dict[str, Any]: ...
     async def node_list(self, limit: int) -> list[dict[str, Any]]: ...
     # preheat orders (tracker/preheat.py); `preheat_pending` is read on the UDP path, so it is sync
     def preheat_pending(self, node_id: str) -> bool: ...
@@ -218,6 +221,12 @@ class MemoryStore:
     async def throttle_view(self) -> dict[str, Any]:
         return throttle_view(self.reg.budgets, self.reg.demands(), self.reg.shares)
 
+    async def use_totals(self) -> tuple[float, float]:
+        return self.reg.use_totals()
+
+    async def cluster_view(self, rows: int) -> dict[str, Any]:
+        return self.reg.cluster_view(self.clock(), rows)
+
     async def node_list(self, limit: int) -> list[dict[str, Any]]:
         return self.reg.node_list(self.clock(), limit)
 
@@ -272,3 +281,16 @@ def throttle_view(budgets: Budgets, demands: dict[str, Any], shares: dict[str, A
         "use": usage(demands),
         "nodes": nodes,
     }
+
+
+async def cluster_view(store: Store, rows: int, max_nodes: int) -> dict[str, Any]:
+    """The cluster page's data from a store's general views (what `Registry.cluster_view` computes directly)."""
+    arts = []
+    for a in CV.busiest(await store.artifact_list()):
+        try:
+            sw: dict[str, Any] | None = await store.swarm(a["artifact_id"])
+        except TrackerError:  # its last holder left between the two calls
+            sw = None
+        arts.append(CV.artifact_view(a, sw))
+    nodes = CV.nodes_view(await store.node_list(max_nodes), store.interval, rows)
+    return {"nodes": nodes, "artifacts": arts, "budgets": CV.budgets_view(await store.throttle_view())}

@@ -167,3 +167,34 @@ async def test_node_info_is_what_signalling_checks(store: Store) -> None:
     assert await store.node_info(nid(42)) is None
     assert await store.leave(a)
     assert await store.node_info(a) is None
+
+
+async def test_cluster_view_counts_every_node_lists_bounded_rows_swarms_and_use(store: Store) -> None:
+    """The cluster page's data (GET /v1/cluster) from either store: every node counted by zone, `rows` listed,
+    the artifact's holders with progress, and use summed from the demand reports (gone when a node leaves)."""
+    aid = await store.publish("m:v1", make_manifest(1))
+    nodes = [(await add(store, i, "z1" if i < 3 else "z2"))[0] for i in range(5)]
+    await store.heartbeat_many(
+        [
+            Heartbeat(n, {aid: 1.0 if i % 2 else 0.5}, demand=(1e6, 0.0, 1000.0 * (i + 1), 10.0))
+            for i, n in enumerate(nodes)
+        ]
+    )
+    await store.refresh()
+    v = await store.cluster_view(2)
+    assert v["nodes"]["total"] == 5 and len(v["nodes"]["rows"]) == 2
+    assert [(z["zone"], z["nodes"], z["ok"], z["nat"]) for z in v["nodes"]["zones"]] == [
+        ("z1", 3, 3, {"unknown": 3}),
+        ("z2", 2, 2, {"unknown": 2}),
+    ]
+    row = v["nodes"]["rows"][0]
+    assert row["health"] == "ok" and row["reached"].startswith("direct or relay") and row["holdings"] == 1
+    (art,) = v["artifacts"]
+    assert art["artifact_id"] == aid and art["names"] == ["m:v1"] and (art["complete"], art["partial"]) == (2, 3)
+    assert sorted(h["progress"] for h in art["holders"]) == [0.5, 0.5, 0.5, 1.0, 1.0]
+    assert v["budgets"]["use"]["total"] == 15000.0
+    assert v["budgets"]["use"]["zones"] == {"z1": 6000.0, "z2": 9000.0}
+    assert v["budgets"]["budgets"]["total"] is None and not v["budgets"]["active"]
+    assert await store.use_totals() == (15000.0, 50.0)
+    assert await store.leave(nodes[4])
+    assert await store.use_totals() == (10000.0, 40.0)
