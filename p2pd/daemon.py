@@ -33,8 +33,8 @@ from p2pd.identity import NO_SECRET_HINT, node_identity
 from p2pd.metrics import DaemonMetrics, serve_metrics
 from p2pd.nat_detect import NatMonitor, NatStatus
 from p2pd.protocol import bitfield as bits
+from p2pd.protocol import demand, wire
 from p2pd.protocol import manifest as mf
-from p2pd.protocol import wire
 from p2pd.protocol.auth import ClusterSecret
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, unlimited
 from p2pd.protocol.session import PeerClosed
@@ -48,12 +48,6 @@ from p2pd.trio_util import collapse_single
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 0.5
-DEMAND_HEADROOM = 32 * 1024  # bytes/s a node not held back asks for beyond what it sends (room to grow)
-DEMAND_MARGIN = 1.1  # ...and this factor: a share it does not use is lost to the others, and a node that
-# needs more does not grow through this margin but by waiting on its limit (then it asks for all it may)
-HUNGRY_WAIT = 0.02  # waited on limits more than this fraction of an interval...
-HUNGRY_USE = 0.8  # ...and sent at least this fraction of its limit: it would send more if allowed
-MAX_DEMAND = 2.0**60  # bytes/s reported for "no limit of its own" (tracker/budgets.py MAX_BUDGET)
 NO_DISK_CHECK = 1 << 62  # "free bytes" that need no eviction for the disk
 STATUS_EVERY = 10.0  # seconds between STATUS= lines to systemd (what `systemctl status` shows)
 
@@ -410,10 +404,9 @@ class Daemon:
     def _demand(self) -> list[float]:
         """What this node reports for the global budgets: [egress, cross, egress_rate, cross_rate] bytes/s.
 
-        A node held back by its limits (it waited on a bucket and used most of it, or is paused) asks
-        for all its own limits allow, so a capped node reveals that it wants more; one that is not asks
-        for a little more than it sends (DEMAND_MARGIN, DEMAND_HEADROOM), so what it does not use goes
-        to the others."""
+        A node held back by its limits (it waited on a bucket and used all of it) asks for all its own
+        limits allow, so a capped node reveals that it wants more; one that is not asks for a little
+        more than it sends, so what it does not use goes to the others (p2pd/protocol/demand.py)."""
         assert self.egress is not None
         now = trio.current_time()
         t0, reserved0, waited0 = self._demand_mark
@@ -428,10 +421,9 @@ class Daemon:
         self._demand_mark = (now, reserved, waited)
         self._cross_mark = (cross_reserved, cross_waited)
         own = min(self.egress_sources["flag"].rate, self.policy_egress.rate)
-        want = own if _hungry(rate, waited - waited0, dt, self.egress.rate) else rate * DEMAND_MARGIN + DEMAND_HEADROOM
-        cross_hungry = _hungry(cross_rate, cross_waited - c_waited0, dt, self.share_cross.rate)
-        cross_want = MAX_DEMAND if cross_hungry else cross_rate * DEMAND_MARGIN + DEMAND_HEADROOM
-        return [min(want, own, MAX_DEMAND), min(cross_want, MAX_DEMAND), rate, cross_rate]
+        want = demand.want(rate, waited - waited0, dt, self.egress.rate, own)
+        cross_want = demand.want(cross_rate, cross_waited - c_waited0, dt, self.share_cross.rate, math.inf)
+        return [want, cross_want, rate, cross_rate]
 
     def limits(self) -> dict[str, Any]:
         """Per direction: every source's limit (bytes/s, None = none), the effective one (the lowest), which
@@ -1064,12 +1056,6 @@ class Daemon:
         if signed is not None:
             provenance.save(self.config.data_dir, signed)
         return aid, m
-
-
-def _hungry(rate: float, waited: float, dt: float, limit: float) -> bool:
-    """Held back: it waited on its limits AND sent close to the limit in force. Waiting alone is no
-    evidence (a few bursts wait too): a node that leaves much of its share unused gives it back."""
-    return waited > HUNGRY_WAIT * dt and rate >= HUNGRY_USE * limit
 
 
 def _lease_param(value: Any) -> tuple[str, float] | None:

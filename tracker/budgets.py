@@ -3,7 +3,7 @@
 An operator sets budgets on the tracker (`p2p-tracker admin throttle set`): the cluster's total
 egress, per-zone totals (zone = the node label `zone`), and a cross-zone budget (bytes a node sends
 to a peer of another zone). Every heartbeat a node reports its demand: what it would send in the next
-interval if nothing held it back (`p2pd.tracker_client.demand_report`). Every interval the tracker
+interval if nothing held it back (p2pd/protocol/demand.py). Every interval the tracker
 splits each budget max-min fair by those demands (Google BwE's shape, without its bandwidth
 functions): a node that needs little gets what it needs, the others share the rest equally (or by
 weight, for artifacts given a priority). What no node asked for is handed out as well, equally, so

@@ -13,6 +13,7 @@
     python -m netsim.bench nat --size 2MiB --swarm-size 128MiB --json nat.json   # NAT matrix + NATed swarm
     python -m netsim.bench throttle --peers 4 --size 64MiB --rate 100Mbit/s --budget 40Mbit/s --json throttle.json
     python -m netsim.bench autothrottle --rate 200Mbit/s --json autothrottle.json  # p2pd beside an iperf3 service
+    python -m netsim.bench preheat --peers 8 --size 512MiB --rate 200Mbit/s --json preheat.json  # admin preheat --all
 
 Exit status: 0 when every run of every client completed and verified, 1 when some failed (the JSON says which),
 2 when it could not run at all (not root, a tool missing: the message names the package).
@@ -26,7 +27,7 @@ import shlex
 import sys
 from collections.abc import Callable
 
-from netsim.bench import autothrottle, nat, ray_first_result, throttle, tracker_load
+from netsim.bench import autothrottle, nat, preheat, ray_first_result, throttle, tracker_load
 from netsim.bench.clients import CLIENT_NAMES
 from netsim.bench.harness import BenchError, write_json
 from netsim.bench.model import ChurnEvent, RateClass, parse_churn, parse_rate_class
@@ -194,6 +195,13 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     autothrottle.add_arguments(at, _size, _rate_bits)
+    ph = sub.add_parser(
+        "preheat",
+        help="preheat from the tracker (admin preheat --all) against the swarm bound",
+        description=preheat.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    preheat.add_arguments(ph, _size, _rate_bits)
     return ap
 
 
@@ -218,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         return _guarded(autothrottle.main, a, command)
     if a.cmd == "nat":
         return _guarded(nat.run, a, command)
+    if a.cmd == "preheat":
+        return _guarded(preheat.run, a, command)
     try:
         if a.cmd == "swarm":
             from netsim.bench.swarm import SwarmOptions, run_swarm

@@ -51,6 +51,7 @@ from netsim.bench.harness import (
 from netsim.bench.swarm import SHM, preflight, revision
 from netsim.emu import Topology, new_prefix
 from netsim.emu.topology import Host
+from p2pd.identity import JOIN_SECRET_ENV, new_join_secret
 from p2pd.units import format_bits_rate, format_size_exact
 
 TRACKER_PORT = 7400
@@ -175,6 +176,8 @@ def run_budget(o: ThrottleOptions, log: IO[str]) -> dict[str, Any]:
     os.makedirs(work)
     os.chmod(work, 0o755)
     procs: list[subprocess.Popen] = []
+    # a secured cluster, as deployed (docs/security.md): every process of the lab inherits the secret
+    os.environ.setdefault(JOIN_SECRET_ENV, new_join_secret())
     env = child_env()
 
     def say(msg: str) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from netsim.bench.bt import bencode, make_torrent, tracker_server
 from netsim.bench.model import kumar_ross, summarize
+from netsim.bench.preheat import log_time, preheat_times
 
 
 def test_kumar_ross() -> None:
@@ -79,3 +80,16 @@ def test_tracker_lists_other_peers(tracker: str) -> None:
         assert r.read() == b"2"
     _announce(tracker, b"B" * 20, 7002, event="stopped")
     assert _announce(tracker, b"A" * 20, 7001) == {}
+
+
+def test_preheat_times_are_read_from_the_daemon_log() -> None:
+    """The preheat bench times each node by its own log lines (ms stamps), not by polling."""
+    text = (
+        "2026-11-26 19:10:00,100 INFO p2pd.daemon: preheat a:b (order o1): fetching\n"
+        "2026-11-26 19:10:00,200 INFO p2pd.daemon: preheat a:b (order o2): fetching\n"
+        "2026-11-26 19:10:03,350 INFO p2pd.daemon: preheat a:b (order o1): complete\n"
+    )
+    s, c = preheat_times(text, "o1")
+    assert s == log_time("2026-11-26 19:10:00,100") and c is not None and round(c - s, 3) == 3.25
+    assert preheat_times(text, "o2") == (log_time("2026-11-26 19:10:00,200"), None)
+    assert preheat_times(text, "o3") == (None, None)
