@@ -79,17 +79,28 @@ class PunchSockets:
         self.family = family
         self.count = count
         self.socks: list[trio.socket.SocketType] = []
+        self._raw: dict[trio.socket.SocketType, socket.socket] = {}  # each one's stdlib socket (non-blocking)
 
     async def __aenter__(self) -> PunchSockets:
+        # Bound synchronously (a wildcard bind to port 0 never blocks): an await per socket is a trip through
+        # trio's scheduler each, and on a node busy moving pieces 256 of them took longer than the tracker
+        # waits for the answer (3 s; the NAT swarm's symmetric nodes fell back to the relay).
         wildcard = "::" if self.family == socket.AF_INET6 else "0.0.0.0"
         try:
             for _ in range(self.count):
-                s = trio.socket.socket(self.family, socket.SOCK_DGRAM)
-                self.socks.append(s)
-                await s.bind((wildcard, 0))
+                raw = socket.socket(self.family, socket.SOCK_DGRAM)
+                try:
+                    raw.bind((wildcard, 0))
+                except BaseException:
+                    raw.close()
+                    raise
+                sock = trio.socket.from_stdlib_socket(raw)
+                self.socks.append(sock)
+                self._raw[sock] = raw
         except BaseException:
             self.close_all()
             raise
+        await trio.lowlevel.checkpoint()
         return self
 
     async def __aexit__(
@@ -100,12 +111,23 @@ class PunchSockets:
     def take(self, sock: trio.socket.SocketType) -> trio.socket.SocketType:
         """Keep `sock` open (the caller owns it now); the rest close on exit."""
         self.socks.remove(sock)
+        self._raw.pop(sock, None)
         return sock
 
     def close_all(self) -> None:
         for s in self.socks:
             s.close()
         self.socks.clear()
+        self._raw.clear()
+
+    def send_now(self, sock: trio.socket.SocketType, data: bytes, addr: tuple[str, int]) -> None:
+        """Send without a trip through the scheduler (probes go out in bursts: one await per burst, not per
+        probe, which on a busy node stretched a hard side's round of 256 and the spray); a full buffer or an
+        ICMP error is a lost probe."""
+        try:
+            self._raw[sock].sendto(data, addr)
+        except OSError as e:
+            log.debug("udp punch: send to %s: %s", _fmt(addr), e)
 
     async def public_port(self, stun_server: tuple[str, int] | None) -> int:
         """The port the first socket maps to (what the peer aims at); its local port without a STUN answer."""
@@ -213,20 +235,25 @@ async def punch(
             await trio.sleep(up.PLAIN_RESEND)
 
     async def send_hard() -> None:
+        wire = _wire(peer, family)
         while True:
             for s in list(socks.socks):
-                await out(s, probe, peer)
+                sent[0] += 1
+                socks.send_now(s, probe, wire)
             await trio.sleep(up.HARD_RESEND)
 
     async def send_spray(sock: trio.socket.SocketType) -> None:
         await out(sock, probe, peer)  # its STUN-mapped port first: right if its NAT kept the port
         t0 = trio.current_time()
         for i, port in enumerate(ports):
-            await out(sock, probe, (peer_ip, port))
+            sent[0] += 1
+            socks.send_now(sock, probe, _wire((peer_ip, port), family))
             # SPRAY_RATE on average, catching up after a busy moment (sleeps of 10 ms at least)
             ahead = (i + 1) / up.SPRAY_RATE - (trio.current_time() - t0)
             if ahead > 0.01:
                 await trio.sleep(ahead)
+            elif i % 32 == 31:
+                await trio.lowlevel.checkpoint()  # behind: a burst, then let the listeners run
 
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:

@@ -109,6 +109,30 @@ RID = up.rendezvous_bytes("00112233aabbccdd")
 A, B = "a" * 32, "b" * 32
 
 
+async def test_a_hard_side_opens_its_sockets_without_a_scheduler_trip_each() -> None:
+    """On a node busy moving pieces, each trip through trio's scheduler waits behind the transfers: a symmetric
+    side's 256 sockets opened one await each took longer than the tracker waits for the punch's answer (3 s),
+    and the NAT swarm's cone <-> symmetric pairs fell back to the relay."""
+    trips = 0
+
+    async def busy() -> None:
+        nonlocal trips
+        while True:
+            trips += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(busy)
+        await trio.lowlevel.checkpoint()
+        before = trips
+        async with PunchSockets(socket.AF_INET, up.HARD_SOCKETS) as socks:
+            opened = trips - before
+            assert len(socks.socks) == up.HARD_SOCKETS
+            assert len({_port(s) for s in socks.socks}) == up.HARD_SOCKETS
+        n.cancel_scope.cancel()
+    assert opened <= 2
+
+
 async def test_plain_punch_on_loopback_finds_the_other_socket() -> None:
     async with PunchSockets(socket.AF_INET, 1) as sa, PunchSockets(socket.AF_INET, 1) as sb:
         pa, pb = _port(sa.socks[0]), _port(sb.socks[0])
