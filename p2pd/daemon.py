@@ -1020,6 +1020,7 @@ class Daemon:
                 rec.artifact_id,
                 dict(rec.manifest.meta),
                 on_progress,
+                self.config.unpack_user,
             )
 
         try:
