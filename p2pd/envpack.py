@@ -41,7 +41,8 @@ Decisions (the why):
   means "every byte is on disk" even across a power loss, not just a process crash.
 - **What is trusted.** Materializing runs code from the env (conda-unpack's replacement functions and
   ``bin/python``). The safety rules protect the node's filesystem from a malformed or hostile archive
-  *structure*; they do not make a hostile env safe to run. Only publish envs you would run.
+  *structure*; they do not make a hostile env safe to run. Only publish envs you would run. That code
+  never runs as root: a root daemon runs it as the unpack user (p2pd/runas.py, ``--unpack-user``).
 """
 
 from __future__ import annotations
