@@ -148,6 +148,12 @@ def run(
     trust_publisher: list[str] = typer.Option(
         [], "--trust-publisher", help="node id whose env artifacts this node unpacks (repeatable; default: tracker's)"
     ),
+    unpack_user: str = typer.Option(
+        None,
+        "--unpack-user",
+        help="unprivileged user that runs an env's code (conda-unpack, its python) when the daemon is root "
+        "(default: the p2pd user; none: envs are refused)",
+    ),
     nat_check_every: float = typer.Option(
         DaemonConfig.nat_check_every,
         "--nat-check-every",
@@ -201,6 +207,7 @@ def run(
         join_secret=secret,
         insecure=insecure,
         trusted_publishers=tuple(trust_publisher),
+        unpack_user=unpack_user,
         trackers=trackers,
         listen=listen_hp,
         data_dir=data,

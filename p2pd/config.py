@@ -154,3 +154,6 @@ class DaemonConfig:
     join_secret: bytes | None = field(default=None, repr=False)
     insecure: bool = False
     trusted_publishers: tuple[str, ...] = ()  # node ids whose env artifacts this node unpacks; () = the tracker's list
+    # who runs an env archive's code (conda-unpack, its python) when the daemon is root (p2pd/runas.py): never
+    # root; None = the `p2pd` service user if it exists, else envs are refused with an error naming the option
+    unpack_user: str | None = None

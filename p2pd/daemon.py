@@ -1012,6 +1012,7 @@ class Daemon:
                 rec.artifact_id,
                 dict(rec.manifest.meta),
                 on_progress,
+                self.config.unpack_user,
             )
 
         try:

@@ -41,7 +41,8 @@ Decisions (the why):
   means "every byte is on disk" even across a power loss, not just a process crash.
 - **What is trusted.** Materializing runs code from the env (conda-unpack's replacement functions and
   ``bin/python``). The safety rules protect the node's filesystem from a malformed or hostile archive
-  *structure*; they do not make a hostile env safe to run. Only publish envs you would run.
+  *structure*; they do not make a hostile env safe to run. Only publish envs you would run. That code
+  never runs as root: a root daemon runs it as the unpack user (p2pd/runas.py, ``--unpack-user``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from p2pd import runas
 
 __all__ = [
     "FORMATS",
@@ -367,7 +370,7 @@ def _read_pyvenv_cfg(path: Path) -> dict[str, str]:
 def _run_python_version(python: Path) -> str:
     try:
         r = subprocess.run(
-            [str(python), "-I", "-c", "import platform; print(platform.python_version())"],
+            [str(python), "-I", "-c", _VERSION_CHECK],
             capture_output=True,
             text=True,
             timeout=PYTHON_CHECK_TIMEOUT_S,
@@ -411,6 +414,7 @@ def materialize(
     artifact_id: str,
     meta: dict[str, str],
     progress: Progress | None = None,
+    unpack_user: str | None = None,
 ) -> Path:
     """Turn a verified env archive into a ready env at ``envs_root/<artifact_id>``; return that path.
 
@@ -418,7 +422,8 @@ def materialize(
     its marker) and safe against concurrent callers for the same id (threads or processes). Raises
     UnsafeArchiveError for a dangerous member (nothing of it stays on disk), EnvPackError when the
     archive is corrupt, built for another platform, or the env does not work here. ``progress`` gets
-    (compressed bytes read, archive size).
+    (compressed bytes read, archive size). ``unpack_user``: who runs the archive's code when this process
+    is root (p2pd/runas.py; None: the ``p2pd`` user if it exists, else the env is refused).
     """
     archive = Path(archive)
     envs_root = Path(os.path.abspath(os.fspath(envs_root)))
@@ -433,7 +438,16 @@ def materialize(
             f"env {artifact_id} was built for {want}; this node is {host_platform()}: "
             f"pack the env on a {host_platform()} machine"
         )
+    try:
+        who = runas.resolve(unpack_user)
+    except runas.RunAsError as e:
+        raise EnvPackError(str(e)) from None
     envs_root.mkdir(parents=True, exist_ok=True)
+    if who is not None and (blocked := runas.can_reach(envs_root, who)) is not None:
+        raise EnvPackError(
+            f"the unpack user {who.name!r} cannot reach {envs_root} (it may not traverse {blocked}): "
+            "put the data dir (p2pd run --data-dir) under directories every user can traverse, e.g. /var/lib/p2pd"
+        )
     with _id_lock(envs_root, artifact_id):
         if _is_ready(final):
             return final
@@ -453,11 +467,11 @@ def materialize(
                     else ("venv" if (tmp / "pyvenv.cfg").is_file() else "plain")
                 )
             if env_type == "conda":
-                _conda_unpack(tmp, final)
+                _conda_unpack(tmp, final, who)
             elif env_type == "venv":
                 _check_venv_home(tmp)
             _fix_shebangs(tmp, final)
-            _check_python(tmp, meta.get("python_version", ""))
+            _check_python(tmp, meta.get("python_version", ""), who)
             _flush_filesystem(tmp)
             _write_marker(tmp, artifact_id, env_type, meta)
             os.rename(tmp, final)
@@ -871,6 +885,7 @@ def _clean_name(name: str, member: str) -> str:
     return "/".join(parts)
 
 
+_VERSION_CHECK = "import platform; print(platform.python_version())"
 _UNPACK_DRIVER = r"""
 import os, runpy, sys
 tmp, final = sys.argv[1], sys.argv[2]
@@ -885,21 +900,23 @@ for path, placeholder, mode in records:
 """
 
 
-def _conda_unpack(tmp: Path, final: Path) -> None:
-    """Run the archive's conda-unpack replacements on ``tmp`` with ``final`` as the new prefix."""
+def _conda_unpack(tmp: Path, final: Path, who: runas.RunAs | None) -> None:
+    """Run the archive's conda-unpack replacements on ``tmp`` with ``final`` as the new prefix (as ``who``)."""
     script = tmp / "bin" / "conda-unpack"
     if not script.is_file():
         raise EnvPackError("conda env archive has no bin/conda-unpack: pack it with conda-pack (no --dest-prefix)")
     try:
-        r = subprocess.run(
-            [sys.executable, "-I", "-c", _UNPACK_DRIVER, str(tmp), str(final)],
-            capture_output=True,
-            text=True,
-            timeout=UNPACK_TIMEOUT_S,
-            check=False,
-        )
+        python = sys.executable if who is None else runas.interpreter(tmp, who, sys.executable)
+        links = {} if who is None else runas.hand_over(tmp, who)
+        try:
+            r = runas.run([python, "-I", "-c", _UNPACK_DRIVER, str(tmp), str(final)], who, tmp, UNPACK_TIMEOUT_S)
+        finally:
+            if who is not None:
+                runas.take_back(tmp, links)
     except subprocess.TimeoutExpired as e:
         raise EnvPackError(f"conda-unpack did not finish in {UNPACK_TIMEOUT_S:.0f}s") from e
+    except runas.RunAsError as e:
+        raise EnvPackError(str(e)) from None
     if r.returncode != 0:
         tail = r.stderr.strip()[-1500:]
         hint = ""
@@ -958,14 +975,26 @@ def _fix_shebangs(tmp: Path, final: Path) -> None:
         os.replace(tmp_path, entry.path)
 
 
-def _check_python(tmp: Path, want_version: str) -> None:
+def _check_python(tmp: Path, want_version: str, who: runas.RunAs | None) -> None:
     python = tmp / "bin" / "python"
     if not os.path.lexists(python):
         return
+    if who is not None and not runas.can_execute(python, who):
+        raise EnvPackError(
+            f"the unpack user {who.name!r} cannot run the env's bin/python ({os.path.realpath(python)}): a venv's "
+            "base interpreter must be one every user can run (not under /root)"
+        )
     try:
-        version = _run_python_version(python)
-    except EnvPackError as e:
-        raise EnvPackError(f"the env's bin/python does not start on this node: {e}") from e
+        r = runas.run([str(python), "-I", "-c", _VERSION_CHECK], who, tmp, PYTHON_CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise EnvPackError(f"the env's bin/python did not answer in {PYTHON_CHECK_TIMEOUT_S:.0f}s") from None
+    except OSError as e:
+        raise EnvPackError(f"the env's bin/python does not start on this node ({e})") from None
+    if r.returncode != 0:
+        raise EnvPackError(
+            f"the env's bin/python does not start on this node (exit {r.returncode}): {r.stderr.strip()[-500:]}"
+        )
+    version = r.stdout.strip()
     if want_version and version.split(".")[:2] != want_version.split(".")[:2]:
         raise EnvPackError(
             f"the env's bin/python is Python {version}, but the env was packed with {want_version} "

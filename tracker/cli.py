@@ -27,7 +27,8 @@ from p2pd.config_sources import TRACKER_SERVE, configured
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.identity import token_value
 from p2pd.rpc import parse_hostport
-from tracker.config import RelayOptions, TrackerConfig
+from p2pd.units import parse_size
+from tracker.config import RelayOptions, TrackerConfig, TrackerLimits
 
 if TYPE_CHECKING:
     from tracker.stun import StunSettings
@@ -118,6 +119,10 @@ def serve(
         Path | None,
         typer.Option(help="JSON file of the nodes that may publish, each with its name prefixes (docs/security.md)."),
     ] = None,
+    max_publisher_bytes: Annotated[
+        str,
+        typer.Option(help="Bytes of manifests one publisher (signing node) may hold here in all, e.g. 1GiB."),
+    ] = f"{TrackerLimits.max_publisher_bytes >> 20}MiB",
 ) -> None:
     """Run a tracker until SIGTERM or SIGINT."""
     setup_logging(log_level)
@@ -135,6 +140,10 @@ def serve(
             relay_max_pairs,
             relay_idle_timeout,
         )
+        try:
+            publisher_bytes = parse_size(max_publisher_bytes)
+        except ValueError as e:
+            raise ValueError(f"--max-publisher-bytes: {e}") from None
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
     if interval <= 0:
@@ -176,6 +185,7 @@ def serve(
             relay=relay_opts,
             join=join,
             publishers=scopes,
+            limits=TrackerLimits(max_publisher_bytes=publisher_bytes),
         )
         trio.run(_serve, config)
     except* OSError as eg:  # raised inside the nursery, so it may come wrapped in a group

@@ -50,3 +50,6 @@ class TrackerLimits:
     idle_timeout: float = 120.0  # a connection with no request running and no byte for this long is closed
     frame_timeout: float = 30.0  # a frame begun must be complete within this (a 16 MiB publish takes < 1 s)
     max_manifest_bytes: int = 8 << 20  # one manifest: ~100,000 files or 500,000 pieces; more is refused
+    # all the manifests one publisher (signing node, secured clusters) has published: 128 of the largest, or
+    # thousands of usual ones (tens of KiB); a member's leaked key cannot fill the tracker's memory or Redis
+    max_publisher_bytes: int = 1 << 30

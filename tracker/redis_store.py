@@ -19,6 +19,7 @@ Keys (prefix `p2p:`, in the database of the URL):
                     every replica splits the budgets itself from `alive`, `dm` and the nodes' zones,
                     so replicas that see the same reports hand out the same shares
 - `signed`          HASH name -> its signed publish (tracker/publishers.py, secured clusters)
+- `pb:{node}`       HASH artifact id -> manifest bytes a publisher holds;  `pt` HASH node -> their total
 
 Cost per heartbeat (measured in BENCHMARKS.md): an unchanged heartbeat is HMGET + ZADD inside the
 batch script — 2 Redis operations, and one EVALSHA round trip per *batch* of heartbeats (the UDP front
@@ -187,6 +188,15 @@ redis.call('HSET', P..'mi:'..aid, 'size', ARGV[4], 'pieces', ARGV[5], 'kind', AR
 redis.call('SADD', P..'arts', aid)
 redis.call('HINCRBY', P..'c', 'publishes', 1)
 return tag(ARGV[7], aid, ARGV[8])
+""",
+    # ARGV: P, publisher, aid, size, limit. Returns -1 when counted (or counted before), else the total held.
+    "charge": r"""
+if redis.call('HEXISTS', P..'pb:'..ARGV[2], ARGV[3]) == 1 then return -1 end
+local total = tonumber(redis.call('HGET', P..'pt', ARGV[2]) or '0')
+if total + tonumber(ARGV[4]) > tonumber(ARGV[5]) then return total end
+redis.call('HSET', P..'pb:'..ARGV[2], ARGV[3], ARGV[4])
+redis.call('HINCRBY', P..'pt', ARGV[2], tonumber(ARGV[4]))
+return -1
 """,
     # ARGV: P, name, aid, wall
     "tag": r"""
@@ -421,6 +431,10 @@ class RedisStore:
 
     async def set_signed_tag(self, name: str, blob: bytes) -> None:
         await self._cmds([["HSET", self.prefix + "signed", name, blob]])
+
+    async def charge_publisher(self, publisher: str, artifact_id: str, size: int, limit: int) -> int | None:
+        r: int = await self._run("charge", publisher, artifact_id, size, limit)
+        return None if r == -1 else r
 
     async def leave(self, node_id: str) -> bool:
         return bool(await self._run("drop", node_id, "leaves"))

@@ -228,6 +228,7 @@ class Registry:
         self.artifacts: dict[str, Artifact] = {}
         self.tags: dict[str, list[TagEvent]] = {}
         self.signed: dict[str, bytes] = {}  # name -> its signed publish (tracker/publishers.py), secured clusters
+        self.charged: dict[str, dict[str, int]] = {}  # publisher node id -> artifact id -> its manifest's bytes
         self.policy: dict[str, Any] = {}
         self.budgets = Budgets()
         self.shares: dict[str, Share] = {}  # from the last `reallocate`, sent with heartbeat replies

@@ -38,7 +38,9 @@ import msgspec
 import trio
 
 from p2pd.admission import Admission, incoming_cap, raise_fd_limit
+from p2pd.errors import ErrorCode
 from p2pd.protocol import auth
+from p2pd.protocol import manifest as mf
 from p2pd.protocol.heartbeat import UDP_VERSION, UDP_VERSION_AUTH, UdpReply, UdpRequest, unseal
 from p2pd.rpc import Emit, Handler, RpcError, serve_connection
 from tracker import validate as V
@@ -216,6 +218,8 @@ class TrackerServer:
                     raise ms.refuse("publish", f"from {peer_ip}: {e}") from None
                 if signed is None and current is not None:  # a second seed of what the name points at
                     return {"artifact_id": current.artifact_id}
+                if signed is not None:
+                    await self._charge(signed.owner, data)
             aid = await store.publish(name, data)
             if signed is not None:
                 await store.set_signed_tag(name, signed.encode())
@@ -279,6 +283,22 @@ class TrackerServer:
             "preheat_report": preheat_report,
         }
         return {name: self._instrument(name, fn) for name, fn in raw.items()}
+
+    async def _charge(self, publisher: str, data: bytes) -> None:
+        """Count a manifest against its publisher's total (tracker/config.py max_publisher_bytes), or refuse it."""
+        try:
+            mf.decode(data)  # nothing is counted for a manifest the store would refuse
+        except mf.ManifestError as e:
+            raise TrackerError(ErrorCode.BAD_REQUEST, f"invalid manifest: {e}") from e
+        limit = self.limits.max_publisher_bytes
+        held = await self.store.charge_publisher(publisher, hashlib.sha256(data).hexdigest(), len(data), limit)
+        if held is not None:
+            raise TrackerError(
+                ErrorCode.BAD_REQUEST,
+                f"node {publisher[:8]} already has {held} bytes of manifests at this tracker; this one ({len(data)} "
+                f"bytes) would exceed the limit of {limit} bytes per publisher: ask the tracker's admin to raise "
+                "it (p2p-tracker serve --max-publisher-bytes)",
+            )
 
     def _instrument(self, method: str, fn: Handler) -> Handler:
         m = self.metrics

@@ -69,6 +69,7 @@ class Store(Protocol):
     async def session_keys(self, nodes: list[tuple[str, int]]) -> list[Any]: ...
     async def signed_tag(self, name: str) -> bytes | None: ...
     async def set_signed_tag(self, name: str, blob: bytes) -> None: ...
+    async def charge_publisher(self, publisher: str, artifact_id: str, size: int, limit: int) -> int | None: ...
     async def heartbeat_many(self, beats: list[Heartbeat]) -> list[bool]: ...
     async def leave(self, node_id: str) -> bool: ...
     async def node_info(self, node_id: str) -> tuple[str, int, int] | None: ...
@@ -164,6 +165,18 @@ class MemoryStore:
 
     async def set_signed_tag(self, name: str, blob: bytes) -> None:
         self.reg.signed[name] = blob
+
+    async def charge_publisher(self, publisher: str, artifact_id: str, size: int, limit: int) -> int | None:
+        """Count `size` bytes of manifest against `publisher` (once per artifact); None: within `limit`, else
+        the bytes it already holds (nothing is counted)."""
+        held = self.reg.charged.setdefault(publisher, {})
+        if artifact_id in held:
+            return None
+        total = sum(held.values())
+        if total + size > limit:
+            return total
+        held[artifact_id] = size
+        return None
 
     async def leave(self, node_id: str) -> bool:
         return self.reg.leave(node_id)

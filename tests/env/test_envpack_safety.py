@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from condabuild import base_python
 
 from p2pd.envpack import UNPACKED_SLACK_BYTES, EnvPackError, UnsafeArchiveError, materialize
 
@@ -134,19 +135,20 @@ def test_refused_in_compressed_streams_too(box: tuple[Path, Path], fmt: str) -> 
 def test_venv_interpreter_link_allowed_only_for_bin_python(box: tuple[Path, Path]) -> None:
     """A venv's bin/python may point at its absolute base interpreter; nothing else may."""
     envs_root, outside = box
-    home = os.path.dirname(os.path.realpath(sys.executable))
+    python = os.path.realpath(base_python())  # as root the unpack user runs it (p2pd/runas.py)
+    home = os.path.dirname(python)
     venv = [
         reg("pyvenv.cfg", f"home = {home}\n".encode()),
         dirm("bin"),
-        sym("bin/python3", os.path.realpath(sys.executable)),
+        sym("bin/python3", python),
         sym("bin/python", "python3"),
     ]
     env = materialize(write_tar(envs_root.parent / "venv.tar", venv), envs_root, "ok" + "0" * 62, {"env_type": "venv"})
-    assert os.readlink(env / "bin" / "python3") == os.path.realpath(sys.executable)
+    assert os.readlink(env / "bin" / "python3") == python
     bad = venv + [sym("bin/tool", str(outside))]
     with pytest.raises(UnsafeArchiveError, match="bin/tool"):
         materialize(write_tar(envs_root.parent / "venv2.tar", bad), envs_root, "e" * 64, {"env_type": "venv"})
-    bad = venv + [sym("lib/python", os.path.realpath(sys.executable))]
+    bad = venv + [sym("lib/python", python)]
     with pytest.raises(UnsafeArchiveError, match="lib/python"):
         materialize(write_tar(envs_root.parent / "venv3.tar", bad), envs_root, "e" * 64, {"env_type": "venv"})
     assert sorted(os.listdir(envs_root)) == ["ok" + "0" * 62]

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import io
 import os
-import platform
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-from condabuild import Venv
+from condabuild import Venv, base_python
 
 from p2pd.envpack import EnvPackError, host_platform, materialize, pack
 
@@ -43,13 +41,14 @@ def test_venv_runs_from_new_prefix(venv_env: Venv, envs_root: Path, fmt: str) ->
 
 def test_venv_meta(venv_env: Venv) -> None:
     meta = dict(venv_env.archives["tar.zst"][1])
+    base = os.path.realpath(base_python())  # the venv's base interpreter (tests/env/conftest.py venv_env)
     assert int(meta.pop("unpacked_size")) > 0  # declared for the unpack bound
     assert meta == {
         "env_format": "tar.zst",
         "env_type": "venv",
         "platform": host_platform(),
-        "python_version": platform.python_version(),
-        "venv_python_home": os.path.dirname(os.path.realpath(sys.base_prefix + "/bin/python3")),
+        "python_version": run(base, "-c", "import platform; print(platform.python_version())").strip(),
+        "venv_python_home": os.path.dirname(base),
     }
 
 

@@ -65,12 +65,19 @@ class Env:
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     root = Path(tempfile.mkdtemp(prefix="p2pray-", dir="/tmp"))  # short: Unix socket paths are limited
-    net = LocalCluster(root)
+    root.chmod(0o755)  # as root, the daemons unpack envs as an unprivileged user (p2pd/runas.py)
+    user = f"p2prt{os.getpid() % 100000}" if os.geteuid() == 0 else None
+    if user is not None:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user], check=True)
+    net = LocalCluster(root, env={"P2PD_UNPACK_USER": user} if user else None)
     try:
         net.start_tracker()
         daemons = net.start_nodes([f"n{i}" for i in range(NODES)])
         # Ray retries a failed setup 3 times, 1 s apart; 0.2 s here keeps the failure tests quick.
-        with ray_cluster([d.socket for d in daemons], extra_env={"RUNTIME_ENV_RETRY_INTERVAL_MS": "200"}) as (
+        extra = {"RUNTIME_ENV_RETRY_INTERVAL_MS": "200"}
+        if _base_python() != sys.executable:  # the packed env's python is the system's: same minor, maybe not patch
+            extra["RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL"] = "minor"
+        with ray_cluster([d.socket for d in daemons], extra_env=extra) as (
             cluster,
             node_ids,
         ):
@@ -78,6 +85,8 @@ def env() -> Iterator[Env]:
     finally:
         net.close()
         shutil.rmtree(root, ignore_errors=True)
+        if user is not None:
+            subprocess.run(["userdel", user], check=True, timeout=60)
 
 
 def _digests_task(model_env: str = "P2P_MODEL_DIR") -> Any:
@@ -230,8 +239,17 @@ def test_pool_early_start_in_a_users_runtime_env_starts_the_download_through_the
         np.testing.assert_allclose(pool.infer(x, timeout=120), models.forward_numpy(layers, x), rtol=1e-4, atol=1e-5)
 
 
+def _base_python() -> str:
+    """As root the env's python check runs as the unpack user: a base interpreter it can run (not under /root)."""
+    real = Path(os.path.realpath(sys.executable))
+    if os.geteuid() != 0 or all(os.stat(d).st_mode & 0o001 for d in real.parents):
+        return sys.executable
+    same = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    return same if os.path.exists(same) else sys.executable  # then the env test fails naming the interpreter
+
+
 def _make_venv(path: Path, system_site: bool) -> Path:
-    argv = [sys.executable, "-m", "venv", "--without-pip", str(path)]
+    argv = [_base_python(), "-m", "venv", "--without-pip", str(path)]
     if system_site:
         argv.insert(-1, "--system-site-packages")  # Ray comes from the cluster's own site-packages
     subprocess.run(argv, check=True, timeout=120)

@@ -20,6 +20,7 @@ from p2pd.protocol.heartbeat import UDP_VERSION_AUTH, UdpRequest, seal
 from p2pd.rpc import RpcError
 from p2pd.tracker_client import TrackerClient
 from tests.tracker.tracker_testutil import make_manifest, start_redis
+from tracker.config import TrackerLimits
 from tracker.membership import Membership
 from tracker.server import TrackerServer
 from tracker.store import MemoryStore, Store
@@ -84,6 +85,41 @@ async def test_members_register_beat_over_udp_and_publish_signed(store: Store) -
             assert await tb.publish("m:v1", data, provenance.sign(b.key, "m:v1", aid, 102).params()) == aid  # a seed
             got, _, reply = await tb.resolve_signed("m:v1")
             assert got == aid and reply["publisher"] == a.key.public
+        n.cancel_scope.cancel()
+
+
+async def test_a_publisher_holds_at_most_its_total_of_manifest_bytes(store: Store) -> None:
+    m1, m2, m3 = make_manifest(seed=1), make_manifest(seed=2), make_manifest(seed=3)
+    limit = len(m1) + len(m2)
+    server = TrackerServer(
+        store, stun=None, membership=Membership(CLUSTER), limits=TrackerLimits(max_publisher_bytes=limit)
+    )
+    async with trio.open_nursery() as n:
+        tcp, _ = await n.start(server.serve, "127.0.0.1", 0, True)
+        addr = [("127.0.0.1", tcp)]
+        a, b = node(), node()
+        async with (
+            TrackerClient(addr, a.node_id, ("127.0.0.1", 9001), identity=a) as ta,
+            TrackerClient(addr, b.node_id, ("127.0.0.1", 9002), identity=b) as tb,
+        ):
+            await ta.register()
+            await tb.register()
+
+            async def publish(c: TrackerClient, who: Identity, name: str, data: bytes) -> str:
+                aid = hashlib.sha256(data).hexdigest()
+                return await c.publish(name, data, provenance.sign(who.key, name, aid, 100).params())
+
+            await publish(ta, a, "m:v1", m1)
+            await publish(ta, a, "m:v2", m2)
+            await publish(ta, a, "m:also-v1", m1)  # the same manifest under another name is not counted again
+            with pytest.raises(
+                RpcError, match=f"would exceed the limit of {limit} bytes per publisher.*--max-publisher-bytes"
+            ) as e:
+                await publish(ta, a, "m:v3", m3)
+            assert e.value.code is ErrorCode.BAD_REQUEST
+            with pytest.raises(RpcError, match="unknown name"):
+                await ta.resolve("m:v3")  # refused: nothing was stored
+            assert await publish(tb, b, "n:v3", m3) == hashlib.sha256(m3).hexdigest()  # b has its own total
         n.cancel_scope.cancel()
 
 
