@@ -167,7 +167,7 @@ def unpack_alone(archive: Path, base: Path, aid: str, meta: dict[str, str]) -> t
     t0, ru0 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
     cpu0 = children_cpu_s()
     try:
-        env = materialize(archive, envs, aid, meta)
+        env = materialize(archive, envs, aid, meta, unpack_user=os.environ.get("P2PD_UNPACK_USER"))
         wall = time.monotonic() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime + children_cpu_s() - cpu0
@@ -363,8 +363,22 @@ def main(argv: list[str] | None = None) -> int:
         help="parent of the daemons' data dirs (default: tmpfs when it has "
         "room, else the temp dir); removed afterwards",
     )
+    ap.add_argument(
+        "--unpack-user",
+        default=os.environ.get("P2PD_UNPACK_USER"),
+        help="as root: the unprivileged user that runs the env's code in every daemon and in the unpack-alone "
+        "step (default: $P2PD_UNPACK_USER, else the p2pd user; see `p2pd run --unpack-user`)",
+    )
     args = ap.parse_args(argv)
     args.dists = [d.strip() for d in args.dists.split(",") if d.strip()]
+    from p2pd.runas import RunAsError, resolve
+
+    try:
+        resolve(args.unpack_user)  # as root: the user must exist now, not after the env is built and packed
+    except RunAsError as e:
+        ap.error(str(e))
+    if args.unpack_user:
+        os.environ["P2PD_UNPACK_USER"] = args.unpack_user  # the daemons LocalCluster starts inherit it
     if args.peers < 1:
         ap.error("--peers must be at least 1")
     from p2pd.cluster import ClusterError
@@ -403,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         need = int(env_bytes * 2.5 * (args.peers + 1))
         with work_dir(args.workdir, need) as base:
+            base.chmod(0o755)  # the unpack user must reach the daemons' envs dirs under it
             result["host"]["workdir_fs"] = fs_type(base)
             diag: dict[str, Any] = {}
             try:
