@@ -4,9 +4,11 @@ The decisions are the sans-IO controller's (p2pd/protocol/autothrottle.py). This
 interface that carries p2pd's traffic (`--auto-throttle-interface`, else the one holding the listen
 address, else the one the route to the tracker leaves by), reads its byte counters from /proc/net/dev (the
 reading process's own network namespace, so it also works inside `ip netns exec` without a sysfs remount),
-reads p2pd's own byte counters (`stream_io.TRAFFIC`), and applies the limits as one more level of the
-daemon's token-bucket hierarchy in each direction. On the download side the bucket paces our reads, so
-TCP's receive window slows the senders (rLEDBAT's lever, RFC 9840, without its delay signal).
+reads p2pd's own byte counters as the wire sees them (`stream_io.TRAFFIC`, less what still waits in the
+sockets' send queues, plus what waits unread in their receive queues: `stream_io.LIVE_SOCKETS`), and
+applies the limits as one more level of the daemon's token-bucket hierarchy in each direction. On the
+download side the bucket paces our reads, so TCP's receive window slows the senders (rLEDBAT's lever,
+RFC 9840, without its delay signal).
 
 A loopback interface has nothing to share (and carries every in-process test swarm): auto-throttling
 stays off there and says so in `p2pd status`.
@@ -29,7 +31,7 @@ from p2pd.config import AutoThrottleConfig
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.protocol.autothrottle import AutoThrottle, Decision, Sample, mbit
 from p2pd.protocol.ratelimit import TokenBucket
-from p2pd.stream_io import TRAFFIC, TrafficCounters
+from p2pd.stream_io import LIVE_SOCKETS, TRAFFIC, LiveSockets, TrafficCounters
 
 log = logging.getLogger(__name__)
 PROC_NET_DEV = Path("/proc/net/dev")
@@ -145,15 +147,18 @@ class AutoThrottler:
         egress: TokenBucket,
         ingress: TokenBucket,
         traffic: TrafficCounters = TRAFFIC,
+        live: LiveSockets = LIVE_SOCKETS,
         proc_net_dev: Path = PROC_NET_DEV,
     ) -> None:
         self.cfg = cfg
         self.egress_bucket = egress
         self.ingress_bucket = ingress
         self.traffic = traffic
+        self.live = live
+        self._own = (0, 0)  # (rx, tx) of the last sample: a socket closed with bytes queued must not count back
         self.proc_net_dev = proc_net_dev
         self.interface: str | None = None
-        self.off_reason = "starting" if cfg.enabled else "off (the default; --auto-throttle on turns it on)"
+        self.off_reason = "starting" if cfg.enabled else "off (--auto-throttle off)"
         self.controller: AutoThrottle | None = None
 
     def status(self) -> dict[str, Any]:
@@ -166,7 +171,13 @@ class AutoThrottler:
 
     def _sample(self, iface: str) -> Sample:
         rx, tx = read_counters(iface, self.proc_net_dev)
-        return Sample(rx, tx, self.traffic.received, self.traffic.sent)
+        unsent, unread = self.live.queued()
+        # p2pd's bytes when they cross the wire, as the interface counts them: written ones still in a send queue
+        # have not left yet, arrived ones still in a receive queue have (the queues are MBs, filled in bursts)
+        own_rx = max(self._own[0], self.traffic.received + unread)
+        own_tx = max(self._own[1], self.traffic.sent - unsent)
+        self._own = (own_rx, own_tx)
+        return Sample(rx, tx, own_rx, own_tx)
 
     async def run(
         self,

@@ -113,9 +113,9 @@ def run(
         TraversalConfig.relay_max_pairs, "--relay-max-pairs", help="node pairs relayed at once (with --relay)"
     ),
     auto_throttle: str = typer.Option(
-        "off",
+        "on",
         "--auto-throttle",
-        help="on: yield the link to other traffic on this interface; off (the default, docs/throttling.md): never",
+        help="on (the default, docs/throttling.md): yield the link to other traffic on this interface; off: never",
     ),
     link_capacity: str = typer.Option(
         None, "--link-capacity", help="the link's rate per direction, e.g. 10Gbit/s (default: learned from traffic)"

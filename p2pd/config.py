@@ -88,9 +88,9 @@ class TraversalConfig:
 class AutoThrottleConfig:
     """How a node yields its link to the other traffic it shares it with (p2pd/protocol/autothrottle.py)."""
 
-    # off by default until it stops yielding to p2pd's own traffic: on the emulated 1 + 8 a seed alone on its link
-    # held itself to ~75 % of it (1.41x the bound instead of 1.12x, BENCHMARKS.md); `--auto-throttle on` turns it on
-    enabled: bool = False
+    # on: p2pd's own bytes are counted as the wire sees them (socket queues included, p2pd/auto_throttle.py), so a
+    # node alone on its link never yields to itself; loopback interfaces stay off (nothing to share)
+    enabled: bool = True
     interface: str | None = None  # None: the interface of the route to the tracker (or of the listen address)
     link_capacity: float | None = None  # bytes/s per direction; None: learned (the highest rate the interface carried)
     reserve_fraction: float = 0.20  # headroom left to other traffic while it grows: it shows its demand by using it
@@ -109,6 +109,8 @@ class AutoThrottleConfig:
     ramp_hold: float = 0.5  # ...after the link was last full (a service growing into the room shows up by then)
     probe_every: float = 3.0  # seconds between tries above a learned capacity (it may be an underestimate)...
     probe_fraction: float = 0.10  # ...each one tick of this share more (on a full link: ~1 % of a service's rate)
+    onset: float = 0.5  # seconds other traffic must stay above quiet before p2pd yields (counter skew is a blip)
+    min_learned_capacity: float = 1e6  # bytes/s; a learned rate under 8 Mbit/s is a link not yet used, not its size
     release_after: float = 0.75  # seconds other traffic must stay quiet before p2pd drops its limit
     header_overhead: float = 0.06  # TCP/IP + Ethernet headers on p2pd's payload (1448 of 1514 bytes, plus options)
     ack_overhead: float = 0.04  # ACKs on the reverse direction, per byte of payload p2pd moves the other way

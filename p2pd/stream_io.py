@@ -14,6 +14,7 @@ import fcntl
 import os
 import socket
 import termios
+import weakref
 
 import trio
 
@@ -38,6 +39,46 @@ class TrafficCounters:
 
 
 TRAFFIC = TrafficCounters()
+SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP socket's send queue not yet handed to IP
+
+
+class LiveSockets:
+    """The peer connections' TCP sockets, for what their kernel queues hold (auto-throttling's skew correction).
+
+    TRAFFIC counts a byte when p2pd writes it into a socket or reads it out of one; the interface counts
+    it when it crosses the wire. Between the two sit the socket queues: a send queue of up to tcp_wmem's
+    maximum (MBs) per connection, filled in bursts as peers ask for pieces, and a receive queue that holds
+    up to SO_RCVLOWAT (or more, while a read is throttled). Auto-throttling subtracts p2pd's bytes from the
+    interface's, so without this correction each burst reads as somebody else's traffic."""
+
+    def __init__(self) -> None:
+        self._socks: weakref.WeakSet[trio.socket.SocketType] = weakref.WeakSet()
+
+    def add(self, sock: trio.socket.SocketType) -> None:
+        self._socks.add(sock)
+
+    def __len__(self) -> int:
+        return len(self._socks)
+
+    def queued(self) -> tuple[int, int]:
+        """(bytes written but not yet sent, bytes received but not yet read), summed over the open sockets."""
+        unsent = unread = 0
+        buf = array.array("i", [0])
+        for sock in list(self._socks):
+            fd = sock.fileno()
+            if fd < 0:  # closed: its queues are gone with it
+                continue
+            try:
+                fcntl.ioctl(fd, SIOCOUTQNSD, buf)
+                unsent += buf[0]
+                fcntl.ioctl(fd, termios.FIONREAD, buf)
+                unread += buf[0]
+            except OSError:  # closed between fileno() and the ioctl, or not a TCP socket after all
+                continue
+        return unsent, unread
+
+
+LIVE_SOCKETS = LiveSockets()
 
 
 async def throttle(limiter: Hierarchy | None, n: int) -> None:
@@ -65,6 +106,8 @@ class StreamIO:
             # trio.SocketStream caps unsent bytes at 16 KiB (good for its send_all); sendfile of a
             # piece would then wake up every 16 KiB. 0 = the system default (no cap).
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 0)
+        if self.sock is not None:
+            LIVE_SOCKETS.add(self.sock)
         self.rbuf = bytearray()
         self.last_recv = trio.current_time()
         self.bytes_in = 0

@@ -36,6 +36,7 @@ from typing import IO, Any
 from netsim.bench.clients.p2pd import NODE_PORT, TRACKER_PORT, p2pd_cmd, tracker_cmd
 from netsim.bench.harness import NEUTRAL_CWD, BenchError, child_env, make_payload, stop_all, tail, wait_tcp, write_json
 from netsim.emu import Host, Topology
+from p2pd.identity import JOIN_SECRET_ENV, new_join_secret
 from p2pd.rpc import RpcError, call_blocking
 from p2pd.units import format_bits_rate, parse_size
 
@@ -133,7 +134,8 @@ def _first_at(xs: list[tuple[float, float]], start: float, level: float, window:
 def run_one(opts: Options, direction: str, service: str, mode: str, work: str, log: IO[str]) -> dict[str, Any]:
     """One scenario in a fresh topology; the result dict (rates in bytes/s on the wire)."""
     link = opts.rate_bps / 8
-    env = child_env()
+    # secured, as deployed (docs/security.md): without a join secret the tracker refuses to start
+    env = child_env({JOIN_SECRET_ENV: os.environ.get(JOIN_SECRET_ENV) or new_join_secret()})
     p2pd = p2pd_cmd()
     procs: list[subprocess.Popen | None] = []
     d = tempfile.mkdtemp(prefix=f"{direction}-{service}-{mode}-", dir=work)

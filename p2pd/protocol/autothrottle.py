@@ -113,6 +113,7 @@ class DirectionController:
         self.headroom = 0.0
         self._full_at = now  # last tick the link was full (headroom back to the whole reserve)
         self._loud_at = now  # last tick other traffic was above half the quiet level
+        self._quiet_at = now  # last tick (while not yielding) other traffic was under the quiet level
         self._probe_at = now  # last tick p2pd tried more than the learned capacity leaves it
         self._probing = False  # the last tick was such a try
         self._learned_at_probe = 0.0
@@ -140,7 +141,8 @@ class DirectionController:
         self.learned = max(self.learned, iface)
         cap = self.capacity
         other = max(0.0, iface - own * (1.0 + cfg.header_overhead) - reverse * cfg.ack_overhead)
-        if cap <= 0:
+        if cap <= 0 or (cfg.link_capacity is None and cap < cfg.min_learned_capacity):
+            self._quiet_at = now
             self.decision = Decision(INF, 0.0, other, own, "learning", "learning the link capacity")
             return self.decision
         quiet = max(cfg.quiet_fraction * cap, cfg.quiet_min)
@@ -154,10 +156,13 @@ class DirectionController:
             self._loud_at = now
         if not self.yielding:
             if other <= quiet:
+                self._quiet_at = now
+            # p2pd's counters and the interface's never agree tick by tick (a byte in a qdisc, a socket closed with
+            # bytes queued): such skew comes and goes within a tick or two; a service's traffic stays
+            if now - self._quiet_at < cfg.onset:
                 self.limit = INF
-                self.decision = Decision(
-                    INF, cap, other, own, "idle", f"other traffic {mbit(other)} (under {mbit(quiet)})"
-                )
+                why = f"under {mbit(quiet)}" if other <= quiet else f"above {mbit(quiet)} for under {cfg.onset:g} s"
+                self.decision = Decision(INF, cap, other, own, "idle", f"other traffic {mbit(other)} ({why})")
                 return self.decision
             self.yielding = True
             self.headroom = reserve
@@ -190,7 +195,8 @@ class DirectionController:
         self._probing = False
         if failed_probe:  # the link was full: back to where p2pd was (the service did not ask for more)
             self.limit = self._before_probe
-            self.decision = Decision(self.limit, cap, other, own, "yielding", f"other traffic {mbit(other)}")
+            why = f"other traffic {mbit(other)}" + (" (at the floor)" if self.limit <= floor else "")
+            self.decision = Decision(self.limit, cap, other, own, "yielding", why)
             return self.decision
         # (the average still holds the try for a while after a failed one: that is not a service's demand)
         full = iface_slow >= cap - self.headroom / 2 and now - self._probe_at > cfg.full_smoothing

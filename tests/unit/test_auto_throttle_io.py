@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
 
 from p2pd.auto_throttle import AutoThrottler, check_interface, choose_interface, read_counters
 from p2pd.cli import _auto_throttle_options, describe_limits
 from p2pd.config import AutoThrottleConfig
 from p2pd.errors import P2pdError
 from p2pd.protocol.ratelimit import unlimited
+from p2pd.stream_io import TRAFFIC, StreamIO
 
 PROC_NET_DEV = """Inter-|   Receive                                                |  Transmit
  face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier
@@ -59,7 +61,7 @@ def test_options() -> None:
 
 def test_status_off_and_the_limits_line() -> None:
     t = AutoThrottler(AutoThrottleConfig(enabled=False), unlimited(), unlimited())
-    assert t.status() == {"state": "off", "why": "off (the default; --auto-throttle on turns it on)", "interface": None}
+    assert t.status() == {"state": "off", "why": "off (--auto-throttle off)", "interface": None}
     res = {
         "limits": {
             "egress": {"limit": 1.5e6, "by": "auto", "why": "auto: other traffic 140 Mbit/s"},
@@ -70,3 +72,31 @@ def test_status_off_and_the_limits_line() -> None:
     text = describe_limits(res)
     assert "upload limit: 1.5 MB/s (auto: other traffic 140 Mbit/s)" in text
     assert "download limit: none" in text and "auto-throttle: off" in text
+
+
+async def test_own_bytes_are_counted_when_they_cross_the_wire(tmp_path: Path) -> None:
+    """A byte p2pd wrote that still waits in its socket's send queue has not crossed the interface yet; one that
+    arrived and waits unread in a receive queue has. Counted at write/read time, a burst of MBs queued for peers
+    read as somebody else's traffic, and a seed alone on its link yielded to itself (issue #13)."""
+    dev = tmp_path / "dev"
+    dev.write_text(PROC_NET_DEV)
+    t = AutoThrottler(AutoThrottleConfig(), unlimited(), unlimited(), proc_net_dev=dev)
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    a = trio.socket.socket()
+    await a.connect(listener.getsockname())
+    b, _ = await listener.accept()
+    listener.close()
+    with a, b:
+        sender, receiver = StreamIO(trio.SocketStream(a)), StreamIO(trio.SocketStream(b))
+        before, sent_before = t._sample("eth0"), TRAFFIC.sent
+        with trio.move_on_after(1.0):  # the receiver reads nothing: the queues fill up, then the write blocks
+            await sender.send_all(b"x" * (64 << 20))
+        written = TRAFFIC.sent - sent_before
+        after = t._sample("eth0")
+        crossed_tx, crossed_rx = after.own_tx - before.own_tx, after.own_rx - before.own_rx
+        assert 0 < crossed_tx < written  # some of it still waits to be sent
+        assert crossed_rx == crossed_tx  # on loopback everything sent has arrived (and waits unread)
+        await receiver.read_exactly(1000)  # reading moves no byte across the wire
+        assert t._sample("eth0").own_rx == after.own_rx

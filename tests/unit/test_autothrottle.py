@@ -83,11 +83,15 @@ def test_greedy_service_gets_the_link_within_two_seconds() -> None:
         link.step(math.inf)
         got.append(link.service)
     assert got[-1] >= 0.8 * CAP, [round(g / CAP, 2) for g in got]
-    link.run(5, demand=math.inf)
+    service = []
+    for _ in range(20):  # 5 s
+        link.step(math.inf)
+        service.append(link.service)
     floor = AutoThrottleConfig().floor_fraction * link.decision.capacity
     assert link.decision.limit == floor  # all but the floor: transfers slow down, never stall
     assert link.own > 0
-    assert link.service >= 0.9 * CAP
+    # (over 2 s: a probe above the learned capacity takes the service back by 10 % for one tick every 3 s)
+    assert sum(service[-8:]) / 8 >= 0.9 * CAP
     assert "other traffic" in link.decision.why and "floor" in link.decision.why
 
 
@@ -110,15 +114,17 @@ def test_service_that_grows_gets_the_reserve_back() -> None:
     link = SharedLink()
     link.run(5, demand=0)
     link.run(6, demand=0.3 * CAP)
-    link.run(2, demand=0.7 * CAP)
+    link.run(2.5, demand=0.7 * CAP)  # (2 s, and a probe's tick may fall in it)
     assert link.service >= 0.95 * 0.7 * CAP
 
 
 def test_after_the_service_stops_p2pd_takes_the_link_back_within_three_seconds() -> None:
     link = SharedLink()
     link.run(5, demand=0)
-    link.run(10, demand=math.inf)
-    assert link.own < 0.1 * CAP
+    link.run(9.75, demand=math.inf)
+    own = link.own
+    link.run(0.25, demand=math.inf)
+    assert min(own, link.own) < 0.1 * CAP  # (one of two ticks may be a probe above the learned capacity)
     rates = [(link.step(0), link.own)[1] for _ in range(12)]  # 3 s
     assert rates[-1] >= 0.8 * CAP / (1 + HEADERS), [round(r / CAP, 2) for r in rates]
     link.run(2, demand=0)
@@ -220,3 +226,46 @@ def test_probing_a_full_link_costs_the_service_little() -> None:
     link.run(5, demand=0)
     rates = [(link.step(0.5 * CAP), link.service)[1] for _ in range(60)]
     assert sum(rates[20:]) / 40 >= 0.97 * 0.5 * CAP
+
+
+SKEW = 400_000  # bytes: what a 20 ms queue of a 200 Mbit/s link holds, counted by p2pd before the interface
+
+
+def _skewed_link(backlogs: list[int], service: float, cfg: AutoThrottleConfig) -> list[Decision]:
+    """p2pd fills what the service leaves of the link; its own counter runs ahead of the interface's by a backlog
+    that changes every tick (bytes in a qdisc or a socket's send queue: bursts, as peers ask for pieces)."""
+    ctl = AutoThrottle(cfg, 0.0)
+    t, wire = 0.0, 0.0  # p2pd's payload that crossed the interface
+    ctl.tick(t, Sample(0, 0, 0, 0))
+    out = []
+    for i, b in enumerate(backlogs):
+        t += TICK
+        wire += (CAP - service) / (1 + HEADERS) * TICK
+        iface_tx = wire * (1 + HEADERS) + service * (i + 1) * TICK
+        eg, _ = ctl.tick(t, Sample(int(wire * ACKS), int(iface_tx), 0, int(wire) + b))
+        out.append(eg)
+    return out
+
+
+@given(st.lists(st.integers(min_value=0, max_value=SKEW), min_size=20, max_size=80))
+@QUICK
+def test_p2pd_alone_with_bursty_counter_skew_never_yields(backlogs: list[int]) -> None:
+    for d in _skewed_link(backlogs, 0.0, AutoThrottleConfig()):
+        assert d.state != "yielding" and math.isinf(d.limit), d
+
+
+@given(st.lists(st.integers(min_value=0, max_value=SKEW), min_size=8, max_size=40))
+@QUICK
+def test_a_service_beside_the_skew_still_makes_it_yield(backlogs: list[int]) -> None:
+    decisions = _skewed_link([0] * 8 + backlogs, 0.3 * CAP, AutoThrottleConfig())
+    assert any(d.state == "yielding" for d in decisions[:8]), decisions[:8]  # within 2 s
+    assert decisions[-1].state == "yielding", decisions[-1]
+
+
+def test_a_learned_capacity_below_the_minimum_is_still_learning() -> None:
+    """A node's first bytes (a tracker's answers, handshakes) are not its link's size: nothing to yield to yet."""
+    ctl = AutoThrottle(AutoThrottleConfig(), 0.0)
+    ctl.tick(0.0, Sample(0, 0, 0, 0))
+    for i in range(1, 9):  # 2 s of 400 kB/s that is not p2pd's
+        eg, _ = ctl.tick(i * TICK, Sample(0, int(i * 100_000), 0, 0))
+        assert eg.state == "learning" and math.isinf(eg.limit), eg
