@@ -59,11 +59,11 @@ def max_min_rates(capacity: FloatArray, hops: list[IntArray]) -> FloatArray:
         busy = count > 0
         busy[sentinel] = False
         level[busy] = np.maximum(left[busy], 0.0) / count[busy]
-        flow_min = level[hop].min(axis=0)  # the level each flow would freeze at now
+        flow_min = np.minimum.reduce(list(level[hop]))  # the level each flow would freeze at now (row-wise: fast)
         seen = np.full(nlinks + 1, np.inf)  # per link: the lowest level any of its flows sees
         np.minimum.at(seen, flat, np.tile(flow_min, hop.shape[0]))
         bottleneck = busy & (level <= seen * (1 + TIE))
-        frozen = bottleneck[hop].any(axis=0)
+        frozen = np.logical_or.reduce(list(bottleneck[hop]))
         r = flow_min[frozen]
         rate[live[frozen]] = r
         fh = hop[:, frozen]
