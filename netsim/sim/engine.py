@@ -399,13 +399,21 @@ class Simulation:
             return
         bit = 1 << unit
         sid = sender.nid
+        depth = self.cfg.pipeline_depth
+        nodes = self.nodes
         for pid in peers:
-            nd = self.nodes[pid]
+            nd = nodes[pid]
             if sid not in nd.queue:
                 continue
             nd.remote_have[sid] = nd.remote_have.get(sid, 0) | bit
             picker = nd.picker
-            if nd.downloading and picker.knows(sid) and picker.peer_have(sid, unit):
+            # _fill asks nothing while `depth` requests are out (BitTorrent's may still signal interest)
+            if (
+                nd.downloading
+                and picker.knows(sid)
+                and picker.peer_have(sid, unit)
+                and (self.bt or picker.outstanding(sid) < depth)
+            ):
                 self._fill(nd, sid)
 
     def _finish(self, nd: Node) -> None:
