@@ -52,6 +52,9 @@ class SwarmConfig:
     compress_min_saving: float = 0.9  # send a compressed piece only if it is below this fraction of the raw one
     seed_distinct: bool = True  # a complete node sends every piece once before it sends any piece twice
     serve_tail: int = 16  # a complete node always serves a peer missing at most this many pieces
+    # a complete node uploads to at most this many peers at once and DEFERs the others (0: no cap): sharing
+    # its uplink among every requester delays every first copy to ~F/u_s, so pieces do not spread meanwhile
+    upload_slots: int = 0
     # -- bad pieces (strikes with expiry, not bans for ever: a seeder with one rotten piece on disk repairs it)
     strikes_to_ban: int = 2  # bad pieces from one peer before we stop using it (one can be a disk's fault)
     strike_expiry: float = 120.0  # seconds a strike (and a ban) lasts: long enough for the peer to repair its copy

@@ -106,6 +106,7 @@ class PeerConn:
         self.close_detail = ""
         self.cancel_scope = trio.CancelScope()
         self.bytes_up = 0
+        self.uploading = False  # the writer is sending a piece now
         self.bytes_down = 0  # piece bytes received (on the wire), counted by the swarm: for metrics by path
         self.last_send = trio.current_time()
         self.leaving = False  # we said GOODBYE: no more uploads, the writer half-closes once it is out
@@ -146,7 +147,11 @@ class PeerConn:
             i = s.next_upload()
             if i is not None:
                 if self.host.may_upload(self, i):
-                    await self._send_piece(i)
+                    self.uploading = True  # holds one of the node's upload slots meanwhile
+                    try:
+                        await self._send_piece(i)
+                    finally:
+                        self.uploading = False
                 continue
             self._wake = trio.Event()
             with trio.move_on_after(self.cfg.keepalive_every):

@@ -138,7 +138,7 @@ class Swarm:
         # The picker stays after completion: it remembers the requests we cancelled, whose pieces may still arrive.
         self.picker: Picker[ps.PeerSession] = Picker(self.n, bits.indices(have))
         self.seeding: DistinctFirstSeeding[PeerConn] = DistinctFirstSeeding(
-            self.n, enabled=config.seed_distinct, serve_tail=config.serve_tail
+            self.n, enabled=config.seed_distinct, serve_tail=config.serve_tail, upload_slots=config.upload_slots
         )
         self.done = trio.Event()
         if self.complete:
@@ -364,7 +364,11 @@ class Swarm:
                 self.complete
                 and self.seeding.enabled
                 and self.seeding.defer_request(
-                    i, conn, {c: c.session.remote_have for c in self.conns.values()}, complete=True
+                    i,
+                    conn,
+                    {c: c.session.remote_have for c in self.conns.values()},
+                    complete=True,
+                    serving=[c for c in self.conns.values() if c.uploading or c.session.uploads],
                 )
             ):
                 session.defer(i)

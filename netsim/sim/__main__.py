@@ -19,6 +19,7 @@ from typing import Any
 
 from netsim.sim.report import brief, plot, run_policies
 from netsim.sim.scenario import POLICIES, NodeClass, Scenario, auto_grain
+from p2pd.config import SwarmConfig
 from p2pd.units import parse_duration, parse_rate, parse_size
 
 
@@ -95,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--quantum", type=_arg(parse_duration), default=None, help="event batching window")
     ap.add_argument("--policies", type=_arg(policies), default=list(POLICIES), help="p2pd,bittorrent")
     ap.add_argument("--rng-seed", type=int, default=0)
+    ap.add_argument(
+        "--upload-slots", type=int, default=None, help="SwarmConfig.upload_slots (0: no cap; default: the daemon's)"
+    )
     ap.add_argument("--horizon", type=_arg(parse_duration), default=None, help="stop after this simulated time")
     ap.add_argument("--json", type=Path, default=None, help="write the full result (per-node times) here")
     ap.add_argument("--plot", type=Path, default=None, help="write the PNG plot here (needs matplotlib)")
@@ -122,6 +126,10 @@ def scenario_from(a: argparse.Namespace) -> Scenario:
     kw: dict[str, Any] = {}
     if a.zone_link is not None:
         kw["zone_link"] = a.zone_link
+    if a.upload_slots is not None:
+        if a.upload_slots < 0:
+            raise ValueError(f"--upload-slots is 0 (no cap) or a positive count, got {a.upload_slots}")
+        kw["swarm"] = SwarmConfig(upload_slots=a.upload_slots)
     return Scenario(
         classes=tuple(c for c in classes if c.count),
         size=a.size,

@@ -72,7 +72,9 @@ class Node:
         "epoch",
     )
 
-    def __init__(self, nid: int, up: float, down: float, zone: str, seed: bool, units: int, picker_seed: int) -> None:
+    def __init__(
+        self, nid: int, up: float, down: float, zone: str, seed: bool, units: int, picker_seed: int, upload_slots: int
+    ) -> None:
         self.nid = nid
         self.name = f"n{nid}"
         self.up = up
@@ -81,7 +83,7 @@ class Node:
         self.seed = seed
         full = (1 << units) - 1
         self.picker: Picker[int] = Picker(units, range(units) if seed else (), seed=picker_seed)
-        self.seeding: DistinctFirstSeeding[int] = DistinctFirstSeeding(units)
+        self.seeding: DistinctFirstSeeding[int] = DistinctFirstSeeding(units, upload_slots=upload_slots)
         self.have = full if seed else 0
         self.complete = seed
         self.downloading = not seed
@@ -195,7 +197,7 @@ class Simulation:
 
     def _add_node(self, up: float, down: float, zone: str, *, seed: bool) -> None:
         nid = len(self.nodes)
-        self.nodes.append(Node(nid, up, down, zone, seed, self.units, self.rng.getrandbits(32)))
+        self.nodes.append(Node(nid, up, down, zone, seed, self.units, self.rng.getrandbits(32), self.cfg.upload_slots))
         if self.bt:
             self.nodes[-1].seeding.enabled = False  # BitTorrent has no seed rule
 
@@ -309,7 +311,8 @@ class Simulation:
         tail = seeding.serve_tail
         seeding.serve_tail = self.serve_tail_units
         try:
-            return seeding.defer_request(unit, rid, up.remote_have, complete=True)
+            serving = {p for p, q in up.queue.items() if q} | up.sending.keys()
+            return seeding.defer_request(unit, rid, up.remote_have, complete=True, serving=serving)
         finally:
             seeding.serve_tail = tail
 

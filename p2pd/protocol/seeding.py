@@ -21,7 +21,7 @@ each uploaded its missing piece once already, would be sent away by every one of
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from typing import Generic, TypeVar
 
 Peer = TypeVar("Peer", bound=Hashable)
@@ -30,8 +30,9 @@ Peer = TypeVar("Peer", bound=Hashable)
 class DistinctFirstSeeding(Generic[Peer]):
     """The seed policy of one artifact on one node; counts what it sent and what it deferred."""
 
-    def __init__(self, num_pieces: int, *, enabled: bool = True, serve_tail: int = 16) -> None:
+    def __init__(self, num_pieces: int, *, enabled: bool = True, serve_tail: int = 16, upload_slots: int = 0) -> None:
         self.n = num_pieces
+        self.upload_slots = upload_slots
         self.full = (1 << num_pieces) - 1
         self.enabled = enabled
         self.serve_tail = serve_tail
@@ -39,6 +40,7 @@ class DistinctFirstSeeding(Generic[Peer]):
         self.unsent = num_pieces  # pieces never uploaded
         self.pieces_sent = 0  # uploads of pieces, counting repeats
         self.pieces_deferred = 0  # requests answered with DEFER
+        self.slot_deferrals = 0  # of which: because every upload slot was busy
         self._deferred_to: dict[Peer, set[int]] = {}  # pieces deferred once to each requester
 
     @property
@@ -46,10 +48,23 @@ class DistinctFirstSeeding(Generic[Peer]):
         """Uploads of pieces this node had uploaded before (a seed's copies cost the whole swarm)."""
         return self.pieces_sent - (self.n - self.unsent)
 
-    def defer_request(self, piece: int, requester: Peer, have: Mapping[Peer, int], *, complete: bool) -> bool:
-        """Answer DEFER to `requester` asking for `piece`? `have`: every connected peer's announced pieces."""
+    def defer_request(
+        self,
+        piece: int,
+        requester: Peer,
+        have: Mapping[Peer, int],
+        *,
+        complete: bool,
+        serving: Collection[Peer] = (),
+    ) -> bool:
+        """Answer DEFER to `requester` asking for `piece`? `have`: every connected peer's announced pieces;
+        `serving`: the peers with an upload accepted and not yet finished."""
         if not (self.enabled and complete) or len(have) < 2:
             return False
+        if self.upload_slots and requester not in serving and len(serving) >= self.upload_slots:
+            self.pieces_deferred += 1
+            self.slot_deferrals += 1
+            return True  # every slot is busy: not a once-per-piece deferral, the slots stay capped
         once = self._deferred_to.setdefault(requester, set())
         if piece in once:
             return False  # asked again after a deferral: the requester found no one else

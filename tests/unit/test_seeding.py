@@ -124,3 +124,40 @@ def test_a_second_copy_before_every_piece_went_out_only_goes_to_a_requester_sent
         have[requester] |= 1 << piece
     assert s.pieces_sent == uploads
     assert s.pieces_sent_again == uploads - len(sent)
+
+
+def test_upload_slots_defer_a_new_requester_while_every_slot_is_busy() -> None:
+    s = DistinctFirstSeeding[str](PIECES, serve_tail=TAIL, upload_slots=2)
+    have = {"a": 0, "b": 0, "c": 0}
+    assert not s.defer_request(1, "a", have, complete=True, serving=[])
+    assert not s.defer_request(2, "b", have, complete=True, serving=["a"])
+    assert s.defer_request(3, "c", have, complete=True, serving=["a", "b"])  # both slots busy
+    assert s.defer_request(3, "c", have, complete=True, serving=["a", "b"])  # and again: not once-only
+    assert not s.defer_request(4, "a", have, complete=True, serving=["a", "b"])  # a holds a slot already
+    assert not s.defer_request(3, "c", have, complete=True, serving=["a"])  # a slot came free
+    assert (s.pieces_deferred, s.slot_deferrals) == (2, 2)
+    assert not s.defer_request(5, "c", have, complete=False, serving=["a", "b"])  # only a complete node caps
+
+
+def test_no_upload_slots_means_no_cap() -> None:
+    s = DistinctFirstSeeding[str](PIECES, serve_tail=TAIL)
+    have = {p: 0 for p in "abcdefgh"}
+    assert not any(s.defer_request(i, p, have, complete=True, serving="abcdefg") for i, p in enumerate("abcdefgh"))
+
+
+@given(
+    slots=st.integers(1, 6),
+    arrivals=st.lists(st.tuples(st.integers(0, 9), st.integers(0, PIECES - 1), st.booleans()), max_size=60),
+)
+def test_upload_slots_never_let_more_peers_be_served_at_once(slots: int, arrivals: list[tuple[int, int, bool]]) -> None:
+    """Whatever the order of requests and finished uploads, at most `slots` peers are being served."""
+    s = DistinctFirstSeeding[int](PIECES, serve_tail=0, upload_slots=slots)
+    have = dict.fromkeys(range(10), 0)
+    serving: set[int] = set()
+    for peer, piece, finish in arrivals:
+        if finish:
+            serving.discard(peer)
+            continue
+        if not s.defer_request(piece, peer, have, complete=True, serving=serving):
+            serving.add(peer)
+        assert len(serving) <= slots
