@@ -145,6 +145,11 @@ def run(
     insecure: bool = typer.Option(
         False, "--insecure", help="join an open cluster without a join secret (a lab only: docs/security.md)"
     ),
+    encrypt: bool = typer.Option(
+        False,
+        "--encrypt",
+        help="wrap every peer connection in TLS 1.3 (secret artifacts); every node of the cluster must set it",
+    ),
     trust_publisher: list[str] = typer.Option(
         [], "--trust-publisher", help="node id whose env artifacts this node unpacks (repeatable; default: tracker's)"
     ),
@@ -206,6 +211,7 @@ def run(
     cfg = DaemonConfig(
         join_secret=secret,
         insecure=insecure,
+        encrypt=encrypt,
         trusted_publishers=tuple(trust_publisher),
         unpack_user=unpack_user,
         trackers=trackers,

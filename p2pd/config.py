@@ -158,6 +158,9 @@ class DaemonConfig:
     # None is allowed only with `insecure`: an open cluster, chosen explicitly, never the default
     join_secret: bytes | None = field(default=None, repr=False)
     insecure: bool = False
+    # TLS 1.3 around every peer stream (p2pd/tls.py), for clusters whose artifacts are secret; off by default:
+    # it costs CPU per byte and the zero-copy paths (docs/security.md "Confidentiality" has the measured cost)
+    encrypt: bool = False
     trusted_publishers: tuple[str, ...] = ()  # node ids whose env artifacts this node unpacks; () = the tracker's list
     # who runs an env archive's code (conda-unpack, its python) when the daemon is root (p2pd/runas.py): never
     # root; None = the `p2pd` service user if it exists, else envs are refused with an error naming the option

@@ -14,6 +14,10 @@ id is the hash of its key (`p2pd.protocol.auth.node_id_of`), so a connection tha
 the holder of that id's key: nobody can take another node's place (issue #14 row 2), and without the
 join secret nobody outside the cluster gets a piece (row 10). The acceptor sends its HANDSHAKE and
 AUTH together, so a dialler still has its answer after one round trip.
+
+With `--encrypt` (an identity from `p2pd.tls.with_tls`) the stream is wrapped in TLS 1.3 first, on
+every path, and the transcript both sides sign includes the TLS channel binding (p2pd.tls); without it
+nothing here touches the stream and the bytes on the wire are the protocol-2 ones.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from p2pd.protocol import auth, wire
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.session import PeerClosed
 from p2pd.stream_io import StreamIO
+from p2pd.tls import MISMATCH_HINT, tls_of, wrap
 
 NODE_ID_LENGTH = 32
+_TLS_HANDSHAKE_RECORD = b"\x16\x03"  # how a TLS ClientHello starts (never a HANDSHAKE frame's length)
 log = logging.getLogger(__name__)
 
 
@@ -77,13 +83,16 @@ def _handshake(me: auth.Identity, artifact_id: str, nonce: bytes) -> bytes:
     return wire.encode(wire.Handshake(wire.PROTOCOL_VERSION, me.node_id, artifact_id, me.key.public, nonce))
 
 
-def _auth(me: auth.Identity, artifact_id: str, nonce: bytes, hs: wire.Handshake) -> bytes:
-    signature, member = auth.handshake_proof(me, artifact_id, nonce, hs.node_id, hs.nonce)
+def _auth(me: auth.Identity, artifact_id: str, nonce: bytes, hs: wire.Handshake, channel: bytes) -> bytes:
+    signature, member = auth.handshake_proof(me, artifact_id, nonce, hs.node_id, hs.nonce, channel)
     return wire.encode(wire.Auth(signature, member))
 
 
 async def _read_frame(io: StreamIO, want: wire.MsgType) -> wire.Message:
-    t, n = wire.parse_header(await io.read_exactly(wire.HEADER_SIZE), 0)
+    header = await io.read_exactly(wire.HEADER_SIZE)
+    if header.startswith(_TLS_HANDSHAKE_RECORD) and want is wire.MsgType.HANDSHAKE:
+        raise wire.ProtocolError(f"the peer speaks TLS (it runs with --encrypt), this node does not; {MISMATCH_HINT}")
+    t, n = wire.parse_header(header, 0)
     if t is not want:
         raise wire.ProtocolError(f"expected {want.name}, got {t.name}")
     if n > wire.MAX_HANDSHAKE_FRAME:  # refused before buffering it (issue #14 row 4)
@@ -108,14 +117,22 @@ async def read_handshake(io: StreamIO, timeout: float) -> wire.Handshake:
 
 
 async def check_peer_auth(
-    io: StreamIO, me: auth.Identity, artifact_id: str, nonce: bytes, hs: wire.Handshake, timeout: float
+    io: StreamIO,
+    me: auth.Identity,
+    artifact_id: str,
+    nonce: bytes,
+    hs: wire.Handshake,
+    timeout: float,
+    channel: bytes = b"",
 ) -> None:
     """Read the peer's AUTH and check it: it holds its key and (secured cluster) the join secret."""
     with trio.fail_after(timeout):
         proof = await _read_frame(io, wire.MsgType.AUTH)
     assert isinstance(proof, wire.Auth)
     try:
-        auth.check_handshake_proof(me, artifact_id, nonce, hs.node_id, hs.key, hs.nonce, proof.signature, proof.member)
+        auth.check_handshake_proof(
+            me, artifact_id, nonce, hs.node_id, hs.key, hs.nonce, proof.signature, proof.member, channel
+        )
     except auth.AuthError as e:
         raise wire.ProtocolError(str(e)) from None
 
@@ -137,14 +154,19 @@ async def open_outgoing(
     `initiator` (default: us) is who both ends record as the dialler; a punched connection, opened
     by both sides at once, names the same node on both ends.
     """
+    channel = b""
+    tls = tls_of(identity)
+    if tls is not None:  # a punched stream's two ends both dial: the initiator is the TLS client
+        client = (initiator or identity.node_id) == identity.node_id
+        stream, channel = await wrap(stream, tls, server_side=not client, timeout=handshake_timeout)
     io = StreamIO(stream)
     nonce = secrets.token_bytes(auth.NONCE_SIZE)
     await io.send_all(_handshake(identity, artifact_id, nonce))
     hs = await read_handshake(io, handshake_timeout)
     if hs.artifact_id != artifact_id or hs.node_id != remote_id:
         raise wire.ProtocolError(f"answered as {hs.node_id[:8]} for {hs.artifact_id[:12]}")
-    await io.send_all(_auth(identity, artifact_id, nonce, hs))
-    await check_peer_auth(io, identity, artifact_id, nonce, hs, handshake_timeout)
+    await io.send_all(_auth(identity, artifact_id, nonce, hs, channel))
+    await check_peer_auth(io, identity, artifact_id, nonce, hs, handshake_timeout, channel)
     return Connection(stream, io, remote_id, artifact_id, addr, path, initiator or identity.node_id)
 
 
@@ -221,12 +243,16 @@ async def accept(
     serve: it was told so with GOODBYE first; ProtocolError when it does not prove its key or (in a
     secured cluster) membership: nothing of ours was sent but our own HANDSHAKE and AUTH.
     """
+    channel = b""
+    tls = tls_of(identity)
+    if tls is not None:
+        stream, channel = await wrap(stream, tls, server_side=True, timeout=handshake_timeout)
     io = StreamIO(stream)
     hs = await read_handshake(io, handshake_timeout)
     if not serves(hs.artifact_id):
         await io.send_all(wire.encode(wire.Goodbye("unknown artifact")))
         raise PeerClosed(CloseReason.WE_LEFT, f"unknown artifact {hs.artifact_id[:12]}")
     nonce = secrets.token_bytes(auth.NONCE_SIZE)
-    await io.send_all(_handshake(identity, hs.artifact_id, nonce) + _auth(identity, hs.artifact_id, nonce, hs))
-    await check_peer_auth(io, identity, hs.artifact_id, nonce, hs, handshake_timeout)
+    await io.send_all(_handshake(identity, hs.artifact_id, nonce) + _auth(identity, hs.artifact_id, nonce, hs, channel))
+    await check_peer_auth(io, identity, hs.artifact_id, nonce, hs, handshake_timeout, channel)
     return Connection(stream, io, hs.node_id, hs.artifact_id, addr, path, hs.node_id)

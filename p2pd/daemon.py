@@ -42,6 +42,7 @@ from p2pd.rpc import Emit, RpcError, current_caller, serve_listeners
 from p2pd.sd_notify import Notifier
 from p2pd.storage import Catalog, PieceStore, Record, StorageError, build_manifest, materialize
 from p2pd.swarm import Swarm
+from p2pd.tls import with_tls
 from p2pd.tracker_client import TrackerClient
 from p2pd.traversal import Traversal
 from p2pd.trio_util import collapse_single
@@ -60,6 +61,8 @@ class Daemon:
             raise P2pdError(ErrorCode.BAD_REQUEST, NO_SECRET_HINT)
         cluster = ClusterSecret(config.join_secret) if config.join_secret is not None else None
         self.identity = node_identity(config.data_dir, cluster)  # the node id is its key's (docs/security.md)
+        if config.encrypt:  # every peer stream in TLS, bound to this identity (p2pd/tls.py)
+            self.identity = with_tls(self.identity)
         self.node_id = self.identity.node_id
         self.socket_path = paths.socket_path(config.socket_path, config.data_dir)
         self.swarms: dict[str, Swarm] = {}

@@ -108,18 +108,25 @@ class Identity:
 # ---- the peer handshake --------------------------------------------------------------------------
 
 
-def handshake_transcript(artifact_id: str, signer: str, signer_nonce: bytes, other: str, other_nonce: bytes) -> bytes:
+def handshake_transcript(
+    artifact_id: str, signer: str, signer_nonce: bytes, other: str, other_nonce: bytes, channel: bytes = b""
+) -> bytes:
     """What a side signs (and MACs) in the peer handshake: both ids, both nonces, the artifact.
 
-    The signer's own id comes first, so a proof reflected back at its author does not verify."""
+    The signer's own id comes first, so a proof reflected back at its author does not verify. Over TLS
+    (`--encrypt`) `channel` is the TLS server certificate's hash as this side saw it (p2pd.tls), so a
+    proof made inside one TLS channel does not verify inside another (a MITM's); without TLS the
+    transcript is the protocol-2 one, byte for byte."""
+    if channel:
+        return _enc.encode(["p2pd handshake v2 tls", artifact_id, signer, signer_nonce, other, other_nonce, channel])
     return _enc.encode(["p2pd handshake v2", artifact_id, signer, signer_nonce, other, other_nonce])
 
 
 def handshake_proof(
-    me: Identity, artifact_id: str, my_nonce: bytes, other: str, other_nonce: bytes
+    me: Identity, artifact_id: str, my_nonce: bytes, other: str, other_nonce: bytes, channel: bytes = b""
 ) -> tuple[bytes, bytes]:
     """(signature, member MAC) this side sends in its AUTH message; the MAC is empty without a secret."""
-    t = handshake_transcript(artifact_id, me.node_id, my_nonce, other, other_nonce)
+    t = handshake_transcript(artifact_id, me.node_id, my_nonce, other, other_nonce, channel)
     return me.key.sign(t), (me.cluster.mac(t) if me.cluster is not None else b"")
 
 
@@ -140,11 +147,15 @@ def check_handshake_proof(
     peer_nonce: bytes,
     signature: bytes,
     member: bytes,
+    channel: bytes = b"",
 ) -> None:
     """The peer signed our nonce with the key of the id it claims and, in a secured cluster, knows the secret."""
-    t = handshake_transcript(artifact_id, peer_id, peer_nonce, me.node_id, my_nonce)
+    t = handshake_transcript(artifact_id, peer_id, peer_nonce, me.node_id, my_nonce, channel)
     if not verify(peer_key, signature, t):
-        raise AuthError(f"node {peer_id[:8]} did not prove it holds its key")
+        raise AuthError(
+            f"node {peer_id[:8]} did not prove it holds its key"
+            + (" over this TLS channel (a man in the middle, or a different TLS endpoint)" if channel else "")
+        )
     if me.cluster is not None and not me.cluster.check(t, member):
         raise AuthError(f"node {peer_id[:8]} is not a member of this cluster (no or a different join secret)")
 
