@@ -236,6 +236,8 @@ def remove_files(catalog: Catalog, aid: str, *, stored: bool) -> None:
     """Delete what the data dir holds of an artifact (never a publisher's own files); blocking: run in a thread."""
     catalog.forget(aid)
     (catalog.artifacts / f"{aid}.manifest").unlink(missing_ok=True)
+    if (catalog.published / aid).exists():  # links the daemon made, never the publisher's own names
+        shutil.rmtree(catalog.published / aid)
     if not stored:
         return
     for d in (catalog.cache / aid, catalog.staging / aid, catalog.data_dir / "envs" / aid):

@@ -10,10 +10,11 @@ mode bits of every path component of the resolved path (`realpath`), before it r
 anything for that caller. A helper process running as the caller would let the kernel decide
 (ACLs included) but costs a fork and exec per request and a second code path for hashing; the
 mode check is the same rule the kernel applies without ACLs, and refuses where ACLs would grant
-more (a caller can always publish from a copy it owns). What remains: a caller who swaps a path
-component it owns between the check and the read could still point the daemon elsewhere; the
-check resolves symlinks first and `--dest` is written without following any link (storage.py),
-which closes the write side; the read side is listed in docs/security.md.
+more (a caller can always publish from a copy it owns). A caller who swaps a path component it
+owns between a check and a use must not point the daemon elsewhere: `--dest` is written without
+following any link (storage.py materialize), and a publish opens every component without
+following links, checks these rights on the open fds and seeds hard links to the checked inodes
+(p2pd/snapshot.py); `check_readable` is the path-based check of the same rule.
 """
 
 from __future__ import annotations
@@ -74,21 +75,21 @@ class Caller:
         self._check_ancestors(real, path)
         st = os.stat(real)
         if stat.S_ISDIR(st.st_mode):
-            self._require(st, R | X, path, "read")
+            self.require(st, R | X, path, "read")
             for dirpath, dirnames, filenames in os.walk(real):
                 for name in dirnames:
                     p = os.path.join(dirpath, name)
                     if os.path.islink(p):
                         continue  # os.walk does not descend into it; scan_source does not either
-                    self._require(os.stat(p), R | X, Path(p), "read")
+                    self.require(os.stat(p), R | X, Path(p), "read")
                 for name in filenames:
                     p = os.path.join(dirpath, name)
                     if os.path.islink(p):  # publish follows links to files: check the target's path too
                         self.check_readable(Path(p))
                     else:
-                        self._require(os.stat(p), R, Path(p), "read")
+                        self.require(os.stat(p), R, Path(p), "read")
         else:
-            self._require(st, R, path, "read")
+            self.require(st, R, path, "read")
 
     def check_writable_dest(self, dest: Path) -> None:
         """Refuse (BAD_REQUEST) unless the caller could create `dest` or write into it."""
@@ -102,13 +103,13 @@ class Caller:
         st = os.stat(real)
         if not stat.S_ISDIR(st.st_mode):
             raise P2pdError(ErrorCode.BAD_REQUEST, f"{probe} is not a directory: pick another --dest")
-        self._require(st, W | X, probe, "write into")
+        self.require(st, W | X, probe, "write into")
 
     def _check_ancestors(self, real: Path, shown: Path) -> None:
         for parent in reversed(real.parents):
-            self._require(os.stat(parent), X, shown, "reach")
+            self.require(os.stat(parent), X, shown, "reach")
 
-    def _require(self, st: os.stat_result, want: int, path: Path, what: str) -> None:
+    def require(self, st: os.stat_result, want: int, path: Path, what: str) -> None:
         if not self.may(st, want):
             raise P2pdError(
                 ErrorCode.BAD_REQUEST,

@@ -26,6 +26,7 @@ from p2pd import __version__, connections, paths, provenance
 from p2pd.admission import Admission, incoming_cap, raise_fd_limit
 from p2pd.auto_throttle import AutoThrottler, check_interface
 from p2pd.cache import MAX_LEASE_TTL, Cache, Item, remove_files, stored_in
+from p2pd.caller import Caller
 from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
@@ -40,6 +41,9 @@ from p2pd.protocol.ratelimit import Hierarchy, TokenBucket, unlimited
 from p2pd.protocol.session import PeerClosed
 from p2pd.rpc import Emit, RpcError, current_caller, serve_listeners
 from p2pd.sd_notify import Notifier
+from p2pd.snapshot import adopt as adopt_snapshot
+from p2pd.snapshot import cleanup_stale as snapshot_cleanup
+from p2pd.snapshot import snapshot_source
 from p2pd.storage import Catalog, PieceStore, Record, StorageError, build_manifest, materialize
 from p2pd.swarm import Swarm
 from p2pd.tls import with_tls
@@ -679,6 +683,9 @@ class Daemon:
 
         for leftover in await trio.to_thread.run_sync(envpack.cleanup_stale, self.config.data_dir / "envs"):
             log.info("removed an env unpack interrupted by a crash: %s", leftover)
+        recorded = {rec.artifact_id for rec in self.catalog.complete_records()}
+        for leftover in await trio.to_thread.run_sync(snapshot_cleanup, self.catalog.published, recorded):
+            log.info("removed a publish interrupted by a crash: %s", leftover)
         for rec in self.catalog.complete_records():
             if not rec.root.exists():
                 log.warning("%s: %s is gone; no longer seeding it", rec.name, rec.root)
@@ -871,13 +878,15 @@ class Daemon:
         meta = {str(k): str(v) for k, v in (params.get("meta") or {}).items()}
         if not path.is_absolute():
             raise RpcError(ErrorCode.BAD_REQUEST, f"path must be absolute, got {path}")
-        caller = current_caller()
-        if caller is not None:  # publish only what the caller itself could read
-            await trio.to_thread.run_sync(_check_caller, caller.check_readable, path)
         try:
             mf.validate_name(name)
         except mf.ManifestError as e:
             raise RpcError(ErrorCode.BAD_REQUEST, str(e)) from None
+        caller = current_caller()
+        snapshot: Path | None = None  # publish only what the caller itself could read, pinned by inode
+        source = path
+        if caller is not None and not caller.privileged:
+            snapshot, source = await trio.to_thread.run_sync(_snapshot_for, caller, path, self.catalog.published)
         done = [0, 0]
 
         def on_progress(d: int, t: int) -> None:
@@ -885,18 +894,26 @@ class Daemon:
 
         async def build() -> tuple[mf.Manifest, Path]:
             return await trio.to_thread.run_sync(
-                lambda: build_manifest(path, kind=kind, meta=meta, progress=on_progress)
+                lambda: build_manifest(source, kind=kind, meta=meta, progress=on_progress)
             )
 
         try:
-            m, root = await _with_progress(
-                build(), lambda: emit({"phase": "hashing", "bytes_done": done[0], "size": done[1]})
-            )
-        except (StorageError, mf.ManifestError) as e:
-            raise RpcError(ErrorCode.BAD_REQUEST, str(e)) from None
-        except PermissionError as e:
-            raise RpcError(ErrorCode.BAD_REQUEST, f"cannot read {e.filename}: permission denied") from None
-        aid = mf.artifact_id(m)
+            try:
+                m, root = await _with_progress(
+                    build(), lambda: emit({"phase": "hashing", "bytes_done": done[0], "size": done[1]})
+                )
+            except (StorageError, mf.ManifestError) as e:
+                raise RpcError(ErrorCode.BAD_REQUEST, str(e).replace(str(source), str(path))) from None
+            except PermissionError as e:
+                raise RpcError(ErrorCode.BAD_REQUEST, f"cannot read {e.filename}: permission denied") from None
+            aid = mf.artifact_id(m)
+            if snapshot is not None and aid not in self.swarms:
+                root = await trio.to_thread.run_sync(adopt_snapshot, snapshot, self.catalog.published, aid)
+                snapshot = None
+        finally:
+            if snapshot is not None:  # failed, or this node has these bytes already
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(functools.partial(shutil.rmtree, snapshot, ignore_errors=True))
         signed = provenance.sign(self.identity.key, name, aid, int(time.time()))
         self.catalog.save_manifest(aid, m)
         if aid not in self.swarms:
@@ -1090,6 +1107,16 @@ def _check_caller(check: Any, path: Path) -> None:
         raise RpcError(ErrorCode.BAD_REQUEST, f"{path} does not exist") from None
     except PermissionError as e:
         raise RpcError(ErrorCode.BAD_REQUEST, f"cannot check {path}: {e}") from None
+
+
+def _snapshot_for(caller: Caller, path: Path, published: Path) -> tuple[Path, Path]:
+    """snapshot_source, with a path that does not exist or cannot be opened said plainly."""
+    try:
+        return snapshot_source(caller, path, published)
+    except FileNotFoundError:
+        raise RpcError(ErrorCode.BAD_REQUEST, f"{path} does not exist") from None
+    except PermissionError as e:
+        raise RpcError(ErrorCode.BAD_REQUEST, f"cannot read {e.filename or path}: {e.strerror}") from None
 
 
 def _finite(x: float) -> float | None:

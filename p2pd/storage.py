@@ -9,6 +9,8 @@ Data dir layout (one daemon per data dir):
     staging/<id>.journal         bitfield of verified pieces (resume after a crash or restart)
     staging/<id>.name.json       {"name"} the download was asked for (shown again when it resumes)
     cache/<id>/...               completed downloads (files read-only)
+    published/<id>/...           hard links to (or copies of) the files an unprivileged caller
+                                 published, checked by inode (p2pd/snapshot.py); seeded from here
     envs/<id>/                   unpacked environments (p2pd/envpack.py)
 
 Pieces are written with pwrite at their offsets and never buffered beyond one piece. A piece is
@@ -442,6 +444,7 @@ class Catalog:
         self.artifacts = data_dir / "artifacts"
         self.staging = data_dir / "staging"
         self.cache = data_dir / "cache"
+        self.published = data_dir / "published"
         for d in (self.artifacts, self.staging, self.cache):
             d.mkdir(parents=True, exist_ok=True)
 

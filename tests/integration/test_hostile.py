@@ -148,3 +148,71 @@ async def test_a_socket_group_member_gets_only_its_own_rights(cluster: LocalClus
     r = await trio.to_thread.run_sync(as_nobody, "fetch", {"name": "pub:v1", "dest": str(root_only / "x")})
     assert r.returncode == 2 and b"may not" in r.stderr, r.stderr
     assert list(root_only.iterdir()) == []
+
+
+NOBODY_CLIENT = (
+    "import json, socket, sys\n"
+    "from p2pd.rpc import RpcError, call_blocking\n"
+    "s = socket.socket(socket.AF_UNIX); s.settimeout(30); s.connect(sys.argv[1])\n"
+    "try:\n"
+    "    print(json.dumps(call_blocking(s, sys.argv[2], json.loads(sys.argv[3]))))\n"
+    "except RpcError as e:\n"
+    "    print(e.code.value, e.message, file=sys.stderr); sys.exit(e.code.exit_status)\n"
+)
+
+
+def call_as_nobody(
+    cluster: LocalCluster, node: Node, method: str, params: dict[str, str]
+) -> subprocess.CompletedProcess[bytes]:
+    """A raw API call from uid 65534 (what SO_PEERCRED reports), a member of the socket's group."""
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    argv = [*drop, sys.executable, "-c", NOBODY_CLIENT, str(node.socket), method, json.dumps(params)]
+    return subprocess.run(argv, capture_output=True, env=cluster.env, timeout=60, check=False, cwd="/")
+
+
+async def test_a_source_swapped_for_a_symlink_after_publish_never_serves_root_only_bytes(
+    cluster: LocalCluster, workdir: Path
+) -> None:
+    """The publish read race (docs/security.md): the daemon checked nobody's directory, then read it by
+    path again while seeding; nobody swapped `sub` for a link to a root-only directory holding a file
+    of the same name and size, and peers were sent its bytes (they failed verification: the leak is
+    the bytes sent). Now the checked inodes are linked into the data dir and seeded from there."""
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("needs root: runs the client as nobody")
+    workdir.chmod(0o711)
+    seed = await cluster.start_node_async("seed")
+    leech = await cluster.start_node_async("leech")
+    seed.data_dir.chmod(0o711)
+    os.chown(seed.socket, 0, 65534)
+    vault = workdir / "vault"
+    vault.mkdir(mode=0o700)
+    (vault / "w.bin").write_bytes(os.urandom(MiB))
+    (vault / "w.bin").chmod(0o600)
+    home = workdir / "home"
+    src = home / "src"
+    (src / "sub").mkdir(parents=True)
+    mine = os.urandom(MiB)
+    (src / "sub" / "w.bin").write_bytes(mine)
+    (src / "a.txt").write_bytes(b"hello")
+    for p in [home, *home.rglob("*")]:
+        os.chown(p, 65534, 65534)
+
+    r = await trio.to_thread.run_sync(call_as_nobody, cluster, seed, "publish", {"path": str(src), "name": "mine:v1"})
+    assert r.returncode == 0, r.stderr
+    aid = json.loads(r.stdout)["artifact_id"]
+    linked = seed.data_dir / "published" / aid / "sub" / "w.bin"
+    assert linked.stat().st_ino == (src / "sub" / "w.bin").stat().st_ino  # the checked inode, not a copy
+    (src / "sub").rename(src / "sub.old")  # what nobody may do in its own directory
+    (src / "sub").symlink_to(vault)
+    got = await cluster.fetch_async(leech, "mine:v1", timeout=60)
+    assert (got / "sub" / "w.bin").read_bytes() == mine and (got / "a.txt").read_bytes() == b"hello"
+
+    stolen = {"path": str(src / "sub" / "w.bin"), "name": "stolen:v1"}  # through the link now
+    r = await trio.to_thread.run_sync(call_as_nobody, cluster, seed, "publish", stolen)
+    assert r.returncode == 2 and b"may not" in r.stderr, r.stderr
+    r = await cluster.cli_async(seed, "rm", "mine:v1")
+    assert r.returncode == 0, r.stderr
+    assert not (seed.data_dir / "published" / aid).exists()  # the links go; the publisher's files stay
+    assert (src / "sub.old" / "w.bin").read_bytes() == mine
