@@ -84,11 +84,18 @@ def snapshot_source(caller: Caller, path: Path, published: Path) -> tuple[Path, 
 
 
 def adopt(tmp: Path, published: Path, artifact_id: str) -> Path:
-    """Give a snapshot its final name `published/<id>`; an older one of the same id makes way."""
+    """Give a snapshot its final name `published/<id>`, unless one is there (the same bytes: the same id).
+
+    Keeping the one there, not replacing it, lets two publishes of the same files race safely: the
+    first one's swarm may already read from it.
+    """
     final = published / artifact_id
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        shutil.rmtree(tmp)
     return final
 
 

@@ -166,6 +166,10 @@ def test_adopt_and_cleanup_of_leftovers(base: Path) -> None:
     tmp, _ = snapshot.snapshot_source(NOBODY, src, published)
     final = snapshot.adopt(tmp, published, "ab" * 16)
     assert final == published / ("ab" * 16) and (final / "a.bin").exists() and not tmp.exists()
+    again, _ = snapshot.snapshot_source(NOBODY, src, published)
+    (final / "a.bin").unlink()
+    assert snapshot.adopt(again, published, "ab" * 16) == final and not again.exists()
+    assert not (final / "a.bin").exists()  # the one there stays (a swarm may be reading it)
     leftover, _ = snapshot.snapshot_source(NOBODY, src, published)
     (published / ("cd" * 16)).mkdir()  # a publish whose record was never written
     gone = snapshot.cleanup_stale(published, {"ab" * 16})
