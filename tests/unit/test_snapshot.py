@@ -175,3 +175,21 @@ def test_adopt_and_cleanup_of_leftovers(base: Path) -> None:
     gone = snapshot.cleanup_stale(published, {"ab" * 16})
     assert sorted(gone) == sorted([leftover, published / ("cd" * 16)])
     assert [p.name for p in published.iterdir()] == ["ab" * 16]
+
+
+def test_a_full_disk_during_a_copy_is_said_plainly(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = own_tree(base)
+
+    def no_link(*args: object, **kw: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(snapshot.os, "link", no_link)
+    monkeypatch.setattr(snapshot.os, "write", full)
+    with pytest.raises(StorageError, match="disk full copying") as ei:
+        snapshot.snapshot_source(NOBODY, src, base / "published")
+    assert ei.value.code is ErrorCode.DISK_FULL
+    monkeypatch.undo()
+    assert published_files(base) == {}
