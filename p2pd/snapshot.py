@@ -84,11 +84,18 @@ def snapshot_source(caller: Caller, path: Path, published: Path) -> tuple[Path, 
 
 
 def adopt(tmp: Path, published: Path, artifact_id: str) -> Path:
-    """Give a snapshot its final name `published/<id>`; an older one of the same id makes way."""
+    """Give a snapshot its final name `published/<id>`, unless one is there (the same bytes: the same id).
+
+    Keeping the one there, not replacing it, lets two publishes of the same files race safely: the
+    first one's swarm may already read from it.
+    """
     final = published / artifact_id
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        shutil.rmtree(tmp)
     return final
 
 
@@ -202,11 +209,23 @@ def _place(fd: int, st: os.stat_result, out_fd: int, name: str) -> int:
     mode = 0o555 if st.st_mode & 0o111 else 0o444
     out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=out_fd)
     copied = 0
-    with os.fdopen(out, "wb") as fout:
+    try:
         while chunk := os.read(fd, READ_CHUNK):
-            fout.write(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(out, view) :]
             copied += len(chunk)
-        os.fchmod(fout.fileno(), mode)
+        os.fchmod(out, mode)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise StorageError(
+                f"disk full copying {name} into the data dir (the source is on another filesystem): "
+                "free space, or publish from the data dir's filesystem",
+                ErrorCode.DISK_FULL,
+            ) from e
+        raise
+    finally:
+        os.close(out)
     return copied
 
 

@@ -166,8 +166,30 @@ def test_adopt_and_cleanup_of_leftovers(base: Path) -> None:
     tmp, _ = snapshot.snapshot_source(NOBODY, src, published)
     final = snapshot.adopt(tmp, published, "ab" * 16)
     assert final == published / ("ab" * 16) and (final / "a.bin").exists() and not tmp.exists()
+    again, _ = snapshot.snapshot_source(NOBODY, src, published)
+    (final / "a.bin").unlink()
+    assert snapshot.adopt(again, published, "ab" * 16) == final and not again.exists()
+    assert not (final / "a.bin").exists()  # the one there stays (a swarm may be reading it)
     leftover, _ = snapshot.snapshot_source(NOBODY, src, published)
     (published / ("cd" * 16)).mkdir()  # a publish whose record was never written
     gone = snapshot.cleanup_stale(published, {"ab" * 16})
     assert sorted(gone) == sorted([leftover, published / ("cd" * 16)])
     assert [p.name for p in published.iterdir()] == ["ab" * 16]
+
+
+def test_a_full_disk_during_a_copy_is_said_plainly(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = own_tree(base)
+
+    def no_link(*args: object, **kw: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(snapshot.os, "link", no_link)
+    monkeypatch.setattr(snapshot.os, "write", full)
+    with pytest.raises(StorageError, match="disk full copying") as ei:
+        snapshot.snapshot_source(NOBODY, src, base / "published")
+    assert ei.value.code is ErrorCode.DISK_FULL
+    monkeypatch.undo()
+    assert published_files(base) == {}
