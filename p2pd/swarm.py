@@ -368,7 +368,10 @@ class Swarm:
                     conn,
                     {c: c.session.remote_have for c in self.conns.values()},
                     complete=True,
-                    serving=[c for c in self.conns.values() if c.uploading or c.session.uploads],
+                    # (only with upload slots: the scan is per request, on the seed's hot path)
+                    serving=[c for c in self.conns.values() if c.uploading or c.session.uploads]
+                    if self.config.upload_slots
+                    else (),
                 )
             ):
                 session.defer(i)

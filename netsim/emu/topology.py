@@ -112,6 +112,32 @@ def tbf_burst_bytes(rate_bps: int) -> int:
     return max(128 * 1024, rate_bps // 8 // 250)
 
 
+def _tbf(ns: str, dev: str, rate: int) -> None:
+    """Shape `dev`'s egress in namespace `ns` to `rate` bit/s (tbf: this kernel has no netem)."""
+    if rate <= 0:
+        raise ValueError(f"rate must be positive, got {rate}")
+    burst, latency = str(tbf_burst_bytes(rate)), f"{TBF_LATENCY_MS}ms"
+    _run(
+        [
+            "tc",
+            "-n",
+            ns,
+            "qdisc",
+            "replace",
+            "dev",
+            dev,
+            "root",
+            "tbf",
+            "rate",
+            f"{rate}bit",
+            "burst",
+            burst,
+            "latency",
+            latency,
+        ]
+    )
+
+
 @dataclass
 class Switch:
     """An L2 segment: a bridge `br0` in its own namespace; hosts attach with one veth each."""
@@ -447,27 +473,7 @@ class Topology:
             if rate is None:
                 _run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
                 continue
-            if rate <= 0:
-                raise ValueError(f"rate must be positive, got {rate}")
-            _run(
-                [
-                    "tc",
-                    "-n",
-                    ns,
-                    "qdisc",
-                    "replace",
-                    "dev",
-                    dev,
-                    "root",
-                    "tbf",
-                    "rate",
-                    f"{rate}bit",
-                    "burst",
-                    str(tbf_burst_bytes(rate)),
-                    "latency",
-                    f"{TBF_LATENCY_MS}ms",
-                ]
-            )
+            _tbf(ns, dev, rate)
         link.up_bps, link.down_bps = up, down
 
     def join_switches(self, a: Switch, b: Switch, rate: int | None) -> tuple[str, str]:
@@ -480,27 +486,7 @@ class Topology:
         for sw, dev in ((a, a_if), (b, b_if)):
             _run(["ip", "-n", sw.ns, "link", "set", dev, "master", "br0", "up"])
             if rate is not None:
-                if rate <= 0:
-                    raise ValueError(f"rate must be positive, got {rate}")
-                _run(
-                    [
-                        "tc",
-                        "-n",
-                        sw.ns,
-                        "qdisc",
-                        "replace",
-                        "dev",
-                        dev,
-                        "root",
-                        "tbf",
-                        "rate",
-                        f"{rate}bit",
-                        "burst",
-                        str(tbf_burst_bytes(rate)),
-                        "latency",
-                        f"{TBF_LATENCY_MS}ms",
-                    ]
-                )
+                _tbf(sw.ns, dev, rate)
         return a_if, b_if
 
     def set_loss(self, link: Link, p: float) -> None:
