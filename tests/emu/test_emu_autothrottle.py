@@ -61,4 +61,5 @@ def test_p2pd_yields_to_a_tcp_service_and_takes_the_link_back(emu: None, directi
         assert limits["by"] == "auto" and limits["why"].startswith("auto: other traffic"), status
         if meets_goals(r):
             break
-    assert meets_goals(r), results
+    seen = [(x["service_reach_080_s"], x["p2pd_back_080_of_alone_s"]) for x in results]
+    assert meets_goals(r), f"(service reach 0.8 s, p2pd back 0.8 s) per attempt: {seen}; goals 2.0 and 3.0\n{results}"
