@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import inspect
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from p2pd.cluster import LocalCluster
+from tests.tracker.tracker_testutil import start_redis
+from tracker.store import MemoryStore, Store
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,3 +44,20 @@ def cluster() -> Iterator[LocalCluster]:
             for p in c.processes:
                 print(f"--- {' '.join(p.argv)[:200]} (pid {p.pid}, exit {p.returncode})")
                 print(p.log_tail(4000))
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, cluster: LocalCluster) -> AsyncIterator[Store]:
+    """Each store test runs on both stores (a real redis-server for the second); the heartbeat interval is
+    the test module's INTERVAL, so modules that wait for expiry choose how long."""
+    interval = float(request.module.INTERVAL)
+    if request.param == "memory":
+        yield MemoryStore(interval)
+        return
+    from tracker.redis_store import RedisStore
+
+    s = await RedisStore.connect(start_redis(cluster).url, interval)
+    try:
+        yield s
+    finally:
+        await s.aclose()

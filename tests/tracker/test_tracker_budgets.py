@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +22,6 @@ from tracker.store import Heartbeat, MemoryStore, Store
 
 INTERVAL = 0.1
 BIG = 2.0**60
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, cluster: LocalCluster) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore(INTERVAL)
-        return
-    from tracker.redis_store import RedisStore
-
-    s = await RedisStore.connect(start_redis(cluster).url, INTERVAL)
-    try:
-        yield s
-    finally:
-        await s.aclose()
 
 
 async def test_shares_follow_demand_within_the_budgets(store: Store) -> None:

@@ -4,7 +4,6 @@ with and without global budgets (the share and the preheat flag share the UDP re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -69,20 +68,6 @@ def test_book_delivers_once_records_failures_and_reports_states() -> None:
     assert [s["name"] for s in book.status(lambda aid, n: None)] == ["n:v1", "m:v1"]  # newest first
     again = PreheatBook.from_json(msgspec.json.decode(msgspec.json.encode(book.to_json())))
     assert again.status(lambda a, n: None) == book.status(lambda a, n: None)
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, cluster: LocalCluster) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore(INTERVAL)
-        return
-    from tracker.redis_store import RedisStore
-
-    s = await RedisStore.connect(start_redis(cluster).url, INTERVAL)
-    try:
-        yield s
-    finally:
-        await s.aclose()
 
 
 async def test_stores_keep_orders(store: Store) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -11,25 +10,11 @@ import trio
 from p2pd.cluster import LocalCluster
 from p2pd.errors import ErrorCode
 from tests.tracker.tracker_testutil import make_manifest, nid, start_redis
-from tracker.store import Heartbeat, MemoryStore, Store
+from tracker.store import Heartbeat, Store
 from tracker.validate import TrackerError
 
 A1, A2 = "a" * 64, "b" * 64
 INTERVAL = 0.1
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, cluster: LocalCluster) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore(INTERVAL)
-        return
-    from tracker.redis_store import RedisStore
-
-    s = await RedisStore.connect(start_redis(cluster).url, INTERVAL)
-    try:
-        yield s
-    finally:
-        await s.aclose()
 
 
 async def add(store: Store, i: int, zone: str = "z1") -> tuple[str, int]:

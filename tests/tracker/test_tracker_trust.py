@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
 import trio
 
 from p2pd import provenance
-from p2pd.cluster import LocalCluster
 from p2pd.errors import ErrorCode
 from p2pd.protocol.auth import ClusterSecret, Identity, NodeKey
 from p2pd.protocol.heartbeat import UDP_VERSION_AUTH, UdpRequest, seal
 from p2pd.rpc import RpcError
 from p2pd.tracker_client import TrackerClient
-from tests.tracker.tracker_testutil import make_manifest, start_redis
+from tests.tracker.tracker_testutil import make_manifest
 from tracker.config import TrackerLimits
 from tracker.membership import Membership
 from tracker.server import TrackerServer
@@ -27,20 +25,6 @@ from tracker.store import MemoryStore, Store
 
 CLUSTER = ClusterSecret(os.urandom(32))
 INTERVAL = 0.2
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, cluster: LocalCluster) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore(INTERVAL)
-        return
-    from tracker.redis_store import RedisStore
-
-    s = await RedisStore.connect(start_redis(cluster).url, INTERVAL)
-    try:
-        yield s
-    finally:
-        await s.aclose()
 
 
 def node(cluster: ClusterSecret | None = CLUSTER) -> Identity:
