@@ -95,6 +95,7 @@ class Daemon:
             serves=self.swarms.__contains__,
             serve=self._serve_traversed,
             nat=lambda: self.nat.status if self.nat is not None else None,
+            on_preheat=self._preheat_nudged,
         )
         self.connector = self.traversal.connector
 
@@ -123,6 +124,7 @@ class Daemon:
         self.share_egress = unlimited(now)
         # preheat orders from the tracker already started (tracker/preheat.py): each runs once
         self._preheat_seen: set[str] = set()
+        self._taking_preheat = False  # a nudge's preheat RPC in flight (nudges meanwhile add nothing)
         # A fourth, both ways: what automatic throttling leaves this node beside the other traffic on its link.
         self.auto_egress = unlimited(now)
         self.auto_ingress = unlimited(now)
@@ -365,6 +367,27 @@ class Daemon:
             self._preheat_seen.add(order["order"])
             log.info("preheat %s (order %s): fetching", order["name"], order["order"])
             self._nursery.start_soon(self._preheat, order)
+
+    def _preheat_nudged(self) -> None:
+        """The tracker pushed "orders wait" over the signal channel: take them now instead of after the next
+        heartbeat (an interval of up to --interval seconds lost before a preheat starts). A nudge that
+        fails costs nothing: the heartbeat reply still says the orders wait."""
+        if self._nursery is None or self.tracker is None or self._taking_preheat:
+            return
+        self._taking_preheat = True
+        self._nursery.start_soon(self._take_preheat_orders)
+
+    async def _take_preheat_orders(self) -> None:
+        assert self.tracker is not None
+        try:
+            with trio.fail_after(max(5.0, self.tracker.call_timeout)):
+                orders = await self.tracker.preheat_orders()
+        except (RpcError, trio.TooSlowError) as e:
+            log.info("preheat orders not taken after the tracker's nudge (the next heartbeat tries again): %s", e)
+            return
+        finally:
+            self._taking_preheat = False
+        self._start_preheat(orders)
 
     async def _preheat(self, order: dict[str, Any]) -> None:
         """One preheat fetch; a failure is logged and reported to the tracker (`admin preheat status`)."""

@@ -359,8 +359,11 @@ class Traversal:
         serves: Callable[[str], bool],
         serve: Callable[[Connection], Awaitable[None]],
         nat: Callable[[], NatStatus | None] = lambda: None,
+        on_preheat: Callable[[], None] = lambda: None,
     ) -> None:
-        """`nat()`: this node's NAT detection status now (the UDP punch needs its type and STUN server)."""
+        """`nat()`: this node's NAT detection status now (the UDP punch needs its type and STUN server);
+        `on_preheat()`: the tracker says preheat orders wait for this node (take them now, not at the next
+        heartbeat)."""
         unknown = set(config.paths) - {str(p) for p in ConnectionPath}
         if unknown or not config.paths:
             raise P2pdError(
@@ -376,6 +379,7 @@ class Traversal:
         self.serves = serves
         self.serve = serve
         self.nat = nat
+        self.on_preheat = on_preheat
         self.signal = SignalChannel(node_id, self.on_signal)
         # QUIC (the udp-punch path) needs a certificate: a self-signed one per daemon run; it encrypts
         # but does not authenticate (node authentication is issue #14)
@@ -457,6 +461,9 @@ class Traversal:
         if kind == "relay-key":
             key = bytes(event["key"])
             self._relay_keys = [key, *self._relay_keys[:1]]  # tokens minted just before a reconnect stay valid
+            return
+        if kind == "preheat":  # a nudge without data: the orders themselves are taken with the preheat RPC
+            self.on_preheat()
             return
         if kind not in ("punch", "relay", "udp-punch"):
             log.debug("ignored a signal of kind %r", kind)

@@ -260,7 +260,7 @@ def make_app(server: TrackerServer, token: str) -> Any:
         "/v1/preheat",
         dependencies=guarded,
         summary="Order nodes to fetch NAME:TAG into their caches (exactly one of zone, label=K=V, all=true); "
-        "each chosen node learns it from its next heartbeat reply",
+        "each chosen node learns it at once over its signal channel, or else from its next heartbeat reply",
     )
     async def preheat(body: PreheatBody) -> dict[str, Any]:
         name = V.name(body.name)
@@ -276,7 +276,15 @@ def make_app(server: TrackerServer, token: str) -> Any:
         except ValueError as e:
             raise TrackerError(ErrorCode.BAD_REQUEST, str(e)) from None
         order = await store.preheat_add(name, aid, nodes, selector)
-        log.info("preheat %s (%s) ordered by admin for %d nodes (%s)", name, aid[:12], len(nodes), selector)
+        pushed = server.signals.nudge(nodes, {"kind": "preheat"})
+        log.info(
+            "preheat %s (%s) ordered by admin for %d nodes (%s); %d told at once over their signal channels",
+            name,
+            aid[:12],
+            len(nodes),
+            selector,
+            pushed,
+        )
         return {"order": order.order_id, "name": name, "artifact_id": aid, "selector": selector, "nodes": nodes}
 
     @app.get(

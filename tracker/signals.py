@@ -226,6 +226,16 @@ class SignalHub:
             )
         return ch
 
+    def nudge(self, nodes: list[str], event: dict[str, Any]) -> int:
+        """Push a data-less event to those of `nodes` with a channel open here (how many took it). A node
+        without one (other replica, full queue, direct-only paths) learns the same from its heartbeats."""
+        sent = 0
+        for nid in nodes:
+            ch = self.channels.get(nid)
+            if ch is not None and ch.push(event):
+                sent += 1
+        return sent
+
     def _charge(self, method: str, nid: str, peer: tuple[str, int]) -> None:
         """A token bucket per node: signalling must not become a way to flood a node with work."""
         now = time.monotonic()

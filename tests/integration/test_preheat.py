@@ -96,3 +96,35 @@ def test_preheat_all_then_by_label_status_and_errors(tmp_path: Path) -> None:
             r = admin(port, *args)
             assert r.returncode == code and needle in r.stderr, (args, r.returncode, r.stderr)
             assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_order_reaches_nodes_at_once_over_their_signal_channels(tmp_path: Path) -> None:
+    """With a 30 s heartbeat interval, waiting for the next heartbeat reply would leave a preheat idle for up to
+    30 s; the tracker's nudge over each node's signal channel starts it at once (here: done within 15 s)."""
+    with LocalCluster(tmp_path / "c") as c:
+        t = c.start_tracker("--admin-listen", f"{HOST}:0", "--admin-token", TOKEN, interval=30.0)
+        assert t.admin_port
+        seed = c.start_node("seed")
+        nodes = [c.start_node(f"n{i}") for i in range(2)]
+        src = tmp_path / "model.bin"
+        src.write_bytes(os.urandom(3 * MiB + 5))
+        aid = c.publish(seed, src, "model:v1")
+        deadline = time.monotonic() + 30
+        while not all(n.call_blocking("status")["traversal"]["signal_channel"] for n in nodes):
+            assert time.monotonic() < deadline, "signal channels did not open"
+            time.sleep(0.2)
+        started = time.monotonic()
+        r = admin(t.admin_port, "preheat", "model:v1", "--all")
+        assert r.returncode == 0, r.stderr
+        deadline = started + 15
+
+        def complete(n: Node) -> bool:
+            return any(a["artifact_id"] == aid and a["state"] == "complete" for a in n.call_blocking("ls")["artifacts"])
+
+        while not all(complete(n) for n in nodes):
+            assert time.monotonic() < deadline, [n.process.log_tail(2000) for n in nodes]
+            time.sleep(0.2)
+        for n in nodes:
+            assert cached_bytes(n, aid) == src.read_bytes()
+        log = "".join(n.process.log_tail(20000) for n in nodes)
+        assert log.count("preheat model:v1") >= 2
