@@ -257,6 +257,7 @@ class LtRound:
                     "size_bytes": n,
                     "transport": r.get("transport"),
                     "holepunched": r.get("holepunched"),
+                    "sources": r.get("sources"),  # per source peer: transport, holepunched, outgoing, bytes
                     "helper_reached_by_all_seeds": joined,
                     "error": None
                     if identical
