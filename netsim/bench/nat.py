@@ -38,7 +38,7 @@ import trio
 
 from netsim.bench.harness import BenchError, write_json
 from netsim.bench.model import kumar_ross
-from netsim.bench.nat_lt import lt_matrix_table, lt_summary, parse_clients, run_lt_matrix
+from netsim.bench.nat_lt import libtorrent_missing, lt_matrix_table, lt_summary, parse_clients, run_lt_matrix
 from netsim.bench.swarm import preflight, revision
 from netsim.emu import Host, Switch, Topology
 from netsim.emu.nat import NAT_KINDS, add_nat_site
@@ -530,6 +530,8 @@ def _clients_arg(text: str) -> tuple[str, ...]:
 def run(a: argparse.Namespace, command: str) -> int:
     """The `nat` subcommand: JSON, then the matrix table and a headline. Exit 1 when a cell or peer failed."""
     preflight([("ip", "iproute2"), ("tc", "iproute2"), ("iptables", "iptables")])
+    if "libtorrent" in a.clients and not a.skip_matrix and (why := libtorrent_missing()):
+        raise BenchError(why)  # before p2pd's part runs, not after
     out: dict[str, Any] = {
         "benchmark": "nat",
         "command": command,
