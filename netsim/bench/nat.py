@@ -38,6 +38,7 @@ import trio
 
 from netsim.bench.harness import BenchError, write_json
 from netsim.bench.model import kumar_ross
+from netsim.bench.nat_lt import libtorrent_missing, lt_matrix_table, lt_summary, parse_clients, run_lt_matrix
 from netsim.bench.swarm import preflight, revision
 from netsim.emu import Host, Switch, Topology
 from netsim.emu.nat import NAT_KINDS, add_nat_site
@@ -274,18 +275,26 @@ def run_matrix(
     kinds: tuple[str, ...] = tuple(NAT_KINDS),
     timeout_s: float = 120.0,
     log: IO[str] = sys.stderr,
+    clients: tuple[str, ...] = ("p2pd",),
+    lt_timeout_s: float = 30.0,
 ) -> dict[str, Any]:
-    """Every ordered pair of `kinds`, all at once; then cone<->cone against public<->public throughput."""
+    """Every ordered pair of `kinds`, all at once; then cone<->cone against public<->public throughput. With
+    "libtorrent" in `clients`, the same cells and pair again with libtorrent on the same hosts (netsim.bench.nat_lt),
+    after p2pd's, under the key `libtorrent`."""
     cells: list[dict[str, Any]] = []
     throughput: dict[str, Any] = {}
+    lt_result: dict[str, Any] | None = None
     with _lab((len(kinds) ** 2 * 2 * size + 4 * throughput_size) * 2, "p2pd-natmatrix-") as (topo, work):
         lab = NatLab(topo, work)
         hosts: dict[tuple[str, str], Host] = {}
         for kind in kinds:
             for side in ("a", "b"):
                 hosts[(kind, side)] = add_nat_site(topo, f"{SHORT[kind]}{side}", lab.wan, kind)[1]
-        lab.start_tracker()
-        _log(log, f"matrix: {len(kinds)} kinds x 2 daemons, {len(kinds) ** 2} cells of {format_size_exact(size)}")
+        # libtorrent's BEP 55 rendezvous relay: a public peer connected to both sides
+        lt_helper = topo.add_host("lthelper", lab.wan) if "libtorrent" in clients else None
+        if "p2pd" in clients:
+            lab.start_tracker()
+            _log(log, f"matrix: {len(kinds)} kinds x 2 daemons, {len(kinds) ** 2} cells of {format_size_exact(size)}")
 
         async def main() -> None:
             async with trio.open_nursery() as n:
@@ -338,10 +347,19 @@ def run_matrix(
                 throughput[label] = {**c, "MBps": None if mbps is None else round(mbps, 1)}
                 _log(log, f"throughput {label}<->{label}: {c['path']}, {c['total_s']} s")
 
-        trio.run(main)
+        if "p2pd" in clients:
+            trio.run(main)
+        if lt_helper is not None:
+            _log(log, f"libtorrent: {len(kinds) ** 2} cells of {format_size_exact(size)}, 1 public helper peer")
+            lt_result = run_lt_matrix(
+                topo, lab.tracker_host, lt_helper, hosts, kinds, SHORT, work, size, throughput_size, lt_timeout_s, log
+            )
     order = {k: i for i, k in enumerate(kinds)}
     cells.sort(key=lambda c: (order[c["seed"]], order[c["leech"]]))
-    return {"kinds": list(kinds), "size_bytes": size, "cells": cells, "throughput": throughput}
+    out = {"kinds": list(kinds), "size_bytes": size, "cells": cells, "throughput": throughput}
+    if lt_result is not None:
+        out["libtorrent"] = lt_result
+    return out
 
 
 def matrix_table(m: dict[str, Any]) -> str:
@@ -493,32 +511,60 @@ def add_arguments(ap: argparse.ArgumentParser, size_type: Any, rate_type: Any) -
     ap.add_argument("--skip-swarm", action="store_true")
     ap.add_argument("--skip-matrix", action="store_true")
     ap.add_argument("--json", default=None, help="also write the JSON result to this file")
+    ap.add_argument(
+        "--clients",
+        type=_clients_arg,
+        default=("p2pd",),
+        help="matrix clients, comma list of p2pd,libtorrent (default p2pd; libtorrent runs after p2pd, same hosts)",
+    )
+    ap.add_argument("--lt-timeout", type=float, default=30.0, help="libtorrent: seconds per matrix cell")
+
+
+def _clients_arg(text: str) -> tuple[str, ...]:
+    try:
+        return parse_clients(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(a: argparse.Namespace, command: str) -> int:
     """The `nat` subcommand: JSON, then the matrix table and a headline. Exit 1 when a cell or peer failed."""
     preflight([("ip", "iproute2"), ("tc", "iproute2"), ("iptables", "iptables")])
+    if "libtorrent" in a.clients and not a.skip_matrix and (why := libtorrent_missing()):
+        raise BenchError(why)  # before p2pd's part runs, not after
     out: dict[str, Any] = {
         "benchmark": "nat",
         "command": command,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"nproc": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]},
         "revision": revision(),
-        "libtorrent": "not compared (optional in issue #12; skipped)",
+        "libtorrent": "not compared (run with --clients p2pd,libtorrent)",
     }
     parts = []
     failed = False
     if not a.skip_matrix:
-        m = run_matrix(size=a.size, throughput_size=a.throughput_size)
-        s = matrix_summary(m)
-        out["matrix"] = {**m, "summary": s}
-        failed |= s["connected"] < s["cells"]
-        parts.append(
-            f"matrix {s['connected']}/{s['cells']} connected, {s['as_expected']} on the expected path; "
-            f"first piece p95 direct {s['first_piece_p95_direct_s']} s, punched {s['first_piece_p95_punched_s']} s, "
-            f"udp-punch {s['first_piece_p95_udp_punch_s']} s at {s['udp_punch_MBps']} MB/s, "
-            f"relay worst {s['first_piece_worst_relay_s']} s; cone/public throughput {s['cone_over_public_throughput']}"
-        )
+        m = run_matrix(size=a.size, throughput_size=a.throughput_size, clients=a.clients, lt_timeout_s=a.lt_timeout)
+        lt_m = m.pop("libtorrent", None)
+        if "p2pd" in a.clients:
+            s = matrix_summary(m)
+            out["matrix"] = {**m, "summary": s}
+            failed |= s["connected"] < s["cells"]
+            parts.append(
+                f"matrix {s['connected']}/{s['cells']} connected, {s['as_expected']} on the expected path; "
+                f"first piece p95 direct {s['first_piece_p95_direct_s']} s, "
+                f"punched {s['first_piece_p95_punched_s']} s, "
+                f"udp-punch {s['first_piece_p95_udp_punch_s']} s at {s['udp_punch_MBps']} MB/s, "
+                f"relay worst {s['first_piece_worst_relay_s']} s; "
+                f"cone/public throughput {s['cone_over_public_throughput']}"
+            )
+        if lt_m is not None:  # the baseline: its failed cells are the finding, not a failure of the run
+            ls = lt_summary(lt_m)
+            out["libtorrent"] = {**lt_m, "summary": ls}
+            parts.append(
+                f"libtorrent {ls['connected']}/{ls['cells']} connected, {ls['complete']} complete "
+                f"({ls['over_utp']} uTP, {ls['over_tcp']} TCP, {ls['holepunched']} holepunched); first piece p95 "
+                f"{ls['first_piece_p95_s']} s; cone {ls['cone_MBps']} MB/s vs public {ls['public_MBps']} MB/s"
+            )
     if not a.skip_swarm:
         sw = run_nat_swarm(size=a.swarm_size, rate_bps=a.rate)
         out["swarm"] = sw
@@ -530,7 +576,13 @@ def run(a: argparse.Namespace, command: str) -> int:
         )
     out["headline"] = "nat: " + " | ".join(parts)
     print(write_json(out, a.json))
+    lt_m = out["libtorrent"] if isinstance(out["libtorrent"], dict) else None
     if "matrix" in out:
+        if lt_m is not None:
+            print("p2pd (path, time to first piece):")
         print(matrix_table(out["matrix"]))
+    if lt_m is not None:
+        print(f"libtorrent (transport, time to first piece; {lt_m['setup']}):")
+        print(lt_matrix_table(lt_m))
     print(out["headline"])
     return 1 if failed else 0
