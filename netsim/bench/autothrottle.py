@@ -16,6 +16,9 @@ seconds until the service reaches 0.8x its idle rate (<= 2), p2pd's average whil
 the service leaves free (link - service; >= 0.9; meaningful for a paced service, which leaves room), and
 seconds after the service stops until p2pd is back at 0.8x the link (<= 3). `--modes off` runs p2pd with
 `--auto-throttle off` for comparison: then the service gets only its TCP share beside p2pd's connections.
+`--modes utp` runs libtorrent in p2pd's place (same payload, seed and leecher, its own tracker on `peer`) with
+uTP only (no TCP), so its every byte is under LEDBAT, the less-than-best-effort congestion control BitTorrent
+uses to yield to other traffic: the comparison issue #13 asks for, in the same columns.
 """
 
 from __future__ import annotations
