@@ -16,6 +16,9 @@ seconds until the service reaches 0.8x its idle rate (<= 2), p2pd's average whil
 the service leaves free (link - service; >= 0.9; meaningful for a paced service, which leaves room), and
 seconds after the service stops until p2pd is back at 0.8x the link (<= 3). `--modes off` runs p2pd with
 `--auto-throttle off` for comparison: then the service gets only its TCP share beside p2pd's connections.
+`--modes utp` runs libtorrent in p2pd's place (same payload, seed and leecher, its own tracker on `peer`) with
+uTP only (no TCP), so its every byte is under LEDBAT, the less-than-best-effort congestion control BitTorrent
+uses to yield to other traffic: the comparison issue #13 asks for, in the same columns.
 """
 
 from __future__ import annotations
@@ -33,8 +36,22 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from netsim.bench.bt import make_torrent
+from netsim.bench.clients.base import LineLeecher
+from netsim.bench.clients.bittorrent import TRACKER_PORT as BT_TRACKER_PORT
+from netsim.bench.clients.bittorrent import piece_size
 from netsim.bench.clients.p2pd import NODE_PORT, TRACKER_PORT, p2pd_cmd, tracker_cmd
-from netsim.bench.harness import NEUTRAL_CWD, BenchError, child_env, make_payload, stop_all, tail, wait_tcp, write_json
+from netsim.bench.harness import (
+    NEUTRAL_CWD,
+    BenchError,
+    Node,
+    child_env,
+    make_payload,
+    stop_all,
+    tail,
+    wait_tcp,
+    write_json,
+)
 from netsim.emu import Host, Topology
 from p2pd.identity import JOIN_SECRET_ENV, new_join_secret
 from p2pd.rpc import RpcError, call_blocking
@@ -42,6 +59,7 @@ from p2pd.units import format_bits_rate, parse_size
 
 TICK = 0.25
 IPERF_PORT = 5201
+LT_PORT = 7001
 
 
 @dataclass
@@ -158,69 +176,38 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
             svc_to = direction == "upload"  # the service's bytes: delivered to svc (upload) or sent by it
             with Sampler(lan.ns, ports) as sampler:
                 # setup: tracker, daemons, the payload published
-                procs.append(
-                    peer.popen(
-                        [*tracker_cmd(), "serve", "--listen", f"{ips['peer']}:{TRACKER_PORT}"],
-                        log=os.path.join(d, "tracker.log"),
-                        env=env,
-                        cwd=NEUTRAL_CWD,
-                    )
-                )
-                wait_tcp(peer, ips["peer"], TRACKER_PORT)
                 seed, leecher = (node, peer) if direction == "upload" else (peer, node)
-                for name, h in hosts.items():
-                    if name == "svc":
-                        continue
-                    argv = [
-                        *p2pd,
-                        "run",
-                        "--tracker",
-                        f"{ips['peer']}:{TRACKER_PORT}",
-                        "--listen",
-                        f"{ips[name]}:{NODE_PORT}",
-                        "--data-dir",
-                        os.path.join(d, f"data-{name}"),
-                        "--auto-throttle",
-                        mode,
-                        *opts.p2pd_run_args,
-                    ]
-                    procs.append(h.popen(argv, log=os.path.join(d, f"daemon-{name}.log"), env=env, cwd=NEUTRAL_CWD))
-                for name in ("node", "peer"):
-                    _wait_status(hosts[name], os.path.join(d, f"data-{name}"), os.path.join(d, f"daemon-{name}.log"))
-                payload = os.path.join(d, "payload.bin")
-                make_payload(payload, opts.size)
-                seed_dir = os.path.join(d, f"data-{seed.name}")
-                cp = seed.run(
-                    [*p2pd, "publish", payload, "--name", "bench:auto", "--data-dir", seed_dir],
-                    check=False,
-                    env=env,
-                    cwd=NEUTRAL_CWD,
-                    timeout=300,
-                )
-                if cp.returncode != 0:
-                    raise BenchError(f"p2pd publish exit {cp.returncode}: {cp.stderr.strip()[-600:]}")
+                if mode == "utp":
+                    lt_leech = _start_libtorrent(seed, leecher, ips["peer"], d, opts.size, procs)
+                else:
+                    lt_leech = None
+                    _start_p2pd(opts, mode, hosts, ips, seed, d, env, procs)
                 # 1. the service alone: its idle-link rate (the daemons idle)
                 t_idle = time.monotonic()
                 node.run([*iperf, "-t", str(int(opts.idle_s))], timeout=opts.idle_s + 30)
                 t_idle_end = time.monotonic()
-                # 2. p2pd alone
+                # 2. p2pd (or libtorrent) alone
                 out = os.path.join(d, "out")
-                os.makedirs(out)
-                fetch = leecher.popen(
-                    [
-                        *p2pd,
-                        "fetch",
-                        "bench:auto",
-                        "--dest",
-                        out,
-                        "--data-dir",
-                        os.path.join(d, f"data-{leecher.name}"),
-                    ],
-                    log=os.path.join(d, "fetch.log"),
-                    env=env,
-                    cwd=NEUTRAL_CWD,
-                )
-                procs.append(fetch)
+                if lt_leech is not None:
+                    lt_leech.send("GO")
+                    fetch = lt_leech.proc
+                else:
+                    os.makedirs(out)
+                    fetch = leecher.popen(
+                        [
+                            *p2pd,
+                            "fetch",
+                            "bench:auto",
+                            "--dest",
+                            out,
+                            "--data-dir",
+                            os.path.join(d, f"data-{leecher.name}"),
+                        ],
+                        log=os.path.join(d, "fetch.log"),
+                        env=env,
+                        cwd=NEUTRAL_CWD,
+                    )
+                    procs.append(fetch)
                 t_fetch = time.monotonic()
                 time.sleep(opts.warmup_s)
                 # 3. the service beside p2pd
@@ -228,7 +215,7 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                 client = node.popen([*iperf, "-t", str(int(opts.service_s))], log=os.path.join(d, "iperf3-c.log"))
                 procs.append(client)
                 time.sleep(opts.service_s / 2)
-                status = _status(os.path.join(d, "data-node", "p2pd.sock"))
+                status = None if lt_leech is not None else _status(os.path.join(d, "data-node", "p2pd.sock"))
                 if client.wait(timeout=opts.service_s + 30) != 0:
                     raise BenchError(f"iperf3 client exit {client.returncode}: {tail(os.path.join(d, 'iperf3-c.log'))}")
                 t_svc_end = time.monotonic()
@@ -236,7 +223,11 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                 time.sleep(opts.after_s)
                 t_end = time.monotonic()
                 if fetch.poll() is not None and fetch.returncode != 0:
-                    raise BenchError(f"p2pd fetch exit {fetch.returncode}: {tail(os.path.join(d, 'fetch.log'))}")
+                    what = "libtorrent leecher" if lt_leech is not None else "p2pd fetch"
+                    log_name = "nodes.log" if lt_leech is not None else "fetch.log"
+                    raise BenchError(f"{what} exit {fetch.returncode}: {tail(os.path.join(d, log_name))}")
+                if lt_leech is not None and any(line.startswith("DONE") for _, line in lt_leech.lines):
+                    raise BenchError("the libtorrent leecher finished before the run ended: raise --size")
             if sampler.error:
                 raise BenchError(f"counter sampling failed: {sampler.error}")
             svc_rates = sampler.rates("svc", toward=svc_to)
@@ -282,6 +273,108 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                 shutil.rmtree(d, ignore_errors=True)
             else:
                 print(f"kept {d}", file=log)
+
+
+def _start_p2pd(
+    opts: Options,
+    mode: str,
+    hosts: dict[str, Host],
+    ips: dict[str, str],
+    seed: Host,
+    d: str,
+    env: dict[str, str],
+    procs: list[subprocess.Popen | None],
+) -> None:
+    """The tracker on `peer`, a daemon on `node` and `peer`, the payload published by the seed."""
+    p2pd, peer = p2pd_cmd(), hosts["peer"]
+    procs.append(
+        peer.popen(
+            [*tracker_cmd(), "serve", "--listen", f"{ips['peer']}:{TRACKER_PORT}"],
+            log=os.path.join(d, "tracker.log"),
+            env=env,
+            cwd=NEUTRAL_CWD,
+        )
+    )
+    wait_tcp(peer, ips["peer"], TRACKER_PORT)
+    for name in ("node", "peer"):
+        argv = [
+            *p2pd,
+            "run",
+            "--tracker",
+            f"{ips['peer']}:{TRACKER_PORT}",
+            "--listen",
+            f"{ips[name]}:{NODE_PORT}",
+            "--data-dir",
+            os.path.join(d, f"data-{name}"),
+            "--auto-throttle",
+            mode,
+            *opts.p2pd_run_args,
+        ]
+        procs.append(hosts[name].popen(argv, log=os.path.join(d, f"daemon-{name}.log"), env=env, cwd=NEUTRAL_CWD))
+    for name in ("node", "peer"):
+        _wait_status(hosts[name], os.path.join(d, f"data-{name}"), os.path.join(d, f"daemon-{name}.log"))
+    payload = os.path.join(d, "payload.bin")
+    make_payload(payload, opts.size)
+    seed_dir = os.path.join(d, f"data-{seed.name}")
+    cp = seed.run(
+        [*p2pd, "publish", payload, "--name", "bench:auto", "--data-dir", seed_dir],
+        check=False,
+        env=env,
+        cwd=NEUTRAL_CWD,
+        timeout=300,
+    )
+    if cp.returncode != 0:
+        raise BenchError(f"p2pd publish exit {cp.returncode}: {cp.stderr.strip()[-600:]}")
+
+
+def _start_libtorrent(
+    seed: Host, leecher: Host, tracker_ip: str, d: str, size: int, procs: list[subprocess.Popen | None]
+) -> LineLeecher:
+    """libtorrent on uTP only (LEDBAT), in place of p2pd: the BitTorrent tracker on `peer`, a seeding session on
+    the seed, a paused leeching session (released by GO) on the other; no auto-throttle, LEDBAT is the yielding."""
+    payload = os.path.join(d, "payload.bin")
+    make_payload(payload, size)
+    torrent = os.path.join(d, "bench.torrent")
+    make_torrent(payload, torrent, f"http://{tracker_ip}:{BT_TRACKER_PORT}/announce", piece_size(size))
+    peer = seed if seed.name == "peer" else leecher
+    tracker = peer.popen(
+        [sys.executable, "-m", "netsim.bench.bt", "tracker", "--listen", f"{tracker_ip}:{BT_TRACKER_PORT}"],
+        stdout=subprocess.PIPE,
+        log=os.path.join(d, "tracker.log"),
+        text=True,
+        env=child_env(),
+        cwd=NEUTRAL_CWD,
+    )
+    procs.append(tracker)
+    assert tracker.stdout is not None
+    if tracker.stdout.readline().strip() != "READY":
+        raise BenchError(f"BitTorrent tracker did not start (exit {tracker.poll()})")
+    out = os.path.join(d, "out")
+    os.makedirs(out)
+
+    def session(role: str, h: Host, save: str) -> LineLeecher:
+        argv = [sys.executable, "-m", "netsim.bench.clients.lt_node", "--role", role, "--torrent", torrent]
+        argv += ["--save", save, "--listen", f"{h.ip}:{LT_PORT}", "--utp-only"]
+        p = h.popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            log=os.path.join(d, "nodes.log"),
+            text=True,
+            bufsize=1,
+            env=child_env(),
+            cwd=NEUTRAL_CWD,
+        )
+        procs.append(p)
+        return LineLeecher(Node(h.name, h, h.ip or ""), save, p)
+
+    try:
+        session("seed", seed, d).expect("READY", 60)
+        lt_leech = session("leech", leecher, out)
+        lt_leech.expect("READY", 60)
+    except RuntimeError as e:
+        raise BenchError(f"libtorrent: {e}: {tail(os.path.join(d, 'nodes.log'))}") from e
+    return lt_leech
 
 
 def _status(sock_path: str) -> dict[str, Any] | None:
@@ -356,7 +449,12 @@ def add_arguments(ap: argparse.ArgumentParser, size: Any, rate_bits: Any) -> Non
     ap.add_argument("--size", type=size, default=parse_size("512MiB"), help="payload (more than the run moves)")
     ap.add_argument("--directions", type=names(("upload", "download")), default=["upload", "download"])
     ap.add_argument("--services", type=names(("greedy", "half")), default=["greedy", "half"])
-    ap.add_argument("--modes", type=names(("on", "off")), default=["on", "off"])
+    ap.add_argument(
+        "--modes",
+        type=names(("on", "off", "utp")),
+        default=["on", "off"],
+        help="on/off: p2pd with --auto-throttle on/off; utp: libtorrent on uTP only (LEDBAT) in p2pd's place",
+    )
     ap.add_argument("--warmup", type=float, default=8.0, help="seconds of p2pd alone before the service")
     ap.add_argument("--service", type=float, default=10.0, help="seconds the service runs")
     ap.add_argument("--after", type=float, default=5.0, help="seconds of p2pd alone after it")

@@ -43,6 +43,11 @@ def main() -> int:
     ap.add_argument("--save", required=True)
     ap.add_argument("--listen", required=True, help="ip:port")
     ap.add_argument("--utp", action="store_true", help="allow uTP (default: TCP only)")
+    ap.add_argument(
+        "--utp-only",
+        action="store_true",
+        help="uTP only, no TCP: every byte under LEDBAT's congestion control (the autothrottle bench's comparison)",
+    )
     a = ap.parse_args()
 
     ip, _ = a.listen.rsplit(":", 1)
@@ -58,8 +63,14 @@ def main() -> int:
             "rate_limit_ip_overhead": False,
             "upload_rate_limit": 0,
             "download_rate_limit": 0,
-            "enable_outgoing_utp": a.utp,
-            "enable_incoming_utp": a.utp,
+            "enable_outgoing_utp": a.utp or a.utp_only,
+            "enable_incoming_utp": a.utp or a.utp_only,
+            "enable_outgoing_tcp": not a.utp_only,
+            "enable_incoming_tcp": not a.utp_only,
+            # mixed_mode_algorithm throttles uTP peers beside *libtorrent's own* TCP peers (prefer_tcp, the default)
+            # or shares by peer count (peer_proportional); with uTP only there are none, so it is moot; set
+            # explicitly so a run does not depend on the default
+            "mixed_mode_algorithm": int(lt.bandwidth_mixed_algo_t.peer_proportional),
             "alert_mask": (
                 lt.alert.category_t.status_notification
                 | lt.alert.category_t.error_notification
