@@ -113,9 +113,6 @@ class AutoThrottleConfig:
     probe_every: float = 3.0  # seconds between tries above a learned capacity (it may be an underestimate)...
     probe_fraction: float = 0.10  # ...each one tick of this share more (on a full link: ~1 % of a service's rate)
     onset: float = 0.5  # seconds other traffic must stay above quiet before p2pd yields (counter skew is a blip)
-    # ...unless it is this share of capacity or more (this tick and on average): a service arriving at its TCP share;
-    # counter skew is at most a qdisc's backlog in one tick (~6 % of a 200 Mbit/s link's tick), so p2pd yields at once
-    loud_fraction: float = 0.10
     min_learned_capacity: float = 1e6  # bytes/s; a learned rate under 8 Mbit/s is a link not yet used, not its size
     release_after: float = 0.75  # seconds other traffic must stay quiet before p2pd drops its limit
     header_overhead: float = 0.06  # TCP/IP + Ethernet headers on p2pd's payload (1448 of 1514 bytes, plus options)

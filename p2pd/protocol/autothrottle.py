@@ -17,11 +17,6 @@ A service that wants a fixed rate leaves the headroom unused; after `settle` sec
 shrinks to `min_headroom_fraction`, so p2pd uses nearly all of what the service leaves free, and the
 full reserve comes back the moment the link fills up again.
 
-When to start yielding: other traffic must stay above the quiet level for `onset` seconds (a skew between
-p2pd's counters and the interface's comes and goes within a tick or two), unless it is `loud_fraction` of
-the link or more on this tick and on average: no skew is that large, and a service arriving beside p2pd
-at its TCP share is; for it p2pd yields on the first tick.
-
 A learned capacity can be too low (the link was never full while p2pd watched), and then the link looks
 full at it. So while p2pd's limit binds, it tries `probe_fraction` more for one tick every `probe_every`
 seconds; a rise of the interface's rate above the learned maximum means room (and the next tick tries
@@ -164,10 +159,7 @@ class DirectionController:
                 self._quiet_at = now
             # p2pd's counters and the interface's never agree tick by tick (a byte in a qdisc, a socket closed with
             # bytes queued): such skew comes and goes within a tick or two; a service's traffic stays
-            # ...but a service arriving at its TCP share beside p2pd is far above any skew: waiting `onset` for it
-            # only costs the service its first half second
-            loud = min(other, raw_other) >= max(cfg.loud_fraction * cap, quiet)
-            if now - self._quiet_at < cfg.onset and not loud:
+            if now - self._quiet_at < cfg.onset:
                 self.limit = INF
                 why = f"under {mbit(quiet)}" if other <= quiet else f"above {mbit(quiet)} for under {cfg.onset:g} s"
                 self.decision = Decision(INF, cap, other, own, "idle", f"other traffic {mbit(other)} ({why})")

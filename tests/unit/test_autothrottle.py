@@ -269,33 +269,3 @@ def test_a_learned_capacity_below_the_minimum_is_still_learning() -> None:
     for i in range(1, 9):  # 2 s of 400 kB/s that is not p2pd's
         eg, _ = ctl.tick(i * TICK, Sample(0, int(i * 100_000), 0, 0))
         assert eg.state == "learning" and math.isinf(eg.limit), eg
-
-
-def _other_arrives(share: float, ticks: int) -> list[Decision]:
-    """p2pd fills the link alone for 5 s, then other traffic of `share` of it appears beside p2pd's bytes."""
-    ctl = AutoThrottle(AutoThrottleConfig(), 0.0)
-    ctl.tick(0.0, Sample(0, 0, 0, 0))
-    t, own, iface = 0.0, 0.0, 0.0
-    out = []
-    for i in range(20 + ticks):
-        t += TICK
-        other = share * CAP if i >= 20 else 0.0
-        own += (CAP - other) / (1 + HEADERS) * TICK
-        iface += CAP * TICK
-        eg, _ = ctl.tick(t, Sample(int(own * ACKS), int(iface), 0, int(own)))
-        out.append(eg)
-    assert all(d.state == "idle" for d in out[:20]), out[:20]
-    return out[20:]
-
-
-def test_a_service_arriving_at_its_tcp_share_is_yielded_to_on_the_first_tick() -> None:
-    first = _other_arrives(0.3, 1)[0]
-    assert first.state == "yielding" and first.limit < 0.6 * CAP, first
-
-
-def test_a_small_other_traffic_still_waits_the_onset() -> None:
-    """Between the quiet level (3 %) and `loud_fraction` (10 %): could be counter skew, so p2pd waits `onset`."""
-    decisions = _other_arrives(0.06, 4)
-    assert decisions[0].state == "idle" and decisions[1].state == "idle", decisions[:2]
-    assert "for under" in decisions[1].why, decisions[1]
-    assert decisions[3].state == "yielding", decisions
