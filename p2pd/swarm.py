@@ -52,6 +52,14 @@ def path_rank(path: object) -> int:
     return PATH_RANK.get(str(path), 1)
 
 
+def bytes_by_path(totals: dict[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """`path_totals` as JSON: {path: {"in": bytes, "out": bytes}}, so a run shows which path carried what."""
+    out: dict[str, dict[str, int]] = {}
+    for (path, direction), n in sorted(totals.items()):
+        out.setdefault(path, {"in": 0, "out": 0})[direction] = n
+    return out
+
+
 def voluntary_switches() -> int:
     """Times this thread has blocked in the kernel (slept on I/O or a lock), not counting preemption."""
     return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
@@ -292,6 +300,7 @@ class Swarm:
             "pieces_sent": seeding.pieces_sent,
             "pieces_sent_again": seeding.pieces_sent_again,
             "pieces_deferred": seeding.pieces_deferred,
+            "bytes_by_path": bytes_by_path(self.path_totals()),
             "connections": [
                 {"node_id": c.remote_id, "addr": c.addr, "path": str(c.path), "initiator": c.initiator}
                 for c in self.conns.values()

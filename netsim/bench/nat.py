@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -420,8 +421,12 @@ def run_nat_swarm(
     peer_kinds: tuple[str, ...] = SWARM_PEERS,
     timeout_s: float | None = None,
     log: IO[str] = sys.stderr,
+    keep_logs: Path | None = None,
 ) -> dict[str, Any]:
-    """1 public seed + NATed peers on shaped links; the seed leaves after one copy; T, T_min and relay bytes."""
+    """1 public seed + NATed peers on shaped links; the seed leaves after one copy; T, T_min and relay bytes.
+
+    `keep_logs`: copy the tracker's and every daemon's log there (the lab's work dir is removed).
+    """
     t_min = kumar_ross(size, rate_bps, [rate_bps] * len(peer_kinds), [rate_bps] * len(peer_kinds))
     timeout = timeout_s or max(120.0, 15 * t_min)
     with _lab(size * (len(peer_kinds) + 2) * 2, "p2pd-natswarm-") as (topo, work):
@@ -446,6 +451,7 @@ def run_nat_swarm(
             aid, pieces = pub["artifact_id"], pub["pieces"]
             fetched: dict[str, Fetched] = {}
             seed_left: list[float] = []
+            seed_paths: dict[str, Any] = {}
             t0 = trio.current_time()
 
             async def leech(h: Host) -> None:
@@ -457,6 +463,7 @@ def run_nat_swarm(
                         art = await seed.artifact(aid)
                         # every piece out at least once (a repeat to a requester sent away before counts once)
                         if art is not None and art["pieces_sent"] - art["pieces_sent_again"] >= pieces:
+                            seed_paths.update(art.get("bytes_by_path", {}))
                             break
                         await trio.sleep(POLL_S)
                 seed_left.append(trio.current_time() - t0)
@@ -472,9 +479,11 @@ def run_nat_swarm(
             for name, f in fetched.items():
                 identical[name] = f.path is not None and await trio.to_thread.run_sync(sha256_tree, f.path) == want
             paths: dict[str, list[str]] = {}
+            by_path: dict[str, dict[str, dict[str, int]]] = {}
             for h in peers:
                 art = await lab.nodes[h.name].artifact(aid)
                 paths[h.name] = sorted({c["path"] for c in (art or {}).get("connections", [])})
+                by_path[h.name] = (art or {}).get("bytes_by_path", {})
             result.update(
                 t_s=None if math.isinf(t) else round(t, 3),
                 seed_left_s=round(seed_left[0], 3) if seed_left else None,
@@ -482,10 +491,18 @@ def run_nat_swarm(
                 identical=identical,
                 errors=[f.error for f in fetched.values() if f.error],
                 paths_at_end=paths,
+                # piece bytes each peer received ("in") and sent ("out") over each path; the seed's at its leaving
+                bytes_by_path=by_path,
+                seed_bytes_by_path=seed_paths,
+                received_by_path=received_by_path(by_path),
                 pieces=pieces,
             )
 
-        trio.run(main)
+        try:
+            trio.run(main)
+        finally:
+            if keep_logs is not None:
+                keep_lab_logs(work, keep_logs, log)
         stats = lab.tracker_stats()
     relayed = int(stats.get("relay_bytes_relayed", 0))
     t = result["t_s"]
@@ -502,6 +519,23 @@ def run_nat_swarm(
     }
 
 
+def received_by_path(by_path: dict[str, dict[str, dict[str, int]]]) -> dict[str, int]:
+    """Piece bytes the peers received over each path, all peers together (how much went over slow paths)."""
+    total: dict[str, int] = {}
+    for paths in by_path.values():
+        for path, n in paths.items():
+            total[path] = total.get(path, 0) + int(n.get("in", 0))
+    return dict(sorted(total.items()))
+
+
+def keep_lab_logs(work: Path, dest: Path, log: IO[str]) -> None:
+    """Copy the lab's logs (tracker.log, one per daemon) to `dest`, which is created."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted(work.glob("*.log")):
+        shutil.copy2(f, dest / f.name)
+    _log(log, f"logs kept in {dest}")
+
+
 # ----------------------------------------------------------------------------------------------- command
 def add_arguments(ap: argparse.ArgumentParser, size_type: Any, rate_type: Any) -> None:
     ap.add_argument("--size", type=size_type, default=2 * MiB, help="artifact of every matrix cell (SIZE)")
@@ -511,6 +545,7 @@ def add_arguments(ap: argparse.ArgumentParser, size_type: Any, rate_type: Any) -
     ap.add_argument("--skip-swarm", action="store_true")
     ap.add_argument("--skip-matrix", action="store_true")
     ap.add_argument("--json", default=None, help="also write the JSON result to this file")
+    ap.add_argument("--keep-logs", type=Path, default=None, metavar="DIR", help="copy the swarm's logs to DIR")
     ap.add_argument(
         "--clients",
         type=_clients_arg,
@@ -566,13 +601,14 @@ def run(a: argparse.Namespace, command: str) -> int:
                 f"{ls['first_piece_p95_s']} s; cone {ls['cone_MBps']} MB/s vs public {ls['public_MBps']} MB/s"
             )
     if not a.skip_swarm:
-        sw = run_nat_swarm(size=a.swarm_size, rate_bps=a.rate)
+        sw = run_nat_swarm(size=a.swarm_size, rate_bps=a.rate, keep_logs=a.keep_logs)
         out["swarm"] = sw
         failed |= sw["t_s"] is None or not all(sw["identical"].values())
         parts.append(
             f"NAT swarm 1+{len(sw['peer_kinds'])} {format_size_exact(sw['size_bytes'])} @ "
             f"{format_bits_rate(sw['rate_bps'])}: T {sw['t_s']} s = {sw['ratio']}x T_min ({sw['t_min_s']} s), "
-            f"relay {sw['relay_F']} F"
+            f"relay {sw['relay_F']} F; peers received "
+            + ", ".join(f"{p} {n / sw['size_bytes']:.2f} F" for p, n in sw["received_by_path"].items())
         )
     out["headline"] = "nat: " + " | ".join(parts)
     print(write_json(out, a.json))

@@ -12,10 +12,15 @@ Policy, in order:
    It duplicates first the piece whose best source so far is the slowest (`set_rate`), so a piece
    outstanding at a slow path is fetched again from a fast one and never holds the end back.
 5. Paths by their speed: each peer has a path rank (0: direct TCP or punched TCP, higher: slower
-   paths such as a relay). A peer is asked only for pieces that no peer of a better rank can give
-   us (announced, and not deferred by it), so a relay moves only what no direct peer holds: the
-   relay's capacity is shared and far below a TCP path's (FINDINGS §3: 4–8 MB/s against ~1 GB/s),
-   and a direct peer that has the piece will ask for it. The same holds for endgame duplicates.
+   paths such as a relay). A peer is asked only for pieces that no peer of a better rank has
+   announced, so a relay moves only what no direct peer holds: the relay's capacity is shared and
+   far below a TCP path's (FINDINGS §3: 4–8 MB/s against ~1 GB/s), and a direct peer that has the
+   piece will ask for it. The same holds for endgame duplicates. A better peer's DEFER does not hand
+   the piece to a slower path: the deferring node knows who else announced it, not that they are
+   reachable from here only slowly, and the NAT swarm showed what that costs (a symmetric node sent
+   by complete public peers to cones behind udp-punch took 3x longer than the rest). The piece
+   waits for `undefer_all` (`defer_retry`, 0.5 s), and the better peer, which defers once per
+   requester and piece, serves it when asked again.
 
 The picker also owns the block state, the one record of requests in flight: `inflight` (piece ->
 peers asked, until the piece is verified or the request fails) and, per peer, `pending` (asked and
@@ -147,11 +152,11 @@ class Picker(Generic[Peer]):
             self.rate[peer] = rate
 
     def _held_by_better(self, rank: int) -> int:
-        """Positions that some peer of a better path rank than `rank` would give us."""
+        """Positions that some peer of a better path rank than `rank` holds (deferred there or not)."""
         m = 0
         for q, mask in self.peer_mask.items():
             if self.rank.get(q, 0) < rank:
-                m |= mask & ~self.deferred.get(q, 0)
+                m |= mask
         return m
 
     def knows(self, peer: Peer) -> bool:

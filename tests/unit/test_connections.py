@@ -138,10 +138,15 @@ async def test_a_download_over_streams_that_are_not_sockets(tmp_path: Path) -> N
         with trio.fail_after(30):
             await leech.done.wait()
         status = leech.status()
+        seed_status = seed.status()
         await leech.leave("test over")
         await seed.leave("test over")
         nursery.cancel_scope.cancel()
     assert status["state"] == "complete" and status["bytes_done"] == m.total_size
+    # which path carried the bytes, both ends (the NAT bench reads it to see what went over slow paths)
+    assert set(status["bytes_by_path"]) == {"direct"} and status["bytes_by_path"]["direct"]["in"] > 0
+    assert status["bytes_by_path"]["direct"]["out"] == 0
+    assert seed_status["bytes_by_path"]["direct"]["out"] == status["bytes_by_path"]["direct"]["in"]
     dest = leech.record().path
     for name in ("weights.bin", "config.json"):
         assert (dest / name).read_bytes() == (src / name).read_bytes()

@@ -374,7 +374,7 @@ class PickerMachine(RuleBasedStateMachine):
         has = self.peers[peer] - self.deferred.get(peer, set())
         for q, ps in self.peers.items():  # a slower path gets only what no better path gives
             if self.rank[q] < self.rank[peer]:
-                has -= ps - self.deferred.get(q, set())
+                has -= ps
         missing = self._missing()
         fresh = has & missing - set(self.inflight)
         endgame = not (missing - set(self.inflight))
@@ -611,7 +611,10 @@ def test_a_relayed_peer_is_asked_only_for_what_no_direct_peer_has() -> None:
     assert sorted(i for i in asked if i is not None) == [6, 7] and asked[2] is None
 
 
-def test_a_piece_the_direct_peer_sends_us_away_for_may_come_by_relay() -> None:
+def test_a_piece_the_direct_peer_sends_us_away_for_waits_for_it_not_for_the_relay() -> None:
+    """A DEFER means "someone else has it", but the deferring node cannot know that the someone else is
+    reachable from here only by relay or udp-punch: the piece is asked of the direct peer again once the
+    deferral expires (it serves a repeated request), never of the slower path."""
     p: Picker[str] = Picker(2, seed=3)
     p.add_peer("direct", [0, 1])
     p.add_peer("relay", [0, 1], rank=2)
@@ -619,8 +622,22 @@ def test_a_piece_the_direct_peer_sends_us_away_for_may_come_by_relay() -> None:
     i = p.next_request("direct")
     assert i is not None
     p.defer("direct", i)
-    assert p.next_request("relay") == i
-    assert p.next_request("relay") is None, "the other piece is still the direct peer's"
+    assert p.next_request("relay") is None, "a deferred piece of a better peer is not the relay's"
+    other = p.next_request("direct")
+    assert other == 1 - i, "the direct peer is asked for the rest meanwhile"
+    assert p.next_request("direct") is None, "and not again for the deferred one before the deferral expires"
+    assert p.undefer_all()
+    assert p.next_request("direct") == i
+
+
+def test_a_piece_only_the_relayed_peer_has_still_comes_by_relay_when_the_direct_peer_defers_others() -> None:
+    p: Picker[str] = Picker(3, seed=3)
+    p.add_peer("direct", [0, 1])
+    p.add_peer("relay", [0, 1, 2], rank=2)
+    i = p.next_request("direct")
+    assert i is not None
+    p.defer("direct", i)
+    assert p.next_request("relay") == 2 and p.next_request("relay") is None
 
 
 def test_a_relayed_peer_gets_the_pieces_of_a_direct_peer_that_left() -> None:
