@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from p2pd.protocol import udp_punch
+from p2pd.stream_io import TRAFFIC
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class QuicEndpoint:
                         raise
                 break
             self.bytes_out += len(data)
+            TRAFFIC.sent += len(data)  # p2pd's own bytes: auto-throttling must not read them as another service's
             self._last_send = now
         self._wake_timer.set()
         await trio.lowlevel.checkpoint()
@@ -199,6 +201,7 @@ class QuicEndpoint:
                     if e.errno in _TRANSIENT:
                         continue
                     raise
+                TRAFFIC.received += len(data)  # whatever it is, it crossed this node's link because of p2pd
                 if _plain(addr) != self.peer or udp_punch.is_probe(data):
                     continue  # a late punch probe, or someone who is not our peer
                 self.bytes_in += len(data)

@@ -22,6 +22,7 @@ import trio
 
 from p2pd.protocol import rendezvous as rv
 from p2pd.protocol.ratelimit import TokenBucket
+from p2pd.stream_io import LIVE_SOCKETS, TRAFFIC
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,10 @@ class Relay:
     async def _splice(self, w: _Waiter, stream: trio.SocketStream, node_id: str, peer: str) -> None:
         a, b = w.stream, stream
         self.stats.pairs_spliced += 1
+        # relayed bytes cross this node's link because of p2pd: auto-throttling counts them as its own
+        # (with what the two sockets' kernel queues hold), not as another service's traffic
+        LIVE_SOCKETS.add(a.socket)
+        LIVE_SOCKETS.add(b.socket)
         moved = 0
         try:
             with trio.fail_after(5):
@@ -180,11 +185,13 @@ class Relay:
                     nonlocal last, moved, open_directions
                     try:
                         while data := await src.receive_some(CHUNK):
+                            TRAFFIC.received += len(data)
                             last = now = trio.current_time()
                             delay = self.bucket.reserve(len(data), now)
                             if delay > 0:
                                 await trio.sleep(delay)
                             await dst.send_all(data)
+                            TRAFFIC.sent += len(data)
                             moved += len(data)
                             self.stats.bytes_relayed += len(data)
                         with trio.move_on_after(1):

@@ -14,6 +14,7 @@ import trio
 from p2pd import quic_stream
 from p2pd.cluster import LocalCluster
 from p2pd.protocol import udp_punch as up
+from p2pd.stream_io import TRAFFIC
 from p2pd.udp_punch import PunchFailed, PunchSockets, punch
 from tests.integration.test_nat_paths import UNREACHABLE, fetch_and_check, make_artifact
 
@@ -61,6 +62,7 @@ async def _read(stream: trio.abc.Stream, n: int) -> bytes:
 
 async def test_quic_stream_carries_bytes_both_ways_and_reports_the_close() -> None:
     payload_ab, payload_ba = os.urandom(6 * MiB + 11), os.urandom(3 * MiB + 5)
+    sent0, received0 = TRAFFIC.sent, TRAFFIC.received
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             a, b = await _pair(nursery)
@@ -84,6 +86,10 @@ async def test_quic_stream_carries_bytes_both_ways_and_reports_the_close() -> No
                     n.start_soon(f)
             assert hashlib.sha256(got["b"]).digest() == hashlib.sha256(payload_ab).digest()
             assert got["a"] == payload_ba
+            # both ends count their datagrams as p2pd's own traffic (auto-throttling subtracts them from the
+            # interface's counters; uncounted, a node on this path yielded to itself)
+            moved = len(payload_ab) + len(payload_ba)
+            assert TRAFFIC.sent - sent0 >= moved and TRAFFIC.received - received0 >= moved
             # memory stays bounded: the sender never queued more than its window ahead of the acks
             assert a.endpoint.unacked() <= quic_stream.SEND_BUFFER + quic_stream.SEND_CHUNK
             await a.aclose()

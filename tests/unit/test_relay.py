@@ -16,6 +16,7 @@ import trio
 
 from p2pd.protocol import rendezvous as rv
 from p2pd.relay import Relay, RelayRefused, dial_relay
+from p2pd.stream_io import TRAFFIC
 
 A, B, C, D = "a" * 32, "b" * 32, "c" * 32, "d" * 32
 KEY = b"k" * 32
@@ -66,6 +67,7 @@ async def until(pred: Callable[[], bool], timeout: float = 5) -> None:
 
 
 async def test_two_nodes_with_one_token_are_spliced_both_ways() -> None:
+    sent0, received0 = TRAFFIC.sent, TRAFFIC.received
     async with running_relay() as relay:
         a, b = await both(relay, token())
         ab, ba = os.urandom(3 * MiB + 17), os.urandom(MiB)
@@ -86,6 +88,8 @@ async def test_two_nodes_with_one_token_are_spliced_both_ways() -> None:
                 n.start_soon(recv, "at a", a)
         assert got["at b"] == ab and got["at a"] == ba
         assert relay.stats.bytes_relayed == len(ab) + len(ba)
+        # a relaying node's auto-throttle counts what it splices as p2pd's own traffic
+        assert TRAFFIC.sent - sent0 >= len(ab) + len(ba) and TRAFFIC.received - received0 >= len(ab) + len(ba)
         await a.aclose()
         await b.aclose()
         await until(lambda: relay.stats.pairs_active == 0)
