@@ -39,6 +39,7 @@ from p2pd.protocol import udp_punch as up
 from p2pd.protocol.session import PeerClosed
 from p2pd.rpc import RpcError
 from p2pd.signal_channel import SignalChannel
+from p2pd.stream_io import TRAFFIC
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class PunchSockets:
         probe, which on a busy node stretched a hard side's round of 256 and the spray); a full buffer or an
         ICMP error is a lost probe."""
         try:
-            self._raw[sock].sendto(data, addr)
+            TRAFFIC.sent += self._raw[sock].sendto(data, addr)
         except OSError as e:
             log.debug("udp punch: send to %s: %s", _fmt(addr), e)
 
@@ -149,7 +150,7 @@ class Punched:
 
 async def _send(sock: trio.socket.SocketType, data: bytes, addr: tuple[str, int]) -> None:
     try:
-        await sock.sendto(data, addr)
+        TRAFFIC.sent += await sock.sendto(data, addr)  # probes are p2pd's own traffic (auto-throttling)
     except OSError as e:  # no route yet, ICMP reported: like a lost datagram
         log.debug("udp punch: send to %s: %s", _fmt(addr), e)
 
@@ -195,6 +196,7 @@ async def punch(
         while True:
             try:
                 data, raw = await sock.recvfrom(2048)
+                TRAFFIC.received += len(data)
             except OSError as e:  # an ICMP error queued on the socket
                 log.debug("udp punch: receive: %s", e)
                 continue
