@@ -33,8 +33,19 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from netsim.bench.clients.p2pd import NODE_PORT, TRACKER_PORT, p2pd_cmd, tracker_cmd
-from netsim.bench.harness import NEUTRAL_CWD, BenchError, child_env, make_payload, stop_all, tail, wait_tcp, write_json
+from netsim.bench.clients.p2pd import NODE_PORT, TRACKER_PORT
+from netsim.bench.harness import (
+    NEUTRAL_CWD,
+    BenchError,
+    child_env,
+    make_payload,
+    p2pd_cmd,
+    stop_all,
+    tail,
+    tracker_cmd,
+    wait_tcp,
+    write_json,
+)
 from netsim.emu import Host, Topology
 from p2pd.identity import JOIN_SECRET_ENV, new_join_secret
 from p2pd.rpc import RpcError, call_blocking
