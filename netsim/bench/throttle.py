@@ -11,6 +11,10 @@ Reported (JSON):
 - per 1-s window (aligned to the start) the summed upload and the budget in force; `budget_error_max`
   is the largest |rate / budget - 1| over steady windows (those starting one interval + 1 s after a
   start or change, and ending before the first leecher completes), `budget_ratio_mean` their mean;
+  `max_error_judged` / `ratio_mean_judged` over `windows_judged`: the windows in which data moves for the
+  whole window (one interval + 1 s after a start or change, the issue's allowance, until the last byte of
+  the last copy, `t_last_byte_s`, from each leecher daemon's `complete` log line); a window holding the
+  end of the transfer is not a budget error, every other under- or overshoot counts;
 - `reaction_s`: from the change to the end of the first 1-s window (sliding, 0.1 s steps) whose
   rate is within 0.8-1.1x the new budget (the issue's bounds for a budget that holds);
 - `pause_rate_max_bps`: the fastest window of the pause after one interval + 1 s (heartbeats only,
@@ -322,22 +326,16 @@ def report(
     while k + 1 <= samples[-1][0]:
         r = rate_at(samples, k, k + 1)
         b = budget_at(events, k)
-        steady = (
+        # one budget in force for the whole window, set at least one interval + 1 s before it starts
+        settled = (
             r is not None
             and b is not None
             and b > 0
             and budget_at(events, k + 1 - 1e-6) == b
             and all(k + 1 <= at or k >= at + settle for at, _ in events)
-            and k + 1 <= first_done
         )
-        judged = (
-            r is not None
-            and b is not None
-            and b > 0
-            and budget_at(events, k + 1 - 1e-6) == b
-            and all(k + 1 <= at or k >= at + settle for at, _ in events)
-            and k + 1 <= data_end
-        )
+        steady = settled and k + 1 <= first_done
+        judged = settled and k + 1 <= data_end
         windows.append(
             {
                 "t": k,
