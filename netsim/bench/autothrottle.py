@@ -40,15 +40,17 @@ from netsim.bench.bt import make_torrent
 from netsim.bench.clients.base import LineLeecher
 from netsim.bench.clients.bittorrent import TRACKER_PORT as BT_TRACKER_PORT
 from netsim.bench.clients.bittorrent import piece_size
-from netsim.bench.clients.p2pd import NODE_PORT, TRACKER_PORT, p2pd_cmd, tracker_cmd
+from netsim.bench.clients.p2pd import NODE_PORT, TRACKER_PORT
 from netsim.bench.harness import (
     NEUTRAL_CWD,
     BenchError,
     Node,
     child_env,
     make_payload,
+    p2pd_cmd,
     stop_all,
     tail,
+    tracker_cmd,
     wait_tcp,
     write_json,
 )

@@ -11,8 +11,10 @@ The rules are the same for every client so that the numbers compare:
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -427,3 +429,127 @@ def stop_all(topo: Topology, procs: Sequence[subprocess.Popen | None], timeout: 
     """Stop our processes (SIGTERM, then SIGKILL after `timeout`), last started first."""
     for p in reversed([p for p in procs if p is not None]):
         topo.stop(p, timeout=timeout)
+
+
+def p2pd_cmd() -> list[str]:
+    """How to invoke the p2pd CLI."""
+    if os.environ.get("NETSIM_P2PD_CMD"):
+        return shlex.split(os.environ["NETSIM_P2PD_CMD"])
+    return ["p2pd"] if shutil.which("p2pd") else [sys.executable, "-m", "p2pd.cli"]
+
+
+def tracker_cmd() -> list[str]:
+    """How to invoke the tracker CLI."""
+    if os.environ.get("NETSIM_TRACKER_CMD"):
+        return shlex.split(os.environ["NETSIM_TRACKER_CMD"])
+    return ["p2p-tracker"] if shutil.which("p2p-tracker") else [sys.executable, "-m", "tracker.cli"]
+
+
+# The admin-driven benches (throttle, preheat): a tracker with its admin API in the seed's namespace and a
+# `p2pd run` daemon on every node, driven as an operator would (admin CLI and API, p2pd CLI).
+LAB_TRACKER_PORT = 7400
+LAB_NODE_PORT = 7401
+LAB_ADMIN_PORT = 7402
+LAB_TOKEN = "netsim-admin"
+
+
+@dataclass
+class Member:
+    """One node of an admin-driven lab: its namespace, address, zone label ("" = none) and data dir."""
+
+    name: str
+    host: Host
+    ip: str
+    zone: str
+    data: str = ""
+
+
+def admin_cli(seed: Member, *args: str) -> Any:
+    """`p2p-tracker admin ... --json` in the seed's namespace (the admin API listens there)."""
+    cp = seed.host.run(
+        [*tracker_cmd(), "admin", *args, "--tracker", f"http://{seed.ip}:{LAB_ADMIN_PORT}", "--token", LAB_TOKEN]
+        + ["--json"],
+        check=False,
+        env=child_env(),
+        cwd=NEUTRAL_CWD,
+        timeout=60,
+    )
+    if cp.returncode != 0:
+        raise BenchError(f"p2p-tracker admin {' '.join(args)}: exit {cp.returncode}: {cp.stderr.strip()[-400:]}")
+    return json.loads(cp.stdout) if cp.stdout.strip() else None
+
+
+def admin_api(seed: Member, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One admin API call with curl in the seed's namespace: tens of milliseconds, so polling and sampling
+    do not pause and the time of a change is known to within that (the admin CLI, a Python process, can
+    take seconds to start on a busy machine)."""
+    argv = ["curl", "-sS", "-f", "-X", method, "-H", f"Authorization: Bearer {LAB_TOKEN}"]
+    if body is not None:
+        argv += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+    cp = seed.host.run([*argv, f"http://{seed.ip}:{LAB_ADMIN_PORT}{path}"], check=False, timeout=30)
+    if cp.returncode != 0:
+        raise BenchError(f"admin API {method} {path}: curl exit {cp.returncode}: {cp.stderr.strip()[-300:]}")
+    return json.loads(cp.stdout)
+
+
+def _wait_status(m: Member, proc: subprocess.Popen, logdir: str) -> None:
+    """Until `p2pd status` on `m` exits 0 (the daemon is up and registered its control socket)."""
+    end = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(
+                f"p2pd on {m.name} exited {proc.returncode}: {tail(os.path.join(logdir, m.name + '.log'))}"
+            )
+        cp = m.host.run(
+            [*p2pd_cmd(), "status", "--data-dir", m.data], check=False, env=child_env(), cwd=NEUTRAL_CWD, timeout=60
+        )
+        if cp.returncode == 0:
+            return
+        if time.monotonic() > end:
+            raise BenchError(f"p2pd on {m.name}: status never exited 0: {cp.stderr.strip()[-300:]}")
+        time.sleep(0.1)
+
+
+def start_lab(
+    members: Sequence[Member], work: str, interval: float, procs: list[subprocess.Popen], zones: bool = False
+) -> dict[str, subprocess.Popen]:
+    """The tracker (admin API on) in the first member's namespace, then `p2pd run` on every member (with
+    `--zone` when `zones`), each answering `p2pd status`; every process is appended to `procs` as it starts
+    (the caller stops them). Logs: WORK/tracker.log and WORK/NAME.log; data dirs: each member's `data`."""
+    seed = members[0]
+    env = child_env()
+    tracker = f"{seed.ip}:{LAB_TRACKER_PORT}"
+    argv = [*tracker_cmd(), "serve", "--listen", tracker, "--interval", str(interval)]
+    argv += ["--admin-listen", f"{seed.ip}:{LAB_ADMIN_PORT}", "--admin-token", LAB_TOKEN]
+    procs.append(seed.host.popen(argv, log=os.path.join(work, "tracker.log"), env=env, cwd=NEUTRAL_CWD))
+    wait_tcp(seed.host, seed.ip, LAB_TRACKER_PORT)
+    wait_tcp(seed.host, seed.ip, LAB_ADMIN_PORT)
+    daemons = {}
+    for m in members:
+        os.makedirs(m.data)
+        argv = [*p2pd_cmd(), "run", "--tracker", tracker, "--listen", f"{m.ip}:{LAB_NODE_PORT}", "--data-dir", m.data]
+        if zones:
+            argv += ["--zone", m.zone]
+        daemons[m.name] = m.host.popen(argv, log=os.path.join(work, m.name + ".log"), env=env, cwd=NEUTRAL_CWD)
+        procs.append(daemons[m.name])
+    for m in members:
+        _wait_status(m, daemons[m.name], work)
+    return daemons
+
+
+def publish(m: Member, payload: str, name: str) -> None:
+    """`p2pd publish PAYLOAD --name NAME` on `m`'s daemon."""
+    cp = m.host.run(
+        [*p2pd_cmd(), "publish", payload, "--name", name, "--data-dir", m.data],
+        check=False,
+        env=child_env(),
+        cwd=NEUTRAL_CWD,
+        timeout=300,
+    )
+    if cp.returncode != 0:
+        raise BenchError(f"p2pd publish exit {cp.returncode}: {cp.stderr.strip()[-600:]}")
+
+
+def log_time(line_stamp: str) -> float:
+    """A logging asctime ('2026-11-26 19:10:00,123', local time) as epoch seconds."""
+    return datetime.datetime.strptime(line_stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()

@@ -26,7 +26,6 @@ the payload (cmp).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -38,23 +37,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from netsim.bench.clients.p2pd import p2pd_cmd, tracker_cmd
 from netsim.bench.harness import (
+    LAB_ADMIN_PORT,
+    LAB_TOKEN,
     NEUTRAL_CWD,
     BenchError,
     GatedProcess,
+    Member,
+    admin_api,
     build_net,
     child_env,
+    log_time,
     make_payload,
+    p2pd_cmd,
+    publish,
+    start_lab,
     stop_all,
     tail,
+    tracker_cmd,
     verify_copy,
-    wait_tcp,
     write_json,
 )
 from netsim.bench.model import kumar_ross
 from netsim.bench.swarm import SHM, SwarmOptions, measure_iperf, preflight, revision, t_min_nominal
-from netsim.bench.throttle import ADMIN_PORT, NODE_PORT, TOKEN, TRACKER_PORT, Member, _wait_status
 from netsim.emu import Topology, new_prefix
 from p2pd.identity import JOIN_SECRET_ENV, new_join_secret
 from p2pd.units import format_bits_rate, format_size_exact
@@ -79,11 +84,6 @@ class PreheatOptions:
     command: str = ""
 
 
-def log_time(line_stamp: str) -> float:
-    """A logging asctime ('2026-11-26 19:10:00,123', local time) as epoch seconds."""
-    return datetime.datetime.strptime(line_stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
 def preheat_times(log_text: str, order: str) -> tuple[float | None, float | None]:
     """(started, complete) epoch seconds of `order` in one daemon's log (None where it has no such line)."""
     started = complete = None
@@ -97,21 +97,7 @@ def preheat_times(log_text: str, order: str) -> tuple[float | None, float | None
 
 def _status(seed: Member) -> dict[str, Any]:
     """The order's status from the admin API (curl: tens of ms, so polling does not lag)."""
-    cp = seed.host.run(
-        [
-            "curl",
-            "-sS",
-            "-f",
-            "-H",
-            f"Authorization: Bearer {TOKEN}",
-            f"http://{seed.ip}:{ADMIN_PORT}/v1/preheat?name={NAME}",
-        ],
-        check=False,
-        timeout=30,
-    )
-    if cp.returncode != 0:
-        raise BenchError(f"admin API GET /v1/preheat: curl exit {cp.returncode}: {cp.stderr.strip()[-300:]}")
-    orders = json.loads(cp.stdout)["orders"]
+    orders = admin_api(seed, "GET", f"/v1/preheat?name={NAME}")["orders"]
     if not orders:
         raise BenchError("admin API GET /v1/preheat: the order is not listed")
     return dict(orders[0])
@@ -157,47 +143,8 @@ def run_preheat(o: PreheatOptions, log: IO[str] = sys.stderr) -> dict[str, Any]:
                 if o.iperf:
                     measured_bps = measure_iperf(net)
                     say(f"iperf3 seed->p1: {measured_bps / 1e6:.1f} Mbit/s")
-                tracker = f"{seed.ip}:{TRACKER_PORT}"
-                procs.append(
-                    seed.host.popen(
-                        [
-                            *tracker_cmd(),
-                            "serve",
-                            "--listen",
-                            tracker,
-                            "--interval",
-                            str(o.interval),
-                            "--admin-listen",
-                            f"{seed.ip}:{ADMIN_PORT}",
-                            "--admin-token",
-                            TOKEN,
-                        ],
-                        log=os.path.join(work, "tracker.log"),
-                        env=env,
-                        cwd=NEUTRAL_CWD,
-                    )
-                )
-                wait_tcp(seed.host, seed.ip, TRACKER_PORT)
-                wait_tcp(seed.host, seed.ip, ADMIN_PORT)
-                daemons = {}
-                for m in members:
-                    os.makedirs(m.data)
-                    argv = [*p2pd_cmd(), "run", "--tracker", tracker, "--listen", f"{m.ip}:{NODE_PORT}"]
-                    daemons[m.name] = m.host.popen(
-                        [*argv, "--data-dir", m.data], log=os.path.join(work, m.name + ".log"), env=env, cwd=NEUTRAL_CWD
-                    )
-                    procs.append(daemons[m.name])
-                for m in members:
-                    _wait_status(m, daemons[m.name], work)
-                cp = seed.host.run(
-                    [*p2pd_cmd(), "publish", payload, "--name", NAME, "--data-dir", seed.data],
-                    check=False,
-                    env=env,
-                    cwd=NEUTRAL_CWD,
-                    timeout=300,
-                )
-                if cp.returncode != 0:
-                    raise BenchError(f"p2pd publish exit {cp.returncode}: {cp.stderr.strip()[-600:]}")
+                daemons = start_lab(members, work, o.interval, procs)
+                publish(seed, payload, NAME)
                 time.sleep(2 * o.interval)  # the seed's holdings reached the tracker with a heartbeat
                 say(
                     f"1 seed + {o.peers} peers, {format_size_exact(o.size)}, links {format_bits_rate(o.rate_bps)}, "
@@ -215,9 +162,9 @@ def run_preheat(o: PreheatOptions, log: IO[str] = sys.stderr) -> dict[str, Any]:
                         NAME,
                         "--all",
                         "--tracker",
-                        f"http://{seed.ip}:{ADMIN_PORT}",
+                        f"http://{seed.ip}:{LAB_ADMIN_PORT}",
                         "--token",
-                        TOKEN,
+                        LAB_TOKEN,
                         "--json",
                     ],
                     work,
@@ -267,9 +214,9 @@ def run_preheat(o: PreheatOptions, log: IO[str] = sys.stderr) -> dict[str, Any]:
                         "status",
                         NAME,
                         "--tracker",
-                        f"http://{seed.ip}:{ADMIN_PORT}",
+                        f"http://{seed.ip}:{LAB_ADMIN_PORT}",
                         "--token",
-                        TOKEN,
+                        LAB_TOKEN,
                     ],
                     check=False,
                     env=child_env({"COLUMNS": "200"}),  # its table's title on one line

@@ -11,6 +11,10 @@ Reported (JSON):
 - per 1-s window (aligned to the start) the summed upload and the budget in force; `budget_error_max`
   is the largest |rate / budget - 1| over steady windows (those starting one interval + 1 s after a
   start or change, and ending before the first leecher completes), `budget_ratio_mean` their mean;
+  `max_error_judged` / `ratio_mean_judged` over `windows_judged`: the windows in which data moves for the
+  whole window (one interval + 1 s after a start or change, the issue's allowance, until the last byte of
+  the last copy, `t_last_byte_s`, from each leecher daemon's `complete` log line); a window holding the
+  end of the transfer is not a budget error, every other under- or overshoot counts;
 - `reaction_s`: from the change to the end of the first 1-s window (sliding, 0.1 s steps) whose
   rate is within 0.8-1.1x the new budget (the issue's bounds for a budget that holds);
 - `pause_rate_max_bps`: the fastest window of the pause after one interval + 1 s (heartbeats only,
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,30 +41,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from netsim.bench.clients.p2pd import p2pd_cmd, tracker_cmd
 from netsim.bench.harness import (
     NEUTRAL_CWD,
     BenchError,
+    Member,
+    admin_api,
+    admin_cli,
     child_env,
+    log_time,
     make_payload,
+    p2pd_cmd,
+    publish,
+    start_lab,
     stop_all,
     tail,
     verify_copy,
-    wait_tcp,
     write_json,
 )
 from netsim.bench.swarm import SHM, preflight, revision
 from netsim.emu import Topology, new_prefix
-from netsim.emu.topology import Host
 from p2pd.identity import JOIN_SECRET_ENV, new_join_secret
 from p2pd.units import format_bits_rate, format_size_exact
 
-TRACKER_PORT = 7400
-NODE_PORT = 7401
-ADMIN_PORT = 7402
-TOKEN = "netsim-throttle"
 SAMPLE_EVERY = 0.1
 REACHED = (0.8, 1.1)  # a 1-s window within these fractions of a new budget: the change took effect
+# a daemon's log line when its copy is whole and verified (p2pd/swarm.py): the moment its last byte arrived
+COMPLETE_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .* complete: \d+ bytes verified")
 FIRST_BYTES = 256 * 1024  # switch-side bytes that mark the start of the transfer (heartbeats are far less)
 
 
@@ -82,42 +89,6 @@ class ThrottleOptions:
     keep: bool = False
     trace: bool = False
     command: str = ""
-
-
-@dataclass
-class Member:
-    name: str
-    host: Host
-    ip: str
-    zone: str
-    data: str = ""
-
-
-def _admin(seed: Member, *args: str) -> Any:
-    """`p2p-tracker admin ... --json` in the seed's namespace (the admin API listens there)."""
-    cp = seed.host.run(
-        [*tracker_cmd(), "admin", *args, "--tracker", f"http://{seed.ip}:{ADMIN_PORT}", "--token", TOKEN, "--json"],
-        check=False,
-        env=child_env(),
-        cwd=NEUTRAL_CWD,
-        timeout=60,
-    )
-    if cp.returncode != 0:
-        raise BenchError(f"p2p-tracker admin {' '.join(args)}: exit {cp.returncode}: {cp.stderr.strip()[-400:]}")
-    return json.loads(cp.stdout) if cp.stdout.strip() else None
-
-
-def _api(seed: Member, method: str, body: dict[str, Any] | None = None) -> Any:
-    """One admin API call with curl in the seed's namespace: tens of milliseconds, so the sampling does
-    not pause and the time of a change is known to within that (the admin CLI, a Python process, can
-    take seconds to start on a busy machine; it is used, and so tested, for the first budget)."""
-    argv = ["curl", "-sS", "-f", "-X", method, "-H", f"Authorization: Bearer {TOKEN}"]
-    if body is not None:
-        argv += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
-    cp = seed.host.run([*argv, f"http://{seed.ip}:{ADMIN_PORT}/v1/throttle"], check=False, timeout=30)
-    if cp.returncode != 0:
-        raise BenchError(f"admin API {method} /v1/throttle: curl exit {cp.returncode}: {cp.stderr.strip()[-300:]}")
-    return json.loads(cp.stdout)
 
 
 def _switch_rx(sw_ns: str, ifs: dict[str, str]) -> dict[str, int]:
@@ -144,23 +115,6 @@ def _cross_zone_bytes(members: list[Member]) -> int:
             if len(parts) >= 2 and parts[0].isdigit():
                 total += int(parts[1])
     return total
-
-
-def _wait_status(m: Member, proc: subprocess.Popen, logdir: str) -> None:
-    end = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise BenchError(
-                f"p2pd on {m.name} exited {proc.returncode}: {tail(os.path.join(logdir, m.name + '.log'))}"
-            )
-        cp = m.host.run(
-            [*p2pd_cmd(), "status", "--data-dir", m.data], check=False, env=child_env(), cwd=NEUTRAL_CWD, timeout=60
-        )
-        if cp.returncode == 0:
-            return
-        if time.monotonic() > end:
-            raise BenchError(f"p2pd on {m.name}: status never exited 0: {cp.stderr.strip()[-300:]}")
-        time.sleep(0.1)
 
 
 def run_budget(o: ThrottleOptions, log: IO[str]) -> dict[str, Any]:
@@ -199,62 +153,12 @@ def run_budget(o: ThrottleOptions, log: IO[str]) -> dict[str, Any]:
                 ifs = {m.name: m.host.links[0].switch_if for m in members}
                 if o.zones > 1:
                     _count_cross_zone(members)
-                tracker = f"{seed.ip}:{TRACKER_PORT}"
-                procs.append(
-                    seed.host.popen(
-                        [
-                            *tracker_cmd(),
-                            "serve",
-                            "--listen",
-                            tracker,
-                            "--interval",
-                            str(o.interval),
-                            "--admin-listen",
-                            f"{seed.ip}:{ADMIN_PORT}",
-                            "--admin-token",
-                            TOKEN,
-                        ],
-                        log=os.path.join(work, "tracker.log"),
-                        env=env,
-                        cwd=NEUTRAL_CWD,
-                    )
-                )
-                wait_tcp(seed.host, seed.ip, TRACKER_PORT)
-                wait_tcp(seed.host, seed.ip, ADMIN_PORT)
-                daemons = {}
-                for m in members:
-                    os.makedirs(m.data)
-                    argv = [
-                        *p2pd_cmd(),
-                        "run",
-                        "--tracker",
-                        tracker,
-                        "--listen",
-                        f"{m.ip}:{NODE_PORT}",
-                        "--data-dir",
-                        m.data,
-                    ]
-                    if o.zones > 1:
-                        argv += ["--zone", m.zone]
-                    daemons[m.name] = m.host.popen(
-                        argv, log=os.path.join(work, m.name + ".log"), env=env, cwd=NEUTRAL_CWD
-                    )
-                    procs.append(daemons[m.name])
-                for m in members:
-                    _wait_status(m, daemons[m.name], work)
-                cp = seed.host.run(
-                    [*p2pd_cmd(), "publish", payload, "--name", "bench:throttle", "--data-dir", seed.data],
-                    check=False,
-                    env=env,
-                    cwd=NEUTRAL_CWD,
-                    timeout=300,
-                )
-                if cp.returncode != 0:
-                    raise BenchError(f"p2pd publish exit {cp.returncode}: {cp.stderr.strip()[-600:]}")
+                start_lab(members, work, o.interval, procs, zones=o.zones > 1)
+                publish(seed, payload, "bench:throttle")
                 budget_args = ["--total", f"{o.budget_bps}bit/s"]
                 if o.cross_zone_bps is not None:
                     budget_args += ["--cross-zone", f"{o.cross_zone_bps}bit/s"]
-                _admin(seed, "throttle", "set", *budget_args)
+                admin_cli(seed, "throttle", "set", *budget_args)
                 say(
                     f"1 seed + {o.peers} peers, {format_size_exact(o.size)}, links {format_bits_rate(o.rate_bps)}, "
                     f"budget {format_bits_rate(o.budget_bps)} ({prefix})"
@@ -285,7 +189,7 @@ def run_budget(o: ThrottleOptions, log: IO[str]) -> dict[str, Any]:
                         why = tail(os.path.join(work, f"fetch-{bad[0]}.log")) if bad else "no bytes in 60 s"
                         raise BenchError(f"the transfer never started: {why}")
                     time.sleep(0.02)
-                t0 = time.monotonic()
+                t0, t0_wall = time.monotonic(), time.time()
                 base = rx
                 samples: list[tuple[float, int]] = [(0.0, 0)]
                 # (time, budget in force, bit/s; None = cleared)
@@ -296,14 +200,26 @@ def run_budget(o: ThrottleOptions, log: IO[str]) -> dict[str, Any]:
                 if o.change_bps is not None:
                     cb = o.change_bps
                     plan.append(
-                        (at, lambda: _api(seed, "PUT", {"total": cb / 8, "cross_zone": cross_bytes}), float(cb))
+                        (
+                            at,
+                            lambda: admin_api(
+                                seed, "PUT", "/v1/throttle", {"total": cb / 8, "cross_zone": cross_bytes}
+                            ),
+                            float(cb),
+                        )
                     )
                 if o.pause_s > 0:
                     start = at + (o.pause_s if o.change_bps is None else max(o.pause_s, 4.0 * o.interval + 2.0))
                     if o.change_bps is None:
                         start = at
-                    plan.append((start, lambda: _api(seed, "PUT", {"total": 0, "cross_zone": cross_bytes}), 0.0))
-                    plan.append((start + o.pause_s, lambda: _api(seed, "DELETE"), None))
+                    plan.append(
+                        (
+                            start,
+                            lambda: admin_api(seed, "PUT", "/v1/throttle", {"total": 0, "cross_zone": cross_bytes}),
+                            0.0,
+                        )
+                    )
+                    plan.append((start + o.pause_s, lambda: admin_api(seed, "DELETE", "/v1/throttle"), None))
                 done: dict[str, float] = {}
                 trace: list[dict[str, Any]] = []  # --trace: every node's [rate, demand, share] Mbit/s each second
                 next_trace = 0.0
@@ -330,7 +246,7 @@ def run_budget(o: ThrottleOptions, log: IO[str]) -> dict[str, Any]:
                     samples.append((time.monotonic() - t0, sum(rx[k] - base[k] for k in rx)))
                     if o.trace and samples[-1][0] >= next_trace:
                         next_trace += 1.0
-                        view = _api(seed, "GET")
+                        view = admin_api(seed, "GET", "/v1/throttle")
                         trace.append(
                             {
                                 "t": round(samples[-1][0], 2),
@@ -346,16 +262,26 @@ def run_budget(o: ThrottleOptions, log: IO[str]) -> dict[str, Any]:
                     time.sleep(SAMPLE_EVERY)
                 for m in leechers:
                     verify_copy(payload, outs[m.name], m.name)
+                last_byte = {m.name: completed_at(os.path.join(work, m.name + ".log")) - t0_wall for m in leechers}
                 cross = _cross_zone_bytes(members) if o.zones > 1 else None
             finally:
                 stop_all(topo, procs, timeout=10)
     finally:
         if not o.keep:
             shutil.rmtree(work, ignore_errors=True)
-    res = report(o, samples, events, done, cross)
+    res = report(o, samples, events, done, cross, last_byte)
     if o.trace:
         res["trace"] = trace
     return res
+
+
+def completed_at(log_path: str) -> float:
+    """Epoch time of the daemon's `complete: N bytes verified` line (its copy's last byte, verified)."""
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            if m := COMPLETE_LINE.match(line):
+                return log_time(m.group(1))
+    raise BenchError(f"{log_path}: the fetch exited 0 but the daemon never logged its copy complete")
 
 
 def _count_at(samples: list[tuple[float, int]], t: float) -> float | None:
@@ -386,8 +312,13 @@ def report(
     events: list[tuple[float, float | None]],
     done: dict[str, float],
     cross: int | None,
+    last_byte: dict[str, float] | None = None,
 ) -> dict[str, Any]:
+    """`done`: when each leecher's `p2pd fetch` exited; `last_byte`: when its daemon had the whole copy
+    (its log; defaults to `done`). Windows are judged while data moves for the whole window: steady
+    (one interval + 1 s after a start or change, the issue's allowance) and ending by the last byte."""
     first_done = min(done.values())
+    data_end = max((last_byte or done).values())
     t_end = max(done.values())
     settle = o.interval + 1.0
     windows: list[dict[str, Any]] = []
@@ -395,17 +326,28 @@ def report(
     while k + 1 <= samples[-1][0]:
         r = rate_at(samples, k, k + 1)
         b = budget_at(events, k)
-        steady = (
+        # one budget in force for the whole window, set at least one interval + 1 s before it starts
+        settled = (
             r is not None
             and b is not None
             and b > 0
             and budget_at(events, k + 1 - 1e-6) == b
             and all(k + 1 <= at or k >= at + settle for at, _ in events)
-            and k + 1 <= first_done
         )
-        windows.append({"t": k, "rate_bps": None if r is None else round(r), "budget_bps": b, "steady": steady})
+        steady = settled and k + 1 <= first_done
+        judged = settled and k + 1 <= data_end
+        windows.append(
+            {
+                "t": k,
+                "rate_bps": None if r is None else round(r),
+                "budget_bps": b,
+                "steady": steady,
+                "judged": judged,
+            }
+        )
         k += 1
     ratios = [w["rate_bps"] / w["budget_bps"] for w in windows if w["steady"]]
+    judged_ratios = [w["rate_bps"] / w["budget_bps"] for w in windows if w["judged"]]
     reaction = None
     change = next(((at, b) for at, b in events[1:] if b), None)
     if change is not None:
@@ -450,6 +392,10 @@ def report(
         "budget_error_max": None if not ratios else round(max(abs(x - 1) for x in ratios), 4),
         "budget_ratio_mean": None if not ratios else round(sum(ratios) / len(ratios), 4),
         "budget_ratio_max": None if not ratios else round(max(ratios), 4),
+        "windows_judged": len(judged_ratios),
+        "max_error_judged": None if not judged_ratios else round(max(abs(x - 1) for x in judged_ratios), 4),
+        "ratio_mean_judged": None if not judged_ratios else round(sum(judged_ratios) / len(judged_ratios), 4),
+        "t_last_byte_s": round(data_end, 2),
         "reaction_s": reaction,
         "pause_rate_max_bps": pause_max,
         "t_s": round(t_end, 2),
@@ -460,7 +406,8 @@ def report(
     }
     out["headline"] = (
         f"throttle 1+{o.peers} {format_size_exact(o.size)} budget {format_bits_rate(o.budget_bps)}: "
-        f"max window error {out['budget_error_max']}, mean {out['budget_ratio_mean']}x budget, "
+        f"max error {out['max_error_judged']} over {len(judged_ratios)} judged windows "
+        f"(mean {out['ratio_mean_judged']}x budget), "
         f"T/(N·F/budget) {out['t_over_t_budget']}"
         + (f", reaction {reaction} s" if reaction is not None else "")
         + (f", cross-zone {out['cross_zone_F']} F" if cross is not None else "")

@@ -39,3 +39,19 @@ def test_report_windows_reaction_and_pause() -> None:
     assert r["reaction_s"] == pytest.approx(1.5, abs=0.11)
     assert r["pause_rate_max_bps"] == 0
     assert r["t_budget_s"] == pytest.approx(4 * 10_000_000 * 8 / 40e6)
+
+
+def test_judged_windows_end_with_the_last_byte_and_keep_real_errors() -> None:
+    """Windows are judged from one interval + 1 s after the start until the last byte: the window holding
+    the end of the transfer (the rate falls as the copies complete) is reported raw but not judged, and an
+    under-used window before it still counts."""
+    o = ThrottleOptions(peers=4, size=10_000_000, budget_bps=40_000_000)
+    s = samples_at([(0, 5, 40e6), (5, 6, 30e6), (6, 9.5, 40e6), (9.5, 12, 1e6)])
+    done = {"p1": 11.0, "p2": 11.5, "p3": 11.8, "p4": 12.0}  # the fetches exit after the daemons finish
+    last = {"p1": 8.2, "p2": 9.0, "p3": 9.4, "p4": 9.5}
+    r = report(o, s, [(0.0, 40e6)], done, None, last)
+    assert [w["t"] for w in r["windows"] if w["judged"]] == [2, 3, 4, 5, 6, 7, 8]
+    assert r["windows_judged"] == 7
+    assert r["max_error_judged"] == pytest.approx(0.25, abs=0.01)  # the 30 Mbit/s window, not hidden
+    assert r["windows"][9]["rate_bps"] < 0.7 * 40e6  # the end of the transfer: kept in the raw windows
+    assert r["t_last_byte_s"] == 9.5

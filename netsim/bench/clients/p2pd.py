@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -36,9 +34,11 @@ from netsim.bench.harness import (
     Node,
     RunResult,
     child_env,
+    p2pd_cmd,
     release_and_wait,
     stop_all,
     tail,
+    tracker_cmd,
     wait_tcp,
 )
 from netsim.bench.model import ChurnEvent
@@ -48,20 +48,6 @@ from p2pd.rpc import RpcError, call_blocking, parse_hostport
 
 TRACKER_PORT = 7400
 NODE_PORT = 7401
-
-
-def p2pd_cmd() -> list[str]:
-    """How to invoke the p2pd CLI."""
-    if os.environ.get("NETSIM_P2PD_CMD"):
-        return shlex.split(os.environ["NETSIM_P2PD_CMD"])
-    return ["p2pd"] if shutil.which("p2pd") else [sys.executable, "-m", "p2pd.cli"]
-
-
-def tracker_cmd() -> list[str]:
-    """How to invoke the tracker CLI."""
-    if os.environ.get("NETSIM_TRACKER_CMD"):
-        return shlex.split(os.environ["NETSIM_TRACKER_CMD"])
-    return ["p2p-tracker"] if shutil.which("p2p-tracker") else [sys.executable, "-m", "tracker.cli"]
 
 
 def _works(argv: list[str]) -> str | None:
