@@ -162,6 +162,11 @@ class Simulation:
         self.seq = itertools.count()
         self.flows = Flows()
         self.dirty = False
+        # rates of flows that ended in this step, by their links: a flow started on the same links in the
+        # same step takes one over (max-min rates depend only on which links each flow crosses, so the
+        # allocation is unchanged and needs no recomputation); any left over at the step's end mean a change
+        self.freed: dict[tuple[int, int, int], list[float]] = {}
+        self.rates_reused = 0
         self.nodes: list[Node] = []
         zones = sc.zones
         self.zone_index = {z: i for i, z in enumerate(zones)}
@@ -223,6 +228,9 @@ class Simulation:
         sample_every = bound / 200
         fl = self.flows
         while self.done_count < self.peers_total:
+            if self.freed:
+                self.dirty = True
+                self.freed.clear()
             if self.dirty:
                 self._recompute()
             alive = np.flatnonzero(fl.alive)
@@ -271,8 +279,16 @@ class Simulation:
         if up.zone != dst.zone and math.isfinite(self.sc.zone_link):
             nz = len(self.zone_index)
             zl = 2 * len(self.nodes) + self.zone_index[up.zone] * nz + self.zone_index[dst.zone]
-        up.sending[dst.nid] = self.flows.start(up.nid, dst.nid, zl, self.sc.unit_length(unit), unit)
-        self.dirty = True
+        s = self.flows.start(up.nid, dst.nid, zl, self.sc.unit_length(unit), unit)
+        up.sending[dst.nid] = s
+        same = self.freed.get((up.nid, dst.nid, zl))
+        if same:
+            self.flows.rate[s] = same.pop()
+            if not same:
+                del self.freed[(up.nid, dst.nid, zl)]
+            self.rates_reused += 1
+        else:
+            self.dirty = True
 
     def _abort_flow(self, s: int) -> None:
         self.wasted += int(self.sc.unit_length(self.flows.unit[s]) - max(0.0, float(self.flows.rem[s])))
@@ -282,8 +298,8 @@ class Simulation:
     def _flow_done(self, s: int) -> None:
         fl = self.flows
         up, dst, unit = self.nodes[int(fl.src[s])], self.nodes[int(fl.dst[s])], fl.unit[s]
+        self.freed.setdefault((up.nid, dst.nid, int(fl.zl[s])), []).append(float(fl.rate[s]))
         fl.stop(s)
-        self.dirty = True
         length = self.sc.unit_length(unit)
         up.uploaded += length
         if up.zone != dst.zone:
@@ -351,6 +367,8 @@ class Simulation:
             if picker.interesting(pid):
                 self._bt_interested(self.nodes[pid], nd)
             return
+        if not picker.interesting(pid):
+            return  # next_request would find nothing to ask this peer (and change nothing)
         depth = self.cfg.pipeline_depth
         up = self.nodes[pid]
         while picker.outstanding(pid) < depth:

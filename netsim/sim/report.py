@@ -67,6 +67,7 @@ def summarize(sim: Simulation, wall: float) -> dict[str, Any]:
             "steps": sim.steps,
             "events": sim.events,
             "rate_recomputes": sim.recomputes,
+            "rates_reused": sim.rates_reused,
             "quantum_s": sim.quantum,
             "wall_s": wall,
         },
