@@ -39,7 +39,7 @@ import trio
 
 from netsim.bench.harness import BenchError, write_json
 from netsim.bench.model import kumar_ross
-from netsim.bench.nat_lt import libtorrent_missing, lt_matrix_table, lt_summary, parse_clients, run_lt_matrix
+from netsim.bench.nat_lt import libtorrent_missing, lt_matrix_table, lt_summary, p95, parse_clients, run_lt_matrix
 from netsim.bench.swarm import preflight, revision
 from netsim.emu import Host, Switch, Topology
 from netsim.emu.nat import NAT_KINDS, add_nat_site
@@ -379,13 +379,6 @@ def matrix_table(m: dict[str, Any]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-def _p95(xs: list[float]) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
-
-
 def matrix_summary(m: dict[str, Any]) -> dict[str, Any]:
     """Connect success, time to first piece per path class (p95 for punched and direct, worst for relay)."""
     cells = m["cells"]
@@ -402,9 +395,9 @@ def matrix_summary(m: dict[str, Any]) -> dict[str, Any]:
         "cells": len(cells),
         "connected": sum(1 for c in cells if c["ok"]),
         "as_expected": sum(1 for c in cells if c["ok"] and c["path"] == c["expected_path"]),
-        "first_piece_p95_direct_s": _p95(times("direct")),
-        "first_piece_p95_punched_s": _p95(times("tcp-punch")),
-        "first_piece_p95_udp_punch_s": _p95(times("udp-punch")),
+        "first_piece_p95_direct_s": p95(times("direct")),
+        "first_piece_p95_punched_s": p95(times("tcp-punch")),
+        "first_piece_p95_udp_punch_s": p95(times("udp-punch")),
         "first_piece_worst_relay_s": max(relay) if relay else None,
         "cone_over_public_throughput": ratio,
         "udp_punch_MBps": tp.get("cone-symmetric", {}).get("MBps"),

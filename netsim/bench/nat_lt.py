@@ -354,7 +354,8 @@ def _lt_version() -> str:
     return str(lt.__version__)
 
 
-def _p95(xs: list[float]) -> float | None:
+def p95(xs: list[float]) -> float | None:
+    """The 95th percentile by rank (nearest rank, no interpolation: a cell count of 25 has no in-between)."""
     if not xs:
         return None
     s = sorted(xs)
@@ -375,7 +376,7 @@ def lt_summary(m: dict[str, Any]) -> dict[str, Any]:
         "over_utp": sum(1 for c in cells if c["ok"] and "uTP" in (c["transport"] or "")),
         "over_tcp": sum(1 for c in cells if c["ok"] and "TCP" in (c["transport"] or "")),
         "holepunched": sum(1 for c in cells if c["ok"] and c["holepunched"]),
-        "first_piece_p95_s": _p95([c["first_piece_s"] for c in cells if c["first_piece_s"] is not None]),
+        "first_piece_p95_s": p95([c["first_piece_s"] for c in cells if c["first_piece_s"] is not None]),
         "cone_MBps": tp.get("cone", {}).get("MBps"),
         "public_MBps": tp.get("public", {}).get("MBps"),
         "cone_over_public_throughput": ratio,
