@@ -429,21 +429,30 @@ class TrackerServer:
             self.membership.refuse("udp heartbeat", f"for node {node_id[:8]} from {addr}: {why}")
 
     def _memory_batch(self, sock: socket.socket, store: MemoryStore) -> int:
-        """The memory store's hot loop: datagram -> registry -> reply, no intermediate objects.
+        """The memory store's hot loop: datagram -> (MAC check) -> registry -> reply, no intermediate objects.
 
         A node id is not validated here: an id that is not registered (malformed or not) is simply
         unknown, and registration (TCP) is where ids are checked. Holdings are validated when present.
+        A datagram for an unknown node or session is answered `known: false` and applies nothing (the
+        sender registers again). On a secured tracker every datagram also carries a MAC under its
+        session's key: a wrong MAC or an old sequence number is dropped unanswered, counted
+        (`udp_forged`) and logged — somebody tried to speak for that node — and the rest of the batch
+        goes on.
         """
         m = self.metrics
         reg = store.reg
+        secured = self.membership is not None
+        want = UDP_VERSION_AUTH if secured else UDP_VERSION
+        tag_size = auth.HEARTBEAT_TAG_SIZE
+        compare = hmac.compare_digest
         decode = _udp_req_decoder.decode
         encode_int = _udp_encoder.encode
         recvfrom = sock.recvfrom
         sendto = sock.sendto
         heartbeat = reg.heartbeat
-        nodes = reg.nodes
-        get_node = nodes.get
-        move_to_end = nodes.move_to_end
+        get_node = reg.nodes.get
+        move_to_end = reg.nodes.move_to_end
+        counters = reg.counters
         now = store.clock()
         stun = self.stun.on_heartbeat_port if self.stun is not None and sock in self.stun.sockets.values() else None
         # reply = msgpack [1, seq, known, interval, policy]: everything but seq is the same for the batch;
@@ -467,90 +476,11 @@ class TrackerServer:
                 log.debug("udp recv: %s", e)
                 continue
             n += 1
-            try:
-                req = decode(data)
-                if req.version != UDP_VERSION:
-                    raise V.bad(f"unsupported udp heartbeat version {req.version}")
-                holdings = V.holdings(req.holdings) if req.holdings is not None else None
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TrackerError) as e:
-                if stun is not None and stun(data, addr):
-                    continue
-                m.udp_rejected += 1
-                log.debug("udp datagram from %s rejected: %s", addr, e)
-                continue
-            demand = parse_report(req.demand) if req.demand is not None else None
-            if holdings is None and demand is None:  # the steady state, inlined: what Registry.heartbeat does
-                node = get_node(req.node_id)
-                if node is not None and node.session == req.session:
-                    node.last_seen = now
-                    node.heartbeats += 1
-                    move_to_end(req.node_id)
-                    fast += 1
-                    reply = head + encode_int(req.seq) + known_tail
-                else:
-                    known = heartbeat(req.node_id, None, now, req.session)  # counts the unknown one
-                    reply = head + encode_int(req.seq) + (known_tail if known else unknown_tail)
-            else:
-                known = heartbeat(req.node_id, holdings, now, req.session, demand)
-                reply = head + encode_int(req.seq) + (known_tail if known else unknown_tail)
-            if budgets:
-                reply += encode_int(share_of(req.node_id))
-            if undelivered:
-                reply += (b"" if budgets else b"\xc0") + (b"\xc3" if req.node_id in undelivered else b"\xc0")
-            try:
-                sendto(reply, addr)
-            except (BlockingIOError, InterruptedError):
-                pass  # send buffer full: the node retries over TCP; UDP replies are best effort by design
-            except OSError as e:
-                if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    raise
-        reg.counters.heartbeats += fast
-        m.udp_datagrams += n
-        return n
-
-    def _memory_batch_auth(self, sock: socket.socket, store: MemoryStore) -> int:
-        """`_memory_batch` for a secured tracker: every datagram's MAC and sequence number are checked.
-
-        A datagram for an unknown node or session is answered `known: false` and applies nothing (the
-        sender registers again, which proves its key); one with a wrong MAC or an old sequence number is
-        dropped unanswered, counted (`udp_forged`) and logged: somebody tried to speak for that node.
-        """
-        m = self.metrics
-        reg = store.reg
-        decode = _udp_req_decoder.decode
-        encode_int = _udp_encoder.encode
-        recvfrom = sock.recvfrom
-        sendto = sock.sendto
-        heartbeat = reg.heartbeat
-        get_node = reg.nodes.get
-        move_to_end = reg.nodes.move_to_end
-        compare = hmac.compare_digest
-        tag_size = auth.HEARTBEAT_TAG_SIZE
-        now = store.clock()
-        stun = self.stun.on_heartbeat_port if self.stun is not None and sock in self.stun.sockets.values() else None
-        tail = _udp_encoder.encode(store.interval) + _udp_encoder.encode(reg.policy)
-        known_tail, unknown_tail = b"\xc3" + tail, b"\xc2" + tail
-        budgets = reg.budgets.active
-        head = b"\x96\x01" if budgets else b"\x95\x01"  # a 6th element: the node's share (see _memory_batch)
-        share_of = reg.share_of
-        undelivered = store.preheat.undelivered  # a 7th element: orders pending (see _memory_batch)
-        if undelivered:
-            head = b"\x97\x01"
-        n = fast = 0
-        for _ in range(UDP_MAX_BATCH):
-            try:
-                data, addr = recvfrom(UDP_MAX_DATAGRAM)
-            except BlockingIOError:
-                break
-            except OSError as e:  # e.g. ECONNREFUSED reported for an earlier reply: not fatal
-                log.debug("udp recv: %s", e)
-                continue
-            n += 1
-            body = data[:-tag_size]
+            body = data[:-tag_size] if secured else data
             try:
                 req = decode(body)
-                if req.version != UDP_VERSION_AUTH:
-                    raise V.bad(f"unsupported udp heartbeat version {req.version} (this tracker takes 2)")
+                if req.version != want:
+                    raise V.bad(f"unsupported udp heartbeat version {req.version} (this tracker takes {want})")
                 holdings = V.holdings(req.holdings) if req.holdings is not None else None
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TrackerError) as e:
                 if stun is not None and stun(data, addr):
@@ -558,33 +488,35 @@ class TrackerServer:
                 m.udp_rejected += 1
                 log.debug("udp datagram from %s rejected: %s", addr, e)
                 continue
-            node = get_node(req.node_id)
-            if node is None or node.session != req.session or node.skey is None:
-                reg.counters.unknown_heartbeats += 1
+            nid = req.node_id
+            node = get_node(nid)
+            if node is None or node.session != req.session or (secured and node.skey is None):
+                counters.unknown_heartbeats += 1
                 reply = head + encode_int(req.seq) + unknown_tail
             else:
-                mac = node.skey.copy()  # the key schedule is done once per session (auth.heartbeat_mac)
-                mac.update(body)
-                if not compare(mac.digest(), data[-tag_size:]):
-                    self._refuse_udp(req.node_id, addr, "bad MAC")
-                    continue
-                if req.seq <= node.seq:
-                    self._refuse_udp(req.node_id, addr, "replayed sequence number")
-                    continue
-                node.seq = req.seq
+                if secured:  # the MAC step: the key schedule is done once per session (auth.heartbeat_mac)
+                    mac = node.skey.copy()
+                    mac.update(body)
+                    if not compare(mac.digest(), data[-tag_size:]):
+                        self._refuse_udp(nid, addr, "bad MAC")
+                        continue
+                    if req.seq <= node.seq:
+                        self._refuse_udp(nid, addr, "replayed sequence number")
+                        continue
+                    node.seq = req.seq
                 demand = parse_report(req.demand) if req.demand is not None else None
-                if holdings is None and demand is None:
+                if holdings is None and demand is None:  # the steady state, inlined: what Registry.heartbeat does
                     node.last_seen = now
                     node.heartbeats += 1
-                    move_to_end(req.node_id)
+                    move_to_end(nid)
                     fast += 1
                 else:
-                    heartbeat(req.node_id, holdings, now, req.session, demand)
+                    heartbeat(nid, holdings, now, req.session, demand)
                 reply = head + encode_int(req.seq) + known_tail
             if budgets:
-                reply += encode_int(share_of(req.node_id))
+                reply += encode_int(share_of(nid))
             if undelivered:
-                reply += (b"" if budgets else b"\xc0") + (b"\xc3" if req.node_id in undelivered else b"\xc0")
+                reply += (b"" if budgets else b"\xc0") + (b"\xc3" if nid in undelivered else b"\xc0")
             try:
                 sendto(reply, addr)
             except (BlockingIOError, InterruptedError):
@@ -592,7 +524,7 @@ class TrackerServer:
             except OSError as e:
                 if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     raise
-        reg.counters.heartbeats += fast
+        counters.heartbeats += fast
         m.udp_datagrams += n
         return n
 
@@ -623,11 +555,10 @@ class TrackerServer:
         m = self.metrics
         store = self.store
         if isinstance(store, MemoryStore):
-            batch = self._memory_batch if self.membership is None else self._memory_batch_auth
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 t0 = time.perf_counter()
-                if batch(sock, store):
+                if self._memory_batch(sock, store):
                     m.udp_batches += 1
                     m.udp_batch_seconds.observe(time.perf_counter() - t0)
         send, recv = trio.open_memory_channel[

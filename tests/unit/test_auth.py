@@ -1,7 +1,7 @@
 """Who is who (issue #14): the authenticated peer handshake and the MACed UDP heartbeat, sans sockets.
 
 The handshake runs over in-memory streams between real identities; the tracker's secured UDP path
-(`TrackerServer._memory_batch_auth`) runs over a fake socket that hands it datagrams. Hypothesis
+(`TrackerServer._memory_batch`) runs over a fake socket that hands it datagrams. Hypothesis
 throws arbitrary bytes at both decoders: they refuse with their one error type (or drop the
 datagram), never crash, and never let a datagram without the session key touch a node.
 """
@@ -217,7 +217,7 @@ def test_a_sealed_heartbeat_is_applied_once_and_a_forged_or_replayed_one_is_refu
     node = store.reg.nodes[NODE.node_id]
     now[0] = 101.0
     sock = FakeSock([beat(session, 5, None)])
-    server._memory_batch_auth(sock, store)  # type: ignore[arg-type]
+    server._memory_batch(sock, store)  # type: ignore[arg-type]
     assert node.last_seen == 101.0 and len(sock.sent) == 1 and sock.sent[0][3] == 0xC3  # known
     now[0] = 102.0
     forged = [
@@ -226,7 +226,7 @@ def test_a_sealed_heartbeat_is_applied_once_and_a_forged_or_replayed_one_is_refu
         msgspec.msgpack.encode(UdpRequest(UDP_VERSION, NODE.node_id, session, 7, {})),  # unauthenticated v1
     ]
     sock = FakeSock(forged)
-    server._memory_batch_auth(sock, store)  # type: ignore[arg-type]
+    server._memory_batch(sock, store)  # type: ignore[arg-type]
     assert node.holdings == {AID: 1.0} and node.last_seen == 101.0
     assert sock.sent == [] and server.metrics.udp_forged == 2 and server.metrics.udp_rejected == 1
 
@@ -241,5 +241,72 @@ def test_arbitrary_datagrams_never_touch_a_node_without_its_session_key(datagram
     # also well-formed bodies for the node's real session, sealed with a wrong key or with a bad tag
     good = beat(session, seq, None)
     datagrams += [beat(session, seq, {}, key=b"k" * 32), good[:-1] + bytes([good[-1] ^ 1])]  # (x00 could be right)
-    server._memory_batch_auth(FakeSock(datagrams), store)  # type: ignore[arg-type]
+    server._memory_batch(FakeSock(datagrams), store)  # type: ignore[arg-type]
     assert node.last_seen == 100.0 and node.holdings == {AID: 1.0}
+
+
+NODE2 = NodeKey.from_seed(b"\x0f" * 32)
+SKEY2 = b"t" * 32
+
+
+def test_hostile_datagrams_in_a_batch_do_not_drop_or_corrupt_the_others_replies() -> None:
+    """One batch: two nodes' good beats interleaved with forged, replayed, garbage and v1 datagrams.
+
+    Each good beat gets exactly its own reply (its seq, known) in order; the hostile ones get none."""
+    now = [100.0]
+    server, store, session = secured_server(now)
+    node2 = store.reg.register(NODE2.node_id, "10.0.0.2", 7000, {}, "t", now[0], key=NODE2.public, session_key=SKEY2)
+    now[0] = 120.0
+
+    def beat2(seq: int, holdings: dict[str, float] | None, key: bytes = SKEY2) -> bytes:
+        return seal(msgspec.msgpack.encode(UdpRequest(2, NODE2.node_id, node2.session, seq, holdings)), key)
+
+    good1 = beat(session, 10, None)
+    batch = [
+        good1,
+        b"\x00" * 3,  # garbage shorter than a tag
+        beat2(3, {AID: 0.5}),
+        beat(session, 11, {}, key=SKEY2),  # node 1's id, node 2's key
+        good1,  # replay inside the same batch
+        msgspec.msgpack.encode(UdpRequest(UDP_VERSION, NODE2.node_id, node2.session, 9, {})),  # unsealed v1
+        beat2(4, None)[:-1] + b"\x00",  # a bad tag byte... unless it was 0 already: then 3 < 4 still applies
+        beat(session, 12, None),
+        b"\x95" + b"\xff" * 40,  # not msgpack that decodes
+    ]
+    tampered_ok = batch[6] == beat2(4, None)
+    sock = FakeSock(batch)
+    assert server._memory_batch(sock, store) == len(batch)  # type: ignore[arg-type]
+    replies = [msgspec.msgpack.decode(r) for r in sock.sent]
+    want = [(10, True), (3, True)] + ([(4, True)] if tampered_ok else []) + [(12, True)]
+    assert [(r[1], r[2]) for r in replies] == want
+    n1 = store.reg.nodes[NODE.node_id]
+    assert n1.seq == 12 and n1.last_seen == 120.0 and n1.holdings == {AID: 1.0}
+    assert node2.holdings == {AID: 0.5} and node2.last_seen == 120.0
+    assert server.metrics.udp_forged == (2 if tampered_ok else 3) and server.metrics.udp_rejected == 3
+
+
+def test_an_open_tracker_answers_every_good_beat_in_a_batch_with_bad_ones_mixed_in() -> None:
+    """The same hot loop without a membership (no MAC step): unknown nodes get `known: false`, garbage nothing."""
+    now = [100.0]
+    store = MemoryStore(1.0, clock=lambda: now[0])
+    server = TrackerServer(store, stun=None)
+    node = store.reg.register(NODE.node_id, "10.0.0.1", 7000, {}, "t", now[0])
+    now[0] = 130.0
+
+    def v1(nid: str, session: int, seq: int, holdings: dict[str, float] | None = None) -> bytes:
+        return msgspec.msgpack.encode(UdpRequest(UDP_VERSION, nid, session, seq, holdings))
+
+    batch = [
+        v1(NODE.node_id, node.session, 1),
+        b"\xc1",  # never valid msgpack
+        v1("nobody", 1, 2, {AID: 1.0}),  # unknown node: answered known=false, nothing stored
+        beat(node.session, 3, None),  # a v2 (sealed) datagram on an open tracker: rejected
+        v1(NODE.node_id, node.session + 1, 4),  # stale session
+        v1(NODE.node_id, node.session, 5, {AID: 0.25}),
+    ]
+    sock = FakeSock(batch)
+    server._memory_batch(sock, store)  # type: ignore[arg-type]
+    replies = [msgspec.msgpack.decode(r) for r in sock.sent]
+    assert [(r[1], r[2]) for r in replies] == [(1, True), (2, False), (4, False), (5, True)]
+    assert node.holdings == {AID: 0.25} and node.last_seen == 130.0 and "nobody" not in store.reg.nodes
+    assert server.metrics.udp_rejected == 2 and store.reg.counters.unknown_heartbeats == 2
