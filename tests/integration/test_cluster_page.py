@@ -81,7 +81,20 @@ def test_cluster_page_renders_live_data_in_headless_chromium(tmp_path: Path, bro
     from selenium.webdriver.common.by import By
 
     def texts(css: str) -> list[str]:
-        return [e.text for e in browser.find_elements(By.CSS_SELECTOR, css)]
+        # one script reads every match at once: the page re-renders live, so elements found in one call
+        # and read in later ones can be gone by then (StaleElementReferenceException)
+        got: list[str] = browser.execute_script(
+            "return Array.from(document.querySelectorAll(arguments[0]),"
+            " e => (e.innerText ?? e.textContent).replace(/\\s+/g, ' ').trim())",
+            css,
+        )
+        return got
+
+    def attr(css: str, name: str) -> str | None:
+        got: str | None = browser.execute_script(
+            "const e = document.querySelector(arguments[0]); return e && e.getAttribute(arguments[1])", css, name
+        )
+        return got
 
     with LocalCluster(tmp_path / "c") as c:
         t = c.start_tracker("--admin-listen", f"{HOST}:0", "--admin-token", TOKEN, interval=0.5)
@@ -118,7 +131,7 @@ def test_cluster_page_renders_live_data_in_headless_chromium(tmp_path: Path, bro
             zones = texts("#zones tr.zone")
             assert [z.split()[:2] for z in zones] == [["eu", "2"], ["us", "1"]], zones
             wait_for("the artifact with holders", lambda: len(texts(f'[data-artifact-id="{aid}"] tr.holder')) >= 2)
-            assert "model:v1" in browser.find_element(By.CSS_SELECTOR, f'[data-artifact-id="{aid}"] h3').text
+            assert any("model:v1" in h for h in texts(f'[data-artifact-id="{aid}"] h3'))
             for p in fetches:
                 assert p.wait(timeout=120) == 0
         finally:
@@ -132,10 +145,10 @@ def test_cluster_page_renders_live_data_in_headless_chromium(tmp_path: Path, bro
         wait_for("three complete holders", lambda: sum(h.endswith("100.0%") for h in texts(holders)) == 3)
         # the chart: a point per heartbeat interval, and the transfer's rate above zero in them
         assert max(s[1] for s in cluster_json(port)["throughput"]) > 0
-        wait_for("chart points", lambda: int(browser.find_element(By.ID, "chart").get_attribute("data-samples")) >= 3)
-        points = browser.find_element(By.ID, "throughput-line").get_attribute("points").split()
+        wait_for("chart points", lambda: int(attr("#chart", "data-samples") or 0) >= 3)
+        points = (attr("#throughput-line", "points") or "").split()
         assert len(points) >= 3 and len({p.split(",")[1] for p in points}) > 1, points  # not a flat line
-        assert browser.find_element(By.ID, "chart-max").text.endswith("B/s")
+        assert texts("#chart-max")[0].endswith("B/s")
         use = texts("#budgets tbody tr")
         assert use[0].startswith("total none"), use
         shot = artifacts_dir(tmp_path) / "cluster-page.png"
