@@ -39,7 +39,16 @@ import trio
 
 from netsim.bench.harness import BenchError, write_json
 from netsim.bench.model import kumar_ross
-from netsim.bench.nat_lt import libtorrent_missing, lt_matrix_table, lt_summary, p95, parse_clients, run_lt_matrix
+from netsim.bench.nat_lt import (
+    first_piece,
+    grid_table,
+    libtorrent_missing,
+    lt_matrix_table,
+    lt_summary,
+    p95,
+    parse_clients,
+    run_lt_matrix,
+)
 from netsim.bench.swarm import preflight, revision
 from netsim.emu import Host, Switch, Topology
 from netsim.emu.nat import NAT_KINDS, add_nat_site
@@ -364,19 +373,8 @@ def run_matrix(
 
 
 def matrix_table(m: dict[str, Any]) -> str:
-    """Rows: seed kind, columns: leech kind; cell: path and time to first piece."""
-    kinds = m["kinds"]
-    by = {(c["seed"], c["leech"]): c for c in m["cells"]}
-    rows = [["seed \\ leech", *kinds]]
-    for sk in kinds:
-        row = [sk]
-        for lk in kinds:
-            c = by[(sk, lk)]
-            t = "-" if c["first_piece_s"] is None else f"{c['first_piece_s']:.2f}s"
-            row.append(f"{c['path'] or 'FAILED'} {t}" + ("" if c["ok"] else " !"))
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    """Cell: path and time to first piece."""
+    return grid_table(m, lambda c: f"{c['path'] or 'FAILED'} {first_piece(c)}" + ("" if c["ok"] else " !"))
 
 
 def matrix_summary(m: dict[str, Any]) -> dict[str, Any]:

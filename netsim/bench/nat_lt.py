@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -383,21 +384,26 @@ def lt_summary(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def lt_matrix_table(m: dict[str, Any]) -> str:
-    """Rows: seed kind, columns: leech kind; cell: transport (+hp if holepunched) and time to first piece."""
+def grid_table(m: dict[str, Any], cell: Callable[[dict[str, Any]], str]) -> str:
+    """Rows: seed kind, columns: leech kind, each cell written by `cell`; columns padded to one width."""
     kinds = m["kinds"]
     by = {(c["seed"], c["leech"]): c for c in m["cells"]}
-    rows = [["seed \\ leech", *kinds]]
-    for sk in kinds:
-        row = [sk]
-        for lk in kinds:
-            c = by[(sk, lk)]
-            if not c["connected"] and not c["ok"]:
-                row.append("no-connection")
-                continue
-            how = (c["transport"] or "connected") + ("+holepunch" if c["holepunched"] else "")
-            t = "-" if c["first_piece_s"] is None else f"{c['first_piece_s']:.2f}s"
-            row.append(f"{how} {t}" + ("" if c["ok"] else " !"))
-        rows.append(row)
+    rows = [["seed \\ leech", *kinds]] + [[sk, *(cell(by[(sk, lk)]) for lk in kinds)] for sk in kinds]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def first_piece(c: dict[str, Any]) -> str:
+    return "-" if c["first_piece_s"] is None else f"{c['first_piece_s']:.2f}s"
+
+
+def lt_matrix_table(m: dict[str, Any]) -> str:
+    """Cell: transport (+holepunch) and time to first piece."""
+
+    def cell(c: dict[str, Any]) -> str:
+        if not c["connected"] and not c["ok"]:
+            return "no-connection"
+        how = (c["transport"] or "connected") + ("+holepunch" if c["holepunched"] else "")
+        return f"{how} {first_piece(c)}" + ("" if c["ok"] else " !")
+
+    return grid_table(m, cell)
