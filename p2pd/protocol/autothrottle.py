@@ -167,6 +167,8 @@ class DirectionController:
             self.yielding = True
             self.headroom = reserve
             self._full_at = now
+            # the link just showed it is full: a try above the capacity now would only take the service's room
+            self._probe_at = now
         elif now - self._loud_at >= cfg.release_after:
             self.yielding = False
             self.limit = INF

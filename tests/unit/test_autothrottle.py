@@ -95,6 +95,15 @@ def test_greedy_service_gets_the_link_within_two_seconds() -> None:
     assert "other traffic" in link.decision.why and "floor" in link.decision.why
 
 
+def test_no_probe_above_the_capacity_right_after_p2pd_starts_yielding() -> None:
+    """The link just showed it is full: a try for more then only takes the room a service is growing into."""
+    link = SharedLink(flows=1)
+    link.run(10, demand=0)  # longer than probe_every alone on the link
+    decisions = link.run(AutoThrottleConfig().probe_every - TICK, demand=math.inf)
+    assert any(d.state == "yielding" for d in decisions)
+    assert not any("probing" in d.why for d in decisions), [d.why for d in decisions]
+
+
 def test_limit_is_capacity_minus_other_minus_reserve_then_the_headroom_shrinks() -> None:
     link = SharedLink()
     link.run(5, demand=0)
