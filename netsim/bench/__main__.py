@@ -26,6 +26,7 @@ import json
 import shlex
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from netsim.bench import autothrottle, nat, preheat, ray_first_result, throttle, tracker_load
 from netsim.bench.clients import CLIENT_NAMES
@@ -87,6 +88,27 @@ def swarm_links(a: argparse.Namespace) -> tuple[int, int, list[RateClass]]:
         return sum(c.count for c in classes), max(c.up_bps for c in classes), classes
     peers = SWARM_DEFAULT_PEERS if a.peers is None else a.peers
     return peers, rate_bits(SWARM_DEFAULT_RATE) if a.rate is None else a.rate, []
+
+
+# the emulated benchmarks whose module brings its own options (add_arguments(parser, size, rate)) and entry point
+EMULATED: dict[str, tuple[Any, str, Callable[[argparse.Namespace, str], int]]] = {
+    "nat": (nat, "NAT traversal: matrix of NAT kinds, and a swarm behind NATs", nat.run),
+    "throttle": (
+        throttle,
+        "bandwidth governance: global budgets (error per 1-s window, reaction, time vs N·F/budget)",
+        throttle.run,
+    ),
+    "autothrottle": (autothrottle, "auto-throttling: p2pd beside a TCP service on one node's link", autothrottle.main),
+    "preheat": (preheat, "preheat from the tracker (admin preheat --all) against the swarm bound", preheat.run),
+}
+
+
+def _described(sub: Any, name: str, module: Any, help_: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows its module's docstring (what it measures and how)."""
+    parsed: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    return parsed
 
 
 def parser() -> argparse.ArgumentParser:
@@ -165,43 +187,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     r = sub.add_parser("render", help="a result JSON as the Markdown block kept in BENCHMARKS.md")
     r.add_argument("file")
-    t = sub.add_parser(
-        "tracker",
-        help="heartbeat load against one tracker process (and opentracker)",
-        description=tracker_load.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    tracker_load.add_arguments(
+        _described(sub, "tracker", tracker_load, "heartbeat load against one tracker process (and opentracker)")
     )
-    tracker_load.add_arguments(t)
-    y = sub.add_parser(
-        "ray",
-        help="Ray: submit -> first inference result, against its bound",
-        description=ray_first_result.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ray_first_result.add_arguments(
+        _described(sub, "ray", ray_first_result, "Ray: submit -> first inference result, against its bound")
     )
-    ray_first_result.add_arguments(y)
-    nt = sub.add_parser("nat", help="NAT traversal: matrix of NAT kinds, and a swarm behind NATs")
-    nat.add_arguments(nt, _size, _rate_bits)
-    th = sub.add_parser(
-        "throttle",
-        help="bandwidth governance: global budgets (error per 1-s window, reaction, time vs N·F/budget)",
-        description=throttle.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    throttle.add_arguments(th, _size, _rate_bits)
-    at = sub.add_parser(
-        "autothrottle",
-        help="auto-throttling: p2pd beside a TCP service on one node's link",
-        description=autothrottle.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    autothrottle.add_arguments(at, _size, _rate_bits)
-    ph = sub.add_parser(
-        "preheat",
-        help="preheat from the tracker (admin preheat --all) against the swarm bound",
-        description=preheat.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    preheat.add_arguments(ph, _size, _rate_bits)
+    for name, (module, help_, _run) in EMULATED.items():
+        module.add_arguments(_described(sub, name, module, help_), _size, _rate_bits)
     return ap
 
 
@@ -220,14 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return tracker_load.run(a, command)
     if a.cmd == "ray":
         return ray_first_result.main(a)
-    if a.cmd == "throttle":
-        return _guarded(throttle.run, a, command)
-    if a.cmd == "autothrottle":
-        return _guarded(autothrottle.main, a, command)
-    if a.cmd == "nat":
-        return _guarded(nat.run, a, command)
-    if a.cmd == "preheat":
-        return _guarded(preheat.run, a, command)
+    if a.cmd in EMULATED:
+        return _guarded(EMULATED[a.cmd][2], a, command)
     try:
         if a.cmd == "swarm":
             from netsim.bench.swarm import SwarmOptions, run_swarm
