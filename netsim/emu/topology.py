@@ -529,38 +529,10 @@ class Topology:
         if nat != "none":
             extra = ["--random-fully"] if nat == "symmetric" else []
             _run([*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", wan_if, "-j", "MASQUERADE", *extra])
-            _run(
-                [
-                    *ipt,
-                    "-A",
-                    "INPUT",
-                    "-i",
-                    wan_if,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "ESTABLISHED,RELATED",
-                    "-j",
-                    "ACCEPT",
-                ]
-            )
-            _run([*ipt, "-A", "INPUT", "-i", wan_if, "-j", "DROP"])
-            _run(
-                [
-                    *ipt,
-                    "-A",
-                    "FORWARD",
-                    "-i",
-                    wan_if,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "ESTABLISHED,RELATED",
-                    "-j",
-                    "ACCEPT",
-                ]
-            )
-            _run([*ipt, "-A", "FORWARD", "-i", wan_if, "-j", "DROP"])
+            established = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED"]
+            for chain in ("INPUT", "FORWARD"):  # nothing unsolicited from the wan reaches the router or its lan
+                _run([*ipt, "-A", chain, "-i", wan_if, *established, "-j", "ACCEPT"])
+                _run([*ipt, "-A", chain, "-i", wan_if, "-j", "DROP"])
         return r
 
     # ----------------------------------------------------------------- processes
