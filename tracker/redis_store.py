@@ -40,7 +40,7 @@ from typing import Any
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.auth import heartbeat_mac
-from tracker.budgets import Budgets, Demand, Share, allocate, usage, weight_of, wire_share
+from tracker.budgets import Budgets, Demand, Share, ShareLedger, allocate, usage, weight_of, wire_share
 from tracker.preheat import Order, PreheatBook
 from tracker.registry import NAT_UNKNOWN
 from tracker.resp import Redis, RedisError, RedisUnavailable
@@ -296,6 +296,7 @@ class RedisStore:
         self._policy: dict[str, Any] = {}
         self._budgets = Budgets()
         self._shares: dict[str, Share] = {}
+        self._ledger = ShareLedger()  # what the nodes beating at this replica hold (tracker/budgets.py)
         self._demands: dict[str, Demand] = {}
         self._zones: dict[str, str] = {}  # node id -> zone: a node's zone changes only when it registers again
         self._pending: set[str] = set()  # nodes with undelivered preheat orders, as of the last refresh
@@ -558,6 +559,7 @@ class RedisStore:
             self._shares = allocate(self._budgets, self._demands)
         else:
             self._shares = {}
+        self._ledger.resplit(self._budgets, self._shares, {n: d.zone for n, d in self._demands.items()})
 
     async def _live_zones(self) -> dict[str, str]:
         """Zone of every live node (cached per node id; looked up in Redis for new ones)."""
@@ -615,7 +617,10 @@ class RedisStore:
         return set((await self._live_zones()).values())
 
     def share_of(self, node_id: str) -> list[float | None] | None:
-        return wire_share(self._budgets, self._shares.get(node_id))
+        """As the memory store's: what the nodes that beat at this replica hold is in its own ledger."""
+        if not self._budgets.active:
+            return None
+        return wire_share(self._budgets, self._ledger.grant(node_id))
 
     async def throttle_view(self) -> dict[str, Any]:
         demands = self._demands if self._budgets.active else await self._load_demands()

@@ -37,7 +37,7 @@ from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.auth import heartbeat_mac
 from tracker import cluster_view as CV
-from tracker.budgets import Budgets, Demand, Share, allocate, weight_of, wire_share
+from tracker.budgets import Budgets, Demand, Share, ShareLedger, allocate, weight_of, wire_share
 from tracker.validate import NatInfo, TrackerError
 
 ZONE_LABEL = "zone"
@@ -232,6 +232,7 @@ class Registry:
         self.policy: dict[str, Any] = {}
         self.budgets = Budgets()
         self.shares: dict[str, Share] = {}  # from the last `reallocate`, sent with heartbeat replies
+        self.ledger = ShareLedger()  # what each node holds of its share (sent with its last reply)
         self.counters = Counters()
         # sums of every live node's last reported egress_rate and cross_rate (bytes/s), kept as heartbeats
         # come and nodes go, so the cluster throughput is O(1) to sample at any number of nodes
@@ -497,10 +498,14 @@ class Registry:
     def reallocate(self) -> None:
         """Split every budget among the live nodes by their demands (every interval, and on a change)."""
         self.shares = allocate(self.budgets, self.demands()) if self.budgets.active else {}
+        self.ledger.resplit(self.budgets, self.shares, {nid: n.zone for nid, n in self.nodes.items()})
 
     def share_of(self, node_id: str) -> list[float | None] | None:
-        """This node's share as heartbeat replies carry it (tracker/budgets.py wire_share)."""
-        return wire_share(self.budgets, self.shares.get(node_id))
+        """This node's share for its heartbeat reply, as far as the others' held shares leave room for it
+        (tracker/budgets.py ShareLedger): only call it for a reply that is sent."""
+        if not self.budgets.active:
+            return None
+        return wire_share(self.budgets, self.ledger.grant(node_id))
 
     def known_zones(self) -> set[str]:
         return {n.zone for n in self.nodes.values()}

@@ -61,6 +61,27 @@ async def test_shares_follow_demand_within_the_budgets(store: Store) -> None:
     assert store.share_of(ids[0]) is None and not (await store.throttle_view())["active"]
 
 
+async def test_an_increase_is_sent_only_once_the_decrease_making_room_was(store: Store) -> None:
+    """Heartbeats out of phase: the seed held the whole budget and now should shrink while two leechers grow.
+    A leecher beating before the seed must not get its larger share yet: the sum of the shares nodes hold
+    would exceed the budget until the seed's next heartbeat (tracker/budgets.py ShareLedger)."""
+    seed, l1, l2 = nid(0), nid(1), nid(2)
+    for i, n in enumerate([seed, l1, l2]):
+        await store.register(n, "10.0.0.1", 7000 + i, {}, "0.1.0")
+    await store.heartbeat_many([Heartbeat(seed, None, demand=(BIG, 0.0, 90.0, 0.0))])
+    await store.set_budgets(Budgets(total=100.0))
+    assert [store.share_of(n) for n in (seed, l1, l2)] == [[pytest.approx(100.0), None], [0.0, None], [0.0, None]]
+    demand = (30.0, 0.0, 0.0, 0.0)
+    await store.heartbeat_many([Heartbeat(n, None, demand=demand) for n in (l1, l2)])
+    await store.heartbeat_many([Heartbeat(seed, None, demand=(40.0, 0.0, 90.0, 0.0))])
+    await store.refresh()  # the split: 40 / 30 / 30
+    assert store.share_of(l1) == [0.0, None]  # the seed still holds all 100
+    assert store.share_of(seed) == [pytest.approx(40.0), None]
+    assert store.share_of(l1) == [pytest.approx(30.0), None]
+    assert store.share_of(l2) == [pytest.approx(30.0), None]
+    await store.set_budgets(Budgets())
+
+
 async def test_redis_replicas_hand_out_the_same_shares(cluster: LocalCluster) -> None:
     from tracker.redis_store import RedisStore
 

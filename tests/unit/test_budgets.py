@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracker.budgets import Budgets, Demand, allocate, max_min, parse_report, usage, weight_of
+from tracker.budgets import Budgets, Demand, Share, ShareLedger, allocate, max_min, parse_report, usage, weight_of
 from tracker.validate import TrackerError
 
 rates = st.floats(min_value=0, max_value=1e10, allow_nan=False, allow_infinity=False)
@@ -160,3 +160,68 @@ def test_weight_and_usage() -> None:
     assert weight_of({"b" * 64: 1.0}, {aid: 3.0}) == 1.0
     u = usage({"x": Demand(zone="z", egress_rate=5.0, cross_rate=1.0), "y": Demand(zone="z", egress_rate=2.0)})
     assert u == {"total": 7.0, "cross_zone": 1.0, "zones": {"z": 7.0}}
+
+
+def _sums_within(b: Budgets, zone_of: dict[str, str], holds: dict[str, Share]) -> None:
+    if b.total is not None:
+        assert sum(s.egress or 0.0 for s in holds.values()) <= b.total * (1 + 1e-9) + EPS
+    for z, cap in b.zones.items():
+        assert sum(s.egress or 0.0 for n, s in holds.items() if zone_of[n] == z) <= cap * (1 + 1e-9) + EPS
+    if b.cross_zone is not None:
+        assert sum(s.cross or 0.0 for s in holds.values()) <= b.cross_zone * (1 + 1e-9) + EPS
+
+
+@settings(max_examples=200)
+@given(
+    b=budgets_st,
+    zone_of=st.dictionaries(st.sampled_from("abcdef"), zones, min_size=1),
+    rounds=st.lists(
+        st.tuples(
+            st.dictionaries(st.sampled_from("abcdef"), st.tuples(rates, rates)),  # demands this interval
+            st.lists(st.sampled_from("abcdef"), max_size=12),  # heartbeats until the next split, in order
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_held_shares_never_add_up_to_more_than_a_budget_and_a_stable_split_is_in_force_in_two_rounds(
+    b: Budgets, zone_of: dict[str, str], rounds: list[tuple[dict[str, tuple[float, float]], list[str]]]
+) -> None:
+    """Heartbeats in any order between splits: at every moment the shares nodes hold (the last one sent;
+    a node not sent one yet counts at its first split share) are within every budget."""
+    ledger = ShareLedger()
+    holds: dict[str, Share] = {}
+    split: dict[str, Share] = {}
+    for want, beats in rounds:
+        demands = {n: Demand(z, *want.get(n, (0.0, 0.0))) for n, z in zone_of.items()}
+        split = allocate(b, demands)
+        ledger.resplit(b, split, zone_of)
+        for n, s in split.items():
+            holds.setdefault(n, s)
+        for n in beats:
+            if n in zone_of:
+                got = ledger.grant(n)
+                assert got is not None
+                holds[n] = got
+                _sums_within(b, zone_of, holds)
+    for _ in range(2):  # demands stable from here: every node beats twice, in any order
+        for n in zone_of:
+            holds[n] = ledger.grant(n)  # type: ignore[assignment]
+            _sums_within(b, zone_of, holds)
+    assert holds == split
+
+
+def test_an_increase_waits_for_the_decrease_that_makes_room_for_it() -> None:
+    """The seed held the whole budget; leechers now ask for most of it: a leecher beating before the seed
+    gets only what is free, and the rest at its next heartbeat after the seed's decrease was sent."""
+    b = Budgets(total=100.0)
+    zone_of = {"seed": "", "l1": "", "l2": ""}
+    ledger = ShareLedger()
+    ledger.resplit(b, allocate(b, {"seed": Demand("", 1e9), "l1": Demand(), "l2": Demand()}), zone_of)
+    assert ledger.grant("seed") == Share(100.0, None)
+    assert ledger.grant("l1") == Share(0.0, None)
+    ledger.resplit(b, allocate(b, {"seed": Demand("", 40.0), "l1": Demand("", 30.0), "l2": Demand("", 30.0)}), zone_of)
+    assert ledger.grant("l1") == Share(0.0, None)  # the seed still holds all 100
+    assert ledger.grant("seed") == Share(40.0, None)  # a decrease is given at once
+    assert ledger.grant("l2") == Share(30.0, None)
+    assert ledger.grant("l1") == Share(30.0, None)
