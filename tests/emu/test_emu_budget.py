@@ -16,15 +16,10 @@ pytestmark = pytest.mark.emu
 
 
 def test_budget_holds_follows_a_change_pauses_and_resumes(emu: None) -> None:
-    """Two attempts: shares reach the nodes with their heartbeats, out of phase, so while the split
-    converges (the first seconds) a node's larger share can be in force before another's smaller one
-    and a window overshoots (1.16-1.23x seen in one of two quiet bench runs, 2026-11-26; BENCHMARKS.md
-    "Final quiet run"). That is an open defect of #13 (the tracker does not yet bound the sum of the
-    shares nodes hold), not hidden here: both attempts overshooting fails the test."""
-    for attempt in range(2):
-        r, why = _budget_run()
-        if r["budget_ratio_max"] <= 1.1 or attempt == 1:
-            break
+    """The sum of the shares nodes hold stays within the budget (plus the tracker's 5 % overcommit) while
+    the split converges, whatever order the nodes' heartbeats come in (tracker/budgets.py ShareLedger):
+    no window may pass 1.1x the budget in force, the first seconds included."""
+    r, why = _budget_run()
     assert r["steady_windows"] >= 5, why
     # every steady 1-s window at most 1.1x the budget in force, and 0.8x of it on average
     assert r["budget_ratio_max"] <= 1.1, why
