@@ -14,8 +14,9 @@ much it wants, only the share TCP's fairness gives it. So p2pd leaves `headroom`
 the link is full again: p2pd sees the larger other traffic and yields again (and multiplicatively
 while the link stays full), so a greedy service takes all but p2pd's floor within about a second.
 A service that wants a fixed rate leaves the headroom unused; after `settle` seconds the headroom
-shrinks to `min_headroom_fraction`, so p2pd uses nearly all of what the service leaves free, and the
-full reserve comes back the moment the link fills up again.
+shrinks to `min_headroom_fraction`, so p2pd uses nearly all of what the service leaves free. Under that
+thin headroom the link at its top is p2pd's own doing (and a paced sender's bursts fill it), so there only
+other traffic that grew brings the full reserve back.
 
 A learned capacity can be too low (the link was never full while p2pd watched), and then the link looks
 full at it. So while p2pd's limit binds, it tries `probe_fraction` more for one tick every `probe_every`
