@@ -103,15 +103,21 @@ class AutoThrottleConfig:
     full_smoothing: float = 0.5  # seconds; the slower average that decides "the link is full" (paced senders burst)
     quiet_fraction: float = 0.03  # other traffic under this share of capacity is noise (ssh, monitoring, heartbeats)
     quiet_min: float = 64_000.0  # bytes/s; ...and under this absolute rate (slow links)
-    min_headroom_fraction: float = 0.05  # the headroom shrinks to this once other traffic stopped growing
-    settle: float = 1.0  # seconds other traffic must stay below the link's top before the headroom shrinks
+    # the headroom shrinks to this once other traffic stopped growing: a paced service's bursts no longer read as
+    # demand (only other traffic that grows does), so a thin margin suffices and p2pd uses what is left
+    min_headroom_fraction: float = 0.015
+    settle: float = 1.0  # seconds other traffic must stay below the link's top before the headroom shrinks...
+    headroom_halving: float = 0.25  # ...then it halves this often (reserve to the minimum in about a second)
+    growth_fraction: float = 0.10  # other traffic that grew by this share of the reserve (from when the link
+    # was last full) is a demand: the whole reserve comes back (noise and a paced sender's bursts stay under it)
     floor_fraction: float = 0.03  # p2pd never drops below this share of capacity: transfers slow down, never stall
     floor_min: float = 256 * 1024.0  # bytes/s; ...nor below this (a few 16 KiB chunks a second per connection)
     backoff: float = 0.5  # while the link stays full, p2pd's limit shrinks by this factor per tick at least
+    first_backoff: float = 0.25  # the first yield on a full link: straight to a quarter (queues drain meanwhile)
     ramp_doubling: float = 0.25  # seconds; when room appears the limit may double this often (floor to link: ~1 s),
     ramp_hold: float = 0.5  # ...after the link was last full (a service growing into the room shows up by then)
     probe_every: float = 3.0  # seconds between tries above a learned capacity (it may be an underestimate)...
-    probe_fraction: float = 0.10  # ...each one tick of this share more (on a full link: ~1 % of a service's rate)
+    probe_fraction: float = 0.05  # ...each one tick of this share more (on a full link: ~0.5 % of a service's rate)
     onset: float = 0.5  # seconds other traffic must stay above quiet before p2pd yields (counter skew is a blip)
     min_learned_capacity: float = 1e6  # bytes/s; a learned rate under 8 Mbit/s is a link not yet used, not its size
     release_after: float = 0.75  # seconds other traffic must stay quiet before p2pd drops its limit

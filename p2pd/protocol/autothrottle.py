@@ -14,8 +14,9 @@ much it wants, only the share TCP's fairness gives it. So p2pd leaves `headroom`
 the link is full again: p2pd sees the larger other traffic and yields again (and multiplicatively
 while the link stays full), so a greedy service takes all but p2pd's floor within about a second.
 A service that wants a fixed rate leaves the headroom unused; after `settle` seconds the headroom
-shrinks to `min_headroom_fraction`, so p2pd uses nearly all of what the service leaves free, and the
-full reserve comes back the moment the link fills up again.
+shrinks to `min_headroom_fraction`, so p2pd uses nearly all of what the service leaves free. Under that
+thin headroom the link at its top is p2pd's own doing (and a paced sender's bursts fill it), so there only
+other traffic that grew brings the full reserve back.
 
 A learned capacity can be too low (the link was never full while p2pd watched), and then the link looks
 full at it. So while p2pd's limit binds, it tries `probe_fraction` more for one tick every `probe_every`
@@ -106,6 +107,8 @@ class DirectionController:
         self._iface = _Ewma(cfg.smoothing)
         self._iface_slow = _Ewma(cfg.full_smoothing)  # "is the link full": a paced service's bursts are not demand
         self._own = _Ewma(cfg.smoothing)
+        self._other_slow = _Ewma(cfg.full_smoothing)  # the other traffic as slowly as "full" is judged
+        self._other_settled = 0.0  # the other traffic when the link was last full (the headroom then shrinks)
         self._reverse = _Ewma(cfg.smoothing)
         self.learned = 0.0  # the highest smoothed rate the interface carried
         self.yielding = False
@@ -114,7 +117,8 @@ class DirectionController:
         self._full_at = now  # last tick the link was full (headroom back to the whole reserve)
         self._loud_at = now  # last tick other traffic was above half the quiet level
         self._quiet_at = now  # last tick (while not yielding) other traffic was under the quiet level
-        self._probe_at = now  # last tick p2pd tried more than the learned capacity leaves it
+        self._probe_at = now  # last tick p2pd tried more than the learned capacity leaves it (or began yielding)
+        self._tried_at = -INF  # last tick p2pd actually tried more (the slow average holds the try a while)
         self._probing = False  # the last tick was such a try
         self._learned_at_probe = 0.0
         self._before_probe = INF  # the limit before the current try
@@ -152,8 +156,10 @@ class DirectionController:
         raw_other = (
             iface_bytes / dt - own_bytes / dt * (1.0 + cfg.header_overhead) - reverse_own_bytes / dt * cfg.ack_overhead
         )
+        other_slow = self._other_slow.add(max(0.0, raw_other), dt)
         if min(other, raw_other) >= quiet / 2:
             self._loud_at = now
+        starting = False
         if not self.yielding:
             if other <= quiet:
                 self._quiet_at = now
@@ -165,7 +171,9 @@ class DirectionController:
                 self.decision = Decision(INF, cap, other, own, "idle", f"other traffic {mbit(other)} ({why})")
                 return self.decision
             self.yielding = True
+            starting = True
             self.headroom = reserve
+            self._other_settled = other_slow
             self._full_at = now
             # the link just showed it is full: a try above the capacity now would only take the service's room
             self._probe_at = now
@@ -181,15 +189,17 @@ class DirectionController:
         # once) and p2pd tries more at the next tick; if not, the link is full and the next tick yields again.
         grew = self.learned > self._learned_at_probe * 1.02
         binds = own >= 0.9 * self.limit  # (the average lags a raised limit: a try that worked goes on regardless)
+        # other traffic growing under a thin headroom wants the room a try would take (its growth is about to show)
+        growing = self.headroom < self.reserve(cap) and other_slow >= self._other_settled + quiet / 2
         if (
             cfg.link_capacity is None
             and not math.isinf(self.limit)
-            and ((self._probing and grew) or (binds and now - self._probe_at >= cfg.probe_every))
+            and ((self._probing and grew) or (binds and not growing and now - self._probe_at >= cfg.probe_every))
         ):
             if not self._probing:
                 self._before_probe = self.limit
             self._probing = True
-            self._probe_at, self._learned_at_probe = now, self.learned
+            self._probe_at, self._tried_at, self._learned_at_probe = now, now, self.learned
             self.limit = max(floor, self.limit + cfg.probe_fraction * cap)
             self.decision = Decision(self.limit, cap, other, own, "yielding", f"other traffic {mbit(other)} (probing)")
             return self.decision
@@ -201,14 +211,34 @@ class DirectionController:
             self.decision = Decision(self.limit, cap, other, own, "yielding", why)
             return self.decision
         # (the average still holds the try for a while after a failed one: that is not a service's demand)
-        full = iface_slow >= cap - self.headroom / 2 and now - self._probe_at > cfg.full_smoothing
+        if self.headroom >= reserve:  # the level the service settled at, before the headroom shrinks
+            self._other_settled = other_slow
+        else:
+            # the headroom has shrunk: the link at its top is then p2pd's own doing (its limit leaves only a thin
+            # margin), and only other traffic that grew shows a demand; a paced sender's bursts fill the margin
+            # without wanting more. A growing service takes the margin every tick, so the link stays at its top.
+            if now - self._tried_at > 2 * cfg.settle:  # (a try squeezed it, and it regrows over a second or two)
+                self._other_settled = min(self._other_settled, other_slow)
+            grew = other_slow >= self._other_settled + reserve * cfg.growth_fraction
+            full = grew and iface_slow >= cap - reserve / 2
+        if self.headroom >= reserve:
+            full = iface_slow >= cap - self.headroom / 2
+        full = full and now - self._tried_at > cfg.full_smoothing
         if full:
             self.headroom = reserve
             self._full_at = now
+            self._other_settled = other_slow
+            self._probe_at = now  # (the link showed it is full: a try above the capacity would only take room)
         elif now - self._full_at >= cfg.settle:
-            self.headroom = max(min(cfg.min_headroom_fraction * cap, reserve), self.headroom * 0.5 ** (dt / cfg.settle))
+            h_min = min(cfg.min_headroom_fraction * cap, reserve)
+            self.headroom = max(h_min, self.headroom * 0.5 ** (dt / cfg.headroom_halving))
         target = (cap - other - self.headroom) / (1.0 + cfg.header_overhead)  # the limit counts payload, not headers
-        if full:  # someone's demand is not met: give way at least multiplicatively
+        if full and starting:
+            # a newcomer on a full link: p2pd's socket and qdisc queues still drain at the old rate for a tick or
+            # two, and the newcomer gets only its TCP share of them; give way deeply at once (a paced service
+            # leaves room that the ramp takes back; a greedy one gets the link a second sooner)
+            target = min(target, max(min(own, self.limit), floor) * cfg.first_backoff)
+        elif full:  # someone's demand is not met: give way at least multiplicatively
             target = min(target, max(min(own, self.limit), floor) * cfg.backoff)
         elif not math.isinf(self.limit) and now - self._full_at >= cfg.ramp_hold:
             # room again: take it back fast but not in one jump (a TCP dip is not an exit)

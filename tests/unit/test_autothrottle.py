@@ -108,10 +108,12 @@ def test_limit_is_capacity_minus_other_minus_reserve_then_the_headroom_shrinks()
     link = SharedLink()
     link.run(5, demand=0)
     service = 0.4 * CAP
-    link.run(1.5, demand=service)  # 6 ticks
+    decisions = link.run(1.5, demand=service)  # 6 ticks
     reserve = 0.2 * link.decision.capacity
     assert link.decision.state == "yielding"
-    assert link.decision.limit <= link.decision.capacity - service - reserve + 0.05 * CAP
+    # (the first yield on the full link goes deeper; then the service shows its rate and the reserve holds)
+    held = [d for d in decisions if d.state == "yielding"][1:3]
+    assert held and all(d.limit <= d.capacity - d.other - reserve + 0.02 * CAP for d in held), held
     assert link.service == pytest.approx(service, rel=0.05)
     link.run(5, demand=service)  # the service stays at its rate: the headroom shrinks
     left = CAP - link.service
@@ -123,7 +125,9 @@ def test_service_that_grows_gets_the_reserve_back() -> None:
     link = SharedLink()
     link.run(5, demand=0)
     link.run(6, demand=0.3 * CAP)
-    link.run(2.5, demand=0.7 * CAP)  # (2 s, and a probe's tick may fall in it)
+    # under the thin headroom a service grows by a fraction of it per round trip, until its growth shows
+    # (growth_fraction of the reserve) and the reserve comes back: 3 s (and a probe's tick may fall in it)
+    link.run(3.5, demand=0.7 * CAP)
     assert link.service >= 0.95 * 0.7 * CAP
 
 
@@ -162,12 +166,17 @@ def test_a_known_capacity_and_an_absolute_reserve() -> None:
     ctl.tick(0.0, Sample(0, 0, 0, 0))
     tx = 0.0
     t = 0.0
-    for _ in range(8):  # only the service, 10 MB/s: p2pd is told 25 - 10 - 1 (less headers)
+    first = None
+    for _ in range(16):  # only the service, 10 MB/s: p2pd is told 25 - 10 - 1 (less headers)
         t += TICK
         tx += 10e6 * TICK
         eg, _ = ctl.tick(t, Sample(0, int(tx), 0, 0))
-    assert eg.capacity == CAP
-    assert eg.limit == pytest.approx((CAP - 10e6 - 1e6) / (1 + cfg.header_overhead), rel=0.02)  # payload, not wire
+        first = first or (eg if eg.state == "yielding" else None)
+    assert first is not None and eg.capacity == CAP
+    assert first.limit == pytest.approx((CAP - 10e6 - 1e6) / (1 + cfg.header_overhead), rel=0.02)  # payload, not wire
+    # the service stayed at its rate: the headroom shrank to the minimum (1.5 % of the link, under the 1 MB/s)
+    h_min = cfg.min_headroom_fraction * CAP
+    assert eg.limit == pytest.approx((CAP - 10e6 - h_min) / (1 + cfg.header_overhead), rel=0.02)
 
 
 def test_counters_that_go_back_restart_the_measurement() -> None:
@@ -278,3 +287,39 @@ def test_a_learned_capacity_below_the_minimum_is_still_learning() -> None:
     for i in range(1, 9):  # 2 s of 400 kB/s that is not p2pd's
         eg, _ = ctl.tick(i * TICK, Sample(0, int(i * 100_000), 0, 0))
         assert eg.state == "learning" and math.isinf(eg.limit), eg
+
+
+def test_a_greedy_service_gets_most_of_the_link_within_a_second_and_a_half() -> None:
+    """The first yield on a full link goes to a quarter at once (then halves per tick while the link stays full):
+    p2pd's queues drain meanwhile, and the newcomer is not held at its TCP share for the onset's ticks."""
+    link = SharedLink()
+    link.run(5, demand=0)
+    got = [(link.step(math.inf), link.service)[1] for _ in range(6)]  # 1.5 s
+    assert got[-1] >= 0.8 * CAP, [round(g / CAP, 2) for g in got]
+
+
+def test_p2pd_uses_what_a_bursty_paced_service_leaves() -> None:
+    """A paced sender's bursts fill a thin headroom without wanting more: only other traffic that grew brings the
+    reserve back, so p2pd keeps using all but min_headroom_fraction of what the service leaves free."""
+    link = SharedLink()
+    link.run(5, demand=0)
+    used, service = [], []
+    for i in range(60):  # 15 s: the service at half the link, +-3 % from tick to tick
+        link.step((0.5 + (0.03 if i % 2 else -0.03)) * CAP)
+        used.append(link.own * (1 + HEADERS))
+        service.append(link.service)
+    left = CAP - sum(service[16:]) / 44
+    assert sum(used[16:]) / 44 >= 0.95 * left, [round(u / left, 2) for u in used]
+    assert min(used[16:]) >= 0.8 * left  # no backoff on a burst
+    # (the model drops what a burst above the thin headroom cannot send; a real paced sender queues it and
+    # catches up: the emulated bench's paced service keeps its 0.95 of idle)
+    assert sum(service[16:]) / 44 >= 0.93 * 0.5 * CAP
+
+
+def test_a_paced_service_that_grows_gets_the_reserve_back() -> None:
+    link = SharedLink()
+    link.run(5, demand=0)
+    link.run(8, demand=0.3 * CAP)
+    assert link.ctl.egress.headroom < 0.05 * CAP  # settled: the thin headroom
+    link.run(4, demand=math.inf)
+    assert link.service >= 0.9 * CAP
