@@ -323,3 +323,24 @@ async def test_pause_holds_senders_without_debt_and_resume_is_immediate(autojump
     in_window = sum(n for t, n in sent if resumed + 1 <= t <= resumed + 11)
     assert in_window / 10 == pytest.approx(10 * MB, rel=0.02)
     assert limiter.waited > 9.0  # the pause counts as waiting: a paused node reports it wants more
+
+
+@FAST
+@given(rates=st.lists(st.floats(1e5, 1e8), min_size=2, max_size=6), chunk=st.integers(1024, 65536))
+def test_a_changed_share_applies_at_once_without_a_burst(rates: list[float], chunk: int) -> None:
+    """A share from the tracker (issue #13's ledger gives decreases at once, increases later): a node
+    applies it on receipt (`set_rate(now=...)`), and over each second that follows it sends at most
+    the new rate plus the bucket's burst plus the one chunk reserved under the old rate."""
+    b = TokenBucket(rates[0], now=0.0)
+    sends: list[tuple[float, int]] = []
+    now = 0.0
+    for k, r in enumerate(rates):
+        start = float(k)
+        b.set_rate(r, now=start)
+        now = max(now, start)
+        while now < start + 1.0:
+            now += b.reserve(chunk, now)
+            sends.append((now, chunk))
+    for k, r in enumerate(rates):
+        sent = sum(n for t, n in sends if k <= t < k + 1)
+        assert sent <= r * 1.0 + max(65536.0, 0.05 * r) + chunk
