@@ -112,9 +112,15 @@ class PunchSockets:
         # Bound synchronously (a wildcard bind to port 0 never blocks): an await per socket is a trip through
         # trio's scheduler each, and on a node busy moving pieces 256 of them took longer than the tracker
         # waits for the answer (3 s; the NAT swarm's symmetric nodes fell back to the relay).
+        await self.grow(self.count)
+        return self
+
+    async def grow(self, count: int) -> None:
+        """Open sockets until there are `count` (a hard side opens its 256 once it knows it punches)."""
+        self.count = max(self.count, count)
         wildcard = "::" if self.family == socket.AF_INET6 else "0.0.0.0"
         try:
-            for _ in range(self.count):
+            for _ in range(count - len(self.socks)):
                 raw = socket.socket(self.family, socket.SOCK_DGRAM)
                 try:
                     raw.bind((wildcard, 0))
@@ -128,7 +134,6 @@ class PunchSockets:
             self.close_all()
             raise
         await trio.lowlevel.checkpoint()
-        return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
@@ -362,8 +367,6 @@ class UdpPunchConnector:
             held[0] = True
 
         try:
-            if kind == up.SYMMETRIC:
-                enter_gate()  # every punch we can do is a birthday punch: a place before the 256 sockets
             return await self._connect(nursery, remote_id, artifact_id, kind, stun_server, enter_gate, reached)
         finally:
             if held[0]:
@@ -382,14 +385,16 @@ class UdpPunchConnector:
         assert self.signal.addr is not None
         deadline = trio.current_time() + self.timeout
         family = _family(self.signal.addr[0])
-        count = up.HARD_SOCKETS if kind == up.SYMMETRIC else 1
+        hard = kind == up.SYMMETRIC
         try:
-            socks = await PunchSockets(family, count).__aenter__()
+            # a hard side opens its other sockets once the peer's NAT type says it punches (not with another
+            # symmetric or a UDP-blocked peer) and the gate has room
+            socks = await PunchSockets(family, 1).__aenter__()
         except OSError as e:  # out of file descriptors or ports: this path is not available now
-            raise ConnectError(f"cannot open {count} UDP socket(s): {e.strerror or e}") from None
+            raise ConnectError(f"cannot open a UDP socket: {e.strerror or e}") from None
         async with socks:
             try:
-                port = await socks.public_port(stun_server if count == 1 else None)  # a hard side's port: moot
+                port = await socks.public_port(None if hard else stun_server)  # a hard side's port: moot
                 r = await self.signal.call(
                     "udp_punch",
                     {"target": remote_id, "artifact_id": artifact_id, "port": port, "nat": kind},
@@ -414,8 +419,13 @@ class UdpPunchConnector:
             )
             if decision.plan is up.Plan.NONE:
                 raise ConnectError(f"no UDP path: {decision.reason}")
-            if decision.plan is up.Plan.EASY:
+            if decision.plan in (up.Plan.EASY, up.Plan.HARD):
                 enter_gate()
+            if decision.plan is up.Plan.HARD:
+                try:
+                    await socks.grow(up.HARD_SOCKETS)
+                except OSError as e:
+                    raise ConnectError(f"cannot open {up.HARD_SOCKETS} UDP sockets: {e.strerror or e}") from None
             if reached is not None:
                 reached()
             try:
