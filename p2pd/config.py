@@ -79,6 +79,10 @@ class TraversalConfig:
     rendezvous_timeout: float = 5.0  # a rendezvous request to the tracker
     remember_direct: float = 300.0  # a peer reached directly is dialled directly only, for this long
     max_answering: int = 32  # punches and relay meetings asked of us at once; more are refused (logged)
+    # birthday punches (cone <-> symmetric, either side) at once: each costs a symmetric side 256 sockets and
+    # ~1,000 probes/s; 4-8 at once starved a symmetric node's TCP paths in the NAT swarm (BENCHMARKS.md); 2 lets
+    # a node punch with a full cone and a port-restricted one at the same time (the NAT matrix)
+    max_birthday_punches: int = 2
     # -- the relay this node offers (`p2pd run --relay`)
     offer_relay: bool = False
     relay_listen: tuple[str, int] = ("0.0.0.0", 7701)

@@ -302,7 +302,14 @@ class Swarm:
             "pieces_deferred": seeding.pieces_deferred,
             "bytes_by_path": bytes_by_path(self.path_totals()),
             "connections": [
-                {"node_id": c.remote_id, "addr": c.addr, "path": str(c.path), "initiator": c.initiator}
+                {
+                    "node_id": c.remote_id,
+                    "addr": c.addr,
+                    "path": str(c.path),
+                    "initiator": c.initiator,
+                    "bytes_down": c.bytes_down,
+                    "bytes_up": c.bytes_up,
+                }
                 for c in self.conns.values()
             ],
             "error": self.error,

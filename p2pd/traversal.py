@@ -384,6 +384,7 @@ class Traversal:
         # QUIC (the udp-punch path) needs a certificate: a self-signed one per daemon run; it encrypts
         # but does not authenticate (node authentication is issue #14)
         self.credentials = quic_stream.Credentials(node_id) if "udp-punch" in config.paths else None
+        self.birthday_gate = udp_punch.BirthdayGate(config.max_birthday_punches)  # ours and answered ones
         self.relay: Relay | None = None
         self._relay_keys: list[bytes] = []
         if config.offer_relay:
@@ -409,6 +410,7 @@ class Traversal:
                 rendezvous_timeout=config.rendezvous_timeout,
                 timeout=config.udp_punch_timeout,
                 handshake_timeout=swarm.handshake_timeout,
+                gate=self.birthday_gate,
             ),
             "relay": RelayConnector(
                 identity,
@@ -528,6 +530,7 @@ class Traversal:
                 timeout=self.config.udp_punch_timeout,
                 handshake_timeout=self.swarm_config.handshake_timeout,
                 serves=self.serves,
+                gate=self.birthday_gate,
             )
         except ConnectError as e:
             log.info("udp punch asked by %s not answered: %s", str(event.get("from"))[:8], e)

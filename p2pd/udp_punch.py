@@ -73,6 +73,32 @@ def own_nat(get: NatGetter) -> tuple[str, tuple[str, int] | None]:
     return st.nat_type.value, st.server
 
 
+class BirthdayGate:
+    """How many birthday punches (either side) this node runs at once; one more is refused, not queued.
+
+    Why: a hard side opens `HARD_SOCKETS` sockets, runs a listener on each and sends ~1,000 probes/s, an
+    easy side sprays 2,000 probes/s. In the NAT swarm (1 + 8, `netsim.bench nat`) each symmetric node was
+    asked for 4-8 at once, and retried each failed one 2 s later: over half of its CPU went to punching,
+    its event loop answered 2 s late, the punches timed out against the tracker's window (and were tried
+    again), and its TCP paths to the public peers moved almost nothing for 6 s. A refused punch is a path
+    that failed at once: the race goes on to the relay. Not queued: the tracker's rendezvous window (3 s) is
+    shorter than a punch, so a punch waiting its turn would expire anyway.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0
+
+    def try_enter(self) -> bool:
+        if self.running >= self.limit:
+            return False
+        self.running += 1
+        return True
+
+    def leave(self) -> None:
+        self.running -= 1
+
+
 class PunchSockets:
     """The socket(s) one side punches from: one, or `HARD_SOCKETS` for a symmetric NAT's side."""
 
@@ -86,9 +112,15 @@ class PunchSockets:
         # Bound synchronously (a wildcard bind to port 0 never blocks): an await per socket is a trip through
         # trio's scheduler each, and on a node busy moving pieces 256 of them took longer than the tracker
         # waits for the answer (3 s; the NAT swarm's symmetric nodes fell back to the relay).
+        await self.grow(self.count)
+        return self
+
+    async def grow(self, count: int) -> None:
+        """Open sockets until there are `count` (a hard side opens its 256 once it knows it punches)."""
+        self.count = max(self.count, count)
         wildcard = "::" if self.family == socket.AF_INET6 else "0.0.0.0"
         try:
-            for _ in range(self.count):
+            for _ in range(count - len(self.socks)):
                 raw = socket.socket(self.family, socket.SOCK_DGRAM)
                 try:
                     raw.bind((wildcard, 0))
@@ -102,7 +134,6 @@ class PunchSockets:
             self.close_all()
             raise
         await trio.lowlevel.checkpoint()
-        return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
@@ -302,6 +333,7 @@ class UdpPunchConnector:
         rendezvous_timeout: float,
         timeout: float,
         handshake_timeout: float,
+        gate: BirthdayGate | None = None,
     ) -> None:
         self.identity = identity
         self.node_id = identity.node_id
@@ -311,6 +343,7 @@ class UdpPunchConnector:
         self.rendezvous_timeout = rendezvous_timeout
         self.timeout = timeout
         self.handshake_timeout = handshake_timeout
+        self.gate = gate if gate is not None else BirthdayGate(1)
 
     async def connect(
         self, remote_id: str, addr: tuple[str, int], artifact_id: str, *, reached: Callable[[], None] | None = None
@@ -326,16 +359,42 @@ class UdpPunchConnector:
         kind, stun_server = own_nat(self.nat)
         if kind == up.UDP_BLOCKED:
             raise ConnectError("this node's network blocks UDP")
+        held = [False]  # this connect holds a place in the gate (it runs a birthday punch)
+
+        def enter_gate() -> None:
+            if not self.gate.try_enter():
+                raise ConnectError(f"{self.gate.running} birthday punch(es) under way already (the most at once)")
+            held[0] = True
+
+        try:
+            return await self._connect(nursery, remote_id, artifact_id, kind, stun_server, enter_gate, reached)
+        finally:
+            if held[0]:
+                self.gate.leave()
+
+    async def _connect(
+        self,
+        nursery: trio.Nursery,
+        remote_id: str,
+        artifact_id: str,
+        kind: str,
+        stun_server: tuple[str, int] | None,
+        enter_gate: Callable[[], None],
+        reached: Callable[[], None] | None,
+    ) -> Connection:
+        assert self.signal.addr is not None
         deadline = trio.current_time() + self.timeout
         family = _family(self.signal.addr[0])
-        count = up.HARD_SOCKETS if kind == up.SYMMETRIC else 1
+        hard = kind == up.SYMMETRIC
         try:
-            socks = await PunchSockets(family, count).__aenter__()
+            # a hard side opens its other sockets once the peer's NAT type says it punches (not with another
+            # symmetric or a UDP-blocked peer) and the gate has room
+            socks = await PunchSockets(family, 1).__aenter__()
         except OSError as e:  # out of file descriptors or ports: this path is not available now
-            raise ConnectError(f"cannot open {count} UDP socket(s): {e.strerror or e}") from None
+            raise ConnectError(f"cannot open a UDP socket: {e.strerror or e}") from None
         async with socks:
             try:
-                port = await socks.public_port(stun_server if count == 1 else None)  # a hard side's port: moot
+                port = await socks.public_port(None if hard else stun_server)  # a hard side's port: moot
                 r = await self.signal.call(
                     "udp_punch",
                     {"target": remote_id, "artifact_id": artifact_id, "port": port, "nat": kind},
@@ -360,6 +419,13 @@ class UdpPunchConnector:
             )
             if decision.plan is up.Plan.NONE:
                 raise ConnectError(f"no UDP path: {decision.reason}")
+            if decision.plan in (up.Plan.EASY, up.Plan.HARD):
+                enter_gate()
+            if decision.plan is up.Plan.HARD:
+                try:
+                    await socks.grow(up.HARD_SOCKETS)
+                except OSError as e:
+                    raise ConnectError(f"cannot open {up.HARD_SOCKETS} UDP sockets: {e.strerror or e}") from None
             if reached is not None:
                 reached()
             try:
@@ -422,8 +488,53 @@ async def answer(
     timeout: float,
     handshake_timeout: float,
     serves: Callable[[str], bool],
+    gate: BirthdayGate | None = None,
 ) -> Connection | None:
-    """Answer a `udp-punch` signal: punch with the node that asked, accept its QUIC connection and handshake."""
+    """Answer a `udp-punch` signal: punch with the node that asked, accept its QUIC connection and handshake.
+
+    A birthday punch (either side) is answered only while `gate` has room: refused, the asker's punch
+    times out at the tracker and its race goes on to the relay."""
+    gate = gate if gate is not None else BirthdayGate(1)
+    remote_id = str(event["from"])
+    birthday = up.plan(own_nat(nat)[0], str(event.get("nat", "unknown"))).plan in (up.Plan.HARD, up.Plan.EASY)
+    if birthday and not gate.try_enter():
+        log.info(
+            "udp punch asked by %s not answered: %d birthday punch(es) under way already (the most at once)",
+            remote_id[:8],
+            gate.running,
+        )
+        return None
+    try:
+        return await _answer(
+            identity,
+            signal,
+            event,
+            nat=nat,
+            nursery=nursery,
+            credentials=credentials,
+            rendezvous_timeout=rendezvous_timeout,
+            timeout=timeout,
+            handshake_timeout=handshake_timeout,
+            serves=serves,
+        )
+    finally:
+        if birthday:
+            gate.leave()
+
+
+async def _answer(
+    identity: auth.Identity,
+    signal: SignalChannel,
+    event: dict[str, Any],
+    *,
+    nat: NatGetter,
+    nursery: trio.Nursery,
+    credentials: quic_stream.Credentials,
+    rendezvous_timeout: float,
+    timeout: float,
+    handshake_timeout: float,
+    serves: Callable[[str], bool],
+) -> Connection | None:
     node_id = identity.node_id
     remote_id = str(event["from"])
     artifact_id = str(event["artifact_id"])

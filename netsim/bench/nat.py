@@ -62,6 +62,8 @@ TRACKER_PORT, ADMIN_PORT, NODE_PORT = 7070, 7071, 7700
 TOKEN = "netsim-nat-token"
 SHORT = {"public": "pub", "full-cone": "fc", "port-restricted-cone": "prc", "symmetric": "sym", "udp-blocked": "blk"}
 POLL_S = 0.05
+# the swarm's timeline: one sample of every peer's connections this often
+TIMELINE_S = 0.25
 
 
 def expected_path(seed_kind: str, leech_kind: str) -> str:
@@ -460,10 +462,21 @@ def run_nat_swarm(
                 seed_left.append(trio.current_time() - t0)
                 await trio.to_thread.run_sync(seed.process.stop)
 
-            async with trio.open_nursery() as n:
-                n.start_soon(seed_leaves)
-                for h in peers:
-                    n.start_soon(leech, h)
+            names = {(await node.call("status"))["node_id"]: name for name, node in lab.nodes.items()}
+            timeline: list[dict[str, Any]] = []
+
+            async def sample() -> None:
+                while True:
+                    timeline.append(await timeline_sample(lab, peers, aid, names, trio.current_time() - t0))
+                    await trio.sleep(TIMELINE_S)
+
+            async with trio.open_nursery() as outer:
+                outer.start_soon(sample)
+                async with trio.open_nursery() as n:
+                    n.start_soon(seed_leaves)
+                    for h in peers:
+                        n.start_soon(leech, h)
+                outer.cancel_scope.cancel()
             t = max((f.total_s or math.inf) for f in fetched.values())
             identical = {}
             want = await trio.to_thread.run_sync(sha256_tree, src)
@@ -487,6 +500,7 @@ def run_nat_swarm(
                 seed_bytes_by_path=seed_paths,
                 received_by_path=received_by_path(by_path),
                 pieces=pieces,
+                timeline=timeline,
             )
 
         try:
@@ -508,6 +522,37 @@ def run_nat_swarm(
         "relay_F": round(relayed / size, 3),
         "relay_pairs_spliced": stats.get("relay_pairs_spliced"),
     }
+
+
+async def timeline_sample(lab: NatLab, peers: list[Host], aid: str, names: dict[str, str], t: float) -> dict[str, Any]:
+    """Each peer at time `t`: pieces done and, per connected peer (by name), path and piece bytes received.
+
+    A series of these shows when each path came up and its rate over time (which peer trails, and why).
+    """
+    out: dict[str, Any] = {"t": round(t, 3)}
+
+    async def one(h: Host) -> None:
+        t_call = trio.current_time()
+        try:
+            art = await lab.nodes[h.name].artifact(aid)
+        except (OSError, RpcError):
+            art = None
+        if art is None:
+            return
+        out[h.name] = {
+            "done": art["pieces_done"],
+            # how long the node's control socket took to answer: a busy or blocked event loop shows here
+            "rpc_s": round(trio.current_time() - t_call, 3),
+            "conns": {
+                names.get(c["node_id"], c["node_id"][:8]): [c["path"], c.get("bytes_down", 0)]
+                for c in art.get("connections", [])
+            },
+        }
+
+    async with trio.open_nursery() as n:
+        for h in peers:
+            n.start_soon(one, h)
+    return out
 
 
 def received_by_path(by_path: dict[str, dict[str, dict[str, int]]]) -> dict[str, int]:
