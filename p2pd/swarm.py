@@ -146,7 +146,11 @@ class Swarm:
         # The picker stays after completion: it remembers the requests we cancelled, whose pieces may still arrive.
         self.picker: Picker[ps.PeerSession] = Picker(self.n, bits.indices(have))
         self.seeding: DistinctFirstSeeding[PeerConn] = DistinctFirstSeeding(
-            self.n, enabled=config.seed_distinct, serve_tail=config.serve_tail, upload_slots=config.upload_slots
+            self.n,
+            enabled=config.seed_distinct,
+            serve_tail=config.serve_tail,
+            upload_slots=config.upload_slots,
+            slots_min_peers=config.upload_slots_min_peers,
         )
         self.done = trio.Event()
         if self.complete:
@@ -377,17 +381,19 @@ class Swarm:
         if isinstance(event, ps.UploadRequested):
             i = event.index
             if (
+                # (the scan only past the gate: it is per request, on the seed's hot path)
+                self.config.upload_slots
+                and len(self.conns) >= self.config.upload_slots_min_peers
+                and self.seeding.slots_busy(
+                    conn,
+                    [c for c in self.conns.values() if c.uploading or c.session.uploads],
+                    peers=len(self.conns),
+                )
+            ) or (
                 self.complete
                 and self.seeding.enabled
                 and self.seeding.defer_request(
-                    i,
-                    conn,
-                    {c: c.session.remote_have for c in self.conns.values()},
-                    complete=True,
-                    # (only with upload slots: the scan is per request, on the seed's hot path)
-                    serving=[c for c in self.conns.values() if c.uploading or c.session.uploads]
-                    if self.config.upload_slots
-                    else (),
+                    i, conn, {c: c.session.remote_have for c in self.conns.values()}, complete=True
                 )
             ):
                 session.defer(i)

@@ -73,7 +73,16 @@ class Node:
     )
 
     def __init__(
-        self, nid: int, up: float, down: float, zone: str, seed: bool, units: int, picker_seed: int, upload_slots: int
+        self,
+        nid: int,
+        up: float,
+        down: float,
+        zone: str,
+        seed: bool,
+        units: int,
+        picker_seed: int,
+        upload_slots: int,
+        slots_min_peers: int,
     ) -> None:
         self.nid = nid
         self.name = f"n{nid}"
@@ -83,7 +92,9 @@ class Node:
         self.seed = seed
         full = (1 << units) - 1
         self.picker: Picker[int] = Picker(units, range(units) if seed else (), seed=picker_seed)
-        self.seeding: DistinctFirstSeeding[int] = DistinctFirstSeeding(units, upload_slots=upload_slots)
+        self.seeding: DistinctFirstSeeding[int] = DistinctFirstSeeding(
+            units, upload_slots=upload_slots, slots_min_peers=slots_min_peers
+        )
         self.have = full if seed else 0
         self.complete = seed
         self.downloading = not seed
@@ -202,7 +213,19 @@ class Simulation:
 
     def _add_node(self, up: float, down: float, zone: str, *, seed: bool) -> None:
         nid = len(self.nodes)
-        self.nodes.append(Node(nid, up, down, zone, seed, self.units, self.rng.getrandbits(32), self.cfg.upload_slots))
+        self.nodes.append(
+            Node(
+                nid,
+                up,
+                down,
+                zone,
+                seed,
+                self.units,
+                self.rng.getrandbits(32),
+                self.cfg.upload_slots,
+                self.cfg.upload_slots_min_peers,
+            )
+        )
         if self.bt:
             self.nodes[-1].seeding.enabled = False  # BitTorrent has no seed rule
 
@@ -312,7 +335,9 @@ class Simulation:
     def _on_request(self, up: Node, rid: int, unit: int) -> None:
         if not up.online or rid not in up.queue:
             return  # the connection closed meanwhile: the requester's picker released the request
-        if up.complete and up.seeding.enabled and self._defer_request(up, rid, unit):
+        if (not self.bt and self._slots_busy(up, rid)) or (
+            up.complete and up.seeding.enabled and self._defer_request(up, rid, unit)
+        ):
             self.at(self.now + self.sc.latency, self._on_defer, self.nodes[rid], up.nid, unit, up.epoch)
             return
         if self.bt and rid not in up.unchoked:  # a request from a choked peer is dropped, as the choke says
@@ -322,13 +347,20 @@ class Simulation:
         if rid not in up.sending:
             self._next_upload(up, rid)
 
+    def _slots_busy(self, up: Node, rid: int) -> bool:
+        """Swarm.on_event's slot check (every node; BitTorrent has its own unchoke slots instead)."""
+        s = up.seeding
+        if not s.upload_slots or len(up.queue) < s.slots_min_peers:
+            return False
+        serving = {p for p, q in up.queue.items() if q} | up.sending.keys()
+        return s.slots_busy(rid, serving, peers=len(up.queue))
+
     def _defer_request(self, up: Node, rid: int, unit: int) -> bool:
         seeding = up.seeding
         tail = seeding.serve_tail
         seeding.serve_tail = self.serve_tail_units
         try:
-            serving = {p for p, q in up.queue.items() if q} | up.sending.keys()
-            return seeding.defer_request(unit, rid, up.remote_have, complete=True, serving=serving)
+            return seeding.defer_request(unit, rid, up.remote_have, complete=True)
         finally:
             seeding.serve_tail = tail
 

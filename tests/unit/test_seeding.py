@@ -66,8 +66,23 @@ def test_once_everything_was_sent_copies_follow_the_once_and_tail_rules() -> Non
     assert s.defer_request(3, "a", have, complete=True)  # someone connected has it: ask them
     assert not s.defer_request(3, "a", have, complete=True)  # asked again: a found no one else, serve it
     assert not s.defer_request(3, "t", have, complete=True)  # the tail is always served
-    assert not s.defer_request(4, "a", have, complete=True)  # nobody else has it
+    have["h"] |= mask({4})
+    assert not s.defer_request(4, "t", have, complete=True)  # announced by an incomplete peer: the tail is served
     assert s.pieces_sent == PIECES and s.pieces_sent_again == 0
+
+
+def test_a_piece_sent_but_announced_by_nobody_yet_is_deferred_once_even_in_the_tail() -> None:
+    """Its first copy is still on its way: a second copy now would cost the seed's uplink for nothing."""
+    s = policy()
+    for i in range(PIECES):
+        s.sent(i)
+    have = {"h": mask({3}), "a": 0, "t": mask(set(range(PIECES)) - {3, 4})}
+    assert s.defer_request(4, "a", have, complete=True)  # sent, nobody announced it: in flight
+    assert s.defer_request(4, "t", have, complete=True)  # also in the tail
+    assert not s.defer_request(4, "t", have, complete=True)  # asked again: its holder left, serve it
+    assert not s.defer_request(4, "a", have, complete=True)
+    fresh = policy()
+    assert not fresh.defer_request(4, "a", have, complete=True)  # never sent: nothing in flight
 
 
 def test_the_once_rule_starts_over_for_a_peer_that_reconnects() -> None:
@@ -127,37 +142,43 @@ def test_a_second_copy_before_every_piece_went_out_only_goes_to_a_requester_sent
 
 
 def test_upload_slots_defer_a_new_requester_while_every_slot_is_busy() -> None:
-    s = DistinctFirstSeeding[str](PIECES, serve_tail=TAIL, upload_slots=2)
-    have = {"a": 0, "b": 0, "c": 0}
-    assert not s.defer_request(1, "a", have, complete=True, serving=[])
-    assert not s.defer_request(2, "b", have, complete=True, serving=["a"])
-    assert s.defer_request(3, "c", have, complete=True, serving=["a", "b"])  # both slots busy
-    assert s.defer_request(3, "c", have, complete=True, serving=["a", "b"])  # and again: not once-only
-    assert not s.defer_request(4, "a", have, complete=True, serving=["a", "b"])  # a holds a slot already
-    assert not s.defer_request(3, "c", have, complete=True, serving=["a"])  # a slot came free
+    s = DistinctFirstSeeding[str](PIECES, serve_tail=TAIL, upload_slots=2, slots_min_peers=3)
+    assert not s.slots_busy("a", [], peers=3)
+    assert not s.slots_busy("b", ["a"], peers=3)
+    assert s.slots_busy("c", ["a", "b"], peers=3)  # both slots busy
+    assert s.slots_busy("c", ["a", "b"], peers=3)  # and again: not once-only
+    assert not s.slots_busy("a", ["a", "b"], peers=3)  # a holds a slot already
+    assert not s.slots_busy("c", ["a"], peers=3)  # a slot came free
     assert (s.pieces_deferred, s.slot_deferrals) == (2, 2)
-    assert not s.defer_request(5, "c", have, complete=False, serving=["a", "b"])  # only a complete node caps
+
+
+def test_upload_slots_apply_only_from_slots_min_peers_connections() -> None:
+    """A small swarm (the 1 + 8) has few requesters per node: sharing the uplink costs it nothing."""
+    s = DistinctFirstSeeding[str](PIECES, upload_slots=2, slots_min_peers=16)
+    assert not s.slots_busy("c", ["a", "b"], peers=15)
+    assert s.slots_busy("c", ["a", "b"], peers=16)
 
 
 def test_no_upload_slots_means_no_cap() -> None:
     s = DistinctFirstSeeding[str](PIECES, serve_tail=TAIL)
-    have = {p: 0 for p in "abcdefgh"}
-    assert not any(s.defer_request(i, p, have, complete=True, serving="abcdefg") for i, p in enumerate("abcdefgh"))
+    assert not any(s.slots_busy(p, "abcdefg", peers=100) for p in "abcdefgh")
 
 
 @given(
     slots=st.integers(1, 6),
-    arrivals=st.lists(st.tuples(st.integers(0, 9), st.integers(0, PIECES - 1), st.booleans()), max_size=60),
+    arrivals=st.lists(st.tuples(st.integers(0, 9), st.booleans()), max_size=60),
 )
-def test_upload_slots_never_let_more_peers_be_served_at_once(slots: int, arrivals: list[tuple[int, int, bool]]) -> None:
-    """Whatever the order of requests and finished uploads, at most `slots` peers are being served."""
+def test_upload_slots_never_let_more_peers_be_served_at_once(slots: int, arrivals: list[tuple[int, bool]]) -> None:
+    """Whatever the order of requests and finished uploads, at most `slots` peers are being served, and a
+    requester is deferred only while every slot is taken by others."""
     s = DistinctFirstSeeding[int](PIECES, serve_tail=0, upload_slots=slots)
-    have = dict.fromkeys(range(10), 0)
     serving: set[int] = set()
-    for peer, piece, finish in arrivals:
+    for peer, finish in arrivals:
         if finish:
             serving.discard(peer)
             continue
-        if not s.defer_request(piece, peer, have, complete=True, serving=serving):
+        busy = s.slots_busy(peer, serving, peers=10)
+        assert busy == (peer not in serving and len(serving) >= slots)
+        if not busy:
             serving.add(peer)
         assert len(serving) <= slots
