@@ -53,6 +53,7 @@ from tracker.publishers import Publishers, SignedTag, check_publish, decode_sign
 from tracker.signals import SignalHub
 from tracker.store import Heartbeat, MemoryStore, Store
 from tracker.stun import StunServer, StunSettings, is_unspecified, open_udp
+from tracker.udp_batch import VLEN, BatchSocket, PlainSocket, open_batch
 from tracker.validate import TrackerError
 
 log = logging.getLogger("tracker")
@@ -428,9 +429,13 @@ class TrackerServer:
         if self.membership is not None:
             self.membership.refuse("udp heartbeat", f"for node {node_id[:8]} from {addr}: {why}")
 
-    def _memory_batch(self, sock: socket.socket, store: MemoryStore) -> int:
+    def _memory_batch(
+        self, sock: socket.socket, store: MemoryStore, io: BatchSocket | PlainSocket | None = None
+    ) -> int:
         """The memory store's hot loop: datagram -> (MAC check) -> registry -> reply, no intermediate objects.
 
+        `io` reads and answers datagrams a chunk at a time (tracker/udp_batch.py: recvmmsg/sendmmsg where
+        the platform has them; recvfrom/sendto over `sock` otherwise).
         A node id is not validated here: an id that is not registered (malformed or not) is simply
         unknown, and registration (TCP) is where ids are checked. Holdings are validated when present.
         A datagram for an unknown node or session is answered `known: false` and applies nothing (the
@@ -439,6 +444,8 @@ class TrackerServer:
         (`udp_forged`) and logged — somebody tried to speak for that node — and the rest of the batch
         goes on.
         """
+        if io is None:
+            io = PlainSocket(sock)
         m = self.metrics
         reg = store.reg
         secured = self.membership is not None
@@ -447,8 +454,8 @@ class TrackerServer:
         compare = hmac.compare_digest
         decode = _udp_req_decoder.decode
         encode_int = _udp_encoder.encode
-        recvfrom = sock.recvfrom
-        sendto = sock.sendto
+        datagram = io.datagram
+        reply_to = io.reply
         heartbeat = reg.heartbeat
         get_node = reg.nodes.get
         move_to_end = reg.nodes.move_to_end
@@ -467,63 +474,56 @@ class TrackerServer:
         if undelivered:
             head = b"\x97\x01"
         n = fast = 0
-        for _ in range(UDP_MAX_BATCH):
-            try:
-                data, addr = recvfrom(UDP_MAX_DATAGRAM)
-            except BlockingIOError:
-                break
-            except OSError as e:  # e.g. ECONNREFUSED reported for an earlier reply: not fatal
-                log.debug("udp recv: %s", e)
-                continue
-            n += 1
-            body = data[:-tag_size] if secured else data
-            try:
-                req = decode(body)
-                if req.version != want:
-                    raise V.bad(f"unsupported udp heartbeat version {req.version} (this tracker takes {want})")
-                holdings = V.holdings(req.holdings) if req.holdings is not None else None
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TrackerError) as e:
-                if stun is not None and stun(data, addr):
+        for _ in range(UDP_MAX_BATCH // VLEN):
+            count = io.recv()
+            n += count
+            for i in range(count):
+                data = datagram(i)
+                body = data[:-tag_size] if secured else data
+                try:
+                    req = decode(body)
+                    if req.version != want:
+                        raise V.bad(f"unsupported udp heartbeat version {req.version} (this tracker takes {want})")
+                    holdings = V.holdings(req.holdings) if req.holdings is not None else None
+                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TrackerError) as e:
+                    if stun is not None and stun(bytes(data), io.addr(i)):
+                        continue
+                    m.udp_rejected += 1
+                    log.debug("udp datagram from %s rejected: %s", io.addr(i), e)
                     continue
-                m.udp_rejected += 1
-                log.debug("udp datagram from %s rejected: %s", addr, e)
-                continue
-            nid = req.node_id
-            node = get_node(nid)
-            if node is None or node.session != req.session or (secured and node.skey is None):
-                counters.unknown_heartbeats += 1
-                reply = head + encode_int(req.seq) + unknown_tail
-            else:
-                if secured:  # the MAC step: the key schedule is done once per session (auth.heartbeat_mac)
-                    mac = node.skey.copy()
-                    mac.update(body)
-                    if not compare(mac.digest(), data[-tag_size:]):
-                        self._refuse_udp(nid, addr, "bad MAC")
-                        continue
-                    if req.seq <= node.seq:
-                        self._refuse_udp(nid, addr, "replayed sequence number")
-                        continue
-                    node.seq = req.seq
-                demand = parse_report(req.demand) if req.demand is not None else None
-                if holdings is None and demand is None:  # the steady state, inlined: what Registry.heartbeat does
-                    node.last_seen = now
-                    node.heartbeats += 1
-                    move_to_end(nid)
-                    fast += 1
+                nid = req.node_id
+                node = get_node(nid)
+                if node is None or node.session != req.session or (secured and node.skey is None):
+                    counters.unknown_heartbeats += 1
+                    reply = head + encode_int(req.seq) + unknown_tail
                 else:
-                    heartbeat(nid, holdings, now, req.session, demand)
-                reply = head + encode_int(req.seq) + known_tail
-            if budgets:
-                reply += encode_int(share_of(nid))
-            if undelivered:
-                reply += (b"" if budgets else b"\xc0") + (b"\xc3" if nid in undelivered else b"\xc0")
-            try:
-                sendto(reply, addr)
-            except (BlockingIOError, InterruptedError):
-                pass  # send buffer full: the node retries over TCP; UDP replies are best effort by design
-            except OSError as e:
-                if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    raise
+                    if secured:  # the MAC step: the key schedule is done once per session (auth.heartbeat_mac)
+                        mac = node.skey.copy()
+                        mac.update(body)
+                        if not compare(mac.digest(), data[-tag_size:]):
+                            self._refuse_udp(nid, io.addr(i), "bad MAC")
+                            continue
+                        if req.seq <= node.seq:
+                            self._refuse_udp(nid, io.addr(i), "replayed sequence number")
+                            continue
+                        node.seq = req.seq
+                    demand = parse_report(req.demand) if req.demand is not None else None
+                    if holdings is None and demand is None:  # the steady state, inlined: what Registry.heartbeat does
+                        node.last_seen = now
+                        node.heartbeats += 1
+                        move_to_end(nid)
+                        fast += 1
+                    else:
+                        heartbeat(nid, holdings, now, req.session, demand)
+                    reply = head + encode_int(req.seq) + known_tail
+                if budgets:
+                    reply += encode_int(share_of(nid))
+                if undelivered:
+                    reply += (b"" if budgets else b"\xc0") + (b"\xc3" if nid in undelivered else b"\xc0")
+                reply_to(i, reply)  # best effort: a reply the kernel refuses is a lost datagram (the node retries)
+            io.flush()
+            if count < VLEN:
+                break
         counters.heartbeats += fast
         m.udp_datagrams += n
         return n
@@ -555,10 +555,11 @@ class TrackerServer:
         m = self.metrics
         store = self.store
         if isinstance(store, MemoryStore):
+            io = open_batch(sock) or PlainSocket(sock)
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 t0 = time.perf_counter()
-                if self._memory_batch(sock, store):
+                if self._memory_batch(sock, store, io):
                     m.udp_batches += 1
                     m.udp_batch_seconds.observe(time.perf_counter() - t0)
         send, recv = trio.open_memory_channel[

@@ -86,10 +86,17 @@ def udp_rcvbuf_errors() -> int:
     return int(rows[1][rows[0].index("RcvbufErrors")])
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, all its threads."""
     with open(f"/proc/{pid}/stat") as f:
         parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(parts[11]) / tick, int(parts[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    user, system = cpu_times(pid)
+    return user + system
 
 
 # ---- load generator (runs in its own process) --------------------------------------------------------
@@ -544,14 +551,15 @@ def run_target(target: Target, mode: str, a: argparse.Namespace, tmp: Path) -> d
         def phase(cmd: str) -> dict[str, Any]:
             e0 = udp_rcvbuf_errors()
             h0 = target.udp_batch_histogram() if isinstance(target, P2PTracker) else {}
-            c0 = cpu_seconds(target.pid)
+            u0, s0 = cpu_times(target.pid)
             r0 = cpu_seconds(a.redis_pid) if a.redis_pid else 0.0
             for p in loaders:
                 assert p.stdin is not None
                 p.stdin.write(cmd + "\n")
                 p.stdin.flush()
             res = [json.loads(p.stdout.readline()) for p in loaders if p.stdout]
-            tracker_cpu = cpu_seconds(target.pid) - c0
+            u1, s1 = cpu_times(target.pid)
+            tracker_cpu = (u1 - u0) + (s1 - s0)
             redis_cpu = cpu_seconds(a.redis_pid) - r0 if a.redis_pid else None
             elapsed = max(r["elapsed"] for r in res)
             lat = [x for r in res for x in r["lat"]]
@@ -567,6 +575,12 @@ def run_target(target: Target, mode: str, a: argparse.Namespace, tmp: Path) -> d
                 "p99_ms": round(pct(lat, 99) * 1000, 3),
                 "tracker_cpu": round(tracker_cpu / elapsed, 2),
                 "heartbeats_per_tracker_cpu_s": round(done / max(tracker_cpu, 1e-9)),
+                # the tracker's CPU per answered heartbeat, in the kernel (the two syscalls, loopback
+                # delivery) and in user space (for p2pd: the interpreter's work around them)
+                "tracker_us_per_heartbeat": {
+                    "user": round((u1 - u0) / max(done, 1) * 1e6, 2),
+                    "system": round((s1 - s0) / max(done, 1) * 1e6, 2),
+                },
                 "loader_cpu": [round(r["cpu"] / r["elapsed"], 2) for r in res],
                 "udp_rcvbuf_errors_system_wide": udp_rcvbuf_errors() - e0,
                 **(
