@@ -69,6 +69,7 @@ def summarize(sim: Simulation, wall: float) -> dict[str, Any]:
             "rate_recomputes": sim.recomputes,
             "rates_reused": sim.rates_reused,
             "haves_skipped": sim.haves_skipped,
+            "requests_skipped": sim.requests_skipped,
             "quantum_s": sim.quantum,
             "wall_s": wall,
         },

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netsim.sim.engine import Simulation
+from netsim.sim.engine import Simulation, nothing_to_request
 from netsim.sim.scenario import NodeClass, Scenario
 from p2pd.protocol.picker import Picker
 from tests.unit._util import FAST
@@ -46,7 +46,10 @@ def _drive(picker: Picker[int], script: list[tuple[str, int, int]], skip_held: b
             else:
                 out.append(("have", picker.peer_have(peer, piece)))
         elif kind == "next":
-            out.append(("next", picker.next_request(peer), picker.interesting(peer), picker.outstanding(peer)))
+            surely_none = nothing_to_request(picker, peer)
+            got = picker.next_request(peer)
+            assert got is None or not surely_none, "the engine would have skipped a request the picker makes"
+            out.append(("next", got, picker.interesting(peer), picker.outstanding(peer)))
         elif kind == "arrive":
             pending = sorted(picker.pending.get(peer, ()))
             if pending:
@@ -85,13 +88,13 @@ def test_skipping_haves_of_held_pieces_changes_no_decision(
 
 def _run(sc: Scenario, skip: bool) -> Simulation:
     sim = Simulation(sc)
-    sim.skip_held_haves = skip
+    sim.skip_held_haves = sim.skip_empty_requests = skip
     sim.run()
     return sim
 
 
 @pytest.mark.parametrize("policy", ["p2pd", "bittorrent"])
-def test_a_run_with_held_haves_skipped_is_the_same_run(policy: str) -> None:
+def test_a_run_with_the_fast_paths_is_the_same_run(policy: str) -> None:
     sc = Scenario(
         classes=(NodeClass(12, 30 * MB, 60 * MB),),
         size=32 * MiB,
@@ -104,6 +107,7 @@ def test_a_run_with_held_haves_skipped_is_the_same_run(policy: str) -> None:
     )
     fast, slow = _run(sc, True), _run(sc, False)
     assert fast.haves_skipped > 0 and slow.haves_skipped == 0
+    assert fast.requests_skipped > 0 and slow.requests_skipped == 0
     assert [nd.done_at for nd in fast.nodes] == [nd.done_at for nd in slow.nodes]
     assert fast.delivered == slow.delivered and fast.wasted == slow.wasted
     assert [nd.uploaded for nd in fast.nodes] == [nd.uploaded for nd in slow.nodes]
