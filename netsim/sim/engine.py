@@ -178,6 +178,13 @@ class Simulation:
         # allocation is unchanged and needs no recomputation); any left over at the step's end mean a change
         self.freed: dict[tuple[int, int, int], list[float]] = {}
         self.rates_reused = 0
+        # HAVEs of units the receiver holds skip Picker.peer_have (same decisions, see _on_have); False: every
+        # HAVE reaches the picker (the reference the tests compare against)
+        self.skip_held_haves = True
+        self.haves_skipped = 0
+        # _fill skips Picker.next_request where it surely returns None (see nothing_to_request); False: always asks
+        self.skip_empty_requests = True
+        self.requests_skipped = 0
         self.nodes: list[Node] = []
         zones = sc.zones
         self.zone_index = {z: i for i, z in enumerate(zones)}
@@ -404,6 +411,9 @@ class Simulation:
         depth = self.cfg.pipeline_depth
         up = self.nodes[pid]
         while picker.outstanding(pid) < depth:
+            if self.skip_empty_requests and nothing_to_request(picker, pid):
+                self.requests_skipped += 1
+                break
             i = picker.next_request(pid)
             if i is None:
                 break
@@ -460,6 +470,11 @@ class Simulation:
                 continue
             nd.remote_have[sid] = nd.remote_have.get(sid, 0) | bit
             picker = nd.picker
+            if self.skip_held_haves and nd.downloading and nd.have & bit:
+                # exact fast path: a HAVE for a unit the node holds changes only the availability count of a
+                # piece the picker no longer looks at (every decision masks with `missing`), and returns False
+                self.haves_skipped += 1
+                continue
             # _fill asks nothing while `depth` requests are out (BitTorrent's may still signal interest)
             if (
                 nd.downloading
@@ -641,6 +656,16 @@ class Simulation:
                 nd.picker.request_failed(pid, unit)
         if dropped:
             self._fill_all(nd)
+
+
+def nothing_to_request(picker: Picker[int], pid: int) -> bool:
+    """True only where `picker.next_request(pid)` would return None and change nothing: before the endgame
+    (some missing piece not yet in flight), a peer offering no missing piece that is neither in flight nor
+    deferred there has nothing to give (path ranks only remove candidates). Most of a run's `_fill` calls end
+    so (after each arrival every connection is asked again), and this is a few big-int operations instead of
+    the picker's call; tests/unit/test_sim_fastpath.py checks it against the picker on random states."""
+    free = picker.missing & ~picker.inflight_mask
+    return bool(free) and not picker.peer_mask[pid] & free & ~picker.deferred.get(pid, 0)
 
 
 def _bits(mask: int) -> list[int]:

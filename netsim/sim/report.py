@@ -68,6 +68,8 @@ def summarize(sim: Simulation, wall: float) -> dict[str, Any]:
             "events": sim.events,
             "rate_recomputes": sim.recomputes,
             "rates_reused": sim.rates_reused,
+            "haves_skipped": sim.haves_skipped,
+            "requests_skipped": sim.requests_skipped,
             "quantum_s": sim.quantum,
             "wall_s": wall,
         },
