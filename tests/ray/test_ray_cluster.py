@@ -198,11 +198,14 @@ def test_inference_workers_serve_the_model_and_route_around_a_killed_one(env: En
         st = pool.stats()
         assert st[victim]["failures"] >= 1 and st[victim]["weight"] == 0.0
         assert pool.router.workers[victim].successes == served_before
-        # The victim's attempts: what was already in flight when it died (its SWRR share of the 2-per-worker
-        # window, 2) plus its probes, which the backoff spaces 1, 2, 4, ... s apart (on a loaded machine the
-        # map can outlast the first); all of them were retried on the others.
+        # The victim's attempts: what was in flight to it when its first failure came back, plus its probes,
+        # which the backoff spaces 1, 2, 4, ... s apart (on a loaded machine the map can outlast the first); all
+        # of them were retried on the others. In flight is at most the map's window (2 per worker): SWRR gives a
+        # faster worker more than its 1/NODES of it, and picks go on while the first failure is on its way
+        # (CI saw 4 within 0.1 s, before any probe was due). A router that kept picking a failed worker would
+        # give it about a third of the 30 requests or more.
         probes = 1 + int(math.log2(1 + elapsed / pool.router.retry_after))
-        assert st[victim]["picks"] - served_before <= 2 + probes, (st[victim], elapsed)
+        assert st[victim]["picks"] - served_before <= 2 * NODES + probes, (st[victim], elapsed)
         assert sum(pool.router.workers[i].successes for i in others) - others_before == len(batches)
         np.testing.assert_allclose(
             pool.infer(batches[3], timeout=60), models.forward_numpy(layers, batches[3]), rtol=1e-4, atol=1e-5
