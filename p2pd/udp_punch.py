@@ -496,7 +496,9 @@ async def answer(
     times out at the tracker and its race goes on to the relay."""
     gate = gate if gate is not None else BirthdayGate(1)
     remote_id = str(event["from"])
-    birthday = up.plan(own_nat(nat)[0], str(event.get("nat", "unknown"))).plan in (up.Plan.HARD, up.Plan.EASY)
+    kind, stun_server = own_nat(nat)
+    decision = up.plan(kind, str(event.get("nat", "unknown")))
+    birthday = decision.plan in (up.Plan.HARD, up.Plan.EASY)
     if birthday and not gate.try_enter():
         log.info(
             "udp punch asked by %s not answered: %d birthday punch(es) under way already (the most at once)",
@@ -505,111 +507,89 @@ async def answer(
         )
         return None
     try:
-        return await _answer(
-            identity,
-            signal,
-            event,
-            nat=nat,
-            nursery=nursery,
-            credentials=credentials,
-            rendezvous_timeout=rendezvous_timeout,
-            timeout=timeout,
-            handshake_timeout=handshake_timeout,
-            serves=serves,
-        )
+        node_id = identity.node_id
+        artifact_id = str(event["artifact_id"])
+        rid_text = str(event["rendezvous"])
+        rid = up.rendezvous_bytes(rid_text)
+        peer = _addr(event.get("addr"), "udp-punch signal")
+        deadline = trio.current_time() + timeout
+        count = up.HARD_SOCKETS if decision.plan is up.Plan.HARD else 1
+        try:
+            socks = await PunchSockets(_family(peer[0]), count).__aenter__()
+        except OSError as e:
+            log.warning(
+                "udp punch asked by %s: cannot open %d UDP socket(s): %s", remote_id[:8], count, e.strerror or e
+            )
+            return None
+        async with socks:
+            try:
+                port = await socks.public_port(stun_server if decision.plan in (up.Plan.PLAIN, up.Plan.EASY) else None)
+                await signal.call(
+                    "udp_punch_answer", {"rendezvous": rid_text, "port": port, "nat": kind}, timeout=rendezvous_timeout
+                )
+            except RpcError as e:
+                log.info("udp punch asked by %s: the tracker refused the answer: %s", remote_id[:8], e.message)
+                return None
+            if decision.plan is up.Plan.NONE:
+                log.debug("udp punch asked by %s: %s", remote_id[:8], decision.reason)
+                return None
+            log.debug(
+                "udp punch asked by %s: %s (we are %s at port %d, it is at %s)",
+                remote_id[:8],
+                decision.plan.value,
+                kind,
+                port,
+                _fmt(peer),
+            )
+            try:
+                punched = await punch(
+                    decision.plan,
+                    socks,
+                    peer,
+                    rid,
+                    node_id,
+                    remote_id,
+                    timeout=max(0.1, deadline - trio.current_time()),
+                )
+            except PunchFailed as e:
+                log.info("udp punch asked by %s failed: %s", remote_id[:8], e)
+                return None
+        reply = up.encode(up.Kind.CHOSEN if decision.plan is up.Plan.HARD else up.Kind.ACK, rid, node_id)
+        try:
+            stream = await quic_stream.accept(
+                nursery,
+                punched.sock,
+                punched.peer,
+                credentials,
+                timeout=max(0.5, deadline - trio.current_time()),
+                probe_reply=reply,
+            )
+        except (quic_stream.QuicClosed, OSError) as e:
+            punched.sock.close()
+            log.info("udp punch asked by %s: no QUIC connection: %s", remote_id[:8], e)
+            return None
+        except BaseException:
+            punched.sock.close()
+            raise
+        try:
+            return await connections.accept_from(
+                stream,
+                _fmt(punched.peer),
+                identity,
+                remote_id=remote_id,
+                artifact_id=artifact_id,
+                path=ConnectionPath.UDP_PUNCH,
+                handshake_timeout=handshake_timeout,
+                serves=lambda aid: aid == artifact_id and serves(aid),
+            )
+        except _FAILURES as e:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            log.info("udp punch asked by %s failed in the handshake: %s", remote_id[:8], e or type(e).__name__)
+            return None
+        except BaseException:
+            stream.endpoint.stop()
+            raise
     finally:
         if birthday:
             gate.leave()
-
-
-async def _answer(
-    identity: auth.Identity,
-    signal: SignalChannel,
-    event: dict[str, Any],
-    *,
-    nat: NatGetter,
-    nursery: trio.Nursery,
-    credentials: quic_stream.Credentials,
-    rendezvous_timeout: float,
-    timeout: float,
-    handshake_timeout: float,
-    serves: Callable[[str], bool],
-) -> Connection | None:
-    node_id = identity.node_id
-    remote_id = str(event["from"])
-    artifact_id = str(event["artifact_id"])
-    rid_text = str(event["rendezvous"])
-    rid = up.rendezvous_bytes(rid_text)
-    peer = _addr(event.get("addr"), "udp-punch signal")
-    kind, stun_server = own_nat(nat)
-    decision = up.plan(kind, str(event.get("nat", "unknown")))
-    deadline = trio.current_time() + timeout
-    count = up.HARD_SOCKETS if decision.plan is up.Plan.HARD else 1
-    try:
-        socks = await PunchSockets(_family(peer[0]), count).__aenter__()
-    except OSError as e:
-        log.warning("udp punch asked by %s: cannot open %d UDP socket(s): %s", remote_id[:8], count, e.strerror or e)
-        return None
-    async with socks:
-        try:
-            port = await socks.public_port(stun_server if decision.plan in (up.Plan.PLAIN, up.Plan.EASY) else None)
-            await signal.call(
-                "udp_punch_answer", {"rendezvous": rid_text, "port": port, "nat": kind}, timeout=rendezvous_timeout
-            )
-        except RpcError as e:
-            log.info("udp punch asked by %s: the tracker refused the answer: %s", remote_id[:8], e.message)
-            return None
-        if decision.plan is up.Plan.NONE:
-            log.debug("udp punch asked by %s: %s", remote_id[:8], decision.reason)
-            return None
-        log.debug(
-            "udp punch asked by %s: %s (we are %s at port %d, it is at %s)",
-            remote_id[:8],
-            decision.plan.value,
-            kind,
-            port,
-            _fmt(peer),
-        )
-        try:
-            punched = await punch(
-                decision.plan, socks, peer, rid, node_id, remote_id, timeout=max(0.1, deadline - trio.current_time())
-            )
-        except PunchFailed as e:
-            log.info("udp punch asked by %s failed: %s", remote_id[:8], e)
-            return None
-    reply = up.encode(up.Kind.CHOSEN if decision.plan is up.Plan.HARD else up.Kind.ACK, rid, node_id)
-    try:
-        stream = await quic_stream.accept(
-            nursery,
-            punched.sock,
-            punched.peer,
-            credentials,
-            timeout=max(0.5, deadline - trio.current_time()),
-            probe_reply=reply,
-        )
-    except (quic_stream.QuicClosed, OSError) as e:
-        punched.sock.close()
-        log.info("udp punch asked by %s: no QUIC connection: %s", remote_id[:8], e)
-        return None
-    except BaseException:
-        punched.sock.close()
-        raise
-    try:
-        return await connections.accept_from(
-            stream,
-            _fmt(punched.peer),
-            identity,
-            remote_id=remote_id,
-            artifact_id=artifact_id,
-            path=ConnectionPath.UDP_PUNCH,
-            handshake_timeout=handshake_timeout,
-            serves=lambda aid: aid == artifact_id and serves(aid),
-        )
-    except _FAILURES as e:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
-        log.info("udp punch asked by %s failed in the handshake: %s", remote_id[:8], e or type(e).__name__)
-        return None
-    except BaseException:
-        stream.endpoint.stop()
-        raise
