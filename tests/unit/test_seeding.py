@@ -182,3 +182,52 @@ def test_upload_slots_never_let_more_peers_be_served_at_once(slots: int, arrival
         if not busy:
             serving.add(peer)
         assert len(serving) <= slots
+
+
+def test_peers_with_few_fast_paths_get_the_uplink_while_they_ask() -> None:
+    """A peer behind a symmetric NAT reaches only public nodes fast: while one is served here, at most
+    `many_paths_slots` other requesters are, the rest are sent to their punched paths."""
+    s = DistinctFirstSeeding[str](PIECES, many_paths_slots=1)
+    few = {"sym1", "sym2"}
+    assert not s.leaves_to_few_paths("c1", [], few)  # nobody served
+    assert not s.leaves_to_few_paths("c1", ["sym1"], few)  # one place for the others, free
+    assert s.leaves_to_few_paths("c2", ["sym1", "c1"], few)  # taken by c1
+    assert s.leaves_to_few_paths("c2", ["sym1", "c1"], few)  # again: not once-only
+    assert not s.leaves_to_few_paths("c1", ["sym1", "c1"], few)  # c1 is being served already
+    assert not s.leaves_to_few_paths("sym2", ["sym1", "c1"], few)  # never one of them
+    assert (s.pieces_deferred, s.few_paths_deferrals) == (2, 2)
+
+
+def test_without_a_peer_with_few_paths_asking_the_uplink_is_everyones() -> None:
+    """No symmetric peer connected, or none asking now (the 1 + 8 without NAT): nothing is deferred."""
+    s = DistinctFirstSeeding[str](PIECES, many_paths_slots=1)
+    assert not any(s.leaves_to_few_paths(p, "abcdefg", set()) for p in "abcdefgh")
+    assert not s.leaves_to_few_paths("h", "abc", {"sym"})  # connected but not being served
+    off = DistinctFirstSeeding[str](PIECES)
+    assert not off.leaves_to_few_paths("h", ["sym", "a"], {"sym"})
+    assert s.pieces_deferred == off.pieces_deferred == 0
+
+
+@given(
+    slots=st.integers(1, 4),
+    arrivals=st.lists(st.tuples(st.integers(0, 7), st.booleans()), max_size=60),
+)
+def test_few_paths_rule_caps_the_others_only_while_such_a_peer_is_served(
+    slots: int, arrivals: list[tuple[int, bool]]
+) -> None:
+    """Peers 0 and 1 have few fast paths. Whatever the order, while one of them is served at most `slots`
+    others are admitted; they are never deferred themselves."""
+    s = DistinctFirstSeeding[int](PIECES, many_paths_slots=slots)
+    few = {0, 1}
+    serving: set[int] = set()
+    for peer, finish in arrivals:
+        if finish:
+            serving.discard(peer)
+            continue
+        others = len(serving - few)
+        deferred = s.leaves_to_few_paths(peer, serving, few)
+        assert deferred == (peer not in few and peer not in serving and bool(serving & few) and others >= slots)
+        if not deferred:
+            serving.add(peer)
+        if serving & few and peer not in few:
+            assert len(serving - few) <= max(slots, others)
