@@ -9,14 +9,16 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from p2pd import storage, swarm
+from p2pd import connections, storage, swarm
 from p2pd.config import SwarmConfig
+from p2pd.connections import ConnectionPath
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.storage import Catalog, PieceStore
@@ -96,6 +98,49 @@ async def test_lookups_remember_which_peers_have_few_fast_paths(
         await trio.sleep(1)
         n.cancel_scope.cancel()
     assert seen[:3] == [set(), {"s" * 32}, set()]
+    sw.store.close()
+
+
+async def test_a_relayed_peer_we_dialled_is_punched_again_one_at_a_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A peer left on the relay (its first punch refused: the node's birthday punches were all taken) is
+    punched again `relay_upgrade_every` later, one punch at a time, until one comes up; a direct peer, or a
+    relayed one that dialled us (it punches itself), is not."""
+    every = SwarmConfig.relay_upgrade_every
+    tries: list[tuple[float, str]] = []
+
+    class Punch:
+        async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> connections.Connection:
+            tries.append((trio.current_time(), remote_id))
+            await trio.sleep(0.5)
+            raise connections.ConnectError("1 birthday punch(es) under way already")
+
+    sw = make_swarm(tmp_path, complete=False, upgrader=Punch())
+    me = sw.node_id
+
+    def conn(nid: str, path: str, initiator: str) -> Any:
+        return SimpleNamespace(remote_id=nid, path=ConnectionPath(path), initiator=initiator)
+
+    sw._dialled = {nid: ("10.0.0.9", 1) for nid in ("r1", "r2", "d", "in")}
+    sw.conns = {
+        "r1": conn("r1", "relay", me),
+        "r2": conn("r2", "relay", me),
+        "d": conn("d", "direct", me),
+        "in": conn("in", "relay", "in"),
+    }
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        for _ in range(int(4 * every / 0.25)):
+            sw._upgrade_relayed(n)
+            await trio.sleep(0.25)
+        n.cancel_scope.cancel()
+    assert {nid for _, nid in tries} == {"r1", "r2"}
+    times = [round(t - start, 2) for t, _ in tries]
+    assert times[0] == every  # not at once: the race has just chosen the relay
+    assert all(b - a >= 0.5 for a, b in zip(times, times[1:], strict=False))  # one at a time
+    per_peer = [t for t, nid in tries if nid == "r1"]
+    assert all(b - a >= every for a, b in zip(per_peer, per_peer[1:], strict=False))
     sw.store.close()
 
 
