@@ -78,7 +78,7 @@ def own_nat(get: NatGetter) -> tuple[str, tuple[str, int] | None]:
 # carries 28 bytes, so its headers are 60 % of what the interface counts. A spray (2,000 probes/s) then read as
 # ~0.7 Mbit/s of another service's traffic, above the "quiet" 3 % of a capacity learned in a swarm's first second,
 # and the NAT swarm's cones yielded their upload (limits 17-48 Mbit/s on 200 Mbit/s links) while they sprayed.
-DATAGRAM_HEADERS = {socket.AF_INET: 42, socket.AF_INET6: 62}
+DATAGRAM_HEADERS: dict[int, int] = {socket.AF_INET: 42, socket.AF_INET6: 62}
 
 
 def _wire_size(n: int, family: int) -> int:
