@@ -63,10 +63,6 @@ class SwarmConfig:
     # ...but only with at least this many connections: with few requesters per node (the 1 + 8) sharing
     # costs nothing, and a DEFERred requester waits `defer_retry` before asking that peer again
     upload_slots_min_peers: int = 16
-    # while a peer behind a symmetric NAT (fast paths only to public nodes) is being served, a node serves at
-    # most this many other peers at once and DEFERs the rest, who have punched TCP paths elsewhere (0: off;
-    # the NAT swarm, BENCHMARKS.md "NAT swarm: peers with few fast paths first"); no such peer, no effect
-    many_paths_slots: int = 1
     # -- bad pieces (strikes with expiry, not bans for ever: a seeder with one rotten piece on disk repairs it)
     strikes_to_ban: int = 2  # bad pieces from one peer before we stop using it (one can be a disk's fault)
     strike_expiry: float = 120.0  # seconds a strike (and a ban) lasts: long enough for the peer to repair its copy

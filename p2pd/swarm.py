@@ -45,7 +45,6 @@ BUFFER_POOL_BYTES = 32 << 20  # idle piece buffers kept for reuse (a verifier qu
 # TCP end to end, as fast as direct; a UDP data channel is CPU-bound at a few MB/s; a relay shares one node's
 # capacity among every pair it splices. A path not listed ranks between.
 MAX_KNOWN_ZONES = 65536  # peers' zones remembered per swarm (a few MB at most)
-FEW_PATHS_NATS = frozenset({"symmetric"})  # NAT types whose nodes reach only public nodes over TCP
 PATH_RANK = {"direct": 0, "tcp-punch": 0, "udp-punch": 1, "relay": 2}
 
 
@@ -134,9 +133,6 @@ class Swarm:
         self.cross_limits = cross_limits
         # every peer's zone from the tracker's lists: a connection a peer opened to us carries no zone
         self.zones: dict[str, str] = {}
-        # the peers behind a symmetric NAT, from the tracker's lists: they reach only public nodes fast
-        # (`DistinctFirstSeeding.leaves_to_few_paths`); a node that never looked peers up (the seed) knows none
-        self.few_paths: set[str] = set()
         self.connector: Connector = connector or _NoDialling()  # a swarm that only serves (tests' seeds)
         # the UDP punch alone, to move a peer off the relay (`relay_upgrade_every`); None: no such path here
         self.upgrader = upgrader
@@ -161,7 +157,6 @@ class Swarm:
             serve_tail=config.serve_tail,
             upload_slots=config.upload_slots,
             slots_min_peers=config.upload_slots_min_peers,
-            many_paths_slots=config.many_paths_slots,
         )
         self.done = trio.Event()
         if self.complete:
@@ -394,31 +389,19 @@ class Swarm:
         if isinstance(event, ps.UploadRequested):
             i = event.index
             if (
-                (
-                    # (the scan only past the gate: it is per request, on the seed's hot path)
-                    self.config.upload_slots
-                    and len(self.conns) >= self.config.upload_slots_min_peers
-                    and self.seeding.slots_busy(
-                        conn,
-                        [c for c in self.conns.values() if c.uploading or c.session.uploads],
-                        peers=len(self.conns),
-                    )
+                # (the scan only past the gate: it is per request, on the seed's hot path)
+                self.config.upload_slots
+                and len(self.conns) >= self.config.upload_slots_min_peers
+                and self.seeding.slots_busy(
+                    conn,
+                    [c for c in self.conns.values() if c.uploading or c.session.uploads],
+                    peers=len(self.conns),
                 )
-                or (
-                    self.few_paths
-                    and self.config.many_paths_slots
-                    and self.seeding.leaves_to_few_paths(
-                        conn,
-                        [c for c in self.conns.values() if c.uploading or c.session.uploads],
-                        {c for c in self.conns.values() if c.remote_id in self.few_paths},
-                    )
-                )
-                or (
-                    self.complete
-                    and self.seeding.enabled
-                    and self.seeding.defer_request(
-                        i, conn, {c: c.session.remote_have for c in self.conns.values()}, complete=True
-                    )
+            ) or (
+                self.complete
+                and self.seeding.enabled
+                and self.seeding.defer_request(
+                    i, conn, {c: c.session.remote_have for c in self.conns.values()}, complete=True
                 )
             ):
                 session.defer(i)
@@ -756,16 +739,10 @@ class Swarm:
                 random.shuffle(peers)
                 if len(self.zones) > MAX_KNOWN_ZONES:
                     self.zones.clear()  # bounded; the next lookups refill it
-                if len(self.few_paths) > MAX_KNOWN_ZONES:
-                    self.few_paths.clear()
                 for p in peers:
                     z = p.get("zone")
                     if isinstance(z, str) and z:
                         self.zones[p["node_id"]] = z
-                    if p.get("nat_type") in FEW_PATHS_NATS:
-                        self.few_paths.add(p["node_id"])
-                    else:
-                        self.few_paths.discard(p["node_id"])
                 for p in peers:
                     nid = p["node_id"]
                     if len(self.conns) + len(self.connecting) >= cfg.max_peers:

@@ -25,14 +25,6 @@ waits on completions instead of uploading. The simulator at 100 nodes, 64 pieces
 seed 1.91 F without slots, 1.14x and 1.11 F with 4 slots at every node (BENCHMARKS.md). Gated on the
 number of connections: a small swarm (the 1 + 8) has few requesters per node and no such wait.
 
-Peers with few fast paths first (`leaves_to_few_paths`), for every node: a peer behind a symmetric NAT
-reaches only the public nodes over TCP (to a cone it has a UDP punch or the relay, which move little), so
-it receives only from the seed and the public peers, whose uplinks every other peer shares too. In the
-NAT swarm (1 public seed + 8 peers, 2 of them behind symmetric NATs) it got about half a cone's rate
-until the publics completed and finished last. So while such a peer is being served here, a node serves
-at most `many_paths_slots` other requesters at once and DEFERs the rest: they have punched TCP paths to
-peers that need none of this uplink. A swarm without such peers (the 1 + 8 without NAT) is unchanged.
-
 Every deferral is made once per requester and piece: a requester that asks again found no one else
 (its picker skips a deferred piece at this node for a while and asks the peers that announced it).
 Without that, a straggler whose connected peers have all become complete by downloading, and have
@@ -58,12 +50,10 @@ class DistinctFirstSeeding(Generic[Peer]):
         serve_tail: int = 16,
         upload_slots: int = 0,
         slots_min_peers: int = 0,
-        many_paths_slots: int = 0,
     ) -> None:
         self.n = num_pieces
         self.upload_slots = upload_slots
         self.slots_min_peers = slots_min_peers
-        self.many_paths_slots = many_paths_slots
         self.full = (1 << num_pieces) - 1
         self.enabled = enabled
         self.serve_tail = serve_tail
@@ -72,7 +62,6 @@ class DistinctFirstSeeding(Generic[Peer]):
         self.pieces_sent = 0  # uploads of pieces, counting repeats
         self.pieces_deferred = 0  # requests answered with DEFER
         self.slot_deferrals = 0  # of which: because every upload slot was busy
-        self.few_paths_deferrals = 0  # of which: left to peers with few fast paths
         self._deferred_to: dict[Peer, set[int]] = {}  # pieces deferred once to each requester
 
     @property
@@ -113,25 +102,6 @@ class DistinctFirstSeeding(Generic[Peer]):
             return False
         self.pieces_deferred += 1
         self.slot_deferrals += 1
-        return True
-
-    def leaves_to_few_paths(self, requester: Peer, serving: Collection[Peer], few_paths: Collection[Peer]) -> bool:
-        """Answer DEFER to `requester` to leave this uplink to peers with few fast paths? `few_paths`: the
-        connected peers that reach only public nodes fast (behind a symmetric NAT); `serving`: as for
-        `slots_busy`. Only while one of them is being served: when none asks us, the uplink is everyone's."""
-        if not self.many_paths_slots or requester in few_paths or requester in serving:
-            return False
-        others = 0
-        needed = False
-        for p in serving:
-            if p in few_paths:
-                needed = True
-            else:
-                others += 1
-        if not needed or others < self.many_paths_slots:
-            return False
-        self.pieces_deferred += 1
-        self.few_paths_deferrals += 1
         return True
 
     def defer_send(self, piece: int, requester: Peer, *, complete: bool) -> bool:

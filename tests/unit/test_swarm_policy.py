@@ -73,34 +73,6 @@ async def test_first_lookups_come_quickly_then_back_off(tmp_path: Path, autojump
     sw.store.close()
 
 
-async def test_lookups_remember_which_peers_have_few_fast_paths(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    """The tracker's lists carry each peer's NAT type: a peer behind a symmetric NAT is one whose requests
-    this node serves first (seeding.leaves_to_few_paths), and stops being one when listed otherwise."""
-    lists = [
-        [
-            {"node_id": "s" * 32, "addr": ["10.0.0.2", 7000], "nat_type": "symmetric"},
-            {"node_id": "c" * 32, "addr": ["10.0.0.3", 7000], "nat_type": "port-restricted-cone"},
-            {"node_id": "o" * 32, "addr": ["10.0.0.4", 7000]},  # a node that reported no NAT type
-        ],
-        [{"node_id": "s" * 32, "addr": ["10.0.0.2", 7000], "nat_type": "open"}],
-    ]
-    seen: list[set[str]] = []
-
-    async def find_peers(aid: str) -> list[dict[str, Any]]:
-        seen.append(set(sw.few_paths))
-        return lists[min(len(seen) - 1, 1)]
-
-    sw = make_swarm(tmp_path, complete=False, find_peers=find_peers)
-    async with trio.open_nursery() as n:
-        await n.start(sw.run)
-        await trio.sleep(1)
-        n.cancel_scope.cancel()
-    assert seen[:3] == [set(), {"s" * 32}, set()]
-    sw.store.close()
-
-
 async def test_a_relayed_peer_we_dialled_is_punched_again_one_at_a_time(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
