@@ -371,8 +371,10 @@ class Swarm:
         """A connection ended (or lost a duplicate race): forget it, give its requests to others."""
         if self.conns.get(conn.remote_id) is conn:
             del self.conns[conn.remote_id]
-        self._closed_bytes[(str(conn.path), "in")] += conn.bytes_down
-        self._closed_bytes[(str(conn.path), "out")] += conn.bytes_up
+        if not conn.booked:  # a duplicate that lost comes here twice: from `_register` and when its run ends
+            conn.booked = True
+            self._closed_bytes[(str(conn.path), "in")] += conn.bytes_down
+            self._closed_bytes[(str(conn.path), "out")] += conn.bytes_up
         self.seeding.forget(conn)
         if conn.path == ConnectionPath.RELAY:
             self._upgrade_at.pop(conn.remote_id, None)

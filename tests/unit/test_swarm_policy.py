@@ -186,6 +186,7 @@ class _Conn:
         self.remote_id, self.initiator, self.path, self.addr = remote_id, initiator, path, "x"
         self.closed_with: object = None
         self.bytes_up = self.bytes_down = 0
+        self.booked = False
         self.session = type("S", (), {"send_bitfield": lambda self, have: None})()
 
     def close(self, reason: object, detail: str = "") -> None:
@@ -204,3 +205,23 @@ def test_of_two_connections_to_a_peer_the_direct_one_stays_whoever_dialled(tmp_p
     sw._register(second)  # type: ignore[arg-type]
     assert sw.conns[other] is direct  # type: ignore[comparison-overlap]
     assert relay.closed_with is not None or order == "direct first"
+
+
+def test_a_replaced_connection_s_bytes_are_counted_once(tmp_path: Path) -> None:
+    """A duplicate that loses (a relayed connection replaced by a punched one) is closed by `_register` and
+    again when its run ends: its bytes by path are counted once (the NAT bench read 0.25 F received over
+    the relay where the relay had forwarded 0.135 F)."""
+
+    class Conn:
+        remote_id = "r" * 32
+        path = ConnectionPath.RELAY
+        bytes_down, bytes_up = 1000, 10
+        booked = False
+        session = object()
+
+    sw = make_swarm(tmp_path, complete=True)
+    c = Conn()
+    sw.on_close(c)  # type: ignore[arg-type]
+    sw.on_close(c)  # type: ignore[arg-type]
+    assert sw.path_totals() == {("relay", "in"): 1000, ("relay", "out"): 10}
+    sw.store.close()
