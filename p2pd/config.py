@@ -43,6 +43,10 @@ class SwarmConfig:
     peer_lookup_every: float = 2.0  # ...up to this while connected to someone,
     peer_lookup_alone: float = 0.5  # ...or this while connected to no one,
     peer_lookup_failing: float = 5.0  # ...or this while the tracker does not answer
+    # a peer we reach only through the relay is punched again (UDP) this often while we download, and moved to the
+    # punched path once it is up: its first punch may have been refused (a node runs at most `max_birthday_punches`
+    # at once) and the relay is a shared fallback far slower than a punch (issue #12: relay <= 0.1 F)
+    relay_upgrade_every: float = 3.0
     defer_retry: float = 0.5  # before asking a peer again for pieces it told us to fetch elsewhere
     goodbye_grace: float = 0.5  # how long a GOODBYE may wait behind the piece being sent
     goodbye_drain: float = 1.0  # after GOODBYE, for the peer to read all we sent and close (no reset drops it)

@@ -508,6 +508,7 @@ class Daemon:
             zone=self.config.labels.get("zone", ""),
             cross_limits=(self.cross_egress, self.cross_ingress),
             on_damaged=self._on_damaged,
+            upgrader=self.traversal.upgrader,
             **kw,
         )
 

@@ -108,6 +108,7 @@ class PeerConn:
         self.bytes_up = 0
         self.uploading = False  # the writer is sending a piece now
         self.bytes_down = 0  # piece bytes received (on the wire), counted by the swarm: for metrics by path
+        self.booked = False  # its bytes are in the swarm's totals of closed connections (counted once)
         self.last_send = trio.current_time()
         self.leaving = False  # we said GOODBYE: no more uploads, the writer half-closes once it is out
         self._sent_all = trio.Event()  # half-closed after GOODBYE, or the connection ended

@@ -22,7 +22,7 @@ import trio
 import zstandard
 
 from p2pd.config import SwarmConfig
-from p2pd.connections import ConnectError, Connection, Connector
+from p2pd.connections import ConnectError, Connection, ConnectionPath, Connector
 from p2pd.errors import CloseReason, ErrorCode
 from p2pd.peer import PeerConn
 from p2pd.protocol import bitfield as bits
@@ -116,6 +116,7 @@ class Swarm:
         zone: str = "",
         cross_limits: tuple[Hierarchy, Hierarchy] | None = None,
         on_damaged: Callable[[Swarm, int], None] | None = None,
+        upgrader: Connector | None = None,
     ) -> None:
         self.node_id = node_id
         self.artifact_id = artifact_id
@@ -133,6 +134,11 @@ class Swarm:
         # every peer's zone from the tracker's lists: a connection a peer opened to us carries no zone
         self.zones: dict[str, str] = {}
         self.connector: Connector = connector or _NoDialling()  # a swarm that only serves (tests' seeds)
+        # the UDP punch alone, to move a peer off the relay (`relay_upgrade_every`); None: no such path here
+        self.upgrader = upgrader
+        self._upgrade_at: dict[str, float] = {}  # relayed peer -> when to punch again
+        self._upgrading = False  # one such punch at a time (each is a birthday punch at a symmetric node)
+        self._dialled: dict[str, tuple[str, int]] = {}  # peer -> the address we dialled, while that connection lasts
         self.journal = journal
         self.find_peers = find_peers
         self.on_complete = on_complete
@@ -365,9 +371,13 @@ class Swarm:
         """A connection ended (or lost a duplicate race): forget it, give its requests to others."""
         if self.conns.get(conn.remote_id) is conn:
             del self.conns[conn.remote_id]
-        self._closed_bytes[(str(conn.path), "in")] += conn.bytes_down
-        self._closed_bytes[(str(conn.path), "out")] += conn.bytes_up
+        if not conn.booked:  # a duplicate that lost comes here twice: from `_register` and when its run ends
+            conn.booked = True
+            self._closed_bytes[(str(conn.path), "in")] += conn.bytes_down
+            self._closed_bytes[(str(conn.path), "out")] += conn.bytes_up
         self.seeding.forget(conn)
+        if conn.path == ConnectionPath.RELAY:
+            self._upgrade_at.pop(conn.remote_id, None)
         self.rates.pop(conn, None)
         self.depths.pop(conn, None)
         if self.picker.knows(conn.session):
@@ -747,6 +757,7 @@ class Swarm:
                     zone = p.get("zone")
                     addr = (str(p["addr"][0]), int(p["addr"][1]))
                     nursery.start_soon(self._dial, nid, addr, zone if isinstance(zone, str) else "")
+            self._upgrade_relayed(nursery)
             wait = backoff
             idle_cap = cfg.peer_lookup_every if self.conns else cfg.peer_lookup_alone
             backoff = min(cfg.peer_lookup_failing if failed else idle_cap, backoff * 2)
@@ -754,6 +765,38 @@ class Swarm:
             with trio.move_on_after(wait):
                 await self._peer_wakeup.wait()
                 await trio.sleep(0.05)  # a burst of closes is one wakeup
+
+    def _upgrade_relayed(self, nursery: trio.Nursery) -> None:
+        """Punch again to a peer we dialled and reach only through the relay, `relay_upgrade_every` after
+        the last try: the punched connection, once handshaken, replaces the relayed one (`_register` keeps
+        the better path at both ends; requests in flight on the relay are asked again)."""
+        if self.upgrader is None or self._upgrading or not self.config.relay_upgrade_every:
+            return
+        now = trio.current_time()
+        for c in list(self.conns.values()):
+            addr = self._dialled.get(c.remote_id)
+            if c.path != ConnectionPath.RELAY or c.initiator != self.node_id or addr is None:
+                continue
+            at = self._upgrade_at.setdefault(c.remote_id, now + self.config.relay_upgrade_every)
+            if now >= at:
+                self._upgrade_at[c.remote_id] = now + self.config.relay_upgrade_every
+                self._upgrading = True
+                nursery.start_soon(self._upgrade, self.upgrader, c.remote_id, addr)
+                return
+
+    async def _upgrade(self, upgrader: Connector, nid: str, addr: tuple[str, int]) -> None:
+        try:
+            conn = await upgrader.connect(nid, addr, self.artifact_id)
+        except ConnectError as e:
+            log.debug("%s: punch to relayed %s failed again (stays on the relay): %s", self.name, nid[:8], e)
+            return
+        finally:
+            self._upgrading = False
+        log.info("%s: %s moves from the relay to %s", self.name, nid[:8], conn.path)
+        try:
+            await self.serve(conn, self.zones.get(nid, ""))
+        finally:
+            await conn.aclose()
 
     async def _dial(self, nid: str, addr: tuple[str, int], zone: str = "") -> None:
         try:
@@ -764,9 +807,11 @@ class Swarm:
             return
         finally:
             self.connecting.discard(nid)
+        self._dialled[nid] = addr
         try:
             reason = await self.serve(conn, zone)
         finally:
+            self._dialled.pop(nid, None)
             await conn.aclose()
         if reason is CloseReason.STALLED:
             self.retry_after[nid] = trio.current_time() + self.config.retry_after_stall

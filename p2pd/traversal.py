@@ -434,6 +434,10 @@ class Traversal:
         ]
         paths[0] = Path(paths[0].name, paths[0].connector, 0.0, paths[0].reports_transport)
         self.connector = RacingConnector(paths, remember_direct=config.remember_direct)
+        # the UDP punch alone, for a swarm to move a relayed peer onto a punched path (`relay_upgrade_every`)
+        self.upgrader: Connector | None = (
+            offered["udp-punch"] if "udp-punch" in config.paths and "relay" in config.paths else None
+        )
         self.answering = 0
         self._nursery: trio.Nursery | None = None
 

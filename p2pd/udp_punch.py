@@ -73,6 +73,18 @@ def own_nat(get: NatGetter) -> tuple[str, tuple[str, int] | None]:
     return st.nat_type.value, st.server
 
 
+# What a datagram costs on the wire beyond its payload: Ethernet 14 + IPv4 20 + UDP 8 bytes (IPv6: 40, not 20).
+# Auto-throttling adds 6 % for headers (`AutoThrottleConfig.header_overhead`, full-size TCP segments); a probe
+# carries 28 bytes, so its headers are 60 % of what the interface counts. A spray (2,000 probes/s) then read as
+# ~0.7 Mbit/s of another service's traffic, above the "quiet" 3 % of a capacity learned in a swarm's first second,
+# and the NAT swarm's cones yielded their upload (limits 17-48 Mbit/s on 200 Mbit/s links) while they sprayed.
+DATAGRAM_HEADERS: dict[int, int] = {socket.AF_INET: 42, socket.AF_INET6: 62}
+
+
+def _wire_size(n: int, family: int) -> int:
+    return n + DATAGRAM_HEADERS.get(family, 42)
+
+
 class BirthdayGate:
     """How many birthday punches (either side) this node runs at once; one more is refused, not queued.
 
@@ -157,7 +169,7 @@ class PunchSockets:
         probe, which on a busy node stretched a hard side's round of 256 and the spray); a full buffer or an
         ICMP error is a lost probe."""
         try:
-            TRAFFIC.sent += self._raw[sock].sendto(data, addr)
+            TRAFFIC.sent += _wire_size(self._raw[sock].sendto(data, addr), self.family)
         except OSError as e:
             log.debug("udp punch: send to %s: %s", _fmt(addr), e)
 
@@ -181,7 +193,8 @@ class Punched:
 
 async def _send(sock: trio.socket.SocketType, data: bytes, addr: tuple[str, int]) -> None:
     try:
-        TRAFFIC.sent += await sock.sendto(data, addr)  # probes are p2pd's own traffic (auto-throttling)
+        # probes are p2pd's own traffic (auto-throttling), headers included
+        TRAFFIC.sent += _wire_size(await sock.sendto(data, addr), sock.family)
     except OSError as e:  # no route yet, ICMP reported: like a lost datagram
         log.debug("udp punch: send to %s: %s", _fmt(addr), e)
 
@@ -227,7 +240,7 @@ async def punch(
         while True:
             try:
                 data, raw = await sock.recvfrom(2048)
-                TRAFFIC.received += len(data)
+                TRAFFIC.received += _wire_size(len(data), family)
             except OSError as e:  # an ICMP error queued on the socket
                 log.debug("udp punch: receive: %s", e)
                 continue

@@ -9,14 +9,16 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from p2pd import storage, swarm
+from p2pd import connections, storage, swarm
 from p2pd.config import SwarmConfig
+from p2pd.connections import ConnectionPath
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.storage import Catalog, PieceStore
@@ -68,6 +70,49 @@ async def test_first_lookups_come_quickly_then_back_off(tmp_path: Path, autojump
     gaps = [round(b - a, 2) for a, b in zip([start, *times], times, strict=False)]
     assert gaps[:3] == [0.0, SwarmConfig.peer_lookup_first, 2 * SwarmConfig.peer_lookup_first]
     assert max(gaps) == SwarmConfig.peer_lookup_alone  # with nobody connected it keeps asking twice a second
+    sw.store.close()
+
+
+async def test_a_relayed_peer_we_dialled_is_punched_again_one_at_a_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A peer left on the relay (its first punch refused: the node's birthday punches were all taken) is
+    punched again `relay_upgrade_every` later, one punch at a time, until one comes up; a direct peer, or a
+    relayed one that dialled us (it punches itself), is not."""
+    every = SwarmConfig.relay_upgrade_every
+    tries: list[tuple[float, str]] = []
+
+    class Punch:
+        async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> connections.Connection:
+            tries.append((trio.current_time(), remote_id))
+            await trio.sleep(0.5)
+            raise connections.ConnectError("1 birthday punch(es) under way already")
+
+    sw = make_swarm(tmp_path, complete=False, upgrader=Punch())
+    me = sw.node_id
+
+    def conn(nid: str, path: str, initiator: str) -> Any:
+        return SimpleNamespace(remote_id=nid, path=ConnectionPath(path), initiator=initiator)
+
+    sw._dialled = {nid: ("10.0.0.9", 1) for nid in ("r1", "r2", "d", "in")}
+    sw.conns = {
+        "r1": conn("r1", "relay", me),
+        "r2": conn("r2", "relay", me),
+        "d": conn("d", "direct", me),
+        "in": conn("in", "relay", "in"),
+    }
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        for _ in range(int(4 * every / 0.25)):
+            sw._upgrade_relayed(n)
+            await trio.sleep(0.25)
+        n.cancel_scope.cancel()
+    assert {nid for _, nid in tries} == {"r1", "r2"}
+    times = [round(t - start, 2) for t, _ in tries]
+    assert times[0] == every  # not at once: the race has just chosen the relay
+    assert all(b - a >= 0.5 for a, b in zip(times, times[1:], strict=False))  # one at a time
+    per_peer = [t for t, nid in tries if nid == "r1"]
+    assert all(b - a >= every for a, b in zip(per_peer, per_peer[1:], strict=False))
     sw.store.close()
 
 
@@ -141,6 +186,7 @@ class _Conn:
         self.remote_id, self.initiator, self.path, self.addr = remote_id, initiator, path, "x"
         self.closed_with: object = None
         self.bytes_up = self.bytes_down = 0
+        self.booked = False
         self.session = type("S", (), {"send_bitfield": lambda self, have: None})()
 
     def close(self, reason: object, detail: str = "") -> None:
@@ -159,3 +205,23 @@ def test_of_two_connections_to_a_peer_the_direct_one_stays_whoever_dialled(tmp_p
     sw._register(second)  # type: ignore[arg-type]
     assert sw.conns[other] is direct  # type: ignore[comparison-overlap]
     assert relay.closed_with is not None or order == "direct first"
+
+
+def test_a_replaced_connection_s_bytes_are_counted_once(tmp_path: Path) -> None:
+    """A duplicate that loses (a relayed connection replaced by a punched one) is closed by `_register` and
+    again when its run ends: its bytes by path are counted once (the NAT bench read 0.25 F received over
+    the relay where the relay had forwarded 0.135 F)."""
+
+    class Conn:
+        remote_id = "r" * 32
+        path = ConnectionPath.RELAY
+        bytes_down, bytes_up = 1000, 10
+        booked = False
+        session = object()
+
+    sw = make_swarm(tmp_path, complete=True)
+    c = Conn()
+    sw.on_close(c)  # type: ignore[arg-type]
+    sw.on_close(c)  # type: ignore[arg-type]
+    assert sw.path_totals() == {("relay", "in"): 1000, ("relay", "out"): 10}
+    sw.store.close()

@@ -4,6 +4,7 @@ several at once, BENCHMARKS.md "The NAT swarm's symmetric nodes")."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
@@ -13,9 +14,11 @@ from p2pd import udp_punch
 from p2pd.connections import ConnectError
 from p2pd.errors import ErrorCode
 from p2pd.nat_detect import NatStatus
+from p2pd.protocol import udp_punch as up
 from p2pd.protocol.auth import ClusterSecret, Identity, NodeKey
 from p2pd.protocol.framing import RpcError
 from p2pd.protocol.nat import NatType
+from p2pd.stream_io import TRAFFIC
 
 ME = Identity(NodeKey.from_seed(b"\x0a" * 32), ClusterSecret(b"the cluster's join secret, 32 by"))
 PEER = "b" * 64
@@ -144,3 +147,17 @@ def test_a_symmetric_node_does_not_start_a_second_punch(
     assert signal.calls == ["udp_punch"]
     assert grown == []  # neither refused nor hopeless punches open the hard side's sockets
     assert gate.running == 1  # the punch under way keeps its place; a refused connect took none
+
+
+async def test_probes_count_as_own_traffic_with_their_headers() -> None:
+    """A probe is 28 bytes, its headers 42 more: counting only the payload, a spray read as another service's
+    traffic to auto-throttling, and a cone yielded its upload while it sprayed (the NAT swarm)."""
+    probe = up.encode(up.Kind.PROBE, b"r" * up.RID_SIZE, "c" * 64)
+    rx = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await rx.bind(("127.0.0.1", 0))
+    sent0 = TRAFFIC.sent
+    async with udp_punch.PunchSockets(socket.AF_INET, 2) as socks:
+        socks.send_now(socks.socks[0], probe, rx.getsockname())
+        await udp_punch._send(socks.socks[1], probe, rx.getsockname())
+    rx.close()
+    assert TRAFFIC.sent - sent0 == 2 * (up.PROBE_SIZE + 42)
