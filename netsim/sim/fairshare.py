@@ -78,6 +78,7 @@ def max_min_rates(capacity: FloatArray, hops: list[IntArray]) -> FloatArray:
 
 
 SETTLE_TOL = 1e-10  # relative: a link this close to its capacity is full, a rate this close to the top is the top
+SMALL = 64  # areas up to this many flows are solved in plain Python: numpy's per-call cost dominates there
 FULL_SHARE = 0.25  # once a change reaches this share of all flows, one full computation is cheaper than growing
 
 
@@ -181,6 +182,14 @@ class IncrementalMaxMin:
         rate = self.rate
         for lk, i in index.items():
             left[i] = self.capacity[lk] - sum(rate[g] for g in self.on[lk] if g not in area)
+        if len(flows) <= SMALL:
+            for f, r in zip(
+                flows,
+                _filling([max(x, 0.0) for x in left.tolist()], [[index[lk] for lk in self.links[f]] for f in flows]),
+                strict=True,
+            ):
+                rate[f] = r
+            return
         width = max(len(self.links[f]) for f in flows)
         hops = [
             np.array([index[self.links[f][h]] if h < len(self.links[f]) else -1 for f in flows], dtype=np.int64)
@@ -205,3 +214,27 @@ class IncrementalMaxMin:
             return t
 
         return {g for g in near if not any(rate[g] >= top_if_full(lk) * (1 - SETTLE_TOL) for lk in self.links[g])}
+
+
+def _filling(left: list[float], paths: list[list[int]]) -> list[float]:
+    """Progressive filling, one level per pass (the textbook algorithm), for a few flows: raise every unfrozen
+    flow until the tightest link is full, freeze that link's flows at its level, repeat."""
+    on: list[list[int]] = [[] for _ in left]
+    for f, p in enumerate(paths):
+        for lk in p:
+            on[lk].append(f)
+    count = [len(fs) for fs in on]
+    rate = [math.nan] * len(paths)
+    todo = len(paths)
+    while todo:
+        level = min(left[lk] / count[lk] for lk in range(len(left)) if count[lk])
+        for lk in range(len(left)):
+            if count[lk] and left[lk] / count[lk] <= level * (1 + TIE):
+                for f in on[lk]:
+                    if math.isnan(rate[f]):
+                        rate[f] = level
+                        todo -= 1
+                        for m in paths[f]:
+                            left[m] -= level
+                            count[m] -= 1
+    return rate

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from netsim.sim import fairshare
 from netsim.sim.fairshare import IncrementalMaxMin, max_min_rates
 
 
@@ -141,9 +142,7 @@ def change_scripts(draw: st.DrawFn) -> tuple[list[float], list[list[tuple[str, t
     """Capacities (some infinite) and batches of changes: ("add", links), ("end", ()), ("swap", ()) = an ended
     flow replaced by one on the same links in the same batch (the engine's settled case)."""
     nlinks = draw(st.integers(1, 10))
-    caps = draw(
-        st.lists(st.one_of(st.floats(0.5, 1000.0), st.just(math.inf)), min_size=nlinks, max_size=nlinks)
-    )
+    caps = draw(st.lists(st.one_of(st.floats(0.5, 1000.0), st.just(math.inf)), min_size=nlinks, max_size=nlinks))
     path = st.lists(st.integers(0, nlinks - 1), min_size=1, max_size=3, unique=True).map(tuple)
     change = st.one_of(
         st.tuples(st.just("add"), path), st.tuples(st.sampled_from(["end", "swap", "abort"]), st.just(()))
@@ -153,10 +152,20 @@ def change_scripts(draw: st.DrawFn) -> tuple[list[float], list[list[tuple[str, t
 
 
 @settings(max_examples=300, deadline=None)
-@given(change_scripts(), st.randoms(use_true_random=False))
+@given(change_scripts(), st.randoms(use_true_random=False), st.sampled_from([0, fairshare.SMALL]))
 def test_incremental_allocation_equals_a_full_recompute_after_every_change(
-    script: tuple[list[float], list[list[tuple[str, tuple[int, ...]]]]], rnd: random.Random
+    script: tuple[list[float], list[list[tuple[str, tuple[int, ...]]]]], rnd: random.Random, small: int
 ) -> None:
+    """Random flow sets and change batches; `small` 0 solves every area with numpy, else in plain Python."""
+    default = fairshare.SMALL
+    fairshare.SMALL = small
+    try:
+        _check_script(script, rnd)
+    finally:
+        fairshare.SMALL = default
+
+
+def _check_script(script: tuple[list[float], list[list[tuple[str, tuple[int, ...]]]]], rnd: random.Random) -> None:
     caps, batches = script
     inc = IncrementalMaxMin(np.array(caps, dtype=float))
     ids = itertools.count()
