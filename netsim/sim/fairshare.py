@@ -139,9 +139,10 @@ class IncrementalMaxMin:
         if not self.touched:
             return {}
         area: set[int] = set()
-        for lk in self.touched:
+        touched = self.touched
+        for lk in touched:
             area |= self.on[lk]
-        self.touched.clear()
+        self.touched = set()
         before = {f: self.rate[f] for f in area}
         limit = FULL_SHARE * len(self.links)
         while area:
@@ -153,7 +154,11 @@ class IncrementalMaxMin:
                 self.full_solves += 1
                 break
             self._solve_set(area)
-            bad = self._unsettled(area)
+            moved = set(touched)  # links whose flows or rates changed: only their flows' bottlenecks may break
+            for f in area:
+                if self.rate[f] != before[f]:
+                    moved.update(self.links[f])
+            bad = self._unsettled(area, moved)
             if not bad:
                 self.local_solves += 1
                 break
@@ -198,11 +203,11 @@ class IncrementalMaxMin:
         for f, r in zip(flows, max_min_rates(np.maximum(left, 0.0), hops).tolist(), strict=True):
             rate[f] = r
 
-    def _unsettled(self, area: set[int]) -> set[int]:
-        """Flows on the links `area` crosses that have no bottleneck (a full link where none gets more)."""
+    def _unsettled(self, area: set[int], moved: set[int]) -> set[int]:
+        """Flows of `area` or on the `moved` links that have no bottleneck (a full link where none gets more).
+        Any other flow's links are as they were when the allocation last met the condition."""
         rate = self.rate
-        links = {lk for f in area for lk in self.links[f]}
-        near = {g for lk in links for g in self.on[lk]}
+        near = area.union(*(self.on[lk] for lk in moved))
         full_top: dict[int, float] = {}  # link -> the top rate on it, for full links only
 
         def top_if_full(lk: int) -> float:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netsim.sim import fairshare
+from netsim.sim import bench_maxmin, fairshare
 from netsim.sim.fairshare import IncrementalMaxMin, max_min_rates
 
 
@@ -211,3 +211,10 @@ def test_incremental_re_solves_only_the_neighbourhood_of_a_change() -> None:
     changed = inc.solve()
     assert changed == {0: 5.0, n: 5.0}
     assert inc.resolved == 2 and inc.full_solves == 1 and inc.local_solves == 1
+
+
+def test_swarm_shaped_changes_agree_with_full_recomputes() -> None:
+    # the benchmark's own check, small: 300 nodes x 4 upload slots, 30 changes, every rate equal to a full solve
+    out = bench_maxmin.bench(300, 4, 30, seed=2)
+    assert out["max_relative_difference"] < 1e-9
+    assert out["flows_resolved_per_change"] < out["flows"] / 4  # local: far fewer than all flows re-solved
