@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from netsim.sim.fairshare import max_min_rates
+from netsim.sim.fairshare import IncrementalMaxMin, max_min_rates
 from netsim.sim.scenario import Scenario
 from p2pd.protocol.picker import Arrival, Picker
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket
@@ -199,6 +199,10 @@ class Simulation:
         for nd in self.nodes:
             self.capacity[nd.nid] = self._limited(nd.up, sc.egress_limit)
             self.capacity[n + nd.nid] = self._limited(nd.down, sc.ingress_limit)
+        # the allocation kept up to date by re-solving what each change reaches; False: every change recomputes
+        # all flows with max_min_rates (the reference the tests compare against)
+        self.incremental = True
+        self.maxmin = IncrementalMaxMin(self.capacity)
         self.zone_of = np.array([self.zone_index[nd.zone] for nd in self.nodes], dtype=np.int64)
         self.done_count = 0
         self.peers_total = sc.peers
@@ -260,6 +264,8 @@ class Simulation:
         while self.done_count < self.peers_total:
             if self.freed:
                 self.dirty = True
+                for src, dst, zl in self.freed:  # ended flows no new flow replaced
+                    self.maxmin.touch([src, len(self.nodes) + dst, zl])
                 self.freed.clear()
             if self.dirty:
                 self._recompute()
@@ -297,9 +303,17 @@ class Simulation:
 
     def _recompute(self) -> None:
         fl = self.flows
-        idx = np.flatnonzero(fl.alive)
-        n = len(self.nodes)
-        fl.rate[idx] = max_min_rates(self.capacity, [fl.src[idx], n + fl.dst[idx], fl.zl[idx]])
+        if self.incremental:
+            changed = self.maxmin.solve()
+            if changed:
+                fl.rate[list(changed)] = list(changed.values())
+        else:
+            idx = np.flatnonzero(fl.alive)
+            n = len(self.nodes)
+            fl.rate[idx] = max_min_rates(self.capacity, [fl.src[idx], n + fl.dst[idx], fl.zl[idx]])
+            for s, r in zip(idx.tolist(), fl.rate[idx].tolist(), strict=True):
+                self.maxmin.rate[s] = r  # the same state either way, so the flag may change between steps
+            self.maxmin.touched.clear()
         self.dirty = False
         self.recomputes += 1
 
@@ -311,18 +325,23 @@ class Simulation:
             zl = 2 * len(self.nodes) + self.zone_index[up.zone] * nz + self.zone_index[dst.zone]
         s = self.flows.start(up.nid, dst.nid, zl, self.sc.unit_length(unit), unit)
         up.sending[dst.nid] = s
+        links = [up.nid, len(self.nodes) + dst.nid, zl]
         same = self.freed.get((up.nid, dst.nid, zl))
         if same:
             self.flows.rate[s] = same.pop()
+            self.maxmin.add(s, links, rate=float(self.flows.rate[s]))
             if not same:
                 del self.freed[(up.nid, dst.nid, zl)]
             self.rates_reused += 1
         else:
+            self.maxmin.add(s, links)
+            self.flows.rate[s] = self.maxmin.rate[s]
             self.dirty = True
 
     def _abort_flow(self, s: int) -> None:
         self.wasted += int(self.sc.unit_length(self.flows.unit[s]) - max(0.0, float(self.flows.rem[s])))
         self.flows.stop(s)
+        self.maxmin.remove(s)
         self.dirty = True
 
     def _flow_done(self, s: int) -> None:
@@ -330,6 +349,7 @@ class Simulation:
         up, dst, unit = self.nodes[int(fl.src[s])], self.nodes[int(fl.dst[s])], fl.unit[s]
         self.freed.setdefault((up.nid, dst.nid, int(fl.zl[s])), []).append(float(fl.rate[s]))
         fl.stop(s)
+        self.maxmin.remove(s, settled=True)  # until the step's end shows whether a flow took its place
         length = self.sc.unit_length(unit)
         up.uploaded += length
         if up.zone != dst.zone:
