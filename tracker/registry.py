@@ -44,14 +44,6 @@ ZONE_LABEL = "zone"
 NAT_UNKNOWN = "unknown"  # what a node that reported no NAT type (an older one, or not yet classified) shows
 TAG_HISTORY = 100
 _LABEL_CACHE_MAX = 100_000
-# A heartbeat that brings a demand report resplits the budgets at once (its reply then carries a share
-# from the demands just reported, its own included) at most every interval x nodes / SPLIT_NODES of
-# time, so heartbeats add at most ~SPLIT_NODES node-entries of splitting work per interval to the timer's
-# one split: every heartbeat at a few hundred nodes, about one more split per interval at 2,000 and more.
-# Splitting only on the timer made a share follow a demand 1-2 intervals late, and the throttle bench's
-# under-use dips (leechers running out of wanted pieces while the seed's larger share came two intervals
-# later) were that lag (BENCHMARKS.md, "Global budgets: shares from fresh demands").
-SPLIT_NODES = 2000
 
 
 class Node:
@@ -241,7 +233,6 @@ class Registry:
         self.budgets = Budgets()
         self.shares: dict[str, Share] = {}  # from the last `reallocate`, sent with heartbeat replies
         self.ledger = ShareLedger()  # what each node holds of its share (sent with its last reply)
-        self._split_at = -float("inf")  # when a heartbeat last resplit the budgets (its `now`)
         self.counters = Counters()
         # sums of every live node's last reported egress_rate and cross_rate (bytes/s), kept as heartbeats
         # come and nodes go, so the cluster throughput is O(1) to sample at any number of nodes
@@ -332,9 +323,6 @@ class Registry:
         self.nodes.move_to_end(node_id)
         if demand is not None:
             self._set_demand(node, demand)
-            if self.budgets.active and now - self._split_at >= self.interval * len(self.nodes) / SPLIT_NODES:
-                self._split_at = now
-                self.reallocate()
         if holdings is not None and holdings != (node.holdings or {}):
             self._set_holdings(node, holdings)
         return True

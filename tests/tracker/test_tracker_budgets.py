@@ -82,49 +82,6 @@ async def test_an_increase_is_sent_only_once_the_decrease_making_room_was(store:
     await store.set_budgets(Budgets())
 
 
-async def test_a_heartbeat_reply_carries_a_share_split_from_the_demand_it_reported() -> None:
-    """A node that stopped using its share hands it back with its next heartbeat, and a hungry node's
-    next reply carries what it freed, without waiting for the timer's split (which made shares follow
-    demands 1-2 intervals late: the throttle bench's under-use dips)."""
-    clock = [0.0]
-    store = MemoryStore(INTERVAL, clock=lambda: clock[0])
-    seed, l1 = nid(0), nid(1)
-    for i, n in enumerate([seed, l1]):
-        await store.register(n, "10.0.0.1", 7000 + i, {}, "0.1.0")
-    hungry = (BIG, 0.0, 50.0, 0.0)
-    await store.heartbeat_many([Heartbeat(n, None, demand=hungry) for n in (seed, l1)])
-    await store.set_budgets(Budgets(total=100.0))
-    assert [store.share_of(n) for n in (seed, l1)] == [[pytest.approx(50.0), None]] * 2
-    # the leecher ran out of wanted pieces: it sent 20 and asks for 21; its own reply already says 21...
-    clock[0] += INTERVAL / 2
-    await store.heartbeat_many([Heartbeat(l1, None, demand=(21.0, 0.0, 20.0, 0.0))])
-    assert store.share_of(l1) == [pytest.approx(21.0), None]
-    # ...and the seed's next reply carries the rest (no store.refresh() in between)
-    clock[0] += INTERVAL / 2
-    await store.heartbeat_many([Heartbeat(seed, None, demand=hungry)])
-    assert store.share_of(seed) == [pytest.approx(79.0), None]
-    await store.set_budgets(Budgets())
-
-
-def test_heartbeats_split_the_budgets_at_a_rate_bounded_by_the_cluster_size() -> None:
-    """At many nodes a split per heartbeat would cost O(N) per heartbeat: a heartbeat resplits only once
-    interval x nodes / SPLIT_NODES has passed since the last one it did (the timer's split goes on)."""
-    from tracker import registry as R
-
-    reg = R.Registry(interval=1.0)
-    n = 5
-    for i in range(n):
-        reg.register(nid(i), "10.0.0.1", 7000 + i, {}, "0.1.0", now=0.0)
-    reg.set_budgets(Budgets(total=100.0))
-    gap = reg.interval * n / R.SPLIT_NODES
-    reg.heartbeat(nid(0), None, 1.0, demand=(10.0, 0.0, 9.0, 0.0))  # resplits: node 0 asks for 10
-    assert reg.shares[nid(0)].egress == pytest.approx(10.0 + 90.0 / n)  # its need, plus an equal part of the rest
-    reg.heartbeat(nid(1), None, 1.0 + gap / 2, demand=(10.0, 0.0, 9.0, 0.0))  # too soon: no split
-    assert reg.shares[nid(1)].egress == pytest.approx(90.0 / n + 0.0)
-    reg.heartbeat(nid(2), None, 1.0 + 2 * gap, demand=(10.0, 0.0, 9.0, 0.0))  # resplits with both reports
-    assert reg.shares[nid(1)].egress == pytest.approx(10.0 + 70.0 / n)
-
-
 async def test_redis_replicas_hand_out_the_same_shares(cluster: LocalCluster) -> None:
     from tracker.redis_store import RedisStore
 
