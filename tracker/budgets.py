@@ -329,6 +329,22 @@ def weight_of(holdings: Mapping[str, float] | None, priority: Mapping[str, float
     return max((priority[a] for a in holdings if a in priority), default=1.0)
 
 
+def seed_weight(complete: int, partial: int) -> float:
+    """The weight of a node that holds an artifact complete, among `complete` such nodes and `partial`
+    nodes still fetching it.
+
+    A node fetching can pass each piece it gets on to at most partial-1 others, so the fetching nodes'
+    upload is bounded by partial-1 times what the complete ones send, and the split that the swarm can use
+    in full gives the complete nodes budget/partial together. An equal split among nodes that all wait on
+    their shares gives them complete/(complete+partial) instead (1 seed, 4 leechers: 8 of 40, where the
+    leechers can then pass on 24 of their 32): the leechers drain what they hold, run dry, and the
+    budget goes 20 % unused every 7-8 s (BENCHMARKS.md, "where the under-use dips come from"). This
+    weight makes the complete nodes' max-min part budget/partial while everyone is held back; never below 1."""
+    if complete < 1 or partial < 2:
+        return 1.0
+    return max(1.0, partial / (complete * (partial - 1)))
+
+
 def usage(demands: Mapping[str, Demand]) -> dict[str, Any]:
     """Current use, as nodes measured it: total and cross-zone egress, and per zone."""
     zones: dict[str, float] = {}

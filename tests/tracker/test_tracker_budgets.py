@@ -82,6 +82,24 @@ async def test_an_increase_is_sent_only_once_the_decrease_making_room_was(store:
     await store.set_budgets(Budgets())
 
 
+async def test_the_memory_store_weights_a_seed_by_the_fetchers_of_what_it_holds() -> None:
+    """The registry knows who holds an artifact complete and who is still fetching it: with 1 seed and
+    4 fetchers all asking for everything, the seed's share is budget/4, not budget/5 (seed_weight)."""
+    store = MemoryStore(INTERVAL)
+    aid = "ab" * 32
+    ids = [nid(i) for i in range(5)]
+    for i, n in enumerate(ids):
+        await store.register(n, "10.0.0.1", 7000 + i, {}, "0.1.0")
+    hungry = (BIG, 0.0, 8.0, 0.0)
+    beats = [Heartbeat(ids[0], {aid: 1.0}, demand=hungry)]
+    beats += [Heartbeat(n, {aid: 0.5}, demand=hungry) for n in ids[1:]]
+    await store.heartbeat_many(beats)
+    await store.set_budgets(Budgets(total=40.0))
+    assert store.share_of(ids[0]) == [pytest.approx(10.0), None]
+    assert [store.share_of(n) for n in ids[1:]] == [[pytest.approx(7.5), None]] * 4
+    await store.set_budgets(Budgets())
+
+
 async def test_redis_replicas_hand_out_the_same_shares(cluster: LocalCluster) -> None:
     from tracker.redis_store import RedisStore
 

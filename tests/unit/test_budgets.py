@@ -17,6 +17,7 @@ from tracker.budgets import (
     allocate,
     max_min,
     parse_report,
+    seed_weight,
     usage,
     weight_of,
 )
@@ -239,3 +240,17 @@ def test_an_increase_waits_for_the_decrease_that_makes_room_for_it() -> None:
     assert ledger.grant("seed") == Share(40.0, None)  # a decrease is given at once
     assert ledger.grant("l2") == Share(30.0, None)  # 40 + 30 + 5 held
     assert ledger.grant("l1") == Share(30.0, None)
+
+
+def test_a_seed_is_weighted_to_the_share_its_leechers_can_pass_on() -> None:
+    """1 seed + 4 leechers, all held back: an equal split gives the seed 8 of 40 and the leechers can pass
+    on at most 3 x 8 = 24 of their 32 (the throttle bench's dips to 0.8); weighted, the seed gets 40/4 = 10
+    and every leecher 7.5, which they can pass on in full (3 x 10 / 4 each)."""
+    w = seed_weight(1, 4)
+    got = max_min(40.0, {"seed": math.inf, **{f"l{i}": math.inf for i in range(4)}}, {"seed": w})
+    assert got["seed"] == pytest.approx(10.0)
+    assert all(got[f"l{i}"] == pytest.approx(7.5) for i in range(4))
+    assert seed_weight(1, 1) == 1.0  # a lone fetcher passes nothing on: no swarm arithmetic to correct
+    assert seed_weight(0, 5) == 1.0 and seed_weight(3, 0) == 1.0
+    assert seed_weight(3, 4) == 1.0  # several seeds already get more than budget/partial from an equal split
+    assert seed_weight(1, 2) == pytest.approx(2.0)
