@@ -40,7 +40,7 @@ from typing import Any
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.auth import heartbeat_mac
-from tracker.budgets import Budgets, Demand, Share, ShareLedger, allocate, usage, weight_of, wire_share
+from tracker.budgets import Budgets, Demand, Share, ShareLedger, allocate, seed_weight, usage, weight_of, wire_share
 from tracker.preheat import Order, PreheatBook
 from tracker.registry import NAT_UNKNOWN
 from tracker.resp import Redis, RedisError, RedisUnavailable
@@ -592,13 +592,27 @@ class RedisStore:
                 gone.append(nid)
         if gone:
             await self._cmds([["HDEL", p + "dm", *gone]])
+        # Weights as the memory registry gives them (Registry.demands): the artifact priority, times the
+        # seed weight of an artifact the node holds complete, from every live node's holdings.
         prio = self._budgets.priority
+        ids = list(zones)
+        held = await self._cmds([["HGETALL", p + "h:" + n] for n in ids]) if ids else []
+        holdings = {
+            n: {_s(h[i]): float(_s(h[i + 1])) for i in range(0, len(h), 2)} for n, h in zip(ids, held, strict=True)
+        }
+        complete: dict[str, int] = {}
+        partial: dict[str, int] = {}
+        for h in holdings.values():
+            for aid, progress in h.items():
+                counts = complete if progress >= 1.0 else partial
+                counts[aid] = counts.get(aid, 0) + 1
+        seeds = {a: w for a, c in complete.items() if (w := seed_weight(c, partial.get(a, 0))) > 1.0}
         weights: dict[str, float] = {}
-        if prio:
-            ids = list(zones)
-            held = await self._cmds([["HKEYS", p + "h:" + n] for n in ids]) if ids else []
-            for n, keys in zip(ids, held, strict=True):
-                weights[n] = weight_of({_s(k): 1.0 for k in keys}, prio)
+        for n, h in holdings.items():
+            w = weight_of(h, prio) if prio else 1.0
+            if seeds and h:
+                w *= max((seeds.get(a, 1.0) for a, progress in h.items() if progress >= 1.0), default=1.0)
+            weights[n] = w
         out = {}
         for nid, zone in zones.items():
             e, c, er, cr = (reports.get(nid) or (0.0, 0.0, 0.0, 0.0))[:4]

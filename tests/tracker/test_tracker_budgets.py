@@ -82,10 +82,9 @@ async def test_an_increase_is_sent_only_once_the_decrease_making_room_was(store:
     await store.set_budgets(Budgets())
 
 
-async def test_the_memory_store_weights_a_seed_by_the_fetchers_of_what_it_holds() -> None:
-    """The registry knows who holds an artifact complete and who is still fetching it: with 1 seed and
+async def test_a_seed_is_weighted_by_the_fetchers_of_what_it_holds(store: Store) -> None:
+    """Both stores know who holds an artifact complete and who is still fetching it: with 1 seed and
     4 fetchers all asking for everything, the seed's share is budget/4, not budget/5 (seed_weight)."""
-    store = MemoryStore(INTERVAL)
     aid = "ab" * 32
     ids = [nid(i) for i in range(5)]
     for i, n in enumerate(ids):
