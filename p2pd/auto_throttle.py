@@ -160,6 +160,7 @@ class AutoThrottler:
         self.interface: str | None = None
         self.off_reason = "starting" if cfg.enabled else "off (--auto-throttle off)"
         self.controller: AutoThrottle | None = None
+        self.queued = (0, 0)  # (unsent, unread) bytes in the peer sockets' queues at the last tick
 
     def status(self) -> dict[str, Any]:
         c = self.controller
@@ -167,11 +168,17 @@ class AutoThrottler:
             return {"state": "off", "why": self.off_reason, "interface": self.interface}
         eg, ing = c.egress.decision, c.ingress.decision
         state = "yielding" if "yielding" in (eg.state, ing.state) else eg.state
-        return {"state": state, "interface": self.interface, "egress": eg.to_json(), "ingress": ing.to_json()}
+        return {
+            "state": state,
+            "interface": self.interface,
+            "egress": eg.to_json(),
+            "ingress": ing.to_json(),
+            "queued": {"unsent": self.queued[0], "unread": self.queued[1]},
+        }
 
     def _sample(self, iface: str) -> Sample:
         rx, tx = read_counters(iface, self.proc_net_dev)
-        unsent, unread = self.live.queued()
+        unsent, unread = self.queued = self.live.queued()
         # p2pd's bytes when they cross the wire, as the interface counts them: written ones still in a send queue
         # have not left yet, arrived ones still in a receive queue have (the queues are MBs, filled in bursts)
         own_rx = max(self._own[0], self.traffic.received + unread)

@@ -130,7 +130,10 @@ class AutoThrottleConfig:
     ramp_hold: float = 0.5  # ...after the link was last full (a service growing into the room shows up by then)
     probe_every: float = 3.0  # seconds between tries above a learned capacity (it may be an underestimate)...
     probe_fraction: float = 0.05  # ...each one tick of this share more (on a full link: ~0.5 % of a service's rate)
-    onset: float = 0.5  # seconds other traffic must stay above quiet before p2pd yields (counter skew is a blip)
+    # seconds other traffic must stay above quiet before p2pd yields (counter skew is a blip). Two ticks: at 0.25 s
+    # (one tick) the 1 + 8 emulated swarm's nodes yielded to themselves 29 times in one run (1.54x against 1.16-1.20x;
+    # BENCHMARKS.md 2026-11-27), although a greedy newcomer then waits at its TCP share for the half second
+    onset: float = 0.5
     min_learned_capacity: float = 1e6  # bytes/s; a learned rate under 8 Mbit/s is a link not yet used, not its size
     release_after: float = 0.75  # seconds other traffic must stay quiet before p2pd drops its limit
     header_overhead: float = 0.06  # TCP/IP + Ethernet headers on p2pd's payload (1448 of 1514 bytes, plus options)

@@ -27,6 +27,11 @@ SMALL_READ = 16 * 1024  # frame headers and control messages: never pull much pi
 SEND_CHUNK = 256 * 1024
 PAUSE_POLL = 0.05  # while a limit is paused (a global budget of 0), how often a sender looks again
 PAYLOAD_LOWAT = 256 * 1024  # wake the reader of a piece once this much of it is queued (SO_RCVLOWAT)
+# bytes a peer socket may hold written but not yet sent (TCP_NOTSENT_LOWAT): what p2pd has queued keeps leaving at
+# TCP's pace after its limit drops (auto-throttling yielding to a service: 4 MB of tcp_wmem is 300 ms of a half
+# 200 Mbit/s link); 1 MiB still keeps 40 ms of a 200 Mbit/s link ready for the kernel, and sendfile wakes up
+# once per ~512 KiB sent (the socket turns writable when under half of it)
+UNSENT_LOWAT = 1024 * 1024
 
 
 class TrafficCounters:
@@ -104,8 +109,9 @@ class StreamIO:
         self.sock: trio.socket.SocketType | None = stream.socket if isinstance(stream, trio.SocketStream) else None
         if self.sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
             # trio.SocketStream caps unsent bytes at 16 KiB (good for its send_all); sendfile of a
-            # piece would then wake up every 16 KiB. 0 = the system default (no cap).
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 0)
+            # piece would then wake up every 16 KiB. The system default (no cap) lets up to tcp_wmem's
+            # maximum wait unsent, and that keeps competing with a service p2pd yields to: UNSENT_LOWAT.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LOWAT)
         if self.sock is not None:
             LIVE_SOCKETS.add(self.sock)
         self.rbuf = bytearray()

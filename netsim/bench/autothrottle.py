@@ -24,6 +24,7 @@ uses to yield to other traffic: the comparison issue #13 asks for, in the same c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -137,6 +138,55 @@ class Sampler:
         return out
 
 
+class StatusSampler:
+    """The node's own view every TICK s (its control socket): p2pd's auto-throttle limit, what it measured, and
+    what sits in its sockets' queues; next to the switch-side rates this shows whether a slow yield is the
+    controller's decision or bytes that were already queued when the limit dropped."""
+
+    def __init__(self, sock_path: str) -> None:
+        self.sock_path = sock_path
+        self.samples: list[tuple[float, dict[str, Any]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> StatusSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            st = _status(self.sock_path)
+            auto = (st or {}).get("auto_throttle") or {}
+            if auto:
+                self.samples.append((time.monotonic(), auto))
+            next_at += TICK
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def trace(self, direction: str, t0: float) -> list[list[Any]]:
+        """[t, limit, own, other, queued] per sample (bytes/s; limit None = none; queued: unsent on upload,
+        unread on download)."""
+        key, q = ("egress", "unsent") if direction == "upload" else ("ingress", "unread")
+        out: list[list[Any]] = []
+        for t, auto in self.samples:
+            d = auto.get(key) or {}
+            lim = d.get("limit")
+            out.append(
+                [
+                    round(t - t0, 2),
+                    None if lim is None else round(lim),
+                    round(d.get("own") or 0),
+                    round(d.get("other") or 0),
+                    (auto.get("queued") or {}).get(q),
+                ]
+            )
+        return out
+
+
 def _mean(xs: list[tuple[float, float]], start: float, end: float) -> float | None:
     vals = [r for t, r in xs if start < t <= end]
     return sum(vals) / len(vals) if vals else None
@@ -211,19 +261,25 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                     )
                     procs.append(fetch)
                 t_fetch = time.monotonic()
-                time.sleep(opts.warmup_s)
-                # 3. the service beside p2pd
-                t_svc = time.monotonic()
-                client = node.popen([*iperf, "-t", str(int(opts.service_s))], log=os.path.join(d, "iperf3-c.log"))
-                procs.append(client)
-                time.sleep(opts.service_s / 2)
-                status = None if lt_leech is not None else _status(os.path.join(d, "data-node", "p2pd.sock"))
-                if client.wait(timeout=opts.service_s + 30) != 0:
-                    raise BenchError(f"iperf3 client exit {client.returncode}: {tail(os.path.join(d, 'iperf3-c.log'))}")
-                t_svc_end = time.monotonic()
-                # 4. p2pd alone again
-                time.sleep(opts.after_s)
-                t_end = time.monotonic()
+                time.sleep(max(0.0, opts.warmup_s - 2.0))
+                node_sock = os.path.join(d, "data-node", "p2pd.sock")
+                with contextlib.ExitStack() as stack:
+                    node_view = None if lt_leech is not None else stack.enter_context(StatusSampler(node_sock))
+                    time.sleep(min(2.0, opts.warmup_s))
+                    # 3. the service beside p2pd
+                    t_svc = time.monotonic()
+                    client = node.popen([*iperf, "-t", str(int(opts.service_s))], log=os.path.join(d, "iperf3-c.log"))
+                    procs.append(client)
+                    time.sleep(opts.service_s / 2)
+                    status = None if lt_leech is not None else _status(node_sock)
+                    if client.wait(timeout=opts.service_s + 30) != 0:
+                        raise BenchError(
+                            f"iperf3 client exit {client.returncode}: {tail(os.path.join(d, 'iperf3-c.log'))}"
+                        )
+                    t_svc_end = time.monotonic()
+                    # 4. p2pd alone again
+                    time.sleep(opts.after_s)
+                    t_end = time.monotonic()
                 if fetch.poll() is not None and fetch.returncode != 0:
                     what = "libtorrent leecher" if lt_leech is not None else "p2pd fetch"
                     log_name = "nodes.log" if lt_leech is not None else "fetch.log"
@@ -269,6 +325,8 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                     "end": round(t_end - t_idle, 2),
                     "service_Bps": [[round(t - t_idle, 2), round(r)] for t, r in svc_rates],
                     "p2pd_Bps": [[round(t - t_idle, 2), round(r)] for t, r in p2p_rates],
+                    # the node's own view: [t, limit, own, other, bytes queued in its sockets]
+                    "node_auto": node_view.trace(direction, t_idle) if node_view is not None else None,
                 },
             }
             res["node_status_during_service"] = status

@@ -240,7 +240,11 @@ class DirectionController:
             target = min(target, max(min(own, self.limit), floor) * cfg.first_backoff)
         elif full:  # someone's demand is not met: give way at least multiplicatively
             target = min(target, max(min(own, self.limit), floor) * cfg.backoff)
-        elif not math.isinf(self.limit) and now - self._full_at >= cfg.ramp_hold:
+        elif not math.isinf(self.limit) and now - self._full_at < cfg.ramp_hold:
+            # the link was full a moment ago: a newcomer that p2pd just gave way to has not grown into the room yet
+            # (the link looks less full for a tick or two); jumping back up would take that room again
+            target = min(target, max(self.limit, floor))
+        elif not math.isinf(self.limit):
             # room again: take it back fast but not in one jump (a TCP dip is not an exit)
             target = min(target, max(self.limit, floor) * 2.0 ** (dt / cfg.ramp_doubling))
         self.limit = max(floor, target)

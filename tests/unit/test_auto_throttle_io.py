@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from p2pd.cli import _auto_throttle_options, describe_limits
 from p2pd.config import AutoThrottleConfig
 from p2pd.errors import P2pdError
 from p2pd.protocol.ratelimit import unlimited
-from p2pd.stream_io import TRAFFIC, StreamIO
+from p2pd.stream_io import TRAFFIC, UNSENT_LOWAT, LiveSockets, StreamIO
 
 PROC_NET_DEV = """Inter-|   Receive                                                |  Transmit
  face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier
@@ -100,3 +101,27 @@ async def test_own_bytes_are_counted_when_they_cross_the_wire(tmp_path: Path) ->
         assert crossed_rx == crossed_tx  # on loopback everything sent has arrived (and waits unread)
         await receiver.read_exactly(1000)  # reading moves no byte across the wire
         assert t._sample("eth0").own_rx == after.own_rx
+
+
+async def test_written_but_unsent_bytes_stay_bounded(tmp_path: Path) -> None:
+    """What p2pd wrote into a peer socket keeps leaving at TCP's pace after auto-throttling lowers its limit, and
+    competes meanwhile with the service it yields to; without a bound a socket held tcp_wmem's maximum (MBs)."""
+    payload = tmp_path / "piece"
+    payload.write_bytes(b"x" * (32 << 20))
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    a = trio.socket.socket()
+    await a.connect(listener.getsockname())
+    b, _ = await listener.accept()
+    listener.close()
+    with a, b, payload.open("rb") as f:
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # the receiver reads nothing: a full window
+        sender = StreamIO(trio.SocketStream(a))
+        assert a.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == UNSENT_LOWAT
+        with trio.move_on_after(1.0):
+            await sender.sendfile(f.fileno(), 0, 32 << 20)
+        live = LiveSockets()
+        live.add(a)
+        unsent, _ = live.queued()
+        assert 0 < unsent <= UNSENT_LOWAT + (256 << 10)

@@ -323,3 +323,22 @@ def test_a_paced_service_that_grows_gets_the_reserve_back() -> None:
     assert link.ctl.egress.headroom < 0.05 * CAP  # settled: the thin headroom
     link.run(4, demand=math.inf)
     assert link.service >= 0.9 * CAP
+
+
+@QUICK
+@given(flows=st.integers(1, 16), growth_ticks=st.integers(0, 3))
+def test_the_first_yield_is_not_taken_back_before_the_newcomer_grows_into_it(flows: int, growth_ticks: int) -> None:
+    """Right after p2pd gives way on a full link the link looks less full for a tick or two: the newcomer has not
+    grown into the room yet (TCP needs round trips; a service beside many of p2pd's flows starts from a thin
+    share). Taking that room back at once (the limit jumped to capacity - other - reserve) held the newcomer at
+    its share for another round; within `ramp_hold` of the link being full the limit may only go down."""
+    cfg = AutoThrottleConfig()
+    link = SharedLink(flows=flows)
+    link.run(5, demand=0)
+    limits = []
+    for i in range(12):  # 3 s of a greedy service that needs `growth_ticks` ticks before it starts growing
+        link.step(math.inf if i >= growth_ticks else CAP / (flows + 1))
+        limits.append(link.decision.limit)
+    first = next(i for i, lim in enumerate(limits) if not math.isinf(lim))
+    held = limits[first : first + round(cfg.ramp_hold / TICK)]
+    assert all(b <= a for a, b in zip(held, held[1:], strict=False)), [round(x / CAP, 3) for x in limits]
