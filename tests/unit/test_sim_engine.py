@@ -156,6 +156,22 @@ def test_cli_bad_input_is_one_line(args: list[str], msg: str, capsys: pytest.Cap
     assert msg in err and "Traceback" not in err
 
 
+def test_churn_at_a_time_takes_the_last_downloading_nodes_away_for_exactly_that_long() -> None:
+    """The bench's --churn K@T:D: one seed, two peers that cannot upload (so only the seed serves them, each at
+    half its rate while both are there): the last peer leaves at T for D s, keeping its pieces, and the other has
+    the whole seed meanwhile; back, they share it again; the seed never idles, so the last ends at 2F/u_s."""
+    rate, t, d = 10 * MB, 2.0, 3.0
+    sc = one(2, 1.0, 1000 * MB, seed_up=rate, size=64 * MiB, piece=MiB, churn=0.5, churn_at=t, churn_away=d)
+    r = simulate(sc)
+    f = sc.size
+    first = t + d + (f - rate / 2 * t - rate * d) / (rate / 2)
+    # (connects and requests after the return cost a few round trips; piece grain)
+    assert sorted(r["completion_times_s"]) == pytest.approx([first, 2 * f / rate], rel=0.02)
+    # without the departure both would end together at 2F/u_s: the one that stayed gained what the other lost
+    assert first < 2 * f / rate - 2.0
+    assert r["tracker"]["registrations"] == 4  # the seed, two peers, and the one that came back
+
+
 def test_validation_cases_have_the_emulations_bounds() -> None:
     """Each simulated case has the bound the emulation reports for the same `netsim.bench swarm` options (the
     zones' cuts included), and piece level; the 200 Mbit/s 512 MiB ones: 21.48 s nominal, 22.45 s at goodput."""
