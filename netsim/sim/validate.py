@@ -190,17 +190,26 @@ def emulate(case: Case, runs: int, wait_while: Path | None) -> tuple[float, dict
             "seed_upload_F_runs": p2pd["seed_upload_F_runs"],
             "cross_zone_F_runs": p2pd.get("cross_zone_F_runs"),
             "per_leecher_s": p2pd["per_leecher_s"],
+            "churned": p2pd.get("churned"),
         }
         return float(p2pd["median_s"]), cost
+
+
+def restart_delay(churned: list[list[dict[str, Any]]] | None, down_s: float) -> float:
+    """Mean time the churned daemons took, past their due return, to answer `p2pd status` (the bench's log)."""
+    late = [e["back_s"] - e["left_s"] - down_s for run in churned or [] for e in run if e.get("back_s") is not None]
+    return sum(late) / len(late) if late else 0.0
 
 
 def validate(emulate_runs: int | None, wait_while: Path | None, names: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for case in [CASES_BY_NAME[n] for n in names] if names else CASES:
+        measured, cost = emulate(case, emulate_runs, wait_while) if emulate_runs else (case.p2pd_s, None)
+        if cost is not None and case.churn is not None:
+            case = replace(case, churn_restart_s=restart_delay(cost["churned"], case.churn[2]))
         sc = case.scenario(GOODPUT_SHARE)
         p = simulate(sc)
         bt = simulate(replace(sc, policy="bittorrent"))
-        measured, cost = emulate(case, emulate_runs, wait_while) if emulate_runs else (case.p2pd_s, None)
         predicted = p["completion_s"]["max"]
         bt_pred = bt["completion_s"]["max"]
         rows.append(
@@ -213,6 +222,8 @@ def validate(emulate_runs: int | None, wait_while: Path | None, names: list[str]
                 "p2pd_measured_s": measured,
                 "p2pd_error": predicted / measured - 1,
                 "p2pd_seed_upload_F_predicted": p["seed_upload_F"],
+                "p2pd_cross_zone_F_predicted": p["cross_zone_bytes"] / case.size,
+                "churn_restart_s": case.churn_restart_s if case.churn is not None else None,
                 "bittorrent_predicted_s": bt_pred,
                 "libtorrent_measured_s": case.libtorrent_s,
                 "bittorrent_error": None if case.libtorrent_s is None else bt_pred / case.libtorrent_s - 1,

@@ -214,3 +214,13 @@ def test_reusing_a_finished_flows_rate_changes_nothing_but_the_recomputations(po
     assert [nd.done_at for nd in fast.nodes] == pytest.approx([nd.done_at for nd in slow.nodes], rel=1e-9)
     assert fast.delivered == slow.delivered
     assert fast.nodes[0].uploaded == slow.nodes[0].uploaded
+
+
+def test_the_churn_restart_is_read_off_the_benchs_churned_log() -> None:
+    """validate --emulate: the simulated node is away D plus what the restarted daemons took past their return."""
+    from netsim.sim.validate import restart_delay
+
+    run1 = [{"peer": "p7", "left_s": 4.0, "back_s": 17.8}, {"peer": "p8", "left_s": 4.0, "back_s": 17.9}]
+    run2 = [{"peer": "p8", "left_s": 4.0, "back_s": None}]  # never answered: not a delay to average
+    assert restart_delay([run1, run2], 3.0) == pytest.approx(10.85)
+    assert restart_delay(None, 3.0) == 0.0
