@@ -224,3 +224,13 @@ def test_the_churn_restart_is_read_off_the_benchs_churned_log() -> None:
     run2 = [{"peer": "p8", "left_s": 4.0, "back_s": None}]  # never answered: not a delay to average
     assert restart_delay([run1, run2], 3.0) == pytest.approx(10.85)
     assert restart_delay(None, 3.0) == 0.0
+
+
+def test_upload_slots_past_the_gate_answer_deferrals_the_report_counts() -> None:
+    """20 peers (past the 16-connection gate): the slots DEFER requesters, per piece; without slots none do."""
+    sc = one(20, 10 * MB, 10 * MB, seed_up=10 * MB, size=8 * MiB, piece=256 << 10)
+    on = simulate(sc)["deferrals"]
+    off = simulate(replace(sc, swarm=replace(sc.swarm, upload_slots=0)))["deferrals"]
+    assert on["slots"] > on["units_sent"] > 0
+    assert off["slots"] == 0
+    assert off["all"] < on["all"]
