@@ -127,9 +127,19 @@ CASES = [
         "1+16",
         _uniform(16, "50Mbit/s"),
         parse_size("64MiB"),
-        20.48,
+        17.24,
         None,
-        "BENCHMARKS.md: Bigger emulations, 2026-11-26 17:13-17:18 (16ba9ce), one run, load 5.8",
+        "BENCHMARKS.md: Validation emulations with their CPU use, 2026-11-27 04:42-04:46 (wt-emu32), median of 2, "
+        "load 7.7-15.7; CPU-bound: daemons 1.32-1.39 cores, machine 2.0 busy",
+    ),
+    Case(
+        "1+32",
+        _uniform(32, "12.5Mbit/s"),
+        parse_size("32MiB"),
+        37.03,
+        None,
+        "BENCHMARKS.md: Validation emulations with their CPU use, 2026-11-27 05:05-05:08 (wt-emu32), one run, "
+        "load 8.5-18.9; CPU-bound: daemons 1.66 cores, machine 2.0 busy",
     ),
     Case(
         "heterogeneous",
