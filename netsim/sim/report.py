@@ -111,6 +111,7 @@ def describe(sc: Scenario) -> dict[str, Any]:
         "arrival_rate": sc.arrival_rate,
         "churn": sc.churn,
         "churn_away_s": sc.churn_away,
+        "churn_at_s": sc.churn_at,
         "zone_link_Bps": None if math.isinf(sc.zone_link) else sc.zone_link,
         "latency_s": sc.latency,
         "egress_limit_Bps": sc.egress_limit,
