@@ -90,6 +90,11 @@ def run(
     ),
     pipeline: int = typer.Option(SwarmConfig.pipeline_depth, "--pipeline", help="piece requests in flight per peer"),
     max_peers: int = typer.Option(SwarmConfig.max_peers, "--max-peers", help="connections per artifact"),
+    upload_slots: int = typer.Option(
+        SwarmConfig.upload_slots,
+        "--upload-slots",
+        help=f"peers served at once with {SwarmConfig.upload_slots_min_peers}+ connections, others deferred (0: all)",
+    ),
     compress: bool = typer.Option(
         SwarmConfig.compress, "--compress/--no-compress", help="zstd for pieces that compress"
     ),
@@ -187,6 +192,8 @@ def run(
         metrics_hp = _hostport_option("--metrics-listen", metrics_listen)
         if not 0 < nat_check_every <= 3600:
             raise ValueError(f"--nat-check-every must be seconds in (0, 3600], not {nat_check_every:g}")
+        if upload_slots < 0:
+            raise ValueError(f"--upload-slots must be 0 (no cap) or a number of peers, not {upload_slots}")
     except ValueError as e:
         fail(str(e), ErrorCode.BAD_REQUEST)
     try:
@@ -227,7 +234,13 @@ def run(
         metrics_listen=metrics_hp,
         cache_max=cache_cap,
         nat_check_every=nat_check_every,
-        swarm=SwarmConfig(max_peers=max_peers, pipeline_depth=pipeline, stall_timeout=stall_timeout, compress=compress),
+        swarm=SwarmConfig(
+            max_peers=max_peers,
+            pipeline_depth=pipeline,
+            stall_timeout=stall_timeout,
+            compress=compress,
+            upload_slots=upload_slots,
+        ),
     )
 
     async def main() -> None:

@@ -304,6 +304,48 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds_tree(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes and all their descendants.
+
+    Why: on a 2-core machine an emulated swarm can be CPU-bound rather than network-bound; a run whose clients
+    need most of the cores measures the machine, not the protocol (BENCHMARKS.md, 2026-11-27)."""
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                line = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited while we scanned
+        fields = line[line.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+        pid = int(entry)
+        parent[pid] = int(fields[1])
+        ticks[pid] = int(fields[11]) + int(fields[12])  # utime, stime
+    want = set(pids)
+    grew = True
+    while grew:  # the descendants: a process whose parent is wanted
+        grew = False
+        for pid, pp in parent.items():
+            if pp in want and pid not in want:
+                want.add(pid)
+                grew = True
+    return sum(ticks.get(pid, 0) for pid in want) / _CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent not idle (any process: ours, the kernel's, other users')."""
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)  # idle, iowait
+    guest = sum(cpu[8:10]) if len(cpu) > 9 else 0  # guest time is also counted in user: not twice
+    return (sum(cpu) - idle - guest) / _CLK_TCK
+
+
 @dataclass
 class RunResult:
     """One client's run: completion time of each leecher (s after release), seed upload, peak RSS."""
@@ -316,6 +358,10 @@ class RunResult:
     rss_max_mb: float | None
     trace: dict[str, list] | None = None
     churned: list[dict[str, Any]] | None = None  # --churn: who left and came back when (p2pd)
+    # cores the client's processes (ctx.rss_pids and their children) used on average during the run, and the
+    # whole machine's busy cores meanwhile: near os.cpu_count() means the run was CPU-bound
+    client_cpu_cores: float | None = None
+    machine_busy_cores: float | None = None
 
 
 def release_and_wait(
@@ -325,6 +371,7 @@ def release_and_wait(
 
     `extra_check` is polled too (e.g. "a daemon died") and fails the run with its message."""
     tx0 = ctx.net.seed_tx_bytes()
+    cpu0, busy0 = cpu_seconds_tree(ctx.rss_pids), machine_busy_seconds()
     t0_wall = time.time()
     t0 = time.monotonic()
     for lc in leechers:
@@ -367,6 +414,8 @@ def release_and_wait(
                     rss_peak = r if rss_peak is None else max(rss_peak, r)
         time.sleep(0.005)
     tx1 = ctx.net.seed_tx_bytes()
+    wall = time.monotonic() - t0
+    cpu1, busy1 = cpu_seconds_tree(ctx.rss_pids), machine_busy_seconds()
     times = [round((lc.done_at or 0.0) - t0, 3) for lc in leechers]
     for lc in leechers:
         verify_copy(ctx.payload, lc.final_output(), lc.node.name)
@@ -378,6 +427,8 @@ def release_and_wait(
         None if tx0 is None or tx1 is None else tx1 - tx0,
         None if rss_peak is None else round(rss_peak, 1),
         trace,
+        client_cpu_cores=round((cpu1 - cpu0) / wall, 2) if ctx.rss_pids else None,
+        machine_busy_cores=round((busy1 - busy0) / wall, 2),
     )
 
 

@@ -244,6 +244,8 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
                         after = trunk_bytes(net, trunk)
                         crossed[c.name].append((after[0] - before[0], after[1] - before[1]))
                     up = f", seed sent {res.seed_tx_bytes / o.size:.2f} F" if res.seed_tx_bytes is not None else ""
+                    if res.client_cpu_cores is not None:
+                        up += f", CPU {res.client_cpu_cores:.2f} cores (machine {res.machine_busy_cores:.2f})"
                     ctx.say(
                         f"run {r + 1}/{o.runs} {c.name}: {res.t_s:.2f} s"
                         + (f" ({res.t_s / t_min:.2f}x T_min)" if t_min else "")
@@ -308,7 +310,12 @@ def report(
         "topology": o.topology,
         "command": o.command,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "machine": {
+            "nproc": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
+        },
         "revision": revision(),
         "pythonpath": os.environ.get("PYTHONPATH"),  # set when a snapshot of p2pd/ was benchmarked
         "peers": o.peers,
@@ -355,6 +362,10 @@ def report(
             "per_leecher_s": [r.per_leecher_s for r in rs],
             "churned": [r.churned for r in rs] if o.churn else None,
             "rss_max_mb": max(rss) if rss else None,
+            # per run: cores the client's processes used on average (a run near the machine's nproc is CPU-bound,
+            # not a measurement of the protocol), the whole machine's busy cores, and the load average after it
+            "client_cpu_cores_runs": [r.client_cpu_cores for r in rs],
+            "machine_busy_cores_runs": [r.machine_busy_cores for r in rs],
             # into zone b (the seedless zone: each piece must cross once) and back, frames with headers
             "cross_zone_F_runs": [round(ab / o.size, 3) for ab, _ in (crossed or {}).get(name, [])]
             if o.zones == 2

@@ -254,8 +254,10 @@ class Simulation:
             if sc.arrival_rate is not None:
                 t += self.rng.expovariate(sc.arrival_rate)
             self.at(t, self._arrive, nd)
-            if sc.churn and self.rng.random() < sc.churn:
+            if sc.churn and sc.churn_at is None and self.rng.random() < sc.churn:
                 self.at(t + self.rng.uniform(0.0, bound), self._leave, nd, sc.churn_away)
+        if sc.churn and sc.churn_at is not None:
+            self.at(sc.churn_at, self._churn_at_once, round(sc.churn * self.peers_total), sc.churn_away)
         horizon = sc.horizon if sc.horizon is not None else 100 * bound + t + sc.churn_away
         self.at(0.0, self._tracker_tick)
         last_sample = -math.inf
@@ -609,6 +611,12 @@ class Simulation:
         nd.connecting.clear()
         self.registry.leave(nd.name)
         self.at(self.now + away, self._arrive, nd)
+
+    def _churn_at_once(self, count: int, away: float) -> None:
+        """The bench's --churn K@T:D: the last `count` nodes still downloading leave together."""
+        left = [nd for nd in reversed(self.nodes[self.sc.seeds :]) if nd.online and not nd.complete]
+        for nd in left[:count]:
+            self._leave(nd, away)
 
     def _undefer_loop(self, nd: Node, epoch: int) -> None:
         if nd.epoch != epoch or not nd.downloading:

@@ -52,6 +52,13 @@ def summarize(sim: Simulation, wall: float) -> dict[str, Any]:
         "seed_upload_F": seed_up / sc.size,
         "cross_zone_bytes": sim.cross_zone,
         "wasted_bytes": sim.wasted,
+        # DEFER answers of every node (units, as sent): each is a request and an answer the daemon handles in
+        # Python, which the flow model does not charge; slot deferrals repeat per piece while a requester waits
+        "deferrals": {
+            "all": sum(nd.seeding.pieces_deferred for nd in sim.nodes),
+            "slots": sum(nd.seeding.slot_deferrals for nd in sim.nodes),
+            "units_sent": sum(nd.seeding.pieces_sent for nd in sim.nodes),
+        },
         "simulated_s": sim.now,
         "tracker": {
             "registrations": stats["registrations"],
@@ -107,6 +114,7 @@ def describe(sc: Scenario) -> dict[str, Any]:
         "arrival_rate": sc.arrival_rate,
         "churn": sc.churn,
         "churn_away_s": sc.churn_away,
+        "churn_at_s": sc.churn_at,
         "zone_link_Bps": None if math.isinf(sc.zone_link) else sc.zone_link,
         "latency_s": sc.latency,
         "egress_limit_Bps": sc.egress_limit,

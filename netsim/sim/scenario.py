@@ -49,6 +49,9 @@ class Scenario:
     arrival_rate: float | None = None  # nodes per second (Poisson); None = every node at t = 0
     churn: float = 0.0  # fraction of downloading nodes that leave once mid-download...
     churn_away: float = 5.0  # ...and come back after this many seconds
+    # None: each node leaves with probability `churn` at a random time; a time: exactly round(churn x peers) of
+    # the nodes still downloading leave at once then, the last ones first (what the bench's --churn K@T:D does)
+    churn_at: float | None = None
     zone_link: float = math.inf  # bytes/s in each direction between two zones (shared by all their flows)
     latency: float = 1e-4  # one-way seconds for control messages (requests, HAVE, DEFER, connects)
     quantum: float | None = None  # events this close in time are handled together (default: 1% of a unit at peer rate)
@@ -73,6 +76,8 @@ class Scenario:
             raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
         if not 0.0 <= self.churn <= 1.0:
             raise ValueError(f"churn is a fraction of nodes (0..1), got {self.churn}")
+        if self.churn_at is not None and not self.churn_at >= 0:
+            raise ValueError(f"churn time must be seconds from the start, got {self.churn_at}")
         if self.arrival_rate is not None and not self.arrival_rate > 0:
             raise ValueError("arrival rate must be positive (nodes per second)")
 

@@ -47,6 +47,10 @@ class Case:
     source: str
     zone_link_bps: int | None = None  # two zones (the seed and the first half of the peers in zone a) and the trunk
     churn: tuple[int, float, float] | None = None  # K peers leave T s in and come back D s later
+    # with churn: how long a restarted daemon took to answer `p2pd status` (Python start-up, under the machine's
+    # load), measured in the same runs (the JSON's `churned`: back_s - left_s - D); the simulator's node is away
+    # D plus this, since the daemon's start-up is the machine's cost, not the protocol's
+    churn_restart_s: float = 0.0
 
     @property
     def peers(self) -> int:
@@ -75,7 +79,8 @@ class Case:
             seed_zone="a",
             zone_link=math.inf if self.zone_link_bps is None else self.zone_link_bps * goodput_share / 8,
             churn=0.0 if self.churn is None else self.churn[0] / self.peers,
-            churn_away=5.0 if self.churn is None else self.churn[2],
+            churn_away=5.0 if self.churn is None else self.churn[2] + self.churn_restart_s,
+            churn_at=None if self.churn is None else self.churn[1],
             latency=LATENCY,
             policy=policy,
         )
@@ -120,28 +125,41 @@ CASES = [
     ),
     Case(
         "1+16",
-        _uniform(16, "50Mbit/s"),
-        parse_size("64MiB"),
-        20.48,
+        _uniform(16, "25Mbit/s"),
+        parse_size("32MiB"),
+        16.46,
         None,
-        "BENCHMARKS.md: Bigger emulations, 2026-11-26 17:13-17:18 (16ba9ce), one run, load 5.8",
+        "BENCHMARKS.md: Validation emulations with their CPU use, 2026-11-27 05:17-05:19 (wt-emu32), median of 2, "
+        "load 2.7-8.7; daemons 1.38-1.41 cores (as at 50 Mbit/s 64 MiB: 17.24 s, 1.32-1.39 cores, load 7.7-15.7)",
+    ),
+    Case(
+        "1+32",
+        _uniform(32, "12.5Mbit/s"),
+        parse_size("32MiB"),
+        37.03,
+        None,
+        "BENCHMARKS.md: Validation emulations with their CPU use, 2026-11-27 05:05-05:08 (wt-emu32), one run, "
+        "load 8.5-18.9; CPU-bound: daemons 1.66 cores, machine 2.0 busy",
     ),
     Case(
         "heterogeneous",
         ((2, rate_bits("100Mbit/s"), rate_bits("100Mbit/s")), (6, rate_bits("50Mbit/s"), rate_bits("50Mbit/s"))),
         parse_size("64MiB"),
-        16.82,
+        11.99,
         None,
-        "BENCHMARKS.md: Bigger emulations, 2026-11-26 17:13-17:18 (16ba9ce), one run, load 8.9",
+        "BENCHMARKS.md: Validation emulations with their CPU use, 2026-11-27 05:27-05:28 (wt-emu32), median of 2, "
+        "load 0.7-2.5; not CPU-bound: daemons 0.68-0.78 cores, machine 0.99-1.33 busy",
     ),
     Case(
         "churn",
         _uniform(8, "50Mbit/s"),
         parse_size("64MiB"),
-        29.77,
+        20.50,
         None,
-        "BENCHMARKS.md: Bigger emulations, 2026-11-26 17:13-17:18 (16ba9ce), one run, load 6.5",
+        "BENCHMARKS.md: Validation emulations with their CPU use, 2026-11-27 05:19-05:21 (wt-emu32), median of 2, "
+        "load 7.3-8.7; the restarted daemons answered 5.4-7.7 s after they were due (mean 6.4 s)",
         churn=(2, 4.0, 3.0),
+        churn_restart_s=6.395,
     ),
     Case(
         "zones",
@@ -156,8 +174,11 @@ CASES = [
 CASES_BY_NAME = {c.name: c for c in CASES}
 
 
-def emulate(case: Case, runs: int, wait_while: Path | None) -> float:
-    """Run the emulated swarm now (p2pd only); return its median."""
+def emulate(case: Case, runs: int, wait_while: Path | None) -> tuple[float, dict[str, Any]]:
+    """Run the emulated swarm now (p2pd only); return its median and what the runs cost (CPU, load).
+
+    The cost says whether the median measures the protocol: p2pd's processes near the machine's cores are
+    CPU-bound, not network-bound."""
     if wait_while is not None:
         while wait_while.exists():
             time.sleep(15)
@@ -168,19 +189,38 @@ def emulate(case: Case, runs: int, wait_while: Path | None) -> float:
         cp = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if not out.exists():
             raise RuntimeError(f"emulated {case.name} did not run: {(cp.stderr or cp.stdout).strip()[-300:]}")
-        med = json.loads(out.read_text())["clients"]["p2pd"]["median_s"]
-        if med is None:
+        res = json.loads(out.read_text())
+        p2pd = res["clients"]["p2pd"]
+        if p2pd["median_s"] is None:
             raise RuntimeError(f"emulated {case.name}: no p2pd run completed")
-        return float(med)
+        cost = {
+            "times_s": p2pd["times_s"],
+            "p2pd_cpu_cores_runs": p2pd["client_cpu_cores_runs"],
+            "machine_busy_cores_runs": p2pd["machine_busy_cores_runs"],
+            "loadavg_after": res["machine"]["loadavg"],
+            "seed_upload_F_runs": p2pd["seed_upload_F_runs"],
+            "cross_zone_F_runs": p2pd.get("cross_zone_F_runs"),
+            "per_leecher_s": p2pd["per_leecher_s"],
+            "churned": p2pd.get("churned"),
+        }
+        return float(p2pd["median_s"]), cost
+
+
+def restart_delay(churned: list[list[dict[str, Any]]] | None, down_s: float) -> float:
+    """Mean time the churned daemons took, past their due return, to answer `p2pd status` (the bench's log)."""
+    late = [e["back_s"] - e["left_s"] - down_s for run in churned or [] for e in run if e.get("back_s") is not None]
+    return sum(late) / len(late) if late else 0.0
 
 
 def validate(emulate_runs: int | None, wait_while: Path | None, names: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for case in [CASES_BY_NAME[n] for n in names] if names else CASES:
+        measured, cost = emulate(case, emulate_runs, wait_while) if emulate_runs else (case.p2pd_s, None)
+        if cost is not None and case.churn is not None:
+            case = replace(case, churn_restart_s=restart_delay(cost["churned"], case.churn[2]))
         sc = case.scenario(GOODPUT_SHARE)
         p = simulate(sc)
         bt = simulate(replace(sc, policy="bittorrent"))
-        measured = emulate(case, emulate_runs, wait_while) if emulate_runs else case.p2pd_s
         predicted = p["completion_s"]["max"]
         bt_pred = bt["completion_s"]["max"]
         rows.append(
@@ -193,10 +233,13 @@ def validate(emulate_runs: int | None, wait_while: Path | None, names: list[str]
                 "p2pd_measured_s": measured,
                 "p2pd_error": predicted / measured - 1,
                 "p2pd_seed_upload_F_predicted": p["seed_upload_F"],
+                "p2pd_cross_zone_F_predicted": p["cross_zone_bytes"] / case.size,
+                "churn_restart_s": case.churn_restart_s if case.churn is not None else None,
                 "bittorrent_predicted_s": bt_pred,
                 "libtorrent_measured_s": case.libtorrent_s,
                 "bittorrent_error": None if case.libtorrent_s is None else bt_pred / case.libtorrent_s - 1,
                 "measured_from": "emulated now" if emulate_runs else case.source,
+                "emulated": cost,
                 "piece": sc.piece,
             }
         )

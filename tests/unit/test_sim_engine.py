@@ -156,6 +156,22 @@ def test_cli_bad_input_is_one_line(args: list[str], msg: str, capsys: pytest.Cap
     assert msg in err and "Traceback" not in err
 
 
+def test_churn_at_a_time_takes_the_last_downloading_nodes_away_for_exactly_that_long() -> None:
+    """The bench's --churn K@T:D: one seed, two peers that cannot upload (so only the seed serves them, each at
+    half its rate while both are there): the last peer leaves at T for D s, keeping its pieces, and the other has
+    the whole seed meanwhile; back, they share it again; the seed never idles, so the last ends at 2F/u_s."""
+    rate, t, d = 10 * MB, 2.0, 3.0
+    sc = one(2, 1.0, 1000 * MB, seed_up=rate, size=64 * MiB, piece=MiB, churn=0.5, churn_at=t, churn_away=d)
+    r = simulate(sc)
+    f = sc.size
+    first = t + d + (f - rate / 2 * t - rate * d) / (rate / 2)
+    # (connects and requests after the return cost a few round trips; piece grain)
+    assert sorted(r["completion_times_s"]) == pytest.approx([first, 2 * f / rate], rel=0.02)
+    # without the departure both would end together at 2F/u_s: the one that stayed gained what the other lost
+    assert first < 2 * f / rate - 2.0
+    assert r["tracker"]["registrations"] == 4  # the seed, two peers, and the one that came back
+
+
 def test_validation_cases_have_the_emulations_bounds() -> None:
     """Each simulated case has the bound the emulation reports for the same `netsim.bench swarm` options (the
     zones' cuts included), and piece level; the 200 Mbit/s 512 MiB ones: 21.48 s nominal, 22.45 s at goodput."""
@@ -198,3 +214,23 @@ def test_reusing_a_finished_flows_rate_changes_nothing_but_the_recomputations(po
     assert [nd.done_at for nd in fast.nodes] == pytest.approx([nd.done_at for nd in slow.nodes], rel=1e-9)
     assert fast.delivered == slow.delivered
     assert fast.nodes[0].uploaded == slow.nodes[0].uploaded
+
+
+def test_the_churn_restart_is_read_off_the_benchs_churned_log() -> None:
+    """validate --emulate: the simulated node is away D plus what the restarted daemons took past their return."""
+    from netsim.sim.validate import restart_delay
+
+    run1 = [{"peer": "p7", "left_s": 4.0, "back_s": 17.8}, {"peer": "p8", "left_s": 4.0, "back_s": 17.9}]
+    run2 = [{"peer": "p8", "left_s": 4.0, "back_s": None}]  # never answered: not a delay to average
+    assert restart_delay([run1, run2], 3.0) == pytest.approx(10.85)
+    assert restart_delay(None, 3.0) == 0.0
+
+
+def test_upload_slots_past_the_gate_answer_deferrals_the_report_counts() -> None:
+    """20 peers (past the 16-connection gate): the slots DEFER requesters, per piece; without slots none do."""
+    sc = one(20, 10 * MB, 10 * MB, seed_up=10 * MB, size=8 * MiB, piece=256 << 10)
+    on = simulate(sc)["deferrals"]
+    off = simulate(replace(sc, swarm=replace(sc.swarm, upload_slots=0)))["deferrals"]
+    assert on["slots"] > on["units_sent"] > 0
+    assert off["slots"] == 0
+    assert off["all"] < on["all"]

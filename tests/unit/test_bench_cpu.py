@@ -1,0 +1,37 @@
+"""The swarm bench's CPU accounting: a run whose clients need the machine's cores is CPU-bound (issue #15)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from netsim.bench.harness import cpu_seconds_tree, machine_busy_seconds
+
+SPIN = "import time\nwhile time.process_time() < 0.3:\n    pass\nprint('spun', flush=True)\ntime.sleep(60)\n"
+
+
+def test_the_cpu_of_a_process_tree_counts_its_grandchildren() -> None:
+    # the daemons run under wrappers (setpriv, ip netns exec): the CPU is in the descendants of the PID we hold
+    sh = subprocess.Popen(
+        ["sh", "-c", f'"{sys.executable}" -c "$0"; true', SPIN],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert sh.stdout is not None
+        assert sh.stdout.readline().strip() == "spun"
+        used = cpu_seconds_tree([sh.pid])
+        assert 0.25 <= used < 5.0, used  # (clock ticks: 10 ms grain)
+        assert cpu_seconds_tree([]) == 0.0
+    finally:
+        os.killpg(sh.pid, signal.SIGKILL)  # the group this test started: sh and its python child
+        sh.wait(timeout=10)
+
+
+def test_machine_busy_seconds_grow_with_work() -> None:
+    before = machine_busy_seconds()
+    subprocess.run([sys.executable, "-c", "import time\nwhile time.process_time() < 0.2:\n    pass\n"], check=True)
+    assert machine_busy_seconds() - before >= 0.15  # (clock ticks: 10 ms grain)
