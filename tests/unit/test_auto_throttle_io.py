@@ -75,13 +75,8 @@ def test_status_off_and_the_limits_line() -> None:
     assert "download limit: none" in text and "auto-throttle: off" in text
 
 
-async def test_own_bytes_are_counted_when_they_cross_the_wire(tmp_path: Path) -> None:
-    """A byte p2pd wrote that still waits in its socket's send queue has not crossed the interface yet; one that
-    arrived and waits unread in a receive queue has. Counted at write/read time, a burst of MBs queued for peers
-    read as somebody else's traffic, and a seed alone on its link yielded to itself (issue #13)."""
-    dev = tmp_path / "dev"
-    dev.write_text(PROC_NET_DEV)
-    t = AutoThrottler(AutoThrottleConfig(), unlimited(), unlimited(), proc_net_dev=dev)
+async def _loopback_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """A connected TCP pair on loopback: the dialling socket and the accepted one."""
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -89,6 +84,17 @@ async def test_own_bytes_are_counted_when_they_cross_the_wire(tmp_path: Path) ->
     await a.connect(listener.getsockname())
     b, _ = await listener.accept()
     listener.close()
+    return a, b
+
+
+async def test_own_bytes_are_counted_when_they_cross_the_wire(tmp_path: Path) -> None:
+    """A byte p2pd wrote that still waits in its socket's send queue has not crossed the interface yet; one that
+    arrived and waits unread in a receive queue has. Counted at write/read time, a burst of MBs queued for peers
+    read as somebody else's traffic, and a seed alone on its link yielded to itself (issue #13)."""
+    dev = tmp_path / "dev"
+    dev.write_text(PROC_NET_DEV)
+    t = AutoThrottler(AutoThrottleConfig(), unlimited(), unlimited(), proc_net_dev=dev)
+    a, b = await _loopback_pair()
     with a, b:
         sender, receiver = StreamIO(trio.SocketStream(a)), StreamIO(trio.SocketStream(b))
         before, sent_before = t._sample("eth0"), TRAFFIC.sent
@@ -108,13 +114,7 @@ async def test_written_but_unsent_bytes_stay_bounded(tmp_path: Path) -> None:
     competes meanwhile with the service it yields to; without a bound a socket held tcp_wmem's maximum (MBs)."""
     payload = tmp_path / "piece"
     payload.write_bytes(b"x" * (32 << 20))
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    a = trio.socket.socket()
-    await a.connect(listener.getsockname())
-    b, _ = await listener.accept()
-    listener.close()
+    a, b = await _loopback_pair()
     with a, b, payload.open("rb") as f:
         b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # the receiver reads nothing: a full window
         sender = StreamIO(trio.SocketStream(a))

@@ -20,15 +20,7 @@ from netsim.sim.coarse import (
 )
 from netsim.sim.report import simulate
 from netsim.sim.scenario import NodeClass, Scenario
-
-MB = 1_000_000
-MiB = 1 << 20
-
-
-def one(count: int, up: float, down: float, **kw: object) -> Scenario:
-    base: dict[str, object] = {"size": 64 * MiB, "piece": MiB, "seed_up": 100 * MB, "quantum": 1e-5}
-    base.update(kw)
-    return Scenario(classes=(NodeClass(count, up, down),), **base)  # type: ignore[arg-type]
+from tests.unit.test_sim_engine import MB, MiB, one
 
 
 @pytest.mark.parametrize(("seed_up", "down"), [(100 * MB, 50 * MB), (40 * MB, 80 * MB)])
