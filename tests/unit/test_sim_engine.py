@@ -234,3 +234,17 @@ def test_upload_slots_past_the_gate_answer_deferrals_the_report_counts() -> None
     assert on["slots"] > on["units_sent"] > 0
     assert off["slots"] == 0
     assert off["all"] < on["all"]
+
+
+def test_the_zones_case_reports_what_the_trunk_carried_next_to_the_prediction() -> None:
+    """validate: the zones row compares the simulator's payload crossed with the measured trunk (frames into the
+    seedless zone, as payload); at least one copy must cross, in either."""
+    from netsim.sim.validate import CASES_BY_NAME, GOODPUT_SHARE, validate
+
+    row = validate(None, None, ["zones"])["cases"][0]
+    case = CASES_BY_NAME["zones"]
+    assert case.cross_zone_F is not None
+    assert row["p2pd_cross_zone_F_measured"] == pytest.approx(case.cross_zone_F * GOODPUT_SHARE)
+    assert row["p2pd_cross_zone_F_measured"] >= 1.0
+    assert row["p2pd_cross_zone_F_predicted"] >= 1.0
+    assert validate(None, None, ["1+4"])["cases"][0]["p2pd_cross_zone_F_measured"] is None
