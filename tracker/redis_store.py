@@ -592,31 +592,50 @@ class RedisStore:
                 gone.append(nid)
         if gone:
             await self._cmds([["HDEL", p + "dm", *gone]])
-        # Weights as the memory registry gives them (Registry.demands): the artifact priority, times the
-        # seed weight of an artifact the node holds complete, from every live node's holdings.
         prio = self._budgets.priority
-        ids = list(zones)
-        held = await self._cmds([["HGETALL", p + "h:" + n] for n in ids]) if ids else []
-        holdings = {
-            n: {_s(h[i]): float(_s(h[i + 1])) for i in range(0, len(h), 2)} for n, h in zip(ids, held, strict=True)
-        }
-        complete: dict[str, int] = {}
-        partial: dict[str, int] = {}
-        for h in holdings.values():
-            for aid, progress in h.items():
-                counts = complete if progress >= 1.0 else partial
-                counts[aid] = counts.get(aid, 0) + 1
-        seeds = {a: w for a, c in complete.items() if (w := seed_weight(c, partial.get(a, 0))) > 1.0}
         weights: dict[str, float] = {}
-        for n, h in holdings.items():
-            w = weight_of(h, prio) if prio else 1.0
-            if seeds and h:
-                w *= max((seeds.get(a, 1.0) for a, progress in h.items() if progress >= 1.0), default=1.0)
-            weights[n] = w
+        if prio:
+            ids = list(zones)
+            held = await self._cmds([["HKEYS", p + "h:" + n] for n in ids]) if ids else []
+            for n, keys in zip(ids, held, strict=True):
+                weights[n] = weight_of({_s(k): 1.0 for k in keys}, prio)
+        for n, w in (await self._seed_weights()).items():
+            if n in zones:
+                weights[n] = weights.get(n, 1.0) * w
         out = {}
         for nid, zone in zones.items():
             e, c, er, cr = (reports.get(nid) or (0.0, 0.0, 0.0, 0.0))[:4]
             out[nid] = Demand(zone, e, c, er, cr, weights.get(nid, 1.0))
+        return out
+
+    async def _seed_weights(self) -> dict[str, float]:
+        """Node id -> the largest seed weight (`seed_weight` > 1) of the artifacts it holds complete, as
+        `Registry.demands` gives it: counted from the holder sets per artifact and zone (a read per artifact,
+        not one per live node at every split)."""
+        p = self.prefix
+        (arts,) = await self._cmds([["SMEMBERS", p + "arts"]])
+        aids = [_s(a) for a in arts]
+        zones = await self._cmds([["SMEMBERS", p + "az:" + a] for a in aids]) if aids else []
+        pairs = [(a, _s(z)) for a, zs in zip(aids, zones, strict=True) for z in zs]
+        if not pairs:
+            return {}
+        counts = await self._cmds(
+            [c for a, z in pairs for c in (["SCARD", f"{p}ac:{a}:{z}"], ["HLEN", f"{p}ap:{a}:{z}"])]
+        )
+        complete: dict[str, int] = {}
+        partial: dict[str, int] = {}
+        for k, (a, _) in enumerate(pairs):
+            complete[a] = complete.get(a, 0) + int(counts[2 * k])
+            partial[a] = partial.get(a, 0) + int(counts[2 * k + 1])
+        seeds = {a: w for a, c in complete.items() if (w := seed_weight(c, partial[a])) > 1.0}
+        held = [(a, z) for a, z in pairs if a in seeds]
+        if not held:
+            return {}
+        out: dict[str, float] = {}
+        for (a, _), ids in zip(held, await self._cmds([["SMEMBERS", f"{p}ac:{a}:{z}"] for a, z in held]), strict=True):
+            for i in ids:
+                n = _s(i)
+                out[n] = max(out.get(n, 1.0), seeds[a])
         return out
 
     async def budgets(self) -> Budgets:

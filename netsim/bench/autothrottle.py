@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Generic, Self, TypeVar
 
 from netsim.bench.bt import make_torrent
 from netsim.bench.clients.base import LineLeecher
@@ -61,6 +61,7 @@ from p2pd.rpc import RpcError, call_blocking
 from p2pd.units import format_bits_rate, parse_size
 
 TICK = 0.25
+T = TypeVar("T")
 IPERF_PORT = 5201
 LT_PORT = 7001
 
@@ -91,43 +92,58 @@ def missing() -> str | None:
     return None
 
 
-class Sampler:
-    """Switch-side byte counters of every port, every TICK s, in a thread (one `ip -s -j link` per sample)."""
+class _Ticker(Generic[T]):
+    """A thread that takes one sample every TICK s while its `with` block lasts; a read that fails stops it
+    and leaves the reason in `error`."""
 
-    def __init__(self, switch_ns: str, ports: dict[str, str]) -> None:
-        self.switch_ns = switch_ns
-        self.ports = ports  # host name -> switch-side interface
-        self.samples: list[tuple[float, dict[str, tuple[int, int]]]] = []  # (t, host -> (to host, from host))
+    join_timeout = 5.0
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, T]] = []
+        self.error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
-        self.error: str | None = None
 
-    def __enter__(self) -> Sampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=self.join_timeout)
 
-    def _read(self) -> dict[str, tuple[int, int]]:
+    def _sample(self) -> T | None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            t = time.monotonic()
+            try:
+                sample = self._sample()
+            except (OSError, subprocess.CalledProcessError, KeyError, ValueError) as e:
+                self.error = f"{type(e).__name__}: {e}"
+                return
+            if sample is not None:
+                self.samples.append((t, sample))
+            next_at += TICK
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+
+class Sampler(_Ticker[dict[str, tuple[int, int]]]):
+    """Switch-side byte counters of every port (host -> (to host, from host)), one `ip -s -j link` per sample."""
+
+    def __init__(self, switch_ns: str, ports: dict[str, str]) -> None:
+        super().__init__()
+        self.switch_ns = switch_ns
+        self.ports = ports  # host name -> switch-side interface
+
+    def _sample(self) -> dict[str, tuple[int, int]]:
         cp = subprocess.run(
             ["ip", "-n", self.switch_ns, "-s", "-j", "link", "show"], capture_output=True, text=True, check=True
         )
         by_if = {d["ifname"]: d["stats64"] for d in json.loads(cp.stdout) if "stats64" in d}
         return {h: (by_if[i]["tx"]["bytes"], by_if[i]["rx"]["bytes"]) for h, i in self.ports.items()}
-
-    def _loop(self) -> None:
-        t0 = time.monotonic()
-        next_at = t0
-        while not self._stop.is_set():
-            try:
-                self.samples.append((time.monotonic(), self._read()))
-            except (OSError, subprocess.CalledProcessError, KeyError, ValueError) as e:
-                self.error = f"{type(e).__name__}: {e}"
-                return
-            next_at += TICK
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
 
     def rates(self, host: str, toward: bool) -> list[tuple[float, float]]:
         """(time at the end of each interval, bytes/s) delivered to `host` (toward) or sent by it."""
@@ -138,34 +154,20 @@ class Sampler:
         return out
 
 
-class StatusSampler:
-    """The node's own view every TICK s (its control socket): p2pd's auto-throttle limit, what it measured, and
+class StatusSampler(_Ticker[dict[str, Any]]):
+    """The node's own view (its control socket): p2pd's auto-throttle limit, what it measured, and
     what sits in its sockets' queues; next to the switch-side rates this shows whether a slow yield is the
     controller's decision or bytes that were already queued when the limit dropped."""
 
+    join_timeout = 10.0
+
     def __init__(self, sock_path: str) -> None:
+        super().__init__()
         self.sock_path = sock_path
-        self.samples: list[tuple[float, dict[str, Any]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> StatusSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            st = _status(self.sock_path)
-            auto = (st or {}).get("auto_throttle") or {}
-            if auto:
-                self.samples.append((time.monotonic(), auto))
-            next_at += TICK
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
+    def _sample(self) -> dict[str, Any] | None:
+        auto = (_status(self.sock_path) or {}).get("auto_throttle") or {}
+        return auto or None
 
     def trace(self, direction: str, t0: float) -> list[list[Any]]:
         """[t, limit, own, other, queued] per sample (bytes/s; limit None = none; queued: unsent on upload,
