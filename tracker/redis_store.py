@@ -40,7 +40,20 @@ from typing import Any
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.auth import heartbeat_mac
-from tracker.budgets import Budgets, Demand, Share, ShareLedger, allocate, seed_weight, usage, weight_of, wire_share
+from tracker.budgets import (
+    MAX_BUDGET,
+    RAMP_PROGRESS,
+    Budgets,
+    Demand,
+    Share,
+    ShareLedger,
+    allocate,
+    passes_on,
+    seed_weight,
+    usage,
+    weight_of,
+    wire_share,
+)
 from tracker.preheat import Order, PreheatBook
 from tracker.registry import NAT_UNKNOWN
 from tracker.resp import Redis, RedisError, RedisUnavailable
@@ -607,6 +620,7 @@ class RedisStore:
                 counts = complete if progress >= 1.0 else partial
                 counts[aid] = counts.get(aid, 0) + 1
         seeds = {a: w for a, c in complete.items() if (w := seed_weight(c, partial.get(a, 0))) > 1.0}
+        swarms = {a for a, c in complete.items() if passes_on(c, partial.get(a, 0))}
         weights: dict[str, float] = {}
         for n, h in holdings.items():
             w = weight_of(h, prio) if prio else 1.0
@@ -616,6 +630,8 @@ class RedisStore:
         out = {}
         for nid, zone in zones.items():
             e, c, er, cr = (reports.get(nid) or (0.0, 0.0, 0.0, 0.0))[:4]
+            if swarms and any(a in swarms and not RAMP_PROGRESS <= p < 1.0 for a, p in holdings.get(nid, {}).items()):
+                e = MAX_BUDGET
             out[nid] = Demand(zone, e, c, er, cr, weights.get(nid, 1.0))
         return out
 
