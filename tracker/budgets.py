@@ -345,6 +345,28 @@ def seed_weight(complete: int, partial: int) -> float:
     return max(1.0, partial / (complete * (partial - 1)))
 
 
+# A fetcher in a swarm counts as wanting all it can get until it holds this much of the artifact (passes_on)
+RAMP_PROGRESS = 0.05
+
+
+def passes_on(complete: int, partial: int) -> bool:
+    """Whether the members of a swarm (`complete` nodes holding an artifact, `partial` fetching it) count as
+    wanting all they can get in the split (demand raised to MAX_BUDGET): its complete holders always, its
+    fetchers while they hold less than RAMP_PROGRESS.
+
+    A fetcher passes every piece it gets on to the other fetchers, so at the start of a transfer what it
+    can send grows with what it receives, not with what it sent: it reports the second in which it had
+    nothing yet (0.3 Mbit/s), the split of the next interval cuts it to that and hands the rest to the seed,
+    and by then it has pieces the others want; its share follows a second later, and the ledger holds that
+    increase until the seed's decrease is sent. The seed's first report is as stale (the second before it
+    was held back). The first judged windows of the throttle bench ran at 0.90 and 0.71 of the budget
+    (BENCHMARKS.md, "the ramp after the start"). Asking for all from the first split on gives the split the
+    swarm settles to (seed_weight: seeds budget/partial together, fetchers the rest equally) at once. Past
+    the start a fetcher's own report counts again, so one that runs dry hands its share back. It needs a
+    complete holder to feed the fetchers and at least two fetchers to pass pieces between."""
+    return complete >= 1 and partial >= 2
+
+
 def usage(demands: Mapping[str, Demand]) -> dict[str, Any]:
     """Current use, as nodes measured it: total and cross-zone egress, and per zone."""
     zones: dict[str, float] = {}

@@ -40,7 +40,20 @@ from typing import Any
 from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.auth import heartbeat_mac
-from tracker.budgets import Budgets, Demand, Share, ShareLedger, allocate, seed_weight, usage, weight_of, wire_share
+from tracker.budgets import (
+    MAX_BUDGET,
+    RAMP_PROGRESS,
+    Budgets,
+    Demand,
+    Share,
+    ShareLedger,
+    allocate,
+    passes_on,
+    seed_weight,
+    usage,
+    weight_of,
+    wire_share,
+)
 from tracker.preheat import Order, PreheatBook
 from tracker.registry import NAT_UNKNOWN
 from tracker.resp import Redis, RedisError, RedisUnavailable
@@ -599,26 +612,30 @@ class RedisStore:
             held = await self._cmds([["HKEYS", p + "h:" + n] for n in ids]) if ids else []
             for n, keys in zip(ids, held, strict=True):
                 weights[n] = weight_of({_s(k): 1.0 for k in keys}, prio)
-        for n, w in (await self._seed_weights()).items():
+        seed_weights, askers = await self._holder_weights()
+        for n, w in seed_weights.items():
             if n in zones:
                 weights[n] = weights.get(n, 1.0) * w
         out = {}
         for nid, zone in zones.items():
             e, c, er, cr = (reports.get(nid) or (0.0, 0.0, 0.0, 0.0))[:4]
+            if nid in askers:
+                e = MAX_BUDGET
             out[nid] = Demand(zone, e, c, er, cr, weights.get(nid, 1.0))
         return out
 
-    async def _seed_weights(self) -> dict[str, float]:
-        """Node id -> the largest seed weight (`seed_weight` > 1) of the artifacts it holds complete, as
-        `Registry.demands` gives it: counted from the holder sets per artifact and zone (a read per artifact,
-        not one per live node at every split)."""
+    async def _holder_weights(self) -> tuple[dict[str, float], set[str]]:
+        """What `Registry.demands` takes from the holders, counted from the holder sets per artifact and zone
+        (a read per artifact, not one per live node at every split): node id -> the largest seed weight
+        (`seed_weight` > 1) of the artifacts it holds complete, and the nodes that ask for all they can get
+        (`passes_on`: complete holders of a swarm, and its fetchers below RAMP_PROGRESS)."""
         p = self.prefix
         (arts,) = await self._cmds([["SMEMBERS", p + "arts"]])
         aids = [_s(a) for a in arts]
         zones = await self._cmds([["SMEMBERS", p + "az:" + a] for a in aids]) if aids else []
         pairs = [(a, _s(z)) for a, zs in zip(aids, zones, strict=True) for z in zs]
         if not pairs:
-            return {}
+            return {}, set()
         counts = await self._cmds(
             [c for a, z in pairs for c in (["SCARD", f"{p}ac:{a}:{z}"], ["HLEN", f"{p}ap:{a}:{z}"])]
         )
@@ -628,15 +645,26 @@ class RedisStore:
             complete[a] = complete.get(a, 0) + int(counts[2 * k])
             partial[a] = partial.get(a, 0) + int(counts[2 * k + 1])
         seeds = {a: w for a, c in complete.items() if (w := seed_weight(c, partial[a])) > 1.0}
-        held = [(a, z) for a, z in pairs if a in seeds]
+        swarms = {a for a, c in complete.items() if passes_on(c, partial[a])}
+        held = [(a, z) for a, z in pairs if a in seeds or a in swarms]
         if not held:
-            return {}
-        out: dict[str, float] = {}
-        for (a, _), ids in zip(held, await self._cmds([["SMEMBERS", f"{p}ac:{a}:{z}"] for a, z in held]), strict=True):
-            for i in ids:
-                n = _s(i)
-                out[n] = max(out.get(n, 1.0), seeds[a])
-        return out
+            return {}, set()
+        cmds = [c for a, z in held for c in (["SMEMBERS", f"{p}ac:{a}:{z}"], ["HGETALL", f"{p}ap:{a}:{z}"])]
+        got = await self._cmds(cmds)
+        weights: dict[str, float] = {}
+        askers: set[str] = set()
+        for k, (a, _) in enumerate(held):
+            ids = [_s(i) for i in got[2 * k]]
+            if a in seeds:
+                for n in ids:
+                    weights[n] = max(weights.get(n, 1.0), seeds[a])
+            if a in swarms:
+                askers.update(ids)
+                fetching = got[2 * k + 1]
+                for i in range(0, len(fetching), 2):
+                    if float(_s(fetching[i + 1])) < RAMP_PROGRESS:
+                        askers.add(_s(fetching[i]))
+        return weights, askers
 
     async def budgets(self) -> Budgets:
         return self._budgets

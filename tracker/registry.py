@@ -37,7 +37,19 @@ from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.auth import heartbeat_mac
 from tracker import cluster_view as CV
-from tracker.budgets import Budgets, Demand, Share, ShareLedger, allocate, seed_weight, weight_of, wire_share
+from tracker.budgets import (
+    MAX_BUDGET,
+    RAMP_PROGRESS,
+    Budgets,
+    Demand,
+    Share,
+    ShareLedger,
+    allocate,
+    passes_on,
+    seed_weight,
+    weight_of,
+    wire_share,
+)
 from tracker.validate import NatInfo, TrackerError
 
 ZONE_LABEL = "zone"
@@ -490,17 +502,26 @@ class Registry:
         """Every live node's last demand report (a node that sent none demands nothing)."""
         prio = self.budgets.priority
         seeds: dict[str, float] = {}  # artifact id -> the weight of a node holding it complete (seed_weight)
+        swarms: set[str] = set()  # artifact ids whose fetchers ask for all they can get (passes_on)
         for aid, art in self.artifacts.items():
             complete = sum(len(bag) for (done, _), bag in art.holders.items() if done)
             partial = sum(len(bag) for (done, _), bag in art.holders.items() if not done)
             if (w := seed_weight(complete, partial)) > 1.0:
                 seeds[aid] = w
+            if passes_on(complete, partial):
+                swarms.add(aid)
         out = {}
         for nid, n in self.nodes.items():
             e, c, er, cr = n.demand or (0.0, 0.0, 0.0, 0.0)
             weight = weight_of(n.holdings, prio)
             if seeds and n.holdings:
                 weight *= max((seeds.get(a, 1.0) for a, p in n.holdings.items() if p >= 1.0), default=1.0)
+            if (
+                swarms
+                and n.holdings
+                and any(a in swarms and not RAMP_PROGRESS <= p < 1.0 for a, p in n.holdings.items())
+            ):
+                e = MAX_BUDGET
             out[nid] = Demand(n.zone, e, c, er, cr, weight)
         return out
 

@@ -16,7 +16,7 @@ import trio
 from p2pd.cluster import LocalCluster
 from p2pd.tracker_client import TrackerClient
 from tests.tracker.tracker_testutil import nid, start_redis
-from tracker.budgets import OVERCOMMIT, Budgets
+from tracker.budgets import OVERCOMMIT, RAMP_PROGRESS, Budgets
 from tracker.server import TrackerServer
 from tracker.store import Heartbeat, MemoryStore, Store
 
@@ -96,6 +96,33 @@ async def test_a_seed_is_weighted_by_the_fetchers_of_what_it_holds(store: Store)
     await store.set_budgets(Budgets(total=40.0))
     assert store.share_of(ids[0]) == [pytest.approx(10.0), None]
     assert [store.share_of(n) for n in ids[1:]] == [[pytest.approx(7.5), None]] * 4
+    await store.set_budgets(Budgets())
+
+
+async def test_a_swarm_asks_for_all_from_the_first_split(store: Store) -> None:
+    """At the start of a transfer the seed and the fetchers report a second in which they had little or
+    nothing to send; the split must not cut them to that, since the fetchers pass on every piece they get
+    at once and the seed has them all: the first split is the one the swarm settles to, seed budget/4,
+    fetchers 7.5 (passes_on). A single fetcher has nobody to pass pieces to: its own demand stands, as
+    does a fetcher's past the start (RAMP_PROGRESS), so one that runs dry hands its share back."""
+    aid, other = "ab" * 32, "cd" * 32
+    ids = [nid(i) for i in range(6)]
+    for i, n in enumerate(ids):
+        await store.register(n, "10.0.0.1", 7000 + i, {}, "0.1.0")
+    idle = (0.5, 0.0, 0.0, 0.0)
+    beats = [Heartbeat(ids[0], {aid: 1.0, other: 1.0}, demand=(2.0, 0.0, 1.9, 0.0))]
+    beats += [Heartbeat(n, {aid: 0.01}, demand=idle) for n in ids[1:5]]
+    beats += [Heartbeat(ids[5], {other: 0.01}, demand=idle)]  # alone on `other`: a fetcher, not a source
+    await store.heartbeat_many(beats)
+    await store.set_budgets(Budgets(total=40.5))
+    assert store.share_of(ids[5]) == [pytest.approx(0.5), None]
+    assert store.share_of(ids[0]) == [pytest.approx(10.0), None]
+    assert [store.share_of(n) for n in ids[1:5]] == [[pytest.approx(7.5), None]] * 4
+    # past the start a fetcher's own report counts again; a complete holder still asks for all
+    await store.heartbeat_many([Heartbeat(ids[1], {aid: RAMP_PROGRESS}, demand=idle)])
+    await store.refresh()
+    demands = {n["node_id"]: n["demand"] for n in (await store.throttle_view())["nodes"]}
+    assert demands[ids[1]] == pytest.approx(0.5) and demands[ids[2]] == BIG and demands[ids[0]] == BIG
     await store.set_budgets(Budgets())
 
 
