@@ -436,14 +436,10 @@ class Simulation:
         rate = nd.rates.get(pid)
         if rate is None:
             rate = nd.rates[pid] = PeerRate()
-        if nd.picker.outstanding(pid):
+        if nd.picker.pending.get(pid):  # outstanding(pid) > 0
             rate.waiting(self.now)
         else:
             rate.idle()
-
-    def _depth(self, nd: Node, pid: int) -> int:
-        """The requests to keep waiting at peer `pid`: Swarm.depths, `pipeline_depth` until its rate is measured."""
-        return nd.depths.get(pid, self.cfg.pipeline_depth)
 
     def _paced(self, nd: Node, pid: int, length: int) -> None:
         """Swarm.on_piece's pacing: a requested piece arrived; the peer's rate sets its depth (and endgame order)."""
@@ -466,9 +462,8 @@ class Simulation:
             )
 
     def _request_more(self, nd: Node, pid: int) -> None:
-        """session.request_more(depth): ask until the peer's depth (`_depth`) of requests are outstanding."""
-        if not nd.downloading or pid not in nd.queue:
-            return
+        """session.request_more(depth): ask until the peer's depth of requests are outstanding (Swarm.depths:
+        `pipeline_depth` until its rate is measured; looked up inline here and in `_fill_all` / `_on_have`)."""
         picker = nd.picker
         if not picker.knows(pid):
             return
@@ -478,7 +473,7 @@ class Simulation:
             return
         if not picker.interesting(pid):
             return  # next_request would find nothing to ask this peer (and change nothing)
-        depth = self._depth(nd, pid)
+        depth = nd.depths.get(pid, self.cfg.pipeline_depth)
         up = self.nodes[pid]
         while picker.outstanding(pid) < depth:
             if self.skip_empty_requests and nothing_to_request(picker, pid):
@@ -490,9 +485,11 @@ class Simulation:
             self.at(self.now + self.sc.latency, self._on_request, up, nd.nid, i)
 
     def _fill_all(self, nd: Node) -> None:
+        depth = self.cfg.pipeline_depth
+        depths = nd.depths
         picker = nd.picker
         for pid in list(nd.queue):
-            if picker.outstanding(pid) < self._depth(nd, pid):
+            if picker.outstanding(pid) < depths.get(pid, depth):
                 self._fill(nd, pid)
 
     def _on_defer(self, nd: Node, pid: int, unit: int, epoch: int) -> None:
@@ -532,6 +529,7 @@ class Simulation:
             return
         bit = 1 << unit
         sid = sender.nid
+        depth = self.cfg.pipeline_depth
         nodes = self.nodes
         for pid in peers:
             nd = nodes[pid]
@@ -549,7 +547,7 @@ class Simulation:
                 nd.downloading
                 and picker.knows(sid)
                 and picker.peer_have(sid, unit)
-                and (self.bt or picker.outstanding(sid) < self._depth(nd, sid))
+                and (self.bt or picker.outstanding(sid) < nd.depths.get(sid, depth))
             ):
                 self._fill(nd, sid)
 
