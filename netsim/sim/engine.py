@@ -7,7 +7,11 @@ What is the daemon's code here, imported and driven the way p2pd.swarm and p2pd.
   cancel_all, defer, request_failed, remove_peer, undefer_all every `defer_retry`);
 - what a node uploads and what it defers: `p2pd.protocol.seeding.DistinctFirstSeeding`, asked at
   request time (defer_request, only once complete) and at send time (defer_send, then sent);
-- the pipeline depth, peer counts, lookup schedule and every other number: `p2pd.config.SwarmConfig`;
+- each connection's pipeline depth, from the rate that peer delivers at while asked (`p2pd.protocol.pacing`
+  PeerRate and pipeline_depth, updated where Swarm.fill and Swarm.on_piece update them): a peer slower
+  than a piece per `slow_piece_time` holds one request, which on a thin link between zones is what keeps
+  nodes of one zone from fetching the same piece across it together;
+- peer counts, lookup schedule and every other number: `p2pd.config.SwarmConfig`;
 - node rate limits: `p2pd.protocol.ratelimit` token buckets, whose long-run rate caps a node's link;
 - peer lists, registration, heartbeats, leaves: `tracker.registry.Registry`, the tracker's state.
 
@@ -31,6 +35,7 @@ import numpy as np
 
 from netsim.sim.fairshare import IncrementalMaxMin, max_min_rates
 from netsim.sim.scenario import Scenario
+from p2pd.protocol.pacing import PeerRate, pipeline_depth
 from p2pd.protocol.picker import Arrival, Picker
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket
 from p2pd.protocol.seeding import DistinctFirstSeeding
@@ -70,6 +75,8 @@ class Node:
         "recv_from",
         "rechokes",
         "epoch",
+        "rates",
+        "depths",
     )
 
     def __init__(
@@ -111,6 +118,8 @@ class Node:
         self.recv_from: dict[int, int] = {}  # bittorrent: bytes received per peer since the last rechoke
         self.rechokes = 0
         self.epoch = 0  # bumped when the node leaves: its pending timers die
+        self.rates: dict[int, PeerRate] = {}  # peer -> its delivery rate while our requests wait there...
+        self.depths: dict[int, int] = {}  # ...and the pipeline depth that rate asks for (Swarm.rates, .depths)
 
 
 class Flows:
@@ -418,9 +427,43 @@ class Simulation:
         return b.nid in a.queue
 
     def _fill(self, nd: Node, pid: int) -> None:
-        """session.request_more(pipeline_depth): ask until `pipeline_depth` requests are outstanding."""
+        """Swarm.fill: ask for more, then note whether requests now wait at the peer (its rate counts only then)."""
         if not nd.downloading or pid not in nd.queue:
             return
+        self._request_more(nd, pid)
+        if self.bt:
+            return  # BitTorrent's reference keeps the fixed pipeline
+        rate = nd.rates.get(pid)
+        if rate is None:
+            rate = nd.rates[pid] = PeerRate()
+        if nd.picker.pending.get(pid):  # outstanding(pid) > 0
+            rate.waiting(self.now)
+        else:
+            rate.idle()
+
+    def _paced(self, nd: Node, pid: int, length: int) -> None:
+        """Swarm.on_piece's pacing: a requested piece arrived; the peer's rate sets its depth (and endgame order)."""
+        rate = nd.rates.get(pid)
+        if rate is None:
+            return
+        picker = nd.picker
+        rate.delivered(length, self.now, more_waiting=picker.outstanding(pid) > 0)
+        r = rate.rate
+        if r is not None:
+            picker.set_rate(pid, r)
+            cfg = self.cfg
+            nd.depths[pid] = pipeline_depth(
+                r,
+                self.sc.piece,
+                base=cfg.pipeline_depth,
+                most=cfg.pipeline_max,
+                turnaround=cfg.request_turnaround,
+                slow_piece_time=cfg.slow_piece_time,
+            )
+
+    def _request_more(self, nd: Node, pid: int) -> None:
+        """session.request_more(depth): ask until the peer's depth of requests are outstanding (Swarm.depths:
+        `pipeline_depth` until its rate is measured; looked up inline here and in `_fill_all` / `_on_have`)."""
         picker = nd.picker
         if not picker.knows(pid):
             return
@@ -430,7 +473,7 @@ class Simulation:
             return
         if not picker.interesting(pid):
             return  # next_request would find nothing to ask this peer (and change nothing)
-        depth = self.cfg.pipeline_depth
+        depth = nd.depths.get(pid, self.cfg.pipeline_depth)
         up = self.nodes[pid]
         while picker.outstanding(pid) < depth:
             if self.skip_empty_requests and nothing_to_request(picker, pid):
@@ -443,9 +486,10 @@ class Simulation:
 
     def _fill_all(self, nd: Node) -> None:
         depth = self.cfg.pipeline_depth
+        depths = nd.depths
         picker = nd.picker
         for pid in list(nd.queue):
-            if picker.outstanding(pid) < depth:
+            if picker.outstanding(pid) < depths.get(pid, depth):
                 self._fill(nd, pid)
 
     def _on_defer(self, nd: Node, pid: int, unit: int, epoch: int) -> None:
@@ -465,6 +509,7 @@ class Simulation:
         if picker.arrived(pid, unit) is not Arrival.EXPECTED:
             self.wasted += length  # cancelled (another copy won): read and dropped
             return
+        self._paced(nd, pid, length)
         if nd.have >> unit & 1 or not nd.downloading:
             self.wasted += length
             self._fill(nd, pid)
@@ -502,7 +547,7 @@ class Simulation:
                 nd.downloading
                 and picker.knows(sid)
                 and picker.peer_have(sid, unit)
-                and (self.bt or picker.outstanding(sid) < depth)
+                and (self.bt or picker.outstanding(sid) < nd.depths.get(sid, depth))
             ):
                 self._fill(nd, sid)
 
@@ -593,6 +638,8 @@ class Simulation:
             x.seeding.forget(y.nid)
             x.unchoked.discard(y.nid)
             x.recv_from.pop(y.nid, None)
+            x.rates.pop(y.nid, None)
+            x.depths.pop(y.nid, None)
             if x.optimistic == y.nid:
                 x.optimistic = None
         for x, y in ((a, b), (b, a)):

@@ -183,10 +183,29 @@ class P2pd(Client):
             res = release_and_wait(ctx, self.name, run, leechers, extra_check=daemons_alive)
             if churn is not None:
                 res.churned = churn.log
+            if ctx.keep_logs:
+                self._save_status(ctx, d, env)
             return res
         finally:
             stop_all(ctx.net.topo, procs, timeout=10)
             ctx.finish_run_dir(d)
+
+    def _save_status(self, ctx: Ctx, d: str, env: dict[str, str]) -> None:
+        """--keep: every daemon's `p2pd status --json` after the run, as `status-NODE.json` in the run's folder:
+        its connections' bytes each way say who sent what to whom (across the trunk, with --zones)."""
+        for n in ctx.net.nodes():
+            cp = n.host.run(
+                [*p2pd_cmd(), "status", "--json", "--data-dir", os.path.join(d, f"data-{n.name}")],
+                check=False,
+                env=env,
+                cwd=NEUTRAL_CWD,
+                timeout=60,
+            )
+            if cp.returncode == 0:
+                with open(os.path.join(d, f"status-{n.name}.json"), "w") as f:
+                    f.write(cp.stdout)
+            else:
+                ctx.say(f"p2pd status on {n.name} after the run: exit {cp.returncode}: {cp.stderr.strip()[-200:]}")
 
     def _wait_status(self, ctx: Ctx, n: Any, data_dir: str, proc: subprocess.Popen, d: str) -> None:
         """Poll `p2pd status --data-dir` until it exits 0 (the daemon answers)."""
