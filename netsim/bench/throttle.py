@@ -192,6 +192,7 @@ def run_budget(o: ThrottleOptions, log: IO[str]) -> dict[str, Any]:
                 t0, t0_wall = time.monotonic(), time.time()
                 base = rx
                 samples: list[tuple[float, int]] = [(0.0, 0)]
+                by_node: dict[str, list[tuple[float, int]]] = {k: [(0.0, 0)] for k in rx}  # --trace: per sender
                 # (time, budget in force, bit/s; None = cleared)
                 events: list[tuple[float, float | None]] = [(0.0, float(o.budget_bps))]
                 plan: list[tuple[float, Callable[[], None], float | None]] = []
@@ -221,7 +222,8 @@ def run_budget(o: ThrottleOptions, log: IO[str]) -> dict[str, Any]:
                     )
                     plan.append((start + o.pause_s, lambda: admin_api(seed, "DELETE", "/v1/throttle"), None))
                 done: dict[str, float] = {}
-                trace: list[dict[str, Any]] = []  # --trace: every node's [rate, demand, share] Mbit/s each second
+                # --trace: every node's [rate, demand, share] Mbit/s and its progress (0-1) each second
+                trace: list[dict[str, Any]] = []
                 next_trace = 0.0
                 while len(done) < len(leechers):
                     now = time.monotonic() - t0
@@ -244,16 +246,23 @@ def run_budget(o: ThrottleOptions, log: IO[str]) -> dict[str, Any]:
                             done[name] = time.monotonic() - t0
                     rx = _switch_rx(lan.ns, ifs)
                     samples.append((time.monotonic() - t0, sum(rx[k] - base[k] for k in rx)))
+                    for k, series in by_node.items():
+                        series.append((samples[-1][0], rx[k] - base[k]))
                     if o.trace and samples[-1][0] >= next_trace:
                         next_trace += 1.0
                         view = admin_api(seed, "GET", "/v1/throttle")
+                        swarm = admin_api(seed, "GET", "/v1/swarm?name=bench:throttle")
+                        progress = {h["node_id"]: h["progress"] for h in swarm["holders"]}
                         trace.append(
                             {
                                 "t": round(samples[-1][0], 2),
                                 "nodes": {
                                     n["node_id"][:8]: [
-                                        round(n[k] * 8 / 1e6, 1) if n[k] is not None else None
-                                        for k in ("rate", "demand", "share")
+                                        *(
+                                            round(n[k] * 8 / 1e6, 1) if n[k] is not None else None
+                                            for k in ("rate", "demand", "share")
+                                        ),
+                                        round(progress.get(n["node_id"], 0.0), 3),
                                     ]
                                     for n in view["nodes"]
                                 },
@@ -272,6 +281,14 @@ def run_budget(o: ThrottleOptions, log: IO[str]) -> dict[str, Any]:
     res = report(o, samples, events, done, cross, last_byte)
     if o.trace:
         res["trace"] = trace
+        # what each node sent in each 1-s window (Mbit/s, at the switch): who fell short in an off window
+        res["window_nodes"] = [
+            {
+                k: None if (r := rate_at(series, w["t"], w["t"] + 1)) is None else round(r / 1e6, 2)
+                for k, series in by_node.items()
+            }
+            for w in res["windows"]
+        ]
     return res
 
 
@@ -432,7 +449,7 @@ def add_arguments(p: argparse.ArgumentParser, size: Callable[[str], int], rate_b
     p.add_argument("--interval", type=float, default=1.0, help="the tracker's heartbeat interval (s)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs) in /dev/shm")
-    p.add_argument("--trace", action="store_true", help="every node's rate, demand and share each second")
+    p.add_argument("--trace", action="store_true", help="every node's rate, demand, share and progress each second")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
 
 
