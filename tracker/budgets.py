@@ -329,6 +329,11 @@ def weight_of(holdings: Mapping[str, float] | None, priority: Mapping[str, float
     return max((priority[a] for a in holdings if a in priority), default=1.0)
 
 
+# The complete holders' part of a swarm's split, over the least the fetchers need to pass on their shares in
+# full (budget/partial): the fetchers then get more wanted pieces than their shares let out (seed_weight)
+SEED_MARGIN = 1.1
+
+
 def seed_weight(complete: int, partial: int) -> float:
     """The weight of a node that holds an artifact complete, among `complete` such nodes and `partial`
     nodes still fetching it.
@@ -339,10 +344,17 @@ def seed_weight(complete: int, partial: int) -> float:
     their shares gives them complete/(complete+partial) instead (1 seed, 4 leechers: 8 of 40, where the
     leechers can then pass on 24 of their 32): the leechers drain what they hold, run dry, and the
     budget goes 20 % unused every 7-8 s (BENCHMARKS.md, "where the under-use dips come from"). This
-    weight makes the complete nodes' max-min part budget/partial while everyone is held back; never below 1."""
+    weight makes the complete nodes' max-min part SEED_MARGIN x budget/partial while everyone is held back
+    (1 + 4 under 40: seed 11, fetchers 7.25 each, which they could pass on 33); never below 1.
+
+    Exactly budget/partial is the edge: the fetchers can pass on just what their shares let out, so one that
+    gets a little less from the seed for a second, or whose pieces the others happen to hold already, runs
+    dry for a window (measured: a fetcher at 5.1-5.2 of its 7.5 for one window, 0.94-0.95 of the budget, in
+    one of two runs, BENCHMARKS.md "every window within 5 %"). With the margin the fetchers hold more wanted
+    pieces than they may send, and the complete holders, who can serve any piece, hold the rest."""
     if complete < 1 or partial < 2:
         return 1.0
-    return max(1.0, partial / (complete * (partial - 1)))
+    return max(1.0, SEED_MARGIN * partial / (complete * (partial - SEED_MARGIN)))
 
 
 # A fetcher in a swarm counts as wanting all it can get until it holds this much of the artifact (passes_on)
@@ -361,7 +373,7 @@ def passes_on(complete: int, partial: int) -> bool:
     increase until the seed's decrease is sent. The seed's first report is as stale (the second before it
     was held back). The first judged windows of the throttle bench ran at 0.90 and 0.71 of the budget
     (BENCHMARKS.md, "the ramp after the start"). Asking for all from the first split on gives the split the
-    swarm settles to (seed_weight: seeds budget/partial together, fetchers the rest equally) at once. Past
+    swarm settles to (seed_weight: seeds SEED_MARGIN x budget/partial together, fetchers the rest equally) at once. Past
     the start a fetcher's own report counts again, so one that runs dry hands its share back. It needs a
     complete holder to feed the fetchers and at least two fetchers to pass pieces between."""
     return complete >= 1 and partial >= 2

@@ -417,6 +417,7 @@ def report(
         "pause_rate_max_bps": pause_max,
         "t_s": round(t_end, 2),
         "per_leecher_s": {k: round(v, 2) for k, v in sorted(done.items())},
+        "last_byte_per_leecher_s": {k: round(v, 2) for k, v in sorted((last_byte or done).items())},
         "t_budget_s": round(t_budget, 2),
         "t_over_t_budget": round(t_end / t_budget, 3),
         "cross_zone_F": None if cross is None else round(cross / o.size, 3),
