@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pd.errors import ErrorCode
+from p2pd.protocol.demand import HEADROOM
 from tracker.validate import TrackerError
 
 MAX_BUDGET = 2.0**60  # bytes/s: 1 EiB/s, the units module's ceiling for a rate; more is a typo
@@ -377,6 +378,27 @@ def passes_on(complete: int, partial: int) -> bool:
     the start a fetcher's own report counts again, so one that runs dry hands its share back. It needs a
     complete holder to feed the fetchers and at least two fetchers to pass pieces between."""
     return complete >= 1 and partial >= 2
+
+
+# What a node none of whose pieces anyone can want asks for (passes_nothing): the daemon's room to start
+# (p2pd/protocol/demand.py HEADROOM), whatever it reported
+IDLE_DEMAND = float(HEADROOM)
+
+
+def passes_nothing(holdings: Mapping[str, float] | None, fetchers: Mapping[str, int]) -> bool:
+    """Whether no node can want any piece a node holds: it holds only partial copies, and for each it is the
+    only node fetching it (`fetchers`: artifact id -> nodes holding it partially), so every other holder is
+    complete. Its demand is then IDLE_DEMAND, not its report.
+
+    The end game of a swarm: the first fetchers complete, and the last one, which was held back while it
+    passed pieces on to them (it reports all it can get, or what it sent a second ago), keeps a full share
+    for one or two intervals after its pieces stopped being wanted, while the complete holders that send
+    it its last pieces are capped at theirs (measured: the laggard sent 0.18 of its 8 Mbit/s, the window
+    0.80 of the budget, BENCHMARKS.md "every window within 5 %"). With its demand at the floor the split
+    hands its share to those that still send, at the split after the others' copies complete."""
+    if not holdings:
+        return False
+    return all(p < 1.0 and fetchers.get(a, 0) <= 1 for a, p in holdings.items())
 
 
 def usage(demands: Mapping[str, Demand]) -> dict[str, Any]:
