@@ -451,8 +451,12 @@ class Daemon:
         self._demand_mark = (now, reserved, waited)
         self._cross_mark = (cross_reserved, cross_waited)
         own = min(self.egress_sources["flag"].rate, self.policy_egress.rate)
-        want = demand.want(rate, waited - waited0, dt, self.egress.rate, own)
-        cross_want = demand.want(cross_rate, cross_waited - c_waited0, dt, self.share_cross.rate, math.inf)
+        # what waits on the limits right now: a share too small to send it within the interval is a hold too
+        backlog, cross_backlog = self.egress.backlog(now), self.share_cross.backlog(now)
+        want = demand.want(rate, waited - waited0, dt, self.egress.rate, own, backlog)
+        cross_want = demand.want(
+            cross_rate, cross_waited - c_waited0, dt, self.share_cross.rate, math.inf, cross_backlog
+        )
         return [want, cross_want, rate, cross_rate]
 
     def limits(self) -> dict[str, Any]:

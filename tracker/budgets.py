@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pd.errors import ErrorCode
+from p2pd.protocol.demand import HEADROOM
 from tracker.validate import TrackerError
 
 MAX_BUDGET = 2.0**60  # bytes/s: 1 EiB/s, the units module's ceiling for a rate; more is a typo
@@ -329,6 +330,11 @@ def weight_of(holdings: Mapping[str, float] | None, priority: Mapping[str, float
     return max((priority[a] for a in holdings if a in priority), default=1.0)
 
 
+# The complete holders' part of a swarm's split, over the least the fetchers need to pass on their shares in
+# full (budget/partial): the fetchers then get more wanted pieces than their shares let out (seed_weight)
+SEED_MARGIN = 1.1
+
+
 def seed_weight(complete: int, partial: int) -> float:
     """The weight of a node that holds an artifact complete, among `complete` such nodes and `partial`
     nodes still fetching it.
@@ -339,10 +345,17 @@ def seed_weight(complete: int, partial: int) -> float:
     their shares gives them complete/(complete+partial) instead (1 seed, 4 leechers: 8 of 40, where the
     leechers can then pass on 24 of their 32): the leechers drain what they hold, run dry, and the
     budget goes 20 % unused every 7-8 s (BENCHMARKS.md, "where the under-use dips come from"). This
-    weight makes the complete nodes' max-min part budget/partial while everyone is held back; never below 1."""
+    weight makes the complete nodes' max-min part SEED_MARGIN x budget/partial while everyone is held back
+    (1 + 4 under 40: seed 11, fetchers 7.25 each, which they could pass on 33); never below 1.
+
+    Exactly budget/partial is the edge: the fetchers can pass on just what their shares let out, so one that
+    gets a little less from the seed for a second, or whose pieces the others happen to hold already, runs
+    dry for a window (measured: a fetcher at 5.1-5.2 of its 7.5 for one window, 0.94-0.95 of the budget, in
+    one of two runs, BENCHMARKS.md "every window within 5 %"). With the margin the fetchers hold more wanted
+    pieces than they may send, and the complete holders, who can serve any piece, hold the rest."""
     if complete < 1 or partial < 2:
         return 1.0
-    return max(1.0, partial / (complete * (partial - 1)))
+    return max(1.0, SEED_MARGIN * partial / (complete * (partial - SEED_MARGIN)))
 
 
 # A fetcher in a swarm counts as wanting all it can get until it holds this much of the artifact (passes_on)
@@ -361,10 +374,31 @@ def passes_on(complete: int, partial: int) -> bool:
     increase until the seed's decrease is sent. The seed's first report is as stale (the second before it
     was held back). The first judged windows of the throttle bench ran at 0.90 and 0.71 of the budget
     (BENCHMARKS.md, "the ramp after the start"). Asking for all from the first split on gives the split the
-    swarm settles to (seed_weight: seeds budget/partial together, fetchers the rest equally) at once. Past
+    swarm settles to (seed_weight: seeds SEED_MARGIN x budget/partial together, fetchers the rest equally) at once. Past
     the start a fetcher's own report counts again, so one that runs dry hands its share back. It needs a
     complete holder to feed the fetchers and at least two fetchers to pass pieces between."""
     return complete >= 1 and partial >= 2
+
+
+# What a node none of whose pieces anyone can want asks for (passes_nothing): the daemon's room to start
+# (p2pd/protocol/demand.py HEADROOM), whatever it reported
+IDLE_DEMAND = float(HEADROOM)
+
+
+def passes_nothing(holdings: Mapping[str, float] | None, fetchers: Mapping[str, int]) -> bool:
+    """Whether no node can want any piece a node holds: it holds only partial copies, and for each it is the
+    only node fetching it (`fetchers`: artifact id -> nodes holding it partially), so every other holder is
+    complete. Its demand is then IDLE_DEMAND, not its report.
+
+    The end game of a swarm: the first fetchers complete, and the last one, which was held back while it
+    passed pieces on to them (it reports all it can get, or what it sent a second ago), keeps a full share
+    for one or two intervals after its pieces stopped being wanted, while the complete holders that send
+    it its last pieces are capped at theirs (measured: the laggard sent 0.18 of its 8 Mbit/s, the window
+    0.80 of the budget, BENCHMARKS.md "every window within 5 %"). With its demand at the floor the split
+    hands its share to those that still send, at the split after the others' copies complete."""
+    if not holdings:
+        return False
+    return all(p < 1.0 and fetchers.get(a, 0) <= 1 for a, p in holdings.items())
 
 
 def usage(demands: Mapping[str, Demand]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from p2pd.errors import ErrorCode
 from p2pd.protocol import manifest as mf
 from p2pd.protocol.auth import heartbeat_mac
 from tracker.budgets import (
+    IDLE_DEMAND,
     MAX_BUDGET,
     RAMP_PROGRESS,
     Budgets,
@@ -48,6 +49,7 @@ from tracker.budgets import (
     Share,
     ShareLedger,
     allocate,
+    passes_nothing,
     passes_on,
     seed_weight,
     usage,
@@ -612,7 +614,7 @@ class RedisStore:
             held = await self._cmds([["HKEYS", p + "h:" + n] for n in ids]) if ids else []
             for n, keys in zip(ids, held, strict=True):
                 weights[n] = weight_of({_s(k): 1.0 for k in keys}, prio)
-        seed_weights, askers = await self._holder_weights()
+        seed_weights, askers, idle = await self._holder_weights()
         for n, w in seed_weights.items():
             if n in zones:
                 weights[n] = weights.get(n, 1.0) * w
@@ -621,21 +623,24 @@ class RedisStore:
             e, c, er, cr = (reports.get(nid) or (0.0, 0.0, 0.0, 0.0))[:4]
             if nid in askers:
                 e = MAX_BUDGET
+            elif nid in idle:
+                e = min(e, IDLE_DEMAND)
             out[nid] = Demand(zone, e, c, er, cr, weights.get(nid, 1.0))
         return out
 
-    async def _holder_weights(self) -> tuple[dict[str, float], set[str]]:
+    async def _holder_weights(self) -> tuple[dict[str, float], set[str], set[str]]:
         """What `Registry.demands` takes from the holders, counted from the holder sets per artifact and zone
         (a read per artifact, not one per live node at every split): node id -> the largest seed weight
-        (`seed_weight` > 1) of the artifacts it holds complete, and the nodes that ask for all they can get
-        (`passes_on`: complete holders of a swarm, and its fetchers below RAMP_PROGRESS)."""
+        (`seed_weight` > 1) of the artifacts it holds complete, the nodes that ask for all they can get
+        (`passes_on`: complete holders of a swarm, and its fetchers below RAMP_PROGRESS), and the nodes none
+        of whose pieces anyone can want (`passes_nothing`: read for the lone fetchers of an artifact only)."""
         p = self.prefix
         (arts,) = await self._cmds([["SMEMBERS", p + "arts"]])
         aids = [_s(a) for a in arts]
         zones = await self._cmds([["SMEMBERS", p + "az:" + a] for a in aids]) if aids else []
         pairs = [(a, _s(z)) for a, zs in zip(aids, zones, strict=True) for z in zs]
         if not pairs:
-            return {}, set()
+            return {}, set(), set()
         counts = await self._cmds(
             [c for a, z in pairs for c in (["SCARD", f"{p}ac:{a}:{z}"], ["HLEN", f"{p}ap:{a}:{z}"])]
         )
@@ -644,11 +649,14 @@ class RedisStore:
         for k, (a, _) in enumerate(pairs):
             complete[a] = complete.get(a, 0) + int(counts[2 * k])
             partial[a] = partial.get(a, 0) + int(counts[2 * k + 1])
+        idle = await self._lone_fetchers(
+            [(a, z) for k, (a, z) in enumerate(pairs) if partial[a] == 1 and int(counts[2 * k + 1])], partial
+        )
         seeds = {a: w for a, c in complete.items() if (w := seed_weight(c, partial[a])) > 1.0}
         swarms = {a for a, c in complete.items() if passes_on(c, partial[a])}
         held = [(a, z) for a, z in pairs if a in seeds or a in swarms]
         if not held:
-            return {}, set()
+            return {}, set(), idle
         cmds = [c for a, z in held for c in (["SMEMBERS", f"{p}ac:{a}:{z}"], ["HGETALL", f"{p}ap:{a}:{z}"])]
         got = await self._cmds(cmds)
         weights: dict[str, float] = {}
@@ -664,7 +672,23 @@ class RedisStore:
                 for i in range(0, len(fetching), 2):
                     if float(_s(fetching[i + 1])) < RAMP_PROGRESS:
                         askers.add(_s(fetching[i]))
-        return weights, askers
+        return weights, askers, idle
+
+    async def _lone_fetchers(self, lone: list[tuple[str, str]], partial: dict[str, int]) -> set[str]:
+        """The nodes that `passes_nothing` holds idle, among the only fetchers of the artifacts and zones in
+        `lone` (a partial holder elsewhere makes it no lone fetcher): each one's holdings decide."""
+        if not lone:
+            return set()
+        p = self.prefix
+        got = await self._cmds([["HKEYS", f"{p}ap:{a}:{z}"] for a, z in lone])
+        ids = sorted({_s(n) for keys in got for n in keys})
+        held = await self._cmds([["HGETALL", p + "h:" + n] for n in ids])
+        idle = set()
+        for n, h in zip(ids, held, strict=True):
+            holdings = {_s(h[i]): float(_s(h[i + 1])) for i in range(0, len(h), 2)}
+            if passes_nothing(holdings, partial):
+                idle.add(n)
+        return idle
 
     async def budgets(self) -> Budgets:
         return self._budgets

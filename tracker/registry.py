@@ -38,6 +38,7 @@ from p2pd.protocol import manifest as mf
 from p2pd.protocol.auth import heartbeat_mac
 from tracker import cluster_view as CV
 from tracker.budgets import (
+    IDLE_DEMAND,
     MAX_BUDGET,
     RAMP_PROGRESS,
     Budgets,
@@ -45,6 +46,7 @@ from tracker.budgets import (
     Share,
     ShareLedger,
     allocate,
+    passes_nothing,
     passes_on,
     seed_weight,
     weight_of,
@@ -503,9 +505,11 @@ class Registry:
         prio = self.budgets.priority
         seeds: dict[str, float] = {}  # artifact id -> the weight of a node holding it complete (seed_weight)
         swarms: set[str] = set()  # artifact ids whose fetchers ask for all they can get (passes_on)
+        fetchers: dict[str, int] = {}  # artifact id -> nodes holding it partially (passes_nothing)
         for aid, art in self.artifacts.items():
             complete = sum(len(bag) for (done, _), bag in art.holders.items() if done)
             partial = sum(len(bag) for (done, _), bag in art.holders.items() if not done)
+            fetchers[aid] = partial
             if (w := seed_weight(complete, partial)) > 1.0:
                 seeds[aid] = w
             if passes_on(complete, partial):
@@ -522,6 +526,8 @@ class Registry:
                 and any(a in swarms and not RAMP_PROGRESS <= p < 1.0 for a, p in n.holdings.items())
             ):
                 e = MAX_BUDGET
+            elif passes_nothing(n.holdings, fetchers):
+                e = min(e, IDLE_DEMAND)
             out[nid] = Demand(n.zone, e, c, er, cr, weight)
         return out
 

@@ -67,6 +67,15 @@ class TokenBucket:
         if not math.isinf(self._rate):
             self.tokens = min(self.burst, self.tokens + n)
 
+    def backlog(self, now: float) -> float:
+        """Seconds from `now` until what was reserved so far may all be sent (the debt at this rate; 0 when
+        nothing waits, unlimited or paused). Read only: a sender's wait is counted when it reserves, so a
+        wait that spans a demand report shows here and not in `Hierarchy.waited` (p2pd/protocol/demand.py)."""
+        if math.isinf(self._rate) or self._rate == 0:
+            return 0.0
+        tokens = self.tokens + max(0.0, now - self.stamp) * self._rate
+        return max(0.0, -tokens) / self._rate
+
 
 class Hierarchy:
     """A chain of buckets charged together; the wait is the longest of them."""
@@ -110,6 +119,10 @@ class Hierarchy:
         self.reserved += n
         self.waited += delay
         return delay
+
+    def backlog(self, now: float) -> float:
+        """Seconds until every reservation so far may be sent: the slowest level's debt (TokenBucket.backlog)."""
+        return max((b.backlog(now) for b in self.buckets), default=0.0)
 
     def refund(self, n: int) -> None:
         self.reserved -= n

@@ -55,3 +55,17 @@ def test_judged_windows_end_with_the_last_byte_and_keep_real_errors() -> None:
     assert r["max_error_judged"] == pytest.approx(0.25, abs=0.01)  # the 30 Mbit/s window, not hidden
     assert r["windows"][9]["rate_bps"] < 0.7 * 40e6  # the end of the transfer: kept in the raw windows
     assert r["t_last_byte_s"] == 9.5
+
+
+def test_windows_while_every_leecher_fetches_end_with_the_first_copy() -> None:
+    """`max_error_all_fetching` leaves out the judged windows after the first copy completed (the end game:
+    fewer receivers than senders) and keeps every earlier error."""
+    o = ThrottleOptions(peers=4, size=10_000_000, budget_bps=40_000_000)
+    s = samples_at([(0, 5, 40e6), (5, 6, 38e6), (6, 8, 40e6), (8, 9, 30e6), (9, 9.5, 40e6), (9.5, 12, 1e6)])
+    done = {"p1": 11.0, "p2": 11.5, "p3": 11.8, "p4": 12.0}
+    last = {"p1": 8.2, "p2": 9.0, "p3": 9.4, "p4": 9.5}
+    r = report(o, s, [(0.0, 40e6)], done, None, last)
+    assert [w["t"] for w in r["windows"] if w["all_fetching"]] == [2, 3, 4, 5, 6, 7]
+    assert r["windows_all_fetching"] == 6
+    assert r["max_error_all_fetching"] == pytest.approx(0.05, abs=0.01)  # window 5, before any copy completed
+    assert r["max_error_judged"] == pytest.approx(0.25, abs=0.01)  # window 8 holds p1's completion

@@ -16,7 +16,7 @@ import trio
 from p2pd.cluster import LocalCluster
 from p2pd.tracker_client import TrackerClient
 from tests.tracker.tracker_testutil import nid, start_redis
-from tracker.budgets import OVERCOMMIT, RAMP_PROGRESS, Budgets
+from tracker.budgets import IDLE_DEMAND, OVERCOMMIT, RAMP_PROGRESS, Budgets
 from tracker.server import TrackerServer
 from tracker.store import Heartbeat, MemoryStore, Store
 
@@ -84,7 +84,7 @@ async def test_an_increase_is_sent_only_once_the_decrease_making_room_was(store:
 
 async def test_a_seed_is_weighted_by_the_fetchers_of_what_it_holds(store: Store) -> None:
     """Both stores know who holds an artifact complete and who is still fetching it: with 1 seed and
-    4 fetchers all asking for everything, the seed's share is budget/4, not budget/5 (seed_weight)."""
+    4 fetchers all asking for everything, the seed's share is SEED_MARGIN x budget/4, not budget/5 (seed_weight)."""
     aid = "ab" * 32
     ids = [nid(i) for i in range(5)]
     for i, n in enumerate(ids):
@@ -94,16 +94,16 @@ async def test_a_seed_is_weighted_by_the_fetchers_of_what_it_holds(store: Store)
     beats += [Heartbeat(n, {aid: 0.5}, demand=hungry) for n in ids[1:]]
     await store.heartbeat_many(beats)
     await store.set_budgets(Budgets(total=40.0))
-    assert store.share_of(ids[0]) == [pytest.approx(10.0), None]
-    assert [store.share_of(n) for n in ids[1:]] == [[pytest.approx(7.5), None]] * 4
+    assert store.share_of(ids[0]) == [pytest.approx(11.0), None]
+    assert [store.share_of(n) for n in ids[1:]] == [[pytest.approx(7.25), None]] * 4
     await store.set_budgets(Budgets())
 
 
 async def test_a_swarm_asks_for_all_from_the_first_split(store: Store) -> None:
     """At the start of a transfer the seed and the fetchers report a second in which they had little or
     nothing to send; the split must not cut them to that, since the fetchers pass on every piece they get
-    at once and the seed has them all: the first split is the one the swarm settles to, seed budget/4,
-    fetchers 7.5 (passes_on). A single fetcher has nobody to pass pieces to: its own demand stands, as
+    at once and the seed has them all: the first split is the one the swarm settles to, seed 1.1 x budget/4,
+    fetchers 7.25 (passes_on, SEED_MARGIN). A single fetcher has nobody to pass pieces to: its own demand stands, as
     does a fetcher's past the start (RAMP_PROGRESS), so one that runs dry hands its share back."""
     aid, other = "ab" * 32, "cd" * 32
     ids = [nid(i) for i in range(6)]
@@ -116,13 +116,44 @@ async def test_a_swarm_asks_for_all_from_the_first_split(store: Store) -> None:
     await store.heartbeat_many(beats)
     await store.set_budgets(Budgets(total=40.5))
     assert store.share_of(ids[5]) == [pytest.approx(0.5), None]
-    assert store.share_of(ids[0]) == [pytest.approx(10.0), None]
-    assert [store.share_of(n) for n in ids[1:5]] == [[pytest.approx(7.5), None]] * 4
+    assert store.share_of(ids[0]) == [pytest.approx(11.0), None]
+    assert [store.share_of(n) for n in ids[1:5]] == [[pytest.approx(7.25), None]] * 4
     # past the start a fetcher's own report counts again; a complete holder still asks for all
     await store.heartbeat_many([Heartbeat(ids[1], {aid: RAMP_PROGRESS}, demand=idle)])
     await store.refresh()
     demands = {n["node_id"]: n["demand"] for n in (await store.throttle_view())["nodes"]}
     assert demands[ids[1]] == pytest.approx(0.5) and demands[ids[2]] == BIG and demands[ids[0]] == BIG
+    await store.set_budgets(Budgets())
+
+
+async def test_the_last_fetcher_hands_its_share_to_the_complete_holders(store: Store) -> None:
+    """The end game: once every other fetcher of an artifact is complete, nobody can want the last fetcher's
+    pieces, so its report (all it can get: it was passing pieces on a second ago) no longer counts; its
+    demand is IDLE_DEMAND and the complete holders, who send it its last pieces, share the rest. A node
+    with a complete copy keeps its report, and so does the fetcher once another node fetches the artifact."""
+    aid, other = "ab" * 32, "cd" * 32
+    ids = [nid(i) for i in range(6)]
+    for i, n in enumerate(ids):
+        await store.register(n, "10.0.0.1", 7000 + i, {}, "0.1.0")
+    hungry = (BIG, 0.0, 0.9e6, 0.0)
+    beats = [Heartbeat(n, {aid: 1.0}, demand=hungry) for n in ids[:4]]  # the seed and 3 completed fetchers
+    beats += [Heartbeat(ids[4], {aid: 0.93}, demand=hungry)]  # the last fetcher
+    beats += [Heartbeat(ids[5], {other: 1.0}, demand=(3e5, 0.0, 2.8e5, 0.0))]  # nobody fetches `other`
+    await store.heartbeat_many(beats)
+    await store.set_budgets(Budgets(total=5e6))
+    demands = {n["node_id"]: n["demand"] for n in (await store.throttle_view())["nodes"]}
+    assert demands[ids[4]] == pytest.approx(IDLE_DEMAND) and demands[ids[5]] == pytest.approx(3e5)
+    assert store.share_of(ids[4]) == [pytest.approx(IDLE_DEMAND), None]
+    assert [store.share_of(n) for n in ids[:4]] == [[pytest.approx((4.7e6 - IDLE_DEMAND) / 4), None]] * 4
+    # another node starts fetching the artifact: the last fetcher's pieces are wanted again
+    await store.heartbeat_many([Heartbeat(ids[5], {other: 1.0, aid: 0.0}, demand=(3e5, 0.0, 2.8e5, 0.0))])
+    await store.refresh()
+    demands = {n["node_id"]: n["demand"] for n in (await store.throttle_view())["nodes"]}
+    assert demands[ids[4]] == BIG
+    await store.heartbeat_many([Heartbeat(ids[5], {other: 1.0}, demand=(3e5, 0.0, 2.8e5, 0.0))])
+    await store.refresh()
+    demands = {n["node_id"]: n["demand"] for n in (await store.throttle_view())["nodes"]}
+    assert demands[ids[4]] == pytest.approx(IDLE_DEMAND)
     await store.set_budgets(Budgets())
 
 

@@ -4,12 +4,14 @@ out of wanted pieces, is the hungry one, and the leechers' unused margin is what
 
 from __future__ import annotations
 
+import heapq
 import math
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pd.protocol import demand
+from p2pd.protocol.ratelimit import Hierarchy, TokenBucket
 from tracker.budgets import Budgets, Demand, allocate
 
 MB = 1e6
@@ -51,3 +53,50 @@ def test_the_seed_gets_what_the_leechers_leave() -> None:
     assert shares["p0"].egress == leecher
     assert shares["seed"].egress is not None and shares["seed"].egress > 1.5 * MB
     assert sum(s.egress or 0.0 for s in shares.values()) <= 5 * MB
+
+
+def _reports(share: float, senders: int, intervals: int, backlog: bool) -> list[float]:
+    """A node's demand reports while `senders` requesters each pull pieces from it through a share of
+    `share` bytes/s, as the daemon counts them (p2pd/daemon.py `_demand`): each sender reserves a chunk
+    (Hierarchy.chunk), waits the delay it is given, sends, and reserves the next one at once."""
+    limiter = Hierarchy(TokenBucket(share))
+    chunk = limiter.chunk(256 * 1024)
+    ready = [(0.0, i) for i in range(senders)]  # when each sender reserves its next chunk
+    out = []
+    mark = (0.0, 0, 0.0)
+    for k in range(1, intervals + 1):
+        while ready[0][0] < k:
+            t, i = heapq.heappop(ready)
+            heapq.heappush(ready, (t + limiter.reserve(chunk, t), i))
+        t0, reserved0, waited0 = mark
+        rate = (limiter.reserved - reserved0) / (k - t0)
+        held = limiter.backlog(k) if backlog else 0.0
+        out.append(demand.want(rate, limiter.waited - waited0, k - t0, share, math.inf, held))
+        mark = (k, limiter.reserved, limiter.waited)
+    return out
+
+
+def test_a_node_whose_share_holds_its_requests_asks_for_all() -> None:
+    """0.3 Mbit/s with three requesters: each 16 KiB chunk waits ~1.3 s, 2 or 3 chunks are counted per
+    interval, so the measured rate is below HUNGRY_USE of the share in most intervals though every sender
+    is held the whole time. Counted by rate and waits alone, the node asked for what it sent plus HEADROOM
+    (the split gave it no more); what waits on its share at the report says it is held back."""
+    share = 0.3e6 / 8
+    before = _reports(share, senders=3, intervals=20, backlog=False)
+    assert sum(d == demand.MAX_DEMAND for d in before) < 10  # the flaw this guards against
+    assert all(d < 3 * share for d in before if d != demand.MAX_DEMAND)
+    assert _reports(share, senders=3, intervals=20, backlog=True) == [demand.MAX_DEMAND] * 20
+
+
+def test_a_node_that_sends_what_it_has_is_not_made_hungry_by_its_backlog() -> None:
+    """One transfer at a time under a 7.5 Mbit/s share waits at most a 20 ms chunk: far below STALL_BACKLOG,
+    so a node sending less than its share still hands the rest back (one sender at half the share)."""
+    share = 7.5e6 / 8
+    limiter = Hierarchy(TokenBucket(share))
+    chunk = limiter.chunk(256 * 1024)
+    t = 0.0
+    while t < 1.0:
+        t += limiter.reserve(chunk, t) + 2 * chunk / share  # sends, then idles as long: half the share
+    assert limiter.backlog(1.0) < 0.05
+    rate = limiter.reserved / t
+    assert demand.want(rate, limiter.waited, t, share, math.inf, limiter.backlog(t)) < share

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from tracker.budgets import (
     OVERCOMMIT,
+    SEED_MARGIN,
     Budgets,
     Demand,
     Share,
@@ -244,13 +245,18 @@ def test_an_increase_waits_for_the_decrease_that_makes_room_for_it() -> None:
 
 def test_a_seed_is_weighted_to_the_share_its_leechers_can_pass_on() -> None:
     """1 seed + 4 leechers, all held back: an equal split gives the seed 8 of 40 and the leechers can pass
-    on at most 3 x 8 = 24 of their 32 (the throttle bench's dips to 0.8); weighted, the seed gets 40/4 = 10
-    and every leecher 7.5, which they can pass on in full (3 x 10 / 4 each)."""
+    on at most 3 x 8 = 24 of their 32 (the throttle bench's dips to 0.8); weighted, the seed gets SEED_MARGIN
+    x 40/4 = 11 and every leecher 7.25, less than the 3 x 11 / 4 each they could pass on (not exactly as much:
+    then any second the seed sends a little less dries a leecher up)."""
     w = seed_weight(1, 4)
     got = max_min(40.0, {"seed": math.inf, **{f"l{i}": math.inf for i in range(4)}}, {"seed": w})
-    assert got["seed"] == pytest.approx(10.0)
-    assert all(got[f"l{i}"] == pytest.approx(7.5) for i in range(4))
+    assert got["seed"] == pytest.approx(40.0 / 4 * SEED_MARGIN) == pytest.approx(11.0)
+    assert all(got[f"l{i}"] == pytest.approx(7.25) for i in range(4))
+    assert all(got[f"l{i}"] < 3 * got["seed"] / 4 for i in range(4))
     assert seed_weight(1, 1) == 1.0  # a lone fetcher passes nothing on: no swarm arithmetic to correct
     assert seed_weight(0, 5) == 1.0 and seed_weight(3, 0) == 1.0
     assert seed_weight(3, 4) == 1.0  # several seeds already get more than budget/partial from an equal split
-    assert seed_weight(1, 2) == pytest.approx(2.0)
+    # 1 + 2: the seed SEED_MARGIN x half, whatever the number of fetchers (partial >= 2)
+    for k in (2, 3, 8, 100):
+        got = max_min(1.0, {"seed": math.inf, **{f"l{i}": math.inf for i in range(k)}}, {"seed": seed_weight(1, k)})
+        assert got["seed"] == pytest.approx(SEED_MARGIN / k)

@@ -344,3 +344,21 @@ def test_a_changed_share_applies_at_once_without_a_burst(rates: list[float], chu
     for k, r in enumerate(rates):
         sent = sum(n for t, n in sends if k <= t < k + 1)
         assert sent <= r * 1.0 + max(65536.0, 0.05 * r) + chunk
+
+
+def test_backlog_is_the_debt_left_at_now() -> None:
+    """What was reserved and not yet allowed out, in seconds at the bucket's rate: it falls as time passes
+    and is 0 once every reservation may be sent (and for an unlimited or paused bucket)."""
+    b = TokenBucket(1000.0, burst=100.0, now=0.0)
+    assert b.backlog(0.0) == 0.0
+    assert b.reserve(600, now=0.0) == pytest.approx(0.6)
+    assert b.backlog(0.0) == pytest.approx(0.6)
+    assert b.backlog(0.25) == pytest.approx(0.35)
+    assert b.backlog(0.6) == 0.0 and b.backlog(2.0) == 0.0
+    assert b.backlog(0.25) == pytest.approx(0.35)  # read only: a later look does not refill the bucket
+    assert unlimited().backlog(0.0) == 0.0 and TokenBucket(0.0).backlog(0.0) == 0.0
+    slow, fast = TokenBucket(100.0, burst=100.0), TokenBucket(1000.0, burst=100.0)
+    h = Hierarchy(fast, slow)
+    h.reserve(300, now=0.0)
+    assert h.backlog(0.0) == pytest.approx(3.0)  # the slowest level's
+    assert Hierarchy().backlog(0.0) == 0.0
