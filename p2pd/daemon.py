@@ -18,7 +18,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -31,7 +31,6 @@ from p2pd.config import DaemonConfig
 from p2pd.connections import Connection
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.identity import NO_SECRET_HINT, node_identity
-from p2pd.metrics import DaemonMetrics, serve_metrics
 from p2pd.nat_detect import NatMonitor, NatStatus
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import demand, wire
@@ -50,6 +49,9 @@ from p2pd.tls import with_tls
 from p2pd.tracker_client import TrackerClient
 from p2pd.traversal import Traversal
 from p2pd.trio_util import collapse_single
+
+if TYPE_CHECKING:
+    from p2pd.metrics import DaemonMetrics  # imported with --metrics-listen only (prometheus_client: ~0.1 s CPU)
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 0.5
@@ -181,6 +183,8 @@ class Daemon:
                 await nursery.start(self.traversal.run, tc)
                 nursery.start_soon(self._restore_names_after_tracker_restart)
                 if self.config.metrics_listen is not None:
+                    from p2pd.metrics import DaemonMetrics, serve_metrics
+
                     self.metrics = DaemonMetrics(self)
                     mhost, mport = self.config.metrics_listen
                     try:

@@ -28,14 +28,9 @@ import errno
 import logging
 import socket
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from aioquic.buffer import Buffer, BufferReadError
-from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import pull_quic_header
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -43,6 +38,12 @@ from cryptography.x509.oid import NameOID
 
 from p2pd.protocol import udp_punch
 from p2pd.stream_io import TRAFFIC
+
+if TYPE_CHECKING:
+    # aioquic is imported where a QUIC connection is made (`configuration`), not with this module: every
+    # daemon imports this module, few ever punch UDP, and importing aioquic costs ~0.25 s of CPU per process
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class Credentials:
 
 
 def configuration(is_client: bool, credentials: Credentials | None = None) -> QuicConfiguration:
+    from aioquic.quic.configuration import QuicConfiguration
+
     config = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[ALPN],
@@ -232,6 +235,8 @@ class QuicEndpoint:
             await self.transmit()
 
     def _dispatch(self) -> None:
+        from aioquic.quic import events
+
         while (ev := self.conn.next_event()) is not None:
             if isinstance(ev, events.HandshakeCompleted):
                 self.handshake_done.set()
@@ -347,6 +352,8 @@ async def connect(
     """Open a QUIC connection to `peer` from `sock` (which it takes over) and return its stream.
 
     The endpoint's tasks run in `nursery` until the stream is closed or the connection ends."""
+    from aioquic.quic.connection import QuicConnection
+
     conn = QuicConnection(configuration=configuration(True))
     conn.connect(_wire(peer, sock), now=trio.current_time())
     return await _start(nursery, sock, conn, peer, timeout)
@@ -365,6 +372,10 @@ async def accept(
 
     `probe_reply`: sent to `peer` every `ANNOUNCE_EVERY` seconds meanwhile, and for each punch probe from
     it: the punch's last word may have been lost, and the peer sends QUIC only once it has heard it."""
+    from aioquic.buffer import Buffer, BufferReadError
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.packet import pull_quic_header
+
     tune_socket(sock)
     first: tuple[bytes, Any] | None = None
 
