@@ -136,8 +136,18 @@ class AutoThrottleConfig:
     onset: float = 0.5
     min_learned_capacity: float = 1e6  # bytes/s; a learned rate under 8 Mbit/s is a link not yet used, not its size
     release_after: float = 0.75  # seconds other traffic must stay quiet before p2pd drops its limit
-    header_overhead: float = 0.06  # TCP/IP + Ethernet headers on p2pd's payload (1448 of 1514 bytes, plus options)
-    ack_overhead: float = 0.04  # ACKs on the reverse direction, per byte of payload p2pd moves the other way
+    # TCP/IP + Ethernet headers on p2pd's payload (1448 of 1514 bytes, plus options): the most it can be, and what is
+    # assumed until the interface shows less (with GSO/TSO its counters see one header per 64 KB: ~0.5 %, and the 6 %
+    # hid a newcomer under ~2 MB/s beside p2pd at 200 Mbit/s; BENCHMARKS.md 2026-11-27)
+    header_overhead: float = 0.06
+    ack_overhead: float = 0.04  # ACKs on the reverse direction, per byte of payload p2pd moves the other way (the most)
+    # the overheads as the interface counts them are learned while p2pd moves most of a direction's bytes and nothing
+    # else is suspected: the median of the last `overhead_windows` windows of `overhead_window` s (other traffic only
+    # adds, a counter skew comes and goes; a median holds against both), plus a margin for the skew that remains
+    overhead_window: float = 1.0
+    overhead_windows: int = 15
+    overhead_margin: float = 0.01  # 0.25 MB/s at 200 Mbit/s: a newcomer above quiet + this is seen
+    overhead_min_share: float = 0.25  # a window teaches only while p2pd's bytes are at least this share of capacity
 
 
 @dataclass(frozen=True)
