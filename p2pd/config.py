@@ -120,8 +120,9 @@ class AutoThrottleConfig:
     min_headroom_fraction: float = 0.015
     settle: float = 1.0  # seconds other traffic must stay below the link's top before the headroom shrinks...
     headroom_halving: float = 0.25  # ...then it halves this often (reserve to the minimum in about a second)
-    growth_fraction: float = 0.10  # other traffic that grew by this share of the reserve (from when the link
-    # was last full) is a demand: the whole reserve comes back (noise and a paced sender's bursts stay under it)
+    growth_fraction: float = 0.10  # other traffic that grew by this share of the reserve (above its settled level)
+    # is a demand: the whole reserve comes back (noise and a paced sender's bursts stay under it)
+    settled_smoothing: float = 2.0  # seconds; the settled level is this slow an average (a trough is not a level)
     floor_fraction: float = 0.03  # p2pd never drops below this share of capacity: transfers slow down, never stall
     floor_min: float = 256 * 1024.0  # bytes/s; ...nor below this (a few 16 KiB chunks a second per connection)
     backoff: float = 0.5  # while the link stays full, p2pd's limit shrinks by this factor per tick at least

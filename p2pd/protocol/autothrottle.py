@@ -289,8 +289,14 @@ class DirectionController:
             # the headroom has shrunk: the link at its top is then p2pd's own doing (its limit leaves only a thin
             # margin), and only other traffic that grew shows a demand; a paced sender's bursts fill the margin
             # without wanting more. A growing service takes the margin every tick, so the link stays at its top.
+            # The settled level is an average over seconds, not the lowest level seen: a paced sender's rate as
+            # the counters see it swings by a few % of the link from tick to tick, and its troughs as the level
+            # made its next crest read as growth (a halving of p2pd's limit beside a steady 10 Mbit/s service;
+            # BENCHMARKS.md 2026-11-27). A service that grows outruns the average within a tick or two.
             if now - self._tried_at > 2 * cfg.settle:  # (a try squeezed it, and it regrows over a second or two)
-                self._other_settled = min(self._other_settled, other_slow)
+                self._other_settled += (1.0 - math.exp(-dt / cfg.settled_smoothing)) * (
+                    other_slow - self._other_settled
+                )
             grew = other_slow >= self._other_settled + reserve * cfg.growth_fraction
             full = grew and iface_slow >= cap - reserve / 2
         if self.headroom >= reserve:
