@@ -120,8 +120,9 @@ class AutoThrottleConfig:
     min_headroom_fraction: float = 0.015
     settle: float = 1.0  # seconds other traffic must stay below the link's top before the headroom shrinks...
     headroom_halving: float = 0.25  # ...then it halves this often (reserve to the minimum in about a second)
-    growth_fraction: float = 0.10  # other traffic that grew by this share of the reserve (from when the link
-    # was last full) is a demand: the whole reserve comes back (noise and a paced sender's bursts stay under it)
+    growth_fraction: float = 0.10  # other traffic that grew by this share of the reserve (above its settled level)
+    # is a demand: the whole reserve comes back (noise and a paced sender's bursts stay under it)
+    settled_smoothing: float = 2.0  # seconds; the settled level is this slow an average (a trough is not a level)
     floor_fraction: float = 0.03  # p2pd never drops below this share of capacity: transfers slow down, never stall
     floor_min: float = 256 * 1024.0  # bytes/s; ...nor below this (a few 16 KiB chunks a second per connection)
     backoff: float = 0.5  # while the link stays full, p2pd's limit shrinks by this factor per tick at least
@@ -136,8 +137,18 @@ class AutoThrottleConfig:
     onset: float = 0.5
     min_learned_capacity: float = 1e6  # bytes/s; a learned rate under 8 Mbit/s is a link not yet used, not its size
     release_after: float = 0.75  # seconds other traffic must stay quiet before p2pd drops its limit
-    header_overhead: float = 0.06  # TCP/IP + Ethernet headers on p2pd's payload (1448 of 1514 bytes, plus options)
-    ack_overhead: float = 0.04  # ACKs on the reverse direction, per byte of payload p2pd moves the other way
+    # TCP/IP + Ethernet headers on p2pd's payload (1448 of 1514 bytes, plus options): the most it can be, and what is
+    # assumed until the interface shows less (with GSO/TSO its counters see one header per 64 KB: ~0.5 %, and the 6 %
+    # hid a newcomer under ~2 MB/s beside p2pd at 200 Mbit/s; BENCHMARKS.md 2026-11-27)
+    header_overhead: float = 0.06
+    ack_overhead: float = 0.04  # ACKs on the reverse direction, per byte of payload p2pd moves the other way (the most)
+    # the overheads as the interface counts them are learned while p2pd moves most of a direction's bytes and nothing
+    # else is suspected: the median of the last `overhead_windows` windows of `overhead_window` s (other traffic only
+    # adds, a counter skew comes and goes; a median holds against both), plus a margin for the skew that remains
+    overhead_window: float = 1.0
+    overhead_windows: int = 15
+    overhead_margin: float = 0.01  # 0.25 MB/s at 200 Mbit/s: a newcomer above quiet + this is seen
+    overhead_min_share: float = 0.25  # a window teaches only while p2pd's bytes are at least this share of capacity
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,11 @@ beside p2pd, then p2pd alone for --after s. Rates are read off the switch side o
 
 Reported per run (goals from issue #13): the service's average over its run / its idle-link rate (>= 0.9),
 seconds until the service reaches 0.8x its idle rate (<= 2), p2pd's average while the service runs / what
-the service leaves free (link - service; >= 0.9; meaningful for a paced service, which leaves room), and
-seconds after the service stops until p2pd is back at 0.8x the link (<= 3). `--modes off` runs p2pd with
+the service leaves free (what the link carries - service; >= 0.9; meaningful for a paced service, which leaves
+room; `p2pd_use_of_nominal_free` is the same against the nominal rate, which tbf's link does not reach on the
+switch-side counters), seconds until the node sets a limit (`p2pd_yield_s`: is the newcomer seen at all? the
+`small` service, paced at --small-rate, asks that of one well under p2pd's rate), and seconds after the
+service stops until p2pd is back at 0.8x the link (<= 3). `--modes off` runs p2pd with
 `--auto-throttle off` for comparison: then the service gets only its TCP share beside p2pd's connections.
 `--modes utp` runs libtorrent in p2pd's place (same payload, seed and leecher, its own tracker on `peer`) with
 uTP only (no TCP), so its every byte is under LEDBAT, the less-than-best-effort congestion control BitTorrent
@@ -72,6 +75,7 @@ class Options:
     size: int = parse_size("512MiB")
     directions: list[str] = field(default_factory=lambda: ["upload", "download"])
     services: list[str] = field(default_factory=lambda: ["greedy", "half"])  # half: iperf3 -b rate/2
+    small_bps: int = 10_000_000  # the `small` service: iperf3 -b this (a newcomer well under p2pd's rate)
     modes: list[str] = field(default_factory=lambda: ["on", "off"])
     warmup_s: float = 8.0
     service_s: float = 10.0
@@ -203,6 +207,11 @@ def _first_at(xs: list[tuple[float, float]], start: float, level: float, window:
     return None
 
 
+def _yield_after(trace: list[list[Any]], start: float) -> float | None:
+    """Seconds after `start` (timeline seconds) until the node's trace first shows an auto-throttle limit."""
+    return next((round(t - start, 2) for t, limit, *_ in trace if t >= start and limit is not None), None)
+
+
 def run_one(opts: Options, direction: str, service: str, mode: str, work: str, log: IO[str]) -> dict[str, Any]:
     """One scenario in a fresh topology; the result dict (rates in bytes/s on the wire)."""
     link = opts.rate_bps / 8
@@ -227,6 +236,8 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                 iperf.append("-R")
             if service == "half":
                 iperf += ["-b", str(opts.rate_bps // 2)]
+            elif service == "small":
+                iperf += ["-b", str(opts.small_bps)]
             svc_to = direction == "upload"  # the service's bytes: delivered to svc (upload) or sent by it
             with Sampler(lan.ns, ports) as sampler:
                 # setup: tracker, daemons, the payload published
@@ -300,7 +311,12 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
             svc_steady = _mean(svc_rates, t_svc + 2.0, t_svc_end - 0.3) or 0.0
             p2pd_alone = _mean(p2p_rates, t_svc - 2.0, t_svc) or 0.0
             p2pd_during = _mean(p2p_rates, t_svc + 2.0, t_svc_end - 0.3) or 0.0
-            free = max(link - svc_steady, 1.0)
+            # what the service leaves free: what the link carries (p2pd alone just before, or the service alone;
+            # tbf's wire rate is ~4 % under the nominal one on the switch-side counters: nobody can use that part)
+            # less the service's steady rate; meaningful for a paced service (a greedy one leaves nothing free)
+            carried = max(p2pd_alone, idle)
+            free = max(carried - svc_steady, 1.0)
+            trace = node_view.trace(direction, t_idle) if node_view is not None else None
             res: dict[str, Any] = {
                 "direction": direction,
                 "service": service,
@@ -312,11 +328,13 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                 "service_reach_080_s": _first_at(svc_rates, svc_start, 0.8 * idle) if idle else None,
                 "p2pd_alone_Bps": round(p2pd_alone),
                 "p2pd_during_Bps": round(p2pd_during),
+                "link_carried_Bps": round(carried),
                 "p2pd_use_of_free": round(p2pd_during / free, 3),
-                # the same against what the link carried p2pd alone just before (tbf's wire rate is ~4 % under
-                # the nominal one on the switch-side counters: nobody can use that part)
-                # (for a paced service; a greedy one leaves nothing free either way)
-                "p2pd_use_of_free_carried": round(p2pd_during / max(max(p2pd_alone, idle) - svc_steady, 1.0), 3),
+                # the same against the nominal link (before 2026-11-27 07:50 this was `p2pd_use_of_free`, and
+                # `p2pd_use_of_free_carried` the one above)
+                "p2pd_use_of_nominal_free": round(p2pd_during / max(link - svc_steady, 1.0), 3),
+                # seconds from the service's first busy interval until the node set a limit (None: it never did)
+                "p2pd_yield_s": _yield_after(trace, svc_start - t_idle) if trace is not None else None,
                 "p2pd_back_080_s": _first_at(p2p_rates, svc_stop, 0.8 * link),
                 "p2pd_back_080_of_alone_s": _first_at(p2p_rates, svc_stop, 0.8 * p2pd_alone),
                 "fetch_started_s_before_service": round(t_svc - t_fetch, 2),
@@ -328,7 +346,7 @@ def run_one(opts: Options, direction: str, service: str, mode: str, work: str, l
                     "service_Bps": [[round(t - t_idle, 2), round(r)] for t, r in svc_rates],
                     "p2pd_Bps": [[round(t - t_idle, 2), round(r)] for t, r in p2p_rates],
                     # the node's own view: [t, limit, own, other, bytes queued in its sockets]
-                    "node_auto": node_view.trace(direction, t_idle) if node_view is not None else None,
+                    "node_auto": trace,
                 },
             }
             res["node_status_during_service"] = status
@@ -495,8 +513,9 @@ def run(opts: Options, log: IO[str] = sys.stderr) -> dict[str, Any]:
 def _line(r: dict[str, Any]) -> str:
     return (
         f"{r['direction']} {r['service']} auto {r['auto_throttle']}: service {r['service_ratio']} of idle "
-        f"(0.8x after {r['service_reach_080_s']} s), p2pd {r['p2pd_use_of_free']} of free "
-        f"({r['p2pd_use_of_free_carried']} of what the link carried alone less the service), "
+        f"(0.8x after {r['service_reach_080_s']} s), p2pd yields after {r['p2pd_yield_s']} s, uses "
+        f"{r['p2pd_use_of_free']} of free (what the link carried alone less the service; "
+        f"{r['p2pd_use_of_nominal_free']} of the nominal link less the service), "
         f"back to 0.8 link {r['p2pd_back_080_s']} s after"
     )
 
@@ -515,7 +534,13 @@ def add_arguments(ap: argparse.ArgumentParser, size: Any, rate_bits: Any) -> Non
     ap.add_argument("--rate", type=rate_bits, default=200_000_000, help="the node's link, both ways (RATE)")
     ap.add_argument("--size", type=size, default=parse_size("512MiB"), help="payload (more than the run moves)")
     ap.add_argument("--directions", type=names(("upload", "download")), default=["upload", "download"])
-    ap.add_argument("--services", type=names(("greedy", "half")), default=["greedy", "half"])
+    ap.add_argument(
+        "--services",
+        type=names(("greedy", "half", "small")),
+        default=["greedy", "half"],
+        help="greedy: iperf3 unpaced; half: paced at RATE/2; small: paced at --small-rate (is a small newcomer seen?)",
+    )
+    ap.add_argument("--small-rate", type=rate_bits, default=10_000_000, help="the `small` service's rate")
     ap.add_argument(
         "--modes",
         type=names(("on", "off", "utp")),
@@ -538,6 +563,7 @@ def main(a: argparse.Namespace, command: str) -> int:
         size=a.size,
         directions=a.directions,
         services=a.services,
+        small_bps=a.small_rate,
         modes=a.modes,
         warmup_s=a.warmup,
         service_s=a.service,

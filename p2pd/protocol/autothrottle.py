@@ -5,8 +5,9 @@ link while nobody else wants it, but must shrink to what is left (minus a reserv
 service does, and take the link back within seconds when that service stops. The inputs are four
 cumulative byte counters, read by the I/O layer every tick (p2pd/auto_throttle.py): the interface's
 received and sent bytes, and p2pd's own. Other traffic = interface - p2pd (less the headers and ACKs
-p2pd's own bytes cause); link capacity = `--link-capacity`, else the highest rate the interface has
-carried (learned: whoever filled the link, p2pd alone or the service alone, showed what it holds).
+p2pd's own bytes cause: learned as the interface counts them, see `Overheads`); link capacity =
+`--link-capacity`, else the highest rate the interface has carried (learned: whoever filled the link, p2pd
+alone or the service alone, showed what it holds).
 
 Why a reserve, and why it works: while p2pd fills the link, a TCP service beside it cannot show how
 much it wants, only the share TCP's fairness gives it. So p2pd leaves `headroom` unused (the reserve,
@@ -36,6 +37,8 @@ congestion control in the kernel to act on it; docs/throttling.md says more.
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 from p2pd.config import AutoThrottleConfig
@@ -63,6 +66,7 @@ class Decision:
     own: float  # bytes/s p2pd moved (smoothed)
     state: str  # "learning" (capacity unknown), "idle" (no other traffic to yield to), "yielding"
     why: str
+    headers: float = 0.0  # the header overhead subtracted with p2pd's bytes (learned + margin, at most the default)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -72,6 +76,7 @@ class Decision:
             "own": self.own,
             "state": self.state,
             "why": self.why,
+            "headers": self.headers,
         }
 
 
@@ -99,6 +104,65 @@ class _Ewma:
         return self.value
 
 
+class Overheads:
+    """What the interface counts, in one direction, beyond p2pd's payload: headers per byte p2pd moves this way, ACKs
+    per byte it moves the other way.
+
+    Why learned: a fixed 6 % (full-size segments) is right for a NIC that counts frames, but with GSO/TSO/GRO the
+    counters see one header per 64 KB super-packet, ~0.5 %, and the other 5.5 % of p2pd's rate were subtracted from
+    the other traffic: at 200 Mbit/s a newcomer under ~2 MB/s beside p2pd was invisible (BENCHMARKS.md 2026-11-27).
+    A window teaches only while p2pd's bytes dominate the direction and the controller suspects nothing else (idle):
+    then (interface - explained) / p2pd's bytes is the overhead, plus whatever noise traffic runs. Other traffic
+    only adds and a counter skew (bytes between p2pd's count and the wire's) comes and goes, so the median of recent
+    windows holds against both; the margin covers the skew that remains (the 6 % used to be that margin, much too
+    wide), and the defaults bound it from above (noise cannot teach a larger overhead than full-size frames have).
+    """
+
+    def __init__(self, cfg: AutoThrottleConfig) -> None:
+        self.cfg = cfg
+        self._headers: deque[float] = deque(maxlen=cfg.overhead_windows)
+        self._acks: deque[float] = deque(maxlen=cfg.overhead_windows)
+        self._window = (0.0, 0.0, 0.0, 0.0)  # seconds, interface, own and reverse bytes while idle
+
+    @staticmethod
+    def _learned(windows: deque[float], default: float) -> float:
+        if len(windows) < 3:  # (one window may be a skewed one: the default until a median means something)
+            return default
+        return min(max(statistics.median(windows), 0.0), default)
+
+    @property
+    def headers(self) -> float:
+        """Per byte of p2pd's payload this way, as subtracted (the learned overhead and the margin)."""
+        learned = self._learned(self._headers, self.cfg.header_overhead)
+        return min(learned + self.cfg.overhead_margin, self.cfg.header_overhead)
+
+    @property
+    def acks(self) -> float:
+        """Per byte of p2pd's payload the other way, as subtracted."""
+        learned = self._learned(self._acks, self.cfg.ack_overhead)
+        return min(learned + self.cfg.overhead_margin, self.cfg.ack_overhead)
+
+    def add(self, teach: bool, capacity: float, dt: float, iface: int, own: int, reverse: int) -> None:
+        """One tick's bytes; `teach`: nothing but p2pd is suspected on the link (a window with any other tick is
+        dropped)."""
+        if not teach:
+            self._window = (0.0, 0.0, 0.0, 0.0)
+            return
+        w = self._window
+        t, i, o, r = w[0] + dt, w[1] + iface, w[2] + own, w[3] + reverse
+        if t < self.cfg.overhead_window:
+            self._window = (t, i, o, r)
+            return
+        self._window = (0.0, 0.0, 0.0, 0.0)
+        least = self.cfg.overhead_min_share * capacity * t
+        h = self._learned(self._headers, self.cfg.header_overhead)
+        a = self._learned(self._acks, self.cfg.ack_overhead)
+        if o >= least and o >= 4 * r:  # p2pd's payload dominates this way: what is left over is its headers
+            self._headers.append((i - r * a) / o - 1.0)
+        elif r >= least and r >= 4 * o:  # p2pd's payload the other way dominates: the ACKs for it
+            self._acks.append((i - o * (1.0 + h)) / r)
+
+
 class DirectionController:
     """The limit for one direction (egress: the interface's tx; ingress: its rx)."""
 
@@ -110,6 +174,7 @@ class DirectionController:
         self._other_slow = _Ewma(cfg.full_smoothing)  # the other traffic as slowly as "full" is judged
         self._other_settled = 0.0  # the other traffic when the link was last full (the headroom then shrinks)
         self._reverse = _Ewma(cfg.smoothing)
+        self.overheads = Overheads(cfg)
         self.learned = 0.0  # the highest smoothed rate the interface carried
         self.yielding = False
         self.limit = INF
@@ -137,25 +202,30 @@ class DirectionController:
 
     def update(self, now: float, dt: float, iface_bytes: int, own_bytes: int, reverse_own_bytes: int) -> Decision:
         """One tick: bytes the interface and p2pd moved in this direction (and p2pd the other way) in `dt` s."""
+        d = self._update(now, dt, iface_bytes, own_bytes, reverse_own_bytes)
+        teach = d.state == "idle" and d.other <= max(self.cfg.quiet_fraction * d.capacity, self.cfg.quiet_min)
+        self.overheads.add(teach, d.capacity, dt, iface_bytes, own_bytes, reverse_own_bytes)
+        return d
+
+    def _update(self, now: float, dt: float, iface_bytes: int, own_bytes: int, reverse_own_bytes: int) -> Decision:
         cfg = self.cfg
+        headers, acks = self.overheads.headers, self.overheads.acks
         iface = self._iface.add(iface_bytes / dt, dt)
         iface_slow = self._iface_slow.add(iface_bytes / dt, dt)
         own = self._own.add(own_bytes / dt, dt)
         reverse = self._reverse.add(reverse_own_bytes / dt, dt)
         self.learned = max(self.learned, iface)
         cap = self.capacity
-        other = max(0.0, iface - own * (1.0 + cfg.header_overhead) - reverse * cfg.ack_overhead)
+        other = max(0.0, iface - own * (1.0 + headers) - reverse * acks)
         if cap <= 0 or (cfg.link_capacity is None and cap < cfg.min_learned_capacity):
             self._quiet_at = now
-            self.decision = Decision(INF, 0.0, other, own, "learning", "learning the link capacity")
+            self.decision = Decision(INF, 0.0, other, own, "learning", "learning the link capacity", headers)
             return self.decision
         quiet = max(cfg.quiet_fraction * cap, cfg.quiet_min)
         reserve = self.reserve(cap)
         # "stopped" is judged on this tick's rate, not the average: the average lags the end of a transfer by
         # several time constants, and p2pd would wait that long to take the link back
-        raw_other = (
-            iface_bytes / dt - own_bytes / dt * (1.0 + cfg.header_overhead) - reverse_own_bytes / dt * cfg.ack_overhead
-        )
+        raw_other = iface_bytes / dt - own_bytes / dt * (1.0 + headers) - reverse_own_bytes / dt * acks
         other_slow = self._other_slow.add(max(0.0, raw_other), dt)
         if min(other, raw_other) >= quiet / 2:
             self._loud_at = now
@@ -168,7 +238,7 @@ class DirectionController:
             if now - self._quiet_at < cfg.onset:
                 self.limit = INF
                 why = f"under {mbit(quiet)}" if other <= quiet else f"above {mbit(quiet)} for under {cfg.onset:g} s"
-                self.decision = Decision(INF, cap, other, own, "idle", f"other traffic {mbit(other)} ({why})")
+                self.decision = Decision(INF, cap, other, own, "idle", f"other traffic {mbit(other)} ({why})", headers)
                 return self.decision
             self.yielding = True
             starting = True
@@ -180,7 +250,7 @@ class DirectionController:
         elif now - self._loud_at >= cfg.release_after:
             self.yielding = False
             self.limit = INF
-            self.decision = Decision(INF, cap, other, own, "idle", "other traffic stopped")
+            self.decision = Decision(INF, cap, other, own, "idle", "other traffic stopped", headers)
             return self.decision
         floor = self.floor(cap)
         # A learned capacity is only the most the link has carried so far, and an underestimate looks exactly
@@ -201,14 +271,16 @@ class DirectionController:
             self._probing = True
             self._probe_at, self._tried_at, self._learned_at_probe = now, now, self.learned
             self.limit = max(floor, self.limit + cfg.probe_fraction * cap)
-            self.decision = Decision(self.limit, cap, other, own, "yielding", f"other traffic {mbit(other)} (probing)")
+            self.decision = Decision(
+                self.limit, cap, other, own, "yielding", f"other traffic {mbit(other)} (probing)", headers
+            )
             return self.decision
         failed_probe = self._probing and not grew
         self._probing = False
         if failed_probe:  # the link was full: back to where p2pd was (the service did not ask for more)
             self.limit = self._before_probe
             why = f"other traffic {mbit(other)}" + (" (at the floor)" if self.limit <= floor else "")
-            self.decision = Decision(self.limit, cap, other, own, "yielding", why)
+            self.decision = Decision(self.limit, cap, other, own, "yielding", why, headers)
             return self.decision
         # (the average still holds the try for a while after a failed one: that is not a service's demand)
         if self.headroom >= reserve:  # the level the service settled at, before the headroom shrinks
@@ -217,8 +289,14 @@ class DirectionController:
             # the headroom has shrunk: the link at its top is then p2pd's own doing (its limit leaves only a thin
             # margin), and only other traffic that grew shows a demand; a paced sender's bursts fill the margin
             # without wanting more. A growing service takes the margin every tick, so the link stays at its top.
+            # The settled level is an average over seconds, not the lowest level seen: a paced sender's rate as
+            # the counters see it swings by a few % of the link from tick to tick, and its troughs as the level
+            # made its next crest read as growth (a halving of p2pd's limit beside a steady 10 Mbit/s service;
+            # BENCHMARKS.md 2026-11-27). A service that grows outruns the average within a tick or two.
             if now - self._tried_at > 2 * cfg.settle:  # (a try squeezed it, and it regrows over a second or two)
-                self._other_settled = min(self._other_settled, other_slow)
+                self._other_settled += (1.0 - math.exp(-dt / cfg.settled_smoothing)) * (
+                    other_slow - self._other_settled
+                )
             grew = other_slow >= self._other_settled + reserve * cfg.growth_fraction
             full = grew and iface_slow >= cap - reserve / 2
         if self.headroom >= reserve:
@@ -232,7 +310,7 @@ class DirectionController:
         elif now - self._full_at >= cfg.settle:
             h_min = min(cfg.min_headroom_fraction * cap, reserve)
             self.headroom = max(h_min, self.headroom * 0.5 ** (dt / cfg.headroom_halving))
-        target = (cap - other - self.headroom) / (1.0 + cfg.header_overhead)  # the limit counts payload, not headers
+        target = (cap - other - self.headroom) / (1.0 + headers)  # the limit counts payload, not headers
         if full and starting:
             # a newcomer on a full link: p2pd's socket and qdisc queues still drain at the old rate for a tick or
             # two, and the newcomer gets only its TCP share of them; give way deeply at once (a paced service
@@ -249,7 +327,7 @@ class DirectionController:
             target = min(target, max(self.limit, floor) * 2.0 ** (dt / cfg.ramp_doubling))
         self.limit = max(floor, target)
         why = f"other traffic {mbit(other)}" + (" (at the floor)" if self.limit <= floor else "")
-        self.decision = Decision(self.limit, cap, other, own, "yielding", why)
+        self.decision = Decision(self.limit, cap, other, own, "yielding", why, headers)
         return self.decision
 
 

@@ -3,7 +3,7 @@
 The model: p2pd's flows and one TCP service share a link of capacity `cap` (bytes/s on the wire). TCP's
 fairness gives the service 1/(flows+1) of the link while p2pd is unlimited, or what p2pd's limit leaves;
 the service grows into new room over a few ticks (TCP's ramp) and drops at once. Headers add 4.5 % to p2pd's
-payload on the wire, and ACKs 2 % of it on the other direction, as on a real Ethernet.
+payload on the wire, and ACKs 2 % of it on the other direction, as on a real Ethernet (or 0.5 %: GSO's counters).
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ ACKS = 0.02
 class SharedLink:
     """Egress of one node: p2pd (greedy, under its limit) and a service with a demand (bytes/s, inf = greedy)."""
 
-    def __init__(self, cap: float = CAP, flows: int = 8, cfg: AutoThrottleConfig | None = None) -> None:
+    def __init__(
+        self, cap: float = CAP, flows: int = 8, cfg: AutoThrottleConfig | None = None, headers: float = HEADERS
+    ) -> None:
         self.cap = cap
+        self.headers = headers
         self.flows = flows
         self.now = 0.0
         self.ctl = AutoThrottle(cfg or AutoThrottleConfig(), self.now)
@@ -45,7 +48,7 @@ class SharedLink:
 
     def step(self, demand: float, p2pd_demand: float = math.inf) -> Decision:
         cap = self.cap
-        p2pd_wire = min(self.limit, p2pd_demand) * (1 + HEADERS)
+        p2pd_wire = min(self.limit, p2pd_demand) * (1 + self.headers)
         fair = cap / (self.flows + 1) if p2pd_demand > 0 else cap
         allowed = min(demand, max(fair, cap - p2pd_wire))
         if allowed > self.service:
@@ -53,7 +56,7 @@ class SharedLink:
         else:
             self.service = allowed
         wire = min(p2pd_wire, cap - self.service)
-        self.own = wire / (1 + HEADERS)
+        self.own = wire / (1 + self.headers)
         self.counters[1] += (wire + self.service) * TICK
         self.counters[3] += self.own * TICK
         self.counters[0] += self.own * ACKS * TICK
@@ -246,10 +249,13 @@ def test_probing_a_full_link_costs_the_service_little() -> None:
     assert sum(rates[20:]) / 40 >= 0.97 * 0.5 * CAP
 
 
+GSO_HEADERS = 0.005  # a veth's or a TSO NIC's counters: one header per 64 KB super-packet
 SKEW = 400_000  # bytes: what a 20 ms queue of a 200 Mbit/s link holds, counted by p2pd before the interface
 
 
-def _skewed_link(backlogs: list[int], service: float, cfg: AutoThrottleConfig) -> list[Decision]:
+def _skewed_link(
+    backlogs: list[int], service: float, cfg: AutoThrottleConfig, headers: float = HEADERS
+) -> list[Decision]:
     """p2pd fills what the service leaves of the link; its own counter runs ahead of the interface's by a backlog
     that changes every tick (bytes in a qdisc or a socket's send queue: bursts, as peers ask for pieces)."""
     ctl = AutoThrottle(cfg, 0.0)
@@ -258,17 +264,21 @@ def _skewed_link(backlogs: list[int], service: float, cfg: AutoThrottleConfig) -
     out = []
     for i, b in enumerate(backlogs):
         t += TICK
-        wire += (CAP - service) / (1 + HEADERS) * TICK
-        iface_tx = wire * (1 + HEADERS) + service * (i + 1) * TICK
+        wire += (CAP - service) / (1 + headers) * TICK
+        iface_tx = wire * (1 + headers) + service * (i + 1) * TICK
         eg, _ = ctl.tick(t, Sample(int(wire * ACKS), int(iface_tx), 0, int(wire) + b))
         out.append(eg)
     return out
 
 
-@given(st.lists(st.integers(min_value=0, max_value=SKEW), min_size=20, max_size=80))
+@given(
+    st.lists(st.integers(min_value=0, max_value=SKEW), min_size=20, max_size=120),
+    st.sampled_from([HEADERS, GSO_HEADERS, 0.0]),
+)
 @QUICK
-def test_p2pd_alone_with_bursty_counter_skew_never_yields(backlogs: list[int]) -> None:
-    for d in _skewed_link(backlogs, 0.0, AutoThrottleConfig()):
+def test_p2pd_alone_with_bursty_counter_skew_never_yields(backlogs: list[int], headers: float) -> None:
+    """(Also once the overhead is learned: the skew teaches it, and must not leave p2pd yielding to itself.)"""
+    for d in _skewed_link(backlogs, 0.0, AutoThrottleConfig(), headers):
         assert d.state != "yielding" and math.isinf(d.limit), d
 
 
@@ -342,3 +352,45 @@ def test_the_first_yield_is_not_taken_back_before_the_newcomer_grows_into_it(flo
     first = next(i for i, lim in enumerate(limits) if not math.isinf(lim))
     held = limits[first : first + round(cfg.ramp_hold / TICK)]
     assert all(b <= a for a, b in zip(held, held[1:], strict=False)), [round(x / CAP, 3) for x in limits]
+
+
+@QUICK
+@given(
+    headers=st.sampled_from([GSO_HEADERS, 0.02, HEADERS]),
+    service=st.floats(0.05, 0.15),
+    flows=st.sampled_from([1, 8]),
+)
+def test_a_small_newcomer_is_seen(headers: float, service: float, flows: int) -> None:
+    """A paced service of 10-30 Mbit/s starts beside p2pd at 200 Mbit/s. With the 6 % header overhead assumed
+    whatever the interface counts, GSO's 0.5 % left 5.5 % of p2pd's rate (1.3 MB/s) subtracted from the other
+    traffic: such a newcomer never showed. The overhead is learned while p2pd is alone: the newcomer is seen
+    within two seconds and p2pd leaves it its rate (and uses what it leaves)."""
+    link = SharedLink(flows=flows, headers=headers)
+    link.run(8, demand=0)
+    assert link.decision.headers <= headers + AutoThrottleConfig().overhead_margin + 0.002, link.decision
+    decisions = link.run(2, demand=service * CAP)
+    assert any(d.state == "yielding" for d in decisions), [(round(d.other / CAP, 3), d.why) for d in decisions]
+    link.run(6, demand=service * CAP)
+    assert link.decision.state == "yielding"
+    assert link.service >= 0.98 * service * CAP
+    used = link.own * (1 + headers)
+    assert used >= 0.95 * (CAP - link.service), (used / (CAP - link.service), link.decision)
+
+
+@QUICK
+@given(
+    base=st.sampled_from([0.05, 0.3, 0.5]),
+    jitter=st.lists(st.floats(-0.02, 0.02), min_size=60, max_size=120),
+)
+def test_a_paced_services_jitter_is_not_growth(base: float, jitter: list[float]) -> None:
+    """A paced service's rate as the counters see it swings by a few % of the link from tick to tick. Its level was
+    the lowest it had been since the link was last full, so a crest after a trough read as growth and p2pd halved
+    (twice in 8 s beside a 10 Mbit/s service in the emulated bench): the level is an average now."""
+    link = SharedLink(headers=GSO_HEADERS)
+    link.run(8, demand=0)
+    link.run(4, demand=base * CAP)  # seen, yielded to, the headroom thin again
+    before = link.limit
+    for j in jitter:
+        link.step((base + j) * CAP)
+        assert link.limit >= 0.7 * before, (round(link.limit / CAP, 3), round(before / CAP, 3), link.decision)
+        before = link.limit
