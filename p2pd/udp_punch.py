@@ -74,8 +74,9 @@ def own_nat(get: NatGetter) -> tuple[str, tuple[str, int] | None]:
 
 
 # What a datagram costs on the wire beyond its payload: Ethernet 14 + IPv4 20 + UDP 8 bytes (IPv6: 40, not 20).
-# Auto-throttling adds 6 % for headers (`AutoThrottleConfig.header_overhead`, full-size TCP segments); a probe
-# carries 28 bytes, so its headers are 60 % of what the interface counts. A spray (2,000 probes/s) then read as
+# Auto-throttling adds what it learned of full-size TCP segments' headers (at most 6 %,
+# `AutoThrottleConfig.header_overhead`); a probe carries 28 bytes, so its
+# headers are 60 % of what the interface counts. A spray (2,000 probes/s) then read as
 # ~0.7 Mbit/s of another service's traffic, above the "quiet" 3 % of a capacity learned in a swarm's first second,
 # and the NAT swarm's cones yielded their upload (limits 17-48 Mbit/s on 200 Mbit/s links) while they sprayed.
 DATAGRAM_HEADERS: dict[int, int] = {socket.AF_INET: 42, socket.AF_INET6: 62}
