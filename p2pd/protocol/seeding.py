@@ -25,6 +25,19 @@ waits on completions instead of uploading. The simulator at 100 nodes, 64 pieces
 seed 1.91 F without slots, 1.14x and 1.11 F with 4 slots at every node (BENCHMARKS.md). Gated on the
 number of connections: a small swarm (the 1 + 8) has few requesters per node and no such wait.
 
+Peers with few fast paths first (`leave_to_few_paths`), for every node, complete or not: a peer behind a
+symmetric NAT reaches only the public nodes over TCP (to a cone it has a UDP punch or the relay, which
+move little), so the seed's and the public peers' uplinks are all it can download from fast, and every
+other peer shares them too: in the NAT swarm (1 public seed + 8 peers, 2 behind symmetric NATs) it got
+13-15 MiB/s of a 23 MiB/s link while the cones got 18-21 and finished 2-3 s after them (BENCHMARKS.md).
+So while such a peer has an upload waiting or under way here, a request from any other peer is DEFERred,
+once per requester and piece, when another connected, incomplete peer that is not one of them has
+announced the piece: the requester reaches that peer over its punched TCP path and fetches it there,
+and this uplink goes to the peer that has no such choice. Never in the tail (`serve_tail`), never for a
+piece only we (or a complete node, or a peer with few paths) hold: the requester needs us for those. A
+swarm without such peers (the 1 + 8 without NAT) is unchanged. An earlier rule (capping the others at
+one upload slot while such a peer was served, whatever they asked) starved the cones and was reverted.
+
 Every deferral is made once per requester and piece: a requester that asks again found no one else
 (its picker skips a deferred piece at this node for a while and asks the peers that announced it).
 Without that, a straggler whose connected peers have all become complete by downloading, and have
@@ -50,10 +63,12 @@ class DistinctFirstSeeding(Generic[Peer]):
         serve_tail: int = 16,
         upload_slots: int = 0,
         slots_min_peers: int = 0,
+        few_paths_first: bool = False,
     ) -> None:
         self.n = num_pieces
         self.upload_slots = upload_slots
         self.slots_min_peers = slots_min_peers
+        self.few_paths_first = few_paths_first
         self.full = (1 << num_pieces) - 1
         self.enabled = enabled
         self.serve_tail = serve_tail
@@ -62,6 +77,7 @@ class DistinctFirstSeeding(Generic[Peer]):
         self.pieces_sent = 0  # uploads of pieces, counting repeats
         self.pieces_deferred = 0  # requests answered with DEFER
         self.slot_deferrals = 0  # of which: because every upload slot was busy
+        self.few_paths_deferrals = 0  # of which: to leave the uplink to peers with few fast paths
         self._deferred_to: dict[Peer, set[int]] = {}  # pieces deferred once to each requester
 
     @property
@@ -103,6 +119,34 @@ class DistinctFirstSeeding(Generic[Peer]):
         self.pieces_deferred += 1
         self.slot_deferrals += 1
         return True
+
+    def leave_to_few_paths(
+        self,
+        piece: int,
+        requester: Peer,
+        have: Mapping[Peer, int],
+        few_paths: Collection[Peer],
+        *,
+        waiting: bool,
+    ) -> bool:
+        """Answer DEFER to `requester` so that this uplink goes to peers with few fast paths?
+
+        `few_paths`: the connected peers that reach only public nodes fast (behind a symmetric NAT);
+        `waiting`: one of them has an upload queued or under way here; `have`: as for `defer_request`.
+        """
+        if not (self.few_paths_first and waiting) or requester in few_paths:
+            return False
+        if self.n - have.get(requester, 0).bit_count() <= self.serve_tail:
+            return False  # the tail is always served
+        once = self._deferred_to.setdefault(requester, set())
+        if piece in once:
+            return False  # asked again after a deferral: nobody else gave it
+        bit = 1 << piece
+        for p, mask in have.items():
+            if mask & bit and p != requester and mask != self.full and p not in few_paths:
+                self.few_paths_deferrals += 1
+                return self._defer(once, piece)
+        return False
 
     def defer_send(self, piece: int, requester: Peer, *, complete: bool) -> bool:
         """At send time: is this a second copy while some piece was never sent?"""
