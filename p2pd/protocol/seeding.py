@@ -31,9 +31,11 @@ move little), so the seed's and the public peers' uplinks are all it can downloa
 other peer shares them too: in the NAT swarm (1 public seed + 8 peers, 2 behind symmetric NATs) it got
 13-15 MiB/s of a 23 MiB/s link while the cones got 18-21 and finished 2-3 s after them (BENCHMARKS.md).
 So while such a peer has an upload waiting or under way here, a request from any other peer is DEFERred,
-once per requester and piece, when another connected, incomplete peer that is not one of them has
-announced the piece: the requester reaches that peer over its punched TCP path and fetches it there,
-and this uplink goes to the peer that has no such choice. Never in the tail (`serve_tail`), never for a
+once per requester and piece, when this node already served that piece to another such requester, or
+another connected, incomplete peer that is not one of them has announced it: the requester reaches
+those peers over punched TCP and fetches it there (the cones of the NAT swarm took most pieces twice or
+more from the public peers, each fetching it for itself), and this uplink goes to the peer that has no
+such choice. Never in the tail (`serve_tail`), never for a
 piece only we (or a complete node, or a peer with few paths) hold: the requester needs us for those. A
 swarm without such peers (the 1 + 8 without NAT) is unchanged. An earlier rule (capping the others at
 one upload slot while such a peer was served, whatever they asked) starved the cones and was reverted.
@@ -79,6 +81,7 @@ class DistinctFirstSeeding(Generic[Peer]):
         self.slot_deferrals = 0  # of which: because every upload slot was busy
         self.few_paths_deferrals = 0  # of which: to leave the uplink to peers with few fast paths
         self._deferred_to: dict[Peer, set[int]] = {}  # pieces deferred once to each requester
+        self._to_many_paths: dict[int, Peer] = {}  # piece -> the first peer with many fast paths it was served to
 
     @property
     def pieces_sent_again(self) -> int:
@@ -134,19 +137,30 @@ class DistinctFirstSeeding(Generic[Peer]):
         `few_paths`: the connected peers that reach only public nodes fast (behind a symmetric NAT);
         `waiting`: one of them has an upload queued or under way here; `have`: as for `defer_request`.
         """
-        if not (self.few_paths_first and waiting) or requester in few_paths:
+        if not self.few_paths_first or requester in few_paths:
             return False
-        if self.n - have.get(requester, 0).bit_count() <= self.serve_tail:
-            return False  # the tail is always served
-        once = self._deferred_to.setdefault(requester, set())
-        if piece in once:
-            return False  # asked again after a deferral: nobody else gave it
-        bit = 1 << piece
-        for p, mask in have.items():
-            if mask & bit and p != requester and mask != self.full and p not in few_paths:
-                self.few_paths_deferrals += 1
-                return self._defer(once, piece)
+        if (
+            waiting
+            and self.n - have.get(requester, 0).bit_count() > self.serve_tail  # the tail is always served
+            and piece not in (once := self._deferred_to.setdefault(requester, set()))  # else: nobody else gave it
+            and (
+                self._to_many_paths.get(piece, requester) != requester
+                or self._held_elsewhere(piece, requester, have, few_paths)
+            )
+        ):
+            self.few_paths_deferrals += 1
+            return self._defer(once, piece)
+        self._to_many_paths.setdefault(piece, requester)  # served: it passes the piece on over its punched paths
         return False
+
+    def _held_elsewhere(
+        self, piece: int, requester: Peer, have: Mapping[Peer, int], few_paths: Collection[Peer]
+    ) -> bool:
+        """Announced by another connected, incomplete peer that is not one of those with few fast paths."""
+        bit = 1 << piece
+        return any(
+            mask & bit and p != requester and mask != self.full and p not in few_paths for p, mask in have.items()
+        )
 
     def defer_send(self, piece: int, requester: Peer, *, complete: bool) -> bool:
         """At send time: is this a second copy while some piece was never sent?"""

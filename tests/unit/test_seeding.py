@@ -206,6 +206,21 @@ def test_a_peer_with_few_fast_paths_waiting_gets_the_uplink() -> None:
     assert (s.pieces_deferred, s.few_paths_deferrals) == (2, 2)
 
 
+def test_a_piece_served_to_one_cone_is_not_served_to_the_next_while_a_symmetric_peer_waits() -> None:
+    """Two cones asking a public peer for the same piece before either announced it: the second fetches it
+    from the first over their punched path, and the public peer's uplink goes to the symmetric peer."""
+    s = few_paths_policy()
+    few = {"sym"}
+    have = {"c1": 0, "c2": 0, "sym": 0}
+    assert not s.leave_to_few_paths(3, "c1", have, few, waiting=True)  # only we have it: served
+    assert not s.leave_to_few_paths(3, "c1", have, few, waiting=True)  # the same requester again: served
+    assert s.leave_to_few_paths(3, "c2", have, few, waiting=True)  # c1 will have it
+    assert not s.leave_to_few_paths(3, "c2", have, few, waiting=True)  # asked again: served
+    assert not s.leave_to_few_paths(4, "c1", have, few, waiting=False)
+    assert not s.leave_to_few_paths(4, "c2", have, few, waiting=False)  # nobody waits: served to both
+    assert s.few_paths_deferrals == 1
+
+
 def test_the_tail_and_a_swarm_without_few_path_peers_are_served() -> None:
     """A requester missing at most `serve_tail` pieces is always served; off, or with no such peer (the
     1 + 8 without NAT), nothing is deferred."""
@@ -228,17 +243,22 @@ def test_few_paths_deferrals_only_to_another_incomplete_holder_once(
     holders: list[tuple[str, int]], asks: list[tuple[str, int, bool]]
 ) -> None:
     """Whatever the holdings and the order: a deferral needs a waiting symmetric peer and another incomplete,
-    non-symmetric holder, never hits a symmetric requester, and never twice for one requester and piece."""
+    non-symmetric holder (or the piece served to another such requester before), never hits a symmetric
+    requester, and never twice for one requester and piece."""
     s = few_paths_policy()
     have = {"c1": 0, "c2": 0, "c3": 0, "sym": 0, "seed": FULL}
     for p, i in holders:
         if p != "seed":
             have[p] |= 1 << i
     deferred: set[tuple[str, int]] = set()
+    served: dict[int, str] = {}  # piece -> the first cone it was served to
     for requester, piece, waiting in asks:
         d = s.leave_to_few_paths(piece, requester, have, {"sym"}, waiting=waiting)
         if d:
             assert waiting and requester != "sym" and (requester, piece) not in deferred
-            assert any(have[p] >> piece & 1 for p in ("c1", "c2", "c3") if p != requester)
+            held = any(have[p] >> piece & 1 for p in ("c1", "c2", "c3") if p != requester)
+            assert held or served.get(piece, requester) != requester
             deferred.add((requester, piece))
+        elif requester != "sym":
+            served.setdefault(piece, requester)
     assert s.few_paths_deferrals == len(deferred)
