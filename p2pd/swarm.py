@@ -411,7 +411,11 @@ class Swarm:
                     self.complete
                     and self.seeding.enabled
                     and self.seeding.defer_request(
-                        i, conn, {c: c.session.remote_have for c in self.conns.values()}, complete=True
+                        i,
+                        conn,
+                        {c: c.session.remote_have for c in self.conns.values()},
+                        complete=True,
+                        few_paths=conn.remote_id in self.few_paths,
                     )
                 )
                 or (self.few_paths and self._leave_to_few_paths(conn, i))

@@ -37,7 +37,11 @@ those peers over punched TCP and fetches it there (the cones of the NAT swarm to
 more from the public peers, each fetching it for itself), and this uplink goes to the peer that has no
 such choice. Never in the tail (`serve_tail`), never for a
 piece only we (or a complete node, or a peer with few paths) hold: the requester needs us for those. A
-swarm without such peers (the 1 + 8 without NAT) is unchanged. An earlier rule (capping the others at
+swarm without such peers (the 1 + 8 without NAT) is unchanged. For the same reason a complete node does
+not send such a requester to the other holders of a piece (`defer_request(few_paths=True)`): they are
+mostly cones it reaches only slowly, its picker does not ask a slow path for what a fast peer holds, so
+each deferral cost it `defer_retry` (0.5 s) per piece; in the NAT swarm the symmetric nodes received
+1-10 MiB/s from the complete public peers until the last cone completed. An earlier rule (capping the others at
 one upload slot while such a peer was served, whatever they asked) starved the cones and was reverted.
 
 Every deferral is made once per requester and piece: a requester that asks again found no one else
@@ -95,8 +99,11 @@ class DistinctFirstSeeding(Generic[Peer]):
         have: Mapping[Peer, int],
         *,
         complete: bool,
+        few_paths: bool = False,
     ) -> bool:
-        """Answer DEFER to `requester` asking for `piece`? `have`: every connected peer's announced pieces."""
+        """Answer DEFER to `requester` asking for `piece`? `have`: every connected peer's announced pieces;
+        `few_paths`: the requester reaches only public nodes fast (behind a symmetric NAT): it is not sent to
+        the other holders, who are mostly behind NATs it reaches only by a UDP punch or the relay."""
         if not (self.enabled and complete) or len(have) < 2:
             return False
         once = self._deferred_to.setdefault(requester, set())
@@ -106,6 +113,8 @@ class DistinctFirstSeeding(Generic[Peer]):
             return self._defer(once, piece)
         if self.n - have.get(requester, 0).bit_count() <= self.serve_tail:
             return False  # the tail is always served, so that deferral cannot stretch it
+        if few_paths and self.few_paths_first:
+            return False
         bit = 1 << piece
         if any(p != requester and mask & bit and mask != self.full for p, mask in have.items()):
             return self._defer(once, piece)

@@ -262,3 +262,17 @@ def test_few_paths_deferrals_only_to_another_incomplete_holder_once(
         elif requester != "sym":
             served.setdefault(piece, requester)
     assert s.few_paths_deferrals == len(deferred)
+
+
+def test_a_complete_node_does_not_send_a_peer_with_few_paths_to_the_other_holders() -> None:
+    """The other holders are mostly cones a symmetric peer reaches only by a UDP punch or the relay: a complete
+    public peer serves it instead of sending it there (and waiting `defer_retry` per piece); the seed's
+    rules (no second copy while a piece was never sent) still hold for it."""
+    have = {"sym": 0, "c1": mask({2, 5}), "c2": 0}
+    s = few_paths_policy()
+    assert not s.defer_request(5, "sym", have, complete=True, few_paths=True)
+    assert s.defer_request(5, "c2", have, complete=True)  # a cone still fetches it from c1
+    s.sent(7)
+    assert s.defer_request(7, "sym", have, complete=True, few_paths=True)  # a second copy while some never went
+    off = few_paths_policy(False)
+    assert off.defer_request(2, "sym", have, complete=True, few_paths=True)
