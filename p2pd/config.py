@@ -63,6 +63,10 @@ class SwarmConfig:
     # ...but only with at least this many connections: with few requesters per node (the 1 + 8) sharing
     # costs nothing, and a DEFERred requester waits `defer_retry` before asking that peer again
     upload_slots_min_peers: int = 16
+    # while a peer behind a symmetric NAT (fast paths only to public nodes) waits on our uplink, other requesters
+    # are sent once per piece to another incomplete holder they reach over punched TCP (seeding.leave_to_few_paths;
+    # the NAT swarm's symmetric nodes got 13-15 MiB/s of 23 without it); no such peer connected, no effect
+    few_paths_first: bool = True
     # -- bad pieces (strikes with expiry, not bans for ever: a seeder with one rotten piece on disk repairs it)
     strikes_to_ban: int = 2  # bad pieces from one peer before we stop using it (one can be a disk's fault)
     strike_expiry: float = 120.0  # seconds a strike (and a ban) lasts: long enough for the peer to repair its copy

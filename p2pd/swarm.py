@@ -28,6 +28,7 @@ from p2pd.peer import PeerConn
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import session as ps
+from p2pd.protocol.nat import NatType
 from p2pd.protocol.pacing import PeerRate, pipeline_depth
 from p2pd.protocol.picker import Picker
 from p2pd.protocol.ratelimit import Hierarchy
@@ -45,6 +46,7 @@ BUFFER_POOL_BYTES = 32 << 20  # idle piece buffers kept for reuse (a verifier qu
 # TCP end to end, as fast as direct; a UDP data channel is CPU-bound at a few MB/s; a relay shares one node's
 # capacity among every pair it splices. A path not listed ranks between.
 MAX_KNOWN_ZONES = 65536  # peers' zones remembered per swarm (a few MB at most)
+FEW_PATHS_NATS = frozenset({NatType.SYMMETRIC.value})  # NAT types whose nodes reach only public nodes over TCP
 PATH_RANK = {"direct": 0, "tcp-punch": 0, "udp-punch": 1, "relay": 2}
 
 
@@ -133,6 +135,9 @@ class Swarm:
         self.cross_limits = cross_limits
         # every peer's zone from the tracker's lists: a connection a peer opened to us carries no zone
         self.zones: dict[str, str] = {}
+        # the peers behind a symmetric NAT, from the tracker's lists: they reach only public nodes fast
+        # (`DistinctFirstSeeding.leave_to_few_paths`); a node that never looked peers up (a seed) knows none
+        self.few_paths: set[str] = set()
         self.connector: Connector = connector or _NoDialling()  # a swarm that only serves (tests' seeds)
         # the UDP punch alone, to move a peer off the relay (`relay_upgrade_every`); None: no such path here
         self.upgrader = upgrader
@@ -157,6 +162,7 @@ class Swarm:
             serve_tail=config.serve_tail,
             upload_slots=config.upload_slots,
             slots_min_peers=config.upload_slots_min_peers,
+            few_paths_first=config.few_paths_first,
         )
         self.done = trio.Event()
         if self.complete:
@@ -391,20 +397,28 @@ class Swarm:
         if isinstance(event, ps.UploadRequested):
             i = event.index
             if (
-                # (the scan only past the gate: it is per request, on the seed's hot path)
-                self.config.upload_slots
-                and len(self.conns) >= self.config.upload_slots_min_peers
-                and self.seeding.slots_busy(
-                    conn,
-                    [c for c in self.conns.values() if c.uploading or c.session.uploads],
-                    peers=len(self.conns),
+                (
+                    # (the scan only past the gate: it is per request, on the seed's hot path)
+                    self.config.upload_slots
+                    and len(self.conns) >= self.config.upload_slots_min_peers
+                    and self.seeding.slots_busy(
+                        conn,
+                        [c for c in self.conns.values() if c.uploading or c.session.uploads],
+                        peers=len(self.conns),
+                    )
                 )
-            ) or (
-                self.complete
-                and self.seeding.enabled
-                and self.seeding.defer_request(
-                    i, conn, {c: c.session.remote_have for c in self.conns.values()}, complete=True
+                or (
+                    self.complete
+                    and self.seeding.enabled
+                    and self.seeding.defer_request(
+                        i,
+                        conn,
+                        {c: c.session.remote_have for c in self.conns.values()},
+                        complete=True,
+                        few_paths=conn.remote_id in self.few_paths,
+                    )
                 )
+                or (self.few_paths and self._leave_to_few_paths(conn, i))
             ):
                 session.defer(i)
             else:
@@ -437,6 +451,22 @@ class Swarm:
                 self.fill(conn)
         elif isinstance(event, ps.BadPieceReported) and self._nursery is not None:
             self._nursery.start_soon(self._reverify, conn, event.index)
+
+    def _leave_to_few_paths(self, conn: PeerConn, i: int) -> bool:
+        """DEFER this request so that our uplink goes to a connected peer with few fast paths waiting on it?
+        (The scans only while such a peer is connected: this is per request, on every uploader's hot path.)"""
+        if conn.remote_id in self.few_paths or not self.seeding.few_paths_first:
+            return False
+        few = [c for c in self.conns.values() if c.remote_id in self.few_paths]
+        if not few:
+            return False
+        return self.seeding.leave_to_few_paths(
+            i,
+            conn,
+            {c: c.session.remote_have for c in self.conns.values()},
+            few,
+            waiting=any(c.uploading or c.session.uploads for c in few),
+        )
 
     def fill(self, conn: PeerConn) -> None:
         """Keep the peer's pipeline as deep as its measured rate asks for (pacing.pipeline_depth)."""
@@ -741,10 +771,16 @@ class Swarm:
                 random.shuffle(peers)
                 if len(self.zones) > MAX_KNOWN_ZONES:
                     self.zones.clear()  # bounded; the next lookups refill it
+                if len(self.few_paths) > MAX_KNOWN_ZONES:
+                    self.few_paths.clear()
                 for p in peers:
                     z = p.get("zone")
                     if isinstance(z, str) and z:
                         self.zones[p["node_id"]] = z
+                    if p.get("nat_type") in FEW_PATHS_NATS:
+                        self.few_paths.add(p["node_id"])
+                    else:
+                        self.few_paths.discard(p["node_id"])
                 for p in peers:
                     nid = p["node_id"]
                     if len(self.conns) + len(self.connecting) >= cfg.max_peers:

@@ -25,6 +25,25 @@ waits on completions instead of uploading. The simulator at 100 nodes, 64 pieces
 seed 1.91 F without slots, 1.14x and 1.11 F with 4 slots at every node (BENCHMARKS.md). Gated on the
 number of connections: a small swarm (the 1 + 8) has few requesters per node and no such wait.
 
+Peers with few fast paths first (`leave_to_few_paths`), for every node, complete or not: a peer behind a
+symmetric NAT reaches only the public nodes over TCP (to a cone it has a UDP punch or the relay, which
+move little), so the seed's and the public peers' uplinks are all it can download from fast, and every
+other peer shares them too: in the NAT swarm (1 public seed + 8 peers, 2 behind symmetric NATs) it got
+13-15 MiB/s of a 23 MiB/s link while the cones got 18-21 and finished 2-3 s after them (BENCHMARKS.md).
+So while such a peer has an upload waiting or under way here, a request from any other peer is DEFERred,
+once per requester and piece, when this node already served that piece to another such requester, or
+another connected, incomplete peer that is not one of them has announced it: the requester reaches
+those peers over punched TCP and fetches it there (the cones of the NAT swarm took most pieces twice or
+more from the public peers, each fetching it for itself), and this uplink goes to the peer that has no
+such choice. Never in the tail (`serve_tail`), never for a
+piece only we (or a complete node, or a peer with few paths) hold: the requester needs us for those. A
+swarm without such peers (the 1 + 8 without NAT) is unchanged. For the same reason a complete node does
+not send such a requester to the other holders of a piece (`defer_request(few_paths=True)`): they are
+mostly cones it reaches only slowly, its picker does not ask a slow path for what a fast peer holds, so
+each deferral cost it `defer_retry` (0.5 s) per piece; in the NAT swarm the symmetric nodes received
+1-10 MiB/s from the complete public peers until the last cone completed. An earlier rule (capping the others at
+one upload slot while such a peer was served, whatever they asked) starved the cones and was reverted.
+
 Every deferral is made once per requester and piece: a requester that asks again found no one else
 (its picker skips a deferred piece at this node for a while and asks the peers that announced it).
 Without that, a straggler whose connected peers have all become complete by downloading, and have
@@ -50,10 +69,12 @@ class DistinctFirstSeeding(Generic[Peer]):
         serve_tail: int = 16,
         upload_slots: int = 0,
         slots_min_peers: int = 0,
+        few_paths_first: bool = False,
     ) -> None:
         self.n = num_pieces
         self.upload_slots = upload_slots
         self.slots_min_peers = slots_min_peers
+        self.few_paths_first = few_paths_first
         self.full = (1 << num_pieces) - 1
         self.enabled = enabled
         self.serve_tail = serve_tail
@@ -62,7 +83,9 @@ class DistinctFirstSeeding(Generic[Peer]):
         self.pieces_sent = 0  # uploads of pieces, counting repeats
         self.pieces_deferred = 0  # requests answered with DEFER
         self.slot_deferrals = 0  # of which: because every upload slot was busy
+        self.few_paths_deferrals = 0  # of which: to leave the uplink to peers with few fast paths
         self._deferred_to: dict[Peer, set[int]] = {}  # pieces deferred once to each requester
+        self._to_many_paths: dict[int, Peer] = {}  # piece -> the first peer with many fast paths it was served to
 
     @property
     def pieces_sent_again(self) -> int:
@@ -76,8 +99,11 @@ class DistinctFirstSeeding(Generic[Peer]):
         have: Mapping[Peer, int],
         *,
         complete: bool,
+        few_paths: bool = False,
     ) -> bool:
-        """Answer DEFER to `requester` asking for `piece`? `have`: every connected peer's announced pieces."""
+        """Answer DEFER to `requester` asking for `piece`? `have`: every connected peer's announced pieces;
+        `few_paths`: the requester reaches only public nodes fast (behind a symmetric NAT): it is not sent to
+        the other holders, who are mostly behind NATs it reaches only by a UDP punch or the relay."""
         if not (self.enabled and complete) or len(have) < 2:
             return False
         once = self._deferred_to.setdefault(requester, set())
@@ -87,6 +113,8 @@ class DistinctFirstSeeding(Generic[Peer]):
             return self._defer(once, piece)
         if self.n - have.get(requester, 0).bit_count() <= self.serve_tail:
             return False  # the tail is always served, so that deferral cannot stretch it
+        if few_paths and self.few_paths_first:
+            return False
         bit = 1 << piece
         if any(p != requester and mask & bit and mask != self.full for p, mask in have.items()):
             return self._defer(once, piece)
@@ -103,6 +131,45 @@ class DistinctFirstSeeding(Generic[Peer]):
         self.pieces_deferred += 1
         self.slot_deferrals += 1
         return True
+
+    def leave_to_few_paths(
+        self,
+        piece: int,
+        requester: Peer,
+        have: Mapping[Peer, int],
+        few_paths: Collection[Peer],
+        *,
+        waiting: bool,
+    ) -> bool:
+        """Answer DEFER to `requester` so that this uplink goes to peers with few fast paths?
+
+        `few_paths`: the connected peers that reach only public nodes fast (behind a symmetric NAT);
+        `waiting`: one of them has an upload queued or under way here; `have`: as for `defer_request`.
+        """
+        if not self.few_paths_first or requester in few_paths:
+            return False
+        if (
+            waiting
+            and self.n - have.get(requester, 0).bit_count() > self.serve_tail  # the tail is always served
+            and piece not in (once := self._deferred_to.setdefault(requester, set()))  # else: nobody else gave it
+            and (
+                self._to_many_paths.get(piece, requester) != requester
+                or self._held_elsewhere(piece, requester, have, few_paths)
+            )
+        ):
+            self.few_paths_deferrals += 1
+            return self._defer(once, piece)
+        self._to_many_paths.setdefault(piece, requester)  # served: it passes the piece on over its punched paths
+        return False
+
+    def _held_elsewhere(
+        self, piece: int, requester: Peer, have: Mapping[Peer, int], few_paths: Collection[Peer]
+    ) -> bool:
+        """Announced by another connected, incomplete peer that is not one of those with few fast paths."""
+        bit = 1 << piece
+        return any(
+            mask & bit and p != requester and mask != self.full and p not in few_paths for p, mask in have.items()
+        )
 
     def defer_send(self, piece: int, requester: Peer, *, complete: bool) -> bool:
         """At send time: is this a second copy while some piece was never sent?"""

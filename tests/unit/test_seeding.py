@@ -182,3 +182,97 @@ def test_upload_slots_never_let_more_peers_be_served_at_once(slots: int, arrival
         if not busy:
             serving.add(peer)
         assert len(serving) <= slots
+
+
+# --------------------------------------------------------------------------------- peers with few fast paths
+def few_paths_policy(on: bool = True) -> DistinctFirstSeeding[str]:
+    return DistinctFirstSeeding(PIECES, serve_tail=TAIL, few_paths_first=on)
+
+
+def test_a_peer_with_few_fast_paths_waiting_gets_the_uplink() -> None:
+    """A symmetric peer waits on this uplink: a cone asking for a piece another cone holds is sent there,
+    once; a piece only we, the complete seed or a symmetric peer hold is served (the cone needs us for it)."""
+    s = few_paths_policy()
+    few = {"sym"}
+    have = {"c1": 0, "c2": mask({5, 9}), "seed": FULL, "sym": mask({7}), "pub": mask({9})}
+    assert s.leave_to_few_paths(5, "c1", have, few, waiting=True)
+    assert not s.leave_to_few_paths(5, "c1", have, few, waiting=True)  # asked again: nobody else gave it
+    assert s.leave_to_few_paths(5, "pub", have, few, waiting=True)  # another requester: its own once
+    assert not s.leave_to_few_paths(6, "c1", have, few, waiting=True)  # only the complete seed has it
+    assert not s.leave_to_few_paths(7, "c1", have, few, waiting=True)  # only the symmetric peer has it
+    assert not s.leave_to_few_paths(8, "c1", have, few, waiting=True)  # nobody else has it
+    assert not s.leave_to_few_paths(9, "c1", have, few, waiting=False)  # no such peer waits here now
+    assert not s.leave_to_few_paths(9, "sym", have | {"sym2": 0}, few | {"sym2"}, waiting=True)  # never them
+    assert (s.pieces_deferred, s.few_paths_deferrals) == (2, 2)
+
+
+def test_a_piece_served_to_one_cone_is_not_served_to_the_next_while_a_symmetric_peer_waits() -> None:
+    """Two cones asking a public peer for the same piece before either announced it: the second fetches it
+    from the first over their punched path, and the public peer's uplink goes to the symmetric peer."""
+    s = few_paths_policy()
+    few = {"sym"}
+    have = {"c1": 0, "c2": 0, "sym": 0}
+    assert not s.leave_to_few_paths(3, "c1", have, few, waiting=True)  # only we have it: served
+    assert not s.leave_to_few_paths(3, "c1", have, few, waiting=True)  # the same requester again: served
+    assert s.leave_to_few_paths(3, "c2", have, few, waiting=True)  # c1 will have it
+    assert not s.leave_to_few_paths(3, "c2", have, few, waiting=True)  # asked again: served
+    assert not s.leave_to_few_paths(4, "c1", have, few, waiting=False)
+    assert not s.leave_to_few_paths(4, "c2", have, few, waiting=False)  # nobody waits: served to both
+    assert s.few_paths_deferrals == 1
+
+
+def test_the_tail_and_a_swarm_without_few_path_peers_are_served() -> None:
+    """A requester missing at most `serve_tail` pieces is always served; off, or with no such peer (the
+    1 + 8 without NAT), nothing is deferred."""
+    s = few_paths_policy()
+    tail = mask(range(PIECES - TAIL, PIECES)) ^ FULL  # missing exactly TAIL pieces
+    have = {"c1": tail, "c2": mask({1, PIECES - 1}), "sym": 0}
+    assert not s.leave_to_few_paths(PIECES - 1, "c1", have, {"sym"}, waiting=True)
+    have = {"c1": 0, "c2": mask({1}), "sym": 0}
+    assert not s.leave_to_few_paths(1, "c1", have, (), waiting=False)
+    off = few_paths_policy(False)
+    assert not off.leave_to_few_paths(1, "c1", have, {"sym"}, waiting=True)
+    assert s.pieces_deferred == off.pieces_deferred == 0
+
+
+@given(
+    holders=st.lists(st.tuples(st.sampled_from(["c1", "c2", "c3", "sym", "seed"]), st.integers(0, PIECES - 1))),
+    asks=st.lists(st.tuples(st.sampled_from(["c1", "c2", "sym"]), st.integers(0, PIECES - 1), st.booleans())),
+)
+def test_few_paths_deferrals_only_to_another_incomplete_holder_once(
+    holders: list[tuple[str, int]], asks: list[tuple[str, int, bool]]
+) -> None:
+    """Whatever the holdings and the order: a deferral needs a waiting symmetric peer and another incomplete,
+    non-symmetric holder (or the piece served to another such requester before), never hits a symmetric
+    requester, and never twice for one requester and piece."""
+    s = few_paths_policy()
+    have = {"c1": 0, "c2": 0, "c3": 0, "sym": 0, "seed": FULL}
+    for p, i in holders:
+        if p != "seed":
+            have[p] |= 1 << i
+    deferred: set[tuple[str, int]] = set()
+    served: dict[int, str] = {}  # piece -> the first cone it was served to
+    for requester, piece, waiting in asks:
+        d = s.leave_to_few_paths(piece, requester, have, {"sym"}, waiting=waiting)
+        if d:
+            assert waiting and requester != "sym" and (requester, piece) not in deferred
+            held = any(have[p] >> piece & 1 for p in ("c1", "c2", "c3") if p != requester)
+            assert held or served.get(piece, requester) != requester
+            deferred.add((requester, piece))
+        elif requester != "sym":
+            served.setdefault(piece, requester)
+    assert s.few_paths_deferrals == len(deferred)
+
+
+def test_a_complete_node_does_not_send_a_peer_with_few_paths_to_the_other_holders() -> None:
+    """The other holders are mostly cones a symmetric peer reaches only by a UDP punch or the relay: a complete
+    public peer serves it instead of sending it there (and waiting `defer_retry` per piece); the seed's
+    rules (no second copy while a piece was never sent) still hold for it."""
+    have = {"sym": 0, "c1": mask({2, 5}), "c2": 0}
+    s = few_paths_policy()
+    assert not s.defer_request(5, "sym", have, complete=True, few_paths=True)
+    assert s.defer_request(5, "c2", have, complete=True)  # a cone still fetches it from c1
+    s.sent(7)
+    assert s.defer_request(7, "sym", have, complete=True, few_paths=True)  # a second copy while some never went
+    off = few_paths_policy(False)
+    assert off.defer_request(2, "sym", have, complete=True, few_paths=True)

@@ -6,6 +6,7 @@ tests (test_seeding.py), the per-connection rules too (test_session.py).
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from p2pd.config import SwarmConfig
 from p2pd.connections import ConnectionPath
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
+from p2pd.protocol import session as ps
 from p2pd.storage import Catalog, PieceStore
 from p2pd.swarm import Swarm
 
@@ -113,6 +115,72 @@ async def test_a_relayed_peer_we_dialled_is_punched_again_one_at_a_time(
     assert all(b - a >= 0.5 for a, b in zip(times, times[1:], strict=False))  # one at a time
     per_peer = [t for t, nid in tries if nid == "r1"]
     assert all(b - a >= every for a, b in zip(per_peer, per_peer[1:], strict=False))
+    sw.store.close()
+
+
+async def test_lookups_remember_which_peers_have_few_fast_paths(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The tracker's lists carry each peer's NAT type: a peer behind a symmetric NAT is one this node leaves
+    its uplink to (seeding.leave_to_few_paths), and stops being one when listed otherwise."""
+    lists = [
+        [
+            {"node_id": "s" * 32, "addr": ["10.0.0.2", 7000], "nat_type": "symmetric"},
+            {"node_id": "c" * 32, "addr": ["10.0.0.3", 7000], "nat_type": "port-restricted-cone"},
+            {"node_id": "o" * 32, "addr": ["10.0.0.4", 7000]},  # a node that reported no NAT type
+        ],
+        [{"node_id": "s" * 32, "addr": ["10.0.0.2", 7000], "nat_type": "open"}],
+    ]
+    seen: list[set[str]] = []
+
+    async def find_peers(aid: str) -> list[dict[str, Any]]:
+        seen.append(set(sw.few_paths))
+        return lists[min(len(seen) - 1, 1)]
+
+    class NoDial:
+        async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> connections.Connection:
+            raise connections.ConnectError("not in this test")
+
+    sw = make_swarm(tmp_path, complete=False, find_peers=find_peers, connector=NoDial())
+    async with trio.open_nursery() as n:
+        await n.start(sw.run)
+        await trio.sleep(1)
+        n.cancel_scope.cancel()
+    assert seen[:3] == [set(), {"s" * 32}, set()]
+    sw.store.close()
+
+
+def test_a_symmetric_peer_waiting_gets_the_uplink_of_an_incomplete_node(tmp_path: Path) -> None:
+    """A public peer (incomplete) serving a symmetric one sends a cone's request for a piece another cone
+    holds there (DEFER); with nothing of the symmetric peer's queued, or none connected, it serves it."""
+    sw = make_swarm(tmp_path, complete=False)
+    answers: list[tuple[str, str, int]] = []
+
+    class Peer:  # what on_event touches of a PeerConn (hashable: the seed policy keys on connections)
+        def __init__(self, nid: str, have: int) -> None:
+            self.remote_id, self.uploading = nid, False
+            self.session = SimpleNamespace(remote_have=have, uploads=collections.deque())
+            self.session.defer = lambda i: answers.append((nid, "defer", i))
+            self.session.accept_upload = lambda i: answers.append((nid, "accept", i))
+
+    def peer(nid: str, have: int) -> Any:
+        return Peer(nid, have)
+
+    sw.conns = {"c1": peer("c1", 0), "c2": peer("c2", 1 << 3), "sym": peer("sym", 0)}
+    sw.have_mask = bits.full(PIECES)
+
+    def ask(nid: str, i: int) -> str:
+        sw.on_event(sw.conns[nid], ps.UploadRequested(i))
+        return answers[-1][1]
+
+    assert ask("c1", 3) == "accept"  # no peer with few paths known
+    sw.few_paths = {"sym"}
+    assert ask("c1", 3) == "accept"  # the symmetric peer asks us nothing now
+    sw.conns["sym"].session.uploads.append(7)
+    assert ask("c1", 3) == "defer"  # c2 holds it: fetch it there
+    assert ask("c1", 3) == "accept"  # asked again: served
+    assert ask("c1", 4) == "accept"  # nobody else holds it
+    assert ask("sym", 3) == "accept"
     sw.store.close()
 
 
