@@ -225,3 +225,11 @@ def test_a_replaced_connection_s_bytes_are_counted_once(tmp_path: Path) -> None:
     sw.on_close(c)  # type: ignore[arg-type]
     assert sw.path_totals() == {("relay", "in"): 1000, ("relay", "out"): 10}
     sw.store.close()
+
+
+def test_the_picker_caps_the_sources_as_configured(tmp_path: Path) -> None:
+    """The daemon's picker runs rule 6 with SwarmConfig's numbers (the simulator's engine passes the same)."""
+    s = make_swarm(tmp_path, complete=False)
+    cfg = SwarmConfig()
+    assert s.picker.source_cap == cfg.download_sources > 0
+    assert s.picker.source_cap_min_peers == cfg.upload_slots_min_peers
