@@ -66,8 +66,9 @@ class SwarmConfig:
     # a node asks at most this many peers at once, past the same gate (0: no cap; the picker's rule 6): with
     # upload slots, a holder keeps its slot while it wants anything, so the first requesters held 4-10 slots
     # each and the late ones one (the simulated 1 + 32: p99 1.40x the bound); as many sources as a peer
-    # gives slots leaves slots to the late ones (p99 1.14x). Lifted while the sources have nothing we miss
-    download_sources: int = 4
+    # gives slots leaves slots to the late ones (simulated p99 1.13x with 4). Off by default: the emulated 1 + 32
+    # (CPU-bound daemons) ran 7-17% slower with 4 (BENCHMARKS.md, the requester-side cap in the daemon)
+    download_sources: int = 0
     # -- bad pieces (strikes with expiry, not bans for ever: a seeder with one rotten piece on disk repairs it)
     strikes_to_ban: int = 2  # bad pieces from one peer before we stop using it (one can be a disk's fault)
     strike_expiry: float = 120.0  # seconds a strike (and a ban) lasts: long enough for the peer to repair its copy

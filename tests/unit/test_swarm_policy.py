@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -231,5 +232,18 @@ def test_the_picker_caps_the_sources_as_configured(tmp_path: Path) -> None:
     """The daemon's picker runs rule 6 with SwarmConfig's numbers (the simulator's engine passes the same)."""
     s = make_swarm(tmp_path, complete=False)
     cfg = SwarmConfig()
-    assert s.picker.source_cap == cfg.download_sources > 0
+    assert s.picker.source_cap == cfg.download_sources
     assert s.picker.source_cap_min_peers == cfg.upload_slots_min_peers
+    s2 = Swarm(
+        node_id=s.node_id,
+        artifact_id=s.artifact_id,
+        name=s.name,
+        manifest=s.manifest,
+        store=s.store,
+        have=0,
+        catalog=s.catalog,
+        config=replace(cfg, download_sources=4),
+        egress=None,
+        ingress=None,
+    )
+    assert s2.picker.source_cap == 4
