@@ -67,6 +67,12 @@ class SwarmConfig:
     # are sent once per piece to another incomplete holder they reach over punched TCP (seeding.leave_to_few_paths;
     # the NAT swarm's symmetric nodes got 13-15 MiB/s of 23 without it); no such peer connected, no effect
     few_paths_first: bool = True
+    # a node asks at most this many peers at once, past the same gate (0: no cap; the picker's rule 6): with
+    # upload slots, a holder keeps its slot while it wants anything, so the first requesters held 4-10 slots
+    # each and the late ones one (the simulated 1 + 32: p99 1.40x the bound); as many sources as a peer
+    # gives slots leaves slots to the late ones (simulated p99 1.13x with 4). Off by default: the emulated 1 + 32
+    # (CPU-bound daemons) ran 7-17% slower with 4 (BENCHMARKS.md, the requester-side cap in the daemon)
+    download_sources: int = 0
     # -- bad pieces (strikes with expiry, not bans for ever: a seeder with one rotten piece on disk repairs it)
     strikes_to_ban: int = 2  # bad pieces from one peer before we stop using it (one can be a disk's fault)
     strike_expiry: float = 120.0  # seconds a strike (and a ban) lasts: long enough for the peer to repair its copy

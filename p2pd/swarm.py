@@ -155,7 +155,12 @@ class Swarm:
         self.complete = have == self._full and journal is None
         self.downloading = not self.complete  # until finalized or failed
         # The picker stays after completion: it remembers the requests we cancelled, whose pieces may still arrive.
-        self.picker: Picker[ps.PeerSession] = Picker(self.n, bits.indices(have))
+        self.picker: Picker[ps.PeerSession] = Picker(
+            self.n,
+            bits.indices(have),
+            source_cap=config.download_sources,
+            source_cap_min_peers=config.upload_slots_min_peers,
+        )
         self.seeding: DistinctFirstSeeding[PeerConn] = DistinctFirstSeeding(
             self.n,
             enabled=config.seed_distinct,
@@ -449,6 +454,8 @@ class Swarm:
                 self.fill_all()
             else:
                 self.fill(conn)
+                if picker.capping and not picker.outstanding(session):
+                    self.fill_all()  # it stopped serving us: a place among our capped sources is free
         elif isinstance(event, ps.BadPieceReported) and self._nursery is not None:
             self._nursery.start_soon(self._reverify, conn, event.index)
 

@@ -112,6 +112,12 @@ def parser() -> argparse.ArgumentParser:
         "--upload-slots", type=int, default=None, help="SwarmConfig.upload_slots (0: no cap; default: the daemon's)"
     )
     ap.add_argument(
+        "--download-sources",
+        type=int,
+        default=None,
+        help="SwarmConfig.download_sources: peers a node asks at once (0: no cap; default: the daemon's)",
+    )
+    ap.add_argument(
         "--model",
         choices=("piece", "coarse"),
         default="piece",
@@ -152,10 +158,16 @@ def scenario_from(a: argparse.Namespace) -> Scenario:
     kw: dict[str, Any] = {}
     if a.zone_link is not None:
         kw["zone_link"] = a.zone_link
+    swarm = SwarmConfig()
     if a.upload_slots is not None:
         if a.upload_slots < 0:
             raise ValueError(f"--upload-slots is 0 (no cap) or a positive count, got {a.upload_slots}")
-        kw["swarm"] = SwarmConfig(upload_slots=a.upload_slots)
+        swarm = replace(swarm, upload_slots=a.upload_slots)
+    if a.download_sources is not None:
+        if a.download_sources < 0:
+            raise ValueError(f"--download-sources is 0 (no cap) or a positive count, got {a.download_sources}")
+        swarm = replace(swarm, download_sources=a.download_sources)
+    kw["swarm"] = swarm
     return Scenario(
         classes=tuple(c for c in classes if c.count),
         size=a.size,

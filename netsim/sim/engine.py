@@ -90,6 +90,7 @@ class Node:
         picker_seed: int,
         upload_slots: int,
         slots_min_peers: int,
+        download_sources: int,
     ) -> None:
         self.nid = nid
         self.name = f"n{nid}"
@@ -98,7 +99,13 @@ class Node:
         self.zone = zone
         self.seed = seed
         full = (1 << units) - 1
-        self.picker: Picker[int] = Picker(units, range(units) if seed else (), seed=picker_seed)
+        self.picker: Picker[int] = Picker(
+            units,
+            range(units) if seed else (),
+            seed=picker_seed,
+            source_cap=download_sources,
+            source_cap_min_peers=slots_min_peers,
+        )
         self.seeding: DistinctFirstSeeding[int] = DistinctFirstSeeding(
             units, upload_slots=upload_slots, slots_min_peers=slots_min_peers
         )
@@ -244,6 +251,7 @@ class Simulation:
                 self.rng.getrandbits(32),
                 self.cfg.upload_slots,
                 self.cfg.upload_slots_min_peers,
+                0 if self.bt else self.cfg.download_sources,  # BitTorrent's unchoking decides its sources
             )
         )
         if self.bt:
@@ -496,6 +504,8 @@ class Simulation:
         if nd.online and pid in nd.queue and nd.picker.knows(pid) and self.nodes[pid].epoch == epoch:
             nd.picker.defer(pid, unit)
             self._fill(nd, pid)
+            if nd.picker.capping and not nd.picker.outstanding(pid):
+                self._fill_all(nd)  # as Swarm.on_event: it stopped serving, a place among the sources is free
 
     def _on_reject(self, nd: Node, pid: int, unit: int, epoch: int) -> None:
         if nd.online and pid in nd.queue and nd.picker.knows(pid) and self.nodes[pid].epoch == epoch:

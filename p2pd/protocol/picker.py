@@ -21,6 +21,14 @@ Policy, in order:
    by complete public peers to cones behind udp-punch took 3x longer than the rest). The piece
    waits for `undefer_all` (`defer_retry`, 0.5 s), and the better peer, which defers once per
    requester and piece, serves it when asked again.
+6. Sources at once (`source_cap`, with at least `source_cap_min_peers` peers): while that many peers
+   have requests of ours outstanding (`serving`), a peer not among them is not asked. Upload slots
+   (seeding.py) keep a holder as long as it wants anything, so without this the first requesters of a
+   large swarm hold many slots each and the late ones live on one (BENCHMARKS.md, the 1 + 32: p99
+   1.40x the bound; with a cap equal to the upload slots 1.14x). Never a stall: the cap holds only
+   while some serving peer still offers a piece we miss that is neither in flight nor deferred there,
+   and not in the endgame; a serving peer that DEFERs or runs dry stops counting once its requests
+   are answered.
 
 The picker also owns the block state, the one record of requests in flight: `inflight` (piece ->
 peers asked, until the piece is verified or the request fails) and, per peer, `pending` (asked and
@@ -55,7 +63,16 @@ class Arrival(enum.Enum):
 
 
 class Picker(Generic[Peer]):
-    def __init__(self, num_pieces: int, have: Iterable[int] = (), *, seed: int | None = None, max_dup: int = 2) -> None:
+    def __init__(
+        self,
+        num_pieces: int,
+        have: Iterable[int] = (),
+        *,
+        seed: int | None = None,
+        max_dup: int = 2,
+        source_cap: int = 0,
+        source_cap_min_peers: int = 0,
+    ) -> None:
         self.n = num_pieces
         rng = random.Random(seed)
         self.perm = list(range(num_pieces))  # position -> piece
@@ -78,6 +95,9 @@ class Picker(Generic[Peer]):
         self.cancelled: dict[Peer, collections.deque[int]] = {}  # per peer: pieces asked, then cancelled
         self.rank: dict[Peer, int] = {}  # per peer: its path's rank (0 best); only peers ranked above 0
         self.rate: dict[Peer, float] = {}  # per peer: measured delivery rate, bytes/s (endgame order)
+        self.source_cap = source_cap  # peers asked at once (rule 6; 0: no cap)...
+        self.source_cap_min_peers = source_cap_min_peers  # ...with at least this many peers known
+        self.serving: set[Peer] = set()  # peers with requests of ours pending (rule 6's count)
 
     # -- knowledge about peers -------------------------------------------------------------------
     def to_mask(self, pieces: Iterable[int]) -> int:
@@ -116,6 +136,7 @@ class Picker(Generic[Peer]):
         mask = self.peer_mask.pop(peer)
         self.deferred.pop(peer, None)
         self.pending.pop(peer, None)
+        self.serving.discard(peer)
         self.cancelled.pop(peer, None)
         self.rank.pop(peer, None)
         self.rate.pop(peer, None)
@@ -167,8 +188,37 @@ class Picker(Generic[Peer]):
     def interesting(self, peer: Peer) -> bool:
         return bool(self.peer_mask.get(peer, 0) & self.missing)
 
+    @property
+    def capping(self) -> bool:
+        """Is rule 6 in force (a cap, and enough peers)? Then a peer that stops serving frees a place,
+        and the caller asks its other peers again (not only the one that answered)."""
+        return bool(self.source_cap) and len(self.peer_mask) >= self.source_cap_min_peers
+
+    def capped(self, peer: Peer) -> bool:
+        """Rule 6: is `peer` not to be asked now because enough other peers serve us?"""
+        if peer in self.serving or len(self.serving) < self.source_cap or not self.capping:
+            return False
+        free = self.missing & ~self.inflight_mask
+        if not free:
+            return False  # endgame: any idle peer may duplicate a request
+        offered = 0  # what the serving peers can still give us
+        for q in self.serving:
+            offered |= self.peer_mask[q] & ~self.deferred.get(q, 0)
+        offered &= free
+        if not offered:
+            return False  # they have nothing more we miss: ask others, never stall
+        mine = self.peer_mask[peer] & free & ~self.deferred.get(peer, 0)
+        for level in self.levels[1:]:
+            if offered & level:
+                return True
+            if mine & level:
+                return False  # it has a piece rarer than any they offer (rarest first, rule 2, comes first)
+        return True
+
     def next_request(self, peer: Peer) -> int | None:
         """Pick a piece to request from `peer` and mark it in flight, or None if nothing fits."""
+        if self.source_cap and self.capped(peer):
+            return None
         has = self.peer_mask[peer] & ~self.deferred.get(peer, 0)
         rank = self.rank.get(peer, 0)
         if rank:
@@ -200,12 +250,18 @@ class Picker(Generic[Peer]):
         self.inflight.setdefault(p, set()).add(peer)
         self.inflight_mask |= 1 << k
         self.pending.setdefault(peer, set()).add(p)
+        self.serving.add(peer)
         return p
+
+    def _unpend(self, peer: Peer, pending: set[int], piece: int) -> None:
+        pending.discard(piece)
+        if not pending:
+            self.serving.discard(peer)
 
     def _release(self, peer: Peer, piece: int) -> None:
         pending = self.pending.get(peer)
         if pending is not None:
-            pending.discard(piece)
+            self._unpend(peer, pending, piece)
         asked = self.inflight.get(piece)
         if asked is None:
             return
@@ -257,7 +313,7 @@ class Picker(Generic[Peer]):
         pending = self.pending.get(peer)
         if pending is None or piece not in pending:
             return False
-        pending.discard(piece)
+        self._unpend(peer, pending, piece)
         if peer not in self.cancelled:
             self.cancelled[peer] = collections.deque(maxlen=CANCELLED_MEMORY)
         self.cancelled[peer].append(piece)
@@ -287,7 +343,7 @@ class Picker(Generic[Peer]):
         until verified, so nobody else is asked for it meanwhile)."""
         pending = self.pending.get(peer)
         if pending is not None and piece in pending:
-            pending.discard(piece)
+            self._unpend(peer, pending, piece)
             return Arrival.EXPECTED
         cancelled = self.cancelled.get(peer)
         if cancelled is not None and piece in cancelled:

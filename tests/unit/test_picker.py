@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from p2pd.protocol.bitfield import indices
 from p2pd.protocol.picker import Arrival, Picker
 from tests.unit._util import QUICK
 
@@ -301,13 +302,19 @@ class PickerMachine(RuleBasedStateMachine):
         seed=st.integers(min_value=0, max_value=1000),
         max_dup=st.integers(min_value=1, max_value=3),
         have_frac=st.sampled_from([0.0, 0.0, 0.0, 0.5]),
+        cap=st.sampled_from([0, 0, 1, 2, 3]),
+        cap_min=st.sampled_from([0, 3]),
     )
-    def setup(self, n: int, seed: int, max_dup: int, have_frac: float) -> None:
+    def setup(self, n: int, seed: int, max_dup: int, have_frac: float, cap: int = 0, cap_min: int = 0) -> None:
         rng = random.Random(seed)
         self.n = n
         self.have = {i for i in range(n) if rng.random() < have_frac}
-        self.picker: Picker[int] = Picker(n, self.have, seed=seed, max_dup=max_dup)
+        self.picker: Picker[int] = Picker(
+            n, self.have, seed=seed, max_dup=max_dup, source_cap=cap, source_cap_min_peers=cap_min
+        )
         self.max_dup = max_dup
+        self.cap = cap  # rule 6: peers asked at once...
+        self.cap_min = cap_min  # ...with at least this many peers
         self.peers: dict[int, set[int]] = {}
         self.inflight: dict[int, set[int]] = {}
         self.deferred: dict[int, set[int]] = {}
@@ -370,7 +377,26 @@ class PickerMachine(RuleBasedStateMachine):
         for _ in range(times):
             self._one_request(peer)
 
+    def _serving(self) -> set[int]:
+        return {q for q, s in self.pending.items() if s}
+
+    def _capped(self, peer: int) -> bool:
+        """Rule 6, stated plainly: enough other peers serve us, they still offer a fresh piece, and this peer
+        has none rarer than theirs."""
+        serving = self._serving()
+        if not self.cap or len(self.peers) < self.cap_min or peer in serving or len(serving) < self.cap:
+            return False
+        free = self._missing() - set(self.inflight)
+        offered = {i for q in serving for i in self.peers[q] - self.deferred.get(q, set())} & free
+        if not offered:
+            return False
+        mine = (self.peers[peer] - self.deferred.get(peer, set())) & free
+        return not mine or min(map(self._avail, offered)) <= min(map(self._avail, mine))
+
     def _one_request(self, peer: int) -> None:
+        if self._capped(peer):
+            assert self.picker.next_request(peer) is None, "asked one more source past the cap"
+            return
         has = self.peers[peer] - self.deferred.get(peer, set())
         for q, ps in self.peers.items():  # a slower path gets only what no better path gives
             if self.rank[q] < self.rank[peer]:
@@ -494,6 +520,7 @@ class PickerMachine(RuleBasedStateMachine):
         assert {i: set(ps) for i, ps in p.inflight.items()} == self.inflight
         assert all(0 < len(ps) <= self.max_dup for ps in p.inflight.values())
         assert p.inflight_mask == p.to_mask(self.inflight)
+        assert p.serving == self._serving()
         assert p.missing_count == len(self._missing())
         assert p.done == (not self._missing())
         assert sorted(p.have_pieces()) == sorted(self.have)
@@ -554,7 +581,14 @@ def test_random_operation_sequences(block: int) -> None:
     for seed in range(block * 100, block * 100 + 100):
         rng = random.Random(seed)
         m = PickerMachine()
-        m.setup(n=rng.randint(1, 16), seed=seed, max_dup=rng.randint(1, 3), have_frac=rng.choice([0.0, 0.0, 0.5]))
+        m.setup(
+            n=rng.randint(1, 16),
+            seed=seed,
+            max_dup=rng.randint(1, 3),
+            have_frac=rng.choice([0.0, 0.0, 0.5]),
+            cap=rng.choice([0, 0, 1, 2, 3]),
+            cap_min=rng.choice([0, 3]),
+        )
         for _ in range(60):
             name, enabled, args = rng.choice([r for r in _RULES if r[1](m)])
             getattr(m, name)(**args(rng))
@@ -699,4 +733,129 @@ def test_with_relayed_peers_a_swarm_completes_and_relays_carry_only_what_no_dire
         if piece in p.inflight and peer in p.inflight[piece]:
             p.piece_verified(piece)
             outstanding = [(q, i) for q, i in outstanding if i != piece]
+    assert p.done
+
+
+# ------------------------------------------------------------------------------------------ rule 6: sources at once
+def test_a_capped_node_asks_no_new_peer_while_its_sources_have_more() -> None:
+    p: Picker[str] = Picker(16, seed=1, source_cap=2)
+    for q in "abc":
+        p.add_peer(q, range(16))
+    assert p.next_request("a") is not None
+    assert p.next_request("b") is not None
+    assert p.serving == {"a", "b"}
+    assert p.next_request("c") is None  # a and b have more to give
+    assert p.next_request("a") is not None  # a source is asked as before
+
+
+def test_a_capped_node_still_asks_a_peer_for_a_piece_rarer_than_its_sources_offer() -> None:
+    """The seed's pieces nobody else has yet (and any piece rarer than what the sources give) come first, as
+    rarest-first says: a cap that left them waiting held the 200-node swarm's last piece back (p99 1.50x)."""
+    p: Picker[str] = Picker(16, seed=1, source_cap=2)
+    for q in "abd":
+        p.add_peer(q, range(15))
+    p.add_peer("c", range(16))
+    assert p.next_request("a") is not None and p.next_request("b") is not None
+    assert p.next_request("d") is None  # its pieces are as common as a's and b's
+    assert p.next_request("c") == 15  # c alone has piece 15
+    assert p.serving == {"a", "b", "c"}
+
+
+def test_the_cap_lifts_when_a_source_stops_serving() -> None:
+    p: Picker[str] = Picker(16, seed=1, source_cap=2)
+    for q in "abc":
+        p.add_peer(q, range(16))
+    a = p.next_request("a")
+    b = p.next_request("b")
+    assert a is not None and b is not None
+    assert p.next_request("c") is None
+    p.defer("a", a)  # a sends us away: it no longer serves us
+    assert p.serving == {"b"}
+    assert p.next_request("c") is not None
+    assert p.arrived("b", b) is Arrival.EXPECTED  # b's request answered: b is no longer a source either
+    assert p.serving == {"c"}
+
+
+def test_the_cap_lifts_while_the_sources_have_nothing_fresh_we_miss() -> None:
+    p: Picker[str] = Picker(16, seed=1, source_cap=2)
+    p.add_peer("a", [0, 1])
+    p.add_peer("b", [2])
+    p.add_peer("c", range(16))
+    assert {p.next_request("a"), p.next_request("a"), p.next_request("b")} == {0, 1, 2}
+    assert p.next_request("c") is not None  # a and b hold nothing more that we miss: no stall
+    q: Picker[str] = Picker(16, seed=1, source_cap=1)
+    q.add_peer("a", [0, 1])
+    q.add_peer("c", range(16))
+    x = q.next_request("a")
+    assert x is not None
+    q.defer("a", x)
+    assert q.next_request("a") == 1 - x
+    assert q.serving == {"a"}
+    assert q.next_request("c") is not None  # a's other piece is deferred there: it offers nothing fresh
+
+
+def test_the_cap_lifts_in_the_endgame() -> None:
+    p: Picker[str] = Picker(2, seed=1, source_cap=1)
+    for q in "ab":
+        p.add_peer(q, range(2))
+    assert p.next_request("a") is not None and p.next_request("a") is not None
+    assert p.next_request("b") is not None  # every missing piece is in flight: b may duplicate one
+
+
+def test_the_cap_holds_only_from_its_peer_count() -> None:
+    p: Picker[str] = Picker(16, seed=1, source_cap=1, source_cap_min_peers=3)
+    for q in "ab":
+        p.add_peer(q, range(16))
+    assert not p.capping
+    assert p.next_request("a") is not None and p.next_request("b") is not None  # two peers: below the gate
+    p.add_peer("c", range(16))
+    assert p.capping
+    assert p.next_request("c") is None
+
+
+@QUICK
+@given(
+    st.integers(min_value=1, max_value=40),
+    st.integers(min_value=2, max_value=8),
+    st.integers(min_value=1, max_value=3),
+    st.floats(min_value=0.0, max_value=0.6),
+    st.randoms(use_true_random=False),
+)
+def test_a_capped_node_completes_whatever_its_peers_hold_and_defer(
+    n: int, npeers: int, cap: int, defer_p: float, rng: random.Random
+) -> None:
+    """Random holdings, peers that DEFER requests at random, the swarm's fill order (every peer after each
+    answer) and its periodic undefer: the capped download always completes, and before the endgame it adds
+    a source past the cap only while the sources it has offer nothing fresh."""
+    p: Picker[Any] = Picker(n, seed=rng.randrange(1 << 30), max_dup=2, source_cap=cap)
+    holdings = {k: {i for i in range(n) if rng.random() < 0.5} for k in range(npeers)}
+    holdings[rng.randrange(npeers)] = set(range(n))  # one seed so the download can complete
+    for k, s in holdings.items():
+        p.add_peer(k, s)
+    outstanding: list[tuple[int, int]] = []
+    for _ in range(60 * n):
+        for k in holdings:
+            while len([1 for peer, _ in outstanding if peer == k]) < 2:
+                before = set(p.serving)
+                free = p.missing & ~p.inflight_mask
+                piece = p.next_request(k)
+                if piece is None:
+                    break
+                if k not in before and len(before) >= cap and free:
+                    offered = [p.peer_mask[q] & free & ~p.deferred.get(q, 0) for q in before]
+                    rarest = min((p.avail[p.perm[b]] for m in offered for b in indices(m)), default=0)
+                    assert not rarest or p.avail[piece] < rarest, "past the cap for a piece no rarer than theirs"
+                outstanding.append((k, piece))
+        if not outstanding:
+            if p.done:
+                break
+            assert p.undefer_all(), "nothing asked, nothing deferred, not done: stalled"
+            continue
+        peer, piece = outstanding.pop(rng.randrange(len(outstanding)))
+        if rng.random() < defer_p:
+            p.defer(peer, piece)
+            continue
+        if p.arrived(peer, piece) is Arrival.EXPECTED:
+            p.piece_verified(piece)
+            outstanding = [(q, i) for q, i in outstanding if i != piece]  # cancelled duplicates
     assert p.done

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -293,3 +294,24 @@ def test_a_replaced_connection_s_bytes_are_counted_once(tmp_path: Path) -> None:
     sw.on_close(c)  # type: ignore[arg-type]
     assert sw.path_totals() == {("relay", "in"): 1000, ("relay", "out"): 10}
     sw.store.close()
+
+
+def test_the_picker_caps_the_sources_as_configured(tmp_path: Path) -> None:
+    """The daemon's picker runs rule 6 with SwarmConfig's numbers (the simulator's engine passes the same)."""
+    s = make_swarm(tmp_path, complete=False)
+    cfg = SwarmConfig()
+    assert s.picker.source_cap == cfg.download_sources
+    assert s.picker.source_cap_min_peers == cfg.upload_slots_min_peers
+    s2 = Swarm(
+        node_id=s.node_id,
+        artifact_id=s.artifact_id,
+        name=s.name,
+        manifest=s.manifest,
+        store=s.store,
+        have=0,
+        catalog=s.catalog,
+        config=replace(cfg, download_sources=4),
+        egress=None,
+        ingress=None,
+    )
+    assert s2.picker.source_cap == 4
