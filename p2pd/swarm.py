@@ -29,7 +29,7 @@ from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import session as ps
 from p2pd.protocol.nat import NatType
-from p2pd.protocol.pacing import PeerRate, pipeline_depth
+from p2pd.protocol.pacing import PeerRate, swarm_depth
 from p2pd.protocol.picker import Picker
 from p2pd.protocol.ratelimit import Hierarchy
 from p2pd.protocol.seeding import DistinctFirstSeeding
@@ -508,15 +508,7 @@ class Swarm:
             r = rate.rate
             if r is not None:
                 self.picker.set_rate(conn.session, r)
-                cfg = self.config
-                self.depths[conn] = pipeline_depth(
-                    r,
-                    self.manifest.piece_size,
-                    base=cfg.pipeline_depth,
-                    most=cfg.pipeline_max,
-                    turnaround=cfg.request_turnaround,
-                    slow_piece_time=cfg.slow_piece_time,
-                )
+                self.depths[conn] = swarm_depth(r, self.manifest.piece_size, self.config)
         conn.bytes_down += wire_len
         if self.has_piece(i) or not self.downloading:
             self.give_buffer(buf)

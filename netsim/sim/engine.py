@@ -35,7 +35,7 @@ import numpy as np
 
 from netsim.sim.fairshare import IncrementalMaxMin, max_min_rates
 from netsim.sim.scenario import Scenario
-from p2pd.protocol.pacing import PeerRate, pipeline_depth
+from p2pd.protocol.pacing import PeerRate, swarm_depth
 from p2pd.protocol.picker import Arrival, Picker
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket
 from p2pd.protocol.seeding import DistinctFirstSeeding
@@ -459,15 +459,7 @@ class Simulation:
         r = rate.rate
         if r is not None:
             picker.set_rate(pid, r)
-            cfg = self.cfg
-            nd.depths[pid] = pipeline_depth(
-                r,
-                self.sc.piece,
-                base=cfg.pipeline_depth,
-                most=cfg.pipeline_max,
-                turnaround=cfg.request_turnaround,
-                slow_piece_time=cfg.slow_piece_time,
-            )
+            nd.depths[pid] = swarm_depth(r, self.sc.piece, self.cfg)
 
     def _request_more(self, nd: Node, pid: int) -> None:
         """session.request_more(depth): ask until the peer's depth of requests are outstanding (Swarm.depths:

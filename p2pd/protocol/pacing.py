@@ -13,6 +13,10 @@ endgame duplicates pieces whose best source is the slowest first).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from p2pd.config import SwarmConfig
 
 
 class PeerRate:
@@ -61,3 +65,15 @@ def pipeline_depth(
     if rate * slow_piece_time < piece_len:
         return 1
     return max(base, min(most, math.ceil(rate * turnaround / piece_len)))
+
+
+def swarm_depth(rate: float, piece_len: int, cfg: SwarmConfig) -> int:
+    """`pipeline_depth` under a swarm's settings, so the daemon and the simulator pace a peer alike."""
+    return pipeline_depth(
+        rate,
+        piece_len,
+        base=cfg.pipeline_depth,
+        most=cfg.pipeline_max,
+        turnaround=cfg.request_turnaround,
+        slow_piece_time=cfg.slow_piece_time,
+    )
