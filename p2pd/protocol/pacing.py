@@ -67,7 +67,7 @@ def pipeline_depth(
     return max(base, min(most, math.ceil(rate * turnaround / piece_len)))
 
 
-def swarm_depth(rate: float, piece_len: int, cfg: SwarmConfig) -> int:
+def swarm_depth(rate: float | None, piece_len: int, cfg: SwarmConfig) -> int:
     """`pipeline_depth` under a swarm's settings, so the daemon and the simulator pace a peer alike."""
     return pipeline_depth(
         rate,

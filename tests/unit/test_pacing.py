@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pd.config import SwarmConfig
-from p2pd.protocol.pacing import PeerRate, pipeline_depth
+from p2pd.protocol.pacing import PeerRate, swarm_depth
 from tests.unit._util import FAST
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -15,14 +15,7 @@ CFG = SwarmConfig()
 
 
 def depth(rate: float | None, piece: int) -> int:
-    return pipeline_depth(
-        rate,
-        piece,
-        base=CFG.pipeline_depth,
-        most=CFG.pipeline_max,
-        turnaround=CFG.request_turnaround,
-        slow_piece_time=CFG.slow_piece_time,
-    )
+    return swarm_depth(rate, piece, CFG)
 
 
 def test_depths_of_the_paths_the_issue_names() -> None:
