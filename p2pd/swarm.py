@@ -45,7 +45,7 @@ BUFFER_POOL_BYTES = 32 << 20  # idle piece buffers kept for reuse (a verifier qu
 # Path ranks for the picker (0 best): a peer is asked only for what no better-ranked peer holds. Punched TCP is
 # TCP end to end, as fast as direct; a UDP data channel is CPU-bound at a few MB/s; a relay shares one node's
 # capacity among every pair it splices. A path not listed ranks between.
-MAX_KNOWN_ZONES = 65536  # peers' zones remembered per swarm (a few MB at most)
+MAX_KNOWN_PEERS = 65536  # peers whose zone or NAT type a swarm remembers (a few MB at most)
 FEW_PATHS_NATS = frozenset({NatType.SYMMETRIC.value})  # NAT types whose nodes reach only public nodes over TCP
 PATH_RANK = {"direct": 0, "tcp-punch": 0, "udp-punch": 1, "relay": 2}
 
@@ -768,9 +768,9 @@ class Swarm:
                     failed = True
                 now = trio.current_time()
                 random.shuffle(peers)
-                if len(self.zones) > MAX_KNOWN_ZONES:
+                if len(self.zones) > MAX_KNOWN_PEERS:
                     self.zones.clear()  # bounded; the next lookups refill it
-                if len(self.few_paths) > MAX_KNOWN_ZONES:
+                if len(self.few_paths) > MAX_KNOWN_PEERS:
                     self.few_paths.clear()
                 for p in peers:
                     z = p.get("zone")
