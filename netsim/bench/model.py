@@ -53,6 +53,17 @@ def zone_bound(
     return max(t, f / c, n_b * f / (up_b + c), n_a * f / (up_a + c))
 
 
+def churn_bound(t_min: float, size_bytes: int, peers_down_bps: Sequence[float], away_s: Sequence[float]) -> float:
+    """The bound with peers away: a peer that is gone for D seconds receives nothing then, and still has to receive
+    every bit through its own download link, so T >= F/d + D for it. Which peers leave is decided during the run (the
+    last ones still fetching), so the fastest download link stands for them all: the bound holds whoever leaves.
+    `away_s` holds each event's D (events whose peers stay away until the rest are done add nothing: their end is
+    the others' end plus a whole fetch, which the run reports separately)."""
+    if not away_s:
+        return t_min
+    return max(t_min, size_bytes * 8 / max(peers_down_bps) + max(away_s))
+
+
 def summarize(values: Sequence[float]) -> dict[str, float | None]:
     """median, min, max of a sample (None when empty)."""
     if not values:

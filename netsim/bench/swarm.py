@@ -26,7 +26,7 @@ from typing import IO, Any
 from netsim.bench.clients import make_client
 from netsim.bench.clients.base import Client
 from netsim.bench.harness import REPO_ROOT, BenchError, Ctx, Net, Node, build_net, make_payload
-from netsim.bench.model import ChurnEvent, RateClass, peer_rates, summarize, zone_bound
+from netsim.bench.model import ChurnEvent, RateClass, churn_bound, peer_rates, summarize, zone_bound
 from netsim.emu import Topology, new_prefix
 from p2pd.units import format_bits_rate, format_size_exact
 
@@ -297,14 +297,19 @@ def report(
     """The JSON object: parameters, bounds, and per client times, medians, ranges, ratios, seed upload."""
     t_min = t_min_nominal(o)
     t_min_meas = None
-    if t_min and measured_bps:
-        s, ups, downs = link_rates(o)
-        # the measured path is seed-up -> p1-down; every shaped link loses the same share to TCP/IP headers
-        scale = measured_bps / min(s, downs[0])
+    s, ups, downs = link_rates(o)
+    # the measured path is seed-up -> p1-down; every shaped link loses the same share to TCP/IP headers
+    scale = measured_bps / min(s, downs[0]) if t_min and measured_bps else None
+    if t_min and scale:
         zl = o.zone_link_bps * scale if o.zones == 2 and o.zone_link_bps else None
         t_min_meas = zone_bound(
             o.size, s * scale, [u * scale for u in ups], [d * scale for d in downs], in_zone_b(o), zl
         )
+    away = [c.down_s for c in o.churn if c.down_s is not None]
+    t_churn = churn_bound(t_min, o.size, downs, away) if t_min and away else None
+    t_churn_meas = (
+        churn_bound(t_min_meas, o.size, [d * scale for d in downs], away) if t_min_meas and scale and away else None
+    )
     out: dict[str, Any] = {
         "benchmark": "swarm",
         "topology": o.topology,
@@ -332,9 +337,12 @@ def report(
         "zones": o.zones,
         "zone_link_bps": o.zone_link_bps,
         "churn": [{"count": c.count, "at_s": c.at_s, "down_s": c.down_s} for c in o.churn] or None,
-        "bound_note": "churn: peers away for part of the run, so t_min_s is a lower bound only, not reachable"
+        "bound_note": "churn: peers away for part of the run, so t_min_s is a lower bound only, not reachable; "
+        "t_churn_s adds the time a peer is away to what its own link needs (F/d + D), the bound the churn allows"
         if o.churn
         else None,
+        "t_churn_s": None if t_churn is None else round(t_churn, 3),
+        "t_churn_measured_s": None if t_churn_meas is None else round(t_churn_meas, 3),
         "clients": {},
     }
     for name, rs in results.items():
@@ -355,6 +363,8 @@ def report(
             if lo is None or hi is None or not t_min
             else [round(lo / t_min, 3), round(hi / t_min, 3)],
             "ratio_measured": None if med is None or not t_min_meas else round(med / t_min_meas, 3),
+            "ratio_churn": None if med is None or not t_churn else round(med / t_churn, 3),
+            "ratio_churn_measured": None if med is None or not t_churn_meas else round(med / t_churn_meas, 3),
             "seed_upload_F": None if up_med is None else round(up_med, 3),
             "seed_upload_F_runs": [round(u, 3) for u in ups],
             "agg_MBps": None if agg_med is None else round(agg_med, 1),
@@ -404,7 +414,14 @@ def headline(res: dict[str, Any]) -> str:
                 else ""
             )
             + ": "
-            f"T/T_min (T_min {res['t_min_s']:.2f} s): " + ", ".join(parts)
+            f"T/T_min (T_min {res['t_min_s']:.2f} s): "
+            + ", ".join(parts)
+            + (
+                f"; T/T_churn (T_churn {res['t_churn_s']:.2f} s): "
+                + ", ".join(f"{k} {v['ratio_churn']:.2f}x" for k, v in cl.items() if v.get("ratio_churn") is not None)
+                if res.get("t_churn_s")
+                else ""
+            )
         )
     ok = sorted(((v["agg_MBps"], k) for k, v in cl.items() if v["agg_MBps"] is not None), reverse=True)
     parts = [f"{k} {m:.0f} MB/s" for m, k in ok] + [f"{k} FAILED" for k, v in cl.items() if v["agg_MBps"] is None]

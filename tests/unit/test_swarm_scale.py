@@ -7,17 +7,18 @@ from __future__ import annotations
 import pytest
 
 from netsim.bench.__main__ import parser, swarm_links
-from netsim.bench.harness import BenchError
+from netsim.bench.harness import BenchError, RunResult
 from netsim.bench.model import (
     ChurnEvent,
     RateClass,
+    churn_bound,
     kumar_ross,
     parse_churn,
     parse_rate_class,
     peer_rates,
     zone_bound,
 )
-from netsim.bench.swarm import SwarmOptions, check_options, in_zone_b, t_min_nominal
+from netsim.bench.swarm import SwarmOptions, check_options, in_zone_b, report, t_min_nominal
 
 
 def test_rate_class_one_rate_both_ways() -> None:
@@ -113,3 +114,27 @@ def test_zones_options_checked() -> None:
     ):
         with pytest.raises(BenchError, match=msg):
             check_options(bad)
+
+
+def test_churn_bound_adds_the_time_away_to_the_peers_own_link() -> None:
+    # F = 800 bits, downloads of 100: a peer away for 3 s needs 8 s of its link besides: 11 s, above Kumar-Ross's 8
+    assert churn_bound(8.0, 100, [100, 100], [3.0]) == pytest.approx(11.0)
+    # the fastest link stands for whoever leaves (800/200 + 3 = 7 < 8): Kumar-Ross binds
+    assert churn_bound(8.0, 100, [100, 200], [3.0]) == pytest.approx(8.0)
+    # peers that stay away until the rest are done add nothing here
+    assert churn_bound(8.0, 100, [100, 100], []) == pytest.approx(8.0)
+
+
+def test_the_report_judges_churn_against_the_churn_bound() -> None:
+    o = SwarmOptions(peers=8, size=64 << 20, rate_bps=50_000_000, churn=[ChurnEvent(2, 4.0, 3.0)])
+    run = RunResult(client="p2pd", run=1, per_leecher_s=[15.0] * 8, t_s=15.0, seed_tx_bytes=64 << 20, rss_max_mb=None)
+    res = report(o, {"p2pd": [run]}, {"p2pd": []}, 47_000_000)
+    f = (64 << 20) * 8
+    assert res["t_min_s"] == pytest.approx(f / 50e6, abs=1e-3)
+    assert res["t_churn_s"] == pytest.approx(f / 50e6 + 3.0, abs=1e-3)
+    assert res["t_churn_measured_s"] == pytest.approx(f / 47e6 + 3.0, abs=1e-3)
+    assert res["clients"]["p2pd"]["ratio_churn"] == pytest.approx(15.0 / (f / 50e6 + 3.0), abs=1e-3)
+    assert "T/T_churn" in res["headline"]
+    # no churn: no churn bound
+    plain = report(SwarmOptions(peers=8, size=64 << 20, rate_bps=50_000_000), {"p2pd": [run]}, {"p2pd": []}, None)
+    assert plain["t_churn_s"] is None and plain["clients"]["p2pd"]["ratio_churn"] is None
