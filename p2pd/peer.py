@@ -155,11 +155,12 @@ class PeerConn:
                     finally:
                         self.uploading = False
                 continue
+            # No deadline of its own: a cancel scope armed and disarmed at every wakeup nearly doubled the
+            # CPU of one (BENCHMARKS.md, "The per-daemon fixed cost"). The wait is bounded by the swarm's
+            # watchdog, which calls `watchdog` every WATCHDOG_EVERY: it queues a KEEPALIVE (which wakes us)
+            # once nothing was sent for `keepalive_every`, and cancels this connection when the peer is gone.
             self._wake = trio.Event()
-            with trio.move_on_after(self.cfg.keepalive_every):
-                await self._wake.wait()
-            if not s.has_output and not s.uploads and trio.current_time() - self.last_send >= self.cfg.keepalive_every:
-                s.keepalive()
+            await self._wake.wait()
 
     async def _half_close(self) -> None:
         """Send EOF after everything we sent, keep receiving (a relay passes the EOF on)."""
@@ -249,21 +250,26 @@ class PeerConn:
         return self._zd.decompress(bytes(packed), max_output_size=expected)
 
     def watchdog(self, now: float) -> None:
-        """Close this connection if the peer stops sending while we wait on it (about a second) or goes silent.
+        """Send a KEEPALIVE when nothing went out for `keepalive_every`; close this connection if the peer stops
+        sending while we wait on it (about a second) or goes silent.
 
-        The swarm calls this for all its connections every WATCHDOG_EVERY from one task: a sleeping task
-        per connection woke 5 times a second each, 160 wakeups a second for a node with 32 peers, most of
-        a mostly idle node's CPU, and times 33 the CPU a 1 + 32 on one machine needs for its transfer.
+        The swarm calls this for all its connections every WATCHDOG_EVERY from one task. A sleeping task per
+        connection woke 5 times a second each (each wakeup a Cancelled raised and caught), and the writer
+        armed a keepalive deadline at every wakeup: an idle node with 32 peers took 100-130 task steps and
+        11-23 ms of CPU a second, 5 and 1.4-3.5 ms now; a 1 + 32 on one machine pays that 33 times.
         """
         if self.closed:
             return
+        s, cfg = self.session, self.cfg
+        quiet = not (s.has_output or s.uploads or self.uploading or self.leaving)  # (GOODBYE is the last frame)
+        if quiet and now - self.last_send >= cfg.keepalive_every:
+            s.keepalive()  # (wakes the writer)
         egress = self.host.egress
         if egress is not None and egress.paused:
             # the tracker paused the cluster (a global budget of 0): every sender holds its pieces,
             # so silence is expected; the clocks start again when the pause ends
             self._resumed = now
             return
-        cfg = self.cfg
         idle = now - max(self.io.last_recv, self._resumed)
         if idle > cfg.stall_timeout and self.io.queued_grew():
             return
