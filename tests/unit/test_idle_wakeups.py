@@ -109,7 +109,7 @@ async def test_an_idle_connection_still_gets_keepalives(tmp_path: Path) -> None:
 
     async def listen(ends: list[Connection]) -> None:
         io = ends[0].io
-        with trio.move_on_after(1.5):
+        with trio.move_on_after(2.0):
             while True:
                 t, n = wire.parse_header(await io.read_exactly(wire.HEADER_SIZE), PIECE)
                 if n:
@@ -118,4 +118,5 @@ async def test_an_idle_connection_still_gets_keepalives(tmp_path: Path) -> None:
 
     await with_idle_peers(seed, 1, listen)
     keepalives = frames.count(wire.MsgType.KEEPALIVE)
-    assert 3 <= keepalives <= 6, f"{keepalives} KEEPALIVEs in 1.5 s at one per 0.3 s idle: {frames}"
+    # one per 0.3-0.5 s (the watchdog looks every 0.2 s); a starved test process may read fewer in time
+    assert 2 <= keepalives <= 8, f"{keepalives} KEEPALIVEs in 2 s at one per 0.3 s idle: {frames}"
