@@ -255,8 +255,8 @@ class PeerConn:
 
         The swarm calls this for all its connections every WATCHDOG_EVERY from one task. A sleeping task per
         connection woke 5 times a second each (each wakeup a Cancelled raised and caught), and the writer
-        armed a keepalive deadline at every wakeup: an idle node with 32 peers took 100-130 task steps and
-        11-23 ms of CPU a second, 5 and 1.4-3.5 ms now; a 1 + 32 on one machine pays that 33 times.
+        armed a keepalive deadline at every wakeup: an idle swarm with 32 peers took 100-155 task steps and
+        11-24 ms of CPU a second, 5 and about 2.3 ms now; a 1 + 32 on one machine pays that 33 times.
         """
         if self.closed:
             return
