@@ -260,6 +260,15 @@ class PeerConn:
         """
         if self.closed:
             return
+        try:
+            self._watch(now)
+        except OSError as e:  # the socket went (an ioctl on a closed one): this connection ends, as a send's would
+            self.close(CloseReason.SOCKET_ERROR, str(e))
+        except Exception as e:  # a bug must cost one connection, not the swarm whose timer calls this
+            log.error("peer %s: internal error in the watchdog, closing", self.remote_id[:8], exc_info=e)
+            self.close(CloseReason.INTERNAL, repr(e))
+
+    def _watch(self, now: float) -> None:
         s, cfg = self.session, self.cfg
         quiet = not (s.has_output or s.uploads or self.uploading or self.leaving)  # (GOODBYE is the last frame)
         if quiet and now - self.last_send >= cfg.keepalive_every:

@@ -19,6 +19,7 @@ import trio.lowlevel
 
 from p2pd import connections
 from p2pd.connections import Connection, ConnectionPath
+from p2pd.errors import CloseReason
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import wire
 from p2pd.protocol.auth import Identity, NodeKey
@@ -120,3 +121,23 @@ async def test_an_idle_connection_still_gets_keepalives(tmp_path: Path) -> None:
     keepalives = frames.count(wire.MsgType.KEEPALIVE)
     # one per 0.3-0.5 s (the watchdog looks every 0.2 s); a starved test process may read fewer in time
     assert 2 <= keepalives <= 8, f"{keepalives} KEEPALIVEs in 2 s at one per 0.3 s idle: {frames}"
+
+
+async def test_a_failing_watchdog_check_costs_its_connection_not_the_swarm(tmp_path: Path) -> None:
+    seed, _ = seed_swarm(tmp_path)
+
+    async def break_one(ends: list[Connection]) -> None:
+        victim, other = list(seed.conns.values())
+
+        def gone(now: float) -> None:
+            raise OSError(9, "Bad file descriptor")  # what an ioctl on a socket closed meanwhile raises
+
+        victim._watch = gone  # type: ignore[method-assign]
+        with trio.fail_after(5):
+            while victim.remote_id in seed.conns:
+                await trio.sleep(0.05)
+        assert victim.close_reason is CloseReason.SOCKET_ERROR
+        await trio.sleep(0.5)  # the swarm's timer runs on, and the other connection with it
+        assert list(seed.conns.values()) == [other] and not other.closed
+
+    await with_idle_peers(seed, 2, break_one)
