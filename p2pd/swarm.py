@@ -359,8 +359,8 @@ class Swarm:
 
     def _register(self, peer: PeerConn) -> bool:
         """Adopt a connection; of two between the same nodes, the lower id's outgoing one wins."""
-        if self.is_banned(peer.remote_id) or self.error is not None:
-            return False
+        if self.is_banned(peer.remote_id) or self.error is not None or self.stopped.is_set():
+            return False  # (a stopped swarm's watchdog timer, which bounds its connections' waits, is gone)
         existing = self.conns.get(peer.remote_id)
         if existing is not None:
             # both ends see the same two connections on the same paths, so both keep the same one:
