@@ -1,11 +1,11 @@
 """One peer connection at work: runs a PeerSession over a Connection's stream.
 
-Three tasks per connection: the reader feeds the session frame by frame (piece data goes straight
+Two tasks per connection: the reader feeds the session frame by frame (piece data goes straight
 into a piece buffer), the writer sends the session's queued frames and the pieces the peer asked for
 (one task for every outgoing byte, so frames never interleave and a HAVE never overtakes the
-BITFIELD), and the watchdog drops a peer that stalls or goes silent. The rules are the session's;
-what to do about them is the host's (the swarm, through the narrow `PeerHost` interface). Any
-protocol violation or error closes this connection only; the stream is closed by its owner.
+BITFIELD); the swarm's one watchdog task calls `watchdog` to drop a peer that stalls or goes silent.
+The rules are the session's; what to do about them is the host's (the swarm, through the narrow
+`PeerHost` interface). Any protocol violation or error closes this connection only; the stream is closed by its owner.
 
 Leaving (`goodbye`) is a graceful close: GOODBYE goes out behind the piece being sent, the writer
 half-closes the stream, and the reader reads on until the peer closes its side. Closing at once
@@ -118,6 +118,7 @@ class PeerConn:
         self.cross_zone = False  # the peer is in another zone than ours (the tracker's lists say)
         self.cross_zone = False  # the peer is in another zone (known for connections we dialled)
         self._wake = trio.Event()
+        self._resumed = 0.0  # when a pause of the cluster's uploads ended (the watchdog's clocks restart)
         self._zc = zstandard.ZstdCompressor(level=1)
         self._zd = zstandard.ZstdDecompressor()
 
@@ -154,11 +155,12 @@ class PeerConn:
                     finally:
                         self.uploading = False
                 continue
+            # No deadline of its own: a cancel scope armed and disarmed at every wakeup nearly doubled the
+            # CPU of one (BENCHMARKS.md, "The per-daemon fixed cost"). The wait is bounded by the swarm's
+            # watchdog, which calls `watchdog` every WATCHDOG_EVERY: it queues a KEEPALIVE (which wakes us)
+            # once nothing was sent for `keepalive_every`, and cancels this connection when the peer is gone.
             self._wake = trio.Event()
-            with trio.move_on_after(self.cfg.keepalive_every):
-                await self._wake.wait()
-            if not s.has_output and not s.uploads and trio.current_time() - self.last_send >= self.cfg.keepalive_every:
-                s.keepalive()
+            await self._wake.wait()
 
     async def _half_close(self) -> None:
         """Send EOF after everything we sent, keep receiving (a relay passes the EOF on)."""
@@ -247,26 +249,47 @@ class PeerConn:
     def _decompress(self, packed: bytearray, expected: int) -> bytes:
         return self._zd.decompress(bytes(packed), max_output_size=expected)
 
-    async def _watchdog(self) -> None:
-        """Drop a peer that stops sending while we wait on it (about a second), or goes silent."""
-        picker, cfg = self.host.picker, self.cfg
-        resumed = 0.0
-        while True:
-            await trio.sleep(WATCHDOG_EVERY)
-            egress = self.host.egress
-            if egress is not None and egress.paused:
-                # the tracker paused the cluster (a global budget of 0): every sender holds its pieces,
-                # so silence is expected; the clocks start again when the pause ends
-                resumed = trio.current_time()
-                continue
-            idle = trio.current_time() - max(self.io.last_recv, resumed)
-            if idle > cfg.stall_timeout and self.io.queued_grew():
-                continue
-            pending = picker.outstanding(self.session)
-            if pending and idle > cfg.stall_timeout:
-                raise PeerClosed(CloseReason.STALLED, f"no data for {idle:.1f} s with {pending} requests pending")
-            if idle > cfg.idle_timeout:
-                raise PeerClosed(CloseReason.SILENT, f"nothing for {idle:.0f} s")
+    def watchdog(self, now: float) -> None:
+        """Send a KEEPALIVE when nothing went out for `keepalive_every`; close this connection if the peer stops
+        sending while we wait on it (about a second) or goes silent.
+
+        The swarm calls this for all its connections every WATCHDOG_EVERY from one task. A sleeping task per
+        connection woke 5 times a second each (each wakeup a Cancelled raised and caught), and the writer
+        armed a keepalive deadline at every wakeup: an idle swarm with 32 peers took 100-155 task steps and
+        11-24 ms of CPU a second, 5 and about 2.3 ms now; a 1 + 32 on one machine pays that 33 times.
+        """
+        if self.closed:
+            return
+        try:
+            self._watch(now)
+        except OSError as e:  # the socket went (an ioctl on a closed one): this connection ends, as a send's would
+            self.close(CloseReason.SOCKET_ERROR, str(e))
+        except Exception as e:  # a bug must cost one connection, not the swarm whose timer calls this
+            log.error("peer %s: internal error in the watchdog, closing", self.remote_id[:8], exc_info=e)
+            self.close(CloseReason.INTERNAL, repr(e))
+
+    def _watch(self, now: float) -> None:
+        s, cfg = self.session, self.cfg
+        quiet = not (s.has_output or s.uploads or self.uploading or self.leaving)  # (GOODBYE is the last frame)
+        if quiet and now - self.last_send >= cfg.keepalive_every:
+            s.keepalive()  # (wakes the writer)
+        egress = self.host.egress
+        if egress is not None and egress.paused:
+            # the tracker paused the cluster (a global budget of 0): every sender holds its pieces,
+            # so silence is expected; the clocks start again when the pause ends
+            self._resumed = now
+            return
+        idle = now - max(self.io.last_recv, self._resumed)
+        if idle <= min(cfg.stall_timeout, cfg.idle_timeout):
+            return
+        pending = self.host.picker.outstanding(self.session)
+        # (the ioctl only where it can matter: 32 idle peers 5 times a second are 160 system calls)
+        if (pending or idle > cfg.idle_timeout) and self.io.queued_grew():
+            return
+        if pending and idle > cfg.stall_timeout:
+            self.close(CloseReason.STALLED, f"no data for {idle:.1f} s with {pending} requests pending")
+        elif idle > cfg.idle_timeout:
+            self.close(CloseReason.SILENT, f"nothing for {idle:.0f} s")
 
     async def run(self) -> None:
         """Serve until closed. Never raises for anything the peer or the network does."""
@@ -275,7 +298,6 @@ class PeerConn:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._reader)
                     nursery.start_soon(self._writer)
-                    nursery.start_soon(self._watchdog)
         except* PeerClosed as eg:
             first = eg.exceptions[0]
             assert isinstance(first, PeerClosed)

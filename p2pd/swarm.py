@@ -24,7 +24,7 @@ import zstandard
 from p2pd.config import SwarmConfig
 from p2pd.connections import ConnectError, Connection, ConnectionPath, Connector
 from p2pd.errors import CloseReason, ErrorCode
-from p2pd.peer import PeerConn
+from p2pd.peer import WATCHDOG_EVERY, PeerConn
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import session as ps
@@ -359,8 +359,8 @@ class Swarm:
 
     def _register(self, peer: PeerConn) -> bool:
         """Adopt a connection; of two between the same nodes, the lower id's outgoing one wins."""
-        if self.is_banned(peer.remote_id) or self.error is not None:
-            return False
+        if self.is_banned(peer.remote_id) or self.error is not None or self.stopped.is_set():
+            return False  # (a stopped swarm's watchdog timer, which bounds its connections' waits, is gone)
         existing = self.conns.get(peer.remote_id)
         if existing is not None:
             # both ends see the same two connections on the same paths, so both keep the same one:
@@ -709,6 +709,7 @@ class Swarm:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    nursery.start_soon(self._watchdog_loop)
                     task_status.started()
                     if self.downloading and self.picker.done:
                         await self._finish()  # every piece was already there (a crash right before finalizing)
@@ -736,6 +737,14 @@ class Swarm:
         for c in list(self.conns.values()):
             c.close(CloseReason.DOWNLOAD_STOPPED, reason)
         self._scope.cancel()
+
+    async def _watchdog_loop(self) -> None:
+        """One timer for all connections (PeerConn.watchdog), not a sleeping task per connection."""
+        while True:
+            await trio.sleep(WATCHDOG_EVERY)
+            now = trio.current_time()
+            for c in list(self.conns.values()):
+                c.watchdog(now)
 
     async def _undefer_loop(self) -> None:
         while self.downloading:

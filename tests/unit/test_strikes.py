@@ -33,6 +33,9 @@ class FakeConn:
     def close(self, reason: CloseReason, detail: str = "") -> None:
         self.closed_for.append(reason)
 
+    def watchdog(self, now: float) -> None:
+        """(The swarm's watchdog looks at its connections while it runs; a fake peer never stalls.)"""
+
 
 def connect(sw: Swarm, nid: str) -> FakeConn:
     s = ps.PeerSession(sw.manifest, sw.picker)
