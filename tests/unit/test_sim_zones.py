@@ -75,3 +75,28 @@ def test_thin_trunk_small_swarm_crosses_less_than_with_a_fixed_pipeline() -> Non
     fixed = simulate(replace(sc, swarm=replace(sc.swarm, slow_piece_time=1e9)))  # no peer counts as slow
     assert paced["completed"] == fixed["completed"] == 6
     assert paced["cross_zone_bytes"] < fixed["cross_zone_bytes"]
+
+
+def test_striped_zone_pulls_each_piece_across_once() -> None:
+    """A known answer: the seed alone in zone a, four nodes in zone b, a trunk 8x thinner than their links.
+    With the picker's zone stripes (rule 7) each zone-b node pulls its quarter across and its mates take it
+    from it inside the zone: every piece crosses once (1.00 F, plus at most a few endgame copies), and the
+    swarm ends when the artifact has crossed once, F / trunk (+ the last pieces' spread inside zone b).
+    Without stripes the four nodes ask the seed for the same pieces and the trunk carries more."""
+    size = 32 * MiB
+    trunk = 1.5e6
+    sc = Scenario(
+        classes=(NodeClass(4, 12.5e6, 12.5e6, "b"),),
+        size=size,
+        piece=PIECE,
+        seed_up=12.5e6,
+        seed_zone="a",
+        zone_link=trunk,
+        quantum=1e-4,
+    )
+    striped = simulate(sc)
+    plain = simulate(replace(sc, swarm=replace(sc.swarm, zone_stripe=False)))
+    assert striped["completed"] == plain["completed"] == 4
+    assert striped["cross_zone_bytes"] / size == pytest.approx(1.0, abs=0.03)
+    assert striped["completion_s"]["max"] == pytest.approx(size / trunk, rel=0.05)
+    assert plain["cross_zone_bytes"] / size > 1.1
