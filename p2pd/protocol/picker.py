@@ -34,10 +34,12 @@ Policy, in order:
    stripe, so each piece crosses the thin link between zones about once and then spreads inside the
    zone from its stripe's owner (rule 5 already keeps a piece a zone mate holds off the other-zone
    peers). While a piece of its stripe is still to fetch across (missing, not in flight, held by no
-   zone mate, offered by an other-zone peer that has not deferred it), an other-zone peer is asked for
-   nothing outside the stripe; once the stripe is all held or in flight, anything (a zone mate gone or
-   slow leaves its stripe to the others; the endgame is unchanged). Two zone mates may briefly
-   disagree on m (different lookups): a gap or an overlap, never a stall.
+   zone mate, announced by an other-zone peer), an other-zone peer is asked for nothing outside the
+   stripe; once the stripe is all held or in flight, anything (a zone mate gone or slow leaves its
+   stripe to the others; the endgame is unchanged). A DEFERred stripe piece waits for `undefer_all`,
+   as in rule 5: a seed defers what it sent once, and falling back then crossed for the mates'
+   stripes. Two zone mates may briefly disagree on m (different lookups): a gap or an overlap, never
+   a stall.
 
 The picker also owns the block state, the one record of requests in flight: `inflight` (piece ->
 peers asked, until the piece is verified or the request fails) and, per peer, `pending` (asked and
@@ -242,7 +244,7 @@ class Picker(Generic[Peer]):
         todo = self.stripe & self.missing & ~self.inflight_mask & ~better
         if todo:
             for q in self.cross:
-                if self.peer_mask[q] & ~self.deferred.get(q, 0) & todo:
+                if self.peer_mask[q] & todo:  # deferred there or not: a DEFER lasts until `undefer_all`
                     return 0
         return cand
 

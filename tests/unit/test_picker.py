@@ -913,10 +913,14 @@ def test_outside_our_stripe_an_other_zone_peer_waits_until_the_stripe_is_fetched
     q.add_peer("far", range(8), rank=1, cross_zone=True)
     q.add_peer("far2", range(1, 8, 2), rank=1, cross_zone=True)  # offers only the other stripe
     assert q.next_request("far2") is None, "our stripe is still to fetch from `far`: no crossing for the mate's"
-    q.defer("far", q.next_request("far"))  # type: ignore[arg-type]
+    first = q.next_request("far")
+    q.defer("far", first)  # type: ignore[arg-type]
     for _ in range(3):
         q.next_request("far")
-    assert q.next_request("far2") is not None, "what is left of our stripe was deferred: cross for the rest"
+    assert q.next_request("far2") is None, "a deferred stripe piece waits for the undefer, as in rule 5"
+    assert q.undefer_all()
+    assert q.next_request("far") == first
+    assert q.next_request("far2") is not None, "our stripe is all in flight: cross for the rest"
 
 
 def test_the_stripe_rule_leaves_same_zone_peers_and_the_endgame_alone() -> None:
@@ -977,7 +981,7 @@ def test_a_striped_node_completes_when_zone_mates_leave_and_crosses_for_its_stri
                 free = p.missing & ~p.inflight_mask
                 todo = {p.perm[b] for b in indices(free)} & stripe
                 todo -= {i for s in mates.values() for i in s}
-                todo &= {i for q, s in far.items() for i in s if not p.deferred.get(q, 0) >> p.pos[i] & 1}
+                todo &= {i for s in far.values() for i in s}
                 piece = p.next_request(k)
                 if piece is None:
                     break
