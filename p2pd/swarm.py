@@ -322,6 +322,7 @@ class Swarm:
             "pieces_sent_again": seeding.pieces_sent_again,
             "pieces_deferred": seeding.pieces_deferred,
             "bytes_by_path": bytes_by_path(self.path_totals()),
+            "zone_stripe": list(self.picker.stripe_of),  # (index, count) of the picker's rule 7; count 0: off
             "connections": [
                 {
                     "node_id": c.remote_id,
@@ -330,6 +331,7 @@ class Swarm:
                     "initiator": c.initiator,
                     "bytes_down": c.bytes_down,
                     "bytes_up": c.bytes_up,
+                    "cross_zone": c.cross_zone,
                 }
                 for c in self.conns.values()
             ],
