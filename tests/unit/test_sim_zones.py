@@ -50,11 +50,10 @@ def test_a_peer_slower_than_a_piece_a_second_holds_one_request() -> None:
 
 
 def test_two_zones_crossings_and_time_match_the_emulation() -> None:
-    """The emulated two-zone swarm (8 peers, 100 Mbit/s, 30 Mbit/s trunk): its trunk carried 1.30 F of frames
-    (1.25 F of payload) into the seedless zone and the swarm took 24.3 s. With a fixed depth 2 the model sent
-    1.53 F across and took 28.6 s (+18%): every zone-b node asked a zone-a peer across the trunk for the same
-    first pieces together. Each cross-zone flow runs below a piece a second, so the daemon's peers there hold
-    one request each, and the model, pacing as the daemon does, crosses 1.33 F."""
+    """The emulated two-zone swarm (8 peers, 100 Mbit/s, 30 Mbit/s trunk) with zone stripes: its trunk carried
+    1.15 F of frames (1.10 F of payload) into the seedless zone and the swarm took 21.4 s. Before the stripes it
+    carried 1.30 F in 24.3 s, and the model (pacing as the daemon does) 1.33 F in 25.2 s; with a fixed depth 2 the
+    model sent 1.53 F across. The stripes run here through the daemon's picker (rule 7)."""
     case = CASES_BY_NAME["zones"]
     assert case.cross_zone_F is not None
     r = simulate(case.scenario(GOODPUT_SHARE))
@@ -62,7 +61,7 @@ def test_two_zones_crossings_and_time_match_the_emulation() -> None:
     measured = case.cross_zone_F * GOODPUT_SHARE
     assert crossed == pytest.approx(measured, rel=0.10)
     assert r["completion_s"]["max"] == pytest.approx(case.p2pd_s, rel=0.10)
-    assert crossed < 1.45
+    assert crossed < 1.2
 
 
 def test_thin_trunk_small_swarm_crosses_less_than_with_a_fixed_pipeline() -> None:
