@@ -171,7 +171,7 @@ CASES = [
         parse_size("64MiB"),
         21.3655,
         None,
-        "BENCHMARKS.md: Zone stripes, 2026-11-27 11:17-11:28 (branch wt-stripe, 3c030dd/e266a83), median of 2 "
+        "BENCHMARKS.md: Zone stripes, 2026-11-27 11:17-11:28 (branch wt-stripe, e266a83), median of 2 "
         "(21.03, 21.70 s), load 5-19 from other work; not CPU-bound: daemons 0.53-0.55 cores",
         zone_link_bps=rate_bits("30Mbit/s"),
         cross_zone_F=1.1475,  # 1.130 and 1.165 F into zone b; 0.031 and 0.035 F back
