@@ -30,6 +30,11 @@ class SwarmConfig:
     # holds: the link between zones is the thin one (a cross-AZ or inter-rack uplink), so each piece should cross it
     # about once and then spread inside the zone (BENCHMARKS, "Two zones")
     prefer_zone: bool = True
+    # ...and node i of the m nodes of its zone asks other-zone peers first for the pieces p with p mod m = i (the
+    # picker's rule 7): without it each zone-b node pulls whatever it lacks across the trunk, so a freshly announced
+    # piece crossed 2-4 times (emulated 1.18-1.30 F over a thin trunk, simulated 1.33 F; striped 1.13-1.17 F emulated,
+    # 1.13 F simulated, and 21.4 s against 23.3 s: BENCHMARKS, "Zone stripes")
+    zone_stripe: bool = True
     max_queued_requests: int = 64  # a peer's requests we queue; more is a protocol error (bounds what it makes us hold)
     # -- timing (seconds)
     connect_timeout: float = 3.0  # a TCP connect on a cluster network completes in milliseconds or not at all

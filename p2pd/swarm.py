@@ -30,7 +30,7 @@ from p2pd.protocol import manifest as mf
 from p2pd.protocol import session as ps
 from p2pd.protocol.nat import NatType
 from p2pd.protocol.pacing import PeerRate, swarm_depth
-from p2pd.protocol.picker import Picker
+from p2pd.protocol.picker import Picker, zone_stripe
 from p2pd.protocol.ratelimit import Hierarchy
 from p2pd.protocol.seeding import DistinctFirstSeeding
 from p2pd.storage import Catalog, Journal, PieceStore, Record, StorageError
@@ -322,6 +322,7 @@ class Swarm:
             "pieces_sent_again": seeding.pieces_sent_again,
             "pieces_deferred": seeding.pieces_deferred,
             "bytes_by_path": bytes_by_path(self.path_totals()),
+            "zone_stripe": list(self.picker.stripe_of),  # (index, count) of the picker's rule 7; count 0: off
             "connections": [
                 {
                     "node_id": c.remote_id,
@@ -330,6 +331,7 @@ class Swarm:
                     "initiator": c.initiator,
                     "bytes_down": c.bytes_down,
                     "bytes_up": c.bytes_up,
+                    "cross_zone": c.cross_zone,
                 }
                 for c in self.conns.values()
             ],
@@ -440,8 +442,8 @@ class Swarm:
                 picker.add_peer(
                     session,
                     range(self.n) if mask == self._full else bits.indices(mask),
-                    rank=(path_rank(conn.path) if self.config.prefer_direct else 0)
-                    + (1 if conn.cross_zone and self.config.prefer_zone else 0),
+                    rank=self._rank(conn),
+                    cross_zone=conn.cross_zone and self.config.zone_stripe,
                 )
                 self.fill(conn)
         elif isinstance(event, ps.RequestRejected):
@@ -458,6 +460,26 @@ class Swarm:
                     self.fill_all()  # it stopped serving us: a place among our capped sources is free
         elif isinstance(event, ps.BadPieceReported) and self._nursery is not None:
             self._nursery.start_soon(self._reverify, conn, event.index)
+
+    def _rank(self, conn: PeerConn) -> int:
+        """The picker's path rank of a peer: slower paths (relays) and other zones are asked last."""
+        return (path_rank(conn.path) if self.config.prefer_direct else 0) + (
+            1 if conn.cross_zone and self.config.prefer_zone else 0
+        )
+
+    def _learn_zones(self) -> None:
+        """The tracker's lists told us zones: a connected peer found to be in another zone (it opened its
+        connection before our lookups listed it, so `serve` did not know) is ranked as one now, and the
+        picker's zone stripe follows the zone mates we know (rule 7)."""
+        if not self.zone:
+            return
+        for c in self.conns.values():
+            z = self.zones.get(c.remote_id, "")
+            if not c.cross_zone and z and z != self.zone:
+                c.cross_zone = True
+                self.picker.set_rank(c.session, self._rank(c), cross_zone=self.config.zone_stripe)
+        if self.config.zone_stripe:
+            self.picker.set_stripe(*zone_stripe(self.node_id, self.zone, self.zones))
 
     def _leave_to_few_paths(self, conn: PeerConn, i: int) -> bool:
         """DEFER this request so that our uplink goes to a connected peer with few fast paths waiting on it?
@@ -789,6 +811,8 @@ class Swarm:
                         self.few_paths.add(p["node_id"])
                     else:
                         self.few_paths.discard(p["node_id"])
+                if peers:
+                    self._learn_zones()
                 for p in peers:
                     nid = p["node_id"]
                     if len(self.conns) + len(self.connecting) >= cfg.max_peers:

@@ -36,7 +36,7 @@ import numpy as np
 from netsim.sim.fairshare import IncrementalMaxMin, max_min_rates
 from netsim.sim.scenario import Scenario
 from p2pd.protocol.pacing import PeerRate, swarm_depth
-from p2pd.protocol.picker import Arrival, Picker
+from p2pd.protocol.picker import Arrival, Picker, zone_stripe
 from p2pd.protocol.ratelimit import Hierarchy, TokenBucket
 from p2pd.protocol.seeding import DistinctFirstSeeding
 from tracker.registry import Registry
@@ -77,6 +77,7 @@ class Node:
         "epoch",
         "rates",
         "depths",
+        "zones",
     )
 
     def __init__(
@@ -127,6 +128,7 @@ class Node:
         self.epoch = 0  # bumped when the node leaves: its pending timers die
         self.rates: dict[int, PeerRate] = {}  # peer -> its delivery rate while our requests wait there...
         self.depths: dict[int, int] = {}  # ...and the pipeline depth that rate asks for (Swarm.rates, .depths)
+        self.zones: dict[str, str] = {}  # node name -> zone, from the tracker's lists (Swarm.zones)
 
 
 class Flows:
@@ -603,6 +605,11 @@ class Simulation:
             found = self.registry.peers(ARTIFACT, nd.name, cfg.peers_per_lookup)
             self.rng.shuffle(found)
             for p in found:
+                if p["zone"]:
+                    nd.zones[p["node_id"]] = p["zone"]
+            if found and cfg.zone_stripe and not self.bt:  # as Swarm._find_peers_loop
+                nd.picker.set_stripe(*zone_stripe(nd.name, nd.zone, nd.zones))
+            for p in found:
                 if len(nd.queue) + len(nd.connecting) >= cfg.max_peers:
                     break
                 pid = int(p["node_id"][1:])
@@ -627,6 +634,7 @@ class Simulation:
                     y.nid,
                     range(self.units) if y.have == x.picker.full else _bits(y.have),
                     rank=1 if x.zone != y.zone and self.sc.swarm.prefer_zone else 0,  # as p2pd/swarm.py ranks it
+                    cross_zone=x.zone != y.zone and self.sc.swarm.zone_stripe,
                 )
                 self._fill(x, y.nid)
 

@@ -169,12 +169,12 @@ CASES = [
         "zones",
         _uniform(8, "100Mbit/s"),
         parse_size("64MiB"),
-        24.315,
+        21.3655,
         None,
-        "BENCHMARKS.md: The two-zone case against the simulator, 2026-11-27 05:53-05:55 (bbde0aa), median of 2 "
-        "(24.70, 23.93 s), load 3.3-3.9 from other work; not CPU-bound: daemons 0.42-0.44 cores",
+        "BENCHMARKS.md: Zone stripes, 2026-11-27 11:17-11:28 (branch wt-stripe, e266a83), median of 2 "
+        "(21.03, 21.70 s), load 5-19 from other work; not CPU-bound: daemons 0.53-0.55 cores",
         zone_link_bps=rate_bits("30Mbit/s"),
-        cross_zone_F=1.3035,  # 1.326 and 1.281 F into zone b; 0.054 and 0.045 F back
+        cross_zone_F=1.1475,  # 1.130 and 1.165 F into zone b; 0.031 and 0.035 F back
     ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}

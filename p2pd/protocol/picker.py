@@ -29,6 +29,17 @@ Policy, in order:
    while some serving peer still offers a piece we miss that is neither in flight nor deferred there,
    and not in the endgame; a serving peer that DEFERs or runs dry stops counting once its requests
    are answered.
+7. Zone stripes (`set_stripe`, `add_peer(cross_zone=True)`): with zones, node i of the m nodes its zone
+   knows (`zone_stripe`) asks peers of another zone first for the pieces p with p mod m = i, its
+   stripe, so each piece crosses the thin link between zones about once and then spreads inside the
+   zone from its stripe's owner (rule 5 already keeps a piece a zone mate holds off the other-zone
+   peers). While a piece of its stripe is still to fetch across (missing, not in flight, held by no
+   zone mate, announced by an other-zone peer), an other-zone peer is asked for nothing outside the
+   stripe; once the stripe is all held or in flight, anything (a zone mate gone or slow leaves its
+   stripe to the others; the endgame is unchanged). A DEFERred stripe piece waits for `undefer_all`,
+   as in rule 5: a seed defers what it sent once, and falling back then crossed for the mates'
+   stripes. Two zone mates may briefly disagree on m (different lookups): a gap or an overlap, never
+   a stall.
 
 The picker also owns the block state, the one record of requests in flight: `inflight` (piece ->
 peers asked, until the piece is verified or the request fails) and, per peer, `pending` (asked and
@@ -45,13 +56,29 @@ from __future__ import annotations
 import collections
 import enum
 import random
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Generic, TypeVar
 
 from p2pd.protocol.bitfield import indices
 
 Peer = TypeVar("Peer", bound=Hashable)  # whatever identifies a peer to the caller (the daemon: its PeerSession)
 CANCELLED_MEMORY = 64  # cancelled requests remembered per peer (a cancel crosses at most a pipeline's worth)
+
+
+def zone_stripe(node_id: str, zone: str, zones: Mapping[str, str]) -> tuple[int, int]:
+    """Rule 7's stripe of this node: (its index among its zone's nodes, their count), or (0, 0) when
+    the rule has nothing to do (no zone of ours, or no other zone known: one zone, no thin link).
+
+    `zones`: node id -> zone, from the tracker's peer lists. The index is the node's place among its
+    zone's ids in sorted order, so nodes that know the same mates agree without talking."""
+    if not zone or not any(z != zone for z in zones.values()):
+        return (0, 0)
+    below = count = 0
+    for nid, z in zones.items():
+        if z == zone and nid != node_id:
+            count += 1
+            below += nid < node_id
+    return (below, count + 1)
 
 
 class Arrival(enum.Enum):
@@ -98,6 +125,9 @@ class Picker(Generic[Peer]):
         self.source_cap = source_cap  # peers asked at once (rule 6; 0: no cap)...
         self.source_cap_min_peers = source_cap_min_peers  # ...with at least this many peers known
         self.serving: set[Peer] = set()  # peers with requests of ours pending (rule 6's count)
+        self.cross: set[Peer] = set()  # peers of another zone (rule 7)
+        self.stripe = 0  # positions of this node's zone stripe (rule 7; 0: the rule is off)
+        self.stripe_of = (0, 0)  # (index, count) the stripe was made from
 
     # -- knowledge about peers -------------------------------------------------------------------
     def to_mask(self, pieces: Iterable[int]) -> int:
@@ -106,14 +136,17 @@ class Picker(Generic[Peer]):
             m |= 1 << self.pos[p]
         return m
 
-    def add_peer(self, peer: Peer, pieces: Iterable[int], *, rank: int = 0) -> None:
-        """A peer's bitfield; `rank`: its path (0: direct or punched TCP, higher: slower, a relay)."""
+    def add_peer(self, peer: Peer, pieces: Iterable[int], *, rank: int = 0, cross_zone: bool = False) -> None:
+        """A peer's bitfield; `rank`: its path (0: direct or punched TCP, higher: slower, a relay);
+        `cross_zone`: it is in another zone (rule 7: asked first for our stripe)."""
         if peer in self.peer_mask:
             raise ValueError(f"peer {peer!r} already known")
         mask = self.to_mask(pieces)
         self.peer_mask[peer] = 0
         if rank:
             self.rank[peer] = rank
+        if cross_zone:
+            self.cross.add(peer)
         if mask == self.full:
             self.peer_mask[peer] = mask
             self.levels.insert(0, 0)
@@ -140,6 +173,7 @@ class Picker(Generic[Peer]):
         self.cancelled.pop(peer, None)
         self.rank.pop(peer, None)
         self.rate.pop(peer, None)
+        self.cross.discard(peer)
         if mask == self.full and self.levels[0] == 0:
             self.levels.pop(0)
             self.avail = [a - 1 for a in self.avail]
@@ -167,6 +201,20 @@ class Picker(Generic[Peer]):
         self.levels[a + 1] |= bit
         self.avail[p] = a + 1
 
+    def set_rank(self, peer: Peer, rank: int, *, cross_zone: bool = False) -> None:
+        """A known peer's path rank and zone, learned after its bitfield (a connection it opened to us
+        before the tracker's lists told us its zone)."""
+        if peer not in self.peer_mask:
+            return
+        if rank:
+            self.rank[peer] = rank
+        else:
+            self.rank.pop(peer, None)
+        if cross_zone:
+            self.cross.add(peer)
+        else:
+            self.cross.discard(peer)
+
     def set_rate(self, peer: Peer, rate: float) -> None:
         """The peer's measured delivery rate (bytes/s): which endgame duplicates help most."""
         if peer in self.peer_mask:
@@ -179,6 +227,26 @@ class Picker(Generic[Peer]):
             if self.rank.get(q, 0) < rank:
                 m |= mask
         return m
+
+    def set_stripe(self, index: int, count: int) -> None:
+        """Rule 7: this node's zone stripe, from `zone_stripe` (count below 2: the rule is off)."""
+        if (index, count) == self.stripe_of:
+            return
+        self.stripe_of = (index, count)
+        self.stripe = 0 if count < 2 or not 0 <= index < count else self.to_mask(range(index, self.n, count))
+
+    def _stripe_first(self, cand: int, better: int) -> int:
+        """Rule 7 for an other-zone peer: of the candidates, our stripe's; none while our stripe still has a
+        piece to fetch across that some other-zone peer offers (that peer is asked for it); else all."""
+        mine = cand & self.stripe
+        if mine:
+            return mine
+        todo = self.stripe & self.missing & ~self.inflight_mask & ~better
+        if todo:
+            for q in self.cross:
+                if self.peer_mask[q] & todo:  # deferred there or not: a DEFER lasts until `undefer_all`
+                    return 0
+        return cand
 
     def knows(self, peer: Peer) -> bool:
         """Has this peer's bitfield been added (are we downloading from it)?"""
@@ -221,9 +289,11 @@ class Picker(Generic[Peer]):
             return None
         has = self.peer_mask[peer] & ~self.deferred.get(peer, 0)
         rank = self.rank.get(peer, 0)
-        if rank:
-            has &= ~self._held_by_better(rank)
+        better = self._held_by_better(rank) if rank else 0
+        has &= ~better
         cand = has & self.missing & ~self.inflight_mask
+        if cand and self.stripe and peer in self.cross:
+            cand = self._stripe_first(cand, better)
         if cand:
             for level in self.levels[1:]:
                 c = cand & level

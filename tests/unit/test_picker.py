@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from p2pd.protocol.bitfield import indices
-from p2pd.protocol.picker import Arrival, Picker
+from p2pd.protocol.picker import Arrival, Picker, zone_stripe
 from tests.unit._util import QUICK
 
 T = TypeVar("T")
@@ -858,4 +858,147 @@ def test_a_capped_node_completes_whatever_its_peers_hold_and_defer(
         if p.arrived(peer, piece) is Arrival.EXPECTED:
             p.piece_verified(piece)
             outstanding = [(q, i) for q, i in outstanding if i != piece]  # cancelled duplicates
+    assert p.done
+
+
+# ------------------------------------------------------------------------------------------ rule 7: zone stripes
+def test_zone_stripe_is_off_without_another_zone() -> None:
+    assert zone_stripe("n1", "", {"n2": "a", "n3": "b"}) == (0, 0), "no zone of ours"
+    assert zone_stripe("n1", "a", {"n2": "a", "n3": "a"}) == (0, 0), "one zone: no thin link to cross"
+    assert zone_stripe("n1", "a", {}) == (0, 0)
+
+
+def test_zone_stripe_numbers_a_zones_nodes_alike_at_every_node() -> None:
+    zones = {"s": "a", "p1": "a", "p5": "b", "p6": "b", "p7": "b", "p8": "b"}
+    got = {nid: zone_stripe(nid, z, {k: v for k, v in zones.items() if k != nid}) for nid, z in zones.items()}
+    assert sorted(got[n] for n in ("p5", "p6", "p7", "p8")) == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert {got["s"], got["p1"]} == {(0, 2), (1, 2)}
+
+
+@QUICK
+@given(st.integers(min_value=1, max_value=300), st.integers(min_value=1, max_value=12), st.integers(0, 1 << 30))
+def test_the_stripes_of_a_zone_cover_every_piece_once(n: int, m: int, seed: int) -> None:
+    stripes = []
+    for i in range(m):
+        p: Picker[Any] = Picker(n, seed=seed)
+        p.set_stripe(i, m)
+        stripes.append(set(p.perm[k] for k in indices(p.stripe)) if m > 1 else set(range(n)))
+    assert set().union(*stripes) == set(range(n))
+    assert sum(len(s) for s in stripes) == n, "a piece in two stripes"
+
+
+def test_an_other_zone_peer_is_asked_first_for_our_stripe() -> None:
+    p: Picker[Any] = Picker(40, seed=5)
+    p.set_stripe(1, 4)
+    p.add_peer("far", range(40), rank=1, cross_zone=True)
+    p.add_peer("mate", range(0, 40, 2))  # a zone mate with the even pieces
+    got = [p.next_request("far") for _ in range(5)]
+    # our stripe is 1, 5, 9, ...: ten pieces, none held by the mate (rule 5 keeps those off the far peer anyway)
+    assert all(i is not None and i % 4 == 1 for i in got)
+    p2: Picker[Any] = Picker(40, seed=5)
+    p2.add_peer("far", range(40), rank=1, cross_zone=True)
+    p2.add_peer("mate", range(0, 40, 2))
+    assert any(p2.next_request("far") % 4 != 1 for _ in range(5)), "without a stripe: any odd piece"  # type: ignore[operator]
+
+
+def test_outside_our_stripe_an_other_zone_peer_waits_until_the_stripe_is_fetched_or_in_flight() -> None:
+    p: Picker[Any] = Picker(8, seed=2)
+    p.set_stripe(0, 2)  # pieces 0, 2, 4, 6
+    p.add_peer("far", range(8), rank=1, cross_zone=True)
+    asked = [p.next_request("far") for _ in range(4)]
+    assert sorted(asked) == [0, 2, 4, 6]  # type: ignore[type-var]
+    assert p.next_request("far") in (1, 3, 5, 7), "stripe all in flight: anything, never a stall"
+    q: Picker[Any] = Picker(8, seed=2)
+    q.set_stripe(0, 2)
+    q.add_peer("far", range(8), rank=1, cross_zone=True)
+    q.add_peer("far2", range(1, 8, 2), rank=1, cross_zone=True)  # offers only the other stripe
+    assert q.next_request("far2") is None, "our stripe is still to fetch from `far`: no crossing for the mate's"
+    first = q.next_request("far")
+    q.defer("far", first)  # type: ignore[arg-type]
+    for _ in range(3):
+        q.next_request("far")
+    assert q.next_request("far2") is None, "a deferred stripe piece waits for the undefer, as in rule 5"
+    assert q.undefer_all()
+    assert q.next_request("far") == first
+    assert q.next_request("far2") is not None, "our stripe is all in flight: cross for the rest"
+
+
+def test_the_stripe_rule_leaves_same_zone_peers_and_the_endgame_alone() -> None:
+    p: Picker[Any] = Picker(8, seed=4)
+    p.set_stripe(0, 2)
+    p.add_peer("mate", range(8))
+    assert sorted(p.next_request("mate") for _ in range(8)) == list(range(8))  # type: ignore[type-var]
+    p.add_peer("far", range(8), rank=1, cross_zone=True)
+    assert p.next_request("far") is None, "rule 5: everything is at a zone mate"
+    p.remove_peer("mate")
+    assert sorted(p.next_request("far") for _ in range(8)) == list(range(8)), "the mate left: all from afar"  # type: ignore[type-var]
+
+
+def test_a_stripe_is_set_once_per_change() -> None:
+    p: Picker[Any] = Picker(16, seed=1)
+    p.set_stripe(2, 4)
+    assert {p.perm[k] for k in indices(p.stripe)} == {2, 6, 10, 14}
+    p.set_stripe(0, 1)
+    assert p.stripe == 0, "a zone of one: the rule is off"
+    p.set_stripe(5, 4)
+    assert p.stripe == 0, "an index outside the count (bad input) turns it off"
+
+
+@QUICK
+@given(
+    st.integers(min_value=1, max_value=40),
+    st.integers(min_value=2, max_value=5),
+    st.floats(min_value=0.0, max_value=0.3),
+    st.randoms(use_true_random=False),
+)
+def test_a_striped_node_completes_when_zone_mates_leave_and_crosses_for_its_stripe_first(
+    n: int, m: int, defer_p: float, rng: random.Random
+) -> None:
+    """Node 0 of a zone of `m`, its zone mates holding random pieces and leaving at random (a stripe owner
+    gone), other-zone peers with random holdings (one of them complete), DEFERs at random, the swarm's fill
+    order and periodic undefer: the download completes, and an other-zone peer is asked for a piece outside
+    our stripe only while no piece of the stripe is left to fetch across from an other-zone peer."""
+    p: Picker[Any] = Picker(n, seed=rng.randrange(1 << 30), max_dup=2)
+    p.set_stripe(0, m)
+    stripe = {i for i in range(n) if i % m == 0}
+    far = {f"far{k}": {i for i in range(n) if rng.random() < 0.5} for k in range(3)}
+    far["far0"] = set(range(n))
+    mates = {f"mate{k}": {i for i in range(n) if rng.random() < 0.5} for k in range(m - 1)}
+    holdings = {**far, **mates}
+    for k, s in far.items():
+        p.add_peer(k, s, rank=1, cross_zone=True)
+    for k, s in mates.items():
+        p.add_peer(k, s)
+    outstanding: list[tuple[str, int]] = []
+    for _ in range(60 * n):
+        if mates and rng.random() < 0.05:
+            gone = rng.choice(sorted(mates))
+            del mates[gone], holdings[gone]
+            p.remove_peer(gone)
+            outstanding = [(q, i) for q, i in outstanding if q != gone]
+        for k in holdings:
+            while len([1 for peer, _ in outstanding if peer == k]) < 2:
+                free = p.missing & ~p.inflight_mask
+                todo = {p.perm[b] for b in indices(free)} & stripe
+                todo -= {i for s in mates.values() for i in s}
+                todo &= {i for s in far.values() for i in s}
+                piece = p.next_request(k)
+                if piece is None:
+                    break
+                assert piece in holdings[k]
+                if k in far and free and piece not in stripe:
+                    assert not todo, f"crossed for {piece} while stripe pieces {todo} were to fetch"
+                outstanding.append((k, piece))
+        if not outstanding:
+            if p.done:
+                break
+            assert p.undefer_all(), "nothing asked, nothing deferred, not done: stalled"
+            continue
+        peer, piece = outstanding.pop(rng.randrange(len(outstanding)))
+        if rng.random() < defer_p:
+            p.defer(peer, piece)
+            continue
+        if p.arrived(peer, piece) is Arrival.EXPECTED:
+            p.piece_verified(piece)
+            outstanding = [(q, i) for q, i in outstanding if i != piece]
     assert p.done

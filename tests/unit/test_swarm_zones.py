@@ -67,8 +67,12 @@ def swarms(tmp_path: Path, *, config: SwarmConfig) -> tuple[Swarm, Swarm]:
     return seed, leech
 
 
-async def rank_of_accepted_peer(tmp_path: Path, config: SwarmConfig, seed_zone_listed: str | None) -> int:
-    """The picker rank the leech gives a seed that connected to it (the seed's zone as its lookups listed it)."""
+async def rank_of_accepted_peer(
+    tmp_path: Path, config: SwarmConfig, seed_zone_listed: str | None, listed_later: str | None = None
+) -> int:
+    """The picker rank the leech gives a seed that connected to it (the seed's zone as its lookups listed it,
+    before the connection or, `listed_later`, once the seed's bitfield is in); -1 for a rank 1 that is not
+    also the picker's other-zone mark (rule 7)."""
     seed, leech = swarms(tmp_path, config=config)
     if seed_zone_listed is not None:
         leech.zones[SEED.node_id] = seed_zone_listed  # what a lookup (Swarm._find_peers) records
@@ -110,7 +114,13 @@ async def rank_of_accepted_peer(tmp_path: Path, config: SwarmConfig, seed_zone_l
             n.start_soon(run_seed)
             while not (SEED.node_id in leech.conns and leech.picker.knows(leech.conns[SEED.node_id].session)):
                 await trio.sleep(0.01)
-            rank = leech.picker.rank.get(leech.conns[SEED.node_id].session, 0)
+            session = leech.conns[SEED.node_id].session
+            if listed_later is not None:
+                leech.zones[SEED.node_id] = listed_later
+                leech._learn_zones()  # what a lookup does once it has recorded the zones it lists
+            rank = leech.picker.rank.get(session, 0)
+            if rank and config.zone_stripe and session not in leech.picker.cross:
+                rank = -1
             n.cancel_scope.cancel()
     listener.close()
     seed.store.close()
@@ -128,3 +138,14 @@ async def test_an_accepted_peer_of_another_zone_ranks_behind_our_zone(
 ) -> None:
     cfg = SwarmConfig(compress=False, prefer_zone=prefer_zone)
     assert await rank_of_accepted_peer(tmp_path, cfg, listed) == want
+
+
+@pytest.mark.parametrize(("later", "want"), [("a", 1), ("b", 0)], ids=["other-zone", "same-zone"])
+async def test_a_peer_whose_zone_the_lookups_list_after_it_connected_is_ranked_then(
+    tmp_path: Path, later: str, want: int
+) -> None:
+    """Nodes released together: a zone-a node found us before our lookups listed it, and its connection
+    won against ours. Our next lookup lists its zone; from then on it is an other-zone peer (rank and
+    stripe rule), not a zone mate for the rest of the download."""
+    cfg = SwarmConfig(compress=False)
+    assert await rank_of_accepted_peer(tmp_path, cfg, None, listed_later=later) == want
