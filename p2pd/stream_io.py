@@ -32,6 +32,10 @@ PAYLOAD_LOWAT = 256 * 1024  # wake the reader of a piece once this much of it is
 # 200 Mbit/s link); 1 MiB still keeps 40 ms of a 200 Mbit/s link ready for the kernel, and sendfile wakes up
 # once per ~512 KiB sent (the socket turns writable when under half of it)
 UNSENT_LOWAT = 1024 * 1024
+# socket calls in a row served without a trip through trio's scheduler (the bytes were there, or the buffer had room):
+# trio's own recv and send yield once per call even then, and at hundreds of pieces a second those round trips were a
+# large share of a CPU-bound node's Python time; after this many the next call yields, so other tasks still run
+FAST_CALLS = 16
 
 
 class TrafficCounters:
@@ -118,11 +122,22 @@ class StreamIO:
         self.last_recv = trio.current_time()
         self.bytes_in = 0
         self._queued = 0  # bytes the kernel held unread at the watchdog's last look
+        self._fast_reads = 0  # reads in a row that did not yield (FAST_CALLS)
+        self._fast_sends = 0
 
     async def _receive(self, max_bytes: int) -> bytes:
-        data: bytes | bytearray
+        data: bytes | bytearray | None = None
         if self.sock is not None:
-            data = await self.sock.recv(max_bytes)
+            if self._fast_reads < FAST_CALLS:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    data = os.read(self.sock.fileno(), max_bytes)  # read(2) on a TCP socket is recv without flags
+                    self._fast_reads += 1
+                except BlockingIOError:
+                    data = None
+            if data is None:
+                self._fast_reads = 0
+                data = await self.sock.recv(max_bytes)
         else:
             data = await self.stream.receive_some(max_bytes)
         if not data:
@@ -165,6 +180,7 @@ class StreamIO:
                 pos += len(data)
             return
         sock = self.sock
+        fd = sock.fileno()
         lowat = 1
         try:
             while pos < len(view):
@@ -172,12 +188,22 @@ class StreamIO:
                 if limiter is not None:
                     want = min(limiter.chunk(RECV_CHUNK), want)
                     await throttle(limiter, want)
-                mark = min(want, PAYLOAD_LOWAT)
-                if mark != lowat:
-                    self.set_lowat(mark)
-                    lowat = mark
-                await trio.lowlevel.wait_readable(sock)  # not recv_into first: it would take a few packets
-                n = await sock.recv_into(view[pos : pos + want])
+                if self._fast_reads < FAST_CALLS and self.unread() >= want:
+                    # all of it is queued already (a node short of CPU reads behind the wire): take it now,
+                    # without the low-water mark's two setsockopts and a trip through epoll and the scheduler
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    self._fast_reads += 1
+                else:
+                    mark = min(want, PAYLOAD_LOWAT)
+                    if mark != lowat:
+                        self.set_lowat(mark)
+                        lowat = mark
+                    await trio.lowlevel.wait_readable(sock)  # not recv_into first: it would take a few packets
+                    self._fast_reads = 0
+                try:
+                    n = os.readv(fd, [view[pos : pos + want]])  # readable now: trio's recv_into would yield again
+                except BlockingIOError:  # a spurious wakeup: wait again
+                    continue
                 if not n:
                     raise PeerClosed(CloseReason.REMOTE_CLOSED, "connection closed by peer mid-piece")
                 self.last_recv = trio.current_time()
@@ -193,14 +219,21 @@ class StreamIO:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
         self._queued = 0
 
+    def unread(self) -> int:
+        """Bytes the kernel holds received but not yet read (FIONREAD)."""
+        if self.sock is None:
+            return 0
+        buf = array.array("i", [0])
+        fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, buf)
+        return buf[0]
+
     def queued_grew(self) -> bool:
         """True (and the receive clock reset) if bytes not yet read have arrived since the last call."""
         if self.sock is None:
             return False  # a stream without a socket hands over what arrived at once: nothing waits below a mark
-        buf = array.array("i", [0])
-        fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, buf)
-        if buf[0] > self._queued:
-            self._queued = buf[0]
+        queued = self.unread()
+        if queued > self._queued:
+            self._queued = queued
             self.last_recv = trio.current_time()
             return True
         return False
@@ -216,7 +249,17 @@ class StreamIO:
         view = memoryview(data)
         flags = socket.MSG_MORE if more else 0
         while view:
-            n = await self.sock.send(view, flags)
+            n = 0
+            if not more and self._fast_sends < FAST_CALLS:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    n = os.write(self.sock.fileno(), view)  # write(2) is send without flags
+                    self._fast_sends += 1
+                except BlockingIOError:
+                    n = 0
+            if not n:
+                self._fast_sends = 0
+                n = await self.sock.send(view, flags)
             TRAFFIC.sent += n
             view = view[n:]
 

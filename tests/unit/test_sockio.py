@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from p2pd.stream_io import PAYLOAD_LOWAT, StreamIO
+from p2pd.stream_io import FAST_CALLS, PAYLOAD_LOWAT, StreamIO
 
 
 @pytest.fixture
@@ -82,3 +82,81 @@ async def test_bytes_queued_below_the_mark_count_as_progress(tcp_pair: tuple[Str
         while not io.queued_grew():
             await trio.sleep(0.01)
     io.set_lowat(1)
+
+
+class Yields(trio.abc.Instrument):
+    """Counts the scheduler's turns of one task: each time it yields, its next step is a new one."""
+
+    def __init__(self) -> None:
+        self.task = trio.lowlevel.current_task()
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def send_whole(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view) :]
+
+
+async def queued(io: StreamIO, n: int) -> None:
+    with trio.fail_after(5):
+        while io.unread() < n:
+            await trio.sleep(0.005)
+
+
+async def test_bytes_already_queued_are_read_without_a_turn_of_the_scheduler(
+    tcp_pair: tuple[StreamIO, trio.socket.SocketType],
+) -> None:
+    """A node short of CPU reads behind the wire: whatever is queued is taken at once (trio's own recv and
+    recv_into yield once per call, and the mark costs two setsockopts and a trip through epoll per piece)."""
+    io, peer = tcp_pair
+    piece = os.urandom(64 << 10)  # within the first receive window
+    frames = b"".join(bytes([0, 0, 0, 1, i]) for i in range(4))
+    await send_whole(peer, frames + piece)
+    await queued(io, len(frames) + len(piece))
+    buf = bytearray(len(piece))
+    yields = Yields()
+    trio.lowlevel.add_instrument(yields)
+    try:
+        for i in range(4):
+            assert await io.read_exactly(5) == bytes([0, 0, 0, 1, i])
+        await io.read_into(memoryview(buf), None)
+    finally:
+        trio.lowlevel.remove_instrument(yields)
+    assert buf == piece
+    assert yields.steps == 0
+    assert io.bytes_in == len(frames) + len(piece)
+
+
+async def test_reads_and_sends_that_never_block_still_let_other_tasks_run(
+    tcp_pair: tuple[StreamIO, trio.socket.SocketType],
+) -> None:
+    io, peer = tcp_pair
+    calls = 3 * FAST_CALLS
+    yields = Yields()
+    read_yields = 0
+    for i in range(calls):
+        frame = bytes([i]) * 100
+        await send_whole(peer, frame)
+        await queued(io, len(frame))
+        trio.lowlevel.add_instrument(yields)
+        before = yields.steps
+        assert await io.read_exactly(len(frame)) == frame
+        read_yields += yields.steps - before
+        trio.lowlevel.remove_instrument(yields)
+    trio.lowlevel.add_instrument(yields)
+    before = yields.steps
+    for _ in range(calls):
+        await io.send_all(b"0123456789")
+    send_yields = yields.steps - before
+    trio.lowlevel.remove_instrument(yields)
+    assert read_yields == send_yields == calls // (FAST_CALLS + 1)  # one turn after every FAST_CALLS calls
+    with trio.fail_after(5):
+        got = b""
+        while len(got) < 10 * calls:
+            got += await peer.recv(1 << 16)
+    assert got == b"0123456789" * calls
