@@ -133,14 +133,14 @@ class AutoThrottleConfig:
     growth_fraction: float = 0.10  # other traffic that grew by this share of the reserve (above its settled level)
     # is a demand: the whole reserve comes back (noise and a paced sender's bursts stay under it)
     settled_smoothing: float = 2.0  # seconds; the settled level is this slow an average (a trough is not a level)
-    # p2pd never drops below this share of capacity: transfers slow down, never stall. What "never stall" needs is
-    # absolute (a 16 KiB chunk per connection well inside the 1 s stall timeout: `floor_min`), not a share; each %
-    # of the link the floor holds is taken from a greedy service for its whole run (3 % put it at 0.87-0.91 of its
-    # idle rate, goal >= 0.9; BENCHMARKS.md 2026-11-27 wt-auto5). 1 % is floor_min at 200 Mbit/s
-    floor_fraction: float = 0.01
-    # bytes/s; ...nor below this: the 15 connections a node serves at once without upload slots
-    # (`upload_slots_min_peers` - 1) each get a 16 KiB chunk every 0.94 s (tests/unit/test_autothrottle.py)
-    floor_min: float = 256 * 1024.0
+    # The floor: p2pd never drops below it, so transfers slow down but never stall (a peer that hears nothing for the
+    # 1 s `stall_timeout` while it waits on requests drops us). What that needs is per connection, not a share of the
+    # link: each connection a 16 KiB chunk (ratelimit.MIN_CHUNK) every half second, twice inside the stall timeout.
+    # Whatever the floor holds beyond that is taken from a greedy service for its whole run (3 % of the link held it
+    # at 0.87-0.91 of its idle rate, goal >= 0.9; BENCHMARKS.md 2026-11-27 wt-auto5)
+    floor_per_connection: float = 32 * 1024.0  # bytes/s per open peer connection (Sample.connections)
+    floor_min: float = 64 * 1024.0  # bytes/s; with few connections: two more may open before the next tick
+    floor_fraction: float = 0.0  # a share of capacity on top (none: the floor is for moving, not for p2pd's progress)
     backoff: float = 0.5  # while the link stays full, p2pd's limit shrinks by this factor per tick at least
     first_backoff: float = 0.25  # the first yield on a full link: straight to a quarter (queues drain meanwhile)
     ramp_doubling: float = 0.25  # seconds; when room appears the limit may double this often (floor to link: ~1 s),
