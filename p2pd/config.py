@@ -145,6 +145,9 @@ class AutoThrottleConfig:
     first_backoff: float = 0.25  # the first yield on a full link: straight to a quarter (queues drain meanwhile)
     ramp_doubling: float = 0.25  # seconds; when room appears the limit may double this often (floor to link: ~1 s),
     ramp_hold: float = 0.5  # ...after the link was last full (a service growing into the room shows up by then)
+    # ...starting from at least this share of capacity: from the floor (a few connections' 32 KiB/s) the doublings
+    # would take 0.75 s longer to reach a paced service's free half (the floor was 3 % when the ramp was tuned)
+    ramp_from_fraction: float = 0.03
     probe_every: float = 3.0  # seconds between tries above a learned capacity (it may be an underestimate)...
     probe_fraction: float = 0.05  # ...each one tick of this share more (on a full link: ~0.5 % of a service's rate)
     # seconds other traffic must stay above quiet before p2pd yields (counter skew is a blip). Two ticks: at 0.25 s

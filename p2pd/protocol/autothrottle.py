@@ -331,7 +331,8 @@ class DirectionController:
             target = min(target, max(self.limit, floor))
         elif not math.isinf(self.limit):
             # room again: take it back fast but not in one jump (a TCP dip is not an exit)
-            target = min(target, max(self.limit, floor) * 2.0 ** (dt / cfg.ramp_doubling))
+            ramp_from = max(self.limit, floor, cfg.ramp_from_fraction * cap)
+            target = min(target, ramp_from * 2.0 ** (dt / cfg.ramp_doubling))
         self.limit = max(floor, target)
         why = f"other traffic {mbit(other)}" + (" (at the floor)" if self.limit <= floor else "")
         self.decision = Decision(self.limit, cap, other, own, "yielding", why, headers)

@@ -453,3 +453,14 @@ def test_at_the_floor_no_connection_stalls(connections: int) -> None:
             last_sent[c] = sent_at
             now = sent_at
     assert max(gaps[served:]) <= 0.55 * stall, max(gaps)
+
+
+def test_from_the_floor_p2pd_takes_room_back_as_fast_as_from_three_percent() -> None:
+    """The floor is a few connections' 32 KiB/s now; doubling from there would take three more ticks to reach the
+    room a greedy service leaves when it turns into a paced one. The ramp starts from `ramp_from_fraction`."""
+    link = SharedLink()
+    link.run(5, demand=0)
+    link.run(4, demand=math.inf)
+    assert link.limit == link.ctl.egress.floor(CAP) < 0.01 * CAP
+    used = [(link.step(0.5 * CAP), link.own)[1] for _ in range(6)]  # 1.5 s
+    assert used[-1] >= 0.8 * 0.5 * CAP, [round(u / CAP, 3) for u in used]
