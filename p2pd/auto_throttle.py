@@ -184,7 +184,8 @@ class AutoThrottler:
         own_rx = max(self._own[0], self.traffic.received + unread)
         own_tx = max(self._own[1], self.traffic.sent - unsent)
         self._own = (own_rx, own_tx)
-        return Sample(rx, tx, own_rx, own_tx)
+        # (closed sockets not yet collected count too: a floor a little high for a tick is safe, one too low is not)
+        return Sample(rx, tx, own_rx, own_tx, connections=len(self.live))
 
     async def run(
         self,

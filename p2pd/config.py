@@ -138,12 +138,21 @@ class AutoThrottleConfig:
     growth_fraction: float = 0.10  # other traffic that grew by this share of the reserve (above its settled level)
     # is a demand: the whole reserve comes back (noise and a paced sender's bursts stay under it)
     settled_smoothing: float = 2.0  # seconds; the settled level is this slow an average (a trough is not a level)
-    floor_fraction: float = 0.03  # p2pd never drops below this share of capacity: transfers slow down, never stall
-    floor_min: float = 256 * 1024.0  # bytes/s; ...nor below this (a few 16 KiB chunks a second per connection)
+    # The floor: p2pd never drops below it, so transfers slow down but never stall (a peer that hears nothing for the
+    # 1 s `stall_timeout` while it waits on requests drops us). What that needs is per connection, not a share of the
+    # link: each connection a 16 KiB chunk (ratelimit.MIN_CHUNK) every half second, twice inside the stall timeout.
+    # Whatever the floor holds beyond that is taken from a greedy service for its whole run (3 % of the link held it
+    # at 0.87-0.91 of its idle rate, goal >= 0.9; BENCHMARKS.md 2026-11-27 wt-auto5)
+    floor_per_connection: float = 32 * 1024.0  # bytes/s per open peer connection (Sample.connections)
+    floor_min: float = 64 * 1024.0  # bytes/s; with few connections: two more may open before the next tick
+    floor_fraction: float = 0.0  # a share of capacity on top (none: the floor is for moving, not for p2pd's progress)
     backoff: float = 0.5  # while the link stays full, p2pd's limit shrinks by this factor per tick at least
     first_backoff: float = 0.25  # the first yield on a full link: straight to a quarter (queues drain meanwhile)
     ramp_doubling: float = 0.25  # seconds; when room appears the limit may double this often (floor to link: ~1 s),
     ramp_hold: float = 0.5  # ...after the link was last full (a service growing into the room shows up by then)
+    # ...starting from at least this share of capacity: from the floor (a few connections' 32 KiB/s) the doublings
+    # would take 0.75 s longer to reach a paced service's free half (the floor was 3 % when the ramp was tuned)
+    ramp_from_fraction: float = 0.03
     probe_every: float = 3.0  # seconds between tries above a learned capacity (it may be an underestimate)...
     probe_fraction: float = 0.05  # ...each one tick of this share more (on a full link: ~0.5 % of a service's rate)
     # seconds other traffic must stay above quiet before p2pd yields (counter skew is a blip). Two ticks: at 0.25 s

@@ -13,7 +13,9 @@ Why a reserve, and why it works: while p2pd fills the link, a TCP service beside
 much it wants, only the share TCP's fairness gives it. So p2pd leaves `headroom` unused (the reserve,
 20 % of capacity by default). A service that wants more grows into it within a few round trips, and
 the link is full again: p2pd sees the larger other traffic and yields again (and multiplicatively
-while the link stays full), so a greedy service takes all but p2pd's floor within about a second.
+while the link stays full), so a greedy service takes all but p2pd's floor within about a second. The floor
+is what p2pd's open connections need to keep moving (a chunk each every half second), not a share of the
+link: every byte of it is taken from a greedy service for its whole run.
 A service that wants a fixed rate leaves the headroom unused; after `settle` seconds the headroom
 shrinks to `min_headroom_fraction`, so p2pd uses nearly all of what the service leaves free. Under that
 thin headroom the link at its top is p2pd's own doing (and a paced sender's bursts fill it), so there only
@@ -54,6 +56,7 @@ class Sample:
     iface_tx: int
     own_rx: int
     own_tx: int
+    connections: int = 0  # p2pd's open peer connections: the floor keeps each of them moving
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,7 @@ class DirectionController:
         self.overheads = Overheads(cfg)
         self.learned = 0.0  # the highest smoothed rate the interface carried
         self.yielding = False
+        self.connections = 0  # p2pd's open peer connections at the last tick (the floor follows them)
         self.limit = INF
         self.headroom = 0.0
         self._full_at = now  # last tick the link was full (headroom back to the whole reserve)
@@ -198,7 +202,10 @@ class DirectionController:
         return min(r, capacity)
 
     def floor(self, capacity: float) -> float:
-        return min(max(self.cfg.floor_fraction * capacity, self.cfg.floor_min), capacity)
+        """What keeps every connection moving (AutoThrottleConfig.floor_per_connection says why per connection)."""
+        cfg = self.cfg
+        need = max(self.connections * cfg.floor_per_connection, cfg.floor_min)
+        return min(max(cfg.floor_fraction * capacity, need), capacity)
 
     def update(self, now: float, dt: float, iface_bytes: int, own_bytes: int, reverse_own_bytes: int) -> Decision:
         """One tick: bytes the interface and p2pd moved in this direction (and p2pd the other way) in `dt` s."""
@@ -324,7 +331,8 @@ class DirectionController:
             target = min(target, max(self.limit, floor))
         elif not math.isinf(self.limit):
             # room again: take it back fast but not in one jump (a TCP dip is not an exit)
-            target = min(target, max(self.limit, floor) * 2.0 ** (dt / cfg.ramp_doubling))
+            ramp_from = max(self.limit, floor, cfg.ramp_from_fraction * cap)
+            target = min(target, ramp_from * 2.0 ** (dt / cfg.ramp_doubling))
         self.limit = max(floor, target)
         why = f"other traffic {mbit(other)}" + (" (at the floor)" if self.limit <= floor else "")
         self.decision = Decision(self.limit, cap, other, own, "yielding", why, headers)
@@ -342,6 +350,7 @@ class AutoThrottle:
         self._last_at = now
 
     def tick(self, now: float, sample: Sample) -> tuple[Decision, Decision]:
+        self.egress.connections = self.ingress.connections = sample.connections
         last, dt = self._last, now - self._last_at
         if last is None or dt <= 0 or _went_back(last, sample):
             # first reading, or the interface was re-created / counters reset: start measuring again
