@@ -26,6 +26,10 @@ class SwarmConfig:
     # a relayed peer is asked only for pieces no direct peer holds: relay capacity is shared and slow (FINDINGS §3);
     # in a swarm whose direct peers are few and busy, a relayed node then finishes later (BENCHMARKS, NAT swarm)
     prefer_direct: bool = True
+    # and only while no direct peer offers anything we could ask it for now: the pieces only cones held when the NAT
+    # swarm's seed left reach the public peers within a second, so a symmetric node that fetched them over the relay
+    # meanwhile put 0.03-0.13 F through it, by chance (BENCHMARKS, "The NAT swarm: slow paths last")
+    slow_paths_last: bool = True
     # a peer in another zone (`--zone`, from the tracker's peer list) is asked only for pieces no peer of our own zone
     # holds: the link between zones is the thin one (a cross-AZ or inter-rack uplink), so each piece should cross it
     # about once and then spread inside the zone (BENCHMARKS, "Two zones")

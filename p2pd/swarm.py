@@ -444,6 +444,7 @@ class Swarm:
                     range(self.n) if mask == self._full else bits.indices(mask),
                     rank=self._rank(conn),
                     cross_zone=conn.cross_zone and self.config.zone_stripe,
+                    last_resort=self.config.prefer_direct and self.config.slow_paths_last and path_rank(conn.path) > 0,
                 )
                 self.fill(conn)
         elif isinstance(event, ps.RequestRejected):
@@ -509,6 +510,12 @@ class Swarm:
                 rate.waiting(trio.current_time())
             else:
                 rate.idle()
+            if self.picker.held_back and session not in self.picker.last_resort:
+                # the direct peers may have nothing more to give: then the slow paths held back are asked now
+                released = self.picker.release_held_back()
+                for c in list(self.conns.values()):
+                    if c.session in released:
+                        self.fill(c)
 
     def fill_all(self) -> None:
         for c in list(self.conns.values()):

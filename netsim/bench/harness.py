@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -312,6 +312,14 @@ def cpu_seconds_tree(pids: Sequence[int]) -> float:
 
     Why: on a 2-core machine an emulated swarm can be CPU-bound rather than network-bound; a run whose clients
     need most of the cores measures the machine, not the protocol (BENCHMARKS.md, 2026-11-27)."""
+    return sum(cpu_seconds_by_root({str(p): p for p in pids}).values())
+
+
+def cpu_seconds_by_root(roots: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each named process with its descendants, from one scan of /proc.
+
+    Why: the NAT swarm's timeline shows which daemon (public, cone, symmetric) or the tracker (it splices the relay)
+    spends the 2 cores; one scan for all of them keeps the sampling cheap. A root that has exited counts 0."""
     parent: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -326,15 +334,21 @@ def cpu_seconds_tree(pids: Sequence[int]) -> float:
         pid = int(entry)
         parent[pid] = int(fields[1])
         ticks[pid] = int(fields[11]) + int(fields[12])  # utime, stime
-    want = set(pids)
-    grew = True
-    while grew:  # the descendants: a process whose parent is wanted
-        grew = False
-        for pid, pp in parent.items():
-            if pp in want and pid not in want:
-                want.add(pid)
-                grew = True
-    return sum(ticks.get(pid, 0) for pid in want) / _CLK_TCK
+    children: dict[int, list[int]] = {}
+    for pid, pp in parent.items():
+        children.setdefault(pp, []).append(pid)
+    out: dict[str, float] = {}
+    for name, root in roots.items():
+        total, todo, seen = 0, [root], set()
+        while todo:  # the root and its descendants
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            total += ticks.get(pid, 0)
+            todo.extend(children.get(pid, ()))
+        out[name] = total / _CLK_TCK
+    return out
 
 
 def machine_busy_seconds() -> float:

@@ -37,7 +37,7 @@ from typing import IO, Any
 
 import trio
 
-from netsim.bench.harness import BenchError, write_json
+from netsim.bench.harness import BenchError, cpu_seconds_by_root, machine_busy_seconds, write_json
 from netsim.bench.model import kumar_ross
 from netsim.bench.nat_lt import (
     first_piece,
@@ -97,6 +97,7 @@ class NatLab:
         self.wan: Switch = topo.add_switch("wan")
         self.tracker_host = topo.add_host("tracker", self.wan)
         self.nodes: dict[str, Node] = {}
+        self.tracker_pid: int | None = None
         # a secured cluster, as deployed (docs/security.md): every process of the lab inherits the secret
         os.environ.setdefault(JOIN_SECRET_ENV, new_join_secret())
 
@@ -114,7 +115,7 @@ class NatLab:
         self.tracker_host.run(
             ["ip", "addr", "add", f"{ip2}/{self.wan.subnet.prefixlen}", "dev", self.tracker_host.links[0].host_if]
         )
-        self.tracker_host.popen(
+        self.tracker_pid = self.tracker_host.popen(
             [
                 sys.executable,
                 "-m",
@@ -132,12 +133,19 @@ class NatLab:
                 str(ready),
             ],
             log=str(log),
-        )
+        ).pid
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if time.monotonic() > deadline:
                 raise BenchError(f"tracker not ready after {timeout:.0f} s: {log.read_text(errors='replace')[-2000:]}")
             time.sleep(POLL_S)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds each daemon (by host name) and the tracker (`tracker`: it splices the relay) used so far."""
+        roots = {name: node.process.pid for name, node in self.nodes.items()}
+        if self.tracker_pid is not None:
+            roots["tracker"] = self.tracker_pid
+        return cpu_seconds_by_root(roots)
 
     def tracker_stats(self) -> dict[str, Any]:
         """The tracker's admin `/v1/stats` (relay counters among them), asked from inside its namespace."""
@@ -445,6 +453,10 @@ def run_nat_swarm(
             fetched: dict[str, Fetched] = {}
             seed_left: list[float] = []
             seed_paths: dict[str, Any] = {}
+            # CPU: each process's seconds at the start, the last seen (the seed's before it stops), the machine's
+            cpu0 = lab.cpu_seconds()
+            cpu_seen = dict(cpu0)
+            busy0 = machine_busy_seconds()
             t0 = trio.current_time()
 
             async def leech(h: Host) -> None:
@@ -460,6 +472,7 @@ def run_nat_swarm(
                             break
                         await trio.sleep(POLL_S)
                 seed_left.append(trio.current_time() - t0)
+                cpu_seen["seed"] = lab.cpu_seconds()["seed"]
                 await trio.to_thread.run_sync(seed.process.stop)
 
             names = {(await node.call("status"))["node_id"]: name for name, node in lab.nodes.items()}
@@ -467,7 +480,13 @@ def run_nat_swarm(
 
             async def sample() -> None:
                 while True:
-                    timeline.append(await timeline_sample(lab, peers, aid, names, trio.current_time() - t0))
+                    s = await timeline_sample(lab, peers, aid, names, trio.current_time() - t0)
+                    cpu = lab.cpu_seconds()
+                    for name, sec in cpu.items():
+                        cpu_seen[name] = max(cpu_seen[name], sec)
+                    # CPU seconds each process used since the start (the seed's stays at its last reading)
+                    s["cpu_s"] = {name: round(cpu_seen[name] - cpu0[name], 2) for name in sorted(cpu_seen)}
+                    timeline.append(s)
                     await trio.sleep(TIMELINE_S)
 
             async with trio.open_nursery() as outer:
@@ -478,6 +497,10 @@ def run_nat_swarm(
                         n.start_soon(leech, h)
                 outer.cancel_scope.cancel()
             t = max((f.total_s or math.inf) for f in fetched.values())
+            wall, busy = trio.current_time() - t0, machine_busy_seconds() - busy0
+            for name, sec in lab.cpu_seconds().items():
+                cpu_seen[name] = max(cpu_seen[name], sec)
+            used = {name: cpu_seen[name] - cpu0[name] for name in cpu_seen}
             identical = {}
             want = await trio.to_thread.run_sync(sha256_tree, src)
             for name, f in fetched.items():
@@ -501,6 +524,12 @@ def run_nat_swarm(
                 received_by_path=received_by_path(by_path),
                 pieces=pieces,
                 timeline=timeline,
+                # cores used on average over the run: every daemon with the seed (until it left), the tracker,
+                # and the whole machine (near its nproc: the run is CPU-bound and T measures the machine)
+                daemons_cpu_cores=round(sum(v for k, v in used.items() if k != "tracker") / wall, 2),
+                tracker_cpu_cores=round(used.get("tracker", 0.0) / wall, 2),
+                machine_busy_cores=round(busy / wall, 2),
+                cpu_s=dict(sorted((k, round(v, 2)) for k, v in used.items())),
             )
 
         try:
@@ -645,6 +674,8 @@ def run(a: argparse.Namespace, command: str) -> int:
             f"{format_bits_rate(sw['rate_bps'])}: T {sw['t_s']} s = {sw['ratio']}x T_min ({sw['t_min_s']} s), "
             f"relay {sw['relay_F']} F; peers received "
             + ", ".join(f"{p} {n / sw['size_bytes']:.2f} F" for p, n in sw["received_by_path"].items())
+            + f"; daemons {sw['daemons_cpu_cores']} cores, tracker {sw['tracker_cpu_cores']}, "
+            f"machine {sw['machine_busy_cores']} of {os.cpu_count()}"
         )
     out["headline"] = "nat: " + " | ".join(parts)
     print(write_json(out, a.json))

@@ -21,6 +21,13 @@ Policy, in order:
    by complete public peers to cones behind udp-punch took 3x longer than the rest). The piece
    waits for `undefer_all` (`defer_retry`, 0.5 s), and the better peer, which defers once per
    requester and piece, serves it when asked again.
+   A peer added as `last_resort` (the daemon: a UDP punch or a relay) is asked only while no other
+   peer offers a piece we could ask it for now (announced there, missing here, not in flight, not
+   deferred there). Rank alone still let a symmetric node fetch over the relay every piece that, when
+   the seed left, only cones held, although its public peers held hundreds of others it still
+   needed and would fetch those pieces from the cones within a second: relay 0.03–0.13 F per run of
+   the NAT swarm, by chance (BENCHMARKS.md). Such a peer that was refused is `held_back`;
+   `release_held_back` says when the others have run dry, so the caller asks it then.
 6. Sources at once (`source_cap`, with at least `source_cap_min_peers` peers): while that many peers
    have requests of ours outstanding (`serving`), a peer not among them is not asked. Upload slots
    (seeding.py) keep a holder as long as it wants anything, so without this the first requesters of a
@@ -128,6 +135,8 @@ class Picker(Generic[Peer]):
         self.cross: set[Peer] = set()  # peers of another zone (rule 7)
         self.stripe = 0  # positions of this node's zone stripe (rule 7; 0: the rule is off)
         self.stripe_of = (0, 0)  # (index, count) the stripe was made from
+        self.last_resort: set[Peer] = set()  # peers asked only when no other offers anything (rule 5)
+        self.held_back: set[Peer] = set()  # last-resort peers refused while another peer offered something
 
     # -- knowledge about peers -------------------------------------------------------------------
     def to_mask(self, pieces: Iterable[int]) -> int:
@@ -136,9 +145,12 @@ class Picker(Generic[Peer]):
             m |= 1 << self.pos[p]
         return m
 
-    def add_peer(self, peer: Peer, pieces: Iterable[int], *, rank: int = 0, cross_zone: bool = False) -> None:
+    def add_peer(
+        self, peer: Peer, pieces: Iterable[int], *, rank: int = 0, cross_zone: bool = False, last_resort: bool = False
+    ) -> None:
         """A peer's bitfield; `rank`: its path (0: direct or punched TCP, higher: slower, a relay);
-        `cross_zone`: it is in another zone (rule 7: asked first for our stripe)."""
+        `cross_zone`: it is in another zone (rule 7: asked first for our stripe); `last_resort`: ask it only while no
+        other peer offers anything (rule 5)."""
         if peer in self.peer_mask:
             raise ValueError(f"peer {peer!r} already known")
         mask = self.to_mask(pieces)
@@ -147,6 +159,8 @@ class Picker(Generic[Peer]):
             self.rank[peer] = rank
         if cross_zone:
             self.cross.add(peer)
+        if last_resort:
+            self.last_resort.add(peer)
         if mask == self.full:
             self.peer_mask[peer] = mask
             self.levels.insert(0, 0)
@@ -174,6 +188,8 @@ class Picker(Generic[Peer]):
         self.rank.pop(peer, None)
         self.rate.pop(peer, None)
         self.cross.discard(peer)
+        self.last_resort.discard(peer)
+        self.held_back.discard(peer)
         if mask == self.full and self.levels[0] == 0:
             self.levels.pop(0)
             self.avail = [a - 1 for a in self.avail]
@@ -248,6 +264,25 @@ class Picker(Generic[Peer]):
                     return 0
         return cand
 
+    def _offered_by_others(self) -> int:
+        """Positions a peer that is not a last resort could be asked for now (rule 5's last resorts wait for none)."""
+        free = self.missing & ~self.inflight_mask
+        if not free:
+            return 0
+        m = 0
+        for q, mask in self.peer_mask.items():
+            if q not in self.last_resort:
+                m |= mask & ~self.deferred.get(q, 0)
+        return m & free
+
+    def release_held_back(self) -> list[Peer]:
+        """The held-back last-resort peers, once no other peer offers anything: the caller asks them now."""
+        if not self.held_back or self._offered_by_others():
+            return []
+        out = list(self.held_back)
+        self.held_back.clear()
+        return out
+
     def knows(self, peer: Peer) -> bool:
         """Has this peer's bitfield been added (are we downloading from it)?"""
         return peer in self.peer_mask
@@ -288,6 +323,9 @@ class Picker(Generic[Peer]):
         if self.source_cap and self.capped(peer):
             return None
         has = self.peer_mask[peer] & ~self.deferred.get(peer, 0)
+        if peer in self.last_resort and has & self.missing and self._offered_by_others():
+            self.held_back.add(peer)
+            return None
         rank = self.rank.get(peer, 0)
         better = self._held_by_better(rank) if rank else 0
         has &= ~better

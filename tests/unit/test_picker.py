@@ -736,6 +736,97 @@ def test_with_relayed_peers_a_swarm_completes_and_relays_carry_only_what_no_dire
     assert p.done
 
 
+def test_a_last_resort_peer_waits_while_a_direct_peer_offers_anything() -> None:
+    """The NAT swarm's relay share: a symmetric node fetched over the relay the pieces only cones held when the
+    seed left, although its public peers held hundreds of others it needed (and got those pieces from the cones
+    within a second). A last-resort peer is asked only once the direct peers offer nothing askable."""
+    p: Picker[str] = Picker(8, seed=3)
+    p.add_peer("direct", range(6))
+    p.add_peer("relay", range(8), rank=2, last_resort=True)
+    assert p.next_request("relay") is None, "the direct peer still offers pieces we miss"
+    assert p.held_back == {"relay"}
+    assert p.release_held_back() == [], "not while the direct peer offers anything"
+    asked = [p.next_request("direct") for _ in range(6)]
+    assert sorted(i for i in asked if i is not None) == list(range(6))
+    assert p.release_held_back() == ["relay"], "everything the direct peer has is in flight"
+    assert sorted([p.next_request("relay"), p.next_request("relay")]) == [6, 7]  # type: ignore[type-var]
+
+
+def test_a_last_resort_peer_is_asked_when_the_direct_peer_defers_what_it_offered() -> None:
+    p: Picker[str] = Picker(3, seed=3)
+    p.add_peer("direct", [0, 1])
+    p.add_peer("relay", [0, 1, 2], rank=2, last_resort=True)
+    assert p.next_request("relay") is None
+    for _ in range(2):
+        i = p.next_request("direct")
+        assert i is not None
+        p.defer("direct", i)
+    assert p.release_held_back() == ["relay"] and p.next_request("relay") == 2
+
+
+def test_a_last_resort_peer_alone_is_asked_and_one_that_left_is_forgotten() -> None:
+    p: Picker[str] = Picker(4, seed=1)
+    p.add_peer("relay", range(4), rank=2, last_resort=True)
+    assert p.next_request("relay") is not None, "no other peer: nothing to wait for"
+    p.add_peer("direct", range(4))
+    assert p.next_request("relay") is None and p.held_back == {"relay"}
+    p.remove_peer("relay")
+    assert not p.held_back and not p.last_resort
+
+
+@QUICK
+@given(st.integers(min_value=1, max_value=40), st.integers(min_value=2, max_value=6), st.randoms(use_true_random=False))
+def test_with_last_resort_peers_a_swarm_completes_and_they_are_asked_only_when_the_others_offer_nothing(
+    n: int, npeers: int, rng: random.Random
+) -> None:
+    """Random holdings, some peers last resorts, a caller that asks the held-back ones when `release_held_back`
+    says so (as the daemon's fill does): the download completes, and a last-resort peer is given a fresh piece
+    only while no other peer offers one that is neither in flight nor deferred there."""
+    p: Picker[Any] = Picker(n, seed=rng.randrange(1 << 30), max_dup=2)
+    holdings = {k: {i for i in range(n) if rng.random() < 0.5} for k in range(npeers)}
+    holdings[rng.randrange(npeers)] = set(range(n))  # one seed so the download can complete, on any path
+    last = {k for k in holdings if rng.random() < 0.5}
+    for k, s in holdings.items():
+        p.add_peer(k, s, rank=2 if k in last else 0, last_resort=k in last)
+    outstanding: list[tuple[int, int]] = []
+    verified: set[int] = set()
+    deferred: dict[int, set[int]] = {}
+    deferred_once: set[tuple[int, int]] = set()
+
+    def ask(k: int) -> None:
+        while len([1 for peer, _ in outstanding if peer == k]) < 2:
+            free = set(range(n)) - verified - set(p.inflight)
+            others = any(free & holdings[q] - deferred.get(q, set()) for q in holdings if q not in last)
+            piece = p.next_request(k)
+            if piece is None:
+                break
+            if k in last and p.inflight[piece] == {k}:  # a fresh piece, not an endgame duplicate
+                assert not others, "a last resort was asked while another peer offered a piece"
+            outstanding.append((k, piece))
+
+    for _ in range(40 * n):
+        for k in holdings:
+            ask(k)
+        for k in p.release_held_back():
+            ask(k)
+        if not outstanding:
+            if p.undefer_all():  # the daemon's defer_retry
+                deferred.clear()
+                continue
+            break
+        peer, piece = outstanding.pop(rng.randrange(len(outstanding)))
+        if piece in p.inflight and peer in p.inflight[piece]:
+            if rng.random() < 0.1 and (peer, piece) not in deferred_once:  # a peer defers once per piece
+                deferred_once.add((peer, piece))
+                p.defer(peer, piece)
+                deferred.setdefault(peer, set()).add(piece)
+            else:
+                p.piece_verified(piece)
+                verified.add(piece)
+                outstanding = [(q, i) for q, i in outstanding if i != piece]
+    assert p.done
+
+
 # ------------------------------------------------------------------------------------------ rule 6: sources at once
 def test_a_capped_node_asks_no_new_peer_while_its_sources_have_more() -> None:
     p: Picker[str] = Picker(16, seed=1, source_cap=2)
