@@ -116,7 +116,6 @@ class PeerConn:
         # (egress, ingress) for a peer in another zone (the swarm sets it): the cross-zone budget
         self.limits: tuple[Hierarchy, Hierarchy] | None = None
         self.cross_zone = False  # the peer is in another zone than ours (the tracker's lists say)
-        self.cross_zone = False  # the peer is in another zone (known for connections we dialled)
         self._wake = trio.Event()
         self._resumed = 0.0  # when a pause of the cluster's uploads ended (the watchdog's clocks restart)
         self._zc = zstandard.ZstdCompressor(level=1)

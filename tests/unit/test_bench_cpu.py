@@ -6,14 +6,18 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from netsim.bench.harness import cpu_seconds_by_root, cpu_seconds_tree, machine_busy_seconds
 
 SPIN = "import time\nwhile time.process_time() < 0.3:\n    pass\nprint('spun', flush=True)\ntime.sleep(60)\n"
 
 
-def test_the_cpu_of_a_process_tree_counts_its_grandchildren() -> None:
-    # the daemons run under wrappers (setpriv, ip netns exec): the CPU is in the descendants of the PID we hold
+@contextmanager
+def spinner() -> Iterator[int]:
+    """A shell whose python child spent 0.3 s of CPU and now sleeps (the daemons run under wrappers, setpriv and
+    ip netns exec: their CPU is in the descendants of the PID we hold); its PID, the process group killed after."""
     sh = subprocess.Popen(
         ["sh", "-c", f'"{sys.executable}" -c "$0"; true', SPIN],
         stdout=subprocess.PIPE,
@@ -23,35 +27,31 @@ def test_the_cpu_of_a_process_tree_counts_its_grandchildren() -> None:
     try:
         assert sh.stdout is not None
         assert sh.stdout.readline().strip() == "spun"
-        used = cpu_seconds_tree([sh.pid])
-        assert 0.25 <= used < 5.0, used  # (clock ticks: 10 ms grain)
-        assert cpu_seconds_tree([]) == 0.0
+        yield sh.pid
     finally:
         os.killpg(sh.pid, signal.SIGKILL)  # the group this test started: sh and its python child
         sh.wait(timeout=10)
 
 
+def test_the_cpu_of_a_process_tree_counts_its_grandchildren() -> None:
+    with spinner() as pid:
+        used = cpu_seconds_tree([pid])
+        assert 0.25 <= used < 5.0, used  # (clock ticks: 10 ms grain)
+        assert cpu_seconds_tree([]) == 0.0
+
+
 def test_the_cpu_by_root_names_each_tree_apart_and_an_exited_one_counts_zero() -> None:
     # the NAT swarm's timeline: each daemon's CPU apart from the others', from one scan of /proc
-    sh = subprocess.Popen(
-        ["sh", "-c", f'"{sys.executable}" -c "$0"; true', SPIN],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
     idle = subprocess.Popen(["sleep", "60"], start_new_session=True)
     gone = subprocess.Popen(["true"])
     gone.wait(timeout=10)
     try:
-        assert sh.stdout is not None
-        assert sh.stdout.readline().strip() == "spun"
-        used = cpu_seconds_by_root({"spinner": sh.pid, "sleeper": idle.pid, "gone": gone.pid})
-        assert 0.25 <= used["spinner"] < 5.0, used
-        assert used["sleeper"] < 0.1 and used["gone"] == 0.0, used
+        with spinner() as pid:
+            used = cpu_seconds_by_root({"spinner": pid, "sleeper": idle.pid, "gone": gone.pid})
+            assert 0.25 <= used["spinner"] < 5.0, used
+            assert used["sleeper"] < 0.1 and used["gone"] == 0.0, used
     finally:
-        os.killpg(sh.pid, signal.SIGKILL)
         idle.kill()
-        sh.wait(timeout=10)
         idle.wait(timeout=10)
 
 

@@ -904,6 +904,24 @@ def test_the_cap_holds_only_from_its_peer_count() -> None:
     assert p.next_request("c") is None
 
 
+def _answer_one(p: Picker[Any], outstanding: list[Any], rng: random.Random, defer_p: float) -> bool:
+    """One step of a random swarm driving the picker: a random outstanding request is DEFERred (with chance
+    `defer_p`) or answered (its duplicates cancelled); with none outstanding, the swarm's periodic undefer.
+    False once the download is done."""
+    if not outstanding:
+        if p.done:
+            return False
+        assert p.undefer_all(), "nothing asked, nothing deferred, not done: stalled"
+        return True
+    peer, piece = outstanding.pop(rng.randrange(len(outstanding)))
+    if rng.random() < defer_p:
+        p.defer(peer, piece)
+    elif p.arrived(peer, piece) is Arrival.EXPECTED:
+        p.piece_verified(piece)
+        outstanding[:] = [(q, i) for q, i in outstanding if i != piece]  # cancelled duplicates
+    return True
+
+
 @QUICK
 @given(
     st.integers(min_value=1, max_value=40),
@@ -937,18 +955,8 @@ def test_a_capped_node_completes_whatever_its_peers_hold_and_defer(
                     rarest = min((p.avail[p.perm[b]] for m in offered for b in indices(m)), default=0)
                     assert not rarest or p.avail[piece] < rarest, "past the cap for a piece no rarer than theirs"
                 outstanding.append((k, piece))
-        if not outstanding:
-            if p.done:
-                break
-            assert p.undefer_all(), "nothing asked, nothing deferred, not done: stalled"
-            continue
-        peer, piece = outstanding.pop(rng.randrange(len(outstanding)))
-        if rng.random() < defer_p:
-            p.defer(peer, piece)
-            continue
-        if p.arrived(peer, piece) is Arrival.EXPECTED:
-            p.piece_verified(piece)
-            outstanding = [(q, i) for q, i in outstanding if i != piece]  # cancelled duplicates
+        if not _answer_one(p, outstanding, rng, defer_p):
+            break
     assert p.done
 
 
@@ -1080,16 +1088,6 @@ def test_a_striped_node_completes_when_zone_mates_leave_and_crosses_for_its_stri
                 if k in far and free and piece not in stripe:
                     assert not todo, f"crossed for {piece} while stripe pieces {todo} were to fetch"
                 outstanding.append((k, piece))
-        if not outstanding:
-            if p.done:
-                break
-            assert p.undefer_all(), "nothing asked, nothing deferred, not done: stalled"
-            continue
-        peer, piece = outstanding.pop(rng.randrange(len(outstanding)))
-        if rng.random() < defer_p:
-            p.defer(peer, piece)
-            continue
-        if p.arrived(peer, piece) is Arrival.EXPECTED:
-            p.piece_verified(piece)
-            outstanding = [(q, i) for q, i in outstanding if i != piece]
+        if not _answer_one(p, outstanding, rng, defer_p):
+            break
     assert p.done
