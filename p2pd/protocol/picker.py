@@ -264,16 +264,20 @@ class Picker(Generic[Peer]):
                     return 0
         return cand
 
-    def _offered_by_others(self) -> int:
-        """Positions a peer that is not a last resort could be asked for now (rule 5's last resorts wait for none)."""
+    def _askable(self, peers: Iterable[Peer]) -> int:
+        """Positions these peers could be asked for now: announced there and not deferred there, missing here and
+        not in flight (0 in the endgame, when everything missing is in flight)."""
         free = self.missing & ~self.inflight_mask
         if not free:
             return 0
         m = 0
-        for q, mask in self.peer_mask.items():
-            if q not in self.last_resort:
-                m |= mask & ~self.deferred.get(q, 0)
+        for q in peers:
+            m |= self.peer_mask[q] & ~self.deferred.get(q, 0)
         return m & free
+
+    def _offered_by_others(self) -> int:
+        """Positions a peer that is not a last resort could be asked for now (rule 5's last resorts wait for none)."""
+        return self._askable(q for q in self.peer_mask if q not in self.last_resort)
 
     def release_held_back(self) -> list[Peer]:
         """The held-back last-resort peers, once no other peer offers anything: the caller asks them now."""
@@ -301,16 +305,10 @@ class Picker(Generic[Peer]):
         """Rule 6: is `peer` not to be asked now because enough other peers serve us?"""
         if peer in self.serving or len(self.serving) < self.source_cap or not self.capping:
             return False
-        free = self.missing & ~self.inflight_mask
-        if not free:
-            return False  # endgame: any idle peer may duplicate a request
-        offered = 0  # what the serving peers can still give us
-        for q in self.serving:
-            offered |= self.peer_mask[q] & ~self.deferred.get(q, 0)
-        offered &= free
+        offered = self._askable(self.serving)  # what the serving peers can still give us
         if not offered:
-            return False  # they have nothing more we miss: ask others, never stall
-        mine = self.peer_mask[peer] & free & ~self.deferred.get(peer, 0)
+            return False  # they have nothing more we miss (or the endgame): ask others, never stall
+        mine = self._askable((peer,))
         for level in self.levels[1:]:
             if offered & level:
                 return True
