@@ -60,6 +60,8 @@ class InferenceWorker:
         t0 = time.monotonic()
         self.constructed = time.time()
         self.fetch_s = 0.0
+        # of the early start, measured apart: the download alone and the device's start, which overlap
+        self.download_s = self.warmup_s = 0.0
         if models:
             dirs = self._fetch_early(list(models), loader, device)
             os.environ["P2P_MODEL_DIR"] = dirs[0]
@@ -81,16 +83,20 @@ class InferenceWorker:
             async def all_of() -> list[dict[str, Any]]:
                 return list(await asyncio.gather(*(daemon_client.fetch(n) for n in names)))
 
+            t0 = time.monotonic()
             try:
                 result["ok"] = asyncio.run(all_of())
             except BaseException as e:  # handed to the constructor's thread, which raises it
                 result["error"] = e
+            self.download_s = time.monotonic() - t0
 
         thread = threading.Thread(target=fetch, name="p2p-fetch", daemon=True)
         thread.start()
         warmup = getattr(loader, "warmup", None)
+        t0 = time.monotonic()
         if callable(warmup):
             warmup(device)
+        self.warmup_s = time.monotonic() - t0
         thread.join()
         if "error" in result:
             err = result["error"]
@@ -107,7 +113,10 @@ class InferenceWorker:
             "model_dir": self.model_dir,
             "device": getattr(self.predict, "device", "cpu"),
             "backend": getattr(self.predict, "backend", ""),
+            "device_name": getattr(self.predict, "device_name", ""),
             "fetch_s": self.fetch_s,
+            "download_s": self.download_s,
+            "warmup_s": self.warmup_s,
             "load_s": self.load_s,
             "constructed": self.constructed,
             "started": self.started,

@@ -161,7 +161,7 @@ class MLPPredictor:
             torch = None
         if torch is None or device == "numpy":
             self.layers, self.activation = read_layers(model_dir)
-            self.device, self.backend = "cpu", "numpy"
+            self.device, self.backend, self.device_name = "cpu", "numpy", "cpu"
             return
         from safetensors.torch import load_file
 
@@ -170,6 +170,8 @@ class MLPPredictor:
         self.activation = str(cfg.get("activation", "relu"))
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.backend = "torch"
+        # which card (or "cpu") computed the result, for benchmark records: "cuda" alone does not say
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.startswith("cuda") else "cpu"
         self._torch = torch
         tensors: dict[str, Any] = {}
         for shard in sorted(d.glob("*.safetensors")):  # straight onto the device, no host copy kept
