@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from netsim.bench.clients.base import Client
@@ -301,10 +302,26 @@ class _Churn:
                         p.send_signal(signal.SIGTERM)
                 back = None if ev.down_s is None else ev.at_s + ev.down_s
                 self.plan.append((lc, back))
-                self.log.append({"peer": name, "left_s": round(t, 2), "back_s": None})
+                # the timeline of the event, seconds since the release (None until it happened): the old daemon
+                # exited (graceful goodbye done), the new one was started, it answered `p2pd status`, the fetch
+                # was run again; `wall` pins left_s to the daemons' log timestamps
+                self.log.append(
+                    {
+                        "peer": name,
+                        "left_s": round(t, 3),
+                        "left_wall": datetime.now().strftime("%H:%M:%S.%f")[:-3],
+                        "exited_s": None,
+                        "started_s": None,
+                        "answered_s": None,
+                        "back_s": None,
+                    }
+                )
                 self.ctx.say(f"churn: {name} left at {t:.1f} s")
             if len(cands) < ev.count:
                 self.ctx.say(f"churn: only {len(cands)} of {ev.count} peers were still fetching at {ev.at_s} s")
+        for e in self.log:
+            if e["exited_s"] is None and self.daemons[e["peer"]].poll() is not None:
+                e["exited_s"] = round(t, 3)
         rest_done = all(lc.done_at is not None for lc in self.leechers if lc.node.name not in self.away)
         for lc, back in list(self.plan):
             if (back is not None and t >= back) or (back is None and rest_done):
@@ -312,6 +329,7 @@ class _Churn:
                 self.ctx.net.topo.stop(lc.proc, timeout=5)
                 self.ctx.net.topo.stop(self.daemons[lc.node.name], timeout=10)  # graceful exit done (or killed)
                 self.start_daemon(lc.node)
+                self._mark(lc.node.name, "started_s", time.monotonic() - self.t0)
                 self.probes[lc.node.name] = self._status_probe(lc)
         for name, probe in list(self.probes.items()):
             rc = probe.poll()
@@ -326,14 +344,19 @@ class _Churn:
             if rc != 0:
                 self.probes[name] = self._status_probe(lc)  # not answering yet
                 continue
+            self._mark(name, "answered_s", t)
             self._refetch(lc)
             self.away.discard(name)
             lc.away = False
-            for e in self.log:
-                if e["peer"] == name and e["back_s"] is None:
-                    e["back_s"] = round(t, 2)
+            self._mark(name, "back_s", time.monotonic() - self.t0)
             self.ctx.say(f"churn: {name} back at {t:.1f} s")
         return None
+
+    def _mark(self, peer: str, key: str, t: float) -> None:
+        """Record phase `key` of `peer`'s current churn event (the one not back yet)."""
+        for e in self.log:
+            if e["peer"] == peer and e["back_s"] is None:
+                e[key] = round(t, 3)
 
     def _status_probe(self, lc: _Fetch) -> subprocess.Popen:
         argv = [*p2pd_cmd(), "status", "--data-dir", os.path.join(self.d, f"data-{lc.node.name}")]
