@@ -254,8 +254,8 @@ class P2pd(Client):
 class _Churn:
     """--churn, polled from the run's wait loop (never blocking it, so the others' completion times stay exact):
     at T a leecher's daemon gets SIGTERM (a graceful stop: it says goodbye and keeps its pieces) and its fetch is
-    stopped; D s later the daemon restarts on the same data dir, and once `p2pd status` answers the same `p2pd
-    fetch` runs again, resuming from the pieces on disk. The leecher is done when that fetch exits 0."""
+    stopped; D s later the daemon restarts on the same data dir, and once it created its control socket and `p2pd
+    status` answers, the same `p2pd fetch` runs again, resuming from the pieces on disk. The leecher is done when that fetch exits 0."""
 
     def __init__(
         self,
@@ -280,6 +280,7 @@ class _Churn:
         self.away: set[str] = set()  # daemon stopped or restarting: its exits are expected
         self.plan: list[tuple[_Fetch, float | None]] = []  # leecher, when it comes back (None: once the rest are done)
         self.probes: dict[str, subprocess.Popen] = {}  # `p2pd status` of a restarting daemon
+        self.starting: set[str] = set()  # restarted, control socket not there yet
         self.log: list[dict[str, Any]] = []
 
     def step(self) -> str | None:
@@ -312,6 +313,7 @@ class _Churn:
                         "left_wall": datetime.now().strftime("%H:%M:%S.%f")[:-3],
                         "exited_s": None,
                         "started_s": None,
+                        "socket_s": None,
                         "answered_s": None,
                         "back_s": None,
                     }
@@ -330,7 +332,15 @@ class _Churn:
                 self.ctx.net.topo.stop(self.daemons[lc.node.name], timeout=10)  # graceful exit done (or killed)
                 self.start_daemon(lc.node)
                 self._mark(lc.node.name, "started_s", time.monotonic() - self.t0)
-                self.probes[lc.node.name] = self._status_probe(lc)
+                self.starting.add(lc.node.name)
+        for name in list(self.starting):
+            # `p2pd status` (a Python process of its own, ~0.3 s of CPU) is started once the daemon created its
+            # control socket (docs/interfaces.md: "once it is ready to serve"), not over and over while it
+            # starts: the probes competed for the 2 cores with the very start they were waiting for
+            if self.daemons[name].poll() is not None or os.path.exists(self._socket(name)):
+                self.starting.discard(name)
+                self._mark(name, "socket_s", t)
+                self.probes[name] = self._status_probe(next(x for x in self.leechers if x.node.name == name))
         for name, probe in list(self.probes.items()):
             rc = probe.poll()
             if rc is None:
@@ -357,6 +367,9 @@ class _Churn:
         for e in self.log:
             if e["peer"] == peer and e["back_s"] is None:
                 e[key] = round(t, 3)
+
+    def _socket(self, name: str) -> str:
+        return os.path.join(self.d, f"data-{name}", "p2pd.sock")
 
     def _status_probe(self, lc: _Fetch) -> subprocess.Popen:
         argv = [*p2pd_cmd(), "status", "--data-dir", os.path.join(self.d, f"data-{lc.node.name}")]
