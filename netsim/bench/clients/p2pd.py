@@ -255,7 +255,8 @@ class _Churn:
     """--churn, polled from the run's wait loop (never blocking it, so the others' completion times stay exact):
     at T a leecher's daemon gets SIGTERM (a graceful stop: it says goodbye and keeps its pieces) and its fetch is
     stopped; D s later the daemon restarts on the same data dir, and once it created its control socket and `p2pd
-    status` answers, the same `p2pd fetch` runs again, resuming from the pieces on disk. The leecher is done when that fetch exits 0."""
+    status` answers, the same `p2pd fetch` runs again, resuming from the pieces on disk. The leecher is done when
+    that fetch exits 0."""
 
     def __init__(
         self,
