@@ -179,6 +179,7 @@ def run(
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("p2pd.cli").info("p2pd run: starting (imports done)")
     try:
         trackers = [parse_hostport(t.strip()) for t in tracker.split(",") if t.strip()]
         listen_hp = parse_hostport(listen, default_host="0.0.0.0")

@@ -231,6 +231,8 @@ class NatMonitor:
         st = self.status
         try:
             task_status.started()
+            # the STUN codec's import (~0.2 s of CPU) waits until the daemon serves, and runs beside its loop
+            await trio.to_thread.run_sync(stun.load_codec)
             reclassify_at = -1.0  # now
             reported: dict[str, Any] | None = None
             while True:

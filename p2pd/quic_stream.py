@@ -31,10 +31,6 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from p2pd.protocol import udp_punch
 from p2pd.stream_io import TRAFFIC
@@ -66,6 +62,12 @@ class Credentials:
     """This daemon's self-signed certificate for the QUIC handshakes it answers (see the module docstring)."""
 
     def __init__(self, node_id: str) -> None:
+        # imported here: cryptography's X.509 layer is ~0.1 s of CPU, paid at a daemon's first UDP punch only
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"p2pd-{node_id[:16]}")])
         now = datetime.datetime.now(datetime.UTC)

@@ -24,10 +24,6 @@ import tempfile
 from dataclasses import dataclass
 
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from p2pd.protocol import auth, wire
 
@@ -44,6 +40,12 @@ class PeerTls:
     """This daemon's TLS contexts and ephemeral certificate (made once at start, never written to keep)."""
 
     def __init__(self, common_name: str) -> None:
+        # imported here, with --encrypt only: cryptography's X.509 layer is ~0.1 s of every daemon's start
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"p2pd {common_name[:32]}")])
         now = datetime.datetime.now(datetime.UTC)

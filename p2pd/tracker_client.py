@@ -120,6 +120,7 @@ class TrackerClient:
         self.demand: list[float] | None = None  # what the next heartbeat reports (set by the daemon)
         self.session: int | None = None
         self.registered = False
+        self.left = False  # said goodbye (the daemon stops): no heartbeat or registration may follow
         self.heartbeats_sent = 0
         self.registrations = 0
         self.udp_heartbeats = 0
@@ -274,7 +275,7 @@ class TrackerClient:
                     if callable(params):
                         nonce = self._nonce[1] if self._nonce is not None and self._nonce[0] is client else None
                         return await client.call(method, params(nonce), timeout=t)
-                    if self.secured and self._must_register and method != "register":
+                    if self.secured and self._must_register and method != "register" and not self.left:
                         await self.register()  # this connection speaks for no node yet (the tracker forgot us)
                     return await client.call(method, params, timeout=t)
                 except (OSError, trio.TooSlowError) as e:
@@ -395,11 +396,18 @@ class TrackerClient:
         goes out with the session this replaces."""
         self.nat = dict(nat)
         async with self._beat_lock:
-            await self.register()
+            if not self.left:
+                await self.register()
 
     async def leave(self) -> None:
-        """Say goodbye: the tracker drops this node from every peer list at once."""
-        await self._call("leave", {"node_id": self.node_id}, timeout=min(self.call_timeout, 2.0))
+        """Say goodbye: the tracker drops this node from every peer list at once.
+
+        For good: a heartbeat after the goodbye would find the tracker not knowing this node and register
+        it again, and peers would be given (and would dial) a node that is gone, until its expiry. So
+        heartbeats stop here, and the goodbye waits for the one in flight."""
+        self.left = True
+        async with self._beat_lock:
+            await self._call("leave", {"node_id": self.node_id}, timeout=min(self.call_timeout, 2.0))
         self.registered = False
         self._acked = None
 
@@ -512,6 +520,8 @@ class TrackerClient:
     async def beat(self, holdings: dict[str, float]) -> None:
         """One heartbeat: UDP when offered and the datagram fits, else (or if unanswered) TCP."""
         async with self._beat_lock:
+            if self.left:
+                return
             await self._beat(holdings)
             if self.demand is not None:  # answered: the tracker has these rates
                 self._rates_reported = (self.demand[2], self.demand[3])

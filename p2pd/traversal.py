@@ -382,8 +382,10 @@ class Traversal:
         self.on_preheat = on_preheat
         self.signal = SignalChannel(node_id, self.on_signal)
         # QUIC (the udp-punch path) needs a certificate: a self-signed one per daemon run; it encrypts
-        # but does not authenticate (node authentication is issue #14)
-        self.credentials = quic_stream.Credentials(node_id) if "udp-punch" in config.paths else None
+        # but does not authenticate (node authentication is issue #14). Made at the first UDP punch, not
+        # here: building it imports cryptography's X.509 layer (~0.1 s of CPU), which a restarting daemon
+        # must not pay before it serves its peers again.
+        self._credentials: quic_stream.Credentials | None = None
         self.birthday_gate = udp_punch.BirthdayGate(config.max_birthday_punches)  # ours and answered ones
         self.relay: Relay | None = None
         self._relay_keys: list[bytes] = []
@@ -489,7 +491,7 @@ class Traversal:
         if kind == "punch":
             args: tuple[Any, ...] = (self._answer_punch, remote, str(event["rendezvous"]), aid)
         elif kind == "udp-punch":
-            if self.credentials is None:
+            if "udp-punch" not in self.config.paths:
                 log.info("udp-punch from %s not answered: udp-punch is not among --paths", remote[:8])
                 return
             udp_punch.up.rendezvous_bytes(str(event["rendezvous"]))  # malformed: ValueError, logged by the channel
@@ -520,8 +522,14 @@ class Traversal:
             log.debug("punch asked by %s failed: %s", remote_id[:8], e)
             return None
 
+    def credentials(self) -> quic_stream.Credentials:
+        """This run's QUIC certificate, made on first use (udp-punch only: the path that needs it)."""
+        if self._credentials is None:
+            self._credentials = quic_stream.Credentials(self.node_id)
+        return self._credentials
+
     async def _answer_udp(self, event: dict[str, Any]) -> Connection | None:
-        assert self._nursery is not None and self.credentials is not None
+        assert self._nursery is not None
         try:
             return await udp_punch.answer(
                 self.identity,
@@ -529,7 +537,7 @@ class Traversal:
                 event,
                 nat=self.nat,
                 nursery=self._nursery,
-                credentials=self.credentials,
+                credentials=self.credentials(),
                 rendezvous_timeout=self.config.rendezvous_timeout,
                 timeout=self.config.udp_punch_timeout,
                 handshake_timeout=self.swarm_config.handshake_timeout,

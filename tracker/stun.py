@@ -244,6 +244,8 @@ class StunServer:
         return True
 
     async def serve(self) -> None:
+        # the codec's import (p2pd.protocol.stun loads it on first use), beside the loop rather than in it
+        await trio.to_thread.run_sync(stun.load_codec)
         async with trio.open_nursery() as nursery:
             for key, sock in self.sockets.items():
                 if key not in self.shared:

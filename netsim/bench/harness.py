@@ -19,6 +19,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # shadow a PYTHONPATH that points at a snapshot of p2pd/ being benchmarked. The repo is on PYTHONPATH (last).
 NEUTRAL_CWD = "/"
 FAILED_LOGS = "/tmp/netsim-failed"  # logs of failed runs (the run folders themselves live on tmpfs and are deleted)
+PYCACHE = os.path.join(tempfile.gettempdir(), f"netsim-pycache-{os.getuid()}")  # child processes' bytecode
 PROXY_VARS = (
     "http_proxy",
     "https_proxy",
@@ -63,6 +65,12 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
     # the repo last: a PYTHONPATH set by the caller (e.g. a snapshot of p2pd/ to benchmark) takes precedence
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), REPO_ROOT) if p)
+    # bytecode cached as an installed p2pd has it (pip compiles it): with the caller's PYTHONDONTWRITEBYTECODE
+    # (set in some shells) every process compiled p2pd from source at each start, ~0.25 s of CPU, most of what
+    # a --churn restart waited for on a busy 2-core machine. The cache goes to a folder of its own, never into
+    # the source tree (a checkout being benchmarked stays as it is); Python checks each entry against its source.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.setdefault("PYTHONPYCACHEPREFIX", PYCACHE)
     env.update(extra or {})
     return env
 

@@ -16,15 +16,20 @@ cookie, so for those answers the first 32 bits of the id are put back after enco
 
 from __future__ import annotations
 
+import functools
+import importlib
 import ipaddress
 import os
 import struct
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-from aioice import stun as _stun
+if TYPE_CHECKING:
+    from aioice import stun as _stun
 
-COOKIE = _stun.COOKIE
-HEADER_LENGTH = _stun.HEADER_LENGTH
+COOKIE = 0x2112A442  # RFC 5389 §6 (aioice's codec checks it on every message it parses)
+HEADER_LENGTH = 20
 MAX_MESSAGE = 548  # RFC 3489's limit for UDP; larger datagrams are not STUN we answer
 CHANGE_IP = 0x4
 CHANGE_PORT = 0x2
@@ -64,15 +69,29 @@ class BindingResponse:
     error: tuple[int, str] | None  # ERROR-CODE of an error response
 
 
+@functools.cache
+def _codec() -> ModuleType:
+    """aioice's codec, imported on first use: `import aioice` pulls in its whole ICE stack (asyncio, dnspython,
+    ifaddr: ~0.2 s of CPU), which a restarting daemon must not pay before it serves its peers again.
+    `load_codec` lets the NAT monitor import it off the event loop."""
+    return importlib.import_module("aioice.stun")
+
+
+def load_codec() -> None:
+    """Import the codec now (in a worker thread: the caller's event loop keeps running meanwhile)."""
+    _codec()
+
+
 def _parse(data: bytes) -> _stun.Message:
     if len(data) > MAX_MESSAGE:
         raise StunError(f"{len(data)} bytes: longer than any STUN message we accept ({MAX_MESSAGE})")
     if not looks_like_stun(data):
         raise StunError("not a STUN message (first two bits not zero, or shorter than 20 bytes)")
     try:
-        return _stun.parse_message(data)
+        msg: _stun.Message = _codec().parse_message(data)
     except (ValueError, struct.error) as e:  # aioice raises both (and UnicodeDecodeError, a ValueError)
         raise StunError(f"malformed STUN message: {e}") from None
+    return msg
 
 
 def new_transaction_id() -> bytes:
@@ -84,13 +103,14 @@ def binding_request(transaction_id: bytes, *, change_ip: bool = False, change_po
     attrs = {}
     if change_ip or change_port:
         attrs["CHANGE-REQUEST"] = (CHANGE_IP if change_ip else 0) | (CHANGE_PORT if change_port else 0)
-    return bytes(_stun.Message(_stun.Method.BINDING, _stun.Class.REQUEST, transaction_id, attrs))
+    c = _codec()
+    return bytes(c.Message(c.Method.BINDING, c.Class.REQUEST, transaction_id, attrs))
 
 
 def parse_request(data: bytes) -> BindingRequest:
     """A Binding request, or StunError (anything else: responses, indications, other methods, garbage)."""
-    msg = _parse(data)
-    if msg.message_method != _stun.Method.BINDING or msg.message_class != _stun.Class.REQUEST:
+    msg, c = _parse(data), _codec()
+    if msg.message_method != c.Method.BINDING or msg.message_class != c.Class.REQUEST:
         raise StunError(f"not a Binding request ({msg.message_method.name} {msg.message_class.name})")
     change = msg.attributes.get("CHANGE-REQUEST", 0)
     classic = struct.unpack_from("!I", data, 4)[0] != COOKIE
@@ -111,7 +131,7 @@ def _plain(addr: Addr) -> Addr:
 
 
 def _encode(req: BindingRequest, msg_class: _stun.Class, attrs: dict[str, object]) -> bytes:
-    msg = _stun.Message(_stun.Method.BINDING, msg_class, req.transaction_id[4:], attrs)
+    msg = _codec().Message(_codec().Method.BINDING, msg_class, req.transaction_id[4:], attrs)
     out = bytes(msg)
     if req.classic:  # aioice writes the cookie: put the classic client's first id word back
         out = out[:4] + req.transaction_id[:4] + out[8:]
@@ -134,24 +154,24 @@ def success_response(
     if other is not None:
         attrs["CHANGED-ADDRESS"] = other
         attrs["OTHER-ADDRESS"] = other
-    return _encode(req, _stun.Class.RESPONSE, attrs)
+    return _encode(req, _codec().Class.RESPONSE, attrs)
 
 
 def error_response(req: BindingRequest, code: int, reason: str) -> bytes:
-    return _encode(req, _stun.Class.ERROR, {"ERROR-CODE": (code, reason)})
+    return _encode(req, _codec().Class.ERROR, {"ERROR-CODE": (code, reason)})
 
 
 def parse_response(data: bytes) -> BindingResponse:
     """A Binding success or error response, or StunError."""
-    msg = _parse(data)
-    if msg.message_method != _stun.Method.BINDING or msg.message_class not in (_stun.Class.RESPONSE, _stun.Class.ERROR):
+    msg, c = _parse(data), _codec()
+    if msg.message_method != c.Method.BINDING or msg.message_class not in (c.Class.RESPONSE, c.Class.ERROR):
         raise StunError(f"not a Binding response ({msg.message_method.name} {msg.message_class.name})")
     a = msg.attributes
-    error = a.get("ERROR-CODE") if msg.message_class == _stun.Class.ERROR else None
-    if msg.message_class == _stun.Class.ERROR and error is None:
+    error = a.get("ERROR-CODE") if msg.message_class == c.Class.ERROR else None
+    if msg.message_class == c.Class.ERROR and error is None:
         error = (500, "error response without ERROR-CODE")
     mapped = a.get("XOR-MAPPED-ADDRESS") or a.get("MAPPED-ADDRESS")
-    if msg.message_class == _stun.Class.RESPONSE and mapped is None:
+    if msg.message_class == c.Class.RESPONSE and mapped is None:
         raise StunError("Binding success without a mapped address")
     return BindingResponse(
         transaction_id=msg.transaction_id,

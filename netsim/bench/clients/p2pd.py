@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from netsim.bench.clients.base import Client
@@ -253,8 +254,9 @@ class P2pd(Client):
 class _Churn:
     """--churn, polled from the run's wait loop (never blocking it, so the others' completion times stay exact):
     at T a leecher's daemon gets SIGTERM (a graceful stop: it says goodbye and keeps its pieces) and its fetch is
-    stopped; D s later the daemon restarts on the same data dir, and once `p2pd status` answers the same `p2pd
-    fetch` runs again, resuming from the pieces on disk. The leecher is done when that fetch exits 0."""
+    stopped; D s later the daemon restarts on the same data dir, and once it created its control socket and `p2pd
+    status` answers, the same `p2pd fetch` runs again, resuming from the pieces on disk. The leecher is done when
+    that fetch exits 0."""
 
     def __init__(
         self,
@@ -279,6 +281,7 @@ class _Churn:
         self.away: set[str] = set()  # daemon stopped or restarting: its exits are expected
         self.plan: list[tuple[_Fetch, float | None]] = []  # leecher, when it comes back (None: once the rest are done)
         self.probes: dict[str, subprocess.Popen] = {}  # `p2pd status` of a restarting daemon
+        self.starting: set[str] = set()  # restarted, control socket not there yet
         self.log: list[dict[str, Any]] = []
 
     def step(self) -> str | None:
@@ -301,10 +304,27 @@ class _Churn:
                         p.send_signal(signal.SIGTERM)
                 back = None if ev.down_s is None else ev.at_s + ev.down_s
                 self.plan.append((lc, back))
-                self.log.append({"peer": name, "left_s": round(t, 2), "back_s": None})
+                # the timeline of the event, seconds since the release (None until it happened): the old daemon
+                # exited (graceful goodbye done), the new one was started, it answered `p2pd status`, the fetch
+                # was run again; `wall` pins left_s to the daemons' log timestamps
+                self.log.append(
+                    {
+                        "peer": name,
+                        "left_s": round(t, 3),
+                        "left_wall": datetime.now().strftime("%H:%M:%S.%f")[:-3],
+                        "exited_s": None,
+                        "started_s": None,
+                        "socket_s": None,
+                        "answered_s": None,
+                        "back_s": None,
+                    }
+                )
                 self.ctx.say(f"churn: {name} left at {t:.1f} s")
             if len(cands) < ev.count:
                 self.ctx.say(f"churn: only {len(cands)} of {ev.count} peers were still fetching at {ev.at_s} s")
+        for e in self.log:
+            if e["exited_s"] is None and self.daemons[e["peer"]].poll() is not None:
+                e["exited_s"] = round(t, 3)
         rest_done = all(lc.done_at is not None for lc in self.leechers if lc.node.name not in self.away)
         for lc, back in list(self.plan):
             if (back is not None and t >= back) or (back is None and rest_done):
@@ -312,7 +332,16 @@ class _Churn:
                 self.ctx.net.topo.stop(lc.proc, timeout=5)
                 self.ctx.net.topo.stop(self.daemons[lc.node.name], timeout=10)  # graceful exit done (or killed)
                 self.start_daemon(lc.node)
-                self.probes[lc.node.name] = self._status_probe(lc)
+                self._mark(lc.node.name, "started_s", time.monotonic() - self.t0)
+                self.starting.add(lc.node.name)
+        for name in list(self.starting):
+            # `p2pd status` (a Python process of its own, ~0.3 s of CPU) is started once the daemon created its
+            # control socket (docs/interfaces.md: "once it is ready to serve"), not over and over while it
+            # starts: the probes competed for the 2 cores with the very start they were waiting for
+            if self.daemons[name].poll() is not None or os.path.exists(self._socket(name)):
+                self.starting.discard(name)
+                self._mark(name, "socket_s", t)
+                self.probes[name] = self._status_probe(next(x for x in self.leechers if x.node.name == name))
         for name, probe in list(self.probes.items()):
             rc = probe.poll()
             if rc is None:
@@ -326,14 +355,22 @@ class _Churn:
             if rc != 0:
                 self.probes[name] = self._status_probe(lc)  # not answering yet
                 continue
+            self._mark(name, "answered_s", t)
             self._refetch(lc)
             self.away.discard(name)
             lc.away = False
-            for e in self.log:
-                if e["peer"] == name and e["back_s"] is None:
-                    e["back_s"] = round(t, 2)
+            self._mark(name, "back_s", time.monotonic() - self.t0)
             self.ctx.say(f"churn: {name} back at {t:.1f} s")
         return None
+
+    def _mark(self, peer: str, key: str, t: float) -> None:
+        """Record phase `key` of `peer`'s current churn event (the one not back yet)."""
+        for e in self.log:
+            if e["peer"] == peer and e["back_s"] is None:
+                e[key] = round(t, 3)
+
+    def _socket(self, name: str) -> str:
+        return os.path.join(self.d, f"data-{name}", "p2pd.sock")
 
     def _status_probe(self, lc: _Fetch) -> subprocess.Popen:
         argv = [*p2pd_cmd(), "status", "--data-dir", os.path.join(self.d, f"data-{lc.node.name}")]
