@@ -82,6 +82,12 @@ class SwarmConfig:
     # gives slots leaves slots to the late ones (simulated p99 1.13x with 4). Off by default: the emulated 1 + 32
     # (CPU-bound daemons) ran 7-17% slower with 4 (BENCHMARKS.md, the requester-side cap in the daemon)
     download_sources: int = 0
+    # HAVEs of pieces completed within this many seconds leave together (and with any other frame to that peer),
+    # once we have `have_batch_min_peers` connections: each HAVE alone cost our writer and the peer's reader a
+    # wakeup, n of them per piece, and made the 1 + 32's daemons CPU-bound (BENCHMARKS.md, "HAVE batching").
+    # Not in a small swarm: few HAVEs per piece, and a late HAVE there is a peer idle or a seed's DEFER
+    have_batch: float = 0.1
+    have_batch_min_peers: int = 16
     # -- bad pieces (strikes with expiry, not bans for ever: a seeder with one rotten piece on disk repairs it)
     strikes_to_ban: int = 2  # bad pieces from one peer before we stop using it (one can be a disk's fault)
     strike_expiry: float = 120.0  # seconds a strike (and a ban) lasts: long enough for the peer to repair its copy

@@ -138,6 +138,7 @@ class PeerConn:
     async def _writer(self) -> None:
         s = self.session
         while True:
+            s.release_haves()  # awake anyway: held HAVEs go out now, at no wakeup of their own
             if s.has_output:
                 await self.io.send_all(s.take_output())
                 self.last_send = trio.current_time()

@@ -197,6 +197,7 @@ class Swarm:
         self._scope = trio.CancelScope()
         self.stopped = trio.Event()  # run() has returned: no task of this swarm touches its files any more
         self._peer_wakeup = trio.Event()
+        self._haves_held = trio.Event()  # some connection holds HAVEs for `_have_flush_loop` to send
         self._verify_in, self._verify_out = trio.open_memory_channel[tuple[PeerConn, int, bytearray | bytes]](
             VERIFY_QUEUE
         )
@@ -572,12 +573,34 @@ class Swarm:
                 session.cancel(i)
             if self.journal is not None:
                 self.journal.record(self.have_mask)
-            for c in list(self.conns.values()):
-                c.session.send_have(i)
+            self._announce(i)
             if self.picker.done:
                 await self._finish()
             else:
                 self.fill_all()
+
+    def _announce(self, i: int) -> None:
+        """HAVE to every peer: at once in a small swarm, else held for `have_batch` (`_have_flush_loop`)."""
+        cfg = self.config
+        if cfg.have_batch <= 0 or len(self.conns) < cfg.have_batch_min_peers:
+            for c in list(self.conns.values()):
+                c.session.send_have(i)
+            return
+        for c in self.conns.values():
+            c.session.hold_have(i)
+        self._haves_held.set()
+
+    async def _have_flush_loop(self) -> None:
+        """Send the HAVEs held since the first of them `have_batch` seconds ago, each peer's in one frame run.
+
+        Waits for the first held HAVE without a deadline, as the writers do: nothing is late while none is held.
+        """
+        while True:
+            await self._haves_held.wait()
+            await trio.sleep(self.config.have_batch)
+            self._haves_held = trio.Event()
+            for c in list(self.conns.values()):
+                c.session.flush_haves()
 
     def _bad_piece(self, conn: PeerConn, i: int) -> None:
         """A piece from `conn` fails verification: tell it (it re-verifies its copy), strike it, ask others.
@@ -739,6 +762,7 @@ class Swarm:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._watchdog_loop)
+                    nursery.start_soon(self._have_flush_loop)
                     task_status.started()
                     if self.downloading and self.picker.done:
                         await self._finish()  # every piece was already there (a crash right before finalizing)

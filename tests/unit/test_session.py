@@ -244,6 +244,86 @@ def test_outgoing_frames_are_queued_in_order_and_wake_the_writer() -> None:
         s.send_bitfield(0)
 
 
+def test_held_haves_wake_nobody_and_leave_together() -> None:
+    """A held HAVE costs no wakeup of the writer; a flush queues all of them, in order, for one wakeup."""
+    wakeups: list[int] = []
+    s = new_session(on_output=lambda: wakeups.append(1))
+    s.send_bitfield(0)
+    s.take_output()
+    wakeups.clear()
+    for i in (4, 1, 7):
+        s.hold_have(i)
+    assert not s.has_output and s.holds_haves and not wakeups
+    s.flush_haves()
+    assert len(wakeups) == 1 and not s.holds_haves
+    assert wire.FrameDecoder(PIECE).feed(s.take_output()) == [wire.Have(4), wire.Have(1), wire.Have(7)]
+    s.flush_haves()  # nothing held: no wakeup
+    assert len(wakeups) == 1
+
+
+def test_held_haves_ride_with_the_next_frame() -> None:
+    s = opened()
+    s.hold_have(3)
+    s.reject(2)
+    assert not s.holds_haves
+    assert wire.FrameDecoder(PIECE).feed(s.take_output()) == [wire.Have(3), wire.Reject(2)]
+    s.hold_have(5)
+    assert s.release_haves() and not s.release_haves()  # the writer, awake anyway, takes them at no wakeup
+    assert wire.FrameDecoder(PIECE).feed(s.take_output()) == [wire.Have(5)]
+
+
+def test_a_have_held_before_the_bitfield_is_a_bug() -> None:
+    s = new_session()
+    s.hold_have(1)
+    with pytest.raises(RuntimeError):
+        s.send_bitfield(0)
+
+
+outgoing_ops = st.lists(
+    st.tuples(st.sampled_from(["hold", "send", "reject", "flush", "release"]), st.integers(0, PIECES - 1)),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(outgoing_ops)
+def test_holding_haves_changes_when_frames_leave_never_which_or_their_order(ops: list[tuple[str, int]]) -> None:
+    """Whatever mix of held and sent frames: every frame goes out once, in the order it was made, and the writer
+    is woken only for a frame that is not held (or a flush that has something to send)."""
+    wakeups: list[int] = []
+    s = new_session(on_output=lambda: wakeups.append(1))
+    s.send_bitfield(0)
+    s.take_output()
+    wakeups.clear()
+    made: list[wire.Message] = []
+    wire_out = b""
+    expected_wakeups = 0
+    for op, i in ops:
+        held = s.holds_haves
+        if op == "hold":
+            s.hold_have(i)
+            made.append(wire.Have(i))
+        elif op == "send":
+            s.send_have(i)
+            made.append(wire.Have(i))
+            expected_wakeups += 1
+        elif op == "reject":
+            s.reject(i)
+            made.append(wire.Reject(i))
+            expected_wakeups += 1
+        elif op == "flush":
+            s.flush_haves()
+            expected_wakeups += held
+        else:
+            s.release_haves()
+        if i % 3 == 0:  # the writer runs now and then
+            wire_out += s.take_output()
+    s.release_haves()
+    wire_out += s.take_output()
+    assert wire.FrameDecoder(PIECE).feed(wire_out) == made
+    assert len(wakeups) == expected_wakeups
+
+
 def test_requests_fill_the_pipeline_from_the_picker_only() -> None:
     s = opened({1, 2, 3})
     assert s.request_more(2) == 2

@@ -24,6 +24,7 @@ from p2pd.connections import ConnectionPath
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import session as ps
+from p2pd.protocol import wire
 from p2pd.storage import Catalog, PieceStore
 from p2pd.swarm import Swarm
 
@@ -315,3 +316,41 @@ def test_the_picker_caps_the_sources_as_configured(tmp_path: Path) -> None:
         ingress=None,
     )
     assert s2.picker.source_cap == 4
+
+
+# --------------------------------------------------------------------------------------------- HAVE batching
+@pytest.mark.parametrize("peers", [8, 16])
+async def test_haves_are_held_for_have_batch_in_a_big_swarm_only(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, peers: int
+) -> None:
+    """With `have_batch_min_peers` connections, the HAVEs of pieces verified within `have_batch` leave together:
+    one wakeup of each connection's writer for all of them; in a smaller swarm each leaves at once."""
+    cfg = SwarmConfig()
+    assert cfg.have_batch > 0 and cfg.have_batch_min_peers == 16
+    sw = make_swarm(tmp_path, complete=False)
+    wakeups: collections.Counter[str] = collections.Counter()
+
+    def conn(nid: str) -> Any:
+        s = ps.PeerSession(sw.manifest, sw.picker, on_output=lambda: wakeups.update([nid]))
+        s.send_bitfield(0)
+        s.take_output()
+        return SimpleNamespace(remote_id=nid, session=s)
+
+    sw.conns = {f"p{k}": conn(f"p{k}") for k in range(peers)}
+    wakeups.clear()
+    async with trio.open_nursery() as n:
+        n.start_soon(sw._have_flush_loop)
+        for i in (5, 9, 2):
+            sw._announce(i)
+            await trio.sleep(cfg.have_batch / 10)
+        batched = peers >= cfg.have_batch_min_peers
+        assert sum(wakeups.values()) == (0 if batched else 3 * peers)
+        await trio.sleep(cfg.have_batch)
+        assert wakeups == collections.Counter({f"p{k}": 1 if batched else 3 for k in range(peers)})
+        for c in sw.conns.values():
+            assert wire.FrameDecoder(PIECE).feed(c.session.take_output()) == [wire.Have(5), wire.Have(9), wire.Have(2)]
+        sw._announce(7)  # a later piece starts a new window
+        await trio.sleep(cfg.have_batch * 1.5)
+        assert all(c.session.take_output() == wire.encode(wire.Have(7)) for c in sw.conns.values())
+        n.cancel_scope.cancel()
+    sw.store.close()
