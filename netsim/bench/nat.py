@@ -612,6 +612,13 @@ def add_arguments(ap: argparse.ArgumentParser, size_type: Any, rate_type: Any) -
     ap.add_argument("--json", default=None, help="also write the JSON result to this file")
     ap.add_argument("--keep-logs", type=Path, default=None, metavar="DIR", help="copy the swarm's logs to DIR")
     ap.add_argument(
+        "--swarm-peers",
+        type=_peers_arg,
+        default=SWARM_PEERS,
+        help="the swarm's peers, comma list of NAT kinds (e.g. 8 x public: a control without NATs); "
+        "default 4 port-restricted-cone, 2 symmetric, 2 public",
+    )
+    ap.add_argument(
         "--clients",
         type=_clients_arg,
         default=("p2pd",),
@@ -625,6 +632,13 @@ def _clients_arg(text: str) -> tuple[str, ...]:
         return parse_clients(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _peers_arg(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds or any(k not in NAT_KINDS for k in kinds):
+        raise argparse.ArgumentTypeError(f"NAT kinds are {', '.join(NAT_KINDS)}; got {text!r}")
+    return kinds
 
 
 def run(a: argparse.Namespace, command: str) -> int:
@@ -666,7 +680,7 @@ def run(a: argparse.Namespace, command: str) -> int:
                 f"{ls['first_piece_p95_s']} s; cone {ls['cone_MBps']} MB/s vs public {ls['public_MBps']} MB/s"
             )
     if not a.skip_swarm:
-        sw = run_nat_swarm(size=a.swarm_size, rate_bps=a.rate, keep_logs=a.keep_logs)
+        sw = run_nat_swarm(size=a.swarm_size, rate_bps=a.rate, peer_kinds=a.swarm_peers, keep_logs=a.keep_logs)
         out["swarm"] = sw
         failed |= sw["t_s"] is None or not all(sw["identical"].values())
         parts.append(
