@@ -318,11 +318,11 @@ class SignalHub:
 
     async def _punch(self, p: dict[str, Any], peer: tuple[str, int]) -> Any:
         a = await self._verified("punch", p, peer)
+        nat = self._punch_nat("punch", a, p, peer)
         b, aid = self._target("punch", a, p, peer)
         ch = await self._channel_of("punch", a, b, peer)
         if len(self.pending) >= MAX_PENDING:
             raise self._refuse("punch", a, peer, ErrorCode.TIMEOUT, "too many punches in progress: retry later")
-        nat = self._punch_nat("punch", a, p, peer)
         rid = secrets.token_hex(8)
         r = Rendezvous(a, b, peer)
         self.pending[rid] = r
