@@ -11,7 +11,9 @@ SO_REUSEPORT). It asks the tracker over a connection from P (`punch`, answered b
 so the tracker sees the address P maps to on the node's NAT and hands it to the other side; both
 then dial each other's mapped address from P at once, retrying quickly, while the listener waits
 too. A NAT that maps a port the same way whatever it talks to (a cone) maps the punch as it mapped
-the tracker connection; a symmetric NAT does not, the punch runs out of time and the relay wins.
+the tracker connection; a symmetric NAT does not: with a cone on the other side the punch becomes a birthday
+punch (p2pd/protocol/tcp_punch.py: many ports on the symmetric side, a spray of SYNs from the cone's),
+between two symmetric NATs it runs out of time and the relay wins.
 - A fresh port per punch, not the listen port: there is one TCP connection per address pair, so a
   second artifact between the same two nodes, or a new connection within TIME_WAIT of the last,
   would find the listen-port pair taken; and the listen socket keeps its plain bind rules.

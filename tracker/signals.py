@@ -5,7 +5,8 @@ Each daemon holds one long call open on the tracker, `signal`; its events are me
 own relay if it offers one, and a ping every `ping_every` seconds (under the ~30 s after which NATs
 forget an idle mapping, and how a node notices a dead tracker).
 
-- `punch` (TCP simultaneous open): A calls it over a fresh connection from the port it will punch
+- `punch` (TCP simultaneous open; with both sides' optional `nat`, passed to the other for the birthday roles
+  of p2pd/protocol/tcp_punch.py): A calls it over a fresh connection from the port it will punch
   from; the tracker tells B, B answers (`punch_answer`) over a fresh connection from its own punch
   port, and each learns the address the tracker saw the other's connection come from. A NAT that
   maps a port the same way whoever it talks to (a cone) maps the punch the same way too.
