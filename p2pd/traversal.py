@@ -11,7 +11,9 @@ SO_REUSEPORT). It asks the tracker over a connection from P (`punch`, answered b
 so the tracker sees the address P maps to on the node's NAT and hands it to the other side; both
 then dial each other's mapped address from P at once, retrying quickly, while the listener waits
 too. A NAT that maps a port the same way whatever it talks to (a cone) maps the punch as it mapped
-the tracker connection; a symmetric NAT does not, the punch runs out of time and the relay wins.
+the tracker connection; a symmetric NAT does not: with a cone on the other side the punch becomes a birthday
+punch (p2pd/protocol/tcp_punch.py: many ports on the symmetric side, a spray of SYNs from the cone's),
+between two symmetric NATs it runs out of time and the relay wins.
 - A fresh port per punch, not the listen port: there is one TCP connection per address pair, so a
   second artifact between the same two nodes, or a new connection within TIME_WAIT of the last,
   would find the listen-port pair taken; and the listen socket keeps its plain bind rules.
@@ -28,7 +30,9 @@ them once both are there. The requester sends the p2pd handshake, the other side
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
+import random
 import re
 import socket
 from collections.abc import Awaitable, Callable
@@ -42,13 +46,16 @@ from p2pd.config import SwarmConfig, TraversalConfig
 from p2pd.connections import ConnectError, Connection, ConnectionPath, Connector, TcpConnector
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.nat_detect import NatStatus
-from p2pd.protocol import auth, wire
+from p2pd.protocol import auth, tcp_punch, wire
 from p2pd.protocol.framing import FrameError, FrameReader, RpcError, encode_frame
 from p2pd.protocol.session import PeerClosed
+from p2pd.protocol.udp_punch import spray_ports
 from p2pd.racing import Path, RacingConnector
 from p2pd.relay import Relay, RelayRefused, dial_relay
 from p2pd.signal_channel import SignalChannel
+from p2pd.stream_io import TRAFFIC
 from p2pd.tracker_client import TrackerClient
+from p2pd.udp_punch import own_nat
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +147,11 @@ class PunchPort:
                         raise RpcError(ErrorCode.PROTOCOL, f"{method}: the tracker's answer is not a map")
                     return result
 
-    async def connect_to(self, remote: tuple[str, int], timeout: float) -> trio.SocketStream:
-        """Dial `remote` from this port until a connection forms either way (dialled or accepted)."""
+    async def connect_to(
+        self, remote: tuple[str, int], timeout: float, role: tcp_punch.Role = tcp_punch.Role.PLAIN
+    ) -> trio.SocketStream:
+        """Dial `remote` from this port until a connection forms either way (dialled or accepted); as the hard
+        or easy side of a birthday punch (`role`, p2pd/protocol/tcp_punch.py) from many sockets besides."""
         assert self._listener is not None
         listener = self._listener
         got: list[trio.SocketStream] = []
@@ -181,11 +191,67 @@ class PunchPort:
                 take(sock, cancel)
                 return
 
+        syn = tcp_punch.SYN_WIRE[6 if self.family == socket.AF_INET6 else 4]
+
+        async def hard_socket(cancel: trio.CancelScope) -> None:
+            # a fresh local port: our symmetric NAT maps it to a new random port, open to `remote` alone
+            while True:
+                sock = trio.socket.socket(self.family, socket.SOCK_STREAM)
+                TRAFFIC.sent += syn
+                try:
+                    await sock.connect(remote)
+                except OSError as e:
+                    sock.close()
+                    errors.append(_errname(e))
+                    await trio.sleep(DIAL_RETRY)
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                take(sock, cancel)
+                return
+
+        async def hard_loop(cancel: trio.CancelScope) -> None:
+            async with trio.open_nursery() as nursery:
+                for _ in range(tcp_punch.HARD_SOCKETS):
+                    nursery.start_soon(hard_socket, cancel)
+
+        async def spray_probe(port: int, cancel: trio.CancelScope) -> None:
+            # from the punch port, so that our cone's one mapping lets that port's answer in
+            sock = _reuse_socket(self.family)
+            try:
+                await sock.bind((self.wildcard, self.port))
+                TRAFFIC.sent += syn
+                with trio.move_on_after(tcp_punch.SPRAY_HOLD):
+                    await sock.connect((remote[0], port))
+                    take(sock, cancel)
+                    return
+            except OSError:
+                pass  # refused or unreachable: not one of the ports the hard side opened
+            except BaseException:
+                sock.close()
+                raise
+            sock.close()
+
+        async def spray_loop(cancel: trio.CancelScope) -> None:
+            await trio.sleep(tcp_punch.SPRAY_AFTER)
+            ports = itertools.islice(spray_ports(random.Random(), exclude=remote[1]), tcp_punch.SPRAY_PROBES)
+            batch = 20  # probes per wakeup: SPRAY_RATE without a timer per SYN
+            async with trio.open_nursery() as nursery:
+                while chunk := list(itertools.islice(ports, batch)):
+                    for port in chunk:
+                        nursery.start_soon(spray_probe, port, cancel)
+                    await trio.sleep(batch / tcp_punch.SPRAY_RATE)
+
         try:
             with trio.move_on_after(timeout):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(accept_loop, nursery.cancel_scope)
                     nursery.start_soon(dial_loop, nursery.cancel_scope)
+                    if role is tcp_punch.Role.HARD:
+                        nursery.start_soon(hard_loop, nursery.cancel_scope)
+                    elif role is tcp_punch.Role.EASY:
+                        nursery.start_soon(spray_loop, nursery.cancel_scope)
         except BaseException:
             for stream in got:
                 stream.socket.close()
@@ -214,9 +280,12 @@ def _mapped(reply: dict[str, Any]) -> tuple[str, int]:
 
 
 async def _punch(
-    signal: SignalChannel, method: str, params: dict[str, Any], timeout: float
+    signal: SignalChannel, method: str, params: dict[str, Any], timeout: float, nat: str, peer_nat: str | None = None
 ) -> tuple[trio.SocketStream, tuple[str, int]]:
-    """Ask the tracker from a fresh port, then open a connection to the address it names; ConnectError if not."""
+    """Ask the tracker from a fresh port, then open a connection to the address it names; ConnectError if not.
+
+    `nat`: this node's NAT type, passed to the peer; `peer_nat`: the peer's (None: the tracker's answer has it):
+    together they give the birthday roles (p2pd/protocol/tcp_punch.py)."""
     deadline = trio.current_time() + timeout
     tracker = signal.addr
     if not signal.up or tracker is None:
@@ -225,10 +294,15 @@ async def _punch(
         family, sockaddr = await _resolve(tracker, timeout)
         async with PunchPort(family) as port:
             reply = await port.ask_tracker(
-                sockaddr, method, {**signal.identity(), **params}, max(0.1, deadline - trio.current_time())
+                sockaddr, method, {**signal.identity(), **params, "nat": nat}, max(0.1, deadline - trio.current_time())
             )
             remote = _mapped(reply)
-            stream = await port.connect_to(remote, max(0.1, deadline - trio.current_time()))
+            if peer_nat is None:
+                peer_nat = str(reply.get("nat", ""))
+            role = tcp_punch.role(nat, peer_nat)
+            if role is not tcp_punch.Role.PLAIN:
+                log.debug("tcp punch to %s: %s side (%s <-> %s)", _fmt(remote), role, nat, peer_nat)
+            stream = await port.connect_to(remote, max(0.1, deadline - trio.current_time()), role)
     except RpcError as e:
         raise ConnectError(f"tracker: {e.message}") from None
     except trio.TooSlowError:
@@ -242,17 +316,29 @@ class PunchConnector:
     """The `tcp-punch` path: TCP simultaneous open through both NATs, arranged over the signal channel."""
 
     def __init__(
-        self, identity: auth.Identity, signal: SignalChannel, *, timeout: float, handshake_timeout: float
+        self,
+        identity: auth.Identity,
+        signal: SignalChannel,
+        *,
+        timeout: float,
+        handshake_timeout: float,
+        nat: Callable[[], NatStatus | None] = lambda: None,
     ) -> None:
+        """`nat()`: this node's NAT detection status now (its type picks the birthday role)."""
         self.identity = identity
         self.node_id = identity.node_id
         self.signal = signal
         self.timeout = timeout
         self.handshake_timeout = handshake_timeout
+        self.nat = nat
 
     async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
         stream, remote = await _punch(
-            self.signal, "punch", {"target": remote_id, "artifact_id": artifact_id}, self.timeout
+            self.signal,
+            "punch",
+            {"target": remote_id, "artifact_id": artifact_id},
+            self.timeout,
+            own_nat(self.nat)[0],
         )
         return await _handshake_punched(stream, remote, self.identity, remote_id, artifact_id, self.handshake_timeout)
 
@@ -402,7 +488,11 @@ class Traversal:
                 identity, connect_timeout=swarm.connect_timeout, handshake_timeout=swarm.handshake_timeout
             ),
             "tcp-punch": PunchConnector(
-                identity, self.signal, timeout=config.punch_timeout, handshake_timeout=swarm.handshake_timeout
+                identity,
+                self.signal,
+                timeout=config.punch_timeout,
+                handshake_timeout=swarm.handshake_timeout,
+                nat=lambda: self.nat(),
             ),
             "udp-punch": udp_punch.UdpPunchConnector(
                 identity,
@@ -489,7 +579,8 @@ class Traversal:
             log.warning("%s from %s not answered: already answering %d", kind, remote[:8], self.answering)
             return
         if kind == "punch":
-            args: tuple[Any, ...] = (self._answer_punch, remote, str(event["rendezvous"]), aid)
+            nat = str(event.get("nat", ""))  # the asking node's NAT type (a tracker that relays it)
+            args: tuple[Any, ...] = (self._answer_punch, remote, str(event["rendezvous"]), aid, nat)
         elif kind == "udp-punch":
             if "udp-punch" not in self.config.paths:
                 log.info("udp-punch from %s not answered: udp-punch is not among --paths", remote[:8])
@@ -510,10 +601,17 @@ class Traversal:
         if conn is not None:
             await self.serve(conn)
 
-    async def _answer_punch(self, remote_id: str, rendezvous: str, artifact_id: str) -> Connection | None:
+    async def _answer_punch(
+        self, remote_id: str, rendezvous: str, artifact_id: str, peer_nat: str = ""
+    ) -> Connection | None:
         try:
             stream, remote = await _punch(
-                self.signal, "punch_answer", {"rendezvous": rendezvous}, self.config.punch_timeout
+                self.signal,
+                "punch_answer",
+                {"rendezvous": rendezvous},
+                self.config.punch_timeout,
+                own_nat(self.nat)[0],
+                peer_nat,
             )
             return await _handshake_punched(
                 stream, remote, self.identity, remote_id, artifact_id, self.swarm_config.handshake_timeout

@@ -5,7 +5,8 @@ Each daemon holds one long call open on the tracker, `signal`; its events are me
 own relay if it offers one, and a ping every `ping_every` seconds (under the ~30 s after which NATs
 forget an idle mapping, and how a node notices a dead tracker).
 
-- `punch` (TCP simultaneous open): A calls it over a fresh connection from the port it will punch
+- `punch` (TCP simultaneous open; with both sides' optional `nat`, passed to the other for the birthday roles
+  of p2pd/protocol/tcp_punch.py): A calls it over a fresh connection from the port it will punch
   from; the tracker tells B, B answers (`punch_answer`) over a fresh connection from its own punch
   port, and each learns the address the tracker saw the other's connection come from. A NAT that
   maps a port the same way whoever it talks to (a cone) maps the punch the same way too.
@@ -318,6 +319,7 @@ class SignalHub:
 
     async def _punch(self, p: dict[str, Any], peer: tuple[str, int]) -> Any:
         a = await self._verified("punch", p, peer)
+        nat = self._punch_nat("punch", a, p, peer)
         b, aid = self._target("punch", a, p, peer)
         ch = await self._channel_of("punch", a, b, peer)
         if len(self.pending) >= MAX_PENDING:
@@ -326,17 +328,27 @@ class SignalHub:
         r = Rendezvous(a, b, peer)
         self.pending[rid] = r
         self.counters.punches += 1
+        event = {"kind": "punch", "rendezvous": rid, "from": a, "artifact_id": aid}
+        if nat:
+            event["nat"] = nat
         try:
-            self._push("punch", a, ch, {"kind": "punch", "rendezvous": rid, "from": a, "artifact_id": aid}, peer)
+            self._push("punch", a, ch, event, peer)
             with trio.move_on_after(self.answer_timeout):
                 await r.answered.wait()
             if r.b_addr is None:
                 raise self._refuse(
                     "punch", a, peer, ErrorCode.TIMEOUT, f"node {b[:8]} did not answer within {self.answer_timeout:g} s"
                 )
-            return {"addr": list(r.b_addr)}
+            return {"addr": list(r.b_addr), "nat": r.b_nat} if r.b_nat else {"addr": list(r.b_addr)}
         finally:
             self.pending.pop(rid, None)
+
+    def _punch_nat(self, method: str, nid: str, p: dict[str, Any], peer: tuple[str, int]) -> str:
+        """A TCP punch's optional `nat`: the caller's NAT type, for the birthday roles (p2pd/protocol/tcp_punch.py)."""
+        nat = p.get("nat", "")
+        if not isinstance(nat, str) or len(nat) > 32 or (nat and not nat.replace("-", "").isalpha()):
+            raise self._refuse(method, nid, peer, ErrorCode.BAD_REQUEST, "nat must be a NAT type name")
+        return nat
 
     async def _punch_answer(self, p: dict[str, Any], peer: tuple[str, int]) -> Any:
         b = await self._verified("punch_answer", p, peer)
@@ -350,6 +362,7 @@ class SignalHub:
                 ErrorCode.BAD_REQUEST,
                 "no punch waits for this node's answer under that id (expired, answered or never asked)",
             )
+        r.b_nat = self._punch_nat("punch_answer", b, p, peer)
         r.b_addr = peer
         r.answered.set()
         self.counters.punches_answered += 1

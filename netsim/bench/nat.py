@@ -71,16 +71,13 @@ def expected_path(seed_kind: str, leech_kind: str) -> str:
     port-restricted cones (unsolicited SYNs dropped). A public seed is dialled directly. A NATed seed with a
     public leech cannot be dialled and does not dial leeches itself, so the leech's race falls to the punch,
     whose SYN from the seed's side reaches the public leech's punch listener (a connection reversal, reported
-    as `tcp-punch`; it works even from a symmetric NAT). Two cones punch TCP. A cone and a symmetric NAT meet
-    by the UDP birthday punch (`udp-punch`); two symmetric NATs, or a symmetric NAT and a network that blocks
-    UDP, leave only the relay."""
+    as `tcp-punch`; it works even from a symmetric NAT). Two cones punch TCP. A cone (for TCP: every kind but
+    symmetric, UDP-blocked included) and a symmetric NAT meet by the TCP birthday punch (`tcp-punch`,
+    p2pd/protocol/tcp_punch.py), before the UDP punch starts; two symmetric NATs leave only the relay."""
     if seed_kind == "public":
         return "direct"
-    if leech_kind == "public":
-        return "tcp-punch"
-    if "symmetric" in (seed_kind, leech_kind):
-        other = leech_kind if seed_kind == "symmetric" else seed_kind
-        return "relay" if other in ("symmetric", "udp-blocked") else "udp-punch"
+    if seed_kind == leech_kind == "symmetric":
+        return "relay"
     return "tcp-punch"
 
 
@@ -166,9 +163,9 @@ class NatLab:
         )
         return dict(json.loads(cp.stdout))
 
-    async def start_daemon(self, host: Host, timeout: float = 60.0) -> Node:
-        """`p2pd run` on `host`; ready once its signal channel to the tracker is up and its NAT is classified
-        (what traversal needs)."""
+    async def start_daemon(self, host: Host, timeout: float = 60.0, extra: tuple[str, ...] = ()) -> Node:
+        """`p2pd run` on `host` (with `extra` arguments); ready once its signal channel to the tracker is up and
+        its NAT is classified (what traversal needs)."""
         d = self.work / host.name
         d.mkdir()
         args = [
@@ -182,6 +179,7 @@ class NatLab:
             f"0.0.0.0:{NODE_PORT}",
             "--data-dir",
             str(d),
+            *extra,
         ]
         log = self.work / f"{host.name}.log"
         node = Node(host.name, d, NODE_PORT, args, Process(host.name, args, log, host.popen(args, log=str(log)), 0))
@@ -358,7 +356,7 @@ def run_matrix(
             for label, kind, leech_kind in (
                 ("cone", "port-restricted-cone", "port-restricted-cone"),
                 ("public", "public", "public"),
-                ("cone-symmetric", "port-restricted-cone", "symmetric"),  # the udp-punch path (QUIC)
+                ("cone-symmetric", "port-restricted-cone", "symmetric"),  # the TCP birthday punch
             ):
                 if kind not in kinds or leech_kind not in kinds or not throughput_size:
                     continue
@@ -612,6 +610,13 @@ def add_arguments(ap: argparse.ArgumentParser, size_type: Any, rate_type: Any) -
     ap.add_argument("--json", default=None, help="also write the JSON result to this file")
     ap.add_argument("--keep-logs", type=Path, default=None, metavar="DIR", help="copy the swarm's logs to DIR")
     ap.add_argument(
+        "--swarm-peers",
+        type=_peers_arg,
+        default=SWARM_PEERS,
+        help="the swarm's peers, comma list of NAT kinds (e.g. 8 x public: a control without NATs); "
+        "default 4 port-restricted-cone, 2 symmetric, 2 public",
+    )
+    ap.add_argument(
         "--clients",
         type=_clients_arg,
         default=("p2pd",),
@@ -625,6 +630,13 @@ def _clients_arg(text: str) -> tuple[str, ...]:
         return parse_clients(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _peers_arg(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds or any(k not in NAT_KINDS for k in kinds):
+        raise argparse.ArgumentTypeError(f"NAT kinds are {', '.join(NAT_KINDS)}; got {text!r}")
+    return kinds
 
 
 def run(a: argparse.Namespace, command: str) -> int:
@@ -666,7 +678,7 @@ def run(a: argparse.Namespace, command: str) -> int:
                 f"{ls['first_piece_p95_s']} s; cone {ls['cone_MBps']} MB/s vs public {ls['public_MBps']} MB/s"
             )
     if not a.skip_swarm:
-        sw = run_nat_swarm(size=a.swarm_size, rate_bps=a.rate, keep_logs=a.keep_logs)
+        sw = run_nat_swarm(size=a.swarm_size, rate_bps=a.rate, peer_kinds=a.swarm_peers, keep_logs=a.keep_logs)
         out["swarm"] = sw
         failed |= sw["t_s"] is None or not all(sw["identical"].values())
         parts.append(

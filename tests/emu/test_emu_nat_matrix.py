@@ -3,8 +3,9 @@
 Each cell is its own pair of daemons, all cells at once against one tracker. Every cell must deliver its
 artifact byte-identically, over the path traversal gives it today (`expected_path` says why): a public
 seed is dialled directly, a NATed seed reaches a public leech by the punch (a connection reversal, never the
-relay), cone <-> cone punches TCP (never the relay), cone <-> symmetric meets by the UDP birthday punch
-(`udp-punch`, never the relay), and two symmetric NATs (or a symmetric NAT and blocked UDP) leave only the relay.
+relay), cone <-> cone punches TCP (never the relay), a cone (UDP-blocked included: its TCP is a cone's) and a
+symmetric NAT meet by the TCP birthday punch (`tcp-punch`, never QUIC or the relay), and two symmetric NATs
+leave only the relay.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def test_every_pair_of_nat_kinds_connects_over_its_path(emu: None, iptables: Non
         assert c["identical"] is True, f"{sk} -> {lk}: {c}"
         if "public" not in (sk, lk) and "symmetric" not in (sk, lk):
             assert c["path"] != "relay", f"{sk} -> {lk} went through the relay: {c}"
-        if {sk, lk} & {"full-cone", "port-restricted-cone"} and "symmetric" in (sk, lk):
-            assert c["path"] == "udp-punch", f"{sk} -> {lk} did not use the UDP punch: {c}"
+        if "symmetric" in (sk, lk) and {sk, lk} & {"full-cone", "port-restricted-cone", "udp-blocked"}:
+            assert c["path"] == "tcp-punch", f"{sk} -> {lk} did not use the TCP birthday punch: {c}"
         assert c["path"] == expected_path(sk, lk), f"{sk} -> {lk}: {c}"
         assert c["first_piece_s"] is not None and c["first_piece_s"] > 0

@@ -162,7 +162,8 @@ def test_cone_pairs_punch_and_symmetric_pairs_relay(emu: None, tmp_path: Path) -
 def test_a_path_that_dies_mid_transfer_is_replaced_and_the_download_completes(
     emu: None, iptables: None, tmp_path: Path
 ) -> None:
-    """A port-restricted cone seeds to a node behind a symmetric NAT: they meet by the UDP punch (QUIC). Mid
+    """A port-restricted cone seeds to a node behind a symmetric NAT, both without the TCP punch (which would
+    connect them by its birthday variant): they meet by the UDP punch (QUIC). Mid
     transfer the leech's router starts dropping every UDP datagram (the punched path is dead, as when a NAT
     reboots or forgets the mapping). The leech drops the stalled peer, races the paths again, the UDP punch
     now fails and the relay takes over: the download completes byte-identically, without a retry."""
@@ -176,8 +177,9 @@ def test_a_path_that_dies_mid_transfer_is_replaced_and_the_download_completes(
         size = 24 * MiB
 
         async def main() -> tuple[list[str], list[str], int, dict[str, int]]:
-            seed = await lab.start_daemon(seed_host)
-            leech = await lab.start_daemon(leech_host)
+            no_tcp_punch = ("--paths", "direct,udp-punch,relay")
+            seed = await lab.start_daemon(seed_host, extra=no_tcp_punch)
+            leech = await lab.start_daemon(leech_host, extra=no_tcp_punch)
             seed_id = (await seed.call("status"))["node_id"]
             src = await trio.to_thread.run_sync(make_artifact, tmp_path, size, "death")
             name = "nat-death:v1"

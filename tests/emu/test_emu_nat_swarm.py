@@ -1,6 +1,6 @@
 """A swarm behind NATs (netsim.bench.nat.run_nat_swarm): 1 public seed, 4 peers behind port-restricted cones,
 2 behind symmetric NATs, 2 public, every link tbf-shaped. The seed leaves once it has uploaded one copy; the
-peers must finish among themselves (symmetric ones through the relay), byte-identically.
+peers must finish among themselves, byte-identically.
 
 The stall this test used to show (issue #12, about one run in four: every peer waiting after the seed left) was
 the seed's close: its sockets were closed while peers' frames kept arriving, the kernel answered with a reset and
@@ -30,4 +30,9 @@ def test_nat_swarm_completes_after_the_seed_left(emu: None, iptables: None) -> N
     assert r["seed_left_s"] is not None and r["t_s"] is not None
     assert r["seed_left_s"] < r["t_s"], "the seed must leave before everyone is done for this test to mean anything"
     assert all(r["identical"].values()) and len(r["identical"]) == 8, r["identical"]
-    assert r["relay_bytes"] > 0, "symmetric peers can only meet cone peers through the relay"
+    # a symmetric peer reaches the cones by the TCP birthday punch (p2pd/protocol/tcp_punch.py), not by QUIC,
+    # so the relay is left for the two symmetric peers, asked last (issue #12: relay <= 0.1 F)
+    for name, paths in r["paths_at_end"].items():
+        if name.endswith("sym"):
+            assert "tcp-punch" in paths and "udp-punch" not in paths, (name, paths)
+    assert r["relay_F"] <= 0.1, r["relay_F"]

@@ -140,6 +140,28 @@ async def test_punch_hands_each_side_the_address_seen_by_the_tracker() -> None:
             assert server.signals.pending == {}
 
 
+async def test_punch_passes_each_side_the_others_nat_type() -> None:
+    """The TCP birthday punch's roles (p2pd/protocol/tcp_punch.py) need both NAT types: the asker's goes with
+    the signal, the answerer's with the answer to the asker; a side that sends none is not named either."""
+    async with tracker() as server:
+        sa, sb = await register(server, A), await register(server, B)
+        async with listening(server, B, sb) as b:
+            ask = {"node_id": A, "session": sa, "target": B, "artifact_id": AID}
+            for a_nat, b_nat in (("port-restricted-cone", "symmetric"), ("", "")):
+                answer: dict[str, Any] = {}
+
+                async def a_asks(a_nat: str = a_nat, answer: dict[str, Any] = answer) -> None:
+                    answer.update(await call(server, "punch", {**ask, **({"nat": a_nat} if a_nat else {})}))
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(a_asks)
+                    ev = await b.next_event("punch")
+                    assert ev.get("nat", "") == a_nat
+                    reply = {"node_id": B, "session": sb, "rendezvous": ev["rendezvous"]}
+                    await call(server, "punch_answer", {**reply, **({"nat": b_nat} if b_nat else {})})
+                assert answer.get("nat", "") == b_nat
+
+
 async def test_forged_and_malformed_requests_are_refused_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="tracker.signals")
     async with tracker(answer_timeout=0.3) as server:
@@ -151,6 +173,7 @@ async def test_forged_and_malformed_requests_are_refused_and_logged(caplog: pyte
             ("punch", {**ask, "node_id": "../etc"}, ErrorCode.BAD_REQUEST, "node_id must be"),
             ("punch", {**ask, "target": X}, ErrorCode.NOT_FOUND, f"node {X[:8]} is not registered"),
             ("punch", {**ask, "target": "10.0.0.1:22"}, ErrorCode.BAD_REQUEST, "node_id must be"),
+            ("punch", {**ask, "nat": "cone; rm -rf /"}, ErrorCode.BAD_REQUEST, "nat must be a NAT type name"),
             ("punch", {**ask, "target": A}, ErrorCode.BAD_REQUEST, "cannot rendezvous with itself"),
             ("punch", ask, ErrorCode.UNREACHABLE, "has no signal channel"),
             (
