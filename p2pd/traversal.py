@@ -29,13 +29,14 @@ them once both are there. The requester sends the p2pd handshake, the other side
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
 import random
 import re
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -279,13 +280,35 @@ def _mapped(reply: dict[str, Any]) -> tuple[str, int]:
     return addr[0], addr[1]
 
 
+@contextlib.contextmanager
+def birthday_place(role: tcp_punch.Role, gate: udp_punch.BirthdayGate | None) -> Iterator[None]:
+    """A place in `gate` for a birthday punch's role (a plain punch needs none); ConnectError when it is full."""
+    if role is tcp_punch.Role.PLAIN or gate is None:
+        yield
+        return
+    if not gate.try_enter():
+        raise ConnectError(f"{gate.running} birthday punch(es) under way already (the most at once)")
+    try:
+        yield
+    finally:
+        gate.leave()
+
+
 async def _punch(
-    signal: SignalChannel, method: str, params: dict[str, Any], timeout: float, nat: str, peer_nat: str | None = None
+    signal: SignalChannel,
+    method: str,
+    params: dict[str, Any],
+    timeout: float,
+    nat: str,
+    peer_nat: str | None = None,
+    gate: udp_punch.BirthdayGate | None = None,
 ) -> tuple[trio.SocketStream, tuple[str, int]]:
     """Ask the tracker from a fresh port, then open a connection to the address it names; ConnectError if not.
 
     `nat`: this node's NAT type, passed to the peer; `peer_nat`: the peer's (None: the tracker's answer has it):
-    together they give the birthday roles (p2pd/protocol/tcp_punch.py)."""
+    together they give the birthday roles (p2pd/protocol/tcp_punch.py). A birthday punch takes a place in
+    `gate`, the one the UDP punch's take too: each holds hundreds to thousands of sockets for a second and
+    the CPU to drive them, so a node runs few at once, whoever asked; with the gate full it fails at once."""
     deadline = trio.current_time() + timeout
     tracker = signal.addr
     if not signal.up or tracker is None:
@@ -302,7 +325,8 @@ async def _punch(
             role = tcp_punch.role(nat, peer_nat)
             if role is not tcp_punch.Role.PLAIN:
                 log.debug("tcp punch to %s: %s side (%s <-> %s)", _fmt(remote), role, nat, peer_nat)
-            stream = await port.connect_to(remote, max(0.1, deadline - trio.current_time()), role)
+            with birthday_place(role, gate):
+                stream = await port.connect_to(remote, max(0.1, deadline - trio.current_time()), role)
     except RpcError as e:
         raise ConnectError(f"tracker: {e.message}") from None
     except trio.TooSlowError:
@@ -323,14 +347,17 @@ class PunchConnector:
         timeout: float,
         handshake_timeout: float,
         nat: Callable[[], NatStatus | None] = lambda: None,
+        gate: udp_punch.BirthdayGate | None = None,
     ) -> None:
-        """`nat()`: this node's NAT detection status now (its type picks the birthday role)."""
+        """`nat()`: this node's NAT detection status now (its type picks the birthday role); `gate`: the
+        node's birthday punches at once (shared with the UDP punch)."""
         self.identity = identity
         self.node_id = identity.node_id
         self.signal = signal
         self.timeout = timeout
         self.handshake_timeout = handshake_timeout
         self.nat = nat
+        self.gate = gate
 
     async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> Connection:
         stream, remote = await _punch(
@@ -339,6 +366,7 @@ class PunchConnector:
             {"target": remote_id, "artifact_id": artifact_id},
             self.timeout,
             own_nat(self.nat)[0],
+            gate=self.gate,
         )
         return await _handshake_punched(stream, remote, self.identity, remote_id, artifact_id, self.handshake_timeout)
 
@@ -493,6 +521,7 @@ class Traversal:
                 timeout=config.punch_timeout,
                 handshake_timeout=swarm.handshake_timeout,
                 nat=lambda: self.nat(),
+                gate=self.birthday_gate,
             ),
             "udp-punch": udp_punch.UdpPunchConnector(
                 identity,
@@ -612,6 +641,7 @@ class Traversal:
                 self.config.punch_timeout,
                 own_nat(self.nat)[0],
                 peer_nat,
+                self.birthday_gate,
             )
             return await _handshake_punched(
                 stream, remote, self.identity, remote_id, artifact_id, self.swarm_config.handshake_timeout

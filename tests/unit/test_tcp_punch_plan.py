@@ -31,3 +31,24 @@ def test_both_sides_of_a_pair_agree_that_exactly_one_sprays() -> None:
         for peer in ALL:
             mine, theirs = role(own, peer), role(peer, own)
             assert (mine is Role.EASY) == (theirs is Role.HARD), (own, peer)
+
+
+def test_a_birthday_punch_takes_a_place_in_the_nodes_gate_and_a_plain_one_none() -> None:
+    """The TCP birthday punch shares the UDP punch's gate (each holds hundreds to thousands of sockets for a
+    second): with it full, one more fails at once instead of opening its sockets; a plain punch never waits."""
+    from p2pd.connections import ConnectError
+    from p2pd.traversal import birthday_place
+    from p2pd.udp_punch import BirthdayGate
+
+    gate = BirthdayGate(1)
+    with birthday_place(Role.HARD, gate):
+        assert gate.running == 1
+        with pytest.raises(ConnectError, match="under way already"), birthday_place(Role.EASY, gate):
+            pass
+        with birthday_place(Role.PLAIN, gate):
+            assert gate.running == 1
+    assert gate.running == 0
+    with pytest.raises(RuntimeError), birthday_place(Role.EASY, gate):
+        assert gate.running == 1
+        raise RuntimeError("the punch failed")
+    assert gate.running == 0  # freed on failure too
