@@ -116,6 +116,11 @@ class TraversalConfig:
     # ~1,000 probes/s; 4-8 at once starved a symmetric node's TCP paths in the NAT swarm (BENCHMARKS.md); 2 lets
     # a node punch with a full cone and a port-restricted one at the same time (the NAT matrix)
     max_birthday_punches: int = 2
+    # TCP birthday punches at once (p2pd/protocol/tcp_punch.py), a gate of their own: the kernel resends the
+    # hard side's SYNs, so one costs less CPU than a UDP one but holds up to 256 (hard) or ~2,000 (easy) sockets
+    # for a second; 4 lets a symmetric node meet the NAT swarm's 4 cones at once, while its UDP punches race
+    # in their own gate
+    max_tcp_birthday_punches: int = 4
     # -- the relay this node offers (`p2pd run --relay`)
     offer_relay: bool = False
     relay_listen: tuple[str, int] = ("0.0.0.0", 7701)

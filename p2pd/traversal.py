@@ -307,8 +307,8 @@ async def _punch(
 
     `nat`: this node's NAT type, passed to the peer; `peer_nat`: the peer's (None: the tracker's answer has it):
     together they give the birthday roles (p2pd/protocol/tcp_punch.py). A birthday punch takes a place in
-    `gate`, the one the UDP punch's take too: each holds hundreds to thousands of sockets for a second and
-    the CPU to drive them, so a node runs few at once, whoever asked; with the gate full it fails at once."""
+    `gate` (`max_tcp_birthday_punches`): each holds hundreds to thousands of sockets for a second and the
+    CPU to drive them, so a node runs few at once, whoever asked; with the gate full it fails at once."""
     deadline = trio.current_time() + timeout
     tracker = signal.addr
     if not signal.up or tracker is None:
@@ -350,7 +350,7 @@ class PunchConnector:
         gate: udp_punch.BirthdayGate | None = None,
     ) -> None:
         """`nat()`: this node's NAT detection status now (its type picks the birthday role); `gate`: the
-        node's birthday punches at once (shared with the UDP punch)."""
+        node's TCP birthday punches at once."""
         self.identity = identity
         self.node_id = identity.node_id
         self.signal = signal
@@ -501,6 +501,7 @@ class Traversal:
         # must not pay before it serves its peers again.
         self._credentials: quic_stream.Credentials | None = None
         self.birthday_gate = udp_punch.BirthdayGate(config.max_birthday_punches)  # ours and answered ones
+        self.tcp_birthday_gate = udp_punch.BirthdayGate(config.max_tcp_birthday_punches)  # likewise, over TCP
         self.relay: Relay | None = None
         self._relay_keys: list[bytes] = []
         if config.offer_relay:
@@ -521,7 +522,7 @@ class Traversal:
                 timeout=config.punch_timeout,
                 handshake_timeout=swarm.handshake_timeout,
                 nat=lambda: self.nat(),
-                gate=self.birthday_gate,
+                gate=self.tcp_birthday_gate,
             ),
             "udp-punch": udp_punch.UdpPunchConnector(
                 identity,
@@ -641,7 +642,7 @@ class Traversal:
                 self.config.punch_timeout,
                 own_nat(self.nat)[0],
                 peer_nat,
-                self.birthday_gate,
+                self.tcp_birthday_gate,
             )
             return await _handshake_punched(
                 stream, remote, self.identity, remote_id, artifact_id, self.swarm_config.handshake_timeout

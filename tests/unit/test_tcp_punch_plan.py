@@ -34,8 +34,8 @@ def test_both_sides_of_a_pair_agree_that_exactly_one_sprays() -> None:
 
 
 def test_a_birthday_punch_takes_a_place_in_the_nodes_gate_and_a_plain_one_none() -> None:
-    """The TCP birthday punch shares the UDP punch's gate (each holds hundreds to thousands of sockets for a
-    second): with it full, one more fails at once instead of opening its sockets; a plain punch never waits."""
+    """A TCP birthday punch holds hundreds to thousands of sockets for a second: with the node's gate full,
+    one more fails at once instead of opening its sockets; a plain punch takes no place."""
     from p2pd.connections import ConnectError
     from p2pd.traversal import birthday_place
     from p2pd.udp_punch import BirthdayGate
