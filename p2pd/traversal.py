@@ -175,31 +175,18 @@ class PunchPort:
                 take(sock, cancel)
                 return
 
-        async def dial_loop(cancel: trio.CancelScope) -> None:
-            while True:
-                sock = _reuse_socket(self.family)
-                try:
-                    await sock.bind((self.wildcard, self.port))
-                    await sock.connect(remote)
-                except OSError as e:
-                    sock.close()
-                    errors.append(_errname(e))
-                    await trio.sleep(DIAL_RETRY)
-                    continue
-                except BaseException:
-                    sock.close()
-                    raise
-                take(sock, cancel)
-                return
-
         syn = tcp_punch.SYN_WIRE[6 if self.family == socket.AF_INET6 else 4]
 
-        async def hard_socket(cancel: trio.CancelScope) -> None:
-            # a fresh local port: our symmetric NAT maps it to a new random port, open to `remote` alone
+        async def dial_loop(cancel: trio.CancelScope, fresh_port: bool = False) -> None:
+            # from the punch port; or (a hard side's birthday socket) from a fresh one, which our symmetric NAT
+            # maps to a new random port, open to `remote` alone
             while True:
-                sock = trio.socket.socket(self.family, socket.SOCK_STREAM)
-                TRAFFIC.sent += syn
+                sock = trio.socket.socket(self.family, socket.SOCK_STREAM) if fresh_port else _reuse_socket(self.family)
                 try:
+                    if fresh_port:
+                        TRAFFIC.sent += syn
+                    else:
+                        await sock.bind((self.wildcard, self.port))
                     await sock.connect(remote)
                 except OSError as e:
                     sock.close()
@@ -215,7 +202,7 @@ class PunchPort:
         async def hard_loop(cancel: trio.CancelScope) -> None:
             async with trio.open_nursery() as nursery:
                 for _ in range(tcp_punch.HARD_SOCKETS):
-                    nursery.start_soon(hard_socket, cancel)
+                    nursery.start_soon(dial_loop, cancel, True)
 
         async def spray_probe(port: int, cancel: trio.CancelScope) -> None:
             # from the punch port, so that our cone's one mapping lets that port's answer in
