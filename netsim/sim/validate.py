@@ -140,10 +140,10 @@ CASES = [
         "1+32",
         _uniform(32, "12.5Mbit/s"),
         parse_size("32MiB"),
-        34.9485,
+        34.7945,
         None,
-        "BENCHMARKS.md: Quiet run of 2026-11-27 12:14-13:05 (5fabe7b), median of 2 (34.90, 34.99 s), helpers "
-        "stopped; CPU-bound: daemons 1.77-1.79 cores, machine 1.96-1.97 busy",
+        "BENCHMARKS.md: Quiet run of 2026-11-27 15:20-15:51 (44ff686), median of 4 (36.49, 34.84, 34.75, 34.53 s), "
+        "helpers stopped; no longer CPU-bound: daemons 1.16-1.53 cores, machine 1.34-1.70 busy",
     ),
     Case(
         "heterogeneous",
@@ -158,12 +158,12 @@ CASES = [
         "churn",
         _uniform(8, "50Mbit/s"),
         parse_size("64MiB"),
-        18.5405,
+        16.141,
         None,
-        "BENCHMARKS.md: Quiet run of 2026-11-27 12:14-13:05 (5fabe7b), median of 2 (18.97, 18.11 s), helpers "
-        "stopped; the restarted daemons answered 3.26-4.05 s after they were due (mean 3.705 s)",
+        "BENCHMARKS.md: Quiet run of 2026-11-27 15:20-15:51 (44ff686), median of 3 (16.13, 16.64, 16.14 s), helpers "
+        "stopped; the restarted daemons answered 1.12-1.50 s after they were due (mean 1.280 s)",
         churn=(2, 4.0, 3.0),
-        churn_restart_s=3.705,
+        churn_restart_s=1.280,
     ),
     Case(
         "zones",
