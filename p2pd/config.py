@@ -52,6 +52,10 @@ class SwarmConfig:
     peer_lookup_every: float = 2.0  # ...up to this while connected to someone,
     peer_lookup_alone: float = 0.5  # ...or this while connected to no one,
     peer_lookup_failing: float = 5.0  # ...or this while the tracker does not answer
+    # of two downloading nodes that need a punch to meet (the peer is behind a NAT), the lower id dials and the other
+    # waits this long for it before it dials too (swarm._dial_is_theirs): both punching at once cost the NAT swarm's
+    # symmetric nodes twice the birthday punches their gate holds. Longer than a punch takes to come up (0.1-2 s)
+    nat_dial_wait: float = 3.0
     # a peer we reach only through the relay is punched again (UDP) this often while we download, and moved to the
     # punched path once it is up: its first punch may have been refused (a node runs at most `max_birthday_punches`
     # at once) and the relay is a shared fallback far slower than a punch (issue #12: relay <= 0.1 F)
