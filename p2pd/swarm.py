@@ -395,8 +395,10 @@ class Swarm:
         self.conns[peer.remote_id] = peer
         log.debug("%s: connected to %s (%s, %s)", self.name, peer.remote_id[:8], peer.addr, peer.path)
         dial = self._dials.get(peer.remote_id)
-        if dial is not None and path_rank(peer.path) == 0:
-            dial.cancel()  # our own dial could bring no better path: its punches (and their sockets) stop now
+        if dial is not None and path_rank(peer.path) == 0 and peer.initiator == min(self.node_id, peer.remote_id):
+            # what our own dial could bring would lose to this one at both ends (the same path rank, and this is
+            # the lower id's connection): its punches, and their sockets, stop now
+            dial.cancel()
         peer.session.send_bitfield(self.have_mask)
         return True
 

@@ -413,7 +413,8 @@ async def test_a_dial_stops_once_the_peer_reached_us_on_a_fast_path(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Our dial to a peer (its punches and their sockets) is called off when that peer's own connection to us
-    is registered on a path as good as any the dial could bring; not when it came over the relay."""
+    is registered on a path as good as any the dial could bring and would win over ours at both ends (the lower
+    id's); not when it came over the relay, nor when ours would win (then both ends keep ours)."""
     cancelled: list[str] = []
 
     class Slow:
@@ -426,14 +427,15 @@ async def test_a_dial_stops_once_the_peer_reached_us_on_a_fast_path(
             raise connections.ConnectError("timed out")
 
     sw = make_swarm(tmp_path, complete=False, connector=Slow())
-    fast, relayed = "c" * 32, "d" * 32
+    fast, relayed, higher = "0" * 32, "1" * 32, "c" * 32  # we are "a" * 32
     async with trio.open_nursery() as n:
-        for nid in (fast, relayed):
+        for nid in (fast, relayed, higher):
             sw.connecting.add(nid)
             n.start_soon(sw._dial, nid, ("10.0.0.9", 7000))
         await trio.sleep(1)
         assert sw._register(_Conn(fast, fast, "tcp-punch"))  # type: ignore[arg-type]
         assert sw._register(_Conn(relayed, relayed, "relay"))  # type: ignore[arg-type]
+        assert sw._register(_Conn(higher, higher, "direct"))  # type: ignore[arg-type]
         await trio.sleep(1)
         assert cancelled == [fast]
         assert fast not in sw.connecting and fast not in sw.retry_after  # not a failure: nothing to wait for
