@@ -52,6 +52,12 @@ class SwarmConfig:
     peer_lookup_every: float = 2.0  # ...up to this while connected to someone,
     peer_lookup_alone: float = 0.5  # ...or this while connected to no one,
     peer_lookup_failing: float = 5.0  # ...or this while the tracker does not answer
+    # of two downloading nodes that need a punch to meet (the peer is behind a NAT), the lower id dials and the other
+    # waits this long for it before it dials too (swarm._dial_is_theirs): both punching at once cost the NAT swarm's
+    # symmetric nodes twice the birthday punches their gate holds, and its cones' auto-throttle yielded their upload
+    # meanwhile (1.64-1.80x the bound; 1.21-1.31x with one punch per pair, BENCHMARKS.md). Longer than a punch
+    # takes to come up (0.1-2 s)
+    nat_dial_wait: float = 3.0
     # a peer we reach only through the relay is punched again (UDP) this often while we download, and moved to the
     # punched path once it is up: its first punch may have been refused (a node runs at most `max_birthday_punches`
     # at once) and the relay is a shared fallback far slower than a punch (issue #12: relay <= 0.1 F)
@@ -104,7 +110,10 @@ class TraversalConfig:
     paths: tuple[str, ...] = PATHS  # which paths the race may use (`--paths`)
     # -- the race (seconds from the start of a connect; a failed path starts the next at once)
     punch_after: float = 0.15  # a direct connect that works on a cluster network is done well within this
-    udp_punch_after: float = 0.5  # after tcp-punch has had its chance (cones), before the relay (cone <-> symmetric)
+    # after tcp-punch has had its chance: with the TCP birthday punch (0.4-1.4 s to a symmetric node in the NAT swarm)
+    # a cone <-> symmetric pair meets over TCP, and a UDP punch begun at 0.5 s won some such races for QUIC, a path
+    # asked last (then one dial per pair kept it: swarm._dial_is_theirs); a punch that fails starts it at once
+    udp_punch_after: float = 1.0
     relay_after: float = 2.5  # after the UDP punch's rendezvous (a punch under way holds the relay back)
     udp_punch_timeout: float = 4.0  # rendezvous, spray and QUIC handshake (a spray this long hits with p > 0.9999)
     punch_timeout: float = 3.0  # rendezvous plus simultaneous open, the dial retried for the rest of it

@@ -47,6 +47,17 @@ BUFFER_POOL_BYTES = 32 << 20  # idle piece buffers kept for reuse (a verifier qu
 # capacity among every pair it splices. A path not listed ranks between.
 MAX_KNOWN_PEERS = 65536  # peers whose zone or NAT type a swarm remembers (a few MB at most)
 FEW_PATHS_NATS = frozenset({NatType.SYMMETRIC.value})  # NAT types whose nodes reach only public nodes over TCP
+# NAT types whose nodes are reached only by a punch (or the relay), never by a direct dial
+PUNCHED_NATS = frozenset(
+    t.value
+    for t in (
+        NatType.FULL_CONE,
+        NatType.RESTRICTED_CONE,
+        NatType.PORT_RESTRICTED_CONE,
+        NatType.SYMMETRIC,
+        NatType.UDP_BLOCKED,
+    )
+)
 PATH_RANK = {"direct": 0, "tcp-punch": 0, "udp-punch": 1, "relay": 2}
 
 
@@ -176,6 +187,11 @@ class Swarm:
         self.rates: dict[PeerConn, PeerRate] = {}  # per connection: its delivery rate...
         self.depths: dict[PeerConn, int] = {}  # ...and the pipeline depth that rate asks for
         self.connecting: set[str] = set()
+        # the dials under way (peer -> its cancel scope): one is called off once that peer's connection to us is
+        # registered on a fast path (`_register`), else both ends of a NATed pair punch each other to the end
+        self._dials: dict[str, trio.CancelScope] = {}
+        # NATed peers that dial us (`_dial_is_theirs`) -> when we dial them anyway, if they have not by then
+        self._theirs_until: dict[str, float] = {}
         self.banned: dict[str, str] = {}  # node id -> why; until ban_until (strikes expire: not for ever)
         self.ban_until: dict[str, float] = {}
         self.strikes: dict[str, list[float]] = {}  # node id -> times it sent a corrupt piece
@@ -378,6 +394,11 @@ class Swarm:
             self.on_close(existing)
         self.conns[peer.remote_id] = peer
         log.debug("%s: connected to %s (%s, %s)", self.name, peer.remote_id[:8], peer.addr, peer.path)
+        dial = self._dials.get(peer.remote_id)
+        if dial is not None and path_rank(peer.path) == 0 and peer.initiator == min(self.node_id, peer.remote_id):
+            # what our own dial could bring would lose to this one at both ends (the same path rank, and this is
+            # the lower id's connection): its punches, and their sockets, stop now
+            dial.cancel()
         peer.session.send_bitfield(self.have_mask)
         return True
 
@@ -852,6 +873,8 @@ class Swarm:
                         continue
                     if self.retry_after.get(nid, 0) > now:
                         continue
+                    if len(peers) < cfg.peers_per_lookup and self._dial_is_theirs(p, now):
+                        continue
                     self.connecting.add(nid)
                     zone = p.get("zone")
                     addr = (str(p["addr"][0]), int(p["addr"][1]))
@@ -864,6 +887,27 @@ class Swarm:
             with trio.move_on_after(wait):
                 await self._peer_wakeup.wait()
                 await trio.sleep(0.05)  # a burst of closes is one wakeup
+
+    def _dial_is_theirs(self, p: dict[str, Any], now: float) -> bool:
+        """Leave the dial to a peer found in a lookup that listed the whole swarm (so its own lookups list us)?
+
+        Peers released together find each other at once and each dials the other. Towards a node behind a NAT
+        each dial is a punch through the tracker, and between a cone and a symmetric NAT a birthday punch that
+        holds 256 sockets at one end and sprays 2,000 SYNs/s from the other, with a place in each node's gate
+        (`max_tcp_birthday_punches`, 4): in the NAT swarm a symmetric node was asked for 8 (4 cones both ways),
+        the refused ones after the other end had begun, and every pair punched twice for one connection. So of
+        two nodes that both download, the one with the lower id dials a NATed one; the other waits for it, and
+        dials after all `nat_dial_wait` later if no connection came (the peer had no room, or its dial failed).
+        A public peer is dialled at once (direct, no punch), a complete one too (it looks up no peers)."""
+        nid = str(p["node_id"])
+        progress = p.get("progress", 1.0)
+        if p.get("nat_type") not in PUNCHED_NATS or not isinstance(progress, int | float) or progress >= 1.0:
+            return False
+        if nid > self.node_id:
+            return False  # ours to dial
+        if len(self._theirs_until) > MAX_KNOWN_PEERS:
+            self._theirs_until.clear()  # bounded; at worst a peer is waited for once more
+        return now < self._theirs_until.setdefault(nid, now + self.config.nat_dial_wait)
 
     def _upgrade_relayed(self, nursery: trio.Nursery) -> None:
         """Punch again to a peer we dialled and reach only through the relay, `relay_upgrade_every` after
@@ -899,13 +943,19 @@ class Swarm:
 
     async def _dial(self, nid: str, addr: tuple[str, int], zone: str = "") -> None:
         try:
-            conn = await self.connector.connect(nid, addr, self.artifact_id)
+            with trio.CancelScope() as scope:
+                self._dials[nid] = scope
+                conn = await self.connector.connect(nid, addr, self.artifact_id)
+            if scope.cancelled_caught:
+                log.debug("%s: dial to %s called off: it reached us first", self.name, nid[:8])
+                return
         except ConnectError as e:
             log.debug("connect to %s failed: %s", nid[:8], e)
             self.retry_after[nid] = trio.current_time() + self.config.retry_after_failed_connect
             return
         finally:
             self.connecting.discard(nid)
+            self._dials.pop(nid, None)
         self._dialled[nid] = addr
         try:
             reason = await self.serve(conn, zone)

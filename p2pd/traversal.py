@@ -61,6 +61,7 @@ from p2pd.udp_punch import own_nat
 log = logging.getLogger(__name__)
 
 DIAL_RETRY = 0.05  # after a refused SYN (the other side's NAT or host said no yet): dial again soon
+RESEND_POLL = 0.25  # how often a punch counts the SYNs the kernel sent again (auto-throttling's tick)
 _NODE_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
 _HANDSHAKE_FAILURES = (
     OSError,
@@ -176,18 +177,40 @@ class PunchPort:
                 return
 
         syn = tcp_punch.SYN_WIRE[6 if self.family == socket.AF_INET6 else 4]
+        # our dials' connects still unanswered: (when the first SYN left, SYNs counted so far); the kernel sends
+        # each SYN again while the NATs drop it (tcp_punch.syns_sent), and auto-throttling must be told of those
+        unanswered: dict[int, tuple[float, int]] = {}
+
+        def count_syns(key: int, done: bool = False) -> None:
+            first, counted = unanswered[key]
+            sent = tcp_punch.syns_sent(trio.current_time() - first)
+            TRAFFIC.sent += syn * (sent - counted)
+            if done:
+                del unanswered[key]
+            else:
+                unanswered[key] = (first, sent)
+
+        async def resend_loop() -> None:
+            while True:
+                await trio.sleep(RESEND_POLL)
+                for key in list(unanswered):
+                    count_syns(key)
 
         async def dial_loop(cancel: trio.CancelScope, fresh_port: bool = False) -> None:
             # from the punch port; or (a hard side's birthday socket) from a fresh one, which our symmetric NAT
             # maps to a new random port, open to `remote` alone
             while True:
                 sock = trio.socket.socket(self.family, socket.SOCK_STREAM) if fresh_port else _reuse_socket(self.family)
+                key = id(sock)
                 try:
-                    if fresh_port:
-                        TRAFFIC.sent += syn
-                    else:
+                    if not fresh_port:
                         await sock.bind((self.wildcard, self.port))
-                    await sock.connect(remote)
+                    unanswered[key] = (trio.current_time(), 0)
+                    count_syns(key)
+                    try:
+                        await sock.connect(remote)
+                    finally:
+                        count_syns(key, done=True)
                 except OSError as e:
                     sock.close()
                     errors.append(_errname(e))
@@ -210,10 +233,14 @@ class PunchPort:
             try:
                 await sock.bind((self.wildcard, self.port))
                 TRAFFIC.sent += syn
-                with trio.move_on_after(tcp_punch.SPRAY_HOLD):
-                    await sock.connect((remote[0], port))
-                    take(sock, cancel)
-                    return
+                first = trio.current_time()
+                try:
+                    with trio.move_on_after(tcp_punch.SPRAY_HOLD):
+                        await sock.connect((remote[0], port))
+                        take(sock, cancel)
+                        return
+                finally:  # a resend too if a busy loop closes it only past SYN_RTO
+                    TRAFFIC.sent += syn * (tcp_punch.syns_sent(trio.current_time() - first) - 1)
             except OSError:
                 pass  # refused or unreachable: not one of the ports the hard side opened
             except BaseException:
@@ -235,6 +262,7 @@ class PunchPort:
             with trio.move_on_after(timeout):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(accept_loop, nursery.cancel_scope)
+                    nursery.start_soon(resend_loop)
                     nursery.start_soon(dial_loop, nursery.cancel_scope)
                     if role is tcp_punch.Role.HARD:
                         nursery.start_soon(hard_loop, nursery.cancel_scope)

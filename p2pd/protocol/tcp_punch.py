@@ -36,11 +36,44 @@ from p2pd.protocol.udp_punch import HARD_SOCKETS, SYMMETRIC
 CONES = frozenset({"full-cone", "restricted-cone", "port-restricted-cone", "udp-blocked"})
 SPRAY_RATE = 2000.0  # SYNs/s from the easy side (~150 kB/s of headers while it lasts)
 SPRAY_PROBES = 2048  # at most this many per punch: p = 0.9996 of a hit with HARD_SOCKETS open ports
-SPRAY_HOLD = 1.0  # s each sprayed socket waits for the answer (many RTTs; its NAT entry lives as long)
+# s each sprayed socket waits for the answer: many RTTs, and under the kernel's first SYN resend (`SYN_RTO`), so
+# that each probe is one SYN on the wire, as counted (a hit after it closed still reaches the punch port's
+# listener: the NAT entry its SYN made outlives the socket)
+SPRAY_HOLD = 0.9
 SPRAY_AFTER = 0.1  # s of plain dialling first: a peer that is a cone after all connects before any spray
 SYN_WIRE = {4: 74, 6: 94}  # bytes of a SYN on the wire (Ethernet, IP, TCP with options): for auto-throttling
+# Linux sends an unanswered SYN again after 1 s, then after each doubled timeout (net.ipv4.tcp_syn_retries = 6):
+# a punch's SYN_SENT sockets (the plain dial, the hard side's 256) are answered by nobody while the NATs drop
+# them, so each puts a SYN on the wire at 0, 1, 3 (7, ...) s. Auto-throttling reads every byte it was not told
+# of as another service's traffic: uncounted, a symmetric node's 4 birthday punches at once resend 4 x 256 SYNs
+# (76 kB) at 1 s and again at 3 s, besides what it counted.
+SYN_RTO = 1.0
+SYN_RETRIES = 6
 
-__all__ = ["CONES", "HARD_SOCKETS", "SPRAY_AFTER", "SPRAY_HOLD", "SPRAY_PROBES", "SPRAY_RATE", "Role", "role"]
+
+def syns_sent(elapsed: float) -> int:
+    """SYNs one connect has put on the wire `elapsed` seconds after its first, while unanswered."""
+    n, at, rto = 1, SYN_RTO, SYN_RTO
+    while n <= SYN_RETRIES and elapsed >= at:
+        n += 1
+        rto *= 2
+        at += rto
+    return n
+
+
+__all__ = [
+    "CONES",
+    "HARD_SOCKETS",
+    "SPRAY_AFTER",
+    "SPRAY_HOLD",
+    "SPRAY_PROBES",
+    "SPRAY_RATE",
+    "SYN_RTO",
+    "SYN_WIRE",
+    "Role",
+    "role",
+    "syns_sent",
+]
 
 
 class Role(enum.StrEnum):

@@ -354,3 +354,90 @@ async def test_haves_are_held_for_have_batch_in_a_big_swarm_only(
         assert all(c.session.take_output() == wire.encode(wire.Have(7)) for c in sw.conns.values())
         n.cancel_scope.cancel()
     sw.store.close()
+
+
+# --------------------------------------------------------------------------------------------- who dials whom
+async def test_of_two_natted_downloaders_the_lower_id_dials(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Both ends of a pair dial each other as they find each other; towards a NATed node each dial is a punch (a
+    birthday punch with a symmetric NAT, in a gate of 4 per node). So a NATed downloader with a lower id than ours
+    is left to dial us, and dialled only `nat_dial_wait` later if it did not; a public, complete or higher one at
+    once, and anyone once the lookup did not list the whole swarm (the peer's lookups may not list us)."""
+    me = "a" * 32
+    listed = [
+        {"node_id": "0" * 32, "addr": ["10.0.0.2", 7000], "nat_type": "symmetric", "progress": 0.2},  # theirs
+        {"node_id": "1" * 32, "addr": ["10.0.0.3", 7000], "nat_type": "port-restricted-cone", "progress": 0.0},
+        {"node_id": "f" * 32, "addr": ["10.0.0.4", 7000], "nat_type": "port-restricted-cone", "progress": 0.2},
+        {"node_id": "2" * 32, "addr": ["10.0.0.5", 7000], "nat_type": "open", "progress": 0.2},
+        {"node_id": "3" * 32, "addr": ["10.0.0.6", 7000], "nat_type": "symmetric", "progress": 1.0},
+        {"node_id": "4" * 32, "addr": ["10.0.0.7", 7000], "progress": 0.2},  # a node that reported no NAT type
+    ]
+    first_dial: dict[str, float] = {}
+
+    class NoDial:
+        async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> connections.Connection:
+            first_dial.setdefault(remote_id, trio.current_time())
+            raise connections.ConnectError("not in this test")
+
+    async def find_peers(aid: str) -> list[dict[str, Any]]:
+        return listed
+
+    sw = make_swarm(tmp_path, complete=False, find_peers=find_peers, connector=NoDial())
+    assert sw.node_id == me
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        await n.start(sw.run)
+        await trio.sleep(6)
+        n.cancel_scope.cancel()
+    at = {nid[0]: round(t - start, 2) for nid, t in first_dial.items()}
+    assert {k: at[k] for k in "f234"} == dict.fromkeys("f234", 0.0)
+    wait = SwarmConfig.nat_dial_wait
+    assert wait <= at["0"] <= wait + SwarmConfig.peer_lookup_alone and wait <= at["1"] <= wait + 0.5
+    sw.store.close()
+
+    # a lookup that returns as many peers as asked for is a sample: the peer may never see us, so we dial it
+    full = [{**listed[0], "node_id": f"{i:032x}"} for i in range(SwarmConfig.peers_per_lookup)]
+    first_dial.clear()
+    listed = full
+    sw = make_swarm(tmp_path, complete=False, find_peers=find_peers, connector=NoDial())
+    async with trio.open_nursery() as n:
+        await n.start(sw.run)
+        await trio.sleep(0.1)
+        n.cancel_scope.cancel()
+    assert len(first_dial) == SwarmConfig.max_peers
+    sw.store.close()
+
+
+async def test_a_dial_stops_once_the_peer_reached_us_on_a_fast_path(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Our dial to a peer (its punches and their sockets) is called off when that peer's own connection to us
+    is registered on a path as good as any the dial could bring and would win over ours at both ends (the lower
+    id's); not when it came over the relay, nor when ours would win (then both ends keep ours)."""
+    cancelled: list[str] = []
+
+    class Slow:
+        async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> connections.Connection:
+            try:
+                await trio.sleep(30)
+            except trio.Cancelled:
+                cancelled.append(remote_id)
+                raise
+            raise connections.ConnectError("timed out")
+
+    sw = make_swarm(tmp_path, complete=False, connector=Slow())
+    fast, relayed, higher = "0" * 32, "1" * 32, "c" * 32  # we are "a" * 32
+    async with trio.open_nursery() as n:
+        for nid in (fast, relayed, higher):
+            sw.connecting.add(nid)
+            n.start_soon(sw._dial, nid, ("10.0.0.9", 7000))
+        await trio.sleep(1)
+        assert sw._register(_Conn(fast, fast, "tcp-punch"))  # type: ignore[arg-type]
+        assert sw._register(_Conn(relayed, relayed, "relay"))  # type: ignore[arg-type]
+        assert sw._register(_Conn(higher, higher, "direct"))  # type: ignore[arg-type]
+        await trio.sleep(1)
+        assert cancelled == [fast]
+        assert fast not in sw.connecting and fast not in sw.retry_after  # not a failure: nothing to wait for
+        n.cancel_scope.cancel()
+    sw.store.close()
