@@ -28,6 +28,7 @@ from p2pd.peer import WATCHDOG_EVERY, PeerConn
 from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import session as ps
+from p2pd.protocol import tcp_punch
 from p2pd.protocol.nat import NatType
 from p2pd.protocol.pacing import PeerRate, swarm_depth
 from p2pd.protocol.picker import Picker, zone_stripe
@@ -48,16 +49,7 @@ BUFFER_POOL_BYTES = 32 << 20  # idle piece buffers kept for reuse (a verifier qu
 MAX_KNOWN_PEERS = 65536  # peers whose zone or NAT type a swarm remembers (a few MB at most)
 FEW_PATHS_NATS = frozenset({NatType.SYMMETRIC.value})  # NAT types whose nodes reach only public nodes over TCP
 # NAT types whose nodes are reached only by a punch (or the relay), never by a direct dial
-PUNCHED_NATS = frozenset(
-    t.value
-    for t in (
-        NatType.FULL_CONE,
-        NatType.RESTRICTED_CONE,
-        NatType.PORT_RESTRICTED_CONE,
-        NatType.SYMMETRIC,
-        NatType.UDP_BLOCKED,
-    )
-)
+PUNCHED_NATS = tcp_punch.CONES | {NatType.SYMMETRIC.value}  # the cones of the TCP birthday punch, and symmetric
 PATH_RANK = {"direct": 0, "tcp-punch": 0, "udp-punch": 1, "relay": 2}
 
 

@@ -131,7 +131,8 @@ def _plain(addr: Addr) -> Addr:
 
 
 def _encode(req: BindingRequest, msg_class: _stun.Class, attrs: dict[str, object]) -> bytes:
-    msg = _codec().Message(_codec().Method.BINDING, msg_class, req.transaction_id[4:], attrs)
+    c = _codec()
+    msg = c.Message(c.Method.BINDING, msg_class, req.transaction_id[4:], attrs)
     out = bytes(msg)
     if req.classic:  # aioice writes the cookie: put the classic client's first id word back
         out = out[:4] + req.transaction_id[:4] + out[8:]
