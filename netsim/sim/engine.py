@@ -17,8 +17,11 @@ What is the daemon's code here, imported and driven the way p2pd.swarm and p2pd.
 
 What is modelled instead of run: bytes move as flows whose rates are max-min fair over the nodes'
 up- and downlinks (and the links between zones), recomputed whenever a flow starts or ends; each
-connection's writer sends one unit at a time in request order, as PeerConn's writer does; control
-messages take `latency` one way; hashing, disks, TCP dynamics and the stall watchdog are not modelled.
+connection's writer sends one unit at a time in request order, as PeerConn's writer does, and the control
+frames queued to a peer while a unit is being sent to it follow that unit (one stream each way); control
+messages take `latency` one way; HAVEs are held as Swarm._announce holds them (`have_batch` once a node has
+`have_batch_min_peers` connections, released early with any other frame to that peer); hashing, disks, TCP
+dynamics and the stall watchdog are not modelled.
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ class Node:
         "rates",
         "depths",
         "zones",
+        "held",
+        "flush_due",
+        "outbox",
     )
 
     def __init__(
@@ -129,6 +135,10 @@ class Node:
         self.rates: dict[int, PeerRate] = {}  # peer -> its delivery rate while our requests wait there...
         self.depths: dict[int, int] = {}  # ...and the pipeline depth that rate asks for (Swarm.rates, .depths)
         self.zones: dict[str, str] = {}  # node name -> zone, from the tracker's lists (Swarm.zones)
+        self.held: dict[int, list[int]] = {}  # peer -> HAVEs held for it, oldest first (PeerSession.hold_have)
+        self.flush_due = False  # a `_flush_haves` is scheduled (Swarm._have_flush_loop is sleeping)
+        # peer -> control frames queued while our writer sends it a piece: they follow the piece on the stream
+        self.outbox: dict[int, list[tuple[Callable[..., None], tuple[Any, ...]]]] = {}
 
 
 class Flows:
@@ -376,6 +386,10 @@ class Simulation:
         if up.zone != dst.zone:
             self.cross_zone += length
         del up.sending[dst.nid]
+        box = up.outbox.pop(dst.nid, None)
+        if box:  # PeerConn._writer, the piece sent: what was queued meanwhile goes out before the next piece
+            for fn, args in box:
+                self.at(self.now + self.sc.latency, fn, *args)
         self._next_upload(up, dst.nid)
         self._on_piece(dst, up.nid, unit, length)
 
@@ -386,7 +400,7 @@ class Simulation:
         if (not self.bt and self._slots_busy(up, rid)) or (
             up.complete and up.seeding.enabled and self._defer_request(up, rid, unit)
         ):
-            self.at(self.now + self.sc.latency, self._on_defer, self.nodes[rid], up.nid, unit, up.epoch)
+            self._frame(up, rid, self._on_defer, self.nodes[rid], up.nid, unit, up.epoch)
             return
         if self.bt and rid not in up.unchoked:  # a request from a choked peer is dropped, as the choke says
             self.at(self.now + self.sc.latency, self._bt_choked, self.nodes[rid], up.nid, [unit])
@@ -413,15 +427,17 @@ class Simulation:
             seeding.serve_tail = tail
 
     def _next_upload(self, up: Node, rid: int) -> None:
+        """PeerConn._writer woken (an upload queued, or the last one sent): held HAVEs leave first, then a piece."""
+        self._release_haves(up, rid)
         q = up.queue.get(rid)
         while q:
             unit = q.popleft()
             dst = self.nodes[rid]
             if not up.have >> unit & 1:
-                self.at(self.now + self.sc.latency, self._on_reject, dst, up.nid, unit, up.epoch)
+                self._frame(up, rid, self._on_reject, dst, up.nid, unit, up.epoch)
                 continue
             if up.seeding.defer_send(unit, rid, complete=up.complete):
-                self.at(self.now + self.sc.latency, self._on_defer, dst, up.nid, unit, up.epoch)
+                self._frame(up, rid, self._on_defer, dst, up.nid, unit, up.epoch)
                 continue
             up.seeding.sent(unit)
             self._start_flow(up, dst, unit)
@@ -484,7 +500,7 @@ class Simulation:
             i = picker.next_request(pid)
             if i is None:
                 break
-            self.at(self.now + self.sc.latency, self._on_request, up, nd.nid, i)
+            self._frame(nd, pid, self._on_request, up, nd.nid, i)
 
     def _fill_all(self, nd: Node) -> None:
         depth = self.cfg.pipeline_depth
@@ -521,45 +537,109 @@ class Simulation:
         self.delivered += length
         nd.have |= 1 << unit
         for peer in picker.piece_verified(unit):
-            self.at(self.now + self.sc.latency, self._on_cancel, self.nodes[peer], nd.nid, unit)
-        self.at(self.now + self.sc.latency, self._on_have, nd, unit, list(nd.queue), nd.epoch)
+            self._frame(nd, peer, self._on_cancel, self.nodes[peer], nd.nid, unit)
+        self._announce(nd, unit)
         if picker.done:
             self._finish(nd)
         else:
             self._fill_all(nd)
 
+    # -- frames from a node to one peer: control frames, and HAVEs at once or held ----------------
+    def _frame(self, nd: Node, pid: int, fn: Callable[..., None], *args: Any) -> None:
+        """A control frame from `nd` to `pid`: the HAVEs held for `pid` leave first (PeerSession._queue)."""
+        self._release_haves(nd, pid)
+        self._send(nd, pid, fn, args)
+
+    def _send(self, nd: Node, pid: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        """One connection's writer sends a whole piece before the frames queued meanwhile (PeerConn._writer),
+        and they share one TCP stream: a frame to a peer we are sending a piece to arrives after that piece.
+        (Not for the BitTorrent reference: its clients interleave messages between 16 KiB blocks.)"""
+        if not self.bt and pid in nd.sending:
+            box = nd.outbox.get(pid)
+            if box is None:
+                nd.outbox[pid] = [(fn, args)]
+            else:
+                box.append((fn, args))
+        else:
+            self.at(self.now + self.sc.latency, fn, *args)
+
+    def _release_haves(self, nd: Node, pid: int) -> None:
+        held = nd.held.pop(pid, None)
+        if held:
+            self._send(nd, pid, self._on_haves, (nd, pid, held, nd.epoch))
+
+    def _announce(self, nd: Node, unit: int) -> None:
+        """Swarm._announce: a HAVE to every peer, at once in a swarm of fewer than `have_batch_min_peers`
+        connections, else held (PeerSession.hold_have) until `have_batch` after the first held one
+        (Swarm._have_flush_loop) or until another frame goes to that peer, whichever comes first."""
+        cfg = self.cfg
+        if self.bt or cfg.have_batch <= 0 or len(nd.queue) < cfg.have_batch_min_peers:
+            busy = nd.sending
+            now = [pid for pid in nd.queue if pid not in busy] if busy and not self.bt else list(nd.queue)
+            self.at(self.now + self.sc.latency, self._on_have, nd, unit, now, nd.epoch)
+            if len(now) < len(nd.queue):
+                for pid in busy:
+                    if pid in nd.queue:
+                        self._send(nd, pid, self._on_haves, (nd, pid, [unit], nd.epoch))
+            return
+        for pid in nd.queue:
+            held = nd.held.get(pid)
+            if held is None:
+                nd.held[pid] = [unit]
+            else:
+                held.append(unit)
+        if not nd.flush_due:
+            nd.flush_due = True
+            self.at(self.now + cfg.have_batch, self._flush_haves, nd, nd.epoch)
+
+    def _flush_haves(self, nd: Node, epoch: int) -> None:
+        if nd.epoch != epoch:
+            return  # it left (and dropped what it held): a later hold schedules its own flush
+        nd.flush_due = False
+        for pid in list(nd.held):
+            self._release_haves(nd, pid)
+
     def _on_have(self, sender: Node, unit: int, peers: list[int], epoch: int) -> None:
         if sender.epoch != epoch:
             return
-        bit = 1 << unit
-        sid = sender.nid
-        depth = self.cfg.pipeline_depth
         nodes = self.nodes
         for pid in peers:
-            nd = nodes[pid]
-            if sid not in nd.queue:
-                continue
-            nd.remote_have[sid] = nd.remote_have.get(sid, 0) | bit
-            picker = nd.picker
-            if self.skip_held_haves and nd.downloading and nd.have & bit:
-                # exact fast path: a HAVE for a unit the node holds changes only the availability count of a
-                # piece the picker no longer looks at (every decision masks with `missing`), and returns False
-                self.haves_skipped += 1
-                continue
-            # _fill asks nothing while `depth` requests are out (BitTorrent's may still signal interest)
-            if (
-                nd.downloading
-                and picker.knows(sid)
-                and picker.peer_have(sid, unit)
-                and (self.bt or picker.outstanding(sid) < nd.depths.get(sid, depth))
-            ):
-                self._fill(nd, sid)
+            self._have_at(sender, nodes[pid], unit)
+
+    def _on_haves(self, sender: Node, pid: int, units: list[int], epoch: int) -> None:
+        """Held HAVEs arrive at `pid` together, read one frame after another."""
+        if sender.epoch != epoch:
+            return
+        nd = self.nodes[pid]
+        for unit in units:
+            self._have_at(sender, nd, unit)
+
+    def _have_at(self, sender: Node, nd: Node, unit: int) -> None:
+        sid = sender.nid
+        if sid not in nd.queue:
+            return
+        bit = 1 << unit
+        nd.remote_have[sid] = nd.remote_have.get(sid, 0) | bit
+        picker = nd.picker
+        if self.skip_held_haves and nd.downloading and nd.have & bit:
+            # exact fast path: a HAVE for a unit the node holds changes only the availability count of a
+            # piece the picker no longer looks at (every decision masks with `missing`), and returns False
+            self.haves_skipped += 1
+            return
+        # _fill asks nothing while `depth` requests are out (BitTorrent's may still signal interest)
+        if (
+            nd.downloading
+            and picker.knows(sid)
+            and picker.peer_have(sid, unit)
+            and (self.bt or picker.outstanding(sid) < nd.depths.get(sid, self.cfg.pipeline_depth))
+        ):
+            self._fill(nd, sid)
 
     def _finish(self, nd: Node) -> None:
         nd.downloading = False
         for peer, units in nd.picker.cancel_all().items():
             for u in units:
-                self.at(self.now + self.sc.latency, self._on_cancel, self.nodes[peer], nd.nid, u)
+                self._frame(nd, peer, self._on_cancel, self.nodes[peer], nd.nid, u)
         nd.complete = True
         nd.done_at = self.now
         self.done_count += 1
@@ -650,6 +730,8 @@ class Simulation:
             x.recv_from.pop(y.nid, None)
             x.rates.pop(y.nid, None)
             x.depths.pop(y.nid, None)
+            x.held.pop(y.nid, None)
+            x.outbox.pop(y.nid, None)
             if x.optimistic == y.nid:
                 x.optimistic = None
         for x, y in ((a, b), (b, a)):
@@ -666,6 +748,8 @@ class Simulation:
         for pid in list(nd.queue):
             self._close(nd, self.nodes[pid])
         nd.connecting.clear()
+        nd.held.clear()
+        nd.flush_due = False
         self.registry.leave(nd.name)
         self.at(self.now + away, self._arrive, nd)
 
