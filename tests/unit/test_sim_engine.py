@@ -259,13 +259,14 @@ def test_download_sources_change_nothing_below_the_gate() -> None:
     assert [nd.done_at for nd in on.nodes] == [nd.done_at for nd in off.nodes]
 
 
-def test_download_sources_past_the_gate_leave_slots_to_the_late_requesters() -> None:
+def test_download_sources_past_the_gate_cut_slot_deferrals_but_not_the_tail() -> None:
     """20 peers at 50 Mbit/s, 128 pieces: with the cap a node stops knocking at peers whose slots others hold
-    (here 12 k slot DEFERs against 31 k without; the 1 + 32: 0.20 M against 0.89 M) and the last nodes are not
-    left on one slot each (p99 1.33x against 1.46x); all complete."""
+    (here 23 k slot DEFERs against 35 k without); all complete. The tail is no shorter with it (p99 1.57x
+    against 1.40x) once requests and HAVEs wait behind the pieces on their connection, as in the daemon:
+    the emulated 1 + 32 also ran 7-17% slower with 4 sources (SwarmConfig.download_sources)."""
     sc = one(20, 6.25 * MB, 6.25 * MB, seed_up=6.25 * MB, size=32 * MiB, piece=256 << 10, latency=2e-4, quantum=None)
     on = simulate(replace(sc, swarm=replace(sc.swarm, download_sources=4)))
     off = simulate(replace(sc, swarm=replace(sc.swarm, download_sources=0)))
     assert on["completed"] == off["completed"] == 20
-    assert on["deferrals"]["slots"] < 0.6 * off["deferrals"]["slots"]
-    assert on["over_bound"]["p99"] < off["over_bound"]["p99"]
+    assert on["deferrals"]["slots"] < 0.8 * off["deferrals"]["slots"]
+    assert on["over_bound"]["p99"] > off["over_bound"]["p99"]
