@@ -574,6 +574,8 @@ class Simulation:
         (Swarm._have_flush_loop) or until another frame goes to that peer, whichever comes first."""
         cfg = self.cfg
         if self.bt or cfg.have_batch <= 0 or len(nd.queue) < cfg.have_batch_min_peers:
+            for pid in list(nd.held):  # held while it had more connections: they go first (PeerSession._queue)
+                self._release_haves(nd, pid)
             busy = nd.sending
             now = [pid for pid in nd.queue if pid not in busy] if busy and not self.bt else list(nd.queue)
             self.at(self.now + self.sc.latency, self._on_have, nd, unit, now, nd.epoch)
