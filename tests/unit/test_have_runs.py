@@ -49,7 +49,13 @@ async def test_the_reader_hands_a_run_of_haves_over_as_one_event_in_frame_order(
         io=StreamIO(ours), remote_id="r" * 32, addr="peer", path=ConnectionPath.DIRECT, initiator=True
     )
     peer = PeerConn(host, conn)
-    frames = [wire.Bitfield(bits.to_bytes(0, PIECES)), wire.Have(1), wire.Have(2), wire.Have(3), wire.Request(4)]
+    frames: list[wire.Message] = [
+        wire.Bitfield(bits.to_bytes(0, PIECES)),
+        wire.Have(1),
+        wire.Have(2),
+        wire.Have(3),
+        wire.Request(4),
+    ]
     frames += [wire.Have(5), wire.Goodbye("done")]
     await theirs.send_all(b"".join(wire.encode(f) for f in frames))
     with pytest.raises(ps.PeerClosed):
@@ -92,7 +98,7 @@ def test_a_run_of_haves_refills_the_peer_once_and_only_if_it_became_interesting(
     sw.picker.add_peer(s, [])
     conn: Any = SimpleNamespace(remote_id="c" * 32, session=s, closed=False)
     fills: list[Any] = []
-    sw.fill = fills.append  # type: ignore[method-assign]
+    sw.fill = fills.append  # type: ignore[method-assign,assignment]
     sw.bad_from[2] = {conn.remote_id, "d" * 32}
     sw.on_event(conn, s.on_haves([1, 2, 3]))
     assert fills == [conn]  # one refill for the run
