@@ -216,6 +216,13 @@ class PeerConn:
     async def _reader(self) -> None:
         s, io, host = self.session, self.io, self.host
         while True:
+            await io.fill(wire.HEADER_SIZE)
+            if io.rbuf.startswith(wire.HAVE_PREFIX):  # HAVEs come in runs (held and sent together): one pass
+                haves, end = wire.have_run(io.rbuf)
+                if haves:
+                    del io.rbuf[:end]
+                    host.on_event(self, s.on_haves(haves))
+                    continue
             t, n = s.on_header(await io.read_exactly(wire.HEADER_SIZE))
             if t is wire.MsgType.PIECE:
                 ph = s.on_piece_header(await io.read_exactly(wire.PIECE_SUB_SIZE), n)

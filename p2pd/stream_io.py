@@ -147,9 +147,13 @@ class StreamIO:
         TRAFFIC.received += len(data)
         return bytes(data)
 
-    async def read_exactly(self, n: int) -> bytes:
+    async def fill(self, n: int) -> None:
+        """Receive until `rbuf` holds at least `n` bytes (it may hold more: whatever one receive brought)."""
         while len(self.rbuf) < n:
             self.rbuf += await self._receive(max(SMALL_READ, n - len(self.rbuf)))
+
+    async def read_exactly(self, n: int) -> bytes:
+        await self.fill(n)
         out = bytes(self.rbuf[:n])
         del self.rbuf[:n]
         return out

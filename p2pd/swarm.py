@@ -444,10 +444,17 @@ class Swarm:
                 session.defer(i)
             else:
                 session.accept_upload(i)
+        elif isinstance(event, ps.HavesReceived):
+            knows, interesting = picker.knows(session), False
+            for i in event.indices:
+                if self.bad_from:
+                    self._announced_again(conn, i)
+                if knows and picker.peer_have(session, i):
+                    interesting = True
+            if interesting:
+                self.fill(conn)  # once for the run: one batch of requests, not a refill per HAVE
         elif isinstance(event, ps.HaveReceived):
-            bad = self.bad_from.get(event.index)
-            if bad is not None:
-                bad.discard(conn.remote_id)  # it announces the piece again: it repaired its copy
+            self._announced_again(conn, event.index)
             if picker.knows(session) and picker.peer_have(session, event.index):
                 self.fill(conn)
         elif isinstance(event, ps.BitfieldReceived):
@@ -475,6 +482,11 @@ class Swarm:
                     self.fill_all()  # it stopped serving us: a place among our capped sources is free
         elif isinstance(event, ps.BadPieceReported) and self._nursery is not None:
             self._nursery.start_soon(self._reverify, conn, event.index)
+
+    def _announced_again(self, conn: PeerConn, i: int) -> None:
+        bad = self.bad_from.get(i)
+        if bad is not None:
+            bad.discard(conn.remote_id)  # it announces the piece again: it repaired its copy
 
     def _rank(self, conn: PeerConn) -> int:
         """The picker's path rank of a peer: slower paths (relays) and other zones are asked last."""

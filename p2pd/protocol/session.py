@@ -1,6 +1,7 @@
 """One peer connection's protocol, as a state machine with no I/O (in the manner of h11).
 
-The I/O layer (p2pd/peer.py) reads a frame header and hands it to `on_header`, which says what the
+The I/O layer (p2pd/peer.py) hands a run of whole HAVE frames it holds to `on_haves` (the commonest
+frame, decoded in one pass), else reads a frame header and hands it to `on_header`, which says what the
 body is; it reads that many bytes and hands them to `on_control`, which returns what happened
 (`BitfieldReceived`, `UploadRequested`, ...) for the swarm to act on; or, for a PIECE, hands the
 sub-header to `on_piece_header`, reads the data straight into a piece buffer (no copy through this
@@ -51,6 +52,13 @@ class HaveReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class HavesReceived:
+    """A run of HAVE frames read at once (`on_haves`), in the order they came."""
+
+    indices: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class UploadRequested:
     """The peer asks for a piece: the swarm answers with `accept_upload` or `defer` (the seed policy)."""
 
@@ -78,7 +86,15 @@ class BadPieceReported:
     index: int
 
 
-Event = BitfieldReceived | HaveReceived | UploadRequested | RequestRejected | RequestDeferred | BadPieceReported
+Event = (
+    BitfieldReceived
+    | HaveReceived
+    | HavesReceived
+    | UploadRequested
+    | RequestRejected
+    | RequestDeferred
+    | BadPieceReported
+)
 
 
 class PeerSession:
@@ -177,6 +193,19 @@ class PeerSession:
         if isinstance(msg, wire.KeepAlive):
             return None
         raise wire.ProtocolError(f"unexpected {type(msg).__name__} after handshake")
+
+    def on_haves(self, indices: list[int]) -> HavesReceived:
+        """A run of whole HAVE frames (`wire.have_run`): the same rules as each through `on_header` and
+        `on_control`, one event for all of them."""
+        if not self.bitfield_received:
+            raise wire.ProtocolError("expected BITFIELD after handshake, got HAVE")
+        have, n = self.remote_have, self.n
+        for i in indices:
+            if not 0 <= i < n:
+                raise wire.ProtocolError(f"HAVE for piece {i} out of range")
+            have |= 1 << i
+        self.remote_have = have
+        return HavesReceived(indices)
 
     def on_piece_header(self, sub: bytes, body_len: int) -> wire.PieceHeader:
         """A PIECE frame's sub-header: the data that follows is `length` bytes, to be read whole."""

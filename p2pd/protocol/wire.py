@@ -236,6 +236,28 @@ class FrameDecoder:
         return out
 
 
+HAVE_FRAME_SIZE = HEADER_SIZE + U32.size
+HAVE_PREFIX = HEADER.pack(1 + U32.size, MsgType.HAVE)  # the header every HAVE frame starts with
+
+
+def have_run(buf: bytes | bytearray, pos: int = 0) -> tuple[list[int], int]:
+    """The piece indices of the whole HAVE frames at `buf[pos:]`, up to the first other (or partial) frame,
+    and where that frame starts.
+
+    In a swarm of n peers each piece verified anywhere is a HAVE to every other peer: n - 1 per piece, the
+    most frequent frame by far (about 15,000 per node in a run of the 1 + 32, 92 % of what a node reads).
+    Decoded one frame at a time (header, body, a message object, an event) each cost ~9 us of Python;
+    a run of them read in one receive is decoded here in one pass. The frames are the ones on the wire.
+    """
+    out: list[int] = []
+    end = len(buf) - HAVE_FRAME_SIZE
+    unpack = U32.unpack_from
+    while pos <= end and buf.startswith(HAVE_PREFIX, pos):
+        out.append(unpack(buf, pos + HEADER_SIZE)[0])
+        pos += HAVE_FRAME_SIZE
+    return out, pos
+
+
 def bitfield_bytes(num_pieces: int) -> int:
     return (num_pieces + 7) // 8
 

@@ -126,6 +126,16 @@ def test_have_adds_to_what_the_remote_has() -> None:
     assert s.remote_have == 1 << 3
 
 
+def test_a_run_of_haves_is_one_event_under_the_same_rules() -> None:
+    s = opened(set())
+    assert s.on_haves([3, 5, 3]) == ps.HavesReceived([3, 5, 3])
+    assert s.remote_have == (1 << 3) | (1 << 5)
+    with pytest.raises(wire.ProtocolError, match="out of range"):
+        s.on_haves([1, PIECES])
+    with pytest.raises(wire.ProtocolError, match="expected BITFIELD"):
+        new_session().on_haves([1])
+
+
 # --------------------------------------------------------------------------------------------- pieces
 def test_a_piece_we_asked_for_is_wanted_and_stops_being_pending() -> None:
     s = opened()

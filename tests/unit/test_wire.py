@@ -339,3 +339,16 @@ def test_bitfield_spare_bits() -> None:
     wire.check_bitfield(b"\xfe", 7)
     with pytest.raises(ProtocolError, match="past the last piece"):
         wire.check_bitfield(b"\xff", 7)
+
+
+def test_a_run_of_have_frames_is_read_in_one_pass_up_to_the_first_other_frame() -> None:
+    haves = b"".join(wire.encode(wire.Have(i)) for i in (7, 0, 2**32 - 1))
+    req = wire.encode(wire.Request(4))
+    assert wire.have_run(haves + req + wire.encode(wire.Have(1))) == ([7, 0, 2**32 - 1], len(haves))
+    assert wire.have_run(bytearray(req + haves), len(req)) == ([7, 0, 2**32 - 1], len(req) + len(haves))
+    assert wire.have_run(req + haves) == ([], 0)  # not a HAVE: nothing taken
+    assert wire.have_run(haves[:-1]) == ([7, 0], 2 * wire.HAVE_FRAME_SIZE)  # a partial frame waits for its rest
+    assert wire.have_run(b"") == ([], 0)
+    # a frame with a HAVE's type but another length is not part of a run (on_header judges it)
+    odd = wire.HEADER.pack(6, wire.MsgType.HAVE) + b"\0" * 5
+    assert wire.have_run(odd) == ([], 0)
