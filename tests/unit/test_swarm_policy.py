@@ -441,3 +441,22 @@ async def test_a_dial_stops_once_the_peer_reached_us_on_a_fast_path(
         assert fast not in sw.connecting and fast not in sw.retry_after  # not a failure: nothing to wait for
         n.cancel_scope.cancel()
     sw.store.close()
+
+
+def test_keeps_says_what_register_would_adopt(tmp_path: Path) -> None:
+    """`Swarm.keeps` (asked by Traversal before and while it answers a punch) agrees with `_register`: a
+    connection is kept if none is held, if its path is better, or on the same path if it is the lower id's
+    and the held one is not."""
+    me, lower, higher = "a" * 32, "0" * 32, "c" * 32
+    sw = make_swarm(tmp_path, complete=True)
+    assert sw.keeps(higher, "udp-punch", higher)  # nothing held
+    assert sw._register(_Conn(higher, higher, "tcp-punch"))  # type: ignore[arg-type]
+    assert not sw.keeps(higher, "udp-punch", higher)  # a worse path: an answered UDP punch is wasted
+    assert not sw.keeps(higher, "relay", higher)
+    assert not sw.keeps(higher, "tcp-punch", higher)  # same path, not the lower id's
+    assert sw.keeps(higher, "direct", me)  # same rank, ours (the lower id's) replaces theirs
+    assert sw._register(_Conn(lower, me, "relay"))  # type: ignore[arg-type]
+    assert sw.keeps(lower, "udp-punch", lower)  # better than the relay
+    assert sw.keeps(lower, "relay", lower)  # the lower id's, replacing ours
+    assert not sw.keeps(lower, "relay", me)
+    sw.store.close()
