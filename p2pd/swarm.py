@@ -34,6 +34,7 @@ from p2pd.protocol.pacing import PeerRate, swarm_depth
 from p2pd.protocol.picker import Picker, zone_stripe
 from p2pd.protocol.ratelimit import Hierarchy
 from p2pd.protocol.seeding import DistinctFirstSeeding
+from p2pd.racing import RacingConnector
 from p2pd.storage import Catalog, Journal, PieceStore, Record, StorageError
 
 log = logging.getLogger(__name__)
@@ -861,6 +862,8 @@ class Swarm:
                         self.few_paths.add(p["node_id"])
                     else:
                         self.few_paths.discard(p["node_id"])
+                    if isinstance(self.connector, RacingConnector):  # punch a NATed peer at once
+                        self.connector.behind_nat(p["node_id"], p.get("nat_type") in PUNCHED_NATS)
                 if peers:
                     self._learn_zones()
                 for p in peers:
