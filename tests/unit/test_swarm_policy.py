@@ -25,6 +25,8 @@ from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import session as ps
 from p2pd.protocol import wire
+from p2pd.racing import Path as RacePath
+from p2pd.racing import RacingConnector
 from p2pd.storage import Catalog, PieceStore
 from p2pd.swarm import Swarm
 
@@ -459,4 +461,44 @@ def test_keeps_says_what_register_would_adopt(tmp_path: Path) -> None:
     assert sw.keeps(lower, "udp-punch", lower)  # better than the relay
     assert sw.keeps(lower, "relay", lower)  # the lower id's, replacing ours
     assert not sw.keeps(lower, "relay", me)
+    sw.store.close()
+
+
+async def test_lookups_tell_the_race_which_peers_are_behind_a_nat(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The swarm passes each listed peer's NAT type to its racing connector, whose punch then starts at once
+    (racing.RacingConnector.behind_nat); a peer listed public again is raced as before."""
+
+    class Never:
+        async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> connections.Connection:
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+    told: dict[str, bool] = {}
+
+    class Race(RacingConnector):
+        def behind_nat(self, remote_id: str, nated: bool) -> None:
+            told[remote_id] = nated
+            super().behind_nat(remote_id, nated)
+
+    listed = [
+        {"node_id": "1" * 32, "addr": ["10.0.0.1", 7700], "nat_type": "symmetric", "progress": 1.0},
+        {"node_id": "2" * 32, "addr": ["10.0.0.2", 7700], "nat_type": "port-restricted-cone", "progress": 1.0},
+        {"node_id": "3" * 32, "addr": ["10.0.0.3", 7700], "nat_type": "public", "progress": 1.0},
+    ]
+
+    async def find_peers(aid: str) -> list[dict[str, Any]]:
+        return listed
+
+    race = Race([RacePath("direct", Never(), 0.0)])
+    sw = make_swarm(tmp_path, complete=False, find_peers=find_peers, connector=race)
+    async with trio.open_nursery() as n:
+        await n.start(sw.run)
+        await trio.sleep(1)
+        assert told == {"1" * 32: True, "2" * 32: True, "3" * 32: False}
+        listed[0] = {**listed[0], "nat_type": "public"}
+        await trio.sleep(5)
+        assert told["1" * 32] is False
+        n.cancel_scope.cancel()
     sw.store.close()
