@@ -28,7 +28,7 @@ from p2pd.auto_throttle import AutoThrottler, check_interface
 from p2pd.cache import MAX_LEASE_TTL, Cache, Item, remove_files, stored_in
 from p2pd.caller import Caller
 from p2pd.config import DaemonConfig
-from p2pd.connections import Connection
+from p2pd.connections import Connection, ConnectionPath
 from p2pd.errors import ErrorCode, P2pdError
 from p2pd.identity import NO_SECRET_HINT, node_identity
 from p2pd.nat_detect import NatMonitor, NatStatus
@@ -98,6 +98,7 @@ class Daemon:
             serve=self._serve_traversed,
             nat=lambda: self.nat.status if self.nat is not None else None,
             on_preheat=self._preheat_nudged,
+            wanted=self._wants_connection,
         )
         self.connector = self.traversal.connector
 
@@ -851,6 +852,12 @@ class Daemon:
             sw = self.swarms.get(conn.artifact_id)
             if sw is not None:
                 await sw.serve(conn)
+
+    def _wants_connection(self, artifact_id: str, remote_id: str, path: ConnectionPath, initiator: str) -> bool:
+        """Would the swarm for `artifact_id` keep that connection to `remote_id` (Traversal's answers stop once
+        not)? No swarm: an answer would be turned away on arrival anyway."""
+        sw = self.swarms.get(artifact_id)
+        return sw is not None and sw.keeps(remote_id, path, initiator)
 
     async def _serve_traversed(self, conn: Connection) -> None:
         """A connection that arrived by a punch or through a relay: served like an accepted one."""

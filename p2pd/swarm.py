@@ -34,6 +34,7 @@ from p2pd.protocol.pacing import PeerRate, swarm_depth
 from p2pd.protocol.picker import Picker, zone_stripe
 from p2pd.protocol.ratelimit import Hierarchy
 from p2pd.protocol.seeding import DistinctFirstSeeding
+from p2pd.racing import RacingConnector
 from p2pd.storage import Catalog, Journal, PieceStore, Record, StorageError
 
 log = logging.getLogger(__name__)
@@ -368,19 +369,25 @@ class Swarm:
             self.on_close(peer)
         return peer.close_reason
 
+    def keeps(self, remote_id: str, path: object, initiator: str) -> bool:
+        """Would a connection to `remote_id` over `path`, opened by `initiator`, be adopted now? Of two between
+        the same nodes, the better path wins, else the lower id's outgoing one: both ends see the same two
+        connections on the same paths, so both keep the same one. (Traversal asks before and while it answers a
+        punch, so that it stops one whose connection would be dropped on arrival.)"""
+        existing = self.conns.get(remote_id)
+        if existing is None:
+            return True
+        new_rank, old_rank = path_rank(path), path_rank(existing.path)
+        winner = min(self.node_id, remote_id)
+        return new_rank < old_rank or (new_rank == old_rank and initiator == winner and existing.initiator != winner)
+
     def _register(self, peer: PeerConn) -> bool:
         """Adopt a connection; of two between the same nodes, the lower id's outgoing one wins."""
         if self.is_banned(peer.remote_id) or self.error is not None or self.stopped.is_set():
             return False  # (a stopped swarm's watchdog timer, which bounds its connections' waits, is gone)
         existing = self.conns.get(peer.remote_id)
         if existing is not None:
-            # both ends see the same two connections on the same paths, so both keep the same one:
-            # the better path, else the lower id's outgoing one
-            new_rank, old_rank = path_rank(peer.path), path_rank(existing.path)
-            winner = min(self.node_id, peer.remote_id)
-            if new_rank > old_rank or (
-                new_rank == old_rank and (peer.initiator != winner or existing.initiator == winner)
-            ):
+            if not self.keeps(peer.remote_id, peer.path, peer.initiator):
                 return False
             existing.close(CloseReason.DUPLICATE)
             self.on_close(existing)
@@ -867,6 +874,8 @@ class Swarm:
                         self.few_paths.add(p["node_id"])
                     else:
                         self.few_paths.discard(p["node_id"])
+                    if isinstance(self.connector, RacingConnector):  # punch a NATed peer at once
+                        self.connector.behind_nat(p["node_id"], p.get("nat_type") in PUNCHED_NATS)
                 if peers:
                     self._learn_zones()
                 for p in peers:

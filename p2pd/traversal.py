@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 DIAL_RETRY = 0.05  # after a refused SYN (the other side's NAT or host said no yet): dial again soon
 RESEND_POLL = 0.25  # how often a punch counts the SYNs the kernel sent again (auto-throttling's tick)
+# how often an answered punch or relay meeting asks whether the swarm still wants what it would bring
+ANSWER_POLL = 0.1
 _NODE_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
 _HANDSHAKE_FAILURES = (
     OSError,
@@ -489,10 +491,12 @@ class Traversal:
         serve: Callable[[Connection], Awaitable[None]],
         nat: Callable[[], NatStatus | None] = lambda: None,
         on_preheat: Callable[[], None] = lambda: None,
+        wanted: Callable[[str, str, ConnectionPath, str], bool] = lambda aid, remote_id, path, initiator: True,
     ) -> None:
         """`nat()`: this node's NAT detection status now (the UDP punch needs its type and STUN server);
         `on_preheat()`: the tracker says preheat orders wait for this node (take them now, not at the next
-        heartbeat)."""
+        heartbeat); `wanted(artifact_id, remote_id, path, initiator)`: would that artifact's swarm still keep such
+        a connection to that peer (False once it holds one that would win over it: `_answer`)."""
         unknown = set(config.paths) - {str(p) for p in ConnectionPath}
         if unknown or not config.paths:
             raise P2pdError(
@@ -509,6 +513,7 @@ class Traversal:
         self.serve = serve
         self.nat = nat
         self.on_preheat = on_preheat
+        self.wanted = wanted
         self.signal = SignalChannel(node_id, self.on_signal)
         # QUIC (the udp-punch path) needs a certificate: a self-signed one per daemon run; it encrypts
         # but does not authenticate (node authentication is issue #14). Made at the first UDP punch, not
@@ -625,22 +630,53 @@ class Traversal:
             return
         if kind == "punch":
             nat = str(event.get("nat", ""))  # the asking node's NAT type (a tracker that relays it)
+            path = ConnectionPath.TCP_PUNCH
             args: tuple[Any, ...] = (self._answer_punch, remote, str(event["rendezvous"]), aid, nat)
         elif kind == "udp-punch":
             if "udp-punch" not in self.config.paths:
                 log.info("udp-punch from %s not answered: udp-punch is not among --paths", remote[:8])
                 return
             udp_punch.up.rendezvous_bytes(str(event["rendezvous"]))  # malformed: ValueError, logged by the channel
+            path = ConnectionPath.UDP_PUNCH
             args = (self._answer_udp, dict(event))
         else:
             relay = (str(event["relay"][0]), int(event["relay"][1]))
+            path = ConnectionPath.RELAY
             args = (self._answer_relay, remote, aid, bytes(event["token"]), relay)
+        # who both ends will record as the dialler: a punched TCP connection's is the lower id, whoever asked
+        initiator = min(self.node_id, remote) if path is ConnectionPath.TCP_PUNCH else remote
+        if not self.wanted(aid, remote, path, initiator):
+            log.debug("%s from %s not answered: we hold a better connection to it", kind, remote[:8])
+            return
         self.answering += 1
-        self._nursery.start_soon(self._answer, *args)
+        self._nursery.start_soon(self._answer, (aid, remote, path, initiator), *args)
 
-    async def _answer(self, fn: Callable[..., Awaitable[Connection | None]], *args: Any) -> None:
+    async def _answer(
+        self, what: tuple[str, str, ConnectionPath, str], fn: Callable[..., Awaitable[Connection | None]], *args: Any
+    ) -> None:
+        """Answer a punch or relay meeting, called off once the swarm holds a connection to that peer that the
+        one answered would lose to (`wanted`): the asker's race moves on when another of its paths wins, but
+        the tracker tells us nothing of it, so an answered UDP punch went on for its whole 4 s (256 sockets
+        or ~8,000 sprayed probes) beside the TCP connection the race had chosen, in the NAT swarm's every
+        run, taking the CPU its downloads needed (issue #12)."""
+        aid, remote, path, initiator = what
+        conn: Connection | None = None
         try:
-            conn = await fn(*args)
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    while self.wanted(aid, remote, path, initiator):
+                        await trio.sleep(ANSWER_POLL)
+                    log.debug("%s answer to %s called off: we hold a better connection to it", path, remote[:8])
+                    nursery.cancel_scope.cancel()
+
+                async def answer() -> None:
+                    nonlocal conn
+                    conn = await fn(*args)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                nursery.start_soon(answer)
         finally:
             self.answering -= 1
         if conn is not None:

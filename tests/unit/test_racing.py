@@ -181,3 +181,23 @@ async def test_a_connected_direct_path_holds_the_race_until_its_handshake_ends(
     conn = await race(d, p, r).connect(PEER, ("x", 1), AID)
     assert conn.path is ConnectionPath.TCP_PUNCH
     assert p.started == [pytest.approx(t0 + 4.0)] and r.started == []
+
+
+@pytest.mark.parametrize(("told", "punch_at"), [((True,), 0.0), ((), 0.15), ((True, False), 0.15)])
+async def test_a_peer_behind_a_nat_is_punched_at_once(
+    autojump_clock: trio.testing.MockClock, told: tuple[bool, ...], punch_at: float
+) -> None:
+    """A peer the tracker lists behind a NAT drops our SYN: its punch starts with the direct dial, not 150 ms
+    later; the paths after it keep their times; a peer no longer listed so is raced as before."""
+    t0 = trio.current_time()
+    d, p, r = (
+        Scripted(ConnectionPath.DIRECT, 10),
+        Scripted(ConnectionPath.TCP_PUNCH, 10),
+        Scripted(ConnectionPath.RELAY, 0.2),
+    )
+    rc = race(d, p, r)
+    for nated in told:
+        rc.behind_nat(PEER, nated)
+    conn = await rc.connect(PEER, ("x", 1), AID)
+    assert conn.path is ConnectionPath.RELAY
+    assert d.started == [t0] and p.started == [pytest.approx(t0 + punch_at)] and r.started == [pytest.approx(t0 + 1.0)]

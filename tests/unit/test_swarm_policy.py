@@ -25,6 +25,8 @@ from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import session as ps
 from p2pd.protocol import wire
+from p2pd.racing import Path as RacePath
+from p2pd.racing import RacingConnector
 from p2pd.storage import Catalog, PieceStore
 from p2pd.swarm import Swarm
 
@@ -439,5 +441,64 @@ async def test_a_dial_stops_once_the_peer_reached_us_on_a_fast_path(
         await trio.sleep(1)
         assert cancelled == [fast]
         assert fast not in sw.connecting and fast not in sw.retry_after  # not a failure: nothing to wait for
+        n.cancel_scope.cancel()
+    sw.store.close()
+
+
+def test_keeps_says_what_register_would_adopt(tmp_path: Path) -> None:
+    """`Swarm.keeps` (asked by Traversal before and while it answers a punch) agrees with `_register`: a
+    connection is kept if none is held, if its path is better, or on the same path if it is the lower id's
+    and the held one is not."""
+    me, lower, higher = "a" * 32, "0" * 32, "c" * 32
+    sw = make_swarm(tmp_path, complete=True)
+    assert sw.keeps(higher, "udp-punch", higher)  # nothing held
+    assert sw._register(_Conn(higher, higher, "tcp-punch"))  # type: ignore[arg-type]
+    assert not sw.keeps(higher, "udp-punch", higher)  # a worse path: an answered UDP punch is wasted
+    assert not sw.keeps(higher, "relay", higher)
+    assert not sw.keeps(higher, "tcp-punch", higher)  # same path, not the lower id's
+    assert sw.keeps(higher, "direct", me)  # same rank, ours (the lower id's) replaces theirs
+    assert sw._register(_Conn(lower, me, "relay"))  # type: ignore[arg-type]
+    assert sw.keeps(lower, "udp-punch", lower)  # better than the relay
+    assert sw.keeps(lower, "relay", lower)  # the lower id's, replacing ours
+    assert not sw.keeps(lower, "relay", me)
+    sw.store.close()
+
+
+async def test_lookups_tell_the_race_which_peers_are_behind_a_nat(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The swarm passes each listed peer's NAT type to its racing connector, whose punch then starts at once
+    (racing.RacingConnector.behind_nat); a peer listed public again is raced as before."""
+
+    class Never:
+        async def connect(self, remote_id: str, addr: tuple[str, int], artifact_id: str) -> connections.Connection:
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+    told: dict[str, bool] = {}
+
+    class Race(RacingConnector):
+        def behind_nat(self, remote_id: str, nated: bool) -> None:
+            told[remote_id] = nated
+            super().behind_nat(remote_id, nated)
+
+    listed = [
+        {"node_id": "1" * 32, "addr": ["10.0.0.1", 7700], "nat_type": "symmetric", "progress": 1.0},
+        {"node_id": "2" * 32, "addr": ["10.0.0.2", 7700], "nat_type": "port-restricted-cone", "progress": 1.0},
+        {"node_id": "3" * 32, "addr": ["10.0.0.3", 7700], "nat_type": "public", "progress": 1.0},
+    ]
+
+    async def find_peers(aid: str) -> list[dict[str, Any]]:
+        return [dict(p) for p in listed]  # (the swarm shuffles what it is given)
+
+    race = Race([RacePath("direct", Never(), 0.0)])
+    sw = make_swarm(tmp_path, complete=False, find_peers=find_peers, connector=race)
+    async with trio.open_nursery() as n:
+        await n.start(sw.run)
+        await trio.sleep(1)
+        assert told == {"1" * 32: True, "2" * 32: True, "3" * 32: False}
+        listed[0] = {**listed[0], "nat_type": "public"}
+        await trio.sleep(2 * SwarmConfig.peer_lookup_every + 1)  # the next lookup, whatever its backoff
+        assert told["1" * 32] is False
         n.cancel_scope.cancel()
     sw.store.close()
