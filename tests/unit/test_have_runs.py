@@ -3,7 +3,6 @@ one pass and the swarm acts on it once (issue #15: at 1 + 32 they were 92 % of t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,7 +11,6 @@ import pytest
 import trio
 import trio.testing
 
-from p2pd import storage
 from p2pd.config import SwarmConfig
 from p2pd.connections import ConnectionPath
 from p2pd.peer import PeerConn
@@ -21,12 +19,8 @@ from p2pd.protocol import manifest as mf
 from p2pd.protocol import session as ps
 from p2pd.protocol import wire
 from p2pd.protocol.picker import Picker
-from p2pd.storage import Catalog, PieceStore
 from p2pd.stream_io import StreamIO
-from p2pd.swarm import Swarm
-
-PIECE = 1 << 16
-PIECES = 64
+from tests.unit.test_swarm_policy import PIECE, PIECES, make_swarm
 
 
 def manifest() -> mf.Manifest:
@@ -69,30 +63,8 @@ async def test_the_reader_hands_a_run_of_haves_over_as_one_event_in_frame_order(
     assert peer.session.remote_have == 0b101110
 
 
-def make_swarm(tmp_path: Path) -> Swarm:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "blob.bin").write_bytes(os.urandom(PIECE * PIECES))
-    entries, root, single = storage.scan_source(src)
-    m = mf.build(entries, PIECE, storage.hash_pieces(root, entries, PIECE), single_file=single)
-    store = PieceStore(m, tmp_path / "staging", writable=True)
-    store.preallocate()
-    return Swarm(
-        node_id="a" * 32,
-        artifact_id="b" * 64,
-        name="x:1",
-        manifest=m,
-        store=store,
-        have=0,
-        catalog=Catalog(tmp_path / "data"),
-        config=SwarmConfig(),
-        egress=None,
-        ingress=None,
-    )
-
-
 def test_a_run_of_haves_refills_the_peer_once_and_only_if_it_became_interesting(tmp_path: Path) -> None:
-    sw = make_swarm(tmp_path)
+    sw = make_swarm(tmp_path, complete=False)
     s = ps.PeerSession(sw.manifest, sw.picker)
     s.on_control(wire.MsgType.BITFIELD, bits.to_bytes(0, PIECES))
     sw.picker.add_peer(s, [])
