@@ -19,8 +19,9 @@ What is modelled instead of run: bytes move as flows whose rates are max-min fai
 up- and downlinks (and the links between zones), recomputed whenever a flow starts or ends; each
 connection's writer sends one unit at a time in request order, as PeerConn's writer does, and the control
 frames queued to a peer while a unit is being sent to it follow that unit (one stream each way); control
-messages take `latency` one way; HAVEs are held as Swarm._announce holds them (`have_batch` once a node has
-`have_batch_min_peers` connections, released early with any other frame to that peer); hashing, disks, TCP
+messages take `latency` one way; HAVEs are held as Swarm._announce holds them (`have_batch` or
+`have_batch_pieces` once a node has `have_batch_min_peers` connections, released early with any other frame
+to that peer); hashing, disks, TCP
 dynamics and the stall watchdog are not modelled.
 """
 
