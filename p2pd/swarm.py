@@ -207,6 +207,8 @@ class Swarm:
         self.stopped = trio.Event()  # run() has returned: no task of this swarm touches its files any more
         self._peer_wakeup = trio.Event()
         self._haves_held = trio.Event()  # some connection holds HAVEs for `_have_flush_loop` to send
+        self._held_pieces = 0  # pieces whose HAVEs are held since the last flush (`have_batch_pieces`)...
+        self._held_since = 0.0  # ...and when the first of them was held (`have_batch`)
         self._verify_in, self._verify_out = trio.open_memory_channel[tuple[PeerConn, int, bytearray | bytes]](
             VERIFY_QUEUE
         )
@@ -612,7 +614,9 @@ class Swarm:
                 self.fill_all()
 
     def _announce(self, i: int) -> None:
-        """HAVE to every peer: at once in a small swarm, else held for `have_batch` (`_have_flush_loop`)."""
+        """HAVE to every peer: at once in a small swarm, else held for `have_batch` (`_have_flush_loop`) or
+        until `have_batch_pieces` are held, whichever comes first: the hold saves wakeups, and must not withhold
+        many pieces of news where pieces come fast."""
         cfg = self.config
         if cfg.have_batch <= 0 or len(self.conns) < cfg.have_batch_min_peers:
             for c in list(self.conns.values()):
@@ -620,19 +624,34 @@ class Swarm:
             return
         for c in self.conns.values():
             c.session.hold_have(i)
-        self._haves_held.set()
+        if not self._held_pieces:
+            self._held_since = trio.current_time()
+        self._held_pieces += 1
+        if 0 < cfg.have_batch_pieces <= self._held_pieces:
+            self._flush_haves()
+        else:
+            self._haves_held.set()
+
+    def _flush_haves(self) -> None:
+        """Every peer's held HAVEs out now, each peer's in one frame run; the next held one starts a new hold."""
+        self._held_pieces = 0
+        for c in list(self.conns.values()):
+            c.session.flush_haves()
 
     async def _have_flush_loop(self) -> None:
-        """Send the HAVEs held since the first of them `have_batch` seconds ago, each peer's in one frame run.
+        """Send the HAVEs held since the first of them `have_batch` seconds ago (unless `_announce` already has).
 
         Waits for the first held HAVE without a deadline, as the writers do: nothing is late while none is held.
         """
         while True:
             await self._haves_held.wait()
-            await trio.sleep(self.config.have_batch)
             self._haves_held = trio.Event()
-            for c in list(self.conns.values()):
-                c.session.flush_haves()
+            while self._held_pieces:  # a flush by count meanwhile starts a new hold: its own deadline
+                due = self._held_since + self.config.have_batch
+                if trio.current_time() >= due:
+                    self._flush_haves()
+                else:
+                    await trio.sleep_until(due)
 
     def _bad_piece(self, conn: PeerConn, i: int) -> None:
         """A piece from `conn` fails verification: tell it (it re-verifies its copy), strike it, ask others.

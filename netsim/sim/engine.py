@@ -19,8 +19,9 @@ What is modelled instead of run: bytes move as flows whose rates are max-min fai
 up- and downlinks (and the links between zones), recomputed whenever a flow starts or ends; each
 connection's writer sends one unit at a time in request order, as PeerConn's writer does, and the control
 frames queued to a peer while a unit is being sent to it follow that unit (one stream each way); control
-messages take `latency` one way; HAVEs are held as Swarm._announce holds them (`have_batch` once a node has
-`have_batch_min_peers` connections, released early with any other frame to that peer); hashing, disks, TCP
+messages take `latency` one way; HAVEs are held as Swarm._announce holds them (`have_batch` or
+`have_batch_pieces` once a node has `have_batch_min_peers` connections, released early with any other frame
+to that peer); hashing, disks, TCP
 dynamics and the stall watchdog are not modelled.
 """
 
@@ -83,6 +84,8 @@ class Node:
         "zones",
         "held",
         "flush_due",
+        "held_pieces",
+        "hold_gen",
         "outbox",
     )
 
@@ -137,6 +140,8 @@ class Node:
         self.zones: dict[str, str] = {}  # node name -> zone, from the tracker's lists (Swarm.zones)
         self.held: dict[int, list[int]] = {}  # peer -> HAVEs held for it, oldest first (PeerSession.hold_have)
         self.flush_due = False  # a `_flush_haves` is scheduled (Swarm._have_flush_loop is sleeping)
+        self.held_pieces = 0  # pieces held since the last flush (Swarm._held_pieces, `have_batch_pieces`)
+        self.hold_gen = 0  # bumped by a flush by count: the timer of the hold it ended is void
         # peer -> control frames queued while our writer sends it a piece: they follow the piece on the stream
         self.outbox: dict[int, list[tuple[Callable[..., None], tuple[Any, ...]]]] = {}
 
@@ -571,7 +576,8 @@ class Simulation:
     def _announce(self, nd: Node, unit: int) -> None:
         """Swarm._announce: a HAVE to every peer, at once in a swarm of fewer than `have_batch_min_peers`
         connections, else held (PeerSession.hold_have) until `have_batch` after the first held one
-        (Swarm._have_flush_loop) or until another frame goes to that peer, whichever comes first."""
+        (Swarm._have_flush_loop), until `have_batch_pieces` pieces are held, or until another frame goes to that
+        peer, whichever comes first."""
         cfg = self.cfg
         if self.bt or cfg.have_batch <= 0 or len(nd.queue) < cfg.have_batch_min_peers:
             for pid in list(nd.held):  # held while it had more connections: they go first (PeerSession._queue)
@@ -590,14 +596,19 @@ class Simulation:
                 nd.held[pid] = [unit]
             else:
                 held.append(unit)
-        if not nd.flush_due:
+        nd.held_pieces += self.sc.grain
+        if 0 < cfg.have_batch_pieces <= nd.held_pieces:
+            nd.hold_gen += 1
+            self._flush_haves(nd, nd.epoch, nd.hold_gen)
+        elif not nd.flush_due:
             nd.flush_due = True
-            self.at(self.now + cfg.have_batch, self._flush_haves, nd, nd.epoch)
+            self.at(self.now + cfg.have_batch, self._flush_haves, nd, nd.epoch, nd.hold_gen)
 
-    def _flush_haves(self, nd: Node, epoch: int) -> None:
-        if nd.epoch != epoch:
-            return  # it left (and dropped what it held): a later hold schedules its own flush
+    def _flush_haves(self, nd: Node, epoch: int, gen: int) -> None:
+        if nd.epoch != epoch or nd.hold_gen != gen:
+            return  # it left (and dropped what it held), or a flush by count ended that hold: a later hold times itself
         nd.flush_due = False
+        nd.held_pieces = 0
         for pid in list(nd.held):
             self._release_haves(nd, pid)
 
@@ -752,6 +763,7 @@ class Simulation:
         nd.connecting.clear()
         nd.held.clear()
         nd.flush_due = False
+        nd.held_pieces = 0
         self.registry.leave(nd.name)
         self.at(self.now + away, self._arrive, nd)
 

@@ -261,12 +261,13 @@ def test_download_sources_change_nothing_below_the_gate() -> None:
 
 def test_download_sources_past_the_gate_cut_slot_deferrals_but_not_the_tail() -> None:
     """20 peers at 50 Mbit/s, 128 pieces: with the cap a node stops knocking at peers whose slots others hold
-    (here 23 k slot DEFERs against 35 k without); all complete. The tail is no shorter with it (p99 1.57x
-    against 1.40x) once requests and HAVEs wait behind the pieces on their connection, as in the daemon:
+    (here 23 k slot DEFERs against 35 k without); all complete. The tail is not much shorter with it (p99
+    1.47x against 1.50x with the HAVE hold ended after `have_batch_pieces`; 1.57x against 1.40x with the
+    0.1 s hold only) once requests and HAVEs wait behind the pieces on their connection, as in the daemon:
     the emulated 1 + 32 also ran 7-17% slower with 4 sources (SwarmConfig.download_sources)."""
     sc = one(20, 6.25 * MB, 6.25 * MB, seed_up=6.25 * MB, size=32 * MiB, piece=256 << 10, latency=2e-4, quantum=None)
     on = simulate(replace(sc, swarm=replace(sc.swarm, download_sources=4)))
     off = simulate(replace(sc, swarm=replace(sc.swarm, download_sources=0)))
     assert on["completed"] == off["completed"] == 20
     assert on["deferrals"]["slots"] < 0.8 * off["deferrals"]["slots"]
-    assert on["over_bound"]["p99"] > off["over_bound"]["p99"]
+    assert on["over_bound"]["p99"] > 0.95 * off["over_bound"]["p99"]

@@ -105,3 +105,26 @@ def test_a_frame_to_a_peer_follows_the_piece_being_sent_to_it() -> None:
     assert n2.have >> u & 1
     drain(sim, 0.3 + 2 * LATENCY)
     assert knows(n2, n1, unit)
+
+
+def test_held_haves_leave_once_have_batch_pieces_are_held() -> None:
+    """Where pieces come fast the hold ends by count, not by `have_batch`: the `have_batch_pieces`-th held piece
+    sends every peer's held HAVEs at once (Swarm._announce); one piece fewer stays held."""
+    cfg = SwarmConfig()
+    k = cfg.have_batch_pieces
+    assert k >= 2 and cfg.have_batch > 10 * LATENCY
+    sim = swarm(cfg.have_batch_min_peers)
+    n1, others = sim.nodes[1], sim.nodes[2:]
+    for other in [sim.nodes[0], *others]:
+        sim._connect(n1, other, 0)
+    drain(sim, 0.5)
+    units = [verify_from_seed(sim, n1) for _ in range(k - 1)]
+    drain(sim, 0.5 + 3 * LATENCY)
+    assert not any(knows(o, n1, u) for o in others for u in units)  # k - 1 held: still held
+    units.append(verify_from_seed(sim, n1))
+    drain(sim, 0.5 + 6 * LATENCY)  # far before `have_batch`
+    assert all(knows(o, n1, u) for o in others for u in units)
+    # the next piece starts a new hold, timed from itself
+    nxt = verify_from_seed(sim, n1)
+    drain(sim, 0.5 + cfg.have_batch - LATENCY)
+    assert not all(knows(o, n1, nxt) for o in others)  # held (except where another frame took it along)

@@ -342,18 +342,65 @@ async def test_haves_are_held_for_have_batch_in_a_big_swarm_only(
     wakeups.clear()
     async with trio.open_nursery() as n:
         n.start_soon(sw._have_flush_loop)
-        for i in (5, 9, 2):
+        held = (5, 9, 2)[: cfg.have_batch_pieces - 1]  # fewer than end a hold by count
+        assert len(held) >= 2
+        for i in held:
             sw._announce(i)
             await trio.sleep(cfg.have_batch / 10)
         batched = peers >= cfg.have_batch_min_peers
-        assert sum(wakeups.values()) == (0 if batched else 3 * peers)
+        assert sum(wakeups.values()) == (0 if batched else len(held) * peers)
         await trio.sleep(cfg.have_batch)
-        assert wakeups == collections.Counter({f"p{k}": 1 if batched else 3 for k in range(peers)})
+        assert wakeups == collections.Counter({f"p{k}": 1 if batched else len(held) for k in range(peers)})
         for c in sw.conns.values():
-            assert wire.FrameDecoder(PIECE).feed(c.session.take_output()) == [wire.Have(5), wire.Have(9), wire.Have(2)]
+            assert wire.FrameDecoder(PIECE).feed(c.session.take_output()) == [wire.Have(i) for i in held]
         sw._announce(7)  # a later piece starts a new window
         await trio.sleep(cfg.have_batch * 1.5)
         assert all(c.session.take_output() == wire.encode(wire.Have(7)) for c in sw.conns.values())
+        n.cancel_scope.cancel()
+    sw.store.close()
+
+
+async def test_held_haves_leave_once_have_batch_pieces_are_held(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Where pieces come fast the hold ends by count: the `have_batch_pieces`-th held piece sends every peer's
+    held HAVEs at once, in one wakeup each, long before `have_batch`; the next piece starts a new hold, timed
+    from itself (a fixed 0.1 s there withheld ~12 pieces of news: the simulated 200 nodes at 250 MB/s)."""
+    cfg = SwarmConfig()
+    k = cfg.have_batch_pieces
+    assert k >= 2 and cfg.have_batch_min_peers == 16
+    sw = make_swarm(tmp_path, complete=False)
+    wakeups: collections.Counter[str] = collections.Counter()
+
+    def conn(nid: str) -> Any:
+        s = ps.PeerSession(sw.manifest, sw.picker, on_output=lambda: wakeups.update([nid]))
+        s.send_bitfield(0)
+        s.take_output()
+        return SimpleNamespace(remote_id=nid, session=s)
+
+    peers = cfg.have_batch_min_peers
+    sw.conns = {f"p{j}": conn(f"p{j}") for j in range(peers)}
+    wakeups.clear()
+    dt = cfg.have_batch / (4 * k)
+    async with trio.open_nursery() as n:
+        n.start_soon(sw._have_flush_loop)
+        for i in range(k - 1):
+            sw._announce(i)
+            await trio.sleep(dt)
+        assert sum(wakeups.values()) == 0  # one piece short: still held
+        sw._announce(k - 1)
+        assert wakeups == collections.Counter({f"p{j}": 1 for j in range(peers)})
+        want = [wire.Have(i) for i in range(k)]
+        for c in sw.conns.values():
+            assert wire.FrameDecoder(PIECE).feed(c.session.take_output()) == want
+        t0 = trio.current_time()
+        await trio.sleep(cfg.have_batch - (k - 1) * dt + dt / 2)  # past the old hold's deadline: nothing left
+        sw._announce(k)  # a new hold: due `have_batch` after this, not after the first hold's start
+        await trio.sleep(cfg.have_batch - dt)
+        assert all(c.session.take_output() == b"" for c in sw.conns.values())
+        await trio.sleep(2 * dt)
+        assert all(c.session.take_output() == wire.encode(wire.Have(k)) for c in sw.conns.values())
+        assert trio.current_time() - t0 < 2.5 * cfg.have_batch
         n.cancel_scope.cancel()
     sw.store.close()
 
