@@ -7,6 +7,7 @@ tests (test_seeding.py), the per-connection rules too (test_session.py).
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import time
 from dataclasses import replace
@@ -321,6 +322,14 @@ def test_the_picker_caps_the_sources_as_configured(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- HAVE batching
+def counted_conn(sw: Swarm, wakeups: collections.Counter[str], nid: str) -> Any:
+    """A connection to `nid`, past its BITFIELD, whose writer wakeups are counted in `wakeups`."""
+    s = ps.PeerSession(sw.manifest, sw.picker, on_output=lambda: wakeups.update([nid]))
+    s.send_bitfield(0)
+    s.take_output()
+    return SimpleNamespace(remote_id=nid, session=s)
+
+
 @pytest.mark.parametrize("peers", [8, 16])
 async def test_haves_are_held_for_have_batch_in_a_big_swarm_only(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, peers: int
@@ -331,13 +340,7 @@ async def test_haves_are_held_for_have_batch_in_a_big_swarm_only(
     assert cfg.have_batch > 0 and cfg.have_batch_min_peers == 16
     sw = make_swarm(tmp_path, complete=False)
     wakeups: collections.Counter[str] = collections.Counter()
-
-    def conn(nid: str) -> Any:
-        s = ps.PeerSession(sw.manifest, sw.picker, on_output=lambda: wakeups.update([nid]))
-        s.send_bitfield(0)
-        s.take_output()
-        return SimpleNamespace(remote_id=nid, session=s)
-
+    conn = functools.partial(counted_conn, sw, wakeups)
     sw.conns = {f"p{k}": conn(f"p{k}") for k in range(peers)}
     wakeups.clear()
     async with trio.open_nursery() as n:
@@ -371,13 +374,7 @@ async def test_held_haves_leave_once_have_batch_pieces_are_held(
     assert k >= 2 and cfg.have_batch_min_peers == 16
     sw = make_swarm(tmp_path, complete=False)
     wakeups: collections.Counter[str] = collections.Counter()
-
-    def conn(nid: str) -> Any:
-        s = ps.PeerSession(sw.manifest, sw.picker, on_output=lambda: wakeups.update([nid]))
-        s.send_bitfield(0)
-        s.take_output()
-        return SimpleNamespace(remote_id=nid, session=s)
-
+    conn = functools.partial(counted_conn, sw, wakeups)
     peers = cfg.have_batch_min_peers
     sw.conns = {f"p{j}": conn(f"p{j}") for j in range(peers)}
     wakeups.clear()
