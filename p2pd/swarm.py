@@ -396,9 +396,9 @@ class Swarm:
         self.conns[peer.remote_id] = peer
         log.debug("%s: connected to %s (%s, %s)", self.name, peer.remote_id[:8], peer.addr, peer.path)
         dial = self._dials.get(peer.remote_id)
-        if dial is not None and path_rank(peer.path) == 0 and peer.initiator == min(self.node_id, peer.remote_id):
-            # what our own dial could bring would lose to this one at both ends (the same path rank, and this is
-            # the lower id's connection): its punches, and their sockets, stop now
+        if dial is not None and not self.keeps(peer.remote_id, ConnectionPath.DIRECT, self.node_id):
+            # even the best our own dial could bring would lose to this one at both ends: its punches, and their
+            # sockets, stop now
             dial.cancel()
         peer.session.send_bitfield(self.have_mask)
         return True
@@ -453,19 +453,17 @@ class Swarm:
                 session.defer(i)
             else:
                 session.accept_upload(i)
-        elif isinstance(event, ps.HavesReceived):
+        elif isinstance(event, ps.HavesReceived | ps.HaveReceived):
+            indices = event.indices if isinstance(event, ps.HavesReceived) else (event.index,)
             knows, interesting = picker.knows(session), False
-            for i in event.indices:
-                if self.bad_from:
-                    self._announced_again(conn, i)
+            for i in indices:
+                bad = self.bad_from.get(i)
+                if bad is not None:
+                    bad.discard(conn.remote_id)  # it announces the piece again: it repaired its copy
                 if knows and picker.peer_have(session, i):
                     interesting = True
             if interesting:
-                self.fill(conn)  # once for the run: one batch of requests, not a refill per HAVE
-        elif isinstance(event, ps.HaveReceived):
-            self._announced_again(conn, event.index)
-            if picker.knows(session) and picker.peer_have(session, event.index):
-                self.fill(conn)
+                self.fill(conn)  # once for a run: one batch of requests, not a refill per HAVE
         elif isinstance(event, ps.BitfieldReceived):
             if self.downloading and not conn.closed:
                 mask = event.mask
@@ -491,11 +489,6 @@ class Swarm:
                     self.fill_all()  # it stopped serving us: a place among our capped sources is free
         elif isinstance(event, ps.BadPieceReported) and self._nursery is not None:
             self._nursery.start_soon(self._reverify, conn, event.index)
-
-    def _announced_again(self, conn: PeerConn, i: int) -> None:
-        bad = self.bad_from.get(i)
-        if bad is not None:
-            bad.discard(conn.remote_id)  # it announces the piece again: it repaired its copy
 
     def _rank(self, conn: PeerConn) -> int:
         """The picker's path rank of a peer: slower paths (relays) and other zones are asked last."""

@@ -40,6 +40,16 @@ def drain(sim: Simulation, until: float) -> None:
     sim.now = max(sim.now, until)
 
 
+def node1_connected(peers: int, cfg: SwarmConfig | None = None) -> tuple[Simulation, Node, list[Node]]:
+    """A swarm of `peers` in which node 1 is connected to the seed and every other peer, at t = 0.5 s."""
+    sim = swarm(peers, cfg)
+    n1, others = sim.nodes[1], sim.nodes[2:]
+    for other in [sim.nodes[0], *others]:
+        sim._connect(n1, other, 0)
+    drain(sim, 0.5)
+    return sim, n1, others
+
+
 def verify_from_seed(sim: Simulation, nd: Node) -> int:
     """`nd` receives (and verifies) one of the pieces it asked the seed for; returns it."""
     unit = min(nd.picker.pending[0])
@@ -54,11 +64,7 @@ def knows(nd: Node, sender: Node, unit: int) -> bool:
 def test_haves_are_held_for_have_batch_from_have_batch_min_peers_connections() -> None:
     cfg = SwarmConfig()
     assert cfg.have_batch_min_peers == 16 and cfg.have_batch > 10 * LATENCY
-    sim = swarm(cfg.have_batch_min_peers)  # node 1 connects to the seed and the 15 other peers: 16 connections
-    n1, others = sim.nodes[1], sim.nodes[2:]
-    for other in [sim.nodes[0], *others]:
-        sim._connect(n1, other, 0)
-    drain(sim, 0.5)
+    sim, n1, others = node1_connected(cfg.have_batch_min_peers)  # to the seed and 15 others: 16 connections
     unit = verify_from_seed(sim, n1)
     drain(sim, 0.5 + 3 * LATENCY)
     assert not any(knows(o, n1, unit) for o in others)  # held
@@ -75,11 +81,7 @@ def test_haves_are_held_for_have_batch_from_have_batch_min_peers_connections() -
     assert all(knows(o, n1, unit) for o in others)
 
     # one connection fewer than the gate: each HAVE leaves at once
-    sim = swarm(16, replace(cfg, have_batch_min_peers=17))
-    n1, others = sim.nodes[1], sim.nodes[2:]
-    for other in [sim.nodes[0], *others]:
-        sim._connect(n1, other, 0)
-    drain(sim, 0.5)
+    sim, n1, others = node1_connected(16, replace(cfg, have_batch_min_peers=17))
     unit = verify_from_seed(sim, n1)
     drain(sim, 0.5 + 2 * LATENCY)
     assert all(knows(o, n1, unit) for o in others)
@@ -113,11 +115,7 @@ def test_held_haves_leave_once_have_batch_pieces_are_held() -> None:
     cfg = SwarmConfig()
     k = cfg.have_batch_pieces
     assert k >= 2 and cfg.have_batch > 10 * LATENCY
-    sim = swarm(cfg.have_batch_min_peers)
-    n1, others = sim.nodes[1], sim.nodes[2:]
-    for other in [sim.nodes[0], *others]:
-        sim._connect(n1, other, 0)
-    drain(sim, 0.5)
+    sim, n1, others = node1_connected(cfg.have_batch_min_peers)
     units = [verify_from_seed(sim, n1) for _ in range(k - 1)]
     drain(sim, 0.5 + 3 * LATENCY)
     assert not any(knows(o, n1, u) for o in others for u in units)  # k - 1 held: still held
