@@ -180,9 +180,10 @@ class AutoThrottler:
         rx, tx = read_counters(iface, self.proc_net_dev)
         unsent, unread = self.queued = self.live.queued()
         # p2pd's bytes when they cross the wire, as the interface counts them: written ones still in a send queue
-        # have not left yet, arrived ones still in a receive queue have (the queues are MBs, filled in bursts)
+        # have not left yet, arrived ones still in a receive queue have (the queues are MBs, filled in bursts), and
+        # the ones TCP retransmitted crossed twice
         own_rx = max(self._own[0], self.traffic.received + unread)
-        own_tx = max(self._own[1], self.traffic.sent - unsent)
+        own_tx = max(self._own[1], self.traffic.sent - unsent + self.live.retransmitted)
         self._own = (own_rx, own_tx)
         # (closed sockets not yet collected count too: a floor a little high for a tick is safe, one too low is not)
         return Sample(rx, tx, own_rx, own_tx, connections=len(self.live))

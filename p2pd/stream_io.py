@@ -13,6 +13,7 @@ import array
 import fcntl
 import os
 import socket
+import sys
 import termios
 import weakref
 
@@ -49,31 +50,43 @@ class TrafficCounters:
 
 TRAFFIC = TrafficCounters()
 SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP socket's send queue not yet handed to IP
+# struct tcp_info (linux/tcp.h): tcpi_bytes_retrans, a u64 at this offset (Linux >= 4.19; older kernels fill less)
+TCPI_BYTES_RETRANS = 208
+TCP_INFO_LEN = 232
 
 
 class LiveSockets:
-    """The peer connections' TCP sockets, for what their kernel queues hold (auto-throttling's skew correction).
+    """The peer connections' TCP sockets, for what their kernel queues hold and what TCP sent twice
+    (auto-throttling's skew correction).
 
     TRAFFIC counts a byte when p2pd writes it into a socket or reads it out of one; the interface counts
     it when it crosses the wire. Between the two sit the socket queues: a send queue of up to tcp_wmem's
     maximum (MBs) per connection, filled in bursts as peers ask for pieces, and a receive queue that holds
     up to SO_RCVLOWAT (or more, while a read is throttled). Auto-throttling subtracts p2pd's bytes from the
-    interface's, so without this correction each burst reads as somebody else's traffic."""
+    interface's, so without this correction each burst reads as somebody else's traffic.
+
+    And a segment lost downstream (a receiver's switch port dropping an incast burst) crosses the interface
+    again when TCP retransmits it: in the emulated 1 + 32, 2-6 % of each node's segments, 2-6 Mbit/s of a
+    50 Mbit/s uplink that read as other traffic, and every node's upload yielded to it ~4 times a run
+    (BENCHMARKS.md, "Auto-throttle: own retransmissions")."""
 
     def __init__(self) -> None:
-        self._socks: weakref.WeakSet[trio.socket.SocketType] = weakref.WeakSet()
+        # socket -> its tcpi_bytes_retrans at the last look (what it retransmitted since is added to the total)
+        self._socks: weakref.WeakKeyDictionary[trio.socket.SocketType, int] = weakref.WeakKeyDictionary()
+        self.retransmitted = 0  # payload bytes TCP sent again, over every socket ever added, as of the last look
 
     def add(self, sock: trio.socket.SocketType) -> None:
-        self._socks.add(sock)
+        self._socks.setdefault(sock, 0)
 
     def __len__(self) -> int:
         return len(self._socks)
 
     def queued(self) -> tuple[int, int]:
-        """(bytes written but not yet sent, bytes received but not yet read), summed over the open sockets."""
+        """(bytes written but not yet sent, bytes received but not yet read), summed over the open sockets;
+        brings `retransmitted` up to date on the way (the same look at each socket)."""
         unsent = unread = 0
         buf = array.array("i", [0])
-        for sock in list(self._socks):
+        for sock, seen in list(self._socks.items()):
             fd = sock.fileno()
             if fd < 0:  # closed: its queues are gone with it
                 continue
@@ -82,8 +95,14 @@ class LiveSockets:
                 unsent += buf[0]
                 fcntl.ioctl(fd, termios.FIONREAD, buf)
                 unread += buf[0]
+                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
             except OSError:  # closed between fileno() and the ioctl, or not a TCP socket after all
                 continue
+            if len(info) >= TCPI_BYTES_RETRANS + 8:
+                total = int.from_bytes(info[TCPI_BYTES_RETRANS : TCPI_BYTES_RETRANS + 8], sys.byteorder)
+                if total > seen:
+                    self.retransmitted += total - seen
+                    self._socks[sock] = total
         return unsent, unread
 
 
