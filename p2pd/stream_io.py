@@ -66,9 +66,9 @@ class LiveSockets:
     interface's, so without this correction each burst reads as somebody else's traffic.
 
     And a segment lost downstream (a receiver's switch port dropping an incast burst) crosses the interface
-    again when TCP retransmits it: in the emulated 1 + 32, 2-6 % of each node's segments, 2-6 Mbit/s of a
+    again when TCP retransmits it: in the emulated 1 + 32, 2-6 % of each node's segments, 2-5 Mbit/s of a
     50 Mbit/s uplink that read as other traffic, and every node's upload yielded to it ~4 times a run
-    (BENCHMARKS.md, "Auto-throttle: own retransmissions")."""
+    (BENCHMARKS.md, "Auto-throttle yielded to its own retransmissions")."""
 
     def __init__(self) -> None:
         # socket -> its tcpi_bytes_retrans at the last look (what it retransmitted since is added to the total)
