@@ -878,6 +878,7 @@ class Swarm:
                     self.zones.clear()  # bounded; the next lookups refill it
                 if len(self.few_paths) > MAX_KNOWN_PEERS:
                     self.few_paths.clear()
+                racing = self.connector if isinstance(self.connector, RacingConnector) else None
                 for p in peers:
                     z = p.get("zone")
                     if isinstance(z, str) and z:
@@ -886,8 +887,8 @@ class Swarm:
                         self.few_paths.add(p["node_id"])
                     else:
                         self.few_paths.discard(p["node_id"])
-                    if isinstance(self.connector, RacingConnector):  # punch a NATed peer at once
-                        self.connector.behind_nat(p["node_id"], p.get("nat_type") in PUNCHED_NATS)
+                    if racing is not None:  # punch a NATed peer at once
+                        racing.behind_nat(p["node_id"], p.get("nat_type") in PUNCHED_NATS)
                 if peers:
                     self._learn_zones()
                 for p in peers:
