@@ -6,6 +6,7 @@
     python -m netsim.bench swarm --peers 8 --rate 50Mbit/s --size 64MiB --clients p2pd --churn 2@4:3
     python -m netsim.bench swarm --peers 8 --rate 100Mbit/s --zones 2 --zone-link 20Mbit/s --size 64MiB --clients p2pd
     python -m netsim.bench swarm --topology loopback --peers 4 --size 2GiB --clients p2pd,libtorrent --runs 3
+    python -m netsim.bench swarm --peers 32 --size 128MiB --rate 50Mbit/s --clients p2pd --mesh 12  # + loaded network
     python -m netsim.bench pair --size 2GiB
     python -m netsim.bench render swarm.json      # the Markdown table for BENCHMARKS.md
     python -m netsim.bench tracker --nodes 100000 --duration 10 --compare-opentracker --json FILE
@@ -160,6 +161,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--loss", type=float, default=0.0, help="random loss on every link's receive side (0..1)")
     s.add_argument("--timeout", type=float, default=None, help="per run, seconds (default: max(120, 10 T_min))")
     s.add_argument("--no-iperf", action="store_true", help="skip the iperf3 link measurement")
+    s.add_argument(
+        "--mesh",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also measure the network with every node sending to K others at once (iperf3): the bound at that "
+        "goodput is t_min_mesh_s",
+    )
     s.add_argument("--p2pd-egress-limit", default=None, help="pass --egress-limit RATE to every p2pd daemon")
     s.add_argument(
         "--p2pd-run-args",
@@ -237,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                     timeout_s=a.timeout,
                     keep=a.keep,
                     iperf=not a.no_iperf,
+                    mesh=a.mesh,
                     p2pd_egress_limit=a.p2pd_egress_limit,
                     p2pd_run_args=a.p2pd_run_args,
                     p2pd_insecure=a.p2pd_insecure,

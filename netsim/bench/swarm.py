@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -48,6 +50,7 @@ class SwarmOptions:
     timeout_s: float | None = None
     keep: bool = False
     iperf: bool = True
+    mesh: int = 0  # > 0: also measure what the network carries with every node sending to this many others
     p2pd_egress_limit: str | None = None
     p2pd_run_args: list[str] = field(default_factory=list)
     p2pd_insecure: bool = False  # tracker and daemons --insecure: the cost of authentication, side by side
@@ -148,6 +151,99 @@ def measure_iperf(net: Net, seconds: int = 4) -> float:
         net.topo.stop(srv, timeout=3)
 
 
+def _pin_neighbours(nodes: list[Node]) -> None:
+    """Static ARP entries between all the nodes: with every link full at once, ARP replies queue behind data and
+    are lost, and a connect begun under that load failed ("No route to host")."""
+    macs = {}
+    for nd in nodes:
+        dev = nd.host.links[0].host_if
+        macs[nd.ip] = json.loads(nd.host.run(["ip", "-j", "link", "show", "dev", dev]).stdout)[0]["address"]
+    for nd in nodes:
+        dev = nd.host.links[0].host_if
+        lines = [f"neigh replace {d.ip} lladdr {macs[d.ip]} dev {dev} nud permanent" for d in nodes if d is not nd]
+        nd.host.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n")
+
+
+MESH_PORT = 5301  # the mesh's iperf3 servers: node i listens on MESH_PORT + k for its k-th sender
+MESH_CONNECT_S = 20.0  # for every flow to connect (a SYN lost to a full queue is resent after 1, 3, 7 s)
+MESH_SETTLE_S = 2.0  # from the last flow connected to the window counted: past slow start
+
+
+def measure_mesh(net: Net, fanout: int, seconds: float = 6.0) -> float:
+    """Mean TCP goodput per node in bit/s while every node sends to the next `fanout` nodes at once (iperf3
+    flows): what the network carries with every link busy both ways, as in a swarm. One flow's rate
+    (`measure_iperf`) leaves out what a swarm meets on every link: senders converging on a receiver's port, and
+    ACKs sharing an uplink with data.
+
+    Counted at the receiving sockets (`ss`: bytes received) over one window in which every flow runs: iperf3's own
+    reports cover each flow's own seconds, and under this load a flow's connect can lose its SYN and begin
+    seconds after the others (its report then measured a network that was still half idle)."""
+    nodes = [net.seed, *net.leechers]
+    if not 0 < fanout < len(nodes):
+        raise BenchError(f"--mesh {fanout}: each of the {len(nodes)} nodes sends to 1..{len(nodes) - 1} others")
+    ports = (MESH_PORT, MESH_PORT + fanout)
+    procs: list[subprocess.Popen] = []
+    try:
+        for nd in nodes:
+            for k in range(fanout):
+                argv = ["iperf3", "-s", "-1", "-B", nd.ip, "-p", str(MESH_PORT + k)]
+                procs.append(nd.host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _until(
+            nodes, lambda nd: _mesh_sockets(nd, ports, listening=True)[0] >= fanout, 10.0, "iperf3 servers listening"
+        )
+        _pin_neighbours(nodes)
+        for i, nd in enumerate(nodes):
+            for k in range(fanout):
+                dst = nodes[(i + 1 + k) % len(nodes)].ip
+                argv = ["iperf3", "-c", dst, "-p", str(MESH_PORT + k), "-t", "3600"]
+                procs.append(nd.host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # each flow: iperf3's control connection and its data connection
+        _until(nodes, lambda nd: _mesh_sockets(nd, ports)[0] >= 2 * fanout, MESH_CONNECT_S, "iperf3 flows connected")
+        time.sleep(MESH_SETTLE_S)
+        first = [(time.monotonic(), _mesh_sockets(nd, ports)[1]) for nd in nodes]
+        time.sleep(seconds)
+        total = 0.0
+        for nd, (t0, b0) in zip(nodes, first, strict=True):
+            conns, b1 = _mesh_sockets(nd, ports)
+            if conns < 2 * fanout:
+                raise BenchError(f"iperf3 mesh: a flow to {nd.name} ended inside the window")
+            total += (b1 - b0) * 8 / (time.monotonic() - t0)
+        return total / len(nodes)
+    finally:  # measuring tools, nothing to wind down: killed, not asked (hundreds of them, on a busy machine)
+        for p in procs:
+            p.kill()
+        for p in procs:
+            net.topo.stop(p, timeout=5)
+
+
+def _until(nodes: list[Node], ready: Callable[[Node], bool], timeout: float, what: str) -> None:
+    """Wait until `ready` holds on every node (BenchError naming the first that is not, after `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    for nd in nodes:
+        while not ready(nd):
+            if time.monotonic() > deadline:
+                raise BenchError(f"iperf3 mesh: {what} on {nd.name} not within {timeout:.0f} s")
+            time.sleep(0.1)
+
+
+def _mesh_sockets(nd: Node, ports: tuple[int, int], *, listening: bool = False) -> tuple[int, int]:
+    """(sockets, bytes received) of the node's TCP sockets on local ports [lo, hi): listening, or established."""
+    argv = ["ss", "-Hltn"] if listening else ["ss", "-Htin", "state", "established"]
+    count = received = 0
+    local = ""
+    for line in nd.host.run(argv).stdout.splitlines():
+        f = line.split()
+        if f and not line[0].isspace():  # a socket's line (with -i, its details follow on an indented line)
+            local = f[3] if listening else f[2]
+            if ports[0] <= int(local.rsplit(":", 1)[1]) < ports[1]:
+                count += 1
+            else:
+                local = ""
+        elif local and (m := re.search(r"bytes_received:(\d+)", line)):
+            received += int(m.group(1))
+    return count, received
+
+
 def check_options(o: SwarmOptions) -> None:
     """Raise BenchError for options that contradict each other (before anything is built)."""
     if o.peers < 1 or o.runs < 1 or o.size < 1:
@@ -162,6 +258,8 @@ def check_options(o: SwarmOptions) -> None:
         raise BenchError("--zone-link is the trunk between two zones: give --zones 2 with it")
     if o.rate_classes and sum(c.count for c in o.rate_classes) != o.peers:
         raise BenchError(f"--rates counts add up to {sum(c.count for c in o.rate_classes)} peers, not {o.peers}")
+    if o.mesh and (o.topology != "emu" or o.rate_classes or o.zones != 1):
+        raise BenchError("--mesh measures one switch of equal links: use it on --topology emu without --rates/--zones")
     if o.churn and (o.clients != ["p2pd"] or o.topology != "emu"):
         raise BenchError("--churn restarts p2pd daemons: use it with --clients p2pd on --topology emu")
     if sum(c.count for c in o.churn) > o.peers:
@@ -172,7 +270,8 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
     """Run the benchmark; returns the JSON-able result (clients that failed a run are reported, not raised)."""
     preflight(
         [("ip", "iproute2"), ("tc", "iproute2"), ("cmp", "diffutils")]
-        + ([("iperf3", "iperf3")] if o.iperf and o.topology == "emu" else [])
+        + ([("iperf3", "iperf3")] if (o.iperf or o.mesh) and o.topology == "emu" else [])
+        + ([("ss", "iproute2")] if o.mesh else [])
         + ([("iptables", "iptables")] if o.loss else [])
     )
     check_options(o)
@@ -194,6 +293,7 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
     crossed: dict[str, list[tuple[int, int]]] = {c.name: [] for c in clients}  # --zones 2: trunk bytes per run
     failures: dict[str, list[str]] = {c.name: [] for c in clients}
     measured_bps: float | None = None
+    mesh_bps: float | None = None
     try:
         payload = os.path.join(work, "payload", "payload.bin")
         make_payload(payload, o.size)
@@ -227,6 +327,9 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
             if o.topology == "emu" and o.iperf:
                 measured_bps = measure_iperf(net)
                 ctx.say(f"iperf3 seed->p1: {measured_bps / 1e6:.1f} Mbit/s")
+            if o.mesh:
+                mesh_bps = measure_mesh(net, o.mesh)
+                ctx.say(f"iperf3 mesh, each node to {o.mesh} others: {mesh_bps / 1e6:.1f} Mbit/s per node")
             for c in clients:
                 c.prepare(ctx)
             for r in range(o.runs):
@@ -254,7 +357,7 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
     finally:
         if not o.keep:
             shutil.rmtree(work, ignore_errors=True)
-    return report(o, results, failures, measured_bps, crossed)
+    return report(o, results, failures, measured_bps, crossed, mesh_bps)
 
 
 def revision() -> str | None:
@@ -293,6 +396,7 @@ def report(
     failures: dict[str, list[str]],
     measured_bps: float | None,
     crossed: dict[str, list[tuple[int, int]]] | None = None,
+    mesh_bps: float | None = None,
 ) -> dict[str, Any]:
     """The JSON object: parameters, bounds, and per client times, medians, ranges, ratios, seed upload."""
     t_min = t_min_nominal(o)
@@ -305,6 +409,8 @@ def report(
         t_min_meas = zone_bound(
             o.size, s * scale, [u * scale for u in ups], [d * scale for d in downs], in_zone_b(o), zl
         )
+    # equal links only (--mesh): every term of the bound scales with the goodput a busy link gives each node
+    t_min_mesh = t_min * o.rate_bps / mesh_bps if t_min and mesh_bps else None
     away = [c.down_s for c in o.churn if c.down_s is not None]
     t_churn = churn_bound(t_min, o.size, downs, away) if t_min and away else None
     t_churn_meas = (
@@ -334,6 +440,9 @@ def report(
         "t_min_s": None if t_min is None else round(t_min, 3),
         "t_min_measured_s": None if t_min_meas is None else round(t_min_meas, 3),
         "iperf3_bps": None if measured_bps is None else round(measured_bps),
+        "mesh_fanout": o.mesh or None,
+        "mesh_bps_per_node": None if mesh_bps is None else round(mesh_bps),
+        "t_min_mesh_s": None if t_min_mesh is None else round(t_min_mesh, 3),
         "zones": o.zones,
         "zone_link_bps": o.zone_link_bps,
         "churn": [{"count": c.count, "at_s": c.at_s, "down_s": c.down_s} for c in o.churn] or None,
@@ -363,6 +472,7 @@ def report(
             if lo is None or hi is None or not t_min
             else [round(lo / t_min, 3), round(hi / t_min, 3)],
             "ratio_measured": None if med is None or not t_min_meas else round(med / t_min_meas, 3),
+            "ratio_mesh": None if med is None or not t_min_mesh else round(med / t_min_mesh, 3),
             "ratio_churn": None if med is None or not t_churn else round(med / t_churn, 3),
             "ratio_churn_measured": None if med is None or not t_churn_meas else round(med / t_churn_meas, 3),
             "seed_upload_F": None if up_med is None else round(up_med, 3),

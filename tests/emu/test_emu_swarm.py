@@ -5,12 +5,15 @@ rot), and HTTP's ~3x proves the links are really shaped. Namespaces are gone aft
 from __future__ import annotations
 
 import io
+import shutil
 from typing import Any
 
 import pytest
 
 from netsim.bench.clients import make_client
-from netsim.bench.swarm import SwarmOptions, run_swarm
+from netsim.bench.harness import build_net
+from netsim.bench.swarm import SwarmOptions, measure_iperf, measure_mesh, run_swarm
+from netsim.emu import Topology
 from p2pd.units import parse_size, rate_bits
 
 pytestmark = pytest.mark.emu
@@ -62,3 +65,17 @@ def test_baselines_small_swarm(emu: None) -> None:
     assert 2.9 <= http["seed_upload_F"] <= 3.3
     for bt in ("aria2", "libtorrent"):
         assert res["clients"][bt]["ratio"] < 3.0, res["headline"]
+
+
+def test_mesh_is_what_busy_links_carry(emu: None) -> None:
+    """Every node sending to two others at once fills every shaped link nearly as one flow fills one (headers and
+    ACKs aside), and never more than the shaping allows: the mesh measures the network, not the hosts."""
+    if not shutil.which("iperf3"):
+        pytest.skip("iperf3 not found (apt-get install iperf3)")
+    rate = rate_bits("50Mbit/s")
+    with Topology() as topo:
+        net = build_net(topo, "emu", 3, rate, rate)
+        one_flow = measure_iperf(net, seconds=3)
+        per_node = measure_mesh(net, 2, seconds=4)
+    assert 0.85 * rate < one_flow < rate
+    assert 0.85 * rate < per_node < rate, f"mesh {per_node / 1e6:.1f} Mbit/s per node, one flow {one_flow / 1e6:.1f}"

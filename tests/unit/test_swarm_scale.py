@@ -138,3 +138,23 @@ def test_the_report_judges_churn_against_the_churn_bound() -> None:
     # no churn: no churn bound
     plain = report(SwarmOptions(peers=8, size=64 << 20, rate_bps=50_000_000), {"p2pd": [run]}, {"p2pd": []}, None)
     assert plain["t_churn_s"] is None and plain["clients"]["p2pd"]["ratio_churn"] is None
+
+
+def test_mesh_options_checked() -> None:
+    assert parser().parse_args(["swarm", "--peers", "8", "--mesh", "4"]).mesh == 4
+    check_options(SwarmOptions(peers=8, mesh=4))
+    for bad in (
+        SwarmOptions(peers=8, mesh=4, topology="loopback"),
+        SwarmOptions(peers=8, mesh=4, zones=2),
+        SwarmOptions(peers=2, mesh=1, rate_classes=[parse_rate_class("2@100Mbit/s")]),
+    ):
+        with pytest.raises(BenchError, match="--mesh measures one switch"):
+            check_options(bad)
+
+
+def test_mesh_bound_scales_with_the_goodput_of_a_busy_link() -> None:
+    o = SwarmOptions(peers=8, size=64 << 20, rate_bps=100_000_000, mesh=4)
+    res = report(o, {"p2pd": []}, {"p2pd": []}, None, None, 90_000_000)
+    assert res["mesh_fanout"] == 4 and res["mesh_bps_per_node"] == 90_000_000
+    assert res["t_min_mesh_s"] == pytest.approx(t_min_nominal(o) / 0.9, abs=1e-3)
+    assert res["clients"]["p2pd"]["ratio_mesh"] is None  # no run, no ratio
