@@ -86,7 +86,8 @@ class SwarmConfig:
     # upload slots, a holder keeps its slot while it wants anything, so the first requesters held 4-10 slots
     # each and the late ones one (the simulated 1 + 32: p99 1.40x the bound); as many sources as a peer
     # gives slots leaves slots to the late ones (simulated p99 1.13x with 4). Off by default: the emulated 1 + 32
-    # (CPU-bound daemons) ran 7-17% slower with 4 (BENCHMARKS.md, the requester-side cap in the daemon)
+    # ran 7-17% slower with 4 and 7% with 6 (BENCHMARKS.md, the requester-side cap in the daemon; not for want of
+    # CPU: that swarm takes as long on 16 cores as on 2)
     download_sources: int = 0
     # HAVEs of pieces completed within this many seconds leave together (and with any other frame to that peer),
     # once we have `have_batch_min_peers` connections: each HAVE alone cost our writer and the peer's reader a
