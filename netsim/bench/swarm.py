@@ -153,7 +153,7 @@ def measure_iperf(net: Net, seconds: int = 4) -> float:
 
 def _pin_neighbours(nodes: list[Node]) -> None:
     """Static ARP entries between all the nodes: with every link full at once, ARP replies queue behind data and
-    are lost, and a connect begun under that load failed ("No route to host")."""
+    are lost, and a connect begun under that load failed ("No route to host"). They stay: they are the right ones."""
     macs = {}
     for nd in nodes:
         dev = nd.host.links[0].host_if
@@ -258,8 +258,13 @@ def check_options(o: SwarmOptions) -> None:
         raise BenchError("--zone-link is the trunk between two zones: give --zones 2 with it")
     if o.rate_classes and sum(c.count for c in o.rate_classes) != o.peers:
         raise BenchError(f"--rates counts add up to {sum(c.count for c in o.rate_classes)} peers, not {o.peers}")
-    if o.mesh and (o.topology != "emu" or o.rate_classes or o.zones != 1):
-        raise BenchError("--mesh measures one switch of equal links: use it on --topology emu without --rates/--zones")
+    if o.mesh < 0 or o.mesh > o.peers:
+        raise BenchError(f"--mesh {o.mesh}: each of the {o.peers + 1} nodes sends to 1..{o.peers} others (0: no mesh)")
+    equal = not o.rate_classes and o.zones == 1 and o.seed_rate_bps in (None, o.rate_bps)
+    if o.mesh and (o.topology != "emu" or not equal):
+        raise BenchError(
+            "--mesh measures one switch of equal links: use it on --topology emu without --rates, --zones, --seed-rate"
+        )
     if o.churn and (o.clients != ["p2pd"] or o.topology != "emu"):
         raise BenchError("--churn restarts p2pd daemons: use it with --clients p2pd on --topology emu")
     if sum(c.count for c in o.churn) > o.peers:

@@ -147,9 +147,14 @@ def test_mesh_options_checked() -> None:
         SwarmOptions(peers=8, mesh=4, topology="loopback"),
         SwarmOptions(peers=8, mesh=4, zones=2),
         SwarmOptions(peers=2, mesh=1, rate_classes=[parse_rate_class("2@100Mbit/s")]),
+        SwarmOptions(peers=8, mesh=4, rate_bps=100_000_000, seed_rate_bps=200_000_000),
     ):
         with pytest.raises(BenchError, match="--mesh measures one switch"):
             check_options(bad)
+    for bad in (SwarmOptions(peers=8, mesh=-1), SwarmOptions(peers=8, mesh=9)):
+        with pytest.raises(BenchError, match="sends to 1..8 others"):
+            check_options(bad)
+    check_options(SwarmOptions(peers=8, mesh=8))  # every other node
 
 
 def test_mesh_bound_scales_with_the_goodput_of_a_busy_link() -> None:
