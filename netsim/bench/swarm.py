@@ -13,6 +13,7 @@ copies, so disks are out of the measurement.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from typing import IO, Any
 
 from netsim.bench.clients import make_client
 from netsim.bench.clients.base import Client
-from netsim.bench.harness import REPO_ROOT, BenchError, Ctx, Net, Node, build_net, make_payload
+from netsim.bench.harness import REPO_ROOT, BenchError, Ctx, Net, Node, build_net, make_payload, wait_until
 from netsim.bench.model import ChurnEvent, RateClass, churn_bound, peer_rates, summarize, zone_bound
 from netsim.emu import Topology, new_prefix
 from p2pd.units import format_bits_rate, format_size_exact
@@ -217,13 +218,10 @@ def measure_mesh(net: Net, fanout: int, seconds: float = 6.0) -> float:
 
 
 def _until(nodes: list[Node], ready: Callable[[Node], bool], timeout: float, what: str) -> None:
-    """Wait until `ready` holds on every node (BenchError naming the first that is not, after `timeout` s)."""
+    """`wait_until` for every node against one deadline, node by node (each poll of a node is an `ss` in it)."""
     deadline = time.monotonic() + timeout
     for nd in nodes:
-        while not ready(nd):
-            if time.monotonic() > deadline:
-                raise BenchError(f"iperf3 mesh: {what} on {nd.name} not within {timeout:.0f} s")
-            time.sleep(0.1)
+        wait_until(functools.partial(ready, nd), deadline - time.monotonic(), f"iperf3 mesh: {what} on {nd.name}")
 
 
 def _mesh_sockets(nd: Node, ports: tuple[int, int], *, listening: bool = False) -> tuple[int, int]:
