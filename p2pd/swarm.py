@@ -273,7 +273,7 @@ class Swarm:
         if not self.has_piece(i):
             conn.session.reject(i)
             return False
-        if self.seeding.defer_send(i, conn, complete=self.complete):
+        if self.seeding.defer_send(i, conn, conn.session.remote_have, complete=self.complete):
             conn.session.defer(i)
             return False
         if conn.limits is not None and not math.isinf(conn.limits[0].buckets[-1].rate):

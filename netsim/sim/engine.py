@@ -441,7 +441,7 @@ class Simulation:
             if not up.have >> unit & 1:
                 self._frame(up, rid, self._on_reject, dst, up.nid, unit, up.epoch)
                 continue
-            if up.seeding.defer_send(unit, rid, complete=up.complete):
+            if up.seeding.defer_send(unit, rid, up.remote_have.get(rid, 0), complete=up.complete):
                 self._frame(up, rid, self._on_defer, dst, up.nid, unit, up.epoch)
                 continue
             up.seeding.sent(unit)

@@ -4,7 +4,14 @@ Duplicate uploads from the seed are what keeps BitTorrent above the Kumar–Ross
 piece was never sent, the seed's upload is the swarm's bottleneck, and every copy it sends of a piece
 already out costs the whole swarm that much time. So a complete node answers DEFER ("ask someone
 else") for any piece it already sent while some piece was never sent; the requester is not left
-idle, because it still needs every unsent piece, which only the seed can give. Once everything was
+idle, because it still needs every unsent piece, which only the seed can give. It does so every time
+the requester asks, as long as the requester lacks one of those pieces: deferred once only, the
+requester came back after `defer_retry`, before the holder of the first copy had announced it, and
+was served (the emulated 1 + 32: 100 of the seed's first 612 uploads were such copies, its last new
+piece left at 27.9 s; deferred every time, the 512th upload was the last new piece, at 24.7 s, and
+the swarm ended in 28.0-28.7 s against 29.0-29.5 s in alternating runs, BENCHMARKS.md). A requester that holds every
+piece we never sent (another seed sent them) is deferred once, like every other deferral below: it
+may have no one else to ask. Once everything was
 sent, it defers a piece that another connected, incomplete peer has announced, but only once per
 requester and piece, and never to a requester missing only a few pieces (`serve_tail`), so that
 deferral cannot stretch the tail; and never in favour of another complete node, or two seeds would
@@ -80,6 +87,7 @@ class DistinctFirstSeeding(Generic[Peer]):
         self.serve_tail = serve_tail
         self._sent = bytearray(num_pieces)  # uploads per piece (saturating at 255)
         self.unsent = num_pieces  # pieces never uploaded
+        self._unsent_mask = self.full  # ...as a bitmask, to ask whether a requester lacks one of them
         self.pieces_sent = 0  # uploads of pieces, counting repeats
         self.pieces_deferred = 0  # requests answered with DEFER
         self.slot_deferrals = 0  # of which: because every upload slot was busy
@@ -107,6 +115,8 @@ class DistinctFirstSeeding(Generic[Peer]):
         if not (self.enabled and complete) or len(have) < 2:
             return False
         once = self._deferred_to.setdefault(requester, set())
+        if self._second_copy_while_only_we_can_help(piece, have.get(requester, 0)):
+            return self._defer(once, piece)
         if piece in once:
             return False  # asked again after a deferral: the requester found no one else
         if self._second_copy_while_unsent(piece) or self._in_flight(piece, have):
@@ -171,15 +181,26 @@ class DistinctFirstSeeding(Generic[Peer]):
             mask & bit and p != requester and mask != self.full and p not in few_paths for p, mask in have.items()
         )
 
-    def defer_send(self, piece: int, requester: Peer, *, complete: bool) -> bool:
-        """At send time: is this a second copy while some piece was never sent?"""
+    def defer_send(self, piece: int, requester: Peer, requester_has: int, *, complete: bool) -> bool:
+        """At send time: is this a second copy while some piece was never sent? `requester_has`: the pieces
+        the requester announced."""
         if not (self.enabled and complete) or not self._second_copy_while_unsent(piece):
             return False
         once = self._deferred_to.setdefault(requester, set())
+        if self._second_copy_while_only_we_can_help(piece, requester_has):
+            return self._defer(once, piece)
         return False if piece in once else self._defer(once, piece)
 
     def _second_copy_while_unsent(self, piece: int) -> bool:
         return self.unsent > 0 and self._sent[piece] > 0
+
+    def _second_copy_while_only_we_can_help(self, piece: int, requester_has: int) -> bool:
+        """A second copy while the requester still lacks a piece we never sent: deferred every time, not once.
+
+        Only we can give it those pieces, so it has something better to ask us for, and whoever got our copy
+        of `piece` will announce it. A requester holding every piece we never sent (another seed sent them)
+        falls back to the once rule: it may have no one else to ask."""
+        return self._second_copy_while_unsent(piece) and bool(self._unsent_mask & ~requester_has)
 
     def _in_flight(self, piece: int, have: Mapping[Peer, int]) -> bool:
         """Sent, and no connected peer announced it yet: the copy is on its way to someone, who will."""
@@ -197,6 +218,7 @@ class DistinctFirstSeeding(Generic[Peer]):
         self.pieces_sent += 1
         if self._sent[piece] == 0:
             self.unsent -= 1
+            self._unsent_mask &= ~(1 << piece)
         if self._sent[piece] < 255:
             self._sent[piece] += 1
 

@@ -36,16 +36,35 @@ def test_seed_never_sends_a_second_copy_while_some_piece_was_never_sent() -> Non
     assert s.pieces_deferred == 2
 
 
-def test_a_requester_that_asks_again_after_a_deferral_is_served() -> None:
-    """It found no one else: without this, a straggler whose peers all sent its piece once would wait for ever."""
+def test_a_requester_lacking_a_piece_never_sent_is_sent_away_every_time() -> None:
+    """It has something better to ask us for: asked again before the first copy's holder announced it (after
+    `defer_retry`), a once-only deferral let the seed send the copy after all (100 of 612 seed uploads in the
+    emulated 1 + 32)."""
     s = policy()
     have = {"a": 0, "b": 0}
     s.sent(5)
+    for _ in range(3):
+        assert s.defer_request(5, "b", have, complete=True)
+        assert s.defer_send(5, "b", have["b"], complete=True)
+    for i in range(PIECES):
+        s.sent(i)
+    have["h"] = mask({5})
+    assert not s.defer_request(5, "b", have, complete=True)  # every piece went out: the once rule again
+    assert s.pieces_sent_again == 1
+
+
+def test_a_requester_holding_every_piece_never_sent_is_served_when_it_asks_again() -> None:
+    """Another seed sent it those pieces: it may have no one else to ask for this one (its holder left), so the
+    once rule applies, or it would wait until this seed had sent every piece once."""
+    s = policy()
+    s.sent(5)
+    others = FULL & ~mask({5})  # every piece but 5, from another seed
+    have = {"a": 0, "b": others}
     assert s.defer_request(5, "b", have, complete=True)
     assert not s.defer_request(5, "b", have, complete=True)
-    assert not s.defer_send(5, "b", complete=True)
-    assert s.defer_send(5, "a", complete=True)  # a was never sent away for it
-    assert not s.defer_send(5, "a", complete=True)
+    assert not s.defer_send(5, "b", others, complete=True)
+    assert s.defer_send(5, "a", 0, complete=True)  # a lacks pieces never sent: sent away, also at send time
+    assert s.defer_send(5, "a", 0, complete=True)
 
 
 def test_the_check_is_repeated_when_the_piece_is_about_to_be_sent() -> None:
@@ -53,9 +72,9 @@ def test_the_check_is_repeated_when_the_piece_is_about_to_be_sent() -> None:
     s = policy()
     have = {"a": 0, "b": 0}
     assert not s.defer_request(9, "a", have, complete=True) and not s.defer_request(9, "b", have, complete=True)
-    assert not s.defer_send(9, "a", complete=True)
+    assert not s.defer_send(9, "a", 0, complete=True)
     s.sent(9)
-    assert s.defer_send(9, "b", complete=True)  # b's turn comes: DEFER instead of a second copy
+    assert s.defer_send(9, "b", 0, complete=True)  # b's turn comes: DEFER instead of a second copy
 
 
 def test_once_everything_was_sent_copies_follow_the_once_and_tail_rules() -> None:
@@ -107,32 +126,39 @@ def test_one_peer_an_incomplete_node_or_the_policy_off_serve_everything() -> Non
     s.sent(1)
     assert not s.defer_request(1, "a", {"a": 0}, complete=True)  # the only peer: nobody else to ask
     assert not s.defer_request(1, "a", {"a": 0, "b": 0}, complete=False)  # not a seed: no policy
-    assert not s.defer_send(1, "a", complete=False)
+    assert not s.defer_send(1, "a", 0, complete=False)
     off = policy(enabled=False)
     off.sent(1)
     assert not off.defer_request(1, "a", {"a": 0, "b": 0}, complete=True)
-    assert not off.defer_send(1, "a", complete=True)
+    assert not off.defer_send(1, "a", 0, complete=True)
 
 
-@given(st.lists(st.integers(min_value=0, max_value=PIECES - 1), max_size=300))
-def test_a_second_copy_before_every_piece_went_out_only_goes_to_a_requester_sent_away_once(
-    requests: list[int],
+@given(
+    st.lists(
+        st.tuples(st.integers(min_value=0, max_value=2), st.integers(min_value=0, max_value=PIECES - 1)), max_size=300
+    ),
+    st.integers(min_value=0, max_value=FULL),
+)
+def test_a_second_copy_before_every_piece_went_out_only_goes_to_a_requester_with_no_one_else(
+    requests: list[tuple[int, int]], from_elsewhere: int
 ) -> None:
-    """Whatever the order of requests from two leechers: while some piece was never sent, a piece goes
-    out again only to a requester that was told DEFER for it before (it found no one else)."""
+    """Whatever the order of requests from three leechers (c holding some pieces another seed sent): while some
+    piece was never sent, a piece goes out again only to a requester that holds every piece never sent and was
+    told DEFER for it before (it found no one else)."""
     s = policy()
     sent: set[int] = set()
     deferred: set[tuple[str, int]] = set()
-    have = {"a": 0, "b": 0}
+    have = {"a": 0, "b": 0, "c": from_elsewhere}
     uploads = 0
-    for k, piece in enumerate(requests):
-        requester = "ab"[k % 2]
-        if s.defer_request(piece, requester, have, complete=True) or s.defer_send(piece, requester, complete=True):
-            assert (requester, piece) not in deferred  # each (requester, piece) is sent away once at most
+    for who, piece in requests:
+        requester = "abc"[who]
+        has = have[requester]
+        if s.defer_request(piece, requester, have, complete=True) or s.defer_send(piece, requester, has, complete=True):
             deferred.add((requester, piece))
             continue
         if piece in sent and len(sent) < PIECES:
             assert (requester, piece) in deferred
+            assert mask(set(range(PIECES)) - sent) & ~has == 0  # it holds every piece never sent
         s.sent(piece)
         sent.add(piece)
         uploads += 1
