@@ -86,8 +86,7 @@ class DistinctFirstSeeding(Generic[Peer]):
         self.enabled = enabled
         self.serve_tail = serve_tail
         self._sent = bytearray(num_pieces)  # uploads per piece (saturating at 255)
-        self.unsent = num_pieces  # pieces never uploaded
-        self._unsent_mask = self.full  # ...as a bitmask, to ask whether a requester lacks one of them
+        self._unsent = self.full  # pieces never uploaded (a bitmask: does a requester lack one of them?)
         self.pieces_sent = 0  # uploads of pieces, counting repeats
         self.pieces_deferred = 0  # requests answered with DEFER
         self.slot_deferrals = 0  # of which: because every upload slot was busy
@@ -98,7 +97,7 @@ class DistinctFirstSeeding(Generic[Peer]):
     @property
     def pieces_sent_again(self) -> int:
         """Uploads of pieces this node had uploaded before (a seed's copies cost the whole swarm)."""
-        return self.pieces_sent - (self.n - self.unsent)
+        return self.pieces_sent - (self.n - self._unsent.bit_count())
 
     def defer_request(
         self,
@@ -115,7 +114,7 @@ class DistinctFirstSeeding(Generic[Peer]):
         if not (self.enabled and complete) or len(have) < 2:
             return False
         once = self._deferred_to.setdefault(requester, set())
-        if self._second_copy_while_only_we_can_help(piece, have.get(requester, 0)):
+        if self._second_copy_while_unsent(piece) and self._lacks_unsent(have.get(requester, 0)):
             return self._defer(once, piece)
         if piece in once:
             return False  # asked again after a deferral: the requester found no one else
@@ -187,20 +186,20 @@ class DistinctFirstSeeding(Generic[Peer]):
         if not (self.enabled and complete) or not self._second_copy_while_unsent(piece):
             return False
         once = self._deferred_to.setdefault(requester, set())
-        if self._second_copy_while_only_we_can_help(piece, requester_has):
-            return self._defer(once, piece)
-        return False if piece in once else self._defer(once, piece)
+        if piece in once and not self._lacks_unsent(requester_has):
+            return False  # asked again after a deferral, holding every piece never sent: it found no one else
+        return self._defer(once, piece)
 
     def _second_copy_while_unsent(self, piece: int) -> bool:
-        return self.unsent > 0 and self._sent[piece] > 0
+        return self._unsent != 0 and self._sent[piece] > 0
 
-    def _second_copy_while_only_we_can_help(self, piece: int, requester_has: int) -> bool:
-        """A second copy while the requester still lacks a piece we never sent: deferred every time, not once.
+    def _lacks_unsent(self, requester_has: int) -> bool:
+        """The requester lacks a piece we never sent: a second copy is then deferred every time, not once.
 
         Only we can give it those pieces, so it has something better to ask us for, and whoever got our copy
-        of `piece` will announce it. A requester holding every piece we never sent (another seed sent them)
-        falls back to the once rule: it may have no one else to ask."""
-        return self._second_copy_while_unsent(piece) and bool(self._unsent_mask & ~requester_has)
+        of the piece it asked for will announce it. A requester holding every piece we never sent (another seed
+        sent them) falls back to the once rule: it may have no one else to ask."""
+        return self._unsent & ~requester_has != 0
 
     def _in_flight(self, piece: int, have: Mapping[Peer, int]) -> bool:
         """Sent, and no connected peer announced it yet: the copy is on its way to someone, who will."""
@@ -216,9 +215,7 @@ class DistinctFirstSeeding(Generic[Peer]):
 
     def sent(self, piece: int) -> None:
         self.pieces_sent += 1
-        if self._sent[piece] == 0:
-            self.unsent -= 1
-            self._unsent_mask &= ~(1 << piece)
+        self._unsent &= ~(1 << piece)
         if self._sent[piece] < 255:
             self._sent[piece] += 1
 
