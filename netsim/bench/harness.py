@@ -384,6 +384,32 @@ class RunResult:
     # whole machine's busy cores meanwhile: near os.cpu_count() means the run was CPU-bound
     client_cpu_cores: float | None = None
     machine_busy_cores: float | None = None
+    # emulated links, from release to the last leecher: bytes every node put on its uplink, bytes the switch
+    # delivered to every node, and to the leechers alone (frames with headers). What the uplinks sent and no
+    # downlink delivered was dropped at a switch port: sent upstream, wasted
+    wire: Wire | None = None
+
+
+@dataclass(frozen=True)
+class Wire:
+    """Frames the emulated switch saw during one run (`Net.port_bytes` differences)."""
+
+    sent: int  # onto every node's uplink
+    delivered: int  # to every node over its downlink
+    delivered_to_leechers: int
+
+    @classmethod
+    def between(cls, before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], seed: str) -> Wire:
+        return cls(
+            sum(after[n][1] - before[n][1] for n in after),
+            sum(after[n][0] - before[n][0] for n in after),
+            sum(after[n][0] - before[n][0] for n in after if n != seed),
+        )
+
+    @property
+    def dropped(self) -> float:
+        """The share of what the uplinks sent that no downlink delivered."""
+        return 1 - self.delivered / self.sent if self.sent else 0.0
 
 
 def release_and_wait(
@@ -394,6 +420,7 @@ def release_and_wait(
     `extra_check` is polled too (e.g. "a daemon died") and fails the run with its message."""
     tx0 = ctx.net.seed_tx_bytes()
     cpu0, busy0 = cpu_seconds_tree(ctx.rss_pids), machine_busy_seconds()
+    base = ctx.net.port_bytes()  # read before the clock starts: one `ip` call per switch
     t0_wall = time.time()
     t0 = time.monotonic()
     for lc in leechers:
@@ -402,9 +429,8 @@ def release_and_wait(
     rss_peak: float | None = None
     next_rss = 0.0
     trace: dict[str, list] | None = None
-    if ctx.trace and ctx.net.kind == "emu":
+    if ctx.trace and base is not None:
         names = [lc.node.name for lc in leechers]
-        base = ctx.net.port_bytes() or {}
         trace = {"t_s": [], "down_MB": [], "seed_up_MB": [], "leechers": names}
     next_trace = t0
     while True:
@@ -422,7 +448,7 @@ def release_and_wait(
         if now > deadline:
             left = [lc.node.name for lc in leechers if lc.done_at is None]
             raise BenchError(f"timeout after {ctx.timeout_s:.0f} s; unfinished: {left}")
-        if trace is not None and now >= next_trace:
+        if trace is not None and base is not None and now >= next_trace:
             next_trace += 0.5
             pb = ctx.net.port_bytes() or {}
             trace["t_s"].append(round(now - t0, 2))
@@ -436,6 +462,7 @@ def release_and_wait(
                     rss_peak = r if rss_peak is None else max(rss_peak, r)
         time.sleep(0.005)
     tx1 = ctx.net.seed_tx_bytes()
+    end = ctx.net.port_bytes()
     wall = time.monotonic() - t0
     cpu1, busy1 = cpu_seconds_tree(ctx.rss_pids), machine_busy_seconds()
     times = [round((lc.done_at or 0.0) - t0, 3) for lc in leechers]
@@ -451,6 +478,7 @@ def release_and_wait(
         trace,
         client_cpu_cores=round((cpu1 - cpu0) / wall, 2) if ctx.rss_pids else None,
         machine_busy_cores=round((busy1 - busy0) / wall, 2),
+        wire=None if base is None or end is None else Wire.between(base, end, ctx.net.seed.name),
     )
 
 

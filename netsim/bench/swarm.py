@@ -352,6 +352,8 @@ def run_swarm(o: SwarmOptions, log: IO[str] = sys.stderr, clients: list[Client] 
                     up = f", seed sent {res.seed_tx_bytes / o.size:.2f} F" if res.seed_tx_bytes is not None else ""
                     if res.client_cpu_cores is not None:
                         up += f", CPU {res.client_cpu_cores:.2f} cores (machine {res.machine_busy_cores:.2f})"
+                    if res.wire is not None:
+                        up += f", switch dropped {100 * res.wire.dropped:.1f} % of what the uplinks sent"
                     ctx.say(
                         f"run {r + 1}/{o.runs} {c.name}: {res.t_s:.2f} s"
                         + (f" ({res.t_s / t_min:.2f}x T_min)" if t_min else "")
@@ -463,6 +465,7 @@ def report(
         ups = [r.seed_tx_bytes / o.size for r in rs if r.seed_tx_bytes is not None]
         agg = [o.peers * o.size / t / 1e6 for t in times]
         rss = [r.rss_max_mb for r in rs if r.rss_max_mb is not None]
+        wires = [(r.wire, r.t_s) for r in rs if r.wire is not None]
         med, lo, hi = st["median"], st["min"], st["max"]
         up_med, agg_med = summarize(ups)["median"], summarize(agg)["median"]  # None when empty
         out["clients"][name] = {
@@ -495,6 +498,14 @@ def report(
             else None,
             "cross_zone_back_F_runs": [round(ba / o.size, 3) for _, ba in (crossed or {}).get(name, [])]
             if o.zones == 2
+            else None,
+            # emulated links, release to the last leecher: frames every uplink sent per byte the leechers needed
+            # (headers alone make ~1.04), the share of them dropped at a switch port (sent upstream, wasted), and
+            # how full the leechers' downlinks were on average
+            "wire_sent_F_runs": [round(w.sent / (o.peers * o.size), 3) for w, _ in wires] if wires else None,
+            "switch_dropped_runs": [round(w.dropped, 3) for w, _ in wires] if wires else None,
+            "leecher_downlink_use_runs": [round(w.delivered_to_leechers * 8 / (sum(downs) * t), 3) for w, t in wires]
+            if wires
             else None,
             "failures": failures[name],
         }

@@ -63,6 +63,12 @@ def test_baselines_small_swarm(emu: None) -> None:
     # the seed's 100 Mbit/s link carries 3 copies: 3 T_min plus TCP/IP headers (~4.5%); far less = not shaped
     assert 2.8 <= http["ratio"] <= 3.8, res["headline"]
     assert 2.9 <= http["seed_upload_F"] <= 3.3
+    # the switch's own counters: each leecher's copy crossed the seed's uplink once, with headers, and nothing was
+    # dropped on the way down (three downlinks of 100 Mbit/s share one uplink of 100)
+    (sent_f,) = http["wire_sent_F_runs"]
+    assert 1.0 <= sent_f <= 1.15
+    assert http["switch_dropped_runs"][0] < 0.02
+    assert 0.2 < http["leecher_downlink_use_runs"][0] <= 0.4  # a third of each downlink, at most
     for bt in ("aria2", "libtorrent"):
         assert res["clients"][bt]["ratio"] < 3.0, res["headline"]
 

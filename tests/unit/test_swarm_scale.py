@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from netsim.bench.__main__ import parser, swarm_links
-from netsim.bench.harness import BenchError, RunResult
+from netsim.bench.harness import BenchError, RunResult, Wire
 from netsim.bench.model import (
     ChurnEvent,
     RateClass,
@@ -164,3 +164,22 @@ def test_mesh_bound_scales_with_the_goodput_of_a_busy_link() -> None:
     t_min = t_min_nominal(o)
     assert t_min is not None and res["t_min_mesh_s"] == pytest.approx(t_min / 0.9, abs=1e-3)
     assert res["clients"]["p2pd"]["ratio_mesh"] is None  # no run, no ratio
+
+
+def test_the_wire_says_what_the_switch_dropped() -> None:
+    # port_bytes: per node (delivered to it, it sent); the seed sent 300, the leechers 100 each; 60 were dropped
+    before = {"seed": (0, 1000), "p1": (500, 0), "p2": (0, 0)}
+    after = {"seed": (10, 1300), "p1": (700, 100), "p2": (230, 100)}
+    w = Wire.between(before, after, "seed")
+    assert (w.sent, w.delivered, w.delivered_to_leechers) == (500, 440, 430)
+    assert w.dropped == pytest.approx(0.12)
+    assert Wire(0, 0, 0).dropped == 0.0  # an idle switch dropped nothing
+    o = SwarmOptions(peers=2, size=200, rate_bps=1000)
+    run = RunResult("p2pd", 0, [1.0, 2.0], 2.0, 300, None, wire=w)
+    c = report(o, {"p2pd": [run]}, {"p2pd": []}, None)["clients"]["p2pd"]
+    assert c["wire_sent_F_runs"] == [1.25]  # 500 bytes on the uplinks for 2 x 200 delivered
+    assert c["switch_dropped_runs"] == [0.12]
+    assert c["leecher_downlink_use_runs"] == [0.86]  # 430 B x 8 over 2 links x 1000 bit/s x 2 s
+    # loopback runs have no switch: no figures, not zeros
+    bare = RunResult("p2pd", 0, [1.0], 1.0, None, None)
+    assert report(o, {"p2pd": [bare]}, {"p2pd": []}, None)["clients"]["p2pd"]["switch_dropped_runs"] is None
