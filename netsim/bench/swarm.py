@@ -500,8 +500,8 @@ def report(
             if o.zones == 2
             else None,
             # emulated links, release to the last leecher: frames every uplink sent per byte the leechers needed
-            # (headers alone make ~1.04), the share of them dropped at a switch port (sent upstream, wasted), and
-            # how full the leechers' downlinks were on average
+            # (a clean transfer ~1.01: the veths count a GSO super-packet's headers once), the share of them
+            # dropped at a switch port (sent upstream, wasted), and how full the leechers' downlinks were on average
             "wire_sent_F_runs": [round(w.sent / (o.peers * o.size), 3) for w, _ in wires] if wires else None,
             "switch_dropped_runs": [round(w.dropped, 3) for w, _ in wires] if wires else None,
             "leecher_downlink_use_runs": [round(w.delivered_to_leechers * 8 / (sum(downs) * t), 3) for w, t in wires]
