@@ -9,9 +9,9 @@ the requester asks, as long as the requester lacks one of those pieces: deferred
 requester came back after `defer_retry`, before the holder of the first copy had announced it, and
 was served (the emulated 1 + 32: 100 of the seed's first 612 uploads were such copies, its last new
 piece left at 27.9 s; deferred every time, the 512th upload was the last new piece, at 24.7 s, and
-the swarm ended in 28.0-28.7 s against 29.0-29.5 s in alternating runs, BENCHMARKS.md). A requester that holds every
-piece we never sent (another seed sent them) is deferred once, like every other deferral below: it
-may have no one else to ask. Once everything was
+the swarm ended in 28.0-28.7 s against 29.0-29.5 s in alternating runs, BENCHMARKS.md). A requester
+that holds every piece we never sent (another seed sent them) is deferred once, like every other
+deferral below: it may have no one else to ask. Once everything was
 sent, it defers a piece that another connected, incomplete peer has announced, but only once per
 requester and piece, and never to a requester missing only a few pieces (`serve_tail`), so that
 deferral cannot stretch the tail; and never in favour of another complete node, or two seeds would
@@ -114,11 +114,12 @@ class DistinctFirstSeeding(Generic[Peer]):
         if not (self.enabled and complete) or len(have) < 2:
             return False
         once = self._deferred_to.setdefault(requester, set())
-        if self._second_copy_while_unsent(piece) and self._lacks_unsent(have.get(requester, 0)):
+        second_copy = self._second_copy_while_unsent(piece)
+        if second_copy and self._lacks_unsent(have.get(requester, 0)):
             return self._defer(once, piece)
         if piece in once:
             return False  # asked again after a deferral: the requester found no one else
-        if self._second_copy_while_unsent(piece) or self._in_flight(piece, have):
+        if second_copy or self._in_flight(piece, have):
             return self._defer(once, piece)
         if self.n - have.get(requester, 0).bit_count() <= self.serve_tail:
             return False  # the tail is always served, so that deferral cannot stretch it
@@ -215,7 +216,8 @@ class DistinctFirstSeeding(Generic[Peer]):
 
     def sent(self, piece: int) -> None:
         self.pieces_sent += 1
-        self._unsent &= ~(1 << piece)
+        if self._sent[piece] == 0:  # a repeat upload leaves the mask alone (no two n-bit ints per copy)
+            self._unsent &= ~(1 << piece)
         if self._sent[piece] < 255:
             self._sent[piece] += 1
 
