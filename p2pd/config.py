@@ -74,6 +74,11 @@ class SwarmConfig:
     # a node (complete or not) uploads to at most this many peers at once and DEFERs the others (0: no cap):
     # sharing its uplink among every requester delays every copy, so pieces do not spread meanwhile (the
     # simulator, 100 nodes, 64 pieces: 2.14x the bound without, 1.14x with 4, 1.30x with 8; BENCHMARKS.md)
+    # A peer holds a slot while its connection's writer is on a piece or requests wait for it; a piece the socket's
+    # buffer takes at once (up to tcp_wmem, several 256 KiB pieces) frees the slot while its bytes still leave, so
+    # with small pieces on a slow link the slots seldom bind: the 1 + 32 at 50 Mbit/s had unsent bytes for a median
+    # of 11-16 peers per leecher at once. Slots that counted those bytes were slower there (33.2 s with 4, 36.2 s
+    # with 8, against 28.4-34.3 s; BENCHMARKS.md, "Where the 1 + 32's upload slots bind")
     upload_slots: int = 4
     # ...but only with at least this many connections: with few requesters per node (the 1 + 8) sharing
     # costs nothing, and a DEFERred requester waits `defer_retry` before asking that peer again

@@ -30,7 +30,9 @@ requester (one writer per connection, each with a piece queued) delays every cop
 / uplink, and a piece spreads only once a copy is complete: with many peers per node the whole swarm then
 waits on completions instead of uploading. The simulator at 100 nodes, 64 pieces: 2.14x the bound and the
 seed 1.91 F without slots, 1.14x and 1.11 F with 4 slots at every node (BENCHMARKS.md). Gated on the
-number of connections: a small swarm (the 1 + 8) has few requesters per node and no such wait.
+number of connections: a small swarm (the 1 + 8) has few requesters per node and no such wait. The
+caller decides who is served: the daemon counts a peer while its writer is on a piece (not while the kernel
+still sends it), the simulator while the piece is on the wire.
 
 Peers with few fast paths first (`leave_to_few_paths`), for every node, complete or not: a peer behind a
 symmetric NAT reaches only the public nodes over TCP (to a cone it has a UDP punch or the relay, which
