@@ -103,7 +103,7 @@ class Net:
 
     def port_bytes(self) -> dict[str, tuple[int, int]] | None:
         """Per node: (bytes delivered to it, bytes it sent), read off the switch side of every link in one call
-        (None on loopback). Client-agnostic progress, for --trace."""
+        (None on loopback). Client-agnostic progress, for --trace and each run's `Wire`."""
         if self.kind != "emu":
             return None
         by_sw: dict[str, dict[str, Any]] = {}
@@ -384,15 +384,14 @@ class RunResult:
     # whole machine's busy cores meanwhile: near os.cpu_count() means the run was CPU-bound
     client_cpu_cores: float | None = None
     machine_busy_cores: float | None = None
-    # emulated links, from release to the last leecher: bytes every node put on its uplink, bytes the switch
-    # delivered to every node, and to the leechers alone (frames with headers). What the uplinks sent and no
-    # downlink delivered was dropped at a switch port: sent upstream, wasted
-    wire: Wire | None = None
+    wire: Wire | None = None  # what the emulated switch saw (None on loopback)
 
 
 @dataclass(frozen=True)
 class Wire:
-    """Frames the emulated switch saw during one run (`Net.port_bytes` differences)."""
+    """Frames (with headers) the emulated switch saw from the release to the last leecher (`Net.port_bytes`
+    differences). What the uplinks sent and no downlink delivered was dropped at a switch port: uplink capacity
+    spent for nothing."""
 
     sent: int  # onto every node's uplink
     delivered: int  # to every node over its downlink
