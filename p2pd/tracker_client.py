@@ -12,7 +12,8 @@ must keep heartbeating through a replica's death or a tracker restart without th
 - `run_heartbeats` sends heartbeats over UDP when the tracker offers it (see docs/tracker.md: that is
   what lets one tracker serve 100k nodes); an unchanged holdings map is sent as `nil` (delta), and a
   heartbeat without a UDP answer in time is retried over TCP at once, which also detects a dead
-  tracker and fails over. Holdings too large for one datagram go over TCP.
+  tracker and fails over, and the heartbeats after it go over TCP for a while (`udp_retry_after`,
+  doubling while UDP stays silent). Holdings too large for one datagram go over TCP.
 - Every wait has a timeout: calls (`call_timeout`), connects (`connect_timeout`) and heartbeats
   (bounded by the interval, so a hung replica is abandoned within about one interval).
 - While heartbeats go over UDP, the TCP connection is closed after `idle_close` seconds without a
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 # Worth trying another replica: this one (or its Redis store) did not answer, or not in time.
 TRANSIENT = frozenset({ErrorCode.UNREACHABLE, ErrorCode.TIMEOUT})
 UDP_MAX_PAYLOAD = 1200  # stay under a typical path MTU: fragments are lost together
+# an unanswered UDP heartbeat sends the next ones over TCP for this long, doubling up to UDP_RETRY_MAX while UDP
+# stays silent: a lost datagram costs a few TCP heartbeats, a network that drops UDP one probe per 5 minutes
+UDP_RETRY_AFTER = 10.0
+UDP_RETRY_MAX = 300.0
 
 
 _udp_enc = msgspec.msgpack.Encoder()
@@ -94,6 +99,7 @@ class TrackerClient:
         connect_timeout: float = 2.0,
         udp: bool = True,
         idle_close: float = 30.0,
+        udp_retry_after: float = UDP_RETRY_AFTER,
         identity: auth.Identity | None = None,
     ) -> None:
         if not addresses:
@@ -134,6 +140,11 @@ class TrackerClient:
         self._udp_ports: dict[tuple[str, int], int | None] = {}
         self._udp_sock: trio.socket.SocketType | None = None
         self._udp_target: tuple[str, int] | None = None
+        # per tracker address: after an unanswered UDP heartbeat, heartbeats to it go over TCP until then, and
+        # how long the next such pause lasts (doubling while its UDP stays silent); a failover starts afresh
+        self.udp_retry_after = udp_retry_after
+        self._udp_quiet_until: dict[tuple[str, int], float] = {}
+        self._udp_backoff: dict[tuple[str, int], float] = {}
         self._acked: dict[str, float] | None = None  # holdings the tracker acknowledged last
         self._seq = 0
         self.nat: dict[str, Any] | None = None  # {"type", "mapped"} sent with every registration once known
@@ -535,7 +546,12 @@ class TrackerClient:
 
     async def _beat(self, holdings: dict[str, float]) -> None:
         udp_port = self._udp_ports.get(self.current) if self.use_udp else None
-        if udp_port and self.session is not None and (self._session_key is not None or not self.secured):
+        if (
+            udp_port
+            and self.session is not None
+            and (self._session_key is not None or not self.secured)
+            and trio.current_time() >= self._udp_quiet_until.get(self.current, 0.0)
+        ):
             delta = None if holdings == self._acked else holdings
             self._seq += 1
             demand = self._report()
@@ -548,7 +564,10 @@ class TrackerClient:
                 payload = _udp_enc.encode(UdpRequest(UDP_VERSION, self.node_id, self.session, self._seq, delta, demand))
             if len(payload) <= UDP_MAX_PAYLOAD:
                 reply = await self._udp_exchange((self.current[0], udp_port), payload, self._seq)
-                if reply is not None:
+                if reply is None:
+                    self._udp_unanswered()
+                else:
+                    self._udp_backoff.pop(self.current, None)
                     self.heartbeats_sent += 1
                     self.udp_heartbeats += 1
                     self.interval = reply.interval
@@ -565,6 +584,22 @@ class TrackerClient:
                     log.info("tracker %s does not know this node: registering again", _fmt(self.current))
                     await self.register()
         await self.heartbeat(holdings)
+
+    def _udp_unanswered(self) -> None:
+        """No UDP answer: the next heartbeats go straight over TCP for a while, and longer each time UDP stays
+        silent. A node whose network drops UDP (the NAT matrix's UDP-blocked kind) otherwise waited out the
+        UDP timeout (1 s) in every heartbeat and every announce, under the one lock they share: five artifacts
+        published at once took 1 s each to answer, one after the other."""
+        pause = self._udp_backoff.get(self.current, self.udp_retry_after)
+        if pause <= 0:
+            return
+        self._udp_quiet_until[self.current] = trio.current_time() + pause
+        self._udp_backoff[self.current] = min(UDP_RETRY_MAX, 2 * pause)
+        log.info(
+            "tracker %s: no answer to a UDP heartbeat; heartbeats go over TCP, UDP tried again in %.0f s",
+            _fmt(self.current),
+            pause,
+        )
 
     async def _udp_exchange(self, target: tuple[str, int], payload: bytes, seq: int) -> UdpReply | None:
         """Send one datagram and wait (bounded, name lookup included) for its reply; None if none came."""

@@ -226,3 +226,47 @@ async def test_concurrent_beats_share_the_udp_socket(cluster: LocalCluster) -> N
             for i in range(20):
                 n.start_soon(tc.beat, {"a" * 64: i / 20})
         assert tc.udp_heartbeats >= 20
+
+
+async def test_unanswered_udp_heartbeats_fall_back_to_tcp_for_a_while(cluster: LocalCluster) -> None:
+    """A network that drops UDP (a silent socket stands in for the tracker's UDP port): one heartbeat waits for
+    its answer, the next ones go straight over TCP until `udp_retry_after` has passed, then UDP is tried again
+    (and the wait after that is twice as long)."""
+    import socket
+
+    tracker = cluster.start_tracker().address
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as deaf:
+        deaf.bind(("127.0.0.1", 0))
+        deaf.setblocking(False)
+
+        def datagrams() -> int:
+            n = 0
+            while True:
+                try:
+                    deaf.recv(65536)
+                except BlockingIOError:
+                    return n
+                n += 1
+
+        async with TrackerClient([tracker], nid(3), ADDR, udp_retry_after=0.5) as tc:
+            await tc.register()
+            port = deaf.getsockname()[1]
+
+            class Pinned(dict[tuple[str, int], int | None]):
+                """The tracker's UDP port as this network leaves it: every reply's `udp_port` reaches nothing."""
+
+                def __setitem__(self, key: tuple[str, int], value: int | None) -> None:
+                    super().__setitem__(key, port)
+
+            tc._udp_ports = Pinned({tc.current: port})
+            await tc.beat({})
+            assert datagrams() == 1 and tc.udp_heartbeats == 0 and tc.heartbeats_sent == 1  # answered over TCP
+            for _ in range(5):
+                await tc.beat({})
+            assert datagrams() == 0 and tc.heartbeats_sent == 6  # within the 0.5 s: TCP only
+            await trio.sleep(0.6)
+            await tc.beat({})
+            assert datagrams() == 1 and tc.heartbeats_sent == 7  # tried again...
+            await trio.sleep(0.6)
+            await tc.beat({})
+            assert datagrams() == 0 and tc.heartbeats_sent == 8  # ...and now left alone for 1 s
