@@ -124,9 +124,10 @@ class TraversalConfig:
     punch_after: float = 0.15  # a direct connect that works on a cluster network is done well within this
     # after tcp-punch has had its chance: with the TCP birthday punch (0.4-1.4 s to a symmetric node in the NAT swarm)
     # a cone <-> symmetric pair meets over TCP, and a UDP punch begun at 0.5 s won some such races for QUIC, a path
-    # asked last (then one dial per pair kept it: swarm._dial_is_theirs); a punch that fails starts it at once
+    # asked last (then one dial per pair kept it: swarm._dial_is_theirs); a punch that fails starts it at once, and
+    # a TCP birthday punch under way holds it back until its outcome (traversal.PunchConnector.connect)
     udp_punch_after: float = 1.0
-    relay_after: float = 2.5  # after the UDP punch's rendezvous (a punch under way holds the relay back)
+    relay_after: float = 2.5  # after the UDP punch's rendezvous (a punch under way, TCP or UDP, holds it back)
     udp_punch_timeout: float = 4.0  # rendezvous, spray and QUIC handshake (a spray this long hits with p > 0.9999)
     punch_timeout: float = 3.0  # rendezvous plus simultaneous open, the dial retried for the rest of it
     relay_pair_timeout: float = 5.0  # waiting at the relay for the other node
