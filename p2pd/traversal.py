@@ -386,10 +386,9 @@ class PunchConnector:
         """`reached()` is called once the peer has answered the rendezvous and a birthday punch (a cone and a
         symmetric NAT) starts: the race then lets the later paths (the UDP punch, the relay) wait for this one's
         outcome, as for a direct connect whose TCP is up. A birthday punch takes 0.4-1.4 s, longer on a busy host,
-        and a relay that wins meanwhile carries the pair for good when one side blocks UDP (the relay upgrade
-        punches UDP only): once in CI the NAT matrix's UDP-blocked -> symmetric cell went over the relay, which
-        had started at its stagger (`relay_after`, 2.5 s). A plain punch (cones, or two symmetric NATs that cannot
-        punch) never calls it: it is done in milliseconds or not at all, and the relay starts at its stagger."""
+        and a relay that wins meanwhile (`relay_after`, 2.5 s) carries the pair for good when one side blocks UDP:
+        the relay upgrade punches UDP only. A plain punch (cones, or two symmetric NATs that cannot punch) never
+        calls it: it is done in milliseconds or not at all, and the relay starts at its stagger."""
         stream, remote = await _punch(
             self.signal,
             "punch",

@@ -5,9 +5,11 @@ artifact byte-identically, over the path traversal gives it today (`expected_pat
 seed is dialled directly, a NATed seed reaches a public leech by the punch (a connection reversal, never the
 relay), cone <-> cone punches TCP (never the relay), a cone (UDP-blocked included: its TCP is a cone's) and a
 symmetric NAT meet by the TCP birthday punch (`tcp-punch`, never the relay), and two symmetric NATs leave only
-the relay. The race starts the UDP punch `udp_punch_after` (1.0 s) into a connect while the TCP birthday punch
-takes 0.4-1.4 s, so now and then one of the six cone <-> symmetric cells is won by QUIC (`udp-punch`): 1 to 3 runs in
-12 measured on `6b3196a` and after it. Those cells must be on a punched path, and all but one of them on `tcp-punch`.
+the relay. A birthday punch under way holds the UDP punch and the relay until its outcome, so QUIC (`udp-punch`)
+wins such a cell only where the spray missed (it did in 1 to 3 runs in 12 on `6b3196a` and after it, when the UDP
+punch still started at 1.0 s beside it). Those cells must be on a punched path, and all but one of them on
+`tcp-punch`. (Under load, a UDP-blocked seed once answered its publishes one per second, waiting out each UDP
+heartbeat: its last cell started 5.7 s late and went to the relay, 4 in 29 loaded runs; BENCHMARKS.md.)
 """
 
 from __future__ import annotations
