@@ -127,7 +127,6 @@ async def test_the_relay_waits_for_a_punch_under_way(autojump_clock: trio.testin
             ]
         )
 
-    t0 = trio.current_time()
     punch, udp, relay = (
         Scripted(ConnectionPath.TCP_PUNCH, 2.8),
         Scripted(ConnectionPath.UDP_PUNCH, 0.01, ok=False),
