@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 from typing import Any
 
 import pytest
@@ -187,7 +188,6 @@ async def test_malformed_udp_datagrams_are_dropped(cluster: LocalCluster) -> Non
 
 
 def test_serve_errors_are_one_line() -> None:
-    import socket
     import subprocess
 
     from p2pd.cluster import TRACKER_CLI, child_env
@@ -232,8 +232,6 @@ async def test_unanswered_udp_heartbeats_fall_back_to_tcp_for_a_while(cluster: L
     """A network that drops UDP (a silent socket stands in for the tracker's UDP port): one heartbeat waits for
     its answer, the next ones go straight over TCP until `udp_retry_after` has passed, then UDP is tried again
     (and the wait after that is twice as long)."""
-    import socket
-
     tracker = cluster.start_tracker().address
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as deaf:
         deaf.bind(("127.0.0.1", 0))

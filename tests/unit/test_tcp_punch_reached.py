@@ -13,14 +13,11 @@ import trio.testing
 from p2pd import traversal, udp_punch
 from p2pd.config import SwarmConfig, TraversalConfig
 from p2pd.connections import ConnectError, ConnectionPath
-from p2pd.nat_detect import NatStatus
-from p2pd.protocol.auth import ClusterSecret, Identity, NodeKey
 from p2pd.protocol.nat import NatType
 from p2pd.protocol.tcp_punch import Role
 from p2pd.racing import Path, RacingConnector
 from tests.unit.test_racing import AID, PEER, Scripted
-
-ME = Identity(NodeKey.from_seed(b"\x0b" * 32), ClusterSecret(b"the cluster's join secret, 32 by"))
+from tests.unit.test_udp_punch_gate import ME, nat
 
 
 class Signal:
@@ -31,11 +28,6 @@ class Signal:
 
     def identity(self) -> dict[str, Any]:
         return {}
-
-
-def nat(kind: NatType) -> udp_punch.NatGetter:
-    status = NatStatus(state="done", nat_type=kind, server=("127.0.0.1", 3478))
-    return lambda: status
 
 
 async def punch_once(
