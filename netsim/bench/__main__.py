@@ -7,6 +7,7 @@
     python -m netsim.bench swarm --peers 8 --rate 100Mbit/s --zones 2 --zone-link 20Mbit/s --size 64MiB --clients p2pd
     python -m netsim.bench swarm --topology loopback --peers 4 --size 2GiB --clients p2pd,libtorrent --runs 3
     python -m netsim.bench swarm --peers 32 --size 128MiB --rate 50Mbit/s --clients p2pd --mesh 12  # + loaded network
+    python -m netsim.bench swarm --peers 32 --size 128MiB --rate 50Mbit/s --clients chain,p2pd  # + one flow per link
     python -m netsim.bench pair --size 2GiB
     python -m netsim.bench render swarm.json      # the Markdown table for BENCHMARKS.md
     python -m netsim.bench tracker --nodes 100000 --duration 10 --compare-opentracker --json FILE
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from netsim.bench import autothrottle, nat, preheat, ray_first_result, throttle, tracker_load
-from netsim.bench.clients import CLIENT_NAMES
+from netsim.bench.clients import CLIENT_NAMES, SYSTEMS
 from netsim.bench.harness import BenchError, write_json
 from netsim.bench.model import ChurnEvent, RateClass, parse_churn, parse_rate_class
 from netsim.emu import EmuError, Terminated
@@ -155,7 +156,13 @@ def parser() -> argparse.ArgumentParser:
         "with --zone a/b)",
     )
     s.add_argument("--zone-link", type=_rate_bits, default=None, help="the trunk between the two zones, each way")
-    s.add_argument("--clients", type=_clients, default=list(CLIENT_NAMES))
+    s.add_argument(
+        "--clients",
+        type=_clients,
+        default=list(SYSTEMS),
+        help=f"comma-separated, from {','.join(CLIENT_NAMES)} (default {','.join(SYSTEMS)}; chain: the payload "
+        "relayed byte by byte along every node, what the network carries with one flow per link)",
+    )
     s.add_argument("--runs", type=int, default=3)
     s.add_argument("--topology", choices=["emu", "loopback"], default="emu")
     s.add_argument("--loss", type=float, default=0.0, help="random loss on every link's receive side (0..1)")

@@ -6,6 +6,10 @@ result is compared with the Kumar-Ross bound, nominal (`t_min_s`) and with the r
 Loopback topology: all nodes in one fresh namespace on 127.0.0.x, unshaped: the CPU cost of each client, reported
 as aggregate delivered MB/s (N·F / T).
 
+Besides the systems compared (p2pd, libtorrent, aria2, http), `chain` relays the payload byte by byte along
+seed -> p1 -> ... -> pN: one flow per link and no node waiting for a piece, so it shows how near the bound this
+network lets any schedule come (clients/chain.py).
+
 Clients are interleaved run by run (rotating the order, so no client always runs first on a cold cache); medians
 and ranges are over the runs that completed and verified. The payload lives on tmpfs (/dev/shm) and so do all
 copies, so disks are out of the measurement.
@@ -26,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from netsim.bench.clients import make_client
+from netsim.bench.clients import SYSTEMS, make_client
 from netsim.bench.clients.base import Client
 from netsim.bench.harness import REPO_ROOT, BenchError, Ctx, Net, Node, build_net, make_payload, wait_until
 from netsim.bench.model import ChurnEvent, RateClass, churn_bound, peer_rates, summarize, zone_bound
@@ -44,7 +48,7 @@ class SwarmOptions:
     size: int = 512 << 20
     rate_bps: int = 200_000_000
     seed_rate_bps: int | None = None
-    clients: list[str] = field(default_factory=lambda: ["p2pd", "libtorrent", "aria2", "http"])
+    clients: list[str] = field(default_factory=lambda: list(SYSTEMS))
     runs: int = 3
     topology: str = "emu"
     loss: float = 0.0

@@ -73,6 +73,17 @@ def test_baselines_small_swarm(emu: None) -> None:
         assert res["clients"][bt]["ratio"] < 3.0, res["headline"]
 
 
+def test_chain_reference_small_swarm(emu: None) -> None:
+    """The byte-by-byte chain puts one flow on every link and makes no node wait for a piece: it ends within a few
+    percent of the measured-rate bound, with one copy from the seed and nothing dropped, so it says what the network
+    allows. A chain slower than that (a node waiting, a link shared) would not be a reference."""
+    res = swarm(["chain"])
+    chain = res["clients"]["chain"]
+    assert chain["ratio"] <= 1.15, res["headline"]  # headers take ~4.5 % of the nominal rate
+    assert 0.99 <= chain["seed_upload_F"] <= 1.06
+    assert chain["switch_dropped_runs"][0] < 0.005
+
+
 def test_mesh_is_what_busy_links_carry(emu: None) -> None:
     """Every node sending to two others at once fills every shaped link nearly as one flow fills one (headers and
     ACKs aside), and never more than the shaping allows: the mesh measures the network, not the hosts."""

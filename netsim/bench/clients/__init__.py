@@ -6,7 +6,9 @@ from typing import Any
 
 from netsim.bench.clients.base import Client
 
-CLIENT_NAMES = ("p2pd", "libtorrent", "aria2", "http")
+SYSTEMS = ("p2pd", "libtorrent", "aria2", "http")  # what `--clients` runs by default: the systems compared
+# ...and `chain`, a reference rather than a system: the payload relayed byte by byte along every node (chain.py)
+CLIENT_NAMES = (*SYSTEMS, "chain")
 
 
 def make_client(name: str, opts: Any = None) -> Client:
@@ -32,4 +34,8 @@ def make_client(name: str, opts: Any = None) -> Client:
         from netsim.bench.clients.http import Http
 
         return Http()
+    if name == "chain":
+        from netsim.bench.clients.chain import Chain
+
+        return Chain()
     raise ValueError(f"unknown client {name!r}; choose from {', '.join(CLIENT_NAMES)}")
