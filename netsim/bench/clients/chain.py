@@ -4,7 +4,7 @@ Not a distribution system (one node's failure stops everyone after it, and nothi
 harness compares every copy afterwards): a measurement of what the emulated network carries when every link has
 one flow and no node ever waits for a piece, the schedule the Kumar-Ross bound assumes for one seed and equal
 links. Where p2pd is measured against the bound, this says how much of the gap the network itself leaves: on the
-1 + 32 at 50 Mbit/s it finished in 22.75-22.78 s against the measured-rate bound of 22.46 s (BENCHMARKS.md).
+1 + 32 at 50 Mbit/s it finished at 1.01x the measured-rate bound (median of 7 runs, BENCHMARKS.md).
 """
 
 from __future__ import annotations
