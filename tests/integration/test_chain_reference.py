@@ -11,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+from netsim.bench.harness import wait_until
+from p2pd.rpc import free_port
+
 NODE = [sys.executable, "-m", "netsim.bench.clients.chain_node"]
 
 
 def free_addr() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def start(args: list[str]) -> subprocess.Popen:
@@ -34,17 +35,13 @@ def stop(procs: list[subprocess.Popen]) -> None:
                 f.close()
 
 
-def wait_listening(addr: str, timeout: float = 10.0) -> None:
+def accepts(addr: str) -> bool:
     host, port = addr.rsplit(":", 1)
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, int(port)), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.02)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_every_node_of_the_chain_gets_the_seeds_bytes(tmp_path: Path) -> None:
@@ -55,7 +52,7 @@ def test_every_node_of_the_chain_gets_the_seeds_bytes(tmp_path: Path) -> None:
     try:
         seed = free_addr()
         procs.append(start(["--listen", seed, "--file", str(payload), "--seed"]))
-        wait_listening(seed)  # (a probe like the harness's: the seed must survive it)
+        wait_until(lambda: accepts(seed), 10, "the seed listening")  # (a probe like the harness's: it must survive it)
         addrs = [free_addr() for _ in range(3)]
         outs = [tmp_path / f"p{k}" for k in range(3)]
 
