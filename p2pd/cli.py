@@ -98,6 +98,11 @@ def run(
     compress: bool = typer.Option(
         SwarmConfig.compress, "--compress/--no-compress", help="zstd for pieces that compress"
     ),
+    chain: bool = typer.Option(
+        SwarmConfig.chain,
+        "--chain/--no-chain",
+        help="fetch along one chain of the artifact's nodes (a fleet released at once on equal links)",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error"),
     tracker_wait: float = typer.Option(
         DaemonConfig.tracker_wait, "--tracker-wait", help="seconds to wait for a tracker at start"
@@ -241,6 +246,7 @@ def run(
             stall_timeout=stall_timeout,
             compress=compress,
             upload_slots=upload_slots,
+            chain=chain,
         ),
     )
 

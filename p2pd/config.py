@@ -40,6 +40,13 @@ class SwarmConfig:
     # 1.13 F simulated, and 21.4 s against 23.3 s: BENCHMARKS, "Zone stripes")
     zone_stripe: bool = True
     max_queued_requests: int = 64  # a peer's requests we queue; more is a protocol error (bounds what it makes us hold)
+    # the chain schedule (p2pd/protocol/chain.py): each node fetches everything from one predecessor (complete nodes
+    # first, then the rest by node id), asking ahead of its announcements, and dials no one else. For a fleet
+    # released at once over equal links, where one flow per link and no wait for a piece come nearest the bound
+    # (the emulated 1 + 32: 1.09x against the swarm's 1.26-1.34x, BENCHMARKS.md); the swarm's rules take over
+    # when the predecessor refuses a piece or goes away. Off by default: one slow node slows every node after it
+    chain: bool = False
+    chain_hold: float = 30.0  # a request for a piece we are still fetching waits this long for it, then REJECT
     # -- timing (seconds)
     connect_timeout: float = 3.0  # a TCP connect on a cluster network completes in milliseconds or not at all
     handshake_timeout: float = 5.0  # from connect (or accept) to the peer's HANDSHAKE

@@ -78,6 +78,14 @@ class PeerHost(Protocol):
 
     def may_upload(self, conn: PeerConn, index: int) -> bool: ...  # False: answered with REJECT or DEFER
 
+    def holds_requests(self) -> bool: ...  # --chain while fetching: a request for a piece still to come waits
+
+    def wake_on_piece(self, conn: PeerConn) -> None: ...  # wake `conn`'s writer when a piece is verified
+
+    def waits_on_chain(self, conn: PeerConn) -> bool: ...  # --chain: its silence is its own wait for a piece
+
+    def has_piece(self, index: int) -> bool: ...
+
     def should_compress(self, index: int) -> bool: ...
 
     def take_buffer(self, length: int) -> bytearray: ...
@@ -100,7 +108,7 @@ class PeerConn:
         self.initiator = conn.initiator
         self.cfg = host.config
         self.session = PeerSession(
-            host.manifest, host.picker, max_queued_requests=self.cfg.max_queued_requests, on_output=self._wake_writer
+            host.manifest, host.picker, max_queued_requests=self.cfg.max_queued_requests, on_output=self.wake_writer
         )
         self.close_reason: CloseReason | None = None
         self.close_detail = ""
@@ -117,11 +125,12 @@ class PeerConn:
         self.limits: tuple[Hierarchy, Hierarchy] | None = None
         self.cross_zone = False  # the peer is in another zone than ours (the tracker's lists say)
         self._wake = trio.Event()
+        self._held_since: float | None = None  # --chain: since when the first queued request waits for its piece
         self._resumed = 0.0  # when a pause of the cluster's uploads ended (the watchdog's clocks restart)
         self._zc = zstandard.ZstdCompressor(level=1)
         self._zd = zstandard.ZstdDecompressor()
 
-    def _wake_writer(self) -> None:
+    def wake_writer(self) -> None:
         self._wake.set()
 
     def close(self, reason: CloseReason, detail: str = "") -> None:
@@ -148,6 +157,11 @@ class PeerConn:
                 return
             i = s.next_upload()
             if i is not None:
+                if not self.host.has_piece(i) and self.host.holds_requests():
+                    i = await self._held(i)
+                    if i is None:
+                        continue
+                self._held_since = None
                 if self.host.may_upload(self, i):
                     self.uploading = True  # holds one of the node's upload slots meanwhile
                     try:
@@ -161,6 +175,29 @@ class PeerConn:
             # once nothing was sent for `keepalive_every`, and cancels this connection when the peer is gone.
             self._wake = trio.Event()
             await self._wake.wait()
+
+    async def _held(self, i: int) -> int | None:
+        """--chain: our successor asks ahead of our HAVEs. Serve the first queued piece that is here; while none
+        is, wait for the next verified piece (or other output), and after `chain_hold` give up on the first one
+        (returned: the writer answers REJECT). None: go round the loop again."""
+        s, host = self.session, self.host
+        ready = next((k for k in s.uploads if host.has_piece(k)), None)
+        if ready is not None:
+            s.uploads.remove(ready)
+            s.uploads.appendleft(i)
+            return ready
+        now = trio.current_time()
+        if self._held_since is None:
+            self._held_since = now
+        left = self._held_since + self.cfg.chain_hold - now
+        if left <= 0:
+            return i
+        s.uploads.appendleft(i)
+        self._wake = trio.Event()
+        host.wake_on_piece(self)
+        with trio.move_on_after(left):
+            await self._wake.wait()
+        return None
 
     async def _half_close(self) -> None:
         """Send EOF after everything we sent, keep receiving (a relay passes the EOF on)."""
@@ -293,7 +330,7 @@ class PeerConn:
         # (the ioctl only where it can matter: 32 idle peers 5 times a second are 160 system calls)
         if (pending or idle > cfg.idle_timeout) and self.io.queued_grew():
             return
-        if pending and idle > cfg.stall_timeout:
+        if pending and idle > cfg.stall_timeout and not self.host.waits_on_chain(self):
             self.close(CloseReason.STALLED, f"no data for {idle:.1f} s with {pending} requests pending")
         elif idle > cfg.idle_timeout:
             self.close(CloseReason.SILENT, f"nothing for {idle:.0f} s")

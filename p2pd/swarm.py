@@ -29,6 +29,7 @@ from p2pd.protocol import bitfield as bits
 from p2pd.protocol import manifest as mf
 from p2pd.protocol import session as ps
 from p2pd.protocol import tcp_punch
+from p2pd.protocol.chain import predecessor
 from p2pd.protocol.nat import NatType
 from p2pd.protocol.pacing import PeerRate, swarm_depth
 from p2pd.protocol.picker import Picker, zone_stripe
@@ -100,6 +101,9 @@ class RateMeter:
         return sum(n for _, n in self.samples) / self.window
 
 
+CHAIN_DEPTH = 8  # --chain: requests ahead at our predecessor (4 pieces being fetched there, 4 sent or on the way)
+
+
 class Swarm:
     def __init__(
         self,
@@ -154,6 +158,10 @@ class Swarm:
         self.on_damaged = on_damaged  # a piece we held failed verification on disk (the daemon repairs it)
         self.n = manifest.num_pieces
         self.have_mask = have
+        self.chain_pred: str | None = None  # --chain: the node we fetch from (its id), from the tracker's lists
+        self._held_writers: set[PeerConn] = set()  # --chain: writers holding a request for a piece to come
+        self._chain_lookups = 0  # --chain: tracker lookups so far (the first one may list only some of the nodes)
+        self._chain_refused = False  # --chain: our predecessor refused a piece; the swarm's rules from then on
         self._full = bits.full(self.n)
         # complete = in the cache; a staged download whose pieces are all verified still has to be finalized
         self.complete = have == self._full and journal is None
@@ -167,7 +175,9 @@ class Swarm:
         )
         self.seeding: DistinctFirstSeeding[PeerConn] = DistinctFirstSeeding(
             self.n,
-            enabled=config.seed_distinct,
+            # (not in a chain: a seed is asked by its successor alone, and a piece it sent to a node that asked before
+            # the chain formed would be deferred to the successor, holding up every node after it until the end)
+            enabled=config.seed_distinct and not config.chain,
             serve_tail=config.serve_tail,
             upload_slots=config.upload_slots,
             slots_min_peers=config.upload_slots_min_peers,
@@ -222,6 +232,25 @@ class Swarm:
     @property
     def ingress(self) -> Hierarchy | None:
         return None if self._ingress is None or self._ingress.unlimited else self._ingress
+
+    def holds_requests(self) -> bool:
+        """--chain while fetching: our successor asks ahead of our HAVEs, so a request for a piece we are still
+        fetching waits for it (`PeerConn._held`) instead of a REJECT."""
+        return self.config.chain and self.downloading
+
+    def wake_on_piece(self, conn: PeerConn) -> None:
+        self._held_writers.add(conn)
+
+    def _wake_held(self) -> None:
+        """A piece was verified (or we stopped fetching): writers holding requests look again."""
+        for c in self._held_writers:
+            c.wake_writer()
+        self._held_writers.clear()
+
+    def waits_on_chain(self, conn: PeerConn) -> bool:
+        """Is `conn` our chain source while it is still fetching? Then its silence is its own wait for a piece,
+        not a stall (the watchdog leaves it to `idle_timeout`)."""
+        return self.picker.chain_source is conn.session and conn.session.remote_have != self._full
 
     def has_piece(self, i: int) -> bool:
         return bool(self.have_mask >> i & 1)
@@ -474,8 +503,20 @@ class Swarm:
                     cross_zone=conn.cross_zone and self.config.zone_stripe,
                     last_resort=self.config.prefer_direct and self.config.slow_paths_last and path_rank(conn.path) > 0,
                 )
+                if self.chain_pred is not None and conn.remote_id == self.chain_pred:
+                    picker.chain_source = session
                 self.fill(conn)
         elif isinstance(event, ps.RequestRejected):
+            if picker.chain_source is session:
+                # it will not have the piece (it stopped fetching, or held our request too long): the swarm's rules
+                picker.chain_source = None
+                self._chain_refused = True
+                log.info(
+                    "%s: chain: %s refused piece %d; fetching by the swarm's rules",
+                    self.name,
+                    conn.remote_id[:8],
+                    event.index,
+                )
             if picker.knows(session):
                 picker.request_failed(session, event.index, peer_lacks=True)
                 self.fill_all()
@@ -530,7 +571,11 @@ class Swarm:
         """Keep the peer's pipeline as deep as its measured rate asks for (pacing.pipeline_depth)."""
         if self.downloading and not conn.closed:
             session = conn.session
-            session.request_more(self.depths.get(conn, self.config.pipeline_depth))
+            depth = self.depths.get(conn, self.config.pipeline_depth)
+            if self.picker.chain_source is session:
+                # a request ahead may wait there for a piece still on its way: more of them keep the link busy
+                depth = max(depth, CHAIN_DEPTH)
+            session.request_more(depth)
             rate = self.rates.get(conn)
             if rate is None:
                 rate = self.rates[conn] = PeerRate()
@@ -595,6 +640,8 @@ class Swarm:
             if not self.have_mask:
                 log.debug("%s: first piece verified", self.name)
             self.have_mask |= 1 << i
+            if self._held_writers:
+                self._wake_held()
             self.pieces_verified += 1
             for session in self.picker.piece_verified(i):
                 session.cancel(i)
@@ -776,6 +823,7 @@ class Swarm:
     async def _finish(self) -> None:
         """Every piece verified: sync, move into the cache, record complete — in that order."""
         self.downloading = False
+        self._wake_held()
         for session, pieces in self.picker.cancel_all().items():
             for i in pieces:
                 session.cancel(i)
@@ -831,6 +879,7 @@ class Swarm:
         self.error_code = code
         log.error("%s: download stopped: %s", self.name, reason)
         self.downloading = False
+        self._wake_held()
         for c in list(self.conns.values()):
             c.close(CloseReason.DOWNLOAD_STOPPED, reason)
         self._scope.cancel()
@@ -891,6 +940,8 @@ class Swarm:
                         racing.behind_nat(p["node_id"], p.get("nat_type") in PUNCHED_NATS)
                 if peers:
                     self._learn_zones()
+                if cfg.chain and peers and not self._learn_chain(peers):
+                    peers = []  # the chain is not known yet: dial no one this round
                 for p in peers:
                     nid = p["node_id"]
                     if len(self.conns) + len(self.connecting) >= cfg.max_peers:
@@ -899,6 +950,8 @@ class Swarm:
                         continue
                     if self.retry_after.get(nid, 0) > now:
                         continue
+                    if self.chain_pred is not None and not self._chain_refused and nid != self.chain_pred:
+                        continue  # --chain: our predecessor is the one node we fetch from
                     if len(peers) < cfg.peers_per_lookup and self._dial_is_theirs(p, now):
                         continue
                     self.connecting.add(nid)
@@ -913,6 +966,42 @@ class Swarm:
             with trio.move_on_after(wait):
                 await self._peer_wakeup.wait()
                 await trio.sleep(0.05)  # a burst of closes is one wakeup
+
+    def _learn_chain(self, peers: list[dict[str, Any]]) -> bool:
+        """--chain: our predecessor in the order of the nodes this lookup listed (chain.py), and it as the picker's
+        source once connected. Not once it has refused a piece: the swarm's rules (and its dials) then stay.
+
+        False (dial no one yet) at the first lookup: nodes released together announce themselves about when they
+        first look up, so that list holds the seeds and some of them at most, and by it a node may take a seed for
+        its predecessor: every such node then costs the seed, whose upload is the whole chain's, pieces that are
+        not the chain's (emulated 1 + 32: 1.04-1.05 F from the seed instead of 1.02). The next lookup,
+        `peer_lookup_first` later, lists them; only the chain's first node loses that time."""
+        self._chain_lookups += 1
+        if self._chain_lookups == 1:
+            return False
+        if self._chain_refused:
+            return True
+        progress = {}
+        for p in peers:
+            v = p.get("progress", 1.0)
+            progress[str(p["node_id"])] = float(v) if isinstance(v, int | float) else 0.0
+        pred = predecessor(self.node_id, progress)
+        if pred == self.chain_pred:
+            return True
+        self.chain_pred = pred
+        log.info("%s: chain: fetching from %s", self.name, pred[:8] if pred else "(none: the swarm's rules)")
+        old = self.picker.chain_source
+        if old is not None:
+            # what we asked of the node we took for our predecessor: its upload is the chain's, not ours
+            for i in self.picker.withdraw(old):
+                old.cancel(i)
+        c = self.conns.get(pred) if pred is not None else None
+        if c is not None and self.picker.knows(c.session):
+            self.picker.chain_source = c.session
+            self.fill(c)
+        elif pred is None:
+            self.picker.chain_source = None
+        return True
 
     def _dial_is_theirs(self, p: dict[str, Any], now: float) -> bool:
         """Leave the dial to a peer found in a lookup that listed the whole swarm (so its own lookups list us)?

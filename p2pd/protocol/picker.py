@@ -47,6 +47,12 @@ Policy, in order:
    as in rule 5: a seed defers what it sent once, and falling back then crossed for the mates'
    stripes. Two zone mates may briefly disagree on m (different lookups): a gap or an overlap, never
    a stall.
+8. Chain (`chain_source`, the daemon's `--chain`): while a chain source is set, only it is asked, for
+   the lowest missing piece not in flight nor deferred there, whether or not it has announced it:
+   every node of the chain fetches in the same order, so its predecessor is about to have the piece
+   and holds the request until it does, and the piece leaves each node as soon as it is verified
+   there. Rules 1-7 stand aside; they take over as soon as the source is unset (the caller unsets it
+   when the source refuses a piece) or removed.
 
 The picker also owns the block state, the one record of requests in flight: `inflight` (piece ->
 peers asked, until the piece is verified or the request fails) and, per peer, `pending` (asked and
@@ -137,6 +143,8 @@ class Picker(Generic[Peer]):
         self.stripe_of = (0, 0)  # (index, count) the stripe was made from
         self.last_resort: set[Peer] = set()  # peers asked only when no other offers anything (rule 5)
         self.held_back: set[Peer] = set()  # last-resort peers refused while another peer offered something
+        self.chain_source: Peer | None = None  # rule 8: the one peer asked while set
+        self._chain_next = 0  # rule 8: every piece below this one is ours
 
     # -- knowledge about peers -------------------------------------------------------------------
     def to_mask(self, pieces: Iterable[int]) -> int:
@@ -190,6 +198,8 @@ class Picker(Generic[Peer]):
         self.cross.discard(peer)
         self.last_resort.discard(peer)
         self.held_back.discard(peer)
+        if peer == self.chain_source:
+            self.chain_source = None
         if mask == self.full and self.levels[0] == 0:
             self.levels.pop(0)
             self.avail = [a - 1 for a in self.avail]
@@ -318,6 +328,8 @@ class Picker(Generic[Peer]):
 
     def next_request(self, peer: Peer) -> int | None:
         """Pick a piece to request from `peer` and mark it in flight, or None if nothing fits."""
+        if self.chain_source is not None:
+            return self._next_in_chain(peer)
         if self.source_cap and self.capped(peer):
             return None
         has = self.peer_mask[peer] & ~self.deferred.get(peer, 0)
@@ -350,6 +362,20 @@ class Picker(Generic[Peer]):
             if best_k < 0 or src < best_src:
                 best_k, best_src = k, src
         return None if best_k < 0 else self._take(peer, best_k)
+
+    def _next_in_chain(self, peer: Peer) -> int | None:
+        """Rule 8: the lowest missing piece not in flight nor deferred there, from the chain source only."""
+        if peer != self.chain_source:
+            return None
+        pos, missing = self.pos, self.missing
+        while self._chain_next < self.n and not missing >> pos[self._chain_next] & 1:
+            self._chain_next += 1
+        skip = self.inflight_mask | self.deferred.get(peer, 0)  # (a seed defers a piece it sent to another first)
+        for p in range(self._chain_next, self.n):
+            k = pos[p]
+            if missing >> k & 1 and not skip >> k & 1:
+                return self._take(peer, k)
+        return None
 
     def _take(self, peer: Peer, k: int) -> int:
         p = self.perm[k]
@@ -424,6 +450,20 @@ class Picker(Generic[Peer]):
             self.cancelled[peer] = collections.deque(maxlen=CANCELLED_MEMORY)
         self.cancelled[peer].append(piece)
         return True
+
+    def withdraw(self, peer: Peer) -> list[int]:
+        """Cancel every request pending at `peer` and free its pieces to be asked elsewhere; returns them (the
+        caller sends CANCEL). A copy already on its way is dropped when it arrives (`Arrival.LATE`)."""
+        pieces = sorted(self.pending.get(peer, ()))
+        for p in pieces:
+            self._cancel(peer, p)
+            asked = self.inflight.get(p)
+            if asked is not None:
+                asked.discard(peer)
+                if not asked:
+                    del self.inflight[p]
+                    self.inflight_mask &= ~(1 << self.pos[p])
+        return pieces
 
     def cancel_all(self) -> dict[Peer, list[int]]:
         """Stop downloading (complete, or stopped): every pending request becomes cancelled; returns them."""

@@ -402,6 +402,51 @@ async def test_several_complete_nodes_never_send_requesters_back_and_forth(
         assert art is not None and art["state"] == "complete"
 
 
+async def test_chain_passes_every_piece_along_one_chain(cluster: LocalCluster, workdir: Path) -> None:
+    """--chain: three nodes released at once each fetch everything from one predecessor (the ring by node id, cut
+    at the seed), so the seed sends about one copy, two nodes pass on about a copy each and the last passes on
+    nothing; a node passes pieces on while it is still fetching (more than one node is part-way at once, where
+    passing on only a whole copy would have one at a time); every copy is identical. The uploads are capped so
+    that the chain forms before anyone finishes."""
+    src = make_file(workdir / "src" / "c.bin", 64 * MiB)
+    cap = ("--chain", "--egress-limit", "40MB/s")
+    seed = await cluster.start_node_async("seed", *cap)
+    nodes = [await cluster.start_node_async(f"c{i}", *cap) for i in range(3)]
+    aid = await cluster.publish_async(seed, src, "c:v1")
+    paths: dict[str, Path] = {}
+    most_part_way = 0
+
+    async def one(node: Node) -> None:
+        paths[node.name] = await cluster.fetch_async(node, "c:v1", timeout=120)
+
+    async def watch() -> None:
+        nonlocal most_part_way
+        while len(paths) < len(nodes):
+            arts = [await node.artifact(aid) for node in nodes]
+            part_way = [a for a in arts if a and 0 < a["pieces_done"] < a["pieces_total"]]
+            most_part_way = max(most_part_way, len(part_way))
+            await trio.sleep(0.05)
+
+    async with trio.open_nursery() as n:
+        for node in nodes:
+            n.start_soon(one, node)
+        n.start_soon(watch)
+    want = sha256_tree(src)
+    for name, path in paths.items():
+        assert sha256_tree(path) == want, name
+    assert most_part_way >= 2, "pieces were passed on only once a node had them all"
+    size = 64 * MiB
+    seed_art = await seed.artifact(aid)
+    assert seed_art is not None and seed_art["uploaded"] <= 1.3 * size, seed_art
+    ups = []
+    for node in nodes:
+        art = await node.artifact(aid)
+        assert art is not None
+        ups.append(art["uploaded"] / size)
+    ups.sort()
+    assert ups[0] < 0.2 and ups[1] > 0.7 and ups[2] > 0.7, ups  # the tail, and the two that pass it all on
+
+
 async def test_compressible_pieces_travel_zstd_and_arrive_identical(cluster: LocalCluster, workdir: Path) -> None:
     """Text-like data goes compressed on the wire; mixed with raw pieces, buffers must never be mixed up."""
     src = workdir / "src" / "snap"
