@@ -47,6 +47,7 @@ class SwarmConfig:
     # when the predecessor refuses a piece or goes away. Off by default: one slow node slows every node after it
     chain: bool = False
     chain_hold: float = 30.0  # a request for a piece we are still fetching waits this long for it, then REJECT
+    chain_ahead: int = 8  # requests at our predecessor: 4 pieces it is still fetching, 4 sent or on their way
     # -- timing (seconds)
     connect_timeout: float = 3.0  # a TCP connect on a cluster network completes in milliseconds or not at all
     handshake_timeout: float = 5.0  # from connect (or accept) to the peer's HANDSHAKE

@@ -101,9 +101,6 @@ class RateMeter:
         return sum(n for _, n in self.samples) / self.window
 
 
-CHAIN_DEPTH = 8  # --chain: requests ahead at our predecessor (4 pieces being fetched there, 4 sent or on the way)
-
-
 class Swarm:
     def __init__(
         self,
@@ -574,7 +571,7 @@ class Swarm:
             depth = self.depths.get(conn, self.config.pipeline_depth)
             if self.picker.chain_source is session:
                 # a request ahead may wait there for a piece still on its way: more of them keep the link busy
-                depth = max(depth, CHAIN_DEPTH)
+                depth = max(depth, self.config.chain_ahead)
             session.request_more(depth)
             rate = self.rates.get(conn)
             if rate is None:

@@ -457,12 +457,7 @@ class Picker(Generic[Peer]):
         pieces = sorted(self.pending.get(peer, ()))
         for p in pieces:
             self._cancel(peer, p)
-            asked = self.inflight.get(p)
-            if asked is not None:
-                asked.discard(peer)
-                if not asked:
-                    del self.inflight[p]
-                    self.inflight_mask &= ~(1 << self.pos[p])
+            self._release(peer, p)
         return pieces
 
     def cancel_all(self) -> dict[Peer, list[int]]:
