@@ -370,7 +370,7 @@ class Picker(Generic[Peer]):
         pos, missing = self.pos, self.missing
         while self._chain_next < self.n and not missing >> pos[self._chain_next] & 1:
             self._chain_next += 1
-        skip = self.inflight_mask | self.deferred.get(peer, 0)  # (a seed defers a piece it sent to another first)
+        skip = self.inflight_mask | self.deferred.get(peer, 0)  # (a busy seed's upload slots may defer one)
         for p in range(self._chain_next, self.n):
             k = pos[p]
             if missing >> k & 1 and not skip >> k & 1:
@@ -440,6 +440,7 @@ class Picker(Generic[Peer]):
     def piece_lost(self, piece: int) -> None:
         """A piece we had turned out corrupt on disk: it is missing again, to be fetched anew."""
         self.missing |= 1 << self.pos[piece]
+        self._chain_next = min(self._chain_next, piece)  # (rule 8 looks from there)
 
     def _cancel(self, peer: Peer, piece: int) -> bool:
         pending = self.pending.get(peer)

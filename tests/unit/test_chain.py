@@ -107,3 +107,12 @@ def test_requests_withdrawn_from_a_former_source_are_asked_of_the_next() -> None
     p.chain_source = "other"
     assert p.next_request("other") == 0
     assert p.arrived("pred", 1).value == "late"  # a copy that was already on its way is dropped, not an error
+
+
+def test_a_piece_lost_on_disk_is_asked_again() -> None:
+    p = chain_picker()
+    for i in range(3):
+        assert p.next_request("pred") == i
+        p.piece_verified(i)
+    p.piece_lost(1)  # it failed verification on disk: the chain's order must come back for it
+    assert p.next_request("pred") == 1
